@@ -1,0 +1,41 @@
+# fedcoord: `make demo` and `make test` work on a fresh clone (they create .venv themselves).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch first, pinned: a bare `torch` would pull the CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test venv install install-dev protos lint typecheck clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/fedctl demo $(ARGS)
+
+test: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerates protos/fedcoord/v1/*_pb2*.py from the .proto files (committed; a test checks they are fresh).
+protos: install-dev
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/fedcoord/v1/*.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache build *.egg-info

@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmarks: a coordinator subprocess and a bare gRPC server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+class CoordinatorSubprocess:
+    def __init__(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="fedcoord-bench-")
+        self.dir = Path(self.tmp.name)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def __enter__(self) -> CoordinatorSubprocess:
+        port_file = self.dir / "port"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fedctl", "coordinator", "serve",
+             "--db", f"sqlite:///{self.dir}/bench.db", "--store", str(self.dir / "store"),
+             "--port", "0", "--port-file", str(port_file)],
+            stdout=open(self.dir / "coordinator.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            env=ENV, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.dir / "coordinator.log").read_text())
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.tmp.cleanup()
+
+
+BARE_SERVER = r'''
+import asyncio, sys
+import grpc
+
+async def main() -> None:
+    async def unary(request: bytes, context) -> bytes:
+        return request
+    async def upload(request_iterator, context) -> bytes:
+        n = 0
+        async for chunk in request_iterator:
+            n += len(chunk)
+        return n.to_bytes(8, "little")
+    async def download(request: bytes, context):
+        total = int.from_bytes(request[:8], "little"); chunk = int.from_bytes(request[8:16], "little")
+        block = bytes(chunk)
+        sent = 0
+        while sent < total:
+            n = min(chunk, total - sent)
+            yield block[:n]
+            sent += n
+    ident = lambda b: b
+    handler = grpc.method_handlers_generic_handler("bare.Bare", {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, ident, ident),
+        "Upload": grpc.stream_unary_rpc_method_handler(upload, ident, ident),
+        "Download": grpc.unary_stream_rpc_method_handler(download, ident, ident),
+    })
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 << 20)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+'''
+
+
+class BareServer:
+    """A grpc.aio server with no logic: the transport floor."""
+
+    def __enter__(self) -> BareServer:
+        self.proc = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE,
+                                     env=ENV)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()

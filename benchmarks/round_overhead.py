@@ -1,0 +1,145 @@
+"""One round with 100 virtual devices and a 100k-parameter model over loopback gRPC, no
+local training: the coordinator's protocol cost against the transport floor (the same bytes
+over a bare grpcio stream, same chunking, same concurrency). Prints one JSON line.
+
+    python benchmarks/round_overhead.py [--devices 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks._common import BareServer, CoordinatorSubprocess  # noqa: E402
+from core.protocol import CheckInOutcome, Participation, UpdateHeader  # noqa: E402
+from core.tensors import sha256_hex  # noqa: E402
+from core.types import DeviceAttributes, ModelSpec, TaskSpec  # noqa: E402
+from device_agent.transport.client import DeviceClient  # noqa: E402
+from fedctl.admin import AdminClient  # noqa: E402
+
+CHUNK = 1 << 20
+MODEL = ModelSpec("mlp", {"input_dim": 64, "hidden": [512, 128], "num_classes": 10})
+
+
+def run_devices(n: int, body) -> float:  # type: ignore[no-untyped-def]
+    barrier = threading.Barrier(n + 1)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            body(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - start
+
+
+def ours(n: int) -> dict[str, float]:
+    spec = TaskSpec(name="bench-round", model=MODEL, rounds=1, clients_per_round=n,
+                    min_reports=n, over_selection=1.0, round_deadline_s=600,
+                    selection_window_s=0.0)
+    with CoordinatorSubprocess() as coord:
+        with AdminClient(coord.target) as admin:
+            task = admin.create_task(spec)
+        clients = [DeviceClient(coord.target) for _ in range(4)]
+        moved = [0] * n
+        params = 0
+
+        def device(i: int) -> None:
+            nonlocal params
+            client = clients[i % len(clients)]
+            while True:
+                r = client.check_in(f"bench-{i}", DeviceAttributes(), task.task_id)
+                if r.outcome is CheckInOutcome.ACCEPTED:
+                    break
+                time.sleep(r.retry_after_s)
+            p = Participation(f"bench-{i}", r.task_id, r.round_number, r.token)
+            plan = client.get_plan(p)
+            model = client.download_model(p, plan)
+            count = sum(t.numel for t in plan.update_tensors)
+            params = count
+            payload = np.full(count, 1e-3, dtype="<f4").tobytes()
+            header = UpdateHeader(p, 10, list(plan.update_tensors), len(payload),
+                                  sha256_hex(payload), {"train_loss": 1.0})
+            client.upload_update(header, payload, plan.max_chunk_bytes)
+            moved[i] = len(model) + len(payload)
+
+        wall = run_devices(n, device)
+        with AdminClient(coord.target) as admin:
+            deadline = time.monotonic() + 60
+            while admin.get_task(task.task_id).state != "completed":
+                assert time.monotonic() < deadline, "round did not commit"
+                time.sleep(0.01)
+            wall_commit = wall  # the last upload's response comes after the commit
+            rounds = admin.list_rounds(task.task_id)
+        for c in clients:
+            c.close()
+    assert rounds[0].state == "committed"
+    return {"wall_s": wall_commit, "bytes": float(sum(moved)), "params": float(params),
+            "model_bytes": float(moved[0] - params * 4)}
+
+
+def bare(n: int, down_bytes: int, up_bytes: int) -> float:
+    with BareServer() as server:
+        channels = [grpc.insecure_channel(server.target,
+                                          options=[("grpc.max_receive_message_length", 2 << 20)])
+                    for _ in range(4)]
+        payload = np.full(up_bytes // 4, 1e-3, dtype="<f4").tobytes()
+
+        def device(i: int) -> None:
+            ch = channels[i % len(channels)]
+            ident = lambda b: b  # noqa: E731
+            down = ch.unary_stream("/bare.Bare/Download", ident, ident)
+            got = sum(len(c) for c in down(down_bytes.to_bytes(8, "little")
+                                           + CHUNK.to_bytes(8, "little"), timeout=120))
+            assert got == down_bytes
+            up = ch.stream_unary("/bare.Bare/Upload", ident, ident)
+            view = memoryview(payload)
+            up(iter([bytes(view[j:j + CHUNK]) for j in range(0, len(view), CHUNK)]), timeout=120)
+
+        wall = run_devices(n, device)
+        for c in channels:
+            c.close()
+    return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--devices", type=int, default=100)
+    args = parser.parse_args()
+    result = ours(args.devices)
+    model_bytes = int(result["model_bytes"])
+    update_bytes = int(result["params"]) * 4
+    floor = bare(args.devices, model_bytes, update_bytes)
+    print(json.dumps({
+        "benchmark": "round_overhead",
+        "devices": args.devices,
+        "model_params": int(result["params"]),
+        "round_wall_s": round(result["wall_s"], 3),
+        "bytes_moved": int(result["bytes"]),
+        "bare_grpc_stream_wall_s": round(floor, 3),
+        "ratio_to_bare": round(result["wall_s"] / floor, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Composition root: config -> stores -> service -> gRPC server (grpc.aio).
+
+``serve()`` runs until SIGINT/SIGTERM; ``EmbeddedCoordinator`` runs the same server on a
+background thread for `fedctl demo` and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from coordinator.rounds.clock import SystemClock
+from coordinator.rounds.service import CoordinatorService, ServiceConfig
+from coordinator.storage import FileBlobStore, open_store
+from coordinator.transport.admin_servicer import AdminServicer
+from coordinator.transport.device_servicer import DeviceServicer
+from protos.fedcoord.v1 import admin_pb2_grpc, device_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+#: How often deadlines and selection windows are checked.
+TICK_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    db_url: str
+    store_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 7070
+    max_chunk_bytes: int = 1 << 20
+    #: Seeded selection (tests, simulations). None: a CSPRNG.
+    seed: int | None = None
+
+
+class Coordinator:
+    """A running coordinator: the service plus its gRPC server, on one event loop."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.store = open_store(config.db_url)
+        self.blobs = FileBlobStore(Path(config.store_dir))
+        rng = random.Random(config.seed) if config.seed is not None else random.SystemRandom()
+        self.service = CoordinatorService(
+            self.store, self.blobs, SystemClock(), rng=rng,
+            config=ServiceConfig(max_chunk_bytes=config.max_chunk_bytes),
+        )
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        self.service.recover()
+        limit = self.config.max_chunk_bytes + (256 << 10)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(self.service), self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.service), self.server)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        await self.server.start()
+        self._ticker = asyncio.create_task(self._tick_forever())
+        log.info("coordinator listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                self.service.tick()
+            except Exception:
+                log.exception("round tick failed")
+            await asyncio.sleep(TICK_SECONDS)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.server is not None:
+            await self.server.stop(grace)
+        self.store.close()
+
+
+async def serve(config: CoordinatorConfig, port_file: Path | None = None) -> None:
+    """Runs until SIGINT or SIGTERM, then stops gracefully."""
+    coordinator = Coordinator(config)
+    port = await coordinator.start()
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"fedcoord coordinator listening on {config.host}:{port}", flush=True)
+    await stop.wait()
+    await coordinator.stop()
+
+
+class EmbeddedCoordinator:
+    """The coordinator on a background thread with its own event loop."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="fedcoord-coordinator")
+        self._coordinator: Coordinator | None = None
+
+    def start(self) -> int:
+        self._thread.start()
+
+        async def _start() -> int:
+            self._coordinator = Coordinator(self.config)
+            return await self._coordinator.start()
+
+        self.port = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout=60)
+        return self.port
+
+    def stop(self) -> None:
+        if self._coordinator is not None:
+            asyncio.run_coroutine_threadsafe(self._coordinator.stop(0.5), self._loop).result(
+                timeout=30
+            )
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> EmbeddedCoordinator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,45 @@
+"""Errors of the round logic. The transport maps each class to one gRPC status code.
+
+CoordinatorError
+ +-- InvalidRequest        INVALID_ARGUMENT     bad task spec, malformed update, bad metrics
+ +-- NotFound              NOT_FOUND            unknown task, model version
+ +-- NotSelected           PERMISSION_DENIED    device not selected / wrong token
+ +-- Duplicate             ALREADY_EXISTS       second update from the same device
+ +-- TooLarge              RESOURCE_EXHAUSTED   update over the task's size limit
+ +-- Late                  FAILED_PRECONDITION  round closed, task not running
+ +-- Unavailable           UNAVAILABLE          the coordinator cannot serve this right now
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Root of the coordinator's domain errors; the message is shown to the caller."""
+
+
+class InvalidRequest(CoordinatorError):
+    pass
+
+
+class NotFound(CoordinatorError):
+    pass
+
+
+class NotSelected(CoordinatorError):
+    pass
+
+
+class Duplicate(CoordinatorError):
+    pass
+
+
+class TooLarge(CoordinatorError):
+    pass
+
+
+class Late(CoordinatorError):
+    pass
+
+
+class Unavailable(CoordinatorError):
+    pass

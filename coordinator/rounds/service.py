@@ -1,0 +1,749 @@
+"""The coordinator's domain service: tasks, rounds, selection, uploads, aggregation.
+
+Round lifecycle (each transition persisted before anything depends on it)::
+
+    SELECTING --window closes, target admitted--> TRAINING --goal reached--> AGGREGATING
+        |                                            |  deadline, >= min_reports ^
+        +------------- deadline, < min_reports ------+--> FAILED (reason)       |
+                                                                    COMMITTED <-+
+
+SELECTING: eligible devices that check in during the selection window become candidates;
+when it closes, ``clients_per_round x over_selection`` of them are admitted uniformly at
+random, the rest are told when to come back. While the round is still short of that target
+after the window, later eligible check-ins are admitted as they come. TRAINING ends when
+``clients_per_round`` updates were accepted (over-selected stragglers are then late), when
+the deadline passes, or when no admitted device can still report. A failed round is redone
+as a new attempt of the same round number. After a crash, open rounds are failed at start
+and redone: an aggregate never mixes two attempts, because the accumulator lives only in
+memory and only one attempt per round is ever open.
+
+Thread-safety: not thread-safe. The gRPC transport calls it from one asyncio event loop.
+Time comes from the injected clock; randomness from the injected ``random.Random``
+(``random.SystemRandom`` in production).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import random
+import re
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.rounds.clock import Clock
+from coordinator.rounds.errors import (
+    Duplicate,
+    InvalidRequest,
+    Late,
+    NotFound,
+    NotSelected,
+    TooLarge,
+    Unavailable,
+)
+from coordinator.rounds.selection import is_eligible, sample_uniform
+from coordinator.rounds.uploads import SpooledUpload, accumulate, all_finite
+from coordinator.storage import FileBlobStore, Store
+from coordinator.storage import errors as storage_errors
+from coordinator.storage.records import ModelVersionRecord, RoundRecord, TaskRecord
+from core.aggregation.fedavg import StreamingWeightedMean
+from core.aggregation.server_optimizers import apply_server_optimizer
+from core.errors import CoreError
+from core.taskspec import spec_from_dict, spec_to_dict
+from core.tensors import (
+    TensorInfo,
+    from_raw_bytes,
+    load_safetensors,
+    save_safetensors,
+    sha256_hex,
+    tensor_infos,
+)
+from core.protocol import (
+    CheckInOutcome,
+    CheckInResult,
+    Participation,
+    Plan,
+    UpdateHeader,
+)
+from core.types import (
+    DeviceAttributes,
+    LocalTraining,
+    ModelSpec,
+    ParticipantState,
+    RoundState,
+    TaskSpec,
+    TaskState,
+)
+
+log = logging.getLogger(__name__)
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_MAX_METRICS = 32
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits of the service; every wait the devices are told about is bounded here."""
+
+    max_chunk_bytes: int = 1 << 20
+    #: Candidates kept per selection window, as a multiple of the round's target.
+    candidate_pool_factor: int = 10
+    retry_after_min_s: float = 0.2
+    retry_after_max_s: float = 5.0
+    #: A task fails after this many failed attempts in a row.
+    max_failed_attempts: int = 20
+    max_num_examples: int = 1 << 31
+
+
+@dataclass(frozen=True)
+class TaskView:
+    record: TaskRecord
+    spec: TaskSpec
+    current_round: RoundRecord | None
+
+
+@dataclass
+class _Model:
+    version: int
+    params: dict[str, np.ndarray]
+    infos: list[TensorInfo]
+    nbytes: int
+    record: ModelVersionRecord
+    optimizer_state: dict[str, np.ndarray] | None
+
+
+@dataclass
+class _Seat:
+    token_hash: str
+    token: str
+    evaluate: bool
+
+
+@dataclass
+class _OpenRound:
+    round_id: int
+    round_number: int
+    state: RoundState
+    started: float
+    deadline: float
+    selection_closes: float
+    accumulator: StreamingWeightedMean
+    candidates: dict[str, None] = field(default_factory=dict)
+    seats: dict[str, _Seat] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)
+    errored: set[str] = field(default_factory=set)
+    uploading: set[str] = field(default_factory=set)
+    examples: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Task:
+    task_id: str
+    spec: TaskSpec
+    model: _Model
+    round: _OpenRound | None = None
+    failed_attempts: int = 0
+
+
+class Upload:
+    """An update being received; call :meth:`CoordinatorService.finish_upload` or
+    :meth:`CoordinatorService.abort_upload` with it."""
+
+    def __init__(self, header: UpdateHeader, spool: SpooledUpload, round_id: int) -> None:
+        self.header = header
+        self.spool = spool
+        self.round_id = round_id
+
+    def write(self, chunk: bytes) -> None:
+        self.spool.write(chunk)
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        store: Store,
+        blobs: FileBlobStore,
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+        config: ServiceConfig | None = None,
+    ) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._clock = clock
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self.config = config or ServiceConfig()
+        self._tasks: dict[str, _Task] = {}
+        self._evaluator: _ServerEvaluator = _ServerEvaluator()
+
+    # ------------------------------------------------------------------ start-up
+
+    def recover(self) -> None:
+        """Loads running tasks after a (re)start; open rounds from before are failed and redone."""
+        now = self._clock.now()
+        self._blobs.clear_spool()
+        for rec in self._store.fail_open_rounds(
+            "coordinator restarted while the round was open; the round is redone", now
+        ):
+            log.warning("failed round %s of task %s after restart", rec.round_number, rec.task_id)
+        for task in self._store.list_tasks():
+            if task.state is not TaskState.RUNNING:
+                continue
+            spec = spec_from_dict(_json_loads(task.spec_json), source=f"task {task.task_id}")
+            model = self._load_model(self._store.latest_model_version(task.task_id))
+            self._tasks[task.task_id] = _Task(task.task_id, spec, model)
+            self._open_next_round(self._tasks[task.task_id], now)
+
+    # ------------------------------------------------------------------ admin
+
+    def create_task(self, spec: TaskSpec) -> TaskView:
+        from core.models import initial_state  # torch: imported only when needed
+
+        try:
+            params = initial_state(spec.model, seed=spec.seed)
+        except CoreError as exc:
+            raise InvalidRequest(f"spec.model: {exc}") from None
+        if spec.evaluation.server_data:
+            self._evaluator.check(spec)
+        task_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
+        now = self._clock.now()
+        record = self._write_model(task_id, 0, 0, params, None, now)
+        self._store.create_task(task_id, _json_dumps(spec_to_dict(spec)), record, now)
+        infos = tensor_infos(params)
+        task = _Task(
+            task_id,
+            spec,
+            _Model(0, params, infos, sum(i.nbytes for i in infos), record, None),
+        )
+        self._tasks[task_id] = task
+        self._open_next_round(task, now)
+        log.info("created task %s (%s)", task_id, spec.name)
+        return self.get_task(task_id)
+
+    def get_task(self, task_id: str) -> TaskView:
+        record = self._task_record(task_id)
+        spec = spec_from_dict(_json_loads(record.spec_json), source=f"task {task_id}")
+        return TaskView(record, spec, self._store.open_round_of(task_id))
+
+    def list_tasks(self) -> list[TaskView]:
+        return [self.get_task(t.task_id) for t in self._store.list_tasks()]
+
+    def list_rounds(self, task_id: str) -> list[RoundRecord]:
+        self._task_record(task_id)
+        return self._store.list_rounds(task_id)
+
+    def cancel_task(self, task_id: str) -> TaskView:
+        record = self._task_record(task_id)
+        if record.state.is_final:
+            raise Late(f"task {task_id} is already {record.state.value}; nothing to cancel")
+        task = self._tasks.pop(task_id, None)
+        if task is not None and task.round is not None:
+            self._store.set_round_state(
+                task.round.round_id, RoundState.FAILED, now=self._clock.now(),
+                failure_reason="task cancelled",
+            )
+        self._store.set_task_state(task_id, TaskState.CANCELLED, "cancelled by an operator")
+        return self.get_task(task_id)
+
+    def model_version(self, task_id: str, version: int | None) -> ModelVersionRecord:
+        """The record of ``version`` (None: the latest committed one)."""
+        self._task_record(task_id)
+        try:
+            if version is None:
+                return self._store.latest_model_version(task_id)
+            return self._store.get_model_version(task_id, version)
+        except storage_errors.NotFound:
+            raise NotFound(f"task {task_id} has no model version {version}") from None
+
+    def model_chunks(self, record: ModelVersionRecord, chunk_bytes: int) -> Iterator[bytes]:
+        with self._blobs.open_read(record.path) as f:
+            while chunk := f.read(chunk_bytes):
+                yield chunk
+
+    # ------------------------------------------------------------------ devices
+
+    def check_in(
+        self, device_id: str, attrs: DeviceAttributes, task_id: str | None = None
+    ) -> CheckInResult:
+        _check_device_id(device_id)
+        now = self._clock.now()
+        if task_id:
+            record = self._task_record(task_id)
+            if record.state.is_final:
+                return CheckInResult(
+                    CheckInOutcome.FINISHED, task_id=task_id,
+                    message=f"task {task_id} is {record.state.value}",
+                )
+            task = self._tasks.get(task_id)
+            if task is None:
+                return self._retry(CheckInOutcome.NO_TASK, 1.0, f"task {task_id} is not loaded")
+            if not is_eligible(attrs, task.spec.eligibility, task.spec.population):
+                return self._retry(
+                    CheckInOutcome.NO_TASK, self.config.retry_after_max_s,
+                    f"device is not eligible for task {task_id} "
+                    f"(population {task.spec.population!r}, {task.spec.eligibility})",
+                )
+        else:
+            candidates = [
+                t for t in self._tasks.values()
+                if is_eligible(attrs, t.spec.eligibility, t.spec.population)
+            ]
+            if not candidates:
+                return self._retry(
+                    CheckInOutcome.NO_TASK, self.config.retry_after_max_s,
+                    "no running task for this device",
+                )
+            task = self._rng.choice(candidates)
+        self._advance(task, now)
+        rnd = task.round
+        if rnd is None:
+            return self._retry(CheckInOutcome.RETRY_LATER, self.config.retry_after_min_s,
+                               "no round is open; come back soon", task.task_id)
+        seat = rnd.seats.get(device_id)
+        if seat is not None:
+            return self._accepted(task, rnd, device_id, seat)
+        target = task.spec.selection_target
+        if rnd.state is RoundState.SELECTING:
+            if now < rnd.selection_closes:
+                if len(rnd.candidates) < target * self.config.candidate_pool_factor:
+                    rnd.candidates[device_id] = None
+                return self._retry(
+                    CheckInOutcome.RETRY_LATER, rnd.selection_closes - now + 0.05,
+                    "selection window open; check in again when it closes", task.task_id,
+                )
+            if len(rnd.seats) < target:
+                seat = self._admit(task, rnd, [device_id], now)[0]
+                self._advance(task, now)
+                return self._accepted(task, rnd, device_id, seat)
+        return self._retry(
+            CheckInOutcome.RETRY_LATER, rnd.deadline - now,
+            f"round {rnd.round_number} is full; come back for the next round", task.task_id,
+        )
+
+    def get_plan(self, p: Participation) -> Plan:
+        task, rnd, seat = self._seat(p)
+        spec = task.spec
+        return Plan(
+            task_id=task.task_id,
+            round_number=rnd.round_number,
+            model=spec.model,
+            model_version=task.model.version,
+            model_sha256=task.model.record.sha256,
+            model_size_bytes=task.model.record.size_bytes,
+            local=spec.local,
+            evaluate=seat.evaluate,
+            deadline=rnd.deadline,
+            max_update_bytes=self._max_update_bytes(task),
+            max_chunk_bytes=self.config.max_chunk_bytes,
+            update_tensors=list(task.model.infos),
+            seed=spec.seed,
+        )
+
+    def model_for_participant(self, p: Participation, version: int) -> ModelVersionRecord:
+        task, _, _ = self._seat(p)
+        if version not in (0, task.model.version):
+            raise InvalidRequest(
+                f"this round trains model version {task.model.version}, not {version}"
+            )
+        return task.model.record
+
+    def begin_upload(self, header: UpdateHeader) -> Upload:
+        """Checks an update's header; the caller then streams chunks into the returned Upload."""
+        task, rnd, _ = self._seat(header.participation)
+        device = header.participation.device_id
+        if device in rnd.reported:
+            raise Duplicate(f"device {device} already reported for round {rnd.round_number}")
+        if device in rnd.uploading:
+            raise Duplicate(f"device {device} already has an upload in progress")
+        limit = self._max_update_bytes(task)
+        if header.total_bytes > limit:
+            raise TooLarge(
+                f"update of {header.total_bytes} bytes exceeds the task's limit of {limit} "
+                "bytes (max_update_bytes)"
+            )
+        expected = task.model.infos
+        if list(header.tensors) != expected:
+            raise InvalidRequest(_describe_mismatch(header.tensors, expected))
+        if header.total_bytes != task.model.nbytes:
+            raise InvalidRequest(
+                f"header declares {header.total_bytes} bytes but the update of this model is "
+                f"{task.model.nbytes} bytes"
+            )
+        if not 1 <= header.num_examples <= self.config.max_num_examples:
+            raise InvalidRequest(
+                f"num_examples must be between 1 and {self.config.max_num_examples}, "
+                f"got {header.num_examples}"
+            )
+        _check_metrics(header.metrics)
+        path = self._blobs.spool_path(f"{task.task_id}-{rnd.round_id}-{secrets.token_hex(8)}.upd")
+        spool = SpooledUpload(
+            path, declared_bytes=header.total_bytes, sha256=header.sha256,
+            max_chunk_bytes=self.config.max_chunk_bytes,
+        )
+        rnd.uploading.add(device)
+        return Upload(header, spool, rnd.round_id)
+
+    def abort_upload(self, upload: Upload) -> None:
+        upload.spool.discard()
+        task = self._tasks.get(upload.header.participation.task_id)
+        if task is not None and task.round is not None and task.round.round_id == upload.round_id:
+            task.round.uploading.discard(upload.header.participation.device_id)
+
+    def finish_upload(self, upload: Upload) -> None:
+        """Checks the received update whole and folds it into the round's aggregate.
+
+        Raises the same errors as :meth:`begin_upload`, plus InvalidRequest for a size or
+        hash mismatch and non-finite values, and Late if the round closed meanwhile.
+        The upload's spool file is removed in every case.
+        """
+        try:
+            path = upload.spool.finish()
+            task, rnd, _ = self._seat(upload.header.participation)
+            if rnd.round_id != upload.round_id:
+                raise Late(f"round {rnd.round_number} was restarted while the update was sent")
+            device = upload.header.participation.device_id
+            if device in rnd.reported:
+                raise Duplicate(f"device {device} already reported for round {rnd.round_number}")
+            if not all_finite(path):
+                self._store.set_participant_state(
+                    rnd.round_id, device, ParticipantState.REJECTED, now=self._clock.now()
+                )
+                rnd.errored.add(device)
+                raise InvalidRequest("update contains NaN or infinite values; it was rejected")
+            weight = float(upload.header.num_examples)
+            accumulate(path, rnd.accumulator, weight)
+            rnd.reported.add(device)
+            rnd.examples += upload.header.num_examples
+            for name, value in upload.header.metrics.items():
+                w = float(upload.header.metrics.get("eval_examples", 0.0)) if name.startswith(
+                    "eval_") else weight
+                if w > 0:
+                    rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + w * value
+                    rnd.metric_weights[name] = rnd.metric_weights.get(name, 0.0) + w
+            self._store.set_participant_state(
+                rnd.round_id, device, ParticipantState.REPORTED, now=self._clock.now(),
+                num_examples=upload.header.num_examples, metrics=dict(upload.header.metrics),
+            )
+            self._advance(task, self._clock.now())
+        finally:
+            self.abort_upload(upload)
+
+    def report_status(
+        self, p: Participation, metrics: Mapping[str, float], error: str
+    ) -> None:
+        task, rnd, _ = self._seat(p)
+        _check_metrics(metrics)
+        if error:
+            log.info("device %s could not take part in round %s: %s",
+                     p.device_id, rnd.round_number, error[:200])
+            rnd.errored.add(p.device_id)
+            self._store.set_participant_state(
+                rnd.round_id, p.device_id, ParticipantState.ERRORED, now=self._clock.now(),
+                metrics=dict(metrics),
+            )
+            self._advance(task, self._clock.now())
+
+    def tick(self) -> None:
+        """Drives deadlines and selection windows; call it periodically (e.g. every 100 ms)."""
+        now = self._clock.now()
+        for task in list(self._tasks.values()):
+            self._advance(task, now)
+
+    # ------------------------------------------------------------------ round machinery
+
+    def _advance(self, task: _Task, now: float) -> None:
+        rnd = task.round
+        if rnd is None:
+            return
+        spec = task.spec
+        target = spec.selection_target
+        if rnd.state is RoundState.SELECTING and now >= rnd.selection_closes and rnd.candidates:
+            pool = [d for d in rnd.candidates if d not in rnd.seats]
+            rnd.candidates.clear()
+            chosen = sample_uniform(pool, target - len(rnd.seats), self._rng)
+            if chosen:
+                self._admit(task, rnd, chosen, now)
+        if rnd.state is RoundState.SELECTING and len(rnd.seats) >= target:
+            self._store.set_round_state(rnd.round_id, RoundState.TRAINING, now=now)
+            rnd.state = RoundState.TRAINING
+        reports = len(rnd.reported)
+        pending = len(rnd.seats) - reports - len(rnd.errored)
+        if reports >= spec.clients_per_round:
+            self._aggregate(task, rnd, now)
+        elif now >= rnd.deadline or (
+            rnd.state is RoundState.TRAINING and pending <= 0 and not rnd.uploading
+        ):
+            if reports >= spec.min_reports:
+                self._aggregate(task, rnd, now)
+            else:
+                why = "deadline passed" if now >= rnd.deadline else "no admitted device left"
+                self._fail_round(
+                    task, rnd, now,
+                    f"{why} with {reports} of the {spec.min_reports} reports needed "
+                    f"({len(rnd.seats)} admitted, {len(rnd.errored)} errored)",
+                )
+
+    def _admit(self, task: _Task, rnd: _OpenRound, devices: list[str], now: float) -> list[_Seat]:
+        seats = []
+        for _ in devices:
+            token = secrets.token_urlsafe(18)
+            evaluate = self._rng.random() < task.spec.evaluation.fraction
+            seats.append(_Seat(_hash_token(token), token, evaluate))
+        self._store.add_participants(
+            rnd.round_id, [(d, s.token_hash) for d, s in zip(devices, seats, strict=True)], now
+        )
+        for d, s in zip(devices, seats, strict=True):
+            rnd.seats[d] = s
+        return seats
+
+    def _open_next_round(self, task: _Task, now: float) -> None:
+        record = self._store.get_task(task.task_id)
+        if record.state is not TaskState.RUNNING:
+            return
+        if record.rounds_committed >= task.spec.rounds:
+            self._store.set_task_state(task.task_id, TaskState.COMPLETED)
+            self._tasks.pop(task.task_id, None)
+            log.info("task %s completed after %d rounds", task.task_id, record.rounds_committed)
+            return
+        spec = task.spec
+        deadline = now + spec.round_deadline_s
+        rec = self._store.open_round(
+            task.task_id, record.rounds_committed + 1, spec.clients_per_round, now, deadline
+        )
+        task.round = _OpenRound(
+            round_id=rec.round_id,
+            round_number=rec.round_number,
+            state=RoundState.SELECTING,
+            started=now,
+            deadline=deadline,
+            selection_closes=now + spec.selection_window_s,
+            accumulator=StreamingWeightedMean(task.model.nbytes // 4),
+        )
+
+    def _fail_round(self, task: _Task, rnd: _OpenRound, now: float, reason: str) -> None:
+        log.warning("task %s round %d failed: %s", task.task_id, rnd.round_number, reason)
+        self._store.set_round_state(rnd.round_id, RoundState.FAILED, now=now, failure_reason=reason)
+        task.round = None
+        task.failed_attempts += 1
+        if task.failed_attempts >= self.config.max_failed_attempts:
+            self._store.set_task_state(
+                task.task_id, TaskState.FAILED,
+                f"{task.failed_attempts} round attempts in a row failed; last: {reason}",
+            )
+            self._tasks.pop(task.task_id, None)
+            return
+        self._open_next_round(task, now)
+
+    def _aggregate(self, task: _Task, rnd: _OpenRound, now: float) -> None:
+        self._store.set_round_state(rnd.round_id, RoundState.AGGREGATING, now=now)
+        rnd.state = RoundState.AGGREGATING
+        try:
+            mean = rnd.accumulator.mean()
+            delta = from_raw_bytes(mean.astype("<f4").tobytes(), task.model.infos)
+            params, opt_state = apply_server_optimizer(
+                task.model.params, delta, task.spec.server, task.model.optimizer_state
+            )
+            if not all(np.isfinite(v).all() for v in params.values()):
+                raise ValueError("the server optimizer produced non-finite parameters")
+        except (ValueError, CoreError) as exc:
+            self._fail_round(task, rnd, now, f"aggregation failed: {exc}")
+            return
+        version = task.model.version + 1
+        record = self._write_model(task.task_id, version, rnd.round_number, params, opt_state, now)
+        metrics = {
+            "reports": float(len(rnd.reported)),
+            "examples": float(rnd.examples),
+            "admitted": float(len(rnd.seats)),
+            "round_seconds": now - rnd.started,
+        }
+        for name, total in rnd.metric_sums.items():
+            if name != "eval_examples":
+                metrics[name] = total / rnd.metric_weights[name]
+        self._store.commit_round(rnd.round_id, record, metrics, now)
+        task.model = _Model(version, params, task.model.infos, task.model.nbytes, record, opt_state)
+        task.round = None
+        task.failed_attempts = 0
+        log.info("task %s committed round %d (model v%d, %d reports)",
+                 task.task_id, rnd.round_number, version, len(rnd.reported))
+        if task.spec.evaluation.server_data:
+            try:
+                loss, acc = self._evaluator.evaluate(task.spec, params)
+                self._store.update_round_metrics(
+                    rnd.round_id, {"server_eval_loss": loss, "server_eval_accuracy": acc}
+                )
+            except Exception:  # evaluation must never undo a commit
+                log.exception("server-side evaluation of task %s failed", task.task_id)
+        self._open_next_round(task, now)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _write_model(
+        self,
+        task_id: str,
+        version: int,
+        round_number: int,
+        params: dict[str, np.ndarray],
+        opt_state: dict[str, np.ndarray] | None,
+        now: float,
+    ) -> ModelVersionRecord:
+        base = f"tasks/{task_id}/model-v{version:06d}"
+        data = save_safetensors(params, {"task_id": task_id, "version": str(version)})
+        sha, size = self._blobs.write(f"{base}.safetensors", data)
+        opt_path = None
+        if opt_state:
+            opt_path = f"{base}.optimizer.safetensors"
+            self._blobs.write(opt_path, save_safetensors(opt_state))
+        return ModelVersionRecord(
+            task_id=task_id, version=version, round_number=round_number,
+            path=f"{base}.safetensors", sha256=sha, size_bytes=size,
+            optimizer_state_path=opt_path, created_at=now,
+        )
+
+    def _load_model(self, record: ModelVersionRecord) -> _Model:
+        data = self._blobs.read_bytes(record.path)
+        if sha256_hex(data) != record.sha256:
+            raise Unavailable(
+                f"model file {record.path} does not match its recorded sha256; "
+                "refusing to continue the task from a corrupted model"
+            )
+        params = load_safetensors(data)
+        opt = None
+        if record.optimizer_state_path:
+            opt = load_safetensors(self._blobs.read_bytes(record.optimizer_state_path))
+        infos = tensor_infos(params)
+        return _Model(record.version, params, infos, sum(i.nbytes for i in infos), record, opt)
+
+    def _task_record(self, task_id: str) -> TaskRecord:
+        try:
+            return self._store.get_task(task_id)
+        except storage_errors.NotFound:
+            raise NotFound(f"no task with id {task_id!r}") from None
+
+    def _seat(self, p: Participation) -> tuple[_Task, _OpenRound, _Seat]:
+        task = self._tasks.get(p.task_id)
+        if task is None:
+            record = self._task_record(p.task_id)
+            raise Late(f"task {p.task_id} is {record.state.value}; check in again")
+        rnd = task.round
+        if rnd is None or rnd.round_number != p.round_number or rnd.state not in (
+            RoundState.SELECTING, RoundState.TRAINING
+        ):
+            raise Late(
+                f"round {p.round_number} of task {p.task_id} is closed; check in again"
+            )
+        seat = rnd.seats.get(p.device_id)
+        if seat is None or not hmac.compare_digest(seat.token_hash, _hash_token(p.token)):
+            raise NotSelected(
+                f"device {p.device_id!r} is not selected for round {p.round_number} of task "
+                f"{p.task_id} (or its participation token is wrong)"
+            )
+        return task, rnd, seat
+
+    def _accepted(self, task: _Task, rnd: _OpenRound, device_id: str, seat: _Seat) -> CheckInResult:
+        return CheckInResult(
+            CheckInOutcome.ACCEPTED, task_id=task.task_id, round_number=rnd.round_number,
+            token=seat.token, message=f"selected for round {rnd.round_number}",
+        )
+
+    def _retry(
+        self, outcome: CheckInOutcome, after_s: float, message: str, task_id: str = ""
+    ) -> CheckInResult:
+        lo, hi = self.config.retry_after_min_s, self.config.retry_after_max_s
+        after = min(max(after_s, lo), hi) * self._rng.uniform(1.0, 1.2)
+        return CheckInResult(outcome, task_id=task_id, retry_after_s=after, message=message)
+
+    def _max_update_bytes(self, task: _Task) -> int:
+        return task.spec.max_update_bytes or task.model.nbytes
+
+
+class _ServerEvaluator:
+    """Evaluates committed models on a data spec named by the task (torch imported lazily)."""
+
+    def check(self, spec: TaskSpec) -> None:
+        from core.data.spec import parse_data_spec
+
+        try:
+            parse_data_spec(spec.evaluation.server_data)
+        except CoreError as exc:
+            raise InvalidRequest(f"spec.evaluation.server_data: {exc}") from None
+
+    def evaluate(self, spec: TaskSpec, params: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        from core.data.spec import load_dataset
+        from core.models import build_model, load_numpy_state
+        from core.training import evaluate
+
+        data = load_dataset(spec.evaluation.server_data)
+        model = build_model(spec.model)
+        load_numpy_state(model, params)
+        return evaluate(model, data.x_test, data.y_test)
+
+
+def _describe_mismatch(got: list[TensorInfo], expected: list[TensorInfo]) -> str:
+    if len(got) != len(expected):
+        return f"update has {len(got)} tensors but the model has {len(expected)}"
+    for g, e in zip(got, expected, strict=True):
+        if g != e:
+            return (
+                f"tensor {g.name!r} ({g.dtype}{list(g.shape)}) does not match the model's "
+                f"{e.name!r} ({e.dtype}{list(e.shape)})"
+            )
+    return "update tensors do not match the model"
+
+
+def _check_device_id(device_id: str) -> None:
+    if not _DEVICE_ID.match(device_id):
+        raise InvalidRequest(
+            "device_id must be 1-128 characters of letters, digits and ._:@/- "
+            f"(got {device_id[:40]!r})"
+        )
+
+
+def _check_metrics(metrics: Mapping[str, float]) -> None:
+    if len(metrics) > _MAX_METRICS:
+        raise InvalidRequest(f"at most {_MAX_METRICS} metrics per report, got {len(metrics)}")
+    for name, value in metrics.items():
+        if not _METRIC_NAME.match(name):
+            raise InvalidRequest(f"metric name {name[:40]!r} is not a valid name")
+        if not math.isfinite(value):
+            raise InvalidRequest(f"metric {name!r} is not finite ({value})")
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug[:24] or "task"
+
+
+def _json_dumps(data: object) -> str:
+    return json.dumps(data, sort_keys=True)
+
+
+def _json_loads(text: str) -> dict[str, object]:
+    value = json.loads(text)
+    assert isinstance(value, dict)
+    return value
+
+
+__all__ = [
+    "CheckInOutcome",
+    "CheckInResult",
+    "CoordinatorService",
+    "Participation",
+    "Plan",
+    "ServiceConfig",
+    "TaskView",
+    "Upload",
+    "UpdateHeader",
+]

@@ -1,0 +1,80 @@
+"""The one mapping from domain errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from coordinator.rounds import errors as e
+from coordinator.storage import errors as storage_errors
+from core.types import API_VERSION
+from protos.convert import WireFormatError
+
+log = logging.getLogger(__name__)
+
+_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    e.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    WireFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    e.NotFound: grpc.StatusCode.NOT_FOUND,
+    e.NotSelected: grpc.StatusCode.PERMISSION_DENIED,
+    e.Duplicate: grpc.StatusCode.ALREADY_EXISTS,
+    e.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.Late: grpc.StatusCode.FAILED_PRECONDITION,
+    e.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    storage_errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    storage_errors.Conflict: grpc.StatusCode.ABORTED,
+    storage_errors.StorageError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class ApiVersionMismatch(Exception):
+    pass
+
+
+_CODES[ApiVersionMismatch] = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    for cls in type(exc).__mro__:
+        if cls in _CODES:
+            return _CODES[cls]
+    return None
+
+
+def check_api_version(version: int) -> None:
+    if version != API_VERSION:
+        raise ApiVersionMismatch(
+            f"client speaks fedcoord API v{version}, this coordinator speaks v{API_VERSION}; "
+            "upgrade the client"
+        )
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def maps_errors(method: F) -> F:
+    """Turns domain errors raised by a unary servicer method into gRPC statuses."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL below
+            await abort_for(exc, context)
+
+    return wrapper  # type: ignore[return-value]
+
+
+async def abort_for(exc: Exception, context: grpc.aio.ServicerContext) -> NoReturn:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    code = status_for(exc)
+    if code is None:
+        log.exception("internal error")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    await context.abort(code, str(exc))
+    raise AssertionError("unreachable")  # context.abort always raises

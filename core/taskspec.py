@@ -1,0 +1,223 @@
+"""Task files: YAML -> :class:`~core.types.TaskSpec`, with errors that name file and field.
+
+The parser is driven by the dataclass fields of :mod:`core.types`, so a new field needs no
+parser change. Unknown keys are errors (a typo must not silently fall back to a default).
+
+A task file looks like::
+
+    name: digits-mlp
+    model:
+      architecture: mlp
+      arguments: {input_dim: 64, hidden: [64], num_classes: 10}
+    rounds: 5
+    clients_per_round: 10
+    min_reports: 8
+    over_selection: 1.3
+    round_deadline_s: 60
+    local: {epochs: 5, batch_size: 16, optimizer: sgd, learning_rate: 0.1}
+    server: {kind: fedavg, learning_rate: 1.0}
+    evaluation: {fraction: 0.2, server_data: "digits:split=test"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.errors import CoreError
+from core.types import TaskSpec
+
+
+class TaskSpecError(CoreError):
+    """A task file or task spec is invalid. ``str()`` names the source and the field."""
+
+    def __init__(self, source: str, field: str, message: str) -> None:
+        self.source = source
+        self.field = field
+        self.message = message
+        where = f"field '{field}'" if field else "top level"
+        super().__init__(f"{source}: {where}: {message}")
+
+
+def load_task_file(path: str | Path) -> TaskSpec:
+    """Reads and validates a YAML task file.
+
+    Raises:
+        TaskSpecError: the file is missing, is not YAML, or a field is wrong; the message
+            names the file and the field.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TaskSpecError(source, "", f"cannot read the file: {exc.strerror or exc}") from None
+    return parse_task_yaml(text, source=source)
+
+
+def parse_task_yaml(text: str, *, source: str = "<task>") -> TaskSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise TaskSpecError(source, "", f"not valid YAML{where}") from None
+    if not isinstance(data, Mapping):
+        raise TaskSpecError(source, "", "expected a mapping of task fields")
+    return spec_from_dict(data, source=source)
+
+
+def spec_from_dict(data: Mapping[str, Any], *, source: str = "<task>") -> TaskSpec:
+    """Builds and validates a TaskSpec from plain data (parsed YAML or stored JSON)."""
+    spec = _build(TaskSpec, data, source, "")
+    validate_task_spec(spec, source=source)
+    assert isinstance(spec, TaskSpec)
+    return spec
+
+
+def spec_to_dict(spec: TaskSpec) -> dict[str, Any]:
+    """Plain JSON/YAML-ready data; ``spec_from_dict(spec_to_dict(s)) == s``."""
+    return typing.cast(dict[str, Any], _plain(spec))
+
+
+def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
+    """Checks ranges and relations between fields. Model arguments are checked by
+    :func:`core.models.build_model` (it needs torch)."""
+
+    def fail(field: str, message: str) -> typing.NoReturn:
+        raise TaskSpecError(source, field, message)
+
+    if not spec.name.strip():
+        fail("name", "must not be empty")
+    if not spec.model.architecture:
+        fail("model.architecture", "must name a registered architecture")
+    if spec.rounds < 1:
+        fail("rounds", f"must be at least 1, got {spec.rounds}")
+    if spec.clients_per_round < 1:
+        fail("clients_per_round", f"must be at least 1, got {spec.clients_per_round}")
+    if not 1 <= spec.min_reports <= spec.clients_per_round:
+        fail(
+            "min_reports",
+            f"must be between 1 and clients_per_round ({spec.clients_per_round}), "
+            f"got {spec.min_reports}",
+        )
+    if not 1.0 <= spec.over_selection <= 10.0:
+        fail("over_selection", f"must be between 1.0 and 10.0, got {spec.over_selection}")
+    if not 0 < spec.round_deadline_s <= 7 * 24 * 3600:
+        fail("round_deadline_s", f"must be in (0, 604800] seconds, got {spec.round_deadline_s}")
+    if not 0 <= spec.selection_window_s < spec.round_deadline_s:
+        fail(
+            "selection_window_s",
+            f"must be >= 0 and below round_deadline_s ({spec.round_deadline_s}), "
+            f"got {spec.selection_window_s}",
+        )
+    if spec.local.epochs < 1:
+        fail("local.epochs", f"must be at least 1, got {spec.local.epochs}")
+    if spec.local.batch_size < 1:
+        fail("local.batch_size", f"must be at least 1, got {spec.local.batch_size}")
+    if not spec.local.learning_rate > 0:
+        fail("local.learning_rate", f"must be positive, got {spec.local.learning_rate}")
+    if not 0 <= spec.local.momentum < 1:
+        fail("local.momentum", f"must be in [0, 1), got {spec.local.momentum}")
+    if not spec.server.learning_rate > 0:
+        fail("server.learning_rate", f"must be positive, got {spec.server.learning_rate}")
+    for name in ("momentum", "beta1", "beta2"):
+        value = getattr(spec.server, name)
+        if not 0 <= value < 1:
+            fail(f"server.{name}", f"must be in [0, 1), got {value}")
+    if not spec.server.epsilon > 0:
+        fail("server.epsilon", f"must be positive, got {spec.server.epsilon}")
+    if not 0 <= spec.evaluation.fraction <= 1:
+        fail("evaluation.fraction", f"must be in [0, 1], got {spec.evaluation.fraction}")
+    if spec.max_update_bytes < 0:
+        fail("max_update_bytes", f"must be >= 0 (0 = the model's size), got {spec.max_update_bytes}")
+    if spec.seed < 0:
+        fail("seed", f"must be >= 0, got {spec.seed}")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "a mapping"
+    )
+
+
+def _build(tp: Any, value: Any, source: str, path: str) -> Any:
+    """Converts plain data to ``tp``, raising TaskSpecError at ``path`` on a mismatch."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise TaskSpecError(source, path, f"expected a mapping, got {_describe(value)}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        for key in value:
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                raise TaskSpecError(
+                    source, _join(path, str(key)), f"unknown field (expected one of: {known})"
+                )
+        kwargs: dict[str, Any] = {}
+        for name, f in fields.items():
+            sub = _join(path, name)
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], source, sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise TaskSpecError(source, sub, "is required")
+        return tp(**kwargs)
+    if origin in (Mapping, dict) or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise TaskSpecError(source, path, f"expected a mapping, got {_describe(value)}")
+        if not all(isinstance(k, str) for k in value):
+            raise TaskSpecError(source, path, "keys must be strings")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if value == member.value or value == member:
+                return member
+        raise TaskSpecError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise TaskSpecError(source, path, f"must be finite, got {value}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, types.UnionType):
+        raise TypeError(f"unsupported field type {tp}")
+    raise TaskSpecError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

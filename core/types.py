@@ -1,0 +1,153 @@
+"""Domain types shared by the coordinator, the device agent and simulations.
+
+Everything here is a frozen dataclass or an enum: plain values, no behaviour that touches
+the network, the database or torch. Validation of user-written task files lives in
+:mod:`core.taskspec`; these types assume their values were validated there.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Version of the device/admin wire API. Bumped on any incompatible change; a peer that
+#: speaks another version is refused with FAILED_PRECONDITION, never a parse error.
+API_VERSION = 1
+
+
+class TaskState(enum.Enum):
+    """Lifecycle of a task. RUNNING is the only state in which rounds open."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self is not TaskState.RUNNING
+
+
+class RoundState(enum.Enum):
+    """Lifecycle of one round attempt; see :mod:`coordinator.rounds.lifecycle`."""
+
+    SELECTING = "selecting"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RoundState.COMMITTED, RoundState.FAILED)
+
+
+class ParticipantState(enum.Enum):
+    SELECTED = "selected"
+    REPORTED = "reported"
+    REJECTED = "rejected"
+    ERRORED = "errored"
+
+
+class ServerOptimizerKind(enum.Enum):
+    """Server optimizers over the pseudo-gradient (Reddi et al., 2021)."""
+
+    FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+
+class LocalOptimizerKind(enum.Enum):
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture (see :mod:`core.models`) and its constructor arguments."""
+
+    architecture: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Device attributes a device must have to be admitted to a round."""
+
+    require_charging: bool = False
+    require_unmetered: bool = False
+    require_idle: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceAttributes:
+    charging: bool = True
+    unmetered: bool = True
+    idle: bool = True
+    population: str = "default"
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: LocalOptimizerKind = LocalOptimizerKind.SGD
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """Optimizer applied to the pseudo-gradient ``-(weighted mean of client deltas)``.
+
+    ``fedavg`` with ``learning_rate=1`` is plain FedAvg. ``epsilon`` is the adaptivity
+    ``tau`` of FedAdam/FedYogi.
+    """
+
+    kind: ServerOptimizerKind = ServerOptimizerKind.FEDAVG
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    epsilon: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Federated evaluation: the fraction of selected devices that also evaluate the model
+    they received on their local held-out data and report loss/accuracy."""
+
+    fraction: float = 0.0
+    #: Data spec (see :mod:`core.data.spec`) the coordinator evaluates each committed model
+    #: on, e.g. ``"digits:split=test"``; empty for none.
+    server_data: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What to train, how, and for how many rounds. Times are in seconds."""
+
+    name: str
+    model: ModelSpec
+    rounds: int
+    clients_per_round: int
+    min_reports: int
+    population: str = "default"
+    eligibility: Eligibility = field(default_factory=Eligibility)
+    over_selection: float = 1.3
+    round_deadline_s: float = 60.0
+    selection_window_s: float = 1.0
+    local: LocalTraining = field(default_factory=LocalTraining)
+    server: ServerOptimizer = field(default_factory=ServerOptimizer)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    #: Largest update upload accepted, in bytes; 0 means "the model's own size".
+    max_update_bytes: int = 0
+    seed: int = 0
+
+    @property
+    def selection_target(self) -> int:
+        """How many devices a round admits: the goal times the over-selection factor."""
+        return max(self.clients_per_round, int(round(self.clients_per_round * self.over_selection)))

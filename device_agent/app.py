@@ -1,0 +1,104 @@
+"""Composition root of the device agent: one process hosting one or many devices.
+
+``fedctl agent run --devices M`` hosts M virtual devices, each with its own identity and
+data shard, sharing one gRPC channel; each device runs on its own thread (torch releases
+the GIL in its kernels). SIGTERM/SIGINT stop every device cleanly between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from core.data.spec import load_dataset, parse_data_spec, with_shard
+from core.types import DeviceAttributes
+from device_agent.runtime.device import Device, DeviceStats
+from device_agent.transport.client import DeviceClient, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    coordinator: str
+    device_id: str
+    data: str
+    devices: int = 1
+    task_id: str | None = None
+    attributes: DeviceAttributes = DeviceAttributes()
+    exit_when_idle: bool = False
+    give_up_after_s: float = 120.0
+    torch_threads: int = 1
+
+
+def device_shards(config: AgentConfig) -> list[tuple[str, str]]:
+    """(device id, data spec) per hosted device: with ``--devices M`` and a data spec of
+    ``shard=K/N``, device i (id ``DEVICE_ID-i``) gets shard ``K+i`` of ``N``."""
+    spec = parse_data_spec(config.data)
+    if config.devices == 1:
+        return [(config.device_id, config.data)]
+    shard = spec.params.get("shard")
+    out = []
+    if shard is None:
+        raise ValueError("--devices M needs a data spec with shard=K/N")
+    k, n = (int(v) for v in shard.split("/"))
+    if k + config.devices > n:
+        raise ValueError(
+            f"--devices {config.devices} from shard {k} needs shards up to {k + config.devices - 1}"
+            f" but the data spec has only {n}"
+        )
+    for i in range(config.devices):
+        out.append((f"{config.device_id}-{i}", _render(with_shard(spec, k + i, n))))
+    return out
+
+
+def _render(spec: object) -> str:
+    source = getattr(spec, "source")
+    params = getattr(spec, "params")
+    return source + ":" + ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[DeviceStats]:
+    import torch
+
+    torch.set_num_threads(config.torch_threads)
+    stop = stop or threading.Event()
+    client = DeviceClient(
+        config.coordinator, policy=RetryPolicy(give_up_after_s=config.give_up_after_s), stop=stop
+    )
+    devices = [
+        Device(
+            device_id, load_dataset(spec), client, attributes=config.attributes,
+            task_id=config.task_id, exit_when_idle=config.exit_when_idle, stop=stop,
+        )
+        for device_id, spec in device_shards(config)
+    ]
+    results: list[DeviceStats] = [DeviceStats() for _ in devices]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = devices[i].run()
+        except Exception:
+            log.exception("device %s crashed", devices[i].device_id)
+            stop.set()
+
+    threads = [threading.Thread(target=run, args=(i,), name=d.device_id, daemon=True)
+               for i, d in enumerate(devices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=0.5)
+    client.close()
+    return results
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("signal %d: stopping devices", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

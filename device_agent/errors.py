@@ -1,0 +1,33 @@
+"""Errors of the device agent.
+
+AgentError
+ +-- Rejected        the coordinator answered with a non-retryable status (code + message)
+ |    +-- RoundOver  FAILED_PRECONDITION / PERMISSION_DENIED: the round moved on; check in again
+ +-- Unreachable     retries exhausted while the coordinator was unreachable
+ +-- BadPayload      a download did not match its declared size or hash
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    pass
+
+
+class Rejected(AgentError):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class RoundOver(Rejected):
+    pass
+
+
+class Unreachable(AgentError):
+    pass
+
+
+class BadPayload(AgentError):
+    pass

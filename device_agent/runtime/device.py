@@ -1,0 +1,157 @@
+"""One device's life: check in -> plan -> model -> train -> upload, until the task ends.
+
+Local data never leaves this object: only the update (trained weights minus the received
+weights), its example count and summary metrics are sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from core.data.dataset import LocalDataset
+from core.protocol import CheckInOutcome, CheckInResult, Participation, Plan, UpdateHeader
+from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
+from core.types import DeviceAttributes
+from device_agent.errors import AgentError, BadPayload, Rejected, RoundOver, Unreachable
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator(Protocol):
+    """What a device needs from the coordinator (``DeviceClient`` implements it)."""
+
+    def check_in(
+        self, device_id: str, attrs: DeviceAttributes, task_id: str | None
+    ) -> CheckInResult: ...
+
+    def get_plan(self, p: Participation) -> Plan: ...
+
+    def download_model(self, p: Participation, plan: Plan) -> bytes: ...
+
+    def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int) -> str: ...
+
+    def report_status(
+        self, p: Participation, *, metrics: dict[str, float] | None = None, error: str = ""
+    ) -> None: ...
+
+
+@dataclass
+class DeviceStats:
+    rounds_joined: int = 0
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    last_error: str = ""
+    finished_reason: str = ""
+    history: list[str] = field(default_factory=list)
+
+
+class Device:
+    """A (possibly virtual) device. ``run()`` returns when the task ends or ``stop`` is set."""
+
+    def __init__(
+        self,
+        device_id: str,
+        data: LocalDataset,
+        coordinator: Coordinator,
+        *,
+        attributes: DeviceAttributes | None = None,
+        task_id: str | None = None,
+        exit_when_idle: bool = False,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.data = data
+        self.coordinator = coordinator
+        self.attributes = attributes or DeviceAttributes()
+        self.task_id = task_id
+        self.exit_when_idle = exit_when_idle
+        self.stop = stop or threading.Event()
+        self.stats = DeviceStats()
+
+    def run(self) -> DeviceStats:
+        while not self.stop.is_set():
+            try:
+                result = self.coordinator.check_in(self.device_id, self.attributes, self.task_id)
+            except Unreachable as exc:
+                self.stats.finished_reason = str(exc)
+                break
+            except Rejected as exc:
+                log.error("%s: check-in refused: %s", self.device_id, exc)
+                self.stats.finished_reason = str(exc)
+                break
+            if result.outcome is CheckInOutcome.FINISHED:
+                self.stats.finished_reason = result.message
+                break
+            if result.outcome is CheckInOutcome.NO_TASK and self.exit_when_idle:
+                self.stats.finished_reason = result.message
+                break
+            if result.outcome is not CheckInOutcome.ACCEPTED:
+                self.stop.wait(result.retry_after_s)
+                continue
+            p = Participation(self.device_id, result.task_id, result.round_number, result.token)
+            self._participate(p)
+        return self.stats
+
+    def _participate(self, p: Participation) -> None:
+        self.stats.rounds_joined += 1
+        try:
+            plan = self.coordinator.get_plan(p)
+            model_bytes = self.coordinator.download_model(p, plan)
+            header, payload = self._train(p, plan, model_bytes)
+            self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
+            self.stats.updates_accepted += 1
+            self.stats.history.append(f"round {p.round_number}: accepted")
+        except RoundOver as exc:
+            self.stats.history.append(f"round {p.round_number}: {exc.code}")
+            log.info("%s: round %d moved on: %s", self.device_id, p.round_number, exc.message)
+        except (Rejected, BadPayload) as exc:
+            self.stats.updates_rejected += 1
+            self.stats.last_error = str(exc)
+            log.warning("%s: round %d: %s", self.device_id, p.round_number, exc)
+            self._report_error(p, str(exc))
+        except Unreachable:
+            raise
+        except AgentError as exc:
+            self._report_error(p, str(exc))
+
+    def _report_error(self, p: Participation, error: str) -> None:
+        try:
+            self.coordinator.report_status(p, error=error)
+        except AgentError:
+            pass
+
+    def _train(
+        self, p: Participation, plan: Plan, model_bytes: bytes
+    ) -> tuple[UpdateHeader, bytes]:
+        from core.models import build_model, load_numpy_state, state_to_numpy
+        from core.training import evaluate, train_local
+
+        received = load_safetensors(model_bytes)
+        model = build_model(plan.model)
+        load_numpy_state(model, received)
+        metrics: dict[str, float] = {}
+        if plan.evaluate and len(self.data.y_test) > 0:
+            loss, acc = evaluate(model, self.data.x_test, self.data.y_test)
+            metrics.update(eval_loss=loss, eval_accuracy=acc,
+                           eval_examples=float(len(self.data.y_test)))
+        seed = int(sha256_hex(f"{plan.seed}/{p.round_number}/{self.device_id}".encode())[:8], 16)
+        result = train_local(model, self.data.x_train, self.data.y_train, plan.local, seed=seed)
+        metrics["train_loss"] = result.loss
+        trained = state_to_numpy(model)
+        names = [t.name for t in plan.update_tensors]
+        delta = {n: (trained[n] - received[n]).astype(np.float32) for n in names}
+        payload = to_raw_bytes(delta)
+        header = UpdateHeader(
+            participation=p,
+            num_examples=result.num_examples,
+            tensors=list(plan.update_tensors),
+            total_bytes=len(payload),
+            sha256=sha256_hex(payload),
+            metrics=metrics,
+        )
+        return header, payload

@@ -1,0 +1,206 @@
+"""The device's stub wrapper: deadlines on every call, retries with jittered exponential
+backoff while the coordinator is unreachable, and translation to plain values.
+
+Thread-safety: one ``DeviceClient`` may be shared by many device threads (gRPC channels are
+thread-safe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from core.protocol import CheckInOutcome, CheckInResult, Participation, Plan, UpdateHeader
+from core.types import API_VERSION, DeviceAttributes
+from device_agent.errors import BadPayload, Rejected, RoundOver, Unreachable
+from protos import convert
+from protos.fedcoord.v1 import device_pb2, device_pb2_grpc
+
+T = TypeVar("T")
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_ROUND_OVER = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
+               grpc.StatusCode.ALREADY_EXISTS}
+_OUTCOMES = {
+    device_pb2.CheckInResponse.ACCEPTED: CheckInOutcome.ACCEPTED,
+    device_pb2.CheckInResponse.RETRY_LATER: CheckInOutcome.RETRY_LATER,
+    device_pb2.CheckInResponse.NO_TASK: CheckInOutcome.NO_TASK,
+    device_pb2.CheckInResponse.FINISHED: CheckInOutcome.FINISHED,
+}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Jittered exponential backoff ("full jitter"): sleep U(0, min(cap, base * 2^n))."""
+
+    base_s: float = 0.2
+    cap_s: float = 10.0
+    #: Give up after this long without a successful call.
+    give_up_after_s: float = 120.0
+    call_timeout_s: float = 30.0
+    transfer_timeout_s: float = 600.0
+
+
+class DeviceClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        policy: RetryPolicy | None = None,
+        stop: threading.Event | None = None,
+        max_message_bytes: int = 8 << 20,
+    ) -> None:
+        self.target = target
+        self.policy = policy or RetryPolicy()
+        self._stop = stop or threading.Event()
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.enable_retries", 0),
+            ],
+        )
+        self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+        self._rng = random.Random()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- calls ---------------------------------------------------------------
+
+    def check_in(
+        self, device_id: str, attrs: DeviceAttributes, task_id: str | None
+    ) -> CheckInResult:
+        req = device_pb2.CheckInRequest(
+            api_version=API_VERSION, device_id=device_id,
+            attributes=convert.attributes_to_proto(attrs), task_id=task_id or "",
+        )
+        resp = self._retrying(lambda: self._stub.CheckIn(req, timeout=self.policy.call_timeout_s))
+        return CheckInResult(
+            outcome=_OUTCOMES.get(resp.outcome, CheckInOutcome.RETRY_LATER),
+            task_id=resp.task_id,
+            round_number=resp.round_number,
+            token=resp.participation_token,
+            retry_after_s=resp.retry_after_ms / 1000.0,
+            message=resp.message,
+        )
+
+    def get_plan(self, p: Participation) -> Plan:
+        req = device_pb2.GetPlanRequest(api_version=API_VERSION, participation=_participation(p))
+        resp = self._retrying(lambda: self._stub.GetPlan(req, timeout=self.policy.call_timeout_s))
+        model, local = convert.plan_parts_from_proto(resp.model, resp.local)
+        return Plan(
+            task_id=resp.task_id,
+            round_number=resp.round_number,
+            model=model,
+            model_version=resp.model_version,
+            model_sha256=resp.model_sha256,
+            model_size_bytes=resp.model_size_bytes,
+            local=local,
+            evaluate=resp.evaluate,
+            deadline=resp.deadline_unix_ms / 1000.0,
+            max_update_bytes=resp.max_update_bytes,
+            max_chunk_bytes=resp.max_chunk_bytes,
+            update_tensors=convert.tensor_infos_from_proto(resp.update_tensors),
+            seed=resp.seed,
+        )
+
+    def download_model(self, p: Participation, plan: Plan) -> bytes:
+        """The plan's model file, checked against the plan's size and sha256."""
+        req = device_pb2.DownloadModelRequest(
+            api_version=API_VERSION, participation=_participation(p),
+            model_version=plan.model_version,
+        )
+
+        def call() -> bytes:
+            parts: list[bytes] = []
+            size = 0
+            for msg in self._stub.DownloadModel(req, timeout=self.policy.transfer_timeout_s):
+                if msg.HasField("chunk"):
+                    size += len(msg.chunk)
+                    if size > plan.model_size_bytes:
+                        raise BadPayload(
+                            f"model download exceeds its declared {plan.model_size_bytes} bytes"
+                        )
+                    parts.append(msg.chunk)
+            return b"".join(parts)
+
+        data = self._retrying(call)
+        if len(data) != plan.model_size_bytes or hashlib.sha256(data).hexdigest() != plan.model_sha256:
+            raise BadPayload(
+                f"model v{plan.model_version} does not match the plan's size/sha256; refusing it"
+            )
+        return data
+
+    def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int) -> str:
+        """Streams ``payload`` (the raw update) after ``header``; returns the server's message."""
+        head = device_pb2.UploadUpdateRequest(
+            header=device_pb2.UpdateHeader(
+                api_version=API_VERSION,
+                participation=_participation(header.participation),
+                num_examples=header.num_examples,
+                tensors=convert.tensor_infos_to_proto(header.tensors),
+                total_bytes=header.total_bytes,
+                sha256=header.sha256,
+                metrics=dict(header.metrics),
+            )
+        )
+        view = memoryview(payload)
+
+        def messages() -> Iterator[device_pb2.UploadUpdateRequest]:
+            yield head
+            for start in range(0, len(view), chunk_bytes):
+                yield device_pb2.UploadUpdateRequest(chunk=bytes(view[start:start + chunk_bytes]))
+
+        resp = self._retrying(
+            lambda: self._stub.UploadUpdate(messages(), timeout=self.policy.transfer_timeout_s)
+        )
+        return str(resp.message)
+
+    def report_status(
+        self, p: Participation, *, metrics: Mapping[str, float] | None = None, error: str = ""
+    ) -> None:
+        req = device_pb2.ReportStatusRequest(
+            api_version=API_VERSION, participation=_participation(p),
+            metrics=dict(metrics or {}), error=error[:1000],
+        )
+        self._retrying(lambda: self._stub.ReportStatus(req, timeout=self.policy.call_timeout_s))
+
+    # -- retries -------------------------------------------------------------
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                details = exc.details() or ""
+                if code in _ROUND_OVER:
+                    raise RoundOver(code.name, details) from None
+                if code not in _RETRYABLE:
+                    raise Rejected(code.name, details) from None
+                if time.monotonic() - started > self.policy.give_up_after_s:
+                    raise Unreachable(
+                        f"coordinator {self.target} unreachable for "
+                        f"{self.policy.give_up_after_s:.0f} s: {code.name} {details}"
+                    ) from None
+            delay = self._rng.uniform(0, min(self.policy.cap_s, self.policy.base_s * 2**attempt))
+            attempt += 1
+            if self._stop.wait(delay):
+                raise Unreachable("stopped while waiting to retry")
+
+
+def _participation(p: Participation) -> device_pb2.Participation:
+    return device_pb2.Participation(
+        device_id=p.device_id, task_id=p.task_id, round_number=p.round_number, token=p.token
+    )

@@ -1,0 +1,108 @@
+"""Admin client for engineers' tools: plain values in, protobuf hidden."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import grpc
+
+from core.types import API_VERSION, TaskSpec
+from protos import convert
+from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc
+
+
+class AdminError(Exception):
+    """A coordinator answered with an error status, or could not be reached."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class AdminClient:
+    def __init__(self, target: str, *, timeout_s: float = 30.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", 8 << 20)]
+        )
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: object) -> object:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise AdminError(
+                    "UNAVAILABLE", f"cannot reach the coordinator at {self.target} ({exc.details()})"
+                ) from None
+            raise AdminError(code.name, exc.details() or "") from None
+
+    def create_task(self, spec: TaskSpec) -> admin_pb2.Task:
+        req = admin_pb2.CreateTaskRequest(
+            api_version=API_VERSION, spec=convert.task_spec_to_proto(spec)
+        )
+        resp = self._call("CreateTask", req)
+        assert isinstance(resp, admin_pb2.CreateTaskResponse)
+        return resp.task
+
+    def get_task(self, task_id: str) -> admin_pb2.Task:
+        resp = self._call("GetTask", admin_pb2.GetTaskRequest(api_version=API_VERSION,
+                                                              task_id=task_id))
+        assert isinstance(resp, admin_pb2.GetTaskResponse)
+        return resp.task
+
+    def list_tasks(self) -> list[admin_pb2.Task]:
+        resp = self._call("ListTasks", admin_pb2.ListTasksRequest(api_version=API_VERSION))
+        assert isinstance(resp, admin_pb2.ListTasksResponse)
+        return list(resp.tasks)
+
+    def list_rounds(self, task_id: str) -> list[admin_pb2.Round]:
+        resp = self._call("ListRounds", admin_pb2.ListRoundsRequest(api_version=API_VERSION,
+                                                                    task_id=task_id))
+        assert isinstance(resp, admin_pb2.ListRoundsResponse)
+        return list(resp.rounds)
+
+    def cancel_task(self, task_id: str) -> admin_pb2.Task:
+        resp = self._call("CancelTask", admin_pb2.CancelTaskRequest(api_version=API_VERSION,
+                                                                    task_id=task_id))
+        assert isinstance(resp, admin_pb2.CancelTaskResponse)
+        return resp.task
+
+    def pull_model(self, task_id: str, version: int, out: Path) -> tuple[int, str, int]:
+        """Writes the model to ``out`` atomically; returns (version, sha256, size)."""
+        req = admin_pb2.AdminDownloadModelRequest(api_version=API_VERSION, task_id=task_id,
+                                                  version=version)
+        tmp = out.with_name(out.name + ".part")
+        digest = hashlib.sha256()
+        size = 0
+        header = None
+        try:
+            with open(tmp, "wb") as f:
+                for msg in self._stub.DownloadModel(req, timeout=600):
+                    if msg.HasField("header"):
+                        header = msg.header
+                    else:
+                        f.write(msg.chunk)
+                        digest.update(msg.chunk)
+                        size += len(msg.chunk)
+        except grpc.RpcError as exc:
+            tmp.unlink(missing_ok=True)
+            raise AdminError(exc.code().name, exc.details() or "") from None
+        if header is None or size != header.size_bytes or digest.hexdigest() != header.sha256:
+            tmp.unlink(missing_ok=True)
+            raise AdminError("DATA_LOSS", "downloaded model does not match its size/sha256")
+        tmp.replace(out)
+        return header.version, header.sha256, size

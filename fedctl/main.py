@@ -1,0 +1,257 @@
+"""fedctl: the command line of fedcoord. Heavy imports happen inside commands, so
+``fedctl --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+DEFAULT_COORDINATOR = "127.0.0.1:7070"
+
+
+def _add_coordinator(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default=DEFAULT_COORDINATOR,
+                   help=f"coordinator HOST:PORT (default {DEFAULT_COORDINATOR})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedctl", description="fedcoord command line")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    coord = sub.add_parser("coordinator", help="run the coordinator").add_subparsers(
+        dest="action", required=True)
+    serve = coord.add_parser("serve", help="start the gRPC coordinator")
+    serve.add_argument("--db", default="sqlite:///fedcoord.db",
+                       help="database URL: sqlite:///PATH or postgresql://...")
+    serve.add_argument("--store", default="fedcoord-store", help="directory for model files")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7070, help="0 picks a free port")
+    serve.add_argument("--port-file", type=Path, help="write the bound port to this file")
+    serve.add_argument("--max-chunk-bytes", type=int, default=1 << 20)
+    serve.set_defaults(func=cmd_serve)
+
+    agent = sub.add_parser("agent", help="run device agents").add_subparsers(
+        dest="action", required=True)
+    run = agent.add_parser("run", help="run one (or --devices M) devices")
+    _add_coordinator(run)
+    run.add_argument("--device-id", required=True)
+    run.add_argument("--data", required=True,
+                     help="synthetic:alpha=1,beta=1,shard=K/N | digits:shard=K/N,dirichlet=0.5")
+    run.add_argument("--devices", type=int, default=1, help="virtual devices in this process")
+    run.add_argument("--task", help="only take part in this task; exit when it ends")
+    run.add_argument("--population", default="default")
+    run.add_argument("--not-charging", action="store_true")
+    run.add_argument("--metered", action="store_true")
+    run.add_argument("--busy", action="store_true", help="device is not idle")
+    run.add_argument("--exit-when-idle", action="store_true",
+                     help="exit when the coordinator has no task for this device")
+    run.add_argument("--give-up-after", type=float, default=120.0,
+                     help="seconds of unreachable coordinator before exiting")
+    run.set_defaults(func=cmd_agent_run)
+
+    task = sub.add_parser("task", help="launch and follow tasks").add_subparsers(
+        dest="action", required=True)
+    launch = task.add_parser("launch", help="create a task from a YAML file")
+    launch.add_argument("file", type=Path)
+    _add_coordinator(launch)
+    launch.set_defaults(func=cmd_task_launch)
+    for name, func, helptext in (
+        ("status", cmd_task_status, "a task's state and rounds"),
+        ("watch", cmd_task_watch, "live progress of a task's rounds"),
+        ("cancel", cmd_task_cancel, "cancel a task"),
+    ):
+        p = task.add_parser(name, help=helptext)
+        p.add_argument("task_id")
+        _add_coordinator(p)
+        p.set_defaults(func=func)
+    ls = task.add_parser("list", help="all tasks")
+    _add_coordinator(ls)
+    ls.set_defaults(func=cmd_task_list)
+
+    model = sub.add_parser("model", help="models").add_subparsers(dest="action", required=True)
+    pull = model.add_parser("pull", help="download a model version as safetensors")
+    pull.add_argument("task_id")
+    pull.add_argument("--version", type=int, default=0, help="0 = latest (default)")
+    pull.add_argument("-o", "--output", type=Path, required=True)
+    _add_coordinator(pull)
+    pull.set_defaults(func=cmd_model_pull)
+
+    demo = sub.add_parser("demo", help="embedded coordinator + device agents on digits")
+    demo.add_argument("--devices", type=int, default=20)
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--processes", type=int, default=4, help="agent processes to spread over")
+    demo.add_argument("--json", action="store_true", help="print only the final JSON line")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    from fedctl.errors import CliError
+
+    try:
+        return func(args)
+    except CliError as exc:
+        print(f"fedctl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from coordinator.app import CoordinatorConfig, serve
+    from coordinator.storage.errors import StorageError
+    from fedctl.errors import CliError
+
+    config = CoordinatorConfig(db_url=args.db, store_dir=Path(args.store), host=args.host,
+                               port=args.port, max_chunk_bytes=args.max_chunk_bytes)
+    try:
+        asyncio.run(serve(config, args.port_file))
+    except (StorageError, OSError) as exc:
+        raise CliError(f"coordinator: {exc}") from None
+    return 0
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    import threading
+
+    from core.errors import CoreError
+    from core.types import DeviceAttributes
+    from device_agent.app import AgentConfig, install_signal_handlers, run_agent
+    from fedctl.errors import CliError
+
+    if args.devices < 1:
+        raise CliError("--devices must be at least 1")
+    config = AgentConfig(
+        coordinator=args.coordinator, device_id=args.device_id, data=args.data,
+        devices=args.devices, task_id=args.task,
+        attributes=DeviceAttributes(charging=not args.not_charging, unmetered=not args.metered,
+                                    idle=not args.busy, population=args.population),
+        exit_when_idle=args.exit_when_idle, give_up_after_s=args.give_up_after,
+    )
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    try:
+        stats = run_agent(config, stop)
+    except (CoreError, ValueError) as exc:
+        raise CliError(f"--data {args.data!r}: {exc}") from None
+    accepted = sum(s.updates_accepted for s in stats)
+    print(f"agent {args.device_id}: {len(stats)} device(s), {accepted} updates accepted",
+          file=sys.stderr)
+    return 0
+
+
+def _admin(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from fedctl.admin import AdminClient
+
+    return AdminClient(args.coordinator)
+
+
+def cmd_task_launch(args: argparse.Namespace) -> int:
+    from core.taskspec import TaskSpecError, load_task_file
+    from fedctl.admin import AdminError
+    from fedctl.errors import CliError
+
+    try:
+        spec = load_task_file(args.file)
+    except TaskSpecError as exc:
+        raise CliError(str(exc), exit_code=2) from None
+    with _admin(args) as client:
+        try:
+            task = client.create_task(spec)
+        except AdminError as exc:
+            raise CliError(f"{args.file}: coordinator refused the task: {exc}") from None
+    print(task.task_id)
+    return 0
+
+
+def cmd_task_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedctl.watch import status_table
+
+    with _admin(args) as client:
+        task, rounds = _guard(lambda: (client.get_task(args.task_id),
+                                       client.list_rounds(args.task_id)))
+    Console().print(status_table(task, rounds))
+    return 0
+
+
+def cmd_task_watch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedctl.watch import watch
+
+    with _admin(args) as client:
+        task = _guard(lambda: watch(client, args.task_id, console=Console()))
+    print(f"task {task.task_id}: {task.state} after {task.rounds_committed} rounds"
+          + (f" ({task.reason})" if task.reason else ""))
+    return 0 if task.state == "completed" else 1
+
+
+def cmd_task_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _admin(args) as client:
+        tasks = _guard(client.list_tasks)
+    table = Table(title="tasks")
+    for col in ("task_id", "name", "state", "rounds", "model version"):
+        table.add_column(col)
+    for t in tasks:
+        table.add_row(t.task_id, t.spec.name, t.state, f"{t.rounds_committed}/{t.spec.rounds}",
+                      str(t.model_version))
+    Console().print(table)
+    return 0
+
+
+def cmd_task_cancel(args: argparse.Namespace) -> int:
+    with _admin(args) as client:
+        task = _guard(lambda: client.cancel_task(args.task_id))
+    print(f"task {task.task_id}: {task.state}")
+    return 0
+
+
+def cmd_model_pull(args: argparse.Namespace) -> int:
+    with _admin(args) as client:
+        version, sha, size = _guard(
+            lambda: client.pull_model(args.task_id, args.version, args.output))
+    print(f"wrote {args.output} (task {args.task_id} model v{version}, {size} bytes, "
+          f"sha256 {sha[:16]}...)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedctl.demo import run_demo
+
+    return run_demo(devices=args.devices, rounds=args.rounds, processes=args.processes,
+                    json_only=args.json, seed=args.seed)
+
+
+def _guard(call):  # type: ignore[no-untyped-def]
+    from fedctl.admin import AdminError
+    from fedctl.errors import CliError
+
+    try:
+        return call()
+    except AdminError as exc:
+        raise CliError(str(exc)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

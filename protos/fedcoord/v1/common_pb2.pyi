@@ -1,0 +1,147 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+DTYPE_FLOAT16: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BlobHeader(_message.Message):
+    __slots__ = ("size_bytes", "sha256", "format", "version")
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    sha256: str
+    format: str
+    version: int
+    def __init__(self, size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("architecture", "arguments_json")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    arguments_json: str
+    def __init__(self, architecture: _Optional[str] = ..., arguments_json: _Optional[str] = ...) -> None: ...
+
+class Eligibility(_message.Message):
+    __slots__ = ("require_charging", "require_unmetered", "require_idle")
+    REQUIRE_CHARGING_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_UNMETERED_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_IDLE_FIELD_NUMBER: _ClassVar[int]
+    require_charging: bool
+    require_unmetered: bool
+    require_idle: bool
+    def __init__(self, require_charging: bool = ..., require_unmetered: bool = ..., require_idle: bool = ...) -> None: ...
+
+class DeviceAttributes(_message.Message):
+    __slots__ = ("charging", "unmetered", "idle", "population")
+    CHARGING_FIELD_NUMBER: _ClassVar[int]
+    UNMETERED_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    charging: bool
+    unmetered: bool
+    idle: bool
+    population: str
+    def __init__(self, charging: bool = ..., unmetered: bool = ..., idle: bool = ..., population: _Optional[str] = ...) -> None: ...
+
+class LocalTraining(_message.Message):
+    __slots__ = ("epochs", "batch_size", "optimizer", "learning_rate", "momentum")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    epochs: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    momentum: float
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ...) -> None: ...
+
+class ServerOptimizer(_message.Message):
+    __slots__ = ("kind", "learning_rate", "momentum", "beta1", "beta2", "epsilon")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    learning_rate: float
+    momentum: float
+    beta1: float
+    beta2: float
+    epsilon: float
+    def __init__(self, kind: _Optional[str] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., epsilon: _Optional[float] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("fraction", "server_data")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_DATA_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    server_data: str
+    def __init__(self, fraction: _Optional[float] = ..., server_data: _Optional[str] = ...) -> None: ...
+
+class TaskSpec(_message.Message):
+    __slots__ = ("name", "model", "rounds", "clients_per_round", "min_reports", "population", "eligibility", "over_selection", "round_deadline_s", "selection_window_s", "local", "server", "evaluation", "max_update_bytes", "seed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBILITY_FIELD_NUMBER: _ClassVar[int]
+    OVER_SELECTION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: ModelSpec
+    rounds: int
+    clients_per_round: int
+    min_reports: int
+    population: str
+    eligibility: Eligibility
+    over_selection: float
+    round_deadline_s: float
+    selection_window_s: float
+    local: LocalTraining
+    server: ServerOptimizer
+    evaluation: Evaluation
+    max_update_bytes: int
+    seed: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_reports: _Optional[int] = ..., population: _Optional[str] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., over_selection: _Optional[float] = ..., round_deadline_s: _Optional[float] = ..., selection_window_s: _Optional[float] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,155 @@
+"""Real processes: a coordinator on an ephemeral port with a SQLite file, and agent
+processes, all started through the `fedctl` entry point as a user would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fedctl.admin import AdminClient
+from protos.fedcoord.v1 import admin_pb2
+
+FEDCTL = [sys.executable, "-m", "fedctl"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@dataclass
+class CoordinatorProcess:
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.workdir}/coordinator.db"
+
+    def start(self, extra: list[str] | None = None) -> None:
+        port_file = self.workdir / "port"
+        port_file.unlink(missing_ok=True)
+        log = self.workdir / f"coordinator-{self.restarts}.log"
+        self.logs.append(log)
+        # Restarts reuse the first port so agents find the coordinator again.
+        self.proc = subprocess.Popen(
+            [*FEDCTL, "coordinator", "serve", "--db", self.db_url,
+             "--store", str(self.workdir / "store"), "--port", str(self.port),
+             "--port-file", str(port_file), *(extra or [])],
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV,  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited: {log.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("coordinator did not start in 60 s")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.restarts += 1
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self.target)
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
+    c = CoordinatorProcess(tmp_path)
+    c.start()
+    yield c
+    c.stop()
+
+
+def start_agent(target: str, device_id: str, data: str, *, devices: int = 1,
+                task_id: str | None = None, extra: list[str] | None = None,
+                log: Path | None = None) -> subprocess.Popen[bytes]:
+    cmd = [*FEDCTL, "agent", "run", "--coordinator", target, "--device-id", device_id,
+           "--data", data, "--devices", str(devices), "--give-up-after", "60"]
+    if task_id:
+        cmd += ["--task", task_id]
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(cmd + (extra or []), stdout=out, stderr=subprocess.STDOUT, env=ENV)
+
+
+def wait_for_task(client: AdminClient, task_id: str, *, timeout_s: float = 240,
+                  until: tuple[str, ...] = ("completed", "failed", "cancelled")
+                  ) -> admin_pb2.Task:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        task = client.get_task(task_id)
+        if task.state in until:
+            return task
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"task {task_id} still {task.state} after {timeout_s} s")
+        time.sleep(0.2)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20) -> list[int]:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=timeout_s))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(-9)
+    return codes
+
+
+FEDCTL_CMD = FEDCTL
+
+TASK_TEMPLATE = """\
+name: {name}
+model:
+  architecture: {architecture}
+  arguments: {arguments}
+rounds: {rounds}
+clients_per_round: {clients_per_round}
+min_reports: {min_reports}
+over_selection: {over_selection}
+round_deadline_s: {round_deadline_s}
+selection_window_s: {selection_window_s}
+local: {{epochs: 2, batch_size: 16, optimizer: sgd, learning_rate: 0.1}}
+server: {{kind: fedavg, learning_rate: 1.0}}
+evaluation: {{fraction: 0.5, server_data: "digits:split=test"}}
+"""
+
+
+def write_task(path: Path, **overrides: object) -> Path:
+    values: dict[str, object] = dict(
+        name="it", architecture="logistic_regression",
+        arguments="{input_dim: 64, num_classes: 10}", rounds=2, clients_per_round=4,
+        min_reports=3, over_selection=1.0, round_deadline_s=60, selection_window_s=1.0,
+    )
+    values.update(overrides)
+    path.write_text(TASK_TEMPLATE.format(**values))
+    return path

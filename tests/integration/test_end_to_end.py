@@ -1,0 +1,111 @@
+"""A real task over gRPC: coordinator process, agent processes, the engineer's CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.tensors import load_safetensors
+from harness import (
+    ENV,
+    FEDCTL_CMD,
+    CoordinatorProcess,
+    start_agent,
+    stop_all,
+    wait_for_task,
+    write_task,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FEDCTL_CMD, *args], capture_output=True, text=True, env=ENV,
+                          timeout=120)
+
+
+def test_a_task_runs_to_completion_with_agent_processes(
+    coordinator: CoordinatorProcess, tmp_path: Path
+) -> None:
+    task_file = write_task(tmp_path / "task.yaml", rounds=2, clients_per_round=4, min_reports=3)
+    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
+    assert launched.returncode == 0, launched.stderr
+    task_id = launched.stdout.strip()
+
+    agents = [
+        start_agent(coordinator.target, f"agent{i}", f"digits:shard={3 * i}/6,dirichlet=0.5",
+                    devices=3, task_id=task_id, log=tmp_path / f"agent{i}.log")
+        for i in range(2)
+    ]
+    with coordinator.admin() as client:
+        task = wait_for_task(client, task_id)
+        rounds = client.list_rounds(task_id)
+    codes = [p.wait(timeout=60) for p in agents]
+    assert task.state == "completed", coordinator.log_text()
+    assert codes == [0, 0], "agents exit by themselves when told the task is finished"
+    committed = [r for r in rounds if r.state == "committed"]
+    assert [r.round_number for r in committed] == [1, 2]
+    assert all(r.reports >= 3 for r in committed)
+    assert all(0 <= r.metrics["server_eval_accuracy"] <= 1 for r in committed)
+
+    status = fedctl("task", "status", task_id, "--coordinator", coordinator.target)
+    assert status.returncode == 0 and "completed" in status.stdout
+    listed = fedctl("task", "list", "--coordinator", coordinator.target)
+    assert task_id in listed.stdout
+
+    out = tmp_path / "model.safetensors"
+    pulled = fedctl("model", "pull", task_id, "--version", "1", "-o", str(out),
+                    "--coordinator", coordinator.target)
+    assert pulled.returncode == 0, pulled.stderr
+    params = load_safetensors(out.read_bytes())
+    assert all(np.isfinite(v).all() for v in params.values())
+    latest = tmp_path / "latest.safetensors"
+    assert fedctl("model", "pull", task_id, "-o", str(latest),
+                  "--coordinator", coordinator.target).returncode == 0
+    assert hashlib.sha256(latest.read_bytes()).hexdigest() != hashlib.sha256(
+        out.read_bytes()).hexdigest()
+
+
+def test_cli_errors_name_the_file_and_field_and_do_not_trace(
+    coordinator: CoordinatorProcess, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(write_task(tmp_path / "ok.yaml").read_text().replace("rounds: 2", "rounds: -1"))
+    result = fedctl("task", "launch", str(bad), "--coordinator", coordinator.target)
+    assert result.returncode == 2
+    assert f"{bad}: field 'rounds': must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    unknown_model = tmp_path / "model.yaml"
+    unknown_model.write_text(
+        write_task(tmp_path / "ok2.yaml").read_text().replace("logistic_regression", "resnet9000"))
+    result = fedctl("task", "launch", str(unknown_model), "--coordinator", coordinator.target)
+    assert result.returncode == 1 and "INVALID_ARGUMENT" in result.stderr
+    assert "resnet9000" in result.stderr and "Traceback" not in result.stderr
+
+    missing = fedctl("task", "status", "no-such-task", "--coordinator", coordinator.target)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+    down = fedctl("task", "list", "--coordinator", "127.0.0.1:1")
+    assert down.returncode == 1 and "cannot reach the coordinator" in down.stderr
+    assert "Traceback" not in down.stderr
+
+    bad_data = fedctl("agent", "run", "--coordinator", coordinator.target, "--device-id", "x",
+                      "--data", "digits:shard=7/4")
+    assert bad_data.returncode == 1 and "shard" in bad_data.stderr
+    assert "Traceback" not in bad_data.stderr
+
+
+def test_agents_exit_cleanly_on_sigterm(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+    agent = start_agent(coordinator.target, "idle", "synthetic:alpha=1,beta=1,shard=0/4",
+                        devices=2)
+    try:
+        agent.wait(timeout=3)
+        pytest.fail("an agent with no task keeps polling")
+    except subprocess.TimeoutExpired:
+        pass
+    assert stop_all([agent]) == [0]

@@ -1,0 +1,82 @@
+"""Task files: every mistake is reported with the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.taskspec import TaskSpecError, load_task_file, parse_task_yaml, spec_from_dict, spec_to_dict
+from core.types import LocalOptimizerKind, ServerOptimizerKind
+
+GOOD = """
+name: digits
+model:
+  architecture: mlp
+  arguments: {input_dim: 64, hidden: [32], num_classes: 10}
+rounds: 3
+clients_per_round: 4
+min_reports: 2
+local: {epochs: 2, batch_size: 8, optimizer: adam, learning_rate: 0.01}
+server: {kind: fedadam, learning_rate: 0.1}
+evaluation: {fraction: 0.5, server_data: "digits:split=test"}
+"""
+
+
+def test_a_valid_file_parses_into_a_task_spec() -> None:
+    spec = parse_task_yaml(GOOD, source="t.yaml")
+    assert spec.rounds == 3 and spec.clients_per_round == 4
+    assert spec.local.optimizer is LocalOptimizerKind.ADAM
+    assert spec.server.kind is ServerOptimizerKind.FEDADAM
+    assert spec.model.arguments["hidden"] == [32]
+
+
+def test_spec_round_trips_through_plain_data() -> None:
+    spec = parse_task_yaml(GOOD)
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "words"),
+    [
+        ("rounds: 0", "rounds", "at least 1"),
+        ("rounds: three", "rounds", "expected an integer"),
+        ("min_reports: 9", "min_reports", "between 1 and clients_per_round"),
+        ("over_selection: 0.5", "over_selection", "between 1.0 and 10.0"),
+        ("roundz: 3", "roundz", "unknown field"),
+        ("local: {epochs: 0}", "local.epochs", "at least 1"),
+        ("local: {optimizer: lbfgs}", "local.optimizer", "one of 'sgd', 'adam'"),
+        ("server: {kind: sgd}", "server.kind", "one of"),
+        ("evaluation: {fraction: 2}", "evaluation.fraction", "[0, 1]"),
+        ("round_deadline_s: .nan", "round_deadline_s", "finite"),
+        ("model: mlp", "model", "expected a mapping"),
+    ],
+)
+def test_a_bad_field_is_named_with_the_file(edit: str, field: str, words: str) -> None:
+    with pytest.raises(TaskSpecError) as info:
+        parse_task_yaml(GOOD + "\n" + edit + "\n", source="task.yaml")
+    message = str(info.value)
+    assert message.startswith("task.yaml: field '" + field + "'"), message
+    assert words in message
+
+
+def test_a_missing_required_field_is_named() -> None:
+    with pytest.raises(TaskSpecError, match="field 'clients_per_round': is required"):
+        parse_task_yaml("name: x\nmodel: {architecture: mlp}\nrounds: 1\nmin_reports: 1\n")
+
+
+def test_yaml_syntax_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(TaskSpecError, match=r"bad.yaml: top level: not valid YAML \(line"):
+        load_task_file(path)
+
+
+def test_a_missing_file_is_reported_not_raised_as_oserror(tmp_path: Path) -> None:
+    with pytest.raises(TaskSpecError, match="cannot read the file"):
+        load_task_file(tmp_path / "nope.yaml")
+
+
+def test_a_file_that_is_not_a_mapping_is_refused() -> None:
+    with pytest.raises(TaskSpecError, match="expected a mapping of task fields"):
+        parse_task_yaml("- 1\n- 2\n", source="list.yaml")
