@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from core.data.spec import load_dataset, parse_data_spec, with_shard
+
 from core.types import DeviceAttributes
 from device_agent.runtime.device import Device, DeviceStats
 from device_agent.transport.client import DeviceClient, RetryPolicy
@@ -55,8 +56,8 @@ def device_shards(config: AgentConfig) -> list[tuple[str, str]]:
 
 
 def _render(spec: object) -> str:
-    source = getattr(spec, "source")
-    params = getattr(spec, "params")
+    source = spec.source
+    params = spec.params
     return source + ":" + ",".join(f"{k}={v}" for k, v in params.items())
 
 

@@ -114,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from coordinator.app import CoordinatorConfig, serve
     from coordinator.storage.errors import StorageError
+
+    from coordinator.app import CoordinatorConfig, serve
     from fedctl.errors import CliError
 
     config = CoordinatorConfig(db_url=args.db, store_dir=Path(args.store), host=args.host,
@@ -131,6 +132,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     import threading
 
     from core.errors import CoreError
+
     from core.types import DeviceAttributes
     from device_agent.app import AgentConfig, install_signal_handlers, run_agent
     from fedctl.errors import CliError

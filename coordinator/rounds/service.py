@@ -36,6 +36,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from core.aggregation.fedavg import StreamingWeightedMean
+from core.aggregation.server_optimizers import apply_server_optimizer
+from core.errors import CoreError
+from core.tensors import (
+    TensorInfo,
+    from_raw_bytes,
+    load_safetensors,
+    save_safetensors,
+    sha256_hex,
+    tensor_infos,
+)
 
 from coordinator.rounds.clock import Clock
 from coordinator.rounds.errors import (
@@ -52,18 +63,6 @@ from coordinator.rounds.uploads import SpooledUpload, accumulate, all_finite
 from coordinator.storage import FileBlobStore, Store
 from coordinator.storage import errors as storage_errors
 from coordinator.storage.records import ModelVersionRecord, RoundRecord, TaskRecord
-from core.aggregation.fedavg import StreamingWeightedMean
-from core.aggregation.server_optimizers import apply_server_optimizer
-from core.errors import CoreError
-from core.taskspec import spec_from_dict, spec_to_dict
-from core.tensors import (
-    TensorInfo,
-    from_raw_bytes,
-    load_safetensors,
-    save_safetensors,
-    sha256_hex,
-    tensor_infos,
-)
 from core.protocol import (
     CheckInOutcome,
     CheckInResult,
@@ -71,10 +70,9 @@ from core.protocol import (
     Plan,
     UpdateHeader,
 )
+from core.taskspec import spec_from_dict, spec_to_dict
 from core.types import (
     DeviceAttributes,
-    LocalTraining,
-    ModelSpec,
     ParticipantState,
     RoundState,
     TaskSpec,
@@ -152,6 +150,8 @@ class _Task:
     model: _Model
     round: _OpenRound | None = None
     failed_attempts: int = 0
+    #: Seats of the last closed attempt, so its late devices hear "closed", not "not selected".
+    closed_seats: dict[str, _Seat] = field(default_factory=dict)
 
 
 class Upload:
@@ -195,17 +195,28 @@ class CoordinatorService:
         """Loads running tasks after a (re)start; open rounds from before are failed and redone."""
         now = self._clock.now()
         self._blobs.clear_spool()
-        for rec in self._store.fail_open_rounds(
-            "coordinator restarted while the round was open; the round is redone", now
-        ):
-            log.warning("failed round %s of task %s after restart", rec.round_number, rec.task_id)
+        interrupted = {
+            rec.task_id: rec
+            for rec in self._store.fail_open_rounds(
+                "coordinator restarted while the round was open; the round is redone", now
+            )
+        }
         for task in self._store.list_tasks():
             if task.state is not TaskState.RUNNING:
                 continue
             spec = spec_from_dict(_json_loads(task.spec_json), source=f"task {task.task_id}")
             model = self._load_model(self._store.latest_model_version(task.task_id))
-            self._tasks[task.task_id] = _Task(task.task_id, spec, model)
-            self._open_next_round(self._tasks[task.task_id], now)
+            runtime = _Task(task.task_id, spec, model)
+            if task.task_id in interrupted:
+                rec = interrupted[task.task_id]
+                log.warning("round %d of task %s was open at restart; redoing it",
+                            rec.round_number, task.task_id)
+                runtime.closed_seats = {
+                    p.device_id: _Seat(p.token_hash, "", False)
+                    for p in self._store.list_participants(rec.round_id)
+                }
+            self._tasks[task.task_id] = runtime
+            self._open_next_round(runtime, now)
 
     # ------------------------------------------------------------------ admin
 
@@ -437,9 +448,9 @@ class CoordinatorService:
                 rnd.round_id, device, ParticipantState.REPORTED, now=self._clock.now(),
                 num_examples=upload.header.num_examples, metrics=dict(upload.header.metrics),
             )
-            self._advance(task, self._clock.now())
         finally:
             self.abort_upload(upload)
+        self._advance(task, self._clock.now())
 
     def report_status(
         self, p: Participation, metrics: Mapping[str, float], error: str
@@ -537,6 +548,7 @@ class CoordinatorService:
         log.warning("task %s round %d failed: %s", task.task_id, rnd.round_number, reason)
         self._store.set_round_state(rnd.round_id, RoundState.FAILED, now=now, failure_reason=reason)
         task.round = None
+        task.closed_seats = rnd.seats
         task.failed_attempts += 1
         if task.failed_attempts >= self.config.max_failed_attempts:
             self._store.set_task_state(
@@ -575,6 +587,7 @@ class CoordinatorService:
         self._store.commit_round(rnd.round_id, record, metrics, now)
         task.model = _Model(version, params, task.model.infos, task.model.nbytes, record, opt_state)
         task.round = None
+        task.closed_seats = rnd.seats
         task.failed_attempts = 0
         log.info("task %s committed round %d (model v%d, %d reports)",
                  task.task_id, rnd.round_number, version, len(rnd.reported))
@@ -645,6 +658,12 @@ class CoordinatorService:
                 f"round {p.round_number} of task {p.task_id} is closed; check in again"
             )
         seat = rnd.seats.get(p.device_id)
+        old = task.closed_seats.get(p.device_id)
+        if seat is None and old is not None and hmac.compare_digest(
+            old.token_hash, _hash_token(p.token)
+        ):
+            raise Late(f"the attempt of round {p.round_number} this device joined was closed; "
+                       "check in again")
         if seat is None or not hmac.compare_digest(seat.token_hash, _hash_token(p.token)):
             raise NotSelected(
                 f"device {p.device_id!r} is not selected for round {p.round_number} of task "

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from core.tensors import load_safetensors
 from harness import (
     ENV,

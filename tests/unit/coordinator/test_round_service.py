@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import Duplicate, InvalidRequest, Late, NotSelected, TooLarge
 from coordinator.rounds.service import CoordinatorService, ServiceConfig
 from coordinator.storage import FileBlobStore, InMemoryStore
 from core.protocol import CheckInOutcome, Participation, UpdateHeader
-from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 from core.types import (
     DeviceAttributes,
     Eligibility,
@@ -171,9 +171,14 @@ def test_bad_updates_are_rejected_and_never_touch_the_aggregate(
         upload(service, Participation("zz", task_id, 1, "x"), good)
     with pytest.raises(NotSelected):
         upload(service, Participation("b", task_id, 1, "wrong-token"), good)
-    wrong_shape = {k: np.zeros((v.size + 1,), np.float32) for k, v in before.items()}
+    transposed = {k: np.zeros(v.shape[::-1], np.float32) for k, v in before.items()}
+    up_header = service.get_plan(seats["b"]).update_tensors
+    with pytest.raises(InvalidRequest, match="does not match the model"):
+        service.begin_upload(UpdateHeader(
+            seats["b"], 10, [type(t)(t.name, t.dtype, t.shape[::-1]) for t in up_header],
+            len(to_raw_bytes(transposed)), "", {}))
     with pytest.raises(InvalidRequest, match="declares"):
-        upload(service, seats["b"], wrong_shape)
+        upload(service, seats["b"], good, declared=len(to_raw_bytes(good)) - 4)
     nan = deltas_like(before, 1.0)
     next(iter(nan.values())).flat[0] = np.nan
     with pytest.raises(InvalidRequest, match="NaN"):

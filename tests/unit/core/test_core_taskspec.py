@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from core.taskspec import TaskSpecError, load_task_file, parse_task_yaml, spec_from_dict, spec_to_dict
+from core.taskspec import (
+    TaskSpecError,
+    load_task_file,
+    parse_task_yaml,
+    spec_from_dict,
+    spec_to_dict,
+)
 from core.types import LocalOptimizerKind, ServerOptimizerKind
 
 GOOD = """
