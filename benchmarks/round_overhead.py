@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
-from core.tensors import sha256_hex  # noqa: E402
 
 from benchmarks._common import BareServer, CoordinatorSubprocess  # noqa: E402
 from core.protocol import CheckInOutcome, Participation, UpdateHeader  # noqa: E402
+from core.tensors import sha256_hex  # noqa: E402
 from core.types import DeviceAttributes, ModelSpec, TaskSpec  # noqa: E402
 from device_agent.transport.client import DeviceClient  # noqa: E402
 from fedctl.admin import AdminClient  # noqa: E402

@@ -57,6 +57,7 @@ class Coordinator:
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
+        self.service.warm_up()
         self.service.recover()
         limit = self.config.max_chunk_bytes + (256 << 10)
         self.server = grpc.aio.server(

@@ -13,7 +13,6 @@ import threading
 from dataclasses import dataclass
 
 from core.data.spec import load_dataset, parse_data_spec, with_shard
-
 from core.types import DeviceAttributes
 from device_agent.runtime.device import Device, DeviceStats
 from device_agent.transport.client import DeviceClient, RetryPolicy
@@ -51,14 +50,8 @@ def device_shards(config: AgentConfig) -> list[tuple[str, str]]:
             f" but the data spec has only {n}"
         )
     for i in range(config.devices):
-        out.append((f"{config.device_id}-{i}", _render(with_shard(spec, k + i, n))))
+        out.append((f"{config.device_id}-{i}", str(with_shard(spec, k + i, n))))
     return out
-
-
-def _render(spec: object) -> str:
-    source = spec.source
-    params = spec.params
-    return source + ":" + ",".join(f"{k}={v}" for k, v in params.items())
 
 
 def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[DeviceStats]:

@@ -8,6 +8,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from fedctl.admin import AdminClient
+
+T = TypeVar("T")
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
 
@@ -114,9 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from coordinator.storage.errors import StorageError
-
     from coordinator.app import CoordinatorConfig, serve
+    from coordinator.storage.errors import StorageError
     from fedctl.errors import CliError
 
     config = CoordinatorConfig(db_url=args.db, store_dir=Path(args.store), host=args.host,
@@ -132,7 +137,6 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     import threading
 
     from core.errors import CoreError
-
     from core.types import DeviceAttributes
     from device_agent.app import AgentConfig, install_signal_handlers, run_agent
     from fedctl.errors import CliError
@@ -158,7 +162,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _admin(args: argparse.Namespace) -> AdminClient:
     from fedctl.admin import AdminClient
 
     return AdminClient(args.coordinator)
@@ -245,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     json_only=args.json, seed=args.seed)
 
 
-def _guard(call):  # type: ignore[no-untyped-def]
+def _guard(call: Callable[[], T]) -> T:
     from fedctl.admin import AdminError
     from fedctl.errors import CliError
 

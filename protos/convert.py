@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
-from core.tensors import TensorInfo
-
 from core.taskspec import TaskSpecError, spec_from_dict, spec_to_dict
+from core.tensors import TensorInfo
 from core.types import DeviceAttributes, LocalOptimizerKind, LocalTraining, ModelSpec, TaskSpec
 from protos.fedcoord.v1 import common_pb2
 

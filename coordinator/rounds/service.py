@@ -36,17 +36,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from core.aggregation.fedavg import StreamingWeightedMean
-from core.aggregation.server_optimizers import apply_server_optimizer
-from core.errors import CoreError
-from core.tensors import (
-    TensorInfo,
-    from_raw_bytes,
-    load_safetensors,
-    save_safetensors,
-    sha256_hex,
-    tensor_infos,
-)
 
 from coordinator.rounds.clock import Clock
 from coordinator.rounds.errors import (
@@ -63,6 +52,9 @@ from coordinator.rounds.uploads import SpooledUpload, accumulate, all_finite
 from coordinator.storage import FileBlobStore, Store
 from coordinator.storage import errors as storage_errors
 from coordinator.storage.records import ModelVersionRecord, RoundRecord, TaskRecord
+from core.aggregation.fedavg import StreamingWeightedMean
+from core.aggregation.server_optimizers import apply_server_optimizer
+from core.errors import CoreError
 from core.protocol import (
     CheckInOutcome,
     CheckInResult,
@@ -71,10 +63,20 @@ from core.protocol import (
     UpdateHeader,
 )
 from core.taskspec import spec_from_dict, spec_to_dict
+from core.tensors import (
+    TensorInfo,
+    from_raw_bytes,
+    load_safetensors,
+    save_safetensors,
+    sha256_hex,
+    tensor_infos,
+)
 from core.types import (
     DeviceAttributes,
     ParticipantState,
     RoundState,
+    ServerOptimizer,
+    ServerOptimizerKind,
     TaskSpec,
     TaskState,
 )
@@ -185,6 +187,8 @@ class CoordinatorService:
         self._blobs = blobs
         self._clock = clock
         self._rng = rng if rng is not None else random.SystemRandom()
+        # Retry jitter needs no CSPRNG, and is on the check-in hot path.
+        self._jitter = random.Random(self._rng.getrandbits(64))
         self.config = config or ServiceConfig()
         self._tasks: dict[str, _Task] = {}
         self._evaluator: _ServerEvaluator = _ServerEvaluator()
@@ -217,6 +221,15 @@ class CoordinatorService:
                 }
             self._tasks[task.task_id] = runtime
             self._open_next_round(runtime, now)
+
+    def warm_up(self) -> None:
+        """Pays torch's one-time optimizer start-up (about 2 s: torch._dynamo's import)
+        before serving, instead of inside the first round's aggregation."""
+        for kind in ServerOptimizerKind:
+            apply_server_optimizer(
+                {"w": np.zeros(1, np.float32)}, {"w": np.zeros(1, np.float32)},
+                ServerOptimizer(kind=kind), None,
+            )
 
     # ------------------------------------------------------------------ admin
 
@@ -292,14 +305,15 @@ class CoordinatorService:
         _check_device_id(device_id)
         now = self._clock.now()
         if task_id:
-            record = self._task_record(task_id)
-            if record.state.is_final:
-                return CheckInResult(
-                    CheckInOutcome.FINISHED, task_id=task_id,
-                    message=f"task {task_id} is {record.state.value}",
-                )
+            # The hot path: running tasks are answered from memory, without the database.
             task = self._tasks.get(task_id)
             if task is None:
+                record = self._task_record(task_id)
+                if record.state.is_final:
+                    return CheckInResult(
+                        CheckInOutcome.FINISHED, task_id=task_id,
+                        message=f"task {task_id} is {record.state.value}",
+                    )
                 return self._retry(CheckInOutcome.NO_TASK, 1.0, f"task {task_id} is not loaded")
             if not is_eligible(attrs, task.spec.eligibility, task.spec.population):
                 return self._retry(
@@ -681,7 +695,7 @@ class CoordinatorService:
         self, outcome: CheckInOutcome, after_s: float, message: str, task_id: str = ""
     ) -> CheckInResult:
         lo, hi = self.config.retry_after_min_s, self.config.retry_after_max_s
-        after = min(max(after_s, lo), hi) * self._rng.uniform(1.0, 1.2)
+        after = min(max(after_s, lo), hi) * self._jitter.uniform(1.0, 1.2)
         return CheckInResult(outcome, task_id=task_id, retry_after_s=after, message=message)
 
     def _max_update_bytes(self, task: _Task) -> int:

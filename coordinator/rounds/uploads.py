@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from core.aggregation.fedavg import StreamingWeightedMean, is_finite
 
 from coordinator.rounds.errors import InvalidRequest, TooLarge
+from core.aggregation.fedavg import StreamingWeightedMean, is_finite
 
 #: Bytes read back per step when checking and aggregating a spooled update (float32-aligned).
 READ_CHUNK_BYTES = 4 << 20

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from core.data.dataset import LocalDataset
-from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 
+from core.data.dataset import LocalDataset
 from core.protocol import CheckInOutcome, CheckInResult, Participation, Plan, UpdateHeader
+from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 from core.types import DeviceAttributes
 from device_agent.errors import AgentError, BadPayload, Rejected, RoundOver, Unreachable
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from core.tensors import load_safetensors
 from harness import CoordinatorProcess, start_agent, stop_all, wait_for_task, write_task
 from rogue import RogueDevice, status_of
 
 from core.taskspec import load_task_file
+from core.tensors import load_safetensors
 from protos.fedcoord.v1 import common_pb2, device_pb2
 
 pytestmark = pytest.mark.integration

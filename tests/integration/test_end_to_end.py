@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from core.tensors import load_safetensors
 from harness import (
     ENV,
     FEDCTL_CMD,
@@ -18,6 +17,8 @@ from harness import (
     wait_for_task,
     write_task,
 )
+
+from core.tensors import load_safetensors
 
 pytestmark = pytest.mark.integration
 

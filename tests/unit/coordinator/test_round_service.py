@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import Duplicate, InvalidRequest, Late, NotSelected, TooLarge
 from coordinator.rounds.service import CoordinatorService, ServiceConfig
 from coordinator.storage import FileBlobStore, InMemoryStore
 from core.protocol import CheckInOutcome, Participation, UpdateHeader
+from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 from core.types import (
     DeviceAttributes,
     Eligibility,
