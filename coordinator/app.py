@@ -36,6 +36,8 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 7070
     max_chunk_bytes: int = 1 << 20
+    #: An upload stream silent for this long is dropped.
+    upload_idle_timeout_s: float = 30.0
     #: Seeded selection (tests, simulations). None: a CSPRNG.
     seed: int | None = None
 
@@ -67,7 +69,10 @@ class Coordinator:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(self.service), self.server)
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(
+            DeviceServicer(self.service, idle_timeout_s=self.config.upload_idle_timeout_s),
+            self.server,
+        )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.service), self.server)
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:

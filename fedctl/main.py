@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7070, help="0 picks a free port")
     serve.add_argument("--port-file", type=Path, help="write the bound port to this file")
-    serve.add_argument("--max-chunk-bytes", type=int, default=1 << 20)
+    serve.add_argument("--max-chunk-bytes", type=int, default=1 << 20,
+                       help="largest upload message accepted (bytes)")
+    serve.add_argument("--upload-idle-timeout", type=float, default=30.0,
+                       help="seconds an upload may stay silent before it is dropped")
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser("agent", help="run device agents").add_subparsers(
@@ -125,7 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fedctl.errors import CliError
 
     config = CoordinatorConfig(db_url=args.db, store_dir=Path(args.store), host=args.host,
-                               port=args.port, max_chunk_bytes=args.max_chunk_bytes)
+                               port=args.port, max_chunk_bytes=args.max_chunk_bytes,
+                               upload_idle_timeout_s=args.upload_idle_timeout)
     try:
         asyncio.run(serve(config, args.port_file))
     except (StorageError, OSError) as exc:

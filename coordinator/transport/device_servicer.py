@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,7 +13,12 @@ from coordinator.rounds.service import (
     Participation,
     UpdateHeader,
 )
-from coordinator.transport.status import abort_for, check_api_version, maps_errors
+from coordinator.transport.status import (
+    UploadStalled,
+    abort_for,
+    check_api_version,
+    maps_errors,
+)
 from protos import convert
 from protos.fedcoord.v1 import common_pb2, device_pb2, device_pb2_grpc
 
@@ -32,8 +38,21 @@ def _participation(msg: device_pb2.Participation) -> Participation:
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, service: CoordinatorService) -> None:
+    def __init__(self, service: CoordinatorService, *, idle_timeout_s: float = 30.0) -> None:
         self._service = service
+        self._idle_timeout_s = idle_timeout_s
+
+    async def _next(
+        self, messages: AsyncIterator[device_pb2.UploadUpdateRequest]
+    ) -> device_pb2.UploadUpdateRequest | None:
+        """The next message of a stream, or None at its end; a sender silent for longer than
+        the idle timeout is cut off, so a stalled upload never holds a round open."""
+        try:
+            return await asyncio.wait_for(anext(messages, None), self._idle_timeout_s)
+        except TimeoutError:
+            raise UploadStalled(
+                f"no upload data for {self._idle_timeout_s:.0f} s; the upload was dropped"
+            ) from None
 
     @maps_errors
     async def CheckIn(
@@ -101,13 +120,14 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> device_pb2.UploadUpdateResponse:
         upload = None
+        messages = aiter(request_iterator)
         try:
-            first = await anext(aiter(request_iterator), None)
+            first = await self._next(messages)
             if first is None or not first.HasField("header"):
                 raise convert.WireFormatError("an upload must start with an UpdateHeader message")
             check_api_version(first.header.api_version)
             upload = self._service.begin_upload(_update_header(first.header))
-            async for msg in request_iterator:
+            while (msg := await self._next(messages)) is not None:
                 if msg.HasField("header"):
                     raise convert.WireFormatError("an upload has exactly one UpdateHeader")
                 upload.write(msg.chunk)

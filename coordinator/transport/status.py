@@ -32,10 +32,15 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
 
 
 class ApiVersionMismatch(Exception):
-    pass
+    """The peer speaks another version of the wire API."""
+
+
+class UploadStalled(Exception):
+    """A client stopped sending in the middle of a stream."""
 
 
 _CODES[ApiVersionMismatch] = grpc.StatusCode.FAILED_PRECONDITION
+_CODES[UploadStalled] = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:

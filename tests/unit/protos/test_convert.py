@@ -1,0 +1,54 @@
+"""protos/convert.py: task specs and tensor descriptions survive the wire."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.tensors import TensorInfo
+from core.types import (
+    Evaluation,
+    LocalOptimizerKind,
+    LocalTraining,
+    ModelSpec,
+    ServerOptimizer,
+    ServerOptimizerKind,
+    TaskSpec,
+)
+from protos import convert
+from protos.fedcoord.v1 import common_pb2
+
+
+def full_spec() -> TaskSpec:
+    return TaskSpec(
+        name="n", model=ModelSpec("mlp", {"input_dim": 64, "hidden": [8, 4], "num_classes": 10}),
+        rounds=3, clients_per_round=5, min_reports=2, over_selection=1.5,
+        local=LocalTraining(epochs=2, batch_size=4, optimizer=LocalOptimizerKind.ADAM,
+                            learning_rate=0.01),
+        server=ServerOptimizer(kind=ServerOptimizerKind.FEDYOGI, learning_rate=0.1),
+        evaluation=Evaluation(fraction=0.5, server_data="digits:split=test"),
+        max_update_bytes=123456, seed=9,
+    )
+
+
+def test_a_task_spec_round_trips_through_protobuf() -> None:
+    spec = full_spec()
+    wire = common_pb2.TaskSpec.FromString(convert.task_spec_to_proto(spec).SerializeToString())
+    assert convert.task_spec_from_proto(wire) == spec
+
+
+def test_an_invalid_spec_on_the_wire_names_the_field() -> None:
+    msg = convert.task_spec_to_proto(full_spec())
+    msg.min_reports = 99
+    with pytest.raises(convert.WireFormatError, match=r"^spec.min_reports: must be between"):
+        convert.task_spec_from_proto(msg)
+    msg = convert.task_spec_to_proto(full_spec())
+    msg.model.arguments_json = "{not json"
+    with pytest.raises(convert.WireFormatError, match="arguments_json: not valid JSON"):
+        convert.task_spec_from_proto(msg)
+
+
+def test_tensor_infos_round_trip_and_unknown_dtypes_are_refused() -> None:
+    infos = [TensorInfo("a", "float32", (2, 3)), TensorInfo("b", "int64", ())]
+    assert convert.tensor_infos_from_proto(convert.tensor_infos_to_proto(infos)) == infos
+    with pytest.raises(convert.WireFormatError, match="unknown dtype"):
+        convert.tensor_info_from_proto(common_pb2.TensorSpec(name="x", dtype=77))
