@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
 from coordinator.rounds.service import CoordinatorService, TaskView
 from coordinator.storage.records import RoundRecord
 from coordinator.transport.device_servicer import DOWNLOAD_CHUNK_BYTES
-from coordinator.transport.status import abort_for, check_api_version, maps_errors
+from coordinator.transport.status import Context, abort_for, check_api_version, maps_errors
 from protos import convert
 from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
@@ -57,7 +55,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @maps_errors
     async def CreateTask(
-        self, request: admin_pb2.CreateTaskRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.CreateTaskRequest, context: Context
     ) -> admin_pb2.CreateTaskResponse:
         check_api_version(request.api_version)
         view = self._service.create_task(convert.task_spec_from_proto(request.spec))
@@ -65,14 +63,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @maps_errors
     async def GetTask(
-        self, request: admin_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.GetTaskRequest, context: Context
     ) -> admin_pb2.GetTaskResponse:
         check_api_version(request.api_version)
         return admin_pb2.GetTaskResponse(task=task_to_proto(self._service.get_task(request.task_id)))
 
     @maps_errors
     async def ListTasks(
-        self, request: admin_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.ListTasksRequest, context: Context
     ) -> admin_pb2.ListTasksResponse:
         check_api_version(request.api_version)
         return admin_pb2.ListTasksResponse(
@@ -81,7 +79,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @maps_errors
     async def ListRounds(
-        self, request: admin_pb2.ListRoundsRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.ListRoundsRequest, context: Context
     ) -> admin_pb2.ListRoundsResponse:
         check_api_version(request.api_version)
         rounds = self._service.list_rounds(request.task_id)
@@ -89,7 +87,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @maps_errors
     async def CancelTask(
-        self, request: admin_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.CancelTaskRequest, context: Context
     ) -> admin_pb2.CancelTaskResponse:
         check_api_version(request.api_version)
         return admin_pb2.CancelTaskResponse(
@@ -97,7 +95,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     async def DownloadModel(
-        self, request: admin_pb2.AdminDownloadModelRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.AdminDownloadModelRequest, context: Context
     ) -> AsyncIterator[admin_pb2.AdminDownloadModelResponse]:
         try:
             check_api_version(request.api_version)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import grpc
-
 from coordinator.rounds.service import (
     CheckInOutcome,
     CoordinatorService,
@@ -14,6 +12,7 @@ from coordinator.rounds.service import (
     UpdateHeader,
 )
 from coordinator.transport.status import (
+    Context,
     UploadStalled,
     abort_for,
     check_api_version,
@@ -56,7 +55,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     @maps_errors
     async def CheckIn(
-        self, request: device_pb2.CheckInRequest, context: grpc.aio.ServicerContext
+        self, request: device_pb2.CheckInRequest, context: Context
     ) -> device_pb2.CheckInResponse:
         check_api_version(request.api_version)
         result = self._service.check_in(
@@ -74,7 +73,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     @maps_errors
     async def GetPlan(
-        self, request: device_pb2.GetPlanRequest, context: grpc.aio.ServicerContext
+        self, request: device_pb2.GetPlanRequest, context: Context
     ) -> device_pb2.GetPlanResponse:
         check_api_version(request.api_version)
         plan = self._service.get_plan(_participation(request.participation))
@@ -96,7 +95,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         )
 
     async def DownloadModel(
-        self, request: device_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext
+        self, request: device_pb2.DownloadModelRequest, context: Context
     ) -> AsyncIterator[device_pb2.DownloadModelResponse]:
         try:
             check_api_version(request.api_version)
@@ -117,7 +116,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     async def UploadUpdate(
         self,
         request_iterator: AsyncIterator[device_pb2.UploadUpdateRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> device_pb2.UploadUpdateResponse:
         upload = None
         messages = aiter(request_iterator)
@@ -141,7 +140,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     @maps_errors
     async def ReportStatus(
-        self, request: device_pb2.ReportStatusRequest, context: grpc.aio.ServicerContext
+        self, request: device_pb2.ReportStatusRequest, context: Context
     ) -> device_pb2.ReportStatusResponse:
         check_api_version(request.api_version)
         self._service.report_status(

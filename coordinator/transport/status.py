@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
@@ -15,6 +15,11 @@ from core.types import API_VERSION
 from protos.convert import WireFormatError
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
 
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     e.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -65,7 +70,7 @@ def maps_errors(method: F) -> F:
     """Turns domain errors raised by a unary servicer method into gRPC statuses."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: Context) -> Any:
         try:
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL below
@@ -74,7 +79,7 @@ def maps_errors(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-async def abort_for(exc: Exception, context: grpc.aio.ServicerContext) -> NoReturn:
+async def abort_for(exc: Exception, context: Context) -> NoReturn:
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     code = status_for(exc)

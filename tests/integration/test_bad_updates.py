@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import struct
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -126,3 +128,33 @@ def test_an_old_agent_gets_failed_precondition_not_a_parse_error(
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "device_id" in msg
     finally:
         rogue.close()
+
+
+def test_a_stalled_upload_is_cut_off_and_the_device_can_retry(tmp_path: Path) -> None:
+    coordinator = CoordinatorProcess(tmp_path)
+    coordinator.start(["--upload-idle-timeout", "1"])
+    rogue = RogueDevice(coordinator.target, "staller")
+    try:
+        spec = load_task_file(write_task(tmp_path / "t.yaml", rounds=1, clients_per_round=1,
+                                         min_reports=1, selection_window_s=0.2))
+        with coordinator.admin() as admin:
+            task_id = admin.create_task(spec).task_id
+        rogue.join(task_id)
+        zero = rogue.zero_update()
+        header = device_pb2.UpdateHeader(
+            api_version=1, participation=rogue.participation, num_examples=1,
+            tensors=list(rogue.plan.update_tensors), total_bytes=len(zero))
+
+        def stalling() -> Iterator[device_pb2.UploadUpdateRequest]:
+            yield device_pb2.UploadUpdateRequest(header=header)
+            yield device_pb2.UploadUpdateRequest(chunk=zero[:16])
+            time.sleep(4)
+
+        started = time.monotonic()
+        code, msg = status_of(lambda: rogue.stub.UploadUpdate(stalling(), timeout=30))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no upload data" in msg
+        assert time.monotonic() - started < 4.5
+        assert rogue.upload(zero).accepted
+    finally:
+        rogue.close()
+        coordinator.stop()

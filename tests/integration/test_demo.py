@@ -1,0 +1,25 @@
+"""`fedctl demo` end to end, small: its last line is the JSON summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from harness import ENV, FEDCTL_CMD
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_prints_one_json_line_with_per_round_accuracy() -> None:
+    result = subprocess.run([*FEDCTL_CMD, "demo", "--devices", "6", "--rounds", "2",
+                             "--processes", "2", "--json"],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, "--json prints only the summary"
+    summary = json.loads(lines[0])
+    assert summary["rounds_completed"] == 2 and summary["state"] == "completed"
+    assert len(summary["accuracy"]) == 2
+    assert 0.3 < summary["final_accuracy"] <= 1.0
+    assert summary["wall_seconds"] > 0 and summary["task_id"]
