@@ -53,7 +53,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTra
             loss = loss_fn(model(xs[idx]), ys[idx])
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
             steps += 1
         last = total / count
