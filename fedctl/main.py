@@ -163,6 +163,9 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     accepted = sum(s.updates_accepted for s in stats)
     print(f"agent {args.device_id}: {len(stats)} device(s), {accepted} updates accepted",
           file=sys.stderr)
+    gave_up = [s.finished_reason for s in stats if s.gave_up]
+    if gave_up:
+        raise CliError(f"agent {args.device_id}: {gave_up[0]}")
     return 0
 
 

@@ -47,6 +47,8 @@ class DeviceStats:
     updates_rejected: int = 0
     last_error: str = ""
     finished_reason: str = ""
+    #: True when the device stopped because the coordinator stayed unreachable.
+    gave_up: bool = False
     history: list[str] = field(default_factory=list)
 
 
@@ -79,6 +81,7 @@ class Device:
                 result = self.coordinator.check_in(self.device_id, self.attributes, self.task_id)
             except Unreachable as exc:
                 self.stats.finished_reason = str(exc)
+                self.stats.gave_up = not self.stop.is_set()
                 break
             except Rejected as exc:
                 log.error("%s: check-in refused: %s", self.device_id, exc)
@@ -94,7 +97,12 @@ class Device:
                 self.stop.wait(result.retry_after_s)
                 continue
             p = Participation(self.device_id, result.task_id, result.round_number, result.token)
-            self._participate(p)
+            try:
+                self._participate(p)
+            except Unreachable as exc:
+                self.stats.finished_reason = str(exc)
+                self.stats.gave_up = not self.stop.is_set()
+                break
         return self.stats
 
     def _participate(self, p: Participation) -> None:

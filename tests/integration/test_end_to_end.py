@@ -52,6 +52,8 @@ def test_a_task_runs_to_completion_with_agent_processes(
     assert all(r.reports >= 3 for r in committed)
     assert all(0 <= r.metrics["server_eval_accuracy"] <= 1 for r in committed)
 
+    watched = fedctl("task", "watch", task_id, "--coordinator", coordinator.target)
+    assert watched.returncode == 0 and f"task {task_id}: completed after 2 rounds" in watched.stdout
     status = fedctl("task", "status", task_id, "--coordinator", coordinator.target)
     assert status.returncode == 0 and "completed" in status.stdout
     listed = fedctl("task", "list", "--coordinator", coordinator.target)
@@ -109,3 +111,10 @@ def test_agents_exit_cleanly_on_sigterm(coordinator: CoordinatorProcess, tmp_pat
     except subprocess.TimeoutExpired:
         pass
     assert stop_all([agent]) == [0]
+
+
+def test_an_agent_gives_up_on_an_absent_coordinator_with_a_message(tmp_path: Path) -> None:
+    result = fedctl("agent", "run", "--coordinator", "127.0.0.1:1", "--device-id", "lonely",
+                    "--data", "digits:shard=0/4", "--give-up-after", "1")
+    assert result.returncode == 1
+    assert "unreachable" in result.stderr and "Traceback" not in result.stderr
