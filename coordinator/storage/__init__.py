@@ -1,7 +1,11 @@
-"""Persistence of the coordinator: tasks, rounds, participants, model versions (a database
-through :class:`Store`), and model files (:class:`FileBlobStore`)."""
+"""Persistence of the coordinator: tasks, round attempts, participants and model versions in
+a database behind :class:`Store`, and model files in a :class:`FileBlobStore`.
 
-from coordinator.storage.base import Store
+The names below are the public surface (pinned by tests/unit/coordinator/test_storage_api.py);
+the modules behind them are an implementation detail.
+"""
+
+from coordinator.storage.base import ROUND_TRANSITIONS, Store
 from coordinator.storage.blobs import FileBlobStore
 from coordinator.storage.errors import BlobError, Conflict, NotFound, StorageError
 from coordinator.storage.memory import InMemoryStore
@@ -15,13 +19,15 @@ from coordinator.storage.sql import SqlStore
 
 
 def open_store(url: str) -> Store:
-    """``memory://`` for an in-memory store, any SQLAlchemy URL otherwise."""
+    """``memory://``: an :class:`InMemoryStore`; any other URL: a :class:`SqlStore` on that
+    SQLAlchemy URL (raises StorageError if it cannot be opened)."""
     if url == "memory://":
         return InMemoryStore()
     return SqlStore(url)
 
 
 __all__ = [
+    "ROUND_TRANSITIONS",
     "BlobError",
     "Conflict",
     "FileBlobStore",

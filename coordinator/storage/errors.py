@@ -1,26 +1,30 @@
-"""Errors of the storage layer.
+"""Errors of the storage layer. Every method of :class:`~coordinator.storage.Store` and
+:class:`~coordinator.storage.FileBlobStore` raises only these (the SQL driver's own errors
+are translated, after the transaction was rolled back), except ValueError for arguments that
+cannot be right, such as the model version record of another task::
 
-StorageError              the database or the blob store failed, or refused a URL/schema
- +-- NotFound             no such task, round, participant or model version
- +-- Conflict             the write breaks a rule: a transition not allowed, a round number
- |                        committed twice, a duplicate participant
- +-- BlobError            a blob path escapes the store, or a file cannot be written/read
+    StorageError          the database or the disk failed, or refused a URL or a schema
+     +-- NotFound         no such task, round, participant or model version
+     +-- Conflict         the write breaks a rule: a round transition not allowed, a round
+     |                    number committed twice, a second open round, a duplicate
+     |                    participant, task or model version
+     +-- BlobError        a blob path escapes the store root, or a file cannot be read/written
 """
 
 from __future__ import annotations
 
 
 class StorageError(Exception):
-    pass
+    """Root of the storage errors; on its own: the database is unreachable or misconfigured."""
 
 
 class NotFound(StorageError):
-    pass
+    """The task, round, participant or model version does not exist."""
 
 
 class Conflict(StorageError):
-    pass
+    """The write was refused because it breaks a rule of the store; nothing was written."""
 
 
 class BlobError(StorageError):
-    pass
+    """A model file could not be written or read, or its path is not inside the store."""

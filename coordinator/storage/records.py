@@ -1,56 +1,72 @@
-"""What the store keeps, as frozen values. Times are Unix seconds."""
+"""What the store keeps, as frozen values. Times are Unix seconds (float).
+
+Metrics mappings are copied into read-only mappings when a record is built, so a record can
+be shared freely: neither its holder nor the store can change it afterwards.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 
 from core.types import ParticipantState, RoundState, TaskState
 
-#: Allowed round transitions; COMMITTED is reached only through ``Store.commit_round``.
-ROUND_TRANSITIONS: dict[RoundState, frozenset[RoundState]] = {
-    RoundState.SELECTING: frozenset({RoundState.TRAINING, RoundState.FAILED}),
-    RoundState.TRAINING: frozenset({RoundState.AGGREGATING, RoundState.FAILED}),
-    RoundState.AGGREGATING: frozenset({RoundState.FAILED}),
-    RoundState.COMMITTED: frozenset(),
-    RoundState.FAILED: frozenset(),
-}
+
+def _frozen(metrics: Mapping[str, float]) -> Mapping[str, float]:
+    return MappingProxyType(dict(metrics))
 
 
 @dataclass(frozen=True)
 class TaskRecord:
     task_id: str
+    #: The TaskSpec as JSON text; the store never parses it (see core.taskspec).
     spec_json: str
     state: TaskState
     created_at: float
     rounds_committed: int
+    #: Version of the task's current model: 0 at creation, then that of the last commit.
     model_version: int
+    #: Why the task reached its state (failed, cancelled); empty otherwise.
     reason: str
 
 
 @dataclass(frozen=True)
 class RoundRecord:
+    """One attempt of one round. A failed round is redone as attempt + 1 of its number."""
+
+    #: Unique over all tasks; assigned by the store.
     round_id: int
     task_id: str
     round_number: int
     attempt: int
     state: RoundState
+    #: Reports the round needs to complete.
     goal: int
     started_at: float
     deadline: float
+    #: Set when the round reaches a final state (COMMITTED or FAILED).
     ended_at: float | None
+    #: Participants admitted so far.
     selected: int
+    #: Participants whose update was accepted.
     reports: int
     failure_reason: str
+    #: The model version the round committed; None until it does.
     model_version: int | None
-    metrics: Mapping[str, float] = field(default_factory=dict)
+    metrics: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", _frozen(self.metrics))
 
 
 @dataclass(frozen=True)
 class ModelVersionRecord:
     task_id: str
     version: int
+    #: The round that produced it; 0 for the initial model.
     round_number: int
+    #: Relative to the blob store root (FileBlobStore).
     path: str
     sha256: str
     size_bytes: int
@@ -62,8 +78,12 @@ class ModelVersionRecord:
 class ParticipantRecord:
     round_id: int
     device_id: str
+    #: Hash of the participation token the device was given; the token itself is never stored.
     token_hash: str
     state: ParticipantState
     num_examples: int
     metrics: Mapping[str, float]
     updated_at: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", _frozen(self.metrics))

@@ -1,22 +1,38 @@
-"""SqlStore: the Store over SQLAlchemy Core, for SQLite (default) and PostgreSQL.
+"""SqlStore: the :class:`Store` over SQLAlchemy 2 (Core tables, ORM sessions), for SQLite and
+PostgreSQL.
 
-Each method is one short transaction (``engine.begin()``); a failure rolls back every write
-of that method. A committed round number is unique per task also in the database itself
-(a partial unique index), so no bug above can commit a round twice.
+Each method runs in one short transaction (``Session.begin()``); when it raises, every write
+it made is rolled back. Rows a method reads and then changes are locked for the transaction:
+``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` (one writer at a time) on
+SQLite. The rules that matter most are also constraints of the schema, so that no bug above
+and no concurrent caller can break them: one committed attempt per round number (a partial
+unique index), one open round per task (another), unique model versions per task, valid
+state names, and foreign keys.
+
+Schema version 1. A database written by a newer fedcoord (higher ``schema_version``) is
+refused when the store opens, never modified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.storage.base import Store, check_transition
+from coordinator.storage.base import (
+    Store,
+    check_round_transition,
+    check_version_of,
+    metrics_dict,
+)
 from coordinator.storage.errors import Conflict, NotFound, StorageError
 from coordinator.storage.records import (
     ModelVersionRecord,
@@ -26,177 +42,278 @@ from coordinator.storage.records import (
 )
 from core.types import ParticipantState, RoundState, TaskState
 
+#: Version of the schema below; bump it (and add a migration) on any change to it.
 SCHEMA_VERSION = 1
+
+_OPEN_ROUND_STATES = [s.value for s in RoundState if not s.is_final]
+
+
+def _one_of(column: str, enum: type[TaskState | RoundState | ParticipantState]) -> str:
+    return f"{column} IN ({', '.join(repr(m.value) for m in enum)})"
+
 
 metadata = sa.MetaData()
 
-schema_version = sa.Table(
-    "schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+schema_version_table = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
 
-tasks = sa.Table(
-    "tasks", metadata,
-    sa.Column("task_id", sa.String(64), primary_key=True),
+tasks_table = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("task_id", sa.String(255), primary_key=True),
     sa.Column("spec_json", sa.Text, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("rounds_committed", sa.Integer, nullable=False),
     sa.Column("model_version", sa.Integer, nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
+    sa.CheckConstraint(_one_of("state", TaskState), name="ck_tasks_state"),
 )
 
-rounds = sa.Table(
-    "rounds", metadata,
-    sa.Column("round_id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("task_id", sa.String(64), sa.ForeignKey("tasks.task_id"), nullable=False),
-    sa.Column("round_number", sa.Integer, nullable=False),
-    sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("goal", sa.Integer, nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("deadline", sa.Float, nullable=False),
-    sa.Column("ended_at", sa.Float, nullable=True),
-    sa.Column("selected", sa.Integer, nullable=False),
-    sa.Column("reports", sa.Integer, nullable=False),
-    sa.Column("failure_reason", sa.Text, nullable=False),
-    sa.Column("model_version", sa.Integer, nullable=True),
-    sa.Column("metrics_json", sa.Text, nullable=False),
-    sa.UniqueConstraint("task_id", "round_number", "attempt"),
-)
-sa.Index("ix_rounds_one_commit_per_number", rounds.c.task_id, rounds.c.round_number,
-         unique=True, sqlite_where=rounds.c.state == "committed",
-         postgresql_where=rounds.c.state == "committed")
-
-model_versions = sa.Table(
-    "model_versions", metadata,
-    sa.Column("task_id", sa.String(64), sa.ForeignKey("tasks.task_id"), primary_key=True),
-    sa.Column("version", sa.Integer, primary_key=True),
+model_versions_table = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("task_id", sa.String(255), sa.ForeignKey("tasks.task_id"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
     sa.Column("round_number", sa.Integer, nullable=False),
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
     sa.Column("optimizer_state_path", sa.Text, nullable=True),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.PrimaryKeyConstraint("task_id", "version", name="pk_model_versions"),
 )
 
-participants = sa.Table(
-    "participants", metadata,
-    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.round_id"), primary_key=True),
-    sa.Column("device_id", sa.String(128), primary_key=True),
-    sa.Column("token_hash", sa.String(64), nullable=False),
+rounds_table = sa.Table(
+    "rounds",
+    metadata,
+    sa.Column("round_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", sa.String(255), sa.ForeignKey("tasks.task_id"), nullable=False),
+    sa.Column("round_number", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("goal", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("deadline", sa.Double, nullable=False),
+    sa.Column("ended_at", sa.Double, nullable=True),
+    sa.Column("selected", sa.Integer, nullable=False),
+    sa.Column("reports", sa.Integer, nullable=False),
+    sa.Column("failure_reason", sa.Text, nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=True),
+    sa.Column("metrics_json", sa.Text, nullable=False),
+    sa.UniqueConstraint("task_id", "round_number", "attempt", name="uq_rounds_attempt"),
+    sa.ForeignKeyConstraint(
+        ["task_id", "model_version"],
+        ["model_versions.task_id", "model_versions.version"],
+        name="fk_rounds_model_version",
+    ),
+    sa.CheckConstraint(_one_of("state", RoundState), name="ck_rounds_state"),
+)
+# A round number is committed at most once per task, whatever the code above does.
+sa.Index(
+    "ux_rounds_one_commit_per_number",
+    rounds_table.c.task_id,
+    rounds_table.c.round_number,
+    unique=True,
+    sqlite_where=rounds_table.c.state == RoundState.COMMITTED.value,
+    postgresql_where=rounds_table.c.state == RoundState.COMMITTED.value,
+)
+# At most one round of a task is open (not final) at a time.
+sa.Index(
+    "ux_rounds_one_open_per_task",
+    rounds_table.c.task_id,
+    unique=True,
+    sqlite_where=rounds_table.c.state.in_(_OPEN_ROUND_STATES),
+    postgresql_where=rounds_table.c.state.in_(_OPEN_ROUND_STATES),
+)
+
+participants_table = sa.Table(
+    "participants",
+    metadata,
+    sa.Column("round_id", sa.Integer, sa.ForeignKey("rounds.round_id"), nullable=False),
+    sa.Column("device_id", sa.String(255), nullable=False),
+    sa.Column("token_hash", sa.String(128), nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("num_examples", sa.BigInteger, nullable=False),
     sa.Column("metrics_json", sa.Text, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.PrimaryKeyConstraint("round_id", "device_id", name="pk_participants"),
+    sa.CheckConstraint(_one_of("state", ParticipantState), name="ck_participants_state"),
 )
 
 
-def _redact(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
-
-
 class SqlStore(Store):
+    """The :class:`Store` in a SQL database named by a SQLAlchemy URL, such as
+    ``sqlite:///runs/coordinator.db`` or ``postgresql://user:pw@host/db`` (a PostgreSQL URL
+    without a driver uses psycopg 3, installed by fedcoord's ``postgres`` extra).
+
+    Opening creates the tables if absent (and, for SQLite, the file's directory). SQLite runs
+    with the WAL journal, ``synchronous=FULL`` (a commit survives power loss) and foreign keys
+    on. Raises StorageError, naming the URL with its password hidden and the reason, if the
+    URL is malformed, its driver is missing, the database is unreachable, or its schema is
+    newer than this code's.
+
+    Thread-safe: every call runs in its own session and transaction.
+    """
+
     def __init__(self, url: str) -> None:
-        self.url = url
+        self._url = _redact(url)
         try:
             parsed = make_url(url)
-            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "",
-                                                                                 ":memory:"):
-                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self._engine: Engine = sa.create_engine(url, future=True)
-            if parsed.get_backend_name() == "sqlite":
-                sa.event.listen(self._engine, "connect", _sqlite_pragmas)
-            metadata.create_all(self._engine)
-            self._check_schema()
-        except (ArgumentError, NoSuchModuleError, SQLAlchemyError, OSError) as exc:
-            raise StorageError(
-                f"cannot open database {_redact(url)}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            if parsed.drivername == "postgresql":
+                # The driver of fedcoord's "postgres" extra, not SQLAlchemy's default psycopg2.
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            backend = parsed.get_backend_name()
+            if backend == "sqlite":
+                _create_parent_dir(parsed)
+            engine = sa.create_engine(parsed)
+        except (SQLAlchemyError, ImportError, OSError) as exc:
+            raise StorageError(f"cannot open database {self._url}: {_reason(exc)}") from exc
+        if backend == "sqlite":
+            sa.event.listen(engine, "connect", _sqlite_on_connect)
+            sa.event.listen(engine, "begin", _sqlite_on_begin)
+        self._engine: Engine = engine
+        self._sessions = sessionmaker(engine)
+        try:
+            self._prepare_schema()
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            raise StorageError(f"cannot open database {self._url}: {_reason(exc)}") from exc
+        except BaseException:
+            engine.dispose()
+            raise
 
-    def _check_schema(self) -> None:
-        with self._engine.begin() as c:
-            found = c.execute(sa.select(schema_version.c.version)).scalar()
-            if found is None:
-                c.execute(schema_version.insert().values(version=SCHEMA_VERSION))
-            elif found > SCHEMA_VERSION:
+    def __repr__(self) -> str:
+        return f"SqlStore({self._url!r})"
+
+    def _prepare_schema(self) -> None:
+        with self._engine.begin() as conn:
+            found: int | None = None
+            if sa.inspect(conn).has_table(schema_version_table.name):
+                newest = sa.select(sa.func.max(schema_version_table.c.version))
+                found = conn.execute(newest).scalar()
+            if found is not None and found > SCHEMA_VERSION:
                 raise StorageError(
-                    f"database {_redact(self.url)} has schema version {found}; this coordinator "
-                    f"knows version {SCHEMA_VERSION}: upgrade fedcoord")
+                    f"database {self._url} has schema version {found}, but this fedcoord knows "
+                    f"only up to version {SCHEMA_VERSION}: it was written by a newer fedcoord; "
+                    "upgrade fedcoord or use another database"
+                )
+            metadata.create_all(conn)
+            if found is None:
+                conn.execute(schema_version_table.insert().values(version=SCHEMA_VERSION))
 
-    # -- tasks -----------------------------------------------------------------
+    # -- tasks -------------------------------------------------------------------------
 
-    def create_task(self, task_id: str, spec_json: str, initial_version: ModelVersionRecord,
-                    now: float) -> TaskRecord:
-        with self._tx() as c:
-            c.execute(tasks.insert().values(
-                task_id=task_id, spec_json=spec_json, state=TaskState.RUNNING.value,
-                created_at=now, rounds_committed=0, model_version=initial_version.version,
-                reason=""))
-            c.execute(model_versions.insert().values(**_version_row(initial_version)))
-            return self._task(c, task_id)
+    def create_task(
+        self, task_id: str, spec_json: str, initial_version: ModelVersionRecord, now: float
+    ) -> TaskRecord:
+        check_version_of(initial_version, task_id)
+        with self._tx() as s:
+            if _exists(s, tasks_table, tasks_table.c.task_id == task_id):
+                raise Conflict(f"task {task_id!r} already exists")
+            s.execute(
+                tasks_table.insert().values(
+                    task_id=task_id, spec_json=spec_json, state=TaskState.RUNNING.value,
+                    created_at=now, rounds_committed=0, model_version=initial_version.version,
+                    reason="",
+                )
+            )
+            s.execute(model_versions_table.insert().values(**_version_row(initial_version)))
+            return _task(s, task_id)
 
     def get_task(self, task_id: str) -> TaskRecord:
-        with self._tx() as c:
-            return self._task(c, task_id)
+        with self._tx() as s:
+            return _task(s, task_id)
 
     def list_tasks(self) -> list[TaskRecord]:
-        with self._tx() as c:
-            rows = c.execute(sa.select(tasks).order_by(tasks.c.created_at, tasks.c.task_id))
+        with self._tx() as s:
+            rows = s.execute(
+                sa.select(tasks_table).order_by(tasks_table.c.created_at, tasks_table.c.task_id)
+            )
             return [_task_record(r._mapping) for r in rows]
 
     def set_task_state(self, task_id: str, state: TaskState, reason: str = "") -> TaskRecord:
-        with self._tx() as c:
-            self._task(c, task_id)
-            c.execute(tasks.update().where(tasks.c.task_id == task_id).values(
-                state=state.value, reason=reason))
-            return self._task(c, task_id)
+        with self._tx() as s:
+            _task(s, task_id, lock=True)
+            s.execute(
+                tasks_table.update()
+                .where(tasks_table.c.task_id == task_id)
+                .values(state=state.value, reason=reason)
+            )
+            return _task(s, task_id)
 
-    # -- rounds ----------------------------------------------------------------
+    # -- rounds ------------------------------------------------------------------------
 
-    def open_round(self, task_id: str, round_number: int, goal: int, started_at: float,
-                   deadline: float) -> RoundRecord:
-        with self._tx() as c:
-            self._task(c, task_id)
-            existing = [_round_record(r._mapping) for r in c.execute(
-                sa.select(rounds).where(rounds.c.task_id == task_id))]
-            if any(not r.state.is_final for r in existing):
-                raise Conflict(f"task {task_id} already has an open round")
-            same = [r for r in existing if r.round_number == round_number]
-            if any(r.state is RoundState.COMMITTED for r in same):
-                raise Conflict(f"round {round_number} of task {task_id} is already committed")
-            result = c.execute(rounds.insert().values(
-                task_id=task_id, round_number=round_number, attempt=len(same) + 1,
-                state=RoundState.SELECTING.value, goal=goal, started_at=started_at,
-                deadline=deadline, ended_at=None, selected=0, reports=0, failure_reason="",
-                model_version=None, metrics_json="{}"))
-            assert result.inserted_primary_key is not None
-            return self._round(c, int(result.inserted_primary_key[0]))
+    def open_round(
+        self, task_id: str, round_number: int, goal: int, started_at: float, deadline: float
+    ) -> RoundRecord:
+        with self._tx() as s:
+            # Locking the task row serializes the round openings of a task.
+            task = _task(s, task_id, lock=True)
+            if task.state is not TaskState.RUNNING:
+                raise Conflict(f"task {task_id!r} is {task.state.value}; no round can open")
+            current = _open_round_of(s, task_id)
+            if current is not None:
+                raise Conflict(
+                    f"task {task_id!r} already has round {current.round_number} open "
+                    f"({current.state.value})"
+                )
+            same_number = sa.and_(
+                rounds_table.c.task_id == task_id, rounds_table.c.round_number == round_number
+            )
+            if _exists(
+                s, rounds_table, same_number, rounds_table.c.state == RoundState.COMMITTED.value
+            ):
+                raise Conflict(f"round {round_number} of task {task_id!r} is already committed")
+            attempts = s.execute(
+                sa.select(sa.func.count()).select_from(rounds_table).where(same_number)
+            ).scalar_one()
+            round_id = s.execute(
+                rounds_table.insert()
+                .values(
+                    task_id=task_id, round_number=round_number, attempt=attempts + 1,
+                    state=RoundState.SELECTING.value, goal=goal, started_at=started_at,
+                    deadline=deadline, ended_at=None, selected=0, reports=0, failure_reason="",
+                    model_version=None, metrics_json="{}",
+                )
+                .returning(rounds_table.c.round_id)
+            ).scalar_one()
+            return _round(s, round_id)
 
     def get_round(self, round_id: int) -> RoundRecord:
-        with self._tx() as c:
-            return self._round(c, round_id)
+        with self._tx() as s:
+            return _round(s, round_id)
 
     def list_rounds(self, task_id: str) -> list[RoundRecord]:
-        with self._tx() as c:
-            self._task(c, task_id)
-            rows = c.execute(sa.select(rounds).where(rounds.c.task_id == task_id)
-                             .order_by(rounds.c.round_number, rounds.c.attempt))
+        with self._tx() as s:
+            _task(s, task_id)
+            rows = s.execute(
+                sa.select(rounds_table)
+                .where(rounds_table.c.task_id == task_id)
+                .order_by(rounds_table.c.round_number, rounds_table.c.attempt)
+            )
             return [_round_record(r._mapping) for r in rows]
 
     def open_round_of(self, task_id: str) -> RoundRecord | None:
-        with self._tx() as c:
-            row = c.execute(sa.select(rounds).where(
-                rounds.c.task_id == task_id,
-                rounds.c.state.in_([s.value for s in RoundState if not s.is_final]))).first()
-            return None if row is None else _round_record(row._mapping)
+        with self._tx() as s:
+            _task(s, task_id)
+            return _open_round_of(s, task_id)
 
-    def set_round_state(self, round_id: int, state: RoundState, *, now: float,
-                        failure_reason: str = "", deadline: float | None = None) -> RoundRecord:
-        with self._tx() as c:
-            rec = self._round(c, round_id)
-            check_transition(rec.state, state)
+    def set_round_state(
+        self,
+        round_id: int,
+        state: RoundState,
+        *,
+        now: float,
+        failure_reason: str = "",
+        deadline: float | None = None,
+    ) -> RoundRecord:
+        with self._tx() as s:
+            rnd = _round(s, round_id, lock=True)
+            check_round_transition(rnd.state, state)
             values: dict[str, Any] = {"state": state.value}
             if failure_reason:
                 values["failure_reason"] = failure_reason
@@ -204,201 +321,380 @@ class SqlStore(Store):
                 values["deadline"] = deadline
             if state.is_final:
                 values["ended_at"] = now
-            c.execute(rounds.update().where(rounds.c.round_id == round_id).values(**values))
-            return self._round(c, round_id)
+            s.execute(
+                rounds_table.update().where(rounds_table.c.round_id == round_id).values(**values)
+            )
+            return _round(s, round_id)
 
-    def add_participants(self, round_id: int, participants_: Sequence[tuple[str, str]],
-                         now: float) -> None:
-        if not participants_:
-            return
-        with self._tx() as c:
-            self._round(c, round_id)
-            c.execute(participants.insert(), [
-                {"round_id": round_id, "device_id": d, "token_hash": h,
-                 "state": ParticipantState.SELECTED.value, "num_examples": 0,
-                 "metrics_json": "{}", "updated_at": now} for d, h in participants_])
-            c.execute(rounds.update().where(rounds.c.round_id == round_id).values(
-                selected=rounds.c.selected + len(participants_)))
+    # -- participants ------------------------------------------------------------------
+
+    def add_participants(
+        self, round_id: int, participants: Sequence[tuple[str, str]], now: float
+    ) -> None:
+        devices = [device_id for device_id, _ in participants]
+        with self._tx() as s:
+            rnd = _round(s, round_id, lock=True)
+            if rnd.state.is_final:
+                raise Conflict(f"round {round_id} is {rnd.state.value}; no one can join it")
+            if not participants:
+                return
+            repeated = _first_repeated(devices)
+            if repeated is None:
+                repeated = s.execute(
+                    sa.select(participants_table.c.device_id)
+                    .where(
+                        participants_table.c.round_id == round_id,
+                        participants_table.c.device_id.in_(devices),
+                    )
+                    .limit(1)
+                ).scalar()
+            if repeated is not None:
+                raise Conflict(f"device {repeated!r} is already a participant of round {round_id}")
+            s.execute(
+                participants_table.insert(),
+                [
+                    {
+                        "round_id": round_id, "device_id": device_id, "token_hash": token_hash,
+                        "state": ParticipantState.SELECTED.value, "num_examples": 0,
+                        "metrics_json": "{}", "updated_at": now,
+                    }
+                    for device_id, token_hash in participants
+                ],
+            )
+            s.execute(
+                rounds_table.update()
+                .where(rounds_table.c.round_id == round_id)
+                .values(selected=rounds_table.c.selected + len(participants))
+            )
 
     def get_participant(self, round_id: int, device_id: str) -> ParticipantRecord:
-        with self._tx() as c:
-            return self._participant(c, round_id, device_id)
+        with self._tx() as s:
+            return _participant(s, round_id, device_id)
 
-    def set_participant_state(self, round_id: int, device_id: str, state: ParticipantState, *,
-                              now: float, num_examples: int = 0,
-                              metrics: Mapping[str, float] | None = None) -> ParticipantRecord:
-        with self._tx() as c:
-            p = self._participant(c, round_id, device_id)
-            if p.state is ParticipantState.REPORTED and state is ParticipantState.REPORTED:
+    def set_participant_state(
+        self,
+        round_id: int,
+        device_id: str,
+        state: ParticipantState,
+        *,
+        now: float,
+        num_examples: int = 0,
+        metrics: Mapping[str, float] | None = None,
+    ) -> ParticipantRecord:
+        with self._tx() as s:
+            old = _participant(s, round_id, device_id, lock=True)
+            was_reported = old.state is ParticipantState.REPORTED
+            is_reported = state is ParticipantState.REPORTED
+            if was_reported and is_reported:
                 raise Conflict(f"device {device_id!r} already reported in round {round_id}")
             values: dict[str, Any] = {"state": state.value, "updated_at": now}
             if num_examples:
                 values["num_examples"] = num_examples
             if metrics is not None:
-                values["metrics_json"] = json.dumps(dict(metrics))
-            c.execute(participants.update().where(
-                participants.c.round_id == round_id,
-                participants.c.device_id == device_id).values(**values))
-            if state is ParticipantState.REPORTED:
-                c.execute(rounds.update().where(rounds.c.round_id == round_id).values(
-                    reports=rounds.c.reports + 1))
-            return self._participant(c, round_id, device_id)
+                values["metrics_json"] = _dump(metrics_dict(metrics))
+            s.execute(
+                participants_table.update()
+                .where(
+                    participants_table.c.round_id == round_id,
+                    participants_table.c.device_id == device_id,
+                )
+                .values(**values)
+            )
+            if was_reported != is_reported:
+                s.execute(
+                    rounds_table.update()
+                    .where(rounds_table.c.round_id == round_id)
+                    .values(reports=rounds_table.c.reports + (1 if is_reported else -1))
+                )
+            return _participant(s, round_id, device_id)
 
     def list_participants(self, round_id: int) -> list[ParticipantRecord]:
-        with self._tx() as c:
-            rows = c.execute(sa.select(participants).where(participants.c.round_id == round_id)
-                             .order_by(participants.c.device_id))
+        with self._tx() as s:
+            _round(s, round_id)
+            rows = s.execute(
+                sa.select(participants_table)
+                .where(participants_table.c.round_id == round_id)
+                .order_by(participants_table.c.device_id)
+            )
             return [_participant_record(r._mapping) for r in rows]
 
-    def commit_round(self, round_id: int, version: ModelVersionRecord,
-                     metrics: Mapping[str, float], now: float) -> RoundRecord:
-        with self._tx() as c:
-            rec = self._round(c, round_id)
-            if rec.state is not RoundState.AGGREGATING:
-                raise Conflict(f"round {round_id} is {rec.state.value}, not aggregating")
-            c.execute(model_versions.insert().values(**_version_row(version)))
-            c.execute(rounds.update().where(rounds.c.round_id == round_id).values(
-                state=RoundState.COMMITTED.value, ended_at=now, model_version=version.version,
-                metrics_json=json.dumps(dict(metrics))))
-            c.execute(tasks.update().where(tasks.c.task_id == rec.task_id).values(
-                model_version=version.version, rounds_committed=tasks.c.rounds_committed + 1))
-            return self._round(c, round_id)
+    # -- commits and model versions ----------------------------------------------------
+
+    def commit_round(
+        self, round_id: int, version: ModelVersionRecord, metrics: Mapping[str, float], now: float
+    ) -> RoundRecord:
+        values = metrics_dict(metrics)
+        with self._tx() as s:
+            rnd = _round(s, round_id, lock=True)
+            check_version_of(version, rnd.task_id, rnd.round_number)
+            if rnd.state is not RoundState.AGGREGATING:
+                raise Conflict(
+                    f"round {round_id} is {rnd.state.value}; only an aggregating round commits"
+                )
+            _task(s, rnd.task_id, lock=True)
+            if _exists(
+                s,
+                rounds_table,
+                rounds_table.c.task_id == rnd.task_id,
+                rounds_table.c.round_number == rnd.round_number,
+                rounds_table.c.state == RoundState.COMMITTED.value,
+            ):
+                raise Conflict(
+                    f"round {rnd.round_number} of task {rnd.task_id!r} is already committed"
+                )
+            if _exists(
+                s,
+                model_versions_table,
+                model_versions_table.c.task_id == rnd.task_id,
+                model_versions_table.c.version == version.version,
+            ):
+                raise Conflict(f"task {rnd.task_id!r} already has model version {version.version}")
+            s.execute(model_versions_table.insert().values(**_version_row(version)))
+            s.execute(
+                rounds_table.update()
+                .where(rounds_table.c.round_id == round_id)
+                .values(
+                    state=RoundState.COMMITTED.value, ended_at=now,
+                    model_version=version.version, metrics_json=_dump(values),
+                )
+            )
+            s.execute(
+                tasks_table.update()
+                .where(tasks_table.c.task_id == rnd.task_id)
+                .values(
+                    model_version=version.version,
+                    rounds_committed=tasks_table.c.rounds_committed + 1,
+                )
+            )
+            return _round(s, round_id)
 
     def update_round_metrics(self, round_id: int, metrics: Mapping[str, float]) -> RoundRecord:
-        with self._tx() as c:
-            rec = self._round(c, round_id)
-            merged = {**rec.metrics, **metrics}
-            c.execute(rounds.update().where(rounds.c.round_id == round_id).values(
-                metrics_json=json.dumps(merged)))
-            return self._round(c, round_id)
-
-    # -- model versions --------------------------------------------------------
+        with self._tx() as s:
+            rnd = _round(s, round_id, lock=True)
+            merged = {**rnd.metrics, **metrics_dict(metrics)}
+            s.execute(
+                rounds_table.update()
+                .where(rounds_table.c.round_id == round_id)
+                .values(metrics_json=_dump(merged))
+            )
+            return _round(s, round_id)
 
     def get_model_version(self, task_id: str, version: int) -> ModelVersionRecord:
-        with self._tx() as c:
-            row = c.execute(sa.select(model_versions).where(
-                model_versions.c.task_id == task_id,
-                model_versions.c.version == version)).first()
+        with self._tx() as s:
+            row = s.execute(
+                sa.select(model_versions_table).where(
+                    model_versions_table.c.task_id == task_id,
+                    model_versions_table.c.version == version,
+                )
+            ).first()
             if row is None:
+                _task(s, task_id)
                 raise NotFound(f"task {task_id!r} has no model version {version}")
             return _version_record(row._mapping)
 
     def latest_model_version(self, task_id: str) -> ModelVersionRecord:
-        with self._tx() as c:
-            row = c.execute(sa.select(model_versions).where(model_versions.c.task_id == task_id)
-                            .order_by(model_versions.c.version.desc()).limit(1)).first()
-            if row is None:
+        with self._tx() as s:
+            _task(s, task_id)
+            row = s.execute(
+                sa.select(model_versions_table)
+                .where(model_versions_table.c.task_id == task_id)
+                .order_by(model_versions_table.c.version.desc())
+                .limit(1)
+            ).first()
+            if row is None:  # only if create_task was bypassed
                 raise NotFound(f"task {task_id!r} has no model version")
             return _version_record(row._mapping)
 
     def list_model_versions(self, task_id: str) -> list[ModelVersionRecord]:
-        with self._tx() as c:
-            rows = c.execute(sa.select(model_versions).where(model_versions.c.task_id == task_id)
-                             .order_by(model_versions.c.version))
+        with self._tx() as s:
+            _task(s, task_id)
+            rows = s.execute(
+                sa.select(model_versions_table)
+                .where(model_versions_table.c.task_id == task_id)
+                .order_by(model_versions_table.c.version)
+            )
             return [_version_record(r._mapping) for r in rows]
 
+    # -- lifecycle ---------------------------------------------------------------------
+
     def fail_open_rounds(self, reason: str, now: float) -> list[RoundRecord]:
-        with self._tx() as c:
-            open_states = [s.value for s in RoundState if not s.is_final]
-            ids = [r.round_id for r in c.execute(
-                sa.select(rounds.c.round_id).where(rounds.c.state.in_(open_states)))]
+        with self._tx() as s:
+            ids = list(
+                s.execute(
+                    sa.select(rounds_table.c.round_id)
+                    .where(rounds_table.c.state.in_(_OPEN_ROUND_STATES))
+                    .order_by(rounds_table.c.round_id)
+                    .with_for_update()
+                ).scalars()
+            )
+            values: dict[str, Any] = {"state": RoundState.FAILED.value, "ended_at": now}
+            if reason:
+                values["failure_reason"] = reason
             if ids:
-                c.execute(rounds.update().where(rounds.c.round_id.in_(ids)).values(
-                    state=RoundState.FAILED.value, failure_reason=reason, ended_at=now))
-            return [self._round(c, i) for i in ids]
+                s.execute(
+                    rounds_table.update().where(rounds_table.c.round_id.in_(ids)).values(**values)
+                )
+            return [_round(s, round_id) for round_id in ids]
 
     def close(self) -> None:
         self._engine.dispose()
 
-    # -- helpers ---------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._engine)
-
-    @staticmethod
-    def _task(c: Connection, task_id: str) -> TaskRecord:
-        row = c.execute(sa.select(tasks).where(tasks.c.task_id == task_id)).first()
-        if row is None:
-            raise NotFound(f"no task {task_id!r}")
-        return _task_record(row._mapping)
-
-    @staticmethod
-    def _round(c: Connection, round_id: int) -> RoundRecord:
-        row = c.execute(sa.select(rounds).where(rounds.c.round_id == round_id)).first()
-        if row is None:
-            raise NotFound(f"no round {round_id}")
-        return _round_record(row._mapping)
-
-    @staticmethod
-    def _participant(c: Connection, round_id: int, device_id: str) -> ParticipantRecord:
-        row = c.execute(sa.select(participants).where(
-            participants.c.round_id == round_id, participants.c.device_id == device_id)).first()
-        if row is None:
-            raise NotFound(f"device {device_id!r} is not a participant of round {round_id}")
-        return _participant_record(row._mapping)
-
-
-class _Transaction:
-    """``with store._tx() as conn``: one transaction; IntegrityError becomes Conflict and
-    other database errors StorageError, after the rollback."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._cm = engine.begin()
-
-    def __enter__(self) -> Connection:
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Session]:
+        """One transaction; database errors leave it rolled back and become storage errors
+        (a violated constraint: Conflict)."""
         try:
-            return self._cm.__enter__()
+            with self._sessions.begin() as session:
+                yield session
+        except IntegrityError as exc:
+            raise Conflict(f"the database refused the write: {_reason(exc.orig)}") from exc
         except SQLAlchemyError as exc:
-            raise StorageError(f"database unavailable: {exc}") from None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        try:
-            self._cm.__exit__(exc_type, exc, tb)
-        except SQLAlchemyError as commit_error:  # raised by the commit itself
-            exc = commit_error
-        if isinstance(exc, IntegrityError):
-            raise Conflict(f"write refused by the database: {exc.orig}") from None
-        if isinstance(exc, SQLAlchemyError):
-            raise StorageError(f"database error: {exc}") from None
-        return False
+            raise StorageError(f"database {self._url} failed: {_reason(exc)}") from exc
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
+def _first_repeated(items: Sequence[str]) -> str | None:
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
-def _task_record(m: Mapping[str, Any]) -> TaskRecord:
-    return TaskRecord(m["task_id"], m["spec_json"], TaskState(m["state"]), m["created_at"],
-                      m["rounds_committed"], m["model_version"], m["reason"])
+def _exists(s: Session, table: sa.Table, *where: sa.ColumnElement[bool]) -> bool:
+    query = sa.select(sa.literal(1)).select_from(table).where(*where).limit(1)
+    return s.execute(query).first() is not None
 
 
-def _round_record(m: Mapping[str, Any]) -> RoundRecord:
+def _task(s: Session, task_id: str, *, lock: bool = False) -> TaskRecord:
+    query = sa.select(tasks_table).where(tasks_table.c.task_id == task_id)
+    row = s.execute(query.with_for_update() if lock else query).first()
+    if row is None:
+        raise NotFound(f"no task {task_id!r}")
+    return _task_record(row._mapping)
+
+
+def _round(s: Session, round_id: int, *, lock: bool = False) -> RoundRecord:
+    query = sa.select(rounds_table).where(rounds_table.c.round_id == round_id)
+    row = s.execute(query.with_for_update() if lock else query).first()
+    if row is None:
+        raise NotFound(f"no round {round_id}")
+    return _round_record(row._mapping)
+
+
+def _open_round_of(s: Session, task_id: str) -> RoundRecord | None:
+    row = s.execute(
+        sa.select(rounds_table).where(
+            rounds_table.c.task_id == task_id, rounds_table.c.state.in_(_OPEN_ROUND_STATES)
+        )
+    ).first()
+    return None if row is None else _round_record(row._mapping)
+
+
+def _participant(
+    s: Session, round_id: int, device_id: str, *, lock: bool = False
+) -> ParticipantRecord:
+    query = sa.select(participants_table).where(
+        participants_table.c.round_id == round_id, participants_table.c.device_id == device_id
+    )
+    row = s.execute(query.with_for_update() if lock else query).first()
+    if row is None:
+        raise NotFound(f"device {device_id!r} is not a participant of round {round_id}")
+    return _participant_record(row._mapping)
+
+
+def _dump(metrics: Mapping[str, float]) -> str:
+    return json.dumps(dict(metrics), sort_keys=True)
+
+
+def _load(text: str) -> dict[str, float]:
+    return metrics_dict(json.loads(text))
+
+
+def _task_record(m: sa.RowMapping) -> TaskRecord:
+    return TaskRecord(
+        task_id=m["task_id"], spec_json=m["spec_json"], state=TaskState(m["state"]),
+        created_at=m["created_at"], rounds_committed=m["rounds_committed"],
+        model_version=m["model_version"], reason=m["reason"],
+    )
+
+
+def _round_record(m: sa.RowMapping) -> RoundRecord:
     return RoundRecord(
         round_id=m["round_id"], task_id=m["task_id"], round_number=m["round_number"],
         attempt=m["attempt"], state=RoundState(m["state"]), goal=m["goal"],
         started_at=m["started_at"], deadline=m["deadline"], ended_at=m["ended_at"],
         selected=m["selected"], reports=m["reports"], failure_reason=m["failure_reason"],
-        model_version=m["model_version"], metrics=json.loads(m["metrics_json"]))
+        model_version=m["model_version"], metrics=_load(m["metrics_json"]),
+    )
 
 
-def _participant_record(m: Mapping[str, Any]) -> ParticipantRecord:
-    return ParticipantRecord(m["round_id"], m["device_id"], m["token_hash"],
-                             ParticipantState(m["state"]), m["num_examples"],
-                             json.loads(m["metrics_json"]), m["updated_at"])
+def _participant_record(m: sa.RowMapping) -> ParticipantRecord:
+    return ParticipantRecord(
+        round_id=m["round_id"], device_id=m["device_id"], token_hash=m["token_hash"],
+        state=ParticipantState(m["state"]), num_examples=m["num_examples"],
+        metrics=_load(m["metrics_json"]), updated_at=m["updated_at"],
+    )
 
 
 def _version_row(v: ModelVersionRecord) -> dict[str, Any]:
-    return {"task_id": v.task_id, "version": v.version, "round_number": v.round_number,
-            "path": v.path, "sha256": v.sha256, "size_bytes": v.size_bytes,
-            "optimizer_state_path": v.optimizer_state_path, "created_at": v.created_at}
+    return {
+        "task_id": v.task_id, "version": v.version, "round_number": v.round_number,
+        "path": v.path, "sha256": v.sha256, "size_bytes": v.size_bytes,
+        "optimizer_state_path": v.optimizer_state_path, "created_at": v.created_at,
+    }
 
 
-def _version_record(m: Mapping[str, Any]) -> ModelVersionRecord:
-    return ModelVersionRecord(m["task_id"], m["version"], m["round_number"], m["path"],
-                              m["sha256"], m["size_bytes"], m["optimizer_state_path"],
-                              m["created_at"])
+def _version_record(m: sa.RowMapping) -> ModelVersionRecord:
+    return ModelVersionRecord(
+        task_id=m["task_id"], version=m["version"], round_number=m["round_number"],
+        path=m["path"], sha256=m["sha256"], size_bytes=m["size_bytes"],
+        optimizer_state_path=m["optimizer_state_path"], created_at=m["created_at"],
+    )
+
+
+# -- connection set-up -----------------------------------------------------------------
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling starts transactions late (at the first write) so a
+    # method's reads would not be part of its transaction; _sqlite_on_begin starts them instead.
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: sa.Connection) -> None:
+    # IMMEDIATE takes the write lock up front: what a transaction reads cannot change before
+    # it writes, and two writers wait for each other instead of failing at their first write.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _create_parent_dir(url: URL) -> None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _redact(url: str) -> str:
+    """The URL with its password, if any, replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def _reason(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
