@@ -1,10 +1,15 @@
-"""Errors of the shared core.
+"""Errors of the shared core. Every error :mod:`core` raises on bad input derives from
+:class:`CoreError`, so a caller can catch one class::
 
-CoreError
- +-- TensorFormatError   a tensor buffer or safetensors file is malformed
- +-- ModelSpecError      unknown architecture or bad constructor arguments
- +-- DataSpecError       a --data spec is malformed or out of range
- +-- TaskSpecError       a task file/spec is invalid (core.taskspec; names file and field)
+    CoreError
+     +-- TensorFormatError   a tensor buffer or safetensors file is malformed (core.tensors)
+     +-- ModelSpecError      unknown architecture, bad constructor arguments, or a state that
+     |                       does not fit the model (core.models)
+     +-- DataSpecError       a --data spec is malformed or out of range (core.data.spec)
+     +-- TaskSpecError       a task file/spec is invalid; names file and field (core.taskspec)
+
+Programming errors (wrong types from our own code, impossible states) stay ``ValueError`` /
+``TypeError``; these classes are for input that came from a person or a peer.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ class CoreError(Exception):
 
 
 class TensorFormatError(CoreError):
-    pass
+    """A tensor buffer, tensor description or safetensors file is malformed."""
 
 
 class ModelSpecError(CoreError):
-    pass
+    """A model spec names an unknown architecture or has a missing, unknown or badly typed
+    argument; or a weight mapping does not fit the model. The message names the field."""
 
 
 class DataSpecError(CoreError):
-    pass
+    """A ``--data`` spec is malformed or out of range. The message quotes the spec and
+    names the field."""

@@ -1,9 +1,21 @@
-"""Registry of model architectures by name. Every model takes flat float features of size
-``input_dim`` and returns class logits. No BatchNorm (DP-SGD later needs none)."""
+"""Registry of model architectures by name.
+
+Every model takes flat float32 features of size ``input_dim`` and returns class logits of
+shape ``[batch, num_classes]``. None uses BatchNorm: DP-SGD needs per-sample gradients, which
+BatchNorm's cross-sample statistics break.
+
+An architecture is a factory function registered with :func:`register_model`. Its keyword
+parameters *are* the schema of ``ModelSpec.arguments``: ``int`` parameters accept a positive
+integer, ``Sequence[int]`` parameters a list of positive integers, and parameters with a
+default are optional. :func:`build_model` checks the arguments against that schema before
+anything is constructed, so a bad task file fails with a message naming the field.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,97 +26,179 @@ from torch import nn
 from core.errors import ModelSpecError
 from core.types import ModelSpec
 
+#: Largest value accepted for any integer argument (a width, a dimension, a class count):
+#: a typo such as ``hidden: [6400000]`` fails at validation, not as an out-of-memory error.
+MAX_ARGUMENT = 1 << 20
+
+ModelFactory = Callable[..., nn.Module]
+
 
 @dataclass(frozen=True)
-class _Arg:
-    kind: str  # "pos_int" | "pos_int_list"
-    default: Any = None
-    required: bool = True
+class _ArgumentKind:
+    description: str
+    check: Callable[[object], bool]
 
 
-_REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, _Arg]]] = {}
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ARGUMENT
 
 
-def register_model(name: str, **args: _Arg) -> Callable[[Callable[..., nn.Module]],
-                                                         Callable[..., nn.Module]]:
-    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = (factory, args)
+def _is_positive_int_list(value: object) -> bool:
+    return isinstance(value, list | tuple) and all(_is_positive_int(v) for v in value)
+
+
+#: Annotation of a factory parameter -> how an argument for it is checked.
+_ARGUMENT_KINDS: dict[object, _ArgumentKind] = {
+    int: _ArgumentKind(f"a positive integer (at most {MAX_ARGUMENT})", _is_positive_int),
+    Sequence[int]: _ArgumentKind("a list of positive integers", _is_positive_int_list),
+}
+
+
+@dataclass(frozen=True)
+class _Parameter:
+    kind: _ArgumentKind
+    required: bool
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    factory: ModelFactory
+    parameters: Mapping[str, _Parameter]
+
+
+_REGISTRY: dict[str, _Architecture] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator registering a model factory under ``name``.
+
+    The factory's parameters must be keyword-compatible and annotated ``int`` or
+    ``Sequence[int]``; defaults make them optional.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+        TypeError: a parameter has an annotation the argument checker does not know.
+    """
+
+    def decorate(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model architecture {name!r} is already registered")
+        hints = typing.get_type_hints(factory)
+        parameters: dict[str, _Parameter] = {}
+        for param in inspect.signature(factory).parameters.values():
+            kind = _ARGUMENT_KINDS.get(hints.get(param.name))
+            if kind is None:
+                raise TypeError(f"{name}: parameter {param.name!r} needs an int or "
+                                f"Sequence[int] annotation")
+            parameters[param.name] = _Parameter(kind, param.default is inspect.Parameter.empty)
+        _REGISTRY[name] = _Architecture(factory, parameters)
         return factory
 
-    return deco
+    return decorate
 
 
 def model_names() -> list[str]:
+    """The registered architecture names, sorted."""
     return sorted(_REGISTRY)
 
 
-def _check(arch: str, spec_args: Mapping[str, Any], schema: dict[str, _Arg]) -> dict[str, Any]:
-    unknown = set(spec_args) - set(schema)
-    if unknown:
-        raise ModelSpecError(
-            f"model.arguments.{sorted(unknown)[0]}: unknown argument for {arch!r} "
-            f"(expected: {', '.join(sorted(schema))})"
-        )
-    out: dict[str, Any] = {}
-    for name, arg in schema.items():
-        if name not in spec_args:
-            if arg.required:
-                raise ModelSpecError(f"model.arguments.{name}: required by {arch!r}")
-            out[name] = arg.default
-            continue
-        value = spec_args[name]
-        if arg.kind == "pos_int":
-            if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20):
-                raise ModelSpecError(
-                    f"model.arguments.{name}: expected a positive integer, got {value!r}")
-        elif arg.kind == "pos_int_list":
-            if not (isinstance(value, list) and value and all(
-                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16
-                    for v in value)):
-                raise ModelSpecError(
-                    f"model.arguments.{name}: expected a list of positive integers, got {value!r}")
-        out[name] = value
-    return out
-
-
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Builds the registered architecture; ModelSpecError names the bad argument."""
-    entry = _REGISTRY.get(spec.architecture)
-    if entry is None:
+    """Builds the architecture ``spec`` names with its arguments, in training mode.
+
+    The weights come from torch's global RNG, so construction is deterministic given
+    ``torch.manual_seed`` (see :func:`initial_state` for a version that leaves the global RNG
+    alone).
+
+    Raises:
+        ModelSpecError: unknown architecture, or an argument that is unknown, missing, of the
+            wrong type or out of range; the message names ``model.architecture`` or
+            ``model.arguments.NAME``.
+    """
+    architecture = _REGISTRY.get(spec.architecture)
+    if architecture is None:
         raise ModelSpecError(
             f"model.architecture: unknown architecture {spec.architecture!r} "
             f"(registered: {', '.join(model_names())})"
         )
-    factory, schema = entry
-    return factory(**_check(spec.architecture, spec.arguments, schema))
+    return architecture.factory(**_checked_arguments(spec, architecture))
+
+
+def _checked_arguments(spec: ModelSpec, architecture: _Architecture) -> dict[str, Any]:
+    for name in spec.arguments:
+        if name not in architecture.parameters:
+            raise ModelSpecError(
+                f"model.arguments.{name}: unknown argument for {spec.architecture!r} "
+                f"(expected: {', '.join(architecture.parameters)})"
+            )
+    arguments: dict[str, Any] = {}
+    for name, parameter in architecture.parameters.items():
+        if name not in spec.arguments:
+            if parameter.required:
+                raise ModelSpecError(
+                    f"model.arguments.{name}: required by {spec.architecture!r}, "
+                    f"expected {parameter.kind.description}"
+                )
+            continue
+        value = spec.arguments[name]
+        if not parameter.kind.check(value):
+            raise ModelSpecError(
+                f"model.arguments.{name}: expected {parameter.kind.description}, got {value!r}"
+            )
+        arguments[name] = list(value) if isinstance(value, list | tuple) else value
+    return arguments
 
 
 def initial_state(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
-    """Initial weights, deterministic in ``seed``; the global torch RNG is left untouched."""
+    """The initial weights of ``spec``'s model, as :func:`state_to_numpy` returns them.
+
+    Deterministic in (spec, seed); the global torch RNG is forked, so callers' random
+    streams are untouched.
+
+    Raises:
+        ModelSpecError: as :func:`build_model`.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return state_to_numpy(build_model(spec))
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True)
-            for k, v in model.state_dict().items()}
+    """float32 copies of ``model.state_dict()``, in its order."""
+    return {name: value.detach().cpu().numpy().astype(np.float32, copy=True)
+            for name, value in model.state_dict().items()}
 
 
 def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Copies ``state`` (any order, converted to float32) into ``model``'s tensors.
+
+    Raises:
+        ModelSpecError: ``state`` lacks a tensor of the model, has one the model lacks, or a
+            shape differs; nothing is loaded then.
+    """
     own = model.state_dict()
-    if list(own) != list(state) and set(own) != set(state):
-        raise ModelSpecError(f"state has tensors {sorted(state)[:4]}..., model has "
-                             f"{sorted(own)[:4]}...")
-    for k, v in own.items():
-        if tuple(v.shape) != tuple(state[k].shape):
-            raise ModelSpecError(f"tensor {k!r}: shape {tuple(state[k].shape)} does not match "
-                                 f"the model's {tuple(v.shape)}")
-    model.load_state_dict({k: torch.from_numpy(np.asarray(state[k], dtype=np.float32).copy())
-                           for k in own})
+    missing = [name for name in own if name not in state]
+    unexpected = [name for name in state if name not in own]
+    if missing or unexpected:
+        raise ModelSpecError(
+            f"weights do not fit the model: missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'}"
+        )
+    for name, tensor in own.items():
+        shape = tuple(np.shape(state[name]))
+        if shape != tuple(tensor.shape):
+            raise ModelSpecError(
+                f"weights do not fit the model: tensor {name!r} has shape {shape}, "
+                f"the model's has {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(
+        {name: torch.from_numpy(np.array(state[name], dtype=np.float32, copy=True))
+         for name in own}
+    )
 
 
-@register_model("logistic_regression", input_dim=_Arg("pos_int"), num_classes=_Arg("pos_int"))
+# -- architectures --------------------------------------------------------------------------
+
+@register_model("logistic_regression")
 def _logistic_regression(input_dim: int, num_classes: int) -> nn.Module:
     return _Linear(input_dim, num_classes)
 
@@ -118,9 +212,10 @@ class _Linear(nn.Module):
         return self.linear(x)  # type: ignore[no-any-return]
 
 
-@register_model("mlp", input_dim=_Arg("pos_int"), hidden=_Arg("pos_int_list"),
-                num_classes=_Arg("pos_int"))
-def _mlp(input_dim: int, hidden: list[int], num_classes: int) -> nn.Module:
+@register_model("mlp")
+def _mlp(input_dim: int, hidden: Sequence[int], num_classes: int) -> nn.Module:
+    """Linear layers of widths ``hidden`` with ReLU between them; ``hidden=[]`` is a
+    logistic regression."""
     layers: list[nn.Module] = []
     width = input_dim
     for h in hidden:
@@ -130,38 +225,41 @@ def _mlp(input_dim: int, hidden: list[int], num_classes: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-@register_model(
-    "cnn",
-    input_dim=_Arg("pos_int", 64, required=False),
-    image_size=_Arg("pos_int", 8, required=False),
-    in_channels=_Arg("pos_int", 1, required=False),
-    channels=_Arg("pos_int_list", [16, 32], required=False),
-    num_classes=_Arg("pos_int", 10, required=False),
-)
-def _cnn(input_dim: int, image_size: int, in_channels: int, channels: list[int],
-         num_classes: int) -> nn.Module:
-    if in_channels * image_size * image_size != input_dim:
+@register_model("cnn")
+def _cnn(input_dim: int = 64, image_size: int = 8, in_channels: int = 1,
+         channels: Sequence[int] = (16, 32), num_classes: int = 10) -> nn.Module:
+    """conv3x3(channels[0]) - ReLU - conv3x3(channels[1]) - ReLU - maxpool2x2 - linear, on
+    the flat input reshaped to ``[N, in_channels, image_size, image_size]``."""
+    if input_dim != in_channels * image_size * image_size:
         raise ModelSpecError(
-            f"model.arguments.input_dim: {input_dim} != in_channels x image_size^2 "
-            f"({in_channels} x {image_size}^2)")
+            f"model.arguments.input_dim: {input_dim} must equal in_channels x image_size^2 "
+            f"= {in_channels} x {image_size}^2 = {in_channels * image_size * image_size}"
+        )
+    if image_size < 2:
+        raise ModelSpecError(
+            f"model.arguments.image_size: at least 2 for the 2x2 pooling, got {image_size}"
+        )
     if len(channels) != 2:
-        raise ModelSpecError("model.arguments.channels: expected two conv widths, e.g. [16, 32]")
-    return _SmallCnn(image_size, in_channels, channels, num_classes)
+        raise ModelSpecError(
+            f"model.arguments.channels: expected two conv widths, e.g. [16, 32], "
+            f"got {list(channels)!r}"
+        )
+    return _SmallCnn(image_size, in_channels, (channels[0], channels[1]), num_classes)
 
 
 class _SmallCnn(nn.Module):
-    def __init__(self, image_size: int, in_channels: int, channels: list[int],
+    def __init__(self, image_size: int, in_channels: int, channels: tuple[int, int],
                  num_classes: int) -> None:
         super().__init__()
-        self.shape = (in_channels, image_size, image_size)
-        self.conv1 = nn.Conv2d(in_channels, channels[0], 3, padding=1)
-        self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
+        self.image_shape = (in_channels, image_size, image_size)
+        self.conv1 = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(channels[0], channels[1], kernel_size=3, padding=1)
         self.pool = nn.MaxPool2d(2)
         side = image_size // 2
         self.head = nn.Linear(channels[1] * side * side, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], *self.shape)
+        x = x.reshape(x.shape[0], *self.image_shape)
         x = torch.relu(self.conv1(x))
         x = self.pool(torch.relu(self.conv2(x)))
         return self.head(x.flatten(1))  # type: ignore[no-any-return]

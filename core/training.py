@@ -1,8 +1,13 @@
-"""Local training and evaluation with torch, shared by device agents and simulations."""
+"""Local training and evaluation with torch, shared by device agents and simulations.
+
+Nothing global is changed: no torch RNG seeding (shuffling uses its own generator), no
+thread or grad-mode settings that outlive a call. The model's train/eval mode is restored
+on return. Not thread-safe per model; different models may train on different threads.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,65 +19,105 @@ from core.types import LocalOptimizerKind, LocalTraining
 
 @dataclass(frozen=True)
 class TrainResult:
+    """``num_examples``: training examples (the update's FedAvg weight); ``loss``: mean
+    cross-entropy (nats per example) over the last epoch; ``steps``: optimizer steps taken."""
+
     num_examples: int
     loss: float
     steps: int
 
 
-_OPTIMIZERS: dict[LocalOptimizerKind,
-                  Callable[[Iterable[nn.Parameter], LocalTraining], torch.optim.Optimizer]] = {
-    LocalOptimizerKind.SGD: lambda p, c: torch.optim.SGD(p, lr=c.learning_rate,
-                                                         momentum=c.momentum),
-    LocalOptimizerKind.ADAM: lambda p, c: torch.optim.Adam(p, lr=c.learning_rate),
+_OptimizerFactory = Callable[[Iterator[nn.Parameter], LocalTraining], torch.optim.Optimizer]
+
+_OPTIMIZERS: dict[LocalOptimizerKind, _OptimizerFactory] = {
+    LocalOptimizerKind.SGD: lambda params, c: torch.optim.SGD(
+        params, lr=c.learning_rate, momentum=c.momentum),
+    LocalOptimizerKind.ADAM: lambda params, c: torch.optim.Adam(params, lr=c.learning_rate),
 }
 
 
 def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTraining, *,
                 seed: int) -> TrainResult:
-    """Trains ``model`` in place for ``config.epochs`` epochs of shuffled minibatches.
+    """Trains ``model`` in place: ``config.epochs`` passes over minibatches of
+    ``config.batch_size`` (the last one may be smaller), reshuffled each epoch by a
+    ``torch.Generator`` seeded with ``seed``, minimising cross-entropy with the configured
+    optimizer (a fresh one per call: optimizer state does not carry over between rounds).
 
-    Returns the example count (the update's FedAvg weight) and the mean loss of the last
-    epoch. Raises ValueError on empty data.
+    ``x`` is ``[n, features]`` (cast to float32), ``y`` ``[n]`` class indices.
+
+    Raises:
+        ValueError: no data, ``x`` and ``y`` of different lengths, or ``epochs`` /
+            ``batch_size`` below 1.
     """
-    if len(y) == 0:
-        raise ValueError("no training data")
-    xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    ys = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-    gen = torch.Generator().manual_seed(seed)
+    features, labels = _tensors(x, y, "training")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be at least 1, got {config.epochs} "
+                         f"and {config.batch_size}")
+    generator = torch.Generator().manual_seed(seed)
     optimizer = _OPTIMIZERS[config.optimizer](model.parameters(), config)
-    loss_fn = nn.CrossEntropyLoss()
+    n = len(labels)
+    was_training = model.training
     model.train()
     steps = 0
-    last = 0.0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(ys), generator=gen)
-        total, count = 0.0, 0
-        for start in range(0, len(ys), config.batch_size):
-            idx = order[start:start + config.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xs[idx]), ys[idx])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-            steps += 1
-        last = total / count
-    return TrainResult(num_examples=len(ys), loss=last, steps=steps)
+    epoch_loss = torch.zeros((), dtype=torch.float64)
+    try:
+        for _ in range(config.epochs):
+            order = torch.randperm(n, generator=generator)
+            epoch_loss = torch.zeros((), dtype=torch.float64)
+            for batch in torch.split(order, config.batch_size):
+                optimizer.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(features[batch]), labels[batch])
+                torch.autograd.backward(loss)
+                optimizer.step()
+                # Summed as a tensor: no per-step synchronisation through float().
+                epoch_loss += loss.detach().double() * len(batch)
+                steps += 1
+    finally:
+        model.train(was_training)
+    return TrainResult(num_examples=n, loss=float(epoch_loss) / n, steps=steps)
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024
              ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on the data; ValueError on empty data."""
-    if len(y) == 0:
-        raise ValueError("no evaluation data")
+    """(mean cross-entropy in nats per example, accuracy in [0, 1]) of ``model`` on the
+    data, under ``torch.no_grad`` and in eval mode.
+
+    Raises:
+        ValueError: no data, ``x`` and ``y`` of different lengths, or ``batch_size`` < 1.
+    """
+    features, labels = _tensors(x, y, "evaluation")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    was_training = model.training
     model.eval()
-    xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    ys = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-    loss_sum, correct = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ys), batch_size):
-            logits = model(xs[start:start + batch_size])
-            target = ys[start:start + batch_size]
-            loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-            correct += int((logits.argmax(1) == target).sum())
-    return loss_sum / len(ys), correct / len(ys)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    try:
+        with torch.no_grad():
+            batches = zip(torch.split(features, batch_size), torch.split(labels, batch_size),
+                          strict=True)
+            for xb, yb in batches:
+                logits = model(xb)
+                loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == yb).sum()
+    finally:
+        model.train(was_training)
+    n = len(labels)
+    return float(loss_sum) / n, int(correct) / n
+
+
+def _tensors(x: np.ndarray, y: np.ndarray, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(y) == 0:
+        raise ValueError(f"no {what} data")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
+    return _as_tensor(x, np.float32), _as_tensor(y, np.int64)
+
+
+def _as_tensor(values: np.ndarray, dtype: type[np.generic]) -> torch.Tensor:
+    """Shares memory with ``values`` when it already fits; copies read-only arrays, which
+    torch would otherwise warn about."""
+    array = np.ascontiguousarray(values, dtype=dtype)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)

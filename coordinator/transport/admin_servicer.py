@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 from coordinator.rounds.service import CoordinatorService, TaskView
 from coordinator.storage.records import RoundRecord
-from coordinator.transport.device_servicer import DOWNLOAD_CHUNK_BYTES
+from coordinator.transport.blobs import model_messages
 from coordinator.transport.status import Context, abort_for, check_api_version, maps_errors
 from protos import convert
-from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc
 
 
 def _ms(seconds: float | None) -> int:
@@ -102,11 +102,5 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             record = self._service.model_version(request.task_id, request.version or None)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await abort_for(exc, context)
-        yield admin_pb2.AdminDownloadModelResponse(
-            header=common_pb2.BlobHeader(
-                size_bytes=record.size_bytes, sha256=record.sha256, format="safetensors",
-                version=record.version,
-            )
-        )
-        for chunk in self._service.model_chunks(record, DOWNLOAD_CHUNK_BYTES):
-            yield admin_pb2.AdminDownloadModelResponse(chunk=chunk)
+        for message in model_messages(self._service, record, admin_pb2.AdminDownloadModelResponse):
+            yield message

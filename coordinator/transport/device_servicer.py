@@ -11,6 +11,7 @@ from coordinator.rounds.service import (
     Participation,
     UpdateHeader,
 )
+from coordinator.transport.blobs import model_messages
 from coordinator.transport.status import (
     Context,
     UploadStalled,
@@ -19,7 +20,7 @@ from coordinator.transport.status import (
     maps_errors,
 )
 from protos import convert
-from protos.fedcoord.v1 import common_pb2, device_pb2, device_pb2_grpc
+from protos.fedcoord.v1 import device_pb2, device_pb2_grpc
 
 _OUTCOMES = {
     CheckInOutcome.ACCEPTED: device_pb2.CheckInResponse.ACCEPTED,
@@ -28,8 +29,6 @@ _OUTCOMES = {
     CheckInOutcome.FINISHED: device_pb2.CheckInResponse.FINISHED,
 }
 
-#: Bytes per message when streaming a model down.
-DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 
 def _participation(msg: device_pb2.Participation) -> Participation:
@@ -104,14 +103,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             )
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await abort_for(exc, context)
-        yield device_pb2.DownloadModelResponse(
-            header=common_pb2.BlobHeader(
-                size_bytes=record.size_bytes, sha256=record.sha256, format="safetensors",
-                version=record.version,
-            )
-        )
-        for chunk in self._service.model_chunks(record, DOWNLOAD_CHUNK_BYTES):
-            yield device_pb2.DownloadModelResponse(chunk=chunk)
+        for message in model_messages(self._service, record, device_pb2.DownloadModelResponse):
+            yield message
 
     async def UploadUpdate(
         self,

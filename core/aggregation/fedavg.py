@@ -1,66 +1,115 @@
-"""FedAvg's weighted mean, computed streaming: memory O(model), not O(model x devices)."""
+"""FedAvg's weighted mean, computed streaming: memory O(model), not O(model x devices).
+
+The coordinator reads each stored update from disk in chunks and feeds them to one
+:class:`StreamingWeightedMean` per round::
+
+    acc = StreamingWeightedMean(num_parameters)
+    for update, weight in reports:               # weight: the device's example count
+        for offset, chunk in read_chunks(update):
+            acc.add_chunk(offset, chunk, weight)
+        acc.finish_update(weight)
+    mean_delta = acc.mean()
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 
 class StreamingWeightedMean:
-    """Running sum of ``weight x update`` in float64, fed chunk by chunk.
+    """Running ``sum(weight_i * update_i)`` in float64 over flat updates of ``size``
+    elements, and the running total of the weights.
 
-    An update is added with any number of :meth:`add_chunk` calls covering its elements,
-    then counted with :meth:`finish_update`. Not thread-safe.
+    An update is added with :meth:`add_chunk` calls that together cover its elements once,
+    then counted with :meth:`finish_update`. The class does not check the coverage: the
+    caller has already verified the update's size. Not thread-safe.
     """
 
     def __init__(self, size: int) -> None:
+        """Raises ValueError if ``size`` is negative."""
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
         self._sum = np.zeros(size, dtype=np.float64)
         self._count = 0
         self._weight = 0.0
 
     @property
     def size(self) -> int:
+        """Elements per update."""
         return int(self._sum.size)
 
     @property
     def count(self) -> int:
+        """Updates finished so far."""
         return self._count
 
     @property
     def total_weight(self) -> float:
+        """Sum of the weights passed to :meth:`finish_update`."""
         return self._weight
 
     def add_chunk(self, offset: int, values: np.ndarray, weight: float) -> None:
+        """Adds ``weight * values`` (flattened, any float dtype) into elements
+        ``[offset, offset + values.size)``. Extra memory: one float64 copy of the chunk.
+
+        Raises:
+            ValueError: the chunk reaches outside ``[0, size)``, or ``weight`` is not finite.
+        """
         end = offset + values.size
         if offset < 0 or end > self._sum.size:
             raise ValueError(f"chunk [{offset}, {end}) outside the update of {self._sum.size}")
-        # In place, no temporary of the chunk's size in float64 beyond numpy's own buffer.
-        seg = self._sum[offset:end]
-        seg += weight * values.astype(np.float64, copy=False)
+        if not math.isfinite(weight):
+            raise ValueError(f"weight must be finite, got {weight}")
+        segment = self._sum[offset:end]
+        segment += np.multiply(values.reshape(-1), weight, dtype=np.float64)
 
     def finish_update(self, weight: float) -> None:
-        if not weight > 0:
-            raise ValueError(f"an update's weight must be positive, got {weight}")
+        """Counts one update whose chunks have all been added, with its ``weight``.
+
+        Raises:
+            ValueError: ``weight`` is not positive and finite.
+        """
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"an update's weight must be positive and finite, got {weight}")
         self._count += 1
         self._weight += weight
 
     def mean(self) -> np.ndarray:
-        """The weighted mean as float32; ValueError if no update was finished."""
+        """``sum / total_weight`` as a new float32 vector of ``size`` elements.
+
+        Raises:
+            ValueError: no update was finished.
+        """
         if self._count == 0:
             raise ValueError("no update was aggregated")
         return (self._sum / self._weight).astype(np.float32)
 
 
 def weighted_mean(updates: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    if len(updates) != len(weights) or not updates:
-        raise ValueError("need as many weights as updates, and at least one update")
-    acc = StreamingWeightedMean(updates[0].size)
-    for u, w in zip(updates, weights, strict=True):
-        acc.add_chunk(0, u.ravel(), w)
-        acc.finish_update(w)
-    return acc.mean().reshape(updates[0].shape)
+    """The weighted mean of same-shaped arrays, as float32 of that shape, computed with
+    :class:`StreamingWeightedMean` (one chunk per update).
+
+    Raises:
+        ValueError: no updates, different numbers of updates and weights, shapes that
+            differ, or a weight that is not positive and finite.
+    """
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"need one weight per update and at least one update, got "
+                         f"{len(updates)} updates and {len(weights)} weights")
+    shape = np.shape(updates[0])
+    for i, update in enumerate(updates):
+        if np.shape(update) != shape:
+            raise ValueError(f"update {i} has shape {np.shape(update)}, update 0 has {shape}")
+    accumulator = StreamingWeightedMean(math.prod(shape))
+    for update, weight in zip(updates, weights, strict=True):
+        accumulator.add_chunk(0, np.asarray(update), weight)
+        accumulator.finish_update(weight)
+    return accumulator.mean().reshape(shape)
 
 
 def is_finite(values: np.ndarray) -> bool:
+    """True if no element is NaN or infinite (an empty array is finite)."""
     return bool(np.isfinite(values).all())

@@ -1,7 +1,11 @@
-"""scikit-learn's bundled digits (1,797 8x8 images; nothing is downloaded), split non-IID.
+"""scikit-learn's bundled digits (1,797 8x8 images, 64 features scaled to [0, 1]; shipped
+with scikit-learn, never downloaded), split non-IID across devices.
 
-A fixed, stratified 20% is held out as the global test set; the rest is divided among devices
-with a per-class Dirichlet(alpha) partition (small alpha: each device sees few classes).
+A fixed stratified 20% (360 images, ``random_state=0``) is the global held-out test set
+(:func:`digits_test_set`). The other 1,437 images are the training pool, divided among
+devices with the usual per-class Dirichlet partition: for each class, proportions
+``p ~ Dir(alpha * 1_N)`` split that class's images across the N devices. Small alpha gives
+each device few classes; large alpha approaches an IID split.
 """
 
 from __future__ import annotations
@@ -12,52 +16,108 @@ import numpy as np
 
 from core.data.dataset import LocalDataset, split_local
 
+FEATURES = 64
 CLASSES = 10
+#: Images in the training pool (1,797 minus the 360 held out).
+POOL_SIZE = 1437
+#: Every device gets at least this many images.
+MIN_SHARD_SIZE = 2
+#: Most devices the pool can be split across.
+MAX_SHARDS = POOL_SIZE // MIN_SHARD_SIZE
 
 
 @functools.cache
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(pool x, pool y, test x, test y), loaded once per process. Read-only arrays."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
-    x_pool, x_test, y_pool, y_test = train_test_split(
-        x, y.astype(np.int64), test_size=0.2, stratify=y, random_state=0)
+    y = y.astype(np.int64)
+    parts = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    x_pool, x_test, y_pool, y_test = (np.ascontiguousarray(a) for a in parts)
+    for array in (x_pool, x_test, y_pool, y_test):
+        array.setflags(write=False)  # shared by every caller through the cache
     return x_pool, y_pool, x_test, y_test
 
 
 def digits_test_set() -> LocalDataset:
+    """The global held-out set as ``x_test``/``y_test`` (360 images); the train split is
+    empty (shapes ``(0, 64)`` and ``(0,)``). The arrays are fresh, writable copies."""
     _, _, x_test, y_test = _digits()
-    return LocalDataset(np.zeros((0, 64), np.float32), np.zeros((0,), np.int64),
-                        x_test, y_test, CLASSES)
+    return LocalDataset(
+        x_train=np.zeros((0, FEATURES), np.float32), y_train=np.zeros((0,), np.int64),
+        x_test=x_test.copy(), y_test=y_test.copy(), classes=CLASSES,
+    )
+
+
+def dirichlet_partition(*, num_shards: int, alpha: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Indices into the training pool, one sorted read-only array per shard.
+
+    Every pool index is in exactly one shard and every shard has at least two. Deterministic
+    in (num_shards, alpha, seed); cached per process.
+
+    Raises:
+        ValueError: ``num_shards`` outside ``[1, MAX_SHARDS]``, ``alpha`` not positive and
+            finite, or a negative seed.
+    """
+    if not 1 <= num_shards <= MAX_SHARDS:
+        raise ValueError(f"digits supports 1 to {MAX_SHARDS} shards, got {num_shards}")
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"the Dirichlet alpha must be positive and finite, got {alpha}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return _dirichlet_partition(num_shards, float(alpha), seed)
 
 
 @functools.cache
-def dirichlet_partition(num_shards: int, alpha: float, seed: int) -> tuple[np.ndarray, ...]:
-    """Indices into the training pool per shard; every index in exactly one shard and every
-    shard with at least two samples."""
+def _dirichlet_partition(num_shards: int, alpha: float, seed: int) -> tuple[np.ndarray, ...]:
     _, y, _, _ = _digits()
-    rng = np.random.default_rng(np.random.SeedSequence([seed, num_shards, int(alpha * 1e6)]))
-    shards: list[list[int]] = [[] for _ in range(num_shards)]
+    alpha_bits = int(np.float64(alpha).view(np.uint64))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, num_shards, alpha_bits]))
+    owner = np.empty(len(y), dtype=np.int64)  # pool index -> shard
     for c in range(CLASSES):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        cuts = (np.cumsum(rng.dirichlet(np.full(num_shards, alpha))) * len(idx)).astype(int)[:-1]
-        for s, part in enumerate(np.split(idx, cuts)):
-            shards[s].extend(part.tolist())
-    # Deterministic top-up: move samples from the largest shard to any shard below two.
-    for s in range(num_shards):
-        while len(shards[s]) < 2:
-            donor = max(range(num_shards), key=lambda i: len(shards[i]))
-            shards[s].append(shards[donor].pop())
-    return tuple(np.array(sorted(sh), dtype=np.int64) for sh in shards)
+        members = rng.permutation(np.flatnonzero(y == c))
+        proportions = rng.dirichlet(np.full(num_shards, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(np.int64)
+        owner[members] = np.repeat(np.arange(num_shards), np.diff(cuts, prepend=0,
+                                                                   append=len(members)))
+    _top_up(owner, num_shards)
+    shards = tuple(np.flatnonzero(owner == s) for s in range(num_shards))
+    for shard in shards:
+        shard.setflags(write=False)
+    return shards
+
+
+def _top_up(owner: np.ndarray, num_shards: int) -> None:
+    """Moves images, deterministically, from the largest shards to any with fewer than
+    MIN_SHARD_SIZE, so no device is left without data (possible for small alpha)."""
+    sizes = np.bincount(owner, minlength=num_shards)
+    for shard in np.flatnonzero(sizes < MIN_SHARD_SIZE):
+        while sizes[shard] < MIN_SHARD_SIZE:
+            donor = int(np.argmax(sizes))  # has > MIN_SHARD_SIZE since num_shards <= MAX
+            moved = int(np.flatnonzero(owner == donor)[-1])
+            owner[moved] = shard
+            sizes[donor] -= 1
+            sizes[shard] += 1
 
 
 def digits_shard(*, shard: int, num_shards: int, dirichlet: float = 0.5, seed: int = 0,
                  test_fraction: float = 0.2) -> LocalDataset:
+    """Device ``shard`` of ``num_shards`` (0-based): its Dirichlet part of the pool, split
+    locally into train and test by ``test_fraction`` (at least one training image).
+
+    Deterministic in (shard, num_shards, dirichlet, seed).
+
+    Raises:
+        ValueError: ``shard`` outside ``[0, num_shards)``, ``test_fraction`` outside [0, 1),
+            or as :func:`dirichlet_partition`.
+    """
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} out of range for {num_shards} shards")
+    indices = dirichlet_partition(num_shards=num_shards, alpha=dirichlet, seed=seed)[shard]
     x, y, _, _ = _digits()
-    if num_shards > len(y) // 2:
-        raise ValueError(f"at most {len(y) // 2} shards of digits")
-    idx = dirichlet_partition(num_shards, dirichlet, seed)[shard]
-    rng = np.random.default_rng(np.random.SeedSequence([seed, num_shards, shard, 7]))
-    return split_local(x[idx], y[idx], test_fraction, rng, CLASSES)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, num_shards, shard, 1]))
+    return split_local(x[indices], y[indices], test_fraction=test_fraction, rng=rng,
+                       classes=CLASSES)
