@@ -32,9 +32,10 @@ class Yogi(torch.optim.Optimizer):
         v = v - (1 - beta2) g^2 sign(v - g^2)
         x = x - lr m / (sqrt(v) + eps)
 
-    Choices: ``v`` starts at ``eps^2`` (Reddi et al. require ``v_{-1} >= tau^2``; this keeps
-    the first step's denominator at ``2 eps``, never 0), ``m`` at 0; no bias correction, as
-    in Reddi et al. ``step`` counts steps but the update does not use it.
+    Choices: ``v`` starts at ``eps^2`` (Reddi et al. require ``v_{-1} >= tau^2``) and ``m``
+    at 0; no bias correction, as in Reddi et al. ``v`` then stays positive (it only shrinks
+    while ``v > g^2``, and by less than ``g^2``). ``step`` counts steps; the update does not
+    use it.
 
     State per parameter: ``step`` (0-d float32), ``exp_avg`` (m), ``exp_avg_sq`` (v), the
     keys torch's Adam uses for the same quantities.

@@ -47,7 +47,8 @@ def parse_data_spec(text: str) -> DataSpec:
         DataSpecError: unknown source, a malformed ``key=value`` item, a repeated, unknown,
             missing or out-of-range field; the message quotes ``text`` and names the field.
     """
-    source, _, rest = text.strip().partition(":")
+    source, _, rest = text.partition(":")
+    source = source.strip()
     params: dict[str, str] = {}
     for item in (part.strip() for part in rest.split(",")):
         if not item and not rest.strip():

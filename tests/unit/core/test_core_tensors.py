@@ -80,7 +80,8 @@ def test_tensor_info_counts_elements_and_bytes() -> None:
 
 
 def test_tensor_infos_describe_each_array_in_mapping_order() -> None:
-    state = {"b": np.zeros((2, 3), np.float64), "a": np.zeros((), np.int32)}
+    state: dict[str, np.ndarray] = {"b": np.zeros((2, 3), np.float64),
+                                    "a": np.zeros((), np.int32)}
     assert tensor_infos(state) == [TensorInfo("b", "float64", (2, 3)),
                                    TensorInfo("a", "int32", ())]
 
@@ -139,7 +140,8 @@ def test_from_raw_bytes_reads_a_memoryview_and_returns_writable_copies() -> None
 
 def test_from_raw_bytes_counts_bytes_of_a_typed_memoryview() -> None:
     values = np.arange(3, dtype=np.float32)
-    decoded = from_raw_bytes(memoryview(values), [TensorInfo("v", "float32", (3,))])
+    view = memoryview(values)  # type: ignore[arg-type]  # numpy arrays are buffers
+    decoded = from_raw_bytes(view, [TensorInfo("v", "float32", (3,))])
     np.testing.assert_array_equal(decoded["v"], values)
 
 
