@@ -12,7 +12,10 @@ case "$action" in
   start)
     port=${FEDCOORD_PG_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
     rm -rf "$dir" && mkdir -p "$dir"
-    [ "$(id -u)" = 0 ] && chown postgres "$dir"
+    if [ "$(id -u)" = 0 ]; then
+      chown postgres "$dir"
+      chmod o+x "$(dirname "$dir")"  # mktemp -d makes 0700 parents the server cannot enter
+    fi
     as_pg "$bin/initdb" -D "$dir/data" -U fedcoord -A trust >/dev/null
     as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
       -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
