@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--calls-per-device", type=int, default=5)
     parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side; medians reported")
     args = parser.parse_args()
     spec = TaskSpec(name="bench-checkin",
                     model=ModelSpec("logistic_regression", {"input_dim": 64, "num_classes": 10}),
@@ -85,12 +87,15 @@ def main() -> None:
     with CoordinatorSubprocess() as coord:
         with AdminClient(coord.target) as admin:
             task_id = admin.create_task(spec).task_id
-        ours_rate = asyncio.run(ours(coord.target, task_id, args.devices,
-                                     args.calls_per_device, args.channels))
+        ours_rates = [asyncio.run(ours(coord.target, task_id, args.devices,
+                                       args.calls_per_device, args.channels))
+                      for _ in range(args.repeats)]
     size = request(0, task_id).ByteSize()
     with BareServer() as server:
-        bare_rate = asyncio.run(bare(server.target, size, args.devices, args.calls_per_device,
-                                     args.channels))
+        bare_rates = [asyncio.run(bare(server.target, size, args.devices,
+                                       args.calls_per_device, args.channels))
+                      for _ in range(args.repeats)]
+    ours_rate, bare_rate = statistics.median(ours_rates), statistics.median(bare_rates)
     print(json.dumps({
         "benchmark": "checkin",
         "devices": args.devices,
