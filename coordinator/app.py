@@ -59,8 +59,8 @@ class Coordinator:
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        self.service.warm_up()
-        self.service.recover()
+        """Binds the port first: a coordinator that cannot serve must not touch the rounds of
+        the database (recovery fails every open round)."""
         limit = self.config.max_chunk_bytes + (256 << 10)
         self.server = grpc.aio.server(
             options=[
@@ -74,9 +74,16 @@ class Coordinator:
             self.server,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.service), self.server)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+            raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
+        self.blobs.lock()
+        self.service.warm_up()
+        self.service.recover()
         await self.server.start()
         self._ticker = asyncio.create_task(self._tick_forever())
         log.info("coordinator listening on %s:%d", self.config.host, self.port)
@@ -96,6 +103,7 @@ class Coordinator:
         if self.server is not None:
             await self.server.stop(grace)
         self.store.close()
+        self.blobs.unlock()
 
 
 async def serve(config: CoordinatorConfig, port_file: Path | None = None) -> None:

@@ -113,6 +113,30 @@ class FileBlobStore:
             raise BlobError(f"cannot create the spool directory {spool}: {exc}") from exc
         return spool / name
 
+    def lock(self) -> None:
+        """Takes the store for this process (an exclusive ``flock`` on ``.lock``, released when
+        the process ends or :meth:`unlock` is called); BlobError if another process holds it,
+        so two coordinators never serve from one store."""
+        import fcntl
+
+        if getattr(self, "_lock_fd", None) is not None:
+            return
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BlobError(
+                f"the model store {self.root} is in use by another coordinator process"
+            ) from None
+        self._lock_fd: int | None = fd
+
+    def unlock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._lock_fd = None
+
     def clear_spool(self) -> None:
         """Removes the spool directory and everything in it (at start-up: uploads that were
         in flight when the coordinator stopped)."""

@@ -118,3 +118,25 @@ def test_an_agent_gives_up_on_an_absent_coordinator_with_a_message(tmp_path: Pat
                     "--data", "digits:shard=0/4", "--give-up-after", "1")
     assert result.returncode == 1
     assert "unreachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_second_coordinator_on_the_same_port_or_store_is_refused_cleanly(
+    coordinator: CoordinatorProcess, tmp_path: Path
+) -> None:
+    same_port = fedctl("coordinator", "serve", "--db", f"sqlite:///{tmp_path}/other.db",
+                       "--store", str(tmp_path / "other"), "--port", str(coordinator.port))
+    assert same_port.returncode == 1 and "cannot listen on" in same_port.stderr
+    same_store = fedctl("coordinator", "serve", "--db", coordinator.db_url,
+                        "--store", str(tmp_path / "store"), "--port", "0")
+    assert same_store.returncode == 1 and "in use by another coordinator" in same_store.stderr
+    for result in (same_port, same_store):
+        assert "Traceback" not in result.stderr
+    with coordinator.admin() as admin:
+        assert admin.list_tasks() == []  # the running coordinator is untouched
+
+
+def test_a_bad_database_url_is_a_message(tmp_path: Path) -> None:
+    result = fedctl("coordinator", "serve", "--db", "nosuchdb://x", "--store",
+                    str(tmp_path / "s"), "--port", "0")
+    assert result.returncode == 1 and "cannot open database nosuchdb://x" in result.stderr
+    assert "Traceback" not in result.stderr
