@@ -448,20 +448,15 @@ class CoordinatorService:
                 )
                 rnd.errored.add(device)
                 raise InvalidRequest("update contains NaN or infinite values; it was rejected")
-            weight = float(upload.header.num_examples)
-            accumulate(path, rnd.accumulator, weight)
-            rnd.reported.add(device)
-            rnd.examples += upload.header.num_examples
-            for name, value in upload.header.metrics.items():
-                w = float(upload.header.metrics.get("eval_examples", 0.0)) if name.startswith(
-                    "eval_") else weight
-                if w > 0:
-                    rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + w * value
-                    rnd.metric_weights[name] = rnd.metric_weights.get(name, 0.0) + w
+            # Recorded first: an update counts in the aggregate only once the database says so.
             self._store.set_participant_state(
                 rnd.round_id, device, ParticipantState.REPORTED, now=self._clock.now(),
                 num_examples=upload.header.num_examples, metrics=dict(upload.header.metrics),
             )
+            accumulate(path, rnd.accumulator, float(upload.header.num_examples))
+            rnd.reported.add(device)
+            rnd.examples += upload.header.num_examples
+            _fold_metrics(rnd, upload.header.metrics, float(upload.header.num_examples))
         finally:
             self.abort_upload(upload)
         self._advance(task, self._clock.now())
@@ -596,8 +591,7 @@ class CoordinatorService:
             "round_seconds": now - rnd.started,
         }
         for name, total in rnd.metric_sums.items():
-            if name != "eval_examples":
-                metrics[name] = total / rnd.metric_weights[name]
+            metrics[name] = total / rnd.metric_weights[name]
         self._store.commit_round(rnd.round_id, record, metrics, now)
         task.model = _Model(version, params, task.model.infos, task.model.nbytes, record, opt_state)
         task.round = None
@@ -722,6 +716,19 @@ class _ServerEvaluator:
         model = build_model(spec.model)
         load_numpy_state(model, params)
         return evaluate(model, data.x_test, data.y_test)
+
+
+def _fold_metrics(rnd: _OpenRound, metrics: Mapping[str, float], examples: float) -> None:
+    """Adds a report's metrics to the round's weighted means: ``eval_*`` metrics weigh by the
+    device's ``eval_examples``, all others by its training examples."""
+    eval_weight = float(metrics.get("eval_examples", 0.0))
+    for name, value in metrics.items():
+        if name == "eval_examples":
+            continue
+        w = eval_weight if name.startswith("eval_") else examples
+        if w > 0:
+            rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + w * value
+            rnd.metric_weights[name] = rnd.metric_weights.get(name, 0.0) + w
 
 
 def _describe_mismatch(got: list[TensorInfo], expected: list[TensorInfo]) -> str:

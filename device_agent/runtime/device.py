@@ -21,6 +21,10 @@ from device_agent.errors import AgentError, BadPayload, Rejected, RoundOver, Unr
 
 log = logging.getLogger(__name__)
 
+#: Bounds on the coordinator's "come back after": never spin, never sleep for ever.
+MIN_WAIT_S = 0.05
+MAX_WAIT_S = 60.0
+
 
 class Coordinator(Protocol):
     """What a device needs from the coordinator (``DeviceClient`` implements it)."""
@@ -94,7 +98,7 @@ class Device:
                 self.stats.finished_reason = result.message
                 break
             if result.outcome is not CheckInOutcome.ACCEPTED:
-                self.stop.wait(result.retry_after_s)
+                self.stop.wait(min(max(result.retry_after_s, MIN_WAIT_S), MAX_WAIT_S))
                 continue
             p = Participation(self.device_id, result.task_id, result.round_number, result.token)
             try:
