@@ -1,0 +1,67 @@
+"""From a float update to a vector in the ring and back, keeping weighted FedAvg possible.
+
+A device with ``e`` training examples uses the weight w = min(e, weight_cap). It quantizes
+(w / weight_cap) * update (see :mod:`core.secagg.quantize`: coordinates clipped to +-clip,
+counted, stochastically rounded to value_bits) and appends w itself as one more, exact,
+coordinate. Summed over the m survivors, the server gets sum_i w_i/cap * update_i (to within
+the quantization error) and sum_i w_i exactly, hence the weighted mean
+
+    mean = cap * dequantized_sum / sum_i w_i,
+
+with error per coordinate at most m * step * cap / sum_i w_i, step = 2 clip / (2^value_bits - 1)
+(each stochastic rounding moves a value by less than one step). The ring has room for
+n (2^value_bits - 1) (:func:`core.secagg.params.derive`), so neither the values nor the
+weight coordinate can wrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from core.secagg.masks import ring_dtype
+from core.secagg.messages import RingVector
+from core.secagg.params import SecAggParams
+from core.secagg.quantize import Quantizer
+
+
+@dataclass(frozen=True)
+class Encoded:
+    vector: RingVector
+    clipped: int  # coordinates that were outside +-clip before quantization
+    weight: int
+
+
+def _quantizer(params: SecAggParams) -> Quantizer:
+    return Quantizer(clip=params.clip, value_bits=params.value_bits,
+                     num_devices=params.num_devices)
+
+
+def encode_update(update: npt.NDArray[np.floating], num_examples: int, params: SecAggParams,
+                  rng: np.random.Generator) -> Encoded:
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be at least 1, got {num_examples}")
+    weight = min(num_examples, params.weight_cap)
+    scaled = np.asarray(update, dtype=np.float64).ravel() * (weight / params.weight_cap)
+    values, clipped = _quantizer(params).quantize(scaled, rng)
+    out = np.empty(len(values) + 1, dtype=ring_dtype(params.ring_bits))
+    out[:-1] = values
+    out[-1] = weight
+    return Encoded(out, clipped, weight)
+
+
+def decode_mean(total: RingVector, count: int, params: SecAggParams
+                ) -> tuple[npt.NDArray[np.float64], int]:
+    """(weighted mean update, total weight) from the ring sum of ``count`` encoded updates."""
+    weight = int(total[-1])
+    if count < 1 or weight < count:
+        raise ValueError(f"a sum of {count} updates cannot carry a total weight of {weight}")
+    summed = _quantizer(params).dequantize_sum(total[:-1].astype(np.uint64), count)
+    return summed * (params.weight_cap / weight), weight
+
+
+def max_mean_error(count: int, total_weight: int, params: SecAggParams) -> float:
+    """The bound on |decoded mean - exact weighted mean of the clipped updates| per coordinate."""
+    return count * _quantizer(params).step * params.weight_cap / total_weight
