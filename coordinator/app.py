@@ -61,7 +61,8 @@ class Coordinator:
     async def start(self) -> int:
         """Binds the port first: a coordinator that cannot serve must not touch the rounds of
         the database (recovery fails every open round)."""
-        limit = self.config.max_chunk_bytes + (256 << 10)
+        # Masked inputs of secure aggregation arrive whole: room for 8M ring elements.
+        limit = max(self.config.max_chunk_bytes + (256 << 10), 64 << 20)
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),

@@ -7,9 +7,12 @@ use these types, so neither imports the other.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from core.secagg.params import SecAggParams
 from core.tensors import TensorInfo
 from core.types import LocalTraining, ModelSpec
 
@@ -40,6 +43,16 @@ class Participation:
 
 
 @dataclass(frozen=True)
+class SecAggPlan:
+    """How this round's secure aggregation runs: the parameters every participant uses, the
+    round's unique context (bound into every key and ciphertext) and each stage's timeout."""
+
+    params: SecAggParams
+    context: bytes
+    phase_timeout_s: float
+
+
+@dataclass(frozen=True)
 class Plan:
     task_id: str
     round_number: int
@@ -54,6 +67,25 @@ class Plan:
     max_chunk_bytes: int
     update_tensors: list[TensorInfo]
     seed: int
+    secure_aggregation: SecAggPlan | None = None
+
+
+def config_hash(plan: Plan) -> bytes:
+    """What a device received for this round (model, training and protocol configuration),
+    hashed; devices compare it in the key-advertisement stage of secure aggregation, so a
+    server that sends different models to different devices is caught."""
+    sa = plan.secure_aggregation
+    body = {
+        "task": plan.task_id, "round": plan.round_number, "model_sha256": plan.model_sha256,
+        "model_version": plan.model_version, "model": plan.model.architecture,
+        "arguments": dict(plan.model.arguments),
+        "local": [plan.local.epochs, plan.local.batch_size, plan.local.optimizer.value,
+                  plan.local.learning_rate, plan.local.momentum],
+        "tensors": [[t.name, t.dtype, list(t.shape)] for t in plan.update_tensors],
+        "secagg": None if sa is None else {"params": asdict(sa.params),
+                                           "context": sa.context.hex()},
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,30 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
         fail("max_update_bytes", f"must be >= 0 (0 = the model's size), got {spec.max_update_bytes}")
     if spec.seed < 0:
         fail("seed", f"must be >= 0, got {spec.seed}")
+    if spec.secure_aggregation is not None:
+        _validate_secure_aggregation(spec, fail)
+
+
+def _validate_secure_aggregation(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]
+                                 ) -> None:
+    from core.secagg.params import SecAggParamError, derive
+
+    sa = spec.secure_aggregation
+    assert sa is not None
+    if not sa.clip > 0:
+        fail("secure_aggregation.clip", f"must be positive, got {sa.clip}")
+    if not 0 < sa.phase_timeout_s <= 3600:
+        fail("secure_aggregation.phase_timeout_s", f"must be in (0, 3600], got {sa.phase_timeout_s}")
+    if sa.threshold is not None and not 0 < sa.threshold <= 1:
+        fail("secure_aggregation.threshold", f"must be in (0, 1] or auto, got {sa.threshold}")
+    if sa.neighbours is not None and sa.neighbours < 2:
+        fail("secure_aggregation.neighbours", f"must be at least 2 or auto, got {sa.neighbours}")
+    try:
+        params = derive(sa, spec.selection_target)
+    except SecAggParamError as exc:
+        fail("secure_aggregation", f"with {spec.selection_target} devices per round: {exc}")
+    if params.threshold > spec.min_reports and params.threshold > spec.clients_per_round:
+        fail("secure_aggregation", f"the threshold {params.threshold} exceeds clients_per_round")
 
 
 def _type_name(tp: Any) -> str:
@@ -198,7 +222,14 @@ def _build(tp: Any, value: Any, source: str, path: str) -> Any:
         if isinstance(value, str):
             return value
     elif isinstance(tp, types.UnionType):
-        raise TypeError(f"unsupported field type {tp}")
+        # ``X | None``: null, "auto" (and "off" for a section) mean None.
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) != 1 or len(typing.get_args(tp)) != 2:
+            raise TypeError(f"unsupported field type {tp}")
+        if value is None or value == "auto" or (value == "off" and dataclasses.is_dataclass(
+                options[0])):
+            return None
+        return _build(options[0], value, source, path)
     raise TaskSpecError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
 
 

@@ -126,6 +126,40 @@ class Evaluation:
     server_data: str = ""
 
 
+class SecAggProtocol(enum.Enum):
+    SECAGG_PLUS = "secagg+"  # Bell et al. 2020: k neighbours on a random graph
+    SECAGG = "secagg"  # Bonawitz et al. 2017: the complete graph
+
+
+class SecAggAdversary(enum.Enum):
+    SEMI_HONEST = "semi-honest"
+    SEMI_MALICIOUS = "semi-malicious"
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """The ``secure_aggregation`` section of a task: the coordinator sees only the sum of the
+    updates. None ("auto") fields are derived from the cohort size (core.secagg.params)."""
+
+    protocol: SecAggProtocol = SecAggProtocol.SECAGG_PLUS
+    neighbours: int | None = None
+    #: Fraction of a device's k + 1 share holders needed to rebuild its secrets.
+    threshold: float | None = None
+    #: Each coordinate of a device's (weight-scaled) update is clipped to [-clip, clip].
+    clip: float = 1.0
+    #: Bits per quantized value; the ring adds ceil(log2 n) so that sums never wrap.
+    bits: int | None = None
+    #: Expected fraction of devices that drop out during the protocol.
+    dropout: float = 0.1
+    #: Fraction of devices that may collude with the coordinator.
+    corrupt_fraction: float = 0.05
+    adversary: SecAggAdversary = SecAggAdversary.SEMI_MALICIOUS
+    #: A device's FedAvg weight is min(examples, weight_cap), summed as a masked value.
+    weight_cap: int = 1024
+    #: Deadline of each protocol stage after training.
+    phase_timeout_s: float = 30.0
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What to train, how, and for how many rounds. Times are in seconds."""
@@ -146,6 +180,8 @@ class TaskSpec:
     #: Largest update upload accepted, in bytes; 0 means "the model's own size".
     max_update_bytes: int = 0
     seed: int = 0
+    #: None: updates are sent in the clear (over TLS in production).
+    secure_aggregation: SecureAggregation | None = None
 
     @property
     def selection_target(self) -> int:

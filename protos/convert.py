@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import numpy as np
+
+from core.protocol import SecAggPlan
+from core.secagg import messages as sa
+from core.secagg.params import SecAggParams
 from core.taskspec import TaskSpecError, spec_from_dict, spec_to_dict
 from core.tensors import TensorInfo
 from core.types import DeviceAttributes, LocalOptimizerKind, LocalTraining, ModelSpec, TaskSpec
-from protos.fedcoord.v1 import common_pb2
+from protos.fedcoord.v1 import common_pb2, device_pb2
 
 _DTYPES: dict[str, int] = {
     "float32": common_pb2.DTYPE_FLOAT32,
@@ -86,7 +92,32 @@ def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:
         evaluation=common_pb2.Evaluation(**d["evaluation"]),
         max_update_bytes=d["max_update_bytes"],
         seed=d["seed"],
+        secure_aggregation=_secure_aggregation_to_proto(d["secure_aggregation"]),
     )
+
+
+def _secure_aggregation_to_proto(d: dict[str, Any] | None) -> common_pb2.SecureAggregation | None:
+    if d is None:
+        return None
+    return common_pb2.SecureAggregation(
+        protocol=d["protocol"], neighbours=d["neighbours"] or 0, threshold=d["threshold"] or 0.0,
+        clip=d["clip"], bits=d["bits"] or 0, dropout=d["dropout"],
+        corrupt_fraction=d["corrupt_fraction"], adversary=d["adversary"],
+        weight_cap=d["weight_cap"], phase_timeout_s=d["phase_timeout_s"],
+    )
+
+
+def _secure_aggregation_from_proto(msg: common_pb2.TaskSpec) -> dict[str, Any] | None:
+    if not msg.HasField("secure_aggregation"):
+        return None
+    sa = msg.secure_aggregation
+    return {
+        "protocol": sa.protocol or "secagg+", "neighbours": sa.neighbours or None,
+        "threshold": sa.threshold or None, "clip": sa.clip, "bits": sa.bits or None,
+        "dropout": sa.dropout, "corrupt_fraction": sa.corrupt_fraction,
+        "adversary": sa.adversary or "semi-malicious", "weight_cap": sa.weight_cap,
+        "phase_timeout_s": sa.phase_timeout_s,
+    }
 
 
 def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
@@ -135,6 +166,7 @@ def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
         },
         "max_update_bytes": msg.max_update_bytes,
         "seed": msg.seed,
+        "secure_aggregation": _secure_aggregation_from_proto(msg),
     }
     try:
         return spec_from_dict(data, source="spec")
@@ -182,3 +214,88 @@ def plan_parts_from_proto(
             momentum=local.momentum,
         ),
     )
+
+
+# ---------------------------------------------------------------- secure aggregation
+
+
+def secagg_plan_to_proto(plan: SecAggPlan) -> device_pb2.SecAggPlan:
+    p = plan.params
+    return device_pb2.SecAggPlan(
+        num_devices=p.num_devices, neighbours=p.neighbours, threshold=p.threshold,
+        value_bits=p.value_bits, ring_bits=p.ring_bits, clip=p.clip, weight_cap=p.weight_cap,
+        context=plan.context, phase_timeout_ms=int(plan.phase_timeout_s * 1000),
+    )
+
+
+def secagg_plan_from_proto(msg: device_pb2.SecAggPlan) -> SecAggPlan:
+    if msg.ring_bits not in (32, 64):
+        raise WireFormatError(f"secure_aggregation.ring_bits must be 32 or 64, got {msg.ring_bits}")
+    if not 2 <= msg.threshold <= msg.neighbours + 1 or msg.num_devices < 3:
+        raise WireFormatError(f"secure_aggregation: threshold {msg.threshold} does not fit "
+                              f"{msg.neighbours} neighbours of {msg.num_devices} devices")
+    if not (msg.clip > 0 and 1 <= msg.weight_cap < 2**msg.value_bits and msg.context
+            and msg.phase_timeout_ms > 0):
+        raise WireFormatError("secure_aggregation: clip, weight_cap, context and "
+                              "phase_timeout_ms must be set and positive")
+    params = SecAggParams(
+        num_devices=msg.num_devices, neighbours=msg.neighbours, threshold=msg.threshold,
+        value_bits=msg.value_bits, ring_bits=msg.ring_bits, clip=msg.clip,
+        weight_cap=msg.weight_cap, security_failure=0.0, correctness_failure=0.0,
+    )
+    return SecAggPlan(params, bytes(msg.context), msg.phase_timeout_ms / 1000.0)
+
+
+def share_keys_instruction_to_proto(m: sa.ShareKeysRequest) -> device_pb2.SecAggShareKeysInstruction:
+    return device_pb2.SecAggShareKeysInstruction(index=m.index, peers=[
+        device_pb2.SecAggPeer(index=p.index, encryption_public_key=p.encryption_public,
+                              mask_public_key=p.mask_public, config_hash=p.config_hash)
+        for p in m.peers
+    ])
+
+
+def share_keys_instruction_from_proto(msg: device_pb2.SecAggShareKeysInstruction
+                                      ) -> sa.ShareKeysRequest:
+    return sa.ShareKeysRequest(msg.index, tuple(
+        sa.PeerKeys(p.index, bytes(p.encryption_public_key), bytes(p.mask_public_key),
+                    bytes(p.config_hash))
+        for p in msg.peers
+    ))
+
+
+def ciphertexts_to_proto(pairs: Iterable[tuple[int, bytes]]) -> list[device_pb2.SecAggCiphertext]:
+    return [device_pb2.SecAggCiphertext(peer=v, ciphertext=c) for v, c in pairs]
+
+
+def ciphertexts_from_proto(msgs: Iterable[device_pb2.SecAggCiphertext]
+                           ) -> tuple[tuple[int, bytes], ...]:
+    return tuple((m.peer, bytes(m.ciphertext)) for m in msgs)
+
+
+def unmask_instruction_to_proto(m: sa.UnmaskRequest) -> device_pb2.SecAggUnmaskInstruction:
+    return device_pb2.SecAggUnmaskInstruction(survivors=list(m.survivors), dropped=list(m.dropped))
+
+
+def unmask_instruction_from_proto(msg: device_pb2.SecAggUnmaskInstruction) -> sa.UnmaskRequest:
+    return sa.UnmaskRequest(tuple(msg.survivors), tuple(msg.dropped))
+
+
+def shares_to_proto(pairs: Iterable[tuple[int, bytes]]) -> list[device_pb2.SecAggShare]:
+    return [device_pb2.SecAggShare(owner=v, share=s) for v, s in pairs]
+
+
+def shares_from_proto(msgs: Iterable[device_pb2.SecAggShare]) -> tuple[tuple[int, bytes], ...]:
+    return tuple((m.owner, bytes(m.share)) for m in msgs)
+
+
+def ring_vector_to_bytes(vector: sa.RingVector) -> bytes:
+    return vector.astype(vector.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def ring_vector_from_bytes(data: bytes, ring_bits: int) -> sa.RingVector:
+    width = ring_bits // 8
+    if len(data) % width:
+        raise WireFormatError(f"masked_input is {len(data)} bytes, not a whole number of "
+                              f"{ring_bits}-bit values")
+    dtype = np.uint32 if ring_bits == 32 else np.uint64
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)

@@ -32,7 +32,7 @@ import math
 import random
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +47,7 @@ from coordinator.rounds.errors import (
     TooLarge,
     Unavailable,
 )
+from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import is_eligible, sample_uniform
 from coordinator.rounds.uploads import SpooledUpload, accumulate, all_finite
 from coordinator.storage import FileBlobStore, Store
@@ -60,8 +61,22 @@ from core.protocol import (
     CheckInResult,
     Participation,
     Plan,
+    SecAggPlan,
     UpdateHeader,
 )
+from core.secagg import encoding
+from core.secagg.messages import (
+    KeyAdvertisement,
+    MaskedInputRequest,
+    RingVector,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    Stage,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from core.secagg.params import SecAggParamError, SecAggParams, derive
+from core.secagg.server import SecAggAborted
 from core.taskspec import spec_from_dict, spec_to_dict
 from core.tensors import (
     TensorInfo,
@@ -143,6 +158,7 @@ class _OpenRound:
     examples: int = 0
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_weights: dict[str, float] = field(default_factory=dict)
+    secure: SecureRound | None = None
 
 
 @dataclass
@@ -151,6 +167,7 @@ class _Task:
     spec: TaskSpec
     model: _Model
     round: _OpenRound | None = None
+    secagg: SecAggParams | None = None
     failed_attempts: int = 0
     #: Seats of the last closed attempt, so its late devices hear "closed", not "not selected".
     closed_seats: dict[str, _Seat] = field(default_factory=dict)
@@ -192,6 +209,16 @@ class CoordinatorService:
         self.config = config or ServiceConfig()
         self._tasks: dict[str, _Task] = {}
         self._evaluator: _ServerEvaluator = _ServerEvaluator()
+        self._progress_listeners: list[Callable[[], None]] = []
+
+    def add_progress_listener(self, listener: Callable[[], None]) -> None:
+        """``listener()`` is called whenever a secure-aggregation stage closes or a round
+        ends, so transports can wake the devices waiting for it."""
+        self._progress_listeners.append(listener)
+
+    def _progress(self) -> None:
+        for listener in self._progress_listeners:
+            listener()
 
     # ------------------------------------------------------------------ start-up
 
@@ -210,7 +237,7 @@ class CoordinatorService:
                 continue
             spec = spec_from_dict(_json_loads(task.spec_json), source=f"task {task.task_id}")
             model = self._load_model(self._store.latest_model_version(task.task_id))
-            runtime = _Task(task.task_id, spec, model)
+            runtime = _Task(task.task_id, spec, model, secagg=_secagg_params(spec))
             if task.task_id in interrupted:
                 rec = interrupted[task.task_id]
                 log.warning("round %d of task %s was open at restart; redoing it",
@@ -242,6 +269,7 @@ class CoordinatorService:
             raise InvalidRequest(f"spec.model: {exc}") from None
         if spec.evaluation.server_data:
             self._evaluator.check(spec)
+        secagg = _secagg_params(spec)
         task_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
         now = self._clock.now()
         record = self._write_model(task_id, 0, 0, params, None, now)
@@ -251,6 +279,7 @@ class CoordinatorService:
             task_id,
             spec,
             _Model(0, params, infos, sum(i.nbytes for i in infos), record, None),
+            secagg=secagg,
         )
         self._tasks[task_id] = task
         self._open_next_round(task, now)
@@ -349,7 +378,8 @@ class CoordinatorService:
                     CheckInOutcome.RETRY_LATER, rnd.selection_closes - now + 0.05,
                     "selection window open; check in again when it closes", task.task_id,
                 )
-            if len(rnd.seats) < target:
+            if len(rnd.seats) < target and (rnd.secure is None
+                                            or rnd.secure.stage is Stage.ADVERTISE):
                 seat = self._admit(task, rnd, [device_id], now)[0]
                 self._advance(task, now)
                 return self._accepted(task, rnd, device_id, seat)
@@ -375,6 +405,7 @@ class CoordinatorService:
             max_chunk_bytes=self.config.max_chunk_bytes,
             update_tensors=list(task.model.infos),
             seed=spec.seed,
+            secure_aggregation=rnd.secure.plan if rnd.secure is not None else None,
         )
 
     def model_for_participant(self, p: Participation, version: int) -> ModelVersionRecord:
@@ -389,6 +420,11 @@ class CoordinatorService:
         """Checks an update's header; the caller then streams chunks into the returned Upload."""
         task, rnd, _ = self._seat(header.participation)
         device = header.participation.device_id
+        if rnd.secure is not None:
+            raise InvalidRequest(
+                "this task uses secure aggregation: updates go through the SecAgg stages, "
+                "never in the clear"
+            )
         if device in rnd.reported:
             raise Duplicate(f"device {device} already reported for round {rnd.round_number}")
         if device in rnd.uploading:
@@ -476,6 +512,112 @@ class CoordinatorService:
             )
             self._advance(task, self._clock.now())
 
+    # ------------------------------------------------------------------ secure aggregation
+
+    def secagg_advertise(self, p: Participation, message: KeyAdvertisement) -> None:
+        task, rnd, secure = self._secure_seat(p)
+        secure.advertise(p.device_id, message)
+        self._advance(task, self._clock.now())
+
+    def secagg_share_keys(self, p: Participation, message: ShareKeysResponse) -> None:
+        task, rnd, secure = self._secure_seat(p)
+        secure.share_keys(p.device_id, message)
+        self._advance(task, self._clock.now())
+
+    def secagg_masked_input(self, p: Participation, vector: RingVector,
+                            metrics: Mapping[str, float], clipped: int) -> None:
+        task, rnd, secure = self._secure_seat(p)
+        _check_metrics(metrics)
+        expected = task.model.nbytes // 4 + 1
+        if len(vector) != expected:
+            raise InvalidRequest(f"masked input has {len(vector)} values; this model's update "
+                                 f"encodes to {expected} (parameters and the weight)")
+        if clipped < 0 or clipped > len(vector):
+            raise InvalidRequest(f"clipped_values {clipped} is not a count of coordinates")
+        secure.masked_input(p.device_id, vector, clipped)
+        # The example count stays masked: only the round's total is ever known.
+        self._store.set_participant_state(
+            rnd.round_id, p.device_id, ParticipantState.REPORTED, now=self._clock.now(),
+            metrics=dict(metrics),
+        )
+        rnd.reported.add(p.device_id)
+        _fold_metrics(rnd, metrics, 1.0)
+        self._advance(task, self._clock.now())
+
+    def secagg_unmask(self, p: Participation, message: UnmaskResponse) -> None:
+        task, rnd, secure = self._secure_seat(p)
+        secure.unmask(p.device_id, message)
+        self._advance(task, self._clock.now())
+
+    def secagg_reply(self, p: Participation, after: Stage) -> object | None:
+        """The device's message for the stage after ``after`` once ``after`` closed; None
+        while it is open. Raises Late once the device or the round is out of the protocol."""
+        task = self._tasks.get(p.task_id)
+        if task is not None:
+            self._advance(task, self._clock.now())
+        _, _, secure = self._secure_seat(p)
+        return secure.reply(p.device_id, after)
+
+    def _secure_seat(self, p: Participation) -> tuple[_Task, _OpenRound, SecureRound]:
+        task, rnd, _ = self._seat(p)
+        if rnd.secure is None:
+            raise InvalidRequest(f"task {p.task_id} does not use secure aggregation")
+        return task, rnd, rnd.secure
+
+    def _advance_secure(self, task: _Task, rnd: _OpenRound, secure: SecureRound,
+                        now: float) -> None:
+        spec = task.spec
+        pending = len(rnd.seats) - secure.server.advertised - len(rnd.errored)
+        if rnd.state is not RoundState.TRAINING:
+            pending = max(pending, 1)  # more devices may still be admitted
+        try:
+            while secure.due(now, rnd.deadline, pending):
+                if secure.stage is Stage.ADVERTISE and (
+                    secure.server.advertised < spec.min_reports
+                ):
+                    self._fail_round(
+                        task, rnd, now,
+                        f"deadline passed with {secure.server.advertised} of the "
+                        f"{spec.min_reports} key advertisements needed for secure aggregation "
+                        f"({len(rnd.seats)} admitted, {len(rnd.errored)} errored)",
+                    )
+                    return
+                stage = secure.stage
+                if stage is Stage.ADVERTISE:
+                    self._start_training(rnd, now)  # the cohort is fixed from here on
+                secure.close_stage(now)
+                self._progress()
+                if stage is Stage.MASKED_INPUT and len(rnd.reported) < spec.min_reports:
+                    raise secure.server.abort(f"only {len(rnd.reported)} masked inputs "
+                                              f"arrived; min_reports is {spec.min_reports}")
+                if secure.result is not None:
+                    try:
+                        self._commit_secure(task, rnd, secure, now)
+                    except Exception as exc:  # a round must never stay open half-done
+                        log.exception("committing secure round %d failed", rnd.round_number)
+                        self._fail_round(task, rnd, now, f"committing the secure aggregate "
+                                         f"failed: {type(exc).__name__}: {exc}")
+                    return
+        except SecAggAborted as exc:
+            self._fail_round(task, rnd, now, f"secure aggregation aborted: {exc}")
+
+    def _commit_secure(self, task: _Task, rnd: _OpenRound, secure: SecureRound,
+                       now: float) -> None:
+        result = secure.result
+        assert result is not None
+        params = secure.plan.params
+        mean, weight = encoding.decode_mean(result.total, len(result.survivors), params)
+        extra = {
+            "examples": float(weight),
+            "reports": float(len(result.survivors)),
+            "secagg_dropped": float(len(result.dropped)),
+            "secagg_clipped_values": float(secure.clipped_values),
+            "secagg_neighbours": float(params.neighbours),
+            "secagg_threshold": float(params.threshold),
+            "secagg_max_error": encoding.max_mean_error(len(result.survivors), weight, params),
+        }
+        self._commit(task, rnd, mean, now, extra)
+
     def tick(self) -> None:
         """Drives deadlines and selection windows; call it periodically (e.g. every 100 ms)."""
         now = self._clock.now()
@@ -497,8 +639,10 @@ class CoordinatorService:
             if chosen:
                 self._admit(task, rnd, chosen, now)
         if rnd.state is RoundState.SELECTING and len(rnd.seats) >= target:
-            self._store.set_round_state(rnd.round_id, RoundState.TRAINING, now=now)
-            rnd.state = RoundState.TRAINING
+            self._start_training(rnd, now)
+        if rnd.secure is not None:
+            self._advance_secure(task, rnd, rnd.secure, now)
+            return
         reports = len(rnd.reported)
         pending = len(rnd.seats) - reports - len(rnd.errored)
         if reports >= spec.clients_per_round:
@@ -515,6 +659,11 @@ class CoordinatorService:
                     f"{why} with {reports} of the {spec.min_reports} reports needed "
                     f"({len(rnd.seats)} admitted, {len(rnd.errored)} errored)",
                 )
+
+    def _start_training(self, rnd: _OpenRound, now: float) -> None:
+        if rnd.state is RoundState.SELECTING:
+            self._store.set_round_state(rnd.round_id, RoundState.TRAINING, now=now)
+            rnd.state = RoundState.TRAINING
 
     def _admit(self, task: _Task, rnd: _OpenRound, devices: list[str], now: float) -> list[_Seat]:
         seats = []
@@ -543,6 +692,12 @@ class CoordinatorService:
         rec = self._store.open_round(
             task.task_id, record.rounds_committed + 1, spec.clients_per_round, now, deadline
         )
+        secure = None
+        if task.secagg is not None:
+            assert spec.secure_aggregation is not None
+            context = f"fedcoord/v1/{task.task_id}/round/{rec.round_number}/{rec.round_id}"
+            plan = SecAggPlan(task.secagg, context.encode(), spec.secure_aggregation.phase_timeout_s)
+            secure = SecureRound.open(plan, goal=spec.clients_per_round)
         task.round = _OpenRound(
             round_id=rec.round_id,
             round_number=rec.round_number,
@@ -550,7 +705,8 @@ class CoordinatorService:
             started=now,
             deadline=deadline,
             selection_closes=now + spec.selection_window_s,
-            accumulator=StreamingWeightedMean(task.model.nbytes // 4),
+            accumulator=StreamingWeightedMean(0 if secure else task.model.nbytes // 4),
+            secure=secure,
         )
 
     def _fail_round(self, task: _Task, rnd: _OpenRound, now: float, reason: str) -> None:
@@ -559,6 +715,7 @@ class CoordinatorService:
         task.round = None
         task.closed_seats = rnd.seats
         task.failed_attempts += 1
+        self._progress()
         if task.failed_attempts >= self.config.max_failed_attempts:
             self._store.set_task_state(
                 task.task_id, TaskState.FAILED,
@@ -569,10 +726,15 @@ class CoordinatorService:
         self._open_next_round(task, now)
 
     def _aggregate(self, task: _Task, rnd: _OpenRound, now: float) -> None:
+        self._commit(task, rnd, rnd.accumulator.mean(), now, {})
+
+    def _commit(self, task: _Task, rnd: _OpenRound, mean: np.ndarray, now: float,
+                extra_metrics: Mapping[str, float]) -> None:
+        """Applies the round's mean update with the server optimizer and commits the model."""
+        self._start_training(rnd, now)
         self._store.set_round_state(rnd.round_id, RoundState.AGGREGATING, now=now)
         rnd.state = RoundState.AGGREGATING
         try:
-            mean = rnd.accumulator.mean()
             delta = from_raw_bytes(mean.astype("<f4").tobytes(), task.model.infos)
             params, opt_state = apply_server_optimizer(
                 task.model.params, delta, task.spec.server, task.model.optimizer_state
@@ -589,6 +751,7 @@ class CoordinatorService:
             "examples": float(rnd.examples),
             "admitted": float(len(rnd.seats)),
             "round_seconds": now - rnd.started,
+            **extra_metrics,
         }
         for name, total in rnd.metric_sums.items():
             metrics[name] = total / rnd.metric_weights[name]
@@ -597,6 +760,7 @@ class CoordinatorService:
         task.round = None
         task.closed_seats = rnd.seats
         task.failed_attempts = 0
+        self._progress()
         log.info("task %s committed round %d (model v%d, %d reports)",
                  task.task_id, rnd.round_number, version, len(rnd.reported))
         if task.spec.evaluation.server_data:
@@ -718,6 +882,15 @@ class _ServerEvaluator:
         return evaluate(model, data.x_test, data.y_test)
 
 
+def _secagg_params(spec: TaskSpec) -> SecAggParams | None:
+    if spec.secure_aggregation is None:
+        return None
+    try:
+        return derive(spec.secure_aggregation, spec.selection_target)
+    except SecAggParamError as exc:
+        raise InvalidRequest(f"spec.secure_aggregation: {exc}") from None
+
+
 def _fold_metrics(rnd: _OpenRound, metrics: Mapping[str, float], examples: float) -> None:
     """Adds a report's metrics to the round's weighted means: ``eval_*`` metrics weigh by the
     device's ``eval_examples``, all others by its training examples."""
@@ -777,6 +950,13 @@ def _json_loads(text: str) -> dict[str, object]:
 
 
 __all__ = [
+    "KeyAdvertisement",
+    "MaskedInputRequest",
+    "ShareKeysRequest",
+    "ShareKeysResponse",
+    "Stage",
+    "UnmaskRequest",
+    "UnmaskResponse",
     "CheckInOutcome",
     "CheckInResult",
     "CoordinatorService",

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
+from coordinator.rounds.errors import Unavailable
 from coordinator.rounds.service import (
     CheckInOutcome,
     CoordinatorService,
+    KeyAdvertisement,
+    MaskedInputRequest,
     Participation,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    Stage,
+    UnmaskRequest,
+    UnmaskResponse,
     UpdateHeader,
 )
 from coordinator.transport.blobs import model_messages
@@ -36,9 +45,34 @@ def _participation(msg: device_pb2.Participation) -> Participation:
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, service: CoordinatorService, *, idle_timeout_s: float = 30.0) -> None:
+    def __init__(self, service: CoordinatorService, *, idle_timeout_s: float = 30.0,
+                 max_stage_wait_s: float = 24 * 3600.0) -> None:
         self._service = service
         self._idle_timeout_s = idle_timeout_s
+        self._max_stage_wait_s = max_stage_wait_s
+        self._progress = asyncio.Event()
+        service.add_progress_listener(self._wake_waiters)
+
+    def _wake_waiters(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def _reply_after(self, p: Participation, stage: Stage) -> object:
+        """Waits until ``stage`` closes and returns this device's next message. The service
+        closes every stage by a deadline (driven by its tick), so the wait is bounded; the
+        extra cap guards against a bug, not a normal path."""
+        give_up = time.monotonic() + self._max_stage_wait_s
+        while True:
+            event = self._progress
+            reply = self._service.secagg_reply(p, stage)
+            if reply is not None:
+                return reply
+            if time.monotonic() > give_up:
+                raise Unavailable(f"the {stage.name.lower()} stage did not close in time")
+            try:
+                await asyncio.wait_for(event.wait(), timeout=0.25)
+            except TimeoutError:
+                pass
 
     async def _next(
         self, messages: AsyncIterator[device_pb2.UploadUpdateRequest]
@@ -91,6 +125,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             max_chunk_bytes=plan.max_chunk_bytes,
             update_tensors=convert.tensor_infos_to_proto(plan.update_tensors),
             seed=plan.seed,
+            secure_aggregation=(convert.secagg_plan_to_proto(plan.secure_aggregation)
+                                if plan.secure_aggregation is not None else None),
         )
 
     async def DownloadModel(
@@ -140,6 +176,64 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             _participation(request.participation), dict(request.metrics), request.error
         )
         return device_pb2.ReportStatusResponse()
+
+
+    # ---------------------------------------------------------------- secure aggregation
+
+    @maps_errors
+    async def SecAggAdvertiseKeys(
+        self, request: device_pb2.SecAggAdvertiseKeysRequest, context: Context
+    ) -> device_pb2.SecAggShareKeysInstruction:
+        check_api_version(request.api_version)
+        p = _participation(request.participation)
+        self._service.secagg_advertise(p, KeyAdvertisement(
+            bytes(request.encryption_public_key), bytes(request.mask_public_key),
+            bytes(request.config_hash)))
+        reply = await self._reply_after(p, Stage.ADVERTISE)
+        assert isinstance(reply, ShareKeysRequest)
+        out: device_pb2.SecAggShareKeysInstruction = convert.share_keys_instruction_to_proto(reply)
+        return out
+
+    @maps_errors
+    async def SecAggShareKeys(
+        self, request: device_pb2.SecAggShareKeysRequest, context: Context
+    ) -> device_pb2.SecAggMaskInstruction:
+        check_api_version(request.api_version)
+        p = _participation(request.participation)
+        self._service.secagg_share_keys(p, ShareKeysResponse(
+            convert.ciphertexts_from_proto(request.ciphertexts)))
+        reply = await self._reply_after(p, Stage.SHARE_KEYS)
+        assert isinstance(reply, MaskedInputRequest)
+        return device_pb2.SecAggMaskInstruction(
+            ciphertexts=convert.ciphertexts_to_proto(reply.ciphertexts))
+
+    @maps_errors
+    async def SecAggMaskedInput(
+        self, request: device_pb2.SecAggMaskedInputRequest, context: Context
+    ) -> device_pb2.SecAggUnmaskInstruction:
+        check_api_version(request.api_version)
+        p = _participation(request.participation)
+        plan = self._service.get_plan(p).secure_aggregation
+        if plan is None:
+            raise convert.WireFormatError("this task does not use secure aggregation")
+        vector = convert.ring_vector_from_bytes(request.masked_input, plan.params.ring_bits)
+        self._service.secagg_masked_input(p, vector, dict(request.metrics),
+                                          request.clipped_values)
+        reply = await self._reply_after(p, Stage.MASKED_INPUT)
+        assert isinstance(reply, UnmaskRequest)
+        out: device_pb2.SecAggUnmaskInstruction = convert.unmask_instruction_to_proto(reply)
+        return out
+
+    @maps_errors
+    async def SecAggUnmask(
+        self, request: device_pb2.SecAggUnmaskRequest, context: Context
+    ) -> device_pb2.SecAggUnmaskResponse:
+        check_api_version(request.api_version)
+        p = _participation(request.participation)
+        self._service.secagg_unmask(p, UnmaskResponse(
+            convert.shares_from_proto(request.seed_shares),
+            convert.shares_from_proto(request.key_shares)))
+        return device_pb2.SecAggUnmaskResponse(message="shares accepted")
 
 
 def _update_header(msg: device_pb2.UpdateHeader) -> UpdateHeader:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import grpc
 
 from coordinator.rounds import errors as e
+from coordinator.rounds.secure import Aborted
 from coordinator.storage import errors as storage_errors
 from core.types import API_VERSION
 from protos.convert import WireFormatError
@@ -28,6 +29,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     e.NotSelected: grpc.StatusCode.PERMISSION_DENIED,
     e.Duplicate: grpc.StatusCode.ALREADY_EXISTS,
     e.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Aborted: grpc.StatusCode.ABORTED,
     e.Late: grpc.StatusCode.FAILED_PRECONDITION,
     e.Unavailable: grpc.StatusCode.UNAVAILABLE,
     storage_errors.NotFound: grpc.StatusCode.NOT_FOUND,

@@ -25,14 +25,13 @@ k = n - 1 is the original protocol of Bonawitz et al. (2017).
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from core.errors import CoreError
+from core.types import SecAggAdversary, SecAggProtocol, SecureAggregation
 
 SECURITY_BITS = 40
 CORRECTNESS_BITS = 20
@@ -42,26 +41,9 @@ class SecAggParamError(CoreError):
     """The settings cannot be made secure and correct; the message names the bound."""
 
 
-class Adversary(enum.Enum):
-    SEMI_HONEST = "semi-honest"
-    SEMI_MALICIOUS = "semi-malicious"
-
-
-@dataclass(frozen=True)
-class SecAggConfig:
-    """The task's ``secure_aggregation`` section. None means "derive it"."""
-
-    complete_graph: bool = False  # protocol "secagg" (Bonawitz 2017) rather than "secagg+"
-    neighbours: int | None = None
-    threshold: float | None = None  # fraction of the k + 1 holders
-    clip: float = 1.0  # each coordinate of the (weight-scaled) update is clipped to +-clip
-    value_bits: int | None = None
-    expected_dropout: float = 0.1
-    corrupt_fraction: float = 0.05
-    adversary: Adversary = Adversary.SEMI_MALICIOUS
-    #: A device's FedAvg weight is min(examples, weight_cap), sent as a masked coordinate.
-    weight_cap: int = 1024
-    phase_timeout_s: float = 30.0
+#: The task's ``secure_aggregation`` section (core.types) is this module's input.
+SecAggConfig = SecureAggregation
+Adversary = SecAggAdversary
 
 
 @dataclass(frozen=True)
@@ -91,7 +73,7 @@ def derive(config: SecAggConfig, num_devices: int) -> SecAggParams:
     n = num_devices
     if n < 3:
         raise SecAggParamError(f"secure aggregation needs at least 3 devices, got {n}")
-    a, d = config.corrupt_fraction, config.expected_dropout
+    a, d = config.corrupt_fraction, config.dropout
     if not (0 <= a < 1 and 0 <= d < 1):
         raise SecAggParamError(f"corrupt_fraction and dropout must be in [0, 1), got {a}, {d}")
     if config.adversary is Adversary.SEMI_MALICIOUS and a + 2 * d > 0.9:
@@ -104,8 +86,8 @@ def derive(config: SecAggConfig, num_devices: int) -> SecAggParams:
                                "semi-honest server")
     if config.weight_cap < 1:
         raise SecAggParamError(f"weight_cap must be at least 1, got {config.weight_cap}")
-    value_bits, ring_bits = _bits(config.value_bits, n, config.weight_cap)
-    if config.complete_graph or (config.neighbours is not None and config.neighbours >= n - 1):
+    value_bits, ring_bits = _bits(config.bits, n, config.weight_cap)
+    if config.protocol is SecAggProtocol.SECAGG or (config.neighbours is not None and config.neighbours >= n - 1):
         candidates = [n - 1]
     elif config.neighbours is not None:
         k = config.neighbours
@@ -131,9 +113,11 @@ def derive(config: SecAggConfig, num_devices: int) -> SecAggParams:
 def _threshold_for(config: SecAggConfig, n: int, k: int, reasons: list[str]
                    ) -> tuple[int, float, float] | None:
     """The smallest secure and correct threshold at degree k, or None (reason appended)."""
+    from scipy import stats  # imported here: slow, and only needed when deriving
+
     m = k + 1
     corrupt = math.floor(config.corrupt_fraction * n)
-    d = config.expected_dropout
+    d = config.dropout
     ts = np.arange(1, m + 1)
     # c ~ Hyp(n-1, C, k): corrupt holders among an honest device's k neighbours.
     if config.adversary is Adversary.SEMI_MALICIOUS:

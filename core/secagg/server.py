@@ -168,7 +168,7 @@ class SecAggServer(Generic[P]):
         for u in self._u1:
             live = len(self._holders[u] & u2) + (1 if u in u2 else 0)
             if live < self.params.threshold:
-                raise self._abort(
+                raise self.abort(
                     f"participant {u} keeps {live} live holders of its shares after the "
                     f"masked-input stage; {self.params.threshold} are needed"
                 )
@@ -215,7 +215,7 @@ class SecAggServer(Generic[P]):
             seeds = {u: self._rebuild(u, s, "self-mask seed") for u, s in seed_shares.items()}
             mask_keys = {u: self._rebuild(u, s, "mask key") for u, s in key_shares.items()}
         except shamir.ShamirError as exc:
-            raise self._abort(str(exc)) from None
+            raise self.abort(str(exc)) from None
         assert self._total is not None
         bits = self.params.ring_bits
         total, self._total = self._total, None
@@ -226,7 +226,7 @@ class SecAggServer(Generic[P]):
             try:
                 private = keys.private_from_bytes(raw)
             except keys.CryptoError as exc:
-                raise self._abort(f"participant {u}'s mask key: {exc}") from None
+                raise self.abort(f"participant {u}'s mask key: {exc}") from None
             for v in self._holders[u] & u2:
                 seed = keys.agree(private, self._adverts[self._who[v]].mask_public,
                                   context=pair_context(self._context, b"mask", v, u))
@@ -239,11 +239,15 @@ class SecAggServer(Generic[P]):
 
     def _rebuild(self, owner: int, shares: dict[int, bytes], what: str) -> bytes:
         if len(shares) < self.params.threshold:
-            raise self._abort(f"only {len(shares)} shares of participant {owner}'s {what} "
+            raise self.abort(f"only {len(shares)} shares of participant {owner}'s {what} "
                                 f"arrived; {self.params.threshold} are needed")
         return shamir.combine(shares, threshold=self.params.threshold)
 
     # ---------------------------------------------------------------- helpers
+
+    @property
+    def advertised(self) -> int:
+        return len(self._adverts)
 
     @property
     def participants(self) -> dict[P, int]:
@@ -263,10 +267,11 @@ class SecAggServer(Generic[P]):
 
     def _need(self, count: int, what: str) -> None:
         if count < self.params.threshold:
-            raise self._abort(f"only {count} participants {what}; the threshold is "
+            raise self.abort(f"only {count} participants {what}; the threshold is "
                                 f"{self.params.threshold}")
 
-    def _abort(self, reason: str) -> SecAggAborted:
+    def abort(self, reason: str) -> SecAggAborted:
+        """Ends the round releasing nothing; returns the error to raise."""
         self.aborted = reason
         self.stage = Stage.DONE
         self._total = None

@@ -8,16 +8,38 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from core.data.dataset import LocalDataset
-from core.protocol import CheckInOutcome, CheckInResult, Participation, Plan, UpdateHeader
+from core.errors import CoreError
+from core.protocol import (
+    CheckInOutcome,
+    CheckInResult,
+    Participation,
+    Plan,
+    UpdateHeader,
+    config_hash,
+)
+from core.secagg.client import SecAggClient, SecAggRefused
+from core.secagg.encoding import encode_update
+from core.secagg.messages import (
+    KeyAdvertisement,
+    MaskedInputRequest,
+    RingVector,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 from core.types import DeviceAttributes
 from device_agent.errors import AgentError, BadPayload, Rejected, RoundOver, Unreachable
+from device_agent.runtime.faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +64,19 @@ class Coordinator(Protocol):
     def report_status(
         self, p: Participation, *, metrics: dict[str, float] | None = None, error: str = ""
     ) -> None: ...
+
+    def secagg_advertise(self, p: Participation, message: KeyAdvertisement, *,
+                         wait_s: float) -> ShareKeysRequest: ...
+
+    def secagg_share_keys(self, p: Participation, message: ShareKeysResponse, *,
+                          wait_s: float) -> MaskedInputRequest: ...
+
+    def secagg_masked_input(self, p: Participation, vector: RingVector,
+                            metrics: Mapping[str, float], clipped: int, *,
+                            wait_s: float) -> UnmaskRequest: ...
+
+    def secagg_unmask(self, p: Participation, message: UnmaskResponse, *,
+                      wait_s: float) -> None: ...
 
 
 @dataclass
@@ -115,12 +150,22 @@ class Device:
             plan = self.coordinator.get_plan(p)
             model_bytes = self.coordinator.download_model(p, plan)
             header, payload = self._train(p, plan, model_bytes)
-            self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
+            if plan.secure_aggregation is not None:
+                self._secure_upload(p, plan, header, payload)
+            else:
+                self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
             self.stats.updates_accepted += 1
             self.stats.history.append(f"round {p.round_number}: accepted")
         except RoundOver as exc:
             self.stats.history.append(f"round {p.round_number}: {exc.code}")
             log.info("%s: round %d moved on: %s", self.device_id, p.round_number, exc.message)
+        except SecAggRefused as exc:
+            # The coordinator deviated from the protocol: stop, reveal nothing more.
+            self.stats.updates_rejected += 1
+            self.stats.last_error = f"secure aggregation refused: {exc}"
+            log.error("%s: round %d: secure aggregation refused: %s", self.device_id,
+                      p.round_number, exc)
+            self._report_error(p, f"secure aggregation refused: {exc}")
         except (Rejected, BadPayload) as exc:
             self.stats.updates_rejected += 1
             self.stats.last_error = str(exc)
@@ -130,6 +175,39 @@ class Device:
             raise
         except AgentError as exc:
             self._report_error(p, str(exc))
+
+    def _secure_upload(self, p: Participation, plan: Plan, header: UpdateHeader,
+                       payload: bytes) -> None:
+        """The four SecAgg+ stages; the update only ever leaves masked."""
+        sa = plan.secure_aggregation
+        assert sa is not None
+        client = SecAggClient(sa.params, sa.context, config_hash(plan))
+        try:
+            encoded = encode_update(np.frombuffer(payload, dtype="<f4"), header.num_examples,
+                                    sa.params, np.random.default_rng())
+        except CoreError as exc:
+            raise SecAggRefused(f"cannot encode the update: {exc}") from None
+        step = sa.phase_timeout_s + 10.0
+        first = max(plan.deadline - time.time(), 0.0) + step
+        crash_point("secagg.advertise", p.round_number)
+        share_req = self.coordinator.secagg_advertise(p, client.advertise(), wait_s=first)
+        log.info("%s: round %d: secure aggregation: keys advertised, participant %d",
+                 self.device_id, p.round_number, share_req.index)
+        crash_point("secagg.share_keys", p.round_number)
+        mask_req = self.coordinator.secagg_share_keys(p, client.share_keys(share_req),
+                                                      wait_s=step)
+        log.info("%s: round %d: secure aggregation: shares sent", self.device_id,
+                 p.round_number)
+        crash_point("secagg.masked_input", p.round_number)
+        unmask_req = self.coordinator.secagg_masked_input(
+            p, client.mask(mask_req, encoded.vector), header.metrics, encoded.clipped,
+            wait_s=step)
+        log.info("%s: round %d: secure aggregation: masked input sent", self.device_id,
+                 p.round_number)
+        crash_point("secagg.unmask", p.round_number)
+        self.coordinator.secagg_unmask(p, client.unmask(unmask_req), wait_s=step)
+        log.info("%s: round %d: secure aggregation: unmasking shares sent", self.device_id,
+                 p.round_number)
 
     def _report_error(self, p: Participation, error: str) -> None:
         try:

@@ -18,6 +18,15 @@ from typing import TypeVar
 import grpc
 
 from core.protocol import CheckInOutcome, CheckInResult, Participation, Plan, UpdateHeader
+from core.secagg.messages import (
+    KeyAdvertisement,
+    MaskedInputRequest,
+    RingVector,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from core.types import API_VERSION, DeviceAttributes
 from device_agent.errors import BadPayload, Rejected, RoundOver, Unreachable
 from protos import convert
@@ -27,7 +36,7 @@ T = TypeVar("T")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _ROUND_OVER = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
-               grpc.StatusCode.ALREADY_EXISTS}
+               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED}
 _OUTCOMES = {
     device_pb2.CheckInResponse.ACCEPTED: CheckInOutcome.ACCEPTED,
     device_pb2.CheckInResponse.RETRY_LATER: CheckInOutcome.RETRY_LATER,
@@ -55,7 +64,7 @@ class DeviceClient:
         *,
         policy: RetryPolicy | None = None,
         stop: threading.Event | None = None,
-        max_message_bytes: int = 8 << 20,
+        max_message_bytes: int = 64 << 20,
     ) -> None:
         self.target = target
         self.policy = policy or RetryPolicy()
@@ -111,6 +120,8 @@ class DeviceClient:
             max_chunk_bytes=resp.max_chunk_bytes,
             update_tensors=convert.tensor_infos_from_proto(resp.update_tensors),
             seed=resp.seed,
+            secure_aggregation=(convert.secagg_plan_from_proto(resp.secure_aggregation)
+                                if resp.HasField("secure_aggregation") else None),
         )
 
     def download_model(self, p: Participation, plan: Plan) -> bytes:
@@ -174,7 +185,64 @@ class DeviceClient:
         )
         self._retrying(lambda: self._stub.ReportStatus(req, timeout=self.policy.call_timeout_s))
 
+    # -- secure aggregation: each call waits for its stage to close ----------------
+
+    def secagg_advertise(self, p: Participation, message: KeyAdvertisement, *,
+                         wait_s: float) -> ShareKeysRequest:
+        req = device_pb2.SecAggAdvertiseKeysRequest(
+            api_version=API_VERSION, participation=_participation(p),
+            encryption_public_key=message.encryption_public,
+            mask_public_key=message.mask_public, config_hash=message.config_hash,
+        )
+        resp = self._once(lambda: self._stub.SecAggAdvertiseKeys(req, timeout=wait_s))
+        out: ShareKeysRequest = convert.share_keys_instruction_from_proto(resp)
+        return out
+
+    def secagg_share_keys(self, p: Participation, message: ShareKeysResponse, *,
+                          wait_s: float) -> MaskedInputRequest:
+        req = device_pb2.SecAggShareKeysRequest(
+            api_version=API_VERSION, participation=_participation(p),
+            ciphertexts=convert.ciphertexts_to_proto(message.ciphertexts),
+        )
+        resp = self._once(lambda: self._stub.SecAggShareKeys(req, timeout=wait_s))
+        return MaskedInputRequest(convert.ciphertexts_from_proto(resp.ciphertexts))
+
+    def secagg_masked_input(self, p: Participation, vector: RingVector,
+                            metrics: Mapping[str, float], clipped: int, *,
+                            wait_s: float) -> UnmaskRequest:
+        req = device_pb2.SecAggMaskedInputRequest(
+            api_version=API_VERSION, participation=_participation(p),
+            masked_input=convert.ring_vector_to_bytes(vector), metrics=dict(metrics),
+            clipped_values=clipped,
+        )
+        resp = self._once(lambda: self._stub.SecAggMaskedInput(req, timeout=wait_s))
+        out: UnmaskRequest = convert.unmask_instruction_from_proto(resp)
+        return out
+
+    def secagg_unmask(self, p: Participation, message: UnmaskResponse, *, wait_s: float) -> None:
+        req = device_pb2.SecAggUnmaskRequest(
+            api_version=API_VERSION, participation=_participation(p),
+            seed_shares=convert.shares_to_proto(message.seed_shares),
+            key_shares=convert.shares_to_proto(message.key_shares),
+        )
+        self._once(lambda: self._stub.SecAggUnmask(req, timeout=wait_s))
+
     # -- retries -------------------------------------------------------------
+
+    def _once(self, call: Callable[[], T]) -> T:
+        """A protocol step is not idempotent: it is sent once; failure ends this device's part
+        (the protocol tolerates dropouts), mapped like any other error."""
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            details = exc.details() or ""
+            if code in _ROUND_OVER or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RoundOver(code.name, details) from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise RoundOver(code.name, f"coordinator unavailable during secure "
+                                f"aggregation: {details}") from None
+            raise Rejected(code.name, details) from None
 
     def _retrying(self, call: Callable[[], T]) -> T:
         started = time.monotonic()

@@ -89,13 +89,15 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
 
 def start_agent(target: str, device_id: str, data: str, *, devices: int = 1,
                 task_id: str | None = None, extra: list[str] | None = None,
-                log: Path | None = None) -> subprocess.Popen[bytes]:
-    cmd = [*FEDCTL, "agent", "run", "--coordinator", target, "--device-id", device_id,
+                log: Path | None = None, verbose: bool = False,
+                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    cmd = [*FEDCTL, *(["-v"] if verbose else []), "agent", "run", "--coordinator", target, "--device-id", device_id,
            "--data", data, "--devices", str(devices), "--give-up-after", "60"]
     if task_id:
         cmd += ["--task", task_id]
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(cmd + (extra or []), stdout=out, stderr=subprocess.STDOUT, env=ENV)
+    return subprocess.Popen(cmd + (extra or []), stdout=out, stderr=subprocess.STDOUT,
+                            env={**ENV, **(env or {})})
 
 
 def wait_for_task(client: AdminClient, task_id: str, *, timeout_s: float = 240,
@@ -141,7 +143,7 @@ selection_window_s: {selection_window_s}
 local: {{epochs: 2, batch_size: 16, optimizer: sgd, learning_rate: 0.1}}
 server: {{kind: fedavg, learning_rate: 1.0}}
 evaluation: {{fraction: 0.5, server_data: "digits:split=test"}}
-"""
+{extra}"""
 
 
 def write_task(path: Path, **overrides: object) -> Path:
@@ -149,6 +151,7 @@ def write_task(path: Path, **overrides: object) -> Path:
         name="it", architecture="logistic_regression",
         arguments="{input_dim: 64, num_classes: 10}", rounds=2, clients_per_round=4,
         min_reports=3, over_selection=1.0, round_deadline_s=60, selection_window_s=1.0,
+        extra="",
     )
     values.update(overrides)
     path.write_text(TASK_TEMPLATE.format(**values))

@@ -113,7 +113,7 @@ class Evaluation(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., server_data: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "model", "rounds", "clients_per_round", "min_reports", "population", "eligibility", "over_selection", "round_deadline_s", "selection_window_s", "local", "server", "evaluation", "max_update_bytes", "seed")
+    __slots__ = ("name", "model", "rounds", "clients_per_round", "min_reports", "population", "eligibility", "over_selection", "round_deadline_s", "selection_window_s", "local", "server", "evaluation", "max_update_bytes", "seed", "secure_aggregation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class TaskSpec(_message.Message):
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     rounds: int
@@ -144,4 +145,29 @@ class TaskSpec(_message.Message):
     evaluation: Evaluation
     max_update_bytes: int
     seed: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_reports: _Optional[int] = ..., population: _Optional[str] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., over_selection: _Optional[float] = ..., round_deadline_s: _Optional[float] = ..., selection_window_s: _Optional[float] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    secure_aggregation: SecureAggregation
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_reports: _Optional[int] = ..., population: _Optional[str] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., over_selection: _Optional[float] = ..., round_deadline_s: _Optional[float] = ..., selection_window_s: _Optional[float] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ...) -> None: ...
+
+class SecureAggregation(_message.Message):
+    __slots__ = ("protocol", "neighbours", "threshold", "clip", "bits", "dropout", "corrupt_fraction", "adversary", "weight_cap", "phase_timeout_s")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ADVERSARY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    protocol: str
+    neighbours: int
+    threshold: float
+    clip: float
+    bits: int
+    dropout: float
+    corrupt_fraction: float
+    adversary: str
+    weight_cap: int
+    phase_timeout_s: float
+    def __init__(self, protocol: _Optional[str] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[float] = ..., clip: _Optional[float] = ..., bits: _Optional[int] = ..., dropout: _Optional[float] = ..., corrupt_fraction: _Optional[float] = ..., adversary: _Optional[str] = ..., weight_cap: _Optional[int] = ..., phase_timeout_s: _Optional[float] = ...) -> None: ...

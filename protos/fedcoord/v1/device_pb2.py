@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos.fedcoord.v1 import common_pb2 as protos_dot_fedcoord_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/fedcoord/v1/device.proto\x12\x0b\x66\x65\x64\x63oord.v1\x1a\x1fprotos/fedcoord/v1/common.proto\"|\n\x0e\x43heckInRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x31\n\nattributes\x18\x03 \x01(\x0b\x32\x1d.fedcoord.v1.DeviceAttributes\x12\x0f\n\x07task_id\x18\x04 \x01(\t\"\x93\x02\n\x0f\x43heckInResponse\x12\x35\n\x07outcome\x18\x01 \x01(\x0e\x32$.fedcoord.v1.CheckInResponse.Outcome\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cround_number\x18\x03 \x01(\x04\x12\x1b\n\x13participation_token\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x04\x12\x0f\n\x07message\x18\x06 \x01(\t\"\\\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\x0f\n\x0bRETRY_LATER\x10\x02\x12\x0b\n\x07NO_TASK\x10\x03\x12\x0c\n\x08\x46INISHED\x10\x04\"X\n\rParticipation\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cround_number\x18\x03 \x01(\x04\x12\r\n\x05token\x18\x04 \x01(\t\"X\n\x0eGetPlanRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\"\xef\x02\n\x0fGetPlanResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cround_number\x18\x02 \x01(\x04\x12%\n\x05model\x18\x03 \x01(\x0b\x32\x16.fedcoord.v1.ModelSpec\x12\x15\n\rmodel_version\x18\x04 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x05 \x01(\t\x12\x18\n\x10model_size_bytes\x18\x06 \x01(\x04\x12)\n\x05local\x18\x07 \x01(\x0b\x32\x1a.fedcoord.v1.LocalTraining\x12\x10\n\x08\x65valuate\x18\x08 \x01(\x08\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\t \x01(\x04\x12\x18\n\x10max_update_bytes\x18\n \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x0b \x01(\x04\x12/\n\x0eupdate_tensors\x18\x0c \x03(\x0b\x32\x17.fedcoord.v1.TensorSpec\x12\x0c\n\x04seed\x18\r \x01(\x04\"u\n\x14\x44ownloadModelRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\"^\n\x15\x44ownloadModelResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedcoord.v1.BlobHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xa4\x02\n\x0cUpdateHeader\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12(\n\x07tensors\x18\x04 \x03(\x0b\x32\x17.fedcoord.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x37\n\x07metrics\x18\x07 \x03(\x0b\x32&.fedcoord.v1.UpdateHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"^\n\x13UploadUpdateRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedcoord.v1.UpdateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"9\n\x14UploadUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xdc\x01\n\x13ReportStatusRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12>\n\x07metrics\x18\x03 \x03(\x0b\x32-.fedcoord.v1.ReportStatusRequest.MetricsEntry\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x16\n\x14ReportStatusResponse2\xa1\x03\n\rDeviceService\x12\x44\n\x07\x43heckIn\x12\x1b.fedcoord.v1.CheckInRequest\x1a\x1c.fedcoord.v1.CheckInResponse\x12\x44\n\x07GetPlan\x12\x1b.fedcoord.v1.GetPlanRequest\x1a\x1c.fedcoord.v1.GetPlanResponse\x12X\n\rDownloadModel\x12!.fedcoord.v1.DownloadModelRequest\x1a\".fedcoord.v1.DownloadModelResponse0\x01\x12U\n\x0cUploadUpdate\x12 .fedcoord.v1.UploadUpdateRequest\x1a!.fedcoord.v1.UploadUpdateResponse(\x01\x12S\n\x0cReportStatus\x12 .fedcoord.v1.ReportStatusRequest\x1a!.fedcoord.v1.ReportStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/fedcoord/v1/device.proto\x12\x0b\x66\x65\x64\x63oord.v1\x1a\x1fprotos/fedcoord/v1/common.proto\"|\n\x0e\x43heckInRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x31\n\nattributes\x18\x03 \x01(\x0b\x32\x1d.fedcoord.v1.DeviceAttributes\x12\x0f\n\x07task_id\x18\x04 \x01(\t\"\x93\x02\n\x0f\x43heckInResponse\x12\x35\n\x07outcome\x18\x01 \x01(\x0e\x32$.fedcoord.v1.CheckInResponse.Outcome\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cround_number\x18\x03 \x01(\x04\x12\x1b\n\x13participation_token\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x04\x12\x0f\n\x07message\x18\x06 \x01(\t\"\\\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\x0f\n\x0bRETRY_LATER\x10\x02\x12\x0b\n\x07NO_TASK\x10\x03\x12\x0c\n\x08\x46INISHED\x10\x04\"X\n\rParticipation\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cround_number\x18\x03 \x01(\x04\x12\r\n\x05token\x18\x04 \x01(\t\"X\n\x0eGetPlanRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\"\xa4\x03\n\x0fGetPlanResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cround_number\x18\x02 \x01(\x04\x12%\n\x05model\x18\x03 \x01(\x0b\x32\x16.fedcoord.v1.ModelSpec\x12\x15\n\rmodel_version\x18\x04 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x05 \x01(\t\x12\x18\n\x10model_size_bytes\x18\x06 \x01(\x04\x12)\n\x05local\x18\x07 \x01(\x0b\x32\x1a.fedcoord.v1.LocalTraining\x12\x10\n\x08\x65valuate\x18\x08 \x01(\x08\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\t \x01(\x04\x12\x18\n\x10max_update_bytes\x18\n \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x0b \x01(\x04\x12/\n\x0eupdate_tensors\x18\x0c \x03(\x0b\x32\x17.fedcoord.v1.TensorSpec\x12\x0c\n\x04seed\x18\r \x01(\x04\x12\x33\n\x12secure_aggregation\x18\x0e \x01(\x0b\x32\x17.fedcoord.v1.SecAggPlan\"\xbc\x01\n\nSecAggPlan\x12\x13\n\x0bnum_devices\x18\x01 \x01(\r\x12\x12\n\nneighbours\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nvalue_bits\x18\x04 \x01(\r\x12\x11\n\tring_bits\x18\x05 \x01(\r\x12\x0c\n\x04\x63lip\x18\x06 \x01(\x01\x12\x12\n\nweight_cap\x18\x07 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x08 \x01(\x0c\x12\x18\n\x10phase_timeout_ms\x18\t \x01(\x04\"\xb1\x01\n\x1aSecAggAdvertiseKeysRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12\x1d\n\x15\x65ncryption_public_key\x18\x03 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\x0c\"h\n\nSecAggPeer\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1d\n\x15\x65ncryption_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\x0c\"S\n\x1aSecAggShareKeysInstruction\x12\r\n\x05index\x18\x01 \x01(\r\x12&\n\x05peers\x18\x02 \x03(\x0b\x32\x17.fedcoord.v1.SecAggPeer\"4\n\x10SecAggCiphertext\x12\x0c\n\x04peer\x18\x01 \x01(\r\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"\x94\x01\n\x16SecAggShareKeysRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12\x32\n\x0b\x63iphertexts\x18\x03 \x03(\x0b\x32\x1d.fedcoord.v1.SecAggCiphertext\"K\n\x15SecAggMaskInstruction\x12\x32\n\x0b\x63iphertexts\x18\x01 \x03(\x0b\x32\x1d.fedcoord.v1.SecAggCiphertext\"\x85\x02\n\x18SecAggMaskedInputRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12\x14\n\x0cmasked_input\x18\x03 \x01(\x0c\x12\x43\n\x07metrics\x18\x04 \x03(\x0b\x32\x32.fedcoord.v1.SecAggMaskedInputRequest.MetricsEntry\x12\x16\n\x0e\x63lipped_values\x18\x05 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\x17SecAggUnmaskInstruction\x12\x11\n\tsurvivors\x18\x01 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\r\"+\n\x0bSecAggShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"\xba\x01\n\x13SecAggUnmaskRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12-\n\x0bseed_shares\x18\x03 \x03(\x0b\x32\x18.fedcoord.v1.SecAggShare\x12,\n\nkey_shares\x18\x04 \x03(\x0b\x32\x18.fedcoord.v1.SecAggShare\"\'\n\x14SecAggUnmaskResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"u\n\x14\x44ownloadModelRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\"^\n\x15\x44ownloadModelResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedcoord.v1.BlobHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xa4\x02\n\x0cUpdateHeader\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12(\n\x07tensors\x18\x04 \x03(\x0b\x32\x17.fedcoord.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x37\n\x07metrics\x18\x07 \x03(\x0b\x32&.fedcoord.v1.UpdateHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"^\n\x13UploadUpdateRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedcoord.v1.UpdateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"9\n\x14UploadUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xdc\x01\n\x13ReportStatusRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x31\n\rparticipation\x18\x02 \x01(\x0b\x32\x1a.fedcoord.v1.Participation\x12>\n\x07metrics\x18\x03 \x03(\x0b\x32-.fedcoord.v1.ReportStatusRequest.MetricsEntry\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x16\n\x14ReportStatusResponse2\x9d\x06\n\rDeviceService\x12\x44\n\x07\x43heckIn\x12\x1b.fedcoord.v1.CheckInRequest\x1a\x1c.fedcoord.v1.CheckInResponse\x12\x44\n\x07GetPlan\x12\x1b.fedcoord.v1.GetPlanRequest\x1a\x1c.fedcoord.v1.GetPlanResponse\x12X\n\rDownloadModel\x12!.fedcoord.v1.DownloadModelRequest\x1a\".fedcoord.v1.DownloadModelResponse0\x01\x12U\n\x0cUploadUpdate\x12 .fedcoord.v1.UploadUpdateRequest\x1a!.fedcoord.v1.UploadUpdateResponse(\x01\x12S\n\x0cReportStatus\x12 .fedcoord.v1.ReportStatusRequest\x1a!.fedcoord.v1.ReportStatusResponse\x12g\n\x13SecAggAdvertiseKeys\x12\'.fedcoord.v1.SecAggAdvertiseKeysRequest\x1a\'.fedcoord.v1.SecAggShareKeysInstruction\x12Z\n\x0fSecAggShareKeys\x12#.fedcoord.v1.SecAggShareKeysRequest\x1a\".fedcoord.v1.SecAggMaskInstruction\x12`\n\x11SecAggMaskedInput\x12%.fedcoord.v1.SecAggMaskedInputRequest\x1a$.fedcoord.v1.SecAggUnmaskInstruction\x12S\n\x0cSecAggUnmask\x12 .fedcoord.v1.SecAggUnmaskRequest\x1a!.fedcoord.v1.SecAggUnmaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.fedcoord.v1.device_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SECAGGMASKEDINPUTREQUEST_METRICSENTRY']._loaded_options = None
+  _globals['_SECAGGMASKEDINPUTREQUEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_REPORTSTATUSREQUEST_METRICSENTRY']._loaded_options = None
@@ -47,25 +49,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPLANREQUEST']._serialized_start=575
   _globals['_GETPLANREQUEST']._serialized_end=663
   _globals['_GETPLANRESPONSE']._serialized_start=666
-  _globals['_GETPLANRESPONSE']._serialized_end=1033
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1035
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1152
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1154
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1248
-  _globals['_UPDATEHEADER']._serialized_start=1251
-  _globals['_UPDATEHEADER']._serialized_end=1543
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1497
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1543
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1545
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1639
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1641
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1698
-  _globals['_REPORTSTATUSREQUEST']._serialized_start=1701
-  _globals['_REPORTSTATUSREQUEST']._serialized_end=1921
-  _globals['_REPORTSTATUSREQUEST_METRICSENTRY']._serialized_start=1497
-  _globals['_REPORTSTATUSREQUEST_METRICSENTRY']._serialized_end=1543
-  _globals['_REPORTSTATUSRESPONSE']._serialized_start=1923
-  _globals['_REPORTSTATUSRESPONSE']._serialized_end=1945
-  _globals['_DEVICESERVICE']._serialized_start=1948
-  _globals['_DEVICESERVICE']._serialized_end=2365
+  _globals['_GETPLANRESPONSE']._serialized_end=1086
+  _globals['_SECAGGPLAN']._serialized_start=1089
+  _globals['_SECAGGPLAN']._serialized_end=1277
+  _globals['_SECAGGADVERTISEKEYSREQUEST']._serialized_start=1280
+  _globals['_SECAGGADVERTISEKEYSREQUEST']._serialized_end=1457
+  _globals['_SECAGGPEER']._serialized_start=1459
+  _globals['_SECAGGPEER']._serialized_end=1563
+  _globals['_SECAGGSHAREKEYSINSTRUCTION']._serialized_start=1565
+  _globals['_SECAGGSHAREKEYSINSTRUCTION']._serialized_end=1648
+  _globals['_SECAGGCIPHERTEXT']._serialized_start=1650
+  _globals['_SECAGGCIPHERTEXT']._serialized_end=1702
+  _globals['_SECAGGSHAREKEYSREQUEST']._serialized_start=1705
+  _globals['_SECAGGSHAREKEYSREQUEST']._serialized_end=1853
+  _globals['_SECAGGMASKINSTRUCTION']._serialized_start=1855
+  _globals['_SECAGGMASKINSTRUCTION']._serialized_end=1930
+  _globals['_SECAGGMASKEDINPUTREQUEST']._serialized_start=1933
+  _globals['_SECAGGMASKEDINPUTREQUEST']._serialized_end=2194
+  _globals['_SECAGGMASKEDINPUTREQUEST_METRICSENTRY']._serialized_start=2148
+  _globals['_SECAGGMASKEDINPUTREQUEST_METRICSENTRY']._serialized_end=2194
+  _globals['_SECAGGUNMASKINSTRUCTION']._serialized_start=2196
+  _globals['_SECAGGUNMASKINSTRUCTION']._serialized_end=2257
+  _globals['_SECAGGSHARE']._serialized_start=2259
+  _globals['_SECAGGSHARE']._serialized_end=2302
+  _globals['_SECAGGUNMASKREQUEST']._serialized_start=2305
+  _globals['_SECAGGUNMASKREQUEST']._serialized_end=2491
+  _globals['_SECAGGUNMASKRESPONSE']._serialized_start=2493
+  _globals['_SECAGGUNMASKRESPONSE']._serialized_end=2532
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2534
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2651
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=2653
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=2747
+  _globals['_UPDATEHEADER']._serialized_start=2750
+  _globals['_UPDATEHEADER']._serialized_end=3042
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2148
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2194
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=3044
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=3138
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=3140
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=3197
+  _globals['_REPORTSTATUSREQUEST']._serialized_start=3200
+  _globals['_REPORTSTATUSREQUEST']._serialized_end=3420
+  _globals['_REPORTSTATUSREQUEST_METRICSENTRY']._serialized_start=2148
+  _globals['_REPORTSTATUSREQUEST_METRICSENTRY']._serialized_end=2194
+  _globals['_REPORTSTATUSRESPONSE']._serialized_start=3422
+  _globals['_REPORTSTATUSRESPONSE']._serialized_end=3444
+  _globals['_DEVICESERVICE']._serialized_start=3447
+  _globals['_DEVICESERVICE']._serialized_end=4244
 # @@protoc_insertion_point(module_scope)

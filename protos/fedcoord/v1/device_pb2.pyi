@@ -69,7 +69,7 @@ class GetPlanRequest(_message.Message):
     def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ...) -> None: ...
 
 class GetPlanResponse(_message.Message):
-    __slots__ = ("task_id", "round_number", "model", "model_version", "model_sha256", "model_size_bytes", "local", "evaluate", "deadline_unix_ms", "max_update_bytes", "max_chunk_bytes", "update_tensors", "seed")
+    __slots__ = ("task_id", "round_number", "model", "model_version", "model_sha256", "model_size_bytes", "local", "evaluate", "deadline_unix_ms", "max_update_bytes", "max_chunk_bytes", "update_tensors", "seed", "secure_aggregation")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class GetPlanResponse(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round_number: int
     model: _common_pb2.ModelSpec
@@ -96,7 +97,143 @@ class GetPlanResponse(_message.Message):
     max_chunk_bytes: int
     update_tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorSpec]
     seed: int
-    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
+    secure_aggregation: SecAggPlan
+    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ...) -> None: ...
+
+class SecAggPlan(_message.Message):
+    __slots__ = ("num_devices", "neighbours", "threshold", "value_bits", "ring_bits", "clip", "weight_cap", "context", "phase_timeout_ms")
+    NUM_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    num_devices: int
+    neighbours: int
+    threshold: int
+    value_bits: int
+    ring_bits: int
+    clip: float
+    weight_cap: int
+    context: bytes
+    phase_timeout_ms: int
+    def __init__(self, num_devices: _Optional[int] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[int] = ..., value_bits: _Optional[int] = ..., ring_bits: _Optional[int] = ..., clip: _Optional[float] = ..., weight_cap: _Optional[int] = ..., context: _Optional[bytes] = ..., phase_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class SecAggAdvertiseKeysRequest(_message.Message):
+    __slots__ = ("api_version", "participation", "encryption_public_key", "mask_public_key", "config_hash")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPATION_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    participation: Participation
+    encryption_public_key: bytes
+    mask_public_key: bytes
+    config_hash: bytes
+    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., encryption_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., config_hash: _Optional[bytes] = ...) -> None: ...
+
+class SecAggPeer(_message.Message):
+    __slots__ = ("index", "encryption_public_key", "mask_public_key", "config_hash")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    encryption_public_key: bytes
+    mask_public_key: bytes
+    config_hash: bytes
+    def __init__(self, index: _Optional[int] = ..., encryption_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., config_hash: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShareKeysInstruction(_message.Message):
+    __slots__ = ("index", "peers")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    peers: _containers.RepeatedCompositeFieldContainer[SecAggPeer]
+    def __init__(self, index: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[SecAggPeer, _Mapping]]] = ...) -> None: ...
+
+class SecAggCiphertext(_message.Message):
+    __slots__ = ("peer", "ciphertext")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    peer: int
+    ciphertext: bytes
+    def __init__(self, peer: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShareKeysRequest(_message.Message):
+    __slots__ = ("api_version", "participation", "ciphertexts")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPATION_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    participation: Participation
+    ciphertexts: _containers.RepeatedCompositeFieldContainer[SecAggCiphertext]
+    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., ciphertexts: _Optional[_Iterable[_Union[SecAggCiphertext, _Mapping]]] = ...) -> None: ...
+
+class SecAggMaskInstruction(_message.Message):
+    __slots__ = ("ciphertexts",)
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    ciphertexts: _containers.RepeatedCompositeFieldContainer[SecAggCiphertext]
+    def __init__(self, ciphertexts: _Optional[_Iterable[_Union[SecAggCiphertext, _Mapping]]] = ...) -> None: ...
+
+class SecAggMaskedInputRequest(_message.Message):
+    __slots__ = ("api_version", "participation", "masked_input", "metrics", "clipped_values")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPATION_FIELD_NUMBER: _ClassVar[int]
+    MASKED_INPUT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    CLIPPED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    participation: Participation
+    masked_input: bytes
+    metrics: _containers.ScalarMap[str, float]
+    clipped_values: int
+    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., masked_input: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., clipped_values: _Optional[int] = ...) -> None: ...
+
+class SecAggUnmaskInstruction(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SecAggShare(_message.Message):
+    __slots__ = ("owner", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: int
+    share: bytes
+    def __init__(self, owner: _Optional[int] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("api_version", "participation", "seed_shares", "key_shares")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPATION_FIELD_NUMBER: _ClassVar[int]
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    participation: Participation
+    seed_shares: _containers.RepeatedCompositeFieldContainer[SecAggShare]
+    key_shares: _containers.RepeatedCompositeFieldContainer[SecAggShare]
+    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., seed_shares: _Optional[_Iterable[_Union[SecAggShare, _Mapping]]] = ..., key_shares: _Optional[_Iterable[_Union[SecAggShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggUnmaskResponse(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
     __slots__ = ("api_version", "participation", "model_version")

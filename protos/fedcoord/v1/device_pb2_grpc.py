@@ -59,6 +59,26 @@ class DeviceServiceStub(object):
                 request_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.ReportStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.ReportStatusResponse.FromString,
                 _registered_method=True)
+        self.SecAggAdvertiseKeys = channel.unary_unary(
+                '/fedcoord.v1.DeviceService/SecAggAdvertiseKeys',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggAdvertiseKeysRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggShareKeysInstruction.FromString,
+                _registered_method=True)
+        self.SecAggShareKeys = channel.unary_unary(
+                '/fedcoord.v1.DeviceService/SecAggShareKeys',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggShareKeysRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggMaskInstruction.FromString,
+                _registered_method=True)
+        self.SecAggMaskedInput = channel.unary_unary(
+                '/fedcoord.v1.DeviceService/SecAggMaskedInput',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggMaskedInputRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskInstruction.FromString,
+                _registered_method=True)
+        self.SecAggUnmask = channel.unary_unary(
+                '/fedcoord.v1.DeviceService/SecAggUnmask',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer(object):
@@ -94,6 +114,34 @@ class DeviceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggAdvertiseKeys(self, request, context):
+        """Secure aggregation stages. Each call returns when its stage closes (every expected
+        message arrived, or the stage's deadline passed) with this device's message for the next
+        stage; ABORTED when the protocol was aborted, FAILED_PRECONDITION when the device is no
+        longer part of it (too late, dropped, or the round moved on).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggMaskedInput(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggUnmask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +169,26 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.ReportStatus,
                     request_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.ReportStatusRequest.FromString,
                     response_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.ReportStatusResponse.SerializeToString,
+            ),
+            'SecAggAdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggAdvertiseKeys,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggAdvertiseKeysRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggShareKeysInstruction.SerializeToString,
+            ),
+            'SecAggShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggShareKeys,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggShareKeysRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggMaskInstruction.SerializeToString,
+            ),
+            'SecAggMaskedInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggMaskedInput,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggMaskedInputRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskInstruction.SerializeToString,
+            ),
+            'SecAggUnmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggUnmask,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +326,114 @@ class DeviceService(object):
             '/fedcoord.v1.DeviceService/ReportStatus',
             protos_dot_fedcoord_dot_v1_dot_device__pb2.ReportStatusRequest.SerializeToString,
             protos_dot_fedcoord_dot_v1_dot_device__pb2.ReportStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggAdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.DeviceService/SecAggAdvertiseKeys',
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggAdvertiseKeysRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggShareKeysInstruction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.DeviceService/SecAggShareKeys',
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggShareKeysRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggMaskInstruction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggMaskedInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.DeviceService/SecAggMaskedInput',
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggMaskedInputRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskInstruction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggUnmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.DeviceService/SecAggUnmask',
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.SecAggUnmaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,7 @@ from core.secagg.messages import (
 )
 from core.secagg.params import Adversary, SecAggConfig, SecAggParamError, SecAggParams, derive
 from core.secagg.server import SecAggAborted, SecAggRejected, SecAggServer
+from core.types import SecAggProtocol
 
 CTX = b"task-x/round/1/attempt/7"
 STAGES = (Stage.ADVERTISE, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
@@ -100,7 +101,7 @@ def test_the_unmasked_sum_is_exact_or_the_round_aborts(
 
 @pytest.mark.parametrize("seed", range(6))
 def test_n100_t70_survives_30_dropouts_across_stages_and_aborts_at_31(seed: int) -> None:
-    p = derive(SecAggConfig(neighbours=99, threshold=0.7, expected_dropout=0.05), 100)
+    p = derive(SecAggConfig(neighbours=99, threshold=0.7, dropout=0.05), 100)
     assert (p.neighbours, p.threshold) == (99, 70)
     xs = inputs(100, 64, seed)
     rng = random.Random(seed)
@@ -158,7 +159,7 @@ def test_dequantized_weighted_mean_is_within_the_documented_bound(
 
 
 def test_values_outside_the_clip_range_are_counted_not_hidden() -> None:
-    p = derive(SecAggConfig(clip=0.5, expected_dropout=0.01), 10)
+    p = derive(SecAggConfig(clip=0.5, dropout=0.01), 10)
     enc = encoding.encode_update(np.array([0.1, -0.7, 0.9, 0.5]), 1024, p,
                                  np.random.default_rng(0))
     assert enc.clipped == 2
@@ -167,7 +168,7 @@ def test_values_outside_the_clip_range_are_counted_not_hidden() -> None:
 def test_the_ring_leaves_room_for_n_times_the_range() -> None:
     for n in (3, 100, 1000, 50_000):
         p = derive(SecAggConfig(neighbours=2, threshold=0.0, adversary=Adversary.SEMI_HONEST,
-                                corrupt_fraction=0.0, expected_dropout=0.0), n)
+                                corrupt_fraction=0.0, dropout=0.0), n)
         assert n * (2**p.value_bits - 1) < 2**p.ring_bits
         assert p.weight_cap <= 2**p.value_bits - 1
 
@@ -183,14 +184,14 @@ def test_derived_parameters_are_secure_and_correct_and_smaller_than_the_complete
 
 
 def test_the_original_protocol_is_the_complete_graph() -> None:
-    p = derive(SecAggConfig(complete_graph=True, expected_dropout=0.01), 30)
+    p = derive(SecAggConfig(protocol=SecAggProtocol.SECAGG, dropout=0.01), 30)
     assert p.neighbours == 29
 
 
 @pytest.mark.parametrize(("config", "bound"), [
-    (SecAggConfig(corrupt_fraction=0.3, expected_dropout=0.31), r"a \+ 2d <= 0.9"),
+    (SecAggConfig(corrupt_fraction=0.3, dropout=0.31), r"a \+ 2d <= 0.9"),
     (SecAggConfig(adversary=Adversary.SEMI_HONEST, corrupt_fraction=0.5,
-                  expected_dropout=0.45), r"a \+ d <= 0.9"),
+                  dropout=0.45), r"a \+ d <= 0.9"),
     (SecAggConfig(neighbours=99, threshold=0.5), r"2t > k \+ 1 \+ corrupt"),
     (SecAggConfig(neighbours=99, threshold=0.02, adversary=Adversary.SEMI_HONEST),
      "colluding"),
@@ -204,7 +205,7 @@ def test_settings_that_break_a_published_bound_are_refused_naming_it(
 
 def test_too_small_a_cohort_for_the_dropout_rate_is_refused_with_advice() -> None:
     with pytest.raises(SecAggParamError, match="lower the expected dropout"):
-        derive(SecAggConfig(expected_dropout=0.1), 10)
+        derive(SecAggConfig(dropout=0.1), 10)
 
 
 # ---------------------------------------------------------------- the device defends itself
