@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from fedctl.simulate import register as register_simulate
+
 if TYPE_CHECKING:
     from fedctl.admin import AdminClient
 
@@ -95,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--processes", type=int, default=4, help="agent processes to spread over")
     demo.add_argument("--json", action="store_true", help="print only the final JSON line")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--secagg", action="store_true",
+                      help="secure aggregation: the coordinator sees only the sum of updates")
     demo.set_defaults(func=cmd_demo)
+
+    register_simulate(sub)
     return parser
 
 
@@ -253,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedctl.demo import run_demo
 
     return run_demo(devices=args.devices, rounds=args.rounds, processes=args.processes,
-                    json_only=args.json, seed=args.seed)
+                    json_only=args.json, seed=args.seed, secagg=args.secagg)
 
 
 def _guard(call: Callable[[], T]) -> T:

@@ -1,0 +1,204 @@
+"""Local differential privacy on the device: DP-SGD with Opacus's ``PrivacyEngine``.
+
+Each step samples a Poisson batch (rate ``batch_size / n``), clips every example's gradient
+to ``max_grad_norm``, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` to the
+sum, and steps; Opacus's RDP accountant gives the device's epsilon at ``delta`` over the
+steps of this call (one call = one round; composing rounds is the caller's business, e.g.
+with :func:`core.privacy.epsilon_of_history`).
+
+Grad-sample modes (how per-example gradients are obtained) are Opacus's: ``hooks`` (module
+hooks + einsum), ``functorch`` (vmap over ``torch.func.grad``), ``ew`` (expanded weights),
+``ghost`` (ghost clipping: per-example *norms* only, two backward passes). See
+:data:`FASTEST_MODE` for what ``benchmarks/privacy.py`` measured.
+
+Opacus (and its torch hooks) is imported on first use. Not thread-safe per model.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.training import TrainResult
+from core.types import LocalOptimizerKind, LocalTraining
+from device_agent.errors import AgentError
+
+
+class LocalDpError(AgentError):
+    """The model or the local-DP configuration cannot be trained with DP-SGD."""
+
+
+class GradSampleMode(enum.Enum):
+    HOOKS = "hooks"
+    FUNCTORCH = "functorch"
+    EXPANDED_WEIGHTS = "ew"
+    GHOST = "ghost"
+
+
+#: Default mode. In benchmarks/privacy.py (2 shared CPU cores, noisy) ``hooks`` was fastest
+#: for the 64-64-10 MLP at batch 10 and for the CNN; ``ghost`` for the 54k/199k MLPs at
+#: batch 64. None reached the 1.5x-of-non-private target on the small MLP.
+FASTEST_MODE = GradSampleMode.HOOKS
+
+
+@dataclass(frozen=True)
+class LocalDpResult:
+    """``train``: as :func:`core.training.train_local` reports it (``loss`` is the mean
+    cross-entropy over the examples sampled in the last epoch); ``epsilon`` at ``delta``: the
+    device's privacy cost of this call's steps (RDP accountant, Poisson sampling)."""
+
+    train: TrainResult
+    epsilon: float
+    delta: float
+    sampling_rate: float
+
+
+def check_local_dp_model(model: nn.Module) -> None:
+    """Refuses a model DP-SGD cannot train: layers without per-example gradients or that mix
+    examples (BatchNorm), per Opacus's ``ModuleValidator``.
+
+    Raises:
+        LocalDpError: naming each offending layer, the reason, and the fix.
+    """
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        reasons = "; ".join(str(error) for error in errors)
+        raise LocalDpError(
+            f"the model cannot be trained with local DP: {reasons}. Fix: replace BatchNorm "
+            f"with GroupNorm (opacus.validators.ModuleValidator.fix(model) does it) and "
+            f"other unsupported layers with Opacus's DP equivalents")
+
+
+def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTraining, *,
+                   noise_multiplier: float, max_grad_norm: float, delta: float, seed: int,
+                   grad_sample_mode: GradSampleMode = FASTEST_MODE,
+                   secure_mode: bool = False) -> LocalDpResult:
+    """Trains ``model`` in place with DP-SGD for ``config.epochs`` epochs of Poisson-sampled
+    batches (expected size ``config.batch_size``) and the configured optimizer.
+
+    ``seed`` drives batch sampling and, unless ``secure_mode``, the noise: seeded noise is for
+    simulations. ``secure_mode=True`` draws the noise from Opacus's CSPRNG (torchcsprng must
+    then be installed; Opacus raises otherwise) and is what a production device uses.
+
+    Raises:
+        LocalDpError: the model has unsupported layers (see :func:`check_local_dp_model`) or a
+            parameter is out of range.
+        ValueError: no data, or ``x`` and ``y`` of different lengths.
+    """
+    from opacus import PrivacyEngine
+
+    _check_parameters(noise_multiplier, max_grad_norm, delta, config)
+    check_local_dp_model(model)
+    features, labels = _tensors(x, y)
+    n = len(labels)
+    loader = torch.utils.data.DataLoader(
+        _BatchFetch(features, labels), batch_size=min(config.batch_size, n),
+        collate_fn=_identity, generator=torch.Generator().manual_seed(seed))
+    optimizer = _optimizer(model, config)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    noise_generator = None if secure_mode else torch.Generator().manual_seed(seed + 1)
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode=False is insecure: we document it instead.
+        warnings.simplefilter("ignore", UserWarning)
+        made: Any = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=grad_sample_mode.value,
+            loss_reduction="sum", noise_generator=noise_generator)
+    if grad_sample_mode is GradSampleMode.GHOST:
+        dp_model, dp_optimizer, dp_criterion, dp_loader = made
+    else:
+        dp_model, dp_optimizer, dp_loader = made
+        dp_criterion = criterion
+    # Per-example losses are summed so that empty Poisson batches (possible on small
+    # devices) give a zero loss rather than NaN; the optimizer then divides the noisy sum by
+    # the *expected* batch size, which is DP-SGD's mean (Opacus's "mean" scaling).
+    dp_optimizer.loss_reduction = "mean"
+    was_training = model.training
+    dp_model.train()
+    steps = 0
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    seen = 0
+    try:
+        for _ in range(config.epochs):
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            seen = 0
+            for xb, yb in dp_loader:
+                dp_optimizer.zero_grad(set_to_none=True)
+                loss = dp_criterion(dp_model(xb), yb)
+                loss.backward()
+                dp_optimizer.step()
+                loss_sum += loss.detach().double()
+                seen += len(yb)
+                steps += 1
+    finally:
+        dp_model._close()  # removes Opacus's hooks: the caller's model is plain again
+        model.train(was_training)
+    sampling_rate = 1 / len(dp_loader)
+    spent = float(engine.accountant.get_epsilon(delta=delta)) if steps else 0.0
+    loss = float(loss_sum) / seen if seen else math.nan
+    return LocalDpResult(train=TrainResult(num_examples=n, loss=loss, steps=steps),
+                         epsilon=spent, delta=delta, sampling_rate=sampling_rate)
+
+
+class _BatchFetch(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Fetches a whole batch with one tensor index (``__getitems__``) instead of collating
+    examples one by one: the loader's cost stays that of non-private training."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return self.features[index], self.labels[index]
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _optimizer(model: nn.Module, config: LocalTraining) -> torch.optim.Optimizer:
+    if config.optimizer is LocalOptimizerKind.ADAM:
+        return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=config.learning_rate,
+                           momentum=config.momentum)
+
+
+def _check_parameters(noise_multiplier: float, max_grad_norm: float, delta: float,
+                      config: LocalTraining) -> None:
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise LocalDpError(f"noise_multiplier must be positive, got {noise_multiplier}")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise LocalDpError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    if not 0 < delta < 1:
+        raise LocalDpError(f"delta must be in (0, 1), got {delta}")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise LocalDpError(f"epochs and batch_size must be at least 1, got {config.epochs} "
+                           f"and {config.batch_size}")
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(y) == 0:
+        raise ValueError("no training data")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
+    features = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
+    labels = torch.from_numpy(np.array(y, dtype=np.int64, copy=True))
+    return features, labels

@@ -1,0 +1,123 @@
+"""Federated algorithms: what devices add to their local objective, and how the server turns
+their trained models into the next global model.
+
+The server step is always the coordinator's: the example-weighted mean of the deltas
+(:func:`core.aggregation.fedavg.weighted_mean`), then the configured server optimizer
+(:func:`core.aggregation.server_optimizers.apply_server_optimizer`).
+
+- FedAvg: plain local SGD.
+- FedProx (Li et al., 2020): local objective ``f(w) + mu/2 ||w - w_global||^2``; partial work
+  is the engine's business (:mod:`simulations.devices`). ``mu = 0`` is FedAvg exactly.
+- SCAFFOLD (Karimireddy et al., 2020): local gradients corrected by ``c - c_i``; after
+  ``K`` local steps with learning rate ``lr`` a device's control variate becomes
+  ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (option II), and the server moves
+  ``c += |S| / N * mean(c_i+ - c_i)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from core.aggregation.fedavg import weighted_mean
+from core.aggregation.server_optimizers import apply_server_optimizer
+from core.types import ServerOptimizer
+from simulations.cohort import CohortResult, LocalObjective
+from simulations.config import AlgorithmConfig, AlgorithmKind
+
+State = dict[str, np.ndarray]
+
+
+class FederatedAlgorithm:
+    """FedAvg and FedProx (they differ only in the local objective); the base of SCAFFOLD.
+    Keeps the server optimizer's state between rounds. Not thread-safe."""
+
+    def __init__(self, config: AlgorithmConfig, server: ServerOptimizer) -> None:
+        self.config = config
+        self.server = server
+        self.server_state: State = {}
+
+    def local_objective(self) -> LocalObjective:
+        return local_objective(self.config)
+
+    def corrections(self, global_params: Mapping[str, np.ndarray], devices: Sequence[int]
+                    ) -> dict[str, torch.Tensor] | None:
+        """Per-device gradient corrections stacked ``[devices, ...]``, or None."""
+        return None
+
+    def server_update(self, global_params: State, devices: Sequence[int], result: CohortResult,
+                      ) -> State:
+        """The next global model from the cohort's trained models (job order = ``devices``)."""
+        mean_delta = mean_deltas(global_params, result)
+        new_params, self.server_state = apply_server_optimizer(
+            global_params, mean_delta, self.server, self.server_state)
+        return new_params
+
+
+class Scaffold(FederatedAlgorithm):
+    """SCAFFOLD with per-device control variates kept for every device that took part
+    (zeros until then): memory ``O(model x devices seen)``."""
+
+    def __init__(self, config: AlgorithmConfig, server: ServerOptimizer, *, num_devices: int,
+                 learning_rate: float) -> None:
+        super().__init__(config, server)
+        self._num_devices = num_devices
+        self._lr = learning_rate
+        self._c: State = {}
+        self._c_device: dict[int, State] = {}
+
+    def corrections(self, global_params: Mapping[str, np.ndarray], devices: Sequence[int]
+                    ) -> dict[str, torch.Tensor] | None:
+        out = {}
+        for name, value in global_params.items():
+            c = self._c.get(name, np.zeros_like(value))
+            out[name] = torch.from_numpy(np.stack([
+                c - self._c_device[d][name] if d in self._c_device else c for d in devices
+            ]).astype(np.float32))
+        return out
+
+    def server_update(self, global_params: State, devices: Sequence[int], result: CohortResult,
+                      ) -> State:
+        deltas_c: dict[str, list[np.ndarray]] = {name: [] for name in global_params}
+        for i, device in enumerate(devices):
+            steps = int(result.steps[i])
+            old = self._c_device.get(device, {})
+            new: State = {}
+            for name, x in global_params.items():
+                c_i = old.get(name, np.zeros_like(x))
+                c = self._c.get(name, np.zeros_like(x))
+                y_i = result.params[name][i].numpy()
+                new[name] = (c_i - c + (x - y_i) / (steps * self._lr)).astype(np.float32)
+                deltas_c[name].append(new[name] - c_i)
+            self._c_device[device] = new
+        share = len(devices) / self._num_devices
+        ones = [1.0] * len(devices)
+        for name, x in global_params.items():
+            c = self._c.get(name, np.zeros_like(x))
+            self._c[name] = (c + share * weighted_mean(deltas_c[name], ones)).astype(np.float32)
+        return super().server_update(global_params, devices, result)
+
+
+def local_objective(config: AlgorithmConfig) -> LocalObjective:
+    """The extra local-gradient terms every device of ``config``'s algorithm adds."""
+    return LocalObjective(prox_mu=config.mu if config.kind is AlgorithmKind.FEDPROX else 0.0)
+
+
+def make_algorithm(config: AlgorithmConfig, server: ServerOptimizer, *, num_devices: int,
+                   learning_rate: float) -> FederatedAlgorithm:
+    if config.kind is AlgorithmKind.SCAFFOLD:
+        return Scaffold(config, server, num_devices=num_devices, learning_rate=learning_rate)
+    return FederatedAlgorithm(config, server)
+
+
+def mean_deltas(global_params: Mapping[str, np.ndarray], result: CohortResult) -> State:
+    """Example-weighted mean of ``trained - global`` per tensor, through the coordinator's
+    :func:`~core.aggregation.fedavg.weighted_mean`."""
+    weights = [float(n) for n in result.num_examples]
+    out: State = {}
+    for name, x in global_params.items():
+        deltas = result.params[name].numpy() - x
+        out[name] = weighted_mean(list(deltas), weights)
+    return out

@@ -1,0 +1,385 @@
+"""Local training of a whole cohort of simulated devices.
+
+Every trainer does, for each device, exactly what :func:`core.training.train_local` does for
+one device: ``epochs`` passes of minibatch SGD over batches of ``batch_size`` (the last one
+smaller), reshuffled every epoch by a ``torch.Generator`` seeded with the job's seed, with a
+fresh optimizer. On top of that, a device may be cut short after ``max_steps`` steps (partial
+work before a deadline) and its gradient may carry extra terms (:class:`LocalObjective`:
+FedProx's proximal term, SCAFFOLD's control-variate correction).
+
+Trainers (all implement :class:`CohortTrainer`; results agree within float tolerance):
+
+- :class:`VectorizedTrainer` stacks the cohort's parameters ``[devices, ...]`` and runs one
+  step of all devices at once. Devices are sorted by step count, so the devices still
+  training at step ``s`` are a prefix and each step works on views, without padding devices.
+  Per-device data are rows of one flat table; a step gathers its ``[devices, batch]`` rows
+  (padded and masked where a device's last batch is smaller). Two kernels:
+  ``bmm`` (hand-written batched forward/backward for linear and MLP models) and ``vmap``
+  (``torch.func``: ``vmap(grad(functional_call))``, any model without buffers).
+- :class:`LoopTrainer` trains one device after another with ``train_local`` itself (the
+  reference, and the fallback for other optimizers).
+
+Not thread-safe: a trainer reuses its buffers across calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.models import build_model
+from core.training import train_local
+from core.types import LocalOptimizerKind, LocalTraining, ModelSpec
+from simulations.config import EngineKind
+from simulations.data import FederatedData
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalObjective:
+    """Extra gradient terms every device of a round adds: ``prox_mu * (w - w_global)``
+    (FedProx). SCAFFOLD's per-device correction ``c - c_i`` is passed to
+    :meth:`CohortTrainer.train` as ``corrections``."""
+
+    prox_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceJob:
+    """Train device ``device`` (an index into the data) with shuffling seed ``seed``, for at
+    most ``max_steps`` optimizer steps (None: the full ``epochs``)."""
+
+    device: int
+    seed: int
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class CohortResult:
+    """In job order: trained parameters stacked ``[jobs, ...]``, steps taken, training
+    examples (the FedAvg weight), and the mean cross-entropy over the last epoch as
+    ``train_local`` reports it (NaN for a device cut short)."""
+
+    params: Params
+    steps: np.ndarray
+    num_examples: np.ndarray
+    loss: np.ndarray
+
+
+class CohortTrainer(Protocol):
+    def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
+              corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:
+        """Trains every job from ``global_params``; ``corrections`` (stacked ``[jobs, ...]``)
+        are added to each device's gradients (SCAFFOLD)."""
+        ...
+
+
+def full_steps(num_examples: int, local: LocalTraining) -> int:
+    """Optimizer steps of a complete local run: ``epochs * ceil(n / batch_size)``."""
+    return local.epochs * math.ceil(num_examples / local.batch_size)
+
+
+class DeviceTable:
+    """All devices' training data as one float32 table ``[total + 1, features]`` (the last
+    row is zero padding) and int64 labels, with each device's row offset."""
+
+    def __init__(self, data: FederatedData) -> None:
+        self.sizes = data.sizes()
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.pad_row = int(self.offsets[-1])
+        x = np.concatenate([*data.x_train, np.zeros((1, data.num_features), np.float32)])
+        y = np.concatenate([*data.y_train, np.zeros(1, np.int64)])
+        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+    def device_arrays(self, device: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = int(self.offsets[device]), int(self.offsets[device + 1])
+        return self.x[lo:hi].numpy(), self.y[lo:hi].numpy()
+
+
+def make_trainer(kind: EngineKind, spec: ModelSpec, table: DeviceTable, local: LocalTraining,
+                 objective: LocalObjective) -> CohortTrainer:
+    """The trainer ``kind`` names; ``auto`` picks ``bmm`` where it applies, then ``vmap``,
+    then ``loop`` (the vectorized trainers implement SGD with momentum only).
+
+    Raises:
+        ValueError: ``bmm`` or ``vmap`` asked for a model or optimizer they do not support.
+    """
+    model = build_model(spec)
+    sgd = local.optimizer is LocalOptimizerKind.SGD
+    if kind is EngineKind.AUTO:
+        if not sgd or list(model.buffers()):
+            kind = EngineKind.LOOP
+        else:
+            kind = EngineKind.BMM if mlp_layers(model) is not None else EngineKind.VMAP
+    if kind is EngineKind.LOOP:
+        return LoopTrainer(model, table, local, objective)
+    if not sgd:
+        raise ValueError(f"engine {kind.value!r} trains with SGD only, "
+                         f"got local.optimizer {local.optimizer.value!r}")
+    if kind is EngineKind.BMM:
+        layers = mlp_layers(model)
+        if layers is None:
+            raise ValueError(f"engine 'bmm' supports linear and MLP models, "
+                             f"not {spec.architecture!r}")
+        return VectorizedTrainer(_bmm_kernel(layers), table, local, objective)
+    return VectorizedTrainer(_vmap_kernel(model), table, local, objective)
+
+
+def mlp_layers(model: nn.Module) -> list[tuple[str, str]] | None:
+    """(weight name, bias name) of each Linear layer if ``model`` is a chain
+    Linear (ReLU Linear)* (logistic_regression and mlp are), else None."""
+    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    kinds = [type(m) for _, m in leaves]
+    expected = [nn.Linear if i % 2 == 0 else nn.ReLU for i in range(len(leaves))]
+    if not leaves or kinds != expected or len(leaves) % 2 == 0:
+        return None
+    if type(model) is not nn.Sequential and len(leaves) != 1:
+        return None  # a custom forward might not be the chain its modules suggest
+    layers = [(f"{name}.weight", f"{name}.bias") for name, m in leaves if isinstance(m, nn.Linear)]
+    if any(m.bias is None for _, m in leaves if isinstance(m, nn.Linear)):
+        return None
+    return layers
+
+
+# -- vectorized ---------------------------------------------------------------------------------
+
+#: (parameter views [k, ...], features [k, B, F], labels [k, B], weights [k, B]) ->
+#: (gradients [k, ...], per-device loss sum(ce * weight) [k])
+Kernel = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
+
+
+@dataclass(frozen=True, eq=False)
+class _Schedule:
+    order: torch.Tensor        # sorted position -> job index (most steps first)
+    steps: np.ndarray          # per job
+    rows: torch.Tensor         # [S, D, B] table rows, pad_row where no example
+    weights: torch.Tensor      # [S, D, B] 1/len(batch) on real examples, else 0
+    loss_weight: torch.Tensor  # [S, D] len(batch)/n on the last epoch of complete runs
+    active: list[int]          # per step: devices still training (a prefix)
+
+
+def _schedule(table: DeviceTable, jobs: Sequence[DeviceJob], local: LocalTraining) -> _Schedule:
+    batch = local.batch_size
+    sizes = [int(table.sizes[j.device]) for j in jobs]
+    full = [full_steps(n, local) for n in sizes]
+    steps = np.array([f if j.max_steps is None else min(f, j.max_steps)
+                      for j, f in zip(jobs, full, strict=True)], dtype=np.int64)
+    order = np.argsort(-steps, kind="stable")
+    total = int(steps.max(initial=0))
+    rows = torch.full((total, len(jobs), batch), table.pad_row, dtype=torch.int64)
+    loss_weight = torch.zeros((total, len(jobs)), dtype=torch.float64)
+    for pos, j in enumerate(order.tolist()):
+        n, s_j = sizes[j], int(steps[j])
+        if s_j == 0:
+            continue
+        per_epoch = math.ceil(n / batch)
+        generator = torch.Generator().manual_seed(jobs[j].seed)
+        epochs = math.ceil(s_j / per_epoch)
+        # The same draws as train_local: one randperm(n) per epoch from the seeded generator.
+        perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(epochs)])
+        padded = torch.full((epochs, per_epoch * batch), table.pad_row, dtype=torch.int64)
+        padded[:, :n] = perms + int(table.offsets[jobs[j].device])
+        rows[:s_j, pos] = padded.view(epochs * per_epoch, batch)[:s_j]
+        if s_j == full[j]:
+            last = slice((local.epochs - 1) * per_epoch, s_j)
+            loss_weight[last, pos] = (rows[last, pos] != table.pad_row).sum(1).double() / n
+    valid = (rows != table.pad_row).float()
+    weights = valid / valid.sum(2, keepdim=True).clamp(min=1.0)
+    sorted_steps = steps[order]
+    active = [int((sorted_steps > s).sum()) for s in range(total)]
+    return _Schedule(torch.from_numpy(order), steps, rows, weights, loss_weight, active)
+
+
+class VectorizedTrainer:
+    """Trains the cohort in lock step with a batched ``kernel``; see the module docstring."""
+
+    def __init__(self, kernel: Kernel, table: DeviceTable, local: LocalTraining,
+                 objective: LocalObjective) -> None:
+        if local.optimizer is not LocalOptimizerKind.SGD:
+            raise ValueError("the vectorized trainer implements SGD (with momentum) only")
+        self._kernel = kernel
+        self._table = table
+        self._local = local
+        self._objective = objective
+
+    def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
+              corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:
+        plan = _schedule(self._table, jobs, self._local)
+        d, batch = len(jobs), self._local.batch_size
+        lr, momentum, mu = self._local.learning_rate, self._local.momentum, self._objective.prox_mu
+        params = {n: p.detach().unsqueeze(0).expand(d, *p.shape).clone()
+                  for n, p in global_params.items()}
+        anchor = {n: p.detach() for n, p in global_params.items()}
+        corr = ({n: c.index_select(0, plan.order) for n, c in corrections.items()}
+                if corrections is not None else None)
+        buffers = {n: torch.zeros_like(p) for n, p in params.items()} if momentum else {}
+        step_losses = torch.zeros((len(plan.active), d), dtype=torch.float32)
+        x, y = self._table.x, self._table.y
+        features = x.shape[1]
+        with torch.no_grad():
+            for s, k in enumerate(plan.active):
+                rows = plan.rows[s, :k].reshape(-1)
+                xb = x.index_select(0, rows).view(k, batch, features)
+                yb = y.index_select(0, rows).view(k, batch)
+                view = {n: p[:k] for n, p in params.items()}
+                grads, step_loss = self._kernel(view, xb, yb, plan.weights[s, :k])
+                step_losses[s, :k] = step_loss
+                for n, p in view.items():
+                    g = grads[n]
+                    if mu:
+                        g = g + mu * (p - anchor[n])
+                    if corr is not None:
+                        g = g + corr[n][:k]
+                    if momentum:
+                        g = buffers[n][:k].mul_(momentum).add_(g)
+                    p.add_(g, alpha=-lr)
+        inverse = torch.argsort(plan.order)
+        sizes = self._table.sizes[[j.device for j in jobs]]
+        loss = (step_losses.double() * plan.loss_weight).sum(0)
+        loss_np = loss.index_select(0, inverse).numpy()
+        full = np.array([full_steps(int(n), self._local) for n in sizes])
+        loss_np[plan.steps < full] = np.nan
+        return CohortResult(params={n: p.index_select(0, inverse) for n, p in params.items()},
+                            steps=plan.steps, num_examples=sizes, loss=loss_np)
+
+
+def _bmm_kernel(layers: list[tuple[str, str]]) -> Kernel:
+    """Forward and backward of Linear (ReLU Linear)* with cross-entropy, by hand, as batched
+    matrix products over the devices. ReLU's derivative at 0 is 0, as in autograd."""
+    last = len(layers) - 1
+    minus_one = torch.full((1, 1, 1), -1.0)
+
+    def kernel(p: Params, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
+               ) -> tuple[Params, torch.Tensor]:
+        inputs = [xb]
+        pre: list[torch.Tensor] = []
+        h = xb
+        for i, (wn, bn) in enumerate(layers):
+            z = torch.baddbmm(p[bn].unsqueeze(1), h, p[wn].transpose(1, 2))
+            if i < last:
+                pre.append(z)
+                h = torch.relu(z)
+                inputs.append(h)
+            else:
+                h = z
+        log_probs = torch.log_softmax(h, dim=2)
+        labels = yb.unsqueeze(2)
+        loss = -(log_probs.gather(2, labels).squeeze(2) * wb).sum(1)
+        g = log_probs.exp_()
+        g.scatter_add_(2, labels, minus_one.expand(labels.shape))
+        g.mul_(wb.unsqueeze(2))
+        grads: Params = {}
+        for i in range(last, -1, -1):
+            wn, bn = layers[i]
+            grads[wn] = torch.bmm(g.transpose(1, 2), inputs[i])
+            grads[bn] = g.sum(1)
+            if i > 0:
+                g = torch.bmm(g, p[wn]).masked_fill_(pre[i - 1] <= 0, 0.0)
+        return grads, loss
+
+    return kernel
+
+
+def _vmap_kernel(model: nn.Module) -> Kernel:
+    """``vmap(grad_and_value(loss))`` with the model called through ``functional_call``."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    def device_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
+                    ) -> torch.Tensor:
+        logits = functional_call(model, p, (xb,))
+        return (nn.functional.cross_entropy(logits, yb, reduction="none") * wb).sum()
+
+    batched = vmap(grad_and_value(device_loss))
+
+    def kernel(p: Params, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
+               ) -> tuple[Params, torch.Tensor]:
+        with torch.enable_grad():
+            grads, loss = batched(p, xb, yb, wb)
+        return grads, loss
+
+    return kernel
+
+
+# -- one device at a time ----------------------------------------------------------------------
+
+class _BudgetSpent(Exception):
+    """Raised before the step after a device's last permitted step."""
+
+
+class LoopTrainer:
+    """One device after another through :func:`core.training.train_local`. The extra terms
+    are gradient hooks on the parameters; a step budget stops training before the forward
+    pass of the first step over budget (so the parameters are those after ``max_steps``)."""
+
+    def __init__(self, model: nn.Module, table: DeviceTable, local: LocalTraining,
+                 objective: LocalObjective) -> None:
+        self._model = model
+        self._table = table
+        self._local = local
+        self._objective = objective
+
+    def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
+              corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:
+        named = dict(self._model.named_parameters())
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in named}
+        steps, examples, losses = [], [], []
+        for i, job in enumerate(jobs):
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(global_params[n])
+            handles = []
+            for n, p in named.items():
+                correction = None if corrections is None else corrections[n][i]
+                hook = self._hook(p, global_params[n].detach(), correction)
+                handles.append(p.register_hook(hook))  # type: ignore[no-untyped-call]
+            x, y = self._table.device_arrays(job.device)
+            budget = full_steps(len(y), self._local)
+            if job.max_steps is not None:
+                budget = min(budget, job.max_steps)
+            calls = [0]
+
+            def count(_module: nn.Module, _inputs: object, calls: list[int] = calls,
+                      budget: int = budget) -> None:
+                calls[0] += 1
+                if calls[0] > budget:
+                    raise _BudgetSpent
+
+            handles.append(self._model.register_forward_pre_hook(count))
+            try:
+                result = train_local(self._model, x, y, self._local, seed=job.seed)
+                steps.append(result.steps)
+                losses.append(result.loss)
+            except _BudgetSpent:
+                steps.append(budget)
+                losses.append(math.nan)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            examples.append(len(y))
+            for n, p in named.items():
+                out[n].append(p.detach().clone())
+        return CohortResult(params={n: torch.stack(v) for n, v in out.items()},
+                            steps=np.array(steps, dtype=np.int64),
+                            num_examples=np.array(examples, dtype=np.int64),
+                            loss=np.array(losses, dtype=np.float64))
+
+    def _hook(self, p: torch.Tensor, anchor: torch.Tensor, correction: torch.Tensor | None
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+        mu = self._objective.prox_mu
+
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            if mu:
+                g = g + mu * (p.detach() - anchor)
+            if correction is not None:
+                g = g + correction
+            return g
+
+        return hook

@@ -1,0 +1,150 @@
+"""The simulation loop: plan a round on the simulated clock, train the devices whose work
+counts, aggregate with the coordinator's code, evaluate, report.
+
+    sim = Simulation(load_simulation_file("sim.yaml"))
+    for metrics in sim.rounds():      # one RoundMetrics per round, as it finishes
+        ...
+
+Everything is deterministic in the config's seeds (selection, availability, dropouts,
+stragglers, shuffles, initial weights), whichever trainer runs the cohort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.models import build_model, initial_state, load_numpy_state
+from core.training import evaluate
+from simulations.algorithms import FederatedAlgorithm, make_algorithm
+from simulations.cohort import CohortTrainer, DeviceJob, DeviceTable, make_trainer
+from simulations.config import SimulationConfig
+from simulations.data import FederatedData, load_federated_data
+from simulations.devices import DeviceProfiles, RoundPlan, device_profiles, plan_round
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """One round. Counts are devices; times are simulated seconds except ``wall_s`` (real
+    seconds since the simulation started). Losses are mean cross-entropy in nats; the
+    evaluation fields are None on rounds that were not evaluated, ``local_loss`` when no
+    device completed its epochs."""
+
+    round: int
+    committed: bool
+    available: int
+    admitted: int
+    used: int
+    partial: int
+    stragglers: int
+    dropped_out: int
+    late: int
+    round_time_s: float
+    sim_time_s: float
+    wall_s: float
+    local_loss: float | None
+    train_loss: float | None
+    test_loss: float | None
+    test_accuracy: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def device_seed(seed: int, round_index: int, device: int) -> int:
+    """The shuffling seed of ``device`` in ``round_index``."""
+    return int(np.random.SeedSequence([seed, round_index, device]).generate_state(1)[0])
+
+
+class Simulation:
+    """A federation built from ``config``; ``trainer`` replaces the configured engine (e.g.
+    :class:`simulations.ray_backend.RayCohortTrainer`). Not thread-safe."""
+
+    def __init__(self, config: SimulationConfig, *, trainer: CohortTrainer | None = None,
+                 data: FederatedData | None = None) -> None:
+        self.config = config
+        self.data = data if data is not None else load_federated_data(config.data)
+        self.table = DeviceTable(self.data)
+        self.profiles: DeviceProfiles = device_profiles(
+            config.heterogeneity, self.data.num_devices, seed=config.seed,
+            base_dir=config.base_dir)
+        self.algorithm: FederatedAlgorithm = make_algorithm(
+            config.algorithm, config.server, num_devices=self.data.num_devices,
+            learning_rate=config.local.learning_rate)
+        self.trainer = trainer if trainer is not None else make_trainer(
+            config.engine.kind, config.model, self.table, config.local,
+            self.algorithm.local_objective())
+        self.params = initial_state(config.model, config.seed)
+        self._eval_model = build_model(config.model)
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xE7A1]))
+        total = int(self.table.pad_row)
+        take = min(total, config.evaluation.train_loss_samples)
+        self._train_sample = np.sort(rng.choice(total, size=take, replace=False))
+        self.sim_time_s = 0.0
+
+    def rounds(self, count: int | None = None) -> Iterator[RoundMetrics]:
+        """Runs ``count`` rounds (default: the config's), yielding each round's metrics."""
+        total = self.config.rounds if count is None else count
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.config.engine.threads)
+        start = time.perf_counter()
+        try:
+            for r in range(1, total + 1):
+                yield self.run_round(r, evaluate_now=(r % self.config.evaluation.every == 0
+                                                      or r == total), start=start)
+        finally:
+            torch.set_num_threads(threads)
+
+    def run_round(self, round_index: int, *, evaluate_now: bool = True,
+                  start: float | None = None) -> RoundMetrics:
+        config = self.config
+        t0 = time.perf_counter() if start is None else start
+        plan = plan_round(round_index, profiles=self.profiles, sizes=self.table.sizes,
+                          selection=config.selection, local=config.local,
+                          straggler_fraction=config.heterogeneity.straggler_fraction,
+                          seed=config.seed)
+        local_loss = self._train(round_index, plan) if plan.committed else None
+        self.sim_time_s += plan.duration_s
+        scores: tuple[float | None, ...] = (None, None, None)
+        if evaluate_now:
+            scores = self.evaluate()
+        return RoundMetrics(
+            round=round_index, committed=plan.committed, available=plan.available,
+            admitted=len(plan.admitted), used=len(plan.used) if plan.committed else 0,
+            partial=plan.partial if plan.committed else 0, stragglers=plan.stragglers,
+            dropped_out=plan.dropped_out, late=plan.late, round_time_s=plan.duration_s,
+            sim_time_s=self.sim_time_s, wall_s=time.perf_counter() - t0,
+            local_loss=local_loss, train_loss=scores[0], test_loss=scores[1],
+            test_accuracy=scores[2])
+
+    def _train(self, round_index: int, plan: RoundPlan) -> float | None:
+        devices = [w.device for w in plan.used]
+        jobs = [DeviceJob(w.device, device_seed(self.config.seed, round_index, w.device),
+                          None if w.complete else w.steps) for w in plan.used]
+        global_tensors = {n: torch.from_numpy(v) for n, v in self.params.items()}
+        result = self.trainer.train(global_tensors, jobs,
+                                    self.algorithm.corrections(self.params, devices))
+        self.params = self.algorithm.server_update(self.params, devices, result)
+        done = ~np.isnan(result.loss)
+        if not done.any():
+            return None
+        return float(np.average(result.loss[done], weights=result.num_examples[done]))
+
+    def evaluate(self) -> tuple[float | None, float, float]:
+        """(loss on the training sample or None if empty, test loss, test accuracy) of the
+        current global model."""
+        load_numpy_state(self._eval_model, self.params)
+        train_loss = None
+        if len(self._train_sample):
+            x = self.table.x[self._train_sample].numpy()
+            y = self.table.y[self._train_sample].numpy()
+            train_loss, _ = evaluate(self._eval_model, x, y)
+        test_loss, accuracy = evaluate(self._eval_model, self.data.x_test, self.data.y_test)
+        return train_loss, test_loss, accuracy
+

@@ -1,0 +1,108 @@
+"""Scale-out over Ray (an optional extra): the cohort of a round is split across Ray actors,
+each holding the federation's data once and training its share with the configured
+in-process trainer; results are merged back in job order.
+
+Ray serializes the global weights, the jobs and the results with its own pickle-based
+protocol; this is confined to the simulation (the production wire never pickles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from simulations.algorithms import local_objective
+from simulations.cohort import CohortResult, DeviceJob, DeviceTable, full_steps, make_trainer
+from simulations.config import SimulationConfig
+from simulations.data import FederatedData
+from simulations.errors import BackendUnavailable
+
+
+class _Worker:
+    """A Ray actor's state: the data table and a trainer built on it."""
+
+    def __init__(self, config: SimulationConfig, data: FederatedData) -> None:
+        torch.set_num_threads(config.engine.threads)
+        self._trainer = make_trainer(config.engine.kind, config.model, DeviceTable(data),
+                                     config.local, local_objective(config.algorithm))
+
+    def train(self, global_params: dict[str, np.ndarray], jobs: list[DeviceJob],
+              corrections: dict[str, np.ndarray] | None) -> CohortResult:
+        return self._trainer.train(
+            {n: torch.from_numpy(v) for n, v in global_params.items()}, jobs,
+            None if corrections is None else {n: torch.from_numpy(v)
+                                              for n, v in corrections.items()})
+
+
+def split_jobs(jobs: Sequence[DeviceJob], costs: Sequence[int], parts: int) -> list[list[int]]:
+    """Job indices in ``parts`` groups of similar total cost (longest job first, each to the
+    least loaded group); groups may be empty."""
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for i in sorted(range(len(jobs)), key=lambda i: -costs[i]):
+        g = loads.index(min(loads))
+        groups[g].append(i)
+        loads[g] += costs[i]
+    return groups
+
+
+class RayCohortTrainer:
+    """Connects to Ray at ``address`` (``"local"`` starts a local one) and starts
+    ``config.engine.workers`` actors. Call :meth:`shutdown` when done.
+
+    Raises:
+        BackendUnavailable: Ray is not installed or the cluster cannot be reached.
+    """
+
+    def __init__(self, address: str, config: SimulationConfig, data: FederatedData, *,
+                 init_kwargs: Mapping[str, Any] | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise BackendUnavailable(
+                "--ray needs Ray: pip install 'fedcoord[ray]' (or 'ray==2.*')") from None
+        self._ray = ray
+        try:
+            if not ray.is_initialized():
+                ray.init(address=None if address == "local" else address,
+                         include_dashboard=False, log_to_driver=False,
+                         **dict(init_kwargs or {}))
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise BackendUnavailable(f"cannot reach Ray at {address!r}: {exc}") from None
+        actor: Any = ray.remote(num_cpus=1)(_Worker)
+        data_ref = ray.put(data)
+        self._workers: list[Any] = [actor.remote(config, data_ref)
+                         for _ in range(config.engine.workers)]
+        self._sizes = data.sizes()
+        self._local = config.local
+
+    def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
+              corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:
+        costs = [full_steps(int(self._sizes[j.device]), self._local) for j in jobs]
+        groups = [g for g in split_jobs(jobs, costs, len(self._workers)) if g]
+        params = {n: p.detach().numpy() for n, p in global_params.items()}
+        params_ref = self._ray.put(params)
+        futures = []
+        for worker, group in zip(self._workers, groups, strict=False):
+            corr = (None if corrections is None
+                    else {n: c[group].numpy() for n, c in corrections.items()})
+            futures.append(worker.train.remote(params_ref, [jobs[i] for i in group], corr))
+        parts: list[CohortResult] = self._ray.get(futures)
+        order = torch.tensor([i for g in groups for i in g])
+        inverse = torch.argsort(order)
+        merged = {n: torch.cat([p.params[n] for p in parts]).index_select(0, inverse)
+                  for n in global_params}
+        inv = inverse.numpy()
+        return CohortResult(
+            params=merged,
+            steps=np.concatenate([p.steps for p in parts])[inv],
+            num_examples=np.concatenate([p.num_examples for p in parts])[inv],
+            loss=np.concatenate([p.loss for p in parts])[inv])
+
+    def shutdown(self) -> None:
+        for worker in self._workers:
+            self._ray.kill(worker)
+        self._workers = []

@@ -1,0 +1,112 @@
+"""Local DP on the device: DP-SGD through Opacus trains the registry's models, reports the
+device's epsilon, leaves the model plain afterwards, and refuses layers DP-SGD cannot train."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.models import build_model
+from core.privacy import epsilon
+from core.training import evaluate
+from core.types import LocalTraining, ModelSpec
+from device_agent.errors import AgentError
+from device_agent.training.local_dp import (
+    GradSampleMode,
+    LocalDpError,
+    check_local_dp_model,
+    train_local_dp,
+)
+
+MLP = ModelSpec("mlp", {"input_dim": 8, "hidden": [16], "num_classes": 3})
+
+
+def data(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    x = rng.normal(size=(n, 8)).astype(np.float32) + 2.0 * np.eye(3, 8)[y]
+    return x, y
+
+
+def model(spec: ModelSpec = MLP) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(spec)
+
+
+@pytest.mark.parametrize("mode", list(GradSampleMode))
+def test_every_grad_sample_mode_trains_and_reports_the_accountants_epsilon(
+        mode: GradSampleMode) -> None:
+    x, y = data()
+    net = model()
+    before = evaluate(net, x, y)[0]
+    result = train_local_dp(net, x, y, LocalTraining(epochs=3, batch_size=12, learning_rate=0.5),
+                            noise_multiplier=0.5, max_grad_norm=1.0, delta=1e-5, seed=1,
+                            grad_sample_mode=mode)
+    assert result.sampling_rate == pytest.approx(12 / 120)
+    assert result.train.steps == 30 and result.train.num_examples == 120
+    assert result.epsilon == pytest.approx(epsilon(noise_multiplier=0.5, sampling_rate=0.1,
+                                                   steps=30, delta=1e-5), rel=1e-6)
+    assert evaluate(net, x, y)[0] < before
+
+
+def test_training_is_reproducible_from_the_seed_and_leaves_no_opacus_hooks() -> None:
+    x, y = data()
+    config = LocalTraining(epochs=1, batch_size=10)
+    nets = [model(), model()]
+    for net in nets:
+        train_local_dp(net, x, y, config, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
+                       seed=3)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not any(m._forward_hooks or m._backward_hooks for m in nets[0].modules())
+    assert all(not hasattr(p, "grad_sample") or p.grad_sample is None
+               for p in nets[0].parameters())
+
+
+def test_more_noise_costs_less_epsilon() -> None:
+    x, y = data()
+    config = LocalTraining(epochs=1, batch_size=10)
+    low = train_local_dp(model(), x, y, config, noise_multiplier=0.8, max_grad_norm=1.0,
+                         delta=1e-5, seed=0)
+    high = train_local_dp(model(), x, y, config, noise_multiplier=2.0, max_grad_norm=1.0,
+                          delta=1e-5, seed=0)
+    assert high.epsilon < low.epsilon
+
+
+def test_a_device_with_very_little_data_survives_empty_poisson_batches() -> None:
+    x, y = data(n=4)
+    net = model()
+    result = train_local_dp(net, x, y, LocalTraining(epochs=5, batch_size=1),
+                            noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, seed=0)
+    assert result.train.steps == 20
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_the_cnn_is_supported() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 64)).astype(np.float32), rng.integers(0, 10, size=20)
+    result = train_local_dp(model(ModelSpec("cnn", {})), x, y, LocalTraining(batch_size=10),
+                            noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, seed=0)
+    assert result.train.steps == 2
+
+
+def test_batchnorm_is_refused_with_the_reason_and_the_fix() -> None:
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(LocalDpError, match=r"BatchNorm.*GroupNorm.*ModuleValidator\.fix"):
+        check_local_dp_model(net)
+    x, y = data()
+    with pytest.raises(LocalDpError):
+        train_local_dp(net, x, y, LocalTraining(), noise_multiplier=1.0, max_grad_norm=1.0,
+                       delta=1e-5, seed=0)
+    assert issubclass(LocalDpError, AgentError)
+
+
+@pytest.mark.parametrize("bad", [dict(noise_multiplier=0.0), dict(max_grad_norm=-1.0),
+                                 dict(delta=1.0)])
+def test_out_of_range_privacy_parameters_are_refused(bad: dict[str, float]) -> None:
+    x, y = data()
+    kwargs = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, **bad}
+    with pytest.raises(LocalDpError, match=next(iter(bad))):
+        train_local_dp(model(), x, y, LocalTraining(), seed=0, **kwargs)
