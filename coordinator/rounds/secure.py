@@ -113,7 +113,10 @@ class SecureRound:
     def _call(self, stage: Stage, action: Callable[[], None]) -> None:
         if self.server.aborted is not None:
             raise Aborted(f"secure aggregation aborted: {self.server.aborted}")
-        if self.server.stage is not stage:
+        if self.server.stage < stage:
+            raise Late(f"secure aggregation has not reached the {stage.name.lower()} stage "
+                       f"(now {self.server.stage.name.lower()}); messages must come in order")
+        if self.server.stage > stage:
             raise Late(f"secure aggregation is past the {stage.name.lower()} stage "
                        f"(now {self.server.stage.name.lower()}); this message is too late")
         try:

@@ -5,8 +5,12 @@ the protocol do not stop the round."""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from harness import (
@@ -18,9 +22,18 @@ from harness import (
     wait_for_task,
     write_task,
 )
+from rogue import RogueDevice
 
+from core.protocol import Participation, config_hash
+from core.secagg.client import SecAggClient
+from core.secagg.encoding import encode_update
+from core.secagg.messages import MaskedInputRequest
 from core.tensors import load_safetensors
+from core.types import API_VERSION
 from device_agent.runtime.faults import FAULT_ENV
+from device_agent.transport.client import DeviceClient
+from protos import convert
+from protos.fedcoord.v1 import device_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +111,111 @@ def test_agents_killed_mid_protocol_do_not_stop_the_round(
     assert m["secagg_dropped"] >= 1, "a device died after sharing its keys: its masks removed"
     assert m["secagg_threshold"] <= m["reports"]
     assert 0 <= committed[-1].metrics["server_eval_accuracy"] <= 1  # type: ignore[attr-defined]
+
+
+class HandDriven:
+    """A selected device speaking the SecAgg RPCs in raw protobuf, one stage at a time."""
+
+    def __init__(self, target: str, device_id: str, task_id: str) -> None:
+        self.rogue = RogueDevice(target, device_id)
+        self.rogue.join(task_id)
+        m = self.rogue.participation
+        assert m is not None
+        self.msg = m
+        client = DeviceClient(target)
+        try:
+            plan = client.get_plan(Participation(m.device_id, m.task_id, m.round_number, m.token))
+        finally:
+            client.close()
+        assert plan.secure_aggregation is not None
+        self.sa = plan.secure_aggregation
+        self.client = SecAggClient(self.sa.params, self.sa.context, config_hash(plan))
+        self.size = sum(t.numel for t in plan.update_tensors)
+        self.stub = self.rogue.stub
+
+    def advertise(self) -> device_pb2.SecAggShareKeysInstruction:
+        ad = self.client.advertise()
+        return self.stub.SecAggAdvertiseKeys(device_pb2.SecAggAdvertiseKeysRequest(
+            api_version=API_VERSION, participation=self.msg,
+            encryption_public_key=ad.encryption_public, mask_public_key=ad.mask_public,
+            config_hash=ad.config_hash), timeout=30)
+
+    def finish(self, instruction: device_pb2.SecAggShareKeysInstruction) -> None:
+        share = self.client.share_keys(convert.share_keys_instruction_from_proto(instruction))
+        mask_req = self.stub.SecAggShareKeys(device_pb2.SecAggShareKeysRequest(
+            api_version=API_VERSION, participation=self.msg,
+            ciphertexts=convert.ciphertexts_to_proto(share.ciphertexts)), timeout=30)
+        enc = encode_update(np.zeros(self.size, np.float32), 10, self.sa.params,
+                            np.random.default_rng(0))
+        masked = self.client.mask(
+            MaskedInputRequest(convert.ciphertexts_from_proto(mask_req.ciphertexts)), enc.vector)
+        unmask_req = self.stub.SecAggMaskedInput(device_pb2.SecAggMaskedInputRequest(
+            api_version=API_VERSION, participation=self.msg,
+            masked_input=convert.ring_vector_to_bytes(masked)), timeout=30)
+        response = self.client.unmask(convert.unmask_instruction_from_proto(unmask_req))
+        self.stub.SecAggUnmask(device_pb2.SecAggUnmaskRequest(
+            api_version=API_VERSION, participation=self.msg,
+            seed_shares=convert.shares_to_proto(response.seed_shares),
+            key_shares=convert.shares_to_proto(response.key_shares)), timeout=30)
+
+
+def status_of(call: Callable[[], object]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    code: grpc.StatusCode = info.value.code()  # type: ignore[attr-defined]
+    return code
+
+
+def in_parallel(*calls: Callable[[], None]) -> None:
+    threads = [threading.Thread(target=c) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+
+
+def test_out_of_order_replayed_and_forged_messages_get_clear_statuses_over_grpc(
+    coordinator: CoordinatorProcess, tmp_path: Path
+) -> None:
+    task_file = write_task(tmp_path / "rogue.yaml", name="rogue", rounds=1, clients_per_round=3,
+                           min_reports=3, extra="secure_aggregation: {protocol: secagg, "
+                           "dropout: 0.0001, phase_timeout_s: 20}\n")
+    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
+    assert launched.returncode == 0, launched.stderr
+    task_id = launched.stdout.strip()
+    devices: list[HandDriven] = []
+    in_parallel(*(lambda i=i: devices.append(HandDriven(coordinator.target, f"r{i}", task_id))
+                  for i in range(3)))
+    d0 = devices[0]
+    assert status_of(lambda: d0.stub.SecAggShareKeys(device_pb2.SecAggShareKeysRequest(
+        api_version=API_VERSION, participation=d0.msg), timeout=10)
+    ) == grpc.StatusCode.FAILED_PRECONDITION  # before its stage
+    assert status_of(lambda: d0.rogue.upload(d0.rogue.zero_update())
+                     ) == grpc.StatusCode.INVALID_ARGUMENT  # never in the clear
+
+    instructions: dict[int, device_pb2.SecAggShareKeysInstruction] = {}
+
+    def advertise(i: int) -> None:
+        instructions[i] = devices[i].advertise()
+
+    first = threading.Thread(target=advertise, args=(0,))
+    first.start()
+    time.sleep(1.0)  # d0's advertisement is in and waiting: a second one is a replay
+    assert status_of(lambda: d0.stub.SecAggAdvertiseKeys(device_pb2.SecAggAdvertiseKeysRequest(
+        api_version=API_VERSION, participation=d0.msg, encryption_public_key=b"k" * 32,
+        mask_public_key=b"m" * 32, config_hash=b"h" * 32), timeout=10)
+    ) == grpc.StatusCode.ALREADY_EXISTS
+    in_parallel(lambda: advertise(1), lambda: advertise(2))
+    first.join(timeout=30)
+    assert len(instructions) == 3
+    # Shares addressed to a stranger are refused, and the round goes on for everyone.
+    assert status_of(lambda: d0.stub.SecAggShareKeys(device_pb2.SecAggShareKeysRequest(
+        api_version=API_VERSION, participation=d0.msg,
+        ciphertexts=[device_pb2.SecAggCiphertext(peer=99, ciphertext=b"x" * 40)]), timeout=10)
+    ) == grpc.StatusCode.INVALID_ARGUMENT
+    in_parallel(*(lambda i=i: devices[i].finish(instructions[i]) for i in range(3)))
+    with coordinator.admin() as client:
+        task = wait_for_task(client, task_id, timeout_s=60)
+    assert task.state == "completed", coordinator.log_text()
+    for d in devices:
+        d.rogue.close()

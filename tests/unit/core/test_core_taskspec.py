@@ -86,3 +86,39 @@ def test_a_missing_file_is_reported_not_raised_as_oserror(tmp_path: Path) -> Non
 def test_a_file_that_is_not_a_mapping_is_refused() -> None:
     with pytest.raises(TaskSpecError, match="expected a mapping of task fields"):
         parse_task_yaml("- 1\n- 2\n", source="list.yaml")
+
+
+SECURE = GOOD.replace("clients_per_round: 4", "clients_per_round: 20") + """\
+secure_aggregation: {protocol: secagg+, neighbours: auto, threshold: auto, clip: 0.5, bits: auto,
+                     dropout: 0.01}
+"""
+
+
+def test_secure_aggregation_is_off_by_default_and_auto_fields_mean_derived() -> None:
+    assert parse_task_yaml(GOOD, source="t.yaml").secure_aggregation is None
+    spec = parse_task_yaml(SECURE, source="t.yaml")
+    sa = spec.secure_aggregation
+    assert sa is not None and sa.neighbours is None and sa.bits is None and sa.clip == 0.5
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+    explicit = parse_task_yaml(SECURE.replace("neighbours: auto", "neighbours: 24")
+                               .replace("threshold: auto", "threshold: 0.7"), source="t.yaml")
+    assert explicit.secure_aggregation is not None
+    assert (explicit.secure_aggregation.neighbours, explicit.secure_aggregation.threshold) == (
+        24, 0.7)
+
+
+@pytest.mark.parametrize(("edit", "field", "words"), [
+    ("clip: 0.5", "secure_aggregation.clip", "must be positive"),
+    ("protocol: secagg+", "secure_aggregation.protocol", "one of 'secagg+', 'secagg'"),
+    ("dropout: 0.01", "secure_aggregation", "a + 2d <= 0.9"),
+    ("threshold: auto", "secure_aggregation", "2t > k + 1"),
+])
+def test_unsafe_or_wrong_secure_aggregation_settings_name_the_field_and_the_bound(
+    edit: str, field: str, words: str
+) -> None:
+    bad = {"clip: 0.5": "clip: -1", "protocol: secagg+": "protocol: magic",
+           "dropout: 0.01": "dropout: 0.45", "threshold: auto": "threshold: 0.5"}[edit]
+    with pytest.raises(TaskSpecError) as info:
+        parse_task_yaml(SECURE.replace(edit, bad), source="t.yaml")
+    assert info.value.field == field
+    assert words in str(info.value) and "t.yaml" in str(info.value)

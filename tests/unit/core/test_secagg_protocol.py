@@ -371,3 +371,64 @@ def test_a_masked_upload_alone_is_indistinguishable_from_uniform() -> None:
     assert stats.chisquare(counts).pvalue > 1e-4
     low = np.bincount((masked & np.uint32(0xFF)).astype(np.int64), minlength=256)
     assert stats.chisquare(low).pvalue > 1e-4
+
+
+# ---------------------------------------------------------------- fuzzing the server's messages
+
+
+def _mutate_peers(peers: tuple[PeerKeys, ...], data: st.DataObject) -> tuple[PeerKeys, ...]:
+    out = list(peers)
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["drop", "duplicate", "index", "key", "hash", "add"]))
+        if not out and op != "add":
+            continue
+        i = data.draw(st.integers(0, max(0, len(out) - 1)))
+        if op == "drop":
+            out.pop(i)
+        elif op == "duplicate":
+            out.append(out[i])
+        elif op == "index":
+            out[i] = dataclasses.replace(out[i], index=data.draw(st.integers(0, 12)))
+        elif op == "key":
+            out[i] = dataclasses.replace(out[i], mask_public=data.draw(st.binary(max_size=40)))
+        elif op == "hash":
+            out[i] = dataclasses.replace(out[i], config_hash=data.draw(st.binary(max_size=33)))
+        else:
+            out.append(PeerKeys(data.draw(st.integers(0, 12)), data.draw(st.binary(max_size=33)),
+                                data.draw(st.binary(max_size=33)), b"h" * 32))
+    return tuple(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_fuzzed_neighbour_lists_are_refused_cleanly_or_are_harmless(data: st.DataObject) -> None:
+    rig = Rig()
+    honest = rig.share_requests[rig.me]
+    request = ShareKeysRequest(honest.index, _mutate_peers(honest.peers, data))
+    try:
+        response = rig.clients[rig.me].share_keys(request)
+    except SecAggRefused:
+        return
+    # Accepted: then it was a valid neighbour list, and shares went only to listed peers.
+    assert {v for v, _ in response.ciphertexts} == {p.index for p in request.peers}
+    assert len({p.index for p in request.peers}) == len(request.peers)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_fuzzed_unmask_requests_never_reveal_both_shares_of_a_peer(data: st.DataObject) -> None:
+    rig = Rig(6)
+    honest = rig.unmask_requests()[rig.me]
+    pool = st.integers(0, 9)
+    survivors = data.draw(st.lists(pool, max_size=8)) + (
+        list(honest.survivors) if data.draw(st.booleans()) else [])
+    dropped = data.draw(st.lists(pool, max_size=4))
+    try:
+        response = rig.clients[rig.me].unmask(UnmaskRequest(tuple(survivors), tuple(dropped)))
+    except SecAggRefused:
+        return
+    seeds = {v for v, _ in response.seed_shares}
+    keys_ = {v for v, _ in response.key_shares}
+    assert not seeds & keys_
+    assert rig.server.participants[rig.me] in seeds
+    assert len(seeds) >= rig.p.threshold
