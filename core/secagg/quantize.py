@@ -50,11 +50,14 @@ class Quantizer:
         """(quantized vector, number of coordinates that were clipped)."""
         x = np.asarray(x, dtype=np.float64)
         clipped = int(np.count_nonzero(np.abs(x) > self.clip))
-        scaled = (np.clip(x, -self.clip, self.clip) + self.clip) / self.step
-        floor = np.floor(scaled)
-        q = floor + (rng.random(x.shape) < (scaled - floor))
-        q = np.minimum(q, 2**self.value_bits - 1)
-        return q.astype(np.uint64), clipped
+        scaled = np.clip(x, -self.clip, self.clip)
+        scaled += self.clip
+        scaled *= 1.0 / self.step
+        # floor(s + U), U ~ U[0, 1): rounds up with probability frac(s), i.e. unbiased.
+        scaled += rng.random(x.shape)
+        np.floor(scaled, out=scaled)
+        np.minimum(scaled, 2**self.value_bits - 1, out=scaled)
+        return scaled.astype(np.uint64), clipped
 
     def dequantize_sum(self, total: npt.NDArray[np.uint64], count: int) -> npt.NDArray[np.float64]:
         """The float sum of ``count`` quantized vectors from their integer sum."""
