@@ -23,3 +23,14 @@ def test_demo_prints_one_json_line_with_per_round_accuracy() -> None:
     assert len(summary["accuracy"]) == 2
     assert 0.3 < summary["final_accuracy"] <= 1.0
     assert summary["wall_seconds"] > 0 and summary["task_id"]
+
+
+def test_demo_with_secure_aggregation_reports_the_protocol_it_ran() -> None:
+    result = subprocess.run([*FEDCTL_CMD, "demo", "--devices", "10", "--rounds", "2",
+                             "--processes", "2", "--json", "--secagg"],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["state"] == "completed" and summary["secure_aggregation"] is True
+    assert summary["secagg"]["secagg_threshold"] <= summary["secagg"]["secagg_neighbours"] + 1
+    assert 0.3 < summary["final_accuracy"] <= 1.0
