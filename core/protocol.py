@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+from core.privacy.spec import LocalDp
 from core.secagg.params import SecAggParams
 from core.tensors import TensorInfo
 from core.types import LocalTraining, ModelSpec
@@ -53,6 +54,27 @@ class SecAggPlan:
 
 
 @dataclass(frozen=True)
+class PlanPrivacy:
+    """What a device does for differential privacy this round.
+
+    ``l2_clip_norm``: the whole update (all tensors together) is scaled to at most this L2
+    norm before it leaves the device (before quantization under secure aggregation), the
+    sensitivity bound of central DP; it changes per round under adaptive clipping.
+    ``report_unclipped``: adaptive clipping; the device also sends 1 if its update fitted
+    under the norm, else 0 (a metric in the clear, one more masked value under secure
+    aggregation). ``local``: DP-SGD parameters (local mode)."""
+
+    l2_clip_norm: float | None = None
+    report_unclipped: bool = False
+    local: LocalDp | None = None
+
+
+#: Metric a device reports with its update under adaptive clipping without secure
+#: aggregation: 1.0 if the update fitted under the round's clip norm, else 0.0.
+UNCLIPPED_METRIC = "dp_unclipped"
+
+
+@dataclass(frozen=True)
 class Plan:
     task_id: str
     round_number: int
@@ -68,6 +90,7 @@ class Plan:
     update_tensors: list[TensorInfo]
     seed: int
     secure_aggregation: SecAggPlan | None = None
+    privacy: PlanPrivacy | None = None
 
 
 def config_hash(plan: Plan) -> bytes:
@@ -84,6 +107,7 @@ def config_hash(plan: Plan) -> bytes:
         "tensors": [[t.name, t.dtype, list(t.shape)] for t in plan.update_tensors],
         "secagg": None if sa is None else {"params": asdict(sa.params),
                                            "context": sa.context.hex()},
+        "privacy": None if plan.privacy is None else asdict(plan.privacy),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
 

@@ -33,6 +33,8 @@ from typing import Any
 import yaml
 
 from core.errors import CoreError
+from core.privacy.errors import PrivacySpecError
+from core.privacy.spec import PrivacyMode, PrivacySpec, privacy_from_dict, privacy_to_dict
 from core.types import TaskSpec
 
 
@@ -142,6 +144,24 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
         fail("seed", f"must be >= 0, got {spec.seed}")
     if spec.secure_aggregation is not None:
         _validate_secure_aggregation(spec, fail)
+    if spec.privacy is not None:
+        _validate_privacy(spec, fail)
+
+
+def _validate_privacy(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """Relations between the privacy section and the rest (the section itself was checked by
+    :func:`core.privacy.spec.privacy_from_dict`)."""
+    privacy = spec.privacy
+    assert privacy is not None
+    if privacy.mode in (PrivacyMode.CENTRAL, PrivacyMode.DISTRIBUTED):
+        assert privacy.population is not None
+        if privacy.population < spec.clients_per_round:
+            fail("privacy.population", f"{privacy.population} is below clients_per_round "
+                                       f"({spec.clients_per_round}): the sampling rate "
+                                       f"clients_per_round / population must be at most 1")
+    if privacy.mode is PrivacyMode.DISTRIBUTED and spec.secure_aggregation is None:
+        fail("privacy.mode", "'distributed' needs secure_aggregation: the devices' noise "
+                             "shares only protect anyone inside a masked sum")
 
 
 def _validate_secure_aggregation(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]
@@ -176,6 +196,15 @@ def _type_name(tp: Any) -> str:
 
 def _build(tp: Any, value: Any, source: str, path: str) -> Any:
     """Converts plain data to ``tp``, raising TaskSpecError at ``path`` on a mismatch."""
+    if tp is PrivacySpec:
+        # The privacy section has its own parser (clip is a number *or* a mapping).
+        if value is False:  # ``privacy: off`` in YAML 1.1
+            return None
+        try:
+            privacy = privacy_from_dict(value, source, path=path)
+        except PrivacySpecError as exc:
+            raise TaskSpecError(exc.source, exc.field, exc.message) from None
+        return None if privacy.mode is PrivacyMode.OFF else privacy
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, Mapping):
@@ -243,6 +272,8 @@ def _join(path: str, name: str) -> str:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, PrivacySpec):
+        return privacy_to_dict(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):

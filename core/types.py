@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.privacy.spec import PrivacySpec
+
 #: Version of the device/admin wire API. Bumped on any incompatible change; a peer that
 #: speaks another version is refused with FAILED_PRECONDITION, never a parse error.
 API_VERSION = 1
@@ -24,6 +26,9 @@ class TaskState(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    #: Differential privacy: the next round would have spent more than the task's epsilon
+    #: budget, so none opened; the last committed model is within the budget.
+    BUDGET_EXHAUSTED = "budget_exhausted"
 
     @property
     def is_final(self) -> bool:
@@ -182,6 +187,9 @@ class TaskSpec:
     seed: int = 0
     #: None: updates are sent in the clear (over TLS in production).
     secure_aggregation: SecureAggregation | None = None
+    #: Differential privacy (:mod:`core.privacy.spec`); None: off. Never a spec whose mode
+    #: is ``off`` (the parser normalises that to None).
+    privacy: PrivacySpec | None = None
 
     @property
     def selection_target(self) -> int:

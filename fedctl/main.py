@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--secagg", action="store_true",
                       help="secure aggregation: the coordinator sees only the sum of updates")
+    demo.add_argument("--dp", action="store_true",
+                      help="central differential privacy with secure aggregation (DP-FedAvg: "
+                           "clipped updates, Gaussian noise on the unmasked sum); prints epsilon")
     demo.set_defaults(func=cmd_demo)
 
     register_simulate(sub)
@@ -259,7 +262,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedctl.demo import run_demo
 
     return run_demo(devices=args.devices, rounds=args.rounds, processes=args.processes,
-                    json_only=args.json, seed=args.seed, secagg=args.secagg)
+                    json_only=args.json, seed=args.seed, secagg=args.secagg,
+                    dp=args.dp)
 
 
 def _guard(call: Callable[[], T]) -> T:

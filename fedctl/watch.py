@@ -11,7 +11,7 @@ from rich.table import Table
 from fedctl.admin import AdminClient
 from protos.fedcoord.v1 import admin_pb2
 
-FINAL_STATES = {"completed", "failed", "cancelled"}
+FINAL_STATES = {"completed", "failed", "cancelled", "budget_exhausted"}
 
 
 def accuracy_of(r: admin_pb2.Round) -> float | None:
@@ -21,20 +21,36 @@ def accuracy_of(r: admin_pb2.Round) -> float | None:
     return None
 
 
+def epsilon_of(rounds: list[admin_pb2.Round]) -> tuple[float, float] | None:
+    """(epsilon, delta) of a DP task after its last committed round; None without DP."""
+    committed = [r for r in rounds if r.state == "committed" and "dp_epsilon" in r.metrics]
+    if not committed:
+        return None
+    last = committed[-1].metrics
+    return float(last["dp_epsilon"]), float(last.get("dp_delta", 0.0))
+
+
 def status_table(task: admin_pb2.Task, rounds: list[admin_pb2.Round]) -> Table:
+    spent = epsilon_of(rounds)
+    privacy = "" if spent is None else f" - epsilon {spent[0]:.3f} at delta {spent[1]:g}"
     table = Table(title=f"task {task.task_id} ({task.spec.name}): {task.state}"
-                  + (f" - {task.reason}" if task.reason else ""))
-    for col in ("round", "attempt", "state", "admitted", "reports/goal", "accuracy", "loss",
-                "note"):
+                  + (f" - {task.reason}" if task.reason else "") + privacy)
+    dp = any("dp_epsilon" in r.metrics for r in rounds)
+    columns = ["round", "attempt", "state", "admitted", "reports/goal", "accuracy", "loss"]
+    for col in columns + (["epsilon", "clip"] if dp else []) + ["note"]:
         table.add_column(col)
     for r in rounds:
         acc = accuracy_of(r)
         loss = r.metrics.get("server_eval_loss", r.metrics.get("train_loss"))
-        table.add_row(
+        cells = [
             str(r.round_number), str(r.attempt), r.state, str(r.selected),
             f"{r.reports}/{r.goal}", "-" if acc is None else f"{acc:.3f}",
-            "-" if loss is None else f"{loss:.3f}", r.failure_reason[:60],
-        )
+            "-" if loss is None else f"{loss:.3f}",
+        ]
+        if dp:
+            eps, clip = r.metrics.get("dp_epsilon"), r.metrics.get("dp_clip")
+            cells += ["-" if eps is None else f"{eps:.3f}", "-" if clip is None else f"{clip:.3g}"]
+        table.add_row(*cells, r.failure_reason[:60])
     return table
 
 

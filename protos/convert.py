@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from core.protocol import SecAggPlan
+from core.privacy.spec import LocalDp
+from core.protocol import PlanPrivacy, SecAggPlan
 from core.secagg import messages as sa
 from core.secagg.params import SecAggParams
 from core.taskspec import TaskSpecError, spec_from_dict, spec_to_dict
@@ -93,6 +94,8 @@ def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:
         max_update_bytes=d["max_update_bytes"],
         seed=d["seed"],
         secure_aggregation=_secure_aggregation_to_proto(d["secure_aggregation"]),
+        privacy_json=("" if d["privacy"] is None
+                      else json.dumps(d["privacy"], sort_keys=True)),
     )
 
 
@@ -128,6 +131,12 @@ def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
         raise WireFormatError(f"spec.model.arguments_json: not valid JSON ({exc.msg})") from None
     if not isinstance(arguments, dict):
         raise WireFormatError("spec.model.arguments_json: expected a JSON object")
+    privacy = None
+    if msg.privacy_json:
+        try:
+            privacy = json.loads(msg.privacy_json)
+        except json.JSONDecodeError as exc:
+            raise WireFormatError(f"spec.privacy_json: not valid JSON ({exc.msg})") from None
     local = msg.local
     server = msg.server
     data = {
@@ -167,6 +176,7 @@ def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
         "max_update_bytes": msg.max_update_bytes,
         "seed": msg.seed,
         "secure_aggregation": _secure_aggregation_from_proto(msg),
+        "privacy": privacy,
     }
     try:
         return spec_from_dict(data, source="spec")
@@ -214,6 +224,41 @@ def plan_parts_from_proto(
             momentum=local.momentum,
         ),
     )
+
+
+# ---------------------------------------------------------------- differential privacy
+
+
+def plan_privacy_to_proto(privacy: PlanPrivacy | None) -> device_pb2.DevicePrivacy | None:
+    if privacy is None:
+        return None
+    local = privacy.local
+    return device_pb2.DevicePrivacy(
+        l2_clip_norm=privacy.l2_clip_norm or 0.0, report_unclipped=privacy.report_unclipped,
+        local_noise_multiplier=local.noise_multiplier if local else 0.0,
+        local_max_grad_norm=local.max_grad_norm if local else 0.0,
+        local_delta=local.delta if local else 0.0,
+    )
+
+
+def plan_privacy_from_proto(msg: device_pb2.GetPlanResponse) -> PlanPrivacy | None:
+    if not msg.HasField("privacy"):
+        return None
+    p = msg.privacy
+    if not (p.l2_clip_norm >= 0 and np.isfinite(p.l2_clip_norm)):
+        raise WireFormatError(f"privacy.l2_clip_norm must be >= 0 and finite, got "
+                              f"{p.l2_clip_norm}")
+    local = None
+    if p.local_delta:
+        if not (0 < p.local_delta < 1 and p.local_noise_multiplier > 0
+                and p.local_max_grad_norm > 0):
+            raise WireFormatError("privacy: local_noise_multiplier and local_max_grad_norm "
+                                  "must be positive and local_delta in (0, 1)")
+        local = LocalDp(p.local_noise_multiplier, p.local_max_grad_norm, p.local_delta)
+    if p.report_unclipped and not p.l2_clip_norm:
+        raise WireFormatError("privacy.report_unclipped needs l2_clip_norm")
+    return PlanPrivacy(l2_clip_norm=p.l2_clip_norm or None,
+                       report_unclipped=p.report_unclipped, local=local)
 
 
 # ---------------------------------------------------------------- secure aggregation

@@ -9,13 +9,17 @@ FedProx's proximal term, SCAFFOLD's control-variate correction).
 
 Trainers (all implement :class:`CohortTrainer`; results agree within float tolerance):
 
-- :class:`VectorizedTrainer` stacks the cohort's parameters ``[devices, ...]`` and runs one
-  step of all devices at once. Devices are sorted by step count, so the devices still
-  training at step ``s`` are a prefix and each step works on views, without padding devices.
-  Per-device data are rows of one flat table; a step gathers its ``[devices, batch]`` rows
-  (padded and masked where a device's last batch is smaller). Two kernels:
-  ``bmm`` (hand-written batched forward/backward for linear and MLP models) and ``vmap``
-  (``torch.func``: ``vmap(grad(functional_call))``, any model without buffers).
+- :class:`BmmTrainer` (``bmm``, linear and MLP models) stacks the parameters of a group of
+  devices ``[devices, ...]`` and runs one step of the whole group at once: forward and
+  backward by hand as batched matrix products, the SGD step fused into the weight-gradient
+  product. Devices are sorted by step count, so the devices still training at step ``s`` are
+  a prefix and each step works on views, without padding devices. A step's ``[devices,
+  batch]`` rows of the flat data table (padded and masked where a device's last batch is
+  smaller) are gathered for many steps at once, so a step is a dozen torch calls and no
+  Python bookkeeping. Groups are sized to keep their weights in cache and, with several
+  threads, run on a pool, longest first.
+- :class:`VectorizedTrainer` (``vmap``): the same lock step over the whole cohort with
+  ``torch.func``'s ``vmap(grad(functional_call))``, for any model without buffers.
 - :class:`LoopTrainer` trains one device after another with ``train_local`` itself (the
   reference, and the fallback for other optimizers).
 
@@ -105,9 +109,10 @@ class DeviceTable:
 
 
 def make_trainer(kind: EngineKind, spec: ModelSpec, table: DeviceTable, local: LocalTraining,
-                 objective: LocalObjective) -> CohortTrainer:
+                 objective: LocalObjective, *, threads: int = 1) -> CohortTrainer:
     """The trainer ``kind`` names; ``auto`` picks ``bmm`` where it applies, then ``vmap``,
-    then ``loop`` (the vectorized trainers implement SGD with momentum only).
+    then ``loop`` (the vectorized trainers implement SGD with momentum only). ``threads``:
+    worker threads of the ``bmm`` trainer (the others use torch's intra-op threads).
 
     Raises:
         ValueError: ``bmm`` or ``vmap`` asked for a model or optimizer they do not support.
@@ -129,7 +134,7 @@ def make_trainer(kind: EngineKind, spec: ModelSpec, table: DeviceTable, local: L
         if layers is None:
             raise ValueError(f"engine 'bmm' supports linear and MLP models, "
                              f"not {spec.architecture!r}")
-        return VectorizedTrainer(_bmm_kernel(layers), table, local, objective)
+        return BmmTrainer(layers, table, local, objective, threads=threads)
     return VectorizedTrainer(_vmap_kernel(model), table, local, objective)
 
 
@@ -251,43 +256,6 @@ class VectorizedTrainer:
                             steps=plan.steps, num_examples=sizes, loss=loss_np)
 
 
-def _bmm_kernel(layers: list[tuple[str, str]]) -> Kernel:
-    """Forward and backward of Linear (ReLU Linear)* with cross-entropy, by hand, as batched
-    matrix products over the devices. ReLU's derivative at 0 is 0, as in autograd."""
-    last = len(layers) - 1
-    minus_one = torch.full((1, 1, 1), -1.0)
-
-    def kernel(p: Params, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
-               ) -> tuple[Params, torch.Tensor]:
-        inputs = [xb]
-        pre: list[torch.Tensor] = []
-        h = xb
-        for i, (wn, bn) in enumerate(layers):
-            z = torch.baddbmm(p[bn].unsqueeze(1), h, p[wn].transpose(1, 2))
-            if i < last:
-                pre.append(z)
-                h = torch.relu(z)
-                inputs.append(h)
-            else:
-                h = z
-        log_probs = torch.log_softmax(h, dim=2)
-        labels = yb.unsqueeze(2)
-        loss = -(log_probs.gather(2, labels).squeeze(2) * wb).sum(1)
-        g = log_probs.exp_()
-        g.scatter_add_(2, labels, minus_one.expand(labels.shape))
-        g.mul_(wb.unsqueeze(2))
-        grads: Params = {}
-        for i in range(last, -1, -1):
-            wn, bn = layers[i]
-            grads[wn] = torch.bmm(g.transpose(1, 2), inputs[i])
-            grads[bn] = g.sum(1)
-            if i > 0:
-                g = torch.bmm(g, p[wn]).masked_fill_(pre[i - 1] <= 0, 0.0)
-        return grads, loss
-
-    return kernel
-
-
 def _vmap_kernel(model: nn.Module) -> Kernel:
     """``vmap(grad_and_value(loss))`` with the model called through ``functional_call``."""
     from torch.func import functional_call, grad_and_value, vmap
@@ -306,6 +274,220 @@ def _vmap_kernel(model: nn.Module) -> Kernel:
         return grads, loss
 
     return kernel
+
+
+# -- bmm: fused batched SGD for Linear (ReLU Linear)* ------------------------------------------
+
+#: Parameter bytes of the devices one lock-step group trains together: the group's weights
+#: stay in the core's L2 cache across the forward pass, the backward pass and the update.
+_GROUP_PARAM_BYTES = 1 << 20
+#: Packed minibatch rows gathered at a time (features, labels, targets of that many rows).
+_CHUNK_ROWS = 1 << 14
+
+
+@dataclass(frozen=True, eq=False)
+class _Packed:
+    """One group's steps, packed: step ``s`` trains the first ``active[s]`` devices of the
+    group (most steps first) on rows ``starts[s]:starts[s + 1]`` of ``rows``."""
+
+    active: list[int]
+    starts: np.ndarray         # [S + 1]
+    rows: torch.Tensor         # [P, B] table rows, pad_row where a batch has no example
+    weights: torch.Tensor      # [P, B] 1/len(batch) on real examples, else 0
+    loss_scale: torch.Tensor   # [P] 1/n on the last epoch of a complete run, else 0
+    position: torch.Tensor     # [P] the device (position in the group) a row belongs to
+
+
+def _pack(table: DeviceTable, jobs: Sequence[DeviceJob], steps: np.ndarray,
+          local: LocalTraining) -> _Packed:
+    """``jobs`` sorted by ``steps``, descending; the shuffles are ``train_local``'s."""
+    batch = local.batch_size
+    total = int(steps[0]) if len(steps) else 0
+    done_by = np.cumsum(np.bincount(np.minimum(steps, total), minlength=total + 1))
+    active = (len(steps) - done_by[:total]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(active)]).astype(np.int64)
+    parts, scales, where = [], [], []
+    for pos, (job, s_j) in enumerate(zip(jobs, steps.tolist(), strict=True)):
+        if s_j == 0:
+            break
+        n = int(table.sizes[job.device])
+        per_epoch = math.ceil(n / batch)
+        generator = torch.Generator().manual_seed(job.seed)
+        epochs = math.ceil(s_j / per_epoch)
+        # The same draws as train_local: one randperm(n) per epoch from the seeded generator.
+        padded = torch.full((epochs, per_epoch * batch), table.pad_row, dtype=torch.int64)
+        for e in range(epochs):
+            padded[e, :n] = torch.randperm(n, generator=generator)
+        padded[:, :n] += int(table.offsets[job.device])
+        parts.append(padded.view(epochs * per_epoch, batch)[:s_j])
+        scale = torch.zeros(s_j, dtype=torch.float64)
+        if s_j == full_steps(n, local):
+            scale[(local.epochs - 1) * per_epoch:] = 1.0 / n
+        scales.append(scale)
+        where.append(starts[:s_j] + pos)
+    count = int(starts[-1])
+    rows = torch.empty((count, batch), dtype=torch.int64)
+    loss_scale = torch.empty(count, dtype=torch.float64)
+    if parts:
+        index = torch.from_numpy(np.concatenate(where))
+        rows.index_copy_(0, index, torch.cat(parts))
+        loss_scale.index_copy_(0, index, torch.cat(scales))
+    valid = (rows != table.pad_row).float()
+    weights = valid / valid.sum(1, keepdim=True).clamp(min=1.0)
+    position = torch.from_numpy(np.arange(count) - np.repeat(starts[:-1], active))
+    return _Packed(active.tolist(), starts, rows, weights, loss_scale, position)
+
+
+class BmmTrainer:
+    """Lock-step SGD of Linear (ReLU Linear)* models with cross-entropy: forward and backward
+    by hand as batched matrix products over the devices, and the SGD update fused into the
+    weight-gradient product (``W.baddbmm_(g^T, h, alpha=-lr)``). ReLU's derivative at 0 is 0,
+    as in autograd.
+
+    The cohort, sorted by steps, is cut into groups small enough that a group's weights stay
+    in cache for a whole step; with ``threads > 1`` the groups (longest first) are shared by
+    that many worker threads, each running torch ops with one intra-op thread."""
+
+    def __init__(self, layers: list[tuple[str, str]], table: DeviceTable, local: LocalTraining,
+                 objective: LocalObjective, *, threads: int = 1) -> None:
+        if local.optimizer is not LocalOptimizerKind.SGD:
+            raise ValueError("the bmm trainer implements SGD (with momentum) only")
+        self._layers = layers
+        self._table = table
+        self._local = local
+        self._objective = objective
+        self._threads = max(1, threads)
+
+    def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
+              corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:
+        local = self._local
+        sizes = self._table.sizes[[j.device for j in jobs]]
+        full = np.array([full_steps(int(n), local) for n in sizes], dtype=np.int64)
+        steps = np.array([f if j.max_steps is None else min(int(f), j.max_steps)
+                          for j, f in zip(jobs, full, strict=True)], dtype=np.int64)
+        order = np.argsort(-steps, kind="stable")
+        order = order[steps[order] > 0]
+        out = {n: p.detach().unsqueeze(0).expand(len(jobs), *p.shape).clone()
+               for n, p in global_params.items()}
+        loss = np.full(len(jobs), np.nan)
+        groups = self._groups(global_params, order)
+        tasks = [(g, global_params, steps, corrections, out, loss) for g in groups]
+        if self._threads == 1 or len(groups) == 1:
+            for task in tasks:
+                self._train_group(*task, jobs=jobs)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(self._threads) as pool:
+                    for future in [pool.submit(self._train_group, *t, jobs=jobs) for t in tasks]:
+                        future.result()
+            finally:
+                torch.set_num_threads(before)
+        loss[steps < full] = np.nan
+        return CohortResult(params=out, steps=steps, num_examples=sizes, loss=loss)
+
+    def _groups(self, global_params: Mapping[str, torch.Tensor], order: np.ndarray
+                ) -> list[np.ndarray]:
+        """Consecutive runs of ``order``; with several threads, at least ``2 x threads``
+        groups so that the long ones (first) overlap with the rest."""
+        per_device = sum(p.numel() * p.element_size() for p in global_params.values())
+        size = max(1, _GROUP_PARAM_BYTES // max(per_device, 1))
+        if self._threads > 1:
+            size = min(size, max(1, math.ceil(len(order) / (2 * self._threads))))
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def _train_group(self, members: np.ndarray, global_params: Mapping[str, torch.Tensor],
+                     steps: np.ndarray, corrections: Mapping[str, torch.Tensor] | None,
+                     out: dict[str, torch.Tensor], loss: np.ndarray, *,
+                     jobs: Sequence[DeviceJob]) -> None:
+        local, table = self._local, self._table
+        lr, momentum, mu = local.learning_rate, local.momentum, self._objective.prox_mu
+        batch, features = local.batch_size, table.x.shape[1]
+        plan = _pack(table, [jobs[i] for i in members], steps[members], local)
+        index = torch.from_numpy(members)
+        d = len(members)
+        # Weights [d, out, in] and biases as [d, 1, out], so both update with baddbmm_.
+        params = [(global_params[w].detach().unsqueeze(0).expand(d, -1, -1).clone(),
+                   global_params[b].detach().view(1, 1, -1).expand(d, -1, -1).clone())
+                  for w, b in self._layers]
+        flat = [t for pair in params for t in pair]
+        names = [n for pair in self._layers for n in pair]
+        extra_terms = bool(mu) or corrections is not None
+        anchors = [global_params[n].detach().view(t.shape[1:]) for n, t in zip(names, flat,
+                                                                                   strict=True)]
+        corr = ([corrections[n].index_select(0, index).view(t.shape)
+                 for n, t in zip(names, flat, strict=True)] if corrections is not None else None)
+        buffers = [torch.zeros_like(t) for t in flat] if momentum else None
+        classes = params[-1][0].shape[1]
+        ones = torch.ones((1, 1, batch))
+        last = len(params) - 1
+        log_p = torch.empty((int(plan.starts[-1]), batch, 1))
+        x, y = table.x, table.y
+
+        def update(i: int, k: int, a: torch.Tensor, b: torch.Tensor) -> None:
+            """Parameter ``i`` (of the first k devices) takes an SGD step with gradient a @ b
+            plus the objective's extra terms, through torch.optim.SGD's momentum rule."""
+            p = flat[i][:k]
+            if buffers is None and not extra_terms:
+                p.baddbmm_(a, b, alpha=-lr)
+                return
+            # The gradient's terms in train_local's order (hooks, then SGD's momentum).
+            direction = torch.bmm(a, b)
+            if mu:
+                direction = direction + mu * (p - anchors[i])
+            if corr is not None:
+                direction = direction + corr[i][:k]
+            if buffers is not None:
+                direction = buffers[i][:k].mul_(momentum).add_(direction)
+            p.add_(direction, alpha=-lr)
+
+        with torch.no_grad():
+            s = 0
+            while s < len(plan.active):
+                # A chunk of steps whose rows are gathered at once (views thereafter).
+                end = int(np.searchsorted(plan.starts, plan.starts[s] + _CHUNK_ROWS, "right")) - 1
+                end = min(max(end, s + 1), len(plan.active))
+                lo, hi = int(plan.starts[s]), int(plan.starts[end])
+                rows = plan.rows[lo:hi].reshape(-1)
+                counts = plan.active[s:end]
+                xs = torch.split(x.index_select(0, rows).view(-1, batch, features), counts)
+                labels = y.index_select(0, rows).view(-1, batch, 1)
+                w3 = plan.weights[lo:hi].unsqueeze(2)
+                # softmax * w - onehot * w is the weighted cross-entropy's gradient.
+                targets = torch.zeros((hi - lo, batch, classes)).scatter_(2, labels, -w3)
+                chunk = zip(xs, torch.split(labels, counts), torch.split(w3, counts),
+                            torch.split(targets, counts), torch.split(log_p[lo:hi], counts),
+                            counts, strict=True)
+                for xb, yb, wb, target, lp_out, k in chunk:
+                    h, inputs = xb, [xb]
+                    for i, (wt, bt) in enumerate(params):
+                        h = torch.baddbmm(bt[:k], h, wt[:k].transpose(1, 2))
+                        if i < last:
+                            h = h.relu_()
+                            inputs.append(h)
+                    lp = torch.log_softmax(h, dim=2)
+                    torch.gather(lp, 2, yb, out=lp_out)
+                    g = torch.addcmul(target, lp.exp_(), wb)
+                    for i in range(last, -1, -1):
+                        back = torch.bmm(g, params[i][0][:k]) if i > 0 else None
+                        update(2 * i, k, g.transpose(1, 2), inputs[i])
+                        update(2 * i + 1, k, ones.expand(k, -1, -1), g)
+                        if back is not None:
+                            g = back.masked_fill_(inputs[i] <= 0, 0.0)
+                s = end
+        # Per row: the batch's mean cross-entropy; a device's loss sums, over its last epoch,
+        # the means times len(batch) / n, as train_local does.
+        per_row = -(log_p.squeeze(2).double() * plan.weights.double()).sum(1)
+        valid = (plan.rows != table.pad_row).sum(1).double()
+        weighted = per_row * valid * plan.loss_scale
+        device_loss = torch.zeros(d, dtype=torch.float64).index_add_(0, plan.position, weighted)
+        loss[members] = device_loss.numpy()
+        for (wn, bn), (wt, bt) in zip(self._layers, params, strict=True):
+            out[wn].index_copy_(0, index, wt)
+            out[bn].index_copy_(0, index, bt.view(d, -1))
 
 
 # -- one device at a time ----------------------------------------------------------------------

@@ -79,7 +79,7 @@ class Simulation:
             learning_rate=config.local.learning_rate)
         self.trainer = trainer if trainer is not None else make_trainer(
             config.engine.kind, config.model, self.table, config.local,
-            self.algorithm.local_objective())
+            self.algorithm.local_objective(), threads=config.engine.threads)
         self.params = initial_state(config.model, config.seed)
         self._eval_model = build_model(config.model)
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xE7A1]))

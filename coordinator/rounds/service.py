@@ -33,7 +33,7 @@ import random
 import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from coordinator.rounds.errors import (
     TooLarge,
     Unavailable,
 )
+from coordinator.rounds.privacy import Release, TaskPrivacy
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import is_eligible, sample_uniform
 from coordinator.rounds.uploads import SpooledUpload, accumulate, all_finite
@@ -56,11 +57,17 @@ from coordinator.storage.records import ModelVersionRecord, RoundRecord, TaskRec
 from core.aggregation.fedavg import StreamingWeightedMean
 from core.aggregation.server_optimizers import apply_server_optimizer
 from core.errors import CoreError
+from core.privacy.central import ClippedSum
+from core.privacy.errors import InsecureNoiseError, PrivacyError
+from core.privacy.noise import NoiseSource
+from core.privacy.spec import PrivacyMode
 from core.protocol import (
+    UNCLIPPED_METRIC,
     CheckInOutcome,
     CheckInResult,
     Participation,
     Plan,
+    PlanPrivacy,
     SecAggPlan,
     UpdateHeader,
 )
@@ -115,6 +122,10 @@ class ServiceConfig:
     #: A task fails after this many failed attempts in a row.
     max_failed_attempts: int = 20
     max_num_examples: int = 1 << 31
+    #: Tests and simulations only: accept a seeded (reproducible, *insecure*) noise source
+    #: for differential privacy. Production keeps False, and the service then refuses any
+    #: source but :meth:`NoiseSource.secure`.
+    allow_seeded_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,10 @@ class _OpenRound:
     errored: set[str] = field(default_factory=set)
     uploading: set[str] = field(default_factory=set)
     examples: int = 0
+    #: Central DP without secure aggregation: the sum of updates, each clipped to C.
+    dp_sum: ClippedSum | None = None
+    #: Adaptive clipping without secure aggregation: how many reports fitted under C.
+    dp_unclipped: float = 0.0
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_weights: dict[str, float] = field(default_factory=dict)
     secure: SecureRound | None = None
@@ -168,6 +183,7 @@ class _Task:
     model: _Model
     round: _OpenRound | None = None
     secagg: SecAggParams | None = None
+    privacy: TaskPrivacy | None = None
     failed_attempts: int = 0
     #: Seats of the last closed attempt, so its late devices hear "closed", not "not selected".
     closed_seats: dict[str, _Seat] = field(default_factory=dict)
@@ -199,7 +215,13 @@ class CoordinatorService:
         *,
         rng: random.Random | None = None,
         config: ServiceConfig | None = None,
+        noise: NoiseSource | None = None,
     ) -> None:
+        """``noise`` is where differential-privacy noise comes from (default: the CSPRNG).
+
+        Raises:
+            InsecureNoiseError: a seeded ``noise`` without ``config.allow_seeded_noise``.
+        """
         self._store = store
         self._blobs = blobs
         self._clock = clock
@@ -207,6 +229,12 @@ class CoordinatorService:
         # Retry jitter needs no CSPRNG, and is on the check-in hot path.
         self._jitter = random.Random(self._rng.getrandbits(64))
         self.config = config or ServiceConfig()
+        self._noise = noise if noise is not None else NoiseSource.secure()
+        if not self._noise.is_secure and not self.config.allow_seeded_noise:
+            raise InsecureNoiseError(
+                "the coordinator needs a cryptographically secure noise source for "
+                "differential privacy; a seeded one is accepted only with "
+                "ServiceConfig(allow_seeded_noise=True), in tests and simulations")
         self._tasks: dict[str, _Task] = {}
         self._evaluator: _ServerEvaluator = _ServerEvaluator()
         self._progress_listeners: list[Callable[[], None]] = []
@@ -237,7 +265,10 @@ class CoordinatorService:
                 continue
             spec = spec_from_dict(_json_loads(task.spec_json), source=f"task {task.task_id}")
             model = self._load_model(self._store.latest_model_version(task.task_id))
-            runtime = _Task(task.task_id, spec, model, secagg=_secagg_params(spec))
+            committed = [r.metrics for r in self._store.list_rounds(task.task_id)
+                         if r.state is RoundState.COMMITTED]
+            runtime = _Task(task.task_id, spec, model, secagg=_secagg_params(spec),
+                            privacy=_task_privacy(spec, committed))
             if task.task_id in interrupted:
                 rec = interrupted[task.task_id]
                 log.warning("round %d of task %s was open at restart; redoing it",
@@ -270,6 +301,8 @@ class CoordinatorService:
         if spec.evaluation.server_data:
             self._evaluator.check(spec)
         secagg = _secagg_params(spec)
+        _check_privacy_supported(spec)
+        privacy = _task_privacy(spec, [])
         task_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
         now = self._clock.now()
         record = self._write_model(task_id, 0, 0, params, None, now)
@@ -280,6 +313,7 @@ class CoordinatorService:
             spec,
             _Model(0, params, infos, sum(i.nbytes for i in infos), record, None),
             secagg=secagg,
+            privacy=privacy,
         )
         self._tasks[task_id] = task
         self._open_next_round(task, now)
@@ -406,6 +440,7 @@ class CoordinatorService:
             update_tensors=list(task.model.infos),
             seed=spec.seed,
             secure_aggregation=rnd.secure.plan if rnd.secure is not None else None,
+            privacy=_plan_privacy(task),
         )
 
     def model_for_participant(self, p: Participation, version: int) -> ModelVersionRecord:
@@ -484,15 +519,23 @@ class CoordinatorService:
                 )
                 rnd.errored.add(device)
                 raise InvalidRequest("update contains NaN or infinite values; it was rejected")
+            metrics = dict(upload.header.metrics)
+            unclipped = _take_unclipped_bit(task, metrics)
             # Recorded first: an update counts in the aggregate only once the database says so.
             self._store.set_participant_state(
                 rnd.round_id, device, ParticipantState.REPORTED, now=self._clock.now(),
-                num_examples=upload.header.num_examples, metrics=dict(upload.header.metrics),
+                num_examples=upload.header.num_examples, metrics=metrics,
             )
-            accumulate(path, rnd.accumulator, float(upload.header.num_examples))
+            if rnd.dp_sum is not None:
+                # Clipped here too: a device that skipped clipping cannot raise the
+                # sensitivity. Weight 1: DP-FedAvg is unweighted.
+                rnd.dp_sum.add(np.fromfile(path, dtype="<f4"))
+                rnd.dp_unclipped += unclipped
+            else:
+                accumulate(path, rnd.accumulator, float(upload.header.num_examples))
             rnd.reported.add(device)
             rnd.examples += upload.header.num_examples
-            _fold_metrics(rnd, upload.header.metrics, float(upload.header.num_examples))
+            _fold_metrics(rnd, metrics, float(upload.header.num_examples))
         finally:
             self.abort_upload(upload)
         self._advance(task, self._clock.now())
@@ -528,13 +571,16 @@ class CoordinatorService:
                             metrics: Mapping[str, float], clipped: int) -> None:
         task, rnd, secure = self._secure_seat(p)
         _check_metrics(metrics)
-        expected = task.model.nbytes // 4 + 1
+        bit = task.privacy is not None and task.privacy.adaptive is not None
+        expected = task.model.nbytes // 4 + 1 + bit
         if len(vector) != expected:
-            raise InvalidRequest(f"masked input has {len(vector)} values; this model's update "
-                                 f"encodes to {expected} (parameters and the weight)")
+            raise InvalidRequest(
+                f"masked input has {len(vector)} values; this model's update encodes to "
+                f"{expected} (parameters{', the unclipped bit' if bit else ''} and the weight)")
         if clipped < 0 or clipped > len(vector):
             raise InvalidRequest(f"clipped_values {clipped} is not a count of coordinates")
         secure.masked_input(p.device_id, vector, clipped)
+        metrics = {k: v for k, v in metrics.items() if k != UNCLIPPED_METRIC}
         # The example count stays masked: only the round's total is ever known.
         self._store.set_participant_state(
             rnd.round_id, p.device_id, ParticipantState.REPORTED, now=self._clock.now(),
@@ -606,7 +652,20 @@ class CoordinatorService:
         result = secure.result
         assert result is not None
         params = secure.plan.params
-        mean, weight = encoding.decode_mean(result.total, len(result.survivors), params)
+        decoded, weight = encoding.decode_mean(result.total, len(result.survivors), params)
+        mean: np.ndarray = decoded
+        release = None
+        if task.privacy is not None:
+            # weight_cap is 1 under DP: each device's weight is 1, the weight coordinate
+            # counts devices, and weight x mean is the plain sum of the clipped updates.
+            total = decoded * weight
+            unclipped = None
+            if task.privacy.adaptive is not None:
+                unclipped = float(total[-1]) / params.clip
+                total = total[:-1]
+            release = task.privacy.release(total, unclipped, source=self._noise,
+                                           require_secure=not self.config.allow_seeded_noise)
+            mean = release.mean
         extra = {
             "examples": float(weight),
             "reports": float(len(result.survivors)),
@@ -616,7 +675,9 @@ class CoordinatorService:
             "secagg_threshold": float(params.threshold),
             "secagg_max_error": encoding.max_mean_error(len(result.survivors), weight, params),
         }
-        self._commit(task, rnd, mean, now, extra)
+        if release is not None:
+            extra.update(release.metrics)
+        self._commit(task, rnd, mean, now, extra, release)
 
     def tick(self) -> None:
         """Drives deadlines and selection windows; call it periodically (e.g. every 100 ms)."""
@@ -687,6 +748,17 @@ class CoordinatorService:
             self._tasks.pop(task.task_id, None)
             log.info("task %s completed after %d rounds", task.task_id, record.rounds_committed)
             return
+        if task.privacy is not None:
+            exceeds, after = task.privacy.next_round_exceeds_budget()
+            if exceeds:
+                reason = (f"privacy budget exhausted after {record.rounds_committed} rounds: "
+                          f"epsilon is {task.privacy.epsilon():.4g} and one more round would "
+                          f"reach {after:.4g} > {task.privacy.budget:.4g} "
+                          f"(delta {task.privacy.delta:g})")
+                self._store.set_task_state(task.task_id, TaskState.BUDGET_EXHAUSTED, reason)
+                self._tasks.pop(task.task_id, None)
+                log.info("task %s: %s", task.task_id, reason)
+                return
         spec = task.spec
         deadline = now + spec.round_deadline_s
         rec = self._store.open_round(
@@ -705,8 +777,11 @@ class CoordinatorService:
             started=now,
             deadline=deadline,
             selection_closes=now + spec.selection_window_s,
-            accumulator=StreamingWeightedMean(0 if secure else task.model.nbytes // 4),
+            accumulator=StreamingWeightedMean(
+                0 if secure or task.privacy is not None else task.model.nbytes // 4),
             secure=secure,
+            dp_sum=(ClippedSum(task.model.nbytes // 4, l2_clip_norm=task.privacy.clip)
+                    if task.privacy is not None and secure is None else None),
         )
 
     def _fail_round(self, task: _Task, rnd: _OpenRound, now: float, reason: str) -> None:
@@ -726,11 +801,23 @@ class CoordinatorService:
         self._open_next_round(task, now)
 
     def _aggregate(self, task: _Task, rnd: _OpenRound, now: float) -> None:
-        self._commit(task, rnd, rnd.accumulator.mean(), now, {})
+        if rnd.dp_sum is None:
+            self._commit(task, rnd, rnd.accumulator.mean(), now, {})
+            return
+        assert task.privacy is not None
+        try:
+            release = task.privacy.release(
+                rnd.dp_sum.total, rnd.dp_unclipped if task.privacy.adaptive else None,
+                source=self._noise, require_secure=not self.config.allow_seeded_noise)
+        except PrivacyError as exc:
+            self._fail_round(task, rnd, now, f"differential privacy refused the release: {exc}")
+            return
+        self._commit(task, rnd, release.mean, now, release.metrics, release)
 
     def _commit(self, task: _Task, rnd: _OpenRound, mean: np.ndarray, now: float,
-                extra_metrics: Mapping[str, float]) -> None:
-        """Applies the round's mean update with the server optimizer and commits the model."""
+                extra_metrics: Mapping[str, float], release: Release | None = None) -> None:
+        """Applies the round's mean update with the server optimizer and commits the model;
+        a DP ``release`` counts towards the task's epsilon once the commit is durable."""
         self._start_training(rnd, now)
         self._store.set_round_state(rnd.round_id, RoundState.AGGREGATING, now=now)
         rnd.state = RoundState.AGGREGATING
@@ -756,6 +843,9 @@ class CoordinatorService:
         for name, total in rnd.metric_sums.items():
             metrics[name] = total / rnd.metric_weights[name]
         self._store.commit_round(rnd.round_id, record, metrics, now)
+        if release is not None:
+            assert task.privacy is not None
+            task.privacy.committed(release)
         task.model = _Model(version, params, task.model.infos, task.model.nbytes, record, opt_state)
         task.round = None
         task.closed_seats = rnd.seats
@@ -885,10 +975,62 @@ class _ServerEvaluator:
 def _secagg_params(spec: TaskSpec) -> SecAggParams | None:
     if spec.secure_aggregation is None:
         return None
+    config = spec.secure_aggregation
+    if spec.privacy is not None and spec.privacy.mode is PrivacyMode.CENTRAL:
+        # DP-FedAvg is unweighted: with weight_cap 1 every device's weight is 1, its update
+        # is encoded unscaled, and the weight coordinate counts the devices.
+        config = replace(config, weight_cap=1)
     try:
-        return derive(spec.secure_aggregation, spec.selection_target)
+        return derive(config, spec.selection_target)
     except SecAggParamError as exc:
         raise InvalidRequest(f"spec.secure_aggregation: {exc}") from None
+
+
+def _check_privacy_supported(spec: TaskSpec) -> None:
+    privacy = spec.privacy
+    if privacy is None:
+        return
+    if privacy.mode is PrivacyMode.DISTRIBUTED:
+        raise InvalidRequest("spec.privacy.mode: 'distributed' is not supported by this "
+                             "coordinator yet; use 'central' (with secure_aggregation for an "
+                             "untrusted network) or 'local'")
+    if privacy.mode is PrivacyMode.LOCAL:
+        from core.models import build_model  # torch: imported only when needed
+        from core.privacy.local_model import check_local_dp_model
+
+        try:
+            check_local_dp_model(build_model(spec.model))
+        except (CoreError, PrivacyError) as exc:
+            raise InvalidRequest(f"spec.model: {exc}") from None
+
+
+def _task_privacy(spec: TaskSpec, committed: list[Mapping[str, float]]) -> TaskPrivacy | None:
+    try:
+        return TaskPrivacy.for_task(spec, committed)
+    except ValueError as exc:
+        raise InvalidRequest(f"spec.privacy: {exc}") from None
+
+
+def _plan_privacy(task: _Task) -> PlanPrivacy | None:
+    if task.privacy is not None:
+        return task.privacy.plan()
+    privacy = task.spec.privacy
+    if privacy is not None and privacy.mode is PrivacyMode.LOCAL:
+        return PlanPrivacy(local=privacy.local)
+    return None
+
+
+def _take_unclipped_bit(task: _Task, metrics: dict[str, float]) -> float:
+    """Removes the adaptive-clipping bit from a report's metrics (it must not be stored or
+    averaged in the clear) and returns it; 0 when the task does not use it."""
+    value = metrics.pop(UNCLIPPED_METRIC, None)
+    if task.privacy is None or task.privacy.adaptive is None:
+        return 0.0
+    if value not in (0.0, 1.0):
+        raise InvalidRequest(f"metric {UNCLIPPED_METRIC!r} must be 0 or 1 under adaptive "
+                             f"clipping, got {value}")
+    assert value is not None
+    return value
 
 
 def _fold_metrics(rnd: _OpenRound, metrics: Mapping[str, float], examples: float) -> None:

@@ -56,14 +56,26 @@ class ClippedSum:
         self._norms.append(norm)
         return norm
 
+    @property
+    def total(self) -> npt.NDArray[np.float64]:
+        """The clipped sum so far (a copy), before any noise."""
+        return self._sum.copy()
+
     def release_mean(self, *, noise_multiplier: float, source: NoiseSource,
-                     require_secure: bool = True) -> npt.NDArray[np.float64]:
-        """``(sum + N(0, (noise_multiplier * l2_clip_norm)^2)) / count``.
+                     require_secure: bool = True, denominator: int | None = None
+                     ) -> npt.NDArray[np.float64]:
+        """``(sum + N(0, (noise_multiplier * l2_clip_norm)^2)) / denominator``.
+
+        ``denominator`` None divides by the number of updates added. DP-FedAvg divides by a
+        *fixed* number, the expected number of reports (McMahan et al. 2018): dividing by the
+        actual count would make the sensitivity depend on who reported.
 
         Raises:
             InsecureNoiseError: ``source`` is seeded and ``require_secure`` (production).
-            ValueError: nothing was added.
+            ValueError: nothing was added, or ``denominator`` is below 1.
         """
+        if denominator is not None and denominator < 1:
+            raise ValueError(f"denominator must be at least 1, got {denominator}")
         if require_secure:
             source.require_secure("central DP noise")
         if self._count == 0:
@@ -71,5 +83,5 @@ class ClippedSum:
         noisy = gaussian_noise(self._sum.size, stddev=noise_multiplier * self._l2_clip_norm,
                                source=source)
         noisy += self._sum
-        noisy /= self._count
+        noisy /= self._count if denominator is None else denominator
         return noisy

@@ -7,7 +7,8 @@
           +-- InsecureNoiseError a seeded (simulation-only) noise source was offered where
           |                      production privacy needs a CSPRNG
           +-- NoiseFloorError    too few devices reported in distributed DP: the noise in the
-                                 sum is below the configured floor, the round must abort
+          |                      sum is below the configured floor, the round must abort
+          +-- UnsupportedModelError  a model DP-SGD (local DP) cannot train; says the fix
 
 Bad arguments from our own code (a negative clip norm passed by a caller) stay ``ValueError``.
 """
@@ -48,3 +49,8 @@ class NoiseFloorError(PrivacyError):
         self.effective_noise_multiplier = effective_noise_multiplier
         self.min_noise_multiplier = min_noise_multiplier
         super().__init__(message)
+
+
+class UnsupportedModelError(PrivacyError):
+    """A model has layers DP-SGD cannot train (no per-example gradients, or layers that mix
+    examples such as BatchNorm). The message names the layers and the Opacus fix."""

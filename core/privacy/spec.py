@@ -9,7 +9,9 @@ and field (format of :class:`core.taskspec.TaskSpecError`). Unknown keys are err
       delta: 1.0e-5
       clip: 0.5                # a fixed L2 clip norm, or adaptive (Andrew et al. 2021):
       # clip: {target_quantile: 0.5, initial: 0.1, learning_rate: 0.2, bit_noise: 5.0}
-      sampling: poisson        # poisson | fixed (fixed-size, without replacement)
+      population: 1000         # devices the cohorts are drawn from: q = clients_per_round / N
+      sampling: fixed          # fixed (uniform, fixed-size, without replacement) | poisson
+      max_epsilon: 10.0        # optional budget (default: target_epsilon); rounds stop there
       accounting: rdp          # rdp | prv (prv: Poisson only)
       min_noise_multiplier: 0.9  # distributed only: abort a round whose reports carry less
 
@@ -83,10 +85,19 @@ class PrivacySpec:
     accounting: AccountingMethod = AccountingMethod.RDP
     min_noise_multiplier: float | None = None
     local: LocalDp | None = None
+    #: Size of the population cohorts are drawn from (sampling rate = cohort / population).
+    population: int | None = None
+    #: Epsilon (at ``delta``) after which no round opens; None: ``target_epsilon`` (if set).
+    max_epsilon: float | None = None
+
+    @property
+    def budget(self) -> float | None:
+        """The epsilon no release may exceed: ``max_epsilon``, else ``target_epsilon``."""
+        return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
 
 
 _TOP_KEYS = ("mode", "noise_multiplier", "target_epsilon", "delta", "clip", "sampling",
-             "accounting", "min_noise_multiplier", "local")
+             "accounting", "min_noise_multiplier", "local", "population", "max_epsilon")
 _ADAPTIVE_KEYS = {"target_quantile": "target_quantile", "initial": "initial_l2_clip_norm",
                   "learning_rate": "learning_rate", "bit_noise": "bit_noise_std"}
 _LOCAL_KEYS = ("noise_multiplier", "max_grad_norm", "delta")
@@ -111,7 +122,10 @@ def privacy_from_dict(raw: Mapping[str, Any] | None, source: str, *, path: str =
     if not isinstance(raw, Mapping):
         raise PrivacySpecError(source, path, f"expected a mapping, got {_describe(raw)}")
     _no_unknown_keys(raw, _TOP_KEYS, source, path)
-    mode = _enum(PrivacyMode, raw.get("mode", "off"), source, _join(path, "mode"))
+    raw_mode = raw.get("mode", "off")
+    # YAML 1.1 (PyYAML) reads a bare ``off`` as false.
+    mode = _enum(PrivacyMode, "off" if raw_mode is False else raw_mode, source,
+                 _join(path, "mode"))
     present = {key for key in raw if key != "mode"}
 
     if mode is PrivacyMode.OFF:
@@ -161,13 +175,25 @@ def privacy_from_dict(raw: Mapping[str, Any] | None, source: str, *, path: str =
         if noise_multiplier is not None and min_noise > noise_multiplier:
             fail("min_noise_multiplier", f"{min_noise} exceeds noise_multiplier "
                                          f"{noise_multiplier}: no round could pass")
+    if "population" not in raw:
+        fail("population", "is required: the number of devices cohorts are sampled from "
+                           "(the sampling rate is clients_per_round / population)")
+    population = raw["population"]
+    if not isinstance(population, int) or isinstance(population, bool) or population < 1:
+        fail("population", f"expected a positive integer, got {_describe(population)}")
+    max_epsilon = (_positive(raw["max_epsilon"], source, _join(path, "max_epsilon"))
+                   if "max_epsilon" in raw else None)
+    if (max_epsilon is not None and target_epsilon is not None
+            and max_epsilon < target_epsilon):
+        fail("max_epsilon", f"{max_epsilon} is below target_epsilon {target_epsilon}")
     if (isinstance(clip, AdaptiveClip) and noise_multiplier is not None
             and 2 * clip.bit_noise_std <= noise_multiplier):
         fail("clip.bit_noise", f"must exceed noise_multiplier / 2 = {noise_multiplier / 2} "
                                f"(the clipped-bit count would use the whole budget)")
     return PrivacySpec(mode=mode, noise_multiplier=noise_multiplier,
                        target_epsilon=target_epsilon, delta=delta, clip=clip, sampling=sampling,
-                       accounting=accounting, min_noise_multiplier=min_noise)
+                       accounting=accounting, min_noise_multiplier=min_noise,
+                       population=population, max_epsilon=max_epsilon)
 
 
 def privacy_to_dict(spec: PrivacySpec) -> dict[str, Any]:
@@ -179,7 +205,8 @@ def privacy_to_dict(spec: PrivacySpec) -> dict[str, Any]:
         out["local"] = {"noise_multiplier": spec.local.noise_multiplier,
                         "max_grad_norm": spec.local.max_grad_norm, "delta": spec.local.delta}
         return out
-    for key in ("noise_multiplier", "target_epsilon", "delta", "min_noise_multiplier"):
+    for key in ("noise_multiplier", "target_epsilon", "delta", "min_noise_multiplier",
+                "population", "max_epsilon"):
         if getattr(spec, key) is not None:
             out[key] = getattr(spec, key)
     if isinstance(spec.clip, FixedClip):

@@ -1,23 +1,35 @@
-"""One device's life: check in -> plan -> model -> train -> upload, until the task ends.
+"""One device's life: check in -> plan -> model -> train -> privatize -> upload, until the
+task ends.
 
 Local data never leaves this object: only the update (trained weights minus the received
 weights), its example count and summary metrics are sent.
+
+Differential privacy (the plan's ``privacy``): under central DP the whole update is scaled to
+at most the round's L2 clip norm before it leaves the device, before quantization under
+secure aggregation, so the masked vector encodes the clipped update; under adaptive clipping
+the device also sends whether its update fitted (a metric in the clear, or one more masked
+value). Under local DP the device trains with DP-SGD (Opacus) and reports its epsilon.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from core.data.dataset import LocalDataset
 from core.errors import CoreError
+from core.privacy.accounting import MechanismSteps, epsilon_of_history
+from core.privacy.adaptive_clipping import clipped_bit
+from core.privacy.clipping import clip_to_l2_norm
 from core.protocol import (
+    UNCLIPPED_METRIC,
     CheckInOutcome,
     CheckInResult,
     Participation,
@@ -41,11 +53,20 @@ from core.types import DeviceAttributes
 from device_agent.errors import AgentError, BadPayload, Rejected, RoundOver, Unreachable
 from device_agent.runtime.faults import crash_point
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from core.training import TrainResult
+
 log = logging.getLogger(__name__)
 
 #: Bounds on the coordinator's "come back after": never spin, never sleep for ever.
 MIN_WAIT_S = 0.05
 MAX_WAIT_S = 60.0
+
+#: Updates are clipped this much below the plan's norm, so that float32 rounding of the
+#: scaled update (relative 2^-24 per value) cannot push its norm above the norm.
+CLIP_MARGIN = 1.0 - 2.0**-20
 
 
 class Coordinator(Protocol):
@@ -104,7 +125,10 @@ class Device:
         task_id: str | None = None,
         exit_when_idle: bool = False,
         stop: threading.Event | None = None,
+        local_dp_secure_noise: bool = True,
     ) -> None:
+        """``local_dp_secure_noise=False`` lets local-DP training use seeded (insecure)
+        noise: tests and simulations only; production needs Opacus's CSPRNG (torchcsprng)."""
         self.device_id = device_id
         self.data = data
         self.coordinator = coordinator
@@ -113,6 +137,9 @@ class Device:
         self.exit_when_idle = exit_when_idle
         self.stop = stop or threading.Event()
         self.stats = DeviceStats()
+        self.local_dp_secure_noise = local_dp_secure_noise
+        #: Local DP: the DP-SGD steps this device took per task, for its cumulative epsilon.
+        self._local_dp_history: dict[str, list[MechanismSteps]] = {}
 
     def run(self) -> DeviceStats:
         while not self.stop.is_set():
@@ -149,9 +176,9 @@ class Device:
         try:
             plan = self.coordinator.get_plan(p)
             model_bytes = self.coordinator.download_model(p, plan)
-            header, payload = self._train(p, plan, model_bytes)
+            header, payload, unclipped = self._train(p, plan, model_bytes)
             if plan.secure_aggregation is not None:
-                self._secure_upload(p, plan, header, payload)
+                self._secure_upload(p, plan, header, payload, unclipped)
             else:
                 self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
             self.stats.updates_accepted += 1
@@ -177,14 +204,19 @@ class Device:
             self._report_error(p, str(exc))
 
     def _secure_upload(self, p: Participation, plan: Plan, header: UpdateHeader,
-                       payload: bytes) -> None:
+                       payload: bytes, unclipped: int | None) -> None:
         """The four SecAgg+ stages; the update only ever leaves masked."""
         sa = plan.secure_aggregation
         assert sa is not None
         client = SecAggClient(sa.params, sa.context, config_hash(plan))
+        values = np.frombuffer(payload, dtype="<f4")
+        if unclipped is not None:
+            # Adaptive clipping's bit rides as one more masked value, scaled to the
+            # quantizer's range (the coordinator divides by clip again).
+            values = np.append(values.astype(np.float64), unclipped * sa.params.clip)
         try:
-            encoded = encode_update(np.frombuffer(payload, dtype="<f4"), header.num_examples,
-                                    sa.params, np.random.default_rng())
+            encoded = encode_update(values, header.num_examples, sa.params,
+                                    np.random.default_rng())
         except CoreError as exc:
             raise SecAggRefused(f"cannot encode the update: {exc}") from None
         step = sa.phase_timeout_s + 10.0
@@ -217,7 +249,8 @@ class Device:
 
     def _train(
         self, p: Participation, plan: Plan, model_bytes: bytes
-    ) -> tuple[UpdateHeader, bytes]:
+    ) -> tuple[UpdateHeader, bytes, int | None]:
+        """(header, raw update, adaptive clipping's bit for the secure path or None)."""
         from core.models import build_model, load_numpy_state, state_to_numpy
         from core.training import evaluate, train_local
 
@@ -230,11 +263,25 @@ class Device:
             metrics.update(eval_loss=loss, eval_accuracy=acc,
                            eval_examples=float(len(self.data.y_test)))
         seed = int(sha256_hex(f"{plan.seed}/{p.round_number}/{self.device_id}".encode())[:8], 16)
-        result = train_local(model, self.data.x_train, self.data.y_train, plan.local, seed=seed)
+        privacy = plan.privacy
+        if privacy is not None and privacy.local is not None:
+            result = self._train_local_dp(p, plan, model, seed, metrics)
+        else:
+            result = train_local(model, self.data.x_train, self.data.y_train, plan.local,
+                                 seed=seed)
         metrics["train_loss"] = result.loss
         trained = state_to_numpy(model)
         names = [t.name for t in plan.update_tensors]
         delta = {n: (trained[n] - received[n]).astype(np.float32) for n in names}
+        unclipped = None
+        if privacy is not None and privacy.l2_clip_norm is not None:
+            delta, norm = clip_to_l2_norm(delta, l2_clip_norm=privacy.l2_clip_norm * CLIP_MARGIN)
+            if privacy.report_unclipped:
+                bit = clipped_bit(norm, l2_clip_norm=privacy.l2_clip_norm)
+                if plan.secure_aggregation is None:
+                    metrics[UNCLIPPED_METRIC] = float(bit)
+                else:
+                    unclipped = bit
         payload = to_raw_bytes(delta)
         header = UpdateHeader(
             participation=p,
@@ -244,4 +291,22 @@ class Device:
             sha256=sha256_hex(payload),
             metrics=metrics,
         )
-        return header, payload
+        return header, payload, unclipped
+
+    def _train_local_dp(self, p: Participation, plan: Plan, model: nn.Module, seed: int,
+                        metrics: dict[str, float]) -> TrainResult:
+        from device_agent.training.local_dp import train_local_dp
+
+        assert plan.privacy is not None and plan.privacy.local is not None
+        local = plan.privacy.local
+        if self.local_dp_secure_noise and importlib.util.find_spec("torchcsprng") is None:
+            raise AgentError("local DP needs a cryptographically secure noise generator: "
+                             "install torchcsprng (Opacus's secure_mode uses it)")
+        dp = train_local_dp(model, self.data.x_train, self.data.y_train, plan.local, noise_multiplier=local.noise_multiplier,
+                            max_grad_norm=local.max_grad_norm, delta=local.delta, seed=seed,
+                            secure_mode=self.local_dp_secure_noise)
+        history = self._local_dp_history.setdefault(p.task_id, [])
+        history.append(MechanismSteps(local.noise_multiplier, dp.sampling_rate, dp.train.steps))
+        metrics["local_dp_round_epsilon"] = dp.epsilon
+        metrics["local_dp_epsilon"] = epsilon_of_history(history, delta=local.delta)
+        return dp.train

@@ -62,20 +62,19 @@ class LocalDpResult:
 
 def check_local_dp_model(model: nn.Module) -> None:
     """Refuses a model DP-SGD cannot train: layers without per-example gradients or that mix
-    examples (BatchNorm), per Opacus's ``ModuleValidator``.
+    examples (BatchNorm), per Opacus's ``ModuleValidator`` (the check the coordinator also
+    runs at task launch, :func:`core.privacy.local_model.check_local_dp_model`).
 
     Raises:
         LocalDpError: naming each offending layer, the reason, and the fix.
     """
-    from opacus.validators import ModuleValidator
+    from core.privacy.errors import UnsupportedModelError
+    from core.privacy.local_model import check_local_dp_model as check
 
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        reasons = "; ".join(str(error) for error in errors)
-        raise LocalDpError(
-            f"the model cannot be trained with local DP: {reasons}. Fix: replace BatchNorm "
-            f"with GroupNorm (opacus.validators.ModuleValidator.fix(model) does it) and "
-            f"other unsupported layers with Opacus's DP equivalents")
+    try:
+        check(model)
+    except UnsupportedModelError as exc:
+        raise LocalDpError(str(exc)) from None
 
 
 def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTraining, *,

@@ -122,6 +122,7 @@ class DeviceClient:
             seed=resp.seed,
             secure_aggregation=(convert.secagg_plan_from_proto(resp.secure_aggregation)
                                 if resp.HasField("secure_aggregation") else None),
+            privacy=convert.plan_privacy_from_proto(resp),
         )
 
     def download_model(self, p: Participation, plan: Plan) -> bytes:

@@ -69,7 +69,7 @@ class GetPlanRequest(_message.Message):
     def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ...) -> None: ...
 
 class GetPlanResponse(_message.Message):
-    __slots__ = ("task_id", "round_number", "model", "model_version", "model_sha256", "model_size_bytes", "local", "evaluate", "deadline_unix_ms", "max_update_bytes", "max_chunk_bytes", "update_tensors", "seed", "secure_aggregation")
+    __slots__ = ("task_id", "round_number", "model", "model_version", "model_sha256", "model_size_bytes", "local", "evaluate", "deadline_unix_ms", "max_update_bytes", "max_chunk_bytes", "update_tensors", "seed", "secure_aggregation", "privacy")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class GetPlanResponse(_message.Message):
     UPDATE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round_number: int
     model: _common_pb2.ModelSpec
@@ -98,7 +99,22 @@ class GetPlanResponse(_message.Message):
     update_tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorSpec]
     seed: int
     secure_aggregation: SecAggPlan
-    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ...) -> None: ...
+    privacy: DevicePrivacy
+    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., privacy: _Optional[_Union[DevicePrivacy, _Mapping]] = ...) -> None: ...
+
+class DevicePrivacy(_message.Message):
+    __slots__ = ("l2_clip_norm", "report_unclipped", "local_noise_multiplier", "local_max_grad_norm", "local_delta")
+    L2_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    REPORT_UNCLIPPED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DELTA_FIELD_NUMBER: _ClassVar[int]
+    l2_clip_norm: float
+    report_unclipped: bool
+    local_noise_multiplier: float
+    local_max_grad_norm: float
+    local_delta: float
+    def __init__(self, l2_clip_norm: _Optional[float] = ..., report_unclipped: bool = ..., local_noise_multiplier: _Optional[float] = ..., local_max_grad_norm: _Optional[float] = ..., local_delta: _Optional[float] = ...) -> None: ...
 
 class SecAggPlan(_message.Message):
     __slots__ = ("num_devices", "neighbours", "threshold", "value_bits", "ring_bits", "clip", "weight_cap", "context", "phase_timeout_ms")

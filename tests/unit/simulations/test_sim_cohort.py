@@ -39,8 +39,11 @@ def _train(kind: EngineKind, spec: ModelSpec, table: DeviceTable, local: LocalTr
 
 
 def _assert_same(a: CohortResult, b: CohortResult) -> None:
+    # Batched kernels sum in another order than the loop: float32 reassociation, amplified
+    # over up to ~60 momentum steps with batch 1, reaches ~1e-3 relative. A wrong shuffle,
+    # step count or correction moves the weights by O(1), far outside this tolerance.
     for name in a.params:
-        torch.testing.assert_close(a.params[name], b.params[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.params[name], b.params[name], rtol=5e-3, atol=5e-4)
     np.testing.assert_array_equal(a.steps, b.steps)
     np.testing.assert_array_equal(a.num_examples, b.num_examples)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5, equal_nan=True)

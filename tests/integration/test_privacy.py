@@ -1,0 +1,76 @@
+"""Central differential privacy over real gRPC with agent processes and secure aggregation:
+devices clip before masking, the coordinator noises the unmasked sum, stores epsilon with
+every round, `fedctl task status` shows it, and the task ends when the next round would
+exceed its budget."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import (
+    ENV,
+    FEDCTL_CMD,
+    CoordinatorProcess,
+    start_agent,
+    stop_all,
+    wait_for_task,
+    write_task,
+)
+
+from core.privacy import Sampling, epsilon
+
+pytestmark = pytest.mark.integration
+
+PROCESSES, PER_PROCESS = 4, 2
+DEVICES = PROCESSES * PER_PROCESS
+POPULATION, Z = 16, 1.0
+
+
+def eps(rounds: int) -> float:
+    return epsilon(noise_multiplier=Z, sampling_rate=DEVICES / POPULATION, steps=rounds,
+                   delta=1e-5, sampling=Sampling.FIXED_SIZE, population=POPULATION)
+
+
+def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FEDCTL_CMD, *args], capture_output=True, text=True, env=ENV,
+                          timeout=120)
+
+
+def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
+    coordinator: CoordinatorProcess, tmp_path: Path
+) -> None:
+    budget = (eps(2) + eps(3)) / 2  # two rounds fit, a third would not
+    extra = (
+        "secure_aggregation: {protocol: secagg, threshold: 0.6, dropout: 0.001, clip: 0.5, "
+        "phase_timeout_s: 8}\n"
+        f"privacy: {{mode: central, noise_multiplier: {Z}, delta: 1.0e-5, clip: 0.5, "
+        f"population: {POPULATION}, sampling: fixed, max_epsilon: {budget}}}\n")
+    task_file = write_task(tmp_path / "dp.yaml", name="dp", rounds=5,
+                           clients_per_round=DEVICES, min_reports=5, extra=extra)
+    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
+    assert launched.returncode == 0, launched.stderr
+    task_id = launched.stdout.strip()
+    agents = [
+        start_agent(coordinator.target, f"a{i}-",
+                    f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
+                    devices=PER_PROCESS, task_id=task_id, log=tmp_path / f"agent{i}.log")
+        for i in range(PROCESSES)
+    ]
+    try:
+        with coordinator.admin() as client:
+            task = wait_for_task(client, task_id, until=("completed", "failed", "cancelled",
+                                                          "budget_exhausted"))
+            rounds = list(client.list_rounds(task_id))
+    finally:
+        stop_all(agents)
+    assert task.state == "budget_exhausted", coordinator.log_text()
+    committed = [r for r in rounds if r.state == "committed"]
+    assert len(committed) == 2 and task.rounds_committed == 2
+    spent = [r.metrics["dp_epsilon"] for r in committed]
+    assert spent == pytest.approx([eps(1), eps(2)])
+    assert all(r.metrics["examples"] == DEVICES for r in committed)  # weight 1 per device
+    status = fedctl("task", "status", task_id, "--coordinator", coordinator.target)
+    assert status.returncode == 0, status.stderr
+    assert "epsilon" in status.stdout and f"{spent[-1]:.3f}" in status.stdout
