@@ -40,8 +40,14 @@ SECURE = ("secure_aggregation: {protocol: secagg+, neighbours: 10, threshold: 0.
           "dropout: 0.001, corrupt_fraction: 0.0, clip: 1.0, phase_timeout_s: 30}\n")
 
 
-def run(target: str, name: str, devices: int, processes: int, rounds: int, extra: str
-        ) -> list[float]:
+def run(target: str, name: str, devices: int, processes: int, rounds: int, extra: str,
+        coordinator_pid: int | None = None) -> tuple[list[float], float]:
+    """Per-round ``round_seconds`` of a task, and the coordinator's CPU seconds per round
+    (user + system, over the whole task; needs ``coordinator_pid``)."""
+    import psutil
+
+    proc = psutil.Process(coordinator_pid) if coordinator_pid else None
+    cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
     spec = parse_task_yaml(TASK.format(name=name, devices=devices, rounds=rounds,
                                        min_reports=devices, extra=extra))
     with AdminClient(target) as admin:
@@ -65,16 +71,17 @@ def run(target: str, name: str, devices: int, processes: int, rounds: int, extra
     finally:
         for a in agents:
             a.wait(timeout=60)
+    cpu = (sum(proc.cpu_times()[:2]) - cpu0) / rounds if proc else float("nan")
     committed = [r for r in rounds_seen if r.state == "committed"]
     assert len(committed) == rounds, [(r.state, r.failure_reason) for r in rounds_seen]
-    return [float(r.metrics["round_seconds"]) for r in committed]
+    return [float(r.metrics["round_seconds"]) for r in committed], cpu
 
 
 def grpc_round_pair(n: int = 100, processes: int = 4, rounds: int = 3, seed: int = 0
                     ) -> list[dict[str, object]]:
     with CoordinatorSubprocess() as coord:
-        plain = run(coord.target, "plain", n, processes, rounds, "")
-        secure = run(coord.target, "secure", n, processes, rounds, SECURE)
+        plain, _ = run(coord.target, "plain", n, processes, rounds, "")
+        secure, _ = run(coord.target, "secure", n, processes, rounds, SECURE)
     steady_plain = sum(plain[1:]) / len(plain[1:])
     steady_secure = sum(secure[1:]) / len(secure[1:])
     return [{

@@ -21,10 +21,6 @@ A task file looks like::
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import math
-import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from core import fields
 from core.errors import CoreError
 from core.privacy.errors import PrivacySpecError
 from core.privacy.spec import PrivacyMode, PrivacySpec, privacy_from_dict, privacy_to_dict
@@ -186,100 +183,24 @@ def _validate_secure_aggregation(spec: TaskSpec, fail: typing.Callable[[str, str
         fail("secure_aggregation", f"the threshold {params.threshold} exceeds clients_per_round")
 
 
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in tp)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, "a mapping"
-    )
+def privacy_field(value: Any, path: str) -> PrivacySpec | None:
+    """The privacy section has its own parser (clip is a number *or* a mapping)."""
+    if value is False:  # ``privacy: off`` in YAML 1.1
+        return None
+    try:
+        privacy = privacy_from_dict(value, "", path=path)
+    except PrivacySpecError as exc:
+        raise fields.FieldError(exc.field, exc.message) from None
+    return None if privacy.mode is PrivacyMode.OFF else privacy
 
 
 def _build(tp: Any, value: Any, source: str, path: str) -> Any:
-    """Converts plain data to ``tp``, raising TaskSpecError at ``path`` on a mismatch."""
-    if tp is PrivacySpec:
-        # The privacy section has its own parser (clip is a number *or* a mapping).
-        if value is False:  # ``privacy: off`` in YAML 1.1
-            return None
-        try:
-            privacy = privacy_from_dict(value, source, path=path)
-        except PrivacySpecError as exc:
-            raise TaskSpecError(exc.source, exc.field, exc.message) from None
-        return None if privacy.mode is PrivacyMode.OFF else privacy
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, Mapping):
-            raise TaskSpecError(source, path, f"expected a mapping, got {_describe(value)}")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        for key in value:
-            if key not in fields:
-                known = ", ".join(sorted(fields))
-                raise TaskSpecError(
-                    source, _join(path, str(key)), f"unknown field (expected one of: {known})"
-                )
-        kwargs: dict[str, Any] = {}
-        for name, f in fields.items():
-            sub = _join(path, name)
-            if name in value:
-                kwargs[name] = _build(hints[name], value[name], source, sub)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise TaskSpecError(source, sub, "is required")
-        return tp(**kwargs)
-    if origin in (Mapping, dict) or tp is Mapping:
-        if not isinstance(value, Mapping):
-            raise TaskSpecError(source, path, f"expected a mapping, got {_describe(value)}")
-        if not all(isinstance(k, str) for k in value):
-            raise TaskSpecError(source, path, "keys must be strings")
-        return dict(value)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        for member in tp:
-            if value == member.value or value == member:
-                return member
-        raise TaskSpecError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise TaskSpecError(source, path, f"must be finite, got {value}")
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif isinstance(tp, types.UnionType):
-        # ``X | None``: null, "auto" (and "off" for a section) mean None.
-        options = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(options) != 1 or len(typing.get_args(tp)) != 2:
-            raise TypeError(f"unsupported field type {tp}")
-        if value is None or value == "auto" or (value == "off" and dataclasses.is_dataclass(
-                options[0])):
-            return None
-        return _build(options[0], value, source, path)
-    raise TaskSpecError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+    """Converts plain data to ``tp``, raising TaskSpecError at the field on a mismatch."""
+    try:
+        return fields.build(tp, value, path, hooks={PrivacySpec: privacy_field})
+    except fields.FieldError as exc:
+        raise TaskSpecError(source, exc.path, exc.message) from None
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, PrivacySpec):
-        return privacy_to_dict(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    return fields.plain(value, hooks={PrivacySpec: privacy_to_dict})

@@ -24,6 +24,7 @@ import torch
 from core.aggregation.fedavg import weighted_mean
 from core.aggregation.server_optimizers import apply_server_optimizer
 from core.types import ServerOptimizer
+from simulations.aggregation import CohortAggregator
 from simulations.cohort import CohortResult, LocalObjective
 from simulations.config import AlgorithmConfig, AlgorithmKind
 
@@ -34,10 +35,13 @@ class FederatedAlgorithm:
     """FedAvg and FedProx (they differ only in the local objective); the base of SCAFFOLD.
     Keeps the server optimizer's state between rounds. Not thread-safe."""
 
-    def __init__(self, config: AlgorithmConfig, server: ServerOptimizer) -> None:
+    def __init__(self, config: AlgorithmConfig, server: ServerOptimizer,
+                 aggregator: CohortAggregator | None = None) -> None:
         self.config = config
         self.server = server
         self.server_state: State = {}
+        #: Secure aggregation and central DP, as the coordinator does them; None: plain mean.
+        self.aggregator = aggregator
 
     def local_objective(self) -> LocalObjective:
         return local_objective(self.config)
@@ -50,7 +54,12 @@ class FederatedAlgorithm:
     def server_update(self, global_params: State, devices: Sequence[int], result: CohortResult,
                       ) -> State:
         """The next global model from the cohort's trained models (job order = ``devices``)."""
-        mean_delta = mean_deltas(global_params, result)
+        if self.aggregator is not None:
+            mean_delta = self.aggregator.mean_delta(
+                global_params, {n: t.numpy() for n, t in result.params.items()},
+                [int(n) for n in result.num_examples])
+        else:
+            mean_delta = mean_deltas(global_params, result)
         new_params, self.server_state = apply_server_optimizer(
             global_params, mean_delta, self.server, self.server_state)
         return new_params
@@ -61,8 +70,8 @@ class Scaffold(FederatedAlgorithm):
     (zeros until then): memory ``O(model x devices seen)``."""
 
     def __init__(self, config: AlgorithmConfig, server: ServerOptimizer, *, num_devices: int,
-                 learning_rate: float) -> None:
-        super().__init__(config, server)
+                 learning_rate: float, aggregator: CohortAggregator | None = None) -> None:
+        super().__init__(config, server, aggregator)
         self._num_devices = num_devices
         self._lr = learning_rate
         self._c: State = {}
@@ -106,10 +115,12 @@ def local_objective(config: AlgorithmConfig) -> LocalObjective:
 
 
 def make_algorithm(config: AlgorithmConfig, server: ServerOptimizer, *, num_devices: int,
-                   learning_rate: float) -> FederatedAlgorithm:
+                   learning_rate: float, aggregator: CohortAggregator | None = None
+                   ) -> FederatedAlgorithm:
     if config.kind is AlgorithmKind.SCAFFOLD:
-        return Scaffold(config, server, num_devices=num_devices, learning_rate=learning_rate)
-    return FederatedAlgorithm(config, server)
+        return Scaffold(config, server, num_devices=num_devices, learning_rate=learning_rate,
+                        aggregator=aggregator)
+    return FederatedAlgorithm(config, server, aggregator)
 
 
 def mean_deltas(global_params: Mapping[str, np.ndarray], result: CohortResult) -> State:

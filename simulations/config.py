@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,7 +40,10 @@ from typing import Any
 
 import yaml
 
-from core.types import LocalTraining, ModelSpec, ServerOptimizer
+from core import fields
+from core.privacy.spec import PrivacySpec
+from core.taskspec import privacy_field
+from core.types import LocalTraining, ModelSpec, SecureAggregation, ServerOptimizer
 from simulations.errors import SimulationConfigError
 
 
@@ -180,6 +182,9 @@ class SimulationConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     seed: int = 0
+    #: Secure aggregation (SecAgg+ run in process) and central DP, as in task files.
+    secure_aggregation: SecureAggregation | None = None
+    privacy: PrivacySpec | None = None
     #: Directory of the file the config came from; relative paths (trace) resolve here.
     base_dir: str = "."
 
@@ -236,6 +241,24 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
         if value < low:
             fail(name, f"must be at least {low:g}, got {value}")
 
+    if config.secure_aggregation is not None:
+        from core.secagg.params import SecAggParamError, derive
+
+        try:
+            derive(config.secure_aggregation, config.selection.clients_per_round)
+        except SecAggParamError as exc:
+            fail("secure_aggregation", f"with {config.selection.clients_per_round} devices per "
+                 f"round: {exc}")
+    if config.privacy is not None:
+        from core.privacy.spec import PrivacyMode
+
+        if config.privacy.mode is not PrivacyMode.CENTRAL:
+            fail("privacy.mode", "simulations run central DP (or none); "
+                 f"'{config.privacy.mode.value}' is not simulated")
+        population = config.privacy.population
+        if population is not None and population < config.selection.clients_per_round:
+            fail("privacy.population", f"{population} is below clients_per_round "
+                 f"({config.selection.clients_per_round})")
     if not config.name.strip():
         fail("name", "must not be empty")
     at_least("rounds", config.rounds, 1)
@@ -321,65 +344,12 @@ def _check_model(config: SimulationConfig,
         fail(field_name if field_name.startswith("model.") else "model", message or str(exc))
 
 
-# -- dataclass-driven parsing ------------------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in tp)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, "a mapping")
-
+# -- dataclass-driven parsing: the task files' builder (core.fields) ----------------------
 
 def _build(tp: Any, value: Any, source: str, path: str) -> Any:
-    """Converts plain data to ``tp``; raises SimulationConfigError at ``path`` on a mismatch."""
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, Mapping):
-            raise SimulationConfigError(source, path, f"expected a mapping, got {_describe(value)}")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp) if f.name != "base_dir"}
-        for key in value:
-            if key not in fields:
-                raise SimulationConfigError(source, _join(path, str(key)),
-                                            f"unknown field (expected one of: "
-                                            f"{', '.join(sorted(fields))})")
-        kwargs: dict[str, Any] = {}
-        for name, f in fields.items():
-            sub = _join(path, name)
-            if name in value:
-                kwargs[name] = _build(hints[name], value[name], source, sub)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SimulationConfigError(source, sub, "is required")
-        return tp(**kwargs)
-    if typing.get_origin(tp) in (Mapping, dict) or tp is Mapping:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise SimulationConfigError(source, path,
-                                        f"expected a mapping with string keys, got {_describe(value)}")
-        return dict(value)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        for member in tp:
-            if value == member.value:
-                return member
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise SimulationConfigError(source, path, f"must be finite, got {value}")
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise SimulationConfigError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+    """Converts plain data to ``tp``; raises SimulationConfigError at the field on a mismatch."""
+    try:
+        return fields.build(tp, value, path, skip=frozenset({"base_dir"}),
+                            hooks={PrivacySpec: privacy_field})
+    except fields.FieldError as exc:
+        raise SimulationConfigError(source, exc.path, exc.message) from None

@@ -22,6 +22,7 @@ import torch
 
 from core.models import build_model, initial_state, load_numpy_state
 from core.training import evaluate
+from simulations.aggregation import CohortAggregator
 from simulations.algorithms import FederatedAlgorithm, make_algorithm
 from simulations.cohort import CohortTrainer, DeviceJob, DeviceTable, make_trainer
 from simulations.config import SimulationConfig
@@ -52,6 +53,8 @@ class RoundMetrics:
     train_loss: float | None
     test_loss: float | None
     test_accuracy: float | None
+    #: Central DP: the accountant's epsilon after this round (None without DP).
+    epsilon: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,9 +77,16 @@ class Simulation:
         self.profiles: DeviceProfiles = device_profiles(
             config.heterogeneity, self.data.num_devices, seed=config.seed,
             base_dir=config.base_dir)
+        aggregator = None
+        if config.secure_aggregation is not None or config.privacy is not None:
+            aggregator = CohortAggregator(
+                model=config.model, rounds=config.rounds,
+                clients_per_round=config.selection.clients_per_round, seed=config.seed,
+                secure_aggregation=config.secure_aggregation, privacy=config.privacy)
+        self.aggregator = aggregator
         self.algorithm: FederatedAlgorithm = make_algorithm(
             config.algorithm, config.server, num_devices=self.data.num_devices,
-            learning_rate=config.local.learning_rate)
+            learning_rate=config.local.learning_rate, aggregator=aggregator)
         self.trainer = trainer if trainer is not None else make_trainer(
             config.engine.kind, config.model, self.table, config.local,
             self.algorithm.local_objective(), threads=config.engine.threads)
@@ -121,7 +131,8 @@ class Simulation:
             dropped_out=plan.dropped_out, late=plan.late, round_time_s=plan.duration_s,
             sim_time_s=self.sim_time_s, wall_s=time.perf_counter() - t0,
             local_loss=local_loss, train_loss=scores[0], test_loss=scores[1],
-            test_accuracy=scores[2])
+            test_accuracy=scores[2],
+            epsilon=self.aggregator.epsilon if self.aggregator is not None else None)
 
     def _train(self, round_index: int, plan: RoundPlan) -> float | None:
         devices = [w.device for w in plan.used]

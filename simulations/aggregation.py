@@ -1,0 +1,120 @@
+"""How a simulated round turns the cohort's deltas into one mean delta: exactly as the
+coordinator does, with the coordinator's code.
+
+* plain: the example-weighted mean (:func:`core.aggregation.fedavg.weighted_mean`);
+* ``secure_aggregation``: every device encodes its delta (:mod:`core.secagg.encoding`), the
+  cohort runs a real SecAgg+ round in this process (:func:`core.secagg.inprocess.run_round`:
+  key agreement, Shamir shares, AES-CTR masks, unmasking) and the mean is decoded from the
+  unmasked integer sum, so quantization error and clipping counts are those of production;
+* ``privacy: {mode: central}``: devices clip their whole delta to C, the sum gets Gaussian
+  noise of std z C and is divided by ``clients_per_round`` (the coordinator's
+  :class:`coordinator.rounds.privacy.TaskPrivacy`, which also keeps the accountant's epsilon
+  per round). Noise comes from a seeded source: simulations must be reproducible.
+
+Both together: devices clip, then encode with weight 1; noise is added after unmasking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from coordinator.rounds.privacy import TaskPrivacy
+from core.aggregation.fedavg import weighted_mean
+from core.privacy.clipping import clip_to_l2_norm
+from core.privacy.noise import NoiseSource
+from core.privacy.spec import PrivacyMode, PrivacySpec
+from core.secagg import encoding
+from core.secagg.inprocess import run_round
+from core.secagg.params import derive
+from core.types import ModelSpec, SecureAggregation, TaskSpec
+
+State = dict[str, np.ndarray]
+
+
+class CohortAggregator:
+    """Not thread-safe; one per simulation (it keeps the privacy accountant's history)."""
+
+    def __init__(self, *, model: ModelSpec, rounds: int, clients_per_round: int, seed: int,
+                 secure_aggregation: SecureAggregation | None = None,
+                 privacy: PrivacySpec | None = None) -> None:
+        self.secure_aggregation = secure_aggregation
+        self.metrics: dict[str, float] = {}
+        self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EC]))
+        self._seed = seed
+        self._privacy: TaskPrivacy | None = None
+        self._noise = NoiseSource.seeded(seed)
+        self._rounds = 0
+        if privacy is not None and privacy.mode is PrivacyMode.CENTRAL:
+            task = TaskSpec(name="simulation", model=model, rounds=rounds,
+                            clients_per_round=clients_per_round, min_reports=1,
+                            over_selection=1.0, privacy=privacy)
+            self._privacy = TaskPrivacy.for_task(task)
+
+    @property
+    def epsilon(self) -> float | None:
+        return self.metrics.get("dp_epsilon")
+
+    def mean_delta(self, global_params: Mapping[str, np.ndarray],
+                   trained: Mapping[str, np.ndarray], num_examples: Sequence[int]) -> State:
+        """``trained[name]`` is stacked ``[devices, ...]`` in cohort order."""
+        self._rounds += 1
+        names = list(global_params)
+        count = len(num_examples)
+        flat = np.concatenate([
+            (np.asarray(trained[n], dtype=np.float64) - global_params[n]).reshape(count, -1)
+            for n in names], axis=1)
+        self.metrics = {}
+        if self._privacy is not None:
+            clip = self._privacy.clip
+            flat = np.stack([clip_to_l2_norm(row, l2_clip_norm=clip)[0] for row in flat])
+            weights = [1] * count
+        else:
+            weights = [int(n) for n in num_examples]
+        if self.secure_aggregation is not None and count >= 3:
+            mean, denominator = self._secure_mean(flat, weights, self._rounds)
+        else:
+            denominator = sum(weights)
+            mean = weighted_mean(list(flat), [float(w) for w in weights])
+        if self._privacy is not None:
+            release = self._privacy.release(mean * denominator, None, source=self._noise,
+                                            require_secure=False)
+            self._privacy.committed(release)
+            self.metrics.update(release.metrics)
+            mean = release.mean.astype(np.float64)
+        return _unflatten(mean, global_params)
+
+    def _secure_mean(self, flat: np.ndarray, weights: list[int], round_index: int
+                     ) -> tuple[np.ndarray, int]:
+        sa = self.secure_aggregation
+        assert sa is not None
+        if self._privacy is not None:
+            sa = dataclasses.replace(sa, weight_cap=1)
+        params = derive(sa, len(weights))
+        inputs = {i: encoding.encode_update(row, w, params, self._rng)
+                  for i, (row, w) in enumerate(zip(flat, weights, strict=True))}
+        context = f"simulation/{self._seed}/round/{round_index}".encode()
+        out = run_round(params, {i: e.vector for i, e in inputs.items()}, context=context,
+                        rng=random.Random(self._seed * 1_000_003 + round_index))
+        mean, weight = encoding.decode_mean(out.result.total, len(out.result.survivors), params)
+        self.metrics.update({
+            "secagg_neighbours": float(params.neighbours),
+            "secagg_threshold": float(params.threshold),
+            "secagg_clipped_values": float(sum(e.clipped for e in inputs.values())),
+            "secagg_max_error": encoding.max_mean_error(len(out.result.survivors), weight,
+                                                        params),
+        })
+        return mean, weight
+
+
+def _unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> State:
+    out: State = {}
+    offset = 0
+    for name, value in like.items():
+        size = value.size
+        out[name] = flat[offset:offset + size].reshape(value.shape).astype(value.dtype)
+        offset += size
+    return out
