@@ -32,9 +32,14 @@ def test_rdp_epsilon_is_pinned() -> None:
 
 
 def test_prv_epsilon_is_pinned_and_tighter_than_rdp() -> None:
-    # Opacus 1.6's PRVAccountant upper bound at eps_error=0.01. Its point estimate is 6.7688,
-    # which dp-accounting's PLD accountant matches; 6.7791 is the certified upper end.
-    assert epsilon(**PINNED, method=AccountingMethod.PRV) == pytest.approx(6.7791, abs=5e-5)
+    # Opacus's own test pins 6.777395712150674 for this setting; Opacus 1.6 with the numpy and
+    # scipy here returns 6.7791 (its upper bound at eps_error=0.01; the point estimate is
+    # 6.7688, which dp-accounting's PLD accountant matches). The two differ by 0.0017, inside
+    # the accountant's own stated error of 0.01, which is the tolerance the pin can claim.
+    eps = epsilon(**PINNED, method=AccountingMethod.PRV)
+    assert eps == pytest.approx(6.7774, abs=0.01)
+    assert eps == pytest.approx(6.7791, abs=5e-5)  # this environment, exactly
+    assert eps < epsilon(**PINNED, method="rdp")
 
 
 def test_more_steps_or_less_noise_cost_more() -> None:
