@@ -43,11 +43,12 @@ SECURE = ("secure_aggregation: {protocol: secagg+, neighbours: 10, threshold: 0.
 def run(target: str, name: str, devices: int, processes: int, rounds: int, extra: str,
         coordinator_pid: int | None = None) -> tuple[list[float], float]:
     """Per-round ``round_seconds`` of a task, and the coordinator's CPU seconds per round
-    (user + system, over the whole task; needs ``coordinator_pid``)."""
+    (user + system) from the first commit to the last, i.e. without the task's one-time
+    start-up (model creation, first imports and caches); needs ``coordinator_pid``."""
     import psutil
 
     proc = psutil.Process(coordinator_pid) if coordinator_pid else None
-    cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
+    first_commit_cpu: float | None = None
     spec = parse_task_yaml(TASK.format(name=name, devices=devices, rounds=rounds,
                                        min_reports=devices, extra=extra))
     with AdminClient(target) as admin:
@@ -64,14 +65,18 @@ def run(target: str, name: str, devices: int, processes: int, rounds: int, extra
     try:
         with AdminClient(target) as admin:
             deadline = time.monotonic() + 900
-            while admin.get_task(task_id).state == "running":
+            while (task := admin.get_task(task_id)).state == "running":
                 assert time.monotonic() < deadline, "task did not finish"
-                time.sleep(0.2)
+                if proc is not None and first_commit_cpu is None and task.rounds_committed >= 1:
+                    first_commit_cpu = sum(proc.cpu_times()[:2])
+                time.sleep(0.05)
             rounds_seen = admin.list_rounds(task_id)
     finally:
         for a in agents:
             a.wait(timeout=60)
-    cpu = (sum(proc.cpu_times()[:2]) - cpu0) / rounds if proc else float("nan")
+    cpu = float("nan")
+    if proc is not None and first_commit_cpu is not None:
+        cpu = (sum(proc.cpu_times()[:2]) - first_commit_cpu) / (rounds - 1)
     committed = [r for r in rounds_seen if r.state == "committed"]
     assert len(committed) == rounds, [(r.state, r.failure_reason) for r in rounds_seen]
     return [float(r.metrics["round_seconds"]) for r in committed], cpu
