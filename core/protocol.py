@@ -67,6 +67,10 @@ class PlanPrivacy:
     l2_clip_norm: float | None = None
     report_unclipped: bool = False
     local: LocalDp | None = None
+    #: Distributed DP: the total noise std of the round's sum in quantization steps; each
+    #: device adds N_Z(0, distributed_noise_steps^2 / devices_planned) before masking.
+    distributed_noise_steps: float | None = None
+    devices_planned: int = 0
 
 
 #: Metric a device reports with its update under adaptive clipping without secure

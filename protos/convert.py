@@ -238,6 +238,8 @@ def plan_privacy_to_proto(privacy: PlanPrivacy | None) -> device_pb2.DevicePriva
         local_noise_multiplier=local.noise_multiplier if local else 0.0,
         local_max_grad_norm=local.max_grad_norm if local else 0.0,
         local_delta=local.delta if local else 0.0,
+        distributed_noise_steps=privacy.distributed_noise_steps or 0.0,
+        devices_planned=privacy.devices_planned,
     )
 
 
@@ -257,8 +259,15 @@ def plan_privacy_from_proto(msg: device_pb2.GetPlanResponse) -> PlanPrivacy | No
         local = LocalDp(p.local_noise_multiplier, p.local_max_grad_norm, p.local_delta)
     if p.report_unclipped and not p.l2_clip_norm:
         raise WireFormatError("privacy.report_unclipped needs l2_clip_norm")
+    if p.distributed_noise_steps and not (np.isfinite(p.distributed_noise_steps)
+                                          and p.distributed_noise_steps > 0
+                                          and p.devices_planned >= 1 and p.l2_clip_norm):
+        raise WireFormatError("privacy: distributed_noise_steps needs a positive value, "
+                              "devices_planned >= 1 and l2_clip_norm")
     return PlanPrivacy(l2_clip_norm=p.l2_clip_norm or None,
-                       report_unclipped=p.report_unclipped, local=local)
+                       report_unclipped=p.report_unclipped, local=local,
+                       distributed_noise_steps=p.distributed_noise_steps or None,
+                       devices_planned=p.devices_planned)
 
 
 # ---------------------------------------------------------------- secure aggregation

@@ -56,6 +56,7 @@ import numpy.typing as npt
 
 from core.privacy.accounting import MechanismSteps, calibrate_noise, epsilon_of_history
 from core.privacy.adaptive_clipping import update_clip_norm, update_noise_multiplier
+from core.privacy.distributed import check_noise_floor
 from core.privacy.noise import NoiseSource, gaussian_noise
 from core.privacy.spec import AdaptiveClip, FixedClip, PrivacyMode, PrivacySpec
 from core.protocol import PlanPrivacy
@@ -76,6 +77,8 @@ class Release:
     mean: npt.NDArray[np.float32]
     metrics: Mapping[str, float]
     next_clip: float
+    #: The multiplier this release carried (distributed DP: what the reports' shares add up to).
+    noise_multiplier: float
 
 
 class TaskPrivacy:
@@ -100,6 +103,12 @@ class TaskPrivacy:
         self.update_noise_multiplier = (
             noise_multiplier if adaptive is None else update_noise_multiplier(
                 noise_multiplier=noise_multiplier, bit_noise_std=adaptive.bit_noise_std))
+        #: Distributed DP: devices add the noise (in the secure-aggregation ring); the
+        #: coordinator only checks how much arrived. ``distributed_noise_steps`` is set once
+        #: the ring is known (the total std in quantization steps).
+        self.distributed = privacy.mode is PrivacyMode.DISTRIBUTED
+        self.min_noise_multiplier = privacy.min_noise_multiplier or 0.0
+        self.distributed_noise_steps: float | None = None
 
     @classmethod
     def for_task(cls, task: TaskSpec, history: Sequence[Mapping[str, float]] = ()
@@ -112,7 +121,7 @@ class TaskPrivacy:
                 clipping) a calibrated multiplier too large for the bit noise.
         """
         privacy = task.privacy
-        if privacy is None or privacy.mode is not PrivacyMode.CENTRAL:
+        if privacy is None or privacy.mode not in (PrivacyMode.CENTRAL, PrivacyMode.DISTRIBUTED):
             return None
         assert privacy.population is not None and privacy.delta is not None
         z = privacy.noise_multiplier
@@ -134,22 +143,52 @@ class TaskPrivacy:
     def budget(self) -> float | None:
         return self.spec.budget
 
-    def epsilon(self, extra_rounds: int = 0) -> float:
-        """Epsilon (at ``delta``) of the committed rounds plus ``extra_rounds`` more."""
+    def epsilon(self, extra_rounds: int = 0, next_multiplier: float | None = None) -> float:
+        """Epsilon (at ``delta``) of the committed rounds plus ``extra_rounds`` more at
+        ``next_multiplier`` (default: the task's)."""
         runs: dict[float, int] = {}
-        for z in [*self.history, *[self.noise_multiplier] * extra_rounds]:
+        z_next = self.noise_multiplier if next_multiplier is None else next_multiplier
+        for z in [*self.history, *[z_next] * extra_rounds]:
             runs[z] = runs.get(z, 0) + 1
         steps = [MechanismSteps(z, self.sampling_rate, n) for z, n in runs.items()]
         return epsilon_of_history(steps, delta=self.delta, method=self.spec.accounting,
                                   sampling=self.spec.sampling, population=self.population)
 
     def next_round_exceeds_budget(self) -> tuple[bool, float]:
-        """(whether one more round would spend more than the budget, epsilon after it)."""
-        after = self.epsilon(extra_rounds=1)
+        """(whether one more round would spend more than the budget, epsilon after it).
+        Distributed DP counts the next round at the floor: the least noise it may release."""
+        worst = (max(self.min_noise_multiplier, 1e-9) if self.distributed
+                 else self.noise_multiplier)
+        after = self.epsilon(extra_rounds=1, next_multiplier=worst)
         return (self.budget is not None and after > self.budget), after
 
     def plan(self) -> PlanPrivacy:
-        return PlanPrivacy(l2_clip_norm=self.clip, report_unclipped=self.adaptive is not None)
+        return PlanPrivacy(l2_clip_norm=self.clip, report_unclipped=self.adaptive is not None,
+                           distributed_noise_steps=self.distributed_noise_steps,
+                           devices_planned=self.expected_reports if self.distributed else 0)
+
+    def release_distributed(self, total: npt.NDArray[np.floating], reports: int) -> Release:
+        """The mean of a sum that already carries the reporting devices' noise shares.
+
+        Raises:
+            NoiseFloorError: the ``reports`` devices' shares add up to a multiplier below
+                ``min_noise_multiplier``; the sum must not be released.
+        """
+        z = check_noise_floor(noise_multiplier=self.noise_multiplier,
+                              devices_planned=self.expected_reports,
+                              devices_reported=min(reports, self.expected_reports),
+                              min_noise_multiplier=self.min_noise_multiplier)
+        mean = np.asarray(total, dtype=np.float64).reshape(-1) / self.expected_reports
+        metrics = {
+            EPSILON_METRIC: self.epsilon(extra_rounds=1, next_multiplier=z),
+            NOISE_METRIC: z,
+            CLIP_METRIC: self.clip,
+            NEXT_CLIP_METRIC: self.clip,
+            "dp_delta": self.delta,
+            "dp_sampling_rate": self.sampling_rate,
+            "dp_planned_noise_multiplier": self.noise_multiplier,
+        }
+        return Release(mean.astype(np.float32), metrics, self.clip, z)
 
     def release(self, total: npt.NDArray[np.floating], unclipped: float | None, *,
                 source: NoiseSource, require_secure: bool) -> Release:
@@ -185,9 +224,9 @@ class TaskPrivacy:
                 learning_rate=self.adaptive.learning_rate)
             metrics["dp_unclipped_fraction"] = fraction
         metrics[NEXT_CLIP_METRIC] = next_clip
-        return Release(noisy.astype(np.float32), metrics, next_clip)
+        return Release(noisy.astype(np.float32), metrics, next_clip, self.noise_multiplier)
 
     def committed(self, release: Release) -> None:
         """Records a committed release: its round counts towards epsilon from now on."""
-        self.history.append(self.noise_multiplier)
+        self.history.append(release.noise_multiplier)
         self.clip = release.next_clip

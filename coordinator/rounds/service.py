@@ -60,7 +60,7 @@ from core.errors import CoreError
 from core.privacy.central import ClippedSum
 from core.privacy.errors import InsecureNoiseError, PrivacyError
 from core.privacy.noise import NoiseSource
-from core.privacy.spec import PrivacyMode
+from core.privacy.spec import FixedClip, PrivacyMode
 from core.protocol import (
     UNCLIPPED_METRIC,
     CheckInOutcome,
@@ -267,8 +267,9 @@ class CoordinatorService:
             model = self._load_model(self._store.latest_model_version(task.task_id))
             committed = [r.metrics for r in self._store.list_rounds(task.task_id)
                          if r.state is RoundState.COMMITTED]
-            runtime = _Task(task.task_id, spec, model, secagg=_secagg_params(spec),
-                            privacy=_task_privacy(spec, committed))
+            privacy = _task_privacy(spec, committed)
+            runtime = _Task(task.task_id, spec, model, secagg=_secagg_params(spec, privacy),
+                            privacy=privacy)
             if task.task_id in interrupted:
                 rec = interrupted[task.task_id]
                 log.warning("round %d of task %s was open at restart; redoing it",
@@ -300,9 +301,9 @@ class CoordinatorService:
             raise InvalidRequest(f"spec.model: {exc}") from None
         if spec.evaluation.server_data:
             self._evaluator.check(spec)
-        secagg = _secagg_params(spec)
         _check_privacy_supported(spec)
         privacy = _task_privacy(spec, [])
+        secagg = _secagg_params(spec, privacy)
         task_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
         now = self._clock.now()
         record = self._write_model(task_id, 0, 0, params, None, now)
@@ -655,7 +656,16 @@ class CoordinatorService:
         decoded, weight = encoding.decode_mean(result.total, len(result.survivors), params)
         mean: np.ndarray = decoded
         release = None
-        if task.privacy is not None:
+        if task.privacy is not None and task.privacy.distributed:
+            total = encoding.unwrap_noisy_total(result.total, len(result.survivors), params)
+            try:
+                release = task.privacy.release_distributed(total, len(result.survivors))
+            except PrivacyError as exc:
+                self._fail_round(task, rnd, now,
+                                 f"differential privacy refused the release: {exc}")
+                return
+            mean = release.mean
+        elif task.privacy is not None:
             # weight_cap is 1 under DP: each device's weight is 1, the weight coordinate
             # counts devices, and weight x mean is the plain sum of the clipped updates.
             total = decoded * weight
@@ -972,28 +982,39 @@ class _ServerEvaluator:
         return evaluate(model, data.x_test, data.y_test)
 
 
-def _secagg_params(spec: TaskSpec) -> SecAggParams | None:
+def _secagg_params(spec: TaskSpec, privacy: TaskPrivacy | None) -> SecAggParams | None:
+    """The task's secure-aggregation parameters. Under DP every device weighs 1 (weight_cap
+    1: the update is encoded unscaled and the weight coordinate counts devices). Distributed
+    DP also sets the per-coordinate range to the L2 clip C (nothing clipped twice) and leaves
+    the ring headroom for the devices' integer noise, whose total std (in quantization steps)
+    it hands to ``privacy``."""
     if spec.secure_aggregation is None:
         return None
     config = spec.secure_aggregation
-    if spec.privacy is not None and spec.privacy.mode is PrivacyMode.CENTRAL:
-        # DP-FedAvg is unweighted: with weight_cap 1 every device's weight is 1, its update
-        # is encoded unscaled, and the weight coordinate counts the devices.
+    if privacy is not None:
         config = replace(config, weight_cap=1)
+        if privacy.distributed:
+            config = replace(config, clip=privacy.clip, bits=encoding.distributed_value_bits(
+                spec.selection_target, privacy.noise_multiplier))
     try:
-        return derive(config, spec.selection_target)
+        params = derive(config, spec.selection_target)
     except SecAggParamError as exc:
         raise InvalidRequest(f"spec.secure_aggregation: {exc}") from None
+    if privacy is not None and privacy.distributed:
+        if params.ring_bits != 32:
+            raise InvalidRequest("spec.secure_aggregation: distributed DP needs the 32-bit ring")
+        privacy.distributed_noise_steps = encoding.noise_std_in_steps(
+            params, privacy.noise_multiplier)
+    return params
 
 
 def _check_privacy_supported(spec: TaskSpec) -> None:
     privacy = spec.privacy
     if privacy is None:
         return
-    if privacy.mode is PrivacyMode.DISTRIBUTED:
-        raise InvalidRequest("spec.privacy.mode: 'distributed' is not supported by this "
-                             "coordinator yet; use 'central' (with secure_aggregation for an "
-                             "untrusted network) or 'local'")
+    if privacy.mode is PrivacyMode.DISTRIBUTED and not isinstance(privacy.clip, FixedClip):
+        raise InvalidRequest("spec.privacy.clip: distributed DP needs a fixed clip norm "
+                             "(adaptive clipping is supported in central mode)")
     if privacy.mode is PrivacyMode.LOCAL:
         from core.models import build_model  # torch: imported only when needed
         from core.privacy.local_model import check_local_dp_model

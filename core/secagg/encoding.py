@@ -16,6 +16,7 @@ weight coordinate can wrap.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,3 +66,41 @@ def decode_mean(total: RingVector, count: int, params: SecAggParams
 def max_mean_error(count: int, total_weight: int, params: SecAggParams) -> float:
     """The bound on |decoded mean - exact weighted mean of the clipped updates| per coordinate."""
     return count * _quantizer(params).step * params.weight_cap / total_weight
+
+
+# ---------------------------------------------------------------- distributed DP in the ring
+
+
+def distributed_value_bits(num_devices: int, noise_multiplier: float, ring_bits: int = 32
+                           ) -> int:
+    """Value bits that leave the ring room for the sum of ``num_devices`` quantized values
+    plus the devices' integer noise far into its tail. With the per-coordinate clip equal to
+    the L2 clip C, the total noise std is ``z C / step = z (2^q - 1) / 2`` steps, so
+    ``(n + 8 z + 1) 2^q < 2^(R-1)`` keeps sum and 16 std of noise inside half the ring
+    (:func:`unwrap_noisy_total` reads the other half as negative)."""
+    return ring_bits - 1 - math.ceil(math.log2(num_devices + 8 * noise_multiplier + 1))
+
+
+def noise_std_in_steps(params: SecAggParams, noise_multiplier: float) -> float:
+    """The total noise std, in quantization steps, of noise multiplier z times the clip."""
+    return noise_multiplier * params.clip / _quantizer(params).step
+
+
+def add_noise_share(vector: RingVector, share: npt.NDArray[np.int64]) -> RingVector:
+    """``vector`` with an integer noise share added to its value coordinates (not to the
+    last, the weight), modulo the ring."""
+    out = vector.copy()
+    out[:-1] += share.astype(out.dtype)  # two's complement: negative shares wrap correctly
+    return out
+
+
+def unwrap_noisy_total(total: RingVector, count: int, params: SecAggParams
+                       ) -> npt.NDArray[np.float64]:
+    """The ring sum of ``count`` noised encodings as signed integers (the noise may take a
+    coordinate below zero, which the ring wrapped), then dequantized to the float sum of the
+    updates plus the noise (in update units). The weight coordinate is dropped."""
+    modulus = 1 << params.ring_bits
+    values = total[:-1].astype(np.float64)
+    midpoint = (count * (2**params.value_bits - 1) + modulus) / 2
+    values[values > midpoint] -= modulus
+    return values * _quantizer(params).step - count * params.clip

@@ -28,6 +28,8 @@ from core.errors import CoreError
 from core.privacy.accounting import MechanismSteps, epsilon_of_history
 from core.privacy.adaptive_clipping import clipped_bit
 from core.privacy.clipping import clip_to_l2_norm
+from core.privacy.distributed import device_noise_share
+from core.privacy.noise import NoiseSource
 from core.protocol import (
     UNCLIPPED_METRIC,
     CheckInOutcome,
@@ -38,7 +40,7 @@ from core.protocol import (
     config_hash,
 )
 from core.secagg.client import SecAggClient, SecAggRefused
-from core.secagg.encoding import encode_update
+from core.secagg.encoding import add_noise_share, encode_update
 from core.secagg.messages import (
     KeyAdvertisement,
     MaskedInputRequest,
@@ -219,6 +221,16 @@ class Device:
                                     np.random.default_rng())
         except CoreError as exc:
             raise SecAggRefused(f"cannot encode the update: {exc}") from None
+        vector = encoded.vector
+        privacy = plan.privacy
+        if privacy is not None and privacy.distributed_noise_steps:
+            # Distributed DP: this device's share of the round's noise, in the integer ring,
+            # before masking; the coordinator never sees an un-noised sum.
+            share = device_noise_share(len(vector) - 1,
+                                       noise_stddev=privacy.distributed_noise_steps,
+                                       devices_planned=privacy.devices_planned,
+                                       source=NoiseSource.secure())
+            vector = add_noise_share(vector, share)
         step = sa.phase_timeout_s + 10.0
         first = max(plan.deadline - time.time(), 0.0) + step
         crash_point("secagg.advertise", p.round_number)
@@ -232,7 +244,7 @@ class Device:
                  p.round_number)
         crash_point("secagg.masked_input", p.round_number)
         unmask_req = self.coordinator.secagg_masked_input(
-            p, client.mask(mask_req, encoded.vector), header.metrics, encoded.clipped,
+            p, client.mask(mask_req, vector), header.metrics, encoded.clipped,
             wait_s=step)
         log.info("%s: round %d: secure aggregation: masked input sent", self.device_id,
                  p.round_number)

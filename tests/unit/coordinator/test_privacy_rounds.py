@@ -6,6 +6,7 @@ refused outside tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from core.data.dataset import LocalDataset
 from core.models import register_model
 from core.privacy import NoiseSource, Sampling, calibrate_noise, epsilon
 from core.privacy.clipping import l2_norm
+from core.privacy.distributed import device_noise_share_simulated
 from core.privacy.errors import InsecureNoiseError
 from core.privacy.spec import AdaptiveClip, FixedClip, LocalDp, PrivacyMode, PrivacySpec
 from core.protocol import (
@@ -34,7 +36,7 @@ from core.protocol import (
     config_hash,
 )
 from core.secagg.client import SecAggClient
-from core.secagg.encoding import encode_update
+from core.secagg.encoding import add_noise_share, encode_update
 from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
 from core.taskspec import TaskSpecError, parse_task_yaml
 from core.tensors import from_raw_bytes, load_safetensors, sha256_hex
@@ -488,10 +490,107 @@ def test_local_dp_refuses_a_model_opacus_cannot_train(service: CoordinatorServic
     assert ok.record.state is TaskState.RUNNING
 
 
-def test_distributed_mode_is_refused_until_it_is_wired(service: CoordinatorService) -> None:
-    with pytest.raises(InvalidRequest, match="not supported"):
+def distributed_round(service: CoordinatorService, clock: ManualClock, task_id: str,
+                      updates: dict[str, np.ndarray], reporting: int) -> None:
+    """Devices as the agent runs them: clip (updates are within C here), encode with weight 1,
+    add their integer noise share, mask. Only the first ``reporting`` upload."""
+    seats = admit(service, clock, task_id, list(updates))
+    plan = service.get_plan(next(iter(seats.values())))
+    sa, privacy = plan.secure_aggregation, plan.privacy
+    assert sa is not None and privacy is not None and privacy.distributed_noise_steps
+    clients = {d: SecAggClient(sa.params, sa.context, config_hash(plan)) for d in seats}
+    for d, p in seats.items():
+        service.secagg_advertise(p, clients[d].advertise())
+    for d, p in seats.items():
+        req = service.secagg_reply(p, Stage.ADVERTISE)
+        assert isinstance(req, ShareKeysRequest)
+        service.secagg_share_keys(p, clients[d].share_keys(req))
+    uploaded = list(seats)[:reporting]
+    for d in uploaded:
+        req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
+        assert isinstance(req, MaskedInputRequest)
+        enc = encode_update(updates[d], 50, sa.params, np.random.default_rng(1))
+        share = device_noise_share_simulated(
+            len(enc.vector) - 1, noise_stddev=privacy.distributed_noise_steps,
+            devices_planned=privacy.devices_planned, source=NoiseSource.seeded(hash(d) % 1000))
+        service.secagg_masked_input(seats[d], clients[d].mask(req, add_noise_share(
+            enc.vector, share)), {}, enc.clipped)
+    if reporting < len(seats):
+        clock.advance(5.1)  # the others never upload: the stage closes at its deadline
+        service.tick()
+    for d in uploaded:
+        req = service.secagg_reply(seats[d], Stage.MASKED_INPUT)
+        assert isinstance(req, UnmaskRequest)
+        service.secagg_unmask(seats[d], clients[d].unmask(req))
+
+
+def distributed(floor: float = 1.5) -> PrivacySpec:
+    return central(mode=PrivacyMode.DISTRIBUTED, noise_multiplier=2.0, clip=FixedClip(0.5),
+                   min_noise_multiplier=floor)
+
+
+def test_distributed_dp_noise_comes_from_the_devices_and_reaches_the_planned_std(
+    service: CoordinatorService, clock: ManualClock
+) -> None:
+    task = service.create_task(spec(clients_per_round=6, min_reports=4,
+                                    secure_aggregation=SECURE, privacy=distributed()))
+    tid = task.record.task_id
+    before = flat_params(service, tid)
+    n = int(before.size)
+    distributed_round(service, clock, tid,
+                      {f"d{i}": np.full(n, 0.002, np.float32) for i in range(6)}, reporting=6)
+    rnd = service.list_rounds(tid)[0]
+    assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
+    moved = flat_params(service, tid) - before
+    assert np.mean(moved) == pytest.approx(0.002, abs=0.01)
+    assert np.std(moved) == pytest.approx(2.0 * 0.5 / 6, rel=0.08)  # z C / clients_per_round
+    assert rnd.metrics["dp_noise_multiplier"] == pytest.approx(2.0)
+
+
+def test_distributed_dp_epsilon_reflects_the_noise_of_the_devices_that_reported(
+    service: CoordinatorService, clock: ManualClock
+) -> None:
+    task = service.create_task(spec(clients_per_round=6, min_reports=4,
+                                    secure_aggregation=SECURE, privacy=distributed()))
+    tid = task.record.task_id
+    n = int(flat_params(service, tid).size)
+    distributed_round(service, clock, tid,
+                      {f"d{i}": np.zeros(n, np.float32) for i in range(6)}, reporting=5)
+    rnd = service.list_rounds(tid)[0]
+    assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
+    received = 2.0 * (5 / 6) ** 0.5  # five of six shares arrived
+    assert rnd.metrics["dp_noise_multiplier"] == pytest.approx(received)
+    assert rnd.metrics["dp_epsilon"] == pytest.approx(epsilon(
+        noise_multiplier=received, sampling_rate=6 / 100, steps=1, delta=1e-5,
+        sampling=Sampling.FIXED_SIZE, population=100))
+    assert rnd.metrics["dp_epsilon"] > epsilon(
+        noise_multiplier=2.0, sampling_rate=6 / 100, steps=1, delta=1e-5,
+        sampling=Sampling.FIXED_SIZE, population=100)
+
+
+def test_distributed_dp_below_the_noise_floor_aborts_and_releases_nothing(
+    service: CoordinatorService, clock: ManualClock
+) -> None:
+    task = service.create_task(spec(clients_per_round=6, min_reports=3,
+                                    secure_aggregation=SECURE, privacy=distributed(floor=1.8)))
+    tid = task.record.task_id
+    n = int(flat_params(service, tid).size)
+    # Four of six shares carry z = 2 sqrt(4/6) = 1.63 < 1.8: secure aggregation succeeds, the
+    # privacy gate refuses the release.
+    distributed_round(service, clock, tid,
+                      {f"d{i}": np.zeros(n, np.float32) for i in range(6)}, reporting=4)
+    rnd = service.list_rounds(tid)[0]
+    assert rnd.state is RoundState.FAILED
+    assert "below the floor" in (rnd.failure_reason or "")
+    assert service.model_version(tid, None).version == 0
+
+
+def test_distributed_dp_needs_a_fixed_clip(service: CoordinatorService) -> None:
+    adaptive = AdaptiveClip(target_quantile=0.5, initial_l2_clip_norm=0.5, learning_rate=0.2,
+                            bit_noise_std=4.0)
+    with pytest.raises(InvalidRequest, match="fixed clip"):
         service.create_task(spec(clients_per_round=6, min_reports=4, secure_aggregation=SECURE,
-                                 privacy=central(mode=PrivacyMode.DISTRIBUTED)))
+                                 privacy=dataclasses.replace(distributed(), clip=adaptive)))
 
 
 # ---------------------------------------------------------------- the device side
