@@ -1,5 +1,6 @@
 """Simulation throughput, side by side: devices trained per second by our engine, Flower 1.42's
-simulation engine and a plain sequential torch loop (``core.training.train_local``
+simulation engine, Apple's pfl 0.6 simulation (``--engines pfl``; skipped with a reason when
+pfl is not installed) and a plain sequential torch loop (``core.training.train_local``
 device after device), on one workload:
 
     Synthetic(1,1), 1000 devices (seed 0); 100 devices a round from a fixed seeded schedule
@@ -15,13 +16,14 @@ final test accuracy and its difference from the sequential loop's, the achieved 
 (forward + backward FLOPs per sample x samples/s) against a 2048x2048 float32 matmul on this
 machine, and, on our engine's line, its speed-up over each other engine.
 
-    python benchmarks/simulation.py [--engines sequential,flower,ours] [--models lr,mlp]
+    python benchmarks/simulation.py [--engines sequential,flower,pfl,ours] [--models lr,mlp]
                                     [--rounds 20] [--threads 1] [--timeout 900]
 
 Engines plug in through :data:`ENGINES`: a function ``(Workload, model key, threads) ->
 (Measurement, final accuracy)`` that trains the same schedule (``workload.schedule``, seeds
 ``workload.seeds``) with the same data (``workload.data``), calls ``measure.start()`` when
-its clock should start and ``measure.round_done()`` after each round.
+its clock should start and ``measure.round_done()`` after each round. A runner that cannot
+run here raises :class:`EngineSkipped`; its line then carries ``skipped`` (the reason).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ DEFAULT_ENGINES = "sequential,flower,ours"
 DEFAULT_TIMEOUT_S = 900.0
 
 
+class EngineSkipped(Exception):
+    """The engine cannot run here (e.g. its package is not installed); the message says why."""
+
+
 @dataclass(frozen=True, eq=False)
 class Workload:
     data: FederatedData
@@ -98,6 +104,7 @@ class Measurement:
 
     round_ends: list[float] = field(default_factory=list)
     peak_rss: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # engine notes for the JSON line
     _start: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -133,7 +140,7 @@ class Measurement:
         ends = [self._start, *self.round_ends]
         rounds = len(self.round_ends)
         out: dict[str, Any] = {"rounds_done": rounds,
-                               "peak_rss_mb": round(self.peak_rss / 2**20, 1)}
+                               "peak_rss_mb": round(self.peak_rss / 2**20, 1), **self.extra}
         if rounds >= 1:
             out["round1_s"] = round(ends[1] - ends[0], 3)
         if rounds >= 2:
@@ -195,10 +202,30 @@ def flower(workload: Workload, model: str, threads: int) -> tuple[Measurement, f
     return measure, _final_accuracy(workload, spec, params)
 
 
+def pfl(workload: Workload, model: str, threads: int) -> tuple[Measurement, float]:
+    """Apple's pfl 0.6 ``SimulatedBackend`` + ``FederatedAveraging``; see
+    :mod:`benchmarks.pfl_simulation`."""
+    from benchmarks.pfl_simulation import SCHEDULE, pfl_unavailable, run_pfl
+
+    reason = pfl_unavailable()
+    if reason is not None:
+        raise EngineSkipped(reason)
+    table = DeviceTable(workload.data)
+    spec = MODELS[model]
+    measure = Measurement()
+    measure.extra["schedule"] = SCHEDULE
+    params = run_pfl(x=table.x.numpy(), y=table.y.numpy(), offsets=table.offsets,
+                     schedule=workload.schedule, seeds=workload.seeds, spec=spec,
+                     local=workload.local, initial=initial_state(spec, workload.seed),
+                     clock=measure)
+    return measure, _final_accuracy(workload, spec, params)
+
+
 #: Engine name -> runner (see the module docstring for the contract).
 ENGINES: dict[str, Callable[[Workload, str, int], tuple[Measurement, float]]] = {
     "sequential": sequential,
     "flower": flower,
+    "pfl": pfl,
     "ours": ours,
 }
 
@@ -286,13 +313,17 @@ def _child(args: argparse.Namespace) -> None:
     engine, model = args.engines, args.models
     workload = make_workload(rounds=args.rounds)
     torch.set_num_threads(args.threads)
-    measure, accuracy = ENGINES[engine](workload, model, args.threads)
-    print(json.dumps({"benchmark": "simulation", "engine": engine, "model": model,
-                      "devices": workload.data.num_devices,
-                      "per_round": len(workload.schedule[0]), "rounds": len(workload.schedule),
-                      "threads": 1 if engine == "sequential" else args.threads,
-                      **measure.summary(workload), "final_accuracy": round(accuracy, 4)}),
-          flush=True)
+    head = {"benchmark": "simulation", "engine": engine, "model": model,
+            "devices": workload.data.num_devices,
+            "per_round": len(workload.schedule[0]), "rounds": len(workload.schedule),
+            "threads": 1 if engine == "sequential" else args.threads}
+    try:
+        measure, accuracy = ENGINES[engine](workload, model, args.threads)
+    except EngineSkipped as e:
+        print(json.dumps({**head, "skipped": str(e)}), flush=True)
+        return
+    print(json.dumps({**head, **measure.summary(workload),
+                      "final_accuracy": round(accuracy, 4)}), flush=True)
 
 
 def _compare(rows: dict[str, dict[str, Any]], model: str, ceiling: dict[str, float]) -> None:
