@@ -13,7 +13,6 @@ value). Under local DP the device trains with DP-SGD (Opacus) and reports its ep
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 import time
@@ -130,7 +129,7 @@ class Device:
         local_dp_secure_noise: bool = True,
     ) -> None:
         """``local_dp_secure_noise=False`` lets local-DP training use seeded (insecure)
-        noise: tests and simulations only; production needs Opacus's CSPRNG (torchcsprng)."""
+        noise: tests and simulations only; production draws it from the OS-keyed CSPRNG."""
         self.device_id = device_id
         self.data = data
         self.coordinator = coordinator
@@ -311,9 +310,6 @@ class Device:
 
         assert plan.privacy is not None and plan.privacy.local is not None
         local = plan.privacy.local
-        if self.local_dp_secure_noise and importlib.util.find_spec("torchcsprng") is None:
-            raise AgentError("local DP needs a cryptographically secure noise generator: "
-                             "install torchcsprng (Opacus's secure_mode uses it)")
         dp = train_local_dp(model, self.data.x_train, self.data.y_train, plan.local, noise_multiplier=local.noise_multiplier,
                             max_grad_norm=local.max_grad_norm, delta=local.delta, seed=seed,
                             secure_mode=self.local_dp_secure_noise)

@@ -85,8 +85,10 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     batches (expected size ``config.batch_size``) and the configured optimizer.
 
     ``seed`` drives batch sampling and, unless ``secure_mode``, the noise: seeded noise is for
-    simulations. ``secure_mode=True`` draws the noise from Opacus's CSPRNG (torchcsprng must
-    then be installed; Opacus raises otherwise) and is what a production device uses.
+    simulations. ``secure_mode=True`` (what a production device uses) draws every step's
+    noise from :meth:`core.privacy.noise.NoiseSource.secure` (AES-CTR keyed from the OS
+    CSPRNG, hardened against the floating-point attack like Opacus's own secure mode) through
+    the DP optimizer's ``add_noise`` step, so torchcsprng is not needed.
 
     Raises:
         LocalDpError: the model has unsupported layers (see :func:`check_local_dp_model`) or a
@@ -103,9 +105,9 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
         _BatchFetch(features, labels), batch_size=min(config.batch_size, n),
         collate_fn=_identity, generator=torch.Generator().manual_seed(seed))
     optimizer = _optimizer(model, config)
-    engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    noise_generator = None if secure_mode else torch.Generator().manual_seed(seed + 1)
+    noise_generator = torch.Generator().manual_seed(seed + 1)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode=False is insecure: we document it instead.
         warnings.simplefilter("ignore", UserWarning)
@@ -119,6 +121,8 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     else:
         dp_model, dp_optimizer, dp_loader = made
         dp_criterion = criterion
+    if secure_mode:
+        _use_secure_noise(dp_optimizer)
     # Per-example losses are summed so that empty Poisson batches (possible on small
     # devices) give a zero loss rather than NaN; the optimizer then divides the noisy sum by
     # the *expected* batch size, which is DP-SGD's mean (Opacus's "mean" scaling).
@@ -167,6 +171,27 @@ class _BatchFetch(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.int64)
         return self.features[index], self.labels[index]
+
+
+def _use_secure_noise(dp_optimizer: Any) -> None:
+    """Replaces the DP optimizer's noise step (its ``add_noise``, which ``pre_step`` calls
+    after clipping) with one drawing N(0, (z C)^2) from the OS-keyed AES-CTR source."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    from core.privacy.noise import NoiseSource, gaussian_noise
+
+    source = NoiseSource.secure()
+
+    def add_noise() -> None:
+        std = dp_optimizer.noise_multiplier * dp_optimizer.max_grad_norm
+        for p in dp_optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            noise = gaussian_noise(tuple(p.summed_grad.shape), stddev=std, source=source)
+            p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad.dtype)
+                      ).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    dp_optimizer.add_noise = add_noise
 
 
 def _identity(batch: Any) -> Any:
