@@ -74,3 +74,38 @@ def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
     status = fedctl("task", "status", task_id, "--coordinator", coordinator.target)
     assert status.returncode == 0, status.stderr
     assert "epsilon" in status.stdout and f"{spent[-1]:.3f}" in status.stdout
+
+
+def test_distributed_dp_noise_is_added_by_the_agents_and_accounted_as_received(
+    coordinator: CoordinatorProcess, tmp_path: Path
+) -> None:
+    extra = (
+        "secure_aggregation: {protocol: secagg, threshold: 0.6, dropout: 0.001, "
+        "phase_timeout_s: 8}\n"
+        f"privacy: {{mode: distributed, noise_multiplier: {Z}, delta: 1.0e-5, clip: 0.5, "
+        f"population: {POPULATION}, sampling: fixed, min_noise_multiplier: 0.5}}\n")
+    task_file = write_task(tmp_path / "ddp.yaml", name="ddp", rounds=1,
+                           clients_per_round=DEVICES, min_reports=5, extra=extra)
+    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
+    assert launched.returncode == 0, launched.stderr
+    task_id = launched.stdout.strip()
+    agents = [
+        start_agent(coordinator.target, f"d{i}-",
+                    f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
+                    devices=PER_PROCESS, task_id=task_id, log=tmp_path / f"dagent{i}.log")
+        for i in range(PROCESSES)
+    ]
+    try:
+        with coordinator.admin() as client:
+            task = wait_for_task(client, task_id)
+            rounds = list(client.list_rounds(task_id))
+    finally:
+        stop_all(agents)
+    assert task.state == "completed", coordinator.log_text()
+    committed = [r for r in rounds if r.state == "committed"]
+    assert len(committed) == 1
+    m = committed[0].metrics
+    # Every device reported: the shares add up to the planned multiplier.
+    assert m["dp_noise_multiplier"] == pytest.approx(Z)
+    assert m["dp_epsilon"] == pytest.approx(eps(1))
+    assert 0 <= m["server_eval_accuracy"] <= 1
