@@ -278,10 +278,11 @@ def _vmap_kernel(model: nn.Module) -> Kernel:
 
 # -- bmm: fused batched SGD for Linear (ReLU Linear)* ------------------------------------------
 
-#: Parameter bytes of the devices one lock-step group trains together. Measured on the 2-core
-#: development machine (2 MiB L2 per core) for the 54k-parameter MLP: 0.5 MiB 202, 1 MiB 247,
-#: 2 MiB 267, 4 MiB 270, 16 MiB 259 devices/s with one thread, and 4 MiB 304-330 against
-#: 1 MiB 173-188 with two: past the L2 size, fewer and larger batched products win.
+#: Parameter bytes of the devices one lock-step group trains together. Measured with
+#: benchmarks/simulation_groups.py on the 2-core development machine (2 MiB L2 per core), the
+#: 54k-parameter MLP: 0.5 MiB 202, 1 MiB 247, 2 MiB 267, 4 MiB 270, 16 MiB 259 devices/s with
+#: one thread, and 4 MiB 304-330 against 1 MiB 173-188 with two: past the L2 size, fewer and
+#: larger batched products win.
 _GROUP_PARAM_BYTES = 4 << 20
 #: Packed minibatch rows gathered at a time (features, labels, targets of that many rows).
 _CHUNK_ROWS = 1 << 14

@@ -605,6 +605,10 @@ class CoordinatorService:
         _, _, secure = self._secure_seat(p)
         return secure.reply(p.device_id, after)
 
+    def secagg_plan(self, p: Participation) -> SecAggPlan:
+        """This round's secure-aggregation parameters, for a seated device."""
+        return self._secure_seat(p)[2].plan
+
     def _secure_seat(self, p: Participation) -> tuple[_Task, _OpenRound, SecureRound]:
         task, rnd, _ = self._seat(p)
         if rnd.secure is None:

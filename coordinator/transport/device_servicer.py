@@ -214,9 +214,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     ) -> device_pb2.SecAggUnmaskInstruction:
         check_api_version(request.api_version)
         p = _participation(request.participation)
-        plan = self._service.get_plan(p).secure_aggregation
-        if plan is None:
-            raise convert.WireFormatError("this task does not use secure aggregation")
+        plan = self._service.secagg_plan(p)
         vector = convert.ring_vector_from_bytes(request.masked_input, plan.params.ring_bits)
         self._service.secagg_masked_input(p, vector, dict(request.metrics),
                                           request.clipped_values)

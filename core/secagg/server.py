@@ -188,9 +188,8 @@ class SecAggServer(Generic[P]):
             raise SecAggRejected(f"{who} did not upload a masked input")
         if i in self._unmasked:
             raise SecAggRejected(f"{who} already sent its shares for unmasking")
-        u2 = set(self._masked)
-        expect_seed = (self._holders[i] & u2) | {i}
-        expect_key = self._holders[i] - u2
+        expect_seed = (self._holders[i] & self._masked) | {i}
+        expect_key = self._holders[i] - self._masked
         seed_owners = [v for v, _ in message.seed_shares]
         key_owners = [v for v, _ in message.key_shares]
         if sorted(seed_owners) != sorted(expect_seed) or sorted(key_owners) != sorted(expect_key):

@@ -225,10 +225,13 @@ class Device:
         if privacy is not None and privacy.distributed_noise_steps:
             # Distributed DP: this device's share of the round's noise, in the integer ring,
             # before masking; the coordinator never sees an un-noised sum.
-            share = device_noise_share(len(vector) - 1,
-                                       noise_stddev=privacy.distributed_noise_steps,
-                                       devices_planned=privacy.devices_planned,
-                                       source=NoiseSource.secure())
+            try:
+                share = device_noise_share(len(vector) - 1,
+                                           noise_stddev=privacy.distributed_noise_steps,
+                                           devices_planned=privacy.devices_planned,
+                                           source=NoiseSource.secure())
+            except ValueError as exc:
+                raise SecAggRefused(f"cannot add this round's noise share: {exc}") from None
             vector = add_noise_share(vector, share)
         step = sa.phase_timeout_s + 10.0
         first = max(plan.deadline - time.time(), 0.0) + step

@@ -20,6 +20,7 @@ from harness import (
 )
 
 from core.privacy import Sampling, epsilon
+from protos.fedcoord.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +39,30 @@ def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
+def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: str,
+             rounds: int) -> tuple[str, admin_pb2.Task, list[admin_pb2.Round]]:
+    """Launches a task through the CLI, runs it with agent processes until it ends."""
+    task_file = write_task(tmp_path / f"{name}.yaml", name=name, rounds=rounds,
+                           clients_per_round=DEVICES, min_reports=5, extra=extra)
+    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
+    assert launched.returncode == 0, launched.stderr
+    task_id = launched.stdout.strip()
+    agents = [
+        start_agent(coordinator.target, f"{name}{i}-",
+                    f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
+                    devices=PER_PROCESS, task_id=task_id, log=tmp_path / f"{name}{i}.log")
+        for i in range(PROCESSES)
+    ]
+    try:
+        with coordinator.admin() as client:
+            task = wait_for_task(client, task_id, until=("completed", "failed", "cancelled",
+                                                          "budget_exhausted"))
+            rounds_seen = list(client.list_rounds(task_id))
+    finally:
+        stop_all(agents)
+    return task_id, task, rounds_seen
+
+
 def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
     coordinator: CoordinatorProcess, tmp_path: Path
 ) -> None:
@@ -47,24 +72,7 @@ def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
         "phase_timeout_s: 8}\n"
         f"privacy: {{mode: central, noise_multiplier: {Z}, delta: 1.0e-5, clip: 0.5, "
         f"population: {POPULATION}, sampling: fixed, max_epsilon: {budget}}}\n")
-    task_file = write_task(tmp_path / "dp.yaml", name="dp", rounds=5,
-                           clients_per_round=DEVICES, min_reports=5, extra=extra)
-    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
-    assert launched.returncode == 0, launched.stderr
-    task_id = launched.stdout.strip()
-    agents = [
-        start_agent(coordinator.target, f"a{i}-",
-                    f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
-                    devices=PER_PROCESS, task_id=task_id, log=tmp_path / f"agent{i}.log")
-        for i in range(PROCESSES)
-    ]
-    try:
-        with coordinator.admin() as client:
-            task = wait_for_task(client, task_id, until=("completed", "failed", "cancelled",
-                                                          "budget_exhausted"))
-            rounds = list(client.list_rounds(task_id))
-    finally:
-        stop_all(agents)
+    task_id, task, rounds = run_task(coordinator, tmp_path, "dp", extra, rounds=5)
     assert task.state == "budget_exhausted", coordinator.log_text()
     committed = [r for r in rounds if r.state == "committed"]
     assert len(committed) == 2 and task.rounds_committed == 2
@@ -84,23 +92,7 @@ def test_distributed_dp_noise_is_added_by_the_agents_and_accounted_as_received(
         "phase_timeout_s: 8}\n"
         f"privacy: {{mode: distributed, noise_multiplier: {Z}, delta: 1.0e-5, clip: 0.5, "
         f"population: {POPULATION}, sampling: fixed, min_noise_multiplier: 0.5}}\n")
-    task_file = write_task(tmp_path / "ddp.yaml", name="ddp", rounds=1,
-                           clients_per_round=DEVICES, min_reports=5, extra=extra)
-    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
-    assert launched.returncode == 0, launched.stderr
-    task_id = launched.stdout.strip()
-    agents = [
-        start_agent(coordinator.target, f"d{i}-",
-                    f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
-                    devices=PER_PROCESS, task_id=task_id, log=tmp_path / f"dagent{i}.log")
-        for i in range(PROCESSES)
-    ]
-    try:
-        with coordinator.admin() as client:
-            task = wait_for_task(client, task_id)
-            rounds = list(client.list_rounds(task_id))
-    finally:
-        stop_all(agents)
+    _, task, rounds = run_task(coordinator, tmp_path, "ddp", extra, rounds=1)
     assert task.state == "completed", coordinator.log_text()
     committed = [r for r in rounds if r.state == "committed"]
     assert len(committed) == 1
