@@ -1,9 +1,11 @@
 """Cost of differential privacy. Prints one JSON line per setting:
 
-- ``local_dp``: one epoch of DP-SGD (Opacus, each grad-sample mode) against one epoch of
-  non-private training (core.training.train_local), on scikit-learn's digits (1797 examples),
-  for MLPs of ~5k, ~54k and ~199k parameters and the CNN, at batch sizes 10 and 64. Times are
-  the best of ``--repeats`` after a warm-up, with one torch thread.
+- ``local_dp``: one epoch of DP-SGD (our ``fused`` one-pass clipping, and each Opacus
+  grad-sample mode) against one epoch of non-private training (core.training.train_local),
+  on scikit-learn's digits (1797 examples), for MLPs of ~5k, ~54k and ~199k parameters and
+  the CNN (where ``fused`` falls back to Opacus's hooks), at batch sizes 10 and 64. Wall
+  and CPU times (all threads: ``fused`` draws noise on a second thread) are the best of
+  ``--repeats`` after a warm-up, with one torch thread.
 - ``central_dp``: a round's coordinator aggregation (FedAvg weighted mean of 100 updates of
   100k float32 parameters) against central DP on the same updates (clip each, sum, secure
   Gaussian noise, accountant check for the next round), with the overhead of each part.
@@ -39,6 +41,8 @@ from device_agent.training.local_dp import GradSampleMode, train_local_dp  # noq
 MODELS = {
     "mlp-64-64-10": ModelSpec("mlp", {"input_dim": 64, "hidden": [64], "num_classes": 10}),
     "mlp-54k": ModelSpec("mlp", {"input_dim": 64, "hidden": [512, 40], "num_classes": 10}),
+    "mlp-64-200-200-10": ModelSpec("mlp", {"input_dim": 64, "hidden": [200, 200],
+                                           "num_classes": 10}),
     "mlp-199k": ModelSpec("mlp", {"input_dim": 64, "hidden": [512, 256, 128],
                                   "num_classes": 10}),
     "cnn": ModelSpec("cnn", {}),
@@ -46,13 +50,31 @@ MODELS = {
 
 
 def best_of(repeats: int, run: Callable[[], object]) -> float:
+    return best_of_wall_cpu(repeats, run)[0]
+
+
+def best_of_wall_cpu(repeats: int, run: Callable[[], object]) -> tuple[float, float]:
+    """Best wall seconds and best CPU seconds (all threads of the process) of ``repeats``
+    runs after a warm-up."""
     run()  # warm-up: first-call allocations, Opacus imports
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
+
+
+#: (label, grad-sample mode, keyword arguments): every Opacus mode, and ``fused`` with its
+#: noise drawn ahead on a second thread (the default on a multi-core machine), in line, and
+#: from the secure (AES-CTR) source as production devices draw it.
+LOCAL_VARIANTS: list[tuple[str, GradSampleMode, dict[str, bool]]] = [
+    ("fused", GradSampleMode.FUSED, {"prefetch_noise": True}),
+    ("fused-inline", GradSampleMode.FUSED, {"prefetch_noise": False}),
+    ("fused-secure", GradSampleMode.FUSED, {"prefetch_noise": True, "secure_mode": True}),
+    *[(mode.value, mode, {}) for mode in GradSampleMode if mode is not GradSampleMode.FUSED],
+]
 
 
 def local_dp(repeats: int) -> None:
@@ -69,22 +91,26 @@ def local_dp(repeats: int) -> None:
             def plain() -> None:
                 train_local(build_model(spec), x, y, config, seed=0)  # noqa: B023
 
-            base = best_of(repeats, plain)
-            for mode in GradSampleMode:
-                def private(mode: GradSampleMode = mode) -> None:
+            base, base_cpu = best_of_wall_cpu(repeats, plain)
+            for label, mode, kwargs in LOCAL_VARIANTS:
+                def private(mode: GradSampleMode = mode, kwargs: dict[str, bool] = kwargs
+                            ) -> None:
                     train_local_dp(build_model(spec), x, y, config, noise_multiplier=1.0,  # noqa: B023
-                                   max_grad_norm=1.0, delta=1e-5, seed=0, grad_sample_mode=mode)
+                                   max_grad_norm=1.0, delta=1e-5, seed=0, grad_sample_mode=mode,
+                                   **kwargs)
 
                 try:
-                    dp = best_of(repeats, private)
+                    dp, dp_cpu = best_of_wall_cpu(repeats, private)
                 except Exception as exc:  # noqa: BLE001 - reported as the setting's result
                     print(json.dumps({"bench": "local_dp", "model": name, "batch": batch,
-                                      "mode": mode.value, "error": repr(exc)[:200]}), flush=True)
+                                      "mode": label, "error": repr(exc)[:200]}), flush=True)
                     continue
                 print(json.dumps({
                     "bench": "local_dp", "model": name, "params": params, "batch": batch,
-                    "mode": mode.value, "plain_epoch_s": round(base, 4),
-                    "dp_epoch_s": round(dp, 4), "ratio": round(dp / base, 2)}), flush=True)
+                    "mode": label, "plain_epoch_s": round(base, 4),
+                    "dp_epoch_s": round(dp, 4), "ratio": round(dp / base, 2),
+                    "plain_cpu_s": round(base_cpu, 4), "dp_cpu_s": round(dp_cpu, 4),
+                    "cpu_ratio": round(dp_cpu / base_cpu, 2)}), flush=True)
 
 
 def central_dp(repeats: int, devices: int = 100, size: int = 100_000) -> None:

@@ -6,19 +6,28 @@ sum, and steps; Opacus's RDP accountant gives the device's epsilon at ``delta`` 
 steps of this call (one call = one round; composing rounds is the caller's business, e.g.
 with :func:`core.privacy.epsilon_of_history`).
 
-Grad-sample modes (how per-example gradients are obtained) are Opacus's: ``hooks`` (module
-hooks + einsum), ``functorch`` (vmap over ``torch.func.grad``), ``ew`` (expanded weights),
-``ghost`` (ghost clipping: per-example *norms* only, two backward passes). See
-:data:`FASTEST_MODE` for what ``benchmarks/privacy.py`` measured.
+Grad-sample modes (how per-example gradients are clipped): ``fused`` (ours, the default:
+per-example norms of linear layers from their inputs and output gradients, clipped sum as
+one matmul, one backward pass; :mod:`device_agent.training.fused_clipping`) for models whose
+trainable layers are all ``nn.Linear`` on 2-D inputs, and otherwise Opacus's: ``hooks``
+(module hooks + einsum), ``functorch`` (vmap over ``torch.func.grad``), ``ew`` (expanded
+weights), ``ghost`` (ghost clipping: per-example *norms* only, two backward passes). A model
+``fused`` cannot train falls back to ``hooks``; the result says which mode ran. Whatever the
+mode, sampling (Poisson), the noise scale, the mean over the *expected* batch and the RDP
+accountant are Opacus's semantics, so epsilon is the same.
 
 Opacus (and its torch hooks) is imported on first use. Not thread-safe per model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import math
+import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +38,7 @@ from torch import nn
 from core.training import TrainResult
 from core.types import LocalOptimizerKind, LocalTraining
 from device_agent.errors import AgentError
+from device_agent.training.noise_prefetch import StepNoise
 
 
 class LocalDpError(AgentError):
@@ -36,16 +46,18 @@ class LocalDpError(AgentError):
 
 
 class GradSampleMode(enum.Enum):
+    FUSED = "fused"
     HOOKS = "hooks"
     FUNCTORCH = "functorch"
     EXPANDED_WEIGHTS = "ew"
     GHOST = "ghost"
 
 
-#: Default mode. In benchmarks/privacy.py (2 shared CPU cores, noisy) ``hooks`` was fastest
-#: for the 64-64-10 MLP at batch 10 and for the CNN; ``ghost`` for the 54k/199k MLPs at
-#: batch 64. None reached the 1.5x-of-non-private target on the small MLP.
-FASTEST_MODE = GradSampleMode.HOOKS
+#: Default mode. In benchmarks/privacy.py (2 CPU cores) ``fused`` was the fastest on every
+#: MLP; of Opacus's modes ``hooks`` was fastest for the CNN (the fallback).
+FASTEST_MODE = GradSampleMode.FUSED
+#: What runs when ``fused`` cannot train the model.
+FALLBACK_MODE = GradSampleMode.HOOKS
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class LocalDpResult:
     epsilon: float
     delta: float
     sampling_rate: float
+    grad_sample_mode: GradSampleMode = FASTEST_MODE
+    #: Why ``fused`` was not used, when it was asked for and the model is outside its shape.
+    fallback_reason: str | None = None
 
 
 def check_local_dp_model(model: nn.Module) -> None:
@@ -80,7 +95,8 @@ def check_local_dp_model(model: nn.Module) -> None:
 def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTraining, *,
                    noise_multiplier: float, max_grad_norm: float, delta: float, seed: int,
                    grad_sample_mode: GradSampleMode = FASTEST_MODE,
-                   secure_mode: bool = False) -> LocalDpResult:
+                   secure_mode: bool = False,
+                   prefetch_noise: bool | None = None) -> LocalDpResult:
     """Trains ``model`` in place with DP-SGD for ``config.epochs`` epochs of Poisson-sampled
     batches (expected size ``config.batch_size``) and the configured optimizer.
 
@@ -90,16 +106,153 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     CSPRNG, hardened against the floating-point attack like Opacus's own secure mode) through
     the DP optimizer's ``add_noise`` step, so torchcsprng is not needed.
 
+    ``prefetch_noise`` (``fused`` mode): draw the steps' noise ahead, in blocks, on a worker
+    thread (:mod:`device_agent.training.noise_prefetch`; the same noise in the same order as
+    drawing in line). Default: when the machine has more than one CPU.
+
     Raises:
         LocalDpError: the model has unsupported layers (see :func:`check_local_dp_model`) or a
             parameter is out of range.
         ValueError: no data, or ``x`` and ``y`` of different lengths.
     """
-    from opacus import PrivacyEngine
-
     _check_parameters(noise_multiplier, max_grad_norm, delta, config)
     check_local_dp_model(model)
     features, labels = _tensors(x, y)
+    fallback_reason = None
+    if prefetch_noise is None:
+        prefetch_noise = (os.cpu_count() or 1) > 1
+    if grad_sample_mode is GradSampleMode.FUSED:
+        from device_agent.training.fused_clipping import unsupported_reason
+
+        fallback_reason = unsupported_reason(model, features[:2])
+        if fallback_reason is None:
+            return _train_fused(model, features, labels, config,
+                                noise_multiplier=noise_multiplier,
+                                max_grad_norm=max_grad_norm, delta=delta, seed=seed,
+                                secure_mode=secure_mode, prefetch_noise=prefetch_noise)
+        grad_sample_mode = FALLBACK_MODE
+    result = _train_opacus(model, features, labels, config, noise_multiplier=noise_multiplier,
+                           max_grad_norm=max_grad_norm, delta=delta, seed=seed,
+                           grad_sample_mode=grad_sample_mode, secure_mode=secure_mode)
+    return dataclasses.replace(result, fallback_reason=fallback_reason)
+
+
+def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
+                 config: LocalTraining, *, noise_multiplier: float, max_grad_norm: float,
+                 delta: float, seed: int, secure_mode: bool,
+                 prefetch_noise: bool) -> LocalDpResult:
+    """DP-SGD with :class:`~device_agent.training.fused_clipping.LinearClipping`, matching
+    what Opacus's ``make_private`` does for the same arguments: Poisson batches at rate
+    ``1 / ceil(n / batch)`` for ``ceil(n / batch)`` steps per epoch (empty batches included),
+    noise std ``z C`` on the clipped sum, divided by the expected batch ``int(n q)``."""
+    from device_agent.training.fused_clipping import LinearClipping
+
+    n = len(labels)
+    steps_per_epoch = math.ceil(n / min(config.batch_size, n))
+    sampling_rate = 1 / steps_per_epoch
+    expected_batch = max(int(n * sampling_rate), 1)
+    generator = torch.Generator().manual_seed(seed)
+    noise_generator = torch.Generator().manual_seed(seed + 1)
+    fill = _secure_fill() if secure_mode else _seeded_fill(noise_generator)
+    optimizer = _optimizer(model, config)
+    clipping = LinearClipping(model)
+    noise_std = noise_multiplier * max_grad_norm
+    noise = StepNoise(clipping.flat.numel(), noise_std / expected_batch, fill,
+                      steps=config.epochs * steps_per_epoch, background=prefetch_noise)
+    was_training = model.training
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    seen = 0
+    steps = 0
+    try:
+        for _ in range(config.epochs):
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            seen = 0
+            # A DataLoader draws one int64 from its generator per epoch (its workers' base
+            # seed); drawing it too keeps the batches exactly Opacus's for the same seed.
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            for index in poisson_batches(n, sampling_rate, steps_per_epoch, generator):
+                logits = clipping.forward(model, features[index])
+                loss = nn.functional.cross_entropy(logits, labels[index], reduction="sum")
+                clipping.step_gradient(loss, max_grad_norm=max_grad_norm,
+                                       divisor=expected_batch, noise=noise.next())
+                optimizer.step()
+                loss_sum += loss.detach().double()
+                seen += len(index)
+                steps += 1
+    finally:
+        clipping.close()
+        noise.close()
+        model.train(was_training)
+    return LocalDpResult(
+        train=TrainResult(num_examples=n, loss=float(loss_sum) / seen if seen else math.nan,
+                          steps=steps),
+        epsilon=_rdp_epsilon(noise_multiplier, sampling_rate, steps, delta), delta=delta,
+        sampling_rate=sampling_rate, grad_sample_mode=GradSampleMode.FUSED)
+
+
+def poisson_batches(n: int, rate: float, steps: int, generator: torch.Generator
+                    ) -> Iterator[torch.Tensor]:
+    """``steps`` Poisson batches of ``range(n)``: each index is in each batch independently
+    with probability ``rate`` (Opacus's ``UniformWithReplacementSampler`` distribution;
+    batches may be empty). Drawn for many steps per call (~4M coin flips), in order."""
+    per_draw = max(1, (1 << 22) // max(n, 1))
+    for first in range(0, steps, per_draw):
+        count = min(per_draw, steps - first)
+        chosen = torch.rand(count, n, generator=generator) < rate
+        sizes = chosen.sum(1).tolist()
+        yield from torch.split(chosen.nonzero()[:, 1], sizes)
+
+
+def _rdp_epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
+                 delta: float) -> float:
+    """What Opacus's RDP accountant reports after ``steps`` steps of one (z, q), computed
+    with its own analysis functions; the per-step RDP curve is cached per (z, q), since a
+    device trains every round with the same pair (the curve costs ~30 ms, the rest µs)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    if steps == 0:
+        return 0.0
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = np.asarray(_rdp_per_step(noise_multiplier, sampling_rate)) * steps
+    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_per_step(noise_multiplier: float, sampling_rate: float) -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return tuple(compute_rdp(q=sampling_rate, noise_multiplier=noise_multiplier, steps=1,
+                             orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
+def _seeded_fill(generator: torch.Generator) -> Callable[[torch.Tensor, float], None]:
+    def fill(buffer: torch.Tensor, std: float) -> None:
+        buffer.normal_(0.0, std, generator=generator)
+
+    return fill
+
+
+def _secure_fill() -> Callable[[torch.Tensor, float], None]:
+    from core.privacy.noise import NoiseSource, fill_gaussian_
+
+    source = NoiseSource.secure()
+
+    def fill(buffer: torch.Tensor, std: float) -> None:
+        fill_gaussian_(buffer, stddev=std, source=source)
+
+    return fill
+
+
+def _train_opacus(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
+                  config: LocalTraining, *, noise_multiplier: float, max_grad_norm: float,
+                  delta: float, seed: int, grad_sample_mode: GradSampleMode,
+                  secure_mode: bool) -> LocalDpResult:
+    from opacus import PrivacyEngine
+
     n = len(labels)
     loader = torch.utils.data.DataLoader(
         _BatchFetch(features, labels), batch_size=min(config.batch_size, n),
@@ -151,7 +304,8 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     spent = float(engine.accountant.get_epsilon(delta=delta)) if steps else 0.0
     loss = float(loss_sum) / seen if seen else math.nan
     return LocalDpResult(train=TrainResult(num_examples=n, loss=loss, steps=steps),
-                         epsilon=spent, delta=delta, sampling_rate=sampling_rate)
+                         epsilon=spent, delta=delta, sampling_rate=sampling_rate,
+                         grad_sample_mode=grad_sample_mode)
 
 
 class _BatchFetch(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):

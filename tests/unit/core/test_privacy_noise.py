@@ -113,3 +113,26 @@ def test_device_shares_need_a_secure_source_and_a_share_variance_of_at_least_one
                                         source=NoiseSource.seeded(0)).shape == (3,)
     with pytest.raises(ValueError, match="finer quantization"):
         device_noise_share(3, noise_stddev=3.0, devices_planned=10, source=NoiseSource.secure())
+
+
+def test_float32_fill_has_the_right_scale_and_shape_and_refuses_other_buffers() -> None:
+    import torch
+
+    from core.privacy.noise import fill_gaussian_
+
+    out = torch.empty(1_000_001)
+    fill_gaussian_(out, stddev=2.5, source=NoiseSource.secure())
+    assert out.std().item() == pytest.approx(2.5, rel=0.01)
+    assert abs(out.mean().item()) < 0.01
+    assert stats.kstest(out.double().numpy() / 2.5, "norm").pvalue > 1e-3
+    again = torch.empty(1_000_001)
+    fill_gaussian_(again, stddev=2.5, source=NoiseSource.secure())
+    assert not torch.equal(out, again)
+    seeded = [fill_gaussian_(torch.empty(5), stddev=1.0, source=NoiseSource.seeded(4))
+              for _ in range(2)]
+    assert torch.equal(*seeded)
+    with pytest.raises(ValueError, match="float32"):
+        fill_gaussian_(torch.empty(3, dtype=torch.float64), stddev=1.0,
+                       source=NoiseSource.secure())
+    with pytest.raises(ValueError, match="stddev"):
+        fill_gaussian_(out, stddev=-1.0, source=NoiseSource.secure())

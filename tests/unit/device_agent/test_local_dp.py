@@ -130,3 +130,42 @@ def test_secure_mode_draws_fresh_csprng_noise_of_the_right_scale_without_torchcs
     # std sqrt(12) * 100 * 1e-6 / 10.
     assert a.std().item() == pytest.approx(12**0.5 * 1e-5, rel=0.15)
     assert torch.equal(moved(False, 1.0), moved(False, 1.0)), "seeded noise is reproducible"
+
+
+def test_fused_clipping_trains_the_same_model_as_opacus_with_the_same_batches() -> None:
+    """Same seed, so the same Poisson batches; with negligible noise, the one-pass clipping
+    and Opacus's per-sample gradients must step the same way."""
+    x, y = data()
+    config = LocalTraining(epochs=2, batch_size=12, learning_rate=0.5, momentum=0.9)
+    nets = {mode: model() for mode in (GradSampleMode.FUSED, GradSampleMode.HOOKS)}
+    results = {mode: train_local_dp(net, x, y, config, noise_multiplier=1e-9,
+                                    max_grad_norm=0.05, delta=1e-5, seed=5,
+                                    grad_sample_mode=mode)
+               for mode, net in nets.items()}
+    fused, hooks = results[GradSampleMode.FUSED], results[GradSampleMode.HOOKS]
+    assert fused.grad_sample_mode is GradSampleMode.FUSED and fused.fallback_reason is None
+    assert fused.epsilon == pytest.approx(hooks.epsilon, rel=1e-9)
+    assert fused.train.loss == pytest.approx(hooks.train.loss, rel=1e-4)
+    for a, b in zip(nets[GradSampleMode.FUSED].parameters(),
+                    nets[GradSampleMode.HOOKS].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cnn_falls_back_to_opacus_and_says_why() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 64)).astype(np.float32), rng.integers(0, 10, size=20)
+    result = train_local_dp(model(ModelSpec("cnn", {})), x, y, LocalTraining(batch_size=10),
+                            noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, seed=0)
+    assert result.grad_sample_mode is GradSampleMode.HOOKS
+    assert result.fallback_reason is not None and "nn.Linear" in result.fallback_reason
+
+
+def test_drawing_noise_ahead_on_a_thread_changes_nothing_in_the_model() -> None:
+    x, y = data()
+    config = LocalTraining(epochs=2, batch_size=10)
+    nets = [model(), model()]
+    for net, ahead in zip(nets, (True, False), strict=True):
+        train_local_dp(net, x, y, config, noise_multiplier=1.0, max_grad_norm=1.0,
+                       delta=1e-5, seed=9, prefetch_noise=ahead)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(a, b)

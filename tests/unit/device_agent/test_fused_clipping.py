@@ -1,0 +1,211 @@
+"""One-pass per-example clipping for linear layers gives exactly what clipping each example's
+own gradient gives, and says which models it cannot train."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from device_agent.training.fused_clipping import (
+    LinearClipping,
+    clip_factors,
+    per_example_squared_norms,
+    unsupported_reason,
+)
+from device_agent.training.local_dp import poisson_batches
+
+
+class TwoTowers(nn.Module):
+    """Not an nn.Sequential: recorded through forward hooks; layers run in a data order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (w_in, w_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        layers.append(nn.Linear(w_in, w_out))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def explicit_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: each example's own gradient by autograd, clipped to ``clip``, summed;
+    and the per-example norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    norms = []
+    for i in range(len(x)):
+        loss = nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum")
+        flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+        norm = flat.norm()
+        norms.append(norm)
+        total += flat * min(1.0, clip / max(norm.item(), 1e-12))
+    return total, torch.stack(norms)
+
+
+def fused_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float,
+                      divisor: float = 1.0, noise: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    clipping = LinearClipping(model)
+    try:
+        loss = nn.functional.cross_entropy(clipping.forward(model, x), y, reduction="sum")
+        clipping.step_gradient(loss, max_grad_norm=clip, divisor=divisor,
+                               noise=noise if noise is not None else torch.zeros_like(
+                                   clipping.flat))
+        return torch.cat([p.grad.reshape(-1) for p in clipping.params]).double().clone()
+    finally:
+        clipping.close()
+
+
+def batch(n: int, features: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, features, generator=g) * 3,
+            torch.randint(0, classes, (n,), generator=g))
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.integers(1, 12), min_size=2, max_size=4),
+       n=st.integers(1, 9), clip=st.floats(0.01, 20.0), seed=st.integers(0, 2**16))
+def test_the_one_pass_sum_equals_clipping_each_examples_own_gradient(
+        widths: list[int], n: int, clip: float, seed: int) -> None:
+    widths = [*widths[:-1], max(widths[-1], 2)]  # at least two classes
+    torch.manual_seed(seed)
+    model = mlp(widths)
+    x, y = batch(n, widths[0], widths[-1], seed)
+    expected, _ = explicit_clipped_sum(model, x, y, clip)
+    torch.testing.assert_close(fused_clipped_sum(model, x, y, clip), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_per_example_norms_are_those_of_the_explicit_gradients() -> None:
+    torch.manual_seed(0)
+    model = mlp([6, 9, 4])
+    x, y = batch(8, 6, 4, 1)
+    _, expected = explicit_clipped_sum(model, x, y, 1.0)
+    outputs: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
+    h = x
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            inputs.append(h)
+            h = layer(h)
+            outputs.append(h)
+        else:
+            h = layer(h)
+    grads = torch.autograd.grad(nn.functional.cross_entropy(h, y, reduction="sum"), outputs)
+    with torch.no_grad():
+        squared = per_example_squared_norms([a.detach() for a in inputs], list(grads))
+    torch.testing.assert_close(squared.sqrt().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_is_not_sequential_is_clipped_through_hooks_and_a_biasless_layer_counts(
+        ) -> None:
+    torch.manual_seed(0)
+    model = TwoTowers()
+    x, y = batch(6, 5, 3, 2)
+    expected, norms = explicit_clipped_sum(model, x, y, 0.3)
+    assert (norms > 0.3).any(), "the test must clip something"
+    torch.testing.assert_close(fused_clipped_sum(model, x, y, 0.3), expected,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_parameters_are_left_out_of_the_norm_and_the_gradient() -> None:
+    torch.manual_seed(0)
+    model = mlp([4, 6, 3])
+    model[0].bias.requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    x, y = batch(5, 4, 3, 3)
+    expected, _ = explicit_clipped_sum(model, x, y, 0.2)
+    torch.testing.assert_close(fused_clipped_sum(model, x, y, 0.2), expected,
+                               rtol=1e-4, atol=1e-6)
+    assert model[0].bias.grad is None and model[2].weight.grad is None
+
+
+def test_the_gradient_is_the_noise_plus_the_clipped_sum_over_the_divisor() -> None:
+    torch.manual_seed(0)
+    model = mlp([4, 5, 3])
+    x, y = batch(7, 4, 3, 4)
+    numel = sum(p.numel() for p in model.parameters())
+    noise = torch.randn(numel)
+    expected, _ = explicit_clipped_sum(model, x, y, 0.5)
+    got = fused_clipped_sum(model, x, y, 0.5, divisor=7.0, noise=noise)
+    torch.testing.assert_close(got, expected / 7 + noise.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_an_empty_batch_gets_the_noise_alone() -> None:
+    model = mlp([4, 5, 3])
+    noise = torch.randn(sum(p.numel() for p in model.parameters()))
+    x, y = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    torch.testing.assert_close(fused_clipped_sum(model, x, y, 1.0, noise=noise),
+                               noise.double())
+
+
+def test_clip_factors_never_scale_up_and_keep_a_zero_gradient() -> None:
+    factors = clip_factors(torch.tensor([0.0, 0.25, 1.0, 16.0]), 1.0, divisor=2.0)
+    torch.testing.assert_close(factors, torch.tensor([0.5, 0.5, 0.5, 0.125]))
+
+
+def test_close_removes_the_hooks_and_the_gradient_views() -> None:
+    model = TwoTowers()
+    clipping = LinearClipping(model)
+    assert all(p.grad is not None for p in model.parameters())
+    clipping.close()
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    (nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), "not in an nn.Linear"),
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)),
+     "modified in place"),
+    (nn.Sequential(nn.Unflatten(1, (2, 2)), nn.Linear(2, 3)), "3-D input"),
+])
+def test_models_outside_the_shape_are_named_with_the_reason(model: nn.Module,
+                                                             reason: str) -> None:
+    probe = torch.randn(2, 10 if isinstance(model[0], nn.Conv1d) else 4)
+    if isinstance(model[0], nn.Conv1d):
+        probe = probe[:, None, :]
+    found = unsupported_reason(model, probe)
+    assert found is not None and reason in found
+
+
+def test_a_layer_used_twice_is_named() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(self.layer(x))
+
+    found = unsupported_reason(Twice(), torch.randn(2, 3))
+    assert found is not None and "ran 2 times" in found
+    assert unsupported_reason(mlp([3, 4, 2]), torch.randn(2, 3)) is None
+
+
+def test_poisson_batches_include_each_index_at_the_rate() -> None:
+    n, rate, steps = 300, 0.05, 2000
+    counts = torch.zeros(n)
+    sizes = []
+    for index in poisson_batches(n, rate, steps, torch.Generator().manual_seed(0)):
+        counts[index] += 1
+        sizes.append(len(index))
+    assert len(sizes) == steps
+    # Each index is a Binomial(2000, 0.05): mean 100, sd ~9.7.
+    assert abs(counts.mean().item() - 100) < 1.5
+    assert counts.min() > 100 - 5 * math.sqrt(95) and counts.max() < 100 + 5 * math.sqrt(95)
+    assert 0 in sizes or min(sizes) < 8, "batch sizes vary, as Poisson sampling does"
