@@ -17,7 +17,8 @@ final test accuracy and its difference from the sequential loop's, the achieved 
 machine, and, on our engine's line, its speed-up over each other engine.
 
     python benchmarks/simulation.py [--engines sequential,flower,pfl,ours] [--models lr,mlp]
-                                    [--rounds 20] [--threads 1] [--timeout 900]
+                                    [--rounds 20] [--threads 1] [--processes 1]
+                                    [--timeout 900]
 
 Engines plug in through :data:`ENGINES`: a function ``(Workload, model key, threads) ->
 (Measurement, final accuracy)`` that trains the same schedule (``workload.schedule``, seeds
@@ -161,11 +162,25 @@ def _final_accuracy(workload: Workload, spec: ModelSpec, params: dict[str, np.nd
     return accuracy
 
 
-def _run_in_process(workload: Workload, model: str, kind: EngineKind, threads: int
-                    ) -> tuple[Measurement, float]:
+def _run_in_process(workload: Workload, model: str, kind: EngineKind, threads: int,
+                    processes: int = 1) -> tuple[Measurement, float]:
     spec = MODELS[model]
     table = DeviceTable(workload.data)
+    if processes > 1:
+        from simulations.process_backend import ProcessCohortTrainer
+
+        pool = ProcessCohortTrainer(table, processes, kind=kind, model=spec,
+                                    local=workload.local, algorithm=AlgorithmConfig(),
+                                    capacity=max(len(s) for s in workload.schedule))
+        try:
+            return _rounds(workload, spec, pool)
+        finally:
+            pool.shutdown()
     trainer = make_trainer(kind, spec, table, workload.local, LocalObjective(), threads=threads)
+    return _rounds(workload, spec, trainer)
+
+
+def _rounds(workload: Workload, spec: ModelSpec, trainer: Any) -> tuple[Measurement, float]:
     algorithm = FederatedAlgorithm(AlgorithmConfig(), ServerOptimizer())
     params = initial_state(spec, workload.seed)
     measure = Measurement()
@@ -180,7 +195,15 @@ def _run_in_process(workload: Workload, model: str, kind: EngineKind, threads: i
 
 
 def ours(workload: Workload, model: str, threads: int) -> tuple[Measurement, float]:
-    return _run_in_process(workload, model, EngineKind.AUTO, threads)
+    """Our engine: with ``--processes N`` (N > 1) the cohort is split across N worker
+    processes (then ``threads`` is ignored), else ``threads`` lock-step threads in process.
+    Flower's simulation runs one Ray worker per core, so ``--processes 2`` on 2 cores is the
+    like-for-like setting."""
+    return _run_in_process(workload, model, EngineKind.AUTO, threads, PROCESSES)
+
+
+#: ``--processes`` of our engine (set in the child from its arguments).
+PROCESSES = 1
 
 
 def sequential(workload: Workload, model: str, threads: int) -> tuple[Measurement, float]:
@@ -260,7 +283,8 @@ def matmul_gflops(threads: int, size: int = 2048, repeat: int = 8) -> float:
 
 def _run_child(engine: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--engines", engine,
-           "--models", model, "--rounds", str(args.rounds), "--threads", str(args.threads)]
+           "--models", model, "--rounds", str(args.rounds), "--threads", str(args.threads),
+           "--processes", str(args.processes)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
            "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     log_path = Path(args.log_dir) / f"simulation-{engine}-{model}.log"
@@ -310,13 +334,16 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _child(args: argparse.Namespace) -> None:
+    global PROCESSES
     engine, model = args.engines, args.models
+    PROCESSES = args.processes
     workload = make_workload(rounds=args.rounds)
     torch.set_num_threads(args.threads)
     head = {"benchmark": "simulation", "engine": engine, "model": model,
             "devices": workload.data.num_devices,
             "per_round": len(workload.schedule[0]), "rounds": len(workload.schedule),
-            "threads": 1 if engine == "sequential" else args.threads}
+            "threads": 1 if engine == "sequential" else args.threads,
+            **({"processes": args.processes} if engine == "ours" else {})}
     try:
         measure, accuracy = ENGINES[engine](workload, model, args.threads)
     except EngineSkipped as e:
@@ -350,6 +377,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="round 1 is timed apart")
     parser.add_argument("--threads", type=int, default=1,
                         help="worker threads of our engine (torch ops run single-threaded)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes of our engine (1: in process)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="hard limit in seconds for each (engine, model) child")
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp"),

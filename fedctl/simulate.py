@@ -84,6 +84,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None]]:
     from simulations.engine import Simulation
 
+    if ray_address is None and config.engine.processes > 1:
+        from simulations.cohort import DeviceTable
+        from simulations.data import load_federated_data
+        from simulations.process_backend import ProcessCohortTrainer
+
+        data = load_federated_data(config.data)
+        pool = ProcessCohortTrainer.from_config(config, DeviceTable(data))
+        return Simulation(config, data=data, trainer=pool), pool.shutdown
     if ray_address is None:
         return Simulation(config), lambda: None
     from simulations.data import load_federated_data

@@ -479,7 +479,8 @@ class BmmTrainer:
                         update(2 * i, k, g.transpose(1, 2), inputs[i])
                         update(2 * i + 1, k, ones.expand(k, -1, -1), g)
                         if back is not None:
-                            g = back.masked_fill_(inputs[i] <= 0, 0.0)
+                            # ReLU's backward in one pass (what autograd runs for relu).
+                            g = torch.ops.aten.threshold_backward(back, inputs[i], 0.0)
                 s = end
         # Per row: the batch's mean cross-entropy; a device's loss sums, over its last epoch,
         # the means times len(batch) / n, as train_local does.

@@ -160,11 +160,14 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     """``workers``: Ray actors the cohort is split across when run with ``--ray``.
+    ``processes``: worker processes on this machine the cohort is split across (1: train
+    in this process); one per core is the fast setting for small models.
     ``threads``: torch intra-op threads while the simulation runs (per worker); small
     per-step kernels run fastest on one."""
 
     kind: EngineKind = EngineKind.AUTO
     workers: int = 2
+    processes: int = 1
     threads: int = 1
 
 
@@ -319,6 +322,7 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
     at_least("evaluation.train_loss_samples", config.evaluation.train_loss_samples, 0)
     at_least("engine.workers", config.engine.workers, 1)
     at_least("engine.threads", config.engine.threads, 1)
+    at_least("engine.processes", config.engine.processes, 1)
     _check_model(config, fail)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from simulations.algorithms import local_objective
 from simulations.cohort import CohortResult, DeviceJob, DeviceTable, full_steps, make_trainer
+from simulations.cohort_split import merge_results, split_jobs
 from simulations.config import SimulationConfig
 from simulations.data import FederatedData
 from simulations.errors import BackendUnavailable
@@ -35,18 +36,6 @@ class _Worker:
             {n: torch.from_numpy(v) for n, v in global_params.items()}, jobs,
             None if corrections is None else {n: torch.from_numpy(v)
                                               for n, v in corrections.items()})
-
-
-def split_jobs(jobs: Sequence[DeviceJob], costs: Sequence[int], parts: int) -> list[list[int]]:
-    """Job indices in ``parts`` groups of similar total cost (longest job first, each to the
-    least loaded group); groups may be empty."""
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    loads = [0] * parts
-    for i in sorted(range(len(jobs)), key=lambda i: -costs[i]):
-        g = loads.index(min(loads))
-        groups[g].append(i)
-        loads[g] += costs[i]
-    return groups
 
 
 class RayCohortTrainer:
@@ -91,16 +80,7 @@ class RayCohortTrainer:
                     else {n: c[group].numpy() for n, c in corrections.items()})
             futures.append(worker.train.remote(params_ref, [jobs[i] for i in group], corr))
         parts: list[CohortResult] = self._ray.get(futures)
-        order = torch.tensor([i for g in groups for i in g])
-        inverse = torch.argsort(order)
-        merged = {n: torch.cat([p.params[n] for p in parts]).index_select(0, inverse)
-                  for n in global_params}
-        inv = inverse.numpy()
-        return CohortResult(
-            params=merged,
-            steps=np.concatenate([p.steps for p in parts])[inv],
-            num_examples=np.concatenate([p.num_examples for p in parts])[inv],
-            loss=np.concatenate([p.loss for p in parts])[inv])
+        return merge_results(groups, parts, global_params)
 
     def shutdown(self) -> None:
         for worker in self._workers:

@@ -60,6 +60,7 @@ def test_a_minimal_file_gets_the_defaults() -> None:
     ("server: {kind: fedadam, beta1: 2}", "server.beta1", "[0, 1)"),
     ("surprise: 1", "surprise", "unknown field"),
     ("rounds: three", "rounds", "expected an integer"),
+    ("engine: {processes: 0}", "engine.processes", "at least 1"),
 ])
 def test_bad_fields_are_named(edit: str, field: str, message: str) -> None:
     key = edit.split(":")[0]
@@ -120,6 +121,15 @@ def test_cli_runs_an_example_and_writes_its_outputs(tmp_path: Path) -> None:
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["rounds"] == 2 and 0 <= summary["final_accuracy"] <= 1
     assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "metrics.csv", "metrics.png"}
+
+
+def test_cli_splits_the_cohort_across_worker_processes(tmp_path: Path) -> None:
+    sim = tmp_path / "procs.yaml"
+    sim.write_text(TINY + "engine: {processes: 2}\n")
+    out = tmp_path / "run"
+    done = _fedctl(str(sim), "--out", str(out), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["rounds"] == 3
 
 
 def test_cli_reports_a_bad_file_in_one_line_with_exit_code_2(tmp_path: Path) -> None:

@@ -1,0 +1,156 @@
+"""Worker processes on this machine (``engine.processes``): a round's cohort is split across
+them by cost (steps, longest first), each trains its share with the configured in-process
+trainer, and the results are merged back in job order.
+
+Threads cannot do this: a trainer's step is a dozen small torch calls, each of which gives
+up and takes back the GIL, so two training threads spend their time waiting for each other
+(measured on the bmm trainer: two threads on two cores were no faster than one, while two
+processes each kept one thread's speed). Processes also train models too large to batch
+(the ``loop`` trainer), one device per process at a time.
+
+The data table is placed in shared memory once and mapped by every worker (no copy per
+worker); per round, a worker receives the global weights and its jobs and returns its
+devices' weights (pickled: this stays inside the simulation, the production wire never
+pickles). Workers are started with ``spawn`` (no fork of a process that has torch threads).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core.models import initial_state
+from core.types import LocalTraining, ModelSpec
+from simulations.algorithms import local_objective
+from simulations.cohort import CohortResult, CohortTrainer, DeviceJob, DeviceTable, full_steps
+from simulations.cohort import make_trainer as make_cohort_trainer
+from simulations.cohort_split import LOCK_STEP_OVERHEAD, merge_results, split_jobs
+from simulations.config import AlgorithmConfig, EngineKind, SimulationConfig
+
+
+@dataclass(frozen=True)
+class _Setup:
+    kind: EngineKind
+    model: ModelSpec
+    local: LocalTraining
+    algorithm: AlgorithmConfig
+    threads: int
+
+
+_trainer: CohortTrainer | None = None  # the worker process's trainer (set by _start)
+_out: dict[str, torch.Tensor] = {}  # shared [capacity, ...] weights the workers write
+
+
+def _start(setup: _Setup, table: DeviceTable, out: dict[str, torch.Tensor]) -> None:
+    global _trainer, _out
+    _out = out
+    torch.set_num_threads(setup.threads)
+    _trainer = make_cohort_trainer(setup.kind, setup.model, table, setup.local,
+                                   local_objective(setup.algorithm))
+
+
+def _train(global_params: dict[str, np.ndarray], jobs: list[DeviceJob],
+           corrections: dict[str, np.ndarray] | None, positions: list[int] | None
+           ) -> CohortResult:
+    """Trains ``jobs``; writes job ``i``'s weights into row ``positions[i]`` of the shared
+    tensors (the result then carries no weights), or with ``positions=None`` returns the
+    weights (pickled back)."""
+    assert _trainer is not None, "worker not started"
+    result = _trainer.train(
+        {n: torch.from_numpy(v) for n, v in global_params.items()}, jobs,
+        None if corrections is None else {n: torch.from_numpy(v)
+                                          for n, v in corrections.items()})
+    if positions is not None:
+        rows = torch.tensor(positions, dtype=torch.int64)
+        for name, weights in result.params.items():
+            _out[name].index_copy_(0, rows, weights)
+        return CohortResult(params={}, steps=result.steps, num_examples=result.num_examples,
+                            loss=result.loss)
+    return CohortResult(params={n: p.numpy() for n, p in result.params.items()},  # type: ignore[misc]
+                        steps=result.steps, num_examples=result.num_examples,
+                        loss=result.loss)
+
+
+class ProcessCohortTrainer:
+    """``processes`` worker processes training the cohort with the ``kind`` engine (as
+    :func:`simulations.cohort.make_trainer` builds it, ``threads`` torch threads each). Use
+    as a context manager, or call :meth:`shutdown`; :meth:`from_config` takes a simulation's
+    settings.
+
+    Devices' weights come back through shared memory for cohorts of up to ``capacity``
+    devices (pickling them back cost ~100 ms a round for 100 devices of 54k parameters on
+    the development machine); larger cohorts are pickled.
+
+    Raises:
+        ValueError: ``processes`` below 2.
+    """
+
+    def __init__(self, table: DeviceTable, processes: int, *, kind: EngineKind,
+                 model: ModelSpec, local: LocalTraining, algorithm: AlgorithmConfig,
+                 threads: int = 1, capacity: int = 0) -> None:
+        if processes < 2:
+            raise ValueError(f"processes must be at least 2, got {processes}")
+        import torch.multiprocessing as tmp
+
+        table.x.share_memory_()  # type: ignore[no-untyped-call]
+        table.y.share_memory_()  # type: ignore[no-untyped-call]
+        self._sizes = table.sizes
+        self._local = local
+        self._processes = processes
+        self._overhead = 0.0 if kind is EngineKind.LOOP else LOCK_STEP_OVERHEAD
+        self._capacity = capacity
+        self._out: dict[str, torch.Tensor] = {
+            n: torch.zeros((capacity, *v.shape), dtype=torch.from_numpy(v).dtype
+                           ).share_memory_()  # type: ignore[no-untyped-call]
+            for n, v in initial_state(model, 0).items()} if capacity else {}
+        setup = _Setup(kind, model, local, algorithm, threads)
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=processes, mp_context=tmp.get_context("spawn"),
+            initializer=_start, initargs=(setup, table, self._out))
+
+    @classmethod
+    def from_config(cls, config: SimulationConfig, table: DeviceTable) -> ProcessCohortTrainer:
+        """``config.engine.processes`` workers running ``config``'s engine and algorithm,
+        with room in shared memory for the round's admitted devices."""
+        return cls(table, config.engine.processes, kind=config.engine.kind,
+                   model=config.model, local=config.local, algorithm=config.algorithm,
+                   threads=config.engine.threads, capacity=config.selection.admitted)
+
+    def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
+              corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:
+        full = [full_steps(int(self._sizes[j.device]), self._local) for j in jobs]
+        costs = [f if j.max_steps is None else min(f, j.max_steps)
+                 for j, f in zip(jobs, full, strict=True)]
+        groups = [g for g in split_jobs(jobs, costs, self._processes,
+                                        lock_step_overhead=self._overhead) if g]
+        params = {n: p.detach().numpy() for n, p in global_params.items()}
+        shared = len(jobs) <= self._capacity
+        futures = [self._pool.submit(
+            _train, params, [jobs[i] for i in group],
+            None if corrections is None else {n: c[group].numpy()
+                                              for n, c in corrections.items()},
+            group if shared else None)
+            for group in groups]
+        parts = [f.result() for f in futures]
+        if not shared:
+            return merge_results(groups, parts, global_params)
+        order = np.argsort(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]),
+                           kind="stable")
+        return CohortResult(
+            params={n: self._out[n][:len(jobs)].clone() for n in global_params},
+            steps=np.concatenate([p.steps for p in parts])[order],
+            num_examples=np.concatenate([p.num_examples for p in parts])[order],
+            loss=np.concatenate([p.loss for p in parts])[order])
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ProcessCohortTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
