@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.set_defaults(func=cmd_task_launch)
     for name, func, helptext in (
         ("status", cmd_task_status, "a task's state and rounds"),
-        ("watch", cmd_task_watch, "live progress of a task's rounds"),
+        ("watch", cmd_task_watch, "live progress of a task's rounds; exits 0 when the task "
+                                  "completes or stops at its privacy budget, 1 otherwise"),
         ("cancel", cmd_task_cancel, "cancel a task"),
     ):
         p = task.add_parser(name, help=helptext)
@@ -223,7 +224,9 @@ def cmd_task_watch(args: argparse.Namespace) -> int:
         task = _guard(lambda: watch(client, args.task_id, console=Console()))
     print(f"task {task.task_id}: {task.state} after {task.rounds_committed} rounds"
           + (f" ({task.reason})" if task.reason else ""))
-    return 0 if task.state == "completed" else 1
+    # A DP task that stops at its budget ended as designed, with every released model
+    # within it.
+    return 0 if task.state in ("completed", "budget_exhausted") else 1
 
 
 def cmd_task_list(args: argparse.Namespace) -> int:

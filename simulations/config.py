@@ -110,7 +110,9 @@ class DataConfig:
 class SelectionConfig:
     """As in the coordinator: ``clients_per_round x over_selection`` devices are admitted,
     the first ``clients_per_round`` reports are aggregated (later ones are late), and a round
-    with fewer than ``min_reports`` fails. ``round_deadline_s`` 0 means no deadline. With
+    with fewer than ``min_reports`` fails and is redone as a new attempt (fresh selection);
+    after ``max_failed_attempts`` failed attempts in a row the simulation stops, as the
+    coordinator fails the task. ``round_deadline_s`` 0 means no deadline. With
     ``keep_partial_work`` (FedProx) a device that misses the deadline reports the steps it
     finished; otherwise it is dropped as a straggler."""
 
@@ -119,6 +121,7 @@ class SelectionConfig:
     min_reports: int = 1
     round_deadline_s: float = 0.0
     keep_partial_work: bool = False
+    max_failed_attempts: int = 20
 
     @property
     def admitted(self) -> int:
@@ -323,6 +326,7 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
     at_least("engine.workers", config.engine.workers, 1)
     at_least("engine.threads", config.engine.threads, 1)
     at_least("engine.processes", config.engine.processes, 1)
+    at_least("selection.max_failed_attempts", config.selection.max_failed_attempts, 1)
     _check_model(config, fail)
 
 

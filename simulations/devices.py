@@ -145,11 +145,12 @@ class RoundPlan:
 
 def plan_round(round_index: int, *, profiles: DeviceProfiles, sizes: np.ndarray,
                selection: SelectionConfig, local: LocalTraining, straggler_fraction: float,
-               seed: int) -> RoundPlan:
-    """Decides round ``round_index`` as the module docstring says. Deterministic in its
-    arguments; no training happens here, so the work of devices whose reports would be
-    thrown away is never computed."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, round_index, 0xC10C]))
+               seed: int, attempt: int = 1) -> RoundPlan:
+    """Decides attempt ``attempt`` of round ``round_index`` as the module docstring says.
+    Deterministic in its arguments (each attempt draws afresh); no training happens here,
+    so the work of devices whose reports would be thrown away is never computed."""
+    entropy = [seed, round_index, 0xC10C] + ([attempt] if attempt > 1 else [])
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
     online = np.flatnonzero(rng.random(len(sizes)) < profiles.availability)
     chooser = random.Random(int(rng.integers(1 << 62)))
     admitted = sample_uniform(online.tolist(), selection.admitted, chooser)

@@ -55,6 +55,9 @@ class RoundMetrics:
     test_accuracy: float | None
     #: Central DP: the accountant's epsilon after this round (None without DP).
     epsilon: float | None = None
+    #: Attempts this round took: failed ones (fewer than ``min_reports``) are redone; the
+    #: counts above are the last attempt's, ``round_time_s`` covers them all.
+    attempts: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,8 +109,11 @@ class Simulation:
         start = time.perf_counter()
         try:
             for r in range(1, total + 1):
-                yield self.run_round(r, evaluate_now=(r % self.config.evaluation.every == 0
-                                                      or r == total), start=start)
+                metrics = self.run_round(r, evaluate_now=(r % self.config.evaluation.every == 0
+                                                          or r == total), start=start)
+                yield metrics
+                if not metrics.committed:  # every attempt failed: the task would fail
+                    return
         finally:
             torch.set_num_threads(threads)
 
@@ -115,12 +121,17 @@ class Simulation:
                   start: float | None = None) -> RoundMetrics:
         config = self.config
         t0 = time.perf_counter() if start is None else start
-        plan = plan_round(round_index, profiles=self.profiles, sizes=self.table.sizes,
-                          selection=config.selection, local=config.local,
-                          straggler_fraction=config.heterogeneity.straggler_fraction,
-                          seed=config.seed)
+        round_time = 0.0
+        for attempt in range(1, config.selection.max_failed_attempts + 1):
+            plan = plan_round(round_index, profiles=self.profiles, sizes=self.table.sizes,
+                              selection=config.selection, local=config.local,
+                              straggler_fraction=config.heterogeneity.straggler_fraction,
+                              seed=config.seed, attempt=attempt)
+            round_time += plan.duration_s
+            if plan.committed:
+                break
         local_loss = self._train(round_index, plan) if plan.committed else None
-        self.sim_time_s += plan.duration_s
+        self.sim_time_s += round_time
         scores: tuple[float | None, ...] = (None, None, None)
         if evaluate_now:
             scores = self.evaluate()
@@ -128,11 +139,12 @@ class Simulation:
             round=round_index, committed=plan.committed, available=plan.available,
             admitted=len(plan.admitted), used=len(plan.used) if plan.committed else 0,
             partial=plan.partial if plan.committed else 0, stragglers=plan.stragglers,
-            dropped_out=plan.dropped_out, late=plan.late, round_time_s=plan.duration_s,
+            dropped_out=plan.dropped_out, late=plan.late, round_time_s=round_time,
             sim_time_s=self.sim_time_s, wall_s=time.perf_counter() - t0,
             local_loss=local_loss, train_loss=scores[0], test_loss=scores[1],
             test_accuracy=scores[2],
-            epsilon=self.aggregator.epsilon if self.aggregator is not None else None)
+            epsilon=self.aggregator.epsilon if self.aggregator is not None else None,
+            attempts=attempt)
 
     def _train(self, round_index: int, plan: RoundPlan) -> float | None:
         devices = [w.device for w in plan.used]

@@ -9,8 +9,9 @@ and no concurrent caller can break them: one committed attempt per round number 
 unique index), one open round per task (another), unique model versions per task, valid
 state names, and foreign keys.
 
-Schema version 1. A database written by a newer fedcoord (higher ``schema_version``) is
-refused when the store opens, never modified.
+Schema version 2. A database written by a newer fedcoord (higher ``schema_version``) is
+refused when the store opens, never modified; an older one is migrated when it opens, in one
+transaction (version 1 -> 2: the tasks table's state check gains ``budget_exhausted``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateTable
 
 from coordinator.storage.base import (
     Store,
@@ -43,7 +45,8 @@ from coordinator.storage.records import (
 from core.types import ParticipantState, RoundState, TaskState
 
 #: Version of the schema below; bump it (and add a migration) on any change to it.
-SCHEMA_VERSION = 1
+#: 2: the tasks' state check admits ``budget_exhausted`` (differential privacy).
+SCHEMA_VERSION = 2
 
 _OPEN_ROUND_STATES = [s.value for s in RoundState if not s.is_final]
 
@@ -201,9 +204,52 @@ class SqlStore(Store):
                     f"only up to version {SCHEMA_VERSION}: it was written by a newer fedcoord; "
                     "upgrade fedcoord or use another database"
                 )
+            if found is not None and found < SCHEMA_VERSION and conn.dialect.name != "sqlite":
+                _migrate_state_check(conn)
+                conn.execute(schema_version_table.insert().values(version=SCHEMA_VERSION))
             metadata.create_all(conn)
             if found is None:
                 conn.execute(schema_version_table.insert().values(version=SCHEMA_VERSION))
+        if found is not None and found < SCHEMA_VERSION and self._engine.dialect.name == "sqlite":
+            self._migrate_sqlite()
+
+    def _migrate_sqlite(self) -> None:
+        """Version 1 -> 2 on SQLite, which cannot alter a CHECK constraint: the tasks table
+        is rebuilt (SQLite's documented procedure: foreign keys off around one transaction
+        that creates the new table, copies the rows, drops the old one, renames the new one,
+        and checks every foreign key before committing)."""
+        new_table = tasks_table.to_metadata(sa.MetaData(), name="tasks_new")
+        create = str(CreateTable(new_table).compile(dialect=self._engine.dialect))
+        columns = ", ".join(c.name for c in tasks_table.columns)
+        raw = self._engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("PRAGMA foreign_keys=OFF")
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                version = cursor.execute("SELECT max(version) FROM schema_version").fetchone()
+                if version[0] < SCHEMA_VERSION:  # not migrated by a concurrent opener
+                    cursor.execute(create)
+                    cursor.execute(f"INSERT INTO tasks_new ({columns}) "
+                                   f"SELECT {columns} FROM tasks")
+                    cursor.execute("DROP TABLE tasks")
+                    cursor.execute("ALTER TABLE tasks_new RENAME TO tasks")
+                    broken = cursor.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise StorageError(f"database {self._url}: migration to schema "
+                                           f"version {SCHEMA_VERSION} broke foreign keys: "
+                                           f"{broken[:3]}")
+                    cursor.execute("INSERT INTO schema_version (version) VALUES (?)",
+                                   (SCHEMA_VERSION,))
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            finally:
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.close()
+        finally:
+            raw.close()
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -656,6 +702,13 @@ def _version_record(m: sa.RowMapping) -> ModelVersionRecord:
 
 
 # -- connection set-up -----------------------------------------------------------------
+
+
+def _migrate_state_check(conn: sa.Connection) -> None:
+    """Version 1 -> 2 where constraints can be altered (PostgreSQL)."""
+    conn.execute(sa.text("ALTER TABLE tasks DROP CONSTRAINT IF EXISTS ck_tasks_state"))
+    conn.execute(sa.text(f"ALTER TABLE tasks ADD CONSTRAINT ck_tasks_state "
+                         f"CHECK ({_one_of('state', TaskState)})"))
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -977,13 +977,13 @@ def test_sql_store_refuses_a_database_of_a_newer_schema_without_touching_it(
 ) -> None:
     SqlStore(sql_url).close()
     with _raw(sql_url) as conn:
-        conn.execute(sa.text("UPDATE schema_version SET version = 2"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 3"))
 
-    with pytest.raises(StorageError, match=r"schema version 2.*version 1"):
+    with pytest.raises(StorageError, match=r"schema version 3.*version 2"):
         SqlStore(sql_url)
 
     with _raw(sql_url) as conn:
-        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalar() == 2
+        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalar() == 3
 
 
 def test_sql_store_opens_a_database_of_its_own_schema_version(sql_url: str) -> None:
@@ -991,7 +991,55 @@ def test_sql_store_opens_a_database_of_its_own_schema_version(sql_url: str) -> N
     SqlStore(sql_url).close()
 
     with _raw(sql_url) as conn:
-        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalars().all() == [1]
+        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalars().all() == [2]
+
+
+def _make_version_1(url: str) -> None:
+    """Turns a fresh database into what fedcoord wrote at schema version 1: the tasks'
+    state check without ``budget_exhausted``."""
+    old_states = ", ".join(repr(s.value) for s in TaskState
+                           if s is not TaskState.BUDGET_EXHAUSTED)
+    with _raw(url) as conn:
+        conn.execute(sa.text("UPDATE schema_version SET version = 1"))
+        if conn.dialect.name == "sqlite":
+            # Loosening or tightening a CHECK is the one edit SQLite documents for
+            # writable_schema (the rows' format does not change).
+            conn.exec_driver_sql("PRAGMA writable_schema=ON")
+            conn.execute(sa.text("UPDATE sqlite_master SET sql = replace(sql, "
+                                 ":new, :old) WHERE name = 'tasks'"),
+                         {"new": f"IN ({old_states}, 'budget_exhausted')",
+                          "old": f"IN ({old_states})"})
+            conn.exec_driver_sql("PRAGMA writable_schema=OFF")
+        else:
+            conn.execute(sa.text("ALTER TABLE tasks DROP CONSTRAINT ck_tasks_state"))
+            conn.execute(sa.text(f"ALTER TABLE tasks ADD CONSTRAINT ck_tasks_state "
+                                 f"CHECK (state IN ({old_states}))"))
+
+
+def test_sql_store_migrates_a_version_1_database_and_keeps_every_row(sql_url: str) -> None:
+    store = SqlStore(sql_url)
+    new_task(store, "t1")
+    rnd = open_in(store, "t1", RoundState.AGGREGATING)
+    store.commit_round(rnd.round_id, version("t1", 1, 1), {"loss": 0.5}, T0 + 50)
+    before = snapshot(store, "t1")
+    store.close()
+    _make_version_1(sql_url)
+    with pytest.raises(sa.exc.IntegrityError), _raw(sql_url) as conn:
+        conn.execute(sa.text("UPDATE tasks SET state = 'budget_exhausted'"))
+
+    store = SqlStore(sql_url)
+    assert snapshot(store, "t1") == before
+    store.set_task_state("t1", TaskState.BUDGET_EXHAUSTED, "epsilon 8.1 > 8")
+    assert store.get_task("t1").state is TaskState.BUDGET_EXHAUSTED
+    store.close()
+    SqlStore(sql_url).close()  # opening a migrated database again changes nothing
+    with _raw(sql_url) as conn:
+        versions = conn.execute(sa.text("SELECT version FROM schema_version ORDER BY 1"))
+        assert versions.scalars().all() == [1, 2]
+    with pytest.raises(sa.exc.IntegrityError), _raw(sql_url) as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+        conn.execute(sa.text("UPDATE model_versions SET task_id = 'nobody'"))
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,9 @@ def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
     status = fedctl("task", "status", task_id, "--coordinator", coordinator.target)
     assert status.returncode == 0, status.stderr
     assert "epsilon" in status.stdout and f"{spent[-1]:.3f}" in status.stdout
+    watched = fedctl("task", "watch", task_id, "--coordinator", coordinator.target)
+    assert watched.returncode == 0, "stopping at the budget is how a DP task ends"
+    assert f"task {task_id}: budget_exhausted after 2 rounds" in watched.stdout
 
 
 def test_distributed_dp_noise_is_added_by_the_agents_and_accounted_as_received(
@@ -101,3 +104,21 @@ def test_distributed_dp_noise_is_added_by_the_agents_and_accounted_as_received(
     assert m["dp_noise_multiplier"] == pytest.approx(Z)
     assert m["dp_epsilon"] == pytest.approx(eps(1))
     assert 0 <= m["server_eval_accuracy"] <= 1
+
+
+def test_local_dp_agents_train_with_dp_sgd_and_report_their_epsilon(
+    coordinator: CoordinatorProcess, tmp_path: Path
+) -> None:
+    extra = "privacy: {mode: local, local: {noise_multiplier: 1.0, max_grad_norm: 1.0, " \
+            "delta: 1.0e-5}}\n"
+    task_id, task, rounds = run_task(coordinator, tmp_path, "ldp", extra, rounds=2)
+    assert task.state == "completed", coordinator.log_text()
+    committed = [r for r in rounds if r.state == "committed"]
+    assert len(committed) == 2
+    # Every device trains every round (all of them are selected): the cumulative epsilon
+    # grows, and a round's own is what its devices spent in it.
+    first, second = (r.metrics for r in committed)
+    assert 0 < first["local_dp_round_epsilon"] <= first["local_dp_epsilon"]
+    assert second["local_dp_epsilon"] > first["local_dp_epsilon"]
+    watched = fedctl("task", "watch", task_id, "--coordinator", coordinator.target)
+    assert watched.returncode == 0 and "completed after 2 rounds" in watched.stdout

@@ -152,8 +152,28 @@ def test_a_failed_round_leaves_the_model_unchanged(make_federation) -> None:  # 
     before = {n: v.copy() for n, v in sim.params.items()}
     metrics = sim.run_round(1)
     assert not metrics.committed and metrics.dropped_out == 4 and metrics.used == 0
+    assert metrics.attempts == config.selection.max_failed_attempts
     for name in before:
         np.testing.assert_array_equal(sim.params[name], before[name])
+    assert len(list(Simulation(config, data=make_federation([10] * 8)).rounds(3))) == 1, \
+        "a round whose every attempt failed ends the run, as it fails the coordinator's task"
+
+
+def test_a_failed_attempt_is_redone_with_a_fresh_selection(make_federation) -> None:  # type: ignore[no-untyped-def]
+    config = _config(selection=SelectionConfig(clients_per_round=4, min_reports=4),
+                     heterogeneity=HeterogeneityConfig(dropout=0.3))
+    sim = Simulation(config, data=make_federation([10] * 8))
+    history = [sim.run_round(r, evaluate_now=False) for r in range(1, 9)]
+    assert all(m.committed and m.used == 4 for m in history)
+    retried = [m for m in history if m.attempts > 1]
+    assert retried, "with 30% dropout some first attempts have fewer than 4 reports"
+    for m in retried:
+        plans = [plan_round(m.round, profiles=sim.profiles, sizes=sim.table.sizes,
+                            selection=config.selection, local=config.local,
+                            straggler_fraction=0.0, seed=config.seed, attempt=a)
+                 for a in range(1, m.attempts + 1)]
+        assert [p.committed for p in plans] == [False] * (m.attempts - 1) + [True]
+        assert m.round_time_s == pytest.approx(sum(p.duration_s for p in plans))
 
 
 def test_dropout_rate_is_roughly_the_configured_probability(make_federation) -> None:  # type: ignore[no-untyped-def]
