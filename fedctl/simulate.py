@@ -65,6 +65,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 status = (f"acc {acc:.3f}" if acc is not None else "") + \
                     f"  used {metrics.used}/{metrics.admitted}"
                 progress.update(task, advance=1, status=status)
+    except SimulationError as exc:
+        raise CliError(f"{args.file}: {exc}") from None
     finally:
         closer()
     plot_runs({config.name: history}, out / "metrics.png", title=config.name)
@@ -91,7 +93,11 @@ def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None
 
         data = load_federated_data(config.data)
         pool = ProcessCohortTrainer.from_config(config, DeviceTable(data))
-        return Simulation(config, data=data, trainer=pool), pool.shutdown
+        try:
+            return Simulation(config, data=data, trainer=pool), pool.shutdown
+        except BaseException:
+            pool.shutdown()
+            raise
     if ray_address is None:
         return Simulation(config), lambda: None
     from simulations.data import load_federated_data

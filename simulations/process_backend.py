@@ -17,6 +17,7 @@ pickles). Workers are started with ``spawn`` (no fork of a process that has torc
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from simulations.cohort import CohortResult, CohortTrainer, DeviceJob, DeviceTab
 from simulations.cohort import make_trainer as make_cohort_trainer
 from simulations.cohort_split import LOCK_STEP_OVERHEAD, merge_results, split_jobs
 from simulations.config import AlgorithmConfig, EngineKind, SimulationConfig
+from simulations.errors import SimulationError
 
 
 @dataclass(frozen=True)
@@ -129,13 +131,21 @@ class ProcessCohortTrainer:
                                         lock_step_overhead=self._overhead) if g]
         params = {n: p.detach().numpy() for n, p in global_params.items()}
         shared = len(jobs) <= self._capacity
-        futures = [self._pool.submit(
-            _train, params, [jobs[i] for i in group],
-            None if corrections is None else {n: c[group].numpy()
-                                              for n, c in corrections.items()},
-            group if shared else None)
-            for group in groups]
-        parts = [f.result() for f in futures]
+        try:
+            futures = [self._pool.submit(
+                _train, params, [jobs[i] for i in group],
+                None if corrections is None else {n: c[group].numpy()
+                                                  for n, c in corrections.items()},
+                group if shared else None)
+                for group in groups]
+            # Every worker finishes (or fails) before anything is read: a failed worker must
+            # not leave another still writing into the shared rows while the caller goes on.
+            concurrent.futures.wait(futures)
+            parts = [f.result() for f in futures]
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise SimulationError(f"a simulation worker process died: {exc} (too little "
+                                  "shared memory in /dev/shm for the cohort's weights, or "
+                                  "out of memory?)") from exc
         if not shared:
             return merge_results(groups, parts, global_params)
         order = np.argsort(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]),

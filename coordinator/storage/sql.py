@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -225,8 +226,8 @@ class SqlStore(Store):
         try:
             cursor = raw.cursor()
             cursor.execute("PRAGMA foreign_keys=OFF")
-            cursor.execute("BEGIN IMMEDIATE")
             try:
+                cursor.execute("BEGIN IMMEDIATE")
                 version = cursor.execute("SELECT max(version) FROM schema_version").fetchone()
                 if version[0] < SCHEMA_VERSION:  # not migrated by a concurrent opener
                     cursor.execute(create)
@@ -242,8 +243,12 @@ class SqlStore(Store):
                     cursor.execute("INSERT INTO schema_version (version) VALUES (?)",
                                    (SCHEMA_VERSION,))
                 cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
+            except BaseException as exc:
+                if raw.driver_connection is not None and raw.driver_connection.in_transaction:
+                    cursor.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"cannot migrate database {self._url} to schema "
+                                       f"version {SCHEMA_VERSION}: {exc}") from exc
                 raise
             finally:
                 cursor.execute("PRAGMA foreign_keys=ON")

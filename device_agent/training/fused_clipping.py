@@ -66,10 +66,22 @@ def unsupported_reason(model: nn.Module, probe: torch.Tensor) -> str | None:
     few examples) calls each such layer once, on a 2-D input, without modifying its output
     in place (``ReLU(inplace=True)`` would)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    owned = {id(p) for m in linears for p in m.parameters(recurse=False)}
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in owned:
+    owners: dict[int, int] = {}
+    for m in linears:
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    trainable = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        trainable += 1
+        if id(p) not in owners:
             return f"trainable parameter {name!r} is not in an nn.Linear layer"
+        if owners[id(p)] > 1:
+            # Its gradient is the sum over the layers: per-layer norms would not bound it.
+            return f"trainable parameter {name!r} is shared by several linear layers"
+    if trainable == 0:
+        return "the model has no trainable parameters"
     calls: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
 
     def record(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -91,6 +103,10 @@ def unsupported_reason(model: nn.Module, probe: torch.Tensor) -> str | None:
         a, out, version = seen[0]
         if a.dim() != 2:
             return f"linear layer {name!r} got a {a.dim()}-D input"
+        if len(a) != len(probe) or len(out) != len(probe):
+            # A row must be one example, or one example's rows would be clipped apart.
+            return (f"linear layer {name!r} got {len(a)} rows for {len(probe)} examples "
+                    "(the batch is reshaped)")
         if out._version != version:
             return f"the output of linear layer {name!r} is modified in place"
     return None
@@ -106,13 +122,22 @@ class LinearClipping:
         self._layers = [m for m in model.modules() if isinstance(m, nn.Linear)
                         and any(p.requires_grad for p in m.parameters(recurse=False))]
         self.params = [p for m in self._layers for p in m.parameters(recurse=False)
-                        if p.requires_grad]
+                       if p.requires_grad]
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.grad = None  # a stale gradient would be stepped on without noise
         first = self.params[0]
         self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype)
+        views: dict[int, torch.Tensor] = {}
         offset = 0
         for p in self.params:
-            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
+            views[id(p)] = self.flat[offset:offset + p.numel()].view_as(p)
+            p.grad = views[id(p)]
             offset += p.numel()
+        self._grads = {id(m): (views.get(id(m.weight)),
+                               None if m.bias is None else views.get(id(m.bias)))
+                       for m in self._layers}
+        self._batch = 0
         self._inputs: list[torch.Tensor] = []
         self._outputs: list[torch.Tensor] = []
         self._order: list[nn.Linear] = []
@@ -122,7 +147,7 @@ class LinearClipping:
         # An nn.Sequential whose trainable linear layers are direct children is run layer
         # by layer here (no hooks: module hooks cost ~10 us a call); anything else records
         # through forward hooks.
-        direct = isinstance(model, nn.Sequential) and all(
+        direct = type(model) is nn.Sequential and all(
             any(m is child for child in model) for m in self._layers)
         self._chain: list[nn.Module] | None = list(model.children()) if direct else None
         self._recorded = {id(m) for m in self._layers}
@@ -140,6 +165,7 @@ class LinearClipping:
         self._inputs.clear()
         self._outputs.clear()
         self._order.clear()
+        self._batch = len(x)
         if self._chain is None:
             out: torch.Tensor = model(x)
             return out
@@ -167,17 +193,22 @@ class LinearClipping:
         with torch.no_grad():
             output_grads = [torch.zeros_like(y) if g is None else g
                             for g, y in zip(grads, self._outputs, strict=True)]
+            if any(len(a) != self._batch for a in self._inputs):
+                # A row must be one example, or one example's rows would be clipped apart.
+                raise RuntimeError("a linear layer's rows are not the batch's examples")
             trained = [self._trained[id(m)] for m in self._order]
             squared = per_example_squared_norms(self._inputs, output_grads, trained)
             factors = clip_factors(squared, max_grad_norm, divisor)
             column = factors.unsqueeze(1)
             for layer, a, g in zip(self._order, self._inputs, output_grads, strict=True):
                 # sum_i c_i g_i a_i^T and sum_i c_i g_i, onto the noise: one matmul and one
-                # matvec (in place: measured faster than their out= forms).
-                if layer.weight.grad is not None:
-                    layer.weight.grad.addmm_(g.T, a * column)
-                if layer.bias is not None and layer.bias.grad is not None:
-                    layer.bias.grad.addmv_(g.T, factors)
+                # matvec (in place: measured faster than their out= forms). Only trained
+                # parameters' views: a frozen one never gets a gradient.
+                weight_grad, bias_grad = self._grads[id(layer)]
+                if weight_grad is not None:
+                    weight_grad.addmm_(g.T, a * column)
+                if bias_grad is not None:
+                    bias_grad.addmv_(g.T, factors)
 
     def close(self) -> None:
         for handle in self._handles:

@@ -21,6 +21,7 @@ Opacus (and its torch hooks) is imported on first use. Not thread-safe per model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -100,8 +101,10 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     """Trains ``model`` in place with DP-SGD for ``config.epochs`` epochs of Poisson-sampled
     batches (expected size ``config.batch_size``) and the configured optimizer.
 
-    ``seed`` drives batch sampling and, unless ``secure_mode``, the noise: seeded noise is for
-    simulations. ``secure_mode=True`` (what a production device uses) draws every step's
+    ``seed`` drives batch sampling and the noise unless ``secure_mode``: seeded runs are for
+    simulations and tests. ``secure_mode=True`` (what a production device uses) samples the
+    batches from a seed read from ``os.urandom`` (the coordinator knows the plan's seed) and
+    draws every step's
     noise from :meth:`core.privacy.noise.NoiseSource.secure` (AES-CTR keyed from the OS
     CSPRNG, hardened against the floating-point attack like Opacus's own secure mode) through
     the DP optimizer's ``add_noise`` step, so torchcsprng is not needed.
@@ -118,6 +121,10 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     _check_parameters(noise_multiplier, max_grad_norm, delta, config)
     check_local_dp_model(model)
     features, labels = _tensors(x, y)
+    if secure_mode:
+        # The batches must be as secret as the noise: a seed the coordinator can derive
+        # would tell it which examples each step used, which the accountant assumes hidden.
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
     fallback_reason = None
     if prefetch_noise is None:
         prefetch_noise = (os.cpu_count() or 1) > 1
@@ -155,16 +162,19 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
     noise_generator = torch.Generator().manual_seed(seed + 1)
     fill = _secure_fill() if secure_mode else _seeded_fill(noise_generator)
     optimizer = _optimizer(model, config)
-    clipping = LinearClipping(model)
     noise_std = noise_multiplier * max_grad_norm
-    noise = StepNoise(clipping.flat.numel(), noise_std / expected_batch, fill,
-                      steps=config.epochs * steps_per_epoch, background=prefetch_noise)
     was_training = model.training
-    model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen = 0
     steps = 0
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(model.train, was_training)
+        clipping = LinearClipping(model)
+        cleanup.callback(clipping.close)  # hooks and gradient views off the caller's model
+        noise = cleanup.enter_context(StepNoise(
+            clipping.flat.numel(), noise_std / expected_batch, fill,
+            steps=config.epochs * steps_per_epoch, background=prefetch_noise))
+        model.train()
         for _ in range(config.epochs):
             loss_sum = torch.zeros((), dtype=torch.float64)
             seen = 0
@@ -180,10 +190,6 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
                 loss_sum += loss.detach().double()
                 seen += len(index)
                 steps += 1
-    finally:
-        clipping.close()
-        noise.close()
-        model.train(was_training)
     return LocalDpResult(
         train=TrainResult(num_examples=n, loss=float(loss_sum) / seen if seen else math.nan,
                           steps=steps),

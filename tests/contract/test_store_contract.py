@@ -1142,3 +1142,25 @@ class _raw:
             self._cm.__exit__(*exc)
         finally:
             self._engine.dispose()
+
+
+def test_a_failed_sqlite_migration_is_a_storage_error_and_changes_nothing(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'v1.db'}"
+    store = SqlStore(url)
+    new_task(store, "t1")
+    before = snapshot(store, "t1")
+    store.close()
+    _make_version_1(url)
+    with _raw(url) as conn:  # a leftover of an interrupted rebuild blocks this one
+        conn.execute(sa.text("CREATE TABLE tasks_new (x INTEGER)"))
+
+    with pytest.raises(StorageError, match=r"cannot migrate .* schema version 2.*tasks_new"):
+        SqlStore(url)
+
+    with _raw(url) as conn:
+        assert conn.execute(sa.text("SELECT max(version) FROM schema_version")).scalar() == 1
+        conn.execute(sa.text("DROP TABLE tasks_new"))
+    store = SqlStore(url)  # once the obstacle is gone, the migration goes through
+    assert snapshot(store, "t1") == before
+    store.close()

@@ -209,3 +209,57 @@ def test_poisson_batches_include_each_index_at_the_rate() -> None:
     assert abs(counts.mean().item() - 100) < 1.5
     assert counts.min() > 100 - 5 * math.sqrt(95) and counts.max() < 100 + 5 * math.sqrt(95)
     assert 0 in sizes or min(sizes) < 8, "batch sizes vary, as Poisson sampling does"
+
+
+class Regrouped(nn.Module):
+    """Reshapes each example into 4 rows: a row is not an example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.reshape(-1, 4)).reshape(len(x), -1)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class CustomSequential(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x * 2.0)
+
+
+def test_models_whose_rows_or_weights_are_not_one_examples_are_refused() -> None:
+    found = unsupported_reason(Regrouped(), torch.randn(2, 16))
+    assert found is not None and "rows for 2 examples" in found
+    found = unsupported_reason(Tied(), torch.randn(2, 4))
+    assert found is not None and "shared by several linear layers" in found
+    frozen = mlp([4, 3]).requires_grad_(False)
+    assert unsupported_reason(frozen, torch.randn(2, 4)) == "the model has no trainable parameters"
+
+
+def test_a_sequential_subclass_runs_its_own_forward() -> None:
+    torch.manual_seed(0)
+    model = CustomSequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = batch(6, 4, 3, 5)
+    expected, _ = explicit_clipped_sum(model, x, y, 0.3)
+    torch.testing.assert_close(fused_clipped_sum(model, x, y, 0.3), expected,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_a_frozen_parameter_with_a_stale_gradient_gets_none() -> None:
+    model = mlp([4, 5, 3])
+    model[0].weight.requires_grad_(False)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    x, y = batch(4, 4, 3, 6)
+    fused_clipped_sum(model, x, y, 1.0)
+    assert model[0].weight.grad is None

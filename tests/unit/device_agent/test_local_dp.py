@@ -169,3 +169,21 @@ def test_drawing_noise_ahead_on_a_thread_changes_nothing_in_the_model() -> None:
                        delta=1e-5, seed=9, prefetch_noise=ahead)
     for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_secure_mode_with_noise_drawn_ahead_trains_and_cleans_up() -> None:
+    import threading
+
+    x, y = data()
+    before = threading.active_count()
+    net = model()
+    start = evaluate(net, x, y)[0]
+    result = train_local_dp(net, x, y, LocalTraining(epochs=3, batch_size=12,
+                                                     learning_rate=0.5),
+                            noise_multiplier=0.3, max_grad_norm=1.0, delta=1e-5, seed=0,
+                            secure_mode=True, prefetch_noise=True)
+    assert result.grad_sample_mode is GradSampleMode.FUSED and result.train.steps == 30
+    assert evaluate(net, x, y)[0] < start
+    assert threading.active_count() == before
+    assert not any(m._forward_hooks for m in net.modules())
+    assert all(p.grad is None for p in net.parameters())

@@ -66,3 +66,22 @@ def test_a_lock_step_split_gives_the_giant_device_a_worker_of_its_own() -> None:
     balanced = split_jobs(cohort, costs, 2)
     assert len(balanced[0]) > 1, "without the overhead term the giant gets company"
     assert full_steps(45, LOCAL) == 2 * 12
+
+
+def test_a_dead_worker_is_a_simulation_error_naming_the_likely_cause(make_federation) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    from simulations.errors import SimulationError
+
+    table = DeviceTable(make_federation(SIZES))
+    params = {n: torch.from_numpy(v) for n, v in initial_state(MLP, 0).items()}
+    with ProcessCohortTrainer(table, 2, kind=EngineKind.BMM, model=MLP, local=LOCAL,
+                              algorithm=AlgorithmConfig(), capacity=6) as pool:
+        pool.train(params, jobs(4))  # the workers are up
+        worker = next(iter(pool._pool._processes.values()))  # noqa: SLF001 - the test's victim
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        with pytest.raises(SimulationError, match="worker process died"):
+            pool.train(params, jobs(4))
