@@ -98,17 +98,21 @@ class ProcessCohortTrainer:
             raise ValueError(f"processes must be at least 2, got {processes}")
         import torch.multiprocessing as tmp
 
-        table.x.share_memory_()  # type: ignore[no-untyped-call]
-        table.y.share_memory_()  # type: ignore[no-untyped-call]
+        try:
+            table.x.share_memory_()  # type: ignore[no-untyped-call]
+            table.y.share_memory_()  # type: ignore[no-untyped-call]
+            self._out: dict[str, torch.Tensor] = {
+                n: torch.zeros((capacity, *v.shape), dtype=torch.from_numpy(v).dtype
+                               ).share_memory_()  # type: ignore[no-untyped-call]
+                for n, v in initial_state(model, 0).items()} if capacity else {}
+        except (RuntimeError, OSError) as exc:
+            raise SimulationError(f"cannot place the data and the cohort's weights in shared "
+                                  f"memory for worker processes: {exc}") from exc
         self._sizes = table.sizes
         self._local = local
         self._processes = processes
         self._overhead = 0.0 if kind is EngineKind.LOOP else LOCK_STEP_OVERHEAD
         self._capacity = capacity
-        self._out: dict[str, torch.Tensor] = {
-            n: torch.zeros((capacity, *v.shape), dtype=torch.from_numpy(v).dtype
-                           ).share_memory_()  # type: ignore[no-untyped-call]
-            for n, v in initial_state(model, 0).items()} if capacity else {}
         setup = _Setup(kind, model, local, algorithm, threads)
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=processes, mp_context=tmp.get_context("spawn"),

@@ -141,16 +141,12 @@ class LinearClipping:
         self._inputs: list[torch.Tensor] = []
         self._outputs: list[torch.Tensor] = []
         self._order: list[nn.Linear] = []
-        self._trained = {id(m): (m.weight.requires_grad,
-                                 m.bias is not None and m.bias.requires_grad)
-                         for m in self._layers}
         # An nn.Sequential whose trainable linear layers are direct children is run layer
         # by layer here (no hooks: module hooks cost ~10 us a call); anything else records
         # through forward hooks.
         direct = type(model) is nn.Sequential and all(
             any(m is child for child in model) for m in self._layers)
         self._chain: list[nn.Module] | None = list(model.children()) if direct else None
-        self._recorded = {id(m) for m in self._layers}
         self._handles = [] if direct else [m.register_forward_hook(self._record)
                                            for m in self._layers]
 
@@ -170,7 +166,7 @@ class LinearClipping:
             out: torch.Tensor = model(x)
             return out
         for module in self._chain:
-            if isinstance(module, nn.Linear) and id(module) in self._recorded:
+            if isinstance(module, nn.Linear) and id(module) in self._grads:
                 self._order.append(module)
                 self._inputs.append(x)
                 x = module(x)
@@ -196,15 +192,16 @@ class LinearClipping:
             if any(len(a) != self._batch for a in self._inputs):
                 # A row must be one example, or one example's rows would be clipped apart.
                 raise RuntimeError("a linear layer's rows are not the batch's examples")
-            trained = [self._trained[id(m)] for m in self._order]
+            layer_grads = [self._grads[id(m)] for m in self._order]
+            trained = [(w is not None, b is not None) for w, b in layer_grads]
             squared = per_example_squared_norms(self._inputs, output_grads, trained)
             factors = clip_factors(squared, max_grad_norm, divisor)
             column = factors.unsqueeze(1)
-            for layer, a, g in zip(self._order, self._inputs, output_grads, strict=True):
+            for (weight_grad, bias_grad), a, g in zip(layer_grads, self._inputs, output_grads,
+                                                      strict=True):
                 # sum_i c_i g_i a_i^T and sum_i c_i g_i, onto the noise: one matmul and one
                 # matvec (in place: measured faster than their out= forms). Only trained
-                # parameters' views: a frozen one never gets a gradient.
-                weight_grad, bias_grad = self._grads[id(layer)]
+                # parameters have views: a frozen one never gets a gradient.
                 if weight_grad is not None:
                     weight_grad.addmm_(g.T, a * column)
                 if bias_grad is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import functools
 import math
 import os
 import warnings
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.privacy import epsilon
 from core.training import TrainResult
 from core.types import LocalOptimizerKind, LocalTraining
 from device_agent.errors import AgentError
@@ -193,7 +193,9 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
     return LocalDpResult(
         train=TrainResult(num_examples=n, loss=float(loss_sum) / seen if seen else math.nan,
                           steps=steps),
-        epsilon=_rdp_epsilon(noise_multiplier, sampling_rate, steps, delta), delta=delta,
+        epsilon=epsilon(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
+                        steps=steps, delta=delta) if steps else 0.0,
+        delta=delta,
         sampling_rate=sampling_rate, grad_sample_mode=GradSampleMode.FUSED)
 
 
@@ -208,31 +210,6 @@ def poisson_batches(n: int, rate: float, steps: int, generator: torch.Generator
         chosen = torch.rand(count, n, generator=generator) < rate
         sizes = chosen.sum(1).tolist()
         yield from torch.split(chosen.nonzero()[:, 1], sizes)
-
-
-def _rdp_epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
-                 delta: float) -> float:
-    """What Opacus's RDP accountant reports after ``steps`` steps of one (z, q), computed
-    with its own analysis functions; the per-step RDP curve is cached per (z, q), since a
-    device trains every round with the same pair (the curve costs ~30 ms, the rest µs)."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    if steps == 0:
-        return 0.0
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = np.asarray(_rdp_per_step(noise_multiplier, sampling_rate)) * steps
-    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-    return float(eps)
-
-
-@functools.lru_cache(maxsize=64)
-def _rdp_per_step(noise_multiplier: float, sampling_rate: float) -> tuple[float, ...]:
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    return tuple(compute_rdp(q=sampling_rate, noise_multiplier=noise_multiplier, steps=1,
-                             orders=RDPAccountant.DEFAULT_ALPHAS))
 
 
 def _seeded_fill(generator: torch.Generator) -> Callable[[torch.Tensor, float], None]:
@@ -335,20 +312,19 @@ class _BatchFetch(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 def _use_secure_noise(dp_optimizer: Any) -> None:
     """Replaces the DP optimizer's noise step (its ``add_noise``, which ``pre_step`` calls
-    after clipping) with one drawing N(0, (z C)^2) from the OS-keyed AES-CTR source."""
+    after clipping) with one drawing N(0, (z C)^2) from the OS-keyed AES-CTR source (the
+    same fill as the ``fused`` mode's)."""
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    from core.privacy.noise import NoiseSource, gaussian_noise
-
-    source = NoiseSource.secure()
+    fill = _secure_fill()
 
     def add_noise() -> None:
         std = dp_optimizer.noise_multiplier * dp_optimizer.max_grad_norm
         for p in dp_optimizer.params:
             _check_processed_flag(p.summed_grad)
-            noise = gaussian_noise(tuple(p.summed_grad.shape), stddev=std, source=source)
-            p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad.dtype)
-                      ).view_as(p)
+            noise = torch.empty(p.summed_grad.shape, dtype=torch.float32)
+            fill(noise, std)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.dtype)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     dp_optimizer.add_noise = add_noise
