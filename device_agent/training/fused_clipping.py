@@ -1,33 +1,92 @@
-"""Per-example gradient clipping in one backward pass, for models whose trainable
-parameters all sit in ``nn.Linear`` layers applied to ``[batch, features]`` inputs.
+"""Fused per-example clipping: an Opacus grad-sample mode that clips every example's
+gradient in one backward pass, built on Opacus's own extension points.
 
-For a linear layer ``y = a W^T + b`` and example ``i``, the gradient of its loss is
-``g_i a_i^T`` for ``W`` and ``g_i`` for ``b``, where ``g_i = dL_i/dy_i``. Its squared L2 norm is
-``(|a_i|^2 + 1) |g_i|^2``, so no per-example gradient needs to exist (Goodfellow, "Efficient
-per-example gradient computations", 2015; the same identity is Opacus's ghost norm for
-linear layers). One step here:
+How it plugs into Opacus:
 
-1. the forward pass records each linear layer's input ``a`` and output ``y`` (forward hooks);
+- :class:`FusedGradSampleModule` is an ``opacus.grad_sample.AbstractGradSampleModule``, the
+  base of Opacus's own hooks, expanded-weights and ghost-clipping modes. It wraps the model,
+  records each trainable layer's input and output in the forward pass, and its
+  :meth:`~FusedGradSampleModule.backward` leaves ``sum_i clip_C(grad_i)`` (times a scale) in
+  the parameters' ``.grad``: the role ghost clipping's ``DPLossFastGradientClipping.backward``
+  plays there.
+- Each layer's per-example work comes from a grad-sampler registry. Layer types with a
+  *fused sampler* (:data:`FUSED_SAMPLERS`, registered with :func:`register_fused_sampler`
+  in the style of ``opacus.grad_sample.register_grad_sampler``) never materialize a
+  per-example gradient; ``nn.Linear`` on ``[batch, features]`` inputs is registered here.
+  Every other layer uses Opacus's grad-sampler registry
+  (``opacus.grad_sample.GradSampleHooks.GRAD_SAMPLERS``: convolutions, embeddings,
+  normalization layers, and whatever a user registered with ``register_grad_sampler``),
+  else functorch (``ft_compute_per_sample_gradient``): Opacus's own order in its hooks mode.
+  Such a layer's per-example gradients exist for that layer only, for the step.
+- :class:`FusedDPOptimizer` is an ``opacus.optimizers.DPOptimizerFastGradientClipping``, the
+  optimizer of Opacus's ghost mode (``.grad`` arrives already clipped and summed): it adds
+  the step's noise and steps. The privacy accountant attaches through Opacus's own optimizer
+  hook (``RDPAccountant.get_optimizer_hook_fn``).
+
+Why it is faster than Opacus's modes: for a linear layer ``y = a W^T + b`` and example ``i``,
+the gradient is ``g_i a_i^T`` for ``W`` and ``g_i`` for ``b`` (``g_i = dL_i/dy_i``); its
+squared norm is ``(|a_i|^2 + 1) |g_i|^2`` (Goodfellow 2015; Opacus's ghost norm for linear
+layers). One step:
+
+1. the forward pass records each trainable layer's input ``a`` and output ``y``;
 2. one backward pass, ``torch.autograd.grad(loss, [y...])``, gives each layer's ``g`` and
    skips the weight gradients that non-private backprop would compute;
 3. per-example norms over all layers give the clip factors ``min(1, C / |grad_i|)``;
-4. each layer's clipped sum is ``(c * g)^T a``, one matmul, which is what non-private
-   backprop pays for the weight gradient. It is added onto the step's Gaussian noise,
-   already drawn into the flat buffer that the parameters' ``.grad`` are views of, so the
-   caller's optimizer steps on ``(clipped sum + noise) / expected batch``.
+4. a linear layer's clipped sum is ``(c * g)^T a``, one matmul, which is what non-private
+   backprop pays for the weight gradient.
 
-Opacus's modes materialize per-example gradients (hooks, functorch, expanded weights) or run
-backward twice (ghost clipping); this module does neither, which is where their 4-9x over
-non-private training went. :func:`unsupported_reason` says when a model is outside this
-shape, and the caller then uses Opacus.
+Opacus's hooks, functorch and expanded-weights modes materialize every layer's per-example
+gradients, and ghost clipping runs backward twice; this mode does neither for linear layers.
+:func:`unsupported_reason` says when a model is outside what one pass can clip correctly
+(a layer run twice, shared weights, a reshaped batch, an output modified in place), and the
+caller then uses Opacus's hooks mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
+from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
+
+from device_agent.training.noise_prefetch import StepNoise
+
+
+class LayerClipping(Protocol):
+    """One trainable layer's part of a step: :meth:`add_squared_norms` adds its trained
+    parameters' squared per-example gradient norms to ``total``, from the layer's recorded
+    inputs and the gradient of the summed loss with respect to its output; then
+    :meth:`add_clipped` adds ``sum_i factor_i grad_i`` to their ``.grad`` views."""
+
+    def add_squared_norms(self, inputs: Sequence[torch.Tensor], output_grad: torch.Tensor,
+                          total: torch.Tensor) -> None: ...
+
+    def add_clipped(self, factors: torch.Tensor, column: torch.Tensor) -> None:
+        """``factors`` is ``[batch]``, ``column`` the same as ``[batch, 1]``."""
+
+
+#: A fused sampler: given a layer and ``{parameter: .grad view}`` of its trained
+#: parameters, the object that clips that layer's per-example gradients.
+FusedSampler = Callable[[nn.Module, dict[torch.Tensor, torch.Tensor]], LayerClipping]
+
+#: Fused samplers by layer type (exact type, as Opacus's registries).
+FUSED_SAMPLERS: dict[type[nn.Module], FusedSampler] = {}
+
+
+def register_fused_sampler(*layer_types: type[nn.Module]
+                           ) -> Callable[[FusedSampler], FusedSampler]:
+    """Registers the decorated class or function as the fused sampler of ``layer_types``
+    (exact types, as ``opacus.grad_sample.register_grad_sampler`` does)."""
+    def decorate(sampler: FusedSampler) -> FusedSampler:
+        for layer_type in layer_types:
+            FUSED_SAMPLERS[layer_type] = sampler
+        return sampler
+
+    return decorate
 
 
 def per_example_squared_norms(inputs: Sequence[torch.Tensor],
@@ -42,15 +101,82 @@ def per_example_squared_norms(inputs: Sequence[torch.Tensor],
     total = torch.zeros(len(inputs[0]), dtype=inputs[0].dtype)
     flags = trained if trained is not None else [(True, True)] * len(inputs)
     for a, g, (weight, bias) in zip(inputs, output_grads, flags, strict=True):
-        # |g_i a_i^T|^2 + |g_i|^2 = (|a_i|^2 + 1) |g_i|^2
-        if weight:
-            scale = torch.linalg.vecdot(a, a)
-            if bias:
-                scale.add_(1.0)
-        else:
-            scale = torch.full((len(a),), 1.0 if bias else 0.0, dtype=a.dtype)
-        total.addcmul_(scale, torch.linalg.vecdot(g, g))
+        _add_linear_squared_norms(total, a, g, weight, bias)
     return total
+
+
+def _add_linear_squared_norms(total: torch.Tensor, a: torch.Tensor, g: torch.Tensor,
+                              weight: bool, bias: bool) -> None:
+    # |g_i a_i^T|^2 + |g_i|^2 = (|a_i|^2 + 1) |g_i|^2
+    if weight:
+        scale = torch.linalg.vecdot(a, a)
+        if bias:
+            scale.add_(1.0)
+    else:
+        scale = torch.full((a.shape[0],), 1.0 if bias else 0.0, dtype=a.dtype)
+    total.addcmul_(scale, torch.linalg.vecdot(g, g))
+
+
+@register_fused_sampler(nn.Linear)
+class LinearFusedClipping:
+    """``nn.Linear`` on ``[batch, in]``: norms from the input and the output gradient,
+    clipped sums as one matmul (weight) and one matvec (bias), added in place. On
+    ``[batch, ..., in]`` inputs it clips through Opacus's registry (:class:`RegistryClipping`)."""
+
+    def __init__(self, layer: nn.Module, grads: dict[torch.Tensor, torch.Tensor]) -> None:
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"not an nn.Linear: {type(layer).__name__}")
+        self._weight_grad = grads.get(layer.weight)
+        self._bias_grad = None if layer.bias is None else grads.get(layer.bias)
+        self._general = RegistryClipping(layer, grads)
+        self._a = self._g = torch.empty(0)
+        self._two_d = True
+
+    def add_squared_norms(self, inputs: Sequence[torch.Tensor], output_grad: torch.Tensor,
+                          total: torch.Tensor) -> None:
+        self._a, self._g = inputs[0], output_grad
+        self._two_d = self._a.dim() == 2
+        if not self._two_d:
+            self._general.add_squared_norms(inputs, output_grad, total)
+            return
+        _add_linear_squared_norms(total, self._a, self._g, self._weight_grad is not None,
+                                  self._bias_grad is not None)
+
+    def add_clipped(self, factors: torch.Tensor, column: torch.Tensor) -> None:
+        if not self._two_d:
+            self._general.add_clipped(factors, column)
+            return
+        if self._weight_grad is not None:
+            self._weight_grad.addmm_(self._g.T, self._a * column)
+        if self._bias_grad is not None:
+            self._bias_grad.addmv_(self._g.T, factors)
+
+
+class RegistryClipping:
+    """Any layer: its per-example gradients from Opacus's grad-sampler registry (else
+    functorch), their squared norms, and their clipped sum by one contraction each. The
+    per-example gradients live from :meth:`add_squared_norms` to :meth:`add_clipped`."""
+
+    def __init__(self, layer: nn.Module, grads: dict[torch.Tensor, torch.Tensor]) -> None:
+        self._layer = layer
+        self._grads = grads
+        self._per_example: dict[torch.Tensor, torch.Tensor] = {}
+
+    def add_squared_norms(self, inputs: Sequence[torch.Tensor], output_grad: torch.Tensor,
+                          total: torch.Tensor) -> None:
+        sampler = GradSampleHooks.GRAD_SAMPLERS.get(type(self._layer),
+                                                    ft_compute_per_sample_gradient)
+        self._per_example = {p: gs for p, gs in
+                             sampler(self._layer, list(inputs), output_grad).items()
+                             if p in self._grads}
+        for gs in self._per_example.values():
+            flat = gs.reshape(gs.shape[0], -1)
+            total.add_(torch.linalg.vecdot(flat, flat))
+
+    def add_clipped(self, factors: torch.Tensor, column: torch.Tensor) -> None:
+        for p, gs in self._per_example.items():
+            self._grads[p].add_(torch.tensordot(factors, gs, dims=1))
+        self._per_example = {}
 
 
 def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float,
@@ -60,155 +186,223 @@ def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float,
     return factors.mul_(max_grad_norm / divisor).clamp_(max=1.0 / divisor)
 
 
+def _trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own trainable parameters directly (Opacus's ``trainable_modules``)."""
+    return [(name, m) for name, m in model.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
 def unsupported_reason(model: nn.Module, probe: torch.Tensor) -> str | None:
-    """Why one-pass clipping cannot train ``model``, or None when it can: every trainable
-    parameter is a weight or bias of an ``nn.Linear``, and a forward pass on ``probe`` (a
-    few examples) calls each such layer once, on a 2-D input, without modifying its output
-    in place (``ReLU(inplace=True)`` would)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    """Why one-pass clipping cannot train ``model`` correctly, or None when it can: each
+    trainable parameter belongs to one layer, that layer has no trainable sublayer, and a
+    forward pass on ``probe`` (a few examples) calls it once, with rows that are the
+    examples, returning one tensor it does not later modify in place
+    (``ReLU(inplace=True)`` after it would)."""
+    layers = _trainable_layers(model)
+    if not layers:
+        return "the model has no trainable parameters"
     owners: dict[int, int] = {}
-    for m in linears:
+    for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    trainable = 0
     for name, p in model.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
-            continue
-        trainable += 1
-        if id(p) not in owners:
-            return f"trainable parameter {name!r} is not in an nn.Linear layer"
-        if owners[id(p)] > 1:
+        if p.requires_grad and owners[id(p)] > 1:
             # Its gradient is the sum over the layers: per-layer norms would not bound it.
-            return f"trainable parameter {name!r} is shared by several linear layers"
-    if trainable == 0:
-        return "the model has no trainable parameters"
-    calls: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+            return f"trainable parameter {name!r} is shared by several layers"
+    for name, m in layers:
+        for child_name, child in m.named_modules():
+            if child is not m and any(p.requires_grad for p in child.parameters(recurse=False)):
+                return (f"layer {name!r} has its own parameters and a trainable sublayer "
+                        f"{child_name!r}")
+    calls: dict[int, list[tuple[tuple[Any, ...], Any, int]]] = {}
 
-    def record(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        calls.setdefault(id(module), []).append((args[0], out, out._version))
+    def record(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        version = out._version if isinstance(out, torch.Tensor) else -1
+        calls.setdefault(id(module), []).append((args, out, version))
 
-    handles = [m.register_forward_hook(record) for m in linears]
+    handles = [m.register_forward_hook(record) for _, m in layers]
     try:
         with torch.enable_grad():
             model(probe)
     finally:
         for handle in handles:
             handle.remove()
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or not any(p.requires_grad for p in m.parameters()):
-            continue
+    for name, m in layers:
         seen = calls.get(id(m), [])
         if len(seen) != 1:
-            return f"linear layer {name!r} ran {len(seen)} times in one forward pass"
-        a, out, version = seen[0]
-        if a.dim() != 2:
-            return f"linear layer {name!r} got a {a.dim()}-D input"
-        if len(a) != len(probe) or len(out) != len(probe):
+            return f"layer {name!r} ran {len(seen)} times in one forward pass"
+        args, out, version = seen[0]
+        if not isinstance(out, torch.Tensor):
+            return f"layer {name!r} returns {type(out).__name__}, not one tensor"
+        if not args or not all(isinstance(a, torch.Tensor) for a in args):
+            return f"layer {name!r} takes inputs that are not tensors"
+        if any(a.dim() == 0 or len(a) != len(probe) for a in args) or len(out) != len(probe):
             # A row must be one example, or one example's rows would be clipped apart.
-            return (f"linear layer {name!r} got {len(a)} rows for {len(probe)} examples "
-                    "(the batch is reshaped)")
+            return (f"layer {name!r} got {len(args[0]) if args[0].dim() else 0} rows for "
+                    f"{len(probe)} examples (the batch is reshaped)")
         if out._version != version:
-            return f"the output of linear layer {name!r} is modified in place"
+            return f"the output of layer {name!r} is modified in place"
     return None
 
 
-class LinearClipping:
-    """Attaches to ``model`` (see :func:`unsupported_reason` for which models) and makes each
-    trainable parameter's ``.grad`` a view into one flat buffer (:attr:`flat`, in the order
-    of :attr:`params`); :meth:`step_gradient` fills it with a DP-SGD gradient. :meth:`close`
-    removes the hooks and the views."""
+class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
+    """Opacus grad-sample module of the ``fused`` mode (see the module docstring): wraps
+    ``m`` (a model :func:`unsupported_reason` accepts) and makes each trainable parameter's
+    ``.grad`` a view into one flat buffer (:attr:`flat`, in the order of :attr:`params`).
+    :meth:`backward` adds the clipped sum there; :meth:`close` removes the hooks, the views
+    and Opacus's parameter attributes, leaving ``m`` as it was."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self._layers = [m for m in model.modules() if isinstance(m, nn.Linear)
-                        and any(p.requires_grad for p in m.parameters(recurse=False))]
-        self.params = [p for m in self._layers for p in m.parameters(recurse=False)
+    def __init__(self, m: nn.Module, *, max_grad_norm: float, batch_first: bool = True,
+                 loss_reduction: str = "sum") -> None:
+        if not batch_first or loss_reduction != "sum":
+            raise ValueError("the fused mode takes batch-first inputs and a summed loss")
+        super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction)
+        self.max_grad_norm = max_grad_norm
+        self._layers = [layer for _, layer in _trainable_layers(m)]
+        self.params = [p for layer in self._layers for p in layer.parameters(recurse=False)
                        if p.requires_grad]
-        for p in model.parameters():
+        for p in m.parameters():
             if not p.requires_grad:
                 p.grad = None  # a stale gradient would be stepped on without noise
         first = self.params[0]
         self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype)
-        views: dict[int, torch.Tensor] = {}
         offset = 0
+        views: dict[torch.Tensor, torch.Tensor] = {}
         for p in self.params:
-            views[id(p)] = self.flat[offset:offset + p.numel()].view_as(p)
-            p.grad = views[id(p)]
+            views[p] = self.flat[offset:offset + p.numel()].view_as(p)
+            p.grad = views[p]
             offset += p.numel()
-        self._grads = {id(m): (views.get(id(m.weight)),
-                               None if m.bias is None else views.get(id(m.bias)))
-                       for m in self._layers}
+        self._clipping: dict[int, LayerClipping] = {
+            id(layer): FUSED_SAMPLERS.get(type(layer), RegistryClipping)(
+                layer, {p: views[p] for p in layer.parameters(recurse=False)
+                        if p.requires_grad})
+            for layer in self._layers}
         self._batch = 0
-        self._inputs: list[torch.Tensor] = []
+        self._inputs: list[tuple[torch.Tensor, ...]] = []
         self._outputs: list[torch.Tensor] = []
-        self._order: list[nn.Linear] = []
-        # An nn.Sequential whose trainable linear layers are direct children is run layer
-        # by layer here (no hooks: module hooks cost ~10 us a call); anything else records
+        self._order: list[nn.Module] = []
+        # A plain nn.Sequential whose trainable layers are direct children is run layer by
+        # layer here (no hooks: a module hook costs ~10 us a call); anything else records
         # through forward hooks.
-        direct = type(model) is nn.Sequential and all(
-            any(m is child for child in model) for m in self._layers)
-        self._chain: list[nn.Module] | None = list(model.children()) if direct else None
-        self._handles = [] if direct else [m.register_forward_hook(self._record)
-                                           for m in self._layers]
+        direct = type(m) is nn.Sequential and all(
+            any(layer is child for child in m) for layer in self._layers)
+        self._chain: list[nn.Module] | None = list(m.children()) if direct else None
+        self._handles = [] if direct else [layer.register_forward_hook(self._record)
+                                           for layer in self._layers]
 
     def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...],
                 out: torch.Tensor) -> None:
-        self._order.append(module)  # type: ignore[arg-type]
-        self._inputs.append(args[0])
+        self._order.append(module)
+        self._inputs.append(args)
         self._outputs.append(out)
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``model(x)``, recording what :meth:`step_gradient` needs."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``m(x)``, recording what :meth:`backward` needs."""
         self._inputs.clear()
         self._outputs.clear()
         self._order.clear()
         self._batch = len(x)
         if self._chain is None:
-            out: torch.Tensor = model(x)
+            out: torch.Tensor = self._module(x)
             return out
         for module in self._chain:
-            if isinstance(module, nn.Linear) and id(module) in self._grads:
+            if id(module) in self._clipping:
                 self._order.append(module)
-                self._inputs.append(x)
+                self._inputs.append((x,))
                 x = module(x)
                 self._outputs.append(x)
             else:
                 x = module(x)
         return x
 
-    def step_gradient(self, loss_sum: torch.Tensor, *, max_grad_norm: float, divisor: float,
-                      noise: torch.Tensor) -> None:
-        """Sets every parameter's ``.grad`` to ``sum_i clip_C(grad_i) / divisor + noise``,
+    def backward(self, loss_sum: torch.Tensor, *, scale: float = 1.0) -> None:
+        """Adds ``scale * sum_i clip_C(grad_i)`` to every trained parameter's ``.grad``,
         where ``loss_sum`` is the sum of per-example losses of the last :meth:`forward` (an
-        empty batch: zero with no graph, so the gradient is the noise alone) and ``noise``
-        is this step's flat noise vector, already divided by ``divisor``, in the order of
-        :attr:`params`."""
-        self.flat.copy_(noise)
+        empty batch: zero with no graph, which adds nothing)."""
         if not self._outputs or not loss_sum.requires_grad:
             return
         grads = torch.autograd.grad(loss_sum, self._outputs, allow_unused=True)
+        batch = self._batch
         with torch.no_grad():
-            output_grads = [torch.zeros_like(y) if g is None else g
-                            for g, y in zip(grads, self._outputs, strict=True)]
-            if any(len(a) != self._batch for a in self._inputs):
-                # A row must be one example, or one example's rows would be clipped apart.
-                raise RuntimeError("a linear layer's rows are not the batch's examples")
-            layer_grads = [self._grads[id(m)] for m in self._order]
-            trained = [(w is not None, b is not None) for w, b in layer_grads]
-            squared = per_example_squared_norms(self._inputs, output_grads, trained)
-            factors = clip_factors(squared, max_grad_norm, divisor)
+            total = torch.zeros(batch, dtype=self.flat.dtype)
+            used: list[LayerClipping] = []
+            for layer, inputs, y, g in zip(self._order, self._inputs, self._outputs, grads,
+                                           strict=True):
+                for a in inputs:
+                    if a.shape[0] != batch:
+                        # A row must be one example, or its rows would be clipped apart.
+                        raise RuntimeError(f"the rows of {type(layer).__name__}'s input are "
+                                           "not the batch's examples")
+                clipping = self._clipping[id(layer)]
+                clipping.add_squared_norms(inputs, torch.zeros_like(y) if g is None else g,
+                                           total)
+                used.append(clipping)
+            factors = clip_factors(total, self.max_grad_norm, 1.0 / scale)
             column = factors.unsqueeze(1)
-            for (weight_grad, bias_grad), a, g in zip(layer_grads, self._inputs, output_grads,
-                                                      strict=True):
-                # sum_i c_i g_i a_i^T and sum_i c_i g_i, onto the noise: one matmul and one
-                # matvec (in place: measured faster than their out= forms). Only trained
-                # parameters have views: a frozen one never gets a gradient.
-                if weight_grad is not None:
-                    weight_grad.addmm_(g.T, a * column)
-                if bias_grad is not None:
-                    bias_grad.addmv_(g.T, factors)
+            for clipping in used:
+                clipping.add_clipped(factors, column)
 
-    def close(self) -> None:
+    def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._handles = []
+
+    def close(self) -> None:
+        """Hooks, ``.grad`` views and Opacus's parameter attributes off the wrapped model."""
+        self._inputs.clear()
+        self._outputs.clear()
+        self.cleanup()
         for p in self.params:
             p.grad = None
+        for p in self._module.parameters():
+            if hasattr(p, "summed_grad"):  # set by Opacus's DP optimizer
+                del p.summed_grad
+
+
+class FusedDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
+    """Opacus's ghost-mode DP optimizer over a :class:`FusedGradSampleModule`: ``.grad``
+    arrives as the clipped sum already divided by the expected batch (the module's
+    :meth:`~FusedGradSampleModule.backward` with ``scale=1/expected_batch_size``), and a
+    step adds this step's noise ``N(0, (z C / expected batch)^2)``, drawn by ``noise`` (in
+    line or ahead, from a seeded or a secure source), calls the step hook (where the
+    accountant attaches) and steps the wrapped optimizer.
+
+    The noise is placed by :meth:`zero_grad`, which resets the flat gradient to it rather
+    than to zero (the parameters' ``.grad`` stay views of it), so :meth:`add_noise` has
+    nothing left to do. The noise does not depend on the data, so this is the same sum, one
+    pass over the parameters cheaper. Gradient accumulation over several backward passes
+    (``signal_skip_step``) is not supported: one backward, one step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, module: FusedGradSampleModule,
+                 noise: StepNoise, noise_multiplier: float, expected_batch_size: int) -> None:
+        super().__init__(optimizer, noise_multiplier=noise_multiplier,
+                         max_grad_norm=module.max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction="mean")
+        self._flat = module.flat
+        self._noise = noise
+        self._noise_placed = False
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Resets the gradient to this step's noise (see the class docstring)."""
+        self._flat.copy_(self._noise.next())
+        self._noise_placed = True
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        raise NotImplementedError("the fused mode steps after every backward pass")
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def add_noise(self) -> None:
+        if not self._noise_placed:
+            # zero_grad was not called since the last step: this step still gets noise.
+            self._flat.add_(self._noise.next())
+        self._noise_placed = False
+
+    def scale_grad(self) -> None:
+        """Nothing left to scale: the clip factors and the noise carry 1/expected batch."""

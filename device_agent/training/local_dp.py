@@ -6,15 +6,17 @@ sum, and steps; Opacus's RDP accountant gives the device's epsilon at ``delta`` 
 steps of this call (one call = one round; composing rounds is the caller's business, e.g.
 with :func:`core.privacy.epsilon_of_history`).
 
-Grad-sample modes (how per-example gradients are clipped): ``fused`` (ours, the default:
-per-example norms of linear layers from their inputs and output gradients, clipped sum as
-one matmul, one backward pass; :mod:`device_agent.training.fused_clipping`) for models whose
-trainable layers are all ``nn.Linear`` on 2-D inputs, and otherwise Opacus's: ``hooks``
-(module hooks + einsum), ``functorch`` (vmap over ``torch.func.grad``), ``ew`` (expanded
-weights), ``ghost`` (ghost clipping: per-example *norms* only, two backward passes). A model
-``fused`` cannot train falls back to ``hooks``; the result says which mode ran. Whatever the
-mode, sampling (Poisson), the noise scale, the mean over the *expected* batch and the RDP
-accountant are Opacus's semantics, so epsilon is the same.
+Grad-sample modes (how per-example gradients are clipped): ``fused`` (the default; an Opacus
+grad-sample mode of ours built on Opacus's extension classes and its grad-sampler registry:
+one backward pass, linear layers clipped without per-example gradients, every other layer
+through Opacus's registered grad samplers; :mod:`device_agent.training.fused_clipping`) and
+Opacus's own: ``hooks`` (module hooks + einsum), ``functorch`` (vmap over
+``torch.func.grad``), ``ew`` (expanded weights), ``ghost`` (ghost clipping: per-example
+*norms* only, two backward passes). A model one pass cannot clip correctly (a layer run
+twice, shared weights, a reshaped batch, an output modified in place) falls back to
+``hooks``; the result says which mode ran and why. Whatever the mode, sampling (Poisson),
+the noise scale, the mean over the *expected* batch and the RDP accountant are Opacus's
+semantics, so epsilon is the same.
 
 Opacus (and its torch hooks) is imported on first use. Not thread-safe per model.
 """
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.privacy import epsilon
+from core.privacy import MechanismSteps, epsilon_of_history
 from core.training import TrainResult
 from core.types import LocalOptimizerKind, LocalTraining
 from device_agent.errors import AgentError
@@ -55,7 +57,7 @@ class GradSampleMode(enum.Enum):
 
 
 #: Default mode. In benchmarks/privacy.py (2 CPU cores) ``fused`` was the fastest on every
-#: MLP; of Opacus's modes ``hooks`` was fastest for the CNN (the fallback).
+#: MLP and on the CNN.
 FASTEST_MODE = GradSampleMode.FUSED
 #: What runs when ``fused`` cannot train the model.
 FALLBACK_MODE = GradSampleMode.HOOKS
@@ -148,11 +150,16 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
                  config: LocalTraining, *, noise_multiplier: float, max_grad_norm: float,
                  delta: float, seed: int, secure_mode: bool,
                  prefetch_noise: bool) -> LocalDpResult:
-    """DP-SGD with :class:`~device_agent.training.fused_clipping.LinearClipping`, matching
-    what Opacus's ``make_private`` does for the same arguments: Poisson batches at rate
-    ``1 / ceil(n / batch)`` for ``ceil(n / batch)`` steps per epoch (empty batches included),
-    noise std ``z C`` on the clipped sum, divided by the expected batch ``int(n q)``."""
-    from device_agent.training.fused_clipping import LinearClipping
+    """DP-SGD in the ``fused`` Opacus mode
+    (:class:`~device_agent.training.fused_clipping.FusedGradSampleModule` and
+    :class:`~device_agent.training.fused_clipping.FusedDPOptimizer`, Opacus's RDP accountant
+    on the optimizer's step hook), matching what Opacus's ``make_private`` does for the same
+    arguments: Poisson batches at rate ``1 / ceil(n / batch)`` for ``ceil(n / batch)`` steps
+    per epoch (empty batches included), noise std ``z C`` on the clipped sum, divided by the
+    expected batch ``int(n q)``."""
+    from opacus.accountants import RDPAccountant
+
+    from device_agent.training.fused_clipping import FusedDPOptimizer, FusedGradSampleModule
 
     n = len(labels)
     steps_per_epoch = math.ceil(n / min(config.batch_size, n))
@@ -161,20 +168,24 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
     generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator().manual_seed(seed + 1)
     fill = _secure_fill() if secure_mode else _seeded_fill(noise_generator)
-    optimizer = _optimizer(model, config)
     noise_std = noise_multiplier * max_grad_norm
+    accountant = RDPAccountant()
     was_training = model.training
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen = 0
-    steps = 0
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(model.train, was_training)
-        clipping = LinearClipping(model)
-        cleanup.callback(clipping.close)  # hooks and gradient views off the caller's model
+        dp_model = FusedGradSampleModule(model, max_grad_norm=max_grad_norm)
+        cleanup.callback(dp_model.close)  # hooks and gradient views off the caller's model
         noise = cleanup.enter_context(StepNoise(
-            clipping.flat.numel(), noise_std / expected_batch, fill,
+            dp_model.flat.numel(), noise_std / expected_batch, fill,
             steps=config.epochs * steps_per_epoch, background=prefetch_noise))
-        model.train()
+        dp_optimizer = FusedDPOptimizer(_optimizer(model, config), module=dp_model,
+                                        noise=noise, noise_multiplier=noise_multiplier,
+                                        expected_batch_size=expected_batch)
+        dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sampling_rate))
+        scale = 1.0 / expected_batch
+        dp_model.train()
         for _ in range(config.epochs):
             loss_sum = torch.zeros((), dtype=torch.float64)
             seen = 0
@@ -182,19 +193,19 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
             # seed); drawing it too keeps the batches exactly Opacus's for the same seed.
             torch.empty((), dtype=torch.int64).random_(generator=generator)
             for index in poisson_batches(n, sampling_rate, steps_per_epoch, generator):
-                logits = clipping.forward(model, features[index])
+                dp_optimizer.zero_grad()
+                logits = dp_model(features[index])
                 loss = nn.functional.cross_entropy(logits, labels[index], reduction="sum")
-                clipping.step_gradient(loss, max_grad_norm=max_grad_norm,
-                                       divisor=expected_batch, noise=noise.next())
-                optimizer.step()
+                dp_model.backward(loss, scale=scale)
+                dp_optimizer.step()
                 loss_sum += loss.detach().double()
                 seen += len(index)
-                steps += 1
+    history = [MechanismSteps(z, q, count) for z, q, count in accountant.history]
+    steps = sum(item.steps for item in history)
     return LocalDpResult(
         train=TrainResult(num_examples=n, loss=float(loss_sum) / seen if seen else math.nan,
                           steps=steps),
-        epsilon=epsilon(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
-                        steps=steps, delta=delta) if steps else 0.0,
+        epsilon=epsilon_of_history(history, delta=delta),
         delta=delta,
         sampling_rate=sampling_rate, grad_sample_mode=GradSampleMode.FUSED)
 

@@ -1,5 +1,7 @@
-"""One-pass per-example clipping for linear layers gives exactly what clipping each example's
-own gradient gives, and says which models it cannot train."""
+"""The fused Opacus mode: one-pass per-example clipping gives exactly what clipping each
+example's own gradient gives, for linear layers (fused sampler) and every other layer
+(Opacus's grad-sampler registry, else functorch); it is built from Opacus's extension
+classes, and says which models it cannot train."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from core.models import build_model
+from core.types import ModelSpec
 from device_agent.training.fused_clipping import (
-    LinearClipping,
+    FusedDPOptimizer,
+    FusedGradSampleModule,
     clip_factors,
     per_example_squared_norms,
     unsupported_reason,
 )
 from device_agent.training.local_dp import poisson_batches
+from device_agent.training.noise_prefetch import StepNoise
 
 
 class TwoTowers(nn.Module):
@@ -58,17 +64,14 @@ def explicit_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def fused_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float,
-                      divisor: float = 1.0, noise: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    clipping = LinearClipping(model)
+                      divisor: float = 1.0) -> torch.Tensor:
+    dp_model = FusedGradSampleModule(model, max_grad_norm=clip)
     try:
-        loss = nn.functional.cross_entropy(clipping.forward(model, x), y, reduction="sum")
-        clipping.step_gradient(loss, max_grad_norm=clip, divisor=divisor,
-                               noise=noise if noise is not None else torch.zeros_like(
-                                   clipping.flat))
-        return torch.cat([p.grad.reshape(-1) for p in clipping.params]).double().clone()
+        loss = nn.functional.cross_entropy(dp_model(x), y, reduction="sum")
+        dp_model.backward(loss, scale=1.0 / divisor)
+        return torch.cat([p.grad.reshape(-1) for p in dp_model.params]).double().clone()
     finally:
-        clipping.close()
+        dp_model.close()
 
 
 def batch(n: int, features: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,23 +138,67 @@ def test_frozen_parameters_are_left_out_of_the_norm_and_the_gradient() -> None:
     assert model[0].bias.grad is None and model[2].weight.grad is None
 
 
-def test_the_gradient_is_the_noise_plus_the_clipped_sum_over_the_divisor() -> None:
+def test_the_optimizer_steps_on_the_clipped_sum_over_the_divisor_plus_the_steps_noise(
+        ) -> None:
     torch.manual_seed(0)
     model = mlp([4, 5, 3])
     x, y = batch(7, 4, 3, 4)
-    numel = sum(p.numel() for p in model.parameters())
-    noise = torch.randn(numel)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
     expected, _ = explicit_clipped_sum(model, x, y, 0.5)
-    got = fused_clipped_sum(model, x, y, 0.5, divisor=7.0, noise=noise)
-    torch.testing.assert_close(got, expected / 7 + noise.double(), rtol=1e-4, atol=1e-6)
+    numel = start.numel()
+    expected_noise = torch.empty(numel).normal_(0.0, 0.3, generator=torch.Generator()
+                                                .manual_seed(1))
+
+    generator = torch.Generator().manual_seed(1)
+
+    def fill(buffer: torch.Tensor, std: float) -> None:
+        buffer.normal_(0.0, std, generator=generator)
+
+    dp_model = FusedGradSampleModule(model, max_grad_norm=0.5)
+    steps: list[int] = []
+    with StepNoise(numel, 0.3, fill, steps=1, background=False) as noise:
+        optimizer = FusedDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                     module=dp_model, noise=noise, noise_multiplier=2.1,
+                                     expected_batch_size=7)
+        optimizer.attach_step_hook(lambda opt: steps.append(1))
+        optimizer.zero_grad()
+        dp_model.backward(nn.functional.cross_entropy(dp_model(x), y, reduction="sum"),
+                          scale=1 / 7)
+        optimizer.step()
+    dp_model.close()
+    moved = start - torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    torch.testing.assert_close(moved, expected / 7 + expected_noise.double(), rtol=1e-4,
+                               atol=1e-5)
+    assert steps == [1], "the step hook (where the accountant attaches) ran once"
 
 
-def test_an_empty_batch_gets_the_noise_alone() -> None:
+def test_an_empty_batch_steps_on_the_noise_alone() -> None:
     model = mlp([4, 5, 3])
-    noise = torch.randn(sum(p.numel() for p in model.parameters()))
+    dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
     x, y = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
-    torch.testing.assert_close(fused_clipped_sum(model, x, y, 1.0, noise=noise),
-                               noise.double())
+    loss = nn.functional.cross_entropy(dp_model(x), y, reduction="sum")
+    dp_model.flat.fill_(0.25)  # what the noise left
+    dp_model.backward(loss, scale=0.1)
+    assert torch.equal(dp_model.flat, torch.full_like(dp_model.flat, 0.25))
+    dp_model.close()
+
+
+def test_it_is_an_opacus_grad_sample_module_and_dp_optimizer() -> None:
+    from opacus.grad_sample import AbstractGradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    model = mlp([4, 5, 3])
+    dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
+    with StepNoise(dp_model.flat.numel(), 1.0, lambda b, s: b.zero_(), steps=1,
+                   background=False) as noise:
+        optimizer = FusedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     module=dp_model, noise=noise, noise_multiplier=1.0,
+                                     expected_batch_size=4)
+    assert isinstance(dp_model, AbstractGradSampleModule)
+    assert isinstance(optimizer, DPOptimizer)
+    dp_model.close()
+    assert not any(hasattr(p, attr) for p in model.parameters()
+                   for attr in ("grad_sample", "_forward_counter", "summed_grad"))
 
 
 def test_clip_factors_never_scale_up_and_keep_a_zero_gradient() -> None:
@@ -161,25 +208,32 @@ def test_clip_factors_never_scale_up_and_keep_a_zero_gradient() -> None:
 
 def test_close_removes_the_hooks_and_the_gradient_views() -> None:
     model = TwoTowers()
-    clipping = LinearClipping(model)
+    dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
     assert all(p.grad is not None for p in model.parameters())
-    clipping.close()
+    assert any(m._forward_hooks for m in model.modules())
+    dp_model.close()
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
 
 
+class OwnAndChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.scale
+
+
 @pytest.mark.parametrize(("model", "reason"), [
-    (nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), "not in an nn.Linear"),
     (nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)),
      "modified in place"),
-    (nn.Sequential(nn.Unflatten(1, (2, 2)), nn.Linear(2, 3)), "3-D input"),
+    (nn.Sequential(nn.Linear(4, 3), OwnAndChild()), "trainable sublayer"),
 ])
 def test_models_outside_the_shape_are_named_with_the_reason(model: nn.Module,
                                                              reason: str) -> None:
-    probe = torch.randn(2, 10 if isinstance(model[0], nn.Conv1d) else 4)
-    if isinstance(model[0], nn.Conv1d):
-        probe = probe[:, None, :]
-    found = unsupported_reason(model, probe)
+    found = unsupported_reason(model, torch.randn(2, 4))
     assert found is not None and reason in found
 
 
@@ -242,7 +296,7 @@ def test_models_whose_rows_or_weights_are_not_one_examples_are_refused() -> None
     found = unsupported_reason(Regrouped(), torch.randn(2, 16))
     assert found is not None and "rows for 2 examples" in found
     found = unsupported_reason(Tied(), torch.randn(2, 4))
-    assert found is not None and "shared by several linear layers" in found
+    assert found is not None and "shared by several layers" in found
     frozen = mlp([4, 3]).requires_grad_(False)
     assert unsupported_reason(frozen, torch.randn(2, 4)) == "the model has no trainable parameters"
 
@@ -263,3 +317,69 @@ def test_a_frozen_parameter_with_a_stale_gradient_gets_none() -> None:
     x, y = batch(4, 4, 3, 6)
     fused_clipped_sum(model, x, y, 1.0)
     assert model[0].weight.grad is None
+
+
+class Scaled(nn.Module):
+    """A layer type no registry knows: its per-example gradients come from functorch."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+@pytest.mark.parametrize("name", ["cnn", "conv1d", "3-d linear", "functorch layer",
+                                  "groupnorm"])
+def test_layers_outside_the_fused_samplers_are_clipped_through_opacus_registry(
+        name: str) -> None:
+    torch.manual_seed(0)
+    models: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
+        "cnn": (build_model(ModelSpec("cnn", {})), (64,)),
+        "conv1d": (nn.Sequential(nn.Unflatten(1, (1, 10)), nn.Conv1d(1, 2, 3), nn.Flatten(),
+                                 nn.Linear(16, 3)), (10,)),
+        "3-d linear": (nn.Sequential(nn.Unflatten(1, (2, 2)), nn.Linear(2, 3), nn.Flatten(),
+                                     nn.Linear(6, 3)), (4,)),
+        "functorch layer": (nn.Sequential(nn.Linear(4, 5), Scaled(5), nn.Tanh(),
+                                          nn.Linear(5, 3)), (4,)),
+        "groupnorm": (nn.Sequential(nn.Unflatten(1, (2, 3)), nn.Conv1d(2, 4, 1),
+                                    nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(12, 3)),
+                      (6,)),
+    }
+    model, shape = models[name]
+    classes = 10 if name == "cnn" else 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, *shape, generator=g)
+    y = torch.randint(0, classes, (6,), generator=g)
+    assert unsupported_reason(model, x[:2]) is None
+    expected, norms = explicit_clipped_sum(model, x, y, 0.4)
+    assert (norms > 0.4).any(), "the test must clip something"
+    torch.testing.assert_close(fused_clipped_sum(model, x, y, 0.4), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_grad_sampler_registered_with_opacus_is_the_one_used() -> None:
+    from opacus.grad_sample import GradSampleHooks, register_grad_sampler
+
+    calls: list[int] = []
+
+    class Scaled2(Scaled):
+        pass
+
+    @register_grad_sampler(Scaled2)
+    def scaled_grad_sample(layer: nn.Module, activations: list[torch.Tensor],
+                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        calls.append(len(backprops))
+        return {layer.weight: activations[0] * backprops}
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), Scaled2(5), nn.Linear(5, 3))
+        x, y = batch(6, 4, 3, 8)
+        expected, _ = explicit_clipped_sum(model, x, y, 0.3)
+        torch.testing.assert_close(fused_clipped_sum(model, x, y, 0.3), expected,
+                                   rtol=1e-4, atol=1e-5)
+        assert calls == [6]
+    finally:
+        GradSampleHooks.GRAD_SAMPLERS.pop(Scaled2, None)

@@ -151,13 +151,34 @@ def test_fused_clipping_trains_the_same_model_as_opacus_with_the_same_batches() 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_the_cnn_falls_back_to_opacus_and_says_why() -> None:
+def test_the_cnn_trains_in_the_fused_mode_with_its_convolutions_through_opacus_registry(
+        ) -> None:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(20, 64)).astype(np.float32), rng.integers(0, 10, size=20)
     result = train_local_dp(model(ModelSpec("cnn", {})), x, y, LocalTraining(batch_size=10),
                             noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, seed=0)
+    assert result.grad_sample_mode is GradSampleMode.FUSED and result.fallback_reason is None
+
+
+class TiedLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 3)
+        self.b = nn.Linear(8, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def test_a_model_one_pass_cannot_clip_falls_back_to_opacus_hooks_and_says_why() -> None:
+    x, y = data()
+    net = TiedLayers()
+    result = train_local_dp(net, x, y, LocalTraining(batch_size=10), noise_multiplier=1.0,
+                            max_grad_norm=1.0, delta=1e-5, seed=0)
     assert result.grad_sample_mode is GradSampleMode.HOOKS
-    assert result.fallback_reason is not None and "nn.Linear" in result.fallback_reason
+    assert result.fallback_reason is not None and "shared" in result.fallback_reason
+    assert result.train.steps == 12
 
 
 def test_drawing_noise_ahead_on_a_thread_changes_nothing_in_the_model() -> None:
