@@ -1,9 +1,10 @@
 """Cost of differential privacy. Prints one JSON line per setting:
 
-- ``local_dp``: one epoch of DP-SGD (our ``fused`` one-pass clipping, and each Opacus
-  grad-sample mode) against one epoch of non-private training (core.training.train_local),
-  on scikit-learn's digits (1797 examples), for MLPs of ~5k, ~54k and ~199k parameters and
-  the CNN (where ``fused`` falls back to Opacus's hooks), at batch sizes 10 and 64. Wall
+- ``local_dp``: one epoch of DP-SGD (our ``fused`` Opacus mode, one-pass clipping, and
+  each of Opacus's own grad-sample modes) against one epoch of non-private training
+  (core.training.train_local), on scikit-learn's digits (1797 examples), for MLPs of ~5k,
+  ~54k and ~199k parameters and the CNN (whose convolutions ``fused`` clips through
+  Opacus's grad-sampler registry), at batch sizes 10 and 64. Wall
   and CPU times (all threads: ``fused`` draws noise on a second thread) are the best of
   ``--repeats`` after a warm-up, with one torch thread.
 - ``central_dp``: a round's coordinator aggregation (FedAvg weighted mean of 100 updates of
@@ -15,6 +16,7 @@
   coordinator time": checking, spooling and folding 100 uploads, the database, the commit.
 
     python benchmarks/privacy.py [--repeats 3] [--only local|central|round]
+        [--models mlp-54k,cnn] [--modes fused,hooks]   (local: a subset of the rows)
 """
 
 from __future__ import annotations
@@ -77,13 +79,16 @@ LOCAL_VARIANTS: list[tuple[str, GradSampleMode, dict[str, bool]]] = [
 ]
 
 
-def local_dp(repeats: int) -> None:
+def local_dp(repeats: int, models: list[str] | None = None,
+             modes: list[str] | None = None) -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
     for name, spec in MODELS.items():
+        if models and name not in models:
+            continue
         params = sum(p.numel() for p in build_model(spec).parameters())
         for batch in (10, 64):
             config = LocalTraining(epochs=1, batch_size=batch, learning_rate=0.05)
@@ -93,6 +98,9 @@ def local_dp(repeats: int) -> None:
 
             base, base_cpu = best_of_wall_cpu(repeats, plain)
             for label, mode, kwargs in LOCAL_VARIANTS:
+                if modes and label not in modes:
+                    continue
+
                 def private(mode: GradSampleMode = mode, kwargs: dict[str, bool] = kwargs
                             ) -> None:
                     train_local_dp(build_model(spec), x, y, config, noise_multiplier=1.0,  # noqa: B023
@@ -164,14 +172,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["local", "central", "round"])
+    parser.add_argument("--models", help="local: comma-separated, of " + ",".join(MODELS))
+    parser.add_argument("--modes", help="local: comma-separated, of " + ",".join(
+        label for label, _, _ in LOCAL_VARIANTS))
     args = parser.parse_args()
+    models = args.models.split(",") if args.models else None
+    modes = args.modes.split(",") if args.modes else None
+    for given, known in ((models or [], MODELS), (modes or [], [v[0] for v in LOCAL_VARIANTS])):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            parser.error(f"unknown {', '.join(unknown)}; known: {', '.join(known)}")
     torch.set_num_threads(1)
     if args.only in (None, "central"):
         central_dp(args.repeats)
     if args.only in (None, "round"):
         central_dp_round()
     if args.only in (None, "local"):
-        local_dp(args.repeats)
+        local_dp(args.repeats, models, modes)
 
 
 DP_CENTRAL = ("privacy: {mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, "

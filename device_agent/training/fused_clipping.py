@@ -128,6 +128,8 @@ class LinearFusedClipping:
             raise TypeError(f"not an nn.Linear: {type(layer).__name__}")
         self._weight_grad = grads.get(layer.weight)
         self._bias_grad = None if layer.bias is None else grads.get(layer.bias)
+        # The clip factors scale whichever of input and output gradient is narrower.
+        self._scale_input = layer.in_features <= layer.out_features
         self._general = RegistryClipping(layer, grads)
         self._a = self._g = torch.empty(0)
         self._two_d = True
@@ -147,7 +149,10 @@ class LinearFusedClipping:
             self._general.add_clipped(factors, column)
             return
         if self._weight_grad is not None:
-            self._weight_grad.addmm_(self._g.T, self._a * column)
+            if self._scale_input:
+                self._weight_grad.addmm_(self._g.T, self._a * column)
+            else:
+                self._weight_grad.addmm_((self._g * column).T, self._a)
         if self._bias_grad is not None:
             self._bias_grad.addmv_(self._g.T, factors)
 
@@ -292,6 +297,10 @@ class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
 
     def _record(self, module: nn.Module, args: tuple[torch.Tensor, ...],
                 out: torch.Tensor) -> None:
+        if any(module is seen for seen in self._order):
+            # The probe saw it once; a data-dependent forward ran it again.
+            raise RuntimeError(f"{type(module).__name__} ran twice in one forward pass; "
+                               "the fused mode clips a layer called once per step")
         self._order.append(module)
         self._inputs.append(args)
         self._outputs.append(out)

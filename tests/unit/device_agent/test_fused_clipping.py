@@ -383,3 +383,21 @@ def test_a_grad_sampler_registered_with_opacus_is_the_one_used() -> None:
         assert calls == [6]
     finally:
         GradSampleHooks.GRAD_SAMPLERS.pop(Scaled2, None)
+
+
+def test_a_layer_that_runs_twice_at_training_time_is_an_error_not_a_wrong_clip() -> None:
+    class Sometimes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.layer(x)
+            return self.layer(out) if len(x) > 2 else out
+
+    model = Sometimes()
+    assert unsupported_reason(model, torch.randn(2, 3)) is None
+    dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        dp_model(torch.randn(4, 3))
+    dp_model.close()
