@@ -6,7 +6,8 @@
   ~54k and ~199k parameters and the CNN (whose convolutions ``fused`` clips through
   Opacus's grad-sampler registry), at batch sizes 10 and 64. Wall
   and CPU times (all threads: ``fused`` draws noise on a second thread) are the best of
-  ``--repeats`` after a warm-up, with one torch thread.
+  ``--repeats`` after a warm-up, with one torch thread; the non-private and the private
+  epoch alternate, so a shared machine's slow spells hit both sides of each ratio.
 - ``central_dp``: a round's coordinator aggregation (FedAvg weighted mean of 100 updates of
   100k float32 parameters) against central DP on the same updates (clip each, sum, secure
   Gaussian noise, accountant check for the next round), with the overhead of each part.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +70,22 @@ def best_of_wall_cpu(repeats: int, run: Callable[[], object]) -> tuple[float, fl
     return min(walls), min(cpus)
 
 
+def paired_best(repeats: int, first: Callable[[], object], second: Callable[[], object]
+                ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Best (wall, CPU) seconds of each of two runs, alternated ``repeats`` times after a
+    warm-up of each: a shared machine's slow spells then hit both sides of a ratio."""
+    first()
+    second()
+    best = [[math.inf, math.inf], [math.inf, math.inf]]
+    for _ in range(repeats):
+        for side, run in enumerate((first, second)):
+            start, cpu = time.perf_counter(), time.process_time()
+            run()
+            best[side][0] = min(best[side][0], time.perf_counter() - start)
+            best[side][1] = min(best[side][1], time.process_time() - cpu)
+    return (best[0][0], best[0][1]), (best[1][0], best[1][1])
+
+
 #: (label, grad-sample mode, keyword arguments): every Opacus mode, and ``fused`` with its
 #: noise drawn ahead on a second thread (the default on a multi-core machine), in line, and
 #: from the secure (AES-CTR) source as production devices draw it.
@@ -96,7 +114,6 @@ def local_dp(repeats: int, models: list[str] | None = None,
             def plain() -> None:
                 train_local(build_model(spec), x, y, config, seed=0)  # noqa: B023
 
-            base, base_cpu = best_of_wall_cpu(repeats, plain)
             for label, mode, kwargs in LOCAL_VARIANTS:
                 if modes and label not in modes:
                     continue
@@ -108,7 +125,7 @@ def local_dp(repeats: int, models: list[str] | None = None,
                                    **kwargs)
 
                 try:
-                    dp, dp_cpu = best_of_wall_cpu(repeats, private)
+                    (base, base_cpu), (dp, dp_cpu) = paired_best(repeats, plain, private)
                 except Exception as exc:  # noqa: BLE001 - reported as the setting's result
                     print(json.dumps({"bench": "local_dp", "model": name, "batch": batch,
                                       "mode": label, "error": repr(exc)[:200]}), flush=True)
