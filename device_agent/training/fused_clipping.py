@@ -44,6 +44,7 @@ caller then uses Opacus's hooks mode.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -175,6 +176,9 @@ class RegistryClipping:
                              sampler(self._layer, list(inputs), output_grad).items()
                              if p in self._grads}
         for gs in self._per_example.values():
+            if gs.shape[0] != total.shape[0]:
+                raise RuntimeError(f"{type(self._layer).__name__}'s grad sampler gave "
+                                   f"{gs.shape[0]} rows for {total.shape[0]} examples")
             flat = gs.reshape(gs.shape[0], -1)
             total.add_(torch.linalg.vecdot(flat, flat))
 
@@ -206,6 +210,14 @@ def unsupported_reason(model: nn.Module, probe: torch.Tensor) -> str | None:
     layers = _trainable_layers(model)
     if not layers:
         return "the model has no trainable parameters"
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    if len(dtypes) > 1:
+        return f"trainable parameters mix dtypes {sorted(str(d) for d in dtypes)}"
+    for name, m in layers:
+        known = type(m) in FUSED_SAMPLERS or type(m) in GradSampleHooks.GRAD_SAMPLERS
+        if not known and (type(m) is nn.EmbeddingBag or any(True for _ in m.buffers())):
+            # Neither registry knows it, and Opacus's functorch route refuses these.
+            return f"layer {name!r} ({type(m).__name__}) has no grad sampler functorch can run"
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -219,6 +231,17 @@ def unsupported_reason(model: nn.Module, probe: torch.Tensor) -> str | None:
             if child is not m and any(p.requires_grad for p in child.parameters(recurse=False)):
                 return (f"layer {name!r} has its own parameters and a trainable sublayer "
                         f"{child_name!r}")
+    # Two batch sizes: a layer whose rows are not the batch (e.g. batch-second, or a
+    # reshaped batch) cannot match both.
+    for examples in (probe, probe[:-1]) if len(probe) > 1 else (probe,):
+        reason = _probe_reason(model, layers, examples)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _probe_reason(model: nn.Module, layers: list[tuple[str, nn.Module]],
+                  probe: torch.Tensor) -> str | None:
     calls: dict[int, list[tuple[tuple[Any, ...], Any, int]]] = {}
 
     def record(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -324,11 +347,12 @@ class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
                 x = module(x)
         return x
 
-    def backward(self, loss_sum: torch.Tensor, *, scale: float = 1.0) -> None:
+    def backward(self, loss_sum: torch.Tensor, *, scale: float) -> None:
         """Adds ``scale * sum_i clip_C(grad_i)`` to every trained parameter's ``.grad``,
-        where ``loss_sum`` is the sum of per-example losses of the last :meth:`forward` (an
-        empty batch: zero with no graph, which adds nothing)."""
-        if not self._outputs or not loss_sum.requires_grad:
+        where ``loss_sum`` is the sum of per-example losses of the last :meth:`forward`;
+        ``scale`` is 1 / the expected batch (DP-SGD's mean, as the noise is scaled). An
+        empty batch adds nothing."""
+        if self._batch == 0 or not self._outputs or not loss_sum.requires_grad:
             return
         grads = torch.autograd.grad(loss_sum, self._outputs, allow_unused=True)
         batch = self._batch
@@ -353,15 +377,26 @@ class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
             for clipping in used:
                 clipping.add_clipped(factors, column)
 
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Refused: the gradients are the optimizer's (``FusedDPOptimizer.zero_grad``); zeroing
+        them here between its ``zero_grad`` and ``step`` would be harmless, but unlinking
+        them from the flat buffer would silently skip the step."""
+        raise RuntimeError("zero the gradients with the FusedDPOptimizer, not the model")
+
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for layer in self._layers:
+            if hasattr(layer, "ft_compute_sample_grad"):  # Opacus's functorch cache
+                del layer.ft_compute_sample_grad
 
     def close(self) -> None:
         """Hooks, ``.grad`` views and Opacus's parameter attributes off the wrapped model."""
         self._inputs.clear()
         self._outputs.clear()
+        self._order.clear()
+        self._clipping.clear()  # and the last batch's activations they hold
         self.cleanup()
         for p in self.params:
             p.grad = None
@@ -376,32 +411,39 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
     :meth:`~FusedGradSampleModule.backward` with ``scale=1/expected_batch_size``), and a
     step adds this step's noise ``N(0, (z C / expected batch)^2)``, drawn by ``noise`` (in
     line or ahead, from a seeded or a secure source), calls the step hook (where the
-    accountant attaches) and steps the wrapped optimizer.
+    accountant attaches) and steps the wrapped optimizer. :meth:`zero_grad` zeroes the flat
+    gradient in place (the parameters' ``.grad`` stay views of it); a step whose gradients
+    are no longer those views is refused, as it would step without noise. One backward, one
+    step: gradient accumulation (``signal_skip_step``) is not supported.
 
-    The noise is placed by :meth:`zero_grad`, which resets the flat gradient to it rather
-    than to zero (the parameters' ``.grad`` stay views of it), so :meth:`add_noise` has
-    nothing left to do. The noise does not depend on the data, so this is the same sum, one
-    pass over the parameters cheaper. Gradient accumulation over several backward passes
-    (``signal_skip_step``) is not supported: one backward, one step."""
+    Raises:
+        ValueError: ``noise`` does not draw std ``z C / expected_batch_size``.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, module: FusedGradSampleModule,
                  noise: StepNoise, noise_multiplier: float, expected_batch_size: int) -> None:
         super().__init__(optimizer, noise_multiplier=noise_multiplier,
                          max_grad_norm=module.max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="mean")
+        planned = noise_multiplier * module.max_grad_norm / expected_batch_size
+        if not math.isclose(noise.std, planned, rel_tol=1e-9):
+            raise ValueError(f"the noise draws std {noise.std}, but z C / expected batch is "
+                             f"{planned}")
         self._flat = module.flat
+        self._views = [(p, p.grad) for p in module.params]
         self._noise = noise
-        self._noise_placed = False
 
     def zero_grad(self, set_to_none: bool = False) -> None:
-        """Resets the gradient to this step's noise (see the class docstring)."""
-        self._flat.copy_(self._noise.next())
-        self._noise_placed = True
+        self._flat.zero_()
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         raise NotImplementedError("the fused mode steps after every backward pass")
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        for p, view in self._views:
+            if p.grad is not view:
+                raise RuntimeError("a parameter's .grad was replaced (e.g. by the model's "
+                                   "zero_grad): this step would miss the noise")
         self.add_noise()
         self.scale_grad()
         if self.step_hook:
@@ -410,10 +452,7 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
         return True
 
     def add_noise(self) -> None:
-        if not self._noise_placed:
-            # zero_grad was not called since the last step: this step still gets noise.
-            self._flat.add_(self._noise.next())
-        self._noise_placed = False
+        self._flat.add_(self._noise.next())
 
     def scale_grad(self) -> None:
         """Nothing left to scale: the clip factors and the noise carry 1/expected batch."""

@@ -133,7 +133,7 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     if grad_sample_mode is GradSampleMode.FUSED:
         from device_agent.training.fused_clipping import unsupported_reason
 
-        fallback_reason = unsupported_reason(model, features[:2])
+        fallback_reason = unsupported_reason(model, features[:3])
         if fallback_reason is None:
             return _train_fused(model, features, labels, config,
                                 noise_multiplier=noise_multiplier,

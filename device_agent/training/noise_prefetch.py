@@ -56,6 +56,11 @@ class StepNoise:
                                             name="dp-noise", daemon=True)
             self._thread.start()
 
+    @property
+    def std(self) -> float:
+        """The standard deviation every coordinate is drawn with."""
+        return self._std
+
     def _new_block(self) -> torch.Tensor:
         return torch.empty(self._per_draw, self._numel, dtype=torch.float32)
 

@@ -158,8 +158,8 @@ def test_the_optimizer_steps_on_the_clipped_sum_over_the_divisor_plus_the_steps_
     steps: list[int] = []
     with StepNoise(numel, 0.3, fill, steps=1, background=False) as noise:
         optimizer = FusedDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
-                                     module=dp_model, noise=noise, noise_multiplier=2.1,
-                                     expected_batch_size=7)
+                                     module=dp_model, noise=noise, noise_multiplier=4.2,
+                                     expected_batch_size=7)  # z C / B = 0.3
         optimizer.attach_step_hook(lambda opt: steps.append(1))
         optimizer.zero_grad()
         dp_model.backward(nn.functional.cross_entropy(dp_model(x), y, reduction="sum"),
@@ -189,7 +189,7 @@ def test_it_is_an_opacus_grad_sample_module_and_dp_optimizer() -> None:
 
     model = mlp([4, 5, 3])
     dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
-    with StepNoise(dp_model.flat.numel(), 1.0, lambda b, s: b.zero_(), steps=1,
+    with StepNoise(dp_model.flat.numel(), 0.25, lambda b, s: b.zero_(), steps=1,
                    background=False) as noise:
         optimizer = FusedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                      module=dp_model, noise=noise, noise_multiplier=1.0,
@@ -401,3 +401,89 @@ def test_a_layer_that_runs_twice_at_training_time_is_an_error_not_a_wrong_clip()
     with pytest.raises(RuntimeError, match="ran twice"):
         dp_model(torch.randn(4, 3))
     dp_model.close()
+
+
+def _optimizer_over(dp_model: FusedGradSampleModule, model: nn.Module, noise: StepNoise,
+                    expected_batch: int = 4) -> FusedDPOptimizer:
+    return FusedDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), module=dp_model,
+                            noise=noise, noise_multiplier=noise.std * expected_batch,
+                            expected_batch_size=expected_batch)  # C = 1
+
+
+def test_an_empty_batch_through_a_convolution_steps_on_the_noise_alone() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("cnn", {}))
+    start = [p.detach().clone() for p in model.parameters()]
+    dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
+    with StepNoise(dp_model.flat.numel(), 0.01, lambda b, s: b.fill_(s), steps=1,
+                   background=False) as noise:
+        optimizer = _optimizer_over(dp_model, model, noise)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(dp_model(torch.zeros(0, 64)),
+                                           torch.zeros(0, dtype=torch.int64), reduction="sum")
+        dp_model.backward(loss, scale=0.25)
+        optimizer.step()
+    dp_model.close()
+    for before, p in zip(start, model.parameters(), strict=True):
+        torch.testing.assert_close(before - p.detach(), torch.full_like(before, 0.01))
+
+
+def test_gradients_unlinked_from_the_flat_buffer_are_refused_not_stepped_without_noise(
+        ) -> None:
+    model = mlp([4, 5, 3])
+    dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="FusedDPOptimizer"):
+        dp_model.zero_grad()
+    with StepNoise(dp_model.flat.numel(), 0.1, lambda b, s: b.zero_(), steps=2,
+                   background=False) as noise:
+        optimizer = _optimizer_over(dp_model, model, noise)
+        optimizer.zero_grad()
+        model.zero_grad(set_to_none=True)  # the raw model's: unlinks the views
+        with pytest.raises(RuntimeError, match="miss the noise"):
+            optimizer.step()
+        with pytest.raises(ValueError, match="z C / expected batch"):
+            FusedDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), module=dp_model,
+                             noise=noise, noise_multiplier=1.0, expected_batch_size=4)
+    dp_model.close()
+
+
+def test_close_removes_opacus_functorch_cache_from_the_callers_layers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), Scaled(5), nn.Linear(5, 3))
+    x, y = batch(6, 4, 3, 9)
+    fused_clipped_sum(model, x, y, 1.0)
+    assert not hasattr(model[1], "ft_compute_sample_grad")
+
+
+class BatchSecond(nn.Module):
+    """Runs its linear layer on [time, batch, features]: rows are not examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.reshape(len(x), 2, 2).transpose(0, 1)
+        return self.layer(steps).transpose(0, 1).reshape(len(x), -1)
+
+
+class Buffered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+        self.register_buffer("offset", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.offset
+
+
+def test_layers_one_pass_cannot_clip_are_found_by_the_probe() -> None:
+    # Batch-second with time 2 passes a probe of 2 examples; the second size catches it.
+    found = unsupported_reason(BatchSecond(), torch.randn(2, 4))
+    assert found is not None and "rows" in found
+    found = unsupported_reason(nn.Sequential(Buffered(), nn.Linear(4, 2)), torch.randn(3, 4))
+    assert found is not None and "no grad sampler functorch can run" in found
+    mixed = mlp([4, 5, 3])
+    mixed[2].double()
+    found = unsupported_reason(mixed, torch.randn(3, 4))
+    assert found is not None and "mix dtypes" in found
