@@ -51,3 +51,22 @@ def test_a_failing_fill_surfaces_in_the_training_thread() -> None:
     with StepNoise(3, 1.0, broken, steps=2, background=True) as noise, \
             pytest.raises(OSError, match="entropy"):
         noise.next()
+
+
+def test_blocks_double_from_one_step_up_to_the_largest_draw_and_cover_every_step() -> None:
+    from device_agent.training.noise_prefetch import DRAW_COORDINATES, block_plan
+
+    numel = DRAW_COORDINATES // 8  # 8 steps fit in the largest draw
+    assert block_plan(numel, 30) == [1, 2, 4, 8, 8, 7]
+    assert block_plan(numel, 0) == []
+    assert block_plan(DRAW_COORDINATES * 3, 3) == [1, 1, 1]
+    assert block_plan(5, 10, steps_per_draw=4) == [4, 4, 2]
+
+
+def test_default_growing_blocks_give_the_same_vectors_ahead_and_in_line() -> None:
+    def draw(background: bool) -> list[torch.Tensor]:
+        with StepNoise(50_000, 1.0, seeded_fill(4), steps=40, background=background) as noise:
+            return [noise.next().clone() for _ in range(40)]
+
+    for a, b in zip(draw(False), draw(True), strict=True):
+        assert torch.equal(a, b)
