@@ -487,3 +487,16 @@ def test_layers_one_pass_cannot_clip_are_found_by_the_probe() -> None:
     mixed[2].double()
     found = unsupported_reason(mixed, torch.randn(3, 4))
     assert found is not None and "mix dtypes" in found
+
+
+def test_all_linear_models_take_the_batched_norm_path_and_others_the_per_layer_one() -> None:
+    """Both paths are checked against explicit clipping above; this pins which one runs."""
+    torch.manual_seed(0)
+    for model, x, linear in ((mlp([4, 6, 3]), torch.randn(5, 4), True),
+                             (build_model(ModelSpec("cnn", {})), torch.randn(5, 64), False)):
+        dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
+        y = torch.zeros(5, dtype=torch.int64)
+        dp_model.backward(nn.functional.cross_entropy(dp_model(x), y, reduction="sum"),
+                          scale=1.0)
+        assert [plan is not None for plan in dp_model._plans.values()] == [linear]
+        dp_model.close()
