@@ -150,13 +150,20 @@ class LinearFusedClipping:
         if not self._two_d:
             self._general.add_clipped(factors, column)
             return
+        self.add_scaled(self._a, self._g, factors, column)
+
+    def add_scaled(self, a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor,
+                   column: torch.Tensor, alpha: float = 1.0) -> None:
+        """Adds ``alpha sum_i factor_i g_i a_i^T`` to the weight's ``.grad`` and
+        ``alpha sum_i factor_i g_i`` to the bias's, for ``[batch, in]`` inputs ``a`` and
+        ``[batch, out]`` output gradients ``g``."""
         if self._weight_grad is not None:
             if self._scale_input:
-                self._weight_grad.addmm_(self._g.T, self._a * column)
+                self._weight_grad.addmm_(g.T, a * column, alpha=alpha)
             else:
-                self._weight_grad.addmm_((self._g * column).T, self._a)
+                self._weight_grad.addmm_((g * column).T, a, alpha=alpha)
         if self._bias_grad is not None:
-            self._bias_grad.addmv_(self._g.T, factors)
+            self._bias_grad.addmv_(g.T, factors, alpha=alpha)
 
 
 class RegistryClipping:
@@ -227,13 +234,7 @@ class _LinearPlan:
         alpha = max_grad_norm * scale
         column = inverse.unsqueeze(1)
         for clipping, a, g in zip(self._layers, activations, output_grads, strict=True):
-            if clipping._weight_grad is not None:
-                if clipping._scale_input:
-                    clipping._weight_grad.addmm_(g.T, a * column, alpha=alpha)
-                else:
-                    clipping._weight_grad.addmm_((g * column).T, a, alpha=alpha)
-            if clipping._bias_grad is not None:
-                clipping._bias_grad.addmv_(g.T, inverse, alpha=alpha)
+            clipping.add_scaled(a, g, inverse, column, alpha)
 
 
 def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float,
