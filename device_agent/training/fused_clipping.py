@@ -66,8 +66,8 @@ class LayerClipping(Protocol):
     def add_squared_norms(self, inputs: Sequence[torch.Tensor], output_grad: torch.Tensor,
                           total: torch.Tensor) -> None: ...
 
-    def add_clipped(self, factors: torch.Tensor, column: torch.Tensor) -> None:
-        """``factors`` is ``[batch]``, ``column`` the same as ``[batch, 1]``."""
+    def add_clipped(self, factors: torch.Tensor) -> None:
+        """``factors`` is ``[batch]``."""
 
 
 #: A fused sampler: given a layer and ``{parameter: .grad view}`` of its trained
@@ -146,24 +146,25 @@ class LinearFusedClipping:
         _add_linear_squared_norms(total, self._a, self._g, self._weight_grad is not None,
                                   self._bias_grad is not None)
 
-    def add_clipped(self, factors: torch.Tensor, column: torch.Tensor) -> None:
+    def add_clipped(self, factors: torch.Tensor) -> None:
         if not self._two_d:
-            self._general.add_clipped(factors, column)
+            self._general.add_clipped(factors)
             return
-        self.add_scaled(self._a, self._g, factors, column)
+        self.add_scaled(self._a, self._g, factors)
 
     def add_scaled(self, a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor,
-                   column: torch.Tensor, alpha: float = 1.0) -> None:
+                   alpha: float = 1.0) -> None:
         """Adds ``alpha sum_i factor_i g_i a_i^T`` to the weight's ``.grad`` and
         ``alpha sum_i factor_i g_i`` to the bias's, for ``[batch, in]`` inputs ``a`` and
         ``[batch, out]`` output gradients ``g``."""
+        g_t = g.T
         if self._weight_grad is not None:
             if self._scale_input:
-                self._weight_grad.addmm_(g.T, a * column, alpha=alpha)
+                self._weight_grad.addmm_(g_t, a * factors.unsqueeze(1), alpha=alpha)
             else:
-                self._weight_grad.addmm_((g * column).T, a, alpha=alpha)
+                self._weight_grad.addmm_(g_t * factors, a, alpha=alpha)
         if self._bias_grad is not None:
-            self._bias_grad.addmv_(g.T, factors, alpha=alpha)
+            self._bias_grad.addmv_(g_t, factors, alpha=alpha)
 
 
 class RegistryClipping:
@@ -190,7 +191,7 @@ class RegistryClipping:
             flat = gs.reshape(gs.shape[0], -1)
             total.add_(torch.linalg.vecdot(flat, flat))
 
-    def add_clipped(self, factors: torch.Tensor, column: torch.Tensor) -> None:
+    def add_clipped(self, factors: torch.Tensor) -> None:
         for p, gs in self._per_example.items():
             self._grads[p].add_(torch.tensordot(factors, gs, dims=1))
         self._per_example = {}
@@ -198,43 +199,48 @@ class RegistryClipping:
 
 class _LinearPlan:
     """Every layer of a forward pass is an ``nn.Linear`` on ``[batch, in]``: the per-example
-    norms of all layers in five ops instead of four per layer. With ``S`` a 0/1 matrix that
-    sums each layer's columns, ``cat(a_1..a_L, g_1..g_L)^2 @ S`` is ``[|a_l|^2 | |g_l|^2]``,
-    and ``|grad_i|^2 = sum_l (w_l |a_l|^2 + b_l) |g_l|^2`` where ``w_l``, ``b_l`` say
-    whether the layer's weight and bias are trained. The clip scale ``C / expected batch`` is
-    the matmuls' ``alpha``, not one more op."""
+    norms of all layers in six ops instead of four per layer. With ``S`` a matrix that sums
+    each layer's columns (a layer's input columns weighted ``w_l``) and ``o`` a row of
+    offsets, ``cat(a_1..a_L, g_1..g_L)^2 @ S + o`` is ``[w_l |a_l|^2 + b_l | |g_l|^2]``, and
+    ``|grad_i|^2 = sum_l (w_l |a_l|^2 + b_l) |g_l|^2``, where ``w_l``, ``b_l`` (0 or 1) say
+    whether the layer's weight and bias are trained. The clip scale ``C / expected batch``
+    is the matmuls' ``alpha``, not one more op."""
 
     def __init__(self, layers: list[LinearFusedClipping], dtype: torch.dtype) -> None:
-        self._layers = layers
+        count = len(layers)
         widths = [c.in_features for c in layers] + [c.out_features for c in layers]
+        trained = [(c._weight_grad is not None, c._bias_grad is not None) for c in layers]
+        self._count = count
         self._segments = torch.zeros(sum(widths), len(widths), dtype=dtype)
         offset = 0
         for column, width in enumerate(widths):
-            self._segments[offset:offset + width, column] = 1.0
+            weight = trained[column][0] if column < count else True
+            self._segments[offset:offset + width, column] = float(weight)
             offset += width
-        self._weights = torch.tensor([float(c._weight_grad is not None) for c in layers],
+        self._offsets = torch.tensor([float(bias) for _, bias in trained] + [0.0] * count,
                                      dtype=dtype)
-        self._biases = torch.tensor([float(c._bias_grad is not None) for c in layers],
-                                    dtype=dtype)
+        self._layers = layers
 
     @staticmethod
-    def applies(inputs: list[tuple[torch.Tensor, ...]]) -> bool:
-        return all(a[0].dim() == 2 for a in inputs)
+    def applies(activations: Sequence[torch.Tensor]) -> bool:
+        return all(a.dim() == 2 for a in activations)
 
-    def add_clipped_sum(self, inputs: list[tuple[torch.Tensor, ...]],
-                        output_grads: list[torch.Tensor], max_grad_norm: float,
-                        scale: float) -> None:
-        count = len(self._layers)
-        activations = [a[0] for a in inputs]
-        squares = torch.cat([*activations, *output_grads], dim=1).square_().mm(self._segments)
-        per_layer = torch.addcmul(self._biases, squares.narrow(1, 0, count), self._weights)
-        total = torch.linalg.vecdot(per_layer, squares.narrow(1, count, count))
+    def add_clipped_sum(self, activations: list[torch.Tensor],
+                        output_grads: Sequence[torch.Tensor], max_grad_norm: float,
+                        scale: float, batch: int) -> None:
+        count = self._count
+        stacked = torch.cat([*activations, *output_grads], dim=1)
+        if stacked.shape[0] != batch:  # cat has checked that every layer has as many rows
+            raise RuntimeError("the rows of a linear layer's input are not the batch's "
+                               "examples")
+        squares = torch.addmm(self._offsets, stacked.square_(), self._segments)
+        total = torch.linalg.vecdot(squares.narrow(1, 0, count),
+                                    squares.narrow(1, count, count))
         # 1 / max(|grad_i|, C): times C below, min(1, C / |grad_i|); a zero gradient gets 1.
         inverse = total.clamp_min_(max_grad_norm * max_grad_norm).rsqrt_()
         alpha = max_grad_norm * scale
-        column = inverse.unsqueeze(1)
         for clipping, a, g in zip(self._layers, activations, output_grads, strict=True):
-            clipping.add_scaled(a, g, inverse, column, alpha)
+            clipping.add_scaled(a, g, inverse, alpha)
 
 
 def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float,
@@ -364,7 +370,12 @@ class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
         # through forward hooks.
         direct = type(m) is nn.Sequential and all(
             any(layer is child for child in m) for layer in self._layers)
-        self._chain: list[nn.Module] | None = list(m.children()) if direct else None
+        self._chain: list[tuple[nn.Module, bool]] | None = None
+        if direct:
+            self._chain = [(child, id(child) in self._clipping) for child in m.children()]
+            self._order = [child for child, recorded in self._chain if recorded]
+        # The chain's layers run in one order: its plan is looked up once.
+        self._chain_plan = self._linear_plan() if direct else None
         self._handles = [] if direct else [layer.register_forward_hook(self._record)
                                            for layer in self._layers]
 
@@ -382,17 +393,17 @@ class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
         """``m(x)``, recording what :meth:`backward` needs."""
         self._inputs.clear()
         self._outputs.clear()
-        self._order.clear()
         self._batch = len(x)
         if self._chain is None:
+            self._order.clear()
             out: torch.Tensor = self._module(x)
             return out
-        for module in self._chain:
-            if id(module) in self._clipping:
-                self._order.append(module)
-                self._inputs.append((x,))
+        inputs, outputs = self._inputs, self._outputs
+        for module, recorded in self._chain:
+            if recorded:
+                inputs.append((x,))
                 x = module(x)
-                self._outputs.append(x)
+                outputs.append(x)
             else:
                 x = module(x)
         return x
@@ -409,28 +420,30 @@ class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
         # Inference mode, not no_grad: the norms and factors never meet autograd, and their
         # small ops dispatch ~15-25% faster (measured), which counts at small batches.
         with torch.inference_mode():
+            if any(g is None for g in grads):  # an output the loss does not use
+                grads = tuple(torch.zeros_like(y) if g is None else g
+                              for y, g in zip(self._outputs, grads, strict=True))
+            plan = self._linear_plan() if self._chain is None else self._chain_plan
+            if plan is not None:
+                activations = [args[0] for args in self._inputs]
+                if plan.applies(activations):
+                    plan.add_clipped_sum(activations, grads, self.max_grad_norm, scale, batch)
+                    return
             for layer, inputs in zip(self._order, self._inputs, strict=True):
                 for a in inputs:
                     if a.shape[0] != batch:
                         # A row must be one example, or its rows would be clipped apart.
                         raise RuntimeError(f"the rows of {type(layer).__name__}'s input are "
                                            "not the batch's examples")
-            output_grads = [torch.zeros_like(y) if g is None else g
-                            for y, g in zip(self._outputs, grads, strict=True)]
-            plan = self._linear_plan()
-            if plan is not None and plan.applies(self._inputs):
-                plan.add_clipped_sum(self._inputs, output_grads, self.max_grad_norm, scale)
-                return
             total = torch.zeros(batch, dtype=self.flat.dtype)
             used: list[LayerClipping] = []
-            for layer, inputs, g in zip(self._order, self._inputs, output_grads, strict=True):
+            for layer, inputs, g in zip(self._order, self._inputs, grads, strict=True):
                 clipping = self._clipping[id(layer)]
                 clipping.add_squared_norms(inputs, g, total)
                 used.append(clipping)
             factors = clip_factors(total, self.max_grad_norm, 1.0 / scale)
-            column = factors.unsqueeze(1)
             for clipping in used:
-                clipping.add_clipped(factors, column)
+                clipping.add_clipped(factors)
 
     def _linear_plan(self) -> _LinearPlan | None:
         """The all-linear fast path for the layers in this forward's order, or None when a

@@ -66,6 +66,7 @@ class StepNoise:
         self._fill = fill
         self._steps_left = steps
         self._block: torch.Tensor | None = None
+        self._rows: tuple[torch.Tensor, ...] = ()
         self._used = 0
         self._thread: threading.Thread | None = None
         if background and self._plan:
@@ -125,10 +126,11 @@ class StepNoise:
         if self._steps_left == 0:
             raise RuntimeError("more noise vectors asked for than the steps planned")
         self._steps_left -= 1
-        if self._block is None or self._used == self._block.shape[0]:
+        if self._used == len(self._rows):
             self._block = self._next_block()
+            self._rows = self._block.unbind(0)  # one op for the block's row views
             self._used = 0
-        row = self._block[self._used]
+        row = self._rows[self._used]
         self._used += 1
         return row
 
