@@ -112,7 +112,7 @@ def epsilon_of_history(history: Sequence[MechanismSteps], *, delta: float,
             raise ValueError(f"fixed-size sampling needs population >= 1, got {population}")
         return _fixed_size_rdp_epsilon(tuple(history), delta, population)
     if method is AccountingMethod.RDP:
-        return _poisson_rdp_epsilon(history, delta)
+        return _poisson_rdp_epsilon(tuple(history), delta)
     return _poisson_prv_epsilon(history, delta)
 
 
@@ -188,7 +188,8 @@ def _poisson_rdp_per_step(sampling_rate: float, noise_multiplier: float
     return curve
 
 
-def _poisson_rdp_epsilon(history: Sequence[MechanismSteps], delta: float) -> float:
+@functools.lru_cache(maxsize=1024)  # a device's local DP asks the same each round
+def _poisson_rdp_epsilon(history: tuple[MechanismSteps, ...], delta: float) -> float:
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
     total = sum(_poisson_rdp_per_step(h.sampling_rate, h.noise_multiplier) * h.steps

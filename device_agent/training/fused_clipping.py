@@ -198,8 +198,8 @@ class RegistryClipping:
 
 
 class _LinearPlan:
-    """Every layer of a forward pass is an ``nn.Linear`` on ``[batch, in]``: the per-example
-    norms of all layers in six ops instead of four per layer. With ``S`` a matrix that sums
+    """Every layer of a forward pass is an ``nn.Linear`` on ``[batch, in]``: the clip factors
+    of all layers in eight ops, however many layers. With ``S`` a matrix that sums
     each layer's columns (a layer's input columns weighted ``w_l``) and ``o`` a row of
     offsets, ``cat(a_1..a_L, g_1..g_L)^2 @ S + o`` is ``[w_l |a_l|^2 + b_l | |g_l|^2]``, and
     ``|grad_i|^2 = sum_l (w_l |a_l|^2 + b_l) |g_l|^2``, where ``w_l``, ``b_l`` (0 or 1) say
@@ -286,6 +286,8 @@ def unsupported_reason(model: nn.Module, probe: torch.Tensor) -> str | None:
             if child is not m and any(p.requires_grad for p in child.parameters(recurse=False)):
                 return (f"layer {name!r} has its own parameters and a trainable sublayer "
                         f"{child_name!r}")
+    if probe.dim() == 2 and _is_linear_chain(model):
+        return None  # what the probe would find, known without running it
     # Two batch sizes: a layer whose rows are not the batch (e.g. batch-second, or a
     # reshaped batch) cannot match both.
     for examples in (probe, probe[:-1]) if len(probe) > 1 else (probe,):
@@ -293,6 +295,26 @@ def unsupported_reason(model: nn.Module, probe: torch.Tensor) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+#: Layers that map each row of a ``[batch, features]`` input to the same row of their
+#: output (``nn.Linear``), or act on each element (the rest), and hold no state.
+_ROW_WISE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh,
+    nn.Sigmoid, nn.Softplus, nn.Dropout)
+
+
+def _is_linear_chain(model: nn.Module) -> bool:
+    """A plain ``nn.Sequential`` of distinct row-wise layers (exact types), none in place:
+    on ``[batch, features]`` inputs each layer runs once, on rows that are the examples,
+    and no output is modified in place, which is what the probe checks by running it."""
+    if type(model) is not nn.Sequential:
+        return False
+    children = list(model)  # as Sequential.forward runs them: a repeat counts twice
+    return (len({id(child) for child in children}) == len(children)
+            and all(type(child) in _ROW_WISE_LAYERS and not getattr(child, "inplace", False)
+                    and not child._forward_hooks and not child._forward_pre_hooks
+                    for child in children))
 
 
 def _probe_reason(model: nn.Module, layers: list[tuple[str, nn.Module]],
@@ -372,7 +394,7 @@ class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
             any(layer is child for child in m) for layer in self._layers)
         self._chain: list[tuple[nn.Module, bool]] | None = None
         if direct:
-            self._chain = [(child, id(child) in self._clipping) for child in m.children()]
+            self._chain = [(child, id(child) in self._clipping) for child in m]
             self._order = [child for child, recorded in self._chain if recorded]
         # The chain's layers run in one order: its plan is looked up once.
         self._chain_plan = self._linear_plan() if direct else None

@@ -62,6 +62,8 @@ FASTEST_MODE = GradSampleMode.FUSED
 #: Smallest model whose noise is drawn ahead by default: below it a step's noise costs less
 #: than handing it between threads (a 4.8k-parameter MLP's epoch was faster in line).
 PREFETCH_MIN_COORDINATES = 1 << 15
+#: CPUs of this machine (``os.cpu_count`` reads /proc on every call).
+_CPUS = os.cpu_count() or 1
 #: What runs when ``fused`` cannot train the model.
 FALLBACK_MODE = GradSampleMode.HOOKS
 
@@ -180,7 +182,7 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
         dp_model = FusedGradSampleModule(model, max_grad_norm=max_grad_norm)
         cleanup.callback(dp_model.close)  # hooks and gradient views off the caller's model
         if prefetch_noise is None:
-            prefetch_noise = ((os.cpu_count() or 1) > 1
+            prefetch_noise = (_CPUS > 1
                               and dp_model.flat.numel() >= PREFETCH_MIN_COORDINATES)
         noise = cleanup.enter_context(StepNoise(
             dp_model.flat.numel(), noise_std / expected_batch, fill,

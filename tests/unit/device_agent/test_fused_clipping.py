@@ -18,6 +18,8 @@ from core.types import ModelSpec
 from device_agent.training.fused_clipping import (
     FusedDPOptimizer,
     FusedGradSampleModule,
+    _probe_reason,
+    _trainable_layers,
     clip_factors,
     per_example_squared_norms,
     unsupported_reason,
@@ -249,6 +251,23 @@ def test_a_layer_used_twice_is_named() -> None:
     found = unsupported_reason(Twice(), torch.randn(2, 3))
     assert found is not None and "ran 2 times" in found
     assert unsupported_reason(mlp([3, 4, 2]), torch.randn(2, 3)) is None
+    shared = nn.Linear(3, 3)
+    found = unsupported_reason(nn.Sequential(shared, nn.ReLU(), shared), torch.randn(2, 3))
+    assert found is not None and "ran 2 times" in found
+
+
+@pytest.mark.parametrize("model", [
+    mlp([3, 4, 2]),
+    nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.1), nn.Linear(4, 2)),
+    nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)),
+    nn.Sequential(nn.Unflatten(1, (3, 1)), nn.Linear(1, 2), nn.Flatten()),
+])
+def test_a_linear_chain_is_judged_without_running_it_as_the_probe_judges_it(
+        model: nn.Module) -> None:
+    layers = _trainable_layers(model)
+    probed = next((reason for examples in (torch.randn(3, 3), torch.randn(2, 3))
+                   if (reason := _probe_reason(model, layers, examples)) is not None), None)
+    assert unsupported_reason(model, torch.randn(3, 3)) == probed
 
 
 def test_poisson_batches_include_each_index_at_the_rate() -> None:
