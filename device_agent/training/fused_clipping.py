@@ -393,7 +393,8 @@ class FusedGradSampleModule(AbstractGradSampleModule):  # type: ignore[misc]
         direct = type(m) is nn.Sequential and all(
             any(layer is child for child in m) for layer in self._layers)
         self._chain: list[tuple[nn.Module, bool]] | None = None
-        if direct:
+        if direct and isinstance(m, nn.Sequential):
+            # As Sequential.forward runs them (children() would drop a repeated layer).
             self._chain = [(child, id(child) in self._clipping) for child in m]
             self._order = [child for child, recorded in self._chain if recorded]
         # The chain's layers run in one order: its plan is looked up once.
