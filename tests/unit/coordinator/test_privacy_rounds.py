@@ -506,13 +506,15 @@ def distributed_round(service: CoordinatorService, clock: ManualClock, task_id: 
         assert isinstance(req, ShareKeysRequest)
         service.secagg_share_keys(p, clients[d].share_keys(req))
     uploaded = list(seats)[:reporting]
-    for d in uploaded:
+    for index, d in enumerate(uploaded):
         req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
         assert isinstance(req, MaskedInputRequest)
         enc = encode_update(updates[d], 50, sa.params, np.random.default_rng(1))
+        # A seed per device, never shared: two equal shares would add up coherently
+        # (hash(d) % 1000 collided for some hash seeds: std sqrt(8/6) of the planned).
         share = device_noise_share_simulated(
             len(enc.vector) - 1, noise_stddev=privacy.distributed_noise_steps,
-            devices_planned=privacy.devices_planned, source=NoiseSource.seeded(hash(d) % 1000))
+            devices_planned=privacy.devices_planned, source=NoiseSource.seeded(index))
         service.secagg_masked_input(seats[d], clients[d].mask(req, add_noise_share(
             enc.vector, share)), {}, enc.clipped)
     if reporting < len(seats):
