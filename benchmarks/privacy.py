@@ -102,6 +102,12 @@ def local_dp(repeats: int, models: list[str] | None = None,
              modes: list[str] | None = None) -> None:
     from sklearn.datasets import load_digits
 
+    # Agents keep their noise worker process between rounds: start it before timing.
+    from device_agent.training.noise_worker import NoiseWorker
+
+    worker = NoiseWorker.claim(wait=60.0)
+    if worker is not None:
+        worker.finish()
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)

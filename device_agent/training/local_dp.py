@@ -41,7 +41,7 @@ from core.privacy import MechanismSteps, epsilon_of_history
 from core.training import TrainResult
 from core.types import LocalOptimizerKind, LocalTraining
 from device_agent.errors import AgentError
-from device_agent.training.noise_prefetch import StepNoise
+from device_agent.training.noise_prefetch import SecureGaussian, SeededGaussian, StepNoise
 
 
 class LocalDpError(AgentError):
@@ -170,8 +170,8 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
     sampling_rate = 1 / steps_per_epoch
     expected_batch = max(int(n * sampling_rate), 1)
     generator = torch.Generator().manual_seed(seed)
-    noise_generator = torch.Generator().manual_seed(seed + 1)
-    fill = _secure_fill() if secure_mode else _seeded_fill(noise_generator)
+    fill: Callable[[torch.Tensor, float], None] = (
+        SecureGaussian() if secure_mode else SeededGaussian(seed + 1))
     noise_std = noise_multiplier * max_grad_norm
     accountant = RDPAccountant()
     was_training = model.training
@@ -228,24 +228,6 @@ def poisson_batches(n: int, rate: float, steps: int, generator: torch.Generator
         chosen = torch.rand(count, n, generator=generator) < rate
         sizes = chosen.sum(1).tolist()
         yield from torch.split(chosen.nonzero()[:, 1], sizes)
-
-
-def _seeded_fill(generator: torch.Generator) -> Callable[[torch.Tensor, float], None]:
-    def fill(buffer: torch.Tensor, std: float) -> None:
-        buffer.normal_(0.0, std, generator=generator)
-
-    return fill
-
-
-def _secure_fill() -> Callable[[torch.Tensor, float], None]:
-    from core.privacy.noise import NoiseSource, fill_gaussian_
-
-    source = NoiseSource.secure()
-
-    def fill(buffer: torch.Tensor, std: float) -> None:
-        fill_gaussian_(buffer, stddev=std, source=source)
-
-    return fill
 
 
 def _train_opacus(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
@@ -334,7 +316,7 @@ def _use_secure_noise(dp_optimizer: Any) -> None:
     same fill as the ``fused`` mode's)."""
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    fill = _secure_fill()
+    fill = SecureGaussian()
 
     def add_noise() -> None:
         std = dp_optimizer.noise_multiplier * dp_optimizer.max_grad_norm

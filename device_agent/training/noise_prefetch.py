@@ -22,8 +22,12 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from device_agent.training.noise_worker import NoiseWorker
 
 #: ``fill(buffer, std)`` overwrites ``buffer`` with N(0, std^2) noise.
 Fill = Callable[[torch.Tensor, float], None]
@@ -34,6 +38,40 @@ Fill = Callable[[torch.Tensor, float], None]
 DRAW_COORDINATES = 1 << 20
 
 _STOP = object()
+
+
+class SeededGaussian:
+    """``fill`` from a torch generator seeded with ``seed`` (simulations and tests). Picklable
+    until first used, so a noise worker process can draw the same stream."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, buffer: torch.Tensor, std: float) -> None:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        buffer.normal_(0.0, std, generator=self._generator)
+
+    def __getstate__(self) -> dict[str, int]:
+        if self._generator is not None:
+            raise TypeError("a SeededGaussian already drawn from cannot be copied")
+        return {"seed": self.seed}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.seed = state["seed"]
+        self._generator = None
+
+
+class SecureGaussian:
+    """``fill`` from :meth:`core.privacy.noise.NoiseSource.secure` (AES-CTR keyed from
+    ``os.urandom`` on every call, hardened): what production devices draw. Picklable: the
+    source keeps no state, so wherever it runs the key comes from that machine's CSPRNG."""
+
+    def __call__(self, buffer: torch.Tensor, std: float) -> None:
+        from core.privacy.noise import NoiseSource, fill_gaussian_
+
+        fill_gaussian_(buffer, stddev=std, source=NoiseSource.secure())
 
 
 def block_plan(numel: int, steps: int, steps_per_draw: int | None = None) -> list[int]:
@@ -69,7 +107,15 @@ class StepNoise:
         self._rows: tuple[torch.Tensor, ...] = ()
         self._used = 0
         self._thread: threading.Thread | None = None
-        if background and self._plan:
+        self._worker: NoiseWorker | None = None
+        if background and self._plan and isinstance(fill, SeededGaussian | SecureGaussian) \
+                and numel * max(self._plan) <= DRAW_COORDINATES:
+            from device_agent.training.noise_worker import NoiseWorker
+
+            self._worker = NoiseWorker.claim()
+            if self._worker is not None:
+                self._worker.start(numel, std, self._plan, fill)
+        if background and self._plan and self._worker is None:
             # Two blocks in flight at most: the one training uses and the next.
             self._free: queue.SimpleQueue[object] = queue.SimpleQueue()
             self._ready: queue.SimpleQueue[torch.Tensor | BaseException] = queue.SimpleQueue()
@@ -78,6 +124,13 @@ class StepNoise:
             self._thread = threading.Thread(target=self._work, args=(list(self._plan),),
                                             name="dp-noise", daemon=True)
             self._thread.start()
+
+    @property
+    def drawer(self) -> str:
+        """Who draws: ``"process"`` (the noise worker process), ``"thread"`` or ``"inline"``."""
+        if self._worker is not None:
+            return "process"
+        return "thread" if self._thread is not None else "inline"
 
     @property
     def std(self) -> float:
@@ -105,6 +158,8 @@ class StepNoise:
     def _next_block(self) -> torch.Tensor:
         size = self._plan[self._draw]
         self._draw += 1
+        if self._worker is not None:
+            return self._worker.next_block()
         if self._thread is None:
             block = self._block_for(size, self._block)
             self._fill(block, self._std)
@@ -135,7 +190,11 @@ class StepNoise:
         return row
 
     def close(self) -> None:
-        """Stops the worker, if any (it finishes the block it is drawing)."""
+        """Stops the worker, if any (a thread finishes the block it is drawing; the process
+        drops the rest of the job)."""
+        if self._worker is not None:
+            self._worker.finish()
+            self._worker = None
         if self._thread is not None:
             self._free.put(_STOP)
             self._thread.join()
