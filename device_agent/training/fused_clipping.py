@@ -516,10 +516,13 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
     :meth:`~FusedGradSampleModule.backward` with ``scale=1/expected_batch_size``), and a
     step adds this step's noise ``N(0, (z C / expected batch)^2)``, drawn by ``noise`` (in
     line or ahead, from a seeded or a secure source), calls the step hook (where the
-    accountant attaches) and steps the wrapped optimizer. :meth:`zero_grad` zeroes the flat
-    gradient in place (the parameters' ``.grad`` stay views of it); a step whose gradients
-    are no longer those views is refused, as it would step without noise. One backward, one
-    step: gradient accumulation (``signal_skip_step``) is not supported.
+    accountant attaches) and steps the wrapped optimizer. :meth:`zero_grad` starts the flat
+    gradient at the coming step's noise (the parameters' ``.grad`` stay views of it; the
+    backward pass adds the clipped sum on top, so the noise costs no pass over the gradient
+    of its own); a step not preceded by :meth:`zero_grad` adds its noise itself. Either way
+    each step gets one fresh noise vector. A step whose gradients are no longer the flat
+    buffer's views is refused, as it would step without noise. One backward, one step:
+    gradient accumulation (``signal_skip_step``) is not supported.
 
     Raises:
         ValueError: ``noise`` does not draw std ``z C / expected_batch_size``.
@@ -537,9 +540,15 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
         self._flat = module.flat
         self._views = [(p, p.grad) for p in module.params]
         self._noise = noise
+        self._step_noise: torch.Tensor | None = None  # drawn by zero_grad for the next step
 
     def zero_grad(self, set_to_none: bool = False) -> None:
-        self._flat.zero_()
+        if self._step_noise is None and self._noise.remaining:
+            self._step_noise = self._noise.next()
+        if self._step_noise is None:  # past the planned steps: no step may follow
+            self._flat.zero_()
+        else:
+            self._flat.copy_(self._step_noise)
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         raise NotImplementedError("the fused mode steps after every backward pass")
@@ -557,7 +566,10 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
         return True
 
     def add_noise(self) -> None:
-        self._flat.add_(self._noise.next())
+        """This step's noise, unless :meth:`zero_grad` already started the gradient at it."""
+        if self._step_noise is None:
+            self._flat.add_(self._noise.next())
+        self._step_noise = None
 
     def scale_grad(self) -> None:
         """Nothing left to scale: the clip factors and the noise carry 1/expected batch."""

@@ -133,6 +133,11 @@ class StepNoise:
         return "thread" if self._thread is not None else "inline"
 
     @property
+    def remaining(self) -> int:
+        """Vectors still to come (``steps`` minus those handed out)."""
+        return self._steps_left
+
+    @property
     def std(self) -> float:
         """The standard deviation every coordinate is drawn with."""
         return self._std

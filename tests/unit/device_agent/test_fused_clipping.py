@@ -185,6 +185,40 @@ def test_an_empty_batch_steps_on_the_noise_alone() -> None:
     dp_model.close()
 
 
+@pytest.mark.parametrize("zero_grad_first", [True, False])
+def test_each_step_gets_one_fresh_noise_vector_wherever_zero_grad_is_called(
+        zero_grad_first: bool) -> None:
+    """zero_grad starts the gradient at the next step's noise; a step without it adds its
+    own. Empty batches: the parameters move by the noise alone (lr 1)."""
+    model = mlp([4, 5, 3])
+    dp_model = FusedGradSampleModule(model, max_grad_norm=1.0)
+    draws = iter(range(1, 100))
+
+    def numbered(block: torch.Tensor, std: float) -> None:
+        for row in block:
+            row.fill_(next(draws))
+
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    with StepNoise(dp_model.flat.numel(), 1.0, numbered, steps=3, background=False) as noise:
+        optimizer = FusedDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                     module=dp_model, noise=noise, noise_multiplier=1.0,
+                                     expected_batch_size=1)
+        for _ in range(3):
+            if zero_grad_first:
+                optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(dp_model(torch.zeros(0, 4)),
+                                               torch.zeros(0, dtype=torch.int64),
+                                               reduction="sum")
+            dp_model.backward(loss, scale=1.0)
+            optimizer.step()
+            if not zero_grad_first:
+                optimizer.zero_grad()  # after the last step: no vector left, and none drawn
+        assert noise.remaining == 0
+    moved = start - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(moved, torch.full_like(moved, 1.0 + 2.0 + 3.0))
+    dp_model.close()
+
+
 def test_it_is_an_opacus_grad_sample_module_and_dp_optimizer() -> None:
     from opacus.grad_sample import AbstractGradSampleModule
     from opacus.optimizers import DPOptimizer
