@@ -59,9 +59,11 @@ class GradSampleMode(enum.Enum):
 #: Default mode. In benchmarks/privacy.py (2 CPU cores) ``fused`` was the fastest on every
 #: MLP and on the CNN.
 FASTEST_MODE = GradSampleMode.FUSED
-#: Smallest model whose noise is drawn ahead by default: below it a step's noise costs less
-#: than handing it between threads (a 4.8k-parameter MLP's epoch was faster in line).
-PREFETCH_MIN_COORDINATES = 1 << 15
+#: Least noise a call draws (coordinates over all its steps) for it to be drawn ahead by
+#: default: below it, drawing in line (~3.5 ns a coordinate, ~2 ms here) costs less than
+#: starting the worker's job and handing the blocks over (a 4.8k-parameter MLP: one epoch
+#: at batch 64, 140k coordinates, was faster in line; at batch 10, 866k, ahead).
+PREFETCH_MIN_COORDINATES = 1 << 19
 #: CPUs of this machine (``os.cpu_count`` reads /proc on every call).
 _CPUS = os.cpu_count() or 1
 #: What runs when ``fused`` cannot train the model.
@@ -116,10 +118,11 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     CSPRNG, hardened against the floating-point attack like Opacus's own secure mode) through
     the DP optimizer's ``add_noise`` step, so torchcsprng is not needed.
 
-    ``prefetch_noise`` (``fused`` mode): draw the steps' noise ahead, in blocks, on a worker
-    thread (:mod:`device_agent.training.noise_prefetch`; the same noise in the same order as
-    drawing in line). Default: when the machine has more than one CPU and the model at
-    least ``PREFETCH_MIN_COORDINATES`` trained parameters.
+    ``prefetch_noise`` (``fused`` mode): draw the steps' noise ahead, in blocks, in the noise
+    worker process (:mod:`device_agent.training.noise_worker`), else on a thread while that
+    starts or serves another call (:mod:`device_agent.training.noise_prefetch`); the same
+    noise in the same order as drawing in line. Default: when the machine has more than one
+    CPU and the call draws at least ``PREFETCH_MIN_COORDINATES`` coordinates of noise.
 
     Raises:
         LocalDpError: the model has unsupported layers (see :func:`check_local_dp_model`) or a
@@ -182,8 +185,8 @@ def _train_fused(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
         dp_model = FusedGradSampleModule(model, max_grad_norm=max_grad_norm)
         cleanup.callback(dp_model.close)  # hooks and gradient views off the caller's model
         if prefetch_noise is None:
-            prefetch_noise = (_CPUS > 1
-                              and dp_model.flat.numel() >= PREFETCH_MIN_COORDINATES)
+            drawn = dp_model.flat.numel() * config.epochs * steps_per_epoch
+            prefetch_noise = _CPUS > 1 and drawn >= PREFETCH_MIN_COORDINATES
         noise = cleanup.enter_context(StepNoise(
             dp_model.flat.numel(), noise_std / expected_batch, fill,
             steps=config.epochs * steps_per_epoch, background=prefetch_noise))

@@ -181,15 +181,26 @@ def test_a_model_one_pass_cannot_clip_falls_back_to_opacus_hooks_and_says_why() 
     assert result.train.steps == 12
 
 
-def test_drawing_noise_ahead_on_a_thread_changes_nothing_in_the_model() -> None:
+def test_drawing_noise_ahead_in_the_worker_or_on_a_thread_changes_nothing_in_the_model(
+) -> None:
+    from device_agent.training.noise_worker import NoiseWorker
+
     x, y = data()
     config = LocalTraining(epochs=2, batch_size=10)
-    nets = [model(), model()]
-    for net, ahead in zip(nets, (True, False), strict=True):
+
+    def trained(ahead: bool) -> list[torch.Tensor]:
+        net = model()
         train_local_dp(net, x, y, config, noise_multiplier=1.0, max_grad_norm=1.0,
                        delta=1e-5, seed=9, prefetch_noise=ahead)
-    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
-        assert torch.equal(a, b)
+        return list(net.parameters())
+
+    worker = NoiseWorker.claim(wait=60.0)
+    assert worker is not None
+    on_a_thread = trained(True)  # the worker is held: a thread draws
+    worker.finish()
+    for ahead in (trained(True), trained(False)):  # the worker process; in line
+        for a, b in zip(on_a_thread, ahead, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_secure_mode_with_noise_drawn_ahead_trains_and_cleans_up() -> None:
