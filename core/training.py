@@ -49,7 +49,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTra
         ValueError: no data, ``x`` and ``y`` of different lengths, or ``epochs`` /
             ``batch_size`` below 1.
     """
-    features, labels = _tensors(x, y, "training")
+    features, labels = as_tensors(x, y, "training")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be at least 1, got {config.epochs} "
                          f"and {config.batch_size}")
@@ -85,7 +85,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int 
     Raises:
         ValueError: no data, ``x`` and ``y`` of different lengths, or ``batch_size`` < 1.
     """
-    features, labels = _tensors(x, y, "evaluation")
+    features, labels = as_tensors(x, y, "evaluation")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     was_training = model.training
@@ -106,7 +106,14 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int 
     return float(loss_sum) / n, int(correct) / n
 
 
-def _tensors(x: np.ndarray, y: np.ndarray, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(x: np.ndarray, y: np.ndarray, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as float32 and ``y`` as int64 tensors, sharing memory where the arrays already
+    fit.
+
+    Raises:
+        ValueError: no data (``what`` names it: "training", "evaluation"), or ``x`` and
+            ``y`` of different lengths.
+    """
     if len(y) == 0:
         raise ValueError(f"no {what} data")
     if len(x) != len(y):

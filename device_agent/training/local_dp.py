@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from core.privacy import MechanismSteps, epsilon_of_history
-from core.training import TrainResult
+from core.training import TrainResult, as_tensors
 from core.types import LocalOptimizerKind, LocalTraining
 from device_agent.errors import AgentError
 from device_agent.training.noise_prefetch import SecureGaussian, SeededGaussian, StepNoise
@@ -131,7 +131,7 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     """
     _check_parameters(noise_multiplier, max_grad_norm, delta, config)
     check_local_dp_model(model)
-    features, labels = _tensors(x, y)
+    features, labels = as_tensors(x, y, "training")
     if secure_mode:
         # The batches must be as secret as the noise: a seed the coordinator can derive
         # would tell it which examples each step used, which the accountant assumes hidden.
@@ -355,13 +355,3 @@ def _check_parameters(noise_multiplier: float, max_grad_norm: float, delta: floa
     if config.epochs < 1 or config.batch_size < 1:
         raise LocalDpError(f"epochs and batch_size must be at least 1, got {config.epochs} "
                            f"and {config.batch_size}")
-
-
-def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(y) == 0:
-        raise ValueError("no training data")
-    if len(x) != len(y):
-        raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
-    features = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
-    labels = torch.from_numpy(np.array(y, dtype=np.int64, copy=True))
-    return features, labels
