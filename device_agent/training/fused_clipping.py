@@ -234,8 +234,8 @@ class _LinearPlan:
             raise RuntimeError("the rows of a linear layer's input are not the batch's "
                                "examples")
         squares = torch.addmm(self._offsets, stacked.square_(), self._segments)
-        total = torch.linalg.vecdot(squares.narrow(1, 0, count),
-                                    squares.narrow(1, count, count))
+        # [w_l |a_l|^2 + b_l ; |g_l|^2] per row, multiplied per layer and summed.
+        total = squares.view(batch, 2, count).prod(1).sum(1)
         # 1 / max(|grad_i|, C): times C below, min(1, C / |grad_i|); a zero gradient gets 1.
         inverse = total.clamp_min_(max_grad_norm * max_grad_norm).rsqrt_()
         alpha = max_grad_norm * scale
