@@ -1,11 +1,13 @@
-"""DP-SGD noise for many steps per draw, optionally drawn ahead on a worker thread.
+"""DP-SGD noise for many steps per draw, optionally drawn ahead by a worker.
 
 Each step of DP-SGD adds a fresh N(0, std^2) vector as long as the model. Drawing it costs
 about half a non-private step of a 54k-parameter MLP at batch 10 (torch's Mersenne-Twister
 Gaussian is ~3.3 ns a coordinate on this machine, our AES-CTR one ~12 ns hardened).
 :class:`StepNoise` draws the vectors of several steps in one call, in blocks that double in
-size (1 step, 2, 4, ...) up to 4 MiB, and with ``background=True`` a worker thread draws
-the next block while training uses the current one.
+size (1 step, 2, 4, ...) up to 4 MiB, and with ``background=True`` a worker draws the next
+block while training uses the current one: the noise worker process
+(:mod:`device_agent.training.noise_worker`) when the fill is one it can copy
+(:class:`SeededGaussian`, :class:`SecureGaussian`) and it is free, else a thread.
 
 The noise does not depend on the data or the model, so drawing ahead changes nothing: the
 same generator gives the same vectors in the same order either way (one worker, the same
