@@ -76,6 +76,14 @@ class SecureGaussian:
         fill_gaussian_(buffer, stddev=std, source=NoiseSource.secure())
 
 
+def _copyable(fill: Fill) -> bool:
+    """Whether the noise worker process can draw with ``fill``: one of our fills (exact
+    types: the worker must be able to import it), not yet drawn from."""
+    if type(fill) is SeededGaussian:
+        return fill._generator is None
+    return type(fill) is SecureGaussian
+
+
 def block_plan(numel: int, steps: int, steps_per_draw: int | None = None) -> list[int]:
     """Steps per draw, in order, summing to ``steps``: ``steps_per_draw`` each when given,
     else 1, 2, 4, ... up to ``DRAW_COORDINATES // numel`` (at least 1)."""
@@ -110,13 +118,17 @@ class StepNoise:
         self._used = 0
         self._thread: threading.Thread | None = None
         self._worker: NoiseWorker | None = None
-        if background and self._plan and isinstance(fill, SeededGaussian | SecureGaussian) \
+        if background and self._plan and _copyable(fill) \
                 and numel * max(self._plan) <= DRAW_COORDINATES:
             from device_agent.training.noise_worker import NoiseWorker
 
             self._worker = NoiseWorker.claim()
             if self._worker is not None:
-                self._worker.start(numel, std, self._plan, fill)
+                try:
+                    self._worker.start(numel, std, self._plan, fill)
+                except Exception:  # noqa: BLE001 - e.g. the worker is gone: a thread draws
+                    self._worker.finish()
+                    self._worker = None
         if background and self._plan and self._worker is None:
             # Two blocks in flight at most: the one training uses and the next.
             self._free: queue.SimpleQueue[object] = queue.SimpleQueue()

@@ -65,6 +65,7 @@ class NoiseWorker:
     :meth:`next_block` for each block of the plan, and :meth:`finish`."""
 
     _shared: NoiseWorker | None = None
+    _unavailable = False  # the worker could not be launched here: never retried
     _lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -73,13 +74,18 @@ class NoiseWorker:
         from_worker_r, from_worker_w = os.pipe()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "device_agent.training.noise_worker",
+                [sys.executable, "-P", "-m", "device_agent.training.noise_worker",
                  str(to_worker_r), str(from_worker_w), str(fd)],
-                pass_fds=(to_worker_r, from_worker_w, fd), env=_child_env())
+                pass_fds=(to_worker_r, from_worker_w, fd), env=_child_env(),
+                start_new_session=True)  # the terminal's Ctrl-C is the trainer's to handle
+            self._memory, self._blocks = _slots(fd)
+        except BaseException:
+            for end in (to_worker_w, from_worker_r, fd):
+                os.close(end)
+            raise
         finally:
             os.close(to_worker_r)
             os.close(from_worker_w)
-        self._memory, self._blocks = _slots(fd)
         os.close(fd)
         self._send = Connection(to_worker_w, readable=False)
         self._receive = Connection(from_worker_r, writable=False)
@@ -110,10 +116,13 @@ class NoiseWorker:
         """This process's worker, reserved for one job; None while it starts (waiting up to
         ``wait`` seconds for it), while another job holds it, or when it cannot run."""
         with cls._lock:
+            if cls._unavailable:
+                return None
             if cls._shared is None:
                 try:
                     cls._shared = cls()
-                except OSError:
+                except (OSError, ValueError, AssertionError):  # no fds to pass, no memfd, ...
+                    cls._unavailable = True
                     return None
             worker = cls._shared
             if worker._busy or not worker._ready(wait):
@@ -132,6 +141,8 @@ class NoiseWorker:
             except (EOFError, OSError):
                 self._started = False
             self._dead = not self._started
+        if self._dead:
+            self._process.poll()  # reaped
         return self._started
 
     def start(self, numel: int, std: float, plan: list[int], fill: Fill) -> None:
@@ -140,11 +151,13 @@ class NoiseWorker:
         worker)."""
         if any(steps * numel > DRAW_COORDINATES for steps in plan):
             raise ValueError(f"a block of {max(plan)} x {numel} does not fit a slot")
+        while self._call(self._receive.poll):  # what jobs given up on left unread
+            self._call(self._receive.recv)
         self._job = next(self._jobs)
         self._numel = numel
         self._held = None
-        self._left = len(plan)
         self._call(self._send.send, ("job", self._job, numel, std, plan, fill))
+        self._left = len(plan)
 
     def next_block(self) -> torch.Tensor:
         """The job's next block, ``[steps, numel]``: valid until the next call or
@@ -175,6 +188,8 @@ class NoiseWorker:
         try:
             if self._left > 0 and not self._dead:
                 self._call(self._send.send, ("cancel", self._job))
+        except RuntimeError:
+            pass  # the worker is gone: nothing to cancel
         finally:
             self._held = None
             self._left = 0
@@ -186,7 +201,18 @@ class NoiseWorker:
             return method(*args)
         except (EOFError, OSError) as exc:
             self._dead = True
+            self._process.poll()
             raise RuntimeError("the noise worker process is gone") from exc
+
+
+def _forget_in_child() -> None:
+    # A forked child must not drive its parent's worker (the same pipes, the same noise).
+    NoiseWorker._shared = None
+    NoiseWorker._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _child_env() -> dict[str, str]:

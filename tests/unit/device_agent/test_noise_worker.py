@@ -77,3 +77,30 @@ def test_fills_the_process_cannot_copy_draw_on_a_thread() -> None:
     used(torch.empty(2), 1.0)
     with pytest.raises(TypeError, match="already drawn"):
         pickle.dumps(used)
+
+
+def test_fills_the_worker_could_not_import_or_continue_draw_on_a_thread() -> None:
+    class Local(SeededGaussian):
+        pass
+
+    used = SeededGaussian(3)
+    used(torch.empty(2), 1.0)
+    for fill in (Local(3), used):
+        with StepNoise(NUMEL, 0.5, fill, steps=3, background=True) as noise:
+            assert noise.drawer == "thread"
+    assert draws(True)[0] == "process", "the worker is still free"
+
+
+def test_a_worker_that_died_is_an_error_for_its_job_then_never_claimed() -> None:
+    worker = NoiseWorker()  # a private one: the shared worker serves the other tests
+    try:
+        assert worker._ready(60.0)
+        worker._process.kill()
+        worker._process.wait()
+        with pytest.raises(RuntimeError, match="gone"):
+            worker.start(NUMEL, 0.5, [1, 2], SeededGaussian(3))
+            worker.next_block()
+        worker.finish()  # no error: nothing to cancel
+        assert not worker._ready(0.0)
+    finally:
+        worker.stop()
