@@ -12,8 +12,8 @@
   100k float32 parameters) against central DP on the same updates (clip each, sum, secure
   Gaussian noise, accountant check for the next round), with the overhead of each part.
 - ``central_dp_round`` (``--round``): the whole coordinator over gRPC, 100 devices in 4 agent
-  processes, a ~112k-parameter MLP: the same task with and without central DP; the
-  coordinator process's CPU seconds per round and the rounds' wall time. This is "a round's
+  processes, a ~112k-parameter MLP: the same task with and without central DP (run plain,
+  DP, DP, plain); the coordinator process's CPU seconds per round and the rounds' wall time. This is "a round's
   coordinator time": checking, spooling and folding 100 uploads, the database, the commit.
 
     python benchmarks/privacy.py [--repeats 3] [--only local|central|round]
@@ -223,13 +223,19 @@ def central_dp_round(devices: int = 100, processes: int = 4, rounds: int = 4) ->
     from benchmarks._common import CoordinatorSubprocess
     from benchmarks.secagg_grpc import run
 
+    # Plain, DP, DP, plain on one coordinator: a drift over the run (a growing database,
+    # warmer caches) weighs on both sides alike.
+    runs: dict[str, list[tuple[list[float], float]]] = {"plain": [], "dp": []}
     with CoordinatorSubprocess() as coord:
         assert coord.proc is not None
-        plain, plain_cpu = run(coord.target, "plain", devices, processes, rounds, "",
-                               coord.proc.pid)
-        private, dp_cpu = run(coord.target, "dp", devices, processes, rounds, DP_CENTRAL,
-                              coord.proc.pid)
-    steady = lambda xs: sum(xs[1:]) / len(xs[1:])  # noqa: E731 - round 1 includes start-up
+        for index, kind in enumerate(("plain", "dp", "dp", "plain")):
+            runs[kind].append(run(coord.target, f"{kind}{index}", devices, processes, rounds,
+                                  DP_CENTRAL if kind == "dp" else "", coord.proc.pid))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    # Round 1 of each task includes its start-up.
+    plain, private = ([t for times, _ in runs[k] for t in times[1:]] for k in ("plain", "dp"))
+    plain_cpu, dp_cpu = (mean([cpu for _, cpu in runs[k]]) for k in ("plain", "dp"))
+    steady = mean
     print(json.dumps({
         "bench": "central_dp_round", "devices": devices, "params": 112_520,
         "coordinator_cpu_s_per_round_plain": round(plain_cpu, 3),

@@ -90,6 +90,26 @@ def test_fixed_size_sampling_uses_replace_one_rdp_and_needs_the_population() -> 
         epsilon(**PINNED, sampling=Sampling.FIXED_SIZE, population=1000, method="prv")
 
 
+def test_a_fixed_size_history_costs_what_dp_accountings_own_composition_says() -> None:
+    """Per-step curves are cached and added; the result must be the library's, exactly."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    from core.privacy.accounting import _rdp_orders
+
+    history = [MechanismSteps(1.0, 0.1, 60), MechanismSteps(1.3, 0.1, 40),
+               MechanismSteps(0.8, 0.05, 7)]
+    accountant = rdp.RdpAccountant(
+        orders=list(_rdp_orders()),
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for item in history:
+        accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+            1000, round(item.sampling_rate * 1000),
+            dp_accounting.GaussianDpEvent(item.noise_multiplier)), item.steps)
+    assert epsilon_of_history(history, delta=1e-5, sampling="fixed", population=1000) == \
+        accountant.get_epsilon(1e-5)
+
+
 @pytest.mark.parametrize("bad", [dict(delta=0.0), dict(delta=1.0), dict(noise_multiplier=0.0),
                                  dict(sampling_rate=1.5), dict(steps=-1)])
 def test_out_of_range_parameters_are_refused(bad: dict[str, float]) -> None:
