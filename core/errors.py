@@ -7,6 +7,8 @@
      |                       does not fit the model (core.models)
      +-- DataSpecError       a --data spec is malformed or out of range (core.data.spec)
      +-- TaskSpecError       a task file/spec is invalid; names file and field (core.taskspec)
+     +-- SecAggError         anything secure aggregation refuses; its own tree is drawn in
+                             core.secagg.errors
 
 Programming errors (wrong types from our own code, impossible states) stay ``ValueError`` /
 ``TypeError``; these classes are for input that came from a person or a peer.

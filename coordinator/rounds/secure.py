@@ -17,8 +17,14 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from coordinator.rounds.errors import Duplicate, InvalidRequest, Late
+from coordinator.rounds.errors import CoordinatorError, Duplicate, InvalidRequest, Late
 from core.protocol import SecAggPlan
+from core.secagg.errors import (
+    SecAggDuplicate,
+    SecAggRejected,
+    SecAggRoundFull,
+    SecAggWrongStage,
+)
 from core.secagg.messages import (
     KeyAdvertisement,
     MaskedInputRequest,
@@ -29,11 +35,28 @@ from core.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from core.secagg.server import SecAggRejected, SecAggResult, SecAggServer
+from core.secagg.server import SecAggResult, SecAggServer
 
 
 class Aborted(Late):
     """The secure aggregation of this round was aborted; nothing was released."""
+
+
+#: How a refused message is reported to its sender, by the refusal's class: the first entry
+#: it is an instance of, so SecAggRejected, the catch-all (a malformed message or an
+#: unexpected sender), stays last. A full round leaves the device no place in this protocol:
+#: Late, like a closed stage.
+_REJECTIONS: dict[type[SecAggRejected], type[CoordinatorError]] = {
+    SecAggDuplicate: Duplicate,
+    SecAggWrongStage: Late,
+    SecAggRoundFull: Late,
+    SecAggRejected: InvalidRequest,
+}
+
+
+def _rejection(exc: SecAggRejected) -> CoordinatorError:
+    error = next(e for cls, e in _REJECTIONS.items() if isinstance(exc, cls))
+    return error(str(exc))
 
 
 @dataclass
@@ -122,8 +145,7 @@ class SecureRound:
         try:
             action()
         except SecAggRejected as exc:
-            text = str(exc)
-            raise (Duplicate(text) if "already" in text else InvalidRequest(text)) from None
+            raise _rejection(exc) from None
 
 
 __all__ = [

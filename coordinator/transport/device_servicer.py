@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import NoneType
+from typing import Any, Generic, TypeVar
 
 from coordinator.rounds.errors import Unavailable
 from coordinator.rounds.service import (
@@ -180,59 +183,106 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
 
     # ---------------------------------------------------------------- secure aggregation
+    # Each RPC is a row of the table at the end of this module (see _SecAggRpc).
 
     @maps_errors
     async def SecAggAdvertiseKeys(
         self, request: device_pb2.SecAggAdvertiseKeysRequest, context: Context
     ) -> device_pb2.SecAggShareKeysInstruction:
-        check_api_version(request.api_version)
-        p = _participation(request.participation)
-        self._service.secagg_advertise(p, KeyAdvertisement(
-            bytes(request.encryption_public_key), bytes(request.mask_public_key),
-            bytes(request.config_hash)))
-        reply = await self._reply_after(p, Stage.ADVERTISE)
-        assert isinstance(reply, ShareKeysRequest)
-        out: device_pb2.SecAggShareKeysInstruction = convert.share_keys_instruction_to_proto(reply)
-        return out
+        return await self._secagg(_ADVERTISE_KEYS, request)
 
     @maps_errors
     async def SecAggShareKeys(
         self, request: device_pb2.SecAggShareKeysRequest, context: Context
     ) -> device_pb2.SecAggMaskInstruction:
-        check_api_version(request.api_version)
-        p = _participation(request.participation)
-        self._service.secagg_share_keys(p, ShareKeysResponse(
-            convert.ciphertexts_from_proto(request.ciphertexts)))
-        reply = await self._reply_after(p, Stage.SHARE_KEYS)
-        assert isinstance(reply, MaskedInputRequest)
-        return device_pb2.SecAggMaskInstruction(
-            ciphertexts=convert.ciphertexts_to_proto(reply.ciphertexts))
+        return await self._secagg(_SHARE_KEYS, request)
 
     @maps_errors
     async def SecAggMaskedInput(
         self, request: device_pb2.SecAggMaskedInputRequest, context: Context
     ) -> device_pb2.SecAggUnmaskInstruction:
-        check_api_version(request.api_version)
-        p = _participation(request.participation)
-        plan = self._service.secagg_plan(p)
-        vector = convert.ring_vector_from_bytes(request.masked_input, plan.params.ring_bits)
-        self._service.secagg_masked_input(p, vector, dict(request.metrics),
-                                          request.clipped_values)
-        reply = await self._reply_after(p, Stage.MASKED_INPUT)
-        assert isinstance(reply, UnmaskRequest)
-        out: device_pb2.SecAggUnmaskInstruction = convert.unmask_instruction_to_proto(reply)
-        return out
+        return await self._secagg(_MASKED_INPUT, request)
 
     @maps_errors
     async def SecAggUnmask(
         self, request: device_pb2.SecAggUnmaskRequest, context: Context
     ) -> device_pb2.SecAggUnmaskResponse:
+        return await self._secagg(_UNMASK, request)
+
+    async def _secagg(self, rpc: _SecAggRpc[M, R, T], request: Any) -> T:
         check_api_version(request.api_version)
         p = _participation(request.participation)
-        self._service.secagg_unmask(p, UnmaskResponse(
-            convert.shares_from_proto(request.seed_shares),
-            convert.shares_from_proto(request.key_shares)))
-        return device_pb2.SecAggUnmaskResponse(message="shares accepted")
+        rpc.deliver(self._service, p, rpc.decode(self._service, p, request))
+        reply = None if rpc.after is None else await self._reply_after(p, rpc.after)
+        if not isinstance(reply, rpc.reply):  # a bug in the service, reported as INTERNAL
+            raise TypeError(f"expected a {rpc.reply.__name__} after {rpc.after!r}, got a "
+                            f"{type(reply).__name__}")
+        return rpc.encode(reply)
+
+
+M = TypeVar("M")  # the domain message a request decodes to
+R = TypeVar("R")  # what the service hands back once the awaited stage closes
+T = TypeVar("T")  # the response message
+
+
+@dataclass(frozen=True)
+class _SecAggRpc(Generic[M, R, T]):
+    """One secure-aggregation RPC: ``decode`` turns the request into a domain message that
+    ``deliver`` hands to one service method; unless ``after`` is None the device then waits
+    until that stage closes, and its next message, a ``reply``, is encoded as the
+    ``response``. M, R and T are inferred per row, so mypy checks that decode makes what
+    deliver takes and that the RPC returns its declared response."""
+
+    decode: Callable[[CoordinatorService, Participation, Any], M]
+    deliver: Callable[[CoordinatorService, Participation, M], None]
+    after: Stage | None
+    reply: type[R]
+    response: type[T]
+    encode: Callable[[R], T]
+
+
+# ------------------------------------------------------------------ the table, one row per RPC
+
+_ADVERTISE_KEYS = _SecAggRpc(
+    decode=lambda s, p, r: KeyAdvertisement(
+        bytes(r.encryption_public_key), bytes(r.mask_public_key), bytes(r.config_hash)),
+    deliver=lambda s, p, m: s.secagg_advertise(p, m),
+    after=Stage.ADVERTISE,
+    reply=ShareKeysRequest,
+    response=device_pb2.SecAggShareKeysInstruction,
+    encode=convert.share_keys_instruction_to_proto,
+)
+_SHARE_KEYS = _SecAggRpc(
+    decode=lambda s, p, r: ShareKeysResponse(convert.ciphertexts_from_proto(r.ciphertexts)),
+    deliver=lambda s, p, m: s.secagg_share_keys(p, m),
+    after=Stage.SHARE_KEYS,
+    reply=MaskedInputRequest,
+    response=device_pb2.SecAggMaskInstruction,
+    encode=lambda m: device_pb2.SecAggMaskInstruction(
+        ciphertexts=convert.ciphertexts_to_proto(m.ciphertexts)),
+)
+_MASKED_INPUT = _SecAggRpc(
+    # The message is the argument list of secagg_masked_input after the participation.
+    decode=lambda s, p, r: (
+        convert.ring_vector_from_bytes(r.masked_input, s.secagg_plan(p).params.ring_bits),
+        dict(r.metrics),
+        r.clipped_values,
+    ),
+    deliver=lambda s, p, m: s.secagg_masked_input(p, *m),
+    after=Stage.MASKED_INPUT,
+    reply=UnmaskRequest,
+    response=device_pb2.SecAggUnmaskInstruction,
+    encode=convert.unmask_instruction_to_proto,
+)
+_UNMASK = _SecAggRpc(
+    decode=lambda s, p, r: UnmaskResponse(
+        convert.shares_from_proto(r.seed_shares), convert.shares_from_proto(r.key_shares)),
+    deliver=lambda s, p, m: s.secagg_unmask(p, m),
+    after=None,  # the last stage: nothing to wait for, the shares are acknowledged at once
+    reply=NoneType,
+    response=device_pb2.SecAggUnmaskResponse,
+    encode=lambda _: device_pb2.SecAggUnmaskResponse(message="shares accepted"),
+)
 
 
 def _update_header(msg: device_pb2.UpdateHeader) -> UpdateHeader:

@@ -17,8 +17,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from core.errors import CoreError
 from core.secagg import keys, shamir
+from core.secagg.errors import SecAggError
+from core.secagg.errors import SecAggRefused as SecAggRefused  # re-exported: its old home
 from core.secagg.masks import PrgStream
 from core.secagg.messages import (
     KeyAdvertisement,
@@ -35,10 +36,6 @@ from core.secagg.params import SecAggParams
 
 SECRET_BYTES = 32
 _PAIR = struct.Struct(">II")
-
-
-class SecAggRefused(CoreError):
-    """The device refuses to continue: the server's message breaks the protocol."""
 
 
 def pair_context(context: bytes, purpose: bytes, u: int, v: int) -> bytes:
@@ -162,7 +159,7 @@ class SecAggClient:
                                 f"{self.params.threshold - 1} are needed")
         dtype = np.uint32 if self.params.ring_bits == 32 else np.uint64
         if vector.dtype != dtype:
-            raise CoreError(f"the input must be {np.dtype(dtype).name} for this ring")
+            raise SecAggError(f"the input must be {np.dtype(dtype).name} for this ring")
         out = vector.copy()
         stream = PrgStream(len(out), self.params.ring_bits)
         out += stream.expand(self._seed)

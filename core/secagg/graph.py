@@ -8,19 +8,19 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from core.errors import CoreError
+from core.secagg.errors import SecAggError
 
 
 def neighbour_graph(nodes: Sequence[int], k: int, rng: random.Random
                     ) -> dict[int, frozenset[int]]:
     n = len(nodes)
     if len(set(nodes)) != n:
-        raise CoreError("graph nodes must be distinct")
+        raise SecAggError("graph nodes must be distinct")
     if k >= n - 1:
         everyone = frozenset(nodes)
         return {u: everyone - {u} for u in nodes}
     if k < 2 or k % 2:
-        raise CoreError(f"a Harary ring needs an even degree >= 2 below n - 1, got k={k}")
+        raise SecAggError(f"a Harary ring needs an even degree >= 2 below n - 1, got k={k}")
     ring = list(nodes)
     rng.shuffle(ring)
     half = k // 2

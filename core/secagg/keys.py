@@ -11,13 +11,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from core.errors import CoreError
+from core.secagg.errors import SecAggError
 
 PUBLIC_KEY_BYTES = 32
 NONCE_BYTES = 12
 
 
-class CryptoError(CoreError):
+class CryptoError(SecAggError):
     """A public key of the wrong size, or a ciphertext that fails authentication."""
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from core.errors import CoreError
+from core.secagg.errors import SecAggError
 
 U64 = npt.NDArray[np.uint64]
 RingVector = npt.NDArray[np.uint32] | npt.NDArray[np.uint64]
@@ -23,14 +23,14 @@ def ring_dtype(ring_bits: int) -> type[np.unsignedinteger]:
         return np.uint32
     if ring_bits == 64:
         return np.uint64
-    raise CoreError(f"the ring is Z_(2^32) or Z_(2^64), not Z_(2^{ring_bits})")
+    raise SecAggError(f"the ring is Z_(2^32) or Z_(2^64), not Z_(2^{ring_bits})")
 
 
 def prg(seed: bytes, length: int, ring_bits: int) -> RingVector:
     """``length`` uniform elements of Z_(2^ring_bits), deterministic in the 32-byte seed.
     Each seed must be used for one mask only (the counter starts at zero)."""
     if len(seed) != 32:
-        raise CoreError(f"a mask seed is 32 bytes, got {len(seed)}")
+        raise SecAggError(f"a mask seed is 32 bytes, got {len(seed)}")
     dtype = ring_dtype(ring_bits)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
     stream = encryptor.update(bytes(length * np.dtype(dtype).itemsize))
@@ -52,7 +52,7 @@ class PrgStream:
 
     def expand(self, seed: bytes) -> RingVector:
         if len(seed) != 32:
-            raise CoreError(f"a mask seed is 32 bytes, got {len(seed)}")
+            raise SecAggError(f"a mask seed is 32 bytes, got {len(seed)}")
         encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
         encryptor.update_into(self._zeros, self._buffer)
         return np.frombuffer(self._buffer, dtype=self._dtype, count=self._length)
@@ -61,7 +61,7 @@ class PrgStream:
 def expand_mask(seed: bytes, length: int, *, bits: int) -> U64:
     """``length`` pseudo-random elements of Z_(2^bits) from a 32-byte seed (deterministic)."""
     if not 1 <= bits <= 64:
-        raise CoreError(f"bits must be in [1, 64], got {bits}")
+        raise SecAggError(f"bits must be in [1, 64], got {bits}")
     values = prg(seed, length, 64).astype(np.uint64)
     return values & np.uint64((1 << bits) - 1) if bits < 64 else values
 

@@ -30,14 +30,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.errors import CoreError
+from core.secagg.errors import SecAggError
 from core.types import SecAggAdversary, SecAggProtocol, SecureAggregation
 
 SECURITY_BITS = 40
 CORRECTNESS_BITS = 20
 
 
-class SecAggParamError(CoreError):
+class SecAggParamError(SecAggError):
     """The settings cannot be made secure and correct; the message names the bound."""
 
 

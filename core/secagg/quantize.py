@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from core.errors import CoreError
+from core.secagg.errors import SecAggError
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,13 @@ class Quantizer:
 
     def __post_init__(self) -> None:
         if not self.clip > 0:
-            raise CoreError(f"clip must be positive, got {self.clip}")
+            raise SecAggError(f"clip must be positive, got {self.clip}")
         if not 1 <= self.value_bits <= 40:
-            raise CoreError(f"value_bits must be in [1, 40], got {self.value_bits}")
+            raise SecAggError(f"value_bits must be in [1, 40], got {self.value_bits}")
         if self.num_devices < 1:
-            raise CoreError(f"num_devices must be at least 1, got {self.num_devices}")
+            raise SecAggError(f"num_devices must be at least 1, got {self.num_devices}")
         if self.modulus_bits > 62:
-            raise CoreError(f"{self.value_bits} value bits for {self.num_devices} devices need "
+            raise SecAggError(f"{self.value_bits} value bits for {self.num_devices} devices need "
                             f"{self.modulus_bits} bits; at most 62 are supported")
 
     @property

@@ -5,9 +5,12 @@ Participants are keyed by the caller's ids (e.g. device ids) and numbered 1..n w
 advertisement closes. Each ``close_*`` ends a stage (the caller decides when: all expected
 messages arrived, or the stage's deadline passed) and returns the next stage's message for
 every participant still in. A stage that can no longer end in a correct sum raises
-SecAggAborted: the round releases nothing. Messages for the wrong stage, from unknown
-participants, or sent twice raise SecAggRejected and change nothing, so one bad device does
-not break the round for the others.
+SecAggAborted: the round releases nothing. A message that cannot be accepted raises
+SecAggRejected and changes nothing, so one bad device does not break the round for the
+others; the subclass says why (see :mod:`core.secagg.errors`): SecAggDuplicate for a second
+message of the same stage, SecAggWrongStage for a message of another stage, SecAggRoundFull
+for an advertisement beyond ``num_devices``; malformed messages and unknown senders raise
+SecAggRejected itself.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from core.errors import CoreError
 from core.secagg import keys, shamir
 from core.secagg.client import mask_sign, pair_context
+from core.secagg.errors import (
+    SecAggAborted,
+    SecAggDuplicate,
+    SecAggRejected,
+    SecAggRoundFull,
+    SecAggWrongStage,
+)
 from core.secagg.graph import neighbour_graph
 from core.secagg.masks import PrgStream, ring_dtype
 from core.secagg.messages import (
@@ -38,14 +47,6 @@ from core.secagg.messages import (
 from core.secagg.params import SecAggParams
 
 P = TypeVar("P", bound=Hashable)
-
-
-class SecAggRejected(CoreError):
-    """One participant's message is not acceptable now; the round goes on without it."""
-
-
-class SecAggAborted(CoreError):
-    """The round cannot produce a correct sum any more; nothing is released."""
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,13 @@ class SecAggServer(Generic[P]):
     def add_advertisement(self, who: P, message: KeyAdvertisement) -> None:
         self._expect(Stage.ADVERTISE)
         if who in self._adverts:
-            raise SecAggRejected(f"{who} already advertised its keys")
+            raise SecAggDuplicate(f"{who} already advertised its keys")
         for key in (message.encryption_public, message.mask_public):
             if len(key) != keys.PUBLIC_KEY_BYTES:
                 raise SecAggRejected(f"a public key is {keys.PUBLIC_KEY_BYTES} bytes, "
                                      f"got {len(key)}")
         if len(self._adverts) >= self.params.num_devices:
-            raise SecAggRejected(f"the round already has {self.params.num_devices} participants")
+            raise SecAggRoundFull(f"the round already has {self.params.num_devices} participants")
         self._adverts[who] = message
 
     def close_advertise(self) -> dict[P, ShareKeysRequest]:
@@ -113,7 +114,7 @@ class SecAggServer(Generic[P]):
     def add_shares(self, who: P, message: ShareKeysResponse) -> None:
         i = self._member(who, Stage.SHARE_KEYS)
         if i in self._shares:
-            raise SecAggRejected(f"{who} already sent its shares")
+            raise SecAggDuplicate(f"{who} already sent its shares")
         recipients = [v for v, _ in message.ciphertexts]
         if len(set(recipients)) != len(recipients) or set(recipients) != self._neighbours[i]:
             raise SecAggRejected(f"{who} must send exactly one ciphertext to each of its "
@@ -148,7 +149,7 @@ class SecAggServer(Generic[P]):
         if i not in self._u1:
             raise SecAggRejected(f"{who} did not take part in the share-keys stage")
         if i in self._masked:
-            raise SecAggRejected(f"{who} already sent its masked input")
+            raise SecAggDuplicate(f"{who} already sent its masked input")
         dtype = ring_dtype(self.params.ring_bits)
         if vector.dtype != dtype or vector.ndim != 1:
             raise SecAggRejected(f"a masked input is a vector of {np.dtype(dtype).name}")
@@ -187,7 +188,7 @@ class SecAggServer(Generic[P]):
         if i not in self._masked:
             raise SecAggRejected(f"{who} did not upload a masked input")
         if i in self._unmasked:
-            raise SecAggRejected(f"{who} already sent its shares for unmasking")
+            raise SecAggDuplicate(f"{who} already sent its shares for unmasking")
         expect_seed = (self._holders[i] & self._masked) | {i}
         expect_key = self._holders[i] - self._masked
         seed_owners = [v for v, _ in message.seed_shares]
@@ -280,7 +281,7 @@ class SecAggServer(Generic[P]):
         if self.aborted is not None:
             raise SecAggAborted(f"the round was aborted: {self.aborted}")
         if self.stage is not stage:
-            raise SecAggRejected(f"the round is in the {self.stage.name.lower()} stage, not "
+            raise SecAggWrongStage(f"the round is in the {self.stage.name.lower()} stage, not "
                                  f"{stage.name.lower()}")
 
     def _member(self, who: P, stage: Stage) -> int:
@@ -288,3 +289,13 @@ class SecAggServer(Generic[P]):
         if who not in self._index:
             raise SecAggRejected(f"{who} is not a participant of this round")
         return self._index[who]
+
+
+# SecAggAborted and SecAggRejected were defined here before core.secagg.errors; callers may
+# still import them from this module.
+__all__ = [
+    "SecAggAborted",
+    "SecAggRejected",
+    "SecAggResult",
+    "SecAggServer",
+]

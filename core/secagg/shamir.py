@@ -23,14 +23,14 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import numpy.typing as npt
 
-from core.errors import CoreError
+from core.secagg.errors import SecAggError
 
 PRIME = 2**31 - 1
 MAX_SECRET_BYTES = 64
 _I64 = npt.NDArray[np.int64]
 
 
-class ShamirError(CoreError):
+class ShamirError(SecAggError):
     """Too few shares, inconsistent (tampered) shares, or bad parameters."""
 
 
