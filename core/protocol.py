@@ -78,6 +78,20 @@ class PlanPrivacy:
 UNCLIPPED_METRIC = "dp_unclipped"
 
 
+class MetricsPolicy(enum.Enum):
+    """How a device's summary metrics (losses, accuracy, example counts) leave it this round.
+
+    ``CLEAR``: next to the update, in the clear (no secure aggregation, no DP: the coordinator
+    sees the update itself anyway). ``MASKED``: inside the secure-aggregation vector
+    (:func:`core.secagg.encoding.masked_metric_values`), so the coordinator learns only their
+    sums. ``WITHHELD``: not at all (differential privacy: nothing outside the accounted
+    release leaves the device)."""
+
+    CLEAR = "clear"
+    MASKED = "masked"
+    WITHHELD = "withheld"
+
+
 @dataclass(frozen=True)
 class Plan:
     task_id: str
@@ -95,6 +109,7 @@ class Plan:
     seed: int
     secure_aggregation: SecAggPlan | None = None
     privacy: PlanPrivacy | None = None
+    metrics: MetricsPolicy = MetricsPolicy.CLEAR
 
 
 def config_hash(plan: Plan) -> bytes:
@@ -112,6 +127,7 @@ def config_hash(plan: Plan) -> bytes:
         "secagg": None if sa is None else {"params": asdict(sa.params),
                                            "context": sa.context.hex()},
         "privacy": None if plan.privacy is None else asdict(plan.privacy),
+        "metrics": plan.metrics.value,
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
 

@@ -31,22 +31,28 @@ from fedctl.errors import CliError
 
 #: Central DP in the demo: every update clipped to L2 norm DP_CLIP, Gaussian noise of std
 #: DP_NOISE_MULTIPLIER x DP_CLIP on the sum. The noise on the mean is z C sqrt(d) / m in norm,
-#: so with 16 reports per round a small model (a 64-16-10 MLP, d = 1,210) keeps it near the
-#: signal; the 64-128-10 MLP (d = 9,610) would drown in it.
+#: so a small model (a 64-16-10 MLP, d = 1,210) keeps it near the signal; the 64-128-10 MLP
+#: (d = 9,610) would drown in it.
 DP_NOISE_MULTIPLIER = 0.5
 DP_CLIP = 1.0
+#: The demo's budget: epsilon at delta 1e-5 after which no round opens.
+DP_MAX_EPSILON = 60.0
 
 
 def demo_task(devices: int, rounds: int, seed: int, *, secagg: bool = False,
               dp: bool = False) -> TaskSpec:
     goal = max(1, round(devices / 1.25))
+    over_selection = devices / goal
     privacy = None
     if dp:
-        # Every demo device checks in every round: the population is the devices, and the
-        # coordinator's uniform fixed-size selection is what the accountant analyses.
+        # Every demo device checks in every round: the population is the devices. Half of
+        # them are drawn uniformly each round (q = 1/2; no over-selection, no cut by report
+        # order: every drawn device's report is summed), which is what the accountant
+        # analyses (fixed-size sampling without replacement, replace-one).
+        goal, over_selection = max(3, devices // 2), 1.0
         privacy = PrivacySpec(mode=PrivacyMode.CENTRAL, noise_multiplier=DP_NOISE_MULTIPLIER,
                               delta=1e-5, clip=FixedClip(DP_CLIP), sampling=Sampling.FIXED_SIZE,
-                              population=devices)
+                              population=devices, max_epsilon=DP_MAX_EPSILON)
     hidden = [16] if dp else [128]
     return TaskSpec(
         name="demo-digits-mlp" + ("-dp" if dp else ""),
@@ -54,13 +60,13 @@ def demo_task(devices: int, rounds: int, seed: int, *, secagg: bool = False,
         rounds=rounds,
         clients_per_round=goal,
         min_reports=max(1, goal // 2),
-        over_selection=devices / goal,
+        over_selection=over_selection,
         round_deadline_s=120.0,
         selection_window_s=3.0,
         local=LocalTraining(epochs=5, batch_size=16, optimizer=LocalOptimizerKind.SGD,
                             learning_rate=0.1, momentum=0.9),
         server=ServerOptimizer(),
-        evaluation=Evaluation(fraction=0.25, server_data="digits:split=test"),
+        evaluation=Evaluation(fraction=0.0 if dp else 0.25, server_data="digits:split=test"),
         seed=seed,
         # SecAgg+ with parameters derived for 2^-40 security against 5% colluding devices;
         # a 1% expected dropout keeps 2^-20 correctness reachable for a cohort this small.
@@ -132,6 +138,9 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
             "noise_multiplier": last.get("dp_noise_multiplier"),
             "clip": last.get("dp_clip"),
             "sampling_rate": last.get("dp_sampling_rate"),
+            "budget": final.privacy.budget if final.HasField("privacy") else None,
+            "sampling": final.privacy.sampling if final.HasField("privacy") else None,
+            "metrics_release": final.metrics_release,
             "epsilon_per_round": [round(r.metrics["dp_epsilon"], 4) for r in rounds_info
                                   if "dp_epsilon" in r.metrics],
         }

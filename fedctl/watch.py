@@ -30,11 +30,27 @@ def epsilon_of(rounds: list[admin_pb2.Round]) -> tuple[float, float] | None:
     return float(last["dp_epsilon"]), float(last.get("dp_delta", 0.0))
 
 
+def privacy_line(task: admin_pb2.Task) -> str:
+    """The task's privacy spending and what it releases of devices' metrics, in one line."""
+    parts = []
+    if task.HasField("privacy"):
+        p = task.privacy
+        parts.append(f"epsilon {p.epsilon:.3f} of budget {p.budget:g} at delta {p.delta:g}, "
+                     f"{p.sampling} sampling")
+        if p.last_cohort:
+            parts.append(f"last round drew {p.last_cohort} of {p.last_eligible} seen "
+                         f"(q = {p.last_sampling_rate:.4g} over n = {p.last_population})")
+    if task.metrics_release:
+        parts.append(f"device metrics: {task.metrics_release}")
+    return "; ".join(parts)
+
+
 def status_table(task: admin_pb2.Task, rounds: list[admin_pb2.Round]) -> Table:
     spent = epsilon_of(rounds)
     privacy = "" if spent is None else f" - epsilon {spent[0]:.3f} at delta {spent[1]:g}"
     table = Table(title=f"task {task.task_id} ({task.spec.name}): {task.state}"
-                  + (f" - {task.reason}" if task.reason else "") + privacy)
+                  + (f" - {task.reason}" if task.reason else "") + privacy,
+                  caption=privacy_line(task) or None)
     dp = any("dp_epsilon" in r.metrics for r in rounds)
     columns = ["round", "attempt", "state", "admitted", "reports/goal", "accuracy", "loss"]
     for col in columns + (["epsilon", "clip"] if dp else []) + ["note"]:

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from core.privacy.spec import LocalDp
-from core.protocol import PlanPrivacy, SecAggPlan
+from core.privacy.task import PrivacyStatus
+from core.protocol import MetricsPolicy, PlanPrivacy, SecAggPlan
 from core.secagg import messages as sa
 from core.secagg.params import SecAggParams
 from core.taskspec import TaskSpecError, spec_from_dict, spec_to_dict
 from core.tensors import TensorInfo
 from core.types import DeviceAttributes, LocalOptimizerKind, LocalTraining, ModelSpec, TaskSpec
-from protos.fedcoord.v1 import common_pb2, device_pb2
+from protos.fedcoord.v1 import admin_pb2, common_pb2, device_pb2
 
 _DTYPES: dict[str, int] = {
     "float32": common_pb2.DTYPE_FLOAT32,
@@ -227,6 +228,36 @@ def plan_parts_from_proto(
 
 
 # ---------------------------------------------------------------- differential privacy
+
+
+_METRICS_POLICIES = {
+    MetricsPolicy.CLEAR: device_pb2.METRICS_CLEAR,
+    MetricsPolicy.MASKED: device_pb2.METRICS_MASKED,
+    MetricsPolicy.WITHHELD: device_pb2.METRICS_WITHHELD,
+}
+
+
+def metrics_policy_to_proto(policy: MetricsPolicy) -> device_pb2.MetricsPolicy:
+    return _METRICS_POLICIES[policy]
+
+
+def metrics_policy_from_proto(value: int) -> MetricsPolicy:
+    """Unspecified or unknown values read as WITHHELD: a device never sends metrics it was
+    not told it may."""
+    for policy, number in _METRICS_POLICIES.items():
+        if number == value:
+            return policy
+    return MetricsPolicy.WITHHELD
+
+
+def privacy_status_to_proto(status: PrivacyStatus) -> admin_pb2.TaskPrivacy:
+    draw = status.last_draw
+    return admin_pb2.TaskPrivacy(
+        epsilon=status.epsilon, delta=status.delta, budget=status.budget,
+        sampling=status.sampling.value, rounds_accounted=status.rounds_accounted,
+        last_sampling_rate=draw.sampling_rate if draw else 0.0,
+        last_eligible=draw.eligible if draw else 0, last_cohort=draw.cohort if draw else 0,
+        last_population=draw.population if draw else 0)
 
 
 def plan_privacy_to_proto(privacy: PlanPrivacy | None) -> device_pb2.DevicePrivacy | None:

@@ -8,7 +8,7 @@ coordinator does, with the coordinator's code.
   unmasked integer sum, so quantization error and clipping counts are those of production;
 * ``privacy: {mode: central}``: devices clip their whole delta to C, the sum gets Gaussian
   noise of std z C and is divided by ``clients_per_round`` (the coordinator's
-  :class:`coordinator.rounds.privacy.TaskPrivacy`, which also keeps the accountant's epsilon
+  :class:`core.privacy.task.TaskPrivacy`, which also keeps the accountant's epsilon
   per round). Noise comes from a seeded source: simulations must be reproducible.
 
 Both together: devices clip, then encode with weight 1; noise is added after unmasking.
@@ -22,11 +22,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from coordinator.rounds.privacy import TaskPrivacy
 from core.aggregation.fedavg import weighted_mean
 from core.privacy.clipping import clip_to_l2_norm
 from core.privacy.noise import NoiseSource
 from core.privacy.spec import PrivacyMode, PrivacySpec
+from core.privacy.task import TaskPrivacy
+from core.sampling import CohortDraw, fixed_size_draw
 from core.secagg import encoding
 from core.secagg.inprocess import run_round
 from core.secagg.params import derive
@@ -48,11 +49,19 @@ class CohortAggregator:
         self._privacy: TaskPrivacy | None = None
         self._noise = NoiseSource.seeded(seed)
         self._rounds = 0
+        self._draw: CohortDraw | None = None
         if privacy is not None and privacy.mode is PrivacyMode.CENTRAL:
             task = TaskSpec(name="simulation", model=model, rounds=rounds,
                             clients_per_round=clients_per_round, min_reports=1,
                             over_selection=1.0, privacy=privacy)
             self._privacy = TaskPrivacy.for_task(task)
+
+    def begin_round(self, *, available: int, admitted: int) -> None:
+        """What this round's selection did: ``admitted`` drawn uniformly from the
+        ``available`` devices (the accountant's input under DP)."""
+        if self._privacy is not None:
+            self._draw = fixed_size_draw(eligible=available, cohort=admitted,
+                                         population=self._privacy.population)
 
     @property
     def epsilon(self) -> float | None:
@@ -80,8 +89,9 @@ class CohortAggregator:
             denominator = sum(weights)
             mean = weighted_mean(list(flat), [float(w) for w in weights])
         if self._privacy is not None:
-            release = self._privacy.release(mean * denominator, None, source=self._noise,
-                                            require_secure=False)
+            assert self._draw is not None, "begin_round first: DP accounts the round's draw"
+            release = self._privacy.release(mean * denominator, None, draw=self._draw,
+                                            source=self._noise, require_secure=False)
             self._privacy.committed(release)
             self.metrics.update(release.metrics)
             mean = release.mean.astype(np.float64)

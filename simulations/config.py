@@ -261,6 +261,13 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
         if config.privacy.mode is not PrivacyMode.CENTRAL:
             fail("privacy.mode", "simulations run central DP (or none); "
                  f"'{config.privacy.mode.value}' is not simulated")
+        if config.selection.over_selection != 1.0:
+            fail("selection.over_selection", "must be 1.0 under privacy: the release sums "
+                 "every report of the sampled cohort, so a cohort is never cut by report order")
+        from core.privacy.accounting import Sampling
+
+        if config.privacy.sampling is not Sampling.FIXED_SIZE:
+            fail("privacy.sampling", "simulations draw fixed-size cohorts; use 'fixed'")
         population = config.privacy.population
         if population is not None and population < config.selection.clients_per_round:
             fail("privacy.population", f"{population} is below clients_per_round "

@@ -10,7 +10,7 @@ A round, as the coordinator runs it (:mod:`coordinator.rounds`), on a simulated 
 starts at 0 when training starts:
 
 1. Online devices (a Bernoulli draw per device) are the candidates; ``clients_per_round x
-   over_selection`` of them are admitted with :func:`coordinator.rounds.selection.sample_uniform`.
+   over_selection`` of them are admitted with :func:`core.sampling.sample_uniform`.
 2. An admitted device needs ``latency + steps * batch_size / speed`` seconds for its full
    ``epochs``. With a deadline, it finishes only the steps that fit before it. Stragglers
    (``straggler_fraction`` of the admitted, FedProx's systems heterogeneity) can do only a
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.rounds.selection import sample_uniform
+from core.sampling import sample_uniform
 from core.types import LocalTraining
 from simulations.config import Distribution, DistributionKind, HeterogeneityConfig, SelectionConfig
 from simulations.errors import SimulationConfigError

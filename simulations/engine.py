@@ -130,6 +130,8 @@ class Simulation:
             round_time += plan.duration_s
             if plan.committed:
                 break
+        if plan.committed and self.aggregator is not None:
+            self.aggregator.begin_round(available=plan.available, admitted=len(plan.admitted))
         local_loss = self._train(round_index, plan) if plan.committed else None
         self.sim_time_s += round_time
         scores: tuple[float | None, ...] = (None, None, None)

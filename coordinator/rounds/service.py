@@ -37,6 +37,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from coordinator.rounds.aggregators import (
+    Aggregate,
+    Aggregator,
+    ReleaseRefused,
+    begin_aggregation,
+    metrics_policy_for,
+)
 from coordinator.rounds.clock import Clock
 from coordinator.rounds.errors import (
     Duplicate,
@@ -47,24 +54,23 @@ from coordinator.rounds.errors import (
     TooLarge,
     Unavailable,
 )
-from coordinator.rounds.privacy import Release, TaskPrivacy
 from coordinator.rounds.secure import SecureRound
-from coordinator.rounds.selection import is_eligible, sample_uniform
-from coordinator.rounds.uploads import SpooledUpload, accumulate, all_finite
+from coordinator.rounds.selection import Admission, SelectionPolicy, Selector, is_eligible
+from coordinator.rounds.uploads import SpooledUpload, all_finite
 from coordinator.storage import FileBlobStore, Store
 from coordinator.storage import errors as storage_errors
 from coordinator.storage.records import ModelVersionRecord, RoundRecord, TaskRecord
-from core.aggregation.fedavg import StreamingWeightedMean
 from core.aggregation.server_optimizers import apply_server_optimizer
 from core.errors import CoreError
-from core.privacy.central import ClippedSum
+from core.privacy.accounting import Sampling
 from core.privacy.errors import InsecureNoiseError, PrivacyError
 from core.privacy.noise import NoiseSource
 from core.privacy.spec import FixedClip, PrivacyMode
+from core.privacy.task import PrivacyStatus, TaskPrivacy
 from core.protocol import (
-    UNCLIPPED_METRIC,
     CheckInOutcome,
     CheckInResult,
+    MetricsPolicy,
     Participation,
     Plan,
     PlanPrivacy,
@@ -115,8 +121,6 @@ class ServiceConfig:
     """Limits of the service; every wait the devices are told about is bounded here."""
 
     max_chunk_bytes: int = 1 << 20
-    #: Candidates kept per selection window, as a multiple of the round's target.
-    candidate_pool_factor: int = 10
     retry_after_min_s: float = 0.2
     retry_after_max_s: float = 5.0
     #: A task fails after this many failed attempts in a row.
@@ -133,6 +137,10 @@ class TaskView:
     record: TaskRecord
     spec: TaskSpec
     current_round: RoundRecord | None
+    #: Central / distributed DP: epsilon spent, the budget and the sampling performed.
+    privacy: PrivacyStatus | None = None
+    #: How devices' metrics leave them (what the task releases of them).
+    metrics: MetricsPolicy = MetricsPolicy.CLEAR
 
 
 @dataclass
@@ -159,20 +167,14 @@ class _OpenRound:
     state: RoundState
     started: float
     deadline: float
-    selection_closes: float
-    accumulator: StreamingWeightedMean
-    candidates: dict[str, None] = field(default_factory=dict)
+    selector: Selector
+    aggregator: Aggregator
+    #: Reports that close the round: clients_per_round, or (DP) every admitted device.
+    goal: int
     seats: dict[str, _Seat] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
     errored: set[str] = field(default_factory=set)
     uploading: set[str] = field(default_factory=set)
-    examples: int = 0
-    #: Central DP without secure aggregation: the sum of updates, each clipped to C.
-    dp_sum: ClippedSum | None = None
-    #: Adaptive clipping without secure aggregation: how many reports fitted under C.
-    dp_unclipped: float = 0.0
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    metric_weights: dict[str, float] = field(default_factory=dict)
     secure: SecureRound | None = None
 
 
@@ -324,7 +326,23 @@ class CoordinatorService:
     def get_task(self, task_id: str) -> TaskView:
         record = self._task_record(task_id)
         spec = spec_from_dict(_json_loads(record.spec_json), source=f"task {task_id}")
-        return TaskView(record, spec, self._store.open_round_of(task_id))
+        return TaskView(record, spec, self._store.open_round_of(task_id),
+                        privacy=self._privacy_status(task_id, spec),
+                        metrics=metrics_policy_for(spec))
+
+    def _privacy_status(self, task_id: str, spec: TaskSpec) -> PrivacyStatus | None:
+        """Epsilon spent, budget and sampling: from the running task's accountant, else
+        recomputed from the committed rounds' records."""
+        task = self._tasks.get(task_id)
+        if task is not None:
+            return task.privacy.status() if task.privacy is not None else None
+        committed = [r.metrics for r in self._store.list_rounds(task_id)
+                     if r.state is RoundState.COMMITTED]
+        try:
+            privacy = TaskPrivacy.for_task(spec, committed)
+        except ValueError:
+            return None
+        return privacy.status() if privacy is not None else None
 
     def list_tasks(self) -> list[TaskView]:
         return [self.get_task(t.task_id) for t in self._store.list_tasks()]
@@ -404,17 +422,15 @@ class CoordinatorService:
         seat = rnd.seats.get(device_id)
         if seat is not None:
             return self._accepted(task, rnd, device_id, seat)
-        target = task.spec.selection_target
         if rnd.state is RoundState.SELECTING:
-            if now < rnd.selection_closes:
-                if len(rnd.candidates) < target * self.config.candidate_pool_factor:
-                    rnd.candidates[device_id] = None
+            admission = rnd.selector.check_in(device_id, now, len(rnd.seats))
+            if admission is Admission.CANDIDATE:
                 return self._retry(
-                    CheckInOutcome.RETRY_LATER, rnd.selection_closes - now + 0.05,
+                    CheckInOutcome.RETRY_LATER, rnd.selector.window_closes - now + 0.05,
                     "selection window open; check in again when it closes", task.task_id,
                 )
-            if len(rnd.seats) < target and (rnd.secure is None
-                                            or rnd.secure.stage is Stage.ADVERTISE):
+            if admission is Admission.ADMIT and (rnd.secure is None
+                                                 or rnd.secure.stage is Stage.ADVERTISE):
                 seat = self._admit(task, rnd, [device_id], now)[0]
                 self._advance(task, now)
                 return self._accepted(task, rnd, device_id, seat)
@@ -442,6 +458,7 @@ class CoordinatorService:
             seed=spec.seed,
             secure_aggregation=rnd.secure.plan if rnd.secure is not None else None,
             privacy=_plan_privacy(task),
+            metrics=rnd.aggregator.metrics_policy,
         )
 
     def model_for_participant(self, p: Participation, version: int) -> ModelVersionRecord:
@@ -456,11 +473,7 @@ class CoordinatorService:
         """Checks an update's header; the caller then streams chunks into the returned Upload."""
         task, rnd, _ = self._seat(header.participation)
         device = header.participation.device_id
-        if rnd.secure is not None:
-            raise InvalidRequest(
-                "this task uses secure aggregation: updates go through the SecAgg stages, "
-                "never in the clear"
-            )
+        rnd.aggregator.check_upload(header.metrics)
         if device in rnd.reported:
             raise Duplicate(f"device {device} already reported for round {rnd.round_number}")
         if device in rnd.uploading:
@@ -520,23 +533,15 @@ class CoordinatorService:
                 )
                 rnd.errored.add(device)
                 raise InvalidRequest("update contains NaN or infinite values; it was rejected")
-            metrics = dict(upload.header.metrics)
-            unclipped = _take_unclipped_bit(task, metrics)
+            stored = rnd.aggregator.check_upload(upload.header.metrics)
+            clear = rnd.aggregator.metrics_policy is MetricsPolicy.CLEAR
             # Recorded first: an update counts in the aggregate only once the database says so.
             self._store.set_participant_state(
                 rnd.round_id, device, ParticipantState.REPORTED, now=self._clock.now(),
-                num_examples=upload.header.num_examples, metrics=metrics,
+                num_examples=upload.header.num_examples if clear else 0, metrics=stored,
             )
-            if rnd.dp_sum is not None:
-                # Clipped here too: a device that skipped clipping cannot raise the
-                # sensitivity. Weight 1: DP-FedAvg is unweighted.
-                rnd.dp_sum.add(np.fromfile(path, dtype="<f4"))
-                rnd.dp_unclipped += unclipped
-            else:
-                accumulate(path, rnd.accumulator, float(upload.header.num_examples))
+            rnd.aggregator.add_upload(path, upload.header.num_examples, upload.header.metrics)
             rnd.reported.add(device)
-            rnd.examples += upload.header.num_examples
-            _fold_metrics(rnd, metrics, float(upload.header.num_examples))
         finally:
             self.abort_upload(upload)
         self._advance(task, self._clock.now())
@@ -550,9 +555,11 @@ class CoordinatorService:
             log.info("device %s could not take part in round %s: %s",
                      p.device_id, rnd.round_number, error[:200])
             rnd.errored.add(p.device_id)
+            # Only a task whose devices report metrics in the clear keeps them per device.
+            clear = rnd.aggregator.metrics_policy is MetricsPolicy.CLEAR
             self._store.set_participant_state(
                 rnd.round_id, p.device_id, ParticipantState.ERRORED, now=self._clock.now(),
-                metrics=dict(metrics),
+                metrics=dict(metrics) if clear else {},
             )
             self._advance(task, self._clock.now())
 
@@ -570,25 +577,17 @@ class CoordinatorService:
 
     def secagg_masked_input(self, p: Participation, vector: RingVector,
                             metrics: Mapping[str, float], clipped: int) -> None:
-        task, rnd, secure = self._secure_seat(p)
-        _check_metrics(metrics)
-        bit = task.privacy is not None and task.privacy.adaptive is not None
-        expected = task.model.nbytes // 4 + 1 + bit
-        if len(vector) != expected:
+        task, rnd, _ = self._secure_seat(p)
+        if metrics:
             raise InvalidRequest(
-                f"masked input has {len(vector)} values; this model's update encodes to "
-                f"{expected} (parameters{', the unclipped bit' if bit else ''} and the weight)")
-        if clipped < 0 or clipped > len(vector):
-            raise InvalidRequest(f"clipped_values {clipped} is not a count of coordinates")
-        secure.masked_input(p.device_id, vector, clipped)
-        metrics = {k: v for k, v in metrics.items() if k != UNCLIPPED_METRIC}
-        # The example count stays masked: only the round's total is ever known.
+                "under secure aggregation a device's metrics travel inside its masked vector, "
+                f"never in the clear; this message carried {', '.join(sorted(metrics)[:4])}")
+        rnd.aggregator.add_masked(p.device_id, vector, clipped)
+        # Nothing per device is stored: the example count and the metrics stay masked.
         self._store.set_participant_state(
             rnd.round_id, p.device_id, ParticipantState.REPORTED, now=self._clock.now(),
-            metrics=dict(metrics),
         )
         rnd.reported.add(p.device_id)
-        _fold_metrics(rnd, metrics, 1.0)
         self._advance(task, self._clock.now())
 
     def secagg_unmask(self, p: Participation, message: UnmaskResponse) -> None:
@@ -642,56 +641,10 @@ class CoordinatorService:
                     raise secure.server.abort(f"only {len(rnd.reported)} masked inputs "
                                               f"arrived; min_reports is {spec.min_reports}")
                 if secure.result is not None:
-                    try:
-                        self._commit_secure(task, rnd, secure, now)
-                    except Exception as exc:  # a round must never stay open half-done
-                        log.exception("committing secure round %d failed", rnd.round_number)
-                        self._fail_round(task, rnd, now, f"committing the secure aggregate "
-                                         f"failed: {type(exc).__name__}: {exc}")
+                    self._release(task, rnd, now)
                     return
         except SecAggAborted as exc:
             self._fail_round(task, rnd, now, f"secure aggregation aborted: {exc}")
-
-    def _commit_secure(self, task: _Task, rnd: _OpenRound, secure: SecureRound,
-                       now: float) -> None:
-        result = secure.result
-        assert result is not None
-        params = secure.plan.params
-        decoded, weight = encoding.decode_mean(result.total, len(result.survivors), params)
-        mean: np.ndarray = decoded
-        release = None
-        if task.privacy is not None and task.privacy.distributed:
-            total = encoding.unwrap_noisy_total(result.total, len(result.survivors), params)
-            try:
-                release = task.privacy.release_distributed(total, len(result.survivors))
-            except PrivacyError as exc:
-                self._fail_round(task, rnd, now,
-                                 f"differential privacy refused the release: {exc}")
-                return
-            mean = release.mean
-        elif task.privacy is not None:
-            # weight_cap is 1 under DP: each device's weight is 1, the weight coordinate
-            # counts devices, and weight x mean is the plain sum of the clipped updates.
-            total = decoded * weight
-            unclipped = None
-            if task.privacy.adaptive is not None:
-                unclipped = float(total[-1]) / params.clip
-                total = total[:-1]
-            release = task.privacy.release(total, unclipped, source=self._noise,
-                                           require_secure=not self.config.allow_seeded_noise)
-            mean = release.mean
-        extra = {
-            "examples": float(weight),
-            "reports": float(len(result.survivors)),
-            "secagg_dropped": float(len(result.dropped)),
-            "secagg_clipped_values": float(secure.clipped_values),
-            "secagg_neighbours": float(params.neighbours),
-            "secagg_threshold": float(params.threshold),
-            "secagg_max_error": encoding.max_mean_error(len(result.survivors), weight, params),
-        }
-        if release is not None:
-            extra.update(release.metrics)
-        self._commit(task, rnd, mean, now, extra, release)
 
     def tick(self) -> None:
         """Drives deadlines and selection windows; call it periodically (e.g. every 100 ms)."""
@@ -706,27 +659,23 @@ class CoordinatorService:
         if rnd is None:
             return
         spec = task.spec
-        target = spec.selection_target
-        if rnd.state is RoundState.SELECTING and now >= rnd.selection_closes and rnd.candidates:
-            pool = [d for d in rnd.candidates if d not in rnd.seats]
-            rnd.candidates.clear()
-            chosen = sample_uniform(pool, target - len(rnd.seats), self._rng)
-            if chosen:
-                self._admit(task, rnd, chosen, now)
-        if rnd.state is RoundState.SELECTING and len(rnd.seats) >= target:
+        if rnd.state is RoundState.SELECTING and rnd.selector.due(now):
+            if not self._close_selection(task, rnd, now):
+                return
+        if rnd.state is RoundState.SELECTING and len(rnd.seats) >= spec.selection_target:
             self._start_training(rnd, now)
         if rnd.secure is not None:
             self._advance_secure(task, rnd, rnd.secure, now)
             return
         reports = len(rnd.reported)
         pending = len(rnd.seats) - reports - len(rnd.errored)
-        if reports >= spec.clients_per_round:
-            self._aggregate(task, rnd, now)
+        if reports >= rnd.goal:
+            self._release(task, rnd, now)
         elif now >= rnd.deadline or (
             rnd.state is RoundState.TRAINING and pending <= 0 and not rnd.uploading
         ):
             if reports >= spec.min_reports:
-                self._aggregate(task, rnd, now)
+                self._release(task, rnd, now)
             else:
                 why = "deadline passed" if now >= rnd.deadline else "no admitted device left"
                 self._fail_round(
@@ -734,6 +683,39 @@ class CoordinatorService:
                     f"{why} with {reports} of the {spec.min_reports} reports needed "
                     f"({len(rnd.seats)} admitted, {len(rnd.errored)} errored)",
                 )
+
+    def _close_selection(self, task: _Task, rnd: _OpenRound, now: float) -> bool:
+        """Draws the cohort when the window closes; False when the round ended (failed)
+        instead. Under DP the draw is checked against the budget before anyone trains, and
+        the cohort is final: training starts with whoever was drawn."""
+        chosen = rnd.selector.close(now)
+        if chosen is None:
+            return True  # too few devices seen; the window stays open a little longer
+        draw = rnd.selector.draw
+        assert draw is not None
+        if task.privacy is not None:
+            exceeds, after = task.privacy.draw_exceeds_budget(draw)
+            if exceeds:
+                self._fail_round(
+                    task, rnd, now,
+                    f"only {draw.eligible} eligible devices checked in: a cohort of "
+                    f"{draw.cohort} drawn from them (q = {draw.sampling_rate:.4g}) would take "
+                    f"epsilon to {after:.4g}, past the budget {task.privacy.budget:.4g}")
+                return False
+            if draw.cohort < task.spec.min_reports:
+                self._fail_round(
+                    task, rnd, now,
+                    f"selection closed with {draw.eligible} eligible devices; a cohort of "
+                    f"{draw.cohort} cannot reach min_reports {task.spec.min_reports}")
+                return False
+        if chosen:
+            self._admit(task, rnd, chosen, now)
+        if task.privacy is not None:
+            rnd.goal = len(rnd.seats)
+            self._start_training(rnd, now)
+            if rnd.secure is not None:
+                rnd.secure.goal = len(rnd.seats)
+        return True
 
     def _start_training(self, rnd: _OpenRound, now: float) -> None:
         if rnd.state is RoundState.SELECTING:
@@ -790,12 +772,14 @@ class CoordinatorService:
             state=RoundState.SELECTING,
             started=now,
             deadline=deadline,
-            selection_closes=now + spec.selection_window_s,
-            accumulator=StreamingWeightedMean(
-                0 if secure or task.privacy is not None else task.model.nbytes // 4),
+            selector=Selector(_selection_policy(spec), opened=now,
+                              window_s=spec.selection_window_s, last_close=deadline,
+                              rng=self._rng),
+            aggregator=begin_aggregation(
+                spec, task.model.nbytes // 4, privacy=task.privacy, secure=secure, noise=self._noise,
+                require_secure_noise=not self.config.allow_seeded_noise),
+            goal=spec.clients_per_round,
             secure=secure,
-            dp_sum=(ClippedSum(task.model.nbytes // 4, l2_clip_norm=task.privacy.clip)
-                    if task.privacy is not None and secure is None else None),
         )
 
     def _fail_round(self, task: _Task, rnd: _OpenRound, now: float, reason: str) -> None:
@@ -814,24 +798,27 @@ class CoordinatorService:
             return
         self._open_next_round(task, now)
 
-    def _aggregate(self, task: _Task, rnd: _OpenRound, now: float) -> None:
-        if rnd.dp_sum is None:
-            self._commit(task, rnd, rnd.accumulator.mean(), now, {})
-            return
-        assert task.privacy is not None
+    def _release(self, task: _Task, rnd: _OpenRound, now: float) -> None:
+        """The round's one release call, then the commit; a refused release fails the round
+        (nothing committed, nothing accounted)."""
         try:
-            release = task.privacy.release(
-                rnd.dp_sum.total, rnd.dp_unclipped if task.privacy.adaptive else None,
-                source=self._noise, require_secure=not self.config.allow_seeded_noise)
-        except PrivacyError as exc:
-            self._fail_round(task, rnd, now, f"differential privacy refused the release: {exc}")
+            aggregate = rnd.aggregator.release(rnd.selector.draw)
+        except ReleaseRefused as exc:
+            self._fail_round(task, rnd, now, str(exc))
             return
-        self._commit(task, rnd, release.mean, now, release.metrics, release)
+        except Exception as exc:  # a round must never stay open half-done
+            log.exception("releasing round %d of task %s failed", rnd.round_number,
+                          task.task_id)
+            self._fail_round(task, rnd, now,
+                             f"aggregation failed: {type(exc).__name__}: {exc}")
+            return
+        self._commit(task, rnd, aggregate, now)
 
-    def _commit(self, task: _Task, rnd: _OpenRound, mean: np.ndarray, now: float,
-                extra_metrics: Mapping[str, float], release: Release | None = None) -> None:
+    def _commit(self, task: _Task, rnd: _OpenRound, aggregate: Aggregate, now: float) -> None:
         """Applies the round's mean update with the server optimizer and commits the model;
-        a DP ``release`` counts towards the task's epsilon once the commit is durable."""
+        a DP release counts towards the task's epsilon once the commit is durable."""
+        mean = aggregate.mean
+        release = aggregate.release
         self._start_training(rnd, now)
         self._store.set_round_state(rnd.round_id, RoundState.AGGREGATING, now=now)
         rnd.state = RoundState.AGGREGATING
@@ -849,13 +836,10 @@ class CoordinatorService:
         record = self._write_model(task.task_id, version, rnd.round_number, params, opt_state, now)
         metrics = {
             "reports": float(len(rnd.reported)),
-            "examples": float(rnd.examples),
             "admitted": float(len(rnd.seats)),
             "round_seconds": now - rnd.started,
-            **extra_metrics,
+            **aggregate.metrics,
         }
-        for name, total in rnd.metric_sums.items():
-            metrics[name] = total / rnd.metric_weights[name]
         self._store.commit_round(rnd.round_id, record, metrics, now)
         if release is not None:
             assert task.privacy is not None
@@ -1012,10 +996,36 @@ def _secagg_params(spec: TaskSpec, privacy: TaskPrivacy | None) -> SecAggParams 
     return params
 
 
+def _selection_policy(spec: TaskSpec) -> SelectionPolicy:
+    """Uniform fixed-size selection with late admission without DP; under DP the sampling
+    the task's accountant analyses, and no late admission."""
+    privacy = spec.privacy
+    if privacy is None or privacy.population is None:
+        return SelectionPolicy(Sampling.FIXED_SIZE, spec.selection_target,
+                               population=max(spec.selection_target, 1 << 62),
+                               late_admission=True)
+    return SelectionPolicy(privacy.sampling, spec.selection_target,
+                           population=privacy.population, late_admission=False,
+                           min_cohort=spec.min_reports)
+
+
 def _check_privacy_supported(spec: TaskSpec) -> None:
     privacy = spec.privacy
     if privacy is None:
         return
+    if privacy.mode in (PrivacyMode.CENTRAL, PrivacyMode.DISTRIBUTED):
+        if privacy.budget is None:
+            raise InvalidRequest("spec.privacy.max_epsilon: a DP task needs a budget (or "
+                                 "target_epsilon, which is then the budget)")
+        assert privacy.population is not None
+        if spec.selection_target > privacy.population:
+            raise InvalidRequest(
+                f"spec.privacy.population: {privacy.population} devices cannot supply a "
+                f"cohort of {spec.selection_target} (clients_per_round x over_selection)")
+        if privacy.sampling is Sampling.POISSON and spec.secure_aggregation is not None:
+            raise InvalidRequest(
+                "spec.privacy.sampling: poisson makes the cohort size random, but secure "
+                "aggregation's parameters are derived for a fixed cohort; use sampling: fixed")
     if privacy.mode is PrivacyMode.DISTRIBUTED and not isinstance(privacy.clip, FixedClip):
         raise InvalidRequest("spec.privacy.clip: distributed DP needs a fixed clip norm "
                              "(adaptive clipping is supported in central mode)")
@@ -1043,32 +1053,6 @@ def _plan_privacy(task: _Task) -> PlanPrivacy | None:
     if privacy is not None and privacy.mode is PrivacyMode.LOCAL:
         return PlanPrivacy(local=privacy.local)
     return None
-
-
-def _take_unclipped_bit(task: _Task, metrics: dict[str, float]) -> float:
-    """Removes the adaptive-clipping bit from a report's metrics (it must not be stored or
-    averaged in the clear) and returns it; 0 when the task does not use it."""
-    value = metrics.pop(UNCLIPPED_METRIC, None)
-    if task.privacy is None or task.privacy.adaptive is None:
-        return 0.0
-    if value not in (0.0, 1.0):
-        raise InvalidRequest(f"metric {UNCLIPPED_METRIC!r} must be 0 or 1 under adaptive "
-                             f"clipping, got {value}")
-    assert value is not None
-    return value
-
-
-def _fold_metrics(rnd: _OpenRound, metrics: Mapping[str, float], examples: float) -> None:
-    """Adds a report's metrics to the round's weighted means: ``eval_*`` metrics weigh by the
-    device's ``eval_examples``, all others by its training examples."""
-    eval_weight = float(metrics.get("eval_examples", 0.0))
-    for name, value in metrics.items():
-        if name == "eval_examples":
-            continue
-        w = eval_weight if name.startswith("eval_") else examples
-        if w > 0:
-            rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + w * value
-            rnd.metric_weights[name] = rnd.metric_weights.get(name, 0.0) + w
 
 
 def _describe_mismatch(got: list[TensorInfo], expected: list[TensorInfo]) -> str:

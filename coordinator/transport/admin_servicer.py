@@ -46,6 +46,9 @@ def task_to_proto(view: TaskView) -> admin_pb2.Task:
     )
     if view.current_round is not None:
         msg.current_round.CopyFrom(round_to_proto(view.current_round))
+    msg.metrics_release = view.metrics.value
+    if view.privacy is not None:
+        msg.privacy.CopyFrom(convert.privacy_status_to_proto(view.privacy))
     return msg
 
 

@@ -131,6 +131,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             secure_aggregation=(convert.secagg_plan_to_proto(plan.secure_aggregation)
                                 if plan.secure_aggregation is not None else None),
             privacy=convert.plan_privacy_to_proto(plan.privacy),
+            metrics=convert.metrics_policy_to_proto(plan.metrics),
         )
 
     async def DownloadModel(

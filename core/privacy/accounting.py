@@ -67,6 +67,11 @@ class MechanismSteps:
     noise_multiplier: float
     sampling_rate: float
     steps: int
+    #: Fixed-size sampling only: the population and sample size this step actually drew
+    #: from and drew (a coordinator's round records what its selection saw); None: the
+    #: history's ``population`` and ``round(sampling_rate * population)``.
+    population: int | None = None
+    sample_size: int | None = None
 
 
 def epsilon(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
@@ -108,9 +113,10 @@ def epsilon_of_history(history: Sequence[MechanismSteps], *, delta: float,
         if method is not AccountingMethod.RDP:
             raise ValueError("fixed-size sampling is accounted with RDP only; use method=rdp "
                              "or Poisson sampling")
-        if population is None or population < 1:
+        if any(h.population is None for h in history) and (population is None
+                                                           or population < 1):
             raise ValueError(f"fixed-size sampling needs population >= 1, got {population}")
-        return _fixed_size_rdp_epsilon(tuple(history), delta, population)
+        return _fixed_size_rdp_epsilon(tuple(history), delta, population or 0)
     if method is AccountingMethod.RDP:
         return _poisson_rdp_epsilon(tuple(history), delta)
     return _poisson_prv_epsilon(history, delta)
@@ -168,6 +174,12 @@ def _check_mechanism(item: MechanismSteps) -> None:
         raise ValueError(f"sampling_rate must be in [0, 1], got {item.sampling_rate}")
     if item.steps < 0:
         raise ValueError(f"steps must be >= 0, got {item.steps}")
+    if item.population is not None and item.population < 1:
+        raise ValueError(f"population must be >= 1, got {item.population}")
+    if item.sample_size is not None and not (
+            1 <= item.sample_size <= (item.population or item.sample_size)):
+        raise ValueError(f"sample_size must be in [1, population], got {item.sample_size} "
+                         f"of {item.population}")
 
 
 @functools.cache
@@ -213,13 +225,18 @@ def _fixed_size_rdp_epsilon(history: tuple[MechanismSteps, ...], delta: float,
 
     # RDP composes by addition: the library's own per-step curves, times their steps, and
     # its own conversion (what RdpAccountant.get_epsilon does after composing each event).
-    total = sum(_fixed_size_rdp_per_step(population, _sample_size(h, population),
-                                         h.noise_multiplier) * h.steps for h in history)
+    total = sum(_fixed_size_rdp_per_step(*_fixed_size_draw(h, population), h.noise_multiplier)
+                * h.steps for h in history)
     return float(compute_epsilon(list(_rdp_orders()), total, delta)[0])
 
 
-def _sample_size(item: MechanismSteps, population: int) -> int:
-    return min(population, max(1, round(item.sampling_rate * population)))
+def _fixed_size_draw(item: MechanismSteps, population: int) -> tuple[int, int]:
+    """(population, sample size) of one fixed-size step: its own record, else the
+    history's population at its sampling rate."""
+    n = item.population if item.population is not None else population
+    if item.sample_size is not None:
+        return n, item.sample_size
+    return n, min(n, max(1, round(item.sampling_rate * n)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -237,5 +254,14 @@ def _fixed_size_rdp_per_step(population: int, sample_size: int, noise_multiplier
         population, sample_size, dp_accounting.GaussianDpEvent(noise_multiplier)), 1)
     # The accountant's composed RDP, the array its get_epsilon converts.
     curve = np.array(accountant._rdp, dtype=np.float64)
+    # Sampling never costs more than releasing the whole population's sum (quasi-convexity
+    # of the Renyi divergence over the mixture of samples); the amplification bound is
+    # looser than that for large q, so each order takes the smaller of the two.
+    whole = rdp.RdpAccountant(
+        orders=list(_rdp_orders()),
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    whole.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+        population, population, dp_accounting.GaussianDpEvent(noise_multiplier)), 1)
+    curve = np.minimum(curve, np.array(whole._rdp, dtype=np.float64))
     curve.setflags(write=False)
     return curve

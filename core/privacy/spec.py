@@ -9,9 +9,9 @@ and field (format of :class:`core.taskspec.TaskSpecError`). Unknown keys are err
       delta: 1.0e-5
       clip: 0.5                # a fixed L2 clip norm, or adaptive (Andrew et al. 2021):
       # clip: {target_quantile: 0.5, initial: 0.1, learning_rate: 0.2, bit_noise: 5.0}
-      population: 1000         # devices the cohorts are drawn from: q = clients_per_round / N
-      sampling: fixed          # fixed (uniform, fixed-size, without replacement) | poisson
-      max_epsilon: 10.0        # optional budget (default: target_epsilon); rounds stop there
+      population: 1000         # devices the cohorts are drawn from (at most; q uses what is seen)
+      sampling: fixed          # fixed (default: uniform, fixed-size, without replacement) | poisson
+      max_epsilon: 10.0        # the budget: required with noise_multiplier (default: target_epsilon)
       accounting: rdp          # rdp | prv (prv: Poisson only)
       min_noise_multiplier: 0.9  # distributed only: abort a round whose reports carry less
 
@@ -81,7 +81,7 @@ class PrivacySpec:
     target_epsilon: float | None = None
     delta: float | None = None
     clip: FixedClip | AdaptiveClip | None = None
-    sampling: Sampling = Sampling.POISSON
+    sampling: Sampling = Sampling.FIXED_SIZE
     accounting: AccountingMethod = AccountingMethod.RDP
     min_noise_multiplier: float | None = None
     local: LocalDp | None = None
@@ -161,7 +161,8 @@ def privacy_from_dict(raw: Mapping[str, Any] | None, source: str, *, path: str =
         fail("clip", "is required: an L2 norm, or {target_quantile, initial, learning_rate, "
                      "bit_noise} for adaptive clipping")
     clip = _clip(raw["clip"], source, _join(path, "clip"))
-    sampling = _enum(Sampling, raw.get("sampling", "poisson"), source, _join(path, "sampling"))
+    sampling = _enum(Sampling, raw.get("sampling", Sampling.FIXED_SIZE.value), source,
+                     _join(path, "sampling"))
     accounting = _enum(AccountingMethod, raw.get("accounting", "rdp"), source,
                        _join(path, "accounting"))
     if accounting is AccountingMethod.PRV and sampling is Sampling.FIXED_SIZE:
@@ -183,6 +184,9 @@ def privacy_from_dict(raw: Mapping[str, Any] | None, source: str, *, path: str =
         fail("population", f"expected a positive integer, got {_describe(population)}")
     max_epsilon = (_positive(raw["max_epsilon"], source, _join(path, "max_epsilon"))
                    if "max_epsilon" in raw else None)
+    if max_epsilon is None and target_epsilon is None:
+        fail("max_epsilon", "is required with noise_multiplier: the epsilon budget after which "
+                            "no round opens (with target_epsilon it defaults to that)")
     if (max_epsilon is not None and target_epsilon is not None
             and max_epsilon < target_epsilon):
         fail("max_epsilon", f"{max_epsilon} is below target_epsilon {target_epsilon}")

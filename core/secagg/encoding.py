@@ -17,6 +17,7 @@ weight coordinate can wrap.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,54 @@ def max_mean_error(count: int, total_weight: int, params: SecAggParams) -> float
 
 
 # ---------------------------------------------------------------- distributed DP in the ring
+
+
+# ---------------------------------------------------------------- metrics inside the mask
+
+#: The summary metrics a device contributes inside its masked vector, in order, each with the
+#: bound it is clipped to (values are clipped to [0, bound]). ``eval_*`` are multiplied by
+#: ``evaluated`` (1 when the device evaluated this round, else 0), so their sums cover the
+#: evaluating devices only.
+MASKED_METRICS: tuple[tuple[str, float], ...] = (
+    ("train_loss", 20.0),
+    ("eval_loss", 20.0),
+    ("eval_accuracy", 1.0),
+    ("evaluated", 1.0),
+)
+
+
+def masked_metric_values(metrics: Mapping[str, float], clip: float
+                         ) -> npt.NDArray[np.float64]:
+    """The values a device appends to its update before encoding: each metric of
+    :data:`MASKED_METRICS` clipped to [0, bound] and scaled to [0, clip] (the quantizer's
+    range). They are weighted like the update (w / weight_cap), so the decoded mean of each
+    is the example-weighted mean over the survivors."""
+    evaluated = 1.0 if "eval_loss" in metrics else 0.0
+    out = np.empty(len(MASKED_METRICS), dtype=np.float64)
+    for i, (name, bound) in enumerate(MASKED_METRICS):
+        if name == "evaluated":
+            value = evaluated
+        else:
+            value = float(metrics.get(name, 0.0))
+            if name.startswith("eval_"):
+                value *= evaluated
+        if not math.isfinite(value):
+            value = bound
+        out[i] = min(max(value, 0.0), bound) / bound * clip
+    return out
+
+
+def masked_metric_means(decoded: npt.NDArray[np.floating], clip: float) -> dict[str, float]:
+    """The round's metrics from the decoded weighted means of the :data:`MASKED_METRICS`
+    coordinates: ``train_loss`` over all survivors, ``eval_*`` over the evaluating ones
+    (absent when nobody evaluated). Means within the quantization error."""
+    means = {name: float(decoded[i]) / clip * bound
+             for i, (name, bound) in enumerate(MASKED_METRICS)}
+    evaluated = means.pop("evaluated")
+    out = {"train_loss": means["train_loss"]}
+    if evaluated > 1e-6:
+        out.update({k: v / evaluated for k, v in means.items() if k.startswith("eval_")})
+    return out
 
 
 def distributed_value_bits(num_devices: int, noise_multiplier: float, ring_bits: int = 32

@@ -2,7 +2,9 @@
 task ends.
 
 Local data never leaves this object: only the update (trained weights minus the received
-weights), its example count and summary metrics are sent.
+weights), its example count and summary metrics are sent, and the metrics only as the plan's
+:class:`~core.protocol.MetricsPolicy` says: in the clear, inside the masked vector (secure
+aggregation), or not at all (differential privacy).
 
 Differential privacy (the plan's ``privacy``): under central DP the whole update is scaled to
 at most the round's L2 clip norm before it leaves the device, before quantization under
@@ -33,13 +35,14 @@ from core.protocol import (
     UNCLIPPED_METRIC,
     CheckInOutcome,
     CheckInResult,
+    MetricsPolicy,
     Participation,
     Plan,
     UpdateHeader,
     config_hash,
 )
 from core.secagg.client import SecAggClient, SecAggRefused
-from core.secagg.encoding import add_noise_share, encode_update
+from core.secagg.encoding import add_noise_share, encode_update, masked_metric_values
 from core.secagg.messages import (
     KeyAdvertisement,
     MaskedInputRequest,
@@ -215,6 +218,10 @@ class Device:
             # Adaptive clipping's bit rides as one more masked value, scaled to the
             # quantizer's range (the coordinator divides by clip again).
             values = np.append(values.astype(np.float64), unclipped * sa.params.clip)
+        if plan.metrics is MetricsPolicy.MASKED:
+            # The metrics ride masked too: the coordinator learns only their sums.
+            values = np.append(values.astype(np.float64),
+                               masked_metric_values(header.metrics, sa.params.clip))
         try:
             encoded = encode_update(values, header.num_examples, sa.params,
                                     np.random.default_rng())
@@ -246,8 +253,7 @@ class Device:
                  p.round_number)
         crash_point("secagg.masked_input", p.round_number)
         unmask_req = self.coordinator.secagg_masked_input(
-            p, client.mask(mask_req, vector), header.metrics, encoded.clipped,
-            wait_s=step)
+            p, client.mask(mask_req, vector), {}, encoded.clipped, wait_s=step)
         log.info("%s: round %d: secure aggregation: masked input sent", self.device_id,
                  p.round_number)
         crash_point("secagg.unmask", p.round_number)
@@ -296,6 +302,9 @@ class Device:
                     metrics[UNCLIPPED_METRIC] = float(bit)
                 else:
                     unclipped = bit
+        if plan.metrics is not MetricsPolicy.CLEAR and plan.secure_aggregation is None:
+            # Withheld: only adaptive clipping's bit, which the release accounts for.
+            metrics = {k: v for k, v in metrics.items() if k == UNCLIPPED_METRIC}
         payload = to_raw_bytes(delta)
         header = UpdateHeader(
             participation=p,

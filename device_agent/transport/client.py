@@ -123,6 +123,7 @@ class DeviceClient:
             secure_aggregation=(convert.secagg_plan_from_proto(resp.secure_aggregation)
                                 if resp.HasField("secure_aggregation") else None),
             privacy=convert.plan_privacy_from_proto(resp),
+            metrics=convert.metrics_policy_from_proto(resp.metrics),
         )
 
     def download_model(self, p: Participation, plan: Plan) -> bytes:

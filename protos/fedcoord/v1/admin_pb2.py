@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.fedcoord.v1 import common_pb2 as protos_dot_fedcoord_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/fedcoord/v1/admin.proto\x12\x0b\x66\x65\x64\x63oord.v1\x1a\x1fprotos/fedcoord/v1/common.proto\"\xd0\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.fedcoord.v1.TaskSpec\x12\r\n\x05state\x18\x03 \x01(\t\x12\x18\n\x10rounds_committed\x18\x04 \x01(\x04\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x04\x12)\n\rcurrent_round\x18\x08 \x01(\x0b\x32\x12.fedcoord.v1.Round\"\xc9\x02\n\x05Round\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08selected\x18\x04 \x01(\r\x12\x0f\n\x07reports\x18\x05 \x01(\r\x12\x0c\n\x04goal\x18\x06 \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x07 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x04\x12\x15\n\rended_unix_ms\x18\t \x01(\x04\x12\x16\n\x0e\x66\x61ilure_reason\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\x04\x12\x30\n\x07metrics\x18\x0c \x03(\x0b\x32\x1f.fedcoord.v1.Round.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"M\n\x11\x43reateTaskRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.fedcoord.v1.TaskSpec\"5\n\x12\x43reateTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.fedcoord.v1.Task\"6\n\x0eGetTaskRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.fedcoord.v1.Task\"\'\n\x10ListTasksRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\"5\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.fedcoord.v1.Task\"9\n\x11ListRoundsRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"8\n\x12ListRoundsResponse\x12\"\n\x06rounds\x18\x01 \x03(\x0b\x32\x12.fedcoord.v1.Round\"9\n\x11\x43\x61ncelTaskRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.fedcoord.v1.Task\"R\n\x19\x41\x64minDownloadModelRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"c\n\x1a\x41\x64minDownloadModelResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedcoord.v1.BlobHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload2\xf1\x03\n\x0c\x41\x64minService\x12M\n\nCreateTask\x12\x1e.fedcoord.v1.CreateTaskRequest\x1a\x1f.fedcoord.v1.CreateTaskResponse\x12\x44\n\x07GetTask\x12\x1b.fedcoord.v1.GetTaskRequest\x1a\x1c.fedcoord.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.fedcoord.v1.ListTasksRequest\x1a\x1e.fedcoord.v1.ListTasksResponse\x12M\n\nListRounds\x12\x1e.fedcoord.v1.ListRoundsRequest\x1a\x1f.fedcoord.v1.ListRoundsResponse\x12M\n\nCancelTask\x12\x1e.fedcoord.v1.CancelTaskRequest\x1a\x1f.fedcoord.v1.CancelTaskResponse\x12\x62\n\rDownloadModel\x12&.fedcoord.v1.AdminDownloadModelRequest\x1a\'.fedcoord.v1.AdminDownloadModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/fedcoord/v1/admin.proto\x12\x0b\x66\x65\x64\x63oord.v1\x1a\x1fprotos/fedcoord/v1/common.proto\"\x94\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.fedcoord.v1.TaskSpec\x12\r\n\x05state\x18\x03 \x01(\t\x12\x18\n\x10rounds_committed\x18\x04 \x01(\x04\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x04\x12)\n\rcurrent_round\x18\x08 \x01(\x0b\x32\x12.fedcoord.v1.Round\x12)\n\x07privacy\x18\t \x01(\x0b\x32\x18.fedcoord.v1.TaskPrivacy\x12\x17\n\x0fmetrics_release\x18\n \x01(\t\"\xca\x01\n\x0bTaskPrivacy\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x0e\n\x06\x62udget\x18\x03 \x01(\x01\x12\x10\n\x08sampling\x18\x04 \x01(\t\x12\x18\n\x10rounds_accounted\x18\x05 \x01(\x04\x12\x1a\n\x12last_sampling_rate\x18\x06 \x01(\x01\x12\x15\n\rlast_eligible\x18\x07 \x01(\x04\x12\x13\n\x0blast_cohort\x18\x08 \x01(\x04\x12\x17\n\x0flast_population\x18\t \x01(\x04\"\xc9\x02\n\x05Round\x12\x14\n\x0cround_number\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08selected\x18\x04 \x01(\r\x12\x0f\n\x07reports\x18\x05 \x01(\r\x12\x0c\n\x04goal\x18\x06 \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x07 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x04\x12\x15\n\rended_unix_ms\x18\t \x01(\x04\x12\x16\n\x0e\x66\x61ilure_reason\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\x04\x12\x30\n\x07metrics\x18\x0c \x03(\x0b\x32\x1f.fedcoord.v1.Round.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"M\n\x11\x43reateTaskRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.fedcoord.v1.TaskSpec\"5\n\x12\x43reateTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.fedcoord.v1.Task\"6\n\x0eGetTaskRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.fedcoord.v1.Task\"\'\n\x10ListTasksRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\"5\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.fedcoord.v1.Task\"9\n\x11ListRoundsRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"8\n\x12ListRoundsResponse\x12\"\n\x06rounds\x18\x01 \x03(\x0b\x32\x12.fedcoord.v1.Round\"9\n\x11\x43\x61ncelTaskRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.fedcoord.v1.Task\"R\n\x19\x41\x64minDownloadModelRequest\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"c\n\x1a\x41\x64minDownloadModelResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedcoord.v1.BlobHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload2\xf1\x03\n\x0c\x41\x64minService\x12M\n\nCreateTask\x12\x1e.fedcoord.v1.CreateTaskRequest\x1a\x1f.fedcoord.v1.CreateTaskResponse\x12\x44\n\x07GetTask\x12\x1b.fedcoord.v1.GetTaskRequest\x1a\x1c.fedcoord.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.fedcoord.v1.ListTasksRequest\x1a\x1e.fedcoord.v1.ListTasksResponse\x12M\n\nListRounds\x12\x1e.fedcoord.v1.ListRoundsRequest\x1a\x1f.fedcoord.v1.ListRoundsResponse\x12M\n\nCancelTask\x12\x1e.fedcoord.v1.CancelTaskRequest\x1a\x1f.fedcoord.v1.CancelTaskResponse\x12\x62\n\rDownloadModel\x12&.fedcoord.v1.AdminDownloadModelRequest\x1a\'.fedcoord.v1.AdminDownloadModelResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUND_METRICSENTRY']._loaded_options = None
   _globals['_ROUND_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TASK']._serialized_start=81
-  _globals['_TASK']._serialized_end=289
-  _globals['_ROUND']._serialized_start=292
-  _globals['_ROUND']._serialized_end=621
-  _globals['_ROUND_METRICSENTRY']._serialized_start=575
-  _globals['_ROUND_METRICSENTRY']._serialized_end=621
-  _globals['_CREATETASKREQUEST']._serialized_start=623
-  _globals['_CREATETASKREQUEST']._serialized_end=700
-  _globals['_CREATETASKRESPONSE']._serialized_start=702
-  _globals['_CREATETASKRESPONSE']._serialized_end=755
-  _globals['_GETTASKREQUEST']._serialized_start=757
-  _globals['_GETTASKREQUEST']._serialized_end=811
-  _globals['_GETTASKRESPONSE']._serialized_start=813
-  _globals['_GETTASKRESPONSE']._serialized_end=863
-  _globals['_LISTTASKSREQUEST']._serialized_start=865
-  _globals['_LISTTASKSREQUEST']._serialized_end=904
-  _globals['_LISTTASKSRESPONSE']._serialized_start=906
-  _globals['_LISTTASKSRESPONSE']._serialized_end=959
-  _globals['_LISTROUNDSREQUEST']._serialized_start=961
-  _globals['_LISTROUNDSREQUEST']._serialized_end=1018
-  _globals['_LISTROUNDSRESPONSE']._serialized_start=1020
-  _globals['_LISTROUNDSRESPONSE']._serialized_end=1076
-  _globals['_CANCELTASKREQUEST']._serialized_start=1078
-  _globals['_CANCELTASKREQUEST']._serialized_end=1135
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1137
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1190
-  _globals['_ADMINDOWNLOADMODELREQUEST']._serialized_start=1192
-  _globals['_ADMINDOWNLOADMODELREQUEST']._serialized_end=1274
-  _globals['_ADMINDOWNLOADMODELRESPONSE']._serialized_start=1276
-  _globals['_ADMINDOWNLOADMODELRESPONSE']._serialized_end=1375
-  _globals['_ADMINSERVICE']._serialized_start=1378
-  _globals['_ADMINSERVICE']._serialized_end=1875
+  _globals['_TASK']._serialized_end=357
+  _globals['_TASKPRIVACY']._serialized_start=360
+  _globals['_TASKPRIVACY']._serialized_end=562
+  _globals['_ROUND']._serialized_start=565
+  _globals['_ROUND']._serialized_end=894
+  _globals['_ROUND_METRICSENTRY']._serialized_start=848
+  _globals['_ROUND_METRICSENTRY']._serialized_end=894
+  _globals['_CREATETASKREQUEST']._serialized_start=896
+  _globals['_CREATETASKREQUEST']._serialized_end=973
+  _globals['_CREATETASKRESPONSE']._serialized_start=975
+  _globals['_CREATETASKRESPONSE']._serialized_end=1028
+  _globals['_GETTASKREQUEST']._serialized_start=1030
+  _globals['_GETTASKREQUEST']._serialized_end=1084
+  _globals['_GETTASKRESPONSE']._serialized_start=1086
+  _globals['_GETTASKRESPONSE']._serialized_end=1136
+  _globals['_LISTTASKSREQUEST']._serialized_start=1138
+  _globals['_LISTTASKSREQUEST']._serialized_end=1177
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1179
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1232
+  _globals['_LISTROUNDSREQUEST']._serialized_start=1234
+  _globals['_LISTROUNDSREQUEST']._serialized_end=1291
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=1293
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=1349
+  _globals['_CANCELTASKREQUEST']._serialized_start=1351
+  _globals['_CANCELTASKREQUEST']._serialized_end=1408
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1410
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1463
+  _globals['_ADMINDOWNLOADMODELREQUEST']._serialized_start=1465
+  _globals['_ADMINDOWNLOADMODELREQUEST']._serialized_end=1547
+  _globals['_ADMINDOWNLOADMODELRESPONSE']._serialized_start=1549
+  _globals['_ADMINDOWNLOADMODELRESPONSE']._serialized_end=1648
+  _globals['_ADMINSERVICE']._serialized_start=1651
+  _globals['_ADMINSERVICE']._serialized_end=2148
 # @@protoc_insertion_point(module_scope)

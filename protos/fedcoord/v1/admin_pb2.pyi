@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "spec", "state", "rounds_committed", "model_version", "reason", "created_unix_ms", "current_round")
+    __slots__ = ("task_id", "spec", "state", "rounds_committed", "model_version", "reason", "created_unix_ms", "current_round", "privacy", "metrics_release")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class Task(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_RELEASE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     spec: _common_pb2.TaskSpec
     state: str
@@ -25,7 +27,31 @@ class Task(_message.Message):
     reason: str
     created_unix_ms: int
     current_round: Round
-    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.TaskSpec, _Mapping]] = ..., state: _Optional[str] = ..., rounds_committed: _Optional[int] = ..., model_version: _Optional[int] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., current_round: _Optional[_Union[Round, _Mapping]] = ...) -> None: ...
+    privacy: TaskPrivacy
+    metrics_release: str
+    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.TaskSpec, _Mapping]] = ..., state: _Optional[str] = ..., rounds_committed: _Optional[int] = ..., model_version: _Optional[int] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., current_round: _Optional[_Union[Round, _Mapping]] = ..., privacy: _Optional[_Union[TaskPrivacy, _Mapping]] = ..., metrics_release: _Optional[str] = ...) -> None: ...
+
+class TaskPrivacy(_message.Message):
+    __slots__ = ("epsilon", "delta", "budget", "sampling", "rounds_accounted", "last_sampling_rate", "last_eligible", "last_cohort", "last_population")
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_ACCOUNTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SAMPLING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    LAST_COHORT_FIELD_NUMBER: _ClassVar[int]
+    LAST_POPULATION_FIELD_NUMBER: _ClassVar[int]
+    epsilon: float
+    delta: float
+    budget: float
+    sampling: str
+    rounds_accounted: int
+    last_sampling_rate: float
+    last_eligible: int
+    last_cohort: int
+    last_population: int
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., budget: _Optional[float] = ..., sampling: _Optional[str] = ..., rounds_accounted: _Optional[int] = ..., last_sampling_rate: _Optional[float] = ..., last_eligible: _Optional[int] = ..., last_cohort: _Optional[int] = ..., last_population: _Optional[int] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("round_number", "attempt", "state", "selected", "reports", "goal", "started_unix_ms", "deadline_unix_ms", "ended_unix_ms", "failure_reason", "model_version", "metrics")

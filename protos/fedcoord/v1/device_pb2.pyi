@@ -8,6 +8,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MetricsPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METRICS_UNSPECIFIED: _ClassVar[MetricsPolicy]
+    METRICS_CLEAR: _ClassVar[MetricsPolicy]
+    METRICS_MASKED: _ClassVar[MetricsPolicy]
+    METRICS_WITHHELD: _ClassVar[MetricsPolicy]
+METRICS_UNSPECIFIED: MetricsPolicy
+METRICS_CLEAR: MetricsPolicy
+METRICS_MASKED: MetricsPolicy
+METRICS_WITHHELD: MetricsPolicy
+
 class CheckInRequest(_message.Message):
     __slots__ = ("api_version", "device_id", "attributes", "task_id")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -69,7 +80,7 @@ class GetPlanRequest(_message.Message):
     def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ...) -> None: ...
 
 class GetPlanResponse(_message.Message):
-    __slots__ = ("task_id", "round_number", "model", "model_version", "model_sha256", "model_size_bytes", "local", "evaluate", "deadline_unix_ms", "max_update_bytes", "max_chunk_bytes", "update_tensors", "seed", "secure_aggregation", "privacy")
+    __slots__ = ("task_id", "round_number", "model", "model_version", "model_sha256", "model_size_bytes", "local", "evaluate", "deadline_unix_ms", "max_update_bytes", "max_chunk_bytes", "update_tensors", "seed", "secure_aggregation", "privacy", "metrics")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +96,7 @@ class GetPlanResponse(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round_number: int
     model: _common_pb2.ModelSpec
@@ -100,7 +112,8 @@ class GetPlanResponse(_message.Message):
     seed: int
     secure_aggregation: SecAggPlan
     privacy: DevicePrivacy
-    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., privacy: _Optional[_Union[DevicePrivacy, _Mapping]] = ...) -> None: ...
+    metrics: MetricsPolicy
+    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., privacy: _Optional[_Union[DevicePrivacy, _Mapping]] = ..., metrics: _Optional[_Union[MetricsPolicy, str]] = ...) -> None: ...
 
 class DevicePrivacy(_message.Message):
     __slots__ = ("l2_clip_norm", "report_unclipped", "local_noise_multiplier", "local_max_grad_norm", "local_delta", "distributed_noise_steps", "devices_planned")

@@ -60,7 +60,7 @@ BIG = ModelSpec("logistic_regression", {"input_dim": 200, "num_classes": 10})
 def central(**kw: object) -> PrivacySpec:
     base: dict[str, object] = dict(mode=PrivacyMode.CENTRAL, noise_multiplier=1.0, delta=1e-5,
                                    clip=FixedClip(0.5), sampling=Sampling.FIXED_SIZE,
-                                   population=100)
+                                   population=100, max_epsilon=1000.0)
     base.update(kw)
     return PrivacySpec(**base)  # type: ignore[arg-type]
 
@@ -92,6 +92,11 @@ def service(clock: ManualClock, tmp_path: Path) -> CoordinatorService:
 
 def admit(service: CoordinatorService, clock: ManualClock, task_id: str, devices: list[str]
           ) -> dict[str, Participation]:
+    """``devices`` check in during the window, with as many others as make up the task's DP
+    population (the accountant's q is what selection saw); the seats of those drawn."""
+    privacy = service.get_task(task_id).spec.privacy
+    fill = (privacy.population or 0) - len(devices) if privacy is not None else 0
+    devices = devices + [f"other{i}" for i in range(max(fill, 0))]
     for d in devices:
         service.check_in(d, ATTRS, task_id)
     clock.advance(1.1)
@@ -108,7 +113,7 @@ def upload(service: CoordinatorService, p: Participation, flat: np.ndarray,
     plan = service.get_plan(p)
     payload = flat.astype("<f4").tobytes()
     header = UpdateHeader(p, 10, list(plan.update_tensors), len(payload), sha256_hex(payload),
-                          metrics or {"train_loss": 1.0})
+                          metrics or {})
     up = service.begin_upload(header)
     up.write(payload)
     service.finish_upload(up)
@@ -156,7 +161,7 @@ def test_the_noise_on_the_mean_has_std_z_c_over_the_fixed_denominator(
 def test_updates_are_summed_unweighted_and_divided_by_the_expected_reports(
     service: CoordinatorService, clock: ManualClock
 ) -> None:
-    task = service.create_task(spec(privacy=central(noise_multiplier=1e-8, clip=FixedClip(100.0))))
+    task = service.create_task(spec(privacy=central(noise_multiplier=1e-8, clip=FixedClip(100.0), max_epsilon=1e300)))
     tid = task.record.task_id
     before = flat_params(service, tid)
     seats = list(admit(service, clock, tid, ["d0", "d1", "d2", "d3"]).values())
@@ -173,7 +178,7 @@ def test_updates_are_summed_unweighted_and_divided_by_the_expected_reports(
 def test_the_coordinator_clips_an_update_the_device_did_not(
     service: CoordinatorService, clock: ManualClock
 ) -> None:
-    task = service.create_task(spec(privacy=central(noise_multiplier=1e-6, clip=FixedClip(0.5))))
+    task = service.create_task(spec(privacy=central(noise_multiplier=1e-6, clip=FixedClip(0.5), max_epsilon=1e300)))
     tid = task.record.task_id
     before = flat_params(service, tid)
     seats = list(admit(service, clock, tid, ["d0", "d1", "d2", "d3"]).values())
@@ -288,7 +293,7 @@ def test_the_empirical_selection_rate_is_the_accountants_sampling_rate(
     task = service.create_task(spec(
         model=ModelSpec("logistic_regression", {"input_dim": 2, "num_classes": 2}),
         rounds=rounds, clients_per_round=goal, min_reports=goal,
-        privacy=central(population=population, sampling=Sampling.POISSON)))
+        privacy=central(population=population)))
     tid = task.record.task_id
     devices = [f"d{i}" for i in range(population)]
     included = dict.fromkeys(devices, 0)
@@ -323,7 +328,7 @@ def test_adaptive_clipping_moves_the_clip_norm_from_the_devices_bits(
     assert plan.privacy is not None and plan.privacy.report_unclipped
     for p in seats.values():  # every update fitted: C should shrink
         upload(service, p, np.zeros(size_of(service, p), np.float32),
-               {"train_loss": 1.0, UNCLIPPED_METRIC: 1.0})
+               {UNCLIPPED_METRIC: 1.0})
     rnd = service.list_rounds(tid)[0]
     assert rnd.state is RoundState.COMMITTED
     assert UNCLIPPED_METRIC not in rnd.metrics  # the raw bits are never stored
@@ -367,9 +372,9 @@ def secure_round(service: CoordinatorService, clock: ManualClock, task_id: str,
     for d, p in seats.items():
         req = service.secagg_reply(p, Stage.SHARE_KEYS)
         assert isinstance(req, MaskedInputRequest)
-        values = updates[d].astype(np.float64)
+        values = updates.get(d, next(iter(updates.values()))).astype(np.float64)
         if bits is not None:
-            values = np.append(values, bits[d] * sa.params.clip)
+            values = np.append(values, bits.get(d, 0) * sa.params.clip)
         enc = encode_update(values, 50, sa.params, np.random.default_rng(1))
         service.secagg_masked_input(p, clients[d].mask(req, enc.vector), {}, enc.clipped)
     for d, p in seats.items():
@@ -390,7 +395,8 @@ def test_a_secure_dp_round_noises_the_unmasked_sum_with_a_fixed_denominator(
     secure_round(service, clock, tid, {f"d{i}": np.full(n, 0.002, np.float32) for i in range(6)})
     rnd = service.list_rounds(tid)[0]
     assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
-    assert rnd.metrics["examples"] == 6  # the weight coordinate counts devices
+    # The weight coordinate counts devices; under DP no example count is released.
+    assert rnd.metrics["reports"] == 6 and "examples" not in rnd.metrics
     moved = flat_params(service, tid) - before
     assert np.mean(moved) == pytest.approx(0.002, abs=0.01)  # 6 x 0.002 / 6
     assert np.std(moved) == pytest.approx(2.0 * 0.5 / 6, rel=0.08)
@@ -441,10 +447,12 @@ min_reports: 5
      "privacy.clip", "must be positive"),
     ("{mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0}",
      "privacy.population", "is required"),
-    ("{mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, population: 5}",
-     "privacy.population", "below clients_per_round"),
-    ("{mode: distributed, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, population: 50}",
-     "privacy.mode", "needs secure_aggregation"),
+    ("{mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, population: 5, "
+     "max_epsilon: 10.0}", "privacy.population", "below clients_per_round"),
+    ("{mode: distributed, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, population: 50, "
+     "max_epsilon: 10.0}", "privacy.mode", "needs secure_aggregation"),
+    ("{mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, population: 50}",
+     "privacy.max_epsilon", "is required with noise_multiplier"),
     ("{mode: centrall}", "privacy.mode", "expected one of"),
 ])
 def test_privacy_errors_name_the_file_and_field(privacy: str, field: str, message: str) -> None:
@@ -509,7 +517,8 @@ def distributed_round(service: CoordinatorService, clock: ManualClock, task_id: 
     for index, d in enumerate(uploaded):
         req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
         assert isinstance(req, MaskedInputRequest)
-        enc = encode_update(updates[d], 50, sa.params, np.random.default_rng(1))
+        update = updates.get(d, next(iter(updates.values())))
+        enc = encode_update(update, 50, sa.params, np.random.default_rng(1))
         # A seed per device, never shared: two equal shares would add up coherently
         # (hash(d) % 1000 collided for some hash seeds: std sqrt(8/6) of the planned).
         share = device_noise_share_simulated(

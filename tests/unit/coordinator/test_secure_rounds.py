@@ -16,9 +16,9 @@ from coordinator.rounds.errors import Duplicate, InvalidRequest, Late
 from coordinator.rounds.secure import Aborted
 from coordinator.rounds.service import CoordinatorService, ServiceConfig
 from coordinator.storage import FileBlobStore, InMemoryStore
-from core.protocol import CheckInOutcome, Participation, config_hash
+from core.protocol import CheckInOutcome, MetricsPolicy, Participation, config_hash
 from core.secagg.client import SecAggClient
-from core.secagg.encoding import encode_update
+from core.secagg.encoding import encode_update, masked_metric_values
 from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
 from core.tensors import load_safetensors
 from core.types import (
@@ -112,10 +112,13 @@ class Devices:
         for d in who:
             req = self.reply(d, Stage.SHARE_KEYS)
             assert isinstance(req, MaskedInputRequest)
-            enc = encode_update(self.updates[d], self.examples[d], sa.params,
-                                np.random.default_rng(1))
+            # The device's metrics ride inside the masked vector (MetricsPolicy.MASKED).
+            assert self.plan.metrics is MetricsPolicy.MASKED
+            values = np.append(self.updates[d].astype(np.float64), masked_metric_values(
+                {"train_loss": 1.0 + self.examples[d] / 100}, sa.params.clip))
+            enc = encode_update(values, self.examples[d], sa.params, np.random.default_rng(1))
             self.service.secagg_masked_input(self.seats[d], self.clients[d].mask(req, enc.vector),
-                                             {"train_loss": 1.0}, enc.clipped)
+                                             {}, enc.clipped)
 
     def unmask(self, who: list[str]) -> None:
         for d in who:

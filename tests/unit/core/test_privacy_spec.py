@@ -23,7 +23,7 @@ from core.privacy import (
 
 SRC = "tasks/dp.yaml"
 CENTRAL: dict[str, Any] = {"mode": "central", "noise_multiplier": 1.0, "delta": 1e-5,
-                           "clip": 0.5, "population": 1000}
+                           "clip": 0.5, "population": 1000, "max_epsilon": 10.0}
 
 
 def parse(raw: Any) -> PrivacySpec:
@@ -39,7 +39,8 @@ def test_a_missing_section_or_mode_off_means_no_privacy() -> None:
 def test_central_dp_with_a_fixed_clip() -> None:
     assert parse(CENTRAL) == PrivacySpec(
         mode=PrivacyMode.CENTRAL, noise_multiplier=1.0, delta=1e-5, clip=FixedClip(0.5),
-        sampling=Sampling.POISSON, accounting=AccountingMethod.RDP, population=1000)
+        sampling=Sampling.FIXED_SIZE, accounting=AccountingMethod.RDP, population=1000,
+        max_epsilon=10.0)
 
 
 def test_distributed_dp_with_a_target_epsilon_adaptive_clip_and_noise_floor() -> None:
@@ -73,7 +74,7 @@ def test_local_dp() -> None:
     {"mode": "off"},
     {"mode": "local", "local": {"noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5}},
     {"mode": "distributed", "target_epsilon": 3.0, "delta": 1e-5, "accounting": "prv",
-     "population": 200, "max_epsilon": 4.0,
+     "sampling": "poisson", "population": 200, "max_epsilon": 4.0,
      "clip": {"target_quantile": 0.7, "initial": 1.0, "learning_rate": 0.1, "bit_noise": 2.0}},
 ])
 def test_specs_round_trip_through_plain_data(raw: dict[str, Any]) -> None:
@@ -113,6 +114,8 @@ def test_specs_round_trip_through_plain_data(raw: dict[str, Any]) -> None:
     ({k: v for k, v in CENTRAL.items() if k != "population"}, "privacy.population",
      "is required"),
     ({**CENTRAL, "population": 0}, "privacy.population", "positive integer"),
+    ({k: v for k, v in CENTRAL.items() if k != "max_epsilon"}, "privacy.max_epsilon",
+     "is required with noise_multiplier"),
     ({**CENTRAL, "population": 10.5}, "privacy.population", "positive integer"),
     ({**{k: v for k, v in CENTRAL.items() if k != "noise_multiplier"}, "target_epsilon": 4.0,
       "max_epsilon": 3.0}, "privacy.max_epsilon", "below target_epsilon"),

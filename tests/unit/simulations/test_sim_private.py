@@ -57,7 +57,8 @@ def test_central_dp_reports_a_growing_epsilon_and_noises_the_model(
 ) -> None:
     data = make_federation(SIZES)
     privacy = privacy_from_dict({"mode": "central", "noise_multiplier": 1.0, "delta": 1e-5,
-                                 "clip": 1.0, "population": 8, "sampling": "fixed"}, "t")
+                                 "clip": 1.0, "population": 8, "sampling": "fixed",
+                                 "max_epsilon": 1e6}, "t")
     plain, _ = _run(_config(), data)
     private, metrics = _run(_config(privacy=privacy, secure_aggregation=SECURE), data)
     eps = [m.epsilon for m in metrics]
