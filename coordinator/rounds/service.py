@@ -265,7 +265,15 @@ class CoordinatorService:
         for task in self._store.list_tasks():
             if task.state is not TaskState.RUNNING:
                 continue
-            spec = spec_from_dict(_json_loads(task.spec_json), source=f"task {task.task_id}")
+            try:
+                spec = spec_from_dict(_json_loads(task.spec_json), source=f"task {task.task_id}")
+            except CoreError as exc:
+                # A task stored by an older version that today's rules refuse (e.g. a DP task
+                # without a budget) must not run on unchecked: it ends, with the reason.
+                log.error("task %s cannot continue: %s", task.task_id, exc)
+                self._store.set_task_state(task.task_id, TaskState.FAILED,
+                                           f"its task file no longer validates: {exc}")
+                continue
             model = self._load_model(self._store.latest_model_version(task.task_id))
             committed = [r.metrics for r in self._store.list_rounds(task.task_id)
                          if r.state is RoundState.COMMITTED]
