@@ -1,7 +1,8 @@
 """Flower 1.42's simulation engine on :mod:`benchmarks.simulation`'s workload.
 
-A ServerApp and a ClientApp run under ``flwr.simulation.run_simulation`` (Ray backend, one
-ClientApp actor per core, each with one torch thread), in this process; the benchmark runs
+A ServerApp and a ClientApp run under ``flwr.simulation.run_simulation`` (Ray backend given
+``cpus`` CPUs, one CPU per ClientApp, so ``cpus`` ClientApp actors, each with one torch
+thread), in this process; the benchmark runs
 it in a child process group with a hard timeout.
 
 * ServerApp: Flower's message-API ``FedAvg`` strategy (``flwr.serverapp.strategy``), whose
@@ -48,8 +49,10 @@ class RoundClock(Protocol):
 
 def run_flower(*, x: np.ndarray, y: np.ndarray, offsets: np.ndarray, schedule: list[list[int]],
                seeds: list[list[int]], spec: ModelSpec, local: LocalTraining,
-               initial: dict[str, np.ndarray], clock: RoundClock) -> dict[str, np.ndarray]:
-    """Runs ``len(schedule)`` Flower rounds; ``clock.start()`` just before ``run_simulation``,
+               initial: dict[str, np.ndarray], clock: RoundClock,
+               cpus: int | None = None) -> dict[str, np.ndarray]:
+    """Runs ``len(schedule)`` Flower rounds on ``cpus`` ClientApp actors (default: one per
+    core); ``clock.start()`` just before ``run_simulation``,
     ``clock.round_done()`` after each round's aggregation. Returns the final global model.
 
     Raises:
@@ -67,7 +70,7 @@ def run_flower(*, x: np.ndarray, y: np.ndarray, offsets: np.ndarray, schedule: l
         final: dict[str, np.ndarray] = {}
         server = _server_app(schedule, seeds, initial, clock, final)
         client = _client_app(str(data_dir), spec, local)
-        cpus = os.cpu_count() or 1
+        cpus = cpus or len(os.sched_getaffinity(0))
         backend_config: Any = {
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "object_store_memory": RAY_OBJECT_STORE_BYTES},

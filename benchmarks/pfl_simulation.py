@@ -1,7 +1,11 @@
 """Apple's pfl (pfl-research 0.6) simulation on :mod:`benchmarks.simulation`'s workload.
 
-pfl's own simulation machinery, in this process (the benchmark runs it in a child process
-group with a hard timeout); single process, no Horovod / torch.distributed workers:
+pfl's own simulation machinery (the benchmark runs it in a child process group with a hard
+timeout): with one worker in this process (:func:`run_pfl`); with N workers
+(:func:`run_pfl_distributed`) as pfl runs a distributed simulation, N processes started by
+``torchrun --standalone`` (it ships with torch; torch.distributed with the gloo backend on
+CPU, no Horovod or MPI), each training its share of every cohort and all-reducing the
+aggregate once a round:
 
 * model: :class:`pfl.model.pytorch.PyTorchModel` around the same torch model
   (:func:`core.models.build_model`, initial weights ``initial``), with a fresh
@@ -9,7 +13,9 @@ group with a hard timeout); single process, no Horovod / torch.distributed worke
   as the central optimizer, so the server step is ``global += weighted mean delta``.
 * data: :class:`pfl.data.federated_dataset.FederatedDataset` whose user sampler yields the
   schedule's (device, seed) pairs in order, so round ``r``'s cohort of
-  ``len(schedule[r-1])`` users is exactly ``schedule[r-1]`` (checked after the run).
+  ``len(schedule[r-1])`` users is exactly ``schedule[r-1]`` (checked after the run, over all
+  workers). With N workers it gets ``user_id_to_weight`` (each device's example count), so
+  pfl splits each cohort across workers by load, as its documentation advises for speed.
   ``make_dataset_fn`` builds the device's :class:`pfl.data.dataset.Dataset` from its rows of
   the training table, permuted by ``torch.randperm`` with a generator seeded by the device's
   seed: pfl iterates a user's data in order, so this gives exactly the minibatches that
@@ -24,14 +30,24 @@ group with a hard timeout); single process, no Horovod / torch.distributed worke
 
 A round is timed by a :class:`pfl.callback.base.TrainingProcessCallback`
 (``after_central_iteration``, after the central model update); the clock starts just before
-``algorithm.run``.
+``algorithm.run``. With N workers, worker 0's clock is reported (the workers meet at every
+round's all-reduce); ``time.perf_counter`` is the system-wide monotonic clock on Linux, so
+its readings are comparable with the parent's.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import itertools
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -90,9 +106,9 @@ class _Net(nn.Module):
 def run_pfl(*, x: np.ndarray, y: np.ndarray, offsets: np.ndarray, schedule: list[list[int]],
             seeds: list[list[int]], spec: ModelSpec, local: LocalTraining,
             initial: dict[str, np.ndarray], clock: RoundClock) -> dict[str, np.ndarray]:
-    """Runs ``len(schedule)`` pfl central iterations; ``clock.start()`` just before
-    ``algorithm.run``, ``clock.round_done()`` after each central model update. Returns the
-    final global model.
+    """Runs ``len(schedule)`` pfl central iterations in this process, one worker of
+    ``WORLD_SIZE`` when started by torchrun; ``clock.start()`` just before ``algorithm.run``,
+    ``clock.round_done()`` after each central model update. Returns the final global model.
 
     Raises:
         ValueError: local training other than plain SGD, or a cohort size that changes
@@ -107,6 +123,7 @@ def run_pfl(*, x: np.ndarray, y: np.ndarray, offsets: np.ndarray, schedule: list
     from pfl.data.dataset import Dataset
     from pfl.data.federated_dataset import FederatedDataset
     from pfl.hyperparam import NNTrainHyperParams
+    from pfl.internal.ops.selector import get_default_framework_module
     from pfl.metrics import Metrics
     from pfl.model.pytorch import PyTorchModel
 
@@ -116,21 +133,27 @@ def run_pfl(*, x: np.ndarray, y: np.ndarray, offsets: np.ndarray, schedule: list
     if len(sizes) != 1:
         raise ValueError(f"pfl needs one cohort size, the schedule has {sorted(sizes)}")
     cohort = sizes.pop()
+    world = get_default_framework_module().distributed.world_size
 
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-    trained: list[int] = []  # devices in the order pfl built their datasets
+    trained: list[int] = []  # stream positions of the users this worker built, in order
 
-    def make_dataset(user: tuple[int, int]) -> Dataset:
-        device, seed = user
+    def make_dataset(user: tuple[int, int, int]) -> Dataset:
+        position, device, seed = user
         lo, hi = int(offsets[device]), int(offsets[device + 1])
         order = torch.randperm(hi - lo, generator=torch.Generator().manual_seed(seed)) + lo
-        trained.append(device)
+        trained.append(position)
         return Dataset((xt[order], yt[order]), user_id=str(device))
 
-    pairs = iter([(d, s) for devices, round_seeds in zip(schedule, seeds, strict=True)
-                  for d, s in zip(devices, round_seeds, strict=True)])
-    training_data = FederatedDataset(make_dataset, functools.partial(next, pairs))
+    users = [(i, d, s) for i, (d, s) in enumerate(
+        (d, s) for devices, round_seeds in zip(schedule, seeds, strict=True)
+        for d, s in zip(devices, round_seeds, strict=True))]
+    # Endless: with weights, pfl's sampler process reads ahead of the last cohort.
+    sampler = functools.partial(next, itertools.cycle(users))
+    weights = ({u: int(offsets[u[1] + 1] - offsets[u[1]]) for u in users}
+               if world > 1 else None)
+    training_data = FederatedDataset(make_dataset, sampler, user_id_to_weight=weights)
 
     net = build_model(spec)
     load_numpy_state(net, initial)
@@ -169,8 +192,88 @@ def run_pfl(*, x: np.ndarray, y: np.ndarray, offsets: np.ndarray, schedule: list
                             model_train_params=train_params, callbacks=[Clock()],
                             send_metrics_to_platform=False)
     clock.stop()
-    expected = [d for devices in schedule for d in devices]
-    if trained != expected:
+    if world > 1:
+        everyone: list[list[int]] = [[] for _ in range(world)]
+        torch.distributed.all_gather_object(everyone, trained)
+        trained = sorted(p for worker in everyone for p in worker)
+    if trained != list(range(len(users))):
         raise RuntimeError(f"pfl trained {len(trained)} devices, not the schedule's "
-                           f"{len(expected)} in order")
+                           f"{len(users)} in order")
     return state_to_numpy(net)
+
+
+class _TimesClock:
+    """Worker 0's round clock under torchrun: ``perf_counter`` readings, written to a file."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.ends: list[float] = []
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def round_done(self) -> None:
+        self.ends.append(time.perf_counter())
+
+    def stop(self) -> None:
+        pass
+
+
+def run_pfl_distributed(*, workers: int, x: np.ndarray, y: np.ndarray, offsets: np.ndarray,
+                        schedule: list[list[int]], seeds: list[list[int]], spec: ModelSpec,
+                        local: LocalTraining, initial: dict[str, np.ndarray],
+                        timeout_s: float | None = None
+                        ) -> tuple[dict[str, np.ndarray], float, list[float]]:
+    """:func:`run_pfl` on ``workers`` processes started by ``torchrun --standalone`` (each
+    with one torch thread). Returns the final model and worker 0's clock: the
+    ``perf_counter`` reading at ``algorithm.run`` and after each round.
+
+    Raises:
+        RuntimeError: torchrun failed (its output is in the message).
+    """
+    with tempfile.TemporaryDirectory(prefix="pfl-dist-") as tmp:
+        d = Path(tmp)
+        np.save(d / "x.npy", x)
+        np.save(d / "y.npy", y)
+        np.save(d / "offsets.npy", offsets)
+        np.savez(d / "initial.npz", **initial)
+        (d / "job.json").write_text(json.dumps({
+            "schedule": schedule, "seeds": seeds,
+            "spec": {"architecture": spec.architecture, "arguments": dict(spec.arguments)},
+            "local": {"epochs": local.epochs, "batch_size": local.batch_size,
+                      "learning_rate": local.learning_rate, "momentum": local.momentum}}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PFL_PYTORCH_DEVICE": "cpu",
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={workers}", str(Path(__file__).resolve()), "--worker", tmp]
+        done = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout_s)
+        if done.returncode != 0 or not (d / "times.json").exists():
+            tail = (done.stdout + done.stderr).decode(errors="replace")[-2000:]
+            raise RuntimeError(f"torchrun exited {done.returncode}: {tail}")
+        times = json.loads((d / "times.json").read_text())
+        with np.load(d / "final.npz") as final:
+            params = {k: final[k] for k in final.files}
+    return params, times["start"], times["ends"]
+
+
+def _worker(job_dir: str) -> None:
+    """One torchrun worker: loads the job :func:`run_pfl_distributed` wrote and runs it."""
+    torch.set_num_threads(1)
+    d = Path(job_dir)
+    job = json.loads((d / "job.json").read_text())
+    with np.load(d / "initial.npz") as f:
+        initial = {k: f[k] for k in f.files}
+    clock = _TimesClock()
+    params = run_pfl(x=np.load(d / "x.npy"), y=np.load(d / "y.npy"),
+                     offsets=np.load(d / "offsets.npy"), schedule=job["schedule"],
+                     seeds=job["seeds"], spec=ModelSpec(**job["spec"]),
+                     local=LocalTraining(**job["local"]), initial=initial, clock=clock)
+    if int(os.environ.get("RANK", "0")) == 0:
+        np.savez(d / "final.npz", **params)
+        (d / "times.json").write_text(json.dumps({"start": clock.started, "ends": clock.ends}))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="a torchrun worker of run_pfl_distributed")
+    ap.add_argument("--worker", required=True, help="the job directory")
+    _worker(ap.parse_args().worker)

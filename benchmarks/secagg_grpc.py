@@ -3,16 +3,25 @@ plaintext uploads, same coordinator, same agents, same ~112k-parameter MLP (64-1
 
 Agents train one epoch on tiny digits shards (about 18 examples each), so the round is
 dominated by the protocol and the transport; the reported figure is the committed round's
-``round_seconds`` (from round start to commit) for round 2 and later (round 1 includes the
-agents' start-up), and its difference to the plaintext round.
+``round_seconds`` (from round start to commit, so it includes the 0.5 s selection window and
+the local epoch) for round 2 and later (round 1 includes the agents' start-up), and its
+difference to the plaintext round.
 
-    python benchmarks/secagg_grpc.py [--devices 100] [--processes 4]
+``--flower`` then runs the same pair in Flower 1.42's deployment engine at the same n and d
+(:mod:`benchmarks.flower_secagg_deployment`: SuperLink and one SuperNode process per device on
+localhost, fixed updates, no training) with Flower's share count and threshold set to ours
+(num_shares = k + 1 holders, reconstruction_threshold = t), so both sides run over a real
+transport between processes. For one process per device on our side too, pass
+``--processes`` equal to ``--devices``.
+
+    python benchmarks/secagg_grpc.py [--devices 100] [--processes 4] [--rounds 3] [--flower]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -36,8 +45,11 @@ selection_window_s: 0.5
 local: {{epochs: 1, batch_size: 32, optimizer: sgd, learning_rate: 0.05}}
 {extra}"""
 
-SECURE = ("secure_aggregation: {protocol: secagg+, neighbours: 10, threshold: 0.6, "
-          "dropout: 0.001, corrupt_fraction: 0.0, clip: 1.0, phase_timeout_s: 30}\n")
+NEIGHBOURS, THRESHOLD = 10, 0.6
+SECURE = (f"secure_aggregation: {{protocol: secagg+, neighbours: {NEIGHBOURS}, "
+          f"threshold: {THRESHOLD}, dropout: 0.001, corrupt_fraction: 0.0, clip: 1.0, "
+          "phase_timeout_s: 30}\n")
+D = 97_510 + 15_010  # parameters of the 64-1500-10 MLP
 
 
 def run(target: str, name: str, devices: int, processes: int, rounds: int, extra: str,
@@ -89,9 +101,12 @@ def grpc_round_pair(n: int = 100, processes: int = 4, rounds: int = 3, seed: int
         secure, _ = run(coord.target, "secure", n, processes, rounds, SECURE)
     steady_plain = sum(plain[1:]) / len(plain[1:])
     steady_secure = sum(secure[1:]) / len(secure[1:])
+    k = min(NEIGHBOURS, n - 1)
     return [{
-        "benchmark": "secagg_grpc", "engine": "fedcoord", "n": n, "d": 97_510 + 15_010,
-        "agent_processes": processes, "neighbours": 10,
+        "benchmark": "secagg_grpc", "engine": "fedcoord", "n": n, "d": D,
+        "transport": "gRPC: coordinator and agent processes on 127.0.0.1",
+        "agent_processes": processes, "neighbours": k,
+        "threshold": max(2, math.ceil(THRESHOLD * (k + 1) - 1e-9)),
         "plaintext_round_s": round(steady_plain, 3), "secure_round_s": round(steady_secure, 3),
         "secure_over_plaintext": round(steady_secure / steady_plain, 2),
         "plaintext_rounds_s": [round(x, 3) for x in plain],
@@ -104,9 +119,22 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--flower", action="store_true",
+                    help="then the same pair in Flower's deployment engine")
+    ap.add_argument("--flower-timeout", type=float, default=900.0)
     args = ap.parse_args()
     for row in grpc_round_pair(args.devices, args.processes, args.rounds):
         print(json.dumps(row), flush=True)
+    if args.flower:
+        from benchmarks.flower_secagg_deployment import run_deployment
+
+        ours = row
+        for secure in (True, False):
+            flower = run_deployment(args.devices, D, secure=secure, rounds=args.rounds,
+                                    num_shares=int(ours["neighbours"]) + 1,
+                                    threshold=int(ours["threshold"]),
+                                    timeout_s=args.flower_timeout)
+            print(json.dumps(flower), flush=True)
 
 
 if __name__ == "__main__":

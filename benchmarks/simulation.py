@@ -1,30 +1,48 @@
-"""Simulation throughput, side by side: devices trained per second by our engine, Flower 1.42's
-simulation engine, Apple's pfl 0.6 simulation (``--engines pfl``; skipped with a reason when
-pfl is not installed) and a plain sequential torch loop (``core.training.train_local``
-device after device), on one workload:
+"""Simulation throughput at equal cores: devices trained per second by our engine, Flower
+1.42's simulation engine (Ray), Apple's pfl 0.6 simulation and a plain sequential torch loop
+(``core.training.train_local`` device after device), on one workload:
 
     Synthetic(1,1), 1000 devices (seed 0); 100 devices a round from a fixed seeded schedule
     that every engine trains; 1 local epoch, batch 10, SGD lr 0.01; 20 rounds; FedAvg.
     models: logistic regression 60->10, MLP 60-200-200-10
 
-Every (engine, model) runs in its own child process group with a hard timeout (``--timeout``;
-the whole group is killed when it runs out), so memory is measured per engine and a hang
-cannot block the benchmark. Prints one JSON line per (engine, model): steady-state devices/s
-over rounds 2-R, round 1's seconds apart (start-up: for Flower this includes starting Ray),
-peak RSS of the child's whole process tree (psutil, children included, sampled every 50 ms),
-final test accuracy and its difference from the sequential loop's, the achieved GFLOP/s
-(forward + backward FLOPs per sample x samples/s) against a 2048x2048 float32 matmul on this
-machine, and, on our engine's line, its speed-up over each other engine.
+Rows are grouped by the number of cores (``--cores 1,2``). A group's engines run one after the
+other, each in a child process group pinned to the same first ``cores`` CPUs
+(``sched_setaffinity``, inherited by everything the engine starts: Ray's daemons and actors,
+torchrun's workers, our worker processes), every process with one torch thread, and each
+engine trains with ``cores`` worker processes:
+
+* ``ours``: 1 core: in this process (``engine.processes: 1``); N cores: N worker processes
+  (``simulations.process_backend``, ``engine.processes: N``).
+* ``flower``: ``run_simulation`` with Ray given N CPUs and one CPU per ClientApp, i.e. N actors.
+* ``pfl``: 1 core: pfl's ``SimulatedBackend`` in process; N cores: N workers started with
+  ``torchrun`` (torch.distributed, gloo), pfl's own distributed simulation, no other
+  infrastructure (see :mod:`benchmarks.pfl_simulation`).
+* ``sequential``: 1 core only (the reference loop; its accuracy is what the others must match).
+
+``--repeat R`` runs each group R times, the engine order reversed every other time (peers
+first, then ours first), so a machine whose load drifts does not favour one side. Each
+(engine, model, cores) run has a hard timeout (``--timeout``; the whole group is killed when it
+runs out), so memory is measured per engine and a hang cannot block the benchmark.
+
+Prints one JSON line per run: ``engine`` and its version, ``cores`` (CPUs the run was pinned
+to), ``processes`` (worker processes that train), steady-state devices/s over rounds 2-R,
+round 1's seconds apart (start-up: for Flower this includes starting Ray), peak RSS of the
+run's whole process tree (psutil, sampled every 50 ms), final test accuracy and its
+difference from the sequential loop's, the achieved GFLOP/s (forward + backward FLOPs per
+sample x samples/s) against a single-thread 2048x2048 float32 matmul on this machine, and, on
+our engine's line, ``speedup``: its devices/s over each other engine's in the same group
+(same cores, same repeat), the only ratios to quote.
 
     python benchmarks/simulation.py [--engines sequential,flower,pfl,ours] [--models lr,mlp]
-                                    [--rounds 20] [--threads 1] [--processes 1]
-                                    [--timeout 900]
+                                    [--cores 1,2] [--repeat 1] [--rounds 20] [--timeout 900]
 
-Engines plug in through :data:`ENGINES`: a function ``(Workload, model key, threads) ->
+Engines plug in through :data:`ENGINES`: a function ``(Workload, model key, cores) ->
 (Measurement, final accuracy)`` that trains the same schedule (``workload.schedule``, seeds
-``workload.seeds``) with the same data (``workload.data``), calls ``measure.start()`` when
-its clock should start and ``measure.round_done()`` after each round. A runner that cannot
-run here raises :class:`EngineSkipped`; its line then carries ``skipped`` (the reason).
+``workload.seeds``) with the same data (``workload.data``) on ``cores`` worker processes, calls
+``measure.start()`` when its clock should start and ``measure.round_done()`` after each round.
+A runner that cannot run here raises :class:`EngineSkipped`; its line then carries ``skipped``
+(the reason).
 """
 
 from __future__ import annotations
@@ -68,7 +86,7 @@ MODELS = {
 }
 LAYERS = {"lr": [60, 10], "mlp": [60, 200, 200, 10]}
 LOCAL = LocalTraining(epochs=1, batch_size=10, learning_rate=0.01)
-DEFAULT_ENGINES = "sequential,flower,ours"
+DEFAULT_ENGINES = "sequential,flower,pfl,ours"
 DEFAULT_TIMEOUT_S = 900.0
 
 
@@ -137,6 +155,11 @@ class Measurement:
     def stop(self) -> None:
         self._stop.set()
 
+    def rebase(self, start: float, round_ends: list[float]) -> None:
+        """Takes the clock of a worker process (``perf_counter`` readings, which on Linux are
+        the system-wide monotonic clock) instead of this process's."""
+        self._start, self.round_ends = start, list(round_ends)
+
     def summary(self, workload: Workload) -> dict[str, Any]:
         ends = [self._start, *self.round_ends]
         rounds = len(self.round_ends)
@@ -194,25 +217,21 @@ def _rounds(workload: Workload, spec: ModelSpec, trainer: Any) -> tuple[Measurem
     return measure, _final_accuracy(workload, spec, params)
 
 
-def ours(workload: Workload, model: str, threads: int) -> tuple[Measurement, float]:
-    """Our engine: with ``--processes N`` (N > 1) the cohort is split across N worker
-    processes (then ``threads`` is ignored), else ``threads`` lock-step threads in process.
-    Flower's simulation runs one Ray worker per core, so ``--processes 2`` on 2 cores is the
-    like-for-like setting."""
-    return _run_in_process(workload, model, EngineKind.AUTO, threads, PROCESSES)
+def ours(workload: Workload, model: str, cores: int) -> tuple[Measurement, float]:
+    """Our engine with ``engine.processes: cores``: on one core in this process, else the
+    cohort split across ``cores`` worker processes."""
+    return _run_in_process(workload, model, EngineKind.AUTO, 1, cores)
 
 
-#: ``--processes`` of our engine (set in the child from its arguments).
-PROCESSES = 1
-
-
-def sequential(workload: Workload, model: str, threads: int) -> tuple[Measurement, float]:
-    torch.set_num_threads(1)  # the plain loop: one device at a time, one thread
+def sequential(workload: Workload, model: str, cores: int) -> tuple[Measurement, float]:
+    if cores != 1:
+        raise EngineSkipped("the sequential loop is one device at a time on one core")
     return _run_in_process(workload, model, EngineKind.LOOP, 1)
 
 
-def flower(workload: Workload, model: str, threads: int) -> tuple[Measurement, float]:
-    """Flower 1.42 ``run_simulation`` (Ray); see :mod:`benchmarks.flower_simulation`."""
+def flower(workload: Workload, model: str, cores: int) -> tuple[Measurement, float]:
+    """Flower 1.42 ``run_simulation`` (Ray, ``cores`` ClientApp actors); see
+    :mod:`benchmarks.flower_simulation`."""
     from benchmarks.flower_simulation import run_flower
 
     table = DeviceTable(workload.data)
@@ -221,14 +240,14 @@ def flower(workload: Workload, model: str, threads: int) -> tuple[Measurement, f
     params = run_flower(x=table.x.numpy(), y=table.y.numpy(), offsets=table.offsets,
                         schedule=workload.schedule, seeds=workload.seeds, spec=spec,
                         local=workload.local, initial=initial_state(spec, workload.seed),
-                        clock=measure)
+                        clock=measure, cpus=cores)
     return measure, _final_accuracy(workload, spec, params)
 
 
-def pfl(workload: Workload, model: str, threads: int) -> tuple[Measurement, float]:
-    """Apple's pfl 0.6 ``SimulatedBackend`` + ``FederatedAveraging``; see
-    :mod:`benchmarks.pfl_simulation`."""
-    from benchmarks.pfl_simulation import SCHEDULE, pfl_unavailable, run_pfl
+def pfl(workload: Workload, model: str, cores: int) -> tuple[Measurement, float]:
+    """Apple's pfl 0.6 ``SimulatedBackend`` + ``FederatedAveraging``, in process on one core,
+    else ``cores`` torchrun workers; see :mod:`benchmarks.pfl_simulation`."""
+    from benchmarks.pfl_simulation import SCHEDULE, pfl_unavailable, run_pfl, run_pfl_distributed
 
     reason = pfl_unavailable()
     if reason is not None:
@@ -237,10 +256,17 @@ def pfl(workload: Workload, model: str, threads: int) -> tuple[Measurement, floa
     spec = MODELS[model]
     measure = Measurement()
     measure.extra["schedule"] = SCHEDULE
-    params = run_pfl(x=table.x.numpy(), y=table.y.numpy(), offsets=table.offsets,
-                     schedule=workload.schedule, seeds=workload.seeds, spec=spec,
-                     local=workload.local, initial=initial_state(spec, workload.seed),
-                     clock=measure)
+    job: dict[str, Any] = dict(x=table.x.numpy(), y=table.y.numpy(), offsets=table.offsets,
+                               schedule=workload.schedule, seeds=workload.seeds, spec=spec,
+                               local=workload.local, initial=initial_state(spec, workload.seed))
+    if cores == 1:
+        params = run_pfl(**job, clock=measure)
+    else:
+        measure.extra["launcher"] = f"torchrun --standalone --nproc_per_node={cores} (gloo)"
+        measure.start()  # samples the workers' memory; the times are worker 0's
+        params, started, ends = run_pfl_distributed(workers=cores, **job)
+        measure.stop()
+        measure.rebase(started, ends)
     return measure, _final_accuracy(workload, spec, params)
 
 
@@ -251,6 +277,17 @@ ENGINES: dict[str, Callable[[Workload, str, int], tuple[Measurement, float]]] = 
     "pfl": pfl,
     "ours": ours,
 }
+
+
+def engine_version(engine: str) -> str:
+    """The measured package's version (torch's for the sequential loop)."""
+    import importlib.metadata
+
+    package = {"flower": "flwr", "pfl": "pfl", "ours": "fedcoord", "sequential": "torch"}[engine]
+    try:
+        return f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return package
 
 
 def train_flops_per_sample(model: str) -> int:
@@ -278,16 +315,15 @@ def matmul_gflops(threads: int, size: int = 2048, repeat: int = 8) -> float:
         torch.set_num_threads(before)
 
 
-# -- parent: one child process group per (engine, model) ---------------------------------------
+# -- parent: one child process group per (engine, model, cores) -------------------------------
 
 
-def _run_child(engine: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
+def _run_child(engine: str, model: str, cores: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--engines", engine,
-           "--models", model, "--rounds", str(args.rounds), "--threads", str(args.threads),
-           "--processes", str(args.processes)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+           "--models", model, "--rounds", str(args.rounds), "--cores", str(cores)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-    log_path = Path(args.log_dir) / f"simulation-{engine}-{model}.log"
+    log_path = Path(args.log_dir) / f"simulation-{engine}-{model}-{cores}cores.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
                                 start_new_session=True)
@@ -303,8 +339,8 @@ def _run_child(engine: str, model: str, args: argparse.Namespace) -> dict[str, A
             row: dict[str, Any] = json.loads(line)
             return row
     tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
-    return {"engine": engine, "model": model, "error": f"{error or 'no result'}; log: {log_path}",
-            "log_tail": tail}
+    return {"benchmark": "simulation", "engine": engine, "model": model, "cores": cores,
+            "error": f"{error or 'no result'}; log: {log_path}", "log_tail": tail}
 
 
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
@@ -334,18 +370,24 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _child(args: argparse.Namespace) -> None:
-    global PROCESSES
-    engine, model = args.engines, args.models
-    PROCESSES = args.processes
+    engine, model, cores = args.engines, args.models, args.cores
+    head: dict[str, Any] = {"benchmark": "simulation", "engine": engine,
+                            "engine_version": engine_version(engine), "model": model,
+                            "cores": cores, "processes": cores}
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < cores:
+        print(json.dumps({**head, "skipped": f"{cores} cores asked, {len(allowed)} here"}))
+        return
+    # Pinned before anything starts: Ray's daemons and actors, torchrun's workers and our
+    # worker processes inherit the mask, so "cores" is what the whole run may use.
+    os.sched_setaffinity(0, allowed[:cores])
+    head["cpus"] = allowed[:cores]
     workload = make_workload(rounds=args.rounds)
-    torch.set_num_threads(args.threads)
-    head = {"benchmark": "simulation", "engine": engine, "model": model,
-            "devices": workload.data.num_devices,
-            "per_round": len(workload.schedule[0]), "rounds": len(workload.schedule),
-            "threads": 1 if engine == "sequential" else args.threads,
-            **({"processes": args.processes} if engine == "ours" else {})}
+    torch.set_num_threads(1)
+    head.update(devices=workload.data.num_devices, per_round=len(workload.schedule[0]),
+                rounds=len(workload.schedule), torch_threads_per_process=1)
     try:
-        measure, accuracy = ENGINES[engine](workload, model, args.threads)
+        measure, accuracy = ENGINES[engine](workload, model, cores)
     except EngineSkipped as e:
         print(json.dumps({**head, "skipped": str(e)}), flush=True)
         return
@@ -353,54 +395,65 @@ def _child(args: argparse.Namespace) -> None:
                       "final_accuracy": round(accuracy, 4)}), flush=True)
 
 
-def _compare(rows: dict[str, dict[str, Any]], model: str, ceiling: dict[str, float]) -> None:
-    base = rows.get("sequential", {}).get("final_accuracy")
-    for row in rows.values():
+def _compare(rows: list[dict[str, Any]], model: str, base_accuracy: float | None,
+             ceiling: float) -> None:
+    """Adds FLOP rates, the accuracy check and, on our line, the speed-ups within a group."""
+    for row in rows:
         if "samples_per_s" in row:
             row["gflops"] = round(train_flops_per_sample(model) * row["samples_per_s"] / 1e9, 2)
-            row["matmul_gflops"] = ceiling
-        if base is not None and "final_accuracy" in row:
-            row["accuracy_minus_sequential"] = round(row["final_accuracy"] - base, 4)
-            row["accuracy_matches"] = abs(row["final_accuracy"] - base) <= 0.01
-    ours_speed = rows.get("ours", {}).get("devices_per_s")
-    if ours_speed:
-        rows["ours"]["speedup"] = {e: round(ours_speed / r["devices_per_s"], 2)
-                                   for e, r in rows.items()
-                                   if e != "ours" and r.get("devices_per_s")}
+            row["matmul_gflops_1_thread"] = ceiling
+        if base_accuracy is not None and "final_accuracy" in row:
+            row["accuracy_minus_sequential"] = round(row["final_accuracy"] - base_accuracy, 4)
+            row["accuracy_matches"] = abs(row["final_accuracy"] - base_accuracy) <= 0.01
+    ours = next((r for r in rows if r["engine"] == "ours" and r.get("devices_per_s")), None)
+    if ours is not None:
+        ours["speedup"] = {r["engine"]: round(ours["devices_per_s"] / r["devices_per_s"], 2)
+                           for r in rows if r is not ours and r.get("devices_per_s")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default=DEFAULT_ENGINES,
-                        help=f"comma list of {', '.join(ENGINES)}; ours runs last")
+                        help=f"comma list of {', '.join(ENGINES)}")
     parser.add_argument("--models", default="lr,mlp", help="comma list of lr, mlp")
+    parser.add_argument("--cores", default="1,2",
+                        help="comma list: each group pins every engine to this many cores")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each group; the engine order flips every other run")
     parser.add_argument("--rounds", type=int, default=20, help="round 1 is timed apart")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="worker threads of our engine (torch ops run single-threaded)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="worker processes of our engine (1: in process)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help="hard limit in seconds for each (engine, model) child")
+                        help="hard limit in seconds for each (engine, model, cores) child")
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp"),
                         help="where each child's stderr goes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        args.cores = int(args.cores)
         _child(args)
         return
     engines = args.engines.split(",")
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         parser.error(f"unknown engines {unknown}; choose from {list(ENGINES)}")
-    engines.sort(key=list(ENGINES).index)  # ours last: its line carries the speed-ups
-    ceiling = {f"{t}_threads": round(matmul_gflops(t), 1)
-               for t in sorted({1, args.threads})}
+    engines.sort(key=list(ENGINES).index)  # peers first, ours last (flipped every other run)
+    torch.set_num_threads(1)
+    ceiling = round(matmul_gflops(1), 1)
+    base_accuracy: dict[str, float] = {}
     for model in args.models.split(","):
-        rows: dict[str, dict[str, Any]] = {}
-        for engine in engines:
-            rows[engine] = _run_child(engine, model, args)
-            _compare(rows, model, ceiling)
-            print(json.dumps(rows[engine]), flush=True)
+        for cores in (int(c) for c in args.cores.split(",")):
+            for repeat in range(args.repeat):
+                order = engines if repeat % 2 == 0 else engines[::-1]
+                order = [e for e in order if not (e == "sequential" and cores != 1)]
+                rows = []
+                for engine in order:
+                    row = _run_child(engine, model, cores, args)
+                    row["repeat"] = repeat
+                    if engine == "sequential" and "final_accuracy" in row:
+                        base_accuracy.setdefault(model, row["final_accuracy"])
+                    rows.append(row)
+                _compare(rows, model, base_accuracy.get(model), ceiling)
+                for row in rows:  # in run order; ours carries the group's speed-ups
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
