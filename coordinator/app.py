@@ -1,4 +1,4 @@
-"""Composition root: config -> stores -> service -> gRPC server (grpc.aio).
+"""Composition root: settings -> stores -> service -> gRPC server (grpc.aio).
 
 ``serve()`` runs until SIGINT/SIGTERM; ``EmbeddedCoordinator`` runs the same server on a
 background thread for `fedctl demo` and tests.
@@ -11,13 +11,14 @@ import logging
 import random
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 
 from coordinator.rounds.clock import SystemClock
-from coordinator.rounds.service import CoordinatorService, ServiceConfig
+from coordinator.rounds.service import CoordinatorService
+from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, open_store
 from coordinator.transport.admin_servicer import AdminServicer
 from coordinator.transport.device_servicer import DeviceServicer
@@ -29,31 +30,18 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.05
 
 
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    db_url: str
-    store_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 7070
-    max_chunk_bytes: int = 1 << 20
-    #: An upload stream silent for this long is dropped.
-    upload_idle_timeout_s: float = 30.0
-    #: Seeded selection (tests, simulations). None: a CSPRNG.
-    seed: int | None = None
-
-
 class Coordinator:
     """A running coordinator: the service plus its gRPC server, on one event loop."""
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorSettings) -> None:
+        # A server commits off the event loop: RPCs never wait on the optimizer or torch.
+        config = replace(config, commit_in_background=True)
         self.config = config
         self.store = open_store(config.db_url)
         self.blobs = FileBlobStore(Path(config.store_dir))
         rng = random.Random(config.seed) if config.seed is not None else random.SystemRandom()
-        self.service = CoordinatorService(
-            self.store, self.blobs, SystemClock(), rng=rng,
-            config=ServiceConfig(max_chunk_bytes=config.max_chunk_bytes),
-        )
+        self.service = CoordinatorService(self.store, self.blobs, SystemClock(), rng=rng,
+                                          settings=config)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._ticker: asyncio.Task[None] | None = None
@@ -103,11 +91,12 @@ class Coordinator:
             self._ticker.cancel()
         if self.server is not None:
             await self.server.stop(grace)
+        self.service.close()
         self.store.close()
         self.blobs.unlock()
 
 
-async def serve(config: CoordinatorConfig, port_file: Path | None = None) -> None:
+async def serve(config: CoordinatorSettings, port_file: Path | None = None) -> None:
     """Runs until SIGINT or SIGTERM, then stops gracefully."""
     coordinator = Coordinator(config)
     port = await coordinator.start()
@@ -127,7 +116,7 @@ async def serve(config: CoordinatorConfig, port_file: Path | None = None) -> Non
 class EmbeddedCoordinator:
     """The coordinator on a background thread with its own event loop."""
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorSettings) -> None:
         self.config = config
         self.port = 0
         self._loop = asyncio.new_event_loop()

@@ -77,7 +77,8 @@ def demo_task(devices: int, rounds: int, seed: int, *, secagg: bool = False,
 
 def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed: int,
              secagg: bool = False, dp: bool = False) -> int:
-    from coordinator.app import CoordinatorConfig, EmbeddedCoordinator
+    from coordinator.app import EmbeddedCoordinator
+    from coordinator.settings import CoordinatorSettings
     from fedctl.admin import AdminClient
     from fedctl.watch import accuracy_of, watch
 
@@ -89,8 +90,8 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
     console = Console(stderr=True, quiet=json_only)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedcoord-demo-") as tmp:
-        config = CoordinatorConfig(db_url=f"sqlite:///{tmp}/fedcoord.db",
-                                   store_dir=Path(tmp) / "store", port=0)
+        config = CoordinatorSettings(db_url=f"sqlite:///{tmp}/fedcoord.db",
+                                     store_dir=Path(tmp) / "store", port=0)
         coordinator = EmbeddedCoordinator(config)
         port = coordinator.start()
         target = f"127.0.0.1:{port}"

@@ -133,13 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from coordinator.app import CoordinatorConfig, serve
+    from coordinator.app import serve
+    from coordinator.settings import CoordinatorSettings
     from coordinator.storage.errors import StorageError
     from fedctl.errors import CliError
 
-    config = CoordinatorConfig(db_url=args.db, store_dir=Path(args.store), host=args.host,
-                               port=args.port, max_chunk_bytes=args.max_chunk_bytes,
-                               upload_idle_timeout_s=args.upload_idle_timeout)
+    config = CoordinatorSettings(db_url=args.db, store_dir=Path(args.store), host=args.host,
+                                 port=args.port, max_chunk_bytes=args.max_chunk_bytes,
+                                 upload_idle_timeout_s=args.upload_idle_timeout)
     try:
         asyncio.run(serve(config, args.port_file))
     except (StorageError, OSError) as exc:

@@ -329,4 +329,7 @@ class Device:
         history.append(MechanismSteps(local.noise_multiplier, dp.sampling_rate, dp.train.steps))
         metrics["local_dp_round_epsilon"] = dp.epsilon
         metrics["local_dp_epsilon"] = epsilon_of_history(history, delta=local.delta)
+        log.info("%s: round %d: local DP epsilon %.4g so far (%.4g this round) at delta %g",
+                 self.device_id, p.round_number, metrics["local_dp_epsilon"], dp.epsilon,
+                 local.delta)
         return dp.train

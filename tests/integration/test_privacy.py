@@ -26,11 +26,12 @@ pytestmark = pytest.mark.integration
 
 PROCESSES, PER_PROCESS = 4, 2
 DEVICES = PROCESSES * PER_PROCESS
-POPULATION, Z = 16, 1.0
+#: Every device checks in each round and 5 of the 8 are drawn: q = 5 / 8.
+POPULATION, COHORT, Z = DEVICES, 5, 1.0
 
 
 def eps(rounds: int) -> float:
-    return epsilon(noise_multiplier=Z, sampling_rate=DEVICES / POPULATION, steps=rounds,
+    return epsilon(noise_multiplier=Z, sampling_rate=COHORT / POPULATION, steps=rounds,
                    delta=1e-5, sampling=Sampling.FIXED_SIZE, population=POPULATION)
 
 
@@ -40,17 +41,23 @@ def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: str,
-             rounds: int) -> tuple[str, admin_pb2.Task, list[admin_pb2.Round]]:
+             rounds: int, cohort: int = COHORT, verbose: bool = False
+             ) -> tuple[str, admin_pb2.Task, list[admin_pb2.Round]]:
     """Launches a task through the CLI, runs it with agent processes until it ends."""
     task_file = write_task(tmp_path / f"{name}.yaml", name=name, rounds=rounds,
-                           clients_per_round=DEVICES, min_reports=5, extra=extra)
+                           clients_per_round=cohort, over_selection=1.0,
+                           min_reports=min(cohort, 3), extra=extra,
+                           # Long enough for every agent (told to come back within ~6 s)
+                           # to check in: q is computed from the devices a window sees.
+                           selection_window_s=7.0)
     launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
     assert launched.returncode == 0, launched.stderr
     task_id = launched.stdout.strip()
     agents = [
         start_agent(coordinator.target, f"{name}{i}-",
                     f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
-                    devices=PER_PROCESS, task_id=task_id, log=tmp_path / f"{name}{i}.log")
+                    devices=PER_PROCESS, task_id=task_id, log=tmp_path / f"{name}{i}.log",
+                    verbose=verbose)
         for i in range(PROCESSES)
     ]
     try:
@@ -78,7 +85,12 @@ def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
     assert len(committed) == 2 and task.rounds_committed == 2
     spent = [r.metrics["dp_epsilon"] for r in committed]
     assert spent == pytest.approx([eps(1), eps(2)])
-    assert all(r.metrics["examples"] == DEVICES for r in committed)  # weight 1 per device
+    # Every drawn device's report is summed; no example count or device metric is released.
+    assert all(r.metrics["reports"] == COHORT and r.metrics["dp_cohort"] == COHORT
+               and r.metrics["dp_eligible"] == DEVICES for r in committed)
+    assert not any({"examples", "train_loss", "eval_loss"} & set(r.metrics) for r in committed)
+    assert task.privacy.epsilon == pytest.approx(spent[-1]) and task.privacy.budget == budget
+    assert task.metrics_release == "withheld"
     status = fedctl("task", "status", task_id, "--coordinator", coordinator.target)
     assert status.returncode == 0, status.stderr
     assert "epsilon" in status.stdout and f"{spent[-1]:.3f}" in status.stdout
@@ -94,7 +106,8 @@ def test_distributed_dp_noise_is_added_by_the_agents_and_accounted_as_received(
         "secure_aggregation: {protocol: secagg, threshold: 0.6, dropout: 0.001, "
         "phase_timeout_s: 8}\n"
         f"privacy: {{mode: distributed, noise_multiplier: {Z}, delta: 1.0e-5, clip: 0.5, "
-        f"population: {POPULATION}, sampling: fixed, min_noise_multiplier: 0.5}}\n")
+        f"population: {POPULATION}, sampling: fixed, min_noise_multiplier: 0.5, "
+        "max_epsilon: 100.0}\n")
     _, task, rounds = run_task(coordinator, tmp_path, "ddp", extra, rounds=1)
     assert task.state == "completed", coordinator.log_text()
     committed = [r for r in rounds if r.state == "committed"]
@@ -111,14 +124,17 @@ def test_local_dp_agents_train_with_dp_sgd_and_report_their_epsilon(
 ) -> None:
     extra = "privacy: {mode: local, local: {noise_multiplier: 1.0, max_grad_norm: 1.0, " \
             "delta: 1.0e-5}}\n"
-    task_id, task, rounds = run_task(coordinator, tmp_path, "ldp", extra, rounds=2)
+    task_id, task, rounds = run_task(coordinator, tmp_path, "ldp", extra, rounds=2,
+                                     cohort=DEVICES, verbose=True)
     assert task.state == "completed", coordinator.log_text()
     committed = [r for r in rounds if r.state == "committed"]
     assert len(committed) == 2
-    # Every device trains every round (all of them are selected): the cumulative epsilon
-    # grows, and a round's own is what its devices spent in it.
-    first, second = (r.metrics for r in committed)
-    assert 0 < first["local_dp_round_epsilon"] <= first["local_dp_epsilon"]
-    assert second["local_dp_epsilon"] > first["local_dp_epsilon"]
+    # Device metrics (their losses, and their epsilons, which depend on their data size)
+    # are withheld under DP; each agent logs its own device's epsilon.
+    assert not any(k.startswith(("local_dp", "train_", "eval_")) or k == "examples"
+                   for r in committed for k in r.metrics)
+    assert task.metrics_release == "withheld"
+    logs = "".join((tmp_path / f"ldp{i}.log").read_text() for i in range(PROCESSES))
+    assert "local DP epsilon" in logs
     watched = fedctl("task", "watch", task_id, "--coordinator", coordinator.target)
     assert watched.returncode == 0 and "completed after 2 rounds" in watched.stdout

@@ -26,7 +26,7 @@ from rogue import RogueDevice
 
 from core.protocol import Participation, config_hash
 from core.secagg.client import SecAggClient
-from core.secagg.encoding import encode_update
+from core.secagg.encoding import encode_update, masked_metric_values
 from core.secagg.messages import MaskedInputRequest
 from core.tensors import load_safetensors
 from core.types import API_VERSION
@@ -145,8 +145,9 @@ class HandDriven:
         mask_req = self.stub.SecAggShareKeys(device_pb2.SecAggShareKeysRequest(
             api_version=API_VERSION, participation=self.msg,
             ciphertexts=convert.ciphertexts_to_proto(share.ciphertexts)), timeout=30)
-        enc = encode_update(np.zeros(self.size, np.float32), 10, self.sa.params,
-                            np.random.default_rng(0))
+        # The plan says MASKED: the device's metrics ride inside the vector (none here).
+        values = np.append(np.zeros(self.size), masked_metric_values({}, self.sa.params.clip))
+        enc = encode_update(values, 10, self.sa.params, np.random.default_rng(0))
         masked = self.client.mask(
             MaskedInputRequest(convert.ciphertexts_from_proto(mask_req.ciphertexts)), enc.vector)
         unmask_req = self.stub.SecAggMaskedInput(device_pb2.SecAggMaskedInputRequest(

@@ -28,7 +28,8 @@ from scipy import stats
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import InvalidRequest
-from coordinator.rounds.service import CoordinatorService, ServiceConfig
+from coordinator.rounds.service import CoordinatorService
+from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
 from core.privacy import NoiseSource, Sampling
 from core.privacy.accounting import MechanismSteps, epsilon_of_history
@@ -73,7 +74,7 @@ class Federation:
         self.store = InMemoryStore()
         self.service = CoordinatorService(
             self.store, FileBlobStore(tmp_path / "blobs"), self.clock, rng=random.Random(seed),
-            noise=NoiseSource.seeded(seed), config=ServiceConfig(allow_seeded_noise=True))
+            noise=NoiseSource.seeded(seed), settings=CoordinatorSettings(allow_seeded_noise=True))
 
     def select(self, task_id: str, devices: list[str]) -> dict[str, Participation]:
         """One selection window with ``devices`` checking in in this order; the seats."""

@@ -16,7 +16,8 @@ from torch import nn
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import InvalidRequest
-from coordinator.rounds.service import CoordinatorService, ServiceConfig
+from coordinator.rounds.service import CoordinatorService
+from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
 from core import models
 from core.data.dataset import LocalDataset
@@ -77,7 +78,7 @@ def spec(**kw: object) -> TaskSpec:
 def make_service(tmp_path: Path, clock: ManualClock, seed: int = 0) -> CoordinatorService:
     return CoordinatorService(InMemoryStore(), FileBlobStore(tmp_path / f"blobs{seed}"), clock,
                               rng=random.Random(seed), noise=NoiseSource.seeded(seed),
-                              config=ServiceConfig(allow_seeded_noise=True))
+                              settings=CoordinatorSettings(allow_seeded_noise=True))
 
 
 @pytest.fixture
@@ -271,7 +272,7 @@ def test_a_restarted_coordinator_continues_the_epsilon_history(
     store = InMemoryStore()
     blobs = FileBlobStore(tmp_path / "blobs")
     kwargs = dict(rng=random.Random(0), noise=NoiseSource.seeded(0),
-                  config=ServiceConfig(allow_seeded_noise=True))
+                  settings=CoordinatorSettings(allow_seeded_noise=True))
     first = CoordinatorService(store, blobs, clock, **kwargs)  # type: ignore[arg-type]
     tid = first.create_task(spec(rounds=2)).record.task_id
     run_round(first, clock, tid, ["d0", "d1", "d2", "d3"])

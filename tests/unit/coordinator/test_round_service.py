@@ -10,7 +10,8 @@ import pytest
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import Duplicate, InvalidRequest, Late, NotSelected, TooLarge
-from coordinator.rounds.service import CoordinatorService, ServiceConfig
+from coordinator.rounds.service import CoordinatorService
+from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
 from core.protocol import CheckInOutcome, Participation, UpdateHeader
 from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
@@ -53,7 +54,7 @@ def store() -> InMemoryStore:
 
 def make_service(store: InMemoryStore, clock: ManualClock, tmp_path: Path) -> CoordinatorService:
     return CoordinatorService(store, FileBlobStore(tmp_path / "blobs"), clock,
-                              rng=random.Random(7), config=ServiceConfig(max_chunk_bytes=64))
+                              rng=random.Random(7), settings=CoordinatorSettings(max_chunk_bytes=64))
 
 
 @pytest.fixture

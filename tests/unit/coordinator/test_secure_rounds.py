@@ -14,7 +14,8 @@ import pytest
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import Duplicate, InvalidRequest, Late
 from coordinator.rounds.secure import Aborted
-from coordinator.rounds.service import CoordinatorService, ServiceConfig
+from coordinator.rounds.service import CoordinatorService
+from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
 from core.protocol import CheckInOutcome, MetricsPolicy, Participation, config_hash
 from core.secagg.client import SecAggClient
@@ -55,7 +56,7 @@ def clock() -> ManualClock:
 @pytest.fixture
 def service(clock: ManualClock, tmp_path: Path) -> CoordinatorService:
     return CoordinatorService(InMemoryStore(), FileBlobStore(tmp_path / "blobs"), clock,
-                              rng=random.Random(3), config=ServiceConfig())
+                              rng=random.Random(3), settings=CoordinatorSettings())
 
 
 def admit(service: CoordinatorService, clock: ManualClock, task_id: str, count: int = N

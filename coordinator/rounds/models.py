@@ -1,0 +1,79 @@
+"""Model versions: safetensors files in the blob store, their records in the round store.
+
+:meth:`ModelRepository.write` touches only files, so the commit worker may call it off the
+event loop; everything that reads or writes the database runs on the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from coordinator.rounds.errors import NotFound, Unavailable
+from coordinator.rounds.state import LoadedModel
+from coordinator.storage import FileBlobStore, Store
+from coordinator.storage import errors as storage_errors
+from coordinator.storage.records import ModelVersionRecord
+from core.tensors import load_safetensors, save_safetensors, sha256_hex, tensor_infos
+
+
+class ModelRepository:
+    def __init__(self, store: Store, blobs: FileBlobStore) -> None:
+        self._store = store
+        self._blobs = blobs
+
+    def write(self, task_id: str, version: int, round_number: int,
+              params: dict[str, np.ndarray], opt_state: dict[str, np.ndarray] | None,
+              now: float) -> ModelVersionRecord:
+        """Writes the files of a version (atomically each) and returns its record; the
+        caller commits the record. Thread-safe (files only)."""
+        base = f"tasks/{task_id}/model-v{version:06d}"
+        data = save_safetensors(params, {"task_id": task_id, "version": str(version)})
+        sha, size = self._blobs.write(f"{base}.safetensors", data)
+        opt_path = None
+        if opt_state:
+            opt_path = f"{base}.optimizer.safetensors"
+            self._blobs.write(opt_path, save_safetensors(opt_state))
+        return ModelVersionRecord(
+            task_id=task_id, version=version, round_number=round_number,
+            path=f"{base}.safetensors", sha256=sha, size_bytes=size,
+            optimizer_state_path=opt_path, created_at=now,
+        )
+
+    def load(self, record: ModelVersionRecord) -> LoadedModel:
+        """Reads a version back. Raises Unavailable when its file does not match its hash."""
+        data = self._blobs.read_bytes(record.path)
+        if sha256_hex(data) != record.sha256:
+            raise Unavailable(
+                f"model file {record.path} does not match its recorded sha256; "
+                "refusing to continue the task from a corrupted model"
+            )
+        params = load_safetensors(data)
+        opt = None
+        if record.optimizer_state_path:
+            opt = load_safetensors(self._blobs.read_bytes(record.optimizer_state_path))
+        infos = tensor_infos(params)
+        return LoadedModel(record.version, params, infos, sum(i.nbytes for i in infos), record,
+                           opt)
+
+    def initial(self, task_id: str, params: dict[str, np.ndarray], now: float
+                ) -> tuple[ModelVersionRecord, LoadedModel]:
+        """Writes version 0 and returns its record and the loaded model."""
+        record = self.write(task_id, 0, 0, params, None, now)
+        infos = tensor_infos(params)
+        return record, LoadedModel(0, params, infos, sum(i.nbytes for i in infos), record, None)
+
+    def version(self, task_id: str, version: int | None) -> ModelVersionRecord:
+        """The record of ``version`` (None: the latest committed one)."""
+        try:
+            if version is None:
+                return self._store.latest_model_version(task_id)
+            return self._store.get_model_version(task_id, version)
+        except storage_errors.NotFound:
+            raise NotFound(f"task {task_id} has no model version {version}") from None
+
+    def chunks(self, record: ModelVersionRecord, chunk_bytes: int) -> Iterator[bytes]:
+        with self._blobs.open_read(record.path) as f:
+            while chunk := f.read(chunk_bytes):
+                yield chunk

@@ -1,0 +1,88 @@
+"""The in-memory state of running tasks and their open rounds, shared by the round service's
+parts (tasks, round machine, participation). Plain mutable records with no behaviour; the
+database holds the durable truth, and this is rebuilt from it at start-up
+(:meth:`coordinator.rounds.tasks.Tasks.recover`).
+
+Not thread-safe: only the service's event loop touches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.rounds.aggregators import Aggregator
+from coordinator.rounds.secure import SecureRound
+from coordinator.rounds.selection import Selector
+from coordinator.storage.records import ModelVersionRecord
+from core.privacy.task import TaskPrivacy
+from core.secagg.params import SecAggParams
+from core.tensors import TensorInfo
+from core.types import RoundState, TaskSpec
+
+
+def hash_token(token: str) -> str:
+    """What the store keeps of a participation token (the token itself never is)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A task's current model version, in memory."""
+
+    version: int
+    params: dict[str, np.ndarray]
+    infos: list[TensorInfo]
+    nbytes: int
+    record: ModelVersionRecord
+    optimizer_state: dict[str, np.ndarray] | None
+
+    @property
+    def size(self) -> int:
+        """Float32 parameters of an update of this model."""
+        return self.nbytes // 4
+
+
+@dataclass
+class Seat:
+    """A device admitted to a round: its token (hashed as stored, and in the clear to answer
+    a repeated check-in) and whether it also evaluates."""
+
+    token_hash: str
+    token: str
+    evaluate: bool
+
+
+@dataclass
+class OpenRound:
+    round_id: int
+    round_number: int
+    state: RoundState
+    started: float
+    deadline: float
+    selector: Selector
+    aggregator: Aggregator
+    #: Reports that close the round: clients_per_round, or (DP) every admitted device.
+    goal: int
+    seats: dict[str, Seat] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)
+    errored: set[str] = field(default_factory=set)
+    uploading: set[str] = field(default_factory=set)
+    secure: SecureRound | None = None
+
+
+@dataclass
+class RunningTask:
+    task_id: str
+    spec: TaskSpec
+    model: LoadedModel
+    round: OpenRound | None = None
+    secagg: SecAggParams | None = None
+    privacy: TaskPrivacy | None = None
+    failed_attempts: int = 0
+    #: Seats of the last closed attempt, so its late devices hear "closed", not "not selected".
+    closed_seats: dict[str, Seat] = field(default_factory=dict)
+    #: A commit is running off the event loop; no round is open until it lands.
+    committing: bool = False

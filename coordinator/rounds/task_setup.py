@@ -1,0 +1,113 @@
+"""What a task's spec implies at run time, derived once: its privacy state, its secure
+aggregation parameters, its selection policy and what devices are told about privacy; and the
+refusals, at launch, of what the coordinator cannot run or its analysis does not cover."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from coordinator.rounds.errors import InvalidRequest
+from coordinator.rounds.selection import SelectionPolicy
+from core.errors import CoreError
+from core.privacy.accounting import Sampling
+from core.privacy.errors import PrivacyError
+from core.privacy.spec import FixedClip, PrivacyMode
+from core.privacy.task import TaskPrivacy
+from core.protocol import PlanPrivacy
+from core.secagg import encoding
+from core.secagg.params import SecAggParamError, SecAggParams, derive
+from core.types import TaskSpec
+
+#: Without DP the analysis needs no population: selection draws from whatever it sees.
+_UNBOUNDED_POPULATION = 1 << 62
+
+
+def check_supported(spec: TaskSpec) -> None:
+    """Raises InvalidRequest (naming the field) for a task the coordinator must not run: a
+    DP task without a budget, Poisson sampling with secure aggregation (a random cohort size),
+    a cohort larger than the population, distributed DP with adaptive clipping, a model local
+    DP cannot train."""
+    privacy = spec.privacy
+    if privacy is None:
+        return
+    if privacy.mode in (PrivacyMode.CENTRAL, PrivacyMode.DISTRIBUTED):
+        if privacy.budget is None:
+            raise InvalidRequest("spec.privacy.max_epsilon: a DP task needs a budget (or "
+                                 "target_epsilon, which is then the budget)")
+        assert privacy.population is not None
+        if spec.selection_target > privacy.population:
+            raise InvalidRequest(
+                f"spec.privacy.population: {privacy.population} devices cannot supply a "
+                f"cohort of {spec.selection_target} (clients_per_round x over_selection)")
+        if privacy.sampling is Sampling.POISSON and spec.secure_aggregation is not None:
+            raise InvalidRequest(
+                "spec.privacy.sampling: poisson makes the cohort size random, but secure "
+                "aggregation's parameters are derived for a fixed cohort; use sampling: fixed")
+    if privacy.mode is PrivacyMode.DISTRIBUTED and not isinstance(privacy.clip, FixedClip):
+        raise InvalidRequest("spec.privacy.clip: distributed DP needs a fixed clip norm "
+                             "(adaptive clipping is supported in central mode)")
+    if privacy.mode is PrivacyMode.LOCAL:
+        from core.models import build_model  # torch: imported only when needed
+        from core.privacy.local_model import check_local_dp_model
+
+        try:
+            check_local_dp_model(build_model(spec.model))
+        except (CoreError, PrivacyError) as exc:
+            raise InvalidRequest(f"spec.model: {exc}") from None
+
+
+def task_privacy(spec: TaskSpec, committed: Sequence[Mapping[str, float]]
+                 ) -> TaskPrivacy | None:
+    """The central/distributed DP state given the committed rounds' metrics (None without)."""
+    try:
+        return TaskPrivacy.for_task(spec, committed)
+    except ValueError as exc:
+        raise InvalidRequest(f"spec.privacy: {exc}") from None
+
+
+def secagg_params(spec: TaskSpec, privacy: TaskPrivacy | None) -> SecAggParams | None:
+    """The task's secure-aggregation parameters. Under DP every device weighs 1 (weight_cap
+    1: the update is encoded unscaled and the weight coordinate counts devices). Distributed
+    DP also sets the per-coordinate range to the L2 clip C (nothing clipped twice) and leaves
+    the ring headroom for the devices' integer noise, whose total std (in quantization steps)
+    it hands to ``privacy``."""
+    if spec.secure_aggregation is None:
+        return None
+    config = spec.secure_aggregation
+    if privacy is not None:
+        config = replace(config, weight_cap=1)
+        if privacy.distributed:
+            config = replace(config, clip=privacy.clip, bits=encoding.distributed_value_bits(
+                spec.selection_target, privacy.noise_multiplier))
+    try:
+        params = derive(config, spec.selection_target)
+    except SecAggParamError as exc:
+        raise InvalidRequest(f"spec.secure_aggregation: {exc}") from None
+    if privacy is not None and privacy.distributed:
+        if params.ring_bits != 32:
+            raise InvalidRequest("spec.secure_aggregation: distributed DP needs the 32-bit ring")
+        privacy.distributed_noise_steps = encoding.noise_std_in_steps(
+            params, privacy.noise_multiplier)
+    return params
+
+
+def selection_policy(spec: TaskSpec) -> SelectionPolicy:
+    """Uniform fixed-size selection with late admission without DP; under central or
+    distributed DP the sampling the task's accountant analyses, and no late admission."""
+    privacy = spec.privacy
+    if privacy is None or privacy.population is None:
+        return SelectionPolicy(Sampling.FIXED_SIZE, spec.selection_target,
+                               population=_UNBOUNDED_POPULATION, late_admission=True)
+    return SelectionPolicy(privacy.sampling, spec.selection_target,
+                           population=privacy.population, late_admission=False,
+                           min_cohort=spec.min_reports)
+
+
+def plan_privacy(spec: TaskSpec, privacy: TaskPrivacy | None) -> PlanPrivacy | None:
+    """What devices are told to do for privacy this round."""
+    if privacy is not None:
+        return privacy.plan()
+    if spec.privacy is not None and spec.privacy.mode is PrivacyMode.LOCAL:
+        return PlanPrivacy(local=spec.privacy.local)
+    return None

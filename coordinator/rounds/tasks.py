@@ -1,0 +1,175 @@
+"""Tasks: create, read, list, cancel, and load the running ones after a (re)start.
+
+The running tasks live in one dict, shared with the round machine, which removes a task when
+it ends. Everything a task record says is read from the store; queries change nothing.
+Not thread-safe (the service's event loop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+
+from coordinator.rounds.aggregators import metrics_policy_for
+from coordinator.rounds.errors import InvalidRequest, Late, NotFound
+from coordinator.rounds.evaluation import ServerEvaluator
+from coordinator.rounds.models import ModelRepository
+from coordinator.rounds.round_machine import RoundMachine
+from coordinator.rounds.state import RunningTask, Seat
+from coordinator.rounds.task_setup import check_supported, secagg_params, task_privacy
+from coordinator.storage import Store
+from coordinator.storage import errors as storage_errors
+from coordinator.storage.records import RoundRecord, TaskRecord
+from core.errors import CoreError
+from core.privacy.task import PrivacyStatus, TaskPrivacy
+from core.protocol import MetricsPolicy
+from core.taskspec import spec_from_dict, spec_to_dict
+from core.types import RoundState, TaskSpec, TaskState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    record: TaskRecord
+    spec: TaskSpec
+    current_round: RoundRecord | None
+    #: Central / distributed DP: epsilon spent, the budget and the sampling performed.
+    privacy: PrivacyStatus | None = None
+    #: How devices' metrics leave them (what the task releases of them).
+    metrics: MetricsPolicy = MetricsPolicy.CLEAR
+
+
+class Tasks:
+    def __init__(self, store: Store, models: ModelRepository, evaluator: ServerEvaluator,
+                 machine: RoundMachine, running: dict[str, RunningTask]) -> None:
+        self._store = store
+        self._models = models
+        self._evaluator = evaluator
+        self._machine = machine
+        self._running = running
+
+    def create(self, spec: TaskSpec, now: float) -> TaskView:
+        """Checks the spec, writes model version 0 and the task, and opens round 1.
+
+        Raises:
+            InvalidRequest: the model cannot be built, or the spec asks for what the
+                coordinator cannot run (see :func:`~coordinator.rounds.task_setup.
+                check_supported`).
+        """
+        from core.models import initial_state  # torch: imported only when needed
+
+        try:
+            params = initial_state(spec.model, seed=spec.seed)
+        except CoreError as exc:
+            raise InvalidRequest(f"spec.model: {exc}") from None
+        if spec.evaluation.server_data:
+            self._evaluator.check(spec)
+        check_supported(spec)
+        privacy = task_privacy(spec, [])
+        secagg = secagg_params(spec, privacy)
+        task_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
+        record, model = self._models.initial(task_id, params, now)
+        self._store.create_task(task_id, json.dumps(spec_to_dict(spec), sort_keys=True),
+                                record, now)
+        task = RunningTask(task_id, spec, model, secagg=secagg, privacy=privacy)
+        self._running[task_id] = task
+        self._machine.open_next_round(task, now)
+        log.info("created task %s (%s)", task_id, spec.name)
+        return self.view(task_id)
+
+    def recover(self, now: float) -> None:
+        """Loads running tasks after a (re)start; open rounds from before are failed and
+        redone, and their devices told "closed" rather than "not selected"."""
+        interrupted = {
+            rec.task_id: rec
+            for rec in self._store.fail_open_rounds(
+                "coordinator restarted while the round was open; the round is redone", now
+            )
+        }
+        for record in self._store.list_tasks():
+            if record.state is not TaskState.RUNNING:
+                continue
+            try:
+                spec = self._spec(record)
+            except CoreError as exc:
+                # A task stored by an older version that today's rules refuse (e.g. a DP task
+                # without a budget) must not run on unchecked: it ends, with the reason.
+                log.error("task %s cannot continue: %s", record.task_id, exc)
+                self._store.set_task_state(record.task_id, TaskState.FAILED,
+                                           f"its task file no longer validates: {exc}")
+                continue
+            model = self._models.load(self._store.latest_model_version(record.task_id))
+            privacy = task_privacy(spec, self._committed_metrics(record.task_id))
+            task = RunningTask(record.task_id, spec, model, secagg=secagg_params(spec, privacy),
+                               privacy=privacy)
+            if record.task_id in interrupted:
+                rec = interrupted[record.task_id]
+                log.warning("round %d of task %s was open at restart; redoing it",
+                            rec.round_number, record.task_id)
+                task.closed_seats = {
+                    p.device_id: Seat(p.token_hash, "", False)
+                    for p in self._store.list_participants(rec.round_id)
+                }
+            self._running[record.task_id] = task
+            self._machine.open_next_round(task, now)
+
+    def view(self, task_id: str) -> TaskView:
+        record = self.record(task_id)
+        spec = self._spec(record)
+        return TaskView(record, spec, self._store.open_round_of(task_id),
+                        privacy=self._privacy_status(task_id, spec),
+                        metrics=metrics_policy_for(spec))
+
+    def all(self) -> list[TaskView]:
+        return [self.view(t.task_id) for t in self._store.list_tasks()]
+
+    def rounds(self, task_id: str) -> list[RoundRecord]:
+        self.record(task_id)
+        return self._store.list_rounds(task_id)
+
+    def cancel(self, task_id: str, now: float) -> TaskView:
+        record = self.record(task_id)
+        if record.state.is_final:
+            raise Late(f"task {task_id} is already {record.state.value}; nothing to cancel")
+        task = self._running.pop(task_id, None)
+        if task is not None and task.round is not None:
+            self._store.set_round_state(task.round.round_id, RoundState.FAILED, now=now,
+                                        failure_reason="task cancelled")
+        self._store.set_task_state(task_id, TaskState.CANCELLED, "cancelled by an operator")
+        return self.view(task_id)
+
+    def record(self, task_id: str) -> TaskRecord:
+        try:
+            return self._store.get_task(task_id)
+        except storage_errors.NotFound:
+            raise NotFound(f"no task with id {task_id!r}") from None
+
+    def _spec(self, record: TaskRecord) -> TaskSpec:
+        data = json.loads(record.spec_json)
+        assert isinstance(data, dict)
+        return spec_from_dict(data, source=f"task {record.task_id}")
+
+    def _committed_metrics(self, task_id: str) -> list[dict[str, float]]:
+        return [dict(r.metrics) for r in self._store.list_rounds(task_id)
+                if r.state is RoundState.COMMITTED]
+
+    def _privacy_status(self, task_id: str, spec: TaskSpec) -> PrivacyStatus | None:
+        """Epsilon spent, budget and sampling: from the running task's accountant, else
+        recomputed from the committed rounds' records."""
+        task = self._running.get(task_id)
+        if task is not None:
+            return task.privacy.status() if task.privacy is not None else None
+        try:
+            privacy = TaskPrivacy.for_task(spec, self._committed_metrics(task_id))
+        except ValueError:
+            return None
+        return privacy.status() if privacy is not None else None
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug[:24] or "task"

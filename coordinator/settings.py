@@ -1,0 +1,40 @@
+"""The coordinator's settings: one frozen object from the command line (or a test) to every
+part that needs one of them. Times are in seconds, sizes in bytes.
+
+The composition root (:mod:`coordinator.app`) reads where to store and serve; the round service
+reads the round limits; the device servicer reads the upload idle timeout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    #: SQLAlchemy URL of the round store (``sqlite:///file.db`` or ``postgresql://...``).
+    db_url: str = "sqlite:///fedcoord.db"
+    #: Folder of model files and upload spools.
+    store_dir: Path = Path("fedcoord-store")
+    host: str = "127.0.0.1"
+    port: int = 7070
+    #: Largest chunk of an upload or download message.
+    max_chunk_bytes: int = 1 << 20
+    #: An upload stream silent for this long is dropped.
+    upload_idle_timeout_s: float = 30.0
+    #: Seeded selection (tests, simulations). None: a CSPRNG.
+    seed: int | None = None
+    #: Bounds of every "come back after" the devices are told.
+    retry_after_min_s: float = 0.2
+    retry_after_max_s: float = 5.0
+    #: A task fails after this many failed attempts in a row.
+    max_failed_attempts: int = 20
+    max_num_examples: int = 1 << 31
+    #: Tests and simulations only: accept a seeded (reproducible, *insecure*) noise source
+    #: for differential privacy. Production keeps False, and the service then refuses any
+    #: source but :meth:`core.privacy.noise.NoiseSource.secure`.
+    allow_seeded_noise: bool = False
+    #: Commits (server optimizer, model file, server-side evaluation) run on a worker thread
+    #: so RPCs never wait on them; False runs them in line (deterministic unit tests).
+    commit_in_background: bool = False
