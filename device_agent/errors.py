@@ -5,6 +5,7 @@ AgentError
  |    +-- RoundOver  FAILED_PRECONDITION / PERMISSION_DENIED: the round moved on; check in again
  +-- Unreachable     retries exhausted while the coordinator was unreachable
  +-- BadPayload      a download did not match its declared size or hash
+ +-- BudgetExhausted local DP: this round's update would take the device past its budget
 """
 
 from __future__ import annotations
@@ -31,3 +32,8 @@ class Unreachable(AgentError):
 
 class BadPayload(AgentError):
     pass
+
+
+class BudgetExhausted(AgentError):
+    """The update was trained but is not sent: sending it would take this device's local-DP
+    epsilon past the task's budget. The device takes no further part in the task."""

@@ -269,6 +269,7 @@ def plan_privacy_to_proto(privacy: PlanPrivacy | None) -> device_pb2.DevicePriva
         local_noise_multiplier=local.noise_multiplier if local else 0.0,
         local_max_grad_norm=local.max_grad_norm if local else 0.0,
         local_delta=local.delta if local else 0.0,
+        local_max_epsilon=local.max_epsilon if local else 0.0,
         distributed_noise_steps=privacy.distributed_noise_steps or 0.0,
         devices_planned=privacy.devices_planned,
     )
@@ -284,10 +285,11 @@ def plan_privacy_from_proto(msg: device_pb2.GetPlanResponse) -> PlanPrivacy | No
     local = None
     if p.local_delta:
         if not (0 < p.local_delta < 1 and p.local_noise_multiplier > 0
-                and p.local_max_grad_norm > 0):
-            raise WireFormatError("privacy: local_noise_multiplier and local_max_grad_norm "
-                                  "must be positive and local_delta in (0, 1)")
-        local = LocalDp(p.local_noise_multiplier, p.local_max_grad_norm, p.local_delta)
+                and p.local_max_grad_norm > 0 and p.local_max_epsilon > 0):
+            raise WireFormatError("privacy: local_noise_multiplier, local_max_grad_norm and "
+                                  "local_max_epsilon must be positive and local_delta in (0, 1)")
+        local = LocalDp(p.local_noise_multiplier, p.local_max_grad_norm, p.local_delta,
+                        p.local_max_epsilon)
     if p.report_unclipped and not p.l2_clip_norm:
         raise WireFormatError("privacy.report_unclipped needs l2_clip_norm")
     if p.distributed_noise_steps and not (np.isfinite(p.distributed_noise_steps)

@@ -17,7 +17,9 @@ and field (format of :class:`core.taskspec.TaskSpecError`). Unknown keys are err
 
     privacy:
       mode: local              # DP-SGD on each device (Opacus)
-      local: {noise_multiplier: 1.1, max_grad_norm: 1.0, delta: 1.0e-5}
+      local: {noise_multiplier: 1.1, max_grad_norm: 1.0, delta: 1.0e-5, max_epsilon: 8.0}
+      # max_epsilon: each device's budget; an update that would take the device's epsilon
+      # past it is never sent, and the device stops taking part in the task
 
 A missing section or ``mode: off`` means no privacy; then no other key is allowed.
 """
@@ -63,11 +65,13 @@ class AdaptiveClip:
 
 @dataclass(frozen=True)
 class LocalDp:
-    """DP-SGD parameters each device trains with."""
+    """DP-SGD parameters each device trains with, and each device's budget: epsilon (at
+    ``delta``) past which it sends no more updates of the task."""
 
     noise_multiplier: float
     max_grad_norm: float
     delta: float
+    max_epsilon: float
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ _TOP_KEYS = ("mode", "noise_multiplier", "target_epsilon", "delta", "clip", "sam
              "accounting", "min_noise_multiplier", "local", "population", "max_epsilon")
 _ADAPTIVE_KEYS = {"target_quantile": "target_quantile", "initial": "initial_l2_clip_norm",
                   "learning_rate": "learning_rate", "bit_noise": "bit_noise_std"}
-_LOCAL_KEYS = ("noise_multiplier", "max_grad_norm", "delta")
+_LOCAL_KEYS = ("noise_multiplier", "max_grad_norm", "delta", "max_epsilon")
 
 
 def privacy_from_dict(raw: Mapping[str, Any] | None, source: str, *, path: str = "privacy"
@@ -207,7 +211,8 @@ def privacy_to_dict(spec: PrivacySpec) -> dict[str, Any]:
         return out
     if spec.local is not None:
         out["local"] = {"noise_multiplier": spec.local.noise_multiplier,
-                        "max_grad_norm": spec.local.max_grad_norm, "delta": spec.local.delta}
+                        "max_grad_norm": spec.local.max_grad_norm, "delta": spec.local.delta,
+                        "max_epsilon": spec.local.max_epsilon}
         return out
     for key in ("noise_multiplier", "target_epsilon", "delta", "min_noise_multiplier",
                 "population", "max_epsilon"):
@@ -260,7 +265,8 @@ def _local(value: Any, source: str, path: str) -> LocalDp:
         noise_multiplier=_positive(value["noise_multiplier"], source,
                                    _join(path, "noise_multiplier")),
         max_grad_norm=_positive(value["max_grad_norm"], source, _join(path, "max_grad_norm")),
-        delta=delta)
+        delta=delta,
+        max_epsilon=_positive(value["max_epsilon"], source, _join(path, "max_epsilon")))
 
 
 E = typing.TypeVar("E", bound=enum.Enum)

@@ -54,7 +54,14 @@ from core.secagg.messages import (
 )
 from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 from core.types import DeviceAttributes
-from device_agent.errors import AgentError, BadPayload, Rejected, RoundOver, Unreachable
+from device_agent.errors import (
+    AgentError,
+    BadPayload,
+    BudgetExhausted,
+    Rejected,
+    RoundOver,
+    Unreachable,
+)
 from device_agent.runtime.faults import crash_point
 
 if TYPE_CHECKING:
@@ -144,6 +151,8 @@ class Device:
         self.local_dp_secure_noise = local_dp_secure_noise
         #: Local DP: the DP-SGD steps this device took per task, for its cumulative epsilon.
         self._local_dp_history: dict[str, list[MechanismSteps]] = {}
+        #: Tasks whose local-DP budget this device has spent: it refuses their rounds.
+        self._exhausted: set[str] = set()
 
     def run(self) -> DeviceStats:
         while not self.stop.is_set():
@@ -173,9 +182,14 @@ class Device:
                 self.stats.finished_reason = str(exc)
                 self.stats.gave_up = not self.stop.is_set()
                 break
+            if self.task_id is not None and self.task_id in self._exhausted:
+                break
         return self.stats
 
     def _participate(self, p: Participation) -> None:
+        if p.task_id in self._exhausted:
+            self._report_error(p, "this device's local DP budget for the task is spent")
+            return
         self.stats.rounds_joined += 1
         try:
             plan = self.coordinator.get_plan(p)
@@ -204,6 +218,12 @@ class Device:
             self._report_error(p, str(exc))
         except Unreachable:
             raise
+        except BudgetExhausted as exc:
+            log.warning("%s: %s; stopping for task %s", self.device_id, exc, p.task_id)
+            self._report_error(p, str(exc))
+            self._exhausted.add(p.task_id)
+            if self.task_id == p.task_id:
+                self.stats.finished_reason = str(exc)
         except AgentError as exc:
             self._report_error(p, str(exc))
 
@@ -326,9 +346,16 @@ class Device:
                             max_grad_norm=local.max_grad_norm, delta=local.delta, seed=seed,
                             secure_mode=self.local_dp_secure_noise)
         history = self._local_dp_history.setdefault(p.task_id, [])
-        history.append(MechanismSteps(local.noise_multiplier, dp.sampling_rate, dp.train.steps))
+        steps = MechanismSteps(local.noise_multiplier, dp.sampling_rate, dp.train.steps)
+        spent = epsilon_of_history([*history, steps], delta=local.delta)
+        if spent > local.max_epsilon:
+            # Nothing of this round leaves the device, so nothing of it is spent.
+            raise BudgetExhausted(
+                f"sending round {p.round_number}'s update would take this device's local DP "
+                f"epsilon to {spent:.4g}, past the task's budget {local.max_epsilon:g}")
+        history.append(steps)
         metrics["local_dp_round_epsilon"] = dp.epsilon
-        metrics["local_dp_epsilon"] = epsilon_of_history(history, delta=local.delta)
+        metrics["local_dp_epsilon"] = spent
         log.info("%s: round %d: local DP epsilon %.4g so far (%.4g this round) at delta %g",
                  self.device_id, p.round_number, metrics["local_dp_epsilon"], dp.epsilon,
                  local.delta)

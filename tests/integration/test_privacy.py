@@ -123,7 +123,7 @@ def test_local_dp_agents_train_with_dp_sgd_and_report_their_epsilon(
     coordinator: CoordinatorProcess, tmp_path: Path
 ) -> None:
     extra = "privacy: {mode: local, local: {noise_multiplier: 1.0, max_grad_norm: 1.0, " \
-            "delta: 1.0e-5}}\n"
+            "delta: 1.0e-5, max_epsilon: 100.0}}\n"
     task_id, task, rounds = run_task(coordinator, tmp_path, "ldp", extra, rounds=2,
                                      cohort=DEVICES, verbose=True)
     assert task.state == "completed", coordinator.log_text()

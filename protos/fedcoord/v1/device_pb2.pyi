@@ -116,7 +116,7 @@ class GetPlanResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., privacy: _Optional[_Union[DevicePrivacy, _Mapping]] = ..., metrics: _Optional[_Union[MetricsPolicy, str]] = ...) -> None: ...
 
 class DevicePrivacy(_message.Message):
-    __slots__ = ("l2_clip_norm", "report_unclipped", "local_noise_multiplier", "local_max_grad_norm", "local_delta", "distributed_noise_steps", "devices_planned")
+    __slots__ = ("l2_clip_norm", "report_unclipped", "local_noise_multiplier", "local_max_grad_norm", "local_delta", "distributed_noise_steps", "devices_planned", "local_max_epsilon")
     L2_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     REPORT_UNCLIPPED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class DevicePrivacy(_message.Message):
     LOCAL_DELTA_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTED_NOISE_STEPS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_PLANNED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_MAX_EPSILON_FIELD_NUMBER: _ClassVar[int]
     l2_clip_norm: float
     report_unclipped: bool
     local_noise_multiplier: float
@@ -131,7 +132,8 @@ class DevicePrivacy(_message.Message):
     local_delta: float
     distributed_noise_steps: float
     devices_planned: int
-    def __init__(self, l2_clip_norm: _Optional[float] = ..., report_unclipped: bool = ..., local_noise_multiplier: _Optional[float] = ..., local_max_grad_norm: _Optional[float] = ..., local_delta: _Optional[float] = ..., distributed_noise_steps: _Optional[float] = ..., devices_planned: _Optional[int] = ...) -> None: ...
+    local_max_epsilon: float
+    def __init__(self, l2_clip_norm: _Optional[float] = ..., report_unclipped: bool = ..., local_noise_multiplier: _Optional[float] = ..., local_max_grad_norm: _Optional[float] = ..., local_delta: _Optional[float] = ..., distributed_noise_steps: _Optional[float] = ..., devices_planned: _Optional[int] = ..., local_max_epsilon: _Optional[float] = ...) -> None: ...
 
 class SecAggPlan(_message.Message):
     __slots__ = ("num_devices", "neighbours", "threshold", "value_bits", "ring_bits", "clip", "weight_cap", "context", "phase_timeout_ms")

@@ -491,7 +491,7 @@ def batchnorm_model(monkeypatch: pytest.MonkeyPatch) -> ModelSpec:
 
 def test_local_dp_refuses_a_model_opacus_cannot_train(service: CoordinatorService,
                                                       batchnorm_model: ModelSpec) -> None:
-    local = PrivacySpec(mode=PrivacyMode.LOCAL, local=LocalDp(1.0, 1.0, 1e-5))
+    local = PrivacySpec(mode=PrivacyMode.LOCAL, local=LocalDp(1.0, 1.0, 1e-5, 10.0))
     with pytest.raises(InvalidRequest, match="GroupNorm") as info:
         service.create_task(spec(model=batchnorm_model, privacy=local))
     assert "BatchNorm" in str(info.value)
@@ -641,6 +641,38 @@ class OneRound:
     def report_status(self, p: Participation, *, metrics: dict[str, float] | None = None,
                       error: str = "") -> None:
         raise AssertionError(f"the device reported an error: {error}")
+
+
+class Recording(OneRound):
+    """OneRound that also records the errors the device reports."""
+
+    def __init__(self, service: CoordinatorService, p: Participation) -> None:
+        super().__init__(service, p)
+        self.errors: list[str] = []
+
+    def report_status(self, p: Participation, *, metrics: dict[str, float] | None = None,
+                      error: str = "") -> None:
+        self.errors.append(error)
+
+
+def test_a_local_dp_device_never_sends_an_update_past_its_budget(tmp_path: Path) -> None:
+    clock = ManualClock()
+    service = make_service(tmp_path, clock)
+    small_budget = PrivacySpec(mode=PrivacyMode.LOCAL, local=LocalDp(1.0, 1.0, 1e-5, 0.5))
+    task = service.create_task(spec(
+        model=ModelSpec("logistic_regression", {"input_dim": 4, "num_classes": 3}),
+        local=LocalTraining(epochs=3, batch_size=8, learning_rate=0.5), privacy=small_budget))
+    p = next(iter(admit(service, clock, task.record.task_id, ["d0"]).values()))
+    coordinator = Recording(service, p)
+    plan = coordinator.plan
+    assert plan.privacy is not None and plan.privacy.local is not None
+    assert plan.privacy.local.max_epsilon == 0.5
+    stats = Device("d0", dataset(0), coordinator, task_id=p.task_id,
+                   local_dp_secure_noise=False).run()
+    assert coordinator.uploads == []  # trained, but nothing left the device
+    assert len(coordinator.errors) == 1 and "past the task's budget 0.5" in coordinator.errors[0]
+    assert "past the task's budget" in stats.finished_reason
+    assert coordinator.calls == 1  # it stopped taking part in the task
 
 
 def dataset(seed: int) -> LocalDataset:

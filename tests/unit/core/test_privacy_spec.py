@@ -64,15 +64,16 @@ def test_distributed_dp_with_a_target_epsilon_adaptive_clip_and_noise_floor() ->
 
 
 def test_local_dp() -> None:
-    spec = parse({"mode": "local",
-                  "local": {"noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5}})
-    assert spec == PrivacySpec(mode=PrivacyMode.LOCAL, local=LocalDp(1.1, 1.0, 1e-5))
+    spec = parse({"mode": "local", "local": {"noise_multiplier": 1.1, "max_grad_norm": 1.0,
+                                             "delta": 1e-5, "max_epsilon": 8.0}})
+    assert spec == PrivacySpec(mode=PrivacyMode.LOCAL, local=LocalDp(1.1, 1.0, 1e-5, 8.0))
 
 
 @pytest.mark.parametrize("raw", [
     CENTRAL,
     {"mode": "off"},
-    {"mode": "local", "local": {"noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5}},
+    {"mode": "local", "local": {"noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5,
+                                "max_epsilon": 8.0}},
     {"mode": "distributed", "target_epsilon": 3.0, "delta": 1e-5, "accounting": "prv",
      "sampling": "poisson", "population": 200, "max_epsilon": 4.0,
      "clip": {"target_quantile": 0.7, "initial": 1.0, "learning_rate": 0.1, "bit_noise": 2.0}},
@@ -123,6 +124,8 @@ def test_specs_round_trip_through_plain_data(raw: dict[str, Any]) -> None:
     ({"mode": "local", "delta": 1e-5, "local": {}}, "privacy.delta", "not allowed"),
     ({"mode": "local", "local": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}},
      "privacy.local.delta", "is required"),
+    ({"mode": "local", "local": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}},
+     "privacy.local.max_epsilon", "is required"),
     ({"mode": "local", "local": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5,
                                  "epochs": 2}}, "privacy.local.epochs", "unknown field"),
 ])

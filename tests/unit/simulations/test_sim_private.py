@@ -79,6 +79,7 @@ selection: {clients_per_round: 8}
                               source="s.yaml")
     with pytest.raises(SimulationConfigError, match="privacy.mode"):
         parse_simulation_yaml(yaml_text + "privacy: {mode: local, local: {noise_multiplier: 1,"
-                              " max_grad_norm: 1, delta: 1.0e-5}}\n", source="s.yaml")
+                              " max_grad_norm: 1, delta: 1.0e-5, max_epsilon: 9}}\n",
+                              source="s.yaml")
     config = _config(secure_aggregation=SECURE)
     validate_simulation_config(config, source="s.yaml")
