@@ -3,8 +3,9 @@ comparison with ``benchmarks/secagg_grpc.py`` (our coordinator and agent process
 
 What runs
 ---------
-One SuperLink (``flower-superlink --insecure``, in-memory state; in flwr 1.42 its Fleet, Control
-and Runtime APIs are HTTP on one local port) and ``n`` SuperNodes (``flower-supernode
+One SuperLink (``flower-superlink --insecure``, its state in a SQLite file in the temporary
+directory, as our coordinator's; in flwr 1.42 its Fleet, Control and Runtime APIs are HTTP on
+one local port) and ``n`` SuperNodes (``flower-supernode
 --insecure``), each a process of its own with ``partition-id`` in its node config, all on
 127.0.0.1. A Flower App written to a temporary directory is submitted with ``flwr run``
 (``FLWR_HOME`` is a temporary directory too, so the user's Flower config is untouched). Flower
@@ -231,7 +232,7 @@ def run_deployment(n: int, d: int, *, secure: bool, rounds: int, num_shares: int
                                           stderr=subprocess.STDOUT, start_new_session=True))
 
         start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port",
-                            str(link_port), "--database", ":flwr-in-memory-state:"])
+                            str(link_port), "--database", str(root / "superlink.db")])
         for i in range(n):
             start(f"supernode-{i}", [
                 str(BIN / "flower-supernode"), "--insecure", "--superlink",
