@@ -1,10 +1,11 @@
 """Errors of the round logic. The transport maps each class to one gRPC status code.
 
 CoordinatorError
- +-- InvalidRequest        INVALID_ARGUMENT     bad task spec, malformed update, bad metrics
+ +-- InvalidRequest        INVALID_ARGUMENT     bad task spec, malformed update, metrics the
+ |                                            task does not take (DP, SecAgg: none in clear)
  +-- NotFound              NOT_FOUND            unknown task, model version
  +-- NotSelected           PERMISSION_DENIED    device not selected / wrong token
- +-- Duplicate             ALREADY_EXISTS       second update from the same device
+ +-- Duplicate             ALREADY_EXISTS       a second update or SecAgg message of a device
  +-- TooLarge              RESOURCE_EXHAUSTED   update over the task's size limit
  +-- Late                  FAILED_PRECONDITION  round closed, task not running
  +-- Unavailable           UNAVAILABLE          the coordinator cannot serve this right now
