@@ -24,7 +24,7 @@ from coordinator.storage import Store
 from coordinator.storage import errors as storage_errors
 from coordinator.storage.records import RoundRecord, TaskRecord
 from core.errors import CoreError
-from core.privacy.task import PrivacyStatus, TaskPrivacy
+from core.privacy.task import PrivacyStatus, status_of_records
 from core.protocol import MetricsPolicy
 from core.taskspec import spec_from_dict, spec_to_dict
 from core.types import RoundState, TaskSpec, TaskState
@@ -163,11 +163,7 @@ class Tasks:
         task = self._running.get(task_id)
         if task is not None:
             return task.privacy.status() if task.privacy is not None else None
-        try:
-            privacy = TaskPrivacy.for_task(spec, self._committed_metrics(task_id))
-        except ValueError:
-            return None
-        return privacy.status() if privacy is not None else None
+        return status_of_records(spec, self._committed_metrics(task_id))
 
 
 def _slug(name: str) -> str:

@@ -280,6 +280,23 @@ class TaskPrivacy:
         }
 
 
+def status_of_records(task: TaskSpec, history: Sequence[Mapping[str, float]]
+                      ) -> PrivacyStatus | None:
+    """The status of a task that is not running, read from its committed rounds' metrics
+    (oldest first) without recomputing anything: the epsilon the last release recorded was
+    computed over the whole history. None without central or distributed DP."""
+    privacy = task.privacy
+    if privacy is None or privacy.mode not in (PrivacyMode.CENTRAL, PrivacyMode.DISTRIBUTED):
+        return None
+    assert privacy.delta is not None and privacy.budget is not None
+    accounted = [m for m in history if NOISE_METRIC in m]
+    last = accounted[-1] if accounted else None
+    return PrivacyStatus(
+        epsilon=last[EPSILON_METRIC] if last else 0.0, delta=privacy.delta,
+        budget=privacy.budget, sampling=privacy.sampling, rounds_accounted=len(accounted),
+        last_draw=_recorded_draw(last, planned_draw(task)) if last else None)
+
+
 def planned_draw(task: TaskSpec) -> CohortDraw:
     """The draw a DP round makes when the whole configured population checks in: the
     ``selection_target`` devices of ``population`` (fixed size), or each with probability
