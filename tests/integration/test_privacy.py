@@ -41,15 +41,16 @@ def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: str,
-             rounds: int, cohort: int = COHORT, verbose: bool = False
-             ) -> tuple[str, admin_pb2.Task, list[admin_pb2.Round]]:
+             rounds: int, cohort: int = COHORT, verbose: bool = False,
+             window_s: float = 7.0) -> tuple[str, admin_pb2.Task, list[admin_pb2.Round]]:
     """Launches a task through the CLI, runs it with agent processes until it ends."""
     task_file = write_task(tmp_path / f"{name}.yaml", name=name, rounds=rounds,
                            clients_per_round=cohort, over_selection=1.0,
                            min_reports=min(cohort, 3), extra=extra,
-                           # Long enough for every agent (told to come back within ~6 s)
-                           # to check in: q is computed from the devices a window sees.
-                           selection_window_s=7.0)
+                           # Central DP: long enough for every agent (told to come back
+                           # within ~6 s) to check in, as q is computed from what a window
+                           # sees. Local DP's devices account for themselves.
+                           selection_window_s=window_s)
     launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
     assert launched.returncode == 0, launched.stderr
     task_id = launched.stdout.strip()
@@ -125,7 +126,7 @@ def test_local_dp_agents_train_with_dp_sgd_and_report_their_epsilon(
     extra = "privacy: {mode: local, local: {noise_multiplier: 1.0, max_grad_norm: 1.0, " \
             "delta: 1.0e-5, max_epsilon: 100.0}}\n"
     task_id, task, rounds = run_task(coordinator, tmp_path, "ldp", extra, rounds=2,
-                                     cohort=DEVICES, verbose=True)
+                                     cohort=DEVICES, verbose=True, window_s=1.0)
     assert task.state == "completed", coordinator.log_text()
     committed = [r for r in rounds if r.state == "committed"]
     assert len(committed) == 2
