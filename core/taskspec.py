@@ -86,6 +86,11 @@ def spec_to_dict(spec: TaskSpec) -> dict[str, Any]:
     return typing.cast(dict[str, Any], _plain(spec))
 
 
+#: Bounds that keep a task file from asking the coordinator for absurd work or memory.
+MAX_ROUNDS = 1_000_000
+MAX_CLIENTS_PER_ROUND = 100_000
+
+
 def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
     """Checks ranges and relations between fields. Model arguments are checked by
     :func:`core.models.build_model` (it needs torch)."""
@@ -97,10 +102,11 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
         fail("name", "must not be empty")
     if not spec.model.architecture:
         fail("model.architecture", "must name a registered architecture")
-    if spec.rounds < 1:
-        fail("rounds", f"must be at least 1, got {spec.rounds}")
-    if spec.clients_per_round < 1:
-        fail("clients_per_round", f"must be at least 1, got {spec.clients_per_round}")
+    if not 1 <= spec.rounds <= MAX_ROUNDS:
+        fail("rounds", f"must be between 1 and {MAX_ROUNDS}, got {spec.rounds}")
+    if not 1 <= spec.clients_per_round <= MAX_CLIENTS_PER_ROUND:
+        fail("clients_per_round", f"must be between 1 and {MAX_CLIENTS_PER_ROUND}, got "
+                                  f"{spec.clients_per_round}")
     if not 1 <= spec.min_reports <= spec.clients_per_round:
         fail(
             "min_reports",
@@ -152,10 +158,10 @@ def _validate_privacy(spec: TaskSpec, fail: typing.Callable[[str, str], typing.N
     assert privacy is not None
     if privacy.mode in (PrivacyMode.CENTRAL, PrivacyMode.DISTRIBUTED):
         assert privacy.population is not None
-        if privacy.population < spec.clients_per_round:
-            fail("privacy.population", f"{privacy.population} is below clients_per_round "
-                                       f"({spec.clients_per_round}): the sampling rate "
-                                       f"clients_per_round / population must be at most 1")
+        if privacy.population < spec.selection_target:
+            fail("privacy.population", f"{privacy.population} is below the cohort of "
+                                       f"{spec.selection_target} (clients_per_round x "
+                                       f"over_selection): a sampling rate must be at most 1")
     if privacy.mode is PrivacyMode.DISTRIBUTED and spec.secure_aggregation is None:
         fail("privacy.mode", "'distributed' needs secure_aggregation: the devices' noise "
                              "shares only protect anyone inside a masked sum")

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _MAX_METRICS = 32
+#: Largest magnitude of a reported metric: weighted sums of them stay finite.
+_MAX_METRIC_VALUE = 1e9
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class Upload:
@@ -202,6 +205,9 @@ class Participants:
             raise InvalidRequest(
                 f"num_examples must be between 1 and {max_examples}, got {header.num_examples}"
             )
+        if not _SHA256.fullmatch(header.sha256):
+            raise InvalidRequest("sha256 must be the 64 hex digits of the update's SHA-256, "
+                                 f"got {len(header.sha256)} characters")
         _check_metrics(header.metrics)
         path = self._blobs.spool_path(f"{task.task_id}-{rnd.round_id}-{secrets.token_hex(8)}.upd")
         spool = SpooledUpload(
@@ -390,3 +396,6 @@ def _check_metrics(metrics: Mapping[str, float]) -> None:
             raise InvalidRequest(f"metric name {name[:40]!r} is not a valid name")
         if not math.isfinite(value):
             raise InvalidRequest(f"metric {name!r} is not finite ({value})")
+        if abs(value) > _MAX_METRIC_VALUE:
+            raise InvalidRequest(f"metric {name!r} is {value:.3g}; metrics are at most "
+                                 f"{_MAX_METRIC_VALUE:g} in magnitude")

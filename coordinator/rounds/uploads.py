@@ -59,7 +59,7 @@ class SpooledUpload:
                 f"{self.declared_bytes}"
             )
         digest = self._hash.hexdigest()
-        if self.sha256 and digest != self.sha256:
+        if digest != self.sha256:  # never skipped: an empty hash is refused at the header
             raise InvalidRequest(
                 f"update sha256 {digest[:16]}... does not match the header's {self.sha256[:16]}..."
             )

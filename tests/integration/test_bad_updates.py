@@ -60,7 +60,7 @@ def test_malformed_late_duplicate_and_unselected_updates_are_rejected(
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "declares" in msg
 
         code, msg = status_of(lambda: rogue_a.upload(zero + bytes(4), total_bytes=size,
-                                                     sha256=""))
+                                                     sha256="0" * 64))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "declared" in msg
 
         code, msg = status_of(lambda: rogue_a.upload(zero, total_bytes=10**12))

@@ -449,7 +449,7 @@ min_reports: 5
     ("{mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0}",
      "privacy.population", "is required"),
     ("{mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, population: 5, "
-     "max_epsilon: 10.0}", "privacy.population", "below clients_per_round"),
+     "max_epsilon: 10.0}", "privacy.population", "below the cohort of 13"),
     ("{mode: distributed, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, population: 50, "
      "max_epsilon: 10.0}", "privacy.mode", "needs secure_aggregation"),
     ("{mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, population: 50}",

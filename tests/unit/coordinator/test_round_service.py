@@ -202,6 +202,27 @@ def test_bad_updates_are_rejected_and_never_touch_the_aggregate(
         upload(service, seats["c"], good)
 
 
+@pytest.mark.parametrize("sha, metrics, words", [
+    ("", {}, "64 hex digits"),
+    ("ab" * 31, {}, "64 hex digits"),
+    (None, {"train_loss": 1e308}, r"at most 1e\+09 in magnitude"),
+    (None, {"train_loss": float("inf")}, "not finite"),
+])
+def test_a_header_without_a_real_hash_or_with_absurd_metrics_is_refused(
+    service: CoordinatorService, clock: ManualClock, sha: str | None,
+    metrics: dict[str, float], words: str
+) -> None:
+    task_id = service.create_task(spec()).record.task_id
+    p = admit(service, clock, task_id, ["a", "b", "c"])["a"]
+    plan = service.get_plan(p)
+    payload = bytes(sum(t.nbytes for t in plan.update_tensors))
+    header = UpdateHeader(p, 10, list(plan.update_tensors), len(payload),
+                          sha256_hex(payload) if sha is None else sha, metrics)
+    with pytest.raises(InvalidRequest, match=words):
+        service.begin_upload(header)
+    upload(service, p, {t.name: np.zeros(t.shape, np.float32) for t in plan.update_tensors})
+
+
 def test_a_round_short_of_min_reports_at_the_deadline_fails_and_is_redone(
     service: CoordinatorService, clock: ManualClock
 ) -> None:

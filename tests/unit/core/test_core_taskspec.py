@@ -45,7 +45,8 @@ def test_spec_round_trips_through_plain_data() -> None:
 @pytest.mark.parametrize(
     ("edit", "field", "words"),
     [
-        ("rounds: 0", "rounds", "at least 1"),
+        ("rounds: 0", "rounds", "between 1 and 1000000"),
+        ("clients_per_round: 4000000000", "clients_per_round", "between 1 and 100000"),
         ("rounds: three", "rounds", "expected an integer"),
         ("min_reports: 9", "min_reports", "between 1 and clients_per_round"),
         ("over_selection: 0.5", "over_selection", "between 1.0 and 10.0"),
