@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import time
@@ -143,7 +144,8 @@ def test_a_stalled_upload_is_cut_off_and_the_device_can_retry(tmp_path: Path) ->
         zero = rogue.zero_update()
         header = device_pb2.UpdateHeader(
             api_version=1, participation=rogue.participation, num_examples=1,
-            tensors=list(rogue.plan.update_tensors), total_bytes=len(zero))
+            tensors=list(rogue.plan.update_tensors), total_bytes=len(zero),
+            sha256=hashlib.sha256(zero).hexdigest())
 
         def stalling() -> Iterator[device_pb2.UploadUpdateRequest]:
             yield device_pb2.UploadUpdateRequest(header=header)
