@@ -216,7 +216,7 @@ def main() -> None:
 
 
 DP_CENTRAL = ("privacy: {mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0, "
-              "population: 100, sampling: fixed}\n")
+              "population: 100, sampling: fixed, max_epsilon: 1000.0}\n")
 
 
 def central_dp_round(devices: int = 100, processes: int = 4, rounds: int = 4) -> None:
