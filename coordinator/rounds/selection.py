@@ -25,10 +25,10 @@ import random
 from dataclasses import dataclass
 
 from core.privacy.accounting import Sampling
-from core.sampling import CohortDraw, WindowSample, sample_uniform
+from core.sampling import CohortDraw, WindowSample
 from core.types import DeviceAttributes, Eligibility
 
-__all__ = ["Admission", "SelectionPolicy", "Selector", "is_eligible", "sample_uniform"]
+__all__ = ["Admission", "SelectionPolicy", "Selector", "is_eligible"]
 
 
 def is_eligible(attrs: DeviceAttributes, eligibility: Eligibility, population: str) -> bool:
