@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 
 from coordinator.rounds.aggregators import metrics_policy_for
-from coordinator.rounds.errors import InvalidRequest, Late, NotFound
+from coordinator.rounds.errors import InvalidRequest, Late, NotFound, Unavailable
 from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.round_machine import RoundMachine
@@ -95,7 +95,7 @@ class Tasks:
                 continue
             try:
                 spec = self._spec(record)
-            except CoreError as exc:
+            except Unavailable as exc:
                 # A task stored by an older version that today's rules refuse (e.g. a DP task
                 # without a budget) must not run on unchecked: it ends, with the reason.
                 log.error("task %s cannot continue: %s", record.task_id, exc)
@@ -149,9 +149,15 @@ class Tasks:
             raise NotFound(f"no task with id {task_id!r}") from None
 
     def _spec(self, record: TaskRecord) -> TaskSpec:
+        """The stored spec. Raises Unavailable (with the field) when a spec stored by an older
+        version is refused by today's rules (e.g. a DP task without a budget)."""
         data = json.loads(record.spec_json)
         assert isinstance(data, dict)
-        return spec_from_dict(data, source=f"task {record.task_id}")
+        try:
+            return spec_from_dict(data, source=f"task {record.task_id}")
+        except CoreError as exc:
+            raise Unavailable(f"the stored spec of task {record.task_id} no longer "
+                              f"validates: {exc}") from None
 
     def _committed_metrics(self, task_id: str) -> list[dict[str, float]]:
         return [dict(r.metrics) for r in self._store.list_rounds(task_id)

@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import pytest
 from scipy import stats
 
 from coordinator.rounds.clock import ManualClock
-from coordinator.rounds.errors import InvalidRequest
+from coordinator.rounds.errors import InvalidRequest, Unavailable
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
@@ -43,6 +45,7 @@ from core.types import (
     SecAggProtocol,
     SecureAggregation,
     TaskSpec,
+    TaskState,
 )
 
 ATTRS = DeviceAttributes()
@@ -258,3 +261,27 @@ def test_poisson_sampling_is_what_the_coordinator_does_when_asked(tmp_path: Path
     assert all(r.metrics["dp_sampling_rate"] == pytest.approx(0.1) for r in committed)
     assert len(set(sizes)) > 3  # a random cohort size, as Poisson sampling has
     assert np.mean(sizes) == pytest.approx(10, abs=1.5)
+
+
+def test_a_stored_dp_task_without_a_budget_ends_at_restart_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """A task stored by an older version (a DP task with no budget) never runs on unchecked:
+    recovery ends it as failed, and reading it gives UNAVAILABLE naming the field."""
+    fed = Federation(tmp_path)
+    tid = fed.service.create_task(task(privacy=central(50))).record.task_id
+    stored = json.loads(fed.store.get_task(tid).spec_json)
+    del stored["privacy"]["max_epsilon"]
+    model = fed.service.model_version(tid, 0)
+    legacy = "legacy-0001"
+    fed.store.create_task(legacy, json.dumps(stored),
+                          dataclasses.replace(model, task_id=legacy), fed.clock.now())
+    restarted = CoordinatorService(fed.store, FileBlobStore(tmp_path / "blobs"), fed.clock,
+                                   rng=random.Random(0), noise=NoiseSource.seeded(0),
+                                   settings=CoordinatorSettings(allow_seeded_noise=True))
+    restarted.recover()
+    record = fed.store.get_task(legacy)
+    assert record.state is TaskState.FAILED and "max_epsilon" in record.reason
+    with pytest.raises(Unavailable, match="privacy.max_epsilon"):
+        restarted.get_task(legacy)
+    assert restarted.get_task(tid).record.state is TaskState.RUNNING
