@@ -173,3 +173,175 @@ class AdminDownloadModelResponse(_message.Message):
     header: _common_pb2.BlobHeader
     chunk: bytes
     def __init__(self, header: _Optional[_Union[_common_pb2.BlobHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ApiToken(_message.Message):
+    __slots__ = ("token_id", "role", "label", "created_unix_ms", "expires_unix_ms", "revoked")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    role: str
+    label: str
+    created_unix_ms: int
+    expires_unix_ms: int
+    revoked: bool
+    def __init__(self, token_id: _Optional[str] = ..., role: _Optional[str] = ..., label: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., revoked: bool = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("api_version", "role", "label", "expires_in_s")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    role: str
+    label: str
+    expires_in_s: int
+    def __init__(self, api_version: _Optional[int] = ..., role: _Optional[str] = ..., label: _Optional[str] = ..., expires_in_s: _Optional[int] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("token", "secret")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    token: ApiToken
+    secret: str
+    def __init__(self, token: _Optional[_Union[ApiToken, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ("api_version",)
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    def __init__(self, api_version: _Optional[int] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[ApiToken]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[ApiToken, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("api_version", "token_id")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    token_id: str
+    def __init__(self, api_version: _Optional[int] = ..., token_id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: ApiToken
+    def __init__(self, token: _Optional[_Union[ApiToken, _Mapping]] = ...) -> None: ...
+
+class CreateEnrollmentTokenRequest(_message.Message):
+    __slots__ = ("api_version", "max_devices", "expires_in_s", "label")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    max_devices: int
+    expires_in_s: int
+    label: str
+    def __init__(self, api_version: _Optional[int] = ..., max_devices: _Optional[int] = ..., expires_in_s: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
+class CreateEnrollmentTokenResponse(_message.Message):
+    __slots__ = ("token_id", "secret", "max_devices", "expires_unix_ms")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    secret: str
+    max_devices: int
+    expires_unix_ms: int
+    def __init__(self, token_id: _Optional[str] = ..., secret: _Optional[str] = ..., max_devices: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("device_id", "public_key", "enrolled_unix_ms", "revoked_unix_ms", "enrollment_token_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    public_key: bytes
+    enrolled_unix_ms: int
+    revoked_unix_ms: int
+    enrollment_token_id: str
+    def __init__(self, device_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., enrolled_unix_ms: _Optional[int] = ..., revoked_unix_ms: _Optional[int] = ..., enrollment_token_id: _Optional[str] = ...) -> None: ...
+
+class ListDevicesRequest(_message.Message):
+    __slots__ = ("api_version",)
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    def __init__(self, api_version: _Optional[int] = ...) -> None: ...
+
+class ListDevicesResponse(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+
+class RevokeDeviceRequest(_message.Message):
+    __slots__ = ("api_version", "device_id")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    device_id: str
+    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ...) -> None: ...
+
+class RevokeDeviceResponse(_message.Message):
+    __slots__ = ("device",)
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    device: Device
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("entry_id", "at_unix_ms", "actor", "action", "target", "outcome", "detail")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    entry_id: int
+    at_unix_ms: int
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    detail: str
+    def __init__(self, entry_id: _Optional[int] = ..., at_unix_ms: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("api_version", "limit")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    limit: int
+    def __init__(self, api_version: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class WhoAmIRequest(_message.Message):
+    __slots__ = ("api_version",)
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    def __init__(self, api_version: _Optional[int] = ...) -> None: ...
+
+class WhoAmIResponse(_message.Message):
+    __slots__ = ("actor", "role")
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    actor: str
+    role: str
+    def __init__(self, actor: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,46 @@ class AdminServiceStub(object):
                 request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelRequest.SerializeToString,
                 response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/fedcoord.v1.AdminService/CreateToken',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/fedcoord.v1.AdminService/ListTokens',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/fedcoord.v1.AdminService/RevokeToken',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.CreateEnrollmentToken = channel.unary_unary(
+                '/fedcoord.v1.AdminService/CreateEnrollmentToken',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateEnrollmentTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateEnrollmentTokenResponse.FromString,
+                _registered_method=True)
+        self.ListDevices = channel.unary_unary(
+                '/fedcoord.v1.AdminService/ListDevices',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListDevicesRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListDevicesResponse.FromString,
+                _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/fedcoord.v1.AdminService/RevokeDevice',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeDeviceResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/fedcoord.v1.AdminService/ListAudit',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/fedcoord.v1.AdminService/WhoAmI',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer(object):
@@ -105,6 +145,56 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Role "admin" only: API tokens, device enrollment and the audit log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateEnrollmentToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDevices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """Any role: who the caller's credentials say it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +227,46 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelRequest.FromString,
                     response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateTokenRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'CreateEnrollmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrollmentToken,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateEnrollmentTokenRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateEnrollmentTokenResponse.SerializeToString,
+            ),
+            'ListDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDevices,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListDevicesRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeDeviceResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.WhoAmIRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +431,222 @@ class AdminService(object):
             '/fedcoord.v1.AdminService/DownloadModel',
             protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelRequest.SerializeToString,
             protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/CreateToken',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/ListTokens',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/RevokeToken',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrollmentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/CreateEnrollmentToken',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateEnrollmentTokenRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateEnrollmentTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/ListDevices',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListDevicesRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/RevokeDevice',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeDeviceRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.RevokeDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/ListAudit',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/WhoAmI',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

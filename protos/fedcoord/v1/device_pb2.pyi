@@ -19,17 +19,49 @@ METRICS_CLEAR: MetricsPolicy
 METRICS_MASKED: MetricsPolicy
 METRICS_WITHHELD: MetricsPolicy
 
+class DeviceProof(_message.Message):
+    __slots__ = ("public_key", "timestamp_ms", "nonce", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    timestamp_ms: int
+    nonce: bytes
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("api_version", "proof", "enrollment_token", "attestation")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    proof: DeviceProof
+    enrollment_token: str
+    attestation: bytes
+    def __init__(self, api_version: _Optional[int] = ..., proof: _Optional[_Union[DeviceProof, _Mapping]] = ..., enrollment_token: _Optional[str] = ..., attestation: _Optional[bytes] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
 class CheckInRequest(_message.Message):
-    __slots__ = ("api_version", "device_id", "attributes", "task_id")
+    __slots__ = ("api_version", "device_id", "attributes", "task_id", "proof")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     device_id: str
     attributes: _common_pb2.DeviceAttributes
     task_id: str
-    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ..., attributes: _Optional[_Union[_common_pb2.DeviceAttributes, _Mapping]] = ..., task_id: _Optional[str] = ...) -> None: ...
+    proof: DeviceProof
+    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ..., attributes: _Optional[_Union[_common_pb2.DeviceAttributes, _Mapping]] = ..., task_id: _Optional[str] = ..., proof: _Optional[_Union[DeviceProof, _Mapping]] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
     __slots__ = ("outcome", "task_id", "round_number", "participation_token", "retry_after_ms", "message")
@@ -289,7 +321,7 @@ class DownloadModelResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[_common_pb2.BlobHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("api_version", "participation", "num_examples", "tensors", "total_bytes", "sha256", "metrics")
+    __slots__ = ("api_version", "participation", "num_examples", "tensors", "total_bytes", "sha256", "metrics", "upload_id")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +336,7 @@ class UpdateHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     participation: Participation
     num_examples: int
@@ -311,7 +344,8 @@ class UpdateHeader(_message.Message):
     total_bytes: int
     sha256: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., num_examples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    upload_id: str
+    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., num_examples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., upload_id: _Optional[str] = ...) -> None: ...
 
 class UploadUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")

@@ -34,6 +34,11 @@ class DeviceServiceStub(object):
         Args:
             channel: A grpc.Channel.
         """
+        self.Enroll = channel.unary_unary(
+                '/fedcoord.v1.DeviceService/Enroll',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.EnrollResponse.FromString,
+                _registered_method=True)
         self.CheckIn = channel.unary_unary(
                 '/fedcoord.v1.DeviceService/CheckIn',
                 request_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.CheckInRequest.SerializeToString,
@@ -83,6 +88,14 @@ class DeviceServiceStub(object):
 
 class DeviceServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
+
+    def Enroll(self, request, context):
+        """Registers a device's public key (once; the same key again gets the same answer). The
+        device id is derived from the key, so no device can claim another's id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CheckIn(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -145,6 +158,11 @@ class DeviceServiceServicer(object):
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.EnrollRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.EnrollResponse.SerializeToString,
+            ),
             'CheckIn': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckIn,
                     request_deserializer=protos_dot_fedcoord_dot_v1_dot_device__pb2.CheckInRequest.FromString,
@@ -200,6 +218,33 @@ def add_DeviceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class DeviceService(object):
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.DeviceService/Enroll',
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_device__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CheckIn(request,
