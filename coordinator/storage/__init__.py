@@ -15,6 +15,14 @@ from coordinator.storage.records import (
     RoundRecord,
     TaskRecord,
 )
+from coordinator.storage.security import (
+    ApiTokenRecord,
+    AuditRecord,
+    DeviceRecord,
+    EnrollmentTokenRecord,
+    InMemorySecurityStore,
+    SecurityStore,
+)
 from coordinator.storage.sql import SqlStore
 
 
@@ -26,8 +34,23 @@ def open_store(url: str) -> Store:
     return SqlStore(url)
 
 
+def open_security_store(store: Store) -> SecurityStore:
+    """The security records beside ``store``: in its database for a :class:`SqlStore`,
+    in memory otherwise."""
+    if isinstance(store, SqlStore):
+        return store.security_store()
+    return InMemorySecurityStore()
+
+
 __all__ = [
     "ROUND_TRANSITIONS",
+    "ApiTokenRecord",
+    "AuditRecord",
+    "DeviceRecord",
+    "EnrollmentTokenRecord",
+    "InMemorySecurityStore",
+    "SecurityStore",
+    "open_security_store",
     "BlobError",
     "Conflict",
     "FileBlobStore",

@@ -43,6 +43,7 @@ from coordinator.storage.records import (
     RoundRecord,
     TaskRecord,
 )
+from coordinator.storage.security_sql import SqlSecurityStore
 from core.types import ParticipantState, RoundState, TaskState
 
 #: Version of the schema below; bump it (and add a migration) on any change to it.
@@ -192,6 +193,10 @@ class SqlStore(Store):
 
     def __repr__(self) -> str:
         return f"SqlStore({self._url!r})"
+
+    def security_store(self) -> SqlSecurityStore:
+        """The security records (devices, tokens, audit) in the same database."""
+        return SqlSecurityStore(self._engine, self._url)
 
     def _prepare_schema(self) -> None:
         with self._engine.begin() as conn:

@@ -21,7 +21,14 @@ def test_the_public_names_are_exactly_these() -> None:
     assert sorted(storage.__all__) == sorted(
         [
             "ROUND_TRANSITIONS",
+            "ApiTokenRecord",
+            "AuditRecord",
             "BlobError",
+            "DeviceRecord",
+            "EnrollmentTokenRecord",
+            "InMemorySecurityStore",
+            "SecurityStore",
+            "open_security_store",
             "Conflict",
             "FileBlobStore",
             "InMemoryStore",
