@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
+from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.service import CoordinatorService, TaskView
+from coordinator.security.roles import Role
+from coordinator.security.service import Security
+from coordinator.storage import ApiTokenRecord, DeviceRecord
 from coordinator.storage.records import RoundRecord
+from coordinator.transport.admin_auth import current_principal
 from coordinator.transport.blobs import model_messages
 from coordinator.transport.status import Context, abort_for, check_api_version, maps_errors
 from protos import convert
 from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc
+
+T = TypeVar("T")
 
 
 def _ms(seconds: float | None) -> int:
@@ -52,9 +60,32 @@ def task_to_proto(view: TaskView) -> admin_pb2.Task:
     return msg
 
 
+def _api_token_to_proto(t: ApiTokenRecord) -> admin_pb2.ApiToken:
+    return admin_pb2.ApiToken(token_id=t.token_id, role=t.role, label=t.label,
+                              created_unix_ms=_ms(t.created_at),
+                              expires_unix_ms=_ms(t.expires_at), revoked=t.revoked_at is not None)
+
+
+def _device_to_proto(d: DeviceRecord) -> admin_pb2.Device:
+    return admin_pb2.Device(device_id=d.device_id, public_key=d.public_key,
+                            enrolled_unix_ms=_ms(d.enrolled_at), revoked_unix_ms=_ms(d.revoked_at),
+                            enrollment_token_id=d.enrollment_token_id)
+
+
+def _invalid(call: Callable[[], T]) -> T:
+    """ValueError of the security layer's checks as INVALID_ARGUMENT."""
+    try:
+        return call()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, service: CoordinatorService) -> None:
+    """Every call reaches here authenticated and authorized (see admin_auth)."""
+
+    def __init__(self, service: CoordinatorService, security: Security) -> None:
         self._service = service
+        self._security = security
 
     @maps_errors
     async def CreateTask(
@@ -107,3 +138,77 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await abort_for(exc, context)
         for message in model_messages(self._service, record, admin_pb2.AdminDownloadModelResponse):
             yield message
+
+    # ---------------------------------------------------------------- tokens, devices, audit
+
+    @maps_errors
+    async def CreateToken(
+        self, request: admin_pb2.CreateTokenRequest, context: Context
+    ) -> admin_pb2.CreateTokenResponse:
+        check_api_version(request.api_version)
+        record, secret = _invalid(lambda: self._security.admin.create_token(
+            Role.parse(request.role), request.label, request.expires_in_s))
+        return admin_pb2.CreateTokenResponse(token=_api_token_to_proto(record), secret=secret)
+
+    @maps_errors
+    async def ListTokens(
+        self, request: admin_pb2.ListTokensRequest, context: Context
+    ) -> admin_pb2.ListTokensResponse:
+        check_api_version(request.api_version)
+        return admin_pb2.ListTokensResponse(
+            tokens=[_api_token_to_proto(t) for t in self._security.admin.list_tokens()])
+
+    @maps_errors
+    async def RevokeToken(
+        self, request: admin_pb2.RevokeTokenRequest, context: Context
+    ) -> admin_pb2.RevokeTokenResponse:
+        check_api_version(request.api_version)
+        record = self._security.admin.revoke_token(request.token_id)
+        return admin_pb2.RevokeTokenResponse(token=_api_token_to_proto(record))
+
+    @maps_errors
+    async def CreateEnrollmentToken(
+        self, request: admin_pb2.CreateEnrollmentTokenRequest, context: Context
+    ) -> admin_pb2.CreateEnrollmentTokenResponse:
+        check_api_version(request.api_version)
+        record, secret = _invalid(lambda: self._security.admin.create_enrollment_token(
+            request.max_devices, request.expires_in_s, request.label))
+        return admin_pb2.CreateEnrollmentTokenResponse(
+            token_id=record.token_id, secret=secret, max_devices=record.max_devices,
+            expires_unix_ms=_ms(record.expires_at))
+
+    @maps_errors
+    async def ListDevices(
+        self, request: admin_pb2.ListDevicesRequest, context: Context
+    ) -> admin_pb2.ListDevicesResponse:
+        check_api_version(request.api_version)
+        return admin_pb2.ListDevicesResponse(
+            devices=[_device_to_proto(d) for d in self._security.devices.list_devices()])
+
+    @maps_errors
+    async def RevokeDevice(
+        self, request: admin_pb2.RevokeDeviceRequest, context: Context
+    ) -> admin_pb2.RevokeDeviceResponse:
+        check_api_version(request.api_version)
+        return admin_pb2.RevokeDeviceResponse(
+            device=_device_to_proto(self._security.devices.revoke(request.device_id)))
+
+    @maps_errors
+    async def ListAudit(
+        self, request: admin_pb2.ListAuditRequest, context: Context
+    ) -> admin_pb2.ListAuditResponse:
+        check_api_version(request.api_version)
+        entries = self._security.audit.entries(request.limit or 100)
+        return admin_pb2.ListAuditResponse(entries=[
+            admin_pb2.AuditEntry(entry_id=e.entry_id, at_unix_ms=_ms(e.at), actor=e.actor,
+                                 action=e.action, target=e.target, outcome=e.outcome,
+                                 detail=e.detail)
+            for e in entries])
+
+    @maps_errors
+    async def WhoAmI(
+        self, request: admin_pb2.WhoAmIRequest, context: Context
+    ) -> admin_pb2.WhoAmIResponse:
+        check_api_version(request.api_version)
+        principal = current_principal.get()
+        return admin_pb2.WhoAmIResponse(actor=principal.actor, role=principal.role.label)

@@ -11,6 +11,7 @@ import grpc
 
 from coordinator.rounds import errors as e
 from coordinator.rounds.secure import Aborted
+from coordinator.security import errors as security_errors
 from coordinator.storage import errors as storage_errors
 from core.types import API_VERSION
 from protos.convert import WireFormatError
@@ -48,6 +49,9 @@ class UploadStalled(Exception):
 
 _CODES[ApiVersionMismatch] = grpc.StatusCode.FAILED_PRECONDITION
 _CODES[UploadStalled] = grpc.StatusCode.DEADLINE_EXCEEDED
+_CODES[security_errors.Unauthenticated] = grpc.StatusCode.UNAUTHENTICATED
+_CODES[security_errors.PermissionDenied] = grpc.StatusCode.PERMISSION_DENIED
+_CODES[security_errors.RateLimited] = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:
