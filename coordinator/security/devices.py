@@ -24,7 +24,7 @@ from pathlib import Path
 from coordinator.security.audit import AuditLog
 from coordinator.security.errors import PermissionDenied, RateLimited, Unauthenticated
 from coordinator.security.replay import ReplayCache
-from coordinator.security.settings import EnrollmentPolicy, SecuritySettings
+from coordinator.settings import EnrollmentPolicy, SecuritySettings
 from coordinator.storage import Conflict, DeviceRecord, NotFound, SecurityStore
 from core.security.bearer import matches, parse_secret
 from core.security.identity import DEVICE_ID_PREFIX, DeviceProof, InvalidProof

@@ -10,7 +10,7 @@ import jwt
 
 from coordinator.security.errors import PermissionDenied, Unauthenticated
 from coordinator.security.roles import Principal, Role
-from coordinator.security.settings import OidcSettings
+from coordinator.settings import OidcSettings
 
 _ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"]
 

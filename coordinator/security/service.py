@@ -12,7 +12,7 @@ from coordinator.security.audit import AuditLog
 from coordinator.security.devices import DeviceGate
 from coordinator.security.oidc import OidcVerifier
 from coordinator.security.roles import Role
-from coordinator.security.settings import SecuritySettings
+from coordinator.settings import SecuritySettings
 from coordinator.storage import SecurityStore
 
 
