@@ -14,7 +14,7 @@ from coordinator.storage import (
     NotFound,
     SecurityStore,
 )
-from core.security.bearer import matches, new_secret, parse_secret
+from core.security.bearer import hash_secret, matches, new_secret, parse_secret
 
 #: The longest expiry a token may be given (10 years); 0 means never.
 MAX_EXPIRY_S = 10 * 365 * 86400
@@ -86,6 +86,17 @@ class AdminAuth:
                                 now, _expiry(now, expires_in_s))
         self._store.add_api_token(record)
         return record, fresh.secret
+
+    def register_token(self, secret: str, role: Role, label: str = "") -> ApiTokenRecord:
+        """Stores the hash of a token made elsewhere (``fedctl`` or a file the operator
+        provisioned); ValueError if it is not a well-formed API token."""
+        token_id = parse_secret(secret, "fct")
+        if token_id is None:
+            raise ValueError("not a fedcoord API token (fct_<id>_<secret>)")
+        record = ApiTokenRecord(token_id, hash_secret(secret), role.label, label[:200],
+                                self._clock())
+        self._store.add_api_token(record)
+        return record
 
     def list_tokens(self) -> list[ApiTokenRecord]:
         return self._store.list_api_tokens()

@@ -26,15 +26,26 @@ class Security:
         self.admin = AdminAuth(store, clock, oidc)
 
     def bootstrap_admin_token(self, path: Path) -> bool:
-        """When no admin token is usable, creates one and writes its secret to ``path``
-        (mode 0600, replacing the file); True if it did. The operator reads it once, e.g.
-        ``FEDCOORD_TOKEN=$(cat PATH)``."""
+        """The first admin token, when no admin token is usable: the one in ``path`` if that
+        file exists (it must be readable by its owner only; only its hash is stored), else a
+        new one written there (mode 0600) for the operator to read once, e.g.
+        ``FEDCOORD_TOKEN=$(cat PATH)``. True if a token was registered."""
         if self.admin.has_admin_token():
             return False
-        record, secret = self.admin.create_token(Role.ADMIN, label="bootstrap")
-        write_secret_file(path, secret)
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise ValueError(f"{path}: an admin token file must be readable by its owner "
+                                 f"only (mode {mode:o}; chmod 600 it)")
+            record = self.admin.register_token(path.read_text().strip(), Role.ADMIN,
+                                               label="bootstrap")
+            how = f"read from {path}"
+        else:
+            record, secret = self.admin.create_token(Role.ADMIN, label="bootstrap")
+            write_secret_file(path, secret)
+            how = f"written to {path}"
         self.audit.record("local:coordinator", "CreateToken", record.token_id, "ok",
-                          f"bootstrap admin token written to {path}")
+                          f"bootstrap admin token {how}")
         return True
 
 

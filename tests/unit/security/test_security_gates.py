@@ -266,3 +266,19 @@ def test_oidc_jwts_of_the_configured_issuer_carry_their_role(tmp_path: Path) -> 
                         stranger, algorithm="ES256", headers={"kid": "k1"})
     with pytest.raises(Unauthenticated, match="Signature"):
         sec.admin.authenticate(f"Bearer {forged}")
+
+
+def test_a_provisioned_admin_token_file_is_registered_by_its_hash(tmp_path: Path) -> None:
+    from core.security.bearer import new_secret
+
+    path = tmp_path / "admin.token"
+    secret = new_secret("fct").secret
+    path.write_text(secret + "\n")
+    path.chmod(0o644)
+    sec = security(Clock())
+    with pytest.raises(ValueError, match="owner only"):
+        sec.bootstrap_admin_token(path)
+    path.chmod(0o600)
+    assert sec.bootstrap_admin_token(path)
+    assert sec.admin.authenticate(f"Bearer {secret}").role is Role.ADMIN
+    assert secret not in repr(sec.admin.list_tokens())
