@@ -17,6 +17,7 @@ A task file looks like::
     local: {epochs: 5, batch_size: 16, optimizer: sgd, learning_rate: 0.1}
     server: {kind: fedavg, learning_rate: 1.0}
     evaluation: {fraction: 0.2, server_data: "digits:split=test"}
+    robustness: {weight_cap: 1024, max_update_l2_norm: 1000, max_abs_parameter: 1.0e6}
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ import yaml
 from core import fields
 from core.errors import CoreError
 from core.privacy.errors import PrivacySpecError
-from core.privacy.spec import PrivacyMode, PrivacySpec, privacy_from_dict, privacy_to_dict
+from core.privacy.spec import (
+    FixedClip,
+    PrivacyMode,
+    PrivacySpec,
+    privacy_from_dict,
+    privacy_to_dict,
+)
 from core.types import TaskSpec
 
 
@@ -145,10 +152,39 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
         fail("max_update_bytes", f"must be >= 0 (0 = the model's size), got {spec.max_update_bytes}")
     if spec.seed < 0:
         fail("seed", f"must be >= 0, got {spec.seed}")
+    _validate_robustness(spec, fail)
     if spec.secure_aggregation is not None:
         _validate_secure_aggregation(spec, fail)
     if spec.privacy is not None:
         _validate_privacy(spec, fail)
+
+
+#: Bounds on the robustness section: beyond them the section protects nothing (a float32
+#: model overflows long before a parameter of 1e30, and a weight above 2^31 is no cap).
+MAX_WEIGHT_CAP = 1 << 31
+MAX_BOUND = 1e30
+
+
+def _validate_robustness(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]
+                         ) -> None:
+    r = spec.robustness
+    if not 1 <= r.weight_cap <= MAX_WEIGHT_CAP:
+        fail("robustness.weight_cap", f"must be between 1 and {MAX_WEIGHT_CAP} examples, got "
+                                      f"{r.weight_cap}")
+    if not 0 < r.max_update_l2_norm <= MAX_BOUND:
+        fail("robustness.max_update_l2_norm", f"must be in (0, {MAX_BOUND:g}], got "
+                                              f"{r.max_update_l2_norm}")
+    if not 0 < r.max_abs_parameter <= MAX_BOUND:
+        fail("robustness.max_abs_parameter", f"must be in (0, {MAX_BOUND:g}], got "
+                                             f"{r.max_abs_parameter}")
+    clip = spec.privacy.clip if spec.privacy is not None else None
+    if spec.secure_aggregation is None and clip is not None:
+        norm = (clip.l2_clip_norm if isinstance(clip, FixedClip)
+                else clip.initial_l2_clip_norm)
+        if norm > r.max_update_l2_norm:
+            fail("robustness.max_update_l2_norm",
+                 f"{r.max_update_l2_norm:g} is below privacy.clip ({norm:g}): devices clip "
+                 f"their updates to privacy.clip, and the coordinator would refuse them")
 
 
 def _validate_privacy(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:

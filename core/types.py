@@ -166,6 +166,34 @@ class SecureAggregation:
 
 
 @dataclass(frozen=True)
+class Robustness:
+    """The ``robustness`` section of a task: how much one device's update can move the model,
+    and what a model may look like before it is committed. The bounds hold on every path:
+
+    * clear updates (plain FedAvg, local DP, central DP): the FedAvg weight is
+      ``min(num_examples, weight_cap)`` (central DP weighs every update 1 anyway), and an
+      update whose L2 norm (all tensors together) exceeds ``max_update_l2_norm`` is refused
+      with INVALID_ARGUMENT naming the bound: refused rather than clipped, so a device that
+      sends it learns why, and honest updates are never silently changed;
+    * secure aggregation: ``secure_aggregation.weight_cap`` and ``secure_aggregation.clip``
+      (per coordinate) bound each masked contribution the same way; the coordinator cannot
+      see a masked update's norm;
+    * every commit: a new model with a non-finite parameter or one above
+      ``max_abs_parameter`` in magnitude is never committed; the round fails with the reason.
+    """
+
+    #: A clear update's FedAvg weight is min(num_examples, weight_cap); the same default as
+    #: secure aggregation's, so one device's share of a round is at most
+    #: weight_cap / (weight_cap + the others' weights) however many examples it claims.
+    weight_cap: int = 1024
+    #: A clear update with a larger L2 norm is refused. Honest updates of the example
+    #: tasks are around 1-10.
+    max_update_l2_norm: float = 1000.0
+    #: A round whose new model has a parameter larger than this in magnitude fails.
+    max_abs_parameter: float = 1e6
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """What to train, how, and for how many rounds. Times are in seconds."""
 
@@ -190,6 +218,8 @@ class TaskSpec:
     #: Differential privacy (:mod:`core.privacy.spec`); None: off. Never a spec whose mode
     #: is ``off`` (the parser normalises that to None).
     privacy: PrivacySpec | None = None
+    #: Bounds on one update's influence and on the committed model (:class:`Robustness`).
+    robustness: Robustness = field(default_factory=Robustness)
 
     @property
     def selection_target(self) -> int:

@@ -97,6 +97,7 @@ def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:
         secure_aggregation=_secure_aggregation_to_proto(d["secure_aggregation"]),
         privacy_json=("" if d["privacy"] is None
                       else json.dumps(d["privacy"], sort_keys=True)),
+        robustness=common_pb2.Robustness(**d["robustness"]),
     )
 
 
@@ -179,6 +180,11 @@ def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
         "secure_aggregation": _secure_aggregation_from_proto(msg),
         "privacy": privacy,
     }
+    if msg.HasField("robustness"):  # absent (an older client): the defaults
+        r = msg.robustness
+        data["robustness"] = {"weight_cap": r.weight_cap,
+                              "max_update_l2_norm": r.max_update_l2_norm,
+                              "max_abs_parameter": r.max_abs_parameter}
     try:
         return spec_from_dict(data, source="spec")
     except TaskSpecError as exc:

@@ -113,7 +113,7 @@ class Evaluation(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., server_data: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "model", "rounds", "clients_per_round", "min_reports", "population", "eligibility", "over_selection", "round_deadline_s", "selection_window_s", "local", "server", "evaluation", "max_update_bytes", "seed", "secure_aggregation", "privacy_json")
+    __slots__ = ("name", "model", "rounds", "clients_per_round", "min_reports", "population", "eligibility", "over_selection", "round_deadline_s", "selection_window_s", "local", "server", "evaluation", "max_update_bytes", "seed", "secure_aggregation", "privacy_json", "robustness")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class TaskSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROBUSTNESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     rounds: int
@@ -148,7 +149,18 @@ class TaskSpec(_message.Message):
     seed: int
     secure_aggregation: SecureAggregation
     privacy_json: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_reports: _Optional[int] = ..., population: _Optional[str] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., over_selection: _Optional[float] = ..., round_deadline_s: _Optional[float] = ..., selection_window_s: _Optional[float] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., privacy_json: _Optional[str] = ...) -> None: ...
+    robustness: Robustness
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_reports: _Optional[int] = ..., population: _Optional[str] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., over_selection: _Optional[float] = ..., round_deadline_s: _Optional[float] = ..., selection_window_s: _Optional[float] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., privacy_json: _Optional[str] = ..., robustness: _Optional[_Union[Robustness, _Mapping]] = ...) -> None: ...
+
+class Robustness(_message.Message):
+    __slots__ = ("weight_cap", "max_update_l2_norm", "max_abs_parameter")
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_L2_NORM_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    weight_cap: int
+    max_update_l2_norm: float
+    max_abs_parameter: float
+    def __init__(self, weight_cap: _Optional[int] = ..., max_update_l2_norm: _Optional[float] = ..., max_abs_parameter: _Optional[float] = ...) -> None: ...
 
 class SecureAggregation(_message.Message):
     __slots__ = ("protocol", "neighbours", "threshold", "clip", "bits", "dropout", "corrupt_fraction", "adversary", "weight_cap", "phase_timeout_s")

@@ -123,3 +123,42 @@ def test_unsafe_or_wrong_secure_aggregation_settings_name_the_field_and_the_boun
         parse_task_yaml(SECURE.replace(edit, bad), source="t.yaml")
     assert info.value.field == field
     assert words in str(info.value) and "t.yaml" in str(info.value)
+
+
+def test_robustness_bounds_have_defaults_that_every_example_keeps() -> None:
+    spec = parse_task_yaml(GOOD, source="t.yaml")
+    assert spec.robustness.weight_cap == 1024
+    assert spec.robustness.max_update_l2_norm == 1000.0
+    assert spec.robustness.max_abs_parameter == 1e6
+    root = Path(__file__).resolve().parents[3] / "examples"
+    for path in sorted(root.glob("*.yaml")):
+        assert load_task_file(path).robustness == spec.robustness, path.name
+    tuned = parse_task_yaml(GOOD + "robustness: {weight_cap: 100, max_update_l2_norm: 5.0}\n")
+    assert (tuned.robustness.weight_cap, tuned.robustness.max_update_l2_norm) == (100, 5.0)
+    assert spec_from_dict(spec_to_dict(tuned)) == tuned
+
+
+@pytest.mark.parametrize(("edit", "field", "words"), [
+    ("robustness: {weight_cap: 0}", "robustness.weight_cap", "between 1 and 2147483648"),
+    ("robustness: {max_update_l2_norm: 0}", "robustness.max_update_l2_norm", "(0, 1e+30]"),
+    ("robustness: {max_update_l2_norm: .inf}", "robustness.max_update_l2_norm", "finite"),
+    ("robustness: {max_abs_parameter: -1.0}", "robustness.max_abs_parameter", "(0, 1e+30]"),
+    ("robustness: {max_norm: 3}", "robustness.max_norm", "unknown field"),
+])
+def test_bad_robustness_bounds_name_the_field(edit: str, field: str, words: str) -> None:
+    with pytest.raises(TaskSpecError) as info:
+        parse_task_yaml(GOOD + edit + "\n", source="t.yaml")
+    assert info.value.field == field and words in str(info.value)
+
+
+def test_a_norm_bound_below_the_central_dp_clip_is_refused() -> None:
+    dp = GOOD.replace("clients_per_round: 4", "clients_per_round: 4\nover_selection: 1.0") + """\
+privacy: {mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 2.0, population: 10,
+          max_epsilon: 50.0}
+robustness: {max_update_l2_norm: 1.5}
+"""
+    with pytest.raises(TaskSpecError) as info:
+        parse_task_yaml(dp, source="t.yaml")
+    assert info.value.field == "robustness.max_update_l2_norm"
+    assert "below privacy.clip (2)" in str(info.value)
+    assert parse_task_yaml(dp.replace("1.5}", "2.0}")).robustness.max_update_l2_norm == 2.0

@@ -10,6 +10,7 @@ from core.types import (
     LocalOptimizerKind,
     LocalTraining,
     ModelSpec,
+    Robustness,
     ServerOptimizer,
     ServerOptimizerKind,
     TaskSpec,
@@ -27,6 +28,7 @@ def full_spec() -> TaskSpec:
         server=ServerOptimizer(kind=ServerOptimizerKind.FEDYOGI, learning_rate=0.1),
         evaluation=Evaluation(fraction=0.5, server_data="digits:split=test"),
         max_update_bytes=123456, seed=9,
+        robustness=Robustness(weight_cap=77, max_update_l2_norm=12.5, max_abs_parameter=1e4),
     )
 
 
@@ -34,6 +36,12 @@ def test_a_task_spec_round_trips_through_protobuf() -> None:
     spec = full_spec()
     wire = common_pb2.TaskSpec.FromString(convert.task_spec_to_proto(spec).SerializeToString())
     assert convert.task_spec_from_proto(wire) == spec
+
+
+def test_a_spec_without_robustness_on_the_wire_gets_the_defaults() -> None:
+    msg = convert.task_spec_to_proto(full_spec())
+    msg.ClearField("robustness")
+    assert convert.task_spec_from_proto(msg).robustness == Robustness()
 
 
 def test_an_invalid_spec_on_the_wire_names_the_field() -> None:
@@ -44,6 +52,10 @@ def test_an_invalid_spec_on_the_wire_names_the_field() -> None:
     msg = convert.task_spec_to_proto(full_spec())
     msg.model.arguments_json = "{not json"
     with pytest.raises(convert.WireFormatError, match="arguments_json: not valid JSON"):
+        convert.task_spec_from_proto(msg)
+    msg = convert.task_spec_to_proto(full_spec())
+    msg.robustness.weight_cap = 0
+    with pytest.raises(convert.WireFormatError, match=r"^spec.robustness.weight_cap: must be"):
         convert.task_spec_from_proto(msg)
 
 
