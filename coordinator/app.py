@@ -22,6 +22,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, open_store
 from coordinator.transport.admin_servicer import AdminServicer
 from coordinator.transport.device_servicer import DeviceServicer
+from coordinator.transport.tls import server_credentials
 from protos.fedcoord.v1 import admin_pb2_grpc, device_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class Coordinator:
     """A running coordinator: the service plus its gRPC server, on one event loop."""
 
     def __init__(self, config: CoordinatorSettings) -> None:
+        """Raises :class:`~core.tls.TlsError` for bad TLS files or a plaintext bind the
+        settings do not allow, before the database or the store is touched."""
+        self._credentials = server_credentials(config)
         # A server commits off the event loop: RPCs never wait on the optimizer or torch.
         config = replace(config, commit_in_background=True)
         self.config = config
@@ -65,7 +69,10 @@ class Coordinator:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.service), self.server)
         address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if self._credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, self._credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -75,8 +82,16 @@ class Coordinator:
         self.service.recover()
         await self.server.start()
         self._ticker = asyncio.create_task(self._tick_forever())
-        log.info("coordinator listening on %s:%d", self.config.host, self.port)
+        log.info("coordinator listening on %s:%d (%s)", self.config.host, self.port,
+                 self.transport_security)
         return self.port
+
+    @property
+    def transport_security(self) -> str:
+        """``mutual TLS``, ``TLS`` or ``plaintext``, as the settings ask."""
+        if self.config.tls_dir is None:
+            return "plaintext"
+        return "mutual TLS" if self.config.client_ca is not None else "TLS"
 
     async def _tick_forever(self) -> None:
         while True:
@@ -108,7 +123,8 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"fedcoord coordinator listening on {config.host}:{port}", flush=True)
+    print(f"fedcoord coordinator listening on {config.host}:{port} "
+          f"({coordinator.transport_security})", flush=True)
     await stop.wait()
     await coordinator.stop()
 

@@ -38,3 +38,9 @@ class CoordinatorSettings:
     #: Commits (server optimizer, model file, server-side evaluation) run on a worker thread
     #: so RPCs never wait on them; False runs them in line (deterministic unit tests).
     commit_in_background: bool = False
+    #: Transport security. ``tls_dir`` holds ``server.crt`` and ``server.key`` (None:
+    #: plaintext, which only a loopback host may serve unless ``insecure``); ``client_ca``
+    #: turns on mutual TLS: every caller must present a certificate it signed.
+    tls_dir: Path | None = None
+    client_ca: Path | None = None
+    insecure: bool = False

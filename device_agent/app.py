@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from core.data.spec import load_dataset, parse_data_spec, with_shard
+from core.tls import ClientTls
 from core.types import DeviceAttributes
 from device_agent.runtime.device import Device, DeviceStats
 from device_agent.transport.client import DeviceClient, RetryPolicy
@@ -31,6 +32,8 @@ class AgentConfig:
     exit_when_idle: bool = False
     give_up_after_s: float = 120.0
     torch_threads: int = 1
+    #: TLS towards the coordinator (None: plaintext).
+    tls: ClientTls | None = None
 
 
 def device_shards(config: AgentConfig) -> list[tuple[str, str]]:
@@ -60,7 +63,8 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[
     torch.set_num_threads(config.torch_threads)
     stop = stop or threading.Event()
     client = DeviceClient(
-        config.coordinator, policy=RetryPolicy(give_up_after_s=config.give_up_after_s), stop=stop
+        config.coordinator, policy=RetryPolicy(give_up_after_s=config.give_up_after_s), stop=stop,
+        tls=config.tls,
     )
     devices = [
         Device(

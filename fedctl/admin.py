@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 
+from core.tls import ClientTls
 from core.types import API_VERSION, TaskSpec
 from protos import convert
 from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc
@@ -22,12 +23,20 @@ class AdminError(Exception):
 
 
 class AdminClient:
-    def __init__(self, target: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, target: str, *, timeout_s: float = 30.0,
+                 tls: ClientTls | None = None) -> None:
+        """``tls``: verify the coordinator against its CA (and present a client certificate
+        when it holds one); None: plaintext."""
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 8 << 20)]
-        )
+        self.tls = tls
+        options = [("grpc.max_receive_message_length", 8 << 20)]
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
+                root_certificates=tls.ca_pem, private_key=tls.key_pem,
+                certificate_chain=tls.cert_chain_pem), options=options)
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def close(self) -> None:
@@ -43,12 +52,22 @@ class AdminClient:
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise AdminError(
-                    "UNAVAILABLE", f"cannot reach the coordinator at {self.target} ({exc.details()})"
-                ) from None
-            raise AdminError(code.name, exc.details() or "") from None
+            raise self._error(exc) from None
+
+    def _error(self, exc: grpc.RpcError) -> AdminError:
+        code = exc.code()
+        if code != grpc.StatusCode.UNAVAILABLE:
+            return AdminError(code.name, exc.details() or "")
+        # A TLS mismatch looks like an unreachable server to gRPC: say which side to check.
+        if self.tls is None:
+            hint = "; if it serves TLS, give --ca FILE"
+        else:
+            hint = ("; check --ca (it must have signed the coordinator's certificate), that "
+                    "the address is a name in that certificate, and that the coordinator "
+                    "serves TLS" + ("" if self.tls.cert_chain_pem else
+                                    " (and whether it requires a client --cert/--key)"))
+        return AdminError("UNAVAILABLE", f"cannot reach the coordinator at {self.target} "
+                                         f"({exc.details()}){hint}")
 
     def create_task(self, spec: TaskSpec) -> admin_pb2.Task:
         req = admin_pb2.CreateTaskRequest(
@@ -100,7 +119,7 @@ class AdminClient:
                         size += len(msg.chunk)
         except grpc.RpcError as exc:
             tmp.unlink(missing_ok=True)
-            raise AdminError(exc.code().name, exc.details() or "") from None
+            raise self._error(exc) from None
         if header is None or size != header.size_bytes or digest.hexdigest() != header.sha256:
             tmp.unlink(missing_ok=True)
             raise AdminError("DATA_LOSS", "downloaded model does not match its size/sha256")

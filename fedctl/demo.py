@@ -1,7 +1,8 @@
 """`fedctl demo`: an embedded coordinator (SQLite in a temp dir) plus real device-agent
 processes on localhost, training an MLP on scikit-learn's digits split non-IID
 (Dirichlet 0.5), with the global model evaluated on a held-out test split after every round.
-Ends by printing one JSON line."""
+The coordinator serves TLS with a throwaway CA and server certificate made in the temp dir
+(the code of `fedctl certs init`). Ends by printing one JSON line."""
 
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
              secagg: bool = False, dp: bool = False) -> int:
     from coordinator.app import EmbeddedCoordinator
     from coordinator.settings import CoordinatorSettings
+    from core.tls import load_client_tls, write_local_ca
     from fedctl.admin import AdminClient
     from fedctl.watch import accuracy_of, watch
 
@@ -90,15 +92,18 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
     console = Console(stderr=True, quiet=json_only)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedcoord-demo-") as tmp:
+        certs = write_local_ca(Path(tmp) / "tls")
         config = CoordinatorSettings(db_url=f"sqlite:///{tmp}/fedcoord.db",
-                                     store_dir=Path(tmp) / "store", port=0)
+                                     store_dir=Path(tmp) / "store", port=0,
+                                     tls_dir=Path(tmp) / "tls")
         coordinator = EmbeddedCoordinator(config)
         port = coordinator.start()
         target = f"127.0.0.1:{port}"
-        console.print(f"[bold]coordinator[/] on {target}, database {tmp}/fedcoord.db")
+        console.print(f"[bold]coordinator[/] on {target} (TLS, CA {certs.ca_cert}), "
+                      f"database {tmp}/fedcoord.db")
         agents: list[subprocess.Popen[bytes]] = []
         try:
-            with AdminClient(target) as client:
+            with AdminClient(target, tls=load_client_tls(certs.ca_cert)) as client:
                 task = client.create_task(demo_task(devices, rounds, seed, secagg=secagg,
                                                     dp=dp))
                 console.print(f"[bold]task[/] {task.task_id}: {rounds} rounds, goal "
@@ -106,7 +111,8 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
                               + (", secure aggregation (SecAgg+)" if secagg else "")
                               + (f", central DP (z={DP_NOISE_MULTIPLIER}, C={DP_CLIP})"
                                  if dp else ""))
-                agents = _start_agents(target, task.task_id, devices, processes, Path(tmp))
+                agents = _start_agents(target, task.task_id, devices, processes, Path(tmp),
+                                       ca=certs.ca_cert)
                 console.print(f"[bold]agents[/]: {devices} devices in {len(agents)} processes")
                 final = watch(client, task.task_id, console=console, timeout_s=900)
                 rounds_info = [r for r in client.list_rounds(task.task_id)
@@ -124,6 +130,7 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
         "devices": devices,
         "secure_aggregation": secagg,
         "differential_privacy": dp,
+        "tls": True,
         "wall_seconds": round(time.monotonic() - started, 2),
     }
     if secagg and rounds_info:
@@ -150,7 +157,7 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
 
 
 def _start_agents(
-    target: str, task_id: str, devices: int, processes: int, logdir: Path
+    target: str, task_id: str, devices: int, processes: int, logdir: Path, *, ca: Path
 ) -> list[subprocess.Popen[bytes]]:
     processes = min(processes, devices)
     per, extra = divmod(devices, processes)
@@ -162,7 +169,7 @@ def _start_agents(
         cmd = [
             sys.executable, "-m", "fedctl", "agent", "run", "--coordinator", target,
             "--device-id", f"demo-p{i}", "--devices", str(count), "--task", task_id,
-            "--data", f"digits:shard={first}/{devices},dirichlet=0.5",
+            "--data", f"digits:shard={first}/{devices},dirichlet=0.5", "--ca", str(ca),
         ]
         log = open(logdir / f"agent-{i}.log", "wb")  # noqa: SIM115 - closed by the child's exit
         agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from fedctl.certs import register as register_certs
 from fedctl.simulate import register as register_simulate
 
 if TYPE_CHECKING:
+    from core.tls import ClientTls
     from fedctl.admin import AdminClient
 
 T = TypeVar("T")
@@ -23,6 +26,12 @@ DEFAULT_COORDINATOR = "127.0.0.1:7070"
 def _add_coordinator(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", default=DEFAULT_COORDINATOR,
                    help=f"coordinator HOST:PORT (default {DEFAULT_COORDINATOR})")
+    p.add_argument("--ca", type=Path, metavar="FILE",
+                   help="TLS: the CA certificate the coordinator's certificate must chain to "
+                        "(without it: plaintext)")
+    p.add_argument("--cert", type=Path, metavar="FILE",
+                   help="mutual TLS: this client's certificate (with --key and --ca)")
+    p.add_argument("--key", type=Path, metavar="FILE", help="mutual TLS: this client's key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest upload message accepted (bytes)")
     serve.add_argument("--upload-idle-timeout", type=float, default=30.0,
                        help="seconds an upload may stay silent before it is dropped")
+    serve.add_argument("--tls", type=Path, metavar="DIR",
+                       help="serve TLS with DIR/server.crt and DIR/server.key "
+                            "(see `fedctl certs init`)")
+    serve.add_argument("--client-ca", type=Path, metavar="FILE",
+                       help="mutual TLS: every client must present a certificate signed by "
+                            "this CA")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow plaintext on a non-loopback --host (trusted networks only)")
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser("agent", help="run device agents").add_subparsers(
@@ -106,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     register_simulate(sub)
+    register_certs(sub)
     return parser
 
 
@@ -115,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # gRPC's C core logs a failed TLS handshake at INFO on stderr, beside the one-line
+        # error fedctl prints; it must be set before grpc is first imported.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     func: Callable[[argparse.Namespace], int] = args.func
     from fedctl.errors import CliError
 
@@ -136,14 +158,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from coordinator.app import serve
     from coordinator.settings import CoordinatorSettings
     from coordinator.storage.errors import StorageError
+    from core.tls import TlsError
     from fedctl.errors import CliError
 
     config = CoordinatorSettings(db_url=args.db, store_dir=Path(args.store), host=args.host,
                                  port=args.port, max_chunk_bytes=args.max_chunk_bytes,
-                                 upload_idle_timeout_s=args.upload_idle_timeout)
+                                 upload_idle_timeout_s=args.upload_idle_timeout,
+                                 tls_dir=args.tls, client_ca=args.client_ca,
+                                 insecure=args.insecure)
     try:
         asyncio.run(serve(config, args.port_file))
-    except (StorageError, OSError) as exc:
+    except (StorageError, OSError, TlsError) as exc:
         raise CliError(f"coordinator: {exc}") from None
     return 0
 
@@ -164,6 +189,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         attributes=DeviceAttributes(charging=not args.not_charging, unmetered=not args.metered,
                                     idle=not args.busy, population=args.population),
         exit_when_idle=args.exit_when_idle, give_up_after_s=args.give_up_after,
+        tls=_client_tls(args),
     )
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -180,10 +206,25 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """The TLS files of ``--ca``/``--cert``/``--key``, read and checked; None: plaintext."""
+    from core.tls import TlsError, load_client_tls
+    from fedctl.errors import CliError
+
+    if args.ca is None:
+        if args.cert is not None or args.key is not None:
+            raise CliError("--cert and --key need --ca FILE (the CA of the coordinator)")
+        return None
+    try:
+        return load_client_tls(args.ca, args.cert, args.key)
+    except TlsError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _admin(args: argparse.Namespace) -> AdminClient:
     from fedctl.admin import AdminClient
 
-    return AdminClient(args.coordinator)
+    return AdminClient(args.coordinator, tls=_client_tls(args))
 
 
 def cmd_task_launch(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from core.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from core.tls import ClientTls
 from core.types import API_VERSION, DeviceAttributes
 from device_agent.errors import BadPayload, Rejected, RoundOver, Unreachable
 from protos import convert
@@ -65,18 +66,25 @@ class DeviceClient:
         policy: RetryPolicy | None = None,
         stop: threading.Event | None = None,
         max_message_bytes: int = 64 << 20,
+        tls: ClientTls | None = None,
     ) -> None:
+        """``tls``: verify the coordinator against its CA (and present a client certificate
+        when it holds one); None: plaintext. One channel, so one handshake per connection,
+        shared by every device of the process."""
         self.target = target
         self.policy = policy or RetryPolicy()
         self._stop = stop or threading.Event()
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.enable_retries", 0),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 0),
+        ]
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
+                root_certificates=tls.ca_pem, private_key=tls.key_pem,
+                certificate_chain=tls.cert_chain_pem), options=options)
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
         self._rng = random.Random()
 

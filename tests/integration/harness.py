@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from core.tls import ClientTls
 from fedctl.admin import AdminClient
 from protos.fedcoord.v1 import admin_pb2
 
@@ -28,6 +29,8 @@ class CoordinatorProcess:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     logs: list[Path] = field(default_factory=list)
+    #: How :meth:`admin` reaches a coordinator started with ``--tls`` (None: plaintext).
+    tls: ClientTls | None = None
 
     @property
     def target(self) -> str:
@@ -73,7 +76,7 @@ class CoordinatorProcess:
                 self.proc.kill()
 
     def admin(self) -> AdminClient:
-        return AdminClient(self.target)
+        return AdminClient(self.target, tls=self.tls)
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())

@@ -23,6 +23,7 @@ def test_demo_prints_one_json_line_with_per_round_accuracy() -> None:
     assert len(summary["accuracy"]) == 2
     assert 0.3 < summary["final_accuracy"] <= 1.0
     assert summary["wall_seconds"] > 0 and summary["task_id"]
+    assert summary["tls"] is True, "the demo's coordinator serves TLS"
 
 
 def test_demo_with_secure_aggregation_reports_the_protocol_it_ran() -> None:
