@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a coordinator subprocess and a bare gRPC server."""
+"""Shared pieces of the benchmarks: a coordinator subprocess (plaintext or TLS) and a bare
+gRPC server."""
 
 from __future__ import annotations
 
@@ -10,23 +11,34 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.tls import ClientTls, load_client_tls, write_local_ca
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 class CoordinatorSubprocess:
-    def __init__(self) -> None:
+    """``tls=True``: the coordinator serves TLS with a fresh local CA (`fedctl certs init`'s
+    code); :attr:`client_tls` is then what clients need to reach it."""
+
+    def __init__(self, *, tls: bool = False) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="fedcoord-bench-")
         self.dir = Path(self.tmp.name)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.client_tls: ClientTls | None = None
+        self._tls_args: list[str] = []
+        if tls:
+            files = write_local_ca(self.dir / "tls")
+            self.client_tls = load_client_tls(files.ca_cert)
+            self._tls_args = ["--tls", str(self.dir / "tls")]
 
     def __enter__(self) -> CoordinatorSubprocess:
         port_file = self.dir / "port"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fedctl", "coordinator", "serve",
              "--db", f"sqlite:///{self.dir}/bench.db", "--store", str(self.dir / "store"),
-             "--port", "0", "--port-file", str(port_file)],
+             "--port", "0", "--port-file", str(port_file), *self._tls_args],
             stdout=open(self.dir / "coordinator.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
             env=ENV, cwd=ROOT,
         )
