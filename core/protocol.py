@@ -140,3 +140,7 @@ class UpdateHeader:
     total_bytes: int
     sha256: str
     metrics: Mapping[str, float]
+    #: Chosen by the device, one per update (16-64 characters of [A-Za-z0-9_-]) and kept
+    #: across retries: a retried upload gets its first attempt's answer. Empty: an older
+    #: client, no idempotency.
+    upload_id: str = ""

@@ -6,7 +6,8 @@ held by the aggregators that need it.
 ::
 
     Aggregator (begin: :func:`begin_aggregation`; add: add_upload / add_masked; release)
-      PlainAggregator       clear uploads, example-weighted FedAvg, metrics in the clear
+      PlainAggregator       clear uploads, example-weighted FedAvg (weights capped at
+                            robustness.weight_cap), metrics in the clear
       CentralDpAggregator   clear uploads clipped again to C, weight 1; the sum is noised
                             and accounted; no per-device metric is kept or released
       SecureAggregator      masked vectors only (SecAgg+ stages in :class:`SecureRound`);
@@ -31,6 +32,7 @@ import numpy.typing as npt
 from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.uploads import accumulate
+from core.aggregation.bounds import capped_weight
 from core.aggregation.fedavg import StreamingWeightedMean
 from core.privacy.central import ClippedSum
 from core.privacy.errors import PrivacyError
@@ -100,13 +102,15 @@ class Aggregator(Protocol):
 @dataclass
 class _MetricMeans:
     """Weighted means of clear metrics: ``eval_*`` weigh by the device's ``eval_examples``,
-    all others by its training examples."""
+    all others by its training examples, both at most ``weight_cap``. Metrics are at most
+    1e9 in magnitude (checked at the upload), so the sums stay finite."""
 
+    weight_cap: float
     sums: dict[str, float] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
 
     def add(self, metrics: Mapping[str, float], examples: float) -> None:
-        eval_weight = float(metrics.get("eval_examples", 0.0))
+        eval_weight = min(float(metrics.get("eval_examples", 0.0)), self.weight_cap)
         for name, value in metrics.items():
             if name == "eval_examples":
                 continue
@@ -124,13 +128,15 @@ def _no_masked(device: str, vector: RingVector, clipped: int) -> None:
 
 
 class PlainAggregator:
-    """Example-weighted FedAvg of clear uploads (memory O(model)). ``withhold_metrics``
-    (local DP: the updates are private, their metrics would not be): devices send no metric
-    and the example total is not released."""
+    """Example-weighted FedAvg of clear uploads (memory O(model)); an update's weight is
+    ``min(num_examples, weight_cap)``, so no device owns the mean by claiming examples.
+    ``withhold_metrics`` (local DP: the updates are private, their metrics would not be):
+    devices send no metric and the example total is not released."""
 
-    def __init__(self, size: int, *, withhold_metrics: bool = False) -> None:
+    def __init__(self, size: int, *, weight_cap: int, withhold_metrics: bool = False) -> None:
         self._mean = StreamingWeightedMean(size)
-        self._metrics = _MetricMeans()
+        self._weight_cap = weight_cap
+        self._metrics = _MetricMeans(float(weight_cap))
         self._examples = 0
         self.metrics_policy = MetricsPolicy.WITHHELD if withhold_metrics else MetricsPolicy.CLEAR
 
@@ -145,16 +151,17 @@ class PlainAggregator:
         return dict(metrics)
 
     def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float]) -> None:
-        accumulate(path, self._mean, float(num_examples))
-        self._examples += num_examples
-        self._metrics.add(metrics, float(num_examples))
+        weight = capped_weight(num_examples, weight_cap=self._weight_cap)
+        accumulate(path, self._mean, float(weight))
+        self._examples += weight
+        self._metrics.add(metrics, float(weight))
 
     def add_masked(self, device: str, vector: RingVector, clipped: int) -> None:
         _no_masked(device, vector, clipped)
 
     def release(self, draw: CohortDraw | None) -> Aggregate:
-        """Releases the weighted mean, and (unless withheld) the example total and the
-        metrics' weighted means."""
+        """Releases the weighted mean, and (unless withheld) the weight total ("examples",
+        capped per device) and the metrics' weighted means."""
         try:
             mean = self._mean.mean()
         except ValueError as exc:
@@ -324,7 +331,8 @@ def begin_aggregation(spec: TaskSpec, size: int, *, privacy: TaskPrivacy | None,
                                          require_secure_noise=require_secure_noise)
     else:
         aggregator = PlainAggregator(
-            size, withhold_metrics=metrics_policy_for(spec) is MetricsPolicy.WITHHELD)
+            size, weight_cap=spec.robustness.weight_cap,
+            withhold_metrics=metrics_policy_for(spec) is MetricsPolicy.WITHHELD)
     assert aggregator.metrics_policy is metrics_policy_for(spec)
     return aggregator
 

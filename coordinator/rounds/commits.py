@@ -23,6 +23,7 @@ from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.state import LoadedModel
 from coordinator.storage.records import ModelVersionRecord
+from core.aggregation.bounds import model_problem
 from core.aggregation.server_optimizers import apply_server_optimizer
 from core.errors import CoreError
 from core.tensors import from_raw_bytes
@@ -54,18 +55,25 @@ class CommitOutcome:
 
 def run_commit(job: CommitJob, models: ModelRepository,
                evaluator: ServerEvaluator) -> CommitOutcome:
-    """Applies the mean update with the server optimizer, refuses non-finite parameters,
-    writes the version's files and evaluates it on the task's server data (an evaluation
-    failure never undoes a commit). Touches files only; safe off the event loop."""
+    """Applies the mean update with the server optimizer, refuses a model with non-finite
+    or absurd parameters (above the task's ``robustness.max_abs_parameter``; nothing is
+    written, the round fails with the reason), writes the version's files and evaluates it
+    on the task's server data (an evaluation failure never undoes a commit). Touches files
+    only; safe off the event loop."""
     base = job.base
     try:
+        if not np.isfinite(job.mean).all():
+            raise ValueError("the round's mean update holds non-finite values")
         delta = from_raw_bytes(job.mean.astype("<f4").tobytes(), base.infos)
         params, opt_state = apply_server_optimizer(
             base.params, delta, job.spec.server, base.optimizer_state)
-        if not all(np.isfinite(v).all() for v in params.values()):
-            raise ValueError("the server optimizer produced non-finite parameters")
+        if not all(np.isfinite(v).all() for v in opt_state.values()):
+            raise ValueError("the server optimizer's state became non-finite")
     except (ValueError, CoreError) as exc:
         return CommitOutcome(None, f"aggregation failed: {exc}")
+    problem = model_problem(params, max_abs_parameter=job.spec.robustness.max_abs_parameter)
+    if problem is not None:
+        return CommitOutcome(None, f"the new model was not committed: {problem}")
     version = base.version + 1
     record: ModelVersionRecord = models.write(job.task_id, version, job.round_number, params,
                                               opt_state, job.now)

@@ -9,6 +9,8 @@ CoordinatorError
  +-- TooLarge              RESOURCE_EXHAUSTED   update over the task's size limit
  +-- Late                  FAILED_PRECONDITION  round closed, task not running
  +-- Unavailable           UNAVAILABLE          the coordinator cannot serve this right now
+
+Messages never echo client input unbounded: ids and names pass through :func:`shown`.
 """
 
 from __future__ import annotations
@@ -44,3 +46,15 @@ class Late(CoordinatorError):
 
 class Unavailable(CoordinatorError):
     pass
+
+
+#: Characters of a client-supplied string an error message shows.
+SHOWN_CHARS = 40
+
+
+def shown(value: str) -> str:
+    """``value`` (client input: an id, a name) as an error message may show it: quoted, at
+    most :data:`SHOWN_CHARS` characters, and the length when it was cut."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_CHARS]!r}... ({len(value)} characters)"

@@ -17,14 +17,22 @@ import secrets
 from collections.abc import Mapping
 
 from coordinator.rounds.clock import Clock
-from coordinator.rounds.errors import Duplicate, InvalidRequest, Late, NotSelected, TooLarge
+from coordinator.rounds.errors import (
+    CoordinatorError,
+    Duplicate,
+    InvalidRequest,
+    Late,
+    NotSelected,
+    TooLarge,
+    shown,
+)
 from coordinator.rounds.round_machine import RoundMachine
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Admission, is_eligible
 from coordinator.rounds.state import OpenRound, RunningTask, Seat, hash_token
 from coordinator.rounds.task_setup import plan_privacy
 from coordinator.rounds.tasks import Tasks
-from coordinator.rounds.uploads import SpooledUpload, all_finite
+from coordinator.rounds.uploads import Receipt, SpooledUpload, Upload
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, Store
 from coordinator.storage.records import ModelVersionRecord
@@ -37,6 +45,7 @@ from core.protocol import (
     SecAggPlan,
     UpdateHeader,
 )
+from core.secagg.encoding import MASKED_METRICS
 from core.secagg.messages import (
     KeyAdvertisement,
     RingVector,
@@ -55,19 +64,7 @@ _MAX_METRICS = 32
 #: Largest magnitude of a reported metric: weighted sums of them stay finite.
 _MAX_METRIC_VALUE = 1e9
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-
-
-class Upload:
-    """An update being received; call :meth:`Participants.finish_upload` or
-    :meth:`Participants.abort_upload` with it."""
-
-    def __init__(self, header: UpdateHeader, spool: SpooledUpload, round_id: int) -> None:
-        self.header = header
-        self.spool = spool
-        self.round_id = round_id
-
-    def write(self, chunk: bytes) -> None:
-        self.spool.write(chunk)
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 class Participants:
@@ -178,14 +175,39 @@ class Participants:
     # ------------------------------------------------------------------ clear uploads
 
     def begin_upload(self, header: UpdateHeader) -> Upload:
-        """Checks an update's header; the caller then streams chunks into the returned Upload."""
+        """Checks an update's header; the caller then streams chunks into the returned Upload
+        (unless it is a replay: the same upload retried after it finished, which carries
+        the first attempt's answer and takes no data).
+
+        Raises:
+            InvalidRequest: a malformed header (or upload id).
+            Duplicate: the device already reported (with another upload), or has another
+                upload open.
+            TooLarge: the declared size is over the task's limit.
+            NotSelected, Late: as for any device call.
+        """
+        if header.upload_id and not _UPLOAD_ID.fullmatch(header.upload_id):
+            raise InvalidRequest(f"upload_id must be 16-64 characters of A-Z, a-z, 0-9, _ and "
+                                 f"-, got {shown(header.upload_id)}")
+        replay = self._receipt(header)
+        if replay is not None:
+            return Upload(header, 0, None, replay=replay)
         task, rnd, _ = self._seat(header.participation)
         device = header.participation.device_id
         rnd.aggregator.check_upload(header.metrics)
         if device in rnd.reported:
-            raise Duplicate(f"device {device} already reported for round {rnd.round_number}")
-        if device in rnd.uploading:
-            raise Duplicate(f"device {device} already has an upload in progress")
+            raise Duplicate(f"device {shown(device)} already reported for round "
+                            f"{rnd.round_number}")
+        if device in rnd.errored:
+            raise Late(f"device {shown(device)} is out of round {rnd.round_number}: its update "
+                       "was refused or it reported an error")
+        open_upload = rnd.uploading.get(device)
+        if open_upload is not None:
+            if not header.upload_id or open_upload.header.upload_id != header.upload_id:
+                raise Duplicate(f"device {shown(device)} already has an upload in progress")
+            # The same upload retried while its first attempt still looks open (the client
+            # gave up on it): the retry replaces it, and the first can no longer count.
+            open_upload.superseded = True
         limit = _max_update_bytes(task)
         if header.total_bytes > limit:
             raise TooLarge(
@@ -214,48 +236,103 @@ class Participants:
             path, declared_bytes=header.total_bytes, sha256=header.sha256,
             max_chunk_bytes=self._settings.max_chunk_bytes,
         )
-        rnd.uploading.add(device)
-        return Upload(header, spool, rnd.round_id)
+        upload = Upload(header, rnd.round_id, spool)
+        rnd.uploading[device] = upload
+        return upload
 
     def abort_upload(self, upload: Upload) -> None:
-        upload.spool.discard()
+        """Drops an upload's data and its place in the round; idempotent, and harmless after
+        :meth:`finish_upload`."""
+        upload.discard()
         task = self._running.get(upload.header.participation.task_id)
-        if task is not None and task.round is not None and task.round.round_id == upload.round_id:
-            task.round.uploading.discard(upload.header.participation.device_id)
+        rnd = task.round if task is not None else None
+        device = upload.header.participation.device_id
+        if rnd is not None and rnd.round_id == upload.round_id and (
+                rnd.uploading.get(device) is upload):
+            del rnd.uploading[device]
 
-    def finish_upload(self, upload: Upload) -> None:
-        """Checks the received update whole and folds it into the round's aggregate.
+    def finish_upload(self, upload: Upload) -> str:
+        """Counts a verified update (:meth:`Upload.verify`, done here when the transport has
+        not) into the round's aggregate, and returns the answer for the device. Call it only
+        once the upload's stream has ended successfully: an update counts exactly when this
+        returns.
 
-        Raises the same errors as :meth:`begin_upload`, plus InvalidRequest for a size or
-        hash mismatch and non-finite values, and Late if the round closed meanwhile.
-        The upload's spool file is removed in every case.
+        A replay gets the first attempt's answer. Raises the errors of :meth:`begin_upload`,
+        InvalidRequest for a size or hash mismatch, non-finite values or an L2 norm over
+        the task's ``robustness.max_update_l2_norm`` (the last two are remembered for
+        retries, and the device is out of the round), and Late if the round closed
+        meanwhile. The upload's spool file is removed in every case.
         """
+        if upload.replay is not None:
+            first = upload.replay.refusal
+            if first is not None:
+                raise type(first)(*first.args)
+            return "update accepted (a retry of an upload that was accepted; counted once)"
         try:
-            path = upload.spool.finish()
-            task, rnd, _ = self._seat(upload.header.participation)
+            norm = upload.verify()
+            p = upload.header.participation
+            task, rnd, seat = self._seat(p)
             if rnd.round_id != upload.round_id:
                 raise Late(f"round {rnd.round_number} was restarted while the update was sent")
-            device = upload.header.participation.device_id
+            if upload.superseded:
+                raise Late("a retry of this upload replaced it")
+            device = p.device_id
             if device in rnd.reported:
-                raise Duplicate(f"device {device} already reported for round {rnd.round_number}")
-            if not all_finite(path):
+                raise Duplicate(f"device {shown(device)} already reported for round "
+                                f"{rnd.round_number}")
+            refusal = _refusal(norm, task.spec.robustness.max_update_l2_norm)
+            if refusal is not None:
                 self._store.set_participant_state(
                     rnd.round_id, device, ParticipantState.REJECTED, now=self._clock.now()
                 )
                 rnd.errored.add(device)
-                raise InvalidRequest("update contains NaN or infinite values; it was rejected")
+                self._remember(seat, upload, refusal)
+                raise refusal
             stored = rnd.aggregator.check_upload(upload.header.metrics)
             clear = rnd.aggregator.metrics_policy is MetricsPolicy.CLEAR
+            assert upload.spool is not None
             # Recorded first: an update counts in the aggregate only once the database says so.
             self._store.set_participant_state(
                 rnd.round_id, device, ParticipantState.REPORTED, now=self._clock.now(),
                 num_examples=upload.header.num_examples if clear else 0, metrics=stored,
             )
-            rnd.aggregator.add_upload(path, upload.header.num_examples, upload.header.metrics)
+            rnd.aggregator.add_upload(upload.spool.path, upload.header.num_examples,
+                                      upload.header.metrics)
             rnd.reported.add(device)
+            self._remember(seat, upload, None)
         finally:
             self.abort_upload(upload)
         self._machine.advance(task, self._clock.now())
+        return "update accepted"
+
+    def _receipt(self, header: UpdateHeader) -> Receipt | None:
+        """The answer of a finished upload that ``header`` retries (same device, attempt,
+        upload id and hash), from the round or the attempt that closed last; None if it
+        retries none."""
+        p = header.participation
+        task = self._running.get(p.task_id)
+        if not header.upload_id or task is None:
+            return None
+        rnd = task.round
+        for seats in (rnd.seats if rnd is not None else {}, task.closed_seats):
+            seat = seats.get(p.device_id)
+            if seat is None or seat.receipt is None or not hmac.compare_digest(
+                    seat.token_hash, hash_token(p.token)):
+                continue
+            receipt = seat.receipt
+            if receipt.upload_id != header.upload_id:
+                return None
+            if receipt.sha256 != header.sha256.lower():
+                raise Duplicate(f"upload {header.upload_id} was already answered for another "
+                                "update (its sha256 differs); an upload id names one update")
+            return receipt
+        return None
+
+    @staticmethod
+    def _remember(seat: Seat, upload: Upload, refusal: CoordinatorError | None) -> None:
+        if upload.header.upload_id:
+            seat.receipt = Receipt(upload.header.upload_id, upload.header.sha256.lower(),
+                                   refusal)
 
     def report_status(self, p: Participation, metrics: Mapping[str, float], error: str) -> None:
         task, rnd, _ = self._seat(p)
@@ -317,19 +394,36 @@ class Participants:
         """This round's secure-aggregation parameters, for a seated device."""
         return self._secure_seat(p)[2].plan
 
+    def largest_masked_input_bytes(self) -> int:
+        """An upper bound on the masked input of any running secure-aggregation task (its
+        model's parameters, the adaptive-clipping bit, the masked metrics and the weight, in
+        ring elements); 0 when no such task runs."""
+        largest = 0
+        for task in self._running.values():
+            if task.secagg is not None:
+                values = task.model.size + 1 + len(MASKED_METRICS) + 1
+                largest = max(largest, values * (task.secagg.ring_bits // 8))
+        return largest
+
+    def most_secagg_neighbours(self) -> int:
+        """The most neighbours a device has in any running secure-aggregation task (the
+        ciphertexts and shares it sends); 0 when no such task runs."""
+        return max((t.secagg.neighbours for t in self._running.values()
+                    if t.secagg is not None), default=0)
+
     # ------------------------------------------------------------------ who is asking
 
     def _seat(self, p: Participation) -> tuple[RunningTask, OpenRound, Seat]:
         task = self._running.get(p.task_id)
         if task is None:
             record = self._tasks.record(p.task_id)
-            raise Late(f"task {p.task_id} is {record.state.value}; check in again")
+            raise Late(f"task {shown(p.task_id)} is {record.state.value}; check in again")
         rnd = task.round
         if rnd is None or rnd.round_number != p.round_number or rnd.state not in (
             RoundState.SELECTING, RoundState.TRAINING
         ):
             raise Late(
-                f"round {p.round_number} of task {p.task_id} is closed; check in again"
+                f"round {p.round_number} of task {shown(p.task_id)} is closed; check in again"
             )
         seat = rnd.seats.get(p.device_id)
         old = task.closed_seats.get(p.device_id)
@@ -340,15 +434,15 @@ class Participants:
                        "check in again")
         if seat is None or not hmac.compare_digest(seat.token_hash, hash_token(p.token)):
             raise NotSelected(
-                f"device {p.device_id!r} is not selected for round {p.round_number} of task "
-                f"{p.task_id} (or its participation token is wrong)"
+                f"device {shown(p.device_id)} is not selected for round {p.round_number} of "
+                f"task {shown(p.task_id)} (or its participation token is wrong)"
             )
         return task, rnd, seat
 
     def _secure_seat(self, p: Participation) -> tuple[RunningTask, OpenRound, SecureRound]:
         task, rnd, _ = self._seat(p)
         if rnd.secure is None:
-            raise InvalidRequest(f"task {p.task_id} does not use secure aggregation")
+            raise InvalidRequest(f"task {shown(p.task_id)} does not use secure aggregation")
         return task, rnd, rnd.secure
 
     def _accepted(self, task: RunningTask, rnd: OpenRound, seat: Seat) -> CheckInResult:
@@ -362,6 +456,16 @@ class Participants:
         lo, hi = self._settings.retry_after_min_s, self._settings.retry_after_max_s
         after = min(max(after_s, lo), hi) * self._jitter.uniform(1.0, 1.2)
         return CheckInResult(outcome, task_id=task_id, retry_after_s=after, message=message)
+
+
+def _refusal(norm: float, max_norm: float) -> InvalidRequest | None:
+    """Why an update whose L2 norm is ``norm`` must not count; None if it may."""
+    if not math.isfinite(norm):
+        return InvalidRequest("update contains NaN or infinite values; it was rejected")
+    if norm > max_norm:
+        return InvalidRequest(f"update has L2 norm {norm:.4g}, over the task's bound of "
+                              f"{max_norm:g} (robustness.max_update_l2_norm); it was rejected")
+    return None
 
 
 def _max_update_bytes(task: RunningTask) -> int:
@@ -384,7 +488,7 @@ def _check_device_id(device_id: str) -> None:
     if not _DEVICE_ID.match(device_id):
         raise InvalidRequest(
             "device_id must be 1-128 characters of letters, digits and ._:@/- "
-            f"(got {device_id[:40]!r})"
+            f"(got {shown(device_id)})"
         )
 
 
@@ -393,7 +497,7 @@ def _check_metrics(metrics: Mapping[str, float]) -> None:
         raise InvalidRequest(f"at most {_MAX_METRICS} metrics per report, got {len(metrics)}")
     for name, value in metrics.items():
         if not _METRIC_NAME.match(name):
-            raise InvalidRequest(f"metric name {name[:40]!r} is not a valid name")
+            raise InvalidRequest(f"metric name {shown(name)} is not a valid name")
         if not math.isfinite(value):
             raise InvalidRequest(f"metric {name!r} is not finite ({value})")
         if abs(value) > _MAX_METRIC_VALUE:

@@ -28,6 +28,7 @@ clock); randomness from the injected ``random.Random``.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import secrets
 from collections.abc import Callable
@@ -325,13 +326,13 @@ class RoundMachine:
         if outcome.model is None:
             self.fail_round(task, rnd, now, outcome.error)
             return
-        metrics = {
+        metrics = _finite(task.task_id, {
             "reports": float(len(rnd.reported)),
             "admitted": float(len(rnd.seats)),
             "round_seconds": pending.released_at - rnd.started,
             **aggregate.metrics,
             **outcome.eval_metrics,
-        }
+        })
         self._store.commit_round(rnd.round_id, outcome.model.record, metrics,
                                  pending.released_at)
         if aggregate.release is not None:
@@ -348,3 +349,13 @@ class RoundMachine:
 
     def close(self) -> None:
         self._commits.close()
+
+
+def _finite(task_id: str, metrics: dict[str, float]) -> dict[str, float]:
+    """The round metrics that may be stored: a non-finite one (JSON has no Infinity) is
+    dropped with a warning. The inputs are bounded so that none should ever be."""
+    bad = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+    if bad:
+        log.warning("task %s: round metrics %s are not finite; they are not stored",
+                    task_id, ", ".join(bad))
+    return {name: value for name, value in metrics.items() if name not in bad}

@@ -29,10 +29,11 @@ from coordinator.rounds.clock import Clock
 from coordinator.rounds.commits import CommitWorker, InlineCommits, ThreadCommits
 from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.models import ModelRepository
-from coordinator.rounds.participation import Participants, Upload
+from coordinator.rounds.participation import Participants
 from coordinator.rounds.round_machine import RoundMachine
 from coordinator.rounds.state import RunningTask
 from coordinator.rounds.tasks import Tasks, TaskView
+from coordinator.rounds.uploads import Upload
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, Store
 from coordinator.storage.records import ModelVersionRecord, RoundRecord
@@ -175,15 +176,31 @@ class CoordinatorService:
         return self._participants.model(p, version)
 
     def begin_upload(self, header: UpdateHeader) -> Upload:
-        """Checks an update's header; the caller then streams chunks into the returned Upload."""
+        """Checks an update's header; the caller then streams chunks into the returned Upload
+        (unless ``upload.takes_data`` is False: a retried upload that was already answered),
+        calls ``upload.verify()`` (off the event loop if it likes) once the stream ended
+        successfully, then :meth:`finish_upload`; :meth:`abort_upload` in every case."""
         return self._participants.begin_upload(header)
 
     def abort_upload(self, upload: Upload) -> None:
+        """Drops an upload's data and its place in the round; idempotent."""
         self._participants.abort_upload(upload)
 
-    def finish_upload(self, upload: Upload) -> None:
-        """Checks the received update whole and folds it into the round's aggregate."""
-        self._participants.finish_upload(upload)
+    def finish_upload(self, upload: Upload) -> str:
+        """Counts the verified update into the round's aggregate (or answers a retried one as
+        the first time); returns the answer for the device."""
+        return self._participants.finish_upload(upload)
+
+    def largest_masked_input_bytes(self) -> int:
+        """An upper bound on the masked input (ring elements x their bytes) of any running
+        secure-aggregation task; 0 when none runs. Transports bound a message by it before
+        parsing."""
+        return self._participants.largest_masked_input_bytes()
+
+    def most_secagg_neighbours(self) -> int:
+        """The most neighbours a device has in any running secure-aggregation task; 0 when
+        none runs. Transports bound the SecAgg key-sharing and unmasking messages by it."""
+        return self._participants.most_secagg_neighbours()
 
     def report_status(self, p: Participation, metrics: Mapping[str, float], error: str) -> None:
         self._participants.report_status(p, metrics, error)

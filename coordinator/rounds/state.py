@@ -16,6 +16,7 @@ import numpy as np
 from coordinator.rounds.aggregators import Aggregator
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Selector
+from coordinator.rounds.uploads import Receipt, Upload
 from coordinator.storage.records import ModelVersionRecord
 from core.privacy.task import TaskPrivacy
 from core.secagg.params import SecAggParams
@@ -48,11 +49,13 @@ class LoadedModel:
 @dataclass
 class Seat:
     """A device admitted to a round: its token (hashed as stored, and in the clear to answer
-    a repeated check-in) and whether it also evaluates."""
+    a repeated check-in), whether it also evaluates, and the answer to its upload."""
 
     token_hash: str
     token: str
     evaluate: bool
+    #: The answer to the device's finished upload with an upload id, for its retries.
+    receipt: Receipt | None = None
 
 
 @dataclass
@@ -69,7 +72,8 @@ class OpenRound:
     seats: dict[str, Seat] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
     errored: set[str] = field(default_factory=set)
-    uploading: set[str] = field(default_factory=set)
+    #: Uploads in progress, by device.
+    uploading: dict[str, Upload] = field(default_factory=dict)
     secure: SecureRound | None = None
 
 

@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 
 from coordinator.rounds.aggregators import metrics_policy_for
-from coordinator.rounds.errors import InvalidRequest, Late, NotFound, Unavailable
+from coordinator.rounds.errors import InvalidRequest, Late, NotFound, Unavailable, shown
 from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.round_machine import RoundMachine
@@ -146,7 +146,7 @@ class Tasks:
         try:
             return self._store.get_task(task_id)
         except storage_errors.NotFound:
-            raise NotFound(f"no task with id {task_id!r}") from None
+            raise NotFound(f"no task with id {shown(task_id)}") from None
 
     def _spec(self, record: TaskRecord) -> TaskSpec:
         """The stored spec. Raises Unavailable (with the field) when a spec stored by an older

@@ -2,29 +2,36 @@
 
 Memory stays at about one chunk per upload in flight plus the O(model) accumulator: bytes
 go to a spool file as they arrive, and the file is read back in fixed-size chunks twice,
-once to check every value is finite, once to add it to the running weighted sum. An update
-therefore touches the aggregate only after it has been checked whole.
+once to measure its L2 norm (which is finite exactly when every value is), once to add it
+to the running weighted sum. An update therefore touches the aggregate only after it has
+been checked whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.rounds.errors import InvalidRequest, TooLarge
+from coordinator.rounds.errors import CoordinatorError, InvalidRequest, TooLarge
+from core.aggregation.bounds import StreamingL2Norm
 from core.aggregation.fedavg import StreamingWeightedMean, is_finite
+from core.protocol import UpdateHeader
 
 #: Bytes read back per step when checking and aggregating a spooled update (float32-aligned).
 READ_CHUNK_BYTES = 4 << 20
 
 
 class SpooledUpload:
-    """Receives the chunks of one update into ``path``; not thread-safe."""
+    """Receives the chunks of one update into ``path``. Not thread-safe, except that
+    :meth:`discard` may run while :meth:`finish` runs on another thread (a call cancelled
+    while its upload is verified)."""
 
     def __init__(self, path: Path, *, declared_bytes: int, sha256: str, max_chunk_bytes: int) -> None:
         self.path = path
@@ -33,6 +40,7 @@ class SpooledUpload:
         self.max_chunk_bytes = max_chunk_bytes
         self.received = 0
         self._hash = hashlib.sha256()
+        self._closing = threading.Lock()
         self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()/discard()
 
     def write(self, chunk: bytes) -> None:
@@ -52,7 +60,8 @@ class SpooledUpload:
 
     def finish(self) -> Path:
         """Closes the file; raises InvalidRequest if size or hash disagree with the header."""
-        self._file.close()
+        with self._closing:
+            self._file.close()
         if self.received != self.declared_bytes:
             raise InvalidRequest(
                 f"update ended after {self.received} bytes but its header declared "
@@ -66,12 +75,67 @@ class SpooledUpload:
         return self.path
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        with self._closing:
+            if not self._file.closed:
+                self._file.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The answer a finished upload got: accepted (``refusal`` None) or the refusal of its
+    content. Kept on the device's seat, so that the same upload retried (same upload id and
+    hash) gets that answer again instead of ALREADY_EXISTS."""
+
+    upload_id: str
+    sha256: str
+    refusal: CoordinatorError | None = None
+
+
+class Upload:
+    """An update being received: :meth:`write` its chunks, :meth:`verify` it once the stream
+    ended, then :meth:`Participants.finish_upload <coordinator.rounds.participation.
+    Participants.finish_upload>`; ``abort_upload`` in every case (it is idempotent).
+
+    A ``replay`` (an upload retried after it finished) carries the first attempt's receipt
+    and takes no data. Not thread-safe, except :meth:`verify` (see there)."""
+
+    def __init__(self, header: UpdateHeader, round_id: int, spool: SpooledUpload | None, *,
+                 replay: Receipt | None = None) -> None:
+        self.header = header
+        self.round_id = round_id
+        self.spool = spool
+        self.replay = replay
+        #: A retry of the same upload started while this one was still open; this one
+        #: must not count.
+        self.superseded = False
+        self._norm: float | None = None
+
+    @property
+    def takes_data(self) -> bool:
+        return self.replay is None
+
+    def write(self, chunk: bytes) -> None:
+        if self.spool is None:
+            raise InvalidRequest("this upload was already answered; it takes no data")
+        self.spool.write(chunk)
+
+    def verify(self) -> float:
+        """Ends the data: checks its size and hash against the header and returns the
+        update's L2 norm (NaN or inf when a value is not finite). Raises InvalidRequest on a
+        size or hash mismatch. Touches only this upload's spool file, so the transport runs
+        it off the event loop (it reads the whole update)."""
+        if self._norm is None:
+            assert self.spool is not None, "a replay has nothing to verify"
+            self._norm = update_l2_norm(self.spool.finish())
+        return self._norm
+
+    def discard(self) -> None:
+        if self.spool is not None:
+            self.spool.discard()
 
 
 def iter_float32(
@@ -91,6 +155,15 @@ def iter_float32(
 
 def all_finite(path: Path) -> bool:
     return all(is_finite(values) for _, values in iter_float32(path))
+
+
+def update_l2_norm(path: Path) -> float:
+    """The L2 norm of the raw float32 update in ``path``; NaN or inf when a value is not
+    finite. Reads only that file (safe off the event loop)."""
+    norm = StreamingL2Norm()
+    for _, values in iter_float32(path):
+        norm.add(values)
+    return norm.norm
 
 
 def accumulate(path: Path, into: StreamingWeightedMean, weight: float) -> None:

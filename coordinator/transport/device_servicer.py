@@ -25,6 +25,7 @@ from coordinator.rounds.service import (
 )
 from coordinator.transport.blobs import model_messages
 from coordinator.transport.status import (
+    CallEnded,
     Context,
     UploadStalled,
     abort_for,
@@ -152,6 +153,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         request_iterator: AsyncIterator[device_pb2.UploadUpdateRequest],
         context: Context,
     ) -> device_pb2.UploadUpdateResponse:
+        """An update counts only once its stream ended well: the end of the stream seen,
+        every byte and the hash checked (off the event loop), and the call still open."""
         upload = None
         messages = aiter(request_iterator)
         try:
@@ -160,17 +163,20 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 raise convert.WireFormatError("an upload must start with an UpdateHeader message")
             check_api_version(first.header.api_version)
             upload = self._service.begin_upload(_update_header(first.header))
-            while (msg := await self._next(messages)) is not None:
-                if msg.HasField("header"):
-                    raise convert.WireFormatError("an upload has exactly one UpdateHeader")
-                upload.write(msg.chunk)
-            pending, upload = upload, None
-            self._service.finish_upload(pending)
+            if upload.takes_data:  # else a retry of an upload that was answered already
+                while (msg := await self._next(messages)) is not None:
+                    if msg.HasField("header"):
+                        raise convert.WireFormatError("an upload has exactly one UpdateHeader")
+                    upload.write(msg.chunk)
+                await asyncio.to_thread(upload.verify)
+                await _still_open(context)
+            answer = self._service.finish_upload(upload)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
+            await abort_for(exc, context)
+        finally:  # also when the call is cancelled: the upload never stays open
             if upload is not None:
                 self._service.abort_upload(upload)
-            await abort_for(exc, context)
-        return device_pb2.UploadUpdateResponse(accepted=True, message="update accepted")
+        return device_pb2.UploadUpdateResponse(accepted=True, message=answer)
 
     @maps_errors
     async def ReportStatus(
@@ -286,6 +292,18 @@ _UNMASK = _SecAggRpc(
 )
 
 
+async def _still_open(context: Context) -> None:
+    """Raises CallEnded unless the call is still open. gRPC ends a client stream the same
+    way when the client half-closes it, cancels the call, runs out of time or sends a
+    message over gRPC's limit; only an operation on the call tells them apart (outside
+    testing, issue 13: such uploads were counted, and their retries were duplicates)."""
+    try:
+        await context.send_initial_metadata(())
+    except Exception:  # noqa: BLE001 - gRPC's own error type for a finished call
+        raise CallEnded("the call ended before the upload did (cancelled, out of time, or "
+                        "a message over the size limit); it was not counted") from None
+
+
 def _update_header(msg: device_pb2.UpdateHeader) -> UpdateHeader:
     return UpdateHeader(
         participation=_participation(msg.participation),
@@ -294,4 +312,5 @@ def _update_header(msg: device_pb2.UpdateHeader) -> UpdateHeader:
         total_bytes=msg.total_bytes,
         sha256=msg.sha256,
         metrics=dict(msg.metrics),
+        upload_id=msg.upload_id,
     )

@@ -1,4 +1,8 @@
-"""The one mapping from domain errors to gRPC status codes."""
+"""The one mapping from domain errors to gRPC status codes.
+
+Every status message is at most :data:`MAX_DETAILS_CHARS` characters: no client input is
+echoed unbounded (the messages that show it cut it short already).
+"""
 
 from __future__ import annotations
 
@@ -47,8 +51,27 @@ class UploadStalled(Exception):
     """A client stopped sending in the middle of a stream."""
 
 
+class CallEnded(Exception):
+    """The call ended (cancelled, deadline, a transport error) before its work was done."""
+
+
+class MessageTooLarge(Exception):
+    """A request message is over its method's size limit (refused before it was parsed)."""
+
+
+class MalformedMessage(Exception):
+    """A request message is not valid protobuf for its method."""
+
+
 _CODES[ApiVersionMismatch] = grpc.StatusCode.FAILED_PRECONDITION
 _CODES[UploadStalled] = grpc.StatusCode.DEADLINE_EXCEEDED
+_CODES[CallEnded] = grpc.StatusCode.CANCELLED
+_CODES[MessageTooLarge] = grpc.StatusCode.RESOURCE_EXHAUSTED
+_CODES[MalformedMessage] = grpc.StatusCode.INVALID_ARGUMENT
+
+#: Longest status message sent: a backstop, since messages that show client input cut it
+#: short already (:func:`coordinator.rounds.errors.shown`).
+MAX_DETAILS_CHARS = 1000
 _CODES[security_errors.Unauthenticated] = grpc.StatusCode.UNAUTHENTICATED
 _CODES[security_errors.PermissionDenied] = grpc.StatusCode.PERMISSION_DENIED
 _CODES[security_errors.RateLimited] = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -92,5 +115,12 @@ async def abort_for(exc: Exception, context: Context) -> NoReturn:
     if code is None:
         log.exception("internal error")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-    await context.abort(code, str(exc))
+    await context.abort(code, bounded_details(str(exc)))
     raise AssertionError("unreachable")  # context.abort always raises
+
+
+def bounded_details(message: str) -> str:
+    """``message`` cut to :data:`MAX_DETAILS_CHARS`, saying so."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return message[:MAX_DETAILS_CHARS - 30] + f"... ({len(message)} characters)"
