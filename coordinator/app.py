@@ -20,10 +20,10 @@ from coordinator.rounds.clock import SystemClock
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, open_store
+from coordinator.transport import handlers
 from coordinator.transport.admin_servicer import AdminServicer
 from coordinator.transport.device_servicer import DeviceServicer
 from coordinator.transport.tls import server_credentials
-from protos.fedcoord.v1 import admin_pb2_grpc, device_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,13 @@ class Coordinator:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        device_pb2_grpc.add_DeviceServiceServicer_to_server(
+        # Per-method request limits, checked before parsing (coordinator.transport.handlers).
+        handlers.add_device_servicer(
             DeviceServicer(self.service, idle_timeout_s=self.config.upload_idle_timeout_s),
-            self.server,
+            self.server, handlers.RequestLimits(self.service, self.config),
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.service), self.server)
+        handlers.add_admin_servicer(AdminServicer(self.service), self.server,
+                                    handlers.RequestLimits(self.service, self.config))
         address = f"{self.config.host}:{self.config.port}"
         try:
             if self._credentials is None:
