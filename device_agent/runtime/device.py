@@ -16,6 +16,7 @@ value). Under local DP the device trains with DP-SGD (Opacus) and reports its ep
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -333,6 +334,9 @@ class Device:
             total_bytes=len(payload),
             sha256=sha256_hex(payload),
             metrics=metrics,
+            # Fresh per update, the same on every retry of it: the coordinator answers a
+            # retried upload as the first time instead of counting it twice or refusing it.
+            upload_id=secrets.token_urlsafe(24),
         )
         return header, payload, unclipped
 

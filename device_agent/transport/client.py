@@ -162,7 +162,9 @@ class DeviceClient:
         return data
 
     def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int) -> str:
-        """Streams ``payload`` (the raw update) after ``header``; returns the server's message."""
+        """Streams ``payload`` (the raw update) after ``header``; returns the server's message.
+        Retries resend the same header, upload id included, so a retry of an upload the
+        coordinator already counted gets its first answer, not ALREADY_EXISTS."""
         head = device_pb2.UploadUpdateRequest(
             header=device_pb2.UpdateHeader(
                 api_version=API_VERSION,
@@ -172,6 +174,7 @@ class DeviceClient:
                 total_bytes=header.total_bytes,
                 sha256=header.sha256,
                 metrics=dict(header.metrics),
+                upload_id=header.upload_id,
             )
         )
         view = memoryview(payload)

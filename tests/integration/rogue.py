@@ -61,6 +61,7 @@ class RogueDevice:
         chunk_bytes: int = 1 << 20,
         extra_bytes: int = 0,
         metrics: dict[str, float] | None = None,
+        upload_id: str = "",
     ) -> device_pb2.UploadUpdateResponse:
         assert self.plan is not None and self.participation is not None
         header = device_pb2.UpdateHeader(
@@ -71,6 +72,7 @@ class RogueDevice:
             total_bytes=len(payload) if total_bytes is None else total_bytes,
             sha256=hashlib.sha256(payload).hexdigest() if sha256 is None else sha256,
             metrics=metrics or {},
+            upload_id=upload_id,
         )
 
         def messages() -> Iterator[device_pb2.UploadUpdateRequest]:
