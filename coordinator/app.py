@@ -19,7 +19,9 @@ import grpc
 from coordinator.rounds.clock import SystemClock
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import FileBlobStore, open_store
+from coordinator.security.service import Security
+from coordinator.storage import FileBlobStore, open_security_store, open_store
+from coordinator.transport.admin_auth import AdminAuthInterceptor
 from coordinator.transport import handlers
 from coordinator.transport.admin_servicer import AdminServicer
 from coordinator.transport.device_servicer import DeviceServicer
@@ -43,6 +45,7 @@ class Coordinator:
         self.config = config
         self.store = open_store(config.db_url)
         self.blobs = FileBlobStore(Path(config.store_dir))
+        self.security = Security(open_security_store(self.store), config.security)
         rng = random.Random(config.seed) if config.seed is not None else random.SystemRandom()
         self.service = CoordinatorService(self.store, self.blobs, SystemClock(), rng=rng,
                                           settings=config)
@@ -56,6 +59,7 @@ class Coordinator:
         # Masked inputs of secure aggregation arrive whole: room for 8M ring elements.
         limit = max(self.config.max_chunk_bytes + (256 << 10), 64 << 20)
         self.server = grpc.aio.server(
+            interceptors=[AdminAuthInterceptor(self.security)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
