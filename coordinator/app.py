@@ -71,7 +71,7 @@ class Coordinator:
             DeviceServicer(self.service, idle_timeout_s=self.config.upload_idle_timeout_s),
             self.server, handlers.RequestLimits(self.service, self.config),
         )
-        handlers.add_admin_servicer(AdminServicer(self.service), self.server,
+        handlers.add_admin_servicer(AdminServicer(self.service, self.security), self.server,
                                     handlers.RequestLimits(self.service, self.config))
         address = f"{self.config.host}:{self.config.port}"
         try:
