@@ -47,7 +47,7 @@ def tensor_infos_to_proto(infos: Iterable[TensorInfo]) -> list[common_pb2.Tensor
 def tensor_info_from_proto(msg: common_pb2.TensorSpec) -> TensorInfo:
     dtype = _DTYPE_NAMES.get(msg.dtype)
     if dtype is None:
-        raise WireFormatError(f"tensor '{msg.name}': unknown dtype enum value {msg.dtype}")
+        raise WireFormatError(f"tensor {msg.name[:40]!r}: unknown dtype enum value {msg.dtype}")
     return TensorInfo(name=msg.name, dtype=dtype, shape=tuple(int(d) for d in msg.shape))
 
 

@@ -477,11 +477,15 @@ def _describe_mismatch(got: list[TensorInfo], expected: list[TensorInfo]) -> str
         return f"update has {len(got)} tensors but the model has {len(expected)}"
     for g, e in zip(got, expected, strict=True):
         if g != e:
-            return (
-                f"tensor {g.name!r} ({g.dtype}{list(g.shape)}) does not match the model's "
-                f"{e.name!r} ({e.dtype}{list(e.shape)})"
-            )
+            return (f"tensor {_describe_tensor(g)} does not match the model's "
+                    f"{_describe_tensor(e)}")
     return "update tensors do not match the model"
+
+
+def _describe_tensor(t: TensorInfo) -> str:
+    """A tensor as an error shows it (its name and shape may come from a client)."""
+    shape = str(list(t.shape)) if len(t.shape) <= 8 else f"[{len(t.shape)} dimensions]"
+    return f"{shown(t.name)} ({t.dtype}{shape})"
 
 
 def _check_device_id(device_id: str) -> None:
