@@ -18,14 +18,15 @@ import grpc
 
 from coordinator.rounds.clock import SystemClock
 from coordinator.rounds.service import CoordinatorService
-from coordinator.settings import CoordinatorSettings
 from coordinator.security.service import Security
+from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, open_security_store, open_store
-from coordinator.transport.admin_auth import AdminAuthInterceptor
 from coordinator.transport import handlers
+from coordinator.transport.admin_auth import AdminAuthInterceptor
 from coordinator.transport.admin_servicer import AdminServicer
+from coordinator.transport.device_auth import DeviceAuthInterceptor
 from coordinator.transport.device_servicer import DeviceServicer
-from coordinator.transport.tls import server_credentials
+from coordinator.transport.tls import is_loopback, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ class Coordinator:
         """Raises :class:`~core.tls.TlsError` for bad TLS files or a plaintext bind the
         settings do not allow, before the database or the store is touched."""
         self._credentials = server_credentials(config)
+        if not config.security.authenticate_devices:
+            if not is_loopback(config.host):
+                raise OSError("device authentication can be turned off on a loopback address "
+                              "only (it lets any client claim any device id)")
+            log.warning("device authentication is OFF: check-ins are taken at their word "
+                        "(for measuring its cost only)")
         # A server commits off the event loop: RPCs never wait on the optimizer or torch.
         config = replace(config, commit_in_background=True)
         self.config = config
@@ -59,7 +66,8 @@ class Coordinator:
         # Masked inputs of secure aggregation arrive whole: room for 8M ring elements.
         limit = max(self.config.max_chunk_bytes + (256 << 10), 64 << 20)
         self.server = grpc.aio.server(
-            interceptors=[AdminAuthInterceptor(self.security)],
+            interceptors=[AdminAuthInterceptor(self.security),
+                          DeviceAuthInterceptor(self.security)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -68,7 +76,7 @@ class Coordinator:
         )
         # Per-method request limits, checked before parsing (coordinator.transport.handlers).
         handlers.add_device_servicer(
-            DeviceServicer(self.service, idle_timeout_s=self.config.upload_idle_timeout_s),
+            DeviceServicer(self.service, self.security, idle_timeout_s=self.config.upload_idle_timeout_s),
             self.server, handlers.RequestLimits(self.service, self.config),
         )
         handlers.add_admin_servicer(AdminServicer(self.service, self.security), self.server,
@@ -117,9 +125,18 @@ class Coordinator:
         self.blobs.unlock()
 
 
-async def serve(config: CoordinatorSettings, port_file: Path | None = None) -> None:
-    """Runs until SIGINT or SIGTERM, then stops gracefully."""
+async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
+                admin_token_file: Path | None = None) -> None:
+    """Runs until SIGINT or SIGTERM, then stops gracefully. ``admin_token_file``: see
+    :meth:`coordinator.security.service.Security.bootstrap_admin_token`."""
     coordinator = Coordinator(config)
+    if admin_token_file is not None:
+        try:
+            if coordinator.security.bootstrap_admin_token(admin_token_file):
+                log.warning("no admin token existed: the first one is in %s", admin_token_file)
+        except ValueError as exc:
+            coordinator.store.close()
+            raise OSError(str(exc)) from None
     port = await coordinator.start()
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
@@ -155,6 +172,13 @@ class EmbeddedCoordinator:
 
         self.port = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout=60)
         return self.port
+
+    @property
+    def security(self) -> Security:
+        """The running coordinator's security layer (e.g. to issue the embedder a token)."""
+        if self._coordinator is None:
+            raise RuntimeError("the coordinator has not started")
+        return self._coordinator.security
 
     def stop(self) -> None:
         if self._coordinator is not None:

@@ -8,11 +8,14 @@ the GIL in its kernels). SIGTERM/SIGINT stop every device cleanly between steps.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from core.data.spec import load_dataset, parse_data_spec, with_shard
+from core.security.identity import DeviceKey
 from core.tls import ClientTls
 from core.types import DeviceAttributes
 from device_agent.runtime.device import Device, DeviceStats
@@ -21,10 +24,21 @@ from device_agent.transport.client import DeviceClient, RetryPolicy
 log = logging.getLogger(__name__)
 
 
+def default_state_dir() -> Path:
+    """``$FEDCOORD_AGENT_STATE``, else ``$XDG_STATE_HOME/fedcoord/agent`` (``~/.local/state``)."""
+    override = os.environ.get("FEDCOORD_AGENT_STATE")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fedcoord" / "agent"
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     coordinator: str
-    device_id: str
+    #: Names the hosted devices (``NAME`` or ``NAME-i``) and their key files
+    #: (``STATE_DIR/NAME.key``); the device ids derive from the keys.
+    name: str
     data: str
     devices: int = 1
     task_id: str | None = None
@@ -34,14 +48,19 @@ class AgentConfig:
     torch_threads: int = 1
     #: TLS towards the coordinator (None: plaintext).
     tls: ClientTls | None = None
+    #: Where the devices' Ed25519 keys live (created 0600 on first run).
+    state_dir: Path = field(default_factory=default_state_dir)
+    #: Sent at enrollment: the coordinator's enrollment token, an attestation blob.
+    enrollment_token: str = ""
+    attestation: bytes = b""
 
 
 def device_shards(config: AgentConfig) -> list[tuple[str, str]]:
-    """(device id, data spec) per hosted device: with ``--devices M`` and a data spec of
-    ``shard=K/N``, device i (id ``DEVICE_ID-i``) gets shard ``K+i`` of ``N``."""
+    """(device name, data spec) per hosted device: with ``--devices M`` and a data spec of
+    ``shard=K/N``, device i (name ``NAME-i``) gets shard ``K+i`` of ``N``."""
     spec = parse_data_spec(config.data)
     if config.devices == 1:
-        return [(config.device_id, config.data)]
+        return [(config.name, config.data)]
     shard = spec.params.get("shard")
     out = []
     if shard is None:
@@ -53,7 +72,7 @@ def device_shards(config: AgentConfig) -> list[tuple[str, str]]:
             f" but the data spec has only {n}"
         )
     for i in range(config.devices):
-        out.append((f"{config.device_id}-{i}", str(with_shard(spec, k + i, n))))
+        out.append((f"{config.name}-{i}", str(with_shard(spec, k + i, n))))
     return out
 
 
@@ -66,12 +85,15 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[
         config.coordinator, policy=RetryPolicy(give_up_after_s=config.give_up_after_s), stop=stop,
         tls=config.tls,
     )
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     devices = [
         Device(
-            device_id, load_dataset(spec), client, attributes=config.attributes,
-            task_id=config.task_id, exit_when_idle=config.exit_when_idle, stop=stop,
+            DeviceKey.load_or_create(config.state_dir / f"{name}.key"), load_dataset(spec),
+            client, attributes=config.attributes, task_id=config.task_id,
+            exit_when_idle=config.exit_when_idle, stop=stop,
+            enrollment_token=config.enrollment_token, attestation=config.attestation,
         )
-        for device_id, spec in device_shards(config)
+        for name, spec in device_shards(config)
     ]
     results: list[DeviceStats] = [DeviceStats() for _ in devices]
 

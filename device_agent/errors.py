@@ -16,9 +16,11 @@ class AgentError(Exception):
 
 
 class Rejected(AgentError):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, retry_after_s: float | None = None) -> None:
         self.code = code
         self.message = message
+        #: When a rate-limited answer (RESOURCE_EXHAUSTED) said to come back.
+        self.retry_after_s = retry_after_s
         super().__init__(f"{code}: {message}")
 
 

@@ -24,10 +24,12 @@ class AdminError(Exception):
 
 class AdminClient:
     def __init__(self, target: str, *, timeout_s: float = 30.0,
-                 tls: ClientTls | None = None) -> None:
+                 tls: ClientTls | None = None, token: str | None = None) -> None:
         """``tls``: verify the coordinator against its CA (and present a client certificate
-        when it holds one); None: plaintext."""
+        when it holds one); None: plaintext. ``token``: the API token (or OIDC JWT) every
+        call carries as ``authorization: Bearer``."""
         self.target = target
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout_s = timeout_s
         self.tls = tls
         options = [("grpc.max_receive_message_length", 8 << 20)]
@@ -50,7 +52,8 @@ class AdminClient:
 
     def _call(self, method: str, request: object) -> object:
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+            return getattr(self._stub, method)(request, timeout=self.timeout_s,
+                                               metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
@@ -110,7 +113,7 @@ class AdminClient:
         header = None
         try:
             with open(tmp, "wb") as f:
-                for msg in self._stub.DownloadModel(req, timeout=600):
+                for msg in self._stub.DownloadModel(req, timeout=600, metadata=self._metadata):
                     if msg.HasField("header"):
                         header = msg.header
                     else:
@@ -125,3 +128,53 @@ class AdminClient:
             raise AdminError("DATA_LOSS", "downloaded model does not match its size/sha256")
         tmp.replace(out)
         return header.version, header.sha256, size
+
+    # -- tokens, devices, audit -------------------------------------------------------------
+
+    def create_token(self, role: str, label: str = "", expires_in_s: int = 0
+                     ) -> tuple[admin_pb2.ApiToken, str]:
+        resp = self._call("CreateToken", admin_pb2.CreateTokenRequest(
+            api_version=API_VERSION, role=role, label=label, expires_in_s=expires_in_s))
+        assert isinstance(resp, admin_pb2.CreateTokenResponse)
+        return resp.token, resp.secret
+
+    def list_tokens(self) -> list[admin_pb2.ApiToken]:
+        resp = self._call("ListTokens", admin_pb2.ListTokensRequest(api_version=API_VERSION))
+        assert isinstance(resp, admin_pb2.ListTokensResponse)
+        return list(resp.tokens)
+
+    def revoke_token(self, token_id: str) -> admin_pb2.ApiToken:
+        resp = self._call("RevokeToken", admin_pb2.RevokeTokenRequest(
+            api_version=API_VERSION, token_id=token_id))
+        assert isinstance(resp, admin_pb2.RevokeTokenResponse)
+        return resp.token
+
+    def create_enrollment_token(self, max_devices: int, expires_in_s: int = 0, label: str = ""
+                                ) -> admin_pb2.CreateEnrollmentTokenResponse:
+        resp = self._call("CreateEnrollmentToken", admin_pb2.CreateEnrollmentTokenRequest(
+            api_version=API_VERSION, max_devices=max_devices, expires_in_s=expires_in_s,
+            label=label))
+        assert isinstance(resp, admin_pb2.CreateEnrollmentTokenResponse)
+        return resp
+
+    def list_devices(self) -> list[admin_pb2.Device]:
+        resp = self._call("ListDevices", admin_pb2.ListDevicesRequest(api_version=API_VERSION))
+        assert isinstance(resp, admin_pb2.ListDevicesResponse)
+        return list(resp.devices)
+
+    def revoke_device(self, device_id: str) -> admin_pb2.Device:
+        resp = self._call("RevokeDevice", admin_pb2.RevokeDeviceRequest(
+            api_version=API_VERSION, device_id=device_id))
+        assert isinstance(resp, admin_pb2.RevokeDeviceResponse)
+        return resp.device
+
+    def list_audit(self, limit: int = 100) -> list[admin_pb2.AuditEntry]:
+        resp = self._call("ListAudit", admin_pb2.ListAuditRequest(api_version=API_VERSION,
+                                                                  limit=limit))
+        assert isinstance(resp, admin_pb2.ListAuditResponse)
+        return list(resp.entries)
+
+    def whoami(self) -> tuple[str, str]:
+        resp = self._call("WhoAmI", admin_pb2.WhoAmIRequest(api_version=API_VERSION))
+        assert isinstance(resp, admin_pb2.WhoAmIResponse)
+        return resp.actor, resp.role

@@ -1,8 +1,10 @@
 """`fedctl demo`: an embedded coordinator (SQLite in a temp dir) plus real device-agent
 processes on localhost, training an MLP on scikit-learn's digits split non-IID
 (Dirichlet 0.5), with the global model evaluated on a held-out test split after every round.
-The coordinator serves TLS with a throwaway CA and server certificate made in the temp dir
-(the code of `fedctl certs init`). Ends by printing one JSON line."""
+The coordinator runs in its production posture: TLS with a throwaway CA and server
+certificate made in the temp dir (the code of `fedctl certs init`); admin calls with an API
+token of the launcher role; devices with their own Ed25519 keys, enrolled with a one-off
+enrollment token good for exactly the demo's devices. Ends by printing one JSON line."""
 
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def demo_task(devices: int, rounds: int, seed: int, *, secagg: bool = False,
 def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed: int,
              secagg: bool = False, dp: bool = False) -> int:
     from coordinator.app import EmbeddedCoordinator
-    from coordinator.settings import CoordinatorSettings
+    from coordinator.security.roles import Role
+    from coordinator.settings import CoordinatorSettings, EnrollmentPolicy, SecuritySettings
     from core.tls import load_client_tls, write_local_ca
     from fedctl.admin import AdminClient
     from fedctl.watch import accuracy_of, watch
@@ -95,15 +98,21 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
         certs = write_local_ca(Path(tmp) / "tls")
         config = CoordinatorSettings(db_url=f"sqlite:///{tmp}/fedcoord.db",
                                      store_dir=Path(tmp) / "store", port=0,
-                                     tls_dir=Path(tmp) / "tls")
+                                     tls_dir=Path(tmp) / "tls",
+                                     security=SecuritySettings(enrollment=EnrollmentPolicy.TOKEN))
         coordinator = EmbeddedCoordinator(config)
         port = coordinator.start()
         target = f"127.0.0.1:{port}"
-        console.print(f"[bold]coordinator[/] on {target} (TLS, CA {certs.ca_cert}), "
+        _, api_token = coordinator.security.admin.create_token(Role.LAUNCHER, label="demo")
+        _, enrollment_token = coordinator.security.admin.create_enrollment_token(
+            devices, expires_in_s=3600, label="demo")
+        console.print(f"[bold]coordinator[/] on {target} (TLS, CA {certs.ca_cert}; admin API "
+                      f"token of role launcher; devices enroll with a token for {devices}), "
                       f"database {tmp}/fedcoord.db")
         agents: list[subprocess.Popen[bytes]] = []
         try:
-            with AdminClient(target, tls=load_client_tls(certs.ca_cert)) as client:
+            with AdminClient(target, tls=load_client_tls(certs.ca_cert),
+                             token=api_token) as client:
                 task = client.create_task(demo_task(devices, rounds, seed, secagg=secagg,
                                                     dp=dp))
                 console.print(f"[bold]task[/] {task.task_id}: {rounds} rounds, goal "
@@ -112,7 +121,7 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
                               + (f", central DP (z={DP_NOISE_MULTIPLIER}, C={DP_CLIP})"
                                  if dp else ""))
                 agents = _start_agents(target, task.task_id, devices, processes, Path(tmp),
-                                       ca=certs.ca_cert)
+                                       ca=certs.ca_cert, enrollment_token=enrollment_token)
                 console.print(f"[bold]agents[/]: {devices} devices in {len(agents)} processes")
                 final = watch(client, task.task_id, console=console, timeout_s=900)
                 rounds_info = [r for r in client.list_rounds(task.task_id)
@@ -131,6 +140,7 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
         "secure_aggregation": secagg,
         "differential_privacy": dp,
         "tls": True,
+        "auth": True,
         "wall_seconds": round(time.monotonic() - started, 2),
     }
     if secagg and rounds_info:
@@ -157,18 +167,23 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
 
 
 def _start_agents(
-    target: str, task_id: str, devices: int, processes: int, logdir: Path, *, ca: Path
+    target: str, task_id: str, devices: int, processes: int, logdir: Path, *, ca: Path,
+    enrollment_token: str,
 ) -> list[subprocess.Popen[bytes]]:
     processes = min(processes, devices)
     per, extra = divmod(devices, processes)
     agents = []
     first = 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # The enrollment token travels in the environment, not on the command line (which other
+    # users of the machine can read).
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               FEDCOORD_ENROLLMENT_TOKEN=enrollment_token)
     for i in range(processes):
         count = per + (1 if i < extra else 0)
         cmd = [
             sys.executable, "-m", "fedctl", "agent", "run", "--coordinator", target,
-            "--device-id", f"demo-p{i}", "--devices", str(count), "--task", task_id,
+            "--name", f"demo-p{i}", "--devices", str(count), "--task", task_id,
+            "--state-dir", str(logdir / "agents"),
             "--data", f"digits:shard={first}/{devices},dirichlet=0.5", "--ca", str(ca),
         ]
         log = open(logdir / f"agent-{i}.log", "wb")  # noqa: SIM115 - closed by the child's exit

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from fedctl.certs import register as register_certs
+from fedctl.security import register as register_security
 from fedctl.simulate import register as register_simulate
 
 if TYPE_CHECKING:
+    from coordinator.settings import SecuritySettings
     from core.tls import ClientTls
     from fedctl.admin import AdminClient
 
@@ -32,6 +34,9 @@ def _add_coordinator(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cert", type=Path, metavar="FILE",
                    help="mutual TLS: this client's certificate (with --key and --ca)")
     p.add_argument("--key", type=Path, metavar="FILE", help="mutual TLS: this client's key")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="admin API token (else $FEDCOORD_TOKEN, else the token file "
+                        "~/.config/fedcoord/token)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--client-ca", type=Path, metavar="FILE",
                        help="mutual TLS: every client must present a certificate signed by "
                             "this CA")
+    serve.add_argument("--enrollment", choices=["open", "token", "allow-list"], default="open",
+                       help="how devices enroll their keys: any key (open, the default), with "
+                            "an enrollment token (`fedctl devices enroll`), or listed in "
+                            "--allow-list")
+    serve.add_argument("--allow-list", type=Path, metavar="FILE",
+                       help="allow-list policy: one Ed25519 public key (hex) or device id per "
+                            "line")
+    serve.add_argument("--attestation-hook", metavar="MODULE:FUNCTION",
+                       help="called with every new enrollment's attestation; returns True "
+                            "to accept (coordinator.security.devices)")
+    serve.add_argument("--admin-token-file", type=Path, metavar="FILE",
+                       help="the first admin token: registered from FILE if it exists, else "
+                            "created and written there (0600), when no admin token exists")
+    serve.add_argument("--rate-limit", action="append", default=[], metavar="NAME=RATE/BURST",
+                       help="device-checkin, peer-checkin or peer-enroll, e.g. "
+                            "device-checkin=5/20 (per second / burst); repeatable")
+    serve.add_argument("--no-device-auth", action="store_true",
+                       help="take check-ins without keys or proofs (loopback only; to measure "
+                            "what device authentication costs, never to serve devices)")
+    serve.add_argument("--max-streams-per-peer", type=int, default=64,
+                       help="uploads and downloads in flight from one address")
+    serve.add_argument("--oidc-issuer", help="accept OIDC JWTs of this issuer (with "
+                                             "--oidc-audience and --oidc-jwks)")
+    serve.add_argument("--oidc-audience")
+    serve.add_argument("--oidc-jwks", type=Path, metavar="FILE", help="the issuer's JWKS")
+    serve.add_argument("--oidc-role-claim", default="fedcoord_role")
     serve.add_argument("--insecure", action="store_true",
                        help="allow plaintext on a non-loopback --host (trusted networks only)")
     serve.set_defaults(func=cmd_serve)
@@ -66,7 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     run = agent.add_parser("run", help="run one (or --devices M) devices")
     _add_coordinator(run)
-    run.add_argument("--device-id", required=True)
+    run.add_argument("--name", "--device-id", dest="name", default="device",
+                     help="names the devices (NAME or NAME-i) and their key files; device ids "
+                          "derive from the keys")
+    run.add_argument("--state-dir", type=Path,
+                     help="where device keys live (default $FEDCOORD_AGENT_STATE or "
+                          "~/.local/state/fedcoord/agent)")
+    run.add_argument("--enrollment-token", default="",
+                     help="the coordinator's enrollment token (else $FEDCOORD_ENROLLMENT_TOKEN)")
+    run.add_argument("--attestation", type=Path, metavar="FILE",
+                     help="an attestation blob sent at enrollment")
     run.add_argument("--data", required=True,
                      help="synthetic:alpha=1,beta=1,shard=K/N | digits:shard=K/N,dirichlet=0.5")
     run.add_argument("--devices", type=int, default=1, help="virtual devices in this process")
@@ -124,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_simulate(sub)
     register_certs(sub)
+    register_security(sub, _add_coordinator, _admin)
     return parser
 
 
@@ -165,12 +206,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  port=args.port, max_chunk_bytes=args.max_chunk_bytes,
                                  upload_idle_timeout_s=args.upload_idle_timeout,
                                  tls_dir=args.tls, client_ca=args.client_ca,
-                                 insecure=args.insecure)
+                                 insecure=args.insecure, security=_security_settings(args))
     try:
-        asyncio.run(serve(config, args.port_file))
+        asyncio.run(serve(config, args.port_file, admin_token_file=args.admin_token_file))
     except (StorageError, OSError, TlsError) as exc:
         raise CliError(f"coordinator: {exc}") from None
     return 0
+
+
+def _security_settings(args: argparse.Namespace) -> SecuritySettings:
+    from dataclasses import replace
+
+    from coordinator.settings import EnrollmentPolicy, OidcSettings, SecuritySettings
+    from core.security.ratelimit import Rate
+    from fedctl.errors import CliError
+
+    settings = SecuritySettings(enrollment=EnrollmentPolicy(args.enrollment),
+                                allow_list=args.allow_list,
+                                attestation_hook=args.attestation_hook,
+                                max_streams_per_peer=args.max_streams_per_peer,
+                                authenticate_devices=not args.no_device_auth)
+    if settings.enrollment is EnrollmentPolicy.ALLOW_LIST and args.allow_list is None:
+        raise CliError("--enrollment allow-list needs --allow-list FILE", exit_code=2)
+    fields = {"device-checkin": "checkin_per_device", "peer-checkin": "checkin_per_peer",
+              "peer-enroll": "enroll_per_peer"}
+    for item in args.rate_limit:
+        name, _, value = item.partition("=")
+        per_s, _, burst = value.partition("/")
+        try:
+            rate = Rate(per_second=float(per_s), burst=float(burst))
+        except ValueError:
+            rate = None
+        if name not in fields or rate is None:
+            raise CliError(f"--rate-limit {item[:40]!r}: expected NAME=RATE/BURST with NAME one "
+                           f"of {', '.join(fields)} (e.g. device-checkin=5/20)", exit_code=2)
+        settings = replace(settings, **{fields[name]: rate})  # type: ignore[arg-type]
+    oidc = (args.oidc_issuer, args.oidc_audience, args.oidc_jwks)
+    if any(oidc):
+        if not all(oidc):
+            raise CliError("OIDC needs --oidc-issuer, --oidc-audience and --oidc-jwks",
+                           exit_code=2)
+        settings = replace(settings, oidc=OidcSettings(args.oidc_issuer, args.oidc_audience,
+                                                       args.oidc_jwks, args.oidc_role_claim))
+    return settings
 
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
@@ -183,8 +261,22 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
 
     if args.devices < 1:
         raise CliError("--devices must be at least 1")
+    import os
+
+    from core.security.identity import KeyFileError
+    from device_agent.app import default_state_dir
+
+    attestation = b""
+    if args.attestation is not None:
+        try:
+            attestation = args.attestation.read_bytes()
+        except OSError as exc:
+            raise CliError(f"--attestation {args.attestation}: {exc.strerror}") from None
     config = AgentConfig(
-        coordinator=args.coordinator, device_id=args.device_id, data=args.data,
+        coordinator=args.coordinator, name=args.name, data=args.data,
+        state_dir=args.state_dir or default_state_dir(),
+        enrollment_token=args.enrollment_token or os.environ.get("FEDCOORD_ENROLLMENT_TOKEN", ""),
+        attestation=attestation,
         devices=args.devices, task_id=args.task,
         attributes=DeviceAttributes(charging=not args.not_charging, unmetered=not args.metered,
                                     idle=not args.busy, population=args.population),
@@ -195,14 +287,16 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     install_signal_handlers(stop)
     try:
         stats = run_agent(config, stop)
+    except (KeyFileError, OSError) as exc:
+        raise CliError(f"--state-dir {config.state_dir}: {exc}") from None
     except (CoreError, ValueError) as exc:
         raise CliError(f"--data {args.data!r}: {exc}") from None
     accepted = sum(s.updates_accepted for s in stats)
-    print(f"agent {args.device_id}: {len(stats)} device(s), {accepted} updates accepted",
+    print(f"agent {args.name}: {len(stats)} device(s), {accepted} updates accepted",
           file=sys.stderr)
     gave_up = [s.finished_reason for s in stats if s.gave_up]
     if gave_up:
-        raise CliError(f"agent {args.device_id}: {gave_up[0]}")
+        raise CliError(f"agent {args.name}: {gave_up[0]}")
     return 0
 
 
@@ -223,8 +317,9 @@ def _client_tls(args: argparse.Namespace) -> ClientTls | None:
 
 def _admin(args: argparse.Namespace) -> AdminClient:
     from fedctl.admin import AdminClient
+    from fedctl.credentials import resolve_token
 
-    return AdminClient(args.coordinator, tls=_client_tls(args))
+    return AdminClient(args.coordinator, tls=_client_tls(args), token=resolve_token(args.token))
 
 
 def cmd_task_launch(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from core.privacy.task import PrivacyStatus
 from core.protocol import MetricsPolicy, PlanPrivacy, SecAggPlan
 from core.secagg import messages as sa
 from core.secagg.params import SecAggParams
+from core.security.identity import DeviceProof
 from core.taskspec import TaskSpecError, spec_from_dict, spec_to_dict
 from core.tensors import TensorInfo
 from core.types import DeviceAttributes, LocalOptimizerKind, LocalTraining, ModelSpec, TaskSpec
@@ -392,3 +393,17 @@ def ring_vector_from_bytes(data: bytes, ring_bits: int) -> sa.RingVector:
                               f"{ring_bits}-bit values")
     dtype = np.uint32 if ring_bits == 32 else np.uint64
     return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+
+
+# -- device identity -------------------------------------------------------------------------
+
+
+def device_proof_to_proto(proof: DeviceProof) -> device_pb2.DeviceProof:
+    return device_pb2.DeviceProof(public_key=proof.public_key, timestamp_ms=proof.timestamp_ms,
+                                  nonce=proof.nonce, signature=proof.signature)
+
+
+def device_proof_from_proto(msg: device_pb2.DeviceProof) -> DeviceProof:
+    """Sizes are checked by :meth:`DeviceProof.verify`, which says what is wrong."""
+    return DeviceProof(public_key=bytes(msg.public_key), timestamp_ms=msg.timestamp_ms,
+                       nonce=bytes(msg.nonce), signature=bytes(msg.signature))

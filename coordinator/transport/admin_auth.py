@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from coordinator.security.errors import SecurityError
-from coordinator.security.roles import AUDITED, Principal, Role
+from coordinator.security.roles import AUDITED, Principal
 from coordinator.security.service import Security
 from coordinator.transport.status import Context, abort_for, status_for
 
@@ -67,10 +67,6 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         metadata = dict(context.invocation_metadata() or ())
         authorization = metadata.get("authorization")
         actor = "anonymous"
-        if authorization is None and not self._security.settings.admin_auth:
-            principal = Principal("anonymous", Role.ADMIN)
-            current_principal.set(principal)
-            return principal
         try:
             principal = self._security.admin.authenticate(
                 authorization if isinstance(authorization, str) else None)

@@ -23,7 +23,10 @@ from coordinator.rounds.service import (
     UnmaskResponse,
     UpdateHeader,
 )
+from coordinator.security.errors import RateLimited
+from coordinator.security.service import Security
 from coordinator.transport.blobs import model_messages
+from coordinator.transport.device_auth import abort_limited
 from coordinator.transport.status import (
     CallEnded,
     Context,
@@ -49,9 +52,13 @@ def _participation(msg: device_pb2.Participation) -> Participation:
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, service: CoordinatorService, *, idle_timeout_s: float = 30.0,
-                 max_stage_wait_s: float = 24 * 3600.0) -> None:
+    """Check-ins arrive authenticated, and every later call from an enrolled, unrevoked
+    device (coordinator.transport.device_auth)."""
+
+    def __init__(self, service: CoordinatorService, security: Security, *,
+                 idle_timeout_s: float = 30.0, max_stage_wait_s: float = 24 * 3600.0) -> None:
         self._service = service
+        self._security = security
         self._idle_timeout_s = idle_timeout_s
         self._max_stage_wait_s = max_stage_wait_s
         self._progress = asyncio.Event()
@@ -89,6 +96,19 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             raise UploadStalled(
                 f"no upload data for {self._idle_timeout_s:.0f} s; the upload was dropped"
             ) from None
+
+    @maps_errors
+    async def Enroll(
+        self, request: device_pb2.EnrollRequest, context: Context
+    ) -> device_pb2.EnrollResponse:
+        check_api_version(request.api_version)
+        try:
+            device_id = self._security.devices.enroll(
+                convert.device_proof_from_proto(request.proof), request.enrollment_token,
+                bytes(request.attestation), context.peer())
+        except RateLimited as exc:
+            await abort_limited(exc, context)
+        return device_pb2.EnrollResponse(device_id=device_id)
 
     @maps_errors
     async def CheckIn(

@@ -36,6 +36,10 @@ _DOMAIN = b"fedcoord/v1/device-proof"
 PURPOSES = frozenset({"enroll", "check-in"})
 
 
+class KeyFileError(ValueError):
+    """A device key file that cannot be used (others may read it, or it is not a key)."""
+
+
 class InvalidProof(ValueError):
     """A proof that does not verify; the message says why (never echoing unbounded input)."""
 
@@ -106,7 +110,7 @@ class DeviceKey:
     @classmethod
     def load_or_create(cls, path: Path) -> DeviceKey:
         """The key stored at ``path`` (raw 32-byte seed), created with mode 0600 on first use.
-        Raises ValueError for a file that is not a key or that others may read."""
+        Raises KeyFileError for a file that is not a key or that others may read."""
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -122,11 +126,12 @@ class DeviceKey:
     def _load(cls, path: Path) -> DeviceKey:
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            raise ValueError(f"{path}: a device key must be readable by its owner only "
+            raise KeyFileError(f"{path}: a device key must be readable by its owner only "
                              f"(mode {mode:o}; chmod 600 it)")
         seed = path.read_bytes()
         if len(seed) != 32:
-            raise ValueError(f"{path}: not a device key (expected 32 bytes, found {len(seed)})")
+            raise KeyFileError(f"{path}: not a device key (expected 32 bytes, found "
+                               f"{len(seed)})")
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
     def prove(self, purpose: str, task_id: str = "", *, timestamp_ms: int | None = None,

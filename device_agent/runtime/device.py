@@ -53,6 +53,7 @@ from core.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from core.security.identity import DeviceKey
 from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
 from core.types import DeviceAttributes
 from device_agent.errors import (
@@ -84,8 +85,11 @@ CLIP_MARGIN = 1.0 - 2.0**-20
 class Coordinator(Protocol):
     """What a device needs from the coordinator (``DeviceClient`` implements it)."""
 
+    def enroll(self, key: DeviceKey, enrollment_token: str = "",
+               attestation: bytes = b"") -> str: ...
+
     def check_in(
-        self, device_id: str, attrs: DeviceAttributes, task_id: str | None
+        self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None
     ) -> CheckInResult: ...
 
     def get_plan(self, p: Participation) -> Plan: ...
@@ -129,7 +133,7 @@ class Device:
 
     def __init__(
         self,
-        device_id: str,
+        key: DeviceKey,
         data: LocalDataset,
         coordinator: Coordinator,
         *,
@@ -138,10 +142,17 @@ class Device:
         exit_when_idle: bool = False,
         stop: threading.Event | None = None,
         local_dp_secure_noise: bool = True,
+        enrollment_token: str = "",
+        attestation: bytes = b"",
     ) -> None:
-        """``local_dp_secure_noise=False`` lets local-DP training use seeded (insecure)
+        """``key``: the device's identity (its id is derived from the public key);
+        ``enrollment_token`` and ``attestation`` are sent when it enrolls.
+        ``local_dp_secure_noise=False`` lets local-DP training use seeded (insecure)
         noise: tests and simulations only; production draws it from the OS-keyed CSPRNG."""
-        self.device_id = device_id
+        self.key = key
+        self.device_id = key.device_id
+        self.enrollment_token = enrollment_token
+        self.attestation = attestation
         self.data = data
         self.coordinator = coordinator
         self.attributes = attributes or DeviceAttributes()
@@ -156,9 +167,19 @@ class Device:
         self._exhausted: set[str] = set()
 
     def run(self) -> DeviceStats:
+        try:
+            self.coordinator.enroll(self.key, self.enrollment_token, self.attestation)
+        except Unreachable as exc:
+            self.stats.finished_reason = str(exc)
+            self.stats.gave_up = not self.stop.is_set()
+            return self.stats
+        except Rejected as exc:
+            log.error("%s: enrollment refused: %s", self.device_id, exc)
+            self.stats.finished_reason = f"enrollment refused: {exc}"
+            return self.stats
         while not self.stop.is_set():
             try:
-                result = self.coordinator.check_in(self.device_id, self.attributes, self.task_id)
+                result = self.coordinator.check_in(self.key, self.attributes, self.task_id)
             except Unreachable as exc:
                 self.stats.finished_reason = str(exc)
                 self.stats.gave_up = not self.stop.is_set()

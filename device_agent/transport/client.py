@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -27,6 +27,7 @@ from core.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from core.security.identity import DeviceKey
 from core.tls import ClientTls
 from core.types import API_VERSION, DeviceAttributes
 from device_agent.errors import BadPayload, Rejected, RoundOver, Unreachable
@@ -93,14 +94,44 @@ class DeviceClient:
 
     # -- calls ---------------------------------------------------------------
 
+    def enroll(self, key: DeviceKey, enrollment_token: str = "",
+               attestation: bytes = b"") -> str:
+        """Registers the device's public key (a repeat is harmless); returns its device id."""
+        def call() -> device_pb2.EnrollResponse:
+            req = device_pb2.EnrollRequest(
+                api_version=API_VERSION,
+                proof=convert.device_proof_to_proto(key.prove("enroll")),
+                enrollment_token=enrollment_token, attestation=attestation)
+            resp: device_pb2.EnrollResponse = self._stub.Enroll(
+                req, timeout=self.policy.call_timeout_s)
+            return resp
+
+        resp = self._retrying(call, rate_limited=True)
+        return resp.device_id
+
     def check_in(
-        self, device_id: str, attrs: DeviceAttributes, task_id: str | None
+        self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None
     ) -> CheckInResult:
-        req = device_pb2.CheckInRequest(
-            api_version=API_VERSION, device_id=device_id,
-            attributes=convert.attributes_to_proto(attrs), task_id=task_id or "",
-        )
-        resp = self._retrying(lambda: self._stub.CheckIn(req, timeout=self.policy.call_timeout_s))
+        """A signed check-in (a fresh proof per attempt). Over the coordinator's rate limit,
+        the answer is RETRY_LATER after the time it asks for."""
+        def call() -> device_pb2.CheckInResponse:
+            req = device_pb2.CheckInRequest(
+                api_version=API_VERSION, device_id=key.device_id,
+                attributes=convert.attributes_to_proto(attrs), task_id=task_id or "",
+                proof=convert.device_proof_to_proto(key.prove("check-in", task_id or "")),
+            )
+            resp: device_pb2.CheckInResponse = self._stub.CheckIn(
+                req, timeout=self.policy.call_timeout_s)
+            return resp
+
+        try:
+            resp = self._retrying(call)
+        except Rejected as exc:
+            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED.name:
+                raise
+            return CheckInResult(outcome=CheckInOutcome.RETRY_LATER, task_id="", round_number=0,
+                                 token="", retry_after_s=exc.retry_after_s or 1.0,
+                                 message=exc.message)
         return CheckInResult(
             outcome=_OUTCOMES.get(resp.outcome, CheckInOutcome.RETRY_LATER),
             task_id=resp.task_id,
@@ -257,10 +288,13 @@ class DeviceClient:
                                 f"aggregation: {details}") from None
             raise Rejected(code.name, details) from None
 
-    def _retrying(self, call: Callable[[], T]) -> T:
+    def _retrying(self, call: Callable[[], T], *, rate_limited: bool = False) -> T:
+        """Retries while the coordinator is unreachable (and, with ``rate_limited``, while it
+        asks to come back later: RESOURCE_EXHAUSTED with ``retry-after-ms``)."""
         started = time.monotonic()
         attempt = 0
         while True:
+            delay = None
             try:
                 return call()
             except grpc.RpcError as exc:
@@ -268,17 +302,36 @@ class DeviceClient:
                 details = exc.details() or ""
                 if code in _ROUND_OVER:
                     raise RoundOver(code.name, details) from None
-                if code not in _RETRYABLE:
-                    raise Rejected(code.name, details) from None
+                retry_after = _retry_after_s(exc) if code == _LIMITED else None
+                if code not in _RETRYABLE and not (rate_limited and retry_after is not None):
+                    raise Rejected(code.name, details, retry_after_s=retry_after) from None
                 if time.monotonic() - started > self.policy.give_up_after_s:
                     raise Unreachable(
                         f"coordinator {self.target} unreachable for "
                         f"{self.policy.give_up_after_s:.0f} s: {code.name} {details}"
                     ) from None
-            delay = self._rng.uniform(0, min(self.policy.cap_s, self.policy.base_s * 2**attempt))
+                delay = retry_after
+            if delay is None:
+                delay = self._rng.uniform(0, min(self.policy.cap_s,
+                                                 self.policy.base_s * 2**attempt))
             attempt += 1
             if self._stop.wait(delay):
                 raise Unreachable("stopped while waiting to retry")
+
+
+_LIMITED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _retry_after_s(exc: grpc.RpcError) -> float | None:
+    """The ``retry-after-ms`` a rate-limited answer carries, in seconds (capped at a minute)."""
+    trailing: Any = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for item in trailing or ():
+        if item[0] == "retry-after-ms":
+            try:
+                return min(60.0, max(0.0, int(item[1]) / 1000.0))
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def _participation(p: Participation) -> device_pb2.Participation:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,12 +15,21 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.security.service import write_secret_file
+from core.security.bearer import new_secret
 from core.tls import ClientTls
 from fedctl.admin import AdminClient
 from protos.fedcoord.v1 import admin_pb2
 
 FEDCTL = [sys.executable, "-m", "fedctl"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+_SESSION = Path(tempfile.mkdtemp(prefix="fedcoord-it-"))
+#: Every coordinator of the tests registers this admin token (``--admin-token-file``), and
+#: every fedctl the tests run presents it (``FEDCOORD_TOKEN``).
+ADMIN_TOKEN = new_secret("fct").secret
+ADMIN_TOKEN_FILE = _SESSION / "admin.token"
+write_secret_file(ADMIN_TOKEN_FILE, ADMIN_TOKEN)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+           FEDCOORD_TOKEN=ADMIN_TOKEN, FEDCOORD_AGENT_STATE=str(_SESSION / "agents"))
 
 
 @dataclass
@@ -49,7 +59,8 @@ class CoordinatorProcess:
         self.proc = subprocess.Popen(
             [*FEDCTL, "coordinator", "serve", "--db", self.db_url,
              "--store", str(self.workdir / "store"), "--port", str(self.port),
-             "--port-file", str(port_file), *(extra or [])],
+             "--port-file", str(port_file), "--admin-token-file", str(ADMIN_TOKEN_FILE),
+             *(extra or [])],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV,  # noqa: SIM115
         )
         deadline = time.monotonic() + 60
@@ -76,7 +87,7 @@ class CoordinatorProcess:
                 self.proc.kill()
 
     def admin(self) -> AdminClient:
-        return AdminClient(self.target, tls=self.tls)
+        return AdminClient(self.target, tls=self.tls, token=ADMIN_TOKEN)
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())

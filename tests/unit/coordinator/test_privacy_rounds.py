@@ -39,6 +39,7 @@ from core.protocol import (
 from core.secagg.client import SecAggClient
 from core.secagg.encoding import add_noise_share, encode_update
 from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
+from core.security.identity import DeviceKey
 from core.taskspec import TaskSpecError, parse_task_yaml
 from core.tensors import from_raw_bytes, load_safetensors, sha256_hex
 from core.types import (
@@ -620,7 +621,11 @@ class OneRound:
         self.calls = 0
         self.uploads: list[tuple[UpdateHeader, bytes]] = []
 
-    def check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None
+    def enroll(self, key: DeviceKey, enrollment_token: str = "",
+               attestation: bytes = b"") -> str:
+        return key.device_id
+
+    def check_in(self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None
                  ) -> CheckInResult:
         self.calls += 1
         if self.calls > 1:
@@ -667,7 +672,7 @@ def test_a_local_dp_device_never_sends_an_update_past_its_budget(tmp_path: Path)
     plan = coordinator.plan
     assert plan.privacy is not None and plan.privacy.local is not None
     assert plan.privacy.local.max_epsilon == 0.5
-    stats = Device("d0", dataset(0), coordinator, task_id=p.task_id,
+    stats = Device(DeviceKey.generate(), dataset(0), coordinator, task_id=p.task_id,
                    local_dp_secure_noise=False).run()
     assert coordinator.uploads == []  # trained, but nothing left the device
     assert len(coordinator.errors) == 1 and "past the task's budget 0.5" in coordinator.errors[0]
@@ -697,7 +702,7 @@ def test_no_update_a_device_uploads_exceeds_the_clip_norm(
         privacy=central(clip=clip)))
     p = next(iter(admit(service, clock, task.record.task_id, ["d0"]).values()))
     coordinator = OneRound(service, p)
-    Device("d0", dataset(seed), coordinator, task_id=p.task_id).run()
+    Device(DeviceKey.generate(), dataset(seed), coordinator, task_id=p.task_id).run()
     (header, payload), = coordinator.uploads
     norm = l2_norm(from_raw_bytes(payload, header.tensors))
     assert norm <= clip_norm

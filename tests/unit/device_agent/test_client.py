@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from core.security.identity import DeviceKey
 from core.types import DeviceAttributes
 from device_agent.errors import Unreachable
 from device_agent.transport.client import DeviceClient, RetryPolicy
@@ -26,7 +27,7 @@ def test_an_unreachable_coordinator_is_retried_then_given_up() -> None:
                                              call_timeout_s=0.5))
     started = time.monotonic()
     with pytest.raises(Unreachable, match="unreachable for 1 s"):
-        client.check_in("d", DeviceAttributes(), None)
+        client.check_in(DeviceKey.generate(), DeviceAttributes(), None)
     assert 1.0 <= time.monotonic() - started < 4.0
     client.close()
 
@@ -39,6 +40,6 @@ def test_stop_interrupts_the_backoff() -> None:
     threading.Timer(0.5, stop.set).start()
     started = time.monotonic()
     with pytest.raises(Unreachable, match="stopped"):
-        client.check_in("d", DeviceAttributes(), None)
+        client.check_in(DeviceKey.generate(), DeviceAttributes(), None)
     assert time.monotonic() - started < 3
     client.close()
