@@ -21,7 +21,7 @@ import grpc
 from coordinator.security.errors import RateLimited, Unauthenticated
 from coordinator.security.service import Security
 from coordinator.transport.handlers import Refused
-from coordinator.transport.status import Context, abort_for
+from coordinator.transport.status import Context, abort_for, check_api_version
 from protos import convert
 
 _PREFIX = "/fedcoord.v1.DeviceService/"
@@ -91,6 +91,7 @@ class DeviceAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
         async def call(request: Any, context: Context) -> Any:
             try:
                 if not isinstance(request, Refused):  # else the handler says why
+                    check_api_version(request.api_version)  # an old agent: "upgrade"
                     gate(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped to a status
                 await abort_limited(exc, context)
@@ -103,6 +104,7 @@ class DeviceAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
                 if not isinstance(request, Refused):  # else the handler says why
+                    check_api_version(request.api_version)
                     self._participant(request, context)
                 slot = self._security.devices.stream(context.peer())
                 slot.__enter__()
@@ -140,5 +142,6 @@ async def _headers_checked(requests: AsyncIterator[Any], security: Security
     (a refusal raises inside the servicer's read, which maps it to a status)."""
     async for message in requests:
         if not isinstance(message, Refused) and message.HasField("header"):
+            check_api_version(message.header.api_version)
             security.devices.require_active(message.header.participation.device_id)
         yield message

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from harness import CoordinatorProcess, wait_for_task, write_task
+from harness import ADMIN_TOKEN, CoordinatorProcess, wait_for_task, write_task
 from rogue import RogueDevice, status_of
 
 from core.taskspec import load_task_file
@@ -114,8 +114,10 @@ def rss(coordinator: CoordinatorProcess) -> int:
 
 
 def raw_call(channel: grpc.Channel, method: str, data: bytes) -> tuple[grpc.StatusCode, str]:
+    """An authenticated call (the admin token): what is refused is the payload."""
     call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-    return status_of(lambda: call(data, timeout=30))
+    return status_of(lambda: call(data, timeout=30,
+                                  metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),)))
 
 
 def test_huge_and_malformed_requests_are_refused_before_they_are_parsed(
@@ -180,8 +182,11 @@ def test_huge_and_malformed_requests_are_refused_before_they_are_parsed(
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "SecAggMaskedInput" in msg
 
         # Errors never echo unbounded input: a 50 KB task id is shown cut short.
+        enrolled = RogueDevice(coordinator.target, "echo")
+        enrolled.close()
         plan = device_pb2.GetPlanRequest(api_version=API_VERSION, participation=(
-            device_pb2.Participation(device_id="d", task_id="t" * 50_000, token="x")))
+            device_pb2.Participation(device_id=enrolled.device_id, task_id="t" * 50_000,
+                                     token="x")))
         code, msg = raw_call(channel, "/fedcoord.v1.DeviceService/GetPlan",
                              plan.SerializeToString())
         assert code == grpc.StatusCode.NOT_FOUND and "50000 characters" in msg

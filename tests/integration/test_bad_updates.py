@@ -82,9 +82,15 @@ def test_malformed_late_duplicate_and_unselected_updates_are_rejected(
         stranger = device_pb2.Participation(device_id="stranger", task_id=task_id,
                                             round_number=plan.round_number, token="guess")
         code, msg = status_of(lambda: rogue_a.upload(zero, participation=stranger))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "not enrolled" in msg
+        outsider = RogueDevice(coordinator.target, "outsider")  # enrolled, never selected
+        guessed = device_pb2.Participation(device_id=outsider.device_id, task_id=task_id,
+                                           round_number=plan.round_number, token="guess")
+        code, msg = status_of(lambda: rogue_a.upload(zero, participation=guessed))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "not selected" in msg
+        outsider.close()
 
-        forged = device_pb2.Participation(device_id="rogue-a", task_id=task_id,
+        forged = device_pb2.Participation(device_id=rogue_a.device_id, task_id=task_id,
                                           round_number=plan.round_number, token="forged")
         code, msg = status_of(lambda: rogue_a.upload(zero, participation=forged))
         assert code == grpc.StatusCode.PERMISSION_DENIED
@@ -126,7 +132,7 @@ def test_an_old_agent_gets_failed_precondition_not_a_parse_error(
         code, msg = status_of(lambda: rogue.stub.CheckIn(
             device_pb2.CheckInRequest(api_version=1, device_id="bad id with spaces"),
             timeout=10))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "device_id" in msg
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "DeviceProof" in msg
     finally:
         rogue.close()
 
