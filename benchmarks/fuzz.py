@@ -130,7 +130,7 @@ def _drive(args: argparse.Namespace, targets: list[str]) -> int:
                     merged["count"] += record["count"]
             if proc.returncode == 0:
                 break
-            verdict = _verdict(log, proc.returncode)
+            verdict = _verdict(log, proc.returncode, found.get("actions", []))
             if verdict is None:  # the worker stopped before fuzzing: nothing to restart
                 sys.stderr.write(log[-4000:])
                 return 2
@@ -190,16 +190,16 @@ def _parse_log(log: str) -> dict[str, int]:
     return out
 
 
-def _verdict(log: str, returncode: int) -> dict[str, Any] | None:
-    """What libFuzzer says ended the worker (None: it never started fuzzing)."""
+def _verdict(log: str, returncode: int, actions: list[str]) -> dict[str, Any] | None:
+    """What libFuzzer says ended the worker (None: it never started fuzzing): the input that
+    was running (its action from the worker's list) and where Python was."""
     if "INITED" not in log and "ALARM" not in log:
         return None
-    artifact = re.search(r"Test unit written to (\S+)", log)
-    reproducer = ""
-    if artifact is not None and Path(artifact.group(1)).exists():
-        reproducer = f"# input (action byte, payload)\n{Path(artifact.group(1)).read_bytes().hex()}"
-    if "ALARM: working on the last Unit" in log or "timeout" in (artifact.group(1) if artifact
-                                                                 else ""):
+    artifacts = re.findall(r"Test unit written to (\S+)", log)
+    data = b""
+    if artifacts and Path(artifacts[-1]).exists():
+        data = Path(artifacts[-1]).read_bytes()
+    if "ALARM: working on the last Unit" in log or "Timeout:" in log:
         kind = "hang"
     elif "out-of-memory" in log:
         kind = "oom"
@@ -207,10 +207,16 @@ def _verdict(log: str, returncode: int) -> dict[str, Any] | None:
         kind = "uncaught"
     else:
         kind = f"exit-{returncode}"
+    action = actions[data[0] % len(actions)] if data and actions else "?"
+    # Python's stack at the end (faulthandler's "most recent call first"): our innermost frame.
+    stack = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', log.split("Current thread")[-1])
+    ours = [f for f in stack if any(p in f[0] for p in ("/core/", "/coordinator/", "/protos/"))]
+    where = f"{os.path.relpath(ours[0][0], ROOT)}:{ours[0][1]} {ours[0][2]}" if ours else "?"
     tail = log[-3000:]
-    return {"signature": f"{kind} worker", "kind": kind, "action": "?", "count": 1,
-            "detail": tail.strip().splitlines()[-1] if tail.strip() else "",
-            "reproducer": reproducer, "traceback": tail}
+    return {"signature": f"{kind} {action} @ {where}", "kind": kind, "action": action,
+            "count": 1, "where": where, "input": data.hex(),
+            "detail": f"the input ran past the time or memory limit ({kind})",
+            "reproducer": f"# input (action byte, payload)\n{data.hex()}", "traceback": tail}
 
 
 # ------------------------------------------------------------------ the worker

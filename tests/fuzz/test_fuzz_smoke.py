@@ -17,13 +17,23 @@ pytest.importorskip("atheris", reason="atheris (the dev extra) is not installed"
 
 ROOT = Path(__file__).resolve().parents[2]
 SECONDS = 30
+#: Findings reported and not yet fixed (protos/convert.py is not ours to change here); each
+#: is counted apart, never hidden. Remove an entry once its fix lands.
+KNOWN = [
+    # SecAggPlan.value_bits is not bounded before 2**value_bits: a plan with value_bits
+    # near 2**32 takes the device's parser 30 s and more (and half a GiB).
+    "hang convert/secagg_plan_from_proto",
+    # secagg_plan_to_proto truncates: phase_timeout_s 8.072 goes out as 8071 ms.
+    "round-trip convert/secagg_plan_from_proto",
+]
 
 
 @pytest.mark.slow
 def test_a_short_fuzzing_run_finds_no_crash(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fuzz.py"), "--seconds", str(SECONDS),
-         "--target", "all", "--target", "scenario", "--crash-dir", str(tmp_path)],
+         "--target", "all", "--target", "scenario", "--crash-dir", str(tmp_path),
+         *(arg for known in KNOWN for arg in ("--known-crash", known))],
         cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 240,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
