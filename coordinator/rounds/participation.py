@@ -338,6 +338,11 @@ class Participants:
         task, rnd, _ = self._seat(p)
         _check_metrics(metrics)
         if error:
+            if p.device_id in rnd.reported:
+                raise Duplicate("this device's update was already accepted in this round; "
+                                "an error reported after it changes nothing")
+            if p.device_id in rnd.errored:
+                return  # reported already: a retry of the same report
             log.info("device %s could not take part in round %s: %s",
                      p.device_id, rnd.round_number, error[:200])
             rnd.errored.add(p.device_id)
