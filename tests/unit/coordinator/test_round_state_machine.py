@@ -14,13 +14,9 @@ must still tell a consistent story:
   round), never out of a final state; ``rounds_committed`` and the model version never go
   back, and each round number is committed at most once.
 
-The security layer of issue 13 (device enrollment, signed check-ins, revocation) is not
-wired into the service yet. When it is, its rules belong here, beside ``check_in``:
-``enroll`` (a key enrolls once; again, it gets the same device id), ``check_in`` with a signed
-proof, ``replay`` (a proof sent twice, or a stale one: refused, no effect), ``revoke`` (from
-then on the device's calls have no effect, its seat gives no report) and ``unauthenticated``
-(no proof, or another key's): each checked by :meth:`no_effect_without_a_valid_participation`
-and its siblings, with "one slot per key" in place of "per device id".
+The round logic alone, at the service: the same interleavings with the security layer in
+front (enroll, signed check-ins, replays, stale proofs, revocations) are
+tests/unit/security/test_secured_rounds_state_machine.py.
 """
 
 from __future__ import annotations
