@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: a coordinator subprocess (plaintext or TLS) and a bare
-gRPC server."""
+"""Shared pieces of the benchmarks: a coordinator subprocess (plaintext or TLS, device
+authentication on or off, with an admin token of its own) and a bare gRPC server."""
 
 from __future__ import annotations
 
@@ -11,34 +11,62 @@ import tempfile
 import time
 from pathlib import Path
 
+from coordinator.security.service import write_secret_file
+from core.security.bearer import new_secret
 from core.tls import ClientTls, load_client_tls, write_local_ca
+from fedctl.admin import AdminClient
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
+#: A benchmark sends every device's calls from one address (127.0.0.1), which the
+#: coordinator's flood limits are made to stop: check-ins per address (1000/s) and per device
+#: (5/s), enrollments per address (20/s) and concurrent transfers per address (64). Lifted
+#: (:class:`CoordinatorSubprocess`'s ``lift_limits``), they never refuse a benchmark's call,
+#: though an authenticating coordinator still checks them on every call.
+LIFTED_LIMITS = ("--rate-limit", "device-checkin=1000000/1000000",
+                 "--rate-limit", "peer-checkin=1000000/1000000",
+                 "--rate-limit", "peer-enroll=1000000/1000000",
+                 "--max-streams-per-peer", "100000")
+LIFTED_LIMITS_NOTE = ("every device on one address: rate limits device-checkin, peer-checkin "
+                      "and peer-enroll raised to 1e6/s burst 1e6, max-streams-per-peer 100000")
+
 
 class CoordinatorSubprocess:
-    """``tls=True``: the coordinator serves TLS with a fresh local CA (`fedctl certs init`'s
-    code); :attr:`client_tls` is then what clients need to reach it."""
+    """A ``fedctl coordinator serve`` of its own, in a temporary directory.
 
-    def __init__(self, *, tls: bool = False) -> None:
+    ``tls=True``: it serves TLS with a fresh local CA (`fedctl certs init`'s code);
+    :attr:`client_tls` is then what clients need to reach it. ``device_auth=False`` serves
+    with ``--no-device-auth`` (check-ins taken at their word: the pre-security baseline).
+    ``lift_limits``: see :data:`LIFTED_LIMITS`. Admin calls need :attr:`admin_token`
+    (:meth:`admin` presents it); agents started with :attr:`agent_env` present it too and keep
+    their device keys in the temporary directory."""
+
+    def __init__(self, *, tls: bool = False, device_auth: bool = True,
+                 lift_limits: bool = True) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="fedcoord-bench-")
         self.dir = Path(self.tmp.name)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.client_tls: ClientTls | None = None
-        self._tls_args: list[str] = []
+        self.admin_token = new_secret("fct").secret
+        write_secret_file(self.dir / "admin.token", self.admin_token)
+        self._args = ["--admin-token-file", str(self.dir / "admin.token")]
         if tls:
             files = write_local_ca(self.dir / "tls")
             self.client_tls = load_client_tls(files.ca_cert)
-            self._tls_args = ["--tls", str(self.dir / "tls")]
+            self._args += ["--tls", str(self.dir / "tls")]
+        if not device_auth:
+            self._args.append("--no-device-auth")
+        if lift_limits:
+            self._args += LIFTED_LIMITS
 
     def __enter__(self) -> CoordinatorSubprocess:
         port_file = self.dir / "port"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fedctl", "coordinator", "serve",
              "--db", f"sqlite:///{self.dir}/bench.db", "--store", str(self.dir / "store"),
-             "--port", "0", "--port-file", str(port_file), *self._tls_args],
+             "--port", "0", "--port-file", str(port_file), *self._args],
             stdout=open(self.dir / "coordinator.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
             env=ENV, cwd=ROOT,
         )
@@ -53,6 +81,16 @@ class CoordinatorSubprocess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self.target, tls=self.client_tls, token=self.admin_token)
+
+    @property
+    def agent_env(self) -> dict[str, str]:
+        """The environment for `fedctl` commands against this coordinator: its admin token,
+        and a device key directory of its own."""
+        return dict(ENV, FEDCOORD_TOKEN=self.admin_token,
+                    FEDCOORD_AGENT_STATE=str(self.dir / "agents"))
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:

@@ -227,10 +227,9 @@ def central_dp_round(devices: int = 100, processes: int = 4, rounds: int = 4) ->
     # warmer caches) weighs on both sides alike.
     runs: dict[str, list[tuple[list[float], float]]] = {"plain": [], "dp": []}
     with CoordinatorSubprocess() as coord:
-        assert coord.proc is not None
         for index, kind in enumerate(("plain", "dp", "dp", "plain")):
-            runs[kind].append(run(coord.target, f"{kind}{index}", devices, processes, rounds,
-                                  DP_CENTRAL if kind == "dp" else "", coord.proc.pid))
+            runs[kind].append(run(coord, f"{kind}{index}", devices, processes, rounds,
+                                  DP_CENTRAL if kind == "dp" else "", measure_cpu=True))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     # Round 1 of each task includes its start-up.
     plain, private = ([t for times, _ in runs[k] for t in times[1:]] for k in ("plain", "dp"))

@@ -29,9 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ENV, ROOT, CoordinatorSubprocess  # noqa: E402
+from benchmarks._common import LIFTED_LIMITS_NOTE, ROOT, CoordinatorSubprocess  # noqa: E402
 from core.taskspec import parse_task_yaml  # noqa: E402
-from fedctl.admin import AdminClient  # noqa: E402
 
 TASK = """\
 name: {name}
@@ -52,18 +51,21 @@ SECURE = (f"secure_aggregation: {{protocol: secagg+, neighbours: {NEIGHBOURS}, "
 D = 97_510 + 15_010  # parameters of the 64-1500-10 MLP
 
 
-def run(target: str, name: str, devices: int, processes: int, rounds: int, extra: str,
-        coordinator_pid: int | None = None) -> tuple[list[float], float]:
-    """Per-round ``round_seconds`` of a task, and the coordinator's CPU seconds per round
-    (user + system) from the first commit to the last, i.e. without the task's one-time
-    start-up (model creation, first imports and caches); needs ``coordinator_pid``."""
+def run(coord: CoordinatorSubprocess, name: str, devices: int, processes: int, rounds: int,
+        extra: str, *, measure_cpu: bool = False) -> tuple[list[float], float]:
+    """Per-round ``round_seconds`` of a task, and with ``measure_cpu`` the coordinator's CPU
+    seconds per round (user + system) from the first commit to the last, i.e. without the
+    task's one-time start-up (model creation, first imports and caches). The agents enroll
+    their keys and sign their check-ins (open enrollment, the coordinator's default)."""
     import psutil
 
-    proc = psutil.Process(coordinator_pid) if coordinator_pid else None
+    assert coord.proc is not None, "start the coordinator first"
+    proc = psutil.Process(coord.proc.pid) if measure_cpu else None
+    target = coord.target
     first_commit_cpu: float | None = None
     spec = parse_task_yaml(TASK.format(name=name, devices=devices, rounds=rounds,
                                        min_reports=devices, extra=extra))
-    with AdminClient(target) as admin:
+    with coord.admin() as admin:
         task_id = admin.create_task(spec).task_id
     per = devices // processes
     agents = [
@@ -71,11 +73,11 @@ def run(target: str, name: str, devices: int, processes: int, rounds: int, extra
             [sys.executable, "-m", "fedctl", "agent", "run", "--coordinator", target,
              "--device-id", f"{name}-p{i}-", "--devices", str(per), "--task", task_id,
              "--data", f"digits:shard={i * per}/{devices},dirichlet=0.5"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=coord.agent_env, cwd=ROOT)
         for i in range(processes)
     ]
     try:
-        with AdminClient(target) as admin:
+        with coord.admin() as admin:
             deadline = time.monotonic() + 900
             while (task := admin.get_task(task_id)).state == "running":
                 assert time.monotonic() < deadline, "task did not finish"
@@ -97,8 +99,8 @@ def run(target: str, name: str, devices: int, processes: int, rounds: int, extra
 def grpc_round_pair(n: int = 100, processes: int = 4, rounds: int = 3, seed: int = 0
                     ) -> list[dict[str, object]]:
     with CoordinatorSubprocess() as coord:
-        plain, _ = run(coord.target, "plain", n, processes, rounds, "")
-        secure, _ = run(coord.target, "secure", n, processes, rounds, SECURE)
+        plain, _ = run(coord, "plain", n, processes, rounds, "")
+        secure, _ = run(coord, "secure", n, processes, rounds, SECURE)
     steady_plain = sum(plain[1:]) / len(plain[1:])
     steady_secure = sum(secure[1:]) / len(secure[1:])
     k = min(NEIGHBOURS, n - 1)
@@ -106,6 +108,8 @@ def grpc_round_pair(n: int = 100, processes: int = 4, rounds: int = 3, seed: int
         "benchmark": "secagg_grpc", "engine": "fedcoord", "n": n, "d": D,
         "transport": "gRPC: coordinator and agent processes on 127.0.0.1",
         "agent_processes": processes, "neighbours": k,
+        "device_auth": "agents enroll Ed25519 keys and sign every check-in",
+        "limits": LIFTED_LIMITS_NOTE,
         "threshold": max(2, math.ceil(THRESHOLD * (k + 1) - 1e-9)),
         "plaintext_round_s": round(steady_plain, 3), "secure_round_s": round(steady_secure, 3),
         "secure_over_plaintext": round(steady_secure / steady_plain, 2),
