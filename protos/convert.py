@@ -318,7 +318,7 @@ def secagg_plan_to_proto(plan: SecAggPlan) -> device_pb2.SecAggPlan:
     return device_pb2.SecAggPlan(
         num_devices=p.num_devices, neighbours=p.neighbours, threshold=p.threshold,
         value_bits=p.value_bits, ring_bits=p.ring_bits, clip=p.clip, weight_cap=p.weight_cap,
-        context=plan.context, phase_timeout_ms=int(plan.phase_timeout_s * 1000),
+        context=plan.context, phase_timeout_ms=round(plan.phase_timeout_s * 1000),
     )
 
 
@@ -328,6 +328,11 @@ def secagg_plan_from_proto(msg: device_pb2.SecAggPlan) -> SecAggPlan:
     if not 2 <= msg.threshold <= msg.neighbours + 1 or msg.num_devices < 3:
         raise WireFormatError(f"secure_aggregation: threshold {msg.threshold} does not fit "
                               f"{msg.neighbours} neighbours of {msg.num_devices} devices")
+    # value_bits is checked before 2**value_bits is computed: a hostile plan must not make
+    # the device build a number of a billion bits (found by fuzzing).
+    if not 1 <= msg.value_bits < msg.ring_bits:
+        raise WireFormatError(f"secure_aggregation.value_bits must be between 1 and "
+                              f"ring_bits - 1 ({msg.ring_bits - 1}), got {msg.value_bits}")
     if not (msg.clip > 0 and 1 <= msg.weight_cap < 2**msg.value_bits and msg.context
             and msg.phase_timeout_ms > 0):
         raise WireFormatError("secure_aggregation: clip, weight_cap, context and "

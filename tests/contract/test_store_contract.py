@@ -38,6 +38,10 @@ from coordinator.storage import (
 )
 from core.types import ParticipantState, RoundState, TaskState
 
+#: The PostgreSQL cases share one scratch database (dropped before each test): under
+#: pytest-xdist, this module's tests run on one worker, one at a time.
+pytestmark = pytest.mark.xdist_group("postgres")
+
 SELECTING, TRAINING, AGGREGATING, COMMITTED, FAILED = (
     RoundState.SELECTING,
     RoundState.TRAINING,

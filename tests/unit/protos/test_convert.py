@@ -64,3 +64,30 @@ def test_tensor_infos_round_trip_and_unknown_dtypes_are_refused() -> None:
     assert convert.tensor_infos_from_proto(convert.tensor_infos_to_proto(infos)) == infos
     with pytest.raises(convert.WireFormatError, match="unknown dtype"):
         convert.tensor_info_from_proto(common_pb2.TensorSpec(name="x", dtype=77))
+
+
+def test_a_hostile_secagg_plan_is_refused_before_any_big_number_is_built() -> None:
+    """Found by fuzzing: value_bits near 2^31 made the device compute 2**value_bits for 30 s
+    and half a GiB before the plan was checked."""
+    import time
+
+    from protos import convert as c
+    from protos.fedcoord.v1 import device_pb2 as d
+
+    plan = d.SecAggPlan(num_devices=5, neighbours=4, threshold=3, value_bits=1342177279,
+                        ring_bits=32, clip=0.5, weight_cap=100, context=b"ctx",
+                        phase_timeout_ms=1000)
+    started = time.monotonic()
+    with pytest.raises(c.WireFormatError, match="value_bits must be between 1 and"):
+        c.secagg_plan_from_proto(plan)
+    assert time.monotonic() - started < 0.1
+
+
+def test_a_secagg_phase_timeout_survives_the_wire_to_the_millisecond() -> None:
+    """Found by fuzzing: 8.072 s went out as 8071 ms (truncation)."""
+    from protos import convert as c
+    from protos.fedcoord.v1 import device_pb2 as d
+
+    msg = d.SecAggPlan(num_devices=5, neighbours=4, threshold=3, value_bits=20, ring_bits=32,
+                       clip=0.5, weight_cap=100, context=b"ctx", phase_timeout_ms=8072)
+    assert c.secagg_plan_to_proto(c.secagg_plan_from_proto(msg)).phase_timeout_ms == 8072

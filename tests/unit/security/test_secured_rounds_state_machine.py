@@ -188,7 +188,7 @@ class SecuredRounds(RoundsUnderFire):
 
 
 SecuredRounds.TestCase.settings = settings(
-    max_examples=10, stateful_step_count=50, deadline=None,
+    max_examples=6, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 test_secured_rounds = SecuredRounds.TestCase
