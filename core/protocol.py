@@ -124,8 +124,13 @@ def config_hash(plan: Plan) -> bytes:
         "local": [plan.local.epochs, plan.local.batch_size, plan.local.optimizer.value,
                   plan.local.learning_rate, plan.local.momentum],
         "tensors": [[t.name, t.dtype, list(t.shape)] for t in plan.update_tensors],
-        "secagg": None if sa is None else {"params": asdict(sa.params),
-                                           "context": sa.context.hex()},
+        # What the plan carries on the wire: the targets the server derived the parameters
+        # from (security_failure, correctness_failure) stay with the server, so the hash a
+        # device computes and the one the server expects are of the same thing.
+        "secagg": None if sa is None else {"params": {
+            k: v for k, v in asdict(sa.params).items()
+            if k not in ("security_failure", "correctness_failure")},
+            "context": sa.context.hex()},
         "privacy": None if plan.privacy is None else asdict(plan.privacy),
         "metrics": plan.metrics.value,
     }

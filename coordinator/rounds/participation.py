@@ -44,6 +44,7 @@ from core.protocol import (
     Plan,
     SecAggPlan,
     UpdateHeader,
+    config_hash,
 )
 from core.secagg.encoding import MASKED_METRICS
 from core.secagg.messages import (
@@ -358,6 +359,12 @@ class Participants:
 
     def secagg_advertise(self, p: Participation, message: KeyAdvertisement) -> None:
         task, _, secure = self._secure_seat(p)
+        # Honest neighbours refuse a peer whose configuration hash is not theirs, which would
+        # abort the round for everyone: a device advertising another round's (or a made-up)
+        # hash is refused here instead, alone (found by fuzzing).
+        if not hmac.compare_digest(message.config_hash, config_hash(self.plan(p))):
+            raise InvalidRequest("the advertised config_hash is not the hash of this round's "
+                                 "plan (a stale or altered advertisement): get the plan again")
         secure.advertise(p.device_id, message)
         self._machine.advance(task, self._clock.now())
 

@@ -85,6 +85,13 @@ class SecAggServer(Generic[P]):
             if len(key) != keys.PUBLIC_KEY_BYTES:
                 raise SecAggRejected(f"a public key is {keys.PUBLIC_KEY_BYTES} bytes, "
                                      f"got {len(key)}")
+        if message.encryption_public == message.mask_public:
+            raise SecAggRejected("the encryption and mask public keys must differ")
+        seen = {k for m in self._adverts.values() for k in (m.encryption_public, m.mask_public)}
+        if message.encryption_public in seen or message.mask_public in seen:
+            # A copied key would let its copier decrypt shares meant for the other device,
+            # or collide their pairwise masks.
+            raise SecAggRejected("a public key another participant advertised was sent again")
         if len(self._adverts) >= self.params.num_devices:
             raise SecAggRoundFull(f"the round already has {self.params.num_devices} participants")
         self._adverts[who] = message

@@ -23,10 +23,6 @@ from coordinator.storage import (
 )
 from tests.contract.test_store_contract import _POSTGRES, _fresh_postgres
 
-#: The PostgreSQL cases share one scratch database (dropped before each test): under
-#: pytest-xdist, this module's tests run on one worker, one at a time.
-pytestmark = pytest.mark.xdist_group("postgres")
-
 T0 = 1_700_000_000.0
 KEY_A, KEY_B, KEY_C = b"a" * 32, b"b" * 32, b"c" * 32
 

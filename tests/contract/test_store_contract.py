@@ -15,6 +15,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,10 +38,6 @@ from coordinator.storage import (
     TaskRecord,
 )
 from core.types import ParticipantState, RoundState, TaskState
-
-#: The PostgreSQL cases share one scratch database (dropped before each test): under
-#: pytest-xdist, this module's tests run on one worker, one at a time.
-pytestmark = pytest.mark.xdist_group("postgres")
 
 SELECTING, TRAINING, AGGREGATING, COMMITTED, FAILED = (
     RoundState.SELECTING,
@@ -95,14 +92,29 @@ def _engine(url: str) -> sa.Engine:
 
 
 def _fresh_postgres() -> str:
-    engine = _engine(POSTGRES_URL)
+    """The scratch database's URL, emptied. Under pytest-xdist each worker gets a schema of
+    its own (``search_path`` in the URL's connection options), so workers never drop each
+    other's tables."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    url = POSTGRES_URL
+    if worker:
+        schema = f"fedcoord_{re.sub(r'[^a-z0-9_]', '_', worker.lower())}"
+        admin = _engine(POSTGRES_URL)
+        try:
+            with admin.begin() as conn:
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        finally:
+            admin.dispose()
+        url = sa.make_url(POSTGRES_URL).update_query_dict(
+            {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    engine = _engine(url)
     try:
         existing = sa.MetaData()
         existing.reflect(engine)
         existing.drop_all(engine)
     finally:
         engine.dispose()
-    return POSTGRES_URL
+    return url
 
 
 @pytest.fixture(params=["sqlite", _POSTGRES])

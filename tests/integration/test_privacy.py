@@ -6,6 +6,7 @@ exceed its budget."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -51,18 +52,25 @@ def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: 
                            # within ~6 s) to check in, as q is computed from what a window
                            # sees. Local DP's devices account for themselves.
                            selection_window_s=window_s)
-    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
-    assert launched.returncode == 0, launched.stderr
-    task_id = launched.stdout.strip()
+    # The agents start first (serving whatever task their population runs) and the task is
+    # launched once every device has enrolled: however slowly the processes start on a
+    # loaded machine, every device then checks in within the first selection window.
     agents = [
         start_agent(coordinator.target, f"{name}{i}-",
                     f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
-                    devices=PER_PROCESS, task_id=task_id, log=tmp_path / f"{name}{i}.log",
-                    verbose=verbose)
+                    devices=PER_PROCESS, log=tmp_path / f"{name}{i}.log", verbose=verbose)
         for i in range(PROCESSES)
     ]
     try:
         with coordinator.admin() as client:
+            deadline = time.monotonic() + 180
+            while len(client.list_devices()) < DEVICES:
+                assert time.monotonic() < deadline, "the agents' devices never all enrolled"
+                time.sleep(0.2)
+            launched = fedctl("task", "launch", str(task_file), "--coordinator",
+                              coordinator.target)
+            assert launched.returncode == 0, launched.stderr
+            task_id = launched.stdout.strip()
             task = wait_for_task(client, task_id, until=("completed", "failed", "cancelled",
                                                           "budget_exhausted"))
             rounds_seen = list(client.list_rounds(task_id))
@@ -77,7 +85,7 @@ def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
     budget = (eps(2) + eps(3)) / 2  # two rounds fit, a third would not
     extra = (
         "secure_aggregation: {protocol: secagg, threshold: 0.6, dropout: 0.001, clip: 0.5, "
-        "phase_timeout_s: 8}\n"
+        "phase_timeout_s: 20}\n"
         f"privacy: {{mode: central, noise_multiplier: {Z}, delta: 1.0e-5, clip: 0.5, "
         f"population: {POPULATION}, sampling: fixed, max_epsilon: {budget}}}\n")
     task_id, task, rounds = run_task(coordinator, tmp_path, "dp", extra, rounds=5)
@@ -105,7 +113,7 @@ def test_distributed_dp_noise_is_added_by_the_agents_and_accounted_as_received(
 ) -> None:
     extra = (
         "secure_aggregation: {protocol: secagg, threshold: 0.6, dropout: 0.001, "
-        "phase_timeout_s: 8}\n"
+        "phase_timeout_s: 20}\n"
         f"privacy: {{mode: distributed, noise_multiplier: {Z}, delta: 1.0e-5, clip: 0.5, "
         f"population: {POPULATION}, sampling: fixed, min_noise_multiplier: 0.5, "
         "max_epsilon: 100.0}\n")

@@ -198,14 +198,18 @@ def test_replays_and_late_messages_get_clear_errors_and_the_round_goes_on(
     dev = Devices(service, admit(service, clock, tid))
     everyone = list(dev.seats)
     dev.advertise(everyone[:-1])
+    again = SecAggClient(dev.clients["d0"].params, b"x", config_hash(dev.plan)).advertise()
     with pytest.raises(Duplicate, match="already advertised"):
-        service.secagg_advertise(dev.seats["d0"], SecAggClient(
-            dev.clients["d0"].params, b"x", b"h").advertise())
+        service.secagg_advertise(dev.seats["d0"], again)
+    # Another round's configuration (a stale advertisement): refused, that device alone.
+    last = everyone[-1]
+    stale = SecAggClient(dev.clients[last].params, b"x", b"h" * 32).advertise()
+    with pytest.raises(InvalidRequest, match="not the hash of this round's plan"):
+        service.secagg_advertise(dev.seats[last], stale)
     assert dev.reply("d0", Stage.ADVERTISE) is None  # still waiting for the last device
     dev.advertise(everyone[-1:])
     with pytest.raises(Late, match="too late"):
-        service.secagg_advertise(dev.seats["d0"], SecAggClient(
-            dev.clients["d0"].params, b"x", b"h").advertise())
+        service.secagg_advertise(dev.seats["d0"], again)
     dev.share(everyone)
     dev.mask(everyone)
     dev.unmask(everyone)
