@@ -79,8 +79,10 @@ class SecureRound:
 
     # ---------------------------------------------------------------- device messages
 
-    def advertise(self, device: str, message: KeyAdvertisement) -> None:
-        self._call(Stage.ADVERTISE, lambda: self.server.add_advertisement(device, message))
+    def advertise(self, device: str, message: KeyAdvertisement,
+                  expected_config_hash: bytes | None = None) -> None:
+        self._call(Stage.ADVERTISE, lambda: self.server.add_advertisement(
+            device, message, expected_config_hash))
 
     def share_keys(self, device: str, message: ShareKeysResponse) -> None:
         self._call(Stage.SHARE_KEYS, lambda: self.server.add_shares(device, message))

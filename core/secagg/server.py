@@ -15,6 +15,7 @@ SecAggRejected itself.
 
 from __future__ import annotations
 
+import hmac
 import random
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -77,10 +78,18 @@ class SecAggServer(Generic[P]):
 
     # ---------------------------------------------------------------- stage 0
 
-    def add_advertisement(self, who: P, message: KeyAdvertisement) -> None:
+    def add_advertisement(self, who: P, message: KeyAdvertisement,
+                          expected_config_hash: bytes | None = None) -> None:
+        """``expected_config_hash``: the hash of the round's plan as the server sent it; an
+        advertisement of another is refused here, alone, instead of every honest neighbour
+        refusing it later (which would abort the round for all)."""
         self._expect(Stage.ADVERTISE)
         if who in self._adverts:
             raise SecAggDuplicate(f"{who} already advertised its keys")
+        if expected_config_hash is not None and not hmac.compare_digest(
+                message.config_hash, expected_config_hash):
+            raise SecAggRejected("the advertised config_hash is not the hash of this round's "
+                                 "plan (a stale or altered advertisement): get the plan again")
         for key in (message.encryption_public, message.mask_public):
             if len(key) != keys.PUBLIC_KEY_BYTES:
                 raise SecAggRejected(f"a public key is {keys.PUBLIC_KEY_BYTES} bytes, "
