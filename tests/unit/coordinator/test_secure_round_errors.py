@@ -36,7 +36,8 @@ class RefusingServer(SecAggServer[str]):
         super().__init__(PARAMS, b"ctx")
         self.error = error
 
-    def add_advertisement(self, who: str, message: KeyAdvertisement) -> None:
+    def add_advertisement(self, who: str, message: KeyAdvertisement,
+                          expected_config_hash: bytes | None = None) -> None:
         raise self.error
 
 
