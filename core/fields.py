@@ -60,6 +60,14 @@ def build(tp: Any, value: Any, path: str = "", *, hooks: Hooks | None = None,
         if not all(isinstance(k, str) for k in value):
             raise FieldError(path, "keys must be strings")
         return dict(value)
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"unsupported field type {tp}: only tuple[X, ...]")
+        if not isinstance(value, list | tuple):
+            raise FieldError(path, f"expected a list, got {describe(value)}")
+        return tuple(build(args[0], item, f"{path}[{i}]", hooks=hooks, skip=skip)
+                     for i, item in enumerate(value))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         for member in tp:
             if value == member.value or value == member:

@@ -96,6 +96,7 @@ def spec_to_dict(spec: TaskSpec) -> dict[str, Any]:
 #: Bounds that keep a task file from asking the coordinator for absurd work or memory.
 MAX_ROUNDS = 1_000_000
 MAX_CLIENTS_PER_ROUND = 100_000
+MAX_FEATURE_DIM = 1 << 20
 
 
 def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
@@ -153,6 +154,15 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
     if spec.seed < 0:
         fail("seed", f"must be >= 0, got {spec.seed}")
     _validate_robustness(spec, fail)
+    if spec.data_schema is not None:
+        schema = spec.data_schema
+        if not 1 <= len(schema.feature_shape) <= 8 or not all(
+                1 <= d <= MAX_FEATURE_DIM for d in schema.feature_shape):
+            fail("data_schema.feature_shape", f"must list 1 to 8 dimensions, each between 1 and "
+                                              f"{MAX_FEATURE_DIM}, got {list(schema.feature_shape)}")
+        if not 1 <= schema.num_classes <= MAX_FEATURE_DIM:
+            fail("data_schema.num_classes", f"must be between 1 and {MAX_FEATURE_DIM}, got "
+                                            f"{schema.num_classes}")
     if spec.secure_aggregation is not None:
         _validate_secure_aggregation(spec, fail)
     if spec.privacy is not None:

@@ -194,6 +194,18 @@ class Robustness:
 
 
 @dataclass(frozen=True)
+class DataSchema:
+    """What a device's data looks like: the shape of one example's features (``[64]`` for
+    flat digits, ``[1, 28, 28]`` for an image) and the number of classes. Agents report theirs
+    at check-in; a task may declare the schema its model expects (``data_schema``), and the
+    coordinator refuses at launch a task whose model or declaration does not fit the data its
+    population reported."""
+
+    feature_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """What to train, how, and for how many rounds. Times are in seconds."""
 
@@ -220,6 +232,12 @@ class TaskSpec:
     privacy: PrivacySpec | None = None
     #: Bounds on one update's influence and on the committed model (:class:`Robustness`).
     robustness: Robustness = field(default_factory=Robustness)
+    #: The data the model expects (None: derived from the population's reports, unchecked).
+    data_schema: DataSchema | None = None
+    #: The ``simulation:`` section of a task file (population, heterogeneity, availability,
+    #: engine): read by ``fedctl simulate`` (:mod:`simulations.config`), ignored and never
+    #: sent to devices by the coordinator. Kept raw here: core does not know simulations.
+    simulation: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def selection_target(self) -> int:
