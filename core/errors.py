@@ -7,6 +7,8 @@
      |                       does not fit the model (core.models)
      +-- DataSpecError       a --data spec is malformed or out of range (core.data.spec)
      +-- TaskSpecError       a task file/spec is invalid; names file and field (core.taskspec)
+     +-- AppError            user code ("apps") cannot be found, imported or registered
+                             (core.apps)
      +-- SecAggError         anything secure aggregation refuses; its own tree is drawn in
                              core.secagg.errors
 
@@ -28,6 +30,11 @@ class TensorFormatError(CoreError):
 class ModelSpecError(CoreError):
     """A model spec names an unknown architecture or has a missing, unknown or badly typed
     argument; or a weight mapping does not fit the model. The message names the field."""
+
+
+class AppError(CoreError):
+    """User code cannot be loaded: a ``module:attribute`` that does not import or is not an
+    app, an entry point that fails, a name registered twice. The message names the app."""
 
 
 class DataSpecError(CoreError):

@@ -1,22 +1,31 @@
 """Registry of model architectures by name.
 
-Every model takes flat float32 features of size ``input_dim`` and returns class logits of
-shape ``[batch, num_classes]``. None uses BatchNorm: DP-SGD needs per-sample gradients, which
-BatchNorm's cross-sample statistics break.
+Built-in architectures take flat float32 features of size ``input_dim`` and return class
+logits of shape ``[batch, num_classes]``. None uses BatchNorm: DP-SGD needs per-sample
+gradients, which BatchNorm's cross-sample statistics break.
 
-An architecture is a factory function registered with :func:`register_model`. Its keyword
-parameters *are* the schema of ``ModelSpec.arguments``: ``int`` parameters accept a positive
-integer, ``Sequence[int]`` parameters a list of positive integers, and parameters with a
-default are optional. :func:`build_model` checks the arguments against that schema before
-anything is constructed, so a bad task file fails with a message naming the field.
+An architecture is a factory function registered with :func:`register_model` (the built-in
+ones below) or brought by an engineer's app (:mod:`core.apps`: ``--app module:attribute`` or
+a ``fedcoord.models`` entry point). Its keyword parameters *are* the schema of
+``ModelSpec.arguments``: a parameter annotated ``int`` accepts a positive integer,
+``float`` a finite number, ``bool`` true/false, ``str`` a string, ``Sequence[int]`` /
+``Sequence[float]`` a list of them; an unannotated parameter accepts any plain value; a
+parameter with a default is optional. :func:`build_model` checks the arguments against that
+schema before anything is constructed, so a bad task file fails with a message naming the
+field.
+
+An architecture may carry two hooks (:class:`ModelHooks`): ``loss`` replaces cross-entropy
+as the objective of local training, and ``metrics`` adds named metrics to evaluations.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +40,19 @@ from core.types import ModelSpec
 MAX_ARGUMENT = 1 << 20
 
 ModelFactory = Callable[..., nn.Module]
+#: ``loss(model, x_batch, y_batch)``: the batch's mean loss, a scalar tensor with a graph.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``metrics(model, x, y)``: named metrics of the model on the data (under ``no_grad``).
+MetricsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class ModelHooks:
+    """What an architecture changes in training and evaluation; None keeps the default
+    (cross-entropy on class logits; loss and accuracy only)."""
+
+    loss: LossFn | None = None
+    metrics: MetricsFn | None = None
 
 
 @dataclass(frozen=True)
@@ -39,19 +61,48 @@ class _ArgumentKind:
     check: Callable[[object], bool]
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ARGUMENT
+    return _is_int(value) and 0 < typing.cast(int, value) <= MAX_ARGUMENT
 
 
-def _is_positive_int_list(value: object) -> bool:
-    return isinstance(value, list | tuple) and all(_is_positive_int(v) for v in value)
+def _is_number(value: object) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _is_plain(value: object) -> bool:
+    if value is None or isinstance(value, str | bool | int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
 
 
 #: Annotation of a factory parameter -> how an argument for it is checked.
 _ARGUMENT_KINDS: dict[object, _ArgumentKind] = {
     int: _ArgumentKind(f"a positive integer (at most {MAX_ARGUMENT})", _is_positive_int),
-    Sequence[int]: _ArgumentKind("a list of positive integers", _is_positive_int_list),
+    float: _ArgumentKind("a finite number", _is_number),
+    bool: _ArgumentKind("true or false", lambda v: isinstance(v, bool)),
+    str: _ArgumentKind("a string", lambda v: isinstance(v, str)),
+    Sequence[int]: _ArgumentKind(
+        "a list of positive integers",
+        lambda v: isinstance(v, list | tuple) and all(_is_positive_int(x) for x in v)),
+    Sequence[float]: _ArgumentKind(
+        "a list of finite numbers",
+        lambda v: isinstance(v, list | tuple) and all(_is_number(x) for x in v)),
+    inspect.Parameter.empty: _ArgumentKind("a plain value (number, string, list, mapping)",
+                                           _is_plain),
+    Any: _ArgumentKind("a plain value (number, string, list, mapping)", _is_plain),
 }
+_KNOWN_ANNOTATIONS = "int, float, bool, str, Sequence[int], Sequence[float] or none"
 
 
 @dataclass(frozen=True)
@@ -64,42 +115,84 @@ class _Parameter:
 class _Architecture:
     factory: ModelFactory
     parameters: Mapping[str, _Parameter]
+    hooks: ModelHooks
+    #: Where it came from ("built-in", "app custom_app:app", "entry point ..."), for messages.
+    origin: str
 
 
 _REGISTRY: dict[str, _Architecture] = {}
 
 
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator registering a model factory under ``name``.
+def register_model(name: str, *, loss: LossFn | None = None, metrics: MetricsFn | None = None,
+                   origin: str = "built-in") -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator registering a model factory under ``name``, with optional hooks.
+    Registering the same factory object under the same name again does nothing (the first
+    hooks stay).
 
-    The factory's parameters must be keyword-compatible and annotated ``int`` or
-    ``Sequence[int]``; defaults make them optional.
+    The factory's parameters must be keyword-compatible; their annotations say what the task
+    file may give them (see the module docstring); defaults make them optional.
 
     Raises:
         ValueError: ``name`` is already registered.
-        TypeError: a parameter has an annotation the argument checker does not know.
+        TypeError: a parameter has an annotation the argument checker does not know, or the
+            factory takes ``*args``/``**kwargs``.
     """
 
     def decorate(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY and _REGISTRY[name].factory is factory:
+            return factory  # the same app found twice (--app and its entry point): no-op
         if name in _REGISTRY:
-            raise ValueError(f"model architecture {name!r} is already registered")
-        hints = typing.get_type_hints(factory)
-        parameters: dict[str, _Parameter] = {}
-        for param in inspect.signature(factory).parameters.values():
-            kind = _ARGUMENT_KINDS.get(hints.get(param.name))
-            if kind is None:
-                raise TypeError(f"{name}: parameter {param.name!r} needs an int or "
-                                f"Sequence[int] annotation")
-            parameters[param.name] = _Parameter(kind, param.default is inspect.Parameter.empty)
-        _REGISTRY[name] = _Architecture(factory, parameters)
+            raise ValueError(f"model architecture {name!r} is already registered "
+                             f"({_REGISTRY[name].origin})")
+        _REGISTRY[name] = _architecture(name, factory, ModelHooks(loss, metrics), origin)
         return factory
 
     return decorate
 
 
+def _architecture(name: str, factory: ModelFactory, hooks: ModelHooks, origin: str
+                  ) -> _Architecture:
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # unresolvable forward references: fall back to the raw annotations
+        hints = {}
+    parameters: dict[str, _Parameter] = {}
+    for param in inspect.signature(factory).parameters.values():
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD,
+                          inspect.Parameter.POSITIONAL_ONLY):
+            raise TypeError(f"{name}: parameter {param.name!r} must be passable by keyword "
+                            f"(no *args, **kwargs or positional-only parameters)")
+        annotation = hints.get(param.name, param.annotation)
+        kind = _ARGUMENT_KINDS.get(annotation)
+        if kind is None:
+            raise TypeError(f"{name}: parameter {param.name!r} needs an annotation of "
+                            f"{_KNOWN_ANNOTATIONS}, got {annotation!r}")
+        parameters[param.name] = _Parameter(kind, param.default is inspect.Parameter.empty)
+    return _Architecture(factory, parameters, hooks, origin)
+
+
 def model_names() -> list[str]:
-    """The registered architecture names, sorted."""
+    """The registered architecture names (built-in, apps, installed entry points), sorted."""
+    _discover()
     return sorted(_REGISTRY)
+
+
+def model_hooks(architecture: str) -> ModelHooks:
+    """The hooks of ``architecture`` (empty for the built-in ones and unknown names)."""
+    found = _lookup(architecture)
+    return found.hooks if found is not None else ModelHooks()
+
+
+def _lookup(name: str) -> _Architecture | None:
+    if name not in _REGISTRY:
+        _discover()
+    return _REGISTRY.get(name)
+
+
+def _discover() -> None:
+    from core import apps  # apps registers into this module: imported late, no cycle at load
+
+    apps.discover_entry_points()
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -110,17 +203,37 @@ def build_model(spec: ModelSpec) -> nn.Module:
     alone).
 
     Raises:
-        ModelSpecError: unknown architecture, or an argument that is unknown, missing, of the
-            wrong type or out of range; the message names ``model.architecture`` or
-            ``model.arguments.NAME``.
+        ModelSpecError: unknown architecture, an argument that is unknown, missing, of the
+            wrong type or out of range (the message names ``model.architecture`` or
+            ``model.arguments.NAME``), or a user factory that raises or returns something
+            that is not an ``nn.Module``.
     """
-    architecture = _REGISTRY.get(spec.architecture)
+    architecture = _lookup(spec.architecture)
     if architecture is None:
+        from core.apps import broken_entry_point
+
+        why = broken_entry_point(spec.architecture)
+        if why is not None:
+            raise ModelSpecError(f"model.architecture: {why}")
         raise ModelSpecError(
             f"model.architecture: unknown architecture {spec.architecture!r} "
-            f"(registered: {', '.join(model_names())})"
+            f"(registered: {', '.join(model_names())}; user models come from "
+            f"--app module:attribute or an installed 'fedcoord.models' entry point)"
         )
-    return architecture.factory(**_checked_arguments(spec, architecture))
+    arguments = _checked_arguments(spec, architecture)
+    if architecture.origin == "built-in":
+        return architecture.factory(**arguments)
+    try:
+        model = architecture.factory(**arguments)
+    except ModelSpecError:
+        raise
+    except Exception as exc:
+        raise ModelSpecError(f"model: {spec.architecture!r} ({architecture.origin}) failed to "
+                             f"build: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"model: {spec.architecture!r} ({architecture.origin}) returned "
+                             f"{type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _checked_arguments(spec: ModelSpec, architecture: _Architecture) -> dict[str, Any]:
@@ -128,7 +241,7 @@ def _checked_arguments(spec: ModelSpec, architecture: _Architecture) -> dict[str
         if name not in architecture.parameters:
             raise ModelSpecError(
                 f"model.arguments.{name}: unknown argument for {spec.architecture!r} "
-                f"(expected: {', '.join(architecture.parameters)})"
+                f"(expected: {', '.join(architecture.parameters) or 'none'})"
             )
     arguments: dict[str, Any] = {}
     for name, parameter in architecture.parameters.items():
@@ -194,6 +307,35 @@ def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
         {name: torch.from_numpy(np.array(state[name], dtype=np.float32, copy=True))
          for name in own}
     )
+
+
+def load_model(task: ModelSpec | Any, path: str | Path) -> nn.Module:
+    """The model a task trains, with the weights of a file ``fedctl model pull`` wrote, in
+    eval mode: ``load_model("task.yaml", "model.safetensors")``.
+
+    ``task`` is a task file path, a :class:`~core.types.TaskSpec` or a
+    :class:`~core.types.ModelSpec`. A user model needs its app loaded first
+    (:func:`core.apps.load_app`) unless it is an installed entry point.
+
+    Raises:
+        TaskSpecError: ``task`` is a file that is not a valid task file.
+        ModelSpecError: the model cannot be built, or the weights do not fit it.
+        TensorFormatError: ``path`` is not a safetensors file.
+        OSError: ``path`` cannot be read.
+    """
+    from core.tensors import load_safetensors
+    from core.types import TaskSpec
+
+    if isinstance(task, str | Path):
+        from core.taskspec import load_task_file
+
+        task = load_task_file(task)
+    spec = task.model if isinstance(task, TaskSpec) else task
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"expected a task file, TaskSpec or ModelSpec, got {type(task).__name__}")
+    model = build_model(spec)
+    load_numpy_state(model, load_safetensors(Path(path).read_bytes()))
+    return model.eval()
 
 
 # -- architectures --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.models import LossFn, MetricsFn
 from core.types import LocalOptimizerKind, LocalTraining
 
 
@@ -37,11 +38,13 @@ _OPTIMIZERS: dict[LocalOptimizerKind, _OptimizerFactory] = {
 
 
 def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTraining, *,
-                seed: int) -> TrainResult:
+                seed: int, loss: LossFn | None = None) -> TrainResult:
     """Trains ``model`` in place: ``config.epochs`` passes over minibatches of
     ``config.batch_size`` (the last one may be smaller), reshuffled each epoch by a
     ``torch.Generator`` seeded with ``seed``, minimising cross-entropy with the configured
     optimizer (a fresh one per call: optimizer state does not carry over between rounds).
+    ``loss`` (an app's hook, see :mod:`core.apps`) replaces cross-entropy: it gets the model
+    and one minibatch and returns the batch's mean loss.
 
     ``x`` is ``[n, features]`` (cast to float32), ``y`` ``[n]`` class indices.
 
@@ -53,6 +56,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTra
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be at least 1, got {config.epochs} "
                          f"and {config.batch_size}")
+    objective = loss
     generator = torch.Generator().manual_seed(seed)
     optimizer = _OPTIMIZERS[config.optimizer](model.parameters(), config)
     n = len(labels)
@@ -66,21 +70,24 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTra
             epoch_loss = torch.zeros((), dtype=torch.float64)
             for batch in torch.split(order, config.batch_size):
                 optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(features[batch]), labels[batch])
-                torch.autograd.backward(loss)
+                batch_loss = (objective(model, features[batch], labels[batch]) if objective
+                              else nn.functional.cross_entropy(model(features[batch]),
+                                                               labels[batch]))
+                torch.autograd.backward(batch_loss)
                 optimizer.step()
                 # Summed as a tensor: no per-step synchronisation through float().
-                epoch_loss += loss.detach().double() * len(batch)
+                epoch_loss += batch_loss.detach().double() * len(batch)
                 steps += 1
     finally:
         model.train(was_training)
     return TrainResult(num_examples=n, loss=float(epoch_loss) / n, steps=steps)
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024
-             ) -> tuple[float, float]:
-    """(mean cross-entropy in nats per example, accuracy in [0, 1]) of ``model`` on the
-    data, under ``torch.no_grad`` and in eval mode.
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024,
+             loss: LossFn | None = None) -> tuple[float, float]:
+    """(mean loss per example, accuracy in [0, 1]) of ``model`` on the data, under
+    ``torch.no_grad`` and in eval mode. The loss is cross-entropy in nats, or the app's
+    ``loss`` hook when given; accuracy is the argmax of 2-D outputs (0 for other outputs).
 
     Raises:
         ValueError: no data, ``x`` and ``y`` of different lengths, or ``batch_size`` < 1.
@@ -98,12 +105,45 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int 
                           strict=True)
             for xb, yb in batches:
                 logits = model(xb)
-                loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
-                correct += (logits.argmax(dim=1) == yb).sum()
+                if loss is None:
+                    loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
+                else:
+                    loss_sum += loss(model, xb, yb).double() * len(yb)
+                if logits.ndim == 2:
+                    correct += (logits.argmax(dim=1) == yb).sum()
     finally:
         model.train(was_training)
     n = len(labels)
     return float(loss_sum) / n, int(correct) / n
+
+
+def evaluate_metrics(model: nn.Module, x: np.ndarray, y: np.ndarray, metrics: MetricsFn
+                     ) -> dict[str, float]:
+    """An app's metrics of ``model`` on the data, under ``torch.no_grad`` and in eval mode.
+
+    Raises:
+        ValueError: no data, or the hook returned a name that is not a string or a value
+            that is not a finite number (the message names it).
+    """
+    features, labels = as_tensors(x, y, "evaluation")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            raw = metrics(model, features, labels)
+    finally:
+        model.train(was_training)
+    out: dict[str, float] = {}
+    for name, value in dict(raw).items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not isinstance(name, str) or not name or not np.isfinite(number):
+            raise ValueError(f"metrics hook returned {name!r}: {value!r}; expected a "
+                             f"non-empty name and a finite number")
+        out[name] = number
+    return out
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray, what: str) -> tuple[torch.Tensor, torch.Tensor]:

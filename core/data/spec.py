@@ -1,24 +1,26 @@
 """``--data`` specs: ``SOURCE[:key=value,key=value...]``.
 
-Sources::
+Built-in sources::
 
     synthetic:alpha=A,beta=B,shard=K/N[,seed=S][,iid=true|false]   FedProx Synthetic(A, B)
     digits:shard=K/N[,dirichlet=ALPHA][,seed=S]                    sklearn digits, non-IID
     digits:split=test                                              the global held-out set
 
-Shards are 0-based: ``K/N`` with ``0 <= K < N``. Every error is a :class:`DataSpecError`
-whose message quotes the spec and names the field, e.g.
-``data spec 'digits:shard=5/4': shard index 5 out of range for 4 shards``.
+and any source an engineer's app registers (:mod:`core.apps`). Shards are 0-based: ``K/N``
+with ``0 <= K < N``. Every error is a :class:`DataSpecError` whose message quotes the spec
+and names the field, e.g. ``data spec 'digits:shard=5/4': shard index 5 out of range for 4
+shards``.
 
-Each source is one function in the :data:`_SOURCES` registry. It reads and checks its fields
-and returns a loader; parsing runs it (so a bad spec fails when it is read, before any data
-is generated) and :func:`load_dataset` runs it and calls the loader. Generators (numpy,
-scikit-learn) are imported only when data is loaded.
+A source is a function ``(params: DataParams) -> LocalDataset``: it reads its fields through
+:class:`DataParams` (which checks them) and returns the device's data. :func:`parse_data_spec`
+checks the syntax and that the source exists; the fields are checked when the source runs
+(:func:`load_dataset`), which also refuses a key the source never read.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -41,11 +43,12 @@ class DataSpec:
 
 
 def parse_data_spec(text: str) -> DataSpec:
-    """Parses and fully validates a data spec (no data is generated).
+    """Parses a data spec and checks that its source is registered (no data is loaded; the
+    source's own fields are checked by :func:`load_dataset`).
 
     Raises:
-        DataSpecError: unknown source, a malformed ``key=value`` item, a repeated, unknown,
-            missing or out-of-range field; the message quotes ``text`` and names the field.
+        DataSpecError: unknown source, a malformed ``key=value`` item or a repeated key; the
+            message quotes ``text`` and names the field.
     """
     source, _, rest = text.partition(":")
     source = source.strip()
@@ -60,59 +63,165 @@ def parse_data_spec(text: str) -> DataSpec:
             _fail(text, f"{key} given twice")
         params[key] = value
     spec = DataSpec(source, params)
-    _loader(spec, text)
+    _source(spec, text)
     return spec
 
 
 def load_dataset(spec: DataSpec | str) -> LocalDataset:
-    """Validates ``spec`` and generates or loads the device's data. Deterministic: the same
-    spec always gives the same arrays.
+    """Runs the spec's source: the device's data. Deterministic for the built-in sources (the
+    same spec always gives the same arrays).
 
     Raises:
-        DataSpecError: as :func:`parse_data_spec`.
+        DataSpecError: as :func:`parse_data_spec`, a field the source refuses, a key it does
+            not read, or a user source that fails or returns something else than a
+            LocalDataset (the message names the spec).
     """
     if isinstance(spec, str):
         spec = parse_data_spec(spec)
-    return _loader(spec, str(spec))()
+    text = str(spec)
+    registered = _source(spec, text)
+    params = DataParams(spec, text)
+    if registered.origin == "built-in":
+        dataset = registered.load(params)
+    else:
+        try:
+            dataset = registered.load(params)
+        except DataSpecError:
+            raise
+        except Exception as exc:
+            _fail(text, f"source {spec.source!r} ({registered.origin}) failed: "
+                        f"{type(exc).__name__}: {exc}")
+        if not isinstance(dataset, LocalDataset):
+            _fail(text, f"source {spec.source!r} ({registered.origin}) returned "
+                        f"{type(dataset).__name__}, not a LocalDataset")
+    params.done()
+    return dataset
 
 
 def with_shard(spec: DataSpec, shard: int, num_shards: int) -> DataSpec:
     """A copy of ``spec`` with ``shard=shard/num_shards`` (added or replaced), so one process
-    can host many virtual devices from one spec.
+    can host many virtual devices (and a simulation many devices) from one spec.
 
     Raises:
-        DataSpecError: the source takes no shard (e.g. ``digits:split=test``) or the shard is
-            out of range.
+        DataSpecError: the shard is out of range, or the spec already names a split that
+            takes no shard (``digits:split=test``).
     """
-    result = DataSpec(spec.source, {**spec.params, "shard": f"{shard}/{num_shards}"})
-    _loader(result, str(result))
-    return result
+    if not 0 <= shard < num_shards:
+        _fail(str(spec), f"shard index {shard} out of range for {num_shards} shards")
+    if "split" in spec.params:
+        _fail(str(spec), "a split takes no shard")
+    return DataSpec(spec.source, {**spec.params, "shard": f"{shard}/{num_shards}"})
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+#: A data source: reads its fields from the params, returns one device's data.
+DataSource = Callable[["DataParams"], LocalDataset]
+
+
+@dataclass(frozen=True)
+class _Registered:
+    load: DataSource
+    origin: str
+
+
+_lock = threading.Lock()
+_SOURCES: dict[str, _Registered] = {}
+
+
+def register_data_source(name: str, source: DataSource, *, origin: str = "built-in") -> None:
+    """Registers ``source`` under ``name`` (``origin`` names it in messages); the same
+    function again under the same name does nothing.
+
+    Raises:
+        ValueError: ``name`` is already registered, or is not a plain identifier.
+    """
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"data source name {name!r}: use letters, digits, '_' and '-'")
+    with _lock:
+        if name in _SOURCES and _SOURCES[name].load is source:
+            return  # the same app found twice (--app and its entry point): no-op
+        if name in _SOURCES:
+            raise ValueError(f"data source {name!r} is already registered "
+                             f"({_SOURCES[name].origin})")
+        _SOURCES[name] = _Registered(source, origin)
+
+
+def data_source_names() -> list[str]:
+    """The registered source names (built-in, apps, installed entry points), sorted."""
+    _discover()
+    return sorted(_SOURCES)
+
+
+def _discover() -> None:
+    from core import apps  # apps registers into this module: imported late, no cycle
+
+    apps.discover_entry_points()
+
+
+def _source(spec: DataSpec, text: str) -> _Registered:
+    if spec.source not in _SOURCES:
+        _discover()
+    registered = _SOURCES.get(spec.source)
+    if registered is None:
+        from core.apps import broken_entry_point
+
+        why = broken_entry_point(spec.source)
+        if why is not None:
+            _fail(text, why)
+        _fail(text, f"unknown source {spec.source!r} (expected one of "
+                    f"{', '.join(data_source_names())}; user sources come from --app "
+                    f"module:attribute or an installed 'fedcoord.data' entry point)")
+    return registered
 
 
 # -- fields ----------------------------------------------------------------------------------
-
-Loader = Callable[[], LocalDataset]
-
 
 def _fail(text: str, message: str) -> NoReturn:
     raise DataSpecError(f"data spec {text!r}: {message}")
 
 
-class _Fields:
-    """The params of one spec, read field by field; :meth:`done` refuses any left unread."""
+class DataParams:
+    """The ``key=value`` fields of one data spec, as a source reads them. Each reader checks
+    its field and raises :class:`DataSpecError` quoting the spec and naming the field; after
+    the source returns, a key it never read is refused (a typo must not fall back to a
+    default)."""
 
     def __init__(self, spec: DataSpec, text: str) -> None:
         self.source = spec.source
-        self.text = text
+        self._text = text
         self._params = dict(spec.params)
         self._read: set[str] = set()
 
     def fail(self, message: str) -> NoReturn:
-        _fail(self.text, message)
+        """Raises DataSpecError quoting the spec."""
+        _fail(self._text, message)
 
     def raw(self, key: str) -> str | None:
+        """The field's text, or None when absent."""
         self._read.add(key)
         return self._params.get(key)
+
+    def text(self, key: str, *, default: str | None = None) -> str:
+        """A string field; required unless ``default``."""
+        raw = self.raw(key)
+        if raw is None:
+            if default is None:
+                self.fail(f"{key} is required")
+            return default
+        return raw
+
+    def integer(self, key: str, *, default: int | None = None) -> int:
+        """A non-negative integer field; required unless ``default``."""
+        raw = self.raw(key)
+        if raw is None:
+            if default is None:
+                self.fail(f"{key} is required")
+            return default
+        value = _decimal(raw)
+        if value is None:
+            self.fail(f"{key} must be a non-negative integer, got {raw!r}")
+        return value
 
     def has(self, key: str) -> bool:
         return key in self._params
@@ -168,6 +277,7 @@ class _Fields:
         return raw == "true"
 
     def done(self, context: str = "") -> None:
+        """Refuses keys no reader asked for (called by :func:`load_dataset`)."""
         unknown = [key for key in self._params if key not in self._read]
         if unknown:
             where = context or self.source
@@ -186,59 +296,39 @@ def _decimal(text: str) -> int | None:
         return None
 
 
-def _loader(spec: DataSpec, text: str) -> Loader:
-    source = _SOURCES.get(spec.source)
-    if source is None:
-        _fail(text, f"unknown source {spec.source!r} (expected one of "
-                    f"{', '.join(sorted(_SOURCES))})")
-    fields = _Fields(spec, text)
-    loader = source(fields)
-    fields.done()
-    return loader
+# -- built-in sources ------------------------------------------------------------------------
+
+def _synthetic(params: DataParams) -> LocalDataset:
+    from core.data.synthetic import synthetic_shard
+
+    alpha = params.number("alpha")
+    beta = params.number("beta")
+    shard, num_shards = params.shard()
+    seed = params.natural("seed", default=0)
+    iid = params.flag("iid", default=False)
+    params.done()
+    return synthetic_shard(alpha=alpha, beta=beta, shard=shard, num_shards=num_shards,
+                           seed=seed, iid=iid)
 
 
-# -- sources ---------------------------------------------------------------------------------
-
-def _synthetic(fields: _Fields) -> Loader:
-    alpha = fields.number("alpha")
-    beta = fields.number("beta")
-    shard, num_shards = fields.shard()
-    seed = fields.natural("seed", default=0)
-    iid = fields.flag("iid", default=False)
-
-    def load() -> LocalDataset:
-        from core.data.synthetic import synthetic_shard
-
-        return synthetic_shard(alpha=alpha, beta=beta, shard=shard, num_shards=num_shards,
-                               seed=seed, iid=iid)
-
-    return load
-
-
-def _digits(fields: _Fields) -> Loader:
+def _digits(params: DataParams) -> LocalDataset:
     from core.data import digits
 
-    if fields.has("split"):
-        if fields.raw("split") != "test":
-            fields.fail(f"split must be 'test', got {fields.raw('split')!r}")
-        fields.done("digits:split=test")
-        return digits.digits_test_set
-    shard, num_shards = fields.shard()
+    if params.has("split"):
+        if params.raw("split") != "test":
+            params.fail(f"split must be 'test', got {params.raw('split')!r}")
+        params.done("digits:split=test")
+        return digits.digits_test_set()
+    shard, num_shards = params.shard()
     if num_shards > digits.MAX_SHARDS:
-        fields.fail(f"shard count {num_shards} too large: digits has at most "
+        params.fail(f"shard count {num_shards} too large: digits has at most "
                     f"{digits.MAX_SHARDS} shards")
-    dirichlet = fields.number("dirichlet", default=0.5, positive=True)
-    seed = fields.natural("seed", default=0)
-
-    def load() -> LocalDataset:
-        return digits.digits_shard(shard=shard, num_shards=num_shards, dirichlet=dirichlet,
-                                   seed=seed)
-
-    return load
+    dirichlet = params.number("dirichlet", default=0.5, positive=True)
+    seed = params.natural("seed", default=0)
+    params.done()
+    return digits.digits_shard(shard=shard, num_shards=num_shards, dirichlet=dirichlet,
+                               seed=seed)
 
 
-#: Source name -> function that reads the source's fields and returns its loader.
-_SOURCES: dict[str, Callable[[_Fields], Loader]] = {
-    "synthetic": _synthetic,
-    "digits": _digits,
-}
+register_data_source("synthetic", _synthetic)
+register_data_source("digits", _digits)

@@ -206,13 +206,13 @@ def test_with_shard_replaces_or_adds_the_shard() -> None:
 def test_with_shard_rejects_a_shard_out_of_range_or_a_spec_without_shards() -> None:
     with pytest.raises(DataSpecError, match="shard index 8 out of range for 8 shards"):
         with_shard(parse_data_spec("digits:shard=0/4"), 8, 8)
-    with pytest.raises(DataSpecError, match="unknown key 'shard' for digits:split=test"):
+    with pytest.raises(DataSpecError, match="a split takes no shard"):
         with_shard(parse_data_spec("digits:split=test"), 0, 2)
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("", "unknown source ''"),
-    ("mnist:shard=0/2", "unknown source 'mnist' \\(expected one of digits, synthetic\\)"),
+    ("mnist:shard=0/2", "unknown source 'mnist' \\(expected one of .*digits, .*synthetic"),
     ("digits:shard=5/4", "shard index 5 out of range for 4 shards"),
     ("digits:shard=4/4", "shard index 4 out of range for 4 shards"),
     ("digits:shard=0/0", "shard count must be at least 1"),
@@ -248,7 +248,7 @@ def test_with_shard_rejects_a_shard_out_of_range_or_a_spec_without_shards() -> N
 def test_every_bad_spec_fails_quoting_the_spec_and_naming_the_field(text: str,
                                                                     message: str) -> None:
     with pytest.raises(DataSpecError, match=message) as caught:
-        parse_data_spec(text)
+        load_dataset(text)
     assert str(caught.value).startswith(f"data spec {text!r}: ")
 
 

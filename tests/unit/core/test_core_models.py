@@ -27,7 +27,7 @@ SPECS = {
 
 
 def test_the_three_architectures_are_registered() -> None:
-    assert model_names() == ["cnn", "logistic_regression", "mlp"]
+    assert {"cnn", "logistic_regression", "mlp"} <= set(model_names())
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -161,9 +161,9 @@ def test_a_name_cannot_be_registered_twice() -> None:
 
 
 def test_a_factory_with_an_unknown_annotation_is_refused() -> None:
-    def factory(rate: float) -> torch.nn.Module:
+    def factory(rate: complex) -> torch.nn.Module:
         return torch.nn.Identity()
 
-    with pytest.raises(TypeError, match="'rate' needs an int or Sequence\\[int\\]"):
-        register_model("test_only_float_model")(factory)
-    assert "test_only_float_model" not in model_names()
+    with pytest.raises(TypeError, match="'rate' needs an annotation of int, float, bool, str"):
+        register_model("test_only_complex_model")(factory)
+    assert "test_only_complex_model" not in model_names()
