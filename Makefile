@@ -17,8 +17,10 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(PIP) install -q -e '.[dev]'
+# The example app (examples/custom_app) is installed too: its entry points are what the
+# custom-app tests find without --app.
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml examples/custom_app/pyproject.toml
+	$(PIP) install -q -e '.[dev]' -e examples/custom_app
 	touch $@
 
 install: $(VENV)/.installed
