@@ -75,6 +75,9 @@ class CoordinatorSettings:
     retry_after_max_s: float = 5.0
     #: A task fails after this many failed attempts in a row.
     max_failed_attempts: int = 20
+    #: Launch checks compare a task with the data schemas its population reported at
+    #: check-in over this many seconds (coordinator.rounds.schemas).
+    schema_window_s: float = 600.0
     max_num_examples: int = 1 << 31
     #: Tests and simulations only: accept a seeded (reproducible, *insecure*) noise source
     #: for differential privacy. Production keeps False, and the service then refuses any

@@ -3,6 +3,10 @@
 ``fedctl agent run --devices M`` hosts M virtual devices, each with its own identity and
 data shard, sharing one gRPC channel; each device runs on its own thread (torch releases
 the GIL in its kernels). SIGTERM/SIGINT stop every device cleanly between steps.
+
+One device's trouble is its own: a task it cannot run is declined (see
+:mod:`device_agent.runtime.device`), and a device that crashes ends alone while the others
+go on serving. :func:`exit_status` turns the devices' ends into the process's exit code.
 """
 
 from __future__ import annotations
@@ -100,9 +104,10 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[
     def run(i: int) -> None:
         try:
             results[i] = devices[i].run()
-        except Exception:
-            log.exception("device %s crashed", devices[i].device_id)
-            stop.set()
+        except Exception as exc:  # noqa: BLE001 - a bug in one device ends that device only
+            log.exception("device %s crashed; the other devices go on", devices[i].device_id)
+            results[i] = devices[i].stats
+            results[i].failure = f"crashed: {type(exc).__name__}: {exc}"
 
     threads = [threading.Thread(target=run, args=(i,), name=d.device_id, daemon=True)
                for i, d in enumerate(devices)]
@@ -113,6 +118,13 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[
             t.join(timeout=0.5)
     client.close()
     return results
+
+
+def exit_status(results: list[DeviceStats]) -> int:
+    """The agent process's exit code: 0 when at least one device ended well (its task
+    finished, it was stopped, or it went idle), 1 when every device failed (unreachable
+    coordinator, refused, crashed, or declined the one task it was started for)."""
+    return 0 if any(not r.failure for r in results) else 1
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

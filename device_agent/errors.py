@@ -6,6 +6,8 @@ AgentError
  +-- Unreachable     retries exhausted while the coordinator was unreachable
  +-- BadPayload      a download did not match its declared size or hash
  +-- BudgetExhausted local DP: this round's update would take the device past its budget
+ +-- Declined        the device cannot run the task (its model does not build or fit the
+                     device's data): it declines it for good
 """
 
 from __future__ import annotations
@@ -39,3 +41,9 @@ class BadPayload(AgentError):
 class BudgetExhausted(AgentError):
     """The update was trained but is not sent: sending it would take this device's local-DP
     epsilon past the task's budget. The device takes no further part in the task."""
+
+
+class Declined(AgentError):
+    """The device cannot run the task: its model does not build here or does not fit this
+    device's data. The device reports it (a decline, with this message as the reason) and
+    takes no further part in the task; its other tasks go on."""

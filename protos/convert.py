@@ -20,7 +20,14 @@ from core.secagg.params import SecAggParams
 from core.security.identity import DeviceProof
 from core.taskspec import TaskSpecError, spec_from_dict, spec_to_dict
 from core.tensors import TensorInfo
-from core.types import DeviceAttributes, LocalOptimizerKind, LocalTraining, ModelSpec, TaskSpec
+from core.types import (
+    DataSchema,
+    DeviceAttributes,
+    LocalOptimizerKind,
+    LocalTraining,
+    ModelSpec,
+    TaskSpec,
+)
 from protos.fedcoord.v1 import admin_pb2, common_pb2, device_pb2
 
 _DTYPES: dict[str, int] = {
@@ -72,6 +79,50 @@ def attributes_to_proto(attrs: DeviceAttributes) -> common_pb2.DeviceAttributes:
         idle=attrs.idle,
         population=attrs.population,
     )
+
+
+#: Bounds of a reported data schema (those of a task's ``data_schema``, core.taskspec).
+MAX_SCHEMA_DIMENSIONS = 8
+MAX_SCHEMA_SIZE = 1 << 20
+#: Most task ids a check-in may name as declined, and the longest id.
+MAX_DECLINED_TASKS = 32
+MAX_TASK_ID_CHARS = 128
+
+
+def data_schema_to_proto(schema: DataSchema) -> device_pb2.DataSchema:
+    return device_pb2.DataSchema(feature_shape=list(schema.feature_shape),
+                                 num_classes=schema.num_classes)
+
+
+def data_schema_from_proto(msg: device_pb2.DataSchema) -> DataSchema:
+    """Raises WireFormatError when the schema has no dimension, more than 8, or a dimension
+    or class count outside [1, 2^20]."""
+    shape = tuple(int(d) for d in msg.feature_shape[:MAX_SCHEMA_DIMENSIONS + 1])
+    if not 1 <= len(shape) <= MAX_SCHEMA_DIMENSIONS or not all(
+            1 <= d <= MAX_SCHEMA_SIZE for d in shape):
+        shown = list(shape) if len(shape) <= MAX_SCHEMA_DIMENSIONS else "more than 8 dimensions"
+        raise WireFormatError(f"data_schema.feature_shape must list 1 to "
+                              f"{MAX_SCHEMA_DIMENSIONS} dimensions, each between 1 and "
+                              f"{MAX_SCHEMA_SIZE}, got {shown}")
+    if not 1 <= msg.num_classes <= MAX_SCHEMA_SIZE:
+        raise WireFormatError(f"data_schema.num_classes must be between 1 and "
+                              f"{MAX_SCHEMA_SIZE}, got {msg.num_classes}")
+    return DataSchema(shape, int(msg.num_classes))
+
+
+def check_in_schema_from_proto(msg: device_pb2.CheckInRequest) -> DataSchema | None:
+    """The check-in's data schema; None when the agent sent none (an older agent)."""
+    return data_schema_from_proto(msg.data_schema) if msg.HasField("data_schema") else None
+
+
+def declined_task_ids_from_proto(ids: Sequence[str]) -> frozenset[str]:
+    """Raises WireFormatError for more than 32 ids or one longer than 128 characters."""
+    if len(ids) > MAX_DECLINED_TASKS:
+        raise WireFormatError(f"declined_task_ids: at most {MAX_DECLINED_TASKS}, got {len(ids)}")
+    if any(len(i) > MAX_TASK_ID_CHARS for i in ids):
+        raise WireFormatError(f"declined_task_ids: a task id is at most {MAX_TASK_ID_CHARS} "
+                              "characters")
+    return frozenset(ids)
 
 
 def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:

@@ -80,8 +80,7 @@ def run_commit(job: CommitJob, models: ModelRepository,
     metrics: dict[str, float] = {}
     if job.spec.evaluation.server_data:
         try:
-            loss, acc = evaluator.evaluate(job.spec, params)
-            metrics = {"server_eval_loss": loss, "server_eval_accuracy": acc}
+            metrics = evaluator.evaluate(job.spec, params)
         except Exception:  # evaluation must never undo a commit
             log.exception("server-side evaluation of task %s failed", job.task_id)
     model = LoadedModel(version, params, base.infos, base.nbytes, record, opt_state)

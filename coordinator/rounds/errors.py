@@ -8,6 +8,8 @@ CoordinatorError
  +-- Duplicate             ALREADY_EXISTS       a second update or SecAgg message of a device
  +-- TooLarge              RESOURCE_EXHAUSTED   update over the task's size limit
  +-- Late                  FAILED_PRECONDITION  round closed, task not running
+ +-- DataMismatch          FAILED_PRECONDITION  a task whose model or declared data does not
+ |                                            fit the data its population reported
  +-- Unavailable           UNAVAILABLE          the coordinator cannot serve this right now
 
 Messages never echo client input unbounded: ids and names pass through :func:`shown`.
@@ -42,6 +44,11 @@ class TooLarge(CoordinatorError):
 
 class Late(CoordinatorError):
     pass
+
+
+class DataMismatch(CoordinatorError):
+    """A task does not fit the data its devices have: refused at launch (the task is fine
+    as written; the population is not what it expects)."""
 
 
 class Unavailable(CoordinatorError):

@@ -1,5 +1,6 @@
 """Server-side evaluation of committed models on a data spec the task names (torch imported
-lazily). Called by the commit worker, off the event loop."""
+lazily). Called by the commit worker, off the event loop. An app's model is evaluated with
+the app's loss and metrics (:func:`core.models.model_hooks`), like on devices."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import numpy as np
 from coordinator.rounds.errors import InvalidRequest
 from core.errors import CoreError
 from core.types import TaskSpec
+
+#: An app's metrics kept per evaluation (round metrics are stored with the round).
+MAX_APP_METRICS = 16
+_METRIC_NAME_CHARS = 64
 
 
 class ServerEvaluator:
@@ -22,13 +27,28 @@ class ServerEvaluator:
         except CoreError as exc:
             raise InvalidRequest(f"spec.evaluation.server_data: {exc}") from None
 
-    def evaluate(self, spec: TaskSpec, params: Mapping[str, np.ndarray]) -> tuple[float, float]:
-        """(loss, accuracy) of ``params`` on the task's server data."""
+    def evaluate(self, spec: TaskSpec, params: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """The round metrics of ``params`` on the task's server data: ``server_eval_loss``
+        (the app's loss when it has one, else cross-entropy), ``server_eval_accuracy`` and
+        ``server_eval_NAME`` for each of the app's metrics (at most 16; a name that would
+        replace one of the first two is skipped).
+
+        Raises:
+            Exception: whatever loading the data or the model's code raises; the commit
+                worker logs it, and the commit stands.
+        """
         from core.data.spec import load_dataset
-        from core.models import build_model, load_numpy_state
-        from core.training import evaluate
+        from core.models import build_model, load_numpy_state, model_hooks
+        from core.training import evaluate, evaluate_metrics
 
         data = load_dataset(spec.evaluation.server_data)
         model = build_model(spec.model)
         load_numpy_state(model, params)
-        return evaluate(model, data.x_test, data.y_test)
+        hooks = model_hooks(spec.model.architecture)
+        loss, accuracy = evaluate(model, data.x_test, data.y_test, loss=hooks.loss)
+        metrics = {"server_eval_loss": loss, "server_eval_accuracy": accuracy}
+        if hooks.metrics is not None:
+            extra = evaluate_metrics(model, data.x_test, data.y_test, hooks.metrics)
+            for name, value in list(extra.items())[:MAX_APP_METRICS]:
+                metrics.setdefault(f"server_eval_{name}"[:_METRIC_NAME_CHARS], value)
+        return metrics

@@ -27,6 +27,7 @@ from coordinator.rounds.errors import (
     shown,
 )
 from coordinator.rounds.round_machine import RoundMachine
+from coordinator.rounds.schemas import ReportedSchemas
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Admission, is_eligible
 from coordinator.rounds.state import OpenRound, RunningTask, Seat, hash_token
@@ -55,7 +56,7 @@ from core.secagg.messages import (
     UnmaskResponse,
 )
 from core.tensors import TensorInfo
-from core.types import DeviceAttributes, ParticipantState, RoundState
+from core.types import DataSchema, DeviceAttributes, ParticipantState, RoundState
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,11 @@ _UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 class Participants:
     def __init__(self, store: Store, blobs: FileBlobStore, clock: Clock, tasks: Tasks,
-                 machine: RoundMachine, running: dict[str, RunningTask], *,
-                 rng: random.Random, settings: CoordinatorSettings) -> None:
+                 machine: RoundMachine, running: dict[str, RunningTask],
+                 schemas: ReportedSchemas, *, rng: random.Random,
+                 settings: CoordinatorSettings) -> None:
         self._store = store
+        self._schemas = schemas
         self._blobs = blobs
         self._clock = clock
         self._tasks = tasks
@@ -85,11 +88,19 @@ class Participants:
 
     # ------------------------------------------------------------------ check-in and plan
 
-    def check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None
+    def check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None, *,
+                 schema: DataSchema | None = None, declined: frozenset[str] = frozenset()
                  ) -> CheckInResult:
+        """Answers a check-in; records the device's data ``schema`` for its population's
+        launch checks, and never offers it a task it ``declined``."""
         _check_device_id(device_id)
         now = self._clock.now()
         limits = self._settings
+        if schema is not None:
+            self._schemas.record(attrs.population, device_id, schema, now)
+        if task_id and task_id in declined:
+            return CheckInResult(CheckInOutcome.FINISHED, task_id=task_id,
+                                 message=f"this device declined task {shown(task_id)}")
         if task_id:
             # The hot path: running tasks are answered from memory, without the database.
             task = self._running.get(task_id)
@@ -111,6 +122,7 @@ class Participants:
             candidates = [
                 t for t in self._running.values()
                 if is_eligible(attrs, t.spec.eligibility, t.spec.population)
+                and t.task_id not in declined
             ]
             if not candidates:
                 return self._retry(
@@ -300,6 +312,7 @@ class Participants:
             rnd.aggregator.add_upload(upload.spool.path, upload.header.num_examples,
                                       upload.header.metrics)
             rnd.reported.add(device)
+            task.any_accepted = True
             self._remember(seat, upload, None)
         finally:
             self.abort_upload(upload)
@@ -335,18 +348,27 @@ class Participants:
             seat.receipt = Receipt(upload.header.upload_id, upload.header.sha256.lower(),
                                    refusal)
 
-    def report_status(self, p: Participation, metrics: Mapping[str, float], error: str) -> None:
+    def report_status(self, p: Participation, metrics: Mapping[str, float], error: str, *,
+                      decline: bool = False) -> None:
+        """Evaluation-only metrics, or an error that keeps the device out of this round;
+        with ``decline`` the device cannot run the task at all, and its reason is counted
+        (the round machine then fails a task that no device can run)."""
         task, rnd, _ = self._seat(p)
         _check_metrics(metrics)
+        if decline and not error:
+            raise InvalidRequest("a decline needs its reason in error")
         if error:
             if p.device_id in rnd.reported:
                 raise Duplicate("this device's update was already accepted in this round; "
                                 "an error reported after it changes nothing")
             if p.device_id in rnd.errored:
                 return  # reported already: a retry of the same report
-            log.info("device %s could not take part in round %s: %s",
-                     p.device_id, rnd.round_number, error[:200])
+            log.info("device %s %s round %s: %s", p.device_id,
+                     "declined the task in" if decline else "could not take part in",
+                     rnd.round_number, error[:200])
             rnd.errored.add(p.device_id)
+            if decline:
+                task.declines.record(p.device_id, error)
             # Only a task whose devices report metrics in the clear keeps them per device.
             clear = rnd.aggregator.metrics_policy is MetricsPolicy.CLEAR
             self._store.set_participant_state(
@@ -383,6 +405,7 @@ class Participants:
             rnd.round_id, p.device_id, ParticipantState.REPORTED, now=self._clock.now(),
         )
         rnd.reported.add(p.device_id)
+        task.any_accepted = True
         self._machine.advance(task, self._clock.now())
 
     def secagg_unmask(self, p: Participation, message: UnmaskResponse) -> None:

@@ -90,6 +90,8 @@ class RoundMachine:
         rnd = task.round
         if rnd is None or rnd.state is RoundState.AGGREGATING:
             return
+        if task.declines.total and self._fail_if_no_device_can_run(task, rnd, now):
+            return
         spec = task.spec
         if rnd.state is RoundState.SELECTING and rnd.selector.due(now):
             if not self._close_selection(task, rnd, now):
@@ -210,6 +212,31 @@ class RoundMachine:
             self._running.pop(task.task_id, None)
             return
         self.open_next_round(task, now)
+
+    def fail_task(self, task: RunningTask, rnd: OpenRound | None, now: float,
+                  reason: str) -> None:
+        """Ends the task as FAILED with ``reason`` (its open round fails with it)."""
+        log.warning("task %s failed: %s", task.task_id, reason)
+        if rnd is not None:
+            self._store.set_round_state(rnd.round_id, RoundState.FAILED, now=now,
+                                        failure_reason=reason)
+            task.closed_seats = rnd.seats
+        task.round = None
+        self._store.set_task_state(task.task_id, TaskState.FAILED, reason)
+        self._running.pop(task.task_id, None)
+        self._progress()
+
+    def _fail_if_no_device_can_run(self, task: RunningTask, rnd: OpenRound, now: float
+                                   ) -> bool:
+        """Fails the task when its declines say no device can run it (the rule of
+        :meth:`coordinator.rounds.declines.Declines.verdict`); True if it did."""
+        pending = len(rnd.seats) - len(rnd.reported) - len(rnd.errored)
+        why = task.declines.verdict(any_accepted=task.any_accepted or bool(rnd.reported),
+                                    any_pending=pending > 0 or bool(rnd.uploading))
+        if why is None:
+            return False
+        self.fail_task(task, rnd, now, why)
+        return True
 
     def _close_selection(self, task: RunningTask, rnd: OpenRound, now: float) -> bool:
         """Draws the cohort when the window closes; False when the round ended (failed)
@@ -342,6 +369,7 @@ class RoundMachine:
         task.round = None
         task.closed_seats = rnd.seats
         task.failed_attempts = 0
+        task.any_accepted = True
         self._progress()
         log.info("task %s committed round %d (model v%d, %d reports)",
                  task.task_id, rnd.round_number, outcome.model.version, len(rnd.reported))

@@ -31,6 +31,7 @@ from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.participation import Participants
 from coordinator.rounds.round_machine import RoundMachine
+from coordinator.rounds.schemas import ReportedSchemas
 from coordinator.rounds.state import RunningTask
 from coordinator.rounds.tasks import Tasks, TaskView
 from coordinator.rounds.uploads import Upload
@@ -58,7 +59,13 @@ from core.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from core.types import DeviceAttributes, ServerOptimizer, ServerOptimizerKind, TaskSpec
+from core.types import (
+    DataSchema,
+    DeviceAttributes,
+    ServerOptimizer,
+    ServerOptimizerKind,
+    TaskSpec,
+)
 
 
 class CoordinatorService:
@@ -99,9 +106,10 @@ class CoordinatorService:
         self._machine = RoundMachine(store, self._models, evaluator, running, rng=rng,
                                      settings=self.settings, noise=noise, commits=commits,
                                      progress=self._progress)
-        self._tasks = Tasks(store, self._models, evaluator, self._machine, running)
+        schemas = ReportedSchemas(window_s=self.settings.schema_window_s)
+        self._tasks = Tasks(store, self._models, evaluator, self._machine, running, schemas)
         self._participants = Participants(store, blobs, clock, self._tasks, self._machine,
-                                          running, rng=rng, settings=self.settings)
+                                          running, schemas, rng=rng, settings=self.settings)
 
     def add_progress_listener(self, listener: Callable[[], None]) -> None:
         """``listener()`` is called whenever a secure-aggregation stage closes or a round
@@ -141,6 +149,8 @@ class CoordinatorService:
     # ------------------------------------------------------------------ admin
 
     def create_task(self, spec: TaskSpec) -> TaskView:
+        """Checks and starts a task; the view's ``launch_checks`` say what was checked.
+        Raises InvalidRequest or DataMismatch (see :meth:`Tasks.create`)."""
         return self._tasks.create(spec, self._clock.now())
 
     def get_task(self, task_id: str) -> TaskView:
@@ -165,9 +175,13 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------ devices
 
-    def check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None = None
-                 ) -> CheckInResult:
-        return self._participants.check_in(device_id, attrs, task_id)
+    def check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None = None,
+                 *, schema: DataSchema | None = None,
+                 declined: frozenset[str] = frozenset()) -> CheckInResult:
+        """``schema``: the device's data, remembered for launch checks; ``declined``: tasks
+        the device declined, never offered to it again."""
+        return self._participants.check_in(device_id, attrs, task_id, schema=schema,
+                                           declined=declined)
 
     def get_plan(self, p: Participation) -> Plan:
         return self._participants.plan(p)
@@ -202,8 +216,12 @@ class CoordinatorService:
         none runs. Transports bound the SecAgg key-sharing and unmasking messages by it."""
         return self._participants.most_secagg_neighbours()
 
-    def report_status(self, p: Participation, metrics: Mapping[str, float], error: str) -> None:
-        self._participants.report_status(p, metrics, error)
+    def report_status(self, p: Participation, metrics: Mapping[str, float], error: str,
+                      *, decline: bool = False) -> None:
+        """A device's evaluation metrics, or the error that kept it out of the round;
+        ``decline``: it cannot run the task at all (counted by reason; see
+        :mod:`coordinator.rounds.declines`)."""
+        self._participants.report_status(p, metrics, error, decline=decline)
 
     def secagg_advertise(self, p: Participation, message: KeyAdvertisement) -> None:
         self._participants.secagg_advertise(p, message)

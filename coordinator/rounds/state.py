@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.rounds.aggregators import Aggregator
+from coordinator.rounds.declines import Declines
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Selector
 from coordinator.rounds.uploads import Receipt, Upload
@@ -90,3 +91,8 @@ class RunningTask:
     closed_seats: dict[str, Seat] = field(default_factory=dict)
     #: A commit is running off the event loop; no round is open until it lands.
     committing: bool = False
+    #: Devices that declined the task, by reason; the rule that fails a task none can run.
+    declines: Declines = field(default_factory=lambda: Declines.for_task(1))
+    #: An update of the task was accepted at some point (a committed round counts): then
+    #: declines never fail it (:meth:`Declines.verdict`).
+    any_accepted: bool = False

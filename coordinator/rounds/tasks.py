@@ -11,13 +11,17 @@ import json
 import logging
 import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from coordinator.rounds.aggregators import metrics_policy_for
-from coordinator.rounds.errors import InvalidRequest, Late, NotFound, Unavailable, shown
+from coordinator.rounds.declines import Declines
+from coordinator.rounds.errors import Late, NotFound, Unavailable, shown
 from coordinator.rounds.evaluation import ServerEvaluator
+from coordinator.rounds.launch import check_launch, initial_params
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.round_machine import RoundMachine
+from coordinator.rounds.schemas import ReportedSchemas
 from coordinator.rounds.state import RunningTask, Seat
 from coordinator.rounds.task_setup import check_supported, secagg_params, task_privacy
 from coordinator.storage import Store
@@ -41,45 +45,55 @@ class TaskView:
     privacy: PrivacyStatus | None = None
     #: How devices' metrics leave them (what the task releases of them).
     metrics: MetricsPolicy = MetricsPolicy.CLEAR
+    #: Devices that declined the task, by reason (since the coordinator started).
+    declines: Mapping[str, int] = field(default_factory=dict)
+    #: What was checked at launch, one line each (only in the answer to a launch).
+    launch_checks: tuple[str, ...] = ()
 
 
 class Tasks:
     def __init__(self, store: Store, models: ModelRepository, evaluator: ServerEvaluator,
-                 machine: RoundMachine, running: dict[str, RunningTask]) -> None:
+                 machine: RoundMachine, running: dict[str, RunningTask],
+                 schemas: ReportedSchemas) -> None:
         self._store = store
         self._models = models
         self._evaluator = evaluator
         self._machine = machine
         self._running = running
+        self._schemas = schemas
+        #: Every loaded task's declines, kept after it ends (a few reasons per task).
+        self._declines: dict[str, Declines] = {}
 
     def create(self, spec: TaskSpec, now: float) -> TaskView:
-        """Checks the spec, writes model version 0 and the task, and opens round 1.
+        """Checks the spec and its model (:mod:`coordinator.rounds.launch`), writes model
+        version 0 and the task, and opens round 1. The view's ``launch_checks`` say what was
+        checked.
 
         Raises:
-            InvalidRequest: the model cannot be built, or the spec asks for what the
-                coordinator cannot run (see :func:`~coordinator.rounds.task_setup.
-                check_supported`).
+            InvalidRequest: the model cannot be built, does not fit its declared data, or the
+                spec asks for what the coordinator cannot run (see
+                :func:`~coordinator.rounds.task_setup.check_supported`).
+            DataMismatch: the model or declared data does not fit the data the task's
+                population reported.
         """
-        from core.models import initial_state  # torch: imported only when needed
-
-        try:
-            params = initial_state(spec.model, seed=spec.seed)
-        except CoreError as exc:
-            raise InvalidRequest(f"spec.model: {exc}") from None
+        params = initial_params(spec)
         if spec.evaluation.server_data:
             self._evaluator.check(spec)
         check_supported(spec)
+        checks = check_launch(spec, params, self._schemas.of(spec.population, now),
+                              window_s=self._schemas.window_s)
         privacy = task_privacy(spec, [])
         secagg = secagg_params(spec, privacy)
         task_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
         record, model = self._models.initial(task_id, params, now)
         self._store.create_task(task_id, json.dumps(spec_to_dict(spec), sort_keys=True),
                                 record, now)
-        task = RunningTask(task_id, spec, model, secagg=secagg, privacy=privacy)
+        task = RunningTask(task_id, spec, model, secagg=secagg, privacy=privacy,
+                           declines=self._new_declines(task_id, spec))
         self._running[task_id] = task
         self._machine.open_next_round(task, now)
-        log.info("created task %s (%s)", task_id, spec.name)
-        return self.view(task_id)
+        log.info("created task %s (%s); checked: %s", task_id, spec.name, "; ".join(checks))
+        return replace(self.view(task_id), launch_checks=tuple(checks))
 
     def recover(self, now: float) -> None:
         """Loads running tasks after a (re)start; open rounds from before are failed and
@@ -105,7 +119,9 @@ class Tasks:
             model = self._models.load(self._store.latest_model_version(record.task_id))
             privacy = task_privacy(spec, self._committed_metrics(record.task_id))
             task = RunningTask(record.task_id, spec, model, secagg=secagg_params(spec, privacy),
-                               privacy=privacy)
+                               privacy=privacy,
+                               declines=self._new_declines(record.task_id, spec),
+                               any_accepted=record.rounds_committed > 0)
             if record.task_id in interrupted:
                 rec = interrupted[record.task_id]
                 log.warning("round %d of task %s was open at restart; redoing it",
@@ -120,9 +136,11 @@ class Tasks:
     def view(self, task_id: str) -> TaskView:
         record = self.record(task_id)
         spec = self._spec(record)
+        declines = self._declines.get(task_id)
         return TaskView(record, spec, self._store.open_round_of(task_id),
                         privacy=self._privacy_status(task_id, spec),
-                        metrics=metrics_policy_for(spec))
+                        metrics=metrics_policy_for(spec),
+                        declines=dict(declines.by_reason) if declines is not None else {})
 
     def all(self) -> list[TaskView]:
         return [self.view(t.task_id) for t in self._store.list_tasks()]
@@ -147,6 +165,10 @@ class Tasks:
             return self._store.get_task(task_id)
         except storage_errors.NotFound:
             raise NotFound(f"no task with id {shown(task_id)}") from None
+
+    def _new_declines(self, task_id: str, spec: TaskSpec) -> Declines:
+        declines = self._declines[task_id] = Declines.for_task(spec.min_reports)
+        return declines
 
     def _spec(self, record: TaskRecord) -> TaskSpec:
         """The stored spec. Raises Unavailable (with the field) when a spec stored by an older

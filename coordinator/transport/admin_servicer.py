@@ -55,6 +55,7 @@ def task_to_proto(view: TaskView) -> admin_pb2.Task:
     if view.current_round is not None:
         msg.current_round.CopyFrom(round_to_proto(view.current_round))
     msg.metrics_release = view.metrics.value
+    msg.declines_by_reason.update(view.declines)
     if view.privacy is not None:
         msg.privacy.CopyFrom(convert.privacy_status_to_proto(view.privacy))
     return msg
@@ -93,7 +94,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.CreateTaskResponse:
         check_api_version(request.api_version)
         view = self._service.create_task(convert.task_spec_from_proto(request.spec))
-        return admin_pb2.CreateTaskResponse(task=task_to_proto(view))
+        return admin_pb2.CreateTaskResponse(task=task_to_proto(view),
+                                            launch_checks=view.launch_checks)
 
     @maps_errors
     async def GetTask(

@@ -117,7 +117,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         check_api_version(request.api_version)
         result = self._service.check_in(
             request.device_id, convert.attributes_from_proto(request.attributes),
-            request.task_id or None,
+            request.task_id or None, schema=convert.check_in_schema_from_proto(request),
+            declined=convert.declined_task_ids_from_proto(request.declined_task_ids),
         )
         return device_pb2.CheckInResponse(
             outcome=_OUTCOMES[result.outcome],
@@ -204,7 +205,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     ) -> device_pb2.ReportStatusResponse:
         check_api_version(request.api_version)
         self._service.report_status(
-            _participation(request.participation), dict(request.metrics), request.error
+            _participation(request.participation), dict(request.metrics), request.error,
+            decline=request.decline,
         )
         return device_pb2.ReportStatusResponse()
 

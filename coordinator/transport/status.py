@@ -36,6 +36,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     e.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Aborted: grpc.StatusCode.ABORTED,
     e.Late: grpc.StatusCode.FAILED_PRECONDITION,
+    e.DataMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     e.Unavailable: grpc.StatusCode.UNAVAILABLE,
     storage_errors.NotFound: grpc.StatusCode.NOT_FOUND,
     storage_errors.Conflict: grpc.StatusCode.ABORTED,

@@ -1,6 +1,12 @@
 """One device's life: check in -> plan -> model -> train -> privatize -> upload, until the
 task ends.
 
+A task the device cannot run (its model does not build here or does not fit the device's
+data, or training or evaluation raises: user code runs here) is *declined*: the device
+reports the reason (``ReportStatus`` with ``decline``), remembers the task (at most
+:data:`MAX_DECLINED` of them) and names it at every check-in, so it is never offered it again,
+and goes on with other tasks. Only a device started for that one task stops, as failed.
+
 Local data never leaves this object: only the update (trained weights minus the received
 weights), its example count and summary metrics are sent, and the metrics only as the plan's
 :class:`~core.protocol.MetricsPolicy` says: in the clear, inside the masked vector (secure
@@ -16,10 +22,12 @@ value). Under local DP the device trains with DP-SGD (Opacus) and reports its ep
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,11 +63,12 @@ from core.secagg.messages import (
 )
 from core.security.identity import DeviceKey
 from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
-from core.types import DeviceAttributes
+from core.types import DataSchema, DeviceAttributes
 from device_agent.errors import (
     AgentError,
     BadPayload,
     BudgetExhausted,
+    Declined,
     Rejected,
     RoundOver,
     Unreachable,
@@ -77,6 +86,14 @@ log = logging.getLogger(__name__)
 MIN_WAIT_S = 0.05
 MAX_WAIT_S = 60.0
 
+#: Tasks a device remembers having declined (the oldest is forgotten first: offered again,
+#: it declines again).
+MAX_DECLINED = 32
+#: An app's metrics a device reports per evaluation, and the names the coordinator accepts.
+MAX_APP_METRICS = 16
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,59}")
+_MAX_METRIC_VALUE = 1e9
+
 #: Updates are clipped this much below the plan's norm, so that float32 rounding of the
 #: scaled update (relative 2^-24 per value) cannot push its norm above the norm.
 CLIP_MARGIN = 1.0 - 2.0**-20
@@ -89,7 +106,8 @@ class Coordinator(Protocol):
                attestation: bytes = b"") -> str: ...
 
     def check_in(
-        self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None
+        self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None, *,
+        schema: DataSchema | None = None, declined: Sequence[str] = ()
     ) -> CheckInResult: ...
 
     def get_plan(self, p: Participation) -> Plan: ...
@@ -99,7 +117,8 @@ class Coordinator(Protocol):
     def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int) -> str: ...
 
     def report_status(
-        self, p: Participation, *, metrics: dict[str, float] | None = None, error: str = ""
+        self, p: Participation, *, metrics: dict[str, float] | None = None, error: str = "",
+        decline: bool = False
     ) -> None: ...
 
     def secagg_advertise(self, p: Participation, message: KeyAdvertisement, *,
@@ -126,6 +145,11 @@ class DeviceStats:
     #: True when the device stopped because the coordinator stayed unreachable.
     gave_up: bool = False
     history: list[str] = field(default_factory=list)
+    #: Tasks this device declined (it cannot run them), and why.
+    declined: dict[str, str] = field(default_factory=dict)
+    #: Why the device ended badly (unreachable, refused, crashed, declined the one task it
+    #: was started for); "" when it ended well (task finished, stopped, idle).
+    failure: str = ""
 
 
 class Device:
@@ -165,29 +189,39 @@ class Device:
         self._local_dp_history: dict[str, list[MechanismSteps]] = {}
         #: Tasks whose local-DP budget this device has spent: it refuses their rounds.
         self._exhausted: set[str] = set()
+        #: Tasks this device declined, oldest first (sent at every check-in).
+        self._declined: OrderedDict[str, str] = OrderedDict()
 
     def run(self) -> DeviceStats:
+        """Takes part until the task ends (or, without one, until ``stop``); never raises for
+        a task's sake (see the module docstring). ``stats.failure`` says whether it ended
+        badly."""
         try:
             self.coordinator.enroll(self.key, self.enrollment_token, self.attestation)
         except Unreachable as exc:
-            self.stats.finished_reason = str(exc)
-            self.stats.gave_up = not self.stop.is_set()
+            self._unreachable(exc)
             return self.stats
         except Rejected as exc:
             log.error("%s: enrollment refused: %s", self.device_id, exc)
-            self.stats.finished_reason = f"enrollment refused: {exc}"
+            self.stats.finished_reason = self.stats.failure = f"enrollment refused: {exc}"
             return self.stats
+        schema = self.data.schema
+        first = True
         while not self.stop.is_set():
             try:
-                result = self.coordinator.check_in(self.key, self.attributes, self.task_id)
+                result = self.coordinator.check_in(self.key, self.attributes, self.task_id,
+                                                   schema=schema, declined=list(self._declined))
             except Unreachable as exc:
-                self.stats.finished_reason = str(exc)
-                self.stats.gave_up = not self.stop.is_set()
+                self._unreachable(exc)
                 break
             except Rejected as exc:
                 log.error("%s: check-in refused: %s", self.device_id, exc)
-                self.stats.finished_reason = str(exc)
+                self.stats.finished_reason = self.stats.failure = str(exc)
                 break
+            if first:
+                first = False
+                log.info("%s: checked in with data %s -> %d classes: %s", self.device_id,
+                         list(schema.feature_shape), schema.num_classes, result.outcome.value)
             if result.outcome is CheckInOutcome.FINISHED:
                 self.stats.finished_reason = result.message
                 break
@@ -201,12 +235,18 @@ class Device:
             try:
                 self._participate(p)
             except Unreachable as exc:
-                self.stats.finished_reason = str(exc)
-                self.stats.gave_up = not self.stop.is_set()
+                self._unreachable(exc)
                 break
-            if self.task_id is not None and self.task_id in self._exhausted:
+            if self.task_id is not None and (self.task_id in self._exhausted
+                                             or self.task_id in self._declined):
                 break
         return self.stats
+
+    def _unreachable(self, exc: Unreachable) -> None:
+        self.stats.finished_reason = str(exc)
+        self.stats.gave_up = not self.stop.is_set()
+        if self.stats.gave_up:
+            self.stats.failure = str(exc)
 
     def _participate(self, p: Participation) -> None:
         if p.task_id in self._exhausted:
@@ -246,8 +286,29 @@ class Device:
             self._exhausted.add(p.task_id)
             if self.task_id == p.task_id:
                 self.stats.finished_reason = str(exc)
+        except Declined as exc:
+            self._decline(p, str(exc))
         except AgentError as exc:
             self._report_error(p, str(exc))
+        except Exception as exc:  # noqa: BLE001 - user code or a bug: this task only
+            log.exception("%s: round %d of task %s failed", self.device_id, p.round_number,
+                          p.task_id)
+            self._decline(p, f"{type(exc).__name__}: {exc}")
+
+    def _decline(self, p: Participation, reason: str) -> None:
+        """Reports that this device cannot run ``p``'s task, and never takes part again."""
+        log.warning("%s: declines task %s: %s", self.device_id, p.task_id, reason)
+        self._declined[p.task_id] = reason
+        self._declined.move_to_end(p.task_id)
+        while len(self._declined) > MAX_DECLINED:
+            self._declined.popitem(last=False)
+        self.stats.declined[p.task_id] = reason
+        self.stats.last_error = reason
+        self.stats.history.append(f"round {p.round_number}: declined: {reason}")
+        self._report_error(p, reason, decline=True)
+        if self.task_id == p.task_id:
+            self.stats.finished_reason = self.stats.failure = (
+                f"declined task {p.task_id}: {reason}")
 
     def _secure_upload(self, p: Participation, plan: Plan, header: UpdateHeader,
                        payload: bytes, unclipped: int | None) -> None:
@@ -303,34 +364,59 @@ class Device:
         log.info("%s: round %d: secure aggregation: unmasking shares sent", self.device_id,
                  p.round_number)
 
-    def _report_error(self, p: Participation, error: str) -> None:
+    def _report_error(self, p: Participation, error: str, *, decline: bool = False) -> None:
         try:
-            self.coordinator.report_status(p, error=error)
+            if decline:
+                self.coordinator.report_status(p, error=error, decline=True)
+            else:
+                self.coordinator.report_status(p, error=error)
         except AgentError:
             pass
 
     def _train(
         self, p: Participation, plan: Plan, model_bytes: bytes
     ) -> tuple[UpdateHeader, bytes, int | None]:
-        """(header, raw update, adaptive clipping's bit for the secure path or None)."""
-        from core.models import build_model, load_numpy_state, state_to_numpy
-        from core.training import evaluate, train_local
+        """(header, raw update, adaptive clipping's bit for the secure path or None).
+
+        Raises:
+            Declined: the model does not build here or does not fit this device's data.
+            Exception: whatever the task's code (model, loss, metrics) raises in training or
+                evaluation; the caller declines the task with it.
+        """
+        from core.model_fit import fit_problem
+        from core.models import build_model, load_numpy_state, model_hooks, state_to_numpy
+        from core.training import evaluate, evaluate_metrics, train_local
 
         received = load_safetensors(model_bytes)
-        model = build_model(plan.model)
-        load_numpy_state(model, received)
+        try:
+            model = build_model(plan.model)
+            load_numpy_state(model, received)
+        except CoreError as exc:
+            raise Declined(f"the model does not build on this device: {exc}") from None
+        schema = self.data.schema
+        problem = fit_problem(model, schema)
+        if problem is not None:
+            raise Declined(f"the model does not fit this device's data "
+                           f"({list(schema.feature_shape)} -> {schema.num_classes} classes): "
+                           f"{problem}")
+        hooks = model_hooks(plan.model.architecture)
         metrics: dict[str, float] = {}
         if plan.evaluate and len(self.data.y_test) > 0:
-            loss, acc = evaluate(model, self.data.x_test, self.data.y_test)
+            loss, acc = evaluate(model, self.data.x_test, self.data.y_test, loss=hooks.loss)
             metrics.update(eval_loss=loss, eval_accuracy=acc,
                            eval_examples=float(len(self.data.y_test)))
+            if hooks.metrics is not None:
+                app = _app_metrics(evaluate_metrics(model, self.data.x_test,
+                                                    self.data.y_test, hooks.metrics))
+                for name, value in app.items():
+                    metrics.setdefault(name, value)  # the built-in ones keep their names
         seed = int(sha256_hex(f"{plan.seed}/{p.round_number}/{self.device_id}".encode())[:8], 16)
         privacy = plan.privacy
         if privacy is not None and privacy.local is not None:
             result = self._train_local_dp(p, plan, model, seed, metrics)
         else:
             result = train_local(model, self.data.x_train, self.data.y_train, plan.local,
-                                 seed=seed)
+                                 seed=seed, loss=hooks.loss)
         metrics["train_loss"] = result.loss
         trained = state_to_numpy(model)
         names = [t.name for t in plan.update_tensors]
@@ -385,3 +471,22 @@ class Device:
                  self.device_id, p.round_number, metrics["local_dp_epsilon"], dp.epsilon,
                  local.delta)
         return dp.train
+
+
+def _app_metrics(values: Mapping[str, float]) -> dict[str, float]:
+    """An app's evaluation metrics as the device reports them: ``eval_NAME``, only names and
+    values the coordinator accepts (it refuses a whole report with one bad metric), at most
+    :data:`MAX_APP_METRICS`; the rest is dropped with a warning."""
+    out: dict[str, float] = {}
+    dropped = []
+    for name, value in values.items():
+        if (len(out) < MAX_APP_METRICS and _METRIC_NAME.fullmatch(name)
+                and abs(value) <= _MAX_METRIC_VALUE):
+            out[f"eval_{name}"] = value
+        else:
+            dropped.append(name)
+    if dropped:
+        log.warning("app metrics not reported (at most %d, names of [A-Za-z0-9_.:-], values "
+                    "up to %g): %s", MAX_APP_METRICS, _MAX_METRIC_VALUE,
+                    ", ".join(repr(n[:40]) for n in dropped[:8]))
+    return out

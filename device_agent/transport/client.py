@@ -11,7 +11,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,7 +29,7 @@ from core.secagg.messages import (
 )
 from core.security.identity import DeviceKey
 from core.tls import ClientTls
-from core.types import API_VERSION, DeviceAttributes
+from core.types import API_VERSION, DataSchema, DeviceAttributes
 from device_agent.errors import BadPayload, Rejected, RoundOver, Unreachable
 from protos import convert
 from protos.fedcoord.v1 import device_pb2, device_pb2_grpc
@@ -110,15 +110,22 @@ class DeviceClient:
         return resp.device_id
 
     def check_in(
-        self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None
+        self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None, *,
+        schema: DataSchema | None = None, declined: Sequence[str] = ()
     ) -> CheckInResult:
-        """A signed check-in (a fresh proof per attempt). Over the coordinator's rate limit,
-        the answer is RETRY_LATER after the time it asks for."""
+        """A signed check-in (a fresh proof per attempt), with the device's data ``schema``
+        and the tasks it ``declined`` (at most the newest 32 are sent). Over the
+        coordinator's rate limit, the answer is RETRY_LATER after the time it asks for."""
+        declined_ids = list(declined)[-convert.MAX_DECLINED_TASKS:]
+
         def call() -> device_pb2.CheckInResponse:
             req = device_pb2.CheckInRequest(
                 api_version=API_VERSION, device_id=key.device_id,
                 attributes=convert.attributes_to_proto(attrs), task_id=task_id or "",
                 proof=convert.device_proof_to_proto(key.prove("check-in", task_id or "")),
+                data_schema=(convert.data_schema_to_proto(schema) if schema is not None
+                             else None),
+                declined_task_ids=declined_ids,
             )
             resp: device_pb2.CheckInResponse = self._stub.CheckIn(
                 req, timeout=self.policy.call_timeout_s)
@@ -221,11 +228,14 @@ class DeviceClient:
         return str(resp.message)
 
     def report_status(
-        self, p: Participation, *, metrics: Mapping[str, float] | None = None, error: str = ""
+        self, p: Participation, *, metrics: Mapping[str, float] | None = None, error: str = "",
+        decline: bool = False
     ) -> None:
+        """Evaluation-only metrics, or why the device is out of the round (``decline``: it
+        cannot run the task at all, and will not take part in it again)."""
         req = device_pb2.ReportStatusRequest(
             api_version=API_VERSION, participation=_participation(p),
-            metrics=dict(metrics or {}), error=error[:1000],
+            metrics=dict(metrics or {}), error=error[:1000], decline=decline,
         )
         self._retrying(lambda: self._stub.ReportStatus(req, timeout=self.policy.call_timeout_s))
 

@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "spec", "state", "rounds_committed", "model_version", "reason", "created_unix_ms", "current_round", "privacy", "metrics_release")
+    __slots__ = ("task_id", "spec", "state", "rounds_committed", "model_version", "reason", "created_unix_ms", "current_round", "privacy", "metrics_release", "declines_by_reason")
+    class DeclinesByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +26,7 @@ class Task(_message.Message):
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     METRICS_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    DECLINES_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     spec: _common_pb2.TaskSpec
     state: str
@@ -29,7 +37,8 @@ class Task(_message.Message):
     current_round: Round
     privacy: TaskPrivacy
     metrics_release: str
-    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.TaskSpec, _Mapping]] = ..., state: _Optional[str] = ..., rounds_committed: _Optional[int] = ..., model_version: _Optional[int] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., current_round: _Optional[_Union[Round, _Mapping]] = ..., privacy: _Optional[_Union[TaskPrivacy, _Mapping]] = ..., metrics_release: _Optional[str] = ...) -> None: ...
+    declines_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.TaskSpec, _Mapping]] = ..., state: _Optional[str] = ..., rounds_committed: _Optional[int] = ..., model_version: _Optional[int] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., current_round: _Optional[_Union[Round, _Mapping]] = ..., privacy: _Optional[_Union[TaskPrivacy, _Mapping]] = ..., metrics_release: _Optional[str] = ..., declines_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class TaskPrivacy(_message.Message):
     __slots__ = ("epsilon", "delta", "budget", "sampling", "rounds_accounted", "last_sampling_rate", "last_eligible", "last_cohort", "last_population")
@@ -97,10 +106,12 @@ class CreateTaskRequest(_message.Message):
     def __init__(self, api_version: _Optional[int] = ..., spec: _Optional[_Union[_common_pb2.TaskSpec, _Mapping]] = ...) -> None: ...
 
 class CreateTaskResponse(_message.Message):
-    __slots__ = ("task",)
+    __slots__ = ("task", "launch_checks")
     TASK_FIELD_NUMBER: _ClassVar[int]
+    LAUNCH_CHECKS_FIELD_NUMBER: _ClassVar[int]
     task: Task
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+    launch_checks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., launch_checks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("api_version", "task_id")

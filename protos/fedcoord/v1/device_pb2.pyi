@@ -50,18 +50,30 @@ class EnrollResponse(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class CheckInRequest(_message.Message):
-    __slots__ = ("api_version", "device_id", "attributes", "task_id", "proof")
+    __slots__ = ("api_version", "device_id", "attributes", "task_id", "proof", "data_schema", "declined_task_ids")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
+    DATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     device_id: str
     attributes: _common_pb2.DeviceAttributes
     task_id: str
     proof: DeviceProof
-    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ..., attributes: _Optional[_Union[_common_pb2.DeviceAttributes, _Mapping]] = ..., task_id: _Optional[str] = ..., proof: _Optional[_Union[DeviceProof, _Mapping]] = ...) -> None: ...
+    data_schema: DataSchema
+    declined_task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ..., attributes: _Optional[_Union[_common_pb2.DeviceAttributes, _Mapping]] = ..., task_id: _Optional[str] = ..., proof: _Optional[_Union[DeviceProof, _Mapping]] = ..., data_schema: _Optional[_Union[DataSchema, _Mapping]] = ..., declined_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DataSchema(_message.Message):
+    __slots__ = ("feature_shape", "num_classes")
+    FEATURE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    feature_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    def __init__(self, feature_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
     __slots__ = ("outcome", "task_id", "round_number", "participation_token", "retry_after_ms", "message")
@@ -364,7 +376,7 @@ class UploadUpdateResponse(_message.Message):
     def __init__(self, accepted: bool = ..., message: _Optional[str] = ...) -> None: ...
 
 class ReportStatusRequest(_message.Message):
-    __slots__ = ("api_version", "participation", "metrics", "error")
+    __slots__ = ("api_version", "participation", "metrics", "error", "decline")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -376,11 +388,13 @@ class ReportStatusRequest(_message.Message):
     PARTICIPATION_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     participation: Participation
     metrics: _containers.ScalarMap[str, float]
     error: str
-    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ...) -> None: ...
+    decline: bool
+    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., decline: bool = ...) -> None: ...
 
 class ReportStatusResponse(_message.Message):
     __slots__ = ()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from core.security.identity import DeviceKey
 from core.taskspec import TaskSpecError, parse_task_yaml
 from core.tensors import from_raw_bytes, load_safetensors, sha256_hex
 from core.types import (
+    DataSchema,
     DeviceAttributes,
     LocalTraining,
     ModelSpec,
@@ -625,7 +627,8 @@ class OneRound:
                attestation: bytes = b"") -> str:
         return key.device_id
 
-    def check_in(self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None
+    def check_in(self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None, *,
+                 schema: DataSchema | None = None, declined: Sequence[str] = ()
                  ) -> CheckInResult:
         self.calls += 1
         if self.calls > 1:
@@ -644,7 +647,7 @@ class OneRound:
         return "ok"
 
     def report_status(self, p: Participation, *, metrics: dict[str, float] | None = None,
-                      error: str = "") -> None:
+                      error: str = "", decline: bool = False) -> None:
         raise AssertionError(f"the device reported an error: {error}")
 
 
@@ -656,7 +659,7 @@ class Recording(OneRound):
         self.errors: list[str] = []
 
     def report_status(self, p: Participation, *, metrics: dict[str, float] | None = None,
-                      error: str = "") -> None:
+                      error: str = "", decline: bool = False) -> None:
         self.errors.append(error)
 
 
