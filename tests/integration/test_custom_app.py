@@ -1,0 +1,90 @@
+"""An engineer's own app (examples/custom_app: a model, a CSV data source, a loss and a
+metric) trained from ONE task file: in simulation, then over gRPC with agent processes, and
+the pulled model loaded with one public call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from harness import ENV, FEDCTL_CMD, CoordinatorProcess, start_agent, stop_all, wait_for_task
+
+import fedcoord
+
+pytestmark = pytest.mark.integration
+
+APP_DIR = Path(__file__).resolve().parents[2] / "examples" / "custom_app"
+TASK_FILE = APP_DIR / "task.yaml"
+#: The app need not be installed: --app with its directory on PYTHONPATH finds it too.
+APP_ENV = {**ENV, "PYTHONPATH": str(APP_DIR)}
+
+
+def fedctl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FEDCTL_CMD, *args], capture_output=True, text=True, env=APP_ENV,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def rows(tmp_path: Path) -> Path:
+    """The example's data, written where the task file's relative ``path=rows.csv`` finds it."""
+    made = subprocess.run([sys.executable, "-m", "custom_app.make_data", "rows.csv"],
+                          cwd=tmp_path, env=APP_ENV, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return tmp_path / "rows.csv"
+
+
+def test_the_task_file_trains_the_custom_app_in_simulation(rows: Path, tmp_path: Path) -> None:
+    result = fedctl("simulate", str(TASK_FILE), "--app", "custom_app:app", "--json",
+                    "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["committed"] == 8
+    assert summary["final_accuracy"] > 0.6, "four classes: chance is 0.25"
+    assert summary["final_metrics"]["macro_f1"] > 0.6, "the app's metric joins evaluation"
+
+
+def test_the_same_task_file_trains_it_on_agent_processes_and_the_pulled_model_loads(
+        rows: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    coordinator = CoordinatorProcess(tmp_path)
+    coordinator.start(["--app", "custom_app:app"])
+    agents = []
+    try:
+        agents = [start_agent(coordinator.target, f"tabular{i}",
+                              f"csv_rows:path={rows},shard={4 * i}/8", devices=4,
+                              extra=["--app", "custom_app:app"],
+                              log=tmp_path / f"agent{i}.log", env={"PYTHONPATH": str(APP_DIR)})
+                  for i in range(2)]
+        launched = fedctl("task", "launch", str(TASK_FILE), "--coordinator",
+                          coordinator.target, cwd=tmp_path)
+        assert launched.returncode == 0, launched.stderr + coordinator.log_text()
+        task_id = launched.stdout.strip().splitlines()[-1].split()[-1]
+        with coordinator.admin() as client:
+            task = wait_for_task(client, task_id, timeout_s=240)
+            rounds = client.list_rounds(task_id)
+        assert task.state == "completed", coordinator.log_text()
+        committed = [r for r in rounds if r.state == "committed"]
+        assert len(committed) == 8
+        assert any("macro_f1" in key for r in committed for key in r.metrics), \
+            "devices evaluate with the app's metric"
+
+        out = tmp_path / "model.safetensors"
+        pulled = fedctl("model", "pull", task_id, "-o", str(out), "--coordinator",
+                        coordinator.target, cwd=tmp_path)
+        assert pulled.returncode == 0, pulled.stderr
+    finally:
+        stop_all(agents)
+        coordinator.stop()
+
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    fedcoord.load_app("custom_app:app")
+    model = fedcoord.load_model(TASK_FILE, out)
+    data = np.loadtxt(rows, delimiter=",", skiprows=1, dtype=np.float32)
+    x, y = torch.from_numpy(data[:, 1:-1]), torch.from_numpy(data[:, -1]).long()
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == y).float().mean())
+    assert accuracy > 0.6, f"the trained model beats chance (0.25) clearly, got {accuracy:.3f}"
