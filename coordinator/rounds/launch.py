@@ -90,8 +90,8 @@ def check_launch(spec: TaskSpec, params: Mapping[str, np.ndarray],
         problem = fit_problem(model, declared)
         if problem is not None:
             raise InvalidRequest(
-                f"spec.data_schema: task {shown(spec.name)}'s model does not fit the data it "
-                f"declares, {describe_schema(declared)}: {problem}")
+                f"spec.data_schema: task {shown(spec.name)}: the model does not fit the data "
+                f"the task declares, {describe_schema(declared)}: {problem}")
         lines.append(f"declared data {describe_schema(declared)}: the model fits it")
     population = spec.population
     if not reported:
@@ -113,7 +113,7 @@ def check_launch(spec: TaskSpec, params: Mapping[str, np.ndarray],
                 f"task {shown(spec.name)} declares data {describe_schema(declared)}, but "
                 f"population {shown(population)} reported {first.describe()}")
         raise DataMismatch(
-            f"task {shown(spec.name)}'s model does not fit the data population "
+            f"task {shown(spec.name)}: the model does not fit the data population "
             f"{shown(population)} reported, {first.describe()}: {problems[first.schema]}")
     for count in reported:
         problem = problems[count.schema] if count.schema in problems else fits(count.schema)
