@@ -41,6 +41,8 @@ class CoordinatorProcess:
     logs: list[Path] = field(default_factory=list)
     #: How :meth:`admin` reaches a coordinator started with ``--tls`` (None: plaintext).
     tls: ClientTls | None = None
+    #: The coordinator's working directory (relative paths in task files resolve there).
+    cwd: Path | None = None
 
     @property
     def target(self) -> str:
@@ -61,7 +63,7 @@ class CoordinatorProcess:
              "--store", str(self.workdir / "store"), "--port", str(self.port),
              "--port-file", str(port_file), "--admin-token-file", str(ADMIN_TOKEN_FILE),
              *(extra or [])],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV,  # noqa: SIM115
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=self.cwd,  # noqa: SIM115
         )
         deadline = time.monotonic() + 60
         while not port_file.exists():

@@ -50,7 +50,8 @@ def test_the_task_file_trains_the_custom_app_in_simulation(rows: Path, tmp_path:
 
 def test_the_same_task_file_trains_it_on_agent_processes_and_the_pulled_model_loads(
         rows: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    coordinator = CoordinatorProcess(tmp_path)
+    # Run where holdout.csv is: the task's server evaluation reads it with the app's source.
+    coordinator = CoordinatorProcess(tmp_path, cwd=tmp_path)
     coordinator.start(["--app", "custom_app:app"])
     agents = []
     try:
@@ -69,8 +70,10 @@ def test_the_same_task_file_trains_it_on_agent_processes_and_the_pulled_model_lo
         assert task.state == "completed", coordinator.log_text()
         committed = [r for r in rounds if r.state == "committed"]
         assert len(committed) == 8
-        assert any("macro_f1" in key for r in committed for key in r.metrics), \
+        assert any("eval_macro_f1" in r.metrics for r in committed), \
             "devices evaluate with the app's metric"
+        assert committed[-1].metrics["server_eval_accuracy"] > 0.6, "unseen users, 4 classes"
+        assert "server_eval_macro_f1" in committed[-1].metrics
 
         out = tmp_path / "model.safetensors"
         pulled = fedctl("model", "pull", task_id, "-o", str(out), "--coordinator",

@@ -4,6 +4,8 @@ The file has a header row; the last column (or ``label=NAME``) is the integer cl
 other column a feature. A spec reads ``csv_rows:path=FILE,shard=K/N[,test_fraction=F]
 [,classes=C][,label=NAME]``: device K of N gets every row whose ``user`` column (if the file
 has one; else the row number) falls in its share, so devices hold different users' data.
+``csv_rows:path=FILE,holdout=true`` is every row as evaluation data (the coordinator's
+``evaluation.server_data``, and a simulation's test set).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from fedcoord import DataParams, LocalDataset, split_local
 
 def csv_rows(params: DataParams) -> LocalDataset:
     path = Path(os.path.expanduser(params.text("path")))
-    shard, num_shards = params.shard()
+    holdout = params.flag("holdout", default=False)
+    shard, num_shards = (0, 1) if holdout else params.shard()
     test_fraction = params.number("test_fraction", default=0.2)
     label_name = params.text("label", default="")
     classes = params.integer("classes", default=0)
@@ -49,5 +52,8 @@ def csv_rows(params: DataParams) -> LocalDataset:
     if len(y) == 0:
         params.fail(f"shard {shard}/{num_shards} of {str(path)!r} has no rows")
     num_classes = classes or int(table[:, label_column].max()) + 1
+    if holdout:
+        return LocalDataset(x_train=x[:0], y_train=y[:0], x_test=x, y_test=y,
+                            classes=num_classes)
     rng = np.random.default_rng(shard)
     return split_local(x, y, test_fraction=test_fraction, rng=rng, classes=num_classes)
