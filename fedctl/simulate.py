@@ -1,28 +1,48 @@
-"""``fedctl simulate sim.yaml [--ray ADDRESS] [--out DIR] [--rounds N]``: runs an in-process
-simulated federation (:mod:`simulations`) with a progress bar on stderr, writes
-``metrics.jsonl``, ``metrics.csv`` and ``metrics.png`` to the output directory, and prints one
-JSON line of results on stdout.
+"""``fedctl simulate TASK.yaml [--app MODULE:ATTR]... [--population SPEC --devices N]
+[--rounds N] [--out DIR] [--ray ADDRESS] [--json]``: runs a task file as an in-process
+simulated federation (:mod:`simulations`), the same file ``fedctl task launch`` sends to a
+coordinator, with its ``simulation:`` section (the population's data, heterogeneity,
+engine). A progress bar goes to stderr; ``metrics.jsonl``, ``metrics.csv`` and
+``metrics.png`` to the output directory; a summary to stdout (with ``--json``, only one JSON
+line: anything user code prints goes to stderr).
 
-A bad simulation file exits with code 2 and one line naming the file and the field.
+A bad task file or ``--app`` exits with code 2 and one line naming the file and the field.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
 def register(subparsers: Any) -> None:
     """Adds the ``simulate`` subcommand to ``fedctl``'s subparsers (imports nothing heavy)."""
-    p = subparsers.add_parser("simulate", help="run a simulated federation in this process")
-    p.add_argument("file", type=Path, help="simulation YAML (see simulations/examples/)")
+    p = subparsers.add_parser(
+        "simulate", help="run a task file as a simulated federation in this process",
+        description="Runs a task file (the one `fedctl task launch` takes) as a simulated "
+                    "federation; its `simulation:` section says which devices and data to "
+                    "simulate (see simulations/examples/ and examples/).")
+    p.add_argument("file", type=Path, help="task YAML with a simulation: section")
+    p.add_argument("--app", action="append", default=[], metavar="MODULE:ATTRIBUTE",
+                   help="user code (models, data sources, loss, metrics) to register before "
+                        "the file is read; repeatable")
+    p.add_argument("--population", metavar="SPEC",
+                   help="the devices' data spec, without shard (replaces "
+                        "simulation.population.data), e.g. 'digits:dirichlet=0.5'")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="simulated devices (replaces simulation.population.devices); device i "
+                        "loads shard=i/N of the population's spec")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="split cohorts across Ray workers at ADDRESS ('local' starts one)")
     p.add_argument("--out", type=Path, help="output directory (default runs/NAME)")
     p.add_argument("--rounds", type=int, help="override the file's number of rounds")
+    p.add_argument("--json", action="store_true",
+                   help="print only one JSON line of results on stdout")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -30,57 +50,96 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from core.errors import AppError
     from fedctl.errors import CliError
-    from simulations.config import load_simulation_file
+    from simulations.config import load_apps, load_simulation_file
     from simulations.errors import SimulationConfigError, SimulationError
 
-    try:
-        config = load_simulation_file(args.file)
-    except SimulationConfigError as exc:
-        raise CliError(str(exc), exit_code=2) from None
+    if args.devices is not None and args.devices < 1:
+        raise CliError(f"--devices must be at least 1, got {args.devices}", exit_code=2)
     if args.rounds is not None and args.rounds < 1:
         raise CliError(f"--rounds must be at least 1, got {args.rounds}", exit_code=2)
-    rounds = args.rounds or config.rounds
-    out: Path = args.out or Path("runs") / config.name
-    console = Console(stderr=True)
-    try:
-        sim, closer = _build(config, args.ray)
-    except SimulationConfigError as exc:
-        raise CliError(str(exc), exit_code=2) from None
-    except (SimulationError, ValueError) as exc:
-        raise CliError(f"{args.file}: {exc}") from None
-    from simulations.outputs import MetricsWriter, plot_runs
+    apps = tuple(args.app)
+    with _stdout_to_stderr(args.json):
+        try:
+            load_apps(apps)
+        except AppError as exc:
+            raise CliError(str(exc), exit_code=2) from None
+        try:
+            config = load_simulation_file(args.file, population=args.population,
+                                          devices=args.devices, apps=apps)
+        except SimulationConfigError as exc:
+            raise CliError(str(exc), exit_code=2) from None
+        rounds = args.rounds or config.rounds
+        out: Path = args.out or Path("runs") / config.name
+        console = Console(stderr=True)
+        try:
+            sim, closer = _build(config, args.ray)
+        except SimulationConfigError as exc:
+            raise CliError(str(exc), exit_code=2) from None
+        except (SimulationError, ValueError) as exc:
+            raise CliError(f"{args.file}: {exc}") from None
+        from simulations.outputs import MetricsWriter, plot_runs
 
-    history = []
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                        console=console, transient=False)
-    try:
-        with MetricsWriter(out) as writer, progress:
-            task = progress.add_task(config.name, total=rounds, status="")
-            for metrics in sim.rounds(rounds):
-                writer.write(metrics)
-                history.append(metrics)
-                acc = metrics.test_accuracy
-                status = (f"acc {acc:.3f}" if acc is not None else "") + \
-                    f"  used {metrics.used}/{metrics.admitted}"
-                progress.update(task, advance=1, status=status)
-    except SimulationError as exc:
-        raise CliError(f"{args.file}: {exc}") from None
-    finally:
-        closer()
-    plot_runs({config.name: history}, out / "metrics.png", title=config.name)
+        history = []
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                            TimeElapsedColumn(), console=console, transient=False)
+        try:
+            with MetricsWriter(out) as writer, progress:
+                task = progress.add_task(config.name, total=rounds, status="")
+                for metrics in sim.rounds(rounds):
+                    writer.write(metrics)
+                    history.append(metrics)
+                    acc = metrics.test_accuracy
+                    status = (f"acc {acc:.3f}" if acc is not None else "") + \
+                        f"  used {metrics.used}/{metrics.admitted}"
+                    progress.update(task, advance=1, status=status)
+        except SimulationError as exc:
+            raise CliError(f"{args.file}: {exc}") from None
+        finally:
+            closer()
+        plot_runs({config.name: history}, out / "metrics.png", title=config.name)
     final = next((m for m in reversed(history) if m.test_accuracy is not None), None)
-    print(json.dumps({
+    summary = {
         "name": config.name, "rounds": len(history),
         "committed": sum(m.committed for m in history),
         "final_accuracy": None if final is None else final.test_accuracy,
         "final_test_loss": None if final is None else final.test_loss,
+        "final_metrics": {} if final is None else dict(final.metrics),
+        "epsilon": history[-1].epsilon if history else None,
         "sim_time_s": history[-1].sim_time_s if history else 0.0,
         "wall_s": history[-1].wall_s if history else 0.0,
         "out": str(out),
-    }))
+    }
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(_human(summary), flush=True)
     return 0
+
+
+def _human(summary: dict[str, Any]) -> str:
+    acc, loss = summary["final_accuracy"], summary["final_test_loss"]
+    parts = [f"{summary['name']}: {summary['committed']}/{summary['rounds']} rounds committed"]
+    if acc is not None:
+        parts.append(f"test accuracy {acc:.4f}, test loss {loss:.4f}")
+    parts += [f"{k} {v:.4g}" for k, v in summary["final_metrics"].items()]
+    if summary["epsilon"] is not None:
+        parts.append(f"epsilon {summary['epsilon']:.3g}")
+    parts.append(f"{summary['sim_time_s']:.0f} simulated s, {summary['wall_s']:.1f} s")
+    return ", ".join(parts) + f"\nmetrics in {summary['out']}/ (metrics.jsonl, .csv, .png)"
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """With ``--json``, whatever runs (an app's code included) prints to stderr, so stdout
+    carries the one JSON line only."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None]]:
@@ -91,7 +150,7 @@ def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None
         from simulations.data import load_federated_data
         from simulations.process_backend import ProcessCohortTrainer
 
-        data = load_federated_data(config.data)
+        data = load_federated_data(config.data, source=config.source)
         pool = ProcessCohortTrainer.from_config(config, DeviceTable(data))
         try:
             return Simulation(config, data=data, trainer=pool), pool.shutdown
@@ -103,6 +162,6 @@ def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None
     from simulations.data import load_federated_data
     from simulations.ray_backend import RayCohortTrainer
 
-    data = load_federated_data(config.data)
+    data = load_federated_data(config.data, source=config.source)
     trainer = RayCohortTrainer(ray_address, config, data)
     return Simulation(config, data=data, trainer=trainer), trainer.shutdown

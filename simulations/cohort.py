@@ -19,9 +19,11 @@ Trainers (all implement :class:`CohortTrainer`; results agree within float toler
   Python bookkeeping. Groups are sized to keep their weights in cache and, with several
   threads, run on a pool, longest first.
 - :class:`VectorizedTrainer` (``vmap``): the same lock step over the whole cohort with
-  ``torch.func``'s ``vmap(grad(functional_call))``, for any model without buffers.
+  ``torch.func``'s ``vmap(grad(functional_call))``, for any model without buffers (features
+  of any shape).
 - :class:`LoopTrainer` trains one device after another with ``train_local`` itself (the
-  reference, and the fallback for other optimizers).
+  reference, and the fallback for other optimizers and for models whose app brings its own
+  loss).
 
 Not thread-safe: a trainer reuses its buffers across calls.
 """
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.models import build_model
+from core.models import LossFn, build_model, model_hooks
 from core.training import train_local
 from core.types import LocalOptimizerKind, LocalTraining, ModelSpec
 from simulations.config import EngineKind
@@ -91,14 +93,14 @@ def full_steps(num_examples: int, local: LocalTraining) -> int:
 
 
 class DeviceTable:
-    """All devices' training data as one float32 table ``[total + 1, features]`` (the last
-    row is zero padding) and int64 labels, with each device's row offset."""
+    """All devices' training data as one float32 table ``[total + 1, *feature_shape]`` (the
+    last row is zero padding) and int64 labels, with each device's row offset."""
 
     def __init__(self, data: FederatedData) -> None:
         self.sizes = data.sizes()
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.pad_row = int(self.offsets[-1])
-        x = np.concatenate([*data.x_train, np.zeros((1, data.num_features), np.float32)])
+        x = np.concatenate([*data.x_train, np.zeros((1, *data.feature_shape), np.float32)])
         y = np.concatenate([*data.y_train, np.zeros(1, np.int64)])
         self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
@@ -111,28 +113,37 @@ class DeviceTable:
 def make_trainer(kind: EngineKind, spec: ModelSpec, table: DeviceTable, local: LocalTraining,
                  objective: LocalObjective, *, threads: int = 1) -> CohortTrainer:
     """The trainer ``kind`` names; ``auto`` picks ``bmm`` where it applies, then ``vmap``,
-    then ``loop`` (the vectorized trainers implement SGD with momentum only). ``threads``:
-    worker threads of the ``bmm`` trainer (the others use torch's intra-op threads).
+    then ``loop`` (the vectorized trainers implement SGD with momentum and cross-entropy
+    only: a model whose app brings its own loss trains in the loop, with that loss).
+    ``threads``: worker threads of the ``bmm`` trainer (the others use torch's intra-op
+    threads).
 
     Raises:
-        ValueError: ``bmm`` or ``vmap`` asked for a model or optimizer they do not support.
+        ValueError: ``bmm`` or ``vmap`` asked for a model, optimizer or loss they do not
+            support.
     """
     model = build_model(spec)
+    loss = model_hooks(spec.architecture).loss
     sgd = local.optimizer is LocalOptimizerKind.SGD
+    flat = table.x.dim() == 2
     if kind is EngineKind.AUTO:
-        if not sgd or list(model.buffers()):
+        if not sgd or loss is not None or list(model.buffers()):
             kind = EngineKind.LOOP
         else:
-            kind = EngineKind.BMM if mlp_layers(model) is not None else EngineKind.VMAP
+            kind = (EngineKind.BMM if flat and mlp_layers(model) is not None
+                    else EngineKind.VMAP)
     if kind is EngineKind.LOOP:
-        return LoopTrainer(model, table, local, objective)
+        return LoopTrainer(model, table, local, objective, loss=loss)
     if not sgd:
         raise ValueError(f"engine {kind.value!r} trains with SGD only, "
                          f"got local.optimizer {local.optimizer.value!r}")
+    if loss is not None:
+        raise ValueError(f"engine {kind.value!r} trains with cross-entropy; "
+                         f"{spec.architecture!r} has its app's own loss: use engine 'loop'")
     if kind is EngineKind.BMM:
         layers = mlp_layers(model)
-        if layers is None:
-            raise ValueError(f"engine 'bmm' supports linear and MLP models, "
+        if layers is None or not flat:
+            raise ValueError(f"engine 'bmm' supports linear and MLP models on flat features, "
                              f"not {spec.architecture!r}")
         return BmmTrainer(layers, table, local, objective, threads=threads)
     return VectorizedTrainer(_vmap_kernel(model), table, local, objective)
@@ -228,11 +239,11 @@ class VectorizedTrainer:
         buffers = {n: torch.zeros_like(p) for n, p in params.items()} if momentum else {}
         step_losses = torch.zeros((len(plan.active), d), dtype=torch.float32)
         x, y = self._table.x, self._table.y
-        features = x.shape[1]
+        features = x.shape[1:]
         with torch.no_grad():
             for s, k in enumerate(plan.active):
                 rows = plan.rows[s, :k].reshape(-1)
-                xb = x.index_select(0, rows).view(k, batch, features)
+                xb = x.index_select(0, rows).view(k, batch, *features)
                 yb = y.index_select(0, rows).view(k, batch)
                 view = {n: p[:k] for n, p in params.items()}
                 grads, step_loss = self._kernel(view, xb, yb, plan.weights[s, :k])
@@ -501,13 +512,15 @@ class _BudgetSpent(Exception):
 
 
 class LoopTrainer:
-    """One device after another through :func:`core.training.train_local`. The extra terms
-    are gradient hooks on the parameters; a step budget stops training before the forward
-    pass of the first step over budget (so the parameters are those after ``max_steps``)."""
+    """One device after another through :func:`core.training.train_local`, with ``loss``
+    (an app's) instead of cross-entropy when given. The extra terms are gradient hooks on
+    the parameters; a step budget stops training before the forward pass of the first step
+    over budget (so the parameters are those after ``max_steps``)."""
 
     def __init__(self, model: nn.Module, table: DeviceTable, local: LocalTraining,
-                 objective: LocalObjective) -> None:
+                 objective: LocalObjective, *, loss: LossFn | None = None) -> None:
         self._model = model
+        self._loss = loss
         self._table = table
         self._local = local
         self._objective = objective
@@ -540,7 +553,8 @@ class LoopTrainer:
 
             handles.append(self._model.register_forward_pre_hook(count))
             try:
-                result = train_local(self._model, x, y, self._local, seed=job.seed)
+                result = train_local(self._model, x, y, self._local, seed=job.seed,
+                                     loss=self._loss)
                 steps.append(result.steps)
                 losses.append(result.loss)
             except _BudgetSpent:

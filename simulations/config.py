@@ -1,36 +1,55 @@
-"""Simulation files: YAML -> :class:`SimulationConfig`, with errors that name file and field.
+"""Task files run in simulation: YAML -> :class:`SimulationConfig`, with errors that name the
+file and the field as written in the file.
 
-A simulation file looks like (every section but ``name``, ``model``, ``data``, ``rounds`` and
-``selection`` is optional)::
+A simulation is a task file (:mod:`core.taskspec`, the same file ``fedctl task launch`` sends
+to the coordinator) with a ``simulation:`` section the coordinator ignores::
 
     name: fedprox-synthetic
     seed: 0
-    rounds: 200
     model: {architecture: logistic_regression, arguments: {input_dim: 60, num_classes: 10}}
-    data: {source: synthetic, num_devices: 30, alpha: 1, beta: 1}
-    selection: {clients_per_round: 10, over_selection: 1.0, min_reports: 1,
-                round_deadline_s: 0, keep_partial_work: false}
+    rounds: 200
+    clients_per_round: 10
+    over_selection: 1.0
+    min_reports: 1
+    round_deadline_s: 60          # wall clock, real devices only: simulations use the one below
     local: {epochs: 20, batch_size: 10, optimizer: sgd, learning_rate: 0.01}
     server: {kind: fedavg, learning_rate: 1.0}          # fedavg | fedavgm | fedadam | fedyogi
-    algorithm: {kind: fedprox, mu: 1.0}                 # fedavg | fedprox | scaffold
-    heterogeneity:
-      speed: {kind: lognormal, mu: 4.6, sigma: 0.5}     # training examples per simulated second
-      availability: {kind: uniform, low: 0.5, high: 1}  # chance to be online in a round
-      latency_s: {kind: constant, value: 2}             # download + upload, seconds
-      dropout: 0.05                                     # chance to vanish mid-round
-      straggler_fraction: 0.9                           # FedProx's systems heterogeneity
-      trace: devices.csv                                # per-device overrides, see devices.py
-    evaluation: {every: 1, train_loss_samples: 20000}
-    engine: {kind: auto, workers: 2}                    # auto | bmm | vmap | loop
+    evaluation: {server_data: "digits:split=test"}      # also the simulation's test data
+    secure_aggregation: ...                             # as in any task file
+    privacy: {mode: central, ...}                       # central DP is simulated
+    simulation:
+      population:                   # device i of N loads shard=i/N of `data`, as an agent
+        devices: 30                 # started with --data "synthetic:alpha=1,beta=1,shard=i/30"
+        data: "synthetic:alpha=1,beta=1"   # any data source, an app's included (no shard=)
+      test_data: ""                 # default: evaluation.server_data, else the union of the
+                                    # devices' own test splits
+      algorithm: {kind: fedprox, mu: 1.0}               # fedavg | fedprox | scaffold
+      round_deadline_s: 0           # simulated seconds; 0: none
+      keep_partial_work: false      # FedProx: a device that misses the deadline reports
+      max_failed_attempts: 20
+      heterogeneity:
+        speed: {kind: lognormal, mu: 4.6, sigma: 0.5}     # training examples per simulated s
+        availability: {kind: uniform, low: 0.5, high: 1}  # chance to be online in a round
+        latency_s: {kind: constant, value: 2}             # download + upload, seconds
+        dropout: 0.05                                     # chance to vanish mid-round
+        straggler_fraction: 0.9                           # FedProx's systems heterogeneity
+        trace: devices.csv                                # per-device overrides, devices.py
+      evaluation: {every: 1, train_loss_samples: 20000}
+      engine: {kind: auto, workers: 2, processes: 1, threads: 1}   # auto | bmm | vmap | loop
 
-The parser is driven by the dataclass fields below (unknown keys are errors). ``local`` and
-``server`` are the coordinator's own :class:`~core.types.LocalTraining` and
-:class:`~core.types.ServerOptimizer`, so a task file's sections can be pasted in.
+The task part is built and checked by :func:`core.taskspec.spec_from_dict` (so a file that
+simulates also launches), the ``simulation`` section by the same field builder
+(:mod:`core.fields`). What a simulation does not use of the task: ``population`` (the name of
+the real devices' population), ``eligibility``, ``round_deadline_s`` and
+``selection_window_s`` (wall clock), ``evaluation.fraction``, ``max_update_bytes``,
+``robustness`` and ``data_schema`` (checked against the simulated devices' data when given).
+
+The file format of earlier versions (``data:`` and ``selection:`` sections) is refused with a
+message that says where its keys went.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import typing
 from collections.abc import Mapping
@@ -42,20 +61,8 @@ import yaml
 
 from core import fields
 from core.privacy.spec import PrivacySpec
-from core.taskspec import privacy_field
-from core.types import LocalTraining, ModelSpec, SecureAggregation, ServerOptimizer
+from core.types import DataSchema, LocalTraining, ModelSpec, SecureAggregation, ServerOptimizer
 from simulations.errors import SimulationConfigError
-
-
-class DataSource(enum.Enum):
-    SYNTHETIC = "synthetic"  # FedProx Synthetic(alpha, beta), core.data.synthetic
-    DIGITS = "digits"        # scikit-learn digits, Dirichlet non-IID, core.data.digits
-    TORCH = "torch"          # any torch Dataset from ``factory``, split by ``partition``
-
-
-class PartitionKind(enum.Enum):
-    IID = "iid"
-    DIRICHLET = "dirichlet"
 
 
 class AlgorithmKind(enum.Enum):
@@ -87,23 +94,6 @@ class Distribution:
     high: float = 1.0
     mu: float = 0.0
     sigma: float = 1.0
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """``alpha``, ``beta``, ``iid``: synthetic. ``dirichlet``: digits and torch (the
-    concentration of the per-class split). ``factory``: torch, ``"package.module:function"``
-    returning ``(train_dataset, test_dataset)`` of ``(features, label)`` items."""
-
-    source: DataSource
-    num_devices: int
-    alpha: float = 1.0
-    beta: float = 1.0
-    iid: bool = False
-    dirichlet: float = 0.5
-    partition: PartitionKind = PartitionKind.DIRICHLET
-    factory: str = ""
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,7 +165,47 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """The devices' data: device ``i`` of ``num_devices`` loads
+    ``with_shard(spec, i, num_devices)`` (:mod:`core.data.spec`), exactly as an agent started
+    with ``--data SPEC,shard=i/N`` does, and trains on its train split. ``test_data``: a data
+    spec whose test split is the global test set; empty: the union of the devices' test
+    splits."""
+
+    spec: str
+    num_devices: int
+    test_data: str = ""
+
+
+@dataclass(frozen=True)
+class PopulationSection:
+    """``simulation.population``: how many devices, holding which data (a data spec without
+    ``shard``)."""
+
+    devices: int
+    data: str
+
+
+@dataclass(frozen=True)
+class SimulationSection:
+    """The ``simulation:`` section of a task file, as written."""
+
+    population: PopulationSection | None = None
+    test_data: str = ""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    heterogeneity: HeterogeneityConfig = field(default_factory=HeterogeneityConfig)
+    round_deadline_s: float = 0.0
+    keep_partial_work: bool = False
+    max_failed_attempts: int = 20
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
+    """What the engine runs: a task file's task and ``simulation`` section together (built by
+    :func:`parse_simulation_yaml`; tests may build one directly)."""
+
     name: str
     model: ModelSpec
     data: DataConfig
@@ -191,16 +221,53 @@ class SimulationConfig:
     #: Secure aggregation (SecAgg+ run in process) and central DP, as in task files.
     secure_aggregation: SecureAggregation | None = None
     privacy: PrivacySpec | None = None
+    #: The task's ``data_schema``: the devices' data must fit it.
+    data_schema: DataSchema | None = None
     #: Directory of the file the config came from; relative paths (trace) resolve here.
     base_dir: str = "."
+    #: The file the config came from, for errors found later (loading data).
+    source: str = "<simulation>"
+    #: ``module:attribute`` apps to load (:func:`core.apps.load_app`) in worker processes.
+    apps: tuple[str, ...] = ()
 
 
-def load_simulation_file(path: str | Path) -> SimulationConfig:
-    """Reads and validates a YAML simulation file (model arguments included).
+#: Keys of the old simulation file format -> where they are now.
+_OLD_FORMAT = {
+    "data": "simulation.population: {devices: N, data: SPEC} (SPEC: a data spec without "
+            "shard, e.g. \"digits:dirichlet=0.5\")",
+    "selection": "clients_per_round, over_selection and min_reports at the top level; "
+                 "round_deadline_s, keep_partial_work and max_failed_attempts under "
+                 "simulation:",
+    "algorithm": "simulation.algorithm", "heterogeneity": "simulation.heterogeneity",
+    "engine": "simulation.engine",
+}
+
+
+def load_apps(apps: tuple[str, ...]) -> None:
+    """Registers the models and data sources of ``apps`` (``module:attribute`` each) in this
+    process (:func:`core.apps.load_app`; loading one twice does nothing).
+
+    Raises:
+        core.errors.AppError: an app cannot be imported or registered.
+    """
+    if apps:
+        from core.apps import load_app
+
+        for app in apps:
+            load_app(app)
+
+
+def load_simulation_file(path: str | Path, *, population: str | None = None,
+                         devices: int | None = None, apps: tuple[str, ...] = ()
+                         ) -> SimulationConfig:
+    """Reads and validates a task file for simulation (model arguments included).
+    ``population`` and ``devices`` replace ``simulation.population``'s ``data`` and
+    ``devices`` (``fedctl simulate --population SPEC --devices N``); a file without that
+    section needs both. Apps (user models and data sources) must be loaded before.
 
     Raises:
         SimulationConfigError: the file is missing, not YAML, or a field is wrong; the
-            message names the file and the field.
+            message names the file and the field as written in the file.
     """
     source = str(path)
     try:
@@ -208,11 +275,13 @@ def load_simulation_file(path: str | Path) -> SimulationConfig:
     except OSError as exc:
         raise SimulationConfigError(source, "", f"cannot read the file: {exc.strerror or exc}"
                                     ) from None
-    return parse_simulation_yaml(text, source=source, base_dir=str(Path(path).parent))
+    return parse_simulation_yaml(text, source=source, base_dir=str(Path(path).parent),
+                                 population=population, devices=devices, apps=apps)
 
 
-def parse_simulation_yaml(text: str, *, source: str = "<simulation>", base_dir: str = "."
-                          ) -> SimulationConfig:
+def parse_simulation_yaml(text: str, *, source: str = "<simulation>", base_dir: str = ".",
+                          population: str | None = None, devices: int | None = None,
+                          apps: tuple[str, ...] = ()) -> SimulationConfig:
     """As :func:`load_simulation_file`, from text."""
     try:
         data = yaml.safe_load(text)
@@ -221,20 +290,92 @@ def parse_simulation_yaml(text: str, *, source: str = "<simulation>", base_dir: 
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise SimulationConfigError(source, "", f"not valid YAML{where}") from None
     if not isinstance(data, Mapping):
-        raise SimulationConfigError(source, "", "expected a mapping of simulation fields")
-    if "base_dir" in data:
-        raise SimulationConfigError(source, "base_dir", "is set from the file's location")
-    config = _build(SimulationConfig, data, source, "")
-    assert isinstance(config, SimulationConfig)
-    config = dataclasses.replace(config, base_dir=base_dir)
-    validate_simulation_config(config, source=source)
+        raise SimulationConfigError(source, "", "expected a mapping of task fields")
+    return config_from_dict(data, source=source, base_dir=base_dir, population=population,
+                            devices=devices, apps=apps)
+
+
+def config_from_dict(data: Mapping[str, Any], *, source: str = "<simulation>",
+                     base_dir: str = ".", population: str | None = None,
+                     devices: int | None = None, apps: tuple[str, ...] = ()
+                     ) -> SimulationConfig:
+    """As :func:`parse_simulation_yaml`, from parsed YAML."""
+    from core.taskspec import TaskSpecError, spec_from_dict
+
+    for key, where in _OLD_FORMAT.items():
+        if key in data:
+            raise SimulationConfigError(
+                source, key, f"simulations are task files now (the old simulation format "
+                f"is gone): move it to {where}; see simulations/examples/")
+    raw_section = data.get("simulation", {})
+    if raw_section is None or raw_section == "off":
+        raw_section = {}
+    if not isinstance(raw_section, Mapping):
+        raise SimulationConfigError(source, "simulation",
+                                    f"expected a mapping, got {fields.describe(raw_section)}")
+    raw_section = _with_population(raw_section, population, devices, source)
+    try:
+        task = spec_from_dict({**data, "simulation": raw_section}, source=source)
+    except TaskSpecError as exc:
+        raise SimulationConfigError(source, exc.field, exc.message) from None
+    try:
+        section = fields.build(SimulationSection, raw_section, "simulation")
+    except fields.FieldError as exc:
+        raise SimulationConfigError(source, exc.path, exc.message) from None
+    assert isinstance(section, SimulationSection)
+    if section.population is None:
+        raise SimulationConfigError(
+            source, "simulation.population",
+            "is required to simulate: add `simulation: {population: {devices: N, data: SPEC}}` "
+            "or pass --population SPEC --devices N")
+    config = SimulationConfig(
+        name=task.name, model=task.model,
+        data=DataConfig(spec=section.population.data, num_devices=section.population.devices,
+                        test_data=section.test_data or task.evaluation.server_data),
+        rounds=task.rounds,
+        selection=SelectionConfig(
+            clients_per_round=task.clients_per_round, over_selection=task.over_selection,
+            min_reports=task.min_reports, round_deadline_s=section.round_deadline_s,
+            keep_partial_work=section.keep_partial_work,
+            max_failed_attempts=section.max_failed_attempts),
+        local=task.local, server=task.server, algorithm=section.algorithm,
+        heterogeneity=section.heterogeneity, evaluation=section.evaluation,
+        engine=section.engine, seed=task.seed, secure_aggregation=task.secure_aggregation,
+        privacy=task.privacy, data_schema=task.data_schema, base_dir=base_dir, source=source,
+        apps=apps)
+    test_field = "simulation.test_data" if section.test_data else "evaluation.server_data"
+    validate_simulation_config(config, source=source, test_data_field=test_field)
     return config
 
 
-def validate_simulation_config(config: SimulationConfig, *, source: str = "<simulation>"
-                               ) -> None:
-    """Checks ranges and relations between fields, and builds the model once to check its
-    arguments (imports torch).
+def _with_population(section: Mapping[str, Any], population: str | None, devices: int | None,
+                     source: str) -> Mapping[str, Any]:
+    """``section`` with the command line's ``--population``/``--devices`` in it."""
+    if population is None and devices is None:
+        return section
+    written = section.get("population")
+    if written is None or written == "off":
+        written = {}
+    if not isinstance(written, Mapping):
+        raise SimulationConfigError(source, "simulation.population",
+                                    f"expected a mapping, got {fields.describe(written)}")
+    merged = dict(written)
+    if population is not None:
+        merged["data"] = population
+    if devices is not None:
+        merged["devices"] = devices
+    for key, flag in (("data", "--population SPEC"), ("devices", "--devices N")):
+        if key not in merged:
+            raise SimulationConfigError(source, f"simulation.population.{key}",
+                                        f"is required: the file has none, pass {flag}")
+    return {**section, "population": merged}
+
+
+def validate_simulation_config(config: SimulationConfig, *, source: str = "<simulation>",
+                               test_data_field: str = "simulation.test_data") -> None:
+    """Checks ranges and relations between fields, the data specs (no data is generated),
+    and builds the model once to check its arguments (imports torch). Fields are named as
+    in a task file.
 
     Raises:
         SimulationConfigError: naming ``source`` and the field.
@@ -247,62 +388,49 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
         if value < low:
             fail(name, f"must be at least {low:g}, got {value}")
 
+    sel = config.selection
     if config.secure_aggregation is not None:
         from core.secagg.params import SecAggParamError, derive
 
         try:
-            derive(config.secure_aggregation, config.selection.clients_per_round)
+            derive(config.secure_aggregation, sel.clients_per_round)
         except SecAggParamError as exc:
-            fail("secure_aggregation", f"with {config.selection.clients_per_round} devices per "
-                 f"round: {exc}")
+            fail("secure_aggregation", f"with {sel.clients_per_round} devices per round: {exc}")
     if config.privacy is not None:
         from core.privacy.spec import PrivacyMode
 
         if config.privacy.mode is not PrivacyMode.CENTRAL:
             fail("privacy.mode", "simulations run central DP (or none); "
-                 f"'{config.privacy.mode.value}' is not simulated")
-        if config.selection.over_selection != 1.0:
-            fail("selection.over_selection", "must be 1.0 under privacy: the release sums "
-                 "every report of the sampled cohort, so a cohort is never cut by report order")
+                 f"'{config.privacy.mode.value}' is not simulated yet")
+        if sel.over_selection != 1.0:
+            fail("over_selection", "must be 1.0 under privacy: the release sums every report "
+                 "of the sampled cohort, so a cohort is never cut by report order")
         from core.privacy.accounting import Sampling
 
         if config.privacy.sampling is not Sampling.FIXED_SIZE:
             fail("privacy.sampling", "simulations draw fixed-size cohorts; use 'fixed'")
         population = config.privacy.population
-        if population is not None and population < config.selection.clients_per_round:
+        if population is not None and population < sel.clients_per_round:
             fail("privacy.population", f"{population} is below clients_per_round "
-                 f"({config.selection.clients_per_round})")
+                 f"({sel.clients_per_round})")
     if not config.name.strip():
         fail("name", "must not be empty")
     at_least("rounds", config.rounds, 1)
     at_least("seed", config.seed, 0)
     data = config.data
-    at_least("data.num_devices", data.num_devices, 1)
-    at_least("data.seed", data.seed, 0)
-    if data.source is DataSource.SYNTHETIC:
-        at_least("data.alpha", data.alpha, 0)
-        at_least("data.beta", data.beta, 0)
-    if data.source is DataSource.DIGITS:
-        from core.data.digits import MAX_SHARDS
-
-        if data.num_devices > MAX_SHARDS:
-            fail("data.num_devices", f"digits has at most {MAX_SHARDS} devices, "
-                                     f"got {data.num_devices}")
-    if not data.dirichlet > 0:
-        fail("data.dirichlet", f"must be positive, got {data.dirichlet}")
-    if data.source is DataSource.TORCH and ":" not in data.factory:
-        fail("data.factory", f"must look like 'package.module:function', got {data.factory!r}")
-    sel = config.selection
-    at_least("selection.clients_per_round", sel.clients_per_round, 1)
+    at_least("simulation.population.devices", data.num_devices, 1)
+    _check_data_specs(data, fail, test_data_field)
+    at_least("clients_per_round", sel.clients_per_round, 1)
     if sel.clients_per_round > data.num_devices:
-        fail("selection.clients_per_round",
-             f"must be at most data.num_devices ({data.num_devices}), got {sel.clients_per_round}")
+        fail("clients_per_round", f"must be at most simulation.population.devices "
+                                  f"({data.num_devices}), got {sel.clients_per_round}")
     if not 1 <= sel.min_reports <= sel.clients_per_round:
-        fail("selection.min_reports", f"must be between 1 and clients_per_round "
-                                      f"({sel.clients_per_round}), got {sel.min_reports}")
+        fail("min_reports", f"must be between 1 and clients_per_round "
+                            f"({sel.clients_per_round}), got {sel.min_reports}")
     if not 1.0 <= sel.over_selection <= 10.0:
-        fail("selection.over_selection", f"must be between 1.0 and 10.0, got {sel.over_selection}")
-    at_least("selection.round_deadline_s", sel.round_deadline_s, 0)
+        fail("over_selection", f"must be between 1.0 and 10.0, got {sel.over_selection}")
+    at_least("simulation.round_deadline_s", sel.round_deadline_s, 0)
+    at_least("simulation.max_failed_attempts", sel.max_failed_attempts, 1)
     at_least("local.epochs", config.local.epochs, 1)
     at_least("local.batch_size", config.local.batch_size, 1)
     if not config.local.learning_rate > 0:
@@ -316,25 +444,51 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
             fail(f"server.{name}", f"must be in [0, 1), got {getattr(config.server, name)}")
     if not config.server.epsilon > 0:
         fail("server.epsilon", f"must be positive, got {config.server.epsilon}")
-    at_least("algorithm.mu", config.algorithm.mu, 0)
+    at_least("simulation.algorithm.mu", config.algorithm.mu, 0)
     if config.algorithm.mu > 0 and config.algorithm.kind is not AlgorithmKind.FEDPROX:
-        fail("algorithm.mu", f"only fedprox uses mu, got mu={config.algorithm.mu} with "
-                             f"{config.algorithm.kind.value}")
+        fail("simulation.algorithm.mu", f"only fedprox uses mu, got mu={config.algorithm.mu} "
+                                        f"with {config.algorithm.kind.value}")
     het = config.heterogeneity
     for name in ("speed", "availability", "latency_s"):
-        _check_distribution(getattr(het, name), f"heterogeneity.{name}", fail)
+        _check_distribution(getattr(het, name), f"simulation.heterogeneity.{name}", fail)
     for name in ("dropout", "straggler_fraction"):
         if not 0 <= getattr(het, name) <= 1:
-            fail(f"heterogeneity.{name}", f"must be in [0, 1], got {getattr(het, name)}")
+            fail(f"simulation.heterogeneity.{name}", f"must be in [0, 1], got "
+                                                     f"{getattr(het, name)}")
     if het.trace and not (Path(config.base_dir) / het.trace).is_file():
-        fail("heterogeneity.trace", f"no such file: {Path(config.base_dir) / het.trace}")
-    at_least("evaluation.every", config.evaluation.every, 1)
-    at_least("evaluation.train_loss_samples", config.evaluation.train_loss_samples, 0)
-    at_least("engine.workers", config.engine.workers, 1)
-    at_least("engine.threads", config.engine.threads, 1)
-    at_least("engine.processes", config.engine.processes, 1)
-    at_least("selection.max_failed_attempts", config.selection.max_failed_attempts, 1)
+        fail("simulation.heterogeneity.trace", f"no such file: {Path(config.base_dir) / het.trace}")
+    at_least("simulation.evaluation.every", config.evaluation.every, 1)
+    at_least("simulation.evaluation.train_loss_samples", config.evaluation.train_loss_samples, 0)
+    at_least("simulation.engine.workers", config.engine.workers, 1)
+    at_least("simulation.engine.threads", config.engine.threads, 1)
+    at_least("simulation.engine.processes", config.engine.processes, 1)
     _check_model(config, fail)
+
+
+def _check_data_specs(data: DataConfig, fail: typing.Callable[[str, str], typing.NoReturn],
+                      test_data_field: str) -> None:
+    """The population's spec parses and takes a shard (device 0's and the last device's);
+    the test spec parses. Sources check their own fields when data is loaded."""
+    from core.data.spec import parse_data_spec, with_shard
+    from core.errors import CoreError
+
+    try:
+        spec = parse_data_spec(data.spec)
+    except CoreError as exc:
+        fail("simulation.population.data", str(exc))
+    if "shard" in spec.params:
+        fail("simulation.population.data", f"{data.spec!r} names a shard: device i of "
+             f"{data.num_devices} loads shard=i/{data.num_devices}; leave shard out")
+    if data.num_devices >= 1:
+        try:
+            with_shard(spec, data.num_devices - 1, data.num_devices)
+        except CoreError as exc:
+            fail("simulation.population", str(exc))
+    if data.test_data:
+        try:
+            parse_data_spec(data.test_data)
+        except CoreError as exc:
+            fail(test_data_field, str(exc))
 
 
 def _check_distribution(d: Distribution, name: str,
@@ -357,14 +511,3 @@ def _check_model(config: SimulationConfig,
     except ModelSpecError as exc:
         field_name, _, message = str(exc).partition(": ")
         fail(field_name if field_name.startswith("model.") else "model", message or str(exc))
-
-
-# -- dataclass-driven parsing: the task files' builder (core.fields) ----------------------
-
-def _build(tp: Any, value: Any, source: str, path: str) -> Any:
-    """Converts plain data to ``tp``; raises SimulationConfigError at the field on a mismatch."""
-    try:
-        return fields.build(tp, value, path, skip=frozenset({"base_dir"}),
-                            hooks={PrivacySpec: privacy_field})
-    except fields.FieldError as exc:
-        raise SimulationConfigError(source, exc.path, exc.message) from None

@@ -1,33 +1,32 @@
 """The federation's data: one training set per simulated device and one global test set.
 
-Sources (see :class:`~simulations.config.DataConfig`):
+Every source goes through the data-spec registry of :mod:`core.data.spec`, the one agents
+use: device ``k`` of ``N`` loads ``SPEC,shard=k/N`` (see :func:`load_federated_data`), so a
+simulated device holds what a real agent started with that spec holds, for the built-in
+sources (``synthetic``: FedProx Synthetic(alpha, beta); ``digits``: scikit-learn digits,
+Dirichlet non-IID) and for any source an app registers (:mod:`core.apps`).
 
-- ``synthetic``: FedProx Synthetic(alpha, beta), one :func:`core.data.synthetic.synthetic_shard`
-  per device; the test set is the union of the devices' held-out parts (as in the paper).
-- ``digits``: :func:`core.data.digits.digits_shard` per device; the test set is the global
-  held-out digits split.
-- ``torch``: any map-style torch ``Dataset`` of ``(features, label)`` items, returned with a
-  test set by the configured factory, and split by :func:`iid_partition` or
-  :func:`dirichlet_partition` (the partitioners are plain functions over labels, usable on
-  their own).
+:func:`iid_partition`, :func:`dirichlet_partition` and :func:`dataset_arrays` are plain
+helpers for writing a data source over one central dataset (e.g. a torch ``Dataset``).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from simulations.config import DataConfig, DataSource, PartitionKind
+from core.data.dataset import LocalDataset
+from simulations.config import DataConfig
+from simulations.errors import SimulationConfigError
 
 
 @dataclass(frozen=True, eq=False)
 class FederatedData:
-    """``x_train[k]`` float32 ``[n_k, features]`` and ``y_train[k]`` int64 ``[n_k]`` for device
-    k (every ``n_k >= 1``); ``x_test``/``y_test`` the global test set."""
+    """``x_train[k]`` float32 ``[n_k, *feature_shape]`` and ``y_train[k]`` int64 ``[n_k]``
+    for device k (every ``n_k >= 1``); ``x_test``/``y_test`` the global test set."""
 
     x_train: Sequence[np.ndarray]
     y_train: Sequence[np.ndarray]
@@ -40,8 +39,9 @@ class FederatedData:
         return len(self.y_train)
 
     @property
-    def num_features(self) -> int:
-        return int(self.x_test.shape[1])
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one example's features (``(64,)`` for flat digits)."""
+        return tuple(int(d) for d in self.x_test.shape[1:])
 
     def sizes(self) -> np.ndarray:
         """Training examples per device, int64 ``[num_devices]``."""
@@ -92,57 +92,68 @@ def dirichlet_partition(labels: np.ndarray, num_devices: int, alpha: float,
     return [np.flatnonzero(owner == d) for d in range(num_devices)]
 
 
-def load_federated_data(config: DataConfig) -> FederatedData:
-    """Generates or loads the data ``config`` describes. Deterministic in ``config``.
+def load_federated_data(config: DataConfig, *, source: str = "<simulation>") -> FederatedData:
+    """Loads every device's data through the data-spec registry (:mod:`core.data.spec`):
+    device ``k`` gets ``load_dataset(with_shard(spec, k, num_devices))``, the data an agent
+    started with that spec trains on, whatever the source (built-in or an app's). The test
+    set is ``test_data``'s test split, or the union of the devices' test splits.
+    Deterministic in ``config`` (as deterministic as the sources).
 
     Raises:
-        ValueError: the torch factory cannot be imported or returns something unusable.
+        SimulationConfigError: a spec is refused, a source fails, or the devices' data do
+            not fit together; names ``source`` and the field the data came from.
     """
-    return _SOURCES[config.source](config)
+    from core.data.spec import load_dataset, parse_data_spec, with_shard
+    from core.errors import CoreError
 
+    def fail(name: str, message: str) -> NoReturn:
+        raise SimulationConfigError(source, name, message)
 
-def _synthetic(config: DataConfig) -> FederatedData:
-    from core.data.synthetic import CLASSES, synthetic_shard
-
-    shards = [synthetic_shard(alpha=config.alpha, beta=config.beta, shard=k,
-                              num_shards=config.num_devices, seed=config.seed, iid=config.iid)
-              for k in range(config.num_devices)]
-    return FederatedData(
-        x_train=[s.x_train for s in shards], y_train=[s.y_train for s in shards],
-        x_test=np.concatenate([s.x_test for s in shards]),
-        y_test=np.concatenate([s.y_test for s in shards]), num_classes=CLASSES)
-
-
-def _digits(config: DataConfig) -> FederatedData:
-    from core.data.digits import CLASSES, digits_shard, digits_test_set
-
-    # test_fraction=0: the devices' local splits are not used; the global test set is.
-    shards = [digits_shard(shard=k, num_shards=config.num_devices, dirichlet=config.dirichlet,
-                           seed=config.seed, test_fraction=0.0)
-              for k in range(config.num_devices)]
-    test = digits_test_set()
-    return FederatedData(x_train=[s.x_train for s in shards], y_train=[s.y_train for s in shards],
-                         x_test=test.x_test, y_test=test.y_test, num_classes=CLASSES)
-
-
-def _torch(config: DataConfig) -> FederatedData:
-    module_name, _, function_name = config.factory.partition(":")
+    population = "simulation.population.data"
+    n = config.num_devices
+    shards: list[LocalDataset] = []
     try:
-        factory: Callable[[], tuple[Any, Any]] = getattr(importlib.import_module(module_name),
-                                                         function_name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"data.factory {config.factory!r}: {exc}") from None
-    train, test = factory()
-    x, y = dataset_arrays(train)
-    x_test, y_test = dataset_arrays(test)
-    rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.num_devices]))
-    if config.partition is PartitionKind.IID:
-        parts = iid_partition(len(y), config.num_devices, rng)
+        spec = parse_data_spec(config.spec)
+        for k in range(n):
+            shards.append(load_dataset(with_shard(spec, k, n)))
+    except (CoreError, ValueError) as exc:
+        where = f" (device {len(shards)} of {n})" if n > 1 else ""
+        fail(population, f"{exc}{where}")
+    shape = _feature_shape(shards[0].x_train)
+    for k, shard in enumerate(shards):
+        if len(shard.y_train) == 0:
+            fail(population, f"device {k} of {n} has no training examples")
+        if _feature_shape(shard.x_train) != shape:
+            fail(population, f"device {k} has features of shape "
+                             f"{list(_feature_shape(shard.x_train))}, device 0 {list(shape)}")
+    if config.test_data:
+        try:
+            test = load_dataset(config.test_data)
+        except (CoreError, ValueError) as exc:
+            fail("simulation.test_data", str(exc))
+        x_test, y_test = test.x_test, test.y_test
+        classes = max(test.classes, *(s.classes for s in shards))
+        test_field = "simulation.test_data"
     else:
-        parts = dirichlet_partition(y, config.num_devices, config.dirichlet, rng)
-    classes = int(max(y.max(), y_test.max())) + 1
-    return FederatedData(x_train=[x[p] for p in parts], y_train=[y[p] for p in parts],
-                         x_test=x_test, y_test=y_test, num_classes=classes)
+        x_test = np.concatenate([s.x_test for s in shards])
+        y_test = np.concatenate([s.y_test for s in shards])
+        classes = max(s.classes for s in shards)
+        test_field = population
+    if len(y_test) == 0:
+        fail(test_field, "no test examples: name a test set with simulation.test_data (or "
+                         "evaluation.server_data)")
+    if _feature_shape(x_test) != shape:
+        fail(test_field, f"test features of shape {list(_feature_shape(x_test))} do not fit "
+                         f"the devices' {list(shape)}")
+    return FederatedData(
+        x_train=[np.ascontiguousarray(s.x_train, dtype=np.float32) for s in shards],
+        y_train=[np.ascontiguousarray(s.y_train, dtype=np.int64) for s in shards],
+        x_test=np.ascontiguousarray(x_test, dtype=np.float32),
+        y_test=np.ascontiguousarray(y_test, dtype=np.int64), num_classes=classes)
+
+
+def _feature_shape(x: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape[1:])
 
 
 def dataset_arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -157,9 +168,3 @@ def dataset_arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     y = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
     return x.numpy(), y.numpy()
 
-
-_SOURCES: dict[DataSource, Callable[[DataConfig], FederatedData]] = {
-    DataSource.SYNTHETIC: _synthetic,
-    DataSource.DIGITS: _digits,
-    DataSource.TORCH: _torch,
-}

@@ -1,7 +1,7 @@
 """The simulation loop: plan a round on the simulated clock, train the devices whose work
 counts, aggregate with the coordinator's code, evaluate, report.
 
-    sim = Simulation(load_simulation_file("sim.yaml"))
+    sim = Simulation(load_simulation_file("task.yaml"))
     for metrics in sim.rounds():      # one RoundMetrics per round, as it finishes
         ...
 
@@ -13,29 +13,31 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from core.models import build_model, initial_state, load_numpy_state
-from core.training import evaluate
+from core.models import build_model, initial_state, load_numpy_state, model_hooks
+from core.training import evaluate, evaluate_metrics
 from simulations.aggregation import CohortAggregator
 from simulations.algorithms import FederatedAlgorithm, make_algorithm
 from simulations.cohort import CohortTrainer, DeviceJob, DeviceTable, make_trainer
 from simulations.config import SimulationConfig
 from simulations.data import FederatedData, load_federated_data
 from simulations.devices import DeviceProfiles, RoundPlan, device_profiles, plan_round
+from simulations.errors import SimulationConfigError
 
 
 @dataclass(frozen=True)
 class RoundMetrics:
     """One round. Counts are devices; times are simulated seconds except ``wall_s`` (real
-    seconds since the simulation started). Losses are mean cross-entropy in nats; the
-    evaluation fields are None on rounds that were not evaluated, ``local_loss`` when no
-    device completed its epochs."""
+    seconds since the simulation started). Losses are mean cross-entropy in nats (the app's
+    loss for a model that brings one); the evaluation fields are None on rounds that were
+    not evaluated, ``local_loss`` when no device completed its epochs. ``metrics``: the
+    app's metrics of the global model on the test set (evaluated rounds only)."""
 
     round: int
     committed: bool
@@ -58,6 +60,7 @@ class RoundMetrics:
     #: Attempts this round took: failed ones (fewer than ``min_reports``) are redone; the
     #: counts above are the last attempt's, ``round_time_s`` covers them all.
     attempts: int = 1
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,7 +78,9 @@ class Simulation:
     def __init__(self, config: SimulationConfig, *, trainer: CohortTrainer | None = None,
                  data: FederatedData | None = None) -> None:
         self.config = config
-        self.data = data if data is not None else load_federated_data(config.data)
+        self.data = data if data is not None else load_federated_data(config.data,
+                                                                      source=config.source)
+        check_data_schema(config, self.data)
         self.table = DeviceTable(self.data)
         self.profiles: DeviceProfiles = device_profiles(
             config.heterogeneity, self.data.num_devices, seed=config.seed,
@@ -95,6 +100,7 @@ class Simulation:
             self.algorithm.local_objective(), threads=config.engine.threads)
         self.params = initial_state(config.model, config.seed)
         self._eval_model = build_model(config.model)
+        self._hooks = model_hooks(config.model.architecture)
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xE7A1]))
         total = int(self.table.pad_row)
         take = min(total, config.evaluation.train_loss_samples)
@@ -135,8 +141,10 @@ class Simulation:
         local_loss = self._train(round_index, plan) if plan.committed else None
         self.sim_time_s += round_time
         scores: tuple[float | None, ...] = (None, None, None)
+        metrics: dict[str, float] = {}
         if evaluate_now:
             scores = self.evaluate()
+            metrics = self.app_metrics()
         return RoundMetrics(
             round=round_index, committed=plan.committed, available=plan.available,
             admitted=len(plan.admitted), used=len(plan.used) if plan.committed else 0,
@@ -146,7 +154,7 @@ class Simulation:
             local_loss=local_loss, train_loss=scores[0], test_loss=scores[1],
             test_accuracy=scores[2],
             epsilon=self.aggregator.epsilon if self.aggregator is not None else None,
-            attempts=attempt)
+            attempts=attempt, metrics=metrics)
 
     def _train(self, round_index: int, plan: RoundPlan) -> float | None:
         devices = [w.device for w in plan.used]
@@ -165,11 +173,44 @@ class Simulation:
         """(loss on the training sample or None if empty, test loss, test accuracy) of the
         current global model."""
         load_numpy_state(self._eval_model, self.params)
+        loss = self._hooks.loss
         train_loss = None
         if len(self._train_sample):
             x = self.table.x[self._train_sample].numpy()
             y = self.table.y[self._train_sample].numpy()
-            train_loss, _ = evaluate(self._eval_model, x, y)
-        test_loss, accuracy = evaluate(self._eval_model, self.data.x_test, self.data.y_test)
+            train_loss, _ = evaluate(self._eval_model, x, y, loss=loss)
+        test_loss, accuracy = evaluate(self._eval_model, self.data.x_test, self.data.y_test,
+                                       loss=loss)
         return train_loss, test_loss, accuracy
+
+    def app_metrics(self) -> dict[str, float]:
+        """The app's metrics (its ``metrics`` hook) of the current global model on the test
+        set; empty for a model without one."""
+        if self._hooks.metrics is None:
+            return {}
+        load_numpy_state(self._eval_model, self.params)
+        return evaluate_metrics(self._eval_model, self.data.x_test, self.data.y_test,
+                                self._hooks.metrics)
+
+
+def check_data_schema(config: SimulationConfig, data: FederatedData) -> None:
+    """The task's ``data_schema``, when it declares one, fits the simulated devices' data
+    (as the coordinator checks it against the schemas real devices report).
+
+    Raises:
+        SimulationConfigError: naming ``data_schema``'s field.
+    """
+    schema = config.data_schema
+    if schema is None:
+        return
+    if tuple(schema.feature_shape) != data.feature_shape:
+        raise SimulationConfigError(
+            config.source, "data_schema.feature_shape",
+            f"{list(schema.feature_shape)} does not fit the devices' data "
+            f"({config.data.spec!r}: {list(data.feature_shape)})")
+    if schema.num_classes != data.num_classes:
+        raise SimulationConfigError(
+            config.source, "data_schema.num_classes",
+            f"{schema.num_classes} does not fit the devices' data ({config.data.spec!r}: "
+            f"{data.num_classes} classes)")
 

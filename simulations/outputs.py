@@ -35,7 +35,8 @@ class MetricsWriter:
     def write(self, metrics: RoundMetrics) -> None:
         row = metrics.as_dict()
         self._jsonl.write(json.dumps(row) + "\n")
-        self._csv.writerow({k: "" if v is None else v for k, v in row.items()})
+        self._csv.writerow({k: "" if v is None else json.dumps(v) if isinstance(v, Mapping)
+                            else v for k, v in row.items()})
         self._jsonl.flush()
         self._csv_file.flush()
 

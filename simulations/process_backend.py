@@ -30,7 +30,7 @@ from simulations.algorithms import local_objective
 from simulations.cohort import CohortResult, CohortTrainer, DeviceJob, DeviceTable, full_steps
 from simulations.cohort import make_trainer as make_cohort_trainer
 from simulations.cohort_split import LOCK_STEP_OVERHEAD, merge_results, split_jobs
-from simulations.config import AlgorithmConfig, EngineKind, SimulationConfig
+from simulations.config import AlgorithmConfig, EngineKind, SimulationConfig, load_apps
 from simulations.errors import SimulationError
 
 
@@ -41,6 +41,8 @@ class _Setup:
     local: LocalTraining
     algorithm: AlgorithmConfig
     threads: int
+    #: Apps (``module:attribute``) whose models and data sources the worker registers first.
+    apps: tuple[str, ...] = ()
 
 
 _trainer: CohortTrainer | None = None  # the worker process's trainer (set by _start)
@@ -51,6 +53,7 @@ def _start(setup: _Setup, table: DeviceTable, out: dict[str, torch.Tensor]) -> N
     global _trainer, _out
     _out = out
     torch.set_num_threads(setup.threads)
+    load_apps(setup.apps)
     _trainer = make_cohort_trainer(setup.kind, setup.model, table, setup.local,
                                    local_objective(setup.algorithm))
 
@@ -79,7 +82,8 @@ def _train(global_params: dict[str, np.ndarray], jobs: list[DeviceJob],
 
 class ProcessCohortTrainer:
     """``processes`` worker processes training the cohort with the ``kind`` engine (as
-    :func:`simulations.cohort.make_trainer` builds it, ``threads`` torch threads each). Use
+    :func:`simulations.cohort.make_trainer` builds it, ``threads`` torch threads each, after
+    registering ``apps``: spawned workers start without the parent's registrations). Use
     as a context manager, or call :meth:`shutdown`; :meth:`from_config` takes a simulation's
     settings.
 
@@ -93,7 +97,7 @@ class ProcessCohortTrainer:
 
     def __init__(self, table: DeviceTable, processes: int, *, kind: EngineKind,
                  model: ModelSpec, local: LocalTraining, algorithm: AlgorithmConfig,
-                 threads: int = 1, capacity: int = 0) -> None:
+                 threads: int = 1, capacity: int = 0, apps: tuple[str, ...] = ()) -> None:
         if processes < 2:
             raise ValueError(f"processes must be at least 2, got {processes}")
         import torch.multiprocessing as tmp
@@ -113,7 +117,7 @@ class ProcessCohortTrainer:
         self._processes = processes
         self._overhead = 0.0 if kind is EngineKind.LOOP else LOCK_STEP_OVERHEAD
         self._capacity = capacity
-        setup = _Setup(kind, model, local, algorithm, threads)
+        setup = _Setup(kind, model, local, algorithm, threads, apps)
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=processes, mp_context=tmp.get_context("spawn"),
             initializer=_start, initargs=(setup, table, self._out))
@@ -124,7 +128,8 @@ class ProcessCohortTrainer:
         with room in shared memory for the round's admitted devices."""
         return cls(table, config.engine.processes, kind=config.engine.kind,
                    model=config.model, local=config.local, algorithm=config.algorithm,
-                   threads=config.engine.threads, capacity=config.selection.admitted)
+                   threads=config.engine.threads, capacity=config.selection.admitted,
+                   apps=config.apps)
 
     def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
               corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:

@@ -17,7 +17,7 @@ import torch
 from simulations.algorithms import local_objective
 from simulations.cohort import CohortResult, DeviceJob, DeviceTable, full_steps, make_trainer
 from simulations.cohort_split import merge_results, split_jobs
-from simulations.config import SimulationConfig
+from simulations.config import SimulationConfig, load_apps
 from simulations.data import FederatedData
 from simulations.errors import BackendUnavailable
 
@@ -27,6 +27,7 @@ class _Worker:
 
     def __init__(self, config: SimulationConfig, data: FederatedData) -> None:
         torch.set_num_threads(config.engine.threads)
+        load_apps(config.apps)
         self._trainer = make_trainer(config.engine.kind, config.model, DeviceTable(data),
                                      config.local, local_objective(config.algorithm))
 

@@ -1,4 +1,5 @@
-"""Simulation files: errors name the file and the field; `fedctl simulate` runs a file."""
+"""Task files in simulation: errors name the file and the field as written in the task file;
+`fedctl simulate` runs a file."""
 
 from __future__ import annotations
 
@@ -10,12 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.config import (
-    AlgorithmKind,
-    DataSource,
-    load_simulation_file,
-    parse_simulation_yaml,
-)
+from simulations.config import AlgorithmKind, parse_simulation_yaml
 from simulations.data import dataset_arrays, dirichlet_partition, iid_partition
 from simulations.devices import device_profiles
 from simulations.errors import SimulationConfigError
@@ -27,61 +23,115 @@ TINY = """
 name: tiny
 rounds: 3
 model: {architecture: logistic_regression, arguments: {input_dim: 60, num_classes: 10}}
-data: {source: synthetic, num_devices: 6}
-selection: {clients_per_round: 3}
+clients_per_round: 3
+min_reports: 1
 local: {epochs: 1, batch_size: 10, learning_rate: 0.01}
+simulation:
+  population: {devices: 6, data: "synthetic:alpha=1,beta=1"}
 """
 
 
-def test_examples_parse() -> None:
-    files = sorted(EXAMPLES.glob("*.yaml"))
-    assert len(files) >= 5
-    for path in files:
-        assert load_simulation_file(path).rounds >= 1
+def _edited(edit: str) -> str:
+    """TINY with a top-level key replaced, or a line added under ``simulation:``."""
+    if edit.startswith("  "):
+        return TINY + edit + "\n"
+    key = edit.split(":")[0]
+    text = TINY.split("simulation:")[0] + "\n" if key == "simulation" else TINY
+    lines = [line for line in text.splitlines() if not line.startswith(f"{key}:")]
+    return "\n".join(lines) + "\n" + edit + "\n"
 
 
 def test_a_minimal_file_gets_the_defaults() -> None:
     config = parse_simulation_yaml(TINY)
-    assert config.data.source is DataSource.SYNTHETIC
+    assert config.data.spec == "synthetic:alpha=1,beta=1" and config.data.num_devices == 6
     assert config.algorithm.kind is AlgorithmKind.FEDAVG
-    assert config.selection.admitted == 3
+    # The task's over_selection default (1.3) applies: 3 x 1.3 rounds to 4 admitted.
+    assert config.selection.admitted == 4
+    # The task's round_deadline_s (60 s of wall clock) is not the simulated deadline.
+    assert config.selection.round_deadline_s == 0
 
 
 @pytest.mark.parametrize(("edit", "field", "message"), [
     ("local: {epochs: 0}", "local.epochs", "at least 1"),
-    ("algorithm: {kind: fedsgd}", "algorithm.kind", "one of 'fedavg', 'fedprox', 'scaffold'"),
-    ("algorithm: {kind: fedavg, mu: 1}", "algorithm.mu", "only fedprox"),
-    ("selection: {clients_per_round: 30}", "selection.clients_per_round", "at most"),
-    ("selection: {clients_per_round: 3, min_reports: 4}", "selection.min_reports", "between"),
-    ("heterogeneity: {dropout: 1.5}", "heterogeneity.dropout", "[0, 1]"),
-    ("heterogeneity: {trace: nope.csv}", "heterogeneity.trace", "no such file"),
+    ("over_selection: 0.5", "over_selection", "between 1.0 and 10.0"),
+    ("clients_per_round: 30", "clients_per_round", "at most simulation.population.devices"),
+    ("min_reports: 4", "min_reports", "between"),
+    ("  algorithm: {kind: fedsgd}", "simulation.algorithm.kind",
+     "one of 'fedavg', 'fedprox', 'scaffold'"),
+    ("  algorithm: {kind: fedavg, mu: 1}", "simulation.algorithm.mu", "only fedprox"),
+    ("  heterogeneity: {dropout: 1.5}", "simulation.heterogeneity.dropout", "[0, 1]"),
+    ("  heterogeneity: {trace: nope.csv}", "simulation.heterogeneity.trace", "no such file"),
+    ("  round_deadline_s: -1", "simulation.round_deadline_s", "at least 0"),
+    ("  engine: {processes: 0}", "simulation.engine.processes", "at least 1"),
+    ("  surprise: 1", "simulation.surprise", "unknown field"),
+    ("  test_data: \"nope:split=test\"", "simulation.test_data", "unknown source"),
     ("model: {architecture: mlp, arguments: {input_dim: 60, num_classes: 10}}",
      "model.arguments.hidden", "required"),
     ("server: {kind: fedadam, beta1: 2}", "server.beta1", "[0, 1)"),
     ("surprise: 1", "surprise", "unknown field"),
     ("rounds: three", "rounds", "expected an integer"),
-    ("engine: {processes: 0}", "engine.processes", "at least 1"),
+    ("evaluation: {server_data: \"nope:x=1\"}", "evaluation.server_data", "unknown source"),
+    ("simulation: {population: {devices: 0, data: \"synthetic:alpha=1,beta=1\"}}",
+     "simulation.population.devices", "at least 1"),
+    ("simulation: {population: {devices: 6, data: \"digits:shard=0/6\"}}",
+     "simulation.population.data", "leave shard out"),
+    ("simulation: {population: {devices: 6}}", "simulation.population.data", "required"),
+    ("simulation: [1]", "simulation", "expected a mapping"),
 ])
-def test_bad_fields_are_named(edit: str, field: str, message: str) -> None:
-    key = edit.split(":")[0]
-    text = "\n".join(line for line in TINY.splitlines() if not line.startswith(f"{key}:"))
+def test_bad_fields_are_named_as_written_in_the_task_file(edit: str, field: str,
+                                                           message: str) -> None:
     with pytest.raises(SimulationConfigError) as caught:
-        parse_simulation_yaml(text + "\n" + edit + "\n", source="sim.yaml")
+        parse_simulation_yaml(_edited(edit), source="task.yaml")
     assert caught.value.field == field
-    assert str(caught.value).startswith(f"sim.yaml: field '{field}': ")
+    assert str(caught.value).startswith(f"task.yaml: field '{field}': ")
     assert message in str(caught.value)
+
+
+def test_a_source_refusing_its_fields_is_named_when_the_data_loads() -> None:
+    from simulations.engine import Simulation
+
+    config = parse_simulation_yaml(_edited(
+        "simulation: {population: {devices: 6, data: \"synthetic:alpha=1\"}}"), source="t.yaml")
+    with pytest.raises(SimulationConfigError) as caught:
+        Simulation(config)
+    assert caught.value.field == "simulation.population.data"
+    assert str(caught.value).startswith("t.yaml: field 'simulation.population.data': ")
+    assert "beta is required" in str(caught.value)
+
+
+def test_a_file_without_a_population_says_how_to_give_one() -> None:
+    text = TINY.split("simulation:")[0]
+    with pytest.raises(SimulationConfigError) as caught:
+        parse_simulation_yaml(text, source="task.yaml")
+    assert caught.value.field == "simulation.population"
+    assert "--population SPEC --devices N" in str(caught.value)
+
+
+def test_the_old_simulation_format_is_refused_saying_where_its_keys_went() -> None:
+    old = """
+name: old
+rounds: 3
+model: {architecture: logistic_regression, arguments: {input_dim: 60, num_classes: 10}}
+data: {source: synthetic, num_devices: 6}
+selection: {clients_per_round: 3}
+"""
+    with pytest.raises(SimulationConfigError) as caught:
+        parse_simulation_yaml(old, source="sim.yaml")
+    assert caught.value.field == "data"
+    assert "simulation.population" in str(caught.value)
 
 
 def test_not_yaml_and_missing_fields_are_reported() -> None:
     with pytest.raises(SimulationConfigError, match=r"sim.yaml: top level: not valid YAML"):
         parse_simulation_yaml("a: [", source="sim.yaml")
-    with pytest.raises(SimulationConfigError, match=r"field 'selection': is required"):
-        parse_simulation_yaml("\n".join(TINY.splitlines()[:5]), source="sim.yaml")
+    with pytest.raises(SimulationConfigError, match=r"field 'clients_per_round': is required"):
+        parse_simulation_yaml(_edited("clients_per_round: 3").replace("clients_per_round: 3",
+                                                                      ""), source="sim.yaml")
 
 
 def test_a_trace_overrides_the_drawn_profiles(tmp_path: Path) -> None:
     (tmp_path / "trace.csv").write_text("device,speed,dropout\n2,7.5,0.25\n")
-    config = parse_simulation_yaml(TINY + "heterogeneity: {trace: trace.csv}\n",
+    config = parse_simulation_yaml(TINY + "  heterogeneity: {trace: trace.csv}\n",
                                    base_dir=str(tmp_path))
     profiles = device_profiles(config.heterogeneity, 6, seed=0, base_dir=str(tmp_path))
     assert profiles.speed[2] == 7.5 and profiles.dropout[2] == 0.25
@@ -116,20 +166,22 @@ def _fedctl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_cli_runs_an_example_and_writes_its_outputs(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = _fedctl(str(EXAMPLES / "digits_fedavg.yaml"), "--rounds", "2", "--out", str(out),
-                   cwd=ROOT)
+                   "--json", cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, "--json: one JSON line on stdout, the progress bar on stderr"
+    summary = json.loads(lines[0])
     assert summary["rounds"] == 2 and 0 <= summary["final_accuracy"] <= 1
     assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "metrics.csv", "metrics.png"}
 
 
 def test_cli_splits_the_cohort_across_worker_processes(tmp_path: Path) -> None:
     sim = tmp_path / "procs.yaml"
-    sim.write_text(TINY + "engine: {processes: 2}\n")
+    sim.write_text(TINY + "  engine: {processes: 2}\n")
     out = tmp_path / "run"
     done = _fedctl(str(sim), "--out", str(out), cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["rounds"] == 3
+    assert done.stdout.startswith("tiny: 3/3 rounds committed, test accuracy ")
 
 
 def test_cli_reports_a_bad_file_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
@@ -139,3 +191,10 @@ def test_cli_reports_a_bad_file_in_one_line_with_exit_code_2(tmp_path: Path) -> 
     assert done.returncode == 2
     assert done.stderr.strip() == (f"fedctl: error: {bad}: field 'local.epochs': "
                                    f"must be at least 1, got -3")
+
+
+def test_cli_reports_a_bad_app_with_exit_code_2(tmp_path: Path) -> None:
+    done = _fedctl(str(EXAMPLES / "digits_fedavg.yaml"), "--app", "no_such_module_xyz:app",
+                   cwd=ROOT)
+    assert done.returncode == 2
+    assert "no_such_module_xyz" in done.stderr and "Traceback" not in done.stderr

@@ -14,7 +14,6 @@ from simulations.config import (
     AlgorithmConfig,
     AlgorithmKind,
     DataConfig,
-    DataSource,
     Distribution,
     DistributionKind,
     EngineConfig,
@@ -32,7 +31,7 @@ LINEAR = ModelSpec("logistic_regression", {"input_dim": 6, "num_classes": 3})
 
 def _config(**changes: object) -> SimulationConfig:
     base = SimulationConfig(
-        name="tiny", model=LINEAR, data=DataConfig(DataSource.SYNTHETIC, num_devices=8),
+        name="tiny", model=LINEAR, data=DataConfig("synthetic:alpha=1,beta=1", num_devices=8),
         rounds=3, selection=SelectionConfig(clients_per_round=4),
         local=LocalTraining(epochs=2, batch_size=5, learning_rate=0.1))
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]

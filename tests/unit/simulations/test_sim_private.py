@@ -13,7 +13,6 @@ from core.privacy.spec import privacy_from_dict
 from core.types import LocalTraining, ModelSpec, SecAggProtocol, SecureAggregation
 from simulations.config import (
     DataConfig,
-    DataSource,
     SelectionConfig,
     SimulationConfig,
     SimulationConfigError,
@@ -30,7 +29,7 @@ SIZES = [5, 12, 30, 8, 19, 3, 25, 10]
 
 def _config(**changes: object) -> SimulationConfig:
     base = SimulationConfig(
-        name="tiny", model=LINEAR, data=DataConfig(DataSource.SYNTHETIC, num_devices=8),
+        name="tiny", model=LINEAR, data=DataConfig("synthetic:alpha=1,beta=1", num_devices=8),
         rounds=3, selection=SelectionConfig(clients_per_round=8),
         local=LocalTraining(epochs=2, batch_size=5, learning_rate=0.1))
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
@@ -69,10 +68,12 @@ def test_central_dp_reports_a_growing_epsilon_and_noises_the_model(
 def test_settings_the_coordinator_would_refuse_are_refused_naming_the_field() -> None:
     yaml_text = """
 name: x
-model: {architecture: logistic_regression, arguments: {input_dim: 6, num_classes: 3}}
-data: {source: synthetic, num_devices: 8}
+model: {architecture: logistic_regression, arguments: {input_dim: 60, num_classes: 10}}
 rounds: 1
-selection: {clients_per_round: 8}
+clients_per_round: 8
+min_reports: 1
+over_selection: 1.0
+simulation: {population: {devices: 8, data: "synthetic:alpha=1,beta=1"}}
 """
     with pytest.raises(SimulationConfigError, match="secure_aggregation.*a \\+ 2d <= 0.9"):
         parse_simulation_yaml(yaml_text + "secure_aggregation: {dropout: 0.45}\n",

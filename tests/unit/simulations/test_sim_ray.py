@@ -10,7 +10,6 @@ import pytest
 from core.types import LocalTraining, ModelSpec
 from simulations.config import (
     DataConfig,
-    DataSource,
     EngineConfig,
     SelectionConfig,
     SimulationConfig,
@@ -25,7 +24,7 @@ def test_a_simulation_over_ray_matches_the_in_process_one(make_federation) -> No
 
     config = SimulationConfig(
         name="ray", model=ModelSpec("logistic_regression", {"input_dim": 6, "num_classes": 3}),
-        data=DataConfig(DataSource.SYNTHETIC, num_devices=8), rounds=2,
+        data=DataConfig("synthetic:alpha=1,beta=1", num_devices=8), rounds=2,
         selection=SelectionConfig(clients_per_round=5),
         local=LocalTraining(epochs=2, batch_size=5, learning_rate=0.1),
         engine=EngineConfig(workers=2))
