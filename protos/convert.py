@@ -89,12 +89,12 @@ MAX_DECLINED_TASKS = 32
 MAX_TASK_ID_CHARS = 128
 
 
-def data_schema_to_proto(schema: DataSchema) -> device_pb2.DataSchema:
-    return device_pb2.DataSchema(feature_shape=list(schema.feature_shape),
+def data_schema_to_proto(schema: DataSchema) -> common_pb2.DataSchema:
+    return common_pb2.DataSchema(feature_shape=list(schema.feature_shape),
                                  num_classes=schema.num_classes)
 
 
-def data_schema_from_proto(msg: device_pb2.DataSchema) -> DataSchema:
+def data_schema_from_proto(msg: common_pb2.DataSchema) -> DataSchema:
     """Raises WireFormatError when the schema has no dimension, more than 8, or a dimension
     or class count outside [1, 2^20]."""
     shape = tuple(int(d) for d in msg.feature_shape[:MAX_SCHEMA_DIMENSIONS + 1])
@@ -150,6 +150,8 @@ def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:
         privacy_json=("" if d["privacy"] is None
                       else json.dumps(d["privacy"], sort_keys=True)),
         robustness=common_pb2.Robustness(**d["robustness"]),
+        data_schema=(None if d["data_schema"] is None
+                     else common_pb2.DataSchema(**d["data_schema"])),
     )
 
 
@@ -237,6 +239,9 @@ def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
         data["robustness"] = {"weight_cap": r.weight_cap,
                               "max_update_l2_norm": r.max_update_l2_norm,
                               "max_abs_parameter": r.max_abs_parameter}
+    if msg.HasField("data_schema"):
+        data["data_schema"] = {"feature_shape": list(msg.data_schema.feature_shape),
+                               "num_classes": msg.data_schema.num_classes}
     try:
         return spec_from_dict(data, source="spec")
     except TaskSpecError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,15 @@ APP_ENV = {**ENV, "PYTHONPATH": str(APP_DIR)}
 def fedctl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*FEDCTL_CMD, *args], capture_output=True, text=True, env=APP_ENV,
                           cwd=cwd, timeout=300)
+
+
+def wait_for_check_ins(logs: list[Path], devices: int, timeout_s: float = 60) -> None:
+    """Until every device has checked in once, reporting its data's schema."""
+    deadline = time.monotonic() + timeout_s
+    while sum(log.read_text(errors="replace").count("checked in with data")
+              for log in logs if log.exists()) < devices:
+        assert time.monotonic() < deadline, "the devices did not check in"
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -57,9 +67,20 @@ def test_the_same_task_file_trains_it_on_agent_processes_and_the_pulled_model_lo
     try:
         agents = [start_agent(coordinator.target, f"tabular{i}",
                               f"csv_rows:path={rows},shard={4 * i}/8", devices=4,
-                              extra=["--app", "custom_app:app"],
+                              extra=["--app", "custom_app:app"], verbose=True,
                               log=tmp_path / f"agent{i}.log", env={"PYTHONPATH": str(APP_DIR)})
                   for i in range(2)]
+        wait_for_check_ins([tmp_path / f"agent{i}.log" for i in range(2)], devices=8)
+        # The same task for 13 features: the 8 devices reported 12, so it is refused.
+        wrong = tmp_path / "wrong.yaml"
+        wrong.write_text(TASK_FILE.read_text().replace("feature_shape: [12]", "feature_shape: "
+                                                       "[13]").replace("input_dim: 12",
+                                                                       "input_dim: 13"))
+        refused = fedctl("task", "launch", str(wrong), "--coordinator", coordinator.target,
+                         cwd=tmp_path)
+        assert refused.returncode != 0
+        assert ("declares data [13] -> 4 classes, but population 'default' reported [12] -> 4 "
+                "classes (8 devices)") in refused.stderr, refused.stderr
         launched = fedctl("task", "launch", str(TASK_FILE), "--coordinator",
                           coordinator.target, cwd=tmp_path)
         assert launched.returncode == 0, launched.stderr + coordinator.log_text()

@@ -63,17 +63,9 @@ class CheckInRequest(_message.Message):
     attributes: _common_pb2.DeviceAttributes
     task_id: str
     proof: DeviceProof
-    data_schema: DataSchema
+    data_schema: _common_pb2.DataSchema
     declined_task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ..., attributes: _Optional[_Union[_common_pb2.DeviceAttributes, _Mapping]] = ..., task_id: _Optional[str] = ..., proof: _Optional[_Union[DeviceProof, _Mapping]] = ..., data_schema: _Optional[_Union[DataSchema, _Mapping]] = ..., declined_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
-
-class DataSchema(_message.Message):
-    __slots__ = ("feature_shape", "num_classes")
-    FEATURE_SHAPE_FIELD_NUMBER: _ClassVar[int]
-    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
-    feature_shape: _containers.RepeatedScalarFieldContainer[int]
-    num_classes: int
-    def __init__(self, feature_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
+    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ..., attributes: _Optional[_Union[_common_pb2.DeviceAttributes, _Mapping]] = ..., task_id: _Optional[str] = ..., proof: _Optional[_Union[DeviceProof, _Mapping]] = ..., data_schema: _Optional[_Union[_common_pb2.DataSchema, _Mapping]] = ..., declined_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
     __slots__ = ("outcome", "task_id", "round_number", "participation_token", "retry_after_ms", "message")

@@ -6,6 +6,7 @@ import pytest
 
 from core.tensors import TensorInfo
 from core.types import (
+    DataSchema,
     Evaluation,
     LocalOptimizerKind,
     LocalTraining,
@@ -29,6 +30,7 @@ def full_spec() -> TaskSpec:
         evaluation=Evaluation(fraction=0.5, server_data="digits:split=test"),
         max_update_bytes=123456, seed=9,
         robustness=Robustness(weight_cap=77, max_update_l2_norm=12.5, max_abs_parameter=1e4),
+        data_schema=DataSchema((64,), 10),
     )
 
 
@@ -44,6 +46,18 @@ def test_a_spec_without_robustness_on_the_wire_gets_the_defaults() -> None:
     assert convert.task_spec_from_proto(msg).robustness == Robustness()
 
 
+def test_a_spec_without_a_declared_data_schema_stays_undeclared() -> None:
+    msg = convert.task_spec_to_proto(full_spec())
+    msg.ClearField("data_schema")
+    assert convert.task_spec_from_proto(msg).data_schema is None
+
+
+def test_the_simulation_section_stays_home() -> None:
+    spec = TaskSpec(name="n", model=ModelSpec("mlp", {}), rounds=1, clients_per_round=1,
+                    min_reports=1, simulation={"population": {"devices": 3}})
+    assert convert.task_spec_from_proto(convert.task_spec_to_proto(spec)).simulation == {}
+
+
 def test_an_invalid_spec_on_the_wire_names_the_field() -> None:
     msg = convert.task_spec_to_proto(full_spec())
     msg.min_reports = 99
@@ -56,6 +70,10 @@ def test_an_invalid_spec_on_the_wire_names_the_field() -> None:
     msg = convert.task_spec_to_proto(full_spec())
     msg.robustness.weight_cap = 0
     with pytest.raises(convert.WireFormatError, match=r"^spec.robustness.weight_cap: must be"):
+        convert.task_spec_from_proto(msg)
+    msg = convert.task_spec_to_proto(full_spec())
+    msg.data_schema.num_classes = 0
+    with pytest.raises(convert.WireFormatError, match=r"^spec.data_schema.num_classes: must be"):
         convert.task_spec_from_proto(msg)
 
 
