@@ -19,13 +19,22 @@ _METRIC_NAME_CHARS = 64
 
 class ServerEvaluator:
     def check(self, spec: TaskSpec) -> None:
-        """Raises InvalidRequest when the task's ``evaluation.server_data`` is not a data spec."""
-        from core.data.spec import parse_data_spec
+        """Loads the task's ``evaluation.server_data`` once, at launch: a spec whose fields
+        are wrong, whose file is missing here, or that holds no evaluation examples would
+        fail every evaluation, so it refuses the launch instead.
+
+        Raises:
+            InvalidRequest: naming ``spec.evaluation.server_data`` and what was wrong.
+        """
+        from core.data.spec import load_dataset
 
         try:
-            parse_data_spec(spec.evaluation.server_data)
+            data = load_dataset(spec.evaluation.server_data)
         except CoreError as exc:
             raise InvalidRequest(f"spec.evaluation.server_data: {exc}") from None
+        if len(data.y_test) == 0:
+            raise InvalidRequest(f"spec.evaluation.server_data: {spec.evaluation.server_data!r} "
+                                 f"holds no evaluation examples (its test split is empty)")
 
     def evaluate(self, spec: TaskSpec, params: Mapping[str, np.ndarray]) -> dict[str, float]:
         """The round metrics of ``params`` on the task's server data: ``server_eval_loss``

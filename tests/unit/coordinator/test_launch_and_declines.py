@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,6 +17,10 @@ from coordinator.rounds.errors import DataMismatch, InvalidRequest
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
+from core import apps
+from core.apps import App
+from core.data.dataset import LocalDataset
+from core.data.spec import DataParams
 from core.models import register_model
 from core.protocol import CheckInOutcome, Participation
 from core.types import DataSchema, DeviceAttributes, ModelSpec, TaskSpec, TaskState
@@ -86,6 +91,37 @@ def test_a_model_must_fit_its_declared_schema(service: CoordinatorService) -> No
         service.create_task(spec(input_dim=64, data_schema=DataSchema((60,), 10)))
     with pytest.raises(InvalidRequest, match=r"gave outputs of shape \[1, 10\], not \[1, 3\]"):
         service.create_task(spec(data_schema=DataSchema((64,), 3)))
+
+
+@pytest.mark.parametrize(("server_data", "message"), [
+    ("digits:shard=0/4,colour=red", "unknown key 'colour' for digits"),
+    ("mnist:split=test", "unknown source 'mnist'"),
+    ("digits:shard=0/4,dirichlet=0.5", None),
+])
+def test_server_evaluation_data_is_loaded_at_launch(service: CoordinatorService,
+                                                    server_data: str, message: str | None
+                                                    ) -> None:
+    from core.types import Evaluation
+
+    task = spec(evaluation=Evaluation(server_data=server_data))
+    if message is None:
+        service.create_task(task)  # a shard's own held-out part is evaluation data
+        return
+    with pytest.raises(InvalidRequest, match=f"spec.evaluation.server_data: .*{message}"):
+        service.create_task(task)
+
+
+def no_examples(params: DataParams) -> LocalDataset:
+    empty = np.zeros((0, 64), np.float32)
+    return LocalDataset(empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64), classes=10)
+
+
+def test_server_evaluation_data_without_examples_is_refused(service: CoordinatorService) -> None:
+    from core.types import Evaluation
+
+    apps.install(App(data={"nothing_here_test": no_examples}), origin="test")
+    with pytest.raises(InvalidRequest, match="holds no evaluation examples"):
+        service.create_task(spec(evaluation=Evaluation(server_data="nothing_here_test")))
 
 
 def test_a_fitting_task_launches_and_says_what_was_checked(service: CoordinatorService) -> None:
