@@ -48,8 +48,14 @@ def check_supported(spec: TaskSpec) -> None:
         raise InvalidRequest("spec.privacy.clip: distributed DP needs a fixed clip norm "
                              "(adaptive clipping is supported in central mode)")
     if privacy.mode is PrivacyMode.LOCAL:
-        from core.models import build_model  # torch: imported only when needed
+        from core.models import build_model, model_hooks  # torch: imported only when needed
         from core.privacy.local_model import check_local_dp_model
+
+        if model_hooks(spec.model.architecture).loss is not None:
+            raise InvalidRequest(
+                f"spec.privacy.mode: local DP-SGD trains with cross-entropy on class logits; "
+                f"the app's loss of {spec.model.architecture!r} would be ignored, so the task "
+                f"is refused (use central DP, or a model without its own loss)")
 
         try:
             check_local_dp_model(build_model(spec.model))

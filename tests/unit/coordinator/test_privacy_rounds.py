@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from coordinator.rounds.clock import ManualClock
@@ -716,3 +717,23 @@ def test_no_update_a_device_uploads_exceeds_the_clip_norm(
         assert header.metrics[UNCLIPPED_METRIC] in (0.0, 1.0)
     else:
         assert UNCLIPPED_METRIC not in header.metrics
+
+
+def test_local_dp_refuses_a_model_that_brings_its_own_loss(service: CoordinatorService,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+
+    def squared(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (model(x) ** 2).mean()
+
+    @register_model("test_own_loss", loss=squared)
+    def _own_loss(input_dim: int, num_classes: int) -> nn.Module:
+        return nn.Linear(input_dim, num_classes)
+
+    local = PrivacySpec(mode=PrivacyMode.LOCAL, local=LocalDp(1.0, 1.0, 1e-5, 10.0))
+    with pytest.raises(InvalidRequest, match="spec.privacy.mode: local DP-SGD trains with "
+                                             "cross-entropy .* 'test_own_loss' would be ignored"):
+        service.create_task(spec(model=ModelSpec("test_own_loss", {"input_dim": 4,
+                                                                   "num_classes": 3}),
+                                 privacy=local))
