@@ -9,17 +9,36 @@ import grpc
 
 from core.tls import ClientTls
 from core.types import API_VERSION, TaskSpec
+from fedctl.errors import cannot_reach
 from protos import convert
 from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc
 
 
 class AdminError(Exception):
-    """A coordinator answered with an error status, or could not be reached."""
+    """A coordinator answered with an error status, or could not be reached (``code``
+    ``UNAVAILABLE``; see :attr:`unreachable`)."""
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         self.message = message
         super().__init__(f"{code}: {message}")
+
+    @property
+    def unreachable(self) -> bool:
+        return self.code == "UNAVAILABLE"
+
+
+#: Words of gRPC's own UNAVAILABLE details when no coordinator answered (connection refused,
+#: DNS, a TLS handshake, a reset): the coordinator's own UNAVAILABLE messages carry none.
+_TRANSPORT_MARKERS = ("connect", "resolv", "dns", "socket", "handshake", "ssl", "tls",
+                      "reset", "closed", "backends", "recvmsg", "sendmsg", "goaway", "eof",
+                      "broken pipe", "address")
+
+
+def is_transport_failure(details: str) -> bool:
+    """True when an UNAVAILABLE status came from gRPC on this side (nothing was reached)."""
+    text = details.lower()
+    return not text or any(marker in text for marker in _TRANSPORT_MARKERS)
 
 
 class AdminClient:
@@ -61,16 +80,14 @@ class AdminClient:
         code = exc.code()
         if code != grpc.StatusCode.UNAVAILABLE:
             return AdminError(code.name, exc.details() or "")
-        # A TLS mismatch looks like an unreachable server to gRPC: say which side to check.
-        if self.tls is None:
-            hint = "; if it serves TLS, give --ca FILE"
-        else:
-            hint = ("; check --ca (it must have signed the coordinator's certificate), that "
-                    "the address is a name in that certificate, and that the coordinator "
-                    "serves TLS" + ("" if self.tls.cert_chain_pem else
-                                    " (and whether it requires a client --cert/--key)"))
-        return AdminError("UNAVAILABLE", f"cannot reach the coordinator at {self.target} "
-                                         f"({exc.details()}){hint}")
+        details = exc.details() or ""
+        if not is_transport_failure(details):
+            # The coordinator itself answered UNAVAILABLE (e.g. its database is down).
+            return AdminError("UNAVAILABLE", f"the coordinator at {self.target} cannot serve "
+                                             f"this right now: {details}")
+        return AdminError("UNAVAILABLE", cannot_reach(
+            self.target, details, tls=self.tls is not None,
+            client_cert=bool(self.tls is not None and self.tls.cert_chain_pem)))
 
     def create_task(self, spec: TaskSpec) -> admin_pb2.Task:
         req = admin_pb2.CreateTaskRequest(
@@ -104,7 +121,9 @@ class AdminClient:
         return resp.task
 
     def pull_model(self, task_id: str, version: int, out: Path) -> tuple[int, str, int]:
-        """Writes the model to ``out`` atomically; returns (version, sha256, size)."""
+        """Writes the model to ``out`` atomically (``out``'s folder must exist); returns
+        (version, sha256, size). Raises AdminError, or OSError when ``out`` cannot be
+        written."""
         req = admin_pb2.AdminDownloadModelRequest(api_version=API_VERSION, task_id=task_id,
                                                   version=version)
         tmp = out.with_name(out.name + ".part")
@@ -123,6 +142,9 @@ class AdminClient:
         except grpc.RpcError as exc:
             tmp.unlink(missing_ok=True)
             raise self._error(exc) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         if header is None or size != header.size_bytes or digest.hexdigest() != header.sha256:
             tmp.unlink(missing_ok=True)
             raise AdminError("DATA_LOSS", "downloaded model does not match its size/sha256")

@@ -1,5 +1,11 @@
 """fedctl: the command line of fedcoord. Heavy imports happen inside commands, so
-``fedctl --help`` is instant."""
+``fedctl --help`` is instant.
+
+Every command's ``--help`` shows each option's default; ``-v`` works before or after the
+command; ``coordinator serve`` and ``agent run`` also read a config file and ``FEDCOORD_*``
+variables (:mod:`fedctl.config`); ``--json`` on ``task launch|status|list|watch`` and
+``model pull`` prints only JSON on stdout (:mod:`fedctl.output`).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedctl.certs import register as register_certs
 from fedctl.security import register as register_security
@@ -23,11 +30,50 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
+#: coordinator.settings.SecuritySettings' limits, written out so --help imports nothing.
+DEFAULT_RATE_LIMITS = "device-checkin=5/20, peer-checkin=1000/2000, peer-enroll=20/200"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to every option that has a default worth showing (not None,
+    not off, not empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default is None or default is False or default in ("", [])
+                or default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class FedctlParser(argparse.ArgumentParser):
+    """fedctl's parsers: help with defaults, and ``-v`` accepted by every subcommand too
+    (``fedctl agent run ... -v``). ``settings_parsers`` names the commands that read a config
+    file and the environment (:mod:`fedctl.config`), by the file's table."""
+
+    def __init__(self, *args: Any, root: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.settings_parsers: dict[str, argparse.ArgumentParser] = {}
+        if not root:
+            # SUPPRESS: a subcommand without -v keeps what the root parser set.
+            self.add_argument("-v", "--verbose", action="store_true",
+                              default=argparse.SUPPRESS, help="log more")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedcoord")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _add_coordinator(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default=DEFAULT_COORDINATOR,
-                   help=f"coordinator HOST:PORT (default {DEFAULT_COORDINATOR})")
+    p.add_argument("--coordinator", default=DEFAULT_COORDINATOR, metavar="HOST:PORT",
+                   help="the coordinator's address")
     p.add_argument("--ca", type=Path, metavar="FILE",
                    help="TLS: the CA certificate the coordinator's certificate must chain to "
                         "(without it: plaintext)")
@@ -39,23 +85,41 @@ def _add_coordinator(p: argparse.ArgumentParser) -> None:
                         "~/.config/fedcoord/token)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedctl", description="fedcoord command line")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as JSON on stdout, and nothing else there")
+
+
+def _add_settings_file(p: argparse.ArgumentParser, table: str) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"read settings from the [{table}] table of this TOML or YAML file "
+                        "(else $FEDCOORD_CONFIG); flags override $FEDCOORD_<KEY> variables, "
+                        "which override the file")
+    p.add_argument("--app", action="append", default=[], metavar="MODULE:ATTRIBUTE",
+                   help="load this app (models, data sources) before starting; repeatable")
+
+
+def build_parser() -> FedctlParser:
+    parser = FedctlParser(prog="fedctl", description="fedcoord command line", root=True)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log more (also accepted after the command)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     coord = sub.add_parser("coordinator", help="run the coordinator").add_subparsers(
         dest="action", required=True)
     serve = coord.add_parser("serve", help="start the gRPC coordinator")
-    serve.add_argument("--db", default="sqlite:///fedcoord.db",
+    _add_settings_file(serve, "coordinator")
+    serve.add_argument("--db", default="sqlite:///fedcoord.db", metavar="URL",
                        help="database URL: sqlite:///PATH or postgresql://...")
-    serve.add_argument("--store", default="fedcoord-store", help="directory for model files")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--store", type=Path, default=Path("fedcoord-store"), metavar="DIR",
+                       help="directory for model files")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=int, default=7070, help="0 picks a free port")
-    serve.add_argument("--port-file", type=Path, help="write the bound port to this file")
-    serve.add_argument("--max-chunk-bytes", type=int, default=1 << 20,
+    serve.add_argument("--port-file", type=Path, metavar="FILE", help="write the bound port to this file")
+    serve.add_argument("--max-chunk-bytes", type=int, default=1 << 20, metavar="BYTES",
                        help="largest upload message accepted (bytes)")
-    serve.add_argument("--upload-idle-timeout", type=float, default=30.0,
+    serve.add_argument("--upload-idle-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="seconds an upload may stay silent before it is dropped")
     serve.add_argument("--tls", type=Path, metavar="DIR",
                        help="serve TLS with DIR/server.crt and DIR/server.key "
@@ -64,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mutual TLS: every client must present a certificate signed by "
                             "this CA")
     serve.add_argument("--enrollment", choices=["open", "token", "allow-list"], default="open",
-                       help="how devices enroll their keys: any key (open, the default), with "
+                       help="how devices enroll their keys: any key (open), with "
                             "an enrollment token (`fedctl devices enroll`), or listed in "
                             "--allow-list")
     serve.add_argument("--allow-list", type=Path, metavar="FILE",
@@ -77,84 +141,99 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the first admin token: registered from FILE if it exists, else "
                             "created and written there (0600), when no admin token exists")
     serve.add_argument("--rate-limit", action="append", default=[], metavar="NAME=RATE/BURST",
-                       help="device-checkin, peer-checkin or peer-enroll, e.g. "
-                            "device-checkin=5/20 (per second / burst); repeatable")
+                       help="device-checkin, peer-checkin or peer-enroll (per second / "
+                            "burst); repeatable (defaults: " + DEFAULT_RATE_LIMITS + ")")
     serve.add_argument("--no-device-auth", action="store_true",
                        help="take check-ins without keys or proofs (loopback only; to measure "
                             "what device authentication costs, never to serve devices)")
-    serve.add_argument("--max-streams-per-peer", type=int, default=64,
+    serve.add_argument("--max-streams-per-peer", type=int, default=64, metavar="N",
                        help="uploads and downloads in flight from one address")
-    serve.add_argument("--oidc-issuer", help="accept OIDC JWTs of this issuer (with "
+    serve.add_argument("--oidc-issuer", metavar="URL", help="accept OIDC JWTs of this issuer (with "
                                              "--oidc-audience and --oidc-jwks)")
-    serve.add_argument("--oidc-audience")
+    serve.add_argument("--oidc-audience", metavar="AUDIENCE", help="the audience OIDC JWTs must name")
     serve.add_argument("--oidc-jwks", type=Path, metavar="FILE", help="the issuer's JWKS")
-    serve.add_argument("--oidc-role-claim", default="fedcoord_role")
+    serve.add_argument("--oidc-role-claim", default="fedcoord_role", metavar="CLAIM",
+                       help="the JWT claim that holds the role")
     serve.add_argument("--insecure", action="store_true",
                        help="allow plaintext on a non-loopback --host (trusted networks only)")
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, settings_table="coordinator")
+    parser.settings_parsers["coordinator"] = serve
 
     agent = sub.add_parser("agent", help="run device agents").add_subparsers(
         dest="action", required=True)
     run = agent.add_parser("run", help="run one (or --devices M) devices")
+    _add_settings_file(run, "agent")
     _add_coordinator(run)
     run.add_argument("--name", "--device-id", dest="name", default="device",
                      help="names the devices (NAME or NAME-i) and their key files; device ids "
                           "derive from the keys")
-    run.add_argument("--state-dir", type=Path,
+    run.add_argument("--state-dir", type=Path, metavar="DIR",
                      help="where device keys live (default $FEDCOORD_AGENT_STATE or "
                           "~/.local/state/fedcoord/agent)")
-    run.add_argument("--enrollment-token", default="",
+    run.add_argument("--enrollment-token", metavar="TOKEN",
                      help="the coordinator's enrollment token (else $FEDCOORD_ENROLLMENT_TOKEN)")
     run.add_argument("--attestation", type=Path, metavar="FILE",
                      help="an attestation blob sent at enrollment")
-    run.add_argument("--data", required=True,
-                     help="synthetic:alpha=1,beta=1,shard=K/N | digits:shard=K/N,dirichlet=0.5")
-    run.add_argument("--devices", type=int, default=1, help="virtual devices in this process")
-    run.add_argument("--task", help="only take part in this task; exit when it ends")
-    run.add_argument("--population", default="default")
-    run.add_argument("--not-charging", action="store_true")
-    run.add_argument("--metered", action="store_true")
+    run.add_argument("--data", metavar="SPEC",
+                     help="required: synthetic:alpha=1,beta=1,shard=K/N | "
+                          "digits:shard=K/N,dirichlet=0.5")
+    run.add_argument("--devices", type=int, default=1, metavar="M", help="virtual devices in this process")
+    run.add_argument("--task", metavar="TASK_ID", help="only take part in this task; exit when it ends")
+    run.add_argument("--population", default="default",
+                     help="the population whose tasks the devices serve")
+    run.add_argument("--not-charging", action="store_true", help="device is not charging")
+    run.add_argument("--metered", action="store_true", help="device is on a metered network")
     run.add_argument("--busy", action="store_true", help="device is not idle")
     run.add_argument("--exit-when-idle", action="store_true",
                      help="exit when the coordinator has no task for this device")
-    run.add_argument("--give-up-after", type=float, default=120.0,
+    run.add_argument("--give-up-after", type=float, default=120.0, metavar="SECONDS",
                      help="seconds of unreachable coordinator before exiting")
-    run.set_defaults(func=cmd_agent_run)
+    run.set_defaults(func=cmd_agent_run, settings_table="agent")
+    parser.settings_parsers["agent"] = run
 
     task = sub.add_parser("task", help="launch and follow tasks").add_subparsers(
         dest="action", required=True)
     launch = task.add_parser("launch", help="create a task from a YAML file")
-    launch.add_argument("file", type=Path)
+    launch.add_argument("file", type=Path, help="the task file")
     _add_coordinator(launch)
+    _add_json(launch, "the created task")
     launch.set_defaults(func=cmd_task_launch)
-    for name, func, helptext in (
-        ("status", cmd_task_status, "a task's state and rounds"),
+    for name, func, helptext, json_help in (
+        ("status", cmd_task_status, "a task's state and rounds: every round metric, "
+                                    "timestamps and durations",
+         'the task and its rounds ({"task": ..., "rounds": [...]})'),
         ("watch", cmd_task_watch, "live progress of a task's rounds; exits 0 when the task "
-                                  "completes or stops at its privacy budget, 1 otherwise"),
-        ("cancel", cmd_task_cancel, "cancel a task"),
+                                  "completes or stops at its privacy budget, 1 otherwise",
+         'JSON lines: {"event": "task"|"round"|"end", ...} as the task changes'),
+        ("cancel", cmd_task_cancel, "cancel a task", None),
     ):
-        p = task.add_parser(name, help=helptext)
+        p = task.add_parser(name, help=helptext, description=helptext)
         p.add_argument("task_id")
         _add_coordinator(p)
+        if json_help is not None:
+            _add_json(p, json_help)
         p.set_defaults(func=func)
     ls = task.add_parser("list", help="all tasks")
     _add_coordinator(ls)
+    _add_json(ls, 'every task ({"tasks": [...]})')
     ls.set_defaults(func=cmd_task_list)
 
     model = sub.add_parser("model", help="models").add_subparsers(dest="action", required=True)
     pull = model.add_parser("pull", help="download a model version as safetensors")
     pull.add_argument("task_id")
-    pull.add_argument("--version", type=int, default=0, help="0 = latest (default)")
-    pull.add_argument("-o", "--output", type=Path, required=True)
+    pull.add_argument("--version", type=int, default=0, help="model version; 0: the latest")
+    pull.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                      help="where to write it (missing folders are created)")
     _add_coordinator(pull)
+    _add_json(pull, "what was written (path, task_id, version, size_bytes, sha256)")
     pull.set_defaults(func=cmd_model_pull)
 
     demo = sub.add_parser("demo", help="embedded coordinator + device agents on digits")
-    demo.add_argument("--devices", type=int, default=20)
-    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--devices", type=int, default=20, help="virtual devices")
+    demo.add_argument("--rounds", type=int, default=5, help="rounds to train")
     demo.add_argument("--processes", type=int, default=4, help="agent processes to spread over")
     demo.add_argument("--json", action="store_true", help="print only the final JSON line")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the task and the data split")
     demo.add_argument("--secagg", action="store_true",
                       help="secure aggregation: the coordinator sees only the sum of updates")
     demo.add_argument("--dp", action="store_true",
@@ -165,11 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     register_simulate(sub)
     register_certs(sub)
     register_security(sub, _add_coordinator, _admin)
+
+    completion = sub.add_parser("completion", help="print a shell completion script",
+                                description="print a shell completion script, e.g. "
+                                            "`eval \"$(fedctl completion bash)\"` in ~/.bashrc, "
+                                            "or `fedctl completion zsh > ~/.zfunc/_fedctl`")
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    completion.set_defaults(func=cmd_completion)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -178,16 +266,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         # gRPC's C core logs a failed TLS handshake at INFO on stderr, beside the one-line
         # error fedctl prints; it must be set before grpc is first imported.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    func: Callable[[argparse.Namespace], int] = args.func
     from fedctl.errors import CliError
 
     try:
+        table = getattr(args, "settings_table", None)
+        if table is not None:
+            args = _with_settings(parser, table, argv, args)
+        func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except CliError as exc:
         print(f"fedctl: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _with_settings(parser: FedctlParser, table: str, argv: list[str],
+                   args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` again, with the file's and the environment's values as the defaults of the
+    command's flags: flags > $FEDCOORD_<KEY> > the config file > built-in defaults."""
+    from fedctl import config
+
+    defaults, settings = config.resolve(table, parser.settings_parsers, args.config)
+    lists = {s.action.dest for s in settings.values() if s.is_list}
+    command = parser.settings_parsers[table]
+    command.set_defaults(**{k: v for k, v in defaults.items() if k not in lists})
+    args = parser.parse_args(argv)
+    config.apply(args, defaults, settings)
+    return args
+
+
+def _load_apps(apps: list[str]) -> None:
+    """Loads every ``--app MODULE:ATTRIBUTE`` before anything starts; a bad one is a usage
+    error (exit 2) with the loader's reason."""
+    if not apps:
+        return
+    from core.apps import load_app
+    from core.errors import CoreError
+    from fedctl.errors import CliError
+
+    for text in apps:
+        try:
+            load_app(text)
+        except CoreError as exc:
+            raise CliError(str(exc), exit_code=2) from None
 
 
 # -- commands -----------------------------------------------------------------
@@ -200,16 +322,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from coordinator.settings import CoordinatorSettings
     from coordinator.storage.errors import StorageError
     from core.tls import TlsError
-    from fedctl.errors import CliError
+    from fedctl.errors import CliError, database_hint
 
-    config = CoordinatorSettings(db_url=args.db, store_dir=Path(args.store), host=args.host,
+    _load_apps(args.app)
+    config = CoordinatorSettings(db_url=args.db, store_dir=args.store, host=args.host,
                                  port=args.port, max_chunk_bytes=args.max_chunk_bytes,
                                  upload_idle_timeout_s=args.upload_idle_timeout,
                                  tls_dir=args.tls, client_ca=args.client_ca,
                                  insecure=args.insecure, security=_security_settings(args))
     try:
         asyncio.run(serve(config, args.port_file, admin_token_file=args.admin_token_file))
-    except (StorageError, OSError, TlsError) as exc:
+    except StorageError as exc:
+        hint = database_hint(args.db) if isinstance(exc.__cause__, ImportError) else ""
+        raise CliError(f"coordinator: {exc}{hint}") from None
+    except (OSError, TlsError) as exc:
         raise CliError(f"coordinator: {exc}") from None
     return 0
 
@@ -255,36 +381,45 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     import threading
 
     from core.errors import CoreError
-    from core.types import DeviceAttributes
-    from device_agent.app import AgentConfig, install_signal_handlers, run_agent
-    from fedctl.errors import CliError
-
-    if args.devices < 1:
-        raise CliError("--devices must be at least 1")
-    import os
-
     from core.security.identity import KeyFileError
-    from device_agent.app import default_state_dir
+    from core.types import DeviceAttributes
+    from device_agent.app import (
+        AgentConfig,
+        default_state_dir,
+        exit_status,
+        install_signal_handlers,
+        run_agent,
+    )
+    from fedctl.errors import CliError, cannot_reach
 
+    _load_apps(args.app)
+    if args.data is None:
+        raise CliError("agent run needs --data (or `data` in the config file's [agent] table, "
+                       "or $FEDCOORD_DATA)", exit_code=2)
+    if args.devices < 1:
+        raise CliError("--devices must be at least 1", exit_code=2)
     attestation = b""
     if args.attestation is not None:
         try:
             attestation = args.attestation.read_bytes()
         except OSError as exc:
             raise CliError(f"--attestation {args.attestation}: {exc.strerror}") from None
+    tls = _client_tls(args)
     config = AgentConfig(
         coordinator=args.coordinator, name=args.name, data=args.data,
         state_dir=args.state_dir or default_state_dir(),
-        enrollment_token=args.enrollment_token or os.environ.get("FEDCOORD_ENROLLMENT_TOKEN", ""),
-        attestation=attestation,
+        enrollment_token=args.enrollment_token or "", attestation=attestation,
         devices=args.devices, task_id=args.task,
         attributes=DeviceAttributes(charging=not args.not_charging, unmetered=not args.metered,
                                     idle=not args.busy, population=args.population),
         exit_when_idle=args.exit_when_idle, give_up_after_s=args.give_up_after,
-        tls=_client_tls(args),
+        tls=tls,
     )
     stop = threading.Event()
     install_signal_handlers(stop)
+    # Flushed: a supervisor or test reading a pipe sees the agent start at once.
+    print(f"fedcoord agent {args.name}: {args.devices} device(s) for coordinator "
+          f"{args.coordinator} ({'TLS' if tls is not None else 'plaintext'})", flush=True)
     try:
         stats = run_agent(config, stop)
     except (KeyFileError, OSError) as exc:
@@ -294,10 +429,15 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     accepted = sum(s.updates_accepted for s in stats)
     print(f"agent {args.name}: {len(stats)} device(s), {accepted} updates accepted",
           file=sys.stderr)
-    gave_up = [s.finished_reason for s in stats if s.gave_up]
-    if gave_up:
-        raise CliError(f"agent {args.name}: {gave_up[0]}")
-    return 0
+    status = exit_status(stats)
+    if status != 0:
+        gave_up = [s.finished_reason for s in stats if s.gave_up]
+        failures = [s.failure for s in stats if s.failure]
+        why = (cannot_reach(args.coordinator, gave_up[0], tls=tls is not None,
+                            client_cert=bool(tls is not None and tls.cert_chain_pem))
+               if gave_up else f"every device failed: {failures[0] if failures else '?'}")
+        print(f"fedctl: error: agent {args.name}: {why}", file=sys.stderr)
+    return status
 
 
 def _client_tls(args: argparse.Namespace) -> ClientTls | None:
@@ -335,50 +475,81 @@ def cmd_task_launch(args: argparse.Namespace) -> int:
         try:
             task = client.create_task(spec)
         except AdminError as exc:
+            if exc.unreachable:
+                raise CliError(str(exc)) from None
             raise CliError(f"{args.file}: coordinator refused the task: {exc}") from None
-    print(task.task_id)
+    if args.json:
+        from fedctl.output import print_json, task_document
+
+        print_json(task_document(task))
+    else:
+        print(task.task_id)
     return 0
 
 
 def cmd_task_status(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from fedctl.watch import status_table
-
     with _admin(args) as client:
         task, rounds = _guard(lambda: (client.get_task(args.task_id),
                                        client.list_rounds(args.task_id)))
-    Console().print(status_table(task, rounds))
+    if args.json:
+        from fedctl.output import print_json, status_document
+
+        print_json(status_document(task, rounds))
+        return 0
+    from fedctl.output import table_console
+    from fedctl.watch import status_table
+
+    table_console().print(status_table(task, rounds))
     return 0
 
 
 def cmd_task_watch(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    try:
+        with _admin(args) as client:
+            if args.json:
+                from fedctl.watch import watch_json
 
-    from fedctl.watch import watch
+                task = _guard(lambda: watch_json(client, args.task_id, out=sys.stdout))
+            else:
+                from rich.console import Console
 
-    with _admin(args) as client:
-        task = _guard(lambda: watch(client, args.task_id, console=Console()))
+                from fedctl.watch import watch
+
+                task = _guard(lambda: watch(client, args.task_id, console=Console()))
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; task {args.task_id} keeps running on the coordinator "
+              f"(`fedctl task status {args.task_id}` shows it, `fedctl task cancel "
+              f"{args.task_id}` stops it)", file=sys.stderr)
+        return 130
+    # stderr under --json, where stdout holds only JSON lines.
     print(f"task {task.task_id}: {task.state} after {task.rounds_committed} rounds"
-          + (f" ({task.reason})" if task.reason else ""))
+          + (f" ({task.reason})" if task.reason else ""),
+          file=sys.stderr if args.json else sys.stdout)
     # A DP task that stops at its budget ended as designed, with every released model
     # within it.
     return 0 if task.state in ("completed", "budget_exhausted") else 1
 
 
 def cmd_task_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     with _admin(args) as client:
         tasks = _guard(client.list_tasks)
+    if args.json:
+        from fedctl.output import print_json, task_document
+
+        print_json({"tasks": [task_document(t) for t in tasks]})
+        return 0
+    from rich.table import Table
+
+    from fedctl.output import table_console
+
     table = Table(title="tasks")
-    for col in ("task_id", "name", "state", "rounds", "model version"):
-        table.add_column(col)
+    for col in ("task_id", "name", "state", "rounds", "model version", "created"):
+        table.add_column(col, overflow="fold")
     for t in tasks:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.created_unix_ms / 1000))
         table.add_row(t.task_id, t.spec.name, t.state, f"{t.rounds_committed}/{t.spec.rounds}",
-                      str(t.model_version))
-    Console().print(table)
+                      str(t.model_version), created if t.created_unix_ms else "-")
+    table_console().print(table)
     return 0
 
 
@@ -390,11 +561,38 @@ def cmd_task_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_model_pull(args: argparse.Namespace) -> int:
+    from fedctl.errors import CliError
+
+    out: Path = args.output
+    if out.is_dir():
+        raise CliError(f"-o {out} is a folder; give the file to write, e.g. "
+                       f"{out / 'model.safetensors'}", exit_code=2)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"-o {out}: cannot create the folder {out.parent}: "
+                       f"{exc.strerror or exc}") from None
     with _admin(args) as client:
-        version, sha, size = _guard(
-            lambda: client.pull_model(args.task_id, args.version, args.output))
-    print(f"wrote {args.output} (task {args.task_id} model v{version}, {size} bytes, "
-          f"sha256 {sha[:16]}...)")
+        try:
+            version, sha, size = _guard(
+                lambda: client.pull_model(args.task_id, args.version, out))
+        except OSError as exc:
+            raise CliError(f"-o {out}: cannot write: {exc.strerror or exc}") from None
+    if args.json:
+        from fedctl.output import print_json
+
+        print_json({"path": str(out), "task_id": args.task_id, "version": version,
+                    "size_bytes": size, "sha256": sha})
+    else:
+        print(f"wrote {out} (task {args.task_id} model v{version}, {size} bytes, "
+              f"sha256 {sha[:16]}...)")
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell), end="")
     return 0
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fedctl.credentials import parse_duration, save_token
-from fedctl.errors import CliError
+from fedctl.errors import CliError, database_hint
 
 if TYPE_CHECKING:
     from fedctl.admin import AdminClient
@@ -34,7 +34,7 @@ def register(sub: Any, add_coordinator: Callable[[argparse.ArgumentParser], None
         dest="action", required=True)
     create = tokens.add_parser("create", help="create a token; prints it once on stdout")
     create.add_argument("--role", required=True, choices=["viewer", "launcher", "admin"])
-    create.add_argument("--expires", default="never", help="e.g. 30d, 12h, never (default)")
+    create.add_argument("--expires", default="never", help="e.g. 30d, 12h, never")
     create.add_argument("--label", default="", help="what the token is for")
     create.add_argument("--db", metavar="URL",
                         help="write into this coordinator database directly instead of "
@@ -55,8 +55,8 @@ def register(sub: Any, add_coordinator: Callable[[argparse.ArgumentParser], None
         dest="action", required=True)
     enroll = devices.add_parser("enroll", help="an enrollment token for up to --count devices")
     enroll.add_argument("--count", type=int, required=True, help="devices the token admits")
-    enroll.add_argument("--expires", default="7d", help="e.g. 7d (default), 12h, never")
-    enroll.add_argument("--label", default="")
+    enroll.add_argument("--expires", default="7d", help="e.g. 7d, 12h, never")
+    enroll.add_argument("--label", default="", help="what the token is for")
     add_coordinator(enroll)
     enroll.set_defaults(func=cmd_devices_enroll)
     dls = devices.add_parser("list", help="enrolled devices")
@@ -68,7 +68,7 @@ def register(sub: Any, add_coordinator: Callable[[argparse.ArgumentParser], None
     drevoke.set_defaults(func=cmd_devices_revoke)
 
     audit = sub.add_parser("audit", help="the audit log, newest first")
-    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--limit", type=int, default=50, help="entries to show")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     add_coordinator(audit)
     audit.set_defaults(func=cmd_audit)
@@ -114,7 +114,8 @@ def _create_locally(db_url: str, role: str, label: str, expires: int) -> tuple[s
     try:
         store = open_store(db_url)
     except StorageError as exc:
-        raise CliError(f"--db: {exc}") from None
+        hint = database_hint(db_url) if isinstance(exc.__cause__, ImportError) else ""
+        raise CliError(f"--db: {exc}{hint}") from None
     try:
         security = open_security_store(store)
         record, secret = AdminAuth(security, time.time).create_token(Role.parse(role), label,
@@ -129,19 +130,20 @@ def _create_locally(db_url: str, role: str, label: str, expires: int) -> tuple[s
 
 
 def cmd_tokens_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
+
+    from fedctl.output import table_console
 
     with _admin(args) as client:
         tokens = _guard(client.list_tokens)
     table = Table(title="API tokens")
     for col in ("token_id", "role", "label", "created", "expires", "revoked"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for t in tokens:
         table.add_row(t.token_id, t.role, t.label, _when(t.created_unix_ms),
                       _when(t.expires_unix_ms) if t.expires_unix_ms else "never",
                       "yes" if t.revoked else "")
-    Console().print(table)
+    table_console().print(table)
     return 0
 
 
@@ -166,18 +168,19 @@ def cmd_devices_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
+
+    from fedctl.output import table_console
 
     with _admin(args) as client:
         devices = _guard(client.list_devices)
     table = Table(title="devices")
     for col in ("device_id", "enrolled", "enrollment token", "revoked"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for d in devices:
         table.add_row(d.device_id, _when(d.enrolled_unix_ms), d.enrollment_token_id or "-",
                       _when(d.revoked_unix_ms) if d.revoked_unix_ms else "")
-    Console().print(table)
+    table_console().print(table)
     return 0
 
 
@@ -197,15 +200,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
                               "action": e.action, "target": e.target, "outcome": e.outcome,
                               "detail": e.detail}))
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from fedctl.output import table_console
 
     table = Table(title="audit log (newest first)")
     for col in ("when", "actor", "action", "target", "outcome", "detail"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for e in entries:
         table.add_row(_when(e.at_unix_ms), e.actor, e.action, e.target, e.outcome, e.detail)
-    Console().print(table)
+    table_console().print(table)
     return 0
 
 
