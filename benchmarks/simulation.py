@@ -74,7 +74,6 @@ from simulations.cohort import DeviceJob, DeviceTable, LocalObjective, make_trai
 from simulations.config import (  # noqa: E402
     AlgorithmConfig,
     DataConfig,
-    DataSource,
     EngineKind,
 )
 from simulations.data import FederatedData, load_federated_data  # noqa: E402
@@ -110,7 +109,8 @@ class Workload:
 
 def make_workload(*, devices: int = 1000, per_round: int = 100, rounds: int = 20,
                   seed: int = 0) -> Workload:
-    data = load_federated_data(DataConfig(DataSource.SYNTHETIC, num_devices=devices, seed=seed))
+    data = load_federated_data(DataConfig(f"synthetic:alpha=1,beta=1,seed={seed}",
+                                          num_devices=devices))
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5C4E]))
     schedule = [sorted(rng.choice(devices, size=per_round, replace=False).tolist())
                 for _ in range(rounds)]
