@@ -176,7 +176,7 @@ def _start_agents(
     first = 0
     # The enrollment token travels in the environment, not on the command line (which other
     # users of the machine can read).
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+    env = dict(_without_agent_settings(os.environ), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                FEDCOORD_ENROLLMENT_TOKEN=enrollment_token)
     for i in range(processes):
         count = per + (1 if i < extra else 0)
@@ -190,6 +190,17 @@ def _start_agents(
         agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         first += count
     return agents
+
+
+def _without_agent_settings(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The environment less a config file and ``FEDCOORD_<KEY>`` agent settings: the demo's
+    agents run as the demo says, whatever this shell sets for real agents."""
+    from fedctl.config import CONFIG_ENV, settings_of
+    from fedctl.main import build_parser
+
+    agent = build_parser().settings_parsers["agent"]
+    drop = {CONFIG_ENV} | {s.env for s in settings_of(agent).values()}
+    return {k: v for k, v in environ.items() if k not in drop}
 
 
 def _stop_agents(agents: list[subprocess.Popen[bytes]]) -> None:

@@ -1,4 +1,6 @@
-"""Live view of a task's rounds (rich progress bars), and one-shot status tables."""
+"""Live view of a task's rounds (rich progress bars, or JSON lines for scripts), and the
+status table of a task: every round with its start, duration and every metric the
+coordinator recorded, and any counters of the task (such as declines by reason)."""
 
 from __future__ import annotations
 

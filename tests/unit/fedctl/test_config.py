@@ -215,3 +215,11 @@ def test_every_documented_key_is_a_setting() -> None:
     for table, command in parser.settings_parsers.items():
         for key in settings_of(command):
             assert f"`{key}`" in readme, f"README does not document [{table}] {key}"
+
+
+def test_demo_agents_ignore_this_shells_agent_settings() -> None:
+    from fedctl.demo import _without_agent_settings
+
+    env = _without_agent_settings({"FEDCOORD_CONFIG": "/etc/fedcoord.toml", "FEDCOORD_DATA": "x",
+                                   "FEDCOORD_TASK": "t", "FEDCOORD_TOKEN": "tok", "PATH": "/bin"})
+    assert env == {"FEDCOORD_TOKEN": "tok", "PATH": "/bin"}
