@@ -53,7 +53,8 @@ class RayCohortTrainer:
             import ray
         except ImportError:
             raise BackendUnavailable(
-                "--ray needs Ray: pip install 'fedcoord[ray]' (or 'ray==2.*')") from None
+                "--ray needs Ray: pip install 'ray>=2.9,<3' (in a fedcoord checkout: "
+                "pip install -e '.[ray]'; from a release: pip install 'fedcoord[ray]')") from None
         self._ray = ray
         try:
             if not ray.is_initialized():
