@@ -154,6 +154,7 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
     if spec.seed < 0:
         fail("seed", f"must be >= 0, got {spec.seed}")
     _validate_robustness(spec, fail)
+    _validate_aggregation(spec, fail)
     if spec.data_schema is not None:
         schema = spec.data_schema
         if not 1 <= len(schema.feature_shape) <= 8 or not all(
@@ -195,6 +196,34 @@ def _validate_robustness(spec: TaskSpec, fail: typing.Callable[[str, str], typin
             fail("robustness.max_update_l2_norm",
                  f"{r.max_update_l2_norm:g} is below privacy.clip ({norm:g}): devices clip "
                  f"their updates to privacy.clip, and the coordinator would refuse them")
+
+
+def _validate_aggregation(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]
+                          ) -> None:
+    a = spec.aggregation
+    if not 1 <= a.buffer <= MAX_CLIENTS_PER_ROUND:
+        fail("aggregation.buffer", f"must be between 1 and {MAX_CLIENTS_PER_ROUND}, got {a.buffer}")
+    if not a.buffer <= a.max_concurrency <= MAX_CLIENTS_PER_ROUND:
+        fail("aggregation.max_concurrency", f"must be between aggregation.buffer ({a.buffer}) "
+                                            f"and {MAX_CLIENTS_PER_ROUND}, got {a.max_concurrency}")
+    if not 0 <= a.staleness.exponent <= 10:
+        fail("aggregation.staleness.exponent", f"must be in [0, 10], got {a.staleness.exponent}")
+    if not 0 <= a.max_staleness <= MAX_ROUNDS:
+        fail("aggregation.max_staleness", f"must be between 0 and {MAX_ROUNDS}, got "
+                                          f"{a.max_staleness}")
+    r = a.robust
+    if not 0 <= r.trim_fraction < 0.5:
+        fail("aggregation.robust.trim_fraction", f"must be in [0, 0.5), got {r.trim_fraction}")
+    if r.byzantine < 0:
+        fail("aggregation.robust.byzantine", f"must be >= 0, got {r.byzantine}")
+    if r.multi_krum_m is not None and r.multi_krum_m < 1:
+        fail("aggregation.robust.multi_krum_m", f"must be at least 1 or auto, got {r.multi_krum_m}")
+    if r.norm_bound is not None and not 0 < r.norm_bound <= MAX_BOUND:
+        fail("aggregation.robust.norm_bound", f"must be in (0, {MAX_BOUND:g}] or auto, got "
+                                              f"{r.norm_bound}")
+    if not 0 < r.norm_multiplier <= 1000:
+        fail("aggregation.robust.norm_multiplier", f"must be in (0, 1000], got "
+                                                   f"{r.norm_multiplier}")
 
 
 def _validate_privacy(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:

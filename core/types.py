@@ -193,6 +193,69 @@ class Robustness:
     max_abs_parameter: float = 1e6
 
 
+class AggregationMode(enum.Enum):
+    SYNC = "sync"    # rounds: a cohort is drawn, its reports are aggregated together
+    ASYNC = "async"  # FedBuff (Nguyen et al. 2022): devices train continuously, every
+    #                  ``buffer`` uploads the server steps
+
+
+class StalenessKind(enum.Enum):
+    CONSTANT = "constant"      # every upload weighs the same, however stale
+    POLYNOMIAL = "polynomial"  # weight (1 + staleness) ** -exponent (FedBuff, Papaya)
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """How an asynchronous upload is down-weighted by its staleness: the server version now
+    minus the version the device trained on."""
+
+    kind: StalenessKind = StalenessKind.POLYNOMIAL
+    exponent: float = 0.5
+
+
+class RobustKind(enum.Enum):
+    MEAN = "mean"                  # example-weighted FedAvg (the default)
+    MEDIAN = "median"              # coordinate-wise median
+    TRIMMED_MEAN = "trimmed_mean"  # coordinate-wise mean without the trim_fraction extremes
+    KRUM = "krum"                  # Blanchard et al. 2017: the update closest to its n-f-2
+    MULTI_KRUM = "multi_krum"      # the mean of the multi_krum_m best by the Krum score
+    NORM_BOUND = "norm_bound"      # every update scaled to at most a (fixed or adaptive) norm
+
+
+@dataclass(frozen=True)
+class RobustAggregation:
+    """Defences against poisoned updates. Under secure aggregation only ``norm_bound``
+    applies (devices clip before masking); the others need every update in the clear."""
+
+    kind: RobustKind = RobustKind.MEAN
+    #: trimmed_mean: the fraction of values dropped at each end of every coordinate.
+    trim_fraction: float = 0.1
+    #: krum / multi_krum: how many Byzantine devices the rule assumes (f).
+    byzantine: int = 1
+    #: multi_krum: how many updates are averaged; None: n - f.
+    multi_krum_m: int | None = None
+    #: norm_bound: a fixed L2 bound; None: adaptive, ``norm_multiplier`` times the median
+    #: update norm of the round.
+    norm_bound: float | None = None
+    norm_multiplier: float = 2.0
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """The ``aggregation`` section of a task: synchronous rounds (the default) or
+    asynchronous buffered aggregation, and the rule that combines updates."""
+
+    mode: AggregationMode = AggregationMode.SYNC
+    #: async: the server optimizer steps (and a version is committed) every ``buffer`` uploads.
+    buffer: int = 10
+    #: async: at most this many devices train at once.
+    max_concurrency: int = 100
+    staleness: Staleness = field(default_factory=Staleness)
+    #: async: an upload staler than this many versions is rejected as late.
+    max_staleness: int = 20
+    robust: RobustAggregation = field(default_factory=RobustAggregation)
+
+
 @dataclass(frozen=True)
 class DataSchema:
     """What a device's data looks like: the shape of one example's features (``[64]`` for
@@ -232,6 +295,8 @@ class TaskSpec:
     privacy: PrivacySpec | None = None
     #: Bounds on one update's influence and on the committed model (:class:`Robustness`).
     robustness: Robustness = field(default_factory=Robustness)
+    #: Synchronous or asynchronous (FedBuff) aggregation, and the robust rule (:class:`Aggregation`).
+    aggregation: Aggregation = field(default_factory=Aggregation)
     #: The data the model expects (None: derived from the population's reports, unchecked).
     data_schema: DataSchema | None = None
     #: The ``simulation:`` section of a task file (population, heterogeneity, availability,

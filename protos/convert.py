@@ -152,6 +152,7 @@ def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:
         robustness=common_pb2.Robustness(**d["robustness"]),
         data_schema=(None if d["data_schema"] is None
                      else common_pb2.DataSchema(**d["data_schema"])),
+        aggregation_json=json.dumps(d["aggregation"], sort_keys=True),
     )
 
 
@@ -239,6 +240,11 @@ def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
         data["robustness"] = {"weight_cap": r.weight_cap,
                               "max_update_l2_norm": r.max_update_l2_norm,
                               "max_abs_parameter": r.max_abs_parameter}
+    if msg.aggregation_json:
+        try:
+            data["aggregation"] = json.loads(msg.aggregation_json)
+        except json.JSONDecodeError as exc:
+            raise WireFormatError(f"spec.aggregation_json: not valid JSON ({exc.msg})") from None
     if msg.HasField("data_schema"):
         data["data_schema"] = {"feature_shape": list(msg.data_schema.feature_shape),
                                "num_classes": msg.data_schema.num_classes}

@@ -17,7 +17,7 @@ from core.privacy.task import TaskPrivacy
 from core.protocol import PlanPrivacy
 from core.secagg import encoding
 from core.secagg.params import SecAggParamError, SecAggParams, derive
-from core.types import TaskSpec
+from core.types import AggregationMode, RobustKind, TaskSpec
 
 #: Without DP the analysis needs no population: selection draws from whatever it sees.
 _UNBOUNDED_POPULATION = 1 << 62
@@ -28,6 +28,7 @@ def check_supported(spec: TaskSpec) -> None:
     DP task without a budget, Poisson sampling with secure aggregation (a random cohort size),
     a cohort larger than the population, distributed DP with adaptive clipping, a model local
     DP cannot train."""
+    _check_aggregation(spec)
     privacy = spec.privacy
     if privacy is None:
         return
@@ -61,6 +62,21 @@ def check_supported(spec: TaskSpec) -> None:
             check_local_dp_model(build_model(spec.model))
         except (CoreError, PrivacyError) as exc:
             raise InvalidRequest(f"spec.model: {exc}") from None
+
+
+def _check_aggregation(spec: TaskSpec) -> None:
+    """What of the ``aggregation`` section this coordinator runs: synchronous rounds with
+    example-weighted FedAvg. Asynchronous FedBuff and the robust rules run in simulation."""
+    aggregation = spec.aggregation
+    if aggregation.mode is not AggregationMode.SYNC:
+        raise InvalidRequest(
+            "spec.aggregation.mode: 'async' (FedBuff) runs in `fedctl simulate` only; this "
+            "coordinator runs synchronous rounds")
+    if aggregation.robust.kind is not RobustKind.MEAN:
+        raise InvalidRequest(
+            f"spec.aggregation.robust.kind: {aggregation.robust.kind.value!r} runs in "
+            f"`fedctl simulate` only; this coordinator aggregates with the example-weighted "
+            f"mean")
 
 
 def task_privacy(spec: TaskSpec, committed: Sequence[Mapping[str, float]]

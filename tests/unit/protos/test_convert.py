@@ -6,11 +6,14 @@ import pytest
 
 from core.tensors import TensorInfo
 from core.types import (
+    Aggregation,
     DataSchema,
     Evaluation,
     LocalOptimizerKind,
     LocalTraining,
     ModelSpec,
+    RobustAggregation,
+    RobustKind,
     Robustness,
     ServerOptimizer,
     ServerOptimizerKind,
@@ -31,6 +34,8 @@ def full_spec() -> TaskSpec:
         max_update_bytes=123456, seed=9,
         robustness=Robustness(weight_cap=77, max_update_l2_norm=12.5, max_abs_parameter=1e4),
         data_schema=DataSchema((64,), 10),
+        aggregation=Aggregation(buffer=7, max_concurrency=9,
+                                robust=RobustAggregation(RobustKind.TRIMMED_MEAN, 0.2)),
     )
 
 
