@@ -7,6 +7,9 @@ the GIL in its kernels). SIGTERM/SIGINT stop every device cleanly between steps.
 One device's trouble is its own: a task it cannot run is declined (see
 :mod:`device_agent.runtime.device`), and a device that crashes ends alone while the others
 go on serving. :func:`exit_status` turns the devices' ends into the process's exit code.
+
+With ``flower_client`` (``--flower-client MODULE:ATTRIBUTE``) the devices train with a Flower
+client instead of our torch trainer on ``data`` (see :mod:`device_agent.flower`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.data.dataset import LocalDataset
 from core.data.spec import load_dataset, parse_data_spec, with_shard
 from core.security.identity import DeviceKey
 from core.tls import ClientTls
 from core.types import DeviceAttributes
-from device_agent.runtime.device import Device, DeviceStats
+from device_agent.runtime.device import Device, DeviceStats, LocalTrainer
 from device_agent.transport.client import DeviceClient, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -43,7 +47,8 @@ class AgentConfig:
     #: Names the hosted devices (``NAME`` or ``NAME-i``) and their key files
     #: (``STATE_DIR/NAME.key``); the device ids derive from the keys.
     name: str
-    data: str
+    #: The devices' data spec; None with ``flower_client`` (a Flower client loads its own).
+    data: str | None
     devices: int = 1
     task_id: str | None = None
     attributes: DeviceAttributes = DeviceAttributes()
@@ -57,11 +62,17 @@ class AgentConfig:
     #: Sent at enrollment: the coordinator's enrollment token, an attestation blob.
     enrollment_token: str = ""
     attestation: bytes = b""
+    #: ``MODULE:ATTRIBUTE`` of a Flower client (or client function) the devices train with,
+    #: and the ``node_config`` its client function receives (``key=value ...``).
+    flower_client: str | None = None
+    flower_node_config: str = ""
 
 
 def device_shards(config: AgentConfig) -> list[tuple[str, str]]:
     """(device name, data spec) per hosted device: with ``--devices M`` and a data spec of
     ``shard=K/N``, device i (name ``NAME-i``) gets shard ``K+i`` of ``N``."""
+    if config.data is None:
+        raise ValueError("the devices need a data spec (or a Flower client)")
     spec = parse_data_spec(config.data)
     if config.devices == 1:
         return [(config.name, config.data)]
@@ -85,6 +96,17 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[
 
     torch.set_num_threads(config.torch_threads)
     stop = stop or threading.Event()
+    hosted: list[tuple[str, LocalDataset | None, LocalTrainer | None]]
+    if config.flower_client is None:
+        hosted = [(name, load_dataset(spec), None) for name, spec in device_shards(config)]
+    else:
+        from device_agent.flower import flower_trainers
+
+        names = ([config.name] if config.devices == 1 else
+                 [f"{config.name}-{i}" for i in range(config.devices)])
+        trainers = flower_trainers(config.flower_client, names,
+                                   node_config=config.flower_node_config)
+        hosted = [(name, None, t) for name, t in zip(names, trainers, strict=True)]
     client = DeviceClient(
         config.coordinator, policy=RetryPolicy(give_up_after_s=config.give_up_after_s), stop=stop,
         tls=config.tls,
@@ -92,12 +114,12 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     devices = [
         Device(
-            DeviceKey.load_or_create(config.state_dir / f"{name}.key"), load_dataset(spec),
-            client, attributes=config.attributes, task_id=config.task_id,
+            DeviceKey.load_or_create(config.state_dir / f"{name}.key"), data,
+            client, trainer=trainer, attributes=config.attributes, task_id=config.task_id,
             exit_when_idle=config.exit_when_idle, stop=stop,
             enrollment_token=config.enrollment_token, attestation=config.attestation,
         )
-        for name, spec in device_shards(config)
+        for name, data, trainer in hosted
     ]
     results: list[DeviceStats] = [DeviceStats() for _ in devices]
 

@@ -175,8 +175,14 @@ def build_parser() -> FedctlParser:
     run.add_argument("--attestation", type=Path, metavar="FILE",
                      help="an attestation blob sent at enrollment")
     run.add_argument("--data", metavar="SPEC",
-                     help="required: synthetic:alpha=1,beta=1,shard=K/N | "
-                          "digits:shard=K/N,dirichlet=0.5")
+                     help="required (unless --flower-client): synthetic:alpha=1,beta=1,"
+                          "shard=K/N | digits:shard=K/N,dirichlet=0.5")
+    run.add_argument("--flower-client", metavar="MODULE:ATTRIBUTE",
+                     help="train with a Flower client instead: a NumPyClient instance, or a "
+                          "client_fn(context) returning one (needs fedcoord[flower])")
+    run.add_argument("--flower-node-config", default="", metavar="KEY=VALUE ...",
+                     help="the Flower Context's node_config (partition-id grows by one per "
+                          "device with --devices M)")
     run.add_argument("--devices", type=int, default=1, metavar="M", help="virtual devices in this process")
     run.add_argument("--task", metavar="TASK_ID", help="only take part in this task; exit when it ends")
     run.add_argument("--population", default="default",
@@ -390,12 +396,18 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         install_signal_handlers,
         run_agent,
     )
+    from device_agent.flower import FlowerClientError
     from fedctl.errors import CliError, cannot_reach
 
     _load_apps(args.app)
-    if args.data is None:
+    if args.data is None and args.flower_client is None:
         raise CliError("agent run needs --data (or `data` in the config file's [agent] table, "
-                       "or $FEDCOORD_DATA)", exit_code=2)
+                       "or $FEDCOORD_DATA), or --flower-client", exit_code=2)
+    if args.data is not None and args.flower_client is not None:
+        raise CliError("--data and --flower-client exclude each other: a Flower client loads "
+                       "its own data", exit_code=2)
+    if args.flower_node_config and args.flower_client is None:
+        raise CliError("--flower-node-config needs --flower-client", exit_code=2)
     if args.devices < 1:
         raise CliError("--devices must be at least 1", exit_code=2)
     attestation = b""
@@ -413,7 +425,8 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         attributes=DeviceAttributes(charging=not args.not_charging, unmetered=not args.metered,
                                     idle=not args.busy, population=args.population),
         exit_when_idle=args.exit_when_idle, give_up_after_s=args.give_up_after,
-        tls=tls,
+        tls=tls, flower_client=args.flower_client,
+        flower_node_config=args.flower_node_config,
     )
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -424,6 +437,8 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         stats = run_agent(config, stop)
     except (KeyFileError, OSError) as exc:
         raise CliError(f"--state-dir {config.state_dir}: {exc}") from None
+    except FlowerClientError as exc:
+        raise CliError(str(exc), exit_code=2) from None
     except (CoreError, ValueError) as exc:
         raise CliError(f"--data {args.data!r}: {exc}") from None
     accepted = sum(s.updates_accepted for s in stats)

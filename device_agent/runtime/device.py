@@ -17,6 +17,11 @@ at most the round's L2 clip norm before it leaves the device, before quantizatio
 secure aggregation, so the masked vector encodes the clipped update; under adaptive clipping
 the device also sends whether its update fitted (a metric in the clear, or one more masked
 value). Under local DP the device trains with DP-SGD (Opacus) and reports its epsilon.
+
+Training itself is a :class:`LocalTrainer`'s: :class:`TorchTrainer` (the plan's model on the
+device's :class:`~core.data.dataset.LocalDataset`, the default) or another one, such as
+:class:`device_agent.flower.FlowerTrainer` (a Flower client); the update, clipping, metrics
+policy and upload around it are the same for every trainer.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -135,6 +140,43 @@ class Coordinator(Protocol):
                       wait_s: float) -> None: ...
 
 
+@dataclass(frozen=True)
+class LocalFit:
+    """What a :class:`LocalTrainer` returns for a round.
+
+    ``trained``: the trained tensors by name, at least those of the plan's
+    ``update_tensors`` (the device computes the update, trained minus received, from them);
+    ``num_examples``: the update's FedAvg weight; ``metrics``: everything the device measured
+    (``train_loss``, ``eval_loss``, ``eval_NAME``, ...). The device applies the plan's metrics
+    policy to them, so a trainer never decides what leaves the device."""
+
+    trained: Mapping[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@runtime_checkable
+class LocalTrainer(Protocol):
+    """How a device trains the received model on its own data (one instance per device;
+    called from that device's thread only).
+
+    ``schema``: the data schema the device reports at check-in, or None (it reports none).
+    ``fit`` evaluates first when ``plan.evaluate`` (``eval_*`` metrics of the *received*
+    model), then trains; ``seed`` is the round's seed for this device.
+
+    Raises (from ``fit``):
+        Declined: the trainer cannot run this task (the model does not build or fit).
+        BudgetExhausted: local DP: sending this round would spend past the budget.
+        Exception: whatever user code raises; the device declines the task with it.
+    """
+
+    @property
+    def schema(self) -> DataSchema | None: ...
+
+    def fit(self, p: Participation, plan: Plan, received: Mapping[str, np.ndarray], *,
+            seed: int) -> LocalFit: ...
+
+
 @dataclass
 class DeviceStats:
     rounds_joined: int = 0
@@ -158,9 +200,10 @@ class Device:
     def __init__(
         self,
         key: DeviceKey,
-        data: LocalDataset,
+        data: LocalDataset | None,
         coordinator: Coordinator,
         *,
+        trainer: LocalTrainer | None = None,
         attributes: DeviceAttributes | None = None,
         task_id: str | None = None,
         exit_when_idle: bool = False,
@@ -172,7 +215,15 @@ class Device:
         """``key``: the device's identity (its id is derived from the public key);
         ``enrollment_token`` and ``attestation`` are sent when it enrolls.
         ``local_dp_secure_noise=False`` lets local-DP training use seeded (insecure)
-        noise: tests and simulations only; production draws it from the OS-keyed CSPRNG."""
+        noise: tests and simulations only; production draws it from the OS-keyed CSPRNG.
+        ``trainer``: how the device trains (default: :class:`TorchTrainer` on ``data``; one
+        of the two is required)."""
+        if trainer is None:
+            if data is None:
+                raise ValueError("a device needs its data or a trainer")
+            trainer = TorchTrainer(data, key.device_id,
+                                   local_dp_secure_noise=local_dp_secure_noise)
+        self.trainer = trainer
         self.key = key
         self.device_id = key.device_id
         self.enrollment_token = enrollment_token
@@ -184,9 +235,6 @@ class Device:
         self.exit_when_idle = exit_when_idle
         self.stop = stop or threading.Event()
         self.stats = DeviceStats()
-        self.local_dp_secure_noise = local_dp_secure_noise
-        #: Local DP: the DP-SGD steps this device took per task, for its cumulative epsilon.
-        self._local_dp_history: dict[str, list[MechanismSteps]] = {}
         #: Tasks whose local-DP budget this device has spent: it refuses their rounds.
         self._exhausted: set[str] = set()
         #: Tasks this device declined, oldest first (sent at every check-in).
@@ -205,7 +253,7 @@ class Device:
             log.error("%s: enrollment refused: %s", self.device_id, exc)
             self.stats.finished_reason = self.stats.failure = f"enrollment refused: {exc}"
             return self.stats
-        schema = self.data.schema
+        schema = self.trainer.schema
         first = True
         while not self.stop.is_set():
             try:
@@ -220,8 +268,10 @@ class Device:
                 break
             if first:
                 first = False
-                log.info("%s: checked in with data %s -> %d classes: %s", self.device_id,
-                         list(schema.feature_shape), schema.num_classes, result.outcome.value)
+                log.info("%s: checked in with data %s: %s", self.device_id,
+                         "of no schema" if schema is None else
+                         f"{list(schema.feature_shape)} -> {schema.num_classes} classes",
+                         result.outcome.value)
             if result.outcome is CheckInOutcome.FINISHED:
                 self.stats.finished_reason = result.message
                 break
@@ -379,15 +429,68 @@ class Device:
         """(header, raw update, adaptive clipping's bit for the secure path or None).
 
         Raises:
-            Declined: the model does not build here or does not fit this device's data.
-            Exception: whatever the task's code (model, loss, metrics) raises in training or
+            Declined: the trainer cannot run the task (the model does not build here or does
+                not fit this device's data; a Flower client's weights do not match).
+            Exception: whatever the task's or the trainer's code raises in training or
                 evaluation; the caller declines the task with it.
         """
+        received = load_safetensors(model_bytes)
+        seed = int(sha256_hex(f"{plan.seed}/{p.round_number}/{self.device_id}".encode())[:8], 16)
+        fit = self.trainer.fit(p, plan, received, seed=seed)
+        trained, metrics = fit.trained, dict(fit.metrics)
+        privacy = plan.privacy
+        names = [t.name for t in plan.update_tensors]
+        delta = {n: (trained[n] - received[n]).astype(np.float32) for n in names}
+        unclipped = None
+        if privacy is not None and privacy.l2_clip_norm is not None:
+            delta, norm = clip_to_l2_norm(delta, l2_clip_norm=privacy.l2_clip_norm * CLIP_MARGIN)
+            if privacy.report_unclipped:
+                bit = clipped_bit(norm, l2_clip_norm=privacy.l2_clip_norm)
+                if plan.secure_aggregation is None:
+                    metrics[UNCLIPPED_METRIC] = float(bit)
+                else:
+                    unclipped = bit
+        if plan.metrics is not MetricsPolicy.CLEAR and plan.secure_aggregation is None:
+            # Withheld: only adaptive clipping's bit, which the release accounts for.
+            metrics = {k: v for k, v in metrics.items() if k == UNCLIPPED_METRIC}
+        payload = to_raw_bytes(delta)
+        header = UpdateHeader(
+            participation=p,
+            num_examples=fit.num_examples,
+            tensors=list(plan.update_tensors),
+            total_bytes=len(payload),
+            sha256=sha256_hex(payload),
+            metrics=metrics,
+            # Fresh per update, the same on every retry of it: the coordinator answers a
+            # retried upload as the first time instead of counting it twice or refusing it.
+            upload_id=secrets.token_urlsafe(24),
+        )
+        return header, payload, unclipped
+
+
+class TorchTrainer:
+    """The default :class:`LocalTrainer`: builds the plan's model, evaluates it on the
+    dataset's test split (when the plan asks), trains it on the train split (DP-SGD under
+    local DP, whose per-task history this trainer keeps for the cumulative epsilon)."""
+
+    def __init__(self, data: LocalDataset, device_id: str, *,
+                 local_dp_secure_noise: bool = True) -> None:
+        self.data = data
+        self.device_id = device_id
+        self.local_dp_secure_noise = local_dp_secure_noise
+        #: Local DP: the DP-SGD steps this device took per task, for its cumulative epsilon.
+        self._local_dp_history: dict[str, list[MechanismSteps]] = {}
+
+    @property
+    def schema(self) -> DataSchema:
+        return self.data.schema
+
+    def fit(self, p: Participation, plan: Plan, received: Mapping[str, np.ndarray], *,
+            seed: int) -> LocalFit:
         from core.model_fit import fit_problem
         from core.models import build_model, load_numpy_state, model_hooks, state_to_numpy
         from core.training import evaluate, evaluate_metrics, train_local
 
-        received = load_safetensors(model_bytes)
         try:
             model = build_model(plan.model)
             load_numpy_state(model, received)
@@ -406,11 +509,10 @@ class Device:
             metrics.update(eval_loss=loss, eval_accuracy=acc,
                            eval_examples=float(len(self.data.y_test)))
             if hooks.metrics is not None:
-                app = _app_metrics(evaluate_metrics(model, self.data.x_test,
+                app = app_metrics(evaluate_metrics(model, self.data.x_test,
                                                     self.data.y_test, hooks.metrics))
                 for name, value in app.items():
                     metrics.setdefault(name, value)  # the built-in ones keep their names
-        seed = int(sha256_hex(f"{plan.seed}/{p.round_number}/{self.device_id}".encode())[:8], 16)
         privacy = plan.privacy
         if privacy is not None and privacy.local is not None:
             result = self._train_local_dp(p, plan, model, seed, metrics)
@@ -418,34 +520,7 @@ class Device:
             result = train_local(model, self.data.x_train, self.data.y_train, plan.local,
                                  seed=seed, loss=hooks.loss)
         metrics["train_loss"] = result.loss
-        trained = state_to_numpy(model)
-        names = [t.name for t in plan.update_tensors]
-        delta = {n: (trained[n] - received[n]).astype(np.float32) for n in names}
-        unclipped = None
-        if privacy is not None and privacy.l2_clip_norm is not None:
-            delta, norm = clip_to_l2_norm(delta, l2_clip_norm=privacy.l2_clip_norm * CLIP_MARGIN)
-            if privacy.report_unclipped:
-                bit = clipped_bit(norm, l2_clip_norm=privacy.l2_clip_norm)
-                if plan.secure_aggregation is None:
-                    metrics[UNCLIPPED_METRIC] = float(bit)
-                else:
-                    unclipped = bit
-        if plan.metrics is not MetricsPolicy.CLEAR and plan.secure_aggregation is None:
-            # Withheld: only adaptive clipping's bit, which the release accounts for.
-            metrics = {k: v for k, v in metrics.items() if k == UNCLIPPED_METRIC}
-        payload = to_raw_bytes(delta)
-        header = UpdateHeader(
-            participation=p,
-            num_examples=result.num_examples,
-            tensors=list(plan.update_tensors),
-            total_bytes=len(payload),
-            sha256=sha256_hex(payload),
-            metrics=metrics,
-            # Fresh per update, the same on every retry of it: the coordinator answers a
-            # retried upload as the first time instead of counting it twice or refusing it.
-            upload_id=secrets.token_urlsafe(24),
-        )
-        return header, payload, unclipped
+        return LocalFit(state_to_numpy(model), result.num_examples, metrics)
 
     def _train_local_dp(self, p: Participation, plan: Plan, model: nn.Module, seed: int,
                         metrics: dict[str, float]) -> TrainResult:
@@ -473,7 +548,7 @@ class Device:
         return dp.train
 
 
-def _app_metrics(values: Mapping[str, float]) -> dict[str, float]:
+def app_metrics(values: Mapping[str, float]) -> dict[str, float]:
     """An app's evaluation metrics as the device reports them: ``eval_NAME``, only names and
     values the coordinator accepts (it refuses a whole report with one bad metric), at most
     :data:`MAX_APP_METRICS`; the rest is dropped with a warning."""
