@@ -12,6 +12,12 @@ coordinator does, with the coordinator's code.
   per round). Noise comes from a seeded source: simulations must be reproducible.
 
 Both together: devices clip, then encode with weight 1; noise is added after unmasking.
+
+``aggregation.robust`` (:mod:`core.aggregation.robust`): in plain rounds the rule replaces
+the weighted mean (``robust_kept`` and the norm bound's metrics are reported). Under secure
+aggregation or central DP only a fixed ``norm_bound`` applies: each device scales its delta
+to the bound before it is encoded (or before the DP clip); other rules are refused when the
+aggregator is built (:func:`~core.aggregation.robust.check_rule_applies` says why).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from core.aggregation.fedavg import weighted_mean
+from core.aggregation.robust import check_rule_applies, robust_aggregate
 from core.privacy.clipping import clip_to_l2_norm
 from core.privacy.noise import NoiseSource
 from core.privacy.spec import PrivacyMode, PrivacySpec
@@ -31,18 +38,28 @@ from core.sampling import CohortDraw, fixed_size_draw
 from core.secagg import encoding
 from core.secagg.inprocess import run_round
 from core.secagg.params import derive
-from core.types import ModelSpec, SecureAggregation, TaskSpec
+from core.types import ModelSpec, RobustAggregation, RobustKind, SecureAggregation, TaskSpec
 
 State = dict[str, np.ndarray]
 
 
 class CohortAggregator:
-    """Not thread-safe; one per simulation (it keeps the privacy accountant's history)."""
+    """Not thread-safe; one per simulation (it keeps the privacy accountant's history).
+
+    Raises:
+        RobustAggregationError: ``robust`` names a rule that cannot run under the task's
+            secure aggregation or central DP.
+    """
 
     def __init__(self, *, model: ModelSpec, rounds: int, clients_per_round: int, seed: int,
                  secure_aggregation: SecureAggregation | None = None,
-                 privacy: PrivacySpec | None = None) -> None:
+                 privacy: PrivacySpec | None = None,
+                 robust: RobustAggregation | None = None) -> None:
         self.secure_aggregation = secure_aggregation
+        self.robust = robust if robust is not None else RobustAggregation()
+        central = privacy is not None and privacy.mode is PrivacyMode.CENTRAL
+        check_rule_applies(self.robust, secure=secure_aggregation is not None,
+                           central_dp=central)
         self.metrics: dict[str, float] = {}
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EC]))
         self._seed = seed
@@ -77,6 +94,14 @@ class CohortAggregator:
             (np.asarray(trained[n], dtype=np.float64) - global_params[n]).reshape(count, -1)
             for n in names], axis=1)
         self.metrics = {}
+        rule = self.robust
+        masked_or_private = self.secure_aggregation is not None or self._privacy is not None
+        if rule.kind is RobustKind.NORM_BOUND and masked_or_private:
+            # Each device's own step, before encoding or the DP clip (the bound is fixed:
+            # check_rule_applies refused an adaptive one).
+            assert rule.norm_bound is not None
+            bound = rule.norm_bound
+            flat = np.stack([clip_to_l2_norm(row, l2_clip_norm=bound)[0] for row in flat])
         if self._privacy is not None:
             clip = self._privacy.clip
             flat = np.stack([clip_to_l2_norm(row, l2_clip_norm=clip)[0] for row in flat])
@@ -85,6 +110,10 @@ class CohortAggregator:
             weights = [int(n) for n in num_examples]
         if self.secure_aggregation is not None and count >= 3:
             mean, denominator = self._secure_mean(flat, weights, self._rounds)
+        elif rule.kind is not RobustKind.MEAN and not masked_or_private:
+            result = robust_aggregate(flat, [float(w) for w in weights], rule)
+            self.metrics.update(result.metrics)
+            return _unflatten(result.mean, global_params)
         else:
             denominator = sum(weights)
             mean = weighted_mean(list(flat), [float(w) for w in weights])

@@ -8,6 +8,8 @@ held by the aggregators that need it.
     Aggregator (begin: :func:`begin_aggregation`; add: add_upload / add_masked; release)
       PlainAggregator       clear uploads, example-weighted FedAvg (weights capped at
                             robustness.weight_cap), metrics in the clear
+      RobustAggregator      clear uploads held whole until release, combined by the task's
+                            ``aggregation.robust`` rule (median, trimmed mean, Krum, ...)
       CentralDpAggregator   clear uploads clipped again to C, weight 1; the sum is noised
                             and accounted; no per-device metric is kept or released
       SecureAggregator      masked vectors only (SecAgg+ stages in :class:`SecureRound`);
@@ -34,6 +36,7 @@ from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.uploads import accumulate
 from core.aggregation.bounds import capped_weight
 from core.aggregation.fedavg import StreamingWeightedMean
+from core.aggregation.robust import RobustAggregationError, robust_aggregate
 from core.privacy.central import ClippedSum
 from core.privacy.errors import PrivacyError
 from core.privacy.noise import NoiseSource
@@ -42,7 +45,12 @@ from core.protocol import UNCLIPPED_METRIC, MetricsPolicy
 from core.sampling import CohortDraw
 from core.secagg import encoding
 from core.secagg.messages import RingVector
-from core.types import TaskSpec
+from core.types import RobustAggregation, RobustKind, TaskSpec
+
+#: A robust rule holds every update of a round in memory (float32, ``selection_target x
+#: parameters x 4`` bytes) and combines them in float64 at release (a transient ~2x more):
+#: tasks whose cohort of updates would exceed this many bytes are refused at launch.
+MAX_ROBUST_UPDATE_BYTES = 512 << 20
 
 
 class ReleaseRefused(Exception):
@@ -169,6 +177,67 @@ class PlainAggregator:
         if self.metrics_policy is MetricsPolicy.WITHHELD:
             return Aggregate(mean, {})
         return Aggregate(mean, {"examples": float(self._examples), **self._metrics.means()})
+
+
+class RobustAggregator:
+    """Clear uploads combined by a robust rule (:func:`core.aggregation.robust.robust_aggregate`).
+
+    Memory is ``O(devices x model)``, unlike :class:`PlainAggregator`'s ``O(model)``: the
+    rules need every update at once, and an upload's spool file is removed as soon as it is
+    accepted, so :meth:`add_upload` reads it whole (float32) and keeps it until
+    :meth:`release`. :func:`~coordinator.rounds.task_setup.check_supported` refuses tasks
+    whose cohort would hold more than :data:`MAX_ROBUST_UPDATE_BYTES`. Weights are capped at
+    ``weight_cap`` as in FedAvg (median and Krum ignore them). Metrics are the weighted means
+    of every reporting device's metrics (kept or not), plus ``robust_kept`` and, for
+    norm_bound, the bound and how many updates it scaled down."""
+
+    def __init__(self, size: int, rule: RobustAggregation, *, weight_cap: int,
+                 withhold_metrics: bool = False) -> None:
+        self._size = size
+        self._rule = rule
+        self._weight_cap = weight_cap
+        self._updates: list[npt.NDArray[np.float32]] = []
+        self._weights: list[float] = []
+        self._metrics = _MetricMeans(float(weight_cap))
+        self.metrics_policy = MetricsPolicy.WITHHELD if withhold_metrics else MetricsPolicy.CLEAR
+
+    def check_upload(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        if UNCLIPPED_METRIC in metrics:
+            raise InvalidRequest(f"metric {UNCLIPPED_METRIC!r} is only sent under adaptive "
+                                 "clipping")
+        if metrics and self.metrics_policy is MetricsPolicy.WITHHELD:
+            raise InvalidRequest(
+                f"this task withholds per-device metrics (differential privacy); the report "
+                f"carried {', '.join(sorted(metrics)[:4])}")
+        return dict(metrics)
+
+    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float]) -> None:
+        update = np.fromfile(path, dtype="<f4")
+        if update.size != self._size:  # the upload's size was checked against the model
+            raise InvalidRequest(f"update has {update.size} values, the model {self._size}")
+        weight = float(capped_weight(num_examples, weight_cap=self._weight_cap))
+        self._updates.append(update)
+        self._weights.append(weight)
+        self._metrics.add(metrics, weight)
+
+    def add_masked(self, device: str, vector: RingVector, clipped: int) -> None:
+        _no_masked(device, vector, clipped)
+
+    def release(self, draw: CohortDraw | None) -> Aggregate:
+        """Releases the rule's combination of the updates, the weight total ("examples",
+        capped per device; of every report, kept or not), the metrics' weighted means and
+        the rule's metrics (unless withheld: then only the rule's counts)."""
+        if not self._updates:
+            raise ReleaseRefused("no update was aggregated")
+        try:
+            result = robust_aggregate(np.stack(self._updates), self._weights, self._rule)
+        except RobustAggregationError as exc:
+            raise ReleaseRefused(str(exc)) from None
+        mean = result.mean.astype(np.float32)
+        if self.metrics_policy is MetricsPolicy.WITHHELD:
+            return Aggregate(mean, result.metrics)
+        return Aggregate(mean, {"examples": float(sum(self._weights)),
+                                **self._metrics.means(), **result.metrics})
 
 
 class CentralDpAggregator:
@@ -321,7 +390,9 @@ def begin_aggregation(spec: TaskSpec, size: int, *, privacy: TaskPrivacy | None,
                       secure: SecureRound | None, noise: NoiseSource,
                       require_secure_noise: bool) -> Aggregator:
     """The aggregator of a new round of ``spec``'s model (``size`` float32 parameters);
-    ``privacy``: the task's central/distributed DP state (None for none or local DP)."""
+    ``privacy``: the task's central/distributed DP state (None for none or local DP). A
+    robust rule other than the mean runs on clear uploads only (launch refused the others:
+    :func:`~coordinator.rounds.task_setup.check_supported`)."""
     aggregator: Aggregator
     if secure is not None:
         aggregator = SecureAggregator(secure, size, privacy, noise,
@@ -329,6 +400,10 @@ def begin_aggregation(spec: TaskSpec, size: int, *, privacy: TaskPrivacy | None,
     elif privacy is not None:
         aggregator = CentralDpAggregator(size, privacy, noise,
                                          require_secure_noise=require_secure_noise)
+    elif spec.aggregation.robust.kind is not RobustKind.MEAN:
+        aggregator = RobustAggregator(
+            size, spec.aggregation.robust, weight_cap=spec.robustness.weight_cap,
+            withhold_metrics=metrics_policy_for(spec) is MetricsPolicy.WITHHELD)
     else:
         aggregator = PlainAggregator(
             size, weight_cap=spec.robustness.weight_cap,
@@ -342,7 +417,9 @@ __all__ = [
     "Aggregator",
     "CentralDpAggregator",
     "PlainAggregator",
+    "MAX_ROBUST_UPDATE_BYTES",
     "ReleaseRefused",
+    "RobustAggregator",
     "SecureAggregator",
     "begin_aggregation",
     "metrics_policy_for",

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from coordinator.rounds.aggregators import MAX_ROBUST_UPDATE_BYTES
 from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.selection import SelectionPolicy
+from core.aggregation.robust import RobustAggregationError, check_rule_applies
 from core.errors import CoreError
 from core.privacy.accounting import Sampling
 from core.privacy.errors import PrivacyError
@@ -66,17 +68,54 @@ def check_supported(spec: TaskSpec) -> None:
 
 def _check_aggregation(spec: TaskSpec) -> None:
     """What of the ``aggregation`` section this coordinator runs: synchronous rounds with
-    example-weighted FedAvg. Asynchronous FedBuff and the robust rules run in simulation."""
+    example-weighted FedAvg or a robust rule on clear uploads. Asynchronous FedBuff runs in
+    simulation."""
     aggregation = spec.aggregation
     if aggregation.mode is not AggregationMode.SYNC:
         raise InvalidRequest(
             "spec.aggregation.mode: 'async' (FedBuff) runs in `fedctl simulate` only; this "
             "coordinator runs synchronous rounds")
-    if aggregation.robust.kind is not RobustKind.MEAN:
+    _check_robust(spec)
+
+
+def _check_robust(spec: TaskSpec) -> None:
+    """A robust rule runs on clear uploads (:class:`~coordinator.rounds.aggregators.
+    RobustAggregator`): refused under secure aggregation or central/distributed DP for the
+    reasons :func:`~core.aggregation.robust.check_rule_applies` gives (the simulator's
+    refusals), and here also ``norm_bound`` there, since devices are not told a bound to
+    clip to before masking (under central DP with a fixed clip, the clip norm is that
+    bound); and refused when the round's updates would not fit in
+    :data:`~coordinator.rounds.aggregators.MAX_ROBUST_UPDATE_BYTES`."""
+    rule = spec.aggregation.robust
+    if rule.kind is RobustKind.MEAN:
+        return
+    privacy = spec.privacy
+    secure = spec.secure_aggregation is not None
+    central = privacy is not None and privacy.mode in (PrivacyMode.CENTRAL,
+                                                       PrivacyMode.DISTRIBUTED)
+    try:
+        check_rule_applies(rule, secure=secure, central_dp=central)
+    except RobustAggregationError as exc:
+        raise InvalidRequest(f"spec.{exc}") from None
+    if secure or central:
         raise InvalidRequest(
-            f"spec.aggregation.robust.kind: {aggregation.robust.kind.value!r} runs in "
-            f"`fedctl simulate` only; this coordinator aggregates with the example-weighted "
-            f"mean")
+            "spec.aggregation.robust.kind: 'norm_bound' under secure aggregation or central "
+            "DP runs in `fedctl simulate` only: this coordinator does not yet tell devices "
+            "the bound to clip to before masking (under DP with a fixed clip, set "
+            "privacy.clip to the bound instead)")
+    from core.models import build_model  # torch: imported only when needed
+
+    try:
+        size = sum(int(p.numel()) for p in build_model(spec.model).state_dict().values())
+    except CoreError as exc:
+        raise InvalidRequest(f"spec.model: {exc}") from None
+    needed = spec.selection_target * size * 4
+    if needed > MAX_ROBUST_UPDATE_BYTES:
+        raise InvalidRequest(
+            f"spec.aggregation.robust.kind: {rule.kind.value!r} holds every update of a round "
+            f"in memory: {spec.selection_target} devices x {size:,} parameters x 4 bytes = "
+            f"{needed / (1 << 20):,.0f} MiB, above the coordinator's "
+            f"{MAX_ROBUST_UPDATE_BYTES >> 20} MiB; lower clients_per_round or use 'mean'")
 
 
 def task_privacy(spec: TaskSpec, committed: Sequence[Mapping[str, float]]

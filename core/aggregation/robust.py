@@ -199,6 +199,44 @@ def norm_bounded_mean(updates: Updates, weights: Sequence[float] | npt.NDArray[n
     return weighted_mean(stack * scale[:, None], weights), limit, int(over.sum())
 
 
+def check_rule_applies(rule: RobustAggregation, *, secure: bool, central_dp: bool) -> None:
+    """Refuses a rule the round cannot apply soundly; one check for the coordinator and the
+    simulator.
+
+    * secure aggregation: the server only ever sees the masked sum, never one update, so
+      only a fixed ``norm_bound`` applies (each device clips to it before masking); an
+      adaptive bound would need every device's norm in the clear;
+    * central DP: the noise is calibrated to one device's clipped contribution; a fixed
+      ``norm_bound`` keeps each contribution within it (each device's own scaling), but
+      the other rules make a device's influence depend on the others' updates (which one
+      Krum keeps, which values a median takes), which the sensitivity analysis does not
+      cover, and an adaptive bound moves with the other devices' norms.
+
+    Raises:
+        RobustAggregationError: naming ``aggregation.robust.kind`` (or ``norm_bound``) and
+            why.
+    """
+    if rule.kind is RobustKind.MEAN:
+        return
+    setting = "secure aggregation" if secure else "central DP" if central_dp else None
+    if setting is None:
+        return
+    if rule.kind is not RobustKind.NORM_BOUND:
+        why = ("the server only sees the masked sum, never one update" if secure else
+               "the DP analysis bounds one device's contribution to a sum, and "
+               f"{rule.kind.value} makes it depend on the other devices' updates")
+        raise RobustAggregationError(
+            f"aggregation.robust.kind: {rule.kind.value!r} cannot run under {setting}: "
+            f"{why}; use 'norm_bound' with a fixed bound, or 'mean'")
+    if rule.norm_bound is None:
+        why = ("the median norm needs every device's norm in the clear" if secure else
+               "a bound taken from the round's median norm moves with the other devices' "
+               "updates")
+        raise RobustAggregationError(
+            f"aggregation.robust.norm_bound: adaptive (auto) cannot run under {setting}: "
+            f"{why}; set a fixed bound")
+
+
 def robust_aggregate(updates: Updates, weights: Sequence[float] | npt.NDArray[np.floating],
                      rule: RobustAggregation) -> RobustResult:
     """Combines a round's updates by ``rule`` (see the module table).
@@ -244,6 +282,7 @@ def robust_aggregate(updates: Updates, weights: Sequence[float] | npt.NDArray[np
 __all__ = [
     "RobustAggregationError",
     "RobustResult",
+    "check_rule_applies",
     "coordinate_median",
     "krum",
     "krum_scores",
