@@ -112,11 +112,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         "wall_s": history[-1].wall_s if history else 0.0,
         "out": str(out),
     }
+    if config.compare is not None:
+        summary["compare"] = _compare(config, rounds, args.json)
     if args.json:
         print(json.dumps(summary), flush=True)
     else:
         print(_human(summary), flush=True)
     return 0
+
+
+def _compare(config: Any, rounds: int, quiet: bool) -> dict[str, Any]:
+    """``simulation.compare``: both aggregation modes on the same population, each until the
+    target accuracy; the table goes to stdout (stderr with ``--json``)."""
+    from simulations.asynchronous import compare_modes, format_comparison
+
+    with _stdout_to_stderr(quiet):
+        result = compare_modes(config, config.compare.target_accuracy, rounds=rounds)
+        print(format_comparison(result), flush=True)
+    return {k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in result.items()}
 
 
 def _human(summary: dict[str, Any]) -> str:
@@ -143,7 +156,7 @@ def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
 
 
 def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None]]:
-    from simulations.engine import Simulation
+    from simulations.engine import make_simulation
 
     if ray_address is None and config.engine.processes > 1:
         from simulations.cohort import DeviceTable
@@ -153,15 +166,15 @@ def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None
         data = load_federated_data(config.data, source=config.source)
         pool = ProcessCohortTrainer.from_config(config, DeviceTable(data))
         try:
-            return Simulation(config, data=data, trainer=pool), pool.shutdown
+            return make_simulation(config, data=data, trainer=pool), pool.shutdown
         except BaseException:
             pool.shutdown()
             raise
     if ray_address is None:
-        return Simulation(config), lambda: None
+        return make_simulation(config), lambda: None
     from simulations.data import load_federated_data
     from simulations.ray_backend import RayCohortTrainer
 
     data = load_federated_data(config.data, source=config.source)
     trainer = RayCohortTrainer(ray_address, config, data)
-    return Simulation(config, data=data, trainer=trainer), trainer.shutdown
+    return make_simulation(config, data=data, trainer=trainer), trainer.shutdown

@@ -61,7 +61,14 @@ import yaml
 
 from core import fields
 from core.privacy.spec import PrivacySpec
-from core.types import DataSchema, LocalTraining, ModelSpec, SecureAggregation, ServerOptimizer
+from core.types import (
+    Aggregation,
+    DataSchema,
+    LocalTraining,
+    ModelSpec,
+    SecureAggregation,
+    ServerOptimizer,
+)
 from simulations.errors import SimulationConfigError
 
 
@@ -199,6 +206,17 @@ class SimulationSection:
     max_failed_attempts: int = 20
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    compare: CompareConfig | None = None
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """``simulation.compare``: ``fedctl simulate`` also runs the task in the other
+    aggregation mode on the same population (``with_mode``, a mode name), each until
+    ``target_accuracy``, and prints both modes' simulated time and device compute to it."""
+
+    target_accuracy: float
+    with_mode: str = "sync"
 
 
 @dataclass(frozen=True)
@@ -229,6 +247,11 @@ class SimulationConfig:
     source: str = "<simulation>"
     #: ``module:attribute`` apps to load (:func:`core.apps.load_app`) in worker processes.
     apps: tuple[str, ...] = ()
+    #: The task's ``aggregation``: synchronous rounds or FedBuff
+    #: (:mod:`simulations.asynchronous`).
+    aggregation: Aggregation = field(default_factory=Aggregation)
+    #: ``simulation.compare``: run the other mode too (``fedctl simulate``).
+    compare: CompareConfig | None = None
 
 
 #: Keys of the old simulation file format -> where they are now.
@@ -342,7 +365,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<simulation>",
         heterogeneity=section.heterogeneity, evaluation=section.evaluation,
         engine=section.engine, seed=task.seed, secure_aggregation=task.secure_aggregation,
         privacy=task.privacy, data_schema=task.data_schema, base_dir=base_dir, source=source,
-        apps=apps)
+        apps=apps, aggregation=task.aggregation, compare=section.compare)
     test_field = "simulation.test_data" if section.test_data else "evaluation.server_data"
     validate_simulation_config(config, source=source, test_data_field=test_field)
     return config
@@ -389,6 +412,7 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
             fail(name, f"must be at least {low:g}, got {value}")
 
     sel = config.selection
+    _check_async(config, fail)
     if config.secure_aggregation is not None:
         from core.secagg.params import SecAggParamError, derive
 
@@ -463,6 +487,47 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
     at_least("simulation.engine.threads", config.engine.threads, 1)
     at_least("simulation.engine.processes", config.engine.processes, 1)
     _check_model(config, fail)
+
+
+def _check_async(config: SimulationConfig,
+                 fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """What the asynchronous engine (:mod:`simulations.asynchronous`) does not simulate."""
+    from core.types import AggregationMode
+
+    if config.compare is not None:
+        if config.compare.with_mode not in ("sync", "async"):
+            fail("simulation.compare.with_mode",
+                 f"must be sync or async, got {config.compare.with_mode!r}")
+        if config.compare.with_mode == config.aggregation.mode.value:
+            fail("simulation.compare.with_mode", f"is the task's own aggregation.mode "
+                 f"({config.aggregation.mode.value}); compare with the other one")
+        if not 0 < config.compare.target_accuracy <= 1:
+            fail("simulation.compare.target_accuracy",
+                 f"must be in (0, 1], got {config.compare.target_accuracy}")
+    asynchronous = config.aggregation.mode is AggregationMode.ASYNC or (
+        config.compare is not None and config.compare.with_mode == "async")
+    if not asynchronous:
+        return
+    if config.secure_aggregation is not None:
+        fail("aggregation.mode", "async is not simulated with secure_aggregation: SecAgg+ "
+             "masks cancel only over a cohort that reports together, and a FedBuff buffer "
+             "mixes devices that started on different versions; use mode: sync")
+    if config.privacy is not None:
+        fail("aggregation.mode", "async is not simulated with privacy: the accountant "
+             "assumes a sampled cohort per round, and FedBuff has no rounds to sample; "
+             "use mode: sync")
+    if config.algorithm.kind is AlgorithmKind.SCAFFOLD:
+        fail("aggregation.mode", "async is not simulated with scaffold: its control "
+             "variates assume every update was trained on the current model")
+    if config.selection.round_deadline_s > 0:
+        fail("simulation.round_deadline_s", "must be 0 with aggregation.mode async: a "
+             "device trains until it is done, there is no round to cut short")
+    if config.heterogeneity.straggler_fraction > 0:
+        fail("simulation.heterogeneity.straggler_fraction", "must be 0 with "
+             "aggregation.mode async: slow devices are the speeds' business there")
+    if config.aggregation.max_concurrency > config.data.num_devices:
+        fail("aggregation.max_concurrency", f"must be at most simulation.population.devices "
+             f"({config.data.num_devices}), got {config.aggregation.max_concurrency}")
 
 
 def _check_data_specs(data: DataConfig, fail: typing.Callable[[str, str], typing.NoReturn],

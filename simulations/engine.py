@@ -22,6 +22,7 @@ import torch
 
 from core.models import build_model, initial_state, load_numpy_state, model_hooks
 from core.training import evaluate, evaluate_metrics
+from core.types import RobustKind
 from simulations.aggregation import CohortAggregator
 from simulations.algorithms import FederatedAlgorithm, make_algorithm
 from simulations.cohort import CohortTrainer, DeviceJob, DeviceTable, make_trainer
@@ -61,6 +62,10 @@ class RoundMetrics:
     #: counts above are the last attempt's, ``round_time_s`` covers them all.
     attempts: int = 1
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    #: Device-seconds of local training whose result reached the server this round (the
+    #: aggregated devices' steps x batch_size / speed; asynchronous: accepted or stale),
+    #: to compare modes on device compute.
+    device_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,11 +91,14 @@ class Simulation:
             config.heterogeneity, self.data.num_devices, seed=config.seed,
             base_dir=config.base_dir)
         aggregator = None
-        if config.secure_aggregation is not None or config.privacy is not None:
+        robust = config.aggregation.robust
+        if (config.secure_aggregation is not None or config.privacy is not None
+                or robust.kind is not RobustKind.MEAN):
             aggregator = CohortAggregator(
                 model=config.model, rounds=config.rounds,
                 clients_per_round=config.selection.clients_per_round, seed=config.seed,
-                secure_aggregation=config.secure_aggregation, privacy=config.privacy)
+                secure_aggregation=config.secure_aggregation, privacy=config.privacy,
+                robust=robust)
         self.aggregator = aggregator
         self.algorithm: FederatedAlgorithm = make_algorithm(
             config.algorithm, config.server, num_devices=self.data.num_devices,
@@ -154,7 +162,13 @@ class Simulation:
             local_loss=local_loss, train_loss=scores[0], test_loss=scores[1],
             test_accuracy=scores[2],
             epsilon=self.aggregator.epsilon if self.aggregator is not None else None,
-            attempts=attempt, metrics=metrics)
+            attempts=attempt, metrics=metrics,
+            device_s=self._device_s(plan) if plan.committed else 0.0)
+
+    def _device_s(self, plan: RoundPlan) -> float:
+        batch = self.config.local.batch_size
+        return float(sum(w.steps * batch / max(float(self.profiles.speed[w.device]), 1e-12)
+                         for w in plan.used))
 
     def _train(self, round_index: int, plan: RoundPlan) -> float | None:
         devices = [w.device for w in plan.used]
@@ -191,6 +205,19 @@ class Simulation:
         load_numpy_state(self._eval_model, self.params)
         return evaluate_metrics(self._eval_model, self.data.x_test, self.data.y_test,
                                 self._hooks.metrics)
+
+
+def make_simulation(config: SimulationConfig, *, trainer: CohortTrainer | None = None,
+                    data: FederatedData | None = None) -> Simulation:
+    """The engine for ``config``'s ``aggregation.mode``: synchronous rounds
+    (:class:`Simulation`) or FedBuff (:class:`simulations.asynchronous.AsyncSimulation`)."""
+    from core.types import AggregationMode
+
+    if config.aggregation.mode is AggregationMode.ASYNC:
+        from simulations.asynchronous import AsyncSimulation
+
+        return AsyncSimulation(config, trainer=trainer, data=data)
+    return Simulation(config, trainer=trainer, data=data)
 
 
 def check_data_schema(config: SimulationConfig, data: FederatedData) -> None:

@@ -1,0 +1,171 @@
+"""Asynchronous buffered aggregation (FedBuff) on the simulated clock."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from core.types import (
+    Aggregation,
+    AggregationMode,
+    LocalTraining,
+    ModelSpec,
+    SecureAggregation,
+    Staleness,
+    StalenessKind,
+)
+from simulations.asynchronous import AsyncSimulation, compare_modes, staleness_weight
+from simulations.config import (
+    AlgorithmConfig,
+    AlgorithmKind,
+    DataConfig,
+    Distribution,
+    DistributionKind,
+    HeterogeneityConfig,
+    SelectionConfig,
+    SimulationConfig,
+    parse_simulation_yaml,
+    validate_simulation_config,
+)
+from simulations.engine import Simulation, make_simulation
+from simulations.errors import SimulationConfigError
+
+LINEAR = ModelSpec("logistic_regression", {"input_dim": 6, "num_classes": 3})
+SIZES = [5, 12, 30, 8, 19, 3, 25, 10, 14, 7, 22, 9, 16, 4, 11, 6, 28, 13, 20, 15]
+HEAVY_TAIL = HeterogeneityConfig(
+    speed=Distribution(DistributionKind.LOGNORMAL, mu=2.0, sigma=1.5),
+    latency_s=Distribution(DistributionKind.UNIFORM, low=1.0, high=3.0))
+
+
+def _config(**aggregation: object) -> SimulationConfig:
+    agg = dataclasses.replace(Aggregation(mode=AggregationMode.ASYNC, buffer=3,
+                                          max_concurrency=6), **aggregation)  # type: ignore[arg-type]
+    return SimulationConfig(
+        name="tiny-async", model=LINEAR,
+        data=DataConfig("synthetic:alpha=1,beta=1", num_devices=len(SIZES)),
+        rounds=8, selection=SelectionConfig(clients_per_round=3),
+        local=LocalTraining(epochs=2, batch_size=5, learning_rate=0.1),
+        heterogeneity=HEAVY_TAIL, aggregation=agg)
+
+
+def test_polynomial_staleness_weight_is_one_over_root_of_one_plus_staleness() -> None:
+    poly = Staleness(StalenessKind.POLYNOMIAL, exponent=0.5)
+    assert staleness_weight(0, poly) == 1.0
+    assert staleness_weight(3, poly) == pytest.approx(0.5)
+    assert staleness_weight(8, Staleness(StalenessKind.POLYNOMIAL, exponent=1.0)) == \
+        pytest.approx(1 / 9)
+    assert staleness_weight(50, Staleness(StalenessKind.CONSTANT)) == 1.0
+    with pytest.raises(ValueError, match="staleness"):
+        staleness_weight(-1, poly)
+
+
+def test_the_async_mode_gets_the_fedbuff_engine(make_federation) -> None:  # type: ignore[no-untyped-def]
+    data = make_federation(SIZES)
+    assert isinstance(make_simulation(_config(), data=data), AsyncSimulation)
+    sync = dataclasses.replace(_config(), aggregation=Aggregation())
+    assert type(make_simulation(sync, data=data)) is Simulation
+
+
+def test_each_version_commits_exactly_buffer_uploads(make_federation) -> None:  # type: ignore[no-untyped-def]
+    data = make_federation(SIZES)
+    for buffer in (2, 4):
+        history = list(make_simulation(_config(buffer=buffer), data=data).rounds())
+        assert [m.round for m in history] == list(range(1, 9))
+        assert all(m.used == buffer and m.committed for m in history)
+    # a larger buffer waits for more uploads, so the same versions take longer
+    small = list(make_simulation(_config(buffer=2), data=data).rounds())
+    large = list(make_simulation(_config(buffer=4), data=data).rounds())
+    assert small[-1].sim_time_s < large[-1].sim_time_s
+
+
+def test_uploads_staler_than_max_staleness_are_rejected_as_late(make_federation) -> None:  # type: ignore[no-untyped-def]
+    data = make_federation(SIZES)
+    strict = list(make_simulation(_config(max_staleness=0), data=data).rounds())
+    lenient = list(make_simulation(_config(max_staleness=1000), data=data).rounds())
+    assert sum(m.late for m in strict) > 0
+    assert sum(m.late for m in lenient) == 0
+    # rejected uploads never enter a buffer: it still commits `buffer` accepted ones
+    assert all(m.used == 3 for m in strict)
+
+
+def test_concurrency_never_exceeds_max_concurrency(make_federation) -> None:  # type: ignore[no-untyped-def]
+    data = make_federation(SIZES)
+    for concurrency in (3, 7):
+        sim = make_simulation(_config(max_concurrency=concurrency), data=data)
+        assert isinstance(sim, AsyncSimulation)
+        list(sim.rounds())
+        assert sim.peak_concurrency == concurrency
+
+
+def test_async_runs_are_deterministic_in_the_seed(make_federation) -> None:  # type: ignore[no-untyped-def]
+    data = make_federation(SIZES)
+    runs = []
+    for _ in range(2):
+        sim = make_simulation(_config(), data=data)
+        history = [dataclasses.replace(m, wall_s=0.0) for m in sim.rounds()]
+        runs.append((history, sim.params))
+    assert runs[0][0] == runs[1][0]
+    for name in runs[0][1]:
+        np.testing.assert_array_equal(runs[0][1][name], runs[1][1][name])
+    other = make_simulation(dataclasses.replace(_config(), seed=1), data=data)
+    assert [m.sim_time_s for m in other.rounds()] != [m.sim_time_s for m in runs[0][0]]
+
+
+def test_device_compute_is_counted_in_both_modes(make_federation) -> None:  # type: ignore[no-untyped-def]
+    data = make_federation(SIZES)
+    for config in (_config(), dataclasses.replace(_config(), aggregation=Aggregation())):
+        history = list(make_simulation(config, data=data).rounds())
+        assert all(m.device_s > 0 for m in history)
+
+
+def test_async_reaches_the_target_faster_than_sync_on_heterogeneous_devices(
+        make_federation) -> None:  # type: ignore[no-untyped-def]
+    data = make_federation(SIZES * 3)
+    config = dataclasses.replace(
+        _config(buffer=3, max_concurrency=9),
+        data=DataConfig("synthetic:alpha=1,beta=1", num_devices=len(SIZES) * 3), rounds=200)
+    result = compare_modes(config, 0.8, data=data)
+    assert result["async"].sim_time_s is not None
+    assert result["sync"].sim_time_s is not None
+    assert result["time_speedup"] > 2.0
+
+
+def test_async_refuses_what_it_does_not_simulate() -> None:
+    base = dataclasses.replace(_config(max_concurrency=10),
+                               selection=SelectionConfig(clients_per_round=10))
+    with pytest.raises(SimulationConfigError, match="aggregation.mode.*secure_aggregation"):
+        validate_simulation_config(dataclasses.replace(
+            base, secure_aggregation=SecureAggregation()))
+    with pytest.raises(SimulationConfigError, match="aggregation.mode.*scaffold"):
+        validate_simulation_config(dataclasses.replace(
+            base, algorithm=AlgorithmConfig(AlgorithmKind.SCAFFOLD)))
+    with pytest.raises(SimulationConfigError, match="round_deadline_s"):
+        validate_simulation_config(dataclasses.replace(
+            base, selection=SelectionConfig(clients_per_round=10, round_deadline_s=30)))
+    with pytest.raises(SimulationConfigError, match="max_concurrency"):
+        validate_simulation_config(_config(max_concurrency=len(SIZES) + 1))
+
+
+_YAML = """
+name: t
+model: {architecture: logistic_regression, arguments: {input_dim: 60, num_classes: 10}}
+rounds: 5
+clients_per_round: 4
+min_reports: 1
+over_selection: 1.0
+aggregation: {mode: async, buffer: 4, max_concurrency: 8, max_staleness: 3}
+simulation:
+  population: {devices: 20, data: "synthetic:alpha=1,beta=1"}
+  compare: {target_accuracy: 0.5, with_mode: sync}
+"""
+
+
+def test_a_task_file_carries_aggregation_and_compare_into_the_simulation() -> None:
+    config = parse_simulation_yaml(_YAML)
+    assert config.aggregation.mode is AggregationMode.ASYNC
+    assert (config.aggregation.buffer, config.aggregation.max_concurrency) == (4, 8)
+    assert config.compare is not None and config.compare.target_accuracy == 0.5
+    with pytest.raises(SimulationConfigError, match="compare.with_mode"):
+        parse_simulation_yaml(_YAML.replace("with_mode: sync", "with_mode: async"))
