@@ -111,3 +111,22 @@ def test_backdoor_poisons_only_the_attackers_data() -> None:
     assert (poisoned.y_train[1][4:] == 0).all()
     assert (poisoned.x_train[1][4:, -4:] == 1.0).all()
     assert backdoor_success(np.array([0, 0, 3]), np.array([0, 1, 2]), target_class=0) == 0.5
+
+
+def test_a_task_with_a_robust_rule_simulates_with_it() -> None:
+    import dataclasses
+
+    from core.types import Aggregation, LocalTraining
+    from simulations.config import DataConfig, SelectionConfig, SimulationConfig
+    from simulations.engine import Simulation
+
+    config = SimulationConfig(
+        name="robust", model=ModelSpec("logistic_regression", {"input_dim": 64,
+                                                               "num_classes": 10}),
+        data=DataConfig(spec="digits", num_devices=10, test_data="digits:split=test"),
+        rounds=1, selection=SelectionConfig(clients_per_round=5),
+        local=LocalTraining(epochs=1, batch_size=10, learning_rate=0.05))
+    rule = RobustAggregation(kind=RobustKind.MULTI_KRUM, byzantine=1)
+    sim = Simulation(dataclasses.replace(config, aggregation=Aggregation(robust=rule)))
+    list(sim.rounds())
+    assert sim.aggregator is not None and sim.aggregator.metrics["robust_kept"] == 4.0
