@@ -516,6 +516,13 @@ def _check_async(config: SimulationConfig,
         fail("aggregation.mode", "async is not simulated with privacy: the accountant "
              "assumes a sampled cohort per round, and FedBuff has no rounds to sample; "
              "use mode: sync")
+    from core.types import RobustKind
+
+    if config.aggregation.robust.kind is not RobustKind.MEAN:
+        fail("aggregation.mode", f"async is not simulated with aggregation.robust.kind "
+             f"{config.aggregation.robust.kind.value}: the robust rules score a round's "
+             "cohort together, and a FedBuff buffer weighs each upload by its staleness; "
+             "use kind: mean, or mode: sync")
     if config.algorithm.kind is AlgorithmKind.SCAFFOLD:
         fail("aggregation.mode", "async is not simulated with scaffold: its control "
              "variates assume every update was trained on the current model")

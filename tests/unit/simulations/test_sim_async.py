@@ -12,6 +12,8 @@ from core.types import (
     AggregationMode,
     LocalTraining,
     ModelSpec,
+    RobustAggregation,
+    RobustKind,
     SecureAggregation,
     Staleness,
     StalenessKind,
@@ -141,6 +143,9 @@ def test_async_refuses_what_it_does_not_simulate() -> None:
     with pytest.raises(SimulationConfigError, match="aggregation.mode.*scaffold"):
         validate_simulation_config(dataclasses.replace(
             base, algorithm=AlgorithmConfig(AlgorithmKind.SCAFFOLD)))
+    with pytest.raises(SimulationConfigError, match="aggregation.mode.*median"):
+        validate_simulation_config(dataclasses.replace(base, aggregation=dataclasses.replace(
+            base.aggregation, robust=RobustAggregation(RobustKind.MEDIAN))))
     with pytest.raises(SimulationConfigError, match="round_deadline_s"):
         validate_simulation_config(dataclasses.replace(
             base, selection=SelectionConfig(clients_per_round=10, round_deadline_s=30)))
