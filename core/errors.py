@@ -8,7 +8,10 @@
      +-- DataSpecError       a --data spec is malformed or out of range (core.data.spec)
      +-- TaskSpecError       a task file/spec is invalid; names file and field (core.taskspec)
      +-- AppError            user code ("apps") cannot be found, imported or registered
-                             (core.apps)
+     |                       (core.apps)
+     +-- RobustAggregationError  a round's updates cannot be combined by the task's robust
+     |                       rule, or the rule cannot run with SecAgg/DP
+     |                       (core.aggregation.robust)
      +-- SecAggError         anything secure aggregation refuses; its own tree is drawn in
                              core.secagg.errors
 

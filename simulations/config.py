@@ -413,6 +413,15 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
 
     sel = config.selection
     _check_async(config, fail)
+    from core.aggregation.robust import RobustAggregationError, check_rule_applies
+
+    try:
+        check_rule_applies(config.aggregation.robust,
+                           secure=config.secure_aggregation is not None,
+                           central_dp=config.privacy is not None)
+    except RobustAggregationError as exc:
+        field_name, _, message = str(exc).partition(": ")
+        fail(field_name, message)
     if config.secure_aggregation is not None:
         from core.secagg.params import SecAggParamError, derive
 

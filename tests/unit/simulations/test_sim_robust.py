@@ -130,3 +130,25 @@ def test_a_task_with_a_robust_rule_simulates_with_it() -> None:
     sim = Simulation(dataclasses.replace(config, aggregation=Aggregation(robust=rule)))
     list(sim.rounds())
     assert sim.aggregator is not None and sim.aggregator.metrics["robust_kept"] == 4.0
+
+
+def test_a_task_file_asking_for_a_rule_secure_aggregation_cannot_run_names_the_field() -> None:
+    from simulations.config import parse_simulation_yaml
+    from simulations.errors import SimulationConfigError
+
+    text = """\
+name: t
+model: {architecture: mlp, arguments: {input_dim: 64, hidden: [16], num_classes: 10}}
+rounds: 2
+clients_per_round: 20
+min_reports: 10
+over_selection: 1.0
+secure_aggregation: {clip: 1.0, dropout: 0.01, corrupt_fraction: 0.01}
+aggregation: {robust: {kind: median}}
+simulation:
+  population: {devices: 40, data: "digits:dirichlet=0.5"}
+"""
+    with pytest.raises(SimulationConfigError) as refused:
+        parse_simulation_yaml(text, source="t.yaml")
+    assert str(refused.value).startswith("t.yaml: field 'aggregation.robust.kind': 'median' "
+                                         "cannot run under secure aggregation")
