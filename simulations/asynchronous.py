@@ -48,7 +48,8 @@ import torch
 
 from core.aggregation.fedavg import weighted_mean
 from core.aggregation.server_optimizers import apply_server_optimizer
-from core.types import Aggregation, AggregationMode, Staleness, StalenessKind
+from core.aggregation.staleness import staleness_weight
+from core.types import Aggregation, AggregationMode
 from simulations.cohort import CohortTrainer, DeviceJob, full_steps
 from simulations.config import SimulationConfig
 from simulations.data import FederatedData
@@ -56,22 +57,11 @@ from simulations.engine import RoundMetrics, Simulation, device_seed
 
 State = dict[str, np.ndarray]
 
+__all__ = ["AsyncSimulation", "ToTarget", "as_sync", "compare_modes", "format_comparison",
+           "run_to_target", "staleness_weight", "to_target"]
+
 #: Seconds an empty slot waits before it draws again when no idle device is online.
 _RETRY_S = 1.0
-
-
-def staleness_weight(staleness: int, spec: Staleness) -> float:
-    """The factor an upload ``staleness`` versions old is scaled by: 1 for ``constant``,
-    ``(1 + staleness) ** -exponent`` for ``polynomial``.
-
-    Raises:
-        ValueError: a negative staleness.
-    """
-    if staleness < 0:
-        raise ValueError(f"staleness must be >= 0, got {staleness}")
-    if spec.kind is StalenessKind.CONSTANT:
-        return 1.0
-    return float((1.0 + staleness) ** -spec.exponent)
 
 
 @dataclass

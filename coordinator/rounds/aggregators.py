@@ -84,9 +84,17 @@ class Aggregator(Protocol):
         """
         ...
 
-    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float]) -> None:
+    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
+                   scale: float = 1.0) -> None:
         """Folds a checked clear update (raw float32 file) in, with its metrics (after
-        :meth:`check_upload` accepted them)."""
+        :meth:`check_upload` accepted them). ``scale``: the factor the update is multiplied
+        by, its weight in the mean's denominator unchanged (an asynchronous update's
+        staleness weight; 1 in synchronous rounds). Only :class:`PlainAggregator` takes a
+        scale other than 1 (launch refuses asynchronous tasks the others would serve).
+
+        Raises:
+            InvalidRequest: a ``scale`` the aggregator cannot apply.
+        """
         ...
 
     def add_masked(self, device: str, vector: RingVector, clipped: int) -> None:
@@ -131,6 +139,12 @@ class _MetricMeans:
         return {name: total / self.weights[name] for name, total in self.sums.items()}
 
 
+def _unscaled(scale: float) -> None:
+    if scale != 1.0:
+        raise InvalidRequest("only example-weighted FedAvg scales updates (asynchronous "
+                             "aggregation's staleness weight)")
+
+
 def _no_masked(device: str, vector: RingVector, clipped: int) -> None:
     raise InvalidRequest("this task does not use secure aggregation")
 
@@ -158,9 +172,10 @@ class PlainAggregator:
                 f"carried {', '.join(sorted(metrics)[:4])}")
         return dict(metrics)
 
-    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float]) -> None:
+    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
+                   scale: float = 1.0) -> None:
         weight = capped_weight(num_examples, weight_cap=self._weight_cap)
-        accumulate(path, self._mean, float(weight))
+        accumulate(path, self._mean, float(weight), scale=scale)
         self._examples += weight
         self._metrics.add(metrics, float(weight))
 
@@ -211,7 +226,9 @@ class RobustAggregator:
                 f"carried {', '.join(sorted(metrics)[:4])}")
         return dict(metrics)
 
-    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float]) -> None:
+    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
+                   scale: float = 1.0) -> None:
+        _unscaled(scale)
         update = np.fromfile(path, dtype="<f4")
         if update.size != self._size:  # the upload's size was checked against the model
             raise InvalidRequest(f"update has {update.size} values, the model {self._size}")
@@ -269,7 +286,9 @@ class CentralDpAggregator:
                                  "clipping")
         return {}
 
-    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float]) -> None:
+    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
+                   scale: float = 1.0) -> None:
+        _unscaled(scale)
         # Clipped here too: a device that skipped clipping cannot raise the sensitivity.
         self._sum.add(np.fromfile(path, dtype="<f4"))
         self._unclipped += metrics.get(UNCLIPPED_METRIC, 0.0)
@@ -316,7 +335,9 @@ class SecureAggregator:
         raise InvalidRequest("this task uses secure aggregation: updates go through the "
                              "SecAgg stages, never in the clear")
 
-    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float]) -> None:
+    def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
+                   scale: float = 1.0) -> None:
+        _unscaled(scale)
         self.check_upload(metrics)
 
     def add_masked(self, device: str, vector: RingVector, clipped: int) -> None:

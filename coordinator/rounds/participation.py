@@ -16,6 +16,7 @@ import re
 import secrets
 from collections.abc import Mapping
 
+from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.clock import Clock
 from coordinator.rounds.errors import (
     CoordinatorError,
@@ -136,6 +137,8 @@ class Participants:
             return self._retry(CheckInOutcome.RETRY_LATER, limits.retry_after_min_s,
                                "no round is open; come back soon", task.task_id)
         seat = rnd.seats.get(device_id)
+        if task.fedbuff is not None:
+            return self._check_in_async(task, rnd, task.fedbuff, device_id, seat, now)
         if seat is not None:
             return self._accepted(task, rnd, seat)
         if rnd.state is RoundState.SELECTING:
@@ -155,19 +158,38 @@ class Participants:
             f"round {rnd.round_number} is full; come back for the next round", task.task_id,
         )
 
+    def _check_in_async(self, task: RunningTask, rnd: OpenRound, fedbuff: FedBuff,
+                        device_id: str, seat: Seat | None, now: float) -> CheckInResult:
+        """FedBuff's admission: a seat at once while fewer than ``max_concurrency`` are in
+        flight; one contribution per device per version."""
+        if seat is not None and (device_id in rnd.reported or device_id in rnd.errored):
+            return self._retry(
+                CheckInOutcome.RETRY_LATER, self._settings.retry_after_min_s,
+                f"this device already took part in building model version "
+                f"{rnd.round_number}; check in again once it is committed", task.task_id)
+        if seat is None:
+            if not fedbuff.has_free_seat(rnd):
+                return self._retry(
+                    CheckInOutcome.RETRY_LATER, self._settings.retry_after_min_s,
+                    f"all {fedbuff.aggregation.max_concurrency} seats are taken "
+                    "(aggregation.max_concurrency); check in again soon", task.task_id)
+            seat = self._machine.admit(task, rnd, [device_id], now)[0]
+        return self._accepted(task, rnd, seat)
+
     def plan(self, p: Participation) -> Plan:
         task, rnd, seat = self._seat(p)
         spec = task.spec
+        model = self._model_record(task, seat)
         return Plan(
             task_id=task.task_id,
-            round_number=rnd.round_number,
+            round_number=seat.round_number,
             model=spec.model,
-            model_version=task.model.version,
-            model_sha256=task.model.record.sha256,
-            model_size_bytes=task.model.record.size_bytes,
+            model_version=seat.version,
+            model_sha256=model.sha256,
+            model_size_bytes=model.size_bytes,
             local=spec.local,
             evaluate=seat.evaluate,
-            deadline=rnd.deadline,
+            deadline=min(rnd.deadline, seat.deadline),
             max_update_bytes=_max_update_bytes(task),
             max_chunk_bytes=self._settings.max_chunk_bytes,
             update_tensors=list(task.model.infos),
@@ -178,12 +200,19 @@ class Participants:
         )
 
     def model(self, p: Participation, version: int) -> ModelVersionRecord:
-        task, _, _ = self._seat(p)
-        if version not in (0, task.model.version):
+        task, _, seat = self._seat(p)
+        if version not in (0, seat.version):
             raise InvalidRequest(
-                f"this round trains model version {task.model.version}, not {version}"
+                f"this round trains model version {seat.version}, not {version}"
             )
-        return task.model.record
+        return self._model_record(task, seat)
+
+    def _model_record(self, task: RunningTask, seat: Seat) -> ModelVersionRecord:
+        """The version ``seat`` trains on: the current one, except for an asynchronous seat
+        carried over from an earlier version."""
+        if seat.version == task.model.version:
+            return task.model.record
+        return self._store.get_model_version(task.task_id, seat.version)
 
     # ------------------------------------------------------------------ clear uploads
 
@@ -213,7 +242,7 @@ class Participants:
                             f"{rnd.round_number}")
         if device in rnd.errored:
             raise Late(f"device {shown(device)} is out of round {rnd.round_number}: its update "
-                       "was refused or it reported an error")
+                       "was refused, it reported an error, or its seat expired")
         open_upload = rnd.uploading.get(device)
         if open_upload is not None:
             if not header.upload_id or open_upload.header.upload_id != header.upload_id:
@@ -285,11 +314,13 @@ class Participants:
             norm = upload.verify()
             p = upload.header.participation
             task, rnd, seat = self._seat(p)
-            if rnd.round_id != upload.round_id:
-                raise Late(f"round {rnd.round_number} was restarted while the update was sent")
+            device = p.device_id
             if upload.superseded:
                 raise Late("a retry of this upload replaced it")
-            device = p.device_id
+            # Not in the round's uploads: begun in an attempt that was since closed (an
+            # asynchronous seat's upload is carried to the next version with the seat).
+            if rnd.uploading.get(device) is not upload:
+                raise Late(f"round {rnd.round_number} was restarted while the update was sent")
             if device in rnd.reported:
                 raise Duplicate(f"device {shown(device)} already reported for round "
                                 f"{rnd.round_number}")
@@ -302,6 +333,17 @@ class Participants:
                 self._remember(seat, upload, refusal)
                 raise refusal
             stored = rnd.aggregator.check_upload(upload.header.metrics)
+            scale = 1.0
+            if task.fedbuff is not None:
+                try:
+                    scale = task.fedbuff.take_update(rnd, seat, task.model.version)
+                except Late as late:
+                    self._store.set_participant_state(
+                        rnd.round_id, device, ParticipantState.REJECTED, now=self._clock.now()
+                    )
+                    rnd.errored.add(device)
+                    self._remember(seat, upload, late)
+                    raise
             clear = rnd.aggregator.metrics_policy is MetricsPolicy.CLEAR
             assert upload.spool is not None
             # Recorded first: an update counts in the aggregate only once the database says so.
@@ -310,7 +352,7 @@ class Participants:
                 num_examples=upload.header.num_examples if clear else 0, metrics=stored,
             )
             rnd.aggregator.add_upload(upload.spool.path, upload.header.num_examples,
-                                      upload.header.metrics)
+                                      upload.header.metrics, scale=scale)
             rnd.reported.add(device)
             task.any_accepted = True
             self._remember(seat, upload, None)
@@ -451,13 +493,16 @@ class Participants:
             record = self._tasks.record(p.task_id)
             raise Late(f"task {shown(p.task_id)} is {record.state.value}; check in again")
         rnd = task.round
-        if rnd is None or rnd.round_number != p.round_number or rnd.state not in (
+        seat = rnd.seats.get(p.device_id) if rnd is not None else None
+        # A seat's round is the open one's, or (asynchronous) the version it was carried from.
+        admitted_in = seat.round_number if seat is not None else (
+            rnd.round_number if rnd is not None else None)
+        if rnd is None or admitted_in != p.round_number or rnd.state not in (
             RoundState.SELECTING, RoundState.TRAINING
         ):
             raise Late(
                 f"round {p.round_number} of task {shown(p.task_id)} is closed; check in again"
             )
-        seat = rnd.seats.get(p.device_id)
         old = task.closed_seats.get(p.device_id)
         if seat is None and old is not None and hmac.compare_digest(
             old.token_hash, hash_token(p.token)

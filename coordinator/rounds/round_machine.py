@@ -21,6 +21,10 @@ A failed round is redone as a new attempt of the same round number. After a cras
 rounds are failed at start and redone: an aggregate never mixes two attempts, because the
 aggregator lives only in memory and only one attempt per round is ever open.
 
+An asynchronous (FedBuff) task has no SELECTING and no round deadline: its round opens in
+TRAINING, devices are seated as they check in, and the round is released when its buffer is
+full; the policy is :class:`~coordinator.rounds.asynchronous.FedBuff`.
+
 Not thread-safe: the service's event loop calls it. Time is passed in (from the injected
 clock); randomness from the injected ``random.Random``.
 """
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from coordinator.rounds.aggregators import Aggregate, ReleaseRefused, begin_aggregation
+from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.commits import CommitJob, CommitOutcome, CommitWorker, run_commit
 from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.models import ModelRepository
@@ -50,7 +55,7 @@ from core.privacy.noise import NoiseSource
 from core.protocol import SecAggPlan
 from core.secagg.messages import Stage
 from core.secagg.server import SecAggAborted
-from core.types import RoundState, TaskState
+from core.types import ParticipantState, RoundState, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,9 @@ class RoundMachine:
             return
         if task.declines.total and self._fail_if_no_device_can_run(task, rnd, now):
             return
+        if task.fedbuff is not None:
+            self._advance_async(task, rnd, task.fedbuff, now)
+            return
         spec = task.spec
         if rnd.state is RoundState.SELECTING and rnd.selector.due(now):
             if not self._close_selection(task, rnd, now):
@@ -126,9 +134,12 @@ class RoundMachine:
 
     # ------------------------------------------------------------------ transitions
 
-    def open_next_round(self, task: RunningTask, now: float) -> None:
+    def open_next_round(self, task: RunningTask, now: float,
+                        carried: OpenRound | None = None) -> None:
         """Opens the task's next round, or ends the task (all rounds done, or the budget
-        would be passed by one more round with the planned draw)."""
+        would be passed by one more round with the planned draw). ``carried``: the round of
+        an asynchronous task's version just committed, whose seats in flight (and their
+        uploads in progress) go on to the new round."""
         record = self._store.get_task(task.task_id)
         if record.state is not TaskState.RUNNING:
             return
@@ -175,15 +186,19 @@ class RoundMachine:
             goal=spec.clients_per_round,
             secure=secure,
         )
+        if task.fedbuff is not None:
+            self._open_async(task, task.round, task.fedbuff, now, carried)
 
     def admit(self, task: RunningTask, rnd: OpenRound, devices: list[str], now: float
               ) -> list[Seat]:
         """Seats ``devices`` (recorded before any of them hears of it)."""
         seats = []
+        deadline = task.fedbuff.seat_deadline(now) if task.fedbuff is not None else math.inf
         for _ in devices:
             token = secrets.token_urlsafe(18)
             evaluate = self._rng.random() < task.spec.evaluation.fraction
-            seats.append(Seat(hash_token(token), token, evaluate))
+            seats.append(Seat(hash_token(token), token, evaluate, round_number=rnd.round_number,
+                              version=task.model.version, deadline=deadline))
         self._store.add_participants(
             rnd.round_id, [(d, s.token_hash) for d, s in zip(devices, seats, strict=True)], now
         )
@@ -270,6 +285,37 @@ class RoundMachine:
             if rnd.secure is not None:
                 rnd.secure.goal = len(rnd.seats)
         return True
+
+    def _open_async(self, task: RunningTask, rnd: OpenRound, fedbuff: FedBuff, now: float,
+                    carried: OpenRound | None) -> None:
+        """An asynchronous round trains from the start and has no deadline of its own (its
+        seats have theirs); the seats in flight of the version just committed join it."""
+        self.start_training(rnd, now)
+        rnd.deadline = math.inf
+        rnd.goal = fedbuff.buffer
+        if carried is None:
+            return
+        seats = fedbuff.carried_seats(carried)
+        if seats:
+            # Recorded, so that after a restart these devices are told their round closed.
+            self._store.add_participants(
+                rnd.round_id, [(d, s.token_hash) for d, s in seats.items()], now)
+        rnd.seats.update(seats)
+        rnd.uploading.update({d: u for d, u in carried.uploading.items() if d in seats})
+
+    def _advance_async(self, task: RunningTask, rnd: OpenRound, fedbuff: FedBuff,
+                       now: float) -> None:
+        """Frees the seats that expired and releases a full buffer."""
+        if rnd.state is not RoundState.TRAINING:
+            return
+        for device in fedbuff.expired(rnd, now):
+            log.info("task %s: the seat of device %s expired without an update",
+                     task.task_id, device)
+            self._store.set_participant_state(rnd.round_id, device, ParticipantState.ERRORED,
+                                              now=now)
+            rnd.errored.add(device)
+        if fedbuff.buffer_full(rnd):
+            self._release(task, rnd, now)
 
     def _advance_secure(self, task: RunningTask, rnd: OpenRound, secure: SecureRound,
                         now: float) -> None:
@@ -358,6 +404,7 @@ class RoundMachine:
             "admitted": float(len(rnd.seats)),
             "round_seconds": pending.released_at - rnd.started,
             **aggregate.metrics,
+            **(task.fedbuff.metrics(rnd) if task.fedbuff is not None else {}),
             **outcome.eval_metrics,
         })
         self._store.commit_round(rnd.round_id, outcome.model.record, metrics,
@@ -373,7 +420,7 @@ class RoundMachine:
         self._progress()
         log.info("task %s committed round %d (model v%d, %d reports)",
                  task.task_id, rnd.round_number, outcome.model.version, len(rnd.reported))
-        self.open_next_round(task, now)
+        self.open_next_round(task, now, carried=rnd)
 
     def close(self) -> None:
         self._commits.close()

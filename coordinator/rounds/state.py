@@ -9,11 +9,13 @@ Not thread-safe: only the service's event loop touches it.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from coordinator.rounds.aggregators import Aggregator
+from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.declines import Declines
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Selector
@@ -57,6 +59,14 @@ class Seat:
     evaluate: bool
     #: The answer to the device's finished upload with an upload id, for its retries.
     receipt: Receipt | None = None
+    #: The round the device was admitted to (its participation's round number): the open
+    #: round's, except for an asynchronous seat carried over from an earlier version.
+    round_number: int = 0
+    #: The model version the device trains on (the current one when it was admitted).
+    version: int = 0
+    #: Asynchronous tasks: when the seat expires if no update came (round_deadline_s after
+    #: admission); synchronous seats last as long as their round.
+    deadline: float = math.inf
 
 
 @dataclass
@@ -76,6 +86,10 @@ class OpenRound:
     #: Uploads in progress, by device.
     uploading: dict[str, Upload] = field(default_factory=dict)
     secure: SecureRound | None = None
+    #: Asynchronous tasks: the staleness of each accepted update, and how many were
+    #: rejected as too stale, for the version's metrics.
+    staleness: list[int] = field(default_factory=list)
+    late: int = 0
 
 
 @dataclass
@@ -89,6 +103,8 @@ class RunningTask:
     failed_attempts: int = 0
     #: Seats of the last closed attempt, so its late devices hear "closed", not "not selected".
     closed_seats: dict[str, Seat] = field(default_factory=dict)
+    #: Asynchronous (FedBuff) tasks: the policy; None for synchronous rounds.
+    fedbuff: FedBuff | None = None
     #: A commit is running off the event loop; no round is open until it lands.
     committing: bool = False
     #: Devices that declined the task, by reason; the rule that fails a task none can run.

@@ -68,13 +68,29 @@ def check_supported(spec: TaskSpec) -> None:
 
 def _check_aggregation(spec: TaskSpec) -> None:
     """What of the ``aggregation`` section this coordinator runs: synchronous rounds with
-    example-weighted FedAvg or a robust rule on clear uploads. Asynchronous FedBuff runs in
-    simulation."""
+    example-weighted FedAvg or a robust rule on clear uploads, and asynchronous FedBuff
+    (:mod:`coordinator.rounds.asynchronous`) with example-weighted FedAvg on clear uploads
+    only: the simulator's refusals, for the same reasons."""
     aggregation = spec.aggregation
-    if aggregation.mode is not AggregationMode.SYNC:
-        raise InvalidRequest(
-            "spec.aggregation.mode: 'async' (FedBuff) runs in `fedctl simulate` only; this "
-            "coordinator runs synchronous rounds")
+    if aggregation.mode is AggregationMode.ASYNC:
+        if spec.secure_aggregation is not None:
+            raise InvalidRequest(
+                "spec.aggregation.mode: 'async' cannot run with secure_aggregation: SecAgg+ "
+                "masks cancel only over a fixed group of devices that report together, and a "
+                "FedBuff buffer mixes devices that started on different versions; use mode: "
+                "sync")
+        if spec.privacy is not None:
+            raise InvalidRequest(
+                "spec.aggregation.mode: 'async' cannot run with privacy: DP accounting "
+                "needs a participation model (a cohort sampled per round), and asynchronous "
+                "admission has none the accountant analyses yet; use mode: sync")
+        if aggregation.robust.kind is not RobustKind.MEAN:
+            raise InvalidRequest(
+                f"spec.aggregation.mode: 'async' cannot run with aggregation.robust.kind "
+                f"{aggregation.robust.kind.value!r}: the robust rules score a round's cohort "
+                "together, and a FedBuff buffer weighs each upload by its staleness; use "
+                "kind: mean, or mode: sync")
+        return
     _check_robust(spec)
 
 

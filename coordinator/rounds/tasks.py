@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from coordinator.rounds.aggregators import metrics_policy_for
+from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.declines import Declines
 from coordinator.rounds.errors import Late, NotFound, Unavailable, shown
 from coordinator.rounds.evaluation import ServerEvaluator
@@ -89,7 +90,8 @@ class Tasks:
         self._store.create_task(task_id, json.dumps(spec_to_dict(spec), sort_keys=True),
                                 record, now)
         task = RunningTask(task_id, spec, model, secagg=secagg, privacy=privacy,
-                           declines=self._new_declines(task_id, spec))
+                           declines=self._new_declines(task_id, spec),
+                           fedbuff=FedBuff.for_spec(spec))
         self._running[task_id] = task
         self._machine.open_next_round(task, now)
         log.info("created task %s (%s); checked: %s", task_id, spec.name, "; ".join(checks))
@@ -121,7 +123,8 @@ class Tasks:
             task = RunningTask(record.task_id, spec, model, secagg=secagg_params(spec, privacy),
                                privacy=privacy,
                                declines=self._new_declines(record.task_id, spec),
-                               any_accepted=record.rounds_committed > 0)
+                               any_accepted=record.rounds_committed > 0,
+                               fedbuff=FedBuff.for_spec(spec))
             if record.task_id in interrupted:
                 rec = interrupted[record.task_id]
                 log.warning("round %d of task %s was open at restart; redoing it",

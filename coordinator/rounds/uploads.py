@@ -166,8 +166,11 @@ def update_l2_norm(path: Path) -> float:
     return norm.norm
 
 
-def accumulate(path: Path, into: StreamingWeightedMean, weight: float) -> None:
-    """Adds ``weight`` x the update in ``path`` to ``into`` and counts it as one update."""
+def accumulate(path: Path, into: StreamingWeightedMean, weight: float, *,
+               scale: float = 1.0) -> None:
+    """Adds ``scale x weight`` x the update in ``path`` to ``into`` and counts it as one
+    update of weight ``weight`` (``scale`` < 1 shrinks the update's share of the mean without
+    renormalising it away: FedBuff's staleness weight)."""
     for offset, values in iter_float32(path):
-        into.add_chunk(offset, values, weight)
+        into.add_chunk(offset, values, weight * scale)
     into.finish_update(weight)

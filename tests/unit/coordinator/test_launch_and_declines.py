@@ -245,12 +245,3 @@ def test_a_decline_needs_its_reason(service: CoordinatorService, clock: ManualCl
     seats = seat(service, clock, task_id, ["a"])
     with pytest.raises(InvalidRequest, match="reason"):
         service.report_status(seats["a"], {}, "", decline=True)
-
-
-def test_aggregation_this_coordinator_does_not_run_is_refused_at_launch(
-        service: CoordinatorService) -> None:
-    from core.types import Aggregation, AggregationMode
-
-    with pytest.raises(InvalidRequest, match="spec.aggregation.mode: 'async' .* runs in "
-                                             "`fedctl simulate` only"):
-        service.create_task(spec(aggregation=Aggregation(mode=AggregationMode.ASYNC)))
