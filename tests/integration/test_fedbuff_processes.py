@@ -1,0 +1,63 @@
+"""Asynchronous FedBuff over gRPC: a real coordinator process and agent processes of
+different speeds (tests/integration/slow_agents_app.py), with today's agent unchanged."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import harness
+import pytest
+from harness import CoordinatorProcess, start_agent, stop_all, wait_for_task, write_task
+from slow_agents_app import STEP_ENV
+
+from core.taskspec import load_task_file
+
+pytestmark = pytest.mark.integration
+
+APP = ["--app", "slow_agents_app:app"]
+ASYNC = ("aggregation: {mode: async, buffer: 3, max_concurrency: 6, max_staleness: 4,\n"
+         "              staleness: {kind: polynomial, exponent: 0.5}}\n")
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CoordinatorProcess]:
+    """A coordinator that loads the test app (it builds and evaluates the model)."""
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent),
+                                       harness.ENV.get("PYTHONPATH", "")) if p)
+    monkeypatch.setitem(harness.ENV, "PYTHONPATH", path)
+    c = CoordinatorProcess(tmp_path)
+    c.start(APP)
+    yield c
+    c.stop()
+
+
+def test_an_async_task_with_fast_and_slow_agents_completes_and_learns(
+        coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+    spec = load_task_file(write_task(
+        tmp_path / "task.yaml", architecture="sleepy_logistic_regression", rounds=8,
+        clients_per_round=3, min_reports=1, round_deadline_s=30, extra=ASYNC))
+    with coordinator.admin() as admin:
+        task_id = admin.create_task(spec).task_id
+    speeds = {"fast0": 0.0, "fast1": 0.0, "slow": 0.03}  # seconds of sleep per step
+    agents = [
+        start_agent(coordinator.target, name, f"digits:shard={3 * i}/9,dirichlet=0.5",
+                    devices=3, task_id=task_id, extra=APP, log=tmp_path / f"{name}.log",
+                    env={STEP_ENV: str(step)})
+        for i, (name, step) in enumerate(speeds.items())
+    ]
+    try:
+        with coordinator.admin() as admin:
+            task = wait_for_task(admin, task_id, timeout_s=60)
+            rounds = admin.list_rounds(task_id)
+        codes = [p.wait(timeout=30) for p in agents]
+    finally:
+        stop_all(agents)
+    assert task.state == "completed", coordinator.log_text()
+    committed = [r for r in rounds if r.state == "committed"]
+    assert [r.round_number for r in committed] == list(range(1, 9))
+    assert all(r.reports == 3 for r in committed)
+    accuracy = [r.metrics["server_eval_accuracy"] for r in committed]
+    assert accuracy[-1] > accuracy[0] + 0.1, accuracy
+    assert codes == [0, 0, 0], "agents exit by themselves when told the task is finished"
