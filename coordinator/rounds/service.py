@@ -4,6 +4,7 @@ that each own one concern (see the README's architecture):
 =========================  ===============================================================
 :mod:`.tasks`              create, read, list, cancel tasks; load them after a restart
 :mod:`.round_machine`      the round state machine: open, select, train, release, commit
+:mod:`.asynchronous`       FedBuff: seats at check-in, staleness weights, commit every K
 :mod:`.selection`          the Selector: the one place a cohort is drawn (and recorded)
 :mod:`.aggregators`        plain, central-DP and secure aggregation behind one protocol
 :mod:`.commits`            commits and server-side evaluation, off the event loop
