@@ -113,12 +113,12 @@ def _check_robust(spec: TaskSpec) -> None:
         check_rule_applies(rule, secure=secure, central_dp=central)
     except RobustAggregationError as exc:
         raise InvalidRequest(f"spec.{exc}") from None
-    if secure or central:
+    if central:
         raise InvalidRequest(
-            "spec.aggregation.robust.kind: 'norm_bound' under secure aggregation or central "
-            "DP runs in `fedctl simulate` only: this coordinator does not yet tell devices "
-            "the bound to clip to before masking (under DP with a fixed clip, set "
-            "privacy.clip to the bound instead)")
+            "spec.aggregation.robust.kind: 'norm_bound' under central or distributed DP: the "
+            "DP clip already bounds every update; set privacy.clip to the bound instead")
+    if secure:
+        return  # a fixed bound: devices clip to it before masking (plan_privacy tells them)
     from core.models import build_model  # torch: imported only when needed
 
     try:
@@ -185,6 +185,19 @@ def plan_privacy(spec: TaskSpec, privacy: TaskPrivacy | None) -> PlanPrivacy | N
     """What devices are told to do for privacy this round."""
     if privacy is not None:
         return privacy.plan()
+    bound = _device_norm_bound(spec)
     if spec.privacy is not None and spec.privacy.mode is PrivacyMode.LOCAL:
-        return PlanPrivacy(local=spec.privacy.local)
+        return PlanPrivacy(local=spec.privacy.local, l2_clip_norm=bound)
+    if bound is not None:
+        return PlanPrivacy(l2_clip_norm=bound)
+    return None
+
+
+def _device_norm_bound(spec: TaskSpec) -> float | None:
+    """The L2 bound devices clip their update to themselves: a fixed ``norm_bound`` rule
+    under secure aggregation, where the coordinator never sees one update to scale it."""
+    rule = spec.aggregation.robust
+    if (spec.secure_aggregation is not None and rule.kind is RobustKind.NORM_BOUND
+            and rule.norm_bound is not None):
+        return rule.norm_bound
     return None

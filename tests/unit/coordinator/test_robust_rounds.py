@@ -175,8 +175,22 @@ def test_rules_other_than_the_mean_are_refused_under_central_dp() -> None:
         check_supported(spec(RobustAggregation(kind=RobustKind.KRUM), privacy=CENTRAL))
     with pytest.raises(InvalidRequest, match=r"norm_bound: adaptive"):
         check_supported(spec(RobustAggregation(kind=RobustKind.NORM_BOUND), privacy=CENTRAL))
-    with pytest.raises(InvalidRequest, match=r"does not yet tell devices the bound"):
+    with pytest.raises(InvalidRequest, match=r"set privacy.clip to the bound instead"):
         check_supported(spec(RobustAggregation(kind=RobustKind.NORM_BOUND, norm_bound=1.0),
+                             privacy=CENTRAL))
+
+
+def test_a_fixed_norm_bound_under_secure_aggregation_is_clipped_by_the_devices() -> None:
+    from coordinator.rounds.task_setup import plan_privacy
+    from core.protocol import PlanPrivacy
+
+    bounded = spec(RobustAggregation(kind=RobustKind.NORM_BOUND, norm_bound=1.5),
+                   secure_aggregation=SECURE)
+    check_supported(bounded)
+    assert plan_privacy(bounded, None) == PlanPrivacy(l2_clip_norm=1.5)
+    assert plan_privacy(spec(RobustAggregation(), secure_aggregation=SECURE), None) is None
+    with pytest.raises(InvalidRequest, match=r"norm_bound: adaptive"):
+        check_supported(spec(RobustAggregation(kind=RobustKind.NORM_BOUND),
                              secure_aggregation=SECURE))
 
 
