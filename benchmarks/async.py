@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulations.asynchronous import compare_modes  # noqa: E402
 from simulations.config import load_simulation_file  # noqa: E402
+from simulations.modes import compare_modes  # noqa: E402
 
 DEFAULT_FILE = Path(__file__).resolve().parents[1] / "simulations/examples/fedbuff_vs_fedavg.yaml"
 

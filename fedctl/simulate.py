@@ -124,7 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _compare(config: Any, rounds: int, quiet: bool) -> dict[str, Any]:
     """``simulation.compare``: both aggregation modes on the same population, each until the
     target accuracy; the table goes to stdout (stderr with ``--json``)."""
-    from simulations.asynchronous import compare_modes, format_comparison
+    from simulations.modes import compare_modes, format_comparison
 
     with _stdout_to_stderr(quiet):
         result = compare_modes(config, config.compare.target_accuracy, rounds=rounds)
@@ -156,7 +156,7 @@ def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
 
 
 def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None]]:
-    from simulations.engine import make_simulation
+    from simulations.modes import make_simulation
 
     if ray_address is None and config.engine.processes > 1:
         from simulations.cohort import DeviceTable

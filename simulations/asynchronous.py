@@ -1,7 +1,7 @@
 """Asynchronous buffered aggregation (FedBuff: Nguyen et al., AISTATS 2022; Papaya: Huba
 et al., MLSys 2022) on the simulated clock of :mod:`simulations.devices`.
 
-    sim = make_simulation(config)     # config.aggregation.mode is async
+    sim = make_simulation(config)     # simulations.modes; config.aggregation.mode is async
     for metrics in sim.rounds():      # one RoundMetrics per committed model version
         ...
 
@@ -39,9 +39,8 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,7 +48,7 @@ import torch
 from core.aggregation.fedavg import weighted_mean
 from core.aggregation.server_optimizers import apply_server_optimizer
 from core.aggregation.staleness import staleness_weight
-from core.types import Aggregation, AggregationMode
+from core.types import Aggregation
 from simulations.cohort import CohortTrainer, DeviceJob, full_steps
 from simulations.config import SimulationConfig
 from simulations.data import FederatedData
@@ -57,8 +56,7 @@ from simulations.engine import RoundMetrics, Simulation, device_seed
 
 State = dict[str, np.ndarray]
 
-__all__ = ["AsyncSimulation", "ToTarget", "as_sync", "compare_modes", "format_comparison",
-           "run_to_target", "staleness_weight", "to_target"]
+__all__ = ["AsyncSimulation", "staleness_weight"]
 
 #: Seconds an empty slot waits before it draws again when no idle device is online.
 _RETRY_S = 1.0
@@ -227,100 +225,3 @@ class AsyncSimulation(Simulation):
         new_params, self.algorithm.server_state = apply_server_optimizer(
             self.params, mean, self.config.server, self.algorithm.server_state)
         return new_params
-
-
-@dataclass(frozen=True)
-class ToTarget:
-    """How long a run took to first reach ``target`` test accuracy: simulated seconds,
-    device-seconds of training, and rounds (versions); None fields when it never did."""
-
-    mode: str
-    target: float
-    sim_time_s: float | None
-    device_s: float | None
-    rounds: int | None
-    final_accuracy: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "target_accuracy": self.target,
-                "sim_time_s": self.sim_time_s, "device_s": self.device_s,
-                "rounds": self.rounds, "final_accuracy": self.final_accuracy}
-
-
-def to_target(mode: str, history: Sequence[RoundMetrics], target: float) -> ToTarget:
-    """The first evaluated round of ``history`` at or above ``target`` accuracy."""
-    device_s = 0.0
-    final = None
-    for m in history:
-        device_s += m.device_s
-        if m.test_accuracy is not None:
-            final = m.test_accuracy
-            if m.test_accuracy >= target:
-                return ToTarget(mode, target, m.sim_time_s, device_s, m.round, final)
-    return ToTarget(mode, target, None, None, None, final)
-
-
-def run_to_target(config: SimulationConfig, target: float, *,
-                  data: FederatedData | None = None, rounds: int | None = None
-                  ) -> tuple[ToTarget, list[RoundMetrics]]:
-    """Runs ``config`` (either mode) until its test accuracy reaches ``target`` or its
-    rounds are done."""
-    from simulations.engine import make_simulation
-
-    sim = make_simulation(config, data=data)
-    history: list[RoundMetrics] = []
-    for m in sim.rounds(rounds):
-        history.append(m)
-        if m.test_accuracy is not None and m.test_accuracy >= target:
-            break
-    return to_target(config.aggregation.mode.value, history, target), history
-
-
-def as_sync(config: SimulationConfig) -> SimulationConfig:
-    """``config`` with synchronous rounds (``clients_per_round`` per round), all else kept:
-    the baseline FedBuff is compared with."""
-    return replace(config, aggregation=replace(config.aggregation, mode=AggregationMode.SYNC))
-
-
-def compare_modes(config: SimulationConfig, target: float, *, data: FederatedData | None = None,
-                  rounds: int | None = None) -> dict[str, Any]:
-    """Runs ``config`` asynchronously and synchronously on the same population and returns
-    each mode's :class:`ToTarget` and the speed-ups (sync / async; None if either missed)."""
-    from simulations.data import load_federated_data
-
-    data = data if data is not None else load_federated_data(config.data, source=config.source)
-    async_config = replace(config, aggregation=replace(config.aggregation,
-                                                       mode=AggregationMode.ASYNC))
-    results = {m.mode: m for m in (run_to_target(async_config, target, data=data,
-                                                 rounds=rounds)[0],
-                                   run_to_target(as_sync(config), target, data=data,
-                                                 rounds=rounds)[0])}
-    a, s = results["async"], results["sync"]
-    return {
-        "async": a, "sync": s,
-        "time_speedup": (s.sim_time_s / a.sim_time_s
-                         if a.sim_time_s and s.sim_time_s is not None else None),
-        "compute_ratio": (a.device_s / s.device_s
-                          if a.device_s is not None and s.device_s else None),
-    }
-
-
-def format_comparison(comparison: Mapping[str, Any]) -> str:
-    """The comparison as a small table for people."""
-    lines = [f"{'mode':<6} {'rounds':>7} {'sim time s':>11} {'device s':>11} "
-             f"{'final acc':>9}"]
-    for mode in ("async", "sync"):
-        r: ToTarget = comparison[mode]
-        lines.append(f"{mode:<6} {_fmt(r.rounds, 'd'):>7} {_fmt(r.sim_time_s, '.0f'):>11} "
-                     f"{_fmt(r.device_s, '.0f'):>11} {_fmt(r.final_accuracy, '.4f'):>9}")
-    target = comparison["async"].target
-    speedup, ratio = comparison["time_speedup"], comparison["compute_ratio"]
-    lines.append(f"to test accuracy {target}: async is "
-                 + (f"{speedup:.2f}x faster in simulated time, " if speedup else
-                    "not comparable in time (a mode missed the target), ")
-                 + (f"using {ratio:.2f}x the device compute" if ratio else ""))
-    return "\n".join(lines)
-
-
-def _fmt(value: float | int | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)

@@ -207,19 +207,6 @@ class Simulation:
                                 self._hooks.metrics)
 
 
-def make_simulation(config: SimulationConfig, *, trainer: CohortTrainer | None = None,
-                    data: FederatedData | None = None) -> Simulation:
-    """The engine for ``config``'s ``aggregation.mode``: synchronous rounds
-    (:class:`Simulation`) or FedBuff (:class:`simulations.asynchronous.AsyncSimulation`)."""
-    from core.types import AggregationMode
-
-    if config.aggregation.mode is AggregationMode.ASYNC:
-        from simulations.asynchronous import AsyncSimulation
-
-        return AsyncSimulation(config, trainer=trainer, data=data)
-    return Simulation(config, trainer=trainer, data=data)
-
-
 def check_data_schema(config: SimulationConfig, data: FederatedData) -> None:
     """The task's ``data_schema``, when it declares one, fits the simulated devices' data
     (as the coordinator checks it against the schemas real devices report).

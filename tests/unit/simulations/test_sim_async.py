@@ -18,7 +18,7 @@ from core.types import (
     Staleness,
     StalenessKind,
 )
-from simulations.asynchronous import AsyncSimulation, compare_modes, staleness_weight
+from simulations.asynchronous import AsyncSimulation, staleness_weight
 from simulations.config import (
     AlgorithmConfig,
     AlgorithmKind,
@@ -31,8 +31,9 @@ from simulations.config import (
     parse_simulation_yaml,
     validate_simulation_config,
 )
-from simulations.engine import Simulation, make_simulation
+from simulations.engine import Simulation
 from simulations.errors import SimulationConfigError
+from simulations.modes import compare_modes, make_simulation
 
 LINEAR = ModelSpec("logistic_regression", {"input_dim": 6, "num_classes": 3})
 SIZES = [5, 12, 30, 8, 19, 3, 25, 10, 14, 7, 22, 9, 16, 4, 11, 6, 28, 13, 20, 15]
