@@ -25,7 +25,8 @@ from protos.fedcoord.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
 
-PROCESSES, PER_PROCESS = 4, 2
+#: Two processes of four devices: each agent process costs seconds of start-up (torch).
+PROCESSES, PER_PROCESS = 2, 4
 DEVICES = PROCESSES * PER_PROCESS
 #: Every device checks in each round and 5 of the 8 are drawn: q = 5 / 8.
 POPULATION, COHORT, Z = DEVICES, 5, 1.0
