@@ -14,9 +14,10 @@ and fedcoord finds it in one of two ways:
 * ``--app package.module:app`` on ``fedctl agent run``, ``fedctl simulate`` and
   ``fedctl coordinator serve`` (the coordinator builds the model at launch to check it, and
   evaluates on server data), or :func:`load_app` from Python;
-* installed entry points, discovered the first time a name is not found:
-  ``[project.entry-points."fedcoord.models"]`` (name -> model factory),
-  ``"fedcoord.data"`` (name -> data source) and ``"fedcoord.apps"`` (name -> :class:`App`).
+* installed entry points, discovered by the registries the first time a name is not found
+  (:mod:`core.entry_points`): ``[project.entry-points."fedcoord.models"]`` (name -> model
+  factory), ``"fedcoord.data"`` (name -> data source) and ``"fedcoord.apps"`` (name ->
+  :class:`App`).
 
 The pieces, each small and typed:
 
@@ -39,36 +40,19 @@ registered through the same registries.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
-from core.data.spec import DataSource, register_data_source
+from core.app_types import App, DataSource, LossFn, MetricsFn, ModelFactory
+from core.data.spec import register_data_source
+from core.entry_points import as_app
 from core.errors import AppError
-from core.models import LossFn, MetricsFn, ModelFactory, register_model
+from core.models import register_model
 
-#: Entry-point groups scanned for user code.
-MODELS_GROUP = "fedcoord.models"
-DATA_GROUP = "fedcoord.data"
-APPS_GROUP = "fedcoord.apps"
-
-
-@dataclass(frozen=True)
-class App:
-    """One engineer's package of user code. ``loss`` and ``metrics`` apply to the app's own
-    models."""
-
-    models: Mapping[str, ModelFactory] = field(default_factory=dict)
-    data: Mapping[str, DataSource] = field(default_factory=dict)
-    loss: LossFn | None = None
-    metrics: MetricsFn | None = None
-
+__all__ = ["App", "DataSource", "LossFn", "MetricsFn", "ModelFactory", "install", "load_app"]
 
 _lock = threading.Lock()
 #: Apps installed so far, by the text that named them (loading the same app twice is a no-op).
 _installed: dict[str, App] = {}
-_discovered = False
 
 
 def load_app(text: str) -> App:
@@ -97,7 +81,13 @@ def load_app(text: str) -> App:
     except AttributeError:
         raise AppError(f"--app {text!r}: module {module_name!r} has no attribute "
                        f"{attribute!r}") from None
-    app = _as_app(value, f"--app {text!r}")
+    try:
+        app = as_app(value, f"--app {text!r}")
+    except TypeError as exc:
+        raise AppError(str(exc)) from None
+    except Exception as exc:
+        raise AppError(f"--app {text!r}: calling it to get the app failed: "
+                       f"{type(exc).__name__}: {exc}") from exc
     install(app, origin=f"app {text}")
     with _lock:
         _installed[text] = app
@@ -118,65 +108,3 @@ def install(app: App, *, origin: str) -> None:
             register_data_source(name, source, origin=origin)
     except (ValueError, TypeError) as exc:
         raise AppError(f"{origin}: {exc}") from None
-
-
-def discover_entry_points() -> None:
-    """Registers every installed ``fedcoord.apps``/``fedcoord.models``/``fedcoord.data``
-    entry point, once per process. A broken entry point is skipped here (so one bad package
-    cannot hide the others) and reported when its name is asked for."""
-    global _discovered
-    with _lock:
-        if _discovered:
-            return
-        _discovered = True
-    for group, register in ((APPS_GROUP, _register_app_entry),
-                            (MODELS_GROUP, _register_model_entry),
-                            (DATA_GROUP, _register_data_entry)):
-        for entry in importlib.metadata.entry_points(group=group):
-            origin = f"entry point {group}:{entry.name} = {entry.value}"
-            try:
-                register(entry.name, entry.load(), origin)
-            except Exception as exc:  # noqa: BLE001 - any import error of user code
-                _broken[entry.name] = f"{origin} failed to load: {type(exc).__name__}: {exc}"
-
-
-#: Names whose entry point failed to load -> why (see :func:`broken_entry_point`).
-_broken: dict[str, str] = {}
-
-
-def broken_entry_point(name: str) -> str | None:
-    """Why the entry point named ``name`` could not be registered, if it could not."""
-    return _broken.get(name)
-
-
-def _register_app_entry(name: str, value: object, origin: str) -> None:
-    install(_as_app(value, origin), origin=origin)
-
-
-def _register_model_entry(name: str, value: object, origin: str) -> None:
-    if not callable(value):
-        raise AppError(f"{origin}: expected a model factory, got {type(value).__name__}")
-    install(App(models={name: value}), origin=origin)
-
-
-def _register_data_entry(name: str, value: object, origin: str) -> None:
-    if not callable(value):
-        raise AppError(f"{origin}: expected a data source function, got {type(value).__name__}")
-    install(App(data={name: value}), origin=origin)
-
-
-def _as_app(value: object, where: str) -> App:
-    if isinstance(value, App):
-        return value
-    if callable(value) and not isinstance(value, type):
-        factory: Callable[[], object] = value
-        try:
-            made = factory()
-        except Exception as exc:
-            raise AppError(f"{where}: calling it to get the app failed: "
-                           f"{type(exc).__name__}: {exc}") from exc
-        if isinstance(made, App):
-            return made
-        value = made
-    raise AppError(f"{where}: expected a fedcoord App (or a function returning one), got "
-                   f"{type(value).__name__}")

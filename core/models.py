@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from core import entry_points
+from core.app_types import LossFn, MetricsFn, ModelFactory
 from core.errors import ModelSpecError
 from core.types import ModelSpec
 
@@ -39,11 +41,6 @@ from core.types import ModelSpec
 #: a typo such as ``hidden: [6400000]`` fails at validation, not as an out-of-memory error.
 MAX_ARGUMENT = 1 << 20
 
-ModelFactory = Callable[..., nn.Module]
-#: ``loss(model, x_batch, y_batch)``: the batch's mean loss, a scalar tensor with a graph.
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-#: ``metrics(model, x, y)``: named metrics of the model on the data (under ``no_grad``).
-MetricsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Mapping[str, float]]
 
 
 @dataclass(frozen=True)
@@ -189,10 +186,25 @@ def _lookup(name: str) -> _Architecture | None:
     return _REGISTRY.get(name)
 
 
-def _discover() -> None:
-    from core import apps  # apps registers into this module: imported late, no cycle at load
+#: Models of installed apps that could not be registered (a name taken) -> why.
+_refused: dict[str, str] = {}
+_discovered = False
 
-    apps.discover_entry_points()
+
+def _discover() -> None:
+    """Registers the models of installed apps (:mod:`core.entry_points`), with their hooks,
+    once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for found in entry_points.installed_apps():
+        for name, factory in found.app.models.items():
+            try:
+                register_model(name, loss=found.app.loss, metrics=found.app.metrics,
+                               origin=found.origin)(factory)
+            except (ValueError, TypeError) as exc:
+                _refused.setdefault(name, f"{found.origin}: {exc}")
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -210,9 +222,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     """
     architecture = _lookup(spec.architecture)
     if architecture is None:
-        from core.apps import broken_entry_point
-
-        why = broken_entry_point(spec.architecture)
+        why = _refused.get(spec.architecture) or entry_points.broken(spec.architecture)
         if why is not None:
             raise ModelSpecError(f"model.architecture: {why}")
         raise ModelSpecError(

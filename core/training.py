@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.models import LossFn, MetricsFn
+from core.app_types import LossFn, MetricsFn
 from core.types import LocalOptimizerKind, LocalTraining
 
 

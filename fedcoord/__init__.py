@@ -15,7 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from core.apps import App, load_app
 from core.data.dataset import LocalDataset, split_local
-from core.data.spec import DataParams, load_dataset
+from core.data.params import DataParams
+from core.data.spec import load_dataset
 from core.models import ModelHooks, build_model, load_model
 from core.types import DataSchema, ModelSpec, TaskSpec
 

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.models import LossFn, build_model, model_hooks
+from core.app_types import LossFn
+from core.models import build_model, model_hooks
 from core.training import train_local
 from core.types import LocalOptimizerKind, LocalTraining, ModelSpec
 from simulations.config import EngineKind

@@ -19,13 +19,14 @@ checks the syntax and that the source exists; the fields are checked when the so
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NoReturn
 
+from core import entry_points
+from core.app_types import DataSource
 from core.data.dataset import LocalDataset
+from core.data.params import DataParams, fail
 from core.errors import DataSpecError
 
 
@@ -58,9 +59,9 @@ def parse_data_spec(text: str) -> DataSpec:
             continue
         key, eq, value = (s.strip() for s in item.partition("="))
         if not eq or not key or not value:
-            _fail(text, f"expected key=value, got {item!r}")
+            fail(text, f"expected key=value, got {item!r}")
         if key in params:
-            _fail(text, f"{key} given twice")
+            fail(text, f"{key} given twice")
         params[key] = value
     spec = DataSpec(source, params)
     _source(spec, text)
@@ -80,7 +81,7 @@ def load_dataset(spec: DataSpec | str) -> LocalDataset:
         spec = parse_data_spec(spec)
     text = str(spec)
     registered = _source(spec, text)
-    params = DataParams(spec, text)
+    params = DataParams(spec.source, spec.params, text)
     if registered.origin == "built-in":
         dataset = registered.load(params)
     else:
@@ -89,10 +90,10 @@ def load_dataset(spec: DataSpec | str) -> LocalDataset:
         except DataSpecError:
             raise
         except Exception as exc:
-            _fail(text, f"source {spec.source!r} ({registered.origin}) failed: "
+            fail(text, f"source {spec.source!r} ({registered.origin}) failed: "
                         f"{type(exc).__name__}: {exc}")
         if not isinstance(dataset, LocalDataset):
-            _fail(text, f"source {spec.source!r} ({registered.origin}) returned "
+            fail(text, f"source {spec.source!r} ({registered.origin}) returned "
                         f"{type(dataset).__name__}, not a LocalDataset")
     params.done()
     return dataset
@@ -107,17 +108,13 @@ def with_shard(spec: DataSpec, shard: int, num_shards: int) -> DataSpec:
             takes no shard (``digits:split=test``).
     """
     if not 0 <= shard < num_shards:
-        _fail(str(spec), f"shard index {shard} out of range for {num_shards} shards")
+        fail(str(spec), f"shard index {shard} out of range for {num_shards} shards")
     if "split" in spec.params:
-        _fail(str(spec), "a split takes no shard")
+        fail(str(spec), "a split takes no shard")
     return DataSpec(spec.source, {**spec.params, "shard": f"{shard}/{num_shards}"})
 
 
 # -- the registry ----------------------------------------------------------------------------
-
-#: A data source: reads its fields from the params, returns one device's data.
-DataSource = Callable[["DataParams"], LocalDataset]
-
 
 @dataclass(frozen=True)
 class _Registered:
@@ -153,10 +150,23 @@ def data_source_names() -> list[str]:
     return sorted(_SOURCES)
 
 
-def _discover() -> None:
-    from core import apps  # apps registers into this module: imported late, no cycle
+#: Sources of installed apps that could not be registered (a name taken) -> why.
+_refused: dict[str, str] = {}
+_discovered = False
 
-    apps.discover_entry_points()
+
+def _discover() -> None:
+    """Registers the data sources of installed apps (:mod:`core.entry_points`), once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for found in entry_points.installed_apps():
+        for name, source in found.app.data.items():
+            try:
+                register_data_source(name, source, origin=found.origin)
+            except ValueError as exc:
+                _refused.setdefault(name, f"{found.origin}: {exc}")
 
 
 def _source(spec: DataSpec, text: str) -> _Registered:
@@ -164,136 +174,13 @@ def _source(spec: DataSpec, text: str) -> _Registered:
         _discover()
     registered = _SOURCES.get(spec.source)
     if registered is None:
-        from core.apps import broken_entry_point
-
-        why = broken_entry_point(spec.source)
+        why = _refused.get(spec.source) or entry_points.broken(spec.source)
         if why is not None:
-            _fail(text, why)
-        _fail(text, f"unknown source {spec.source!r} (expected one of "
+            fail(text, why)
+        fail(text, f"unknown source {spec.source!r} (expected one of "
                     f"{', '.join(data_source_names())}; user sources come from --app "
                     f"module:attribute or an installed 'fedcoord.data' entry point)")
     return registered
-
-
-# -- fields ----------------------------------------------------------------------------------
-
-def _fail(text: str, message: str) -> NoReturn:
-    raise DataSpecError(f"data spec {text!r}: {message}")
-
-
-class DataParams:
-    """The ``key=value`` fields of one data spec, as a source reads them. Each reader checks
-    its field and raises :class:`DataSpecError` quoting the spec and naming the field; after
-    the source returns, a key it never read is refused (a typo must not fall back to a
-    default)."""
-
-    def __init__(self, spec: DataSpec, text: str) -> None:
-        self.source = spec.source
-        self._text = text
-        self._params = dict(spec.params)
-        self._read: set[str] = set()
-
-    def fail(self, message: str) -> NoReturn:
-        """Raises DataSpecError quoting the spec."""
-        _fail(self._text, message)
-
-    def raw(self, key: str) -> str | None:
-        """The field's text, or None when absent."""
-        self._read.add(key)
-        return self._params.get(key)
-
-    def text(self, key: str, *, default: str | None = None) -> str:
-        """A string field; required unless ``default``."""
-        raw = self.raw(key)
-        if raw is None:
-            if default is None:
-                self.fail(f"{key} is required")
-            return default
-        return raw
-
-    def integer(self, key: str, *, default: int | None = None) -> int:
-        """A non-negative integer field; required unless ``default``."""
-        raw = self.raw(key)
-        if raw is None:
-            if default is None:
-                self.fail(f"{key} is required")
-            return default
-        value = _decimal(raw)
-        if value is None:
-            self.fail(f"{key} must be a non-negative integer, got {raw!r}")
-        return value
-
-    def has(self, key: str) -> bool:
-        return key in self._params
-
-    def shard(self) -> tuple[int, int]:
-        """``shard=K/N`` (required) as (K, N) with ``0 <= K < N``."""
-        raw = self.raw("shard")
-        if raw is None:
-            self.fail("shard=K/N is required")
-        k, slash, n = raw.partition("/")
-        shard, shards = _decimal(k), _decimal(n)
-        if not slash or shard is None or shards is None:
-            self.fail(f"shard must look like K/N with 0 <= K < N, got {raw!r}")
-        if shards < 1:
-            self.fail(f"shard count must be at least 1, got {raw!r}")
-        if shard >= shards:
-            self.fail(f"shard index {shard} out of range for {shards} shards")
-        return shard, shards
-
-    def number(self, key: str, *, default: float | None = None, positive: bool = False
-               ) -> float:
-        """A finite float, >= 0 (or > 0 if ``positive``); required unless ``default``."""
-        raw = self.raw(key)
-        if raw is None:
-            if default is None:
-                self.fail(f"{key} is required")
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            self.fail(f"{key} must be a number, got {raw!r}")
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            self.fail(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, "
-                      f"got {raw!r}")
-        return value
-
-    def natural(self, key: str, *, default: int) -> int:
-        """A non-negative integer in decimal digits."""
-        raw = self.raw(key)
-        if raw is None:
-            return default
-        value = _decimal(raw)
-        if value is None:
-            self.fail(f"{key} must be a non-negative integer, got {raw!r}")
-        return value
-
-    def flag(self, key: str, *, default: bool) -> bool:
-        raw = self.raw(key)
-        if raw is None:
-            return default
-        if raw not in ("true", "false"):
-            self.fail(f"{key} must be true or false, got {raw!r}")
-        return raw == "true"
-
-    def done(self, context: str = "") -> None:
-        """Refuses keys no reader asked for (called by :func:`load_dataset`)."""
-        unknown = [key for key in self._params if key not in self._read]
-        if unknown:
-            where = context or self.source
-            self.fail(f"unknown key {unknown[0]!r} for {where} "
-                      f"(expected: {', '.join(sorted(self._read))})")
-
-
-def _decimal(text: str) -> int | None:
-    """A non-negative integer written in decimal digits, or None (signs, spaces, ``_`` and
-    numbers too long for ``int()`` are refused)."""
-    if not text.isdecimal():
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
 
 
 # -- built-in sources ------------------------------------------------------------------------

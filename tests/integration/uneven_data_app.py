@@ -7,7 +7,7 @@ from __future__ import annotations
 from core.apps import App
 from core.data import digits
 from core.data.dataset import LocalDataset
-from core.data.spec import DataParams
+from core.data.params import DataParams
 
 NARROW_FEATURES = 60
 

@@ -20,7 +20,7 @@ from coordinator.storage import FileBlobStore, InMemoryStore
 from core import apps
 from core.apps import App
 from core.data.dataset import LocalDataset
-from core.data.spec import DataParams
+from core.data.params import DataParams
 from core.models import register_model
 from core.protocol import CheckInOutcome, Participation
 from core.types import DataSchema, DeviceAttributes, ModelSpec, TaskSpec, TaskState

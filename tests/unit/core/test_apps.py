@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fedcoord
-from core import apps, models
+from core import apps, entry_points, models
 from core.data import spec as data_spec
 from core.errors import AppError, DataSpecError, ModelSpecError
 from core.models import build_model, model_hooks, model_names, state_to_numpy
@@ -27,10 +27,14 @@ from core.types import LocalTraining, ModelSpec
 def fresh_registries(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test registers into copies of the registries; entry points are rediscovered."""
     monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models, "_discovered", False)
+    monkeypatch.setattr(models, "_refused", {})
     monkeypatch.setattr(data_spec, "_SOURCES", dict(data_spec._SOURCES))
+    monkeypatch.setattr(data_spec, "_discovered", False)
+    monkeypatch.setattr(data_spec, "_refused", {})
+    monkeypatch.setattr(entry_points, "_found", None)
+    monkeypatch.setattr(entry_points, "_broken", {})
     monkeypatch.setattr(apps, "_installed", {})
-    monkeypatch.setattr(apps, "_broken", {})
-    monkeypatch.setattr(apps, "_discovered", False)
     yield
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from core.data.dataset import LocalDataset
-from core.data.spec import DataParams
+from core.data.params import DataParams
 from core.taskspec import load_task_file
 from simulations.config import DataConfig, EngineKind, load_simulation_file, parse_simulation_yaml
 from simulations.data import load_federated_data
