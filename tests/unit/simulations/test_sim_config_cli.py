@@ -175,6 +175,7 @@ def test_cli_runs_an_example_and_writes_its_outputs(tmp_path: Path) -> None:
     assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "metrics.csv", "metrics.png"}
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_cli_splits_the_cohort_across_worker_processes(tmp_path: Path) -> None:
     sim = tmp_path / "procs.yaml"
     sim.write_text(TINY + "  engine: {processes: 2}\n")

@@ -25,6 +25,7 @@ def jobs(count: int) -> list[DeviceJob]:
     return [DeviceJob(d % len(SIZES), 100 + d, None if d % 3 else 4) for d in range(count)]
 
 
+@pytest.mark.slow  # spawns worker processes
 @pytest.mark.parametrize("kind", [EngineKind.BMM, EngineKind.LOOP])
 def test_worker_processes_train_exactly_what_one_process_trains(make_federation,  # type: ignore[no-untyped-def]
                                                                 kind: EngineKind) -> None:
@@ -68,6 +69,7 @@ def test_a_lock_step_split_gives_the_giant_device_a_worker_of_its_own() -> None:
     assert full_steps(45, LOCAL) == 2 * 12
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_a_dead_worker_is_a_simulation_error_naming_the_likely_cause(make_federation) -> None:  # type: ignore[no-untyped-def]
     import os
     import signal

@@ -18,6 +18,8 @@ from simulations.engine import Simulation
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'ray==2.*')")
 
+pytestmark = pytest.mark.slow  # starts a local Ray node
+
 
 def test_a_simulation_over_ray_matches_the_in_process_one(make_federation) -> None:  # type: ignore[no-untyped-def]
     from simulations.ray_backend import RayCohortTrainer
