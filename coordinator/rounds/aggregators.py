@@ -149,6 +149,20 @@ def _no_masked(device: str, vector: RingVector, clipped: int) -> None:
     raise InvalidRequest("this task does not use secure aggregation")
 
 
+def _checked_clear_metrics(metrics: Mapping[str, float], policy: MetricsPolicy
+                           ) -> dict[str, float]:
+    """A clear upload's metrics, refused when the task withholds them or when they carry
+    adaptive clipping's bit (which a clear aggregator never asked for)."""
+    if UNCLIPPED_METRIC in metrics:
+        raise InvalidRequest(f"metric {UNCLIPPED_METRIC!r} is only sent under adaptive "
+                             "clipping")
+    if metrics and policy is MetricsPolicy.WITHHELD:
+        raise InvalidRequest(
+            f"this task withholds per-device metrics (differential privacy); the report "
+            f"carried {', '.join(sorted(metrics)[:4])}")
+    return dict(metrics)
+
+
 class PlainAggregator:
     """Example-weighted FedAvg of clear uploads (memory O(model)); an update's weight is
     ``min(num_examples, weight_cap)``, so no device owns the mean by claiming examples.
@@ -163,14 +177,7 @@ class PlainAggregator:
         self.metrics_policy = MetricsPolicy.WITHHELD if withhold_metrics else MetricsPolicy.CLEAR
 
     def check_upload(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        if UNCLIPPED_METRIC in metrics:
-            raise InvalidRequest(f"metric {UNCLIPPED_METRIC!r} is only sent under adaptive "
-                                 "clipping")
-        if metrics and self.metrics_policy is MetricsPolicy.WITHHELD:
-            raise InvalidRequest(
-                f"this task withholds per-device metrics (differential privacy); the report "
-                f"carried {', '.join(sorted(metrics)[:4])}")
-        return dict(metrics)
+        return _checked_clear_metrics(metrics, self.metrics_policy)
 
     def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
                    scale: float = 1.0) -> None:
@@ -217,14 +224,7 @@ class RobustAggregator:
         self.metrics_policy = MetricsPolicy.WITHHELD if withhold_metrics else MetricsPolicy.CLEAR
 
     def check_upload(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        if UNCLIPPED_METRIC in metrics:
-            raise InvalidRequest(f"metric {UNCLIPPED_METRIC!r} is only sent under adaptive "
-                                 "clipping")
-        if metrics and self.metrics_policy is MetricsPolicy.WITHHELD:
-            raise InvalidRequest(
-                f"this task withholds per-device metrics (differential privacy); the report "
-                f"carried {', '.join(sorted(metrics)[:4])}")
-        return dict(metrics)
+        return _checked_clear_metrics(metrics, self.metrics_policy)
 
     def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
                    scale: float = 1.0) -> None:
