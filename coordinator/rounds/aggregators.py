@@ -89,8 +89,9 @@ class Aggregator(Protocol):
         """Folds a checked clear update (raw float32 file) in, with its metrics (after
         :meth:`check_upload` accepted them). ``scale``: the factor the update is multiplied
         by, its weight in the mean's denominator unchanged (an asynchronous update's
-        staleness weight; 1 in synchronous rounds). Only :class:`PlainAggregator` takes a
-        scale other than 1 (launch refuses asynchronous tasks the others would serve).
+        staleness weight, at most 1; 1 in synchronous rounds). :class:`PlainAggregator` and
+        :class:`CentralDpAggregator` take a scale other than 1 (launch refuses asynchronous
+        tasks the others would serve).
 
         Raises:
             InvalidRequest: a ``scale`` the aggregator cannot apply.
@@ -288,17 +289,18 @@ class CentralDpAggregator:
 
     def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
                    scale: float = 1.0) -> None:
-        _unscaled(scale)
-        # Clipped here too: a device that skipped clipping cannot raise the sensitivity.
-        self._sum.add(np.fromfile(path, dtype="<f4"))
+        # Clipped here too: a device that skipped clipping cannot raise the sensitivity;
+        # a staleness weight (<= 1) scales the clipped update, never past C.
+        self._sum.add(np.fromfile(path, dtype="<f4"), weight=scale)
         self._unclipped += metrics.get(UNCLIPPED_METRIC, 0.0)
 
     def add_masked(self, device: str, vector: RingVector, clipped: int) -> None:
         _no_masked(device, vector, clipped)
 
     def release(self, draw: CohortDraw | None) -> Aggregate:
-        """Releases the noised sum / selection_target and the accounting metrics (epsilon,
-        the draw); no example count, no device metric."""
+        """Releases the noised sum / the fixed denominator (selection_target; an
+        asynchronous task's buffer) and the accounting metrics (epsilon, the draw); no
+        example count, no device metric."""
         assert draw is not None, "a DP round always has a recorded draw"
         try:
             release = self._privacy.release(

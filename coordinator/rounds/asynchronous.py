@@ -34,8 +34,14 @@ Rules of this implementation:
   loses the uncommitted buffer (at most ``buffer - 1`` accepted updates) and every seat in
   flight; those devices are told their round closed and check in again.
 
+Central DP: each version is one release, the buffer's clipped updates (weight 1 times the
+staleness weight, never past the clip) summed, noised once and divided by ``buffer``;
+accounted as a draw of the whole population (no amplification; what it assumes is in
+:mod:`core.privacy.task`). Local DP runs as in synchronous rounds.
+
 Refused at launch (:func:`~coordinator.rounds.task_setup.check_supported`): secure
-aggregation, differential privacy and robust rules other than the mean.
+aggregation (so distributed DP), Poisson sampling under DP, and robust rules other than the
+mean.
 
 Not thread-safe (the service's event loop).
 """

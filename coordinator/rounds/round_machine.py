@@ -53,6 +53,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.storage import Store
 from core.privacy.noise import NoiseSource
 from core.protocol import SecAggPlan
+from core.sampling import CohortDraw
 from core.secagg.messages import Stage
 from core.secagg.server import SecAggAborted
 from core.types import ParticipantState, RoundState, TaskState
@@ -355,7 +356,7 @@ class RoundMachine:
         """The round's one release call, then its commit is handed to the worker; a refused
         release fails the round (nothing committed, nothing accounted)."""
         try:
-            aggregate = rnd.aggregator.release(rnd.selector.draw)
+            aggregate = rnd.aggregator.release(_accounted_draw(task, rnd))
         except ReleaseRefused as exc:
             self.fail_round(task, rnd, now, str(exc))
             return
@@ -424,6 +425,15 @@ class RoundMachine:
 
     def close(self) -> None:
         self._commits.close()
+
+
+def _accounted_draw(task: RunningTask, rnd: OpenRound) -> CohortDraw | None:
+    """What the accountant is told a round's selection did: the draw its window made; an
+    asynchronous task samples nobody, so under DP each version counts as a draw of the whole
+    population (:func:`core.privacy.task.planned_draw`)."""
+    if task.fedbuff is not None and task.privacy is not None:
+        return task.privacy.planned_draw
+    return rnd.selector.draw
 
 
 def _finite(task_id: str, metrics: dict[str, float]) -> dict[str, float]:

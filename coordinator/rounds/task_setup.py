@@ -69,8 +69,8 @@ def check_supported(spec: TaskSpec) -> None:
 def _check_aggregation(spec: TaskSpec) -> None:
     """What of the ``aggregation`` section this coordinator runs: synchronous rounds with
     example-weighted FedAvg or a robust rule on clear uploads, and asynchronous FedBuff
-    (:mod:`coordinator.rounds.asynchronous`) with example-weighted FedAvg on clear uploads
-    only: the simulator's refusals, for the same reasons."""
+    (:mod:`coordinator.rounds.asynchronous`) with example-weighted FedAvg or central DP on
+    clear uploads only: the simulator's refusals, for the same reasons."""
     aggregation = spec.aggregation
     if aggregation.mode is AggregationMode.ASYNC:
         if spec.secure_aggregation is not None:
@@ -79,11 +79,7 @@ def _check_aggregation(spec: TaskSpec) -> None:
                 "masks cancel only over a fixed group of devices that report together, and a "
                 "FedBuff buffer mixes devices that started on different versions; use mode: "
                 "sync")
-        if spec.privacy is not None:
-            raise InvalidRequest(
-                "spec.aggregation.mode: 'async' cannot run with privacy: DP accounting "
-                "needs a participation model (a cohort sampled per round), and asynchronous "
-                "admission has none the accountant analyses yet; use mode: sync")
+        _check_async_privacy(spec)
         if aggregation.robust.kind is not RobustKind.MEAN:
             raise InvalidRequest(
                 f"spec.aggregation.mode: 'async' cannot run with aggregation.robust.kind "
@@ -92,6 +88,25 @@ def _check_aggregation(spec: TaskSpec) -> None:
                 "kind: mean, or mode: sync")
         return
     _check_robust(spec)
+
+
+def _check_async_privacy(spec: TaskSpec) -> None:
+    """Central DP runs asynchronously (each version one noised release, accounted without
+    amplification: :mod:`core.privacy.task`) with a fixed-size analysis only; local DP runs
+    as in synchronous rounds (each device accounts its own training)."""
+    privacy = spec.privacy
+    if privacy is None or privacy.mode is PrivacyMode.LOCAL:
+        return
+    if privacy.mode is PrivacyMode.DISTRIBUTED:
+        raise InvalidRequest(
+            "spec.privacy.mode: 'distributed' needs secure aggregation, which asynchronous "
+            "aggregation cannot run; use mode: central (the coordinator noises each buffer) "
+            "or aggregation.mode: sync")
+    if privacy.sampling is Sampling.POISSON:
+        raise InvalidRequest(
+            "spec.privacy.sampling: 'poisson' does not apply to aggregation.mode 'async': "
+            "nobody is sampled, every version is accounted as if every device of the "
+            "population took part (no amplification, replace-one); use sampling: fixed")
 
 
 def _check_robust(spec: TaskSpec) -> None:

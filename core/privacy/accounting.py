@@ -16,10 +16,14 @@ sampling                       method           analysis
 =============================  ===============  ==========================================
 
 Fixed-size sampling (``sample_size`` of ``population`` without replacement) is analysed
-under *replace-one* adjacency, Poisson under *add/remove-one*: replacing one record is up to
-twice the sensitivity of removing one, so the two epsilons are not comparable and a
-fixed-size epsilon is roughly that of Poisson at half the noise. PRV for fixed-size sampling
-is not offered (no maintained implementation); asking for it raises ValueError.
+under *replace-one* adjacency, Poisson under *add/remove-one*. A ``noise_multiplier`` is
+always the noise's std over the bound ``C`` on one record's contribution (what a DP round
+clips to). Removing a record moves a sum by at most ``C``, replacing it by up to ``2C``, and
+dp-accounting's ``GaussianDpEvent`` takes the std over the sensitivity *under the relation
+analysed*: a fixed-size step is composed with ``noise_multiplier / 2``
+(:data:`REPLACE_ONE_SENSITIVITY`). At ``sampling_rate`` 1 that is exactly the Gaussian
+mechanism with sensitivity ``2C``. The two epsilons are not comparable. PRV for fixed-size
+sampling is not offered (no maintained implementation); asking for it raises ValueError.
 
 Pure functions; the per-step RDP curve of ``(q, z)`` is cached, so a coordinator checking the
 budget before every round pays microseconds, not the ~20 ms of a fresh RDP computation.
@@ -55,6 +59,10 @@ class Sampling(enum.Enum):
 #: Epsilon accuracy asked of the PRV accountant; the value returned is its upper bound.
 PRV_EPS_ERROR = 0.01
 
+#: How far replacing one record can move a sum of contributions clipped to ``C``, in units
+#: of ``C``: a fixed-size (replace-one) step's multiplier is divided by it for dp-accounting.
+REPLACE_ONE_SENSITIVITY = 2.0
+
 #: Largest noise multiplier :func:`calibrate_noise` searches up to.
 MAX_NOISE_MULTIPLIER = 1e4
 
@@ -64,6 +72,8 @@ class MechanismSteps:
     """``steps`` repetitions of the sampled Gaussian mechanism with one noise multiplier
     and sampling rate (one element of a heterogeneous history)."""
 
+    #: The noise's std over the bound on one record's contribution (not over the
+    #: replace-one sensitivity: that conversion is the accountant's).
     noise_multiplier: float
     sampling_rate: float
     steps: int
@@ -225,7 +235,8 @@ def _fixed_size_rdp_epsilon(history: tuple[MechanismSteps, ...], delta: float,
 
     # RDP composes by addition: the library's own per-step curves, times their steps, and
     # its own conversion (what RdpAccountant.get_epsilon does after composing each event).
-    total = sum(_fixed_size_rdp_per_step(*_fixed_size_draw(h, population), h.noise_multiplier)
+    total = sum(_fixed_size_rdp_per_step(*_fixed_size_draw(h, population),
+                                         h.noise_multiplier / REPLACE_ONE_SENSITIVITY)
                 * h.steps for h in history)
     return float(compute_epsilon(list(_rdp_orders()), total, delta)[0])
 
@@ -242,8 +253,9 @@ def _fixed_size_draw(item: MechanismSteps, population: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=1024)
 def _fixed_size_rdp_per_step(population: int, sample_size: int, noise_multiplier: float
                              ) -> npt.NDArray[np.float64]:
-    """dp-accounting's RDP curve of one sampled-without-replacement Gaussian step (a third of
-    a second to compute at population 1000; a coordinator asks for it twice a round)."""
+    """dp-accounting's RDP curve of one sampled-without-replacement Gaussian step whose noise
+    std is ``noise_multiplier`` times the replace-one sensitivity (a third of a second to
+    compute at population 1000; a coordinator asks for it twice a round)."""
     import dp_accounting
     from dp_accounting import rdp
 

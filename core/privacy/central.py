@@ -37,12 +37,17 @@ class ClippedSum:
         """The unclipped norm of every update added (for adaptive clipping's bits)."""
         return list(self._norms)
 
-    def add(self, update: npt.NDArray[np.floating]) -> float:
-        """Clips ``update`` (flat, ``size`` elements) and adds it; returns its original norm.
+    def add(self, update: npt.NDArray[np.floating], *, weight: float = 1.0) -> float:
+        """Clips ``update`` (flat, ``size`` elements) and adds it times ``weight`` (in
+        [0, 1], so the sensitivity stays ``l2_clip_norm``: an asynchronous update's staleness
+        weight); returns its original norm.
 
         Raises:
-            ValueError: wrong size or a non-finite value.
+            ValueError: wrong size, a non-finite value, or a weight outside [0, 1].
         """
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1] (it would raise the sensitivity), "
+                             f"got {weight}")
         flat = np.asarray(update).reshape(-1)
         if flat.size != self._sum.size:
             raise ValueError(f"update has {flat.size} elements, expected {self._sum.size}")
@@ -50,7 +55,7 @@ class ClippedSum:
         if not math.isfinite(norm):
             raise ValueError("update holds a non-finite value; it cannot be clipped")
         # Scaled while accumulating (one pass, as FedAvg's weighted add): no clipped copy.
-        scale = 1.0 if norm <= self._l2_clip_norm else self._l2_clip_norm / norm
+        scale = weight if norm <= self._l2_clip_norm else weight * self._l2_clip_norm / norm
         self._sum += np.multiply(flat, scale, dtype=np.float64)
         self._count += 1
         self._norms.append(norm)

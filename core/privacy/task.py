@@ -44,6 +44,28 @@ q), and a round that would exceed the budget is failed before any device trains.
 Budget: ``max_epsilon`` (``target_epsilon`` when that is what the task set); no round opens
 or proceeds past it, and the task ends in :attr:`~core.types.TaskState.BUDGET_EXHAUSTED`.
 
+Asynchronous tasks (FedBuff)
+----------------------------
+Under ``aggregation.mode: async`` nobody is sampled: devices check in when they can and are
+seated while seats are free. Each committed version is one release: the buffer's ``K``
+clipped updates, each scaled by its staleness weight ``w(s) <= 1`` (weight 1 otherwise),
+summed, noised once with std ``z C`` and divided by the fixed ``K`` (``buffer``). The
+accountant is told every version is a draw of the *whole* population (q = 1, fixed size,
+replace-one): no amplification by sampling is claimed, so the epsilon holds however devices
+time their check-ins. What it assumes, and what the coordinator enforces:
+
+* a device contributes at most one update to a version's buffer (it is told to come back
+  once the version commits);
+* *when* a device reports (hence which buffer takes its update, its staleness weight and
+  how many uploads are rejected as late) does not depend on its data: it is a matter of the
+  device's speed and availability. Replace-one adjacency swaps one device's data for
+  another's under the same schedule, so a buffer's sum moves by at most ``2 w C <= 2C``;
+  a schedule that leaked the data (say, training time proportional to a private example
+  count) is outside the analysis.
+
+``reports``, ``admitted`` and the staleness metrics a version records are facts of that
+schedule and are released; no device metric or example count is.
+
 Not thread-safe (used from the service's event loop).
 """
 
@@ -68,7 +90,7 @@ from core.privacy.noise import NoiseSource, gaussian_noise
 from core.privacy.spec import AdaptiveClip, FixedClip, PrivacyMode, PrivacySpec
 from core.protocol import PlanPrivacy
 from core.sampling import CohortDraw
-from core.types import TaskSpec
+from core.types import AggregationMode, TaskSpec
 
 #: Round metrics written with every committed DP round.
 EPSILON_METRIC = "dp_epsilon"
@@ -125,8 +147,11 @@ class TaskPrivacy:
         self.population: int = privacy.population
         self.budget: float = privacy.budget
         #: Under DP every admitted device's report is summed: the sum's fixed denominator
-        #: and the devices that share distributed noise are the whole sampled cohort.
-        self.expected_reports = task.selection_target
+        #: and the devices that share distributed noise are the whole sampled cohort (an
+        #: asynchronous task: the buffer).
+        self.asynchronous = task.aggregation.mode is AggregationMode.ASYNC
+        self.expected_reports = (task.aggregation.buffer if self.asynchronous
+                                 else task.selection_target)
         self.planned_draw = planned_draw(task)
         self.noise_multiplier = noise_multiplier
         self.clip = clip
@@ -300,9 +325,13 @@ def status_of_records(task: TaskSpec, history: Sequence[Mapping[str, float]]
 def planned_draw(task: TaskSpec) -> CohortDraw:
     """The draw a DP round makes when the whole configured population checks in: the
     ``selection_target`` devices of ``population`` (fixed size), or each with probability
-    selection_target / population (Poisson)."""
+    selection_target / population (Poisson). An asynchronous task samples nobody: every
+    version is accounted as a draw of the whole population (fixed size, q = 1)."""
     privacy = task.privacy
     assert privacy is not None and privacy.population is not None
+    if task.aggregation.mode is AggregationMode.ASYNC:
+        n = privacy.population
+        return CohortDraw(Sampling.FIXED_SIZE, n, n, n, 1.0)
     n, k = privacy.population, min(task.selection_target, privacy.population)
     return CohortDraw(privacy.sampling, n, k, n, k / n)
 

@@ -173,9 +173,10 @@ def test_too_few_devices_for_the_budget_fail_the_round_before_anyone_trains(
     tmp_path: Path,
 ) -> None:
     fed = Federation(tmp_path)
-    # Planned: 10 of 1000 (q = 0.01) fits the budget; 12 devices seen makes q = 10/12.
-    tid = fed.service.create_task(task(rounds=5, privacy=central(1000, max_epsilon=2.0))
-                                  ).record.task_id
+    # Planned: 10 of 1000 (q = 0.01, epsilon 0.99 a round at z = 2) fits the budget; 12
+    # devices seen makes q = 10/12 (epsilon 4.7).
+    tid = fed.service.create_task(task(rounds=5, privacy=central(
+        1000, max_epsilon=2.0, noise_multiplier=2.0))).record.task_id
     for d in [f"d{i}" for i in range(12)]:
         fed.service.check_in(d, ATTRS, tid)
     fed.clock.advance(1.1)

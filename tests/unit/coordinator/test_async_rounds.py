@@ -14,8 +14,11 @@ from coordinator.rounds.errors import InvalidRequest, Late
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
-from core.privacy.spec import FixedClip, PrivacyMode, PrivacySpec
-from core.protocol import CheckInOutcome, Participation
+from core.privacy import Sampling, epsilon
+from core.privacy.clipping import l2_norm
+from core.privacy.spec import LocalDp, PrivacyMode, PrivacySpec
+from core.protocol import CheckInOutcome, MetricsPolicy, Participation
+from core.taskspec import TaskSpecError
 from core.types import (
     Aggregation,
     AggregationMode,
@@ -29,6 +32,11 @@ from core.types import (
     TaskSpec,
     TaskState,
 )
+from tests.unit.coordinator.test_privacy_rounds import BIG as DP_MODEL
+from tests.unit.coordinator.test_privacy_rounds import central as dp_central
+from tests.unit.coordinator.test_privacy_rounds import flat_params, size_of
+from tests.unit.coordinator.test_privacy_rounds import make_service as make_dp_service
+from tests.unit.coordinator.test_privacy_rounds import upload as dp_upload
 from tests.unit.coordinator.test_round_service import (
     ATTRS,
     deltas_like,
@@ -229,17 +237,130 @@ SECURE = SecureAggregation(protocol=SecAggProtocol.SECAGG, threshold=0.6, dropou
                            clip=0.5, phase_timeout_s=5.0)
 
 
-@pytest.mark.parametrize(("extra", "why"), [
-    (dict(secure_aggregation=SECURE), "secure_aggregation: SecAgg.* fixed group"),
-    (dict(privacy=PrivacySpec(mode=PrivacyMode.CENTRAL, noise_multiplier=1.0, delta=1e-5,
-                              clip=FixedClip(0.5), population=100, max_epsilon=10.0)),
-     "privacy: DP accounting needs a participation model"),
+def test_async_with_secure_aggregation_is_refused_at_launch(
+        service: CoordinatorService) -> None:
+    with pytest.raises(InvalidRequest, match="spec.aggregation.mode: 'async' cannot run with "
+                                             "secure_aggregation: SecAgg.* fixed group"):
+        service.create_task(async_spec(secure_aggregation=SECURE))
+
+
+@pytest.mark.parametrize(("privacy", "why"), [
+    (dp_central(sampling=Sampling.POISSON),
+     "spec.privacy.sampling: 'poisson' does not apply to aggregation.mode 'async'"),
+    (dp_central(mode=PrivacyMode.DISTRIBUTED),
+     "spec.privacy.mode: 'distributed' needs secure aggregation"),
 ])
-def test_async_with_secure_aggregation_or_privacy_is_refused_at_launch(
-        service: CoordinatorService, extra: dict[str, object], why: str) -> None:
-    with pytest.raises(InvalidRequest, match=f"spec.aggregation.mode: 'async' cannot run with "
-                                             f"{why}"):
-        service.create_task(async_spec(**extra))
+def test_async_privacy_the_analysis_does_not_cover_is_refused_at_launch(
+        service: CoordinatorService, privacy: PrivacySpec, why: str) -> None:
+    with pytest.raises((InvalidRequest, TaskSpecError), match=why):
+        service.create_task(async_spec(privacy=privacy))
+
+
+# -- central DP: one noised release per version, no amplification claimed -------------------
+
+def dp_service(tmp_path: Path, clock: ManualClock) -> CoordinatorService:
+    return make_dp_service(tmp_path, clock)
+
+
+def dp_async_spec(**privacy: object) -> TaskSpec:
+    return async_spec(buffer=2, concurrency=3, max_staleness=2, exponent=1.0,
+                      model=DP_MODEL, privacy=dp_central(**privacy))
+
+
+def whole_population_epsilon(versions: int, z: float = 1.0) -> float:
+    """Every version is a Gaussian release of sensitivity 2C (replace-one, nobody sampled)."""
+    return epsilon(noise_multiplier=z / 2, sampling_rate=1.0, steps=versions, delta=1e-5)
+
+
+def test_async_central_dp_clips_weighs_by_staleness_and_divides_by_the_buffer(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = dp_service(tmp_path, clock)
+    task_id = service.create_task(dp_async_spec(noise_multiplier=1e-6, max_epsilon=1e300)
+                                  ).record.task_id
+    before = flat_params(service, task_id)
+    a, b, c = (seat(service, task_id, d) for d in ("a", "b", "c"))
+    n = size_of(service, a)
+    big = np.full(n, 1.0, np.float32)  # norm ~44.8, clipped to C = 0.5
+    dp_upload(service, a, big)
+    dp_upload(service, b, big)  # version 1: (C + C) / 2 in norm
+    first = flat_params(service, task_id) - before
+    assert l2_norm(first) == pytest.approx(0.5, rel=1e-4)
+    d = seat(service, task_id, "d")
+    dp_upload(service, c, big)  # trained on version 0: weight (1 + 1) ** -1 = 0.5
+    dp_upload(service, d, big)
+    second = flat_params(service, task_id) - before - first
+    assert l2_norm(second) == pytest.approx((0.5 * 0.5 + 0.5) / 2, rel=1e-4)
+    versions = [r for r in service.list_rounds(task_id) if r.state is RoundState.COMMITTED]
+    assert versions[1].metrics["staleness_max"] == 1.0
+
+
+def test_async_central_dp_accounts_each_version_as_a_release_over_the_whole_population(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = dp_service(tmp_path, clock)
+    task_id = service.create_task(dp_async_spec()).record.task_id
+    for version in (1, 2):
+        p, q = seat(service, task_id, f"a{version}"), seat(service, task_id, f"b{version}")
+        n = size_of(service, p)
+        dp_upload(service, p, np.zeros(n, np.float32))
+        dp_upload(service, q, np.zeros(n, np.float32))
+    committed = [r for r in service.list_rounds(task_id) if r.state is RoundState.COMMITTED]
+    assert [r.metrics["dp_epsilon"] for r in committed] == pytest.approx(
+        [whole_population_epsilon(1), whole_population_epsilon(2)], rel=1e-9)
+    m = committed[-1].metrics
+    assert (m["dp_sampling_rate"], m["dp_cohort"], m["dp_population"]) == (1.0, 100.0, 100.0)
+    # Nothing per device: no example count, no device metric, no loss.
+    assert not {"examples", "train_loss", "eval_loss"} & set(m)
+    status = service.get_task(task_id).privacy
+    assert status is not None and status.epsilon == pytest.approx(whole_population_epsilon(2))
+    assert service.get_task(task_id).metrics is MetricsPolicy.WITHHELD
+
+
+def test_async_central_dp_refuses_device_metrics(clock: ManualClock, tmp_path: Path) -> None:
+    service = dp_service(tmp_path, clock)
+    task_id = service.create_task(dp_async_spec()).record.task_id
+    a = seat(service, task_id, "a")
+    assert service.get_plan(a).metrics is MetricsPolicy.WITHHELD
+    with pytest.raises(InvalidRequest, match="withholds per-device metrics"):
+        dp_upload(service, a, np.zeros(size_of(service, a), np.float32), {"train_loss": 0.3})
+
+
+def test_async_central_dp_stops_at_its_budget_before_a_version_would_pass_it(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = dp_service(tmp_path, clock)
+    budget = (whole_population_epsilon(1) + whole_population_epsilon(2)) / 2
+    task_id = service.create_task(dp_async_spec(max_epsilon=budget)).record.task_id
+    a, b = seat(service, task_id, "a"), seat(service, task_id, "b")
+    n = size_of(service, a)
+    dp_upload(service, a, np.zeros(n, np.float32))
+    dp_upload(service, b, np.zeros(n, np.float32))
+    record = service.get_task(task_id).record
+    assert record.state is TaskState.BUDGET_EXHAUSTED and record.rounds_committed == 1
+    assert "privacy budget exhausted after 1 rounds" in record.reason
+
+
+def test_async_central_dp_epsilon_survives_a_restart(clock: ManualClock, tmp_path: Path
+                                                     ) -> None:
+    store = InMemoryStore()
+    service = make_dp_service(tmp_path, clock, store=store)
+    task_id = service.create_task(dp_async_spec()).record.task_id
+    a, b = seat(service, task_id, "a"), seat(service, task_id, "b")
+    n = size_of(service, a)
+    dp_upload(service, a, np.zeros(n, np.float32))
+    dp_upload(service, b, np.zeros(n, np.float32))
+    restarted = make_dp_service(tmp_path, clock, store=store)
+    restarted.recover()
+    status = restarted.get_task(task_id).privacy
+    assert status is not None and status.rounds_accounted == 1
+    assert status.epsilon == pytest.approx(whole_population_epsilon(1))
+
+
+def test_async_local_dp_runs_with_device_metrics_withheld(service: CoordinatorService) -> None:
+    local = PrivacySpec(mode=PrivacyMode.LOCAL, local=LocalDp(
+        noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, max_epsilon=10.0))
+    task_id = service.create_task(async_spec(privacy=local)).record.task_id
+    plan = service.get_plan(seat(service, task_id, "a"))
+    assert plan.privacy is not None and plan.privacy.local is not None
+    assert plan.metrics is MetricsPolicy.WITHHELD
 
 
 @pytest.mark.parametrize("kind", [k for k in RobustKind if k is not RobustKind.MEAN])

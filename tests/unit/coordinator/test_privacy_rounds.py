@@ -79,8 +79,10 @@ def spec(**kw: object) -> TaskSpec:
     return TaskSpec(**base)  # type: ignore[arg-type]
 
 
-def make_service(tmp_path: Path, clock: ManualClock, seed: int = 0) -> CoordinatorService:
-    return CoordinatorService(InMemoryStore(), FileBlobStore(tmp_path / f"blobs{seed}"), clock,
+def make_service(tmp_path: Path, clock: ManualClock, seed: int = 0, *,
+                 store: InMemoryStore | None = None) -> CoordinatorService:
+    return CoordinatorService(store if store is not None else InMemoryStore(),
+                              FileBlobStore(tmp_path / f"blobs{seed}"), clock,
                               rng=random.Random(seed), noise=NoiseSource.seeded(seed),
                               settings=CoordinatorSettings(allow_seeded_noise=True))
 

@@ -77,9 +77,9 @@ def test_prv_calibration_never_overshoots_either() -> None:
 
 def test_fixed_size_sampling_uses_replace_one_rdp_and_needs_the_population() -> None:
     fixed = epsilon(**PINNED, sampling=Sampling.FIXED_SIZE, population=1000)
-    # Replace-one adjacency: about twice the sensitivity of add/remove-one Poisson.
+    # Replace-one adjacency: twice the sensitivity of add/remove-one Poisson.
     assert fixed > epsilon(**PINNED)
-    assert fixed == pytest.approx(17.3283, abs=1e-3)
+    assert fixed == pytest.approx(52.3286, abs=1e-3)
     z = calibrate_noise(target_epsilon=8.0, sampling_rate=0.04, steps=2250, delta=1e-5,
                         sampling="fixed", population=1000)
     assert epsilon(noise_multiplier=z, sampling_rate=0.04, steps=2250, delta=1e-5,
@@ -105,9 +105,24 @@ def test_a_fixed_size_history_costs_what_dp_accountings_own_composition_says() -
     for item in history:
         accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(
             1000, round(item.sampling_rate * 1000),
-            dp_accounting.GaussianDpEvent(item.noise_multiplier)), item.steps)
+            # dp-accounting's multiplier is over the replace-one sensitivity, 2C.
+            dp_accounting.GaussianDpEvent(item.noise_multiplier / 2)), item.steps)
     assert epsilon_of_history(history, delta=1e-5, sampling="fixed", population=1000) == \
         accountant.get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize("z", [0.8, 2.0, 5.0])
+def test_a_fixed_size_step_of_the_whole_population_is_the_gaussian_mechanism_of_sensitivity_2c(
+    z: float,
+) -> None:
+    """Replacing one device's clipped update (norm <= C) by another moves the sum by up to
+    2C: with everyone in every step and noise std z C, that is the Gaussian mechanism of
+    multiplier z / 2 under add/remove-one (Poisson at rate 1), never the cheaper z."""
+    fixed = epsilon(noise_multiplier=z, sampling_rate=1.0, steps=20, delta=1e-5,
+                    sampling="fixed", population=50)
+    assert fixed == pytest.approx(epsilon(noise_multiplier=z / 2, sampling_rate=1.0, steps=20,
+                                          delta=1e-5), rel=1e-9)
+    assert fixed > epsilon(noise_multiplier=z, sampling_rate=1.0, steps=20, delta=1e-5)
 
 
 @pytest.mark.parametrize("bad", [dict(delta=0.0), dict(delta=1.0), dict(noise_multiplier=0.0),
