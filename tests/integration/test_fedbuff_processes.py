@@ -12,6 +12,7 @@ import pytest
 from harness import CoordinatorProcess, start_agent, stop_all, wait_for_task, write_task
 from slow_agents_app import STEP_ENV
 
+from core.privacy import epsilon
 from core.taskspec import load_task_file
 
 pytestmark = pytest.mark.integration
@@ -61,3 +62,35 @@ def test_an_async_task_with_fast_and_slow_agents_completes_and_learns(
     accuracy = [r.metrics["server_eval_accuracy"] for r in committed]
     assert accuracy[-1] > accuracy[0] + 0.1, accuracy
     assert codes == [0, 0, 0], "agents exit by themselves when told the task is finished"
+
+
+def test_an_async_task_with_central_dp_releases_noised_versions_and_accounts_each(
+        coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+    """Agents clip to the plan's C and withhold their metrics; each version is one noised
+    release, accounted as a release over the whole population (q = 1)."""
+    privacy = ("privacy: {mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0,\n"
+               "          population: 4, sampling: fixed, max_epsilon: 1000.0}\n")
+    spec = load_task_file(write_task(
+        tmp_path / "task.yaml", architecture="sleepy_logistic_regression", rounds=3,
+        clients_per_round=2, min_reports=1, round_deadline_s=30,
+        extra=ASYNC.replace("buffer: 3", "buffer: 2") + privacy))
+    with coordinator.admin() as admin:
+        task_id = admin.create_task(spec).task_id
+    agents = [start_agent(coordinator.target, "agent", "digits:shard=0/4,dirichlet=0.5",
+                          devices=4, task_id=task_id, extra=APP, log=tmp_path / "agent.log",
+                          env={STEP_ENV: "0.0"})]
+    try:
+        with coordinator.admin() as admin:
+            task = wait_for_task(admin, task_id, timeout_s=60)
+            rounds = admin.list_rounds(task_id)
+    finally:
+        stop_all(agents)
+    assert task.state == "completed", coordinator.log_text()
+    committed = [r for r in rounds if r.state == "committed"]
+    assert len(committed) == 3
+    expected = [epsilon(noise_multiplier=0.5, sampling_rate=1.0, steps=v, delta=1e-5)
+                for v in (1, 2, 3)]
+    assert [r.metrics["dp_epsilon"] for r in committed] == pytest.approx(expected)
+    assert all(r.metrics["dp_sampling_rate"] == 1.0 for r in committed)
+    assert not any({"examples", "train_loss", "eval_loss"} & set(r.metrics) for r in committed)
+    assert task.privacy.epsilon == pytest.approx(expected[-1])
