@@ -21,13 +21,17 @@ from the injected clock; randomness from the injected ``random.Random``
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from coordinator.observability.events import EventHub, EventKind, rejection_reason
+from coordinator.observability.observed_store import ObservedStore
 from coordinator.rounds.clock import Clock
 from coordinator.rounds.commits import CommitWorker, InlineCommits, ThreadCommits
+from coordinator.rounds.errors import CoordinatorError
 from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.participation import Participants
@@ -80,10 +84,13 @@ class CoordinatorService:
         settings: CoordinatorSettings | None = None,
         noise: NoiseSource | None = None,
         commits: CommitWorker | None = None,
+        events: EventHub | None = None,
     ) -> None:
         """``noise`` is where differential-privacy noise comes from (default: the CSPRNG).
         ``commits`` runs commits (default: a worker thread when
-        ``settings.commit_in_background``, else in line).
+        ``settings.commit_in_background``, else in line). ``events`` receives an event for
+        every device and round transition (:mod:`coordinator.observability.events`; default:
+        a hub without sinks, :attr:`events`, to which sinks may be added).
 
         Raises:
             InsecureNoiseError: a seeded ``noise`` without ``settings.allow_seeded_noise``.
@@ -100,6 +107,8 @@ class CoordinatorService:
             commits = ThreadCommits() if self.settings.commit_in_background else InlineCommits()
         self._clock = clock
         self._blobs = blobs
+        self.events = events if events is not None else EventHub()
+        store = ObservedStore(store, self.events, clock.now)
         self._progress_listeners: list[Callable[[], None]] = []
         running: dict[str, RunningTask] = {}
         evaluator = ServerEvaluator()
@@ -181,8 +190,18 @@ class CoordinatorService:
                  declined: frozenset[str] = frozenset()) -> CheckInResult:
         """``schema``: the device's data, remembered for launch checks; ``declined``: tasks
         the device declined, never offered to it again."""
-        return self._participants.check_in(device_id, attrs, task_id, schema=schema,
-                                           declined=declined)
+        result = self._participants.check_in(device_id, attrs, task_id, schema=schema,
+                                             declined=declined)
+        if result.task_id:
+            now = self._clock.now()
+            self.events.emit(EventKind.DEVICE_CHECKED_IN, result.task_id, now,
+                             device_id=device_id, reason=result.outcome.value)
+            if result.outcome is CheckInOutcome.RETRY_LATER:
+                self.events.emit(EventKind.DEVICE_TOLD_TO_COME_BACK, result.task_id, now,
+                                 round_number=result.round_number, device_id=device_id,
+                                 detail=result.message,
+                                 values={"retry_after_s": result.retry_after_s})
+        return result
 
     def get_plan(self, p: Participation) -> Plan:
         return self._participants.plan(p)
@@ -195,7 +214,8 @@ class CoordinatorService:
         (unless ``upload.takes_data`` is False: a retried upload that was already answered),
         calls ``upload.verify()`` (off the event loop if it likes) once the stream ended
         successfully, then :meth:`finish_upload`; :meth:`abort_upload` in every case."""
-        return self._participants.begin_upload(header)
+        with self._refusals(header.participation):
+            return self._participants.begin_upload(header)
 
     def abort_upload(self, upload: Upload) -> None:
         """Drops an upload's data and its place in the round; idempotent."""
@@ -204,7 +224,11 @@ class CoordinatorService:
     def finish_upload(self, upload: Upload) -> str:
         """Counts the verified update into the round's aggregate (or answers a retried one as
         the first time); returns the answer for the device."""
-        return self._participants.finish_upload(upload)
+        try:
+            return self._participants.finish_upload(upload)
+        except CoordinatorError as exc:
+            self._refused(upload.header.participation, exc)
+            raise
 
     def largest_masked_input_bytes(self) -> int:
         """An upper bound on the masked input (ring elements x their bytes) of any running
@@ -225,17 +249,36 @@ class CoordinatorService:
         self._participants.report_status(p, metrics, error, decline=decline)
 
     def secagg_advertise(self, p: Participation, message: KeyAdvertisement) -> None:
-        self._participants.secagg_advertise(p, message)
+        with self._refusals(p):
+            self._participants.secagg_advertise(p, message)
 
     def secagg_share_keys(self, p: Participation, message: ShareKeysResponse) -> None:
-        self._participants.secagg_share_keys(p, message)
+        with self._refusals(p):
+            self._participants.secagg_share_keys(p, message)
 
     def secagg_masked_input(self, p: Participation, vector: RingVector,
                             metrics: Mapping[str, float], clipped: int) -> None:
-        self._participants.secagg_masked_input(p, vector, metrics, clipped)
+        with self._refusals(p):
+            self._participants.secagg_masked_input(p, vector, metrics, clipped)
 
     def secagg_unmask(self, p: Participation, message: UnmaskResponse) -> None:
-        self._participants.secagg_unmask(p, message)
+        with self._refusals(p):
+            self._participants.secagg_unmask(p, message)
+
+    @contextlib.contextmanager
+    def _refusals(self, p: Participation) -> Iterator[None]:
+        """Emits the refusal a device's message got (the error still reaches the caller)."""
+        try:
+            yield
+        except CoordinatorError as exc:
+            self._refused(p, exc)
+            raise
+
+    def _refused(self, p: Participation, error: CoordinatorError) -> None:
+        reason = rejection_reason(error)
+        kind = EventKind.DEVICE_LATE if reason == "late" else EventKind.UPLOAD_REJECTED
+        self.events.emit(kind, p.task_id, self._clock.now(), round_number=p.round_number,
+                         device_id=p.device_id, reason=reason, detail=str(error))
 
     def secagg_reply(self, p: Participation, after: Stage) -> object | None:
         """The device's message for the stage after ``after`` once ``after`` closed; None
