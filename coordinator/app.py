@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.observability.events import EventHub
+from coordinator.observability.sinks import SinkConfigError, open_sinks
 from coordinator.rounds.clock import SystemClock
 from coordinator.rounds.service import CoordinatorService
 from coordinator.security.service import Security
@@ -54,8 +56,13 @@ class Coordinator:
         self.blobs = FileBlobStore(Path(config.store_dir))
         self.security = Security(open_security_store(self.store), config.security)
         rng = random.Random(config.seed) if config.seed is not None else random.SystemRandom()
+        try:
+            self.events = EventHub(open_sinks(config.event_sinks))
+        except SinkConfigError:
+            self.store.close()
+            raise
         self.service = CoordinatorService(self.store, self.blobs, SystemClock(), rng=rng,
-                                          settings=config)
+                                          settings=config, events=self.events)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._ticker: asyncio.Task[None] | None = None
@@ -121,6 +128,7 @@ class Coordinator:
         if self.server is not None:
             await self.server.stop(grace)
         self.service.close()
+        self.events.close()
         self.store.close()
         self.blobs.unlock()
 

@@ -94,3 +94,8 @@ class CoordinatorSettings:
     insecure: bool = False
     #: Device enrollment, admin credentials, rate limits (coordinator.security).
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    #: Where events go besides the database (:mod:`coordinator.observability.sinks`):
+    #: ``kafka://BROKER[,BROKER...]/TOPIC``.
+    event_sinks: tuple[str, ...] = ()
+    #: The HTTP side port (metrics, health, dashboard); None: off.
+    http_port: int | None = None

@@ -156,6 +156,9 @@ def build_parser() -> FedctlParser:
                        help="the JWT claim that holds the role")
     serve.add_argument("--insecure", action="store_true",
                        help="allow plaintext on a non-loopback --host (trusted networks only)")
+    serve.add_argument("--events", action="append", default=[], metavar="URL",
+                       help="also send every device and round event to URL: "
+                            "kafka://BROKER[,BROKER...]/TOPIC; repeatable")
     serve.set_defaults(func=cmd_serve, settings_table="coordinator")
     parser.settings_parsers["coordinator"] = serve
 
@@ -325,6 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from coordinator.app import serve
+    from coordinator.observability.sinks import SinkConfigError
     from coordinator.settings import CoordinatorSettings
     from coordinator.storage.errors import StorageError
     from core.tls import TlsError
@@ -335,13 +339,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  port=args.port, max_chunk_bytes=args.max_chunk_bytes,
                                  upload_idle_timeout_s=args.upload_idle_timeout,
                                  tls_dir=args.tls, client_ca=args.client_ca,
-                                 insecure=args.insecure, security=_security_settings(args))
+                                 insecure=args.insecure, security=_security_settings(args),
+                                 event_sinks=tuple(args.events))
     try:
         asyncio.run(serve(config, args.port_file, admin_token_file=args.admin_token_file))
     except StorageError as exc:
         hint = database_hint(args.db) if isinstance(exc.__cause__, ImportError) else ""
         raise CliError(f"coordinator: {exc}{hint}") from None
-    except (OSError, TlsError) as exc:
+    except (OSError, TlsError, SinkConfigError) as exc:
         raise CliError(f"coordinator: {exc}") from None
     return 0
 
