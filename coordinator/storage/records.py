@@ -87,3 +87,24 @@ class ParticipantRecord:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", _frozen(self.metrics))
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One stored event (:class:`coordinator.observability.events.Event`, its kind by its
+    value: the store knows no kinds). ``(task_id, seq)`` is its key."""
+
+    task_id: str
+    seq: int
+    kind: str
+    at: float
+    round_number: int
+    device_id: str
+    reason: str
+    detail: str
+    values: Mapping[str, float]
+    #: The event record's layout version (``EVENT_SCHEMA_VERSION`` when it was written).
+    schema: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", _frozen(self.values))

@@ -37,6 +37,7 @@ from coordinator.storage.base import (
     metrics_dict,
 )
 from coordinator.storage.errors import Conflict, NotFound, StorageError
+from coordinator.storage.event_log_sql import SqlEventLog
 from coordinator.storage.records import (
     ModelVersionRecord,
     ParticipantRecord,
@@ -197,6 +198,10 @@ class SqlStore(Store):
     def security_store(self) -> SqlSecurityStore:
         """The security records (devices, tokens, audit) in the same database."""
         return SqlSecurityStore(self._engine, self._url)
+
+    def event_log(self) -> SqlEventLog:
+        """The event log in the same database."""
+        return SqlEventLog(self._engine, self._url)
 
     def _prepare_schema(self) -> None:
         with self._engine.begin() as conn:
