@@ -25,6 +25,8 @@ import hashlib
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,7 @@ from coordinator.rounds.errors import CoordinatorError, Duplicate
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import ROUND_TRANSITIONS, FileBlobStore, SqlStore
-from coordinator.storage.records import RoundRecord
+from coordinator.storage.records import ParticipantRecord, RoundRecord
 from core.protocol import CheckInOutcome, Participation, UpdateHeader
 from core.tensors import TensorInfo, numpy_dtype, sha256_hex
 from core.types import (
@@ -79,9 +81,18 @@ def _payload(infos: list[TensorInfo], value: float) -> bytes:
     return b"".join(np.full(i.shape, value, dtype=numpy_dtype(i.dtype)).tobytes() for i in infos)
 
 
+@dataclass
+class _Seen:
+    """The records as read once for all the invariants of a step."""
+
+    rounds: list[RoundRecord]
+    participants: dict[int, list[ParticipantRecord]]
+
+
 class RoundsUnderFire(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
+        self._seen: _Seen | None = None
         self.dir = Path(tempfile.mkdtemp(prefix="fedcoord-stateful-"))
         self.clock = ManualClock()
         self.store: SqlStore | None = None
@@ -282,13 +293,20 @@ class RoundsUnderFire(RuleBasedStateMachine):
                       if rnd is not None and round_id == rnd.round_id)
 
     def _rounds(self) -> list[RoundRecord]:
+        if self._seen is not None:
+            return self._seen.rounds
         assert self.store is not None
         return self.store.list_rounds(self.task_id) if self.task_id else []
 
+    def _participants(self, round_id: int) -> list[ParticipantRecord]:
+        if self._seen is not None and round_id in self._seen.participants:
+            return self._seen.participants[round_id]
+        assert self.store is not None
+        return self.store.list_participants(round_id)
+
     def _records(self) -> object:
         assert self.store is not None
-        return (self._rounds(), [self.store.list_participants(r.round_id)
-                                 for r in self._rounds()])
+        return (self._rounds(), [self._participants(r.round_id) for r in self._rounds()])
 
     def _reports(self) -> list[int]:
         return [r.reports for r in self._rounds()]
@@ -296,44 +314,58 @@ class RoundsUnderFire(RuleBasedStateMachine):
     # -------------------------------------------------------------- invariants
 
     @invariant()
+    def records_tell_a_consistent_story(self) -> None:
+        """Every check of :meth:`_checks` after every step, over one read of the rounds and
+        their participants (each check reading them anew made this the suite's slowest
+        test)."""
+        rounds = self._rounds()
+        self._seen = _Seen(rounds, {r.round_id: self._participants(r.round_id) for r in rounds})
+        try:
+            for check in self._checks():
+                check()
+        finally:
+            self._seen = None
+
+    def _checks(self) -> list[Callable[[], None]]:
+        return [self.one_slot_per_device_per_round, self.a_report_is_counted_once,
+                self.an_accepted_upload_stays_reported,
+                self.no_effect_without_a_valid_participation,
+                self.committed_versions_are_never_rewritten, self.rounds_move_only_forward]
+
     def one_slot_per_device_per_round(self) -> None:
         assert self.store is not None
         for r in self._rounds():
-            devices = [p.device_id for p in self.store.list_participants(r.round_id)]
+            devices = [p.device_id for p in self._participants(r.round_id)]
             assert len(devices) == len(set(devices)), f"round {r.round_id}: {devices}"
             assert r.selected == len(devices)
             assert r.selected <= SPEC.clients_per_round
 
-    @invariant()
     def a_report_is_counted_once(self) -> None:
         assert self.store is not None
         seen: list[str] = []
         for r in self._rounds():
-            participants = self.store.list_participants(r.round_id)
+            participants = self._participants(r.round_id)
             reported = [p for p in participants if p.state is ParticipantState.REPORTED]
             assert r.reports == len(reported), (r, reported)
             assert r.reports <= r.selected
             seen += [p.token_hash for p in reported]
         assert len(seen) == len(set(seen))
 
-    @invariant()
     def an_accepted_upload_stays_reported(self) -> None:
         assert self.store is not None
-        records = [p for r in self._rounds() for p in self.store.list_participants(r.round_id)]
+        records = [p for r in self._rounds() for p in self._participants(r.round_id)]
         for token in self.accepted:
             holders = [p for p in records if p.token_hash == token]
             assert len(holders) == 1 and holders[0].state is ParticipantState.REPORTED, holders
 
-    @invariant()
     def no_effect_without_a_valid_participation(self) -> None:
         """Every report is an upload the service accepted from the token's holder."""
         assert self.store is not None
         for r in self._rounds():
-            for p in self.store.list_participants(r.round_id):
+            for p in self._participants(r.round_id):
                 if p.state is ParticipantState.REPORTED:
                     assert p.token_hash in self.accepted, f"{p.device_id} reported unseen"
 
-    @invariant()
     def committed_versions_are_never_rewritten(self) -> None:
         assert self.store is not None
         if not self.task_id:
@@ -344,7 +376,6 @@ class RoundsUnderFire(RuleBasedStateMachine):
             data = b"".join(self.service.model_chunks(record, 1 << 16))
             assert sha256_hex(data) == first, f"model version {record.version}'s file changed"
 
-    @invariant()
     def rounds_move_only_forward(self) -> None:
         committed_numbers: list[int] = []
         for r in self._rounds():

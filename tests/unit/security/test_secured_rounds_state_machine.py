@@ -17,10 +17,12 @@ once, committed versions never rewritten, rounds only forward):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import invariant, precondition, rule
+from hypothesis.stateful import precondition, rule
 
 from coordinator.rounds.service import CoordinatorService
 from coordinator.security.errors import SecurityError, Unauthenticated
@@ -154,7 +156,7 @@ class SecuredRounds(RoundsUnderFire):
 
     def _participation_of(self, round_id: int, device_id: str) -> tuple[int, bool]:
         assert self.store is not None
-        mine = [p for p in self.store.list_participants(round_id) if p.device_id == device_id]
+        mine = [p for p in self._participants(round_id) if p.device_id == device_id]
         return len(mine), any(p.state is ParticipantState.REPORTED for p in mine)
 
     def _upload_from(self, device: str, value: float) -> None:
@@ -171,14 +173,16 @@ class SecuredRounds(RoundsUnderFire):
 
     # -------------------------------------------------------------- invariants
 
-    @invariant()
+    def _checks(self) -> list[Callable[[], None]]:
+        """The plain machine's invariants, then these two (all run after every step)."""
+        return [*super()._checks(), self.one_slot_per_key, self.revoked_devices_gain_nothing]
+
     def one_slot_per_key(self) -> None:
         assert self.store is not None
         for r in self._rounds():
-            for p in self.store.list_participants(r.round_id):
+            for p in self._participants(r.round_id):
                 assert p.device_id in self.enrolled, f"{p.device_id} has a seat, never enrolled"
 
-    @invariant()
     def revoked_devices_gain_nothing(self) -> None:
         for device_id, at_revocation in self.revoked.items():
             for r in self._rounds():
