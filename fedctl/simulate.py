@@ -4,7 +4,10 @@ simulated federation (:mod:`simulations`), the same file ``fedctl task launch`` 
 coordinator, with its ``simulation:`` section (the population's data, heterogeneity,
 engine). A progress bar goes to stderr; ``metrics.jsonl``, ``metrics.csv`` and
 ``metrics.png`` to the output directory; a summary to stdout (with ``--json``, only one JSON
-line: anything user code prints goes to stderr).
+line: anything user code prints goes to stderr). The summary says how the run ended, in
+the coordinator's task states: ``completed``, ``failed`` or, under central DP,
+``budget_exhausted`` (the next round would have passed ``privacy.max_epsilon``), with the
+epsilon spent and the budget.
 
 A bad task file or ``--app`` exits with code 2 and one line naming the file and the field.
 """
@@ -101,13 +104,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             closer()
         plot_runs({config.name: history}, out / "metrics.png", title=config.name)
     final = next((m for m in reversed(history) if m.test_accuracy is not None), None)
+    privacy = sim.privacy
     summary = {
         "name": config.name, "rounds": len(history),
         "committed": sum(m.committed for m in history),
+        # The coordinator's task state: completed, failed, budget_exhausted.
+        "state": sim.outcome.state.value, "stop_reason": sim.outcome.reason,
         "final_accuracy": None if final is None else final.test_accuracy,
         "final_test_loss": None if final is None else final.test_loss,
         "final_metrics": {} if final is None else dict(final.metrics),
-        "epsilon": history[-1].epsilon if history else None,
+        "epsilon": None if privacy is None else privacy.epsilon(),
+        "epsilon_budget": None if privacy is None else privacy.budget,
+        "delta": None if privacy is None else privacy.delta,
         "sim_time_s": history[-1].sim_time_s if history else 0.0,
         "wall_s": history[-1].wall_s if history else 0.0,
         "out": str(out),
@@ -139,9 +147,13 @@ def _human(summary: dict[str, Any]) -> str:
         parts.append(f"test accuracy {acc:.4f}, test loss {loss:.4f}")
     parts += [f"{k} {v:.4g}" for k, v in summary["final_metrics"].items()]
     if summary["epsilon"] is not None:
-        parts.append(f"epsilon {summary['epsilon']:.3g}")
+        parts.append(f"epsilon {summary['epsilon']:.3g} of {summary['epsilon_budget']:.3g} "
+                     f"(delta {summary['delta']:g})")
     parts.append(f"{summary['sim_time_s']:.0f} simulated s, {summary['wall_s']:.1f} s")
-    return ", ".join(parts) + f"\nmetrics in {summary['out']}/ (metrics.jsonl, .csv, .png)"
+    text = ", ".join(parts)
+    if summary["state"] != "completed":
+        text += f"\nstopped ({summary['state']}): {summary['stop_reason']}"
+    return text + f"\nmetrics in {summary['out']}/ (metrics.jsonl, .csv, .png)"
 
 
 @contextlib.contextmanager

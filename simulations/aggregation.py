@@ -30,15 +30,17 @@ import numpy as np
 
 from core.aggregation.fedavg import weighted_mean
 from core.aggregation.robust import check_rule_applies, robust_aggregate
+from core.privacy.adaptive_clipping import clipped_bit
 from core.privacy.clipping import clip_to_l2_norm
 from core.privacy.noise import NoiseSource
 from core.privacy.spec import PrivacyMode, PrivacySpec
 from core.privacy.task import TaskPrivacy
-from core.sampling import CohortDraw, fixed_size_draw
+from core.sampling import CohortDraw
 from core.secagg import encoding
 from core.secagg.inprocess import run_round
 from core.secagg.params import derive
-from core.types import ModelSpec, RobustAggregation, RobustKind, SecureAggregation, TaskSpec
+from core.types import ModelSpec, RobustAggregation, RobustKind, SecureAggregation
+from simulations.central_dp import selection_draw, task_privacy
 
 State = dict[str, np.ndarray]
 
@@ -63,22 +65,19 @@ class CohortAggregator:
         self.metrics: dict[str, float] = {}
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EC]))
         self._seed = seed
-        self._privacy: TaskPrivacy | None = None
+        #: Central DP: the coordinator's state (clip, noise, accountant, budget).
+        self.privacy: TaskPrivacy | None = task_privacy(
+            name="simulation", model=model, rounds=rounds, clients_per_round=clients_per_round,
+            privacy=privacy)
         self._noise = NoiseSource.seeded(seed)
         self._rounds = 0
         self._draw: CohortDraw | None = None
-        if privacy is not None and privacy.mode is PrivacyMode.CENTRAL:
-            task = TaskSpec(name="simulation", model=model, rounds=rounds,
-                            clients_per_round=clients_per_round, min_reports=1,
-                            over_selection=1.0, privacy=privacy)
-            self._privacy = TaskPrivacy.for_task(task)
 
     def begin_round(self, *, available: int, admitted: int) -> None:
         """What this round's selection did: ``admitted`` drawn uniformly from the
         ``available`` devices (the accountant's input under DP)."""
-        if self._privacy is not None:
-            self._draw = fixed_size_draw(eligible=available, cohort=admitted,
-                                         population=self._privacy.population)
+        if self.privacy is not None:
+            self._draw = selection_draw(self.privacy, available=available, admitted=admitted)
 
     @property
     def epsilon(self) -> float | None:
@@ -95,17 +94,23 @@ class CohortAggregator:
             for n in names], axis=1)
         self.metrics = {}
         rule = self.robust
-        masked_or_private = self.secure_aggregation is not None or self._privacy is not None
+        masked_or_private = self.secure_aggregation is not None or self.privacy is not None
         if rule.kind is RobustKind.NORM_BOUND and masked_or_private:
             # Each device's own step, before encoding or the DP clip (the bound is fixed:
             # check_rule_applies refused an adaptive one).
             assert rule.norm_bound is not None
             bound = rule.norm_bound
             flat = np.stack([clip_to_l2_norm(row, l2_clip_norm=bound)[0] for row in flat])
-        if self._privacy is not None:
-            clip = self._privacy.clip
-            flat = np.stack([clip_to_l2_norm(row, l2_clip_norm=clip)[0] for row in flat])
+        unclipped: float | None = None
+        if self.privacy is not None:
+            clip = self.privacy.clip
+            clipped = [clip_to_l2_norm(row, l2_clip_norm=clip) for row in flat]
+            flat = np.stack([row for row, _ in clipped])
             weights = [1] * count
+            if self.privacy.adaptive is not None:
+                # Each device's bit, summed (in the clear or in the SecAgg ring alike).
+                unclipped = float(sum(clipped_bit(norm, l2_clip_norm=clip)
+                                      for _, norm in clipped))
         else:
             weights = [int(n) for n in num_examples]
         if self.secure_aggregation is not None and count >= 3:
@@ -113,24 +118,24 @@ class CohortAggregator:
         elif rule.kind is not RobustKind.MEAN and not masked_or_private:
             result = robust_aggregate(flat, [float(w) for w in weights], rule)
             self.metrics.update(result.metrics)
-            return _unflatten(result.mean, global_params)
+            return unflatten(result.mean, global_params)
         else:
             denominator = sum(weights)
             mean = weighted_mean(list(flat), [float(w) for w in weights])
-        if self._privacy is not None:
+        if self.privacy is not None:
             assert self._draw is not None, "begin_round first: DP accounts the round's draw"
-            release = self._privacy.release(mean * denominator, None, draw=self._draw,
-                                            source=self._noise, require_secure=False)
-            self._privacy.committed(release)
+            release = self.privacy.release(mean * denominator, unclipped, draw=self._draw,
+                                           source=self._noise, require_secure=False)
+            self.privacy.committed(release)
             self.metrics.update(release.metrics)
             mean = release.mean.astype(np.float64)
-        return _unflatten(mean, global_params)
+        return unflatten(mean, global_params)
 
     def _secure_mean(self, flat: np.ndarray, weights: list[int], round_index: int
                      ) -> tuple[np.ndarray, int]:
         sa = self.secure_aggregation
         assert sa is not None
-        if self._privacy is not None:
+        if self.privacy is not None:
             sa = dataclasses.replace(sa, weight_cap=1)
         params = derive(sa, len(weights))
         inputs = {i: encoding.encode_update(row, w, params, self._rng)
@@ -149,7 +154,9 @@ class CohortAggregator:
         return mean, weight
 
 
-def _unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> State:
+def unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> State:
+    """``flat`` (the tensors of ``like`` concatenated in order) cut back into ``like``'s
+    shapes and dtypes."""
     out: State = {}
     offset = 0
     for name, value in like.items():

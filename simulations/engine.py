@@ -7,6 +7,11 @@ counts, aggregate with the coordinator's code, evaluate, report.
 
 Everything is deterministic in the config's seeds (selection, availability, dropouts,
 stragglers, shuffles, initial weights), whichever trainer runs the cohort.
+
+How the run ended is :attr:`Simulation.outcome`, in the coordinator's task states: completed
+(all rounds committed), failed (a round's every attempt failed) or, under central DP,
+budget_exhausted: the budget is checked when the coordinator checks it
+(:mod:`simulations.central_dp`), so no round runs that would take epsilon past it.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import numpy as np
 import torch
 
 from core.models import build_model, initial_state, load_numpy_state, model_hooks
+from core.privacy.task import TaskPrivacy
 from core.training import evaluate, evaluate_metrics
-from core.types import RobustKind
+from core.types import AggregationMode, RobustKind, TaskState
 from simulations.aggregation import CohortAggregator
 from simulations.algorithms import FederatedAlgorithm, make_algorithm
+from simulations.central_dp import budget_exhausted, draw_refusal, selection_draw
 from simulations.cohort import CohortTrainer, DeviceJob, DeviceTable, make_trainer
 from simulations.config import SimulationConfig
 from simulations.data import FederatedData, load_federated_data
@@ -71,6 +78,16 @@ class RoundMetrics:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a simulation ended, as the coordinator would leave the task: ``state`` is
+    RUNNING while rounds are being yielded (and after a caller stopped early), then
+    COMPLETED, FAILED or BUDGET_EXHAUSTED; ``reason`` says why it is not COMPLETED."""
+
+    state: TaskState
+    reason: str = ""
+
+
 def device_seed(seed: int, round_index: int, device: int) -> int:
     """The shuffling seed of ``device`` in ``round_index``."""
     return int(np.random.SeedSequence([seed, round_index, device]).generate_state(1)[0])
@@ -78,7 +95,11 @@ def device_seed(seed: int, round_index: int, device: int) -> int:
 
 class Simulation:
     """A federation built from ``config``; ``trainer`` replaces the configured engine (e.g.
-    :class:`simulations.ray_backend.RayCohortTrainer`). Not thread-safe."""
+    :class:`simulations.ray_backend.RayCohortTrainer`). Not thread-safe.
+
+    Raises:
+        ValueError: a privacy ``target_epsilon`` unreachable in the task's rounds.
+    """
 
     def __init__(self, config: SimulationConfig, *, trainer: CohortTrainer | None = None,
                  data: FederatedData | None = None) -> None:
@@ -92,7 +113,9 @@ class Simulation:
             base_dir=config.base_dir)
         aggregator = None
         robust = config.aggregation.robust
-        if (config.secure_aggregation is not None or config.privacy is not None
+        # The asynchronous engine aggregates its buffers itself (simulations.asynchronous).
+        if config.aggregation.mode is AggregationMode.SYNC and (
+                config.secure_aggregation is not None or config.privacy is not None
                 or robust.kind is not RobustKind.MEAN):
             aggregator = CohortAggregator(
                 model=config.model, rounds=config.rounds,
@@ -100,6 +123,11 @@ class Simulation:
                 secure_aggregation=config.secure_aggregation, privacy=config.privacy,
                 robust=robust)
         self.aggregator = aggregator
+        #: Central DP: the coordinator's privacy state (epsilon spent, the budget).
+        self.privacy: TaskPrivacy | None = aggregator.privacy if aggregator is not None else None
+        #: How the run ended (:class:`Outcome`); RUNNING until :meth:`rounds` is done.
+        self.outcome = Outcome(TaskState.RUNNING)
+        self._failure = ""  # why the last round's last attempt failed, when it is known
         self.algorithm: FederatedAlgorithm = make_algorithm(
             config.algorithm, config.server, num_devices=self.data.num_devices,
             learning_rate=config.local.learning_rate, aggregator=aggregator)
@@ -116,31 +144,64 @@ class Simulation:
         self.sim_time_s = 0.0
 
     def rounds(self, count: int | None = None) -> Iterator[RoundMetrics]:
-        """Runs ``count`` rounds (default: the config's), yielding each round's metrics."""
+        """Runs ``count`` rounds (default: the config's), yielding each round's metrics;
+        fewer when a round fails or (central DP) the next one would pass the budget
+        (:attr:`outcome` says which)."""
         total = self.config.rounds if count is None else count
         threads = torch.get_num_threads()
         torch.set_num_threads(self.config.engine.threads)
         start = time.perf_counter()
+        self.outcome = Outcome(TaskState.RUNNING)
         try:
+            if total and self.budget_stop(committed=0):
+                return
             for r in range(1, total + 1):
                 metrics = self.run_round(r, evaluate_now=(r % self.config.evaluation.every == 0
                                                           or r == total), start=start)
+                stopping = metrics.committed and r < total and self.budget_stop(committed=r)
+                if stopping and metrics.test_accuracy is None:
+                    metrics = self.with_evaluation(metrics)  # the final model is this one
                 yield metrics
                 if not metrics.committed:  # every attempt failed: the task would fail
+                    self.outcome = Outcome(TaskState.FAILED, self._failure or (
+                        f"round {r}: {self.config.selection.max_failed_attempts} attempts "
+                        "failed"))
                     return
+                if stopping:
+                    return
+            self.outcome = Outcome(TaskState.COMPLETED)
         finally:
             torch.set_num_threads(threads)
+
+    def budget_stop(self, *, committed: int) -> bool:
+        """The coordinator's check before a round opens: True (and :attr:`outcome` is
+        BUDGET_EXHAUSTED) when one more round with the planned draw would pass the privacy
+        budget. ``committed``: rounds committed so far."""
+        if self.privacy is None:
+            return False
+        reason = budget_exhausted(self.privacy, committed=committed)
+        if reason is None:
+            return False
+        self.outcome = Outcome(TaskState.BUDGET_EXHAUSTED, reason)
+        return True
 
     def run_round(self, round_index: int, *, evaluate_now: bool = True,
                   start: float | None = None) -> RoundMetrics:
         config = self.config
         t0 = time.perf_counter() if start is None else start
         round_time = 0.0
+        self._failure = ""
         for attempt in range(1, config.selection.max_failed_attempts + 1):
             plan = plan_round(round_index, profiles=self.profiles, sizes=self.table.sizes,
                               selection=config.selection, local=config.local,
                               straggler_fraction=config.heterogeneity.straggler_fraction,
                               seed=config.seed, attempt=attempt)
+            refusal = self._refuse_draw(plan)
+            if refusal is not None:
+                # Failed when its selection closed: nobody trained, nothing was accounted.
+                self._failure = f"round {round_index}, attempt {attempt}: {refusal}"
+                plan = dataclasses.replace(plan, used=(), committed=False, duration_s=0.0)
+                continue
             round_time += plan.duration_s
             if plan.committed:
                 break
@@ -165,6 +226,15 @@ class Simulation:
             attempts=attempt, metrics=metrics,
             device_s=self._device_s(plan) if plan.committed else 0.0)
 
+    def _refuse_draw(self, plan: RoundPlan) -> str | None:
+        """Central DP: why the draw this attempt's selection made would pass the budget
+        (fewer devices online than the population: a larger q), else None."""
+        if self.privacy is None:
+            return None
+        draw = selection_draw(self.privacy, available=plan.available,
+                              admitted=len(plan.admitted))
+        return draw_refusal(self.privacy, draw)
+
     def _device_s(self, plan: RoundPlan) -> float:
         batch = self.config.local.batch_size
         return float(sum(w.steps * batch / max(float(self.profiles.speed[w.device]), 1e-12)
@@ -182,6 +252,12 @@ class Simulation:
         if not done.any():
             return None
         return float(np.average(result.loss[done], weights=result.num_examples[done]))
+
+    def with_evaluation(self, metrics: RoundMetrics) -> RoundMetrics:
+        """``metrics`` with the current global model's evaluation filled in."""
+        train_loss, test_loss, accuracy = self.evaluate()
+        return dataclasses.replace(metrics, train_loss=train_loss, test_loss=test_loss,
+                                   test_accuracy=accuracy, metrics=self.app_metrics())
 
     def evaluate(self) -> tuple[float | None, float, float]:
         """(loss on the training sample or None if empty, test loss, test accuracy) of the

@@ -1,6 +1,7 @@
 """Simulations with secure aggregation and central DP run the coordinator's own protocol
 and privacy code: the secure model equals the plain one within the quantization bound, DP
-rounds carry the accountant's epsilon, and settings the coordinator would refuse are refused."""
+rounds carry the accountant's epsilon, the budget stops the run where the coordinator would
+stop the task, and settings the coordinator would refuse are refused."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from core.privacy.spec import privacy_from_dict
-from core.types import LocalTraining, ModelSpec, SecAggProtocol, SecureAggregation
+from core.privacy import epsilon
+from core.privacy.spec import PrivacySpec, privacy_from_dict
+from core.types import LocalTraining, ModelSpec, SecAggProtocol, SecureAggregation, TaskState
 from simulations.config import (
     DataConfig,
+    Distribution,
+    DistributionKind,
+    HeterogeneityConfig,
     SelectionConfig,
     SimulationConfig,
     SimulationConfigError,
@@ -84,3 +89,68 @@ simulation: {population: {devices: 8, data: "synthetic:alpha=1,beta=1"}}
                               source="s.yaml")
     config = _config(secure_aggregation=SECURE)
     validate_simulation_config(config, source="s.yaml")
+
+
+# -- the privacy budget, checked when the coordinator checks it -----------------------------
+
+def _central(**changes: object) -> PrivacySpec:
+    return privacy_from_dict({"mode": "central", "noise_multiplier": 1.0, "delta": 1e-5,
+                              "clip": 1.0, "population": 8, "sampling": "fixed",
+                              "max_epsilon": 1e6, **changes}, "t")
+
+
+def _every_device_epsilon(rounds: int) -> float:
+    """Epsilon of ``rounds`` rounds that each draw all 8 of 8 devices (q = 1, replace-one:
+    the Gaussian mechanism of sensitivity 2C, so multiplier z / 2)."""
+    return epsilon(noise_multiplier=1.0 / 2, sampling_rate=1.0, steps=rounds, delta=1e-5)
+
+
+def test_a_simulation_ends_before_a_round_that_would_pass_the_budget(
+    make_federation,  # type: ignore[no-untyped-def]
+) -> None:
+    budget = (_every_device_epsilon(2) + _every_device_epsilon(3)) / 2
+    config = _config(rounds=5, privacy=_central(max_epsilon=budget))
+    sim = Simulation(config, data=make_federation(SIZES))
+    metrics = list(sim.rounds())
+    assert [m.round for m in metrics] == [1, 2] and all(m.committed for m in metrics)
+    assert sim.outcome.state is TaskState.BUDGET_EXHAUSTED
+    assert "privacy budget exhausted after 2 rounds" in sim.outcome.reason
+    assert [m.epsilon for m in metrics] == pytest.approx(
+        [_every_device_epsilon(1), _every_device_epsilon(2)], rel=1e-9)
+    assert sim.privacy is not None and sim.privacy.epsilon() <= budget
+    # The last committed model is the final one: it is evaluated even between evaluations.
+    assert metrics[-1].test_accuracy is not None
+
+
+def test_a_simulation_within_its_budget_completes(
+    make_federation,  # type: ignore[no-untyped-def]
+) -> None:
+    config = _config(rounds=2, privacy=_central(max_epsilon=_every_device_epsilon(2) * (1 + 1e-6)))
+    sim = Simulation(config, data=make_federation(SIZES))
+    assert len(list(sim.rounds())) == 2
+    assert (sim.outcome.state, sim.outcome.reason) == (TaskState.COMPLETED, "")
+
+
+def test_a_draw_from_fewer_devices_than_planned_fails_the_round_before_anyone_trains(
+    make_federation,  # type: ignore[no-untyped-def]
+) -> None:
+    # The budget fits one round drawing 4 of the 8 devices; with half of them offline the
+    # draw is 4 of fewer (a larger q), so every attempt fails when its selection closes.
+    private = _config(rounds=1, privacy=_central(),
+                      selection=SelectionConfig(clients_per_round=4, max_failed_attempts=3))
+    probe = Simulation(private, data=make_federation(SIZES))
+    assert probe.privacy is not None
+    _, one_round = probe.privacy.next_round_exceeds_budget()
+    budget = _central(max_epsilon=one_round * (1 + 1e-9))
+    half_online = HeterogeneityConfig(
+        availability=Distribution(DistributionKind.CONSTANT, value=0.5))
+    starved = Simulation(dataclasses.replace(private, privacy=budget, heterogeneity=half_online),
+                         data=make_federation(SIZES))
+    metrics = list(starved.rounds())
+    assert len(metrics) == 1 and not metrics[0].committed and metrics[0].attempts == 3
+    assert starved.outcome.state is TaskState.FAILED
+    assert "eligible devices checked in" in starved.outcome.reason
+    assert starved.privacy is not None and starved.privacy.history == []
+    everyone = Simulation(dataclasses.replace(private, privacy=budget),
+                          data=make_federation(SIZES))
+    assert [m.committed for m in everyone.rounds()] == [True]
