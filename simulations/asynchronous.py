@@ -30,6 +30,14 @@ no simulated time. ``rounds`` counts committed versions.
 server (accepted or rejected as stale; dropouts count nothing), as the synchronous engine
 counts its aggregated devices' training, so the two modes compare on compute.
 
+Central DP (``privacy: {mode: central}``), as the coordinator runs it
+(:mod:`core.privacy.task`, "Asynchronous tasks"): a version's mean is instead
+``(sum_i w(s_i) clip(delta_i, C) + N(0, (z C)^2)) / buffer`` (every device weight 1, no
+example count), released by the coordinator's ``TaskPrivacy`` and accounted as a draw of the
+whole population (q = 1, replace-one: no amplification). Before each version the budget is
+checked with that draw; when one more version would pass it the run ends
+(``outcome`` BUDGET_EXHAUSTED). Noise is seeded: simulations must be reproducible.
+
 Deterministic in the config's seed. Devices that start on the same version are trained
 together, one batch per version, when the first of them uploads.
 """
@@ -48,11 +56,15 @@ import torch
 from core.aggregation.fedavg import weighted_mean
 from core.aggregation.server_optimizers import apply_server_optimizer
 from core.aggregation.staleness import staleness_weight
-from core.types import Aggregation
+from core.privacy.noise import NoiseSource
+from core.privacy.task import EPSILON_METRIC
+from core.types import Aggregation, TaskState
+from simulations.aggregation import unflatten
+from simulations.central_dp import release_buffer, task_privacy
 from simulations.cohort import CohortTrainer, DeviceJob, full_steps
 from simulations.config import SimulationConfig
 from simulations.data import FederatedData
-from simulations.engine import RoundMetrics, Simulation, device_seed
+from simulations.engine import Outcome, RoundMetrics, Simulation, device_seed
 
 State = dict[str, np.ndarray]
 
@@ -92,13 +104,21 @@ class AsyncSimulation(Simulation):
         super().__init__(config, trainer=trainer, data=data)
         #: Most devices training at once over the run (the ``max_concurrency`` bound).
         self.peak_concurrency = 0
+        self.privacy = task_privacy(
+            name=config.name, model=config.model, rounds=config.rounds,
+            clients_per_round=config.selection.clients_per_round, privacy=config.privacy,
+            aggregation=config.aggregation)
+        self._noise = NoiseSource.seeded(config.seed)
+        self._epsilon: float | None = None
 
     def rounds(self, count: int | None = None) -> Iterator[RoundMetrics]:
         """Runs until ``count`` versions (default: the config's ``rounds``) are committed,
-        yielding each version's metrics."""
+        yielding each version's metrics; fewer when (central DP) the next version would
+        pass the budget (:attr:`outcome`)."""
         total = self.config.rounds if count is None else count
         threads = torch.get_num_threads()
         torch.set_num_threads(self.config.engine.threads)
+        self.outcome = Outcome(TaskState.RUNNING)
         try:
             yield from self._run(total)
         finally:
@@ -147,9 +167,12 @@ class AsyncSimulation(Simulation):
                 heapq.heappush(events, (arrival, launch.index, launch))
             self.peak_concurrency = max(self.peak_concurrency, int(busy.sum()))
 
+        if total and self.budget_stop(committed=0):
+            return
         fill(0.0)
         while version < total:
             if not events:  # every device dropped out and nobody is online: cannot happen
+                self.outcome = Outcome(TaskState.FAILED, "no device left to train")
                 return      # with a retry pending; kept as a guard against a silent hang
             now, _, launch = heapq.heappop(events)
             self.sim_time_s = now
@@ -176,7 +199,9 @@ class AsyncSimulation(Simulation):
                     snapshots.pop(version, None)
                 version += 1
                 snapshots[version] = self.params
-                evaluate_now = version % config.evaluation.every == 0 or version == total
+                stopping = version < total and self.budget_stop(committed=version)
+                evaluate_now = (version % config.evaluation.every == 0 or version == total
+                                or stopping)
                 scores: tuple[float | None, ...] = (None, None, None)
                 metrics: dict[str, float] = {}
                 if evaluate_now:
@@ -193,11 +218,14 @@ class AsyncSimulation(Simulation):
                     round_time_s=now - last_commit_s, sim_time_s=now,
                     wall_s=time.perf_counter() - start, local_loss=local_loss,
                     train_loss=scores[0], test_loss=scores[1], test_accuracy=scores[2],
-                    metrics=metrics, device_s=device_s)
+                    epsilon=self._epsilon, metrics=metrics, device_s=device_s)
                 buffer = []
                 last_commit_s, device_s = now, 0.0
                 counts = {**dict.fromkeys(counts, 0), "available": counts["available"]}
+                if stopping:
+                    return
             fill(now)
+        self.outcome = Outcome(TaskState.COMPLETED)
 
     def _train_version(self, version: int, untrained: dict[int, list[_Launch]],
                        snapshots: dict[int, State], trained: dict[int, _Upload],
@@ -216,12 +244,28 @@ class AsyncSimulation(Simulation):
                                         float(result.loss[i]), 0)
 
     def _commit(self, buffer: Sequence[_Upload], agg: Aggregation) -> State:
-        """FedBuff's server step over a full buffer."""
-        weights = [float(u.num_examples) for u in buffer]
+        """FedBuff's server step over a full buffer (central DP: over its release)."""
         scale = [staleness_weight(u.staleness, agg.staleness) for u in buffer]
-        mean = {name: weighted_mean([u.delta[name] * s for u, s in zip(buffer, scale,
-                                                                       strict=True)], weights)
-                for name in self.params}
+        if self.privacy is not None:
+            mean = self._private_mean(buffer, scale)
+        else:
+            weights = [float(u.num_examples) for u in buffer]
+            mean = {name: weighted_mean([u.delta[name] * s for u, s in zip(buffer, scale,
+                                                                           strict=True)],
+                                        weights)
+                    for name in self.params}
         new_params, self.algorithm.server_state = apply_server_optimizer(
             self.params, mean, self.config.server, self.algorithm.server_state)
         return new_params
+
+    def _private_mean(self, buffer: Sequence[_Upload], scale: Sequence[float]) -> State:
+        """The version's DP release (:func:`simulations.central_dp.release_buffer`),
+        committed to the accountant at once: the simulated version always commits."""
+        assert self.privacy is not None
+        names = list(self.params)
+        flat = [np.concatenate([np.asarray(u.delta[n], dtype=np.float64).reshape(-1)
+                                for n in names]) for u in buffer]
+        release = release_buffer(self.privacy, flat, scale, source=self._noise)
+        self.privacy.committed(release)
+        self._epsilon = float(release.metrics[EPSILON_METRIC])
+        return unflatten(release.mean, self.params)

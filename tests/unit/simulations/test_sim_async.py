@@ -1,12 +1,20 @@
-"""Asynchronous buffered aggregation (FedBuff) on the simulated clock."""
+"""Asynchronous buffered aggregation (FedBuff) on the simulated clock, with central DP as
+the coordinator runs it: clipped, staleness-weighted updates summed, noised once per version
+and divided by the buffer; each version accounted as a release over the whole population."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pytest
+import torch
 
+from core.privacy import Sampling, epsilon
+from core.privacy.clipping import l2_norm
+from core.privacy.noise import NoiseSource
+from core.privacy.spec import PrivacyMode, PrivacySpec, privacy_from_dict
 from core.types import (
     Aggregation,
     AggregationMode,
@@ -17,8 +25,11 @@ from core.types import (
     SecureAggregation,
     Staleness,
     StalenessKind,
+    TaskState,
 )
 from simulations.asynchronous import AsyncSimulation, staleness_weight
+from simulations.central_dp import release_buffer, task_privacy
+from simulations.cohort import CohortResult, DeviceJob
 from simulations.config import (
     AlgorithmConfig,
     AlgorithmKind,
@@ -175,3 +186,113 @@ def test_a_task_file_carries_aggregation_and_compare_into_the_simulation() -> No
     assert config.compare is not None and config.compare.target_accuracy == 0.5
     with pytest.raises(SimulationConfigError, match="compare.with_mode"):
         parse_simulation_yaml(_YAML.replace("with_mode: sync", "with_mode: async"))
+
+
+# -- central DP: one noised release per version, no amplification claimed -------------------
+
+def _central(**changes: object) -> PrivacySpec:
+    return privacy_from_dict({"mode": "central", "noise_multiplier": 1.0, "delta": 1e-5,
+                              "clip": 0.5, "population": len(SIZES), "sampling": "fixed",
+                              "max_epsilon": 1e6, **changes}, "t")
+
+
+def _private(privacy: PrivacySpec, **aggregation: object) -> SimulationConfig:
+    return dataclasses.replace(_config(**aggregation), privacy=privacy)
+
+
+def whole_population_epsilon(versions: int, z: float = 1.0) -> float:
+    """Epsilon of ``versions`` releases that each count every device (q = 1, replace-one):
+    the Gaussian mechanism of sensitivity 2C, i.e. multiplier z / 2 at sampling rate 1."""
+    return epsilon(noise_multiplier=z / 2, sampling_rate=1.0, steps=versions, delta=1e-5)
+
+
+def test_a_dp_release_is_the_clipped_staleness_weighted_sum_over_the_buffer() -> None:
+    config = _private(_central(noise_multiplier=1e-6, max_epsilon=1e300), buffer=4)
+    privacy = task_privacy(name="t", model=LINEAR, rounds=3, clients_per_round=3,
+                           privacy=config.privacy, aggregation=config.aggregation)
+    assert privacy is not None and privacy.expected_reports == 4
+    big = np.full(4, 1.0)            # norm 2, clipped to C = 0.5
+    small = np.array([0.1, 0.0, 0.0, 0.0])  # within C: kept as it is
+    release = release_buffer(privacy, [big, big, small], [1.0, 0.5, 1.0],
+                             source=NoiseSource.seeded(0))
+    expected = (big / 2 * 0.5 + 0.5 * big / 2 * 0.5 + small) / 4  # / buffer, not / 3
+    np.testing.assert_allclose(release.mean, expected, atol=1e-5)
+    assert release.draw == privacy.planned_draw
+    assert (release.draw.sampling_rate, release.draw.cohort) == (1.0, len(SIZES))
+
+
+class _PushEveryWeightUp:
+    """A trainer whose every device moves each weight by +10 (an update far above C)."""
+
+    def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
+              corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:
+        n = len(jobs)
+        return CohortResult(
+            params={k: v.unsqueeze(0).repeat(n, *([1] * v.dim())) + 10.0
+                    for k, v in global_params.items()},
+            steps=np.ones(n, np.int64), num_examples=np.arange(1, n + 1),
+            loss=np.zeros(n))
+
+
+def test_async_dp_moves_the_model_by_the_clipped_staleness_weighted_sum_over_the_buffer(
+        make_federation) -> None:  # type: ignore[no-untyped-def]
+    # Equal devices, equal speeds, two training at once and a buffer of two: version 1
+    # takes the two devices handed version 0 (staleness 0, 0); each later version takes one
+    # device handed the version before it while the buffer filled and one handed the
+    # current version (staleness 1, 0).
+    config = dataclasses.replace(
+        _private(_central(noise_multiplier=1e-6, max_epsilon=1e300), buffer=2,
+                 max_concurrency=2, staleness=Staleness(StalenessKind.POLYNOMIAL, exponent=1.0)),
+        heterogeneity=HeterogeneityConfig(), rounds=4)
+    sim = make_simulation(config, data=make_federation([10] * len(SIZES)),
+                          trainer=_PushEveryWeightUp())
+    before = np.concatenate([v.reshape(-1) for v in sim.params.values()])
+    moves = []
+    for _ in sim.rounds():
+        after = np.concatenate([v.reshape(-1) for v in sim.params.values()])
+        moves.append(l2_norm(after - before))
+        before = after
+    clip = 0.5
+    assert moves[0] == pytest.approx(clip * (1 + 1) / 2, rel=1e-4)
+    assert moves[1:] == pytest.approx([clip * (0.5 + 1) / 2] * 3, rel=1e-4)
+
+
+def test_async_dp_accounts_each_version_as_a_release_over_the_whole_population(
+        make_federation) -> None:  # type: ignore[no-untyped-def]
+    sim = make_simulation(_private(_central()), data=make_federation(SIZES))
+    history = list(sim.rounds())
+    assert [m.epsilon for m in history] == pytest.approx(
+        [whole_population_epsilon(v) for v in range(1, 9)], rel=1e-9)
+    assert sim.privacy is not None and sim.privacy.history[-1][1].sampling_rate == 1.0
+    assert sim.outcome.state is TaskState.COMPLETED
+
+
+def test_async_dp_stops_before_a_version_that_would_pass_the_budget(
+        make_federation) -> None:  # type: ignore[no-untyped-def]
+    budget = (whole_population_epsilon(2) + whole_population_epsilon(3)) / 2
+    sim = make_simulation(_private(_central(max_epsilon=budget)), data=make_federation(SIZES))
+    history = list(sim.rounds())
+    assert [m.round for m in history] == [1, 2]
+    assert sim.outcome.state is TaskState.BUDGET_EXHAUSTED
+    assert "privacy budget exhausted after 2 rounds" in sim.outcome.reason
+    assert sim.privacy is not None and sim.privacy.epsilon() <= budget
+    assert history[-1].test_accuracy is not None  # the final model is evaluated
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"mode": PrivacyMode.DISTRIBUTED}, "privacy.mode.*'distributed' needs secure aggregation"),
+    ({"sampling": Sampling.POISSON}, "privacy.sampling.*'poisson' does not apply to "
+                                     "aggregation.mode async"),
+])
+def test_async_dp_refuses_what_its_analysis_does_not_cover(change: dict[str, object],
+                                                           why: str) -> None:
+    privacy = dataclasses.replace(_central(), **change)  # type: ignore[arg-type]
+    with pytest.raises(SimulationConfigError, match=why):
+        validate_simulation_config(_private(privacy))
+
+
+def test_the_mode_comparison_runs_with_central_dp_too(make_federation) -> None:  # type: ignore[no-untyped-def]
+    config = dataclasses.replace(_private(_central()), rounds=3)
+    result = compare_modes(config, 1.0, data=make_federation(SIZES))
+    assert result["async"].final_accuracy is not None
+    assert result["sync"].final_accuracy is not None
