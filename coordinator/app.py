@@ -18,11 +18,13 @@ import grpc
 
 from coordinator.observability.events import EventHub
 from coordinator.observability.sinks import SinkConfigError, open_sinks
+from coordinator.observability.store_sink import StoreSink
 from coordinator.rounds.clock import SystemClock
 from coordinator.rounds.service import CoordinatorService
 from coordinator.security.service import Security
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, open_security_store, open_store
+from coordinator.storage.event_log import open_event_log
 from coordinator.transport import handlers
 from coordinator.transport.admin_auth import AdminAuthInterceptor
 from coordinator.transport.admin_servicer import AdminServicer
@@ -61,6 +63,13 @@ class Coordinator:
         except SinkConfigError:
             self.store.close()
             raise
+        # Every event also goes to the database (`fedctl events`); each task's numbering
+        # goes on after what is stored there, before recovery emits anything.
+        event_log = open_event_log(self.store)
+        for task in self.store.list_tasks():
+            self.events.resume(task.task_id, event_log.last_event_seq(task.task_id))
+        self.event_store = StoreSink(event_log)
+        self.events.add_sink(self.event_store)
         self.service = CoordinatorService(self.store, self.blobs, SystemClock(), rng=rng,
                                           settings=config, events=self.events)
         self.server: grpc.aio.Server | None = None
@@ -86,7 +95,8 @@ class Coordinator:
             DeviceServicer(self.service, self.security, idle_timeout_s=self.config.upload_idle_timeout_s),
             self.server, handlers.RequestLimits(self.service, self.config),
         )
-        handlers.add_admin_servicer(AdminServicer(self.service, self.security), self.server,
+        handlers.add_admin_servicer(AdminServicer(self.service, self.security, self.event_store),
+                                    self.server,
                                     handlers.RequestLimits(self.service, self.config))
         address = f"{self.config.host}:{self.config.port}"
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -11,7 +12,7 @@ from core.tls import ClientTls
 from core.types import API_VERSION, TaskSpec
 from fedctl.errors import cannot_reach
 from protos import convert
-from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc
+from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 
 
 class AdminError(Exception):
@@ -39,6 +40,15 @@ def is_transport_failure(details: str) -> bool:
     """True when an UNAVAILABLE status came from gRPC on this side (nothing was reached)."""
     text = details.lower()
     return not text or any(marker in text for marker in _TRANSPORT_MARKERS)
+
+
+def event_record(msg: events_pb2.Event) -> dict[str, Any]:
+    """An event as its JSON record: the layout of
+    :meth:`coordinator.observability.events.Event.to_json` (what the Kafka sink sends), for
+    any kind, a newer coordinator's included."""
+    return {"schema": msg.schema, "seq": msg.seq, "kind": msg.kind, "task_id": msg.task_id,
+            "at": msg.at_unix_s, "round_number": msg.round_number, "device_id": msg.device_id,
+            "reason": msg.reason, "detail": msg.detail, "values": dict(msg.values)}
 
 
 class AdminClient:
@@ -119,6 +129,15 @@ class AdminClient:
                                                                     task_id=task_id))
         assert isinstance(resp, admin_pb2.CancelTaskResponse)
         return resp.task
+
+    def list_events(self, task_id: str, after_seq: int = 0, limit: int = 0
+                    ) -> admin_pb2.ListEventsResponse:
+        """The task's events after ``after_seq`` (a page: ask again after the last one's seq
+        until none come), with the task's state when they were read."""
+        resp = self._call("ListEvents", admin_pb2.ListEventsRequest(
+            api_version=API_VERSION, task_id=task_id, after_seq=after_seq, limit=limit))
+        assert isinstance(resp, admin_pb2.ListEventsResponse)
+        return resp
 
     def pull_model(self, task_id: str, version: int, out: Path) -> tuple[int, str, int]:
         """Writes the model to ``out`` atomically (``out``'s folder must exist); returns

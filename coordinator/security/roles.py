@@ -40,6 +40,7 @@ REQUIRED_ROLE: Mapping[str, Role] = MappingProxyType({
     "ListTasks": Role.VIEWER,
     "ListRounds": Role.VIEWER,
     "DownloadModel": Role.VIEWER,
+    "ListEvents": Role.VIEWER,
     "WhoAmI": Role.VIEWER,
     "CreateTask": Role.LAUNCHER,
     "CancelTask": Role.LAUNCHER,

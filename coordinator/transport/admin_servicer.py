@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from coordinator.rounds.errors import InvalidRequest
+from coordinator.observability.store_sink import StoreSink
+from coordinator.rounds.errors import InvalidRequest, Unavailable
 from coordinator.rounds.service import CoordinatorService, TaskView
 from coordinator.security.roles import Role
 from coordinator.security.service import Security
@@ -13,11 +14,15 @@ from coordinator.storage import ApiTokenRecord, DeviceRecord
 from coordinator.storage.records import RoundRecord
 from coordinator.transport.admin_auth import current_principal
 from coordinator.transport.blobs import model_messages
+from coordinator.transport.event_convert import event_to_proto
 from coordinator.transport.status import Context, abort_for, check_api_version, maps_errors
 from protos import convert
 from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc
 
 T = TypeVar("T")
+
+#: The most events one ListEvents answer holds (and its default).
+EVENTS_PER_CALL = 1000
 
 
 def _ms(seconds: float | None) -> int:
@@ -84,9 +89,12 @@ def _invalid(call: Callable[[], T]) -> T:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Every call reaches here authenticated and authorized (see admin_auth)."""
 
-    def __init__(self, service: CoordinatorService, security: Security) -> None:
+    def __init__(self, service: CoordinatorService, security: Security,
+                 events: StoreSink | None = None) -> None:
+        """``events``: where ListEvents reads (None: it answers UNAVAILABLE)."""
         self._service = service
         self._security = security
+        self._events = events
 
     @maps_errors
     async def CreateTask(
@@ -129,6 +137,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.CancelTaskResponse(
             task=task_to_proto(self._service.cancel_task(request.task_id))
         )
+
+    @maps_errors
+    async def ListEvents(
+        self, request: admin_pb2.ListEventsRequest, context: Context
+    ) -> admin_pb2.ListEventsResponse:
+        check_api_version(request.api_version)
+        if self._events is None:
+            raise Unavailable("this coordinator keeps no events")
+        # The state first: every event emitted before it was read is in the answer.
+        state = self._service.get_task(request.task_id).record.state
+        events = self._events.list_events(request.task_id, request.after_seq,
+                                          min(request.limit or EVENTS_PER_CALL, EVENTS_PER_CALL))
+        return admin_pb2.ListEventsResponse(events=[event_to_proto(e) for e in events],
+                                            task_state=state.value, task_final=state.is_final)
 
     async def DownloadModel(
         self, request: admin_pb2.AdminDownloadModelRequest, context: Context

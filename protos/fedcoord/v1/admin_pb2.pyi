@@ -1,4 +1,5 @@
 from protos.fedcoord.v1 import common_pb2 as _common_pb2
+from protos.fedcoord.v1 import events_pb2 as _events_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -166,6 +167,28 @@ class CancelTaskResponse(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     task: Task
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+
+class ListEventsRequest(_message.Message):
+    __slots__ = ("api_version", "task_id", "after_seq", "limit")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    api_version: int
+    task_id: str
+    after_seq: int
+    limit: int
+    def __init__(self, api_version: _Optional[int] = ..., task_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListEventsResponse(_message.Message):
+    __slots__ = ("events", "task_state", "task_final")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TASK_STATE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FINAL_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_events_pb2.Event]
+    task_state: str
+    task_final: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[_events_pb2.Event, _Mapping]]] = ..., task_state: _Optional[str] = ..., task_final: bool = ...) -> None: ...
 
 class AdminDownloadModelRequest(_message.Message):
     __slots__ = ("api_version", "task_id", "version")

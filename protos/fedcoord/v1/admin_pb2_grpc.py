@@ -64,6 +64,11 @@ class AdminServiceStub(object):
                 request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelRequest.SerializeToString,
                 response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelResponse.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/fedcoord.v1.AdminService/ListEvents',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/fedcoord.v1.AdminService/CreateToken',
                 request_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
@@ -141,6 +146,13 @@ class AdminServiceServicer(object):
 
     def DownloadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvents(self, request, context):
+        """A task's events after a seq, oldest first (poll with the last seq seen to follow it).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -227,6 +239,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelRequest.FromString,
                     response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListEventsRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListEventsResponse.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
@@ -431,6 +448,33 @@ class AdminService(object):
             '/fedcoord.v1.AdminService/DownloadModel',
             protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelRequest.SerializeToString,
             protos_dot_fedcoord_dot_v1_dot_admin__pb2.AdminDownloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.AdminService/ListEvents',
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListEventsRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_admin__pb2.ListEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
