@@ -10,6 +10,8 @@ variables (:mod:`fedctl.config`); ``--json`` on ``task launch|status|list|watch`
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import os
 import sys
@@ -226,6 +228,19 @@ def build_parser() -> FedctlParser:
     _add_coordinator(ls)
     _add_json(ls, 'every task ({"tasks": [...]})')
     ls.set_defaults(func=cmd_task_list)
+
+    events_help = ("a task's events (device and round transitions), oldest first; with "
+                   "--follow, new ones as they happen until the task ends (then exit 0)")
+    events = sub.add_parser("events", help=events_help, description=events_help)
+    events.add_argument("--task", required=True, metavar="TASK_ID", help="the task")
+    events.add_argument("--after", type=int, default=0, metavar="SEQ",
+                        help="only the events after this seq")
+    events.add_argument("--follow", action="store_true",
+                        help="keep printing new events until the task is completed, failed, "
+                             "cancelled or out of privacy budget")
+    _add_coordinator(events)
+    _add_json(events, "JSON lines, one event record each (the Kafka sink's layout)")
+    events.set_defaults(func=cmd_events)
 
     model = sub.add_parser("model", help="models").add_subparsers(dest="action", required=True)
     pull = model.add_parser("pull", help="download a model version as safetensors")
@@ -578,6 +593,44 @@ def cmd_task_cancel(args: argparse.Namespace) -> int:
         task = _guard(lambda: client.cancel_task(args.task_id))
     print(f"task {task.task_id}: {task.state}")
     return 0
+
+
+#: Seconds between ``fedctl events --follow``'s polls.
+FOLLOW_POLL_S = 0.5
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from fedctl.admin import event_record
+
+    after = args.after
+    try:
+        with _admin(args) as client:
+            while True:
+                resp = _guard(functools.partial(client.list_events, args.task, after))
+                for msg in resp.events:
+                    record = event_record(msg)
+                    print(json.dumps(record) if args.json else _event_line(record), flush=True)
+                    after = msg.seq
+                if resp.events:
+                    continue  # a page: ask until none are left
+                # None left after reading a final state: every event has been printed.
+                if not args.follow or resp.task_final:
+                    return 0
+                time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        print(f"\nstopped following task {args.task} after event {after}", file=sys.stderr)
+        return 130
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    from fedctl.output import iso_utc
+
+    parts = [f"{e['seq']:>5}", iso_utc(int(e["at"] * 1000)) or "-", f"{e['kind']:<24}"]
+    parts += [f"{name}={e[name]}" for name in ("round_number", "device_id", "reason") if e[name]]
+    parts += [f"{k}={v:g}" for k, v in sorted(e["values"].items())]
+    if e["detail"]:
+        parts.append(repr(e["detail"]))
+    return " ".join(parts)
 
 
 def cmd_model_pull(args: argparse.Namespace) -> int:

@@ -1,0 +1,208 @@
+"""The dashboard's ASGI app (starlette): read-only pages over one
+:class:`~coordinator.rounds.service.CoordinatorService`.
+
+=========================================  ====================================================
+route                                      what
+=========================================  ====================================================
+``GET /``                                  the tasks, newest first, with their state
+``GET /tasks/{id}``                        one task: timeline, funnel, curves, ε, model versions
+``GET /tasks/{id}/snapshot.json``          the task's snapshot as JSON
+``GET /tasks/{id}/stream``                 Server-Sent Events: ``snapshot`` (summary, panels'
+                                           HTML, data) when the task changes; ``end`` when
+                                           it is final
+``GET /tasks/{id}/models/{v}.safetensors`` model version ``v``, streamed from the blob store
+``GET /static/...``                        the page's script and style sheet (no build step)
+=========================================  ====================================================
+
+Thread-safety: the service is not thread-safe, so the handlers call it directly and must run
+on the coordinator's event loop (serve this app with uvicorn on that loop). Each call is a
+short read: a task's view and its round records, rebuilt only when the task emitted an event
+or (for an open round's state, which emits none) at most every :data:`REFRESH_S`, and shared by
+every stream watching the task. Model files are read on starlette's thread pool: that touches
+the blob files only, never the service's state.
+
+No authentication: everything shown here, models included, is readable by whoever reaches
+the port. Bind it where only operators can (see ``model_downloads``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from coordinator.dashboard import render
+from coordinator.dashboard.feed import DashboardFeed
+from coordinator.dashboard.snapshot import TaskSnapshot, task_snapshot
+from coordinator.rounds.errors import NotFound
+from coordinator.rounds.service import CoordinatorService
+from coordinator.rounds.tasks import TaskView
+
+#: Longest an open round's state may be stale on the page (state changes inside a round
+#: emit no event), in seconds.
+REFRESH_S = 1.0
+#: Events closer together than this are sent as one snapshot, in seconds.
+COALESCE_S = 0.2
+#: A comment line keeps idle streams open through proxies, in seconds.
+KEEPALIVE_S = 15.0
+#: Bytes per chunk of a model download.
+MODEL_CHUNK_BYTES = 1 << 20
+#: Tasks whose last snapshot is kept.
+CACHED_TASKS = 64
+
+STATIC_DIR = Path(__file__).with_name("static")
+
+#: No inline script or style, nothing from elsewhere: markup that slipped through escaping
+#: still cannot run.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                                "img-src 'self'; connect-src 'self'; base-uri 'none'; "
+                                "form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class Snapshots:
+    """Each task's latest snapshot, rebuilt when the feed saw a newer event or the snapshot
+    is older than ``max_age_s`` (only while the task runs). Call on the service's loop."""
+
+    def __init__(self, service: CoordinatorService, feed: DashboardFeed, *,
+                 max_age_s: float = REFRESH_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._service = service
+        self._feed = feed
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, TaskView, TaskSnapshot]] = OrderedDict()
+
+    def get(self, task_id: str) -> TaskSnapshot:
+        """Raises NotFound for an unknown task."""
+        seq = self._feed.last_seq(task_id)
+        now = self._clock()
+        cached = self._cache.get(task_id)
+        if cached is not None:
+            built, view, snap = cached
+            if snap.seq == seq and (snap.is_final or now - built < self._max_age_s):
+                self._cache.move_to_end(task_id)
+                return snap
+        # The view carries epsilon (an accountant's computation): taken again only when
+        # the task emitted since; an open round's state needs the rounds alone.
+        if cached is None or cached[2].seq != seq:
+            view = self._service.get_task(task_id)
+        rounds = self._service.list_rounds(task_id)
+        snap = task_snapshot(view, rounds, self._feed.activity(task_id), seq=seq)
+        self._cache[task_id] = (now, view, snap)
+        self._cache.move_to_end(task_id)
+        while len(self._cache) > CACHED_TASKS:
+            self._cache.popitem(last=False)
+        return snap
+
+
+def _html(markup: str, status_code: int = 200) -> HTMLResponse:
+    return HTMLResponse(markup, status_code=status_code, headers=SECURITY_HEADERS)
+
+
+def _filename(task_id: str, version: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', task_id)}-v{version}.safetensors"
+
+
+def dashboard_app(service: CoordinatorService, *, feed: DashboardFeed | None = None,
+                  model_downloads: bool = True) -> Starlette:
+    """The dashboard for ``service``; subscribes its feed to ``service.events``. Mount it
+    last (at ``/``) in the HTTP port's app, served on the coordinator's event loop.
+    ``model_downloads=False`` leaves the model links and route out."""
+    if feed is None:
+        feed = DashboardFeed()
+        service.events.add_sink(feed)
+    snapshots = Snapshots(service, feed)
+
+    async def tasks(request: Request) -> Response:
+        return _html(render.tasks_page(service.list_tasks()))
+
+    async def task(request: Request) -> Response:
+        snap = snapshots.get(request.path_params["task_id"])
+        return _html(render.task_page(snap, model_downloads=model_downloads))
+
+    async def snapshot_json(request: Request) -> Response:
+        snap = snapshots.get(request.path_params["task_id"])
+        return JSONResponse(snap.to_json(), headers={"Cache-Control": "no-store"})
+
+    async def stream(request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        snapshots.get(task_id)  # 404 before the stream starts
+
+        async def messages() -> AsyncIterator[str]:
+            with feed.watch(task_id) as changed:
+                last = ""
+                last_sent = time.monotonic()
+                while not feed.closed:
+                    changed.clear()
+                    snap = snapshots.get(task_id)
+                    message = render.live_message(snap, model_downloads=model_downloads)
+                    if message != last:
+                        yield f"event: snapshot\nid: {snap.seq}\ndata: {message}\n\n"
+                        last, last_sent = message, time.monotonic()
+                    if snap.is_final:
+                        yield "event: end\ndata: {}\n\n"
+                        return
+                    if time.monotonic() - last_sent > KEEPALIVE_S:
+                        yield ": keepalive\n\n"
+                        last_sent = time.monotonic()
+                    try:
+                        await asyncio.wait_for(changed.wait(), timeout=REFRESH_S)
+                        await asyncio.sleep(COALESCE_S)
+                    except TimeoutError:
+                        pass
+
+        return StreamingResponse(messages(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store",
+                                          "X-Accel-Buffering": "no"})
+
+    async def model(request: Request) -> Response:
+        if not model_downloads:
+            raise HTTPException(404, "model downloads are turned off on this coordinator")
+        task_id = request.path_params["task_id"]
+        version = int(request.path_params["version"])
+        record = service.model_version(task_id, version)
+        # A plain iterator: starlette reads it on its thread pool (blob files only).
+        chunks = service.model_chunks(record, MODEL_CHUNK_BYTES)
+        return StreamingResponse(chunks, media_type="application/octet-stream", headers={
+            "Content-Disposition": f'attachment; filename="{_filename(task_id, version)}"',
+            "Content-Length": str(record.size_bytes),
+            "X-Content-SHA256": record.sha256,
+            "X-Content-Type-Options": "nosniff"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        if request.url.path.endswith((".json", "/stream")):
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        return _html(render.not_found_page(str(exc)), 404)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _html(render.error_page(exc.status_code, exc.detail), exc.status_code)
+
+    return Starlette(
+        routes=[
+            Route("/", tasks),
+            Route("/tasks/{task_id}", task),
+            Route("/tasks/{task_id}/snapshot.json", snapshot_json),
+            Route("/tasks/{task_id}/stream", stream),
+            Route("/tasks/{task_id}/models/{version:int}.safetensors", model),
+            Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+        ],
+        exception_handlers={NotFound: not_found, HTTPException: http_error},
+    )
+
+
+__all__ = ["COALESCE_S", "REFRESH_S", "SECURITY_HEADERS", "Snapshots", "dashboard_app"]

@@ -1,0 +1,172 @@
+"""The dashboard's routes over a real service (in-memory store, manual clock): pages, the
+live stream of a finished task, model downloads, 404s and escaping. No browser, no network
+(starlette's TestClient calls the app in process)."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from coordinator.dashboard import DashboardFeed, dashboard_app
+from coordinator.dashboard.app import SECURITY_HEADERS
+from coordinator.rounds.clock import ManualClock
+from coordinator.rounds.service import CoordinatorService
+from coordinator.storage import InMemoryStore
+from core.types import Evaluation, ModelSpec, RoundState
+from tests.unit.coordinator.test_round_service import (
+    admit,
+    deltas_like,
+    make_service,
+    model_params,
+    spec,
+    upload,
+)
+
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def service(clock: ManualClock, tmp_path: Path) -> CoordinatorService:
+    return make_service(InMemoryStore(), clock, tmp_path)
+
+
+@pytest.fixture
+def client(service: CoordinatorService) -> TestClient:
+    return TestClient(dashboard_app(service))
+
+
+def digits_spec(**kw: object) -> object:
+    return spec(model=ModelSpec("logistic_regression", {"input_dim": 64, "num_classes": 10}),
+                evaluation=Evaluation(server_data="digits:split=test"), **kw)
+
+
+def run_round(service: CoordinatorService, clock: ManualClock, task_id: str,
+              devices: list[str]) -> None:
+    seats = admit(service, clock, task_id, devices)
+    params = model_params(service, task_id)
+    for p in seats.values():
+        upload(service, p, deltas_like(params, 0.01))
+
+
+def chart_points(page: str, series: str) -> list[list[float]]:
+    match = re.search(rf'data-series="{series}" data-points="([^"]*)"', page)
+    assert match is not None, f"no {series} chart"
+    points: list[list[float]] = json.loads(html.unescape(match.group(1)))
+    return points
+
+
+def test_the_tasks_page_lists_each_task_with_its_state_and_a_link(
+        service: CoordinatorService, client: TestClient) -> None:
+    assert "No tasks yet" in client.get("/").text
+    task_id = service.create_task(spec(name="first")).record.task_id
+    page = client.get("/")
+    assert page.status_code == 200
+    assert f'href="/tasks/{task_id}"' in page.text and ">first</a>" in page.text
+    assert "state-running" in page.text
+    for name, value in SECURITY_HEADERS.items():
+        assert page.headers[name] == value
+
+
+@pytest.mark.slow  # server evaluation on digits: torch and the data set load
+def test_the_task_page_shows_the_rounds_and_the_curves_hold_the_stored_metrics(
+        service: CoordinatorService, clock: ManualClock, client: TestClient) -> None:
+    task_id = service.create_task(digits_spec(rounds=2)).record.task_id
+    run_round(service, clock, task_id, ["a", "b", "c"])
+    page = client.get(f"/tasks/{task_id}").text
+    committed = [r for r in service.list_rounds(task_id) if r.state is RoundState.COMMITTED]
+    assert chart_points(page, "accuracy") == [
+        [r.round_number, r.metrics["server_eval_accuracy"]] for r in committed]
+    assert chart_points(page, "loss") == [
+        [r.round_number, r.metrics["server_eval_loss"]] for r in committed]
+    assert '<span data-field="rounds_committed">1</span>' in page
+    # The funnel of round 1 from the events: three checked in, told to come back, selected.
+    row = re.search(r'<tr data-round="1" data-attempt="1"><td>1\.1</td>(.*?)</tr>', page)
+    assert row is not None
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+    assert cells[:5] == ["3", "3", "3", "3", "3"]  # checked in, come back, selected, goal, reported
+    assert f'href="/tasks/{task_id}/models/1.safetensors"' in page
+    assert 'src="/static/dashboard.js"' in page and "<script>" not in page
+    data = client.get(f"/tasks/{task_id}/snapshot.json").json()
+    assert data["rounds_committed"] == 1 and data["current_round"] == 2
+
+
+def test_a_failed_attempt_shows_its_reason(service: CoordinatorService, clock: ManualClock,
+                                           client: TestClient) -> None:
+    task_id = service.create_task(spec()).record.task_id
+    admit(service, clock, task_id, ["a", "b", "c"])
+    clock.advance(31)
+    service.tick()
+    page = client.get(f"/tasks/{task_id}").text
+    assert 'data-round="1" data-attempt="1" data-state="failed"' in page
+    assert "deadline passed with 0 of the 2 reports needed" in page
+
+
+def test_the_stream_of_a_finished_task_sends_its_snapshot_then_ends(
+        service: CoordinatorService, client: TestClient) -> None:
+    task_id = service.create_task(spec()).record.task_id
+    service.cancel_task(task_id)
+    with client.stream("GET", f"/tasks/{task_id}/stream") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = "".join(response.iter_text())
+    blocks = [b for b in body.split("\n\n") if b]
+    assert blocks[0].startswith("event: snapshot\n") and blocks[-1].startswith("event: end")
+    message = json.loads(blocks[0].split("data: ", 1)[1])
+    assert message["final"] is True and message["summary"]["state"] == "cancelled"
+    assert set(message["panels"]) >= {"panel-timeline", "panel-funnel", "panel-charts"}
+
+
+def test_a_model_version_downloads_as_the_stored_file(service: CoordinatorService,
+                                                      client: TestClient) -> None:
+    task_id = service.create_task(spec()).record.task_id
+    record = service.model_version(task_id, 0)
+    response = client.get(f"/tasks/{task_id}/models/0.safetensors")
+    assert response.status_code == 200
+    assert hashlib.sha256(response.content).hexdigest() == record.sha256
+    assert response.headers["x-content-sha256"] == record.sha256
+    assert f'filename="{task_id}-v0.safetensors"' in response.headers["content-disposition"]
+    assert client.get(f"/tasks/{task_id}/models/7.safetensors").status_code == 404
+
+
+def test_model_downloads_can_be_turned_off(service: CoordinatorService) -> None:
+    client = TestClient(dashboard_app(service, feed=DashboardFeed(), model_downloads=False))
+    task_id = service.create_task(spec()).record.task_id
+    assert "/models/" not in client.get(f"/tasks/{task_id}").text
+    assert client.get(f"/tasks/{task_id}/models/0.safetensors").status_code == 404
+
+
+def test_an_unknown_task_is_a_404_that_names_it_escaped(client: TestClient) -> None:
+    response = client.get("/tasks/%3Cb%3Enope")
+    assert response.status_code == 404 and "&lt;b&gt;nope" in response.text
+    assert "<b>nope" not in response.text
+    assert client.get("/tasks/nope/stream").status_code == 404
+
+
+def test_a_task_named_like_a_script_renders_inert(service: CoordinatorService,
+                                                  client: TestClient) -> None:
+    task_id = service.create_task(spec(name=XSS)).record.task_id
+    for url in ("/", f"/tasks/{task_id}"):
+        page = client.get(url).text
+        assert XSS not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    service.cancel_task(task_id)
+    with client.stream("GET", f"/tasks/{task_id}/stream") as response:
+        body = "".join(response.iter_text())
+    message = json.loads(body.split("data: ", 1)[1].split("\n\n", 1)[0])
+    assert all(XSS not in markup for markup in message["panels"].values())
+    assert message["summary"]["state"] == "cancelled"
+
+
+def test_the_static_script_and_style_are_served(client: TestClient) -> None:
+    js = client.get("/static/dashboard.js")
+    assert js.status_code == 200 and "EventSource" in js.text
+    assert client.get("/static/dashboard.css").status_code == 200
