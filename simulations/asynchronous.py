@@ -167,7 +167,7 @@ class AsyncSimulation(Simulation):
                 heapq.heappush(events, (arrival, launch.index, launch))
             self.peak_concurrency = max(self.peak_concurrency, int(busy.sum()))
 
-        if total and self.budget_stop(committed=0):
+        if total and self._stop_if_budget_exhausted(committed=0):
             return
         fill(0.0)
         while version < total:
@@ -199,7 +199,7 @@ class AsyncSimulation(Simulation):
                     snapshots.pop(version, None)
                 version += 1
                 snapshots[version] = self.params
-                stopping = version < total and self.budget_stop(committed=version)
+                stopping = version < total and self._stop_if_budget_exhausted(committed=version)
                 evaluate_now = (version % config.evaluation.every == 0 or version == total
                                 or stopping)
                 scores: tuple[float | None, ...] = (None, None, None)

@@ -153,12 +153,13 @@ class Simulation:
         start = time.perf_counter()
         self.outcome = Outcome(TaskState.RUNNING)
         try:
-            if total and self.budget_stop(committed=0):
+            if total and self._stop_if_budget_exhausted(committed=0):
                 return
             for r in range(1, total + 1):
                 metrics = self.run_round(r, evaluate_now=(r % self.config.evaluation.every == 0
                                                           or r == total), start=start)
-                stopping = metrics.committed and r < total and self.budget_stop(committed=r)
+                stopping = (metrics.committed and r < total
+                            and self._stop_if_budget_exhausted(committed=r))
                 if stopping and metrics.test_accuracy is None:
                     metrics = self.with_evaluation(metrics)  # the final model is this one
                 yield metrics
@@ -173,7 +174,7 @@ class Simulation:
         finally:
             torch.set_num_threads(threads)
 
-    def budget_stop(self, *, committed: int) -> bool:
+    def _stop_if_budget_exhausted(self, *, committed: int) -> bool:
         """The coordinator's check before a round opens: True (and :attr:`outcome` is
         BUDGET_EXHAUSTED) when one more round with the planned draw would pass the privacy
         budget. ``committed``: rounds committed so far."""
@@ -200,7 +201,8 @@ class Simulation:
             if refusal is not None:
                 # Failed when its selection closed: nobody trained, nothing was accounted.
                 self._failure = f"round {round_index}, attempt {attempt}: {refusal}"
-                plan = dataclasses.replace(plan, used=(), committed=False, duration_s=0.0)
+                plan = dataclasses.replace(plan, used=(), dropped_out=0, stragglers=0, late=0,
+                                           committed=False, duration_s=0.0)
                 continue
             round_time += plan.duration_s
             if plan.committed:

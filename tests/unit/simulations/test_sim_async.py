@@ -36,6 +36,7 @@ from simulations.config import (
     DataConfig,
     Distribution,
     DistributionKind,
+    EvaluationConfig,
     HeterogeneityConfig,
     SelectionConfig,
     SimulationConfig,
@@ -270,13 +271,16 @@ def test_async_dp_accounts_each_version_as_a_release_over_the_whole_population(
 def test_async_dp_stops_before_a_version_that_would_pass_the_budget(
         make_federation) -> None:  # type: ignore[no-untyped-def]
     budget = (whole_population_epsilon(2) + whole_population_epsilon(3)) / 2
-    sim = make_simulation(_private(_central(max_epsilon=budget)), data=make_federation(SIZES))
+    config = dataclasses.replace(_private(_central(max_epsilon=budget)),
+                                 evaluation=EvaluationConfig(every=10))
+    sim = make_simulation(config, data=make_federation(SIZES))
     history = list(sim.rounds())
     assert [m.round for m in history] == [1, 2]
     assert sim.outcome.state is TaskState.BUDGET_EXHAUSTED
     assert "privacy budget exhausted after 2 rounds" in sim.outcome.reason
     assert sim.privacy is not None and sim.privacy.epsilon() <= budget
-    assert history[-1].test_accuracy is not None  # the final model is evaluated
+    # The last committed model is the final one: evaluated, though no evaluation was due.
+    assert [m.test_accuracy is not None for m in history] == [False, True]
 
 
 @pytest.mark.parametrize(("change", "why"), [
