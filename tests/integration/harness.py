@@ -103,6 +103,22 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
     c.stop()
 
 
+def shared_coordinator(tmp_path_factory: pytest.TempPathFactory
+                       ) -> Iterator[CoordinatorProcess]:
+    """The body of a module-scoped ``coordinator`` fixture, for a module whose tests each make
+    their own tasks, devices and tokens and look only at those: one coordinator process (its
+    start-up costs seconds: torch) serves them all, in the order a worker runs them.
+
+        @pytest.fixture(scope="module")
+        def coordinator(tmp_path_factory):
+            yield from shared_coordinator(tmp_path_factory)
+    """
+    c = CoordinatorProcess(tmp_path_factory.mktemp("coordinator"))
+    c.start()
+    yield c
+    c.stop()
+
+
 def start_agent(target: str, device_id: str, data: str, *, devices: int = 1,
                 task_id: str | None = None, extra: list[str] | None = None,
                 log: Path | None = None, verbose: bool = False,

@@ -15,7 +15,13 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from harness import ADMIN_TOKEN, CoordinatorProcess, wait_for_task, write_task
+from harness import (
+    ADMIN_TOKEN,
+    CoordinatorProcess,
+    shared_coordinator,
+    wait_for_task,
+    write_task,
+)
 from rogue import RogueDevice, status_of
 
 from core.taskspec import load_task_file
@@ -26,6 +32,12 @@ from protos.fedcoord.v1 import admin_pb2, common_pb2, device_pb2
 pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module's tests (each makes and looks at its own tasks and devices)."""
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def update(rogue: RogueDevice, value: float) -> bytes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -17,6 +17,7 @@ from harness import (
     ENV,
     FEDCTL_CMD,
     CoordinatorProcess,
+    shared_coordinator,
     start_agent,
     stop_all,
     wait_for_task,
@@ -43,6 +44,12 @@ DEVICES = 8
 #: Devices per agent process (each process costs seconds of start-up: torch). The kill test
 #: puts two in the process that dies, so the six left still reach min_reports and threshold.
 EVEN, KILLED_FIRST = (4, 4), (2, 6)
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module's tests (each makes and looks at its own tasks and agents)."""
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def fedctl(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ from harness import (
     ENV,
     FEDCTL_CMD,
     CoordinatorProcess,
+    shared_coordinator,
     start_agent,
     stop_all,
     wait_for_task,
@@ -31,6 +33,13 @@ from fedctl.admin import AdminClient
 from protos.fedcoord.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module's tests (each makes and looks at its own tasks, devices
+    and tokens)."""
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def fedctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
