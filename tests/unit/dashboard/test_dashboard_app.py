@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
@@ -170,3 +171,24 @@ def test_the_static_script_and_style_are_served(client: TestClient) -> None:
     js = client.get("/static/dashboard.js")
     assert js.status_code == 200 and "EventSource" in js.text
     assert client.get("/static/dashboard.css").status_code == 200
+
+
+def test_a_private_task_charts_epsilon_against_its_budget(tmp_path: Path) -> None:
+    from tests.unit.coordinator import test_privacy_rounds as dp
+
+    clock = ManualClock()
+    service = dp.make_service(tmp_path, clock)
+    client = TestClient(dashboard_app(service))
+    task_id = service.create_task(dp.spec(rounds=2)).record.task_id
+    seats = dp.admit(service, clock, task_id, ["a", "b", "c", "d"])
+    size = len(dp.flat_params(service, task_id))
+    for p in seats.values():
+        dp.upload(service, p, np.zeros(size, dtype=np.float32))
+    page = client.get(f"/tasks/{task_id}").text
+    view = service.get_task(task_id)
+    assert view.privacy is not None
+    committed = [r for r in service.list_rounds(task_id) if r.state is RoundState.COMMITTED]
+    assert chart_points(page, "epsilon") == [
+        [r.round_number, r.metrics["dp_epsilon"]] for r in committed] != []
+    assert 'class="limit"' in page and f"budget {view.privacy.budget:.4g}" in page
+    assert '<span data-field="epsilon">' in page and f"{view.privacy.epsilon:.4g} of" in page
