@@ -1,0 +1,305 @@
+"""Events to a Kafka topic (``serve --events kafka://BROKER[,BROKER...]/TOPIC``).
+
+Delivery is at least once and never holds up a round:
+
+* :meth:`KafkaSink.publish` only puts the event into a bounded queue of the sink's own and
+  returns; where the queue is full the event is dropped and counted (:attr:`~KafkaSink.dropped`),
+  never silently, never blocking;
+* one background thread drains the queue into an idempotent producer (``acks=all``, retries
+  without end by default): a broker that goes away holds events in the queue and the producer's
+  buffer, and delivery resumes where it stopped once the broker is back;
+* an event counts as :attr:`~KafkaSink.sent` only when the broker's acknowledgement arrives
+  through the delivery callback; one that the broker refused, or that was still unconfirmed
+  when :meth:`~KafkaSink.close` ran out of time, counts as :attr:`~KafkaSink.failed`.
+
+Records are keyed by task id (all of a task's events go to one partition, where the idempotent
+producer keeps them in ``seq`` order, retries included) and partitioned as Java clients do
+(murmur2), so consumers in any language find a task's events where they expect them. The value
+is ``serialize(event)``: compact JSON of :meth:`Event.to_json` (UTF-8) unless a serializer (say,
+protobuf) is given. The topic must exist, or the brokers must create topics on first use.
+
+Counters (plain ints, read them from any thread; each only grows): ``queued`` (accepted by
+``publish``), ``dropped`` (refused by ``publish``: queue full, or the sink closed),
+``sent``, ``failed``. Every publish is queued or dropped; every queued event is in time sent,
+failed or still :attr:`~KafkaSink.pending`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from coordinator.observability.events import Event
+from coordinator.observability.sinks import SinkConfigError
+
+log = logging.getLogger(__name__)
+
+#: Events the sink holds for a broker that is slow or away, by default (about 30 MB of JSON).
+DEFAULT_QUEUE_SIZE = 100_000
+#: How long :meth:`KafkaSink.close` waits for outstanding acknowledgements, by default.
+DEFAULT_CLOSE_TIMEOUT_S = 10.0
+DEFAULT_PORT = 9092
+
+#: Kafka's own rule for topic names.
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+#: How long the drain thread waits for an event before serving delivery callbacks again.
+_IDLE_POLL_S = 0.05
+
+
+def json_bytes(event: Event) -> bytes:
+    """The default record value: compact JSON of :meth:`Event.to_json`, UTF-8."""
+    return json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class KafkaSink:
+    """An :class:`~coordinator.observability.events.EventSink` that produces to one topic.
+
+    ``publish`` is thread-safe and returns at once. ``serialize`` runs on the sink's thread;
+    one that raises counts that event as failed. ``delivery_timeout_s``: how long the producer
+    keeps retrying one event before counting it failed (None: until the broker takes it; the
+    queues bound what waits meanwhile). ``producer_config``: extra librdkafka settings (TLS,
+    SASL, ...), which may not weaken delivery (``acks``, ``enable.idempotence``).
+
+    Raises:
+        SinkConfigError: no brokers, a bad topic or queue size, or a delivery setting
+            overridden.
+    """
+
+    def __init__(self, brokers: Sequence[str], topic: str, *,
+                 serialize: Callable[[Event], bytes] = json_bytes,
+                 queue_size: int = DEFAULT_QUEUE_SIZE,
+                 delivery_timeout_s: float | None = None,
+                 close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+                 producer_config: Mapping[str, Any] | None = None) -> None:
+        if not brokers:
+            raise SinkConfigError("the Kafka sink needs at least one broker")
+        if not _TOPIC.fullmatch(topic) or topic in (".", ".."):
+            raise SinkConfigError(f"{topic!r} is not a Kafka topic name (1-249 of A-Z a-z 0-9 . _ -)")
+        if queue_size < 1:
+            raise SinkConfigError(f"queue size {queue_size} must be at least 1")
+        fixed = {"acks", "enable.idempotence", "retries", "max.in.flight.requests.per.connection"}
+        overridden = sorted(fixed & set(producer_config or {}))
+        if overridden:
+            raise SinkConfigError(f"the Kafka sink sets {', '.join(overridden)} itself "
+                                  "(at-least-once, in-order delivery)")
+        self.brokers = tuple(brokers)
+        self.topic = topic
+        self.queue_size = queue_size
+        self._serialize = serialize
+        self._close_timeout_s = close_timeout_s
+        self._queue: queue.Queue[Event] = queue.Queue(maxsize=queue_size)
+        self._counts_lock = threading.Lock()
+        self.queued = 0
+        self.dropped = 0
+        self.sent = 0
+        self.failed = 0
+        self._closing = threading.Event()
+        self._abandon = threading.Event()
+        self._closed = False
+        #: The event the drain thread has taken but the producer has not yet accepted.
+        self._held: Event | None = None
+        #: Producer errors since the last delivery (an outage logs a few lines, not one a second).
+        self._errors = 0
+        self._producer = Producer({
+            "bootstrap.servers": ",".join(self.brokers),
+            # At least once, in order: the broker acknowledges only once every in-sync
+            # replica has the record; idempotence makes retries neither duplicate nor reorder.
+            "acks": "all",
+            "enable.idempotence": True,
+            "message.timeout.ms": 0 if delivery_timeout_s is None else int(delivery_timeout_s * 1000),
+            "partitioner": "murmur2_random",
+            "linger.ms": 5,
+            # Back to a returning broker within a second, not librdkafka's 10 s.
+            "reconnect.backoff.ms": 100,
+            "reconnect.backoff.max.ms": 1000,
+            # librdkafka logs every failed reconnect; error_cb reports the same, thinned.
+            "logger": logging.getLogger(f"{__name__}.librdkafka"),
+            "log_level": 2,
+            "error_cb": self._on_error,
+            **dict(producer_config or {}),
+        })
+        self._thread = threading.Thread(target=self._drain, name="fedcoord-kafka-sink",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> KafkaSink:
+        """A sink for ``kafka://HOST[:PORT][,HOST[:PORT]...]/TOPIC[?queue_size=N]`` (port 9092
+        where none is given); ``options`` go to the constructor.
+
+        Raises:
+            SinkConfigError: naming the URL and what is wrong in it.
+        """
+        try:
+            brokers, topic, query = _parse_url(url)
+            if "queue_size" in query:
+                try:
+                    options.setdefault("queue_size", int(query.pop("queue_size")))
+                except ValueError:
+                    raise SinkConfigError("queue_size must be an integer") from None
+            if query:
+                raise SinkConfigError(f"unknown parameter(s) {', '.join(sorted(query))} "
+                                      "(known: queue_size)")
+            return cls(brokers, topic, **options)
+        except SinkConfigError as exc:
+            raise SinkConfigError(f"--events {url}: {exc}") from None
+
+    @property
+    def pending(self) -> int:
+        """Events queued but neither sent nor failed yet (in the queue, or awaiting the
+        broker's acknowledgement)."""
+        with self._counts_lock:
+            return self.queued - self.sent - self.failed
+
+    def publish(self, event: Event) -> None:
+        """Queues ``event``; where the queue is full (or the sink closed) drops and counts it.
+        Never blocks, never raises."""
+        if self._closing.is_set():
+            self._count_drop(event, "the sink is closed")
+            return
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self._count_drop(event, f"its queue of {self.queue_size} is full")
+            return
+        with self._counts_lock:
+            self.queued += 1
+
+    def close(self) -> None:
+        """Delivers what is queued, waiting at most ``close_timeout_s`` for the broker's
+        acknowledgements; whatever is still unconfirmed then counts as failed. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self._close_timeout_s
+        self._closing.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():  # the producer's buffer is full and the broker away
+            self._abandon.set()
+            self._thread.join(1.0)
+        self._producer.flush(max(0.0, deadline - time.monotonic()))
+        with self._counts_lock:
+            lost = self.queued - self.sent - self.failed
+            self.failed += lost
+        if lost:
+            log.warning("Kafka sink closed with %d event(s) to %s unconfirmed (counted failed)",
+                        lost, self.topic)
+
+    def _drain(self) -> None:
+        while not self._abandon.is_set():
+            if self._held is None:
+                try:
+                    self._held = self._queue.get(timeout=_IDLE_POLL_S)
+                except queue.Empty:
+                    self._producer.poll(0)
+                    if self._closing.is_set():
+                        return
+                    continue
+            event = self._held
+            try:
+                value = self._serialize(event)
+            except Exception:  # noqa: BLE001 - one bad event must not stop the stream
+                log.exception("serializing %s event %d of task %s failed", event.kind.value,
+                              event.seq, event.task_id)
+                self._count_failed()
+                self._held = None
+                continue
+            try:
+                self._producer.produce(self.topic, value=value, key=event.task_id.encode(),
+                                       on_delivery=self._on_delivery)
+            except BufferError:
+                # The producer holds as many unconfirmed records as it may: wait for the
+                # broker, holding this event (the queue behind it drops what overflows).
+                self._producer.poll(0.1)
+                continue
+            except KafkaException as exc:
+                log.error("producing %s event %d of task %s failed: %s", event.kind.value,
+                          event.seq, event.task_id, exc)
+                self._count_failed()
+            self._held = None
+            self._producer.poll(0)
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        with self._counts_lock:
+            if error is None:
+                self.sent += 1
+                self._errors = 0
+                return
+            self.failed += 1
+            failed = self.failed
+        if _worth_logging(failed):
+            log.error("event to %s not delivered (%d failed so far): %s", self.topic, failed,
+                      error)
+
+    def _on_error(self, error: KafkaError) -> None:
+        # Brokers unreachable and the like: librdkafka retries by itself.
+        with self._counts_lock:
+            self._errors += 1
+            errors = self._errors
+        if _worth_logging(errors):
+            log.warning("Kafka sink (%s): %s (%d error(s) since the last delivery)",
+                        ",".join(self.brokers), error.str(), errors)
+
+    def _count_failed(self) -> None:
+        with self._counts_lock:
+            self.failed += 1
+
+    def _count_drop(self, event: Event, why: str) -> None:
+        with self._counts_lock:
+            self.dropped += 1
+            dropped = self.dropped
+        if _worth_logging(dropped):
+            log.warning("Kafka sink dropped %s event %d of task %s: %s (%d dropped so far)",
+                        event.kind.value, event.seq, event.task_id, why, dropped)
+
+
+def _worth_logging(count: int) -> bool:
+    """The 1st, 2nd, 4th, 8th, ... occurrence: an outage logs a few lines, not millions."""
+    return count & (count - 1) == 0
+
+
+def _parse_url(url: str) -> tuple[list[str], str, dict[str, str]]:
+    parts = urlsplit(url)
+    if parts.scheme != "kafka":
+        raise SinkConfigError(f"scheme {parts.scheme!r} is not kafka")
+    if parts.fragment:
+        raise SinkConfigError("a fragment (#...) means nothing here")
+    if "@" in parts.netloc:
+        raise SinkConfigError("credentials do not belong in the URL")
+    if not parts.netloc:
+        raise SinkConfigError("no broker (expected kafka://HOST[:PORT][,HOST[:PORT]...]/TOPIC)")
+    brokers = [_broker(b) for b in parts.netloc.split(",")]
+    topic = parts.path.removeprefix("/")
+    if not topic:
+        raise SinkConfigError("no topic (expected kafka://BROKER[,BROKER...]/TOPIC)")
+    if "/" in topic:
+        raise SinkConfigError(f"{topic!r}: one topic, no further path")
+    try:
+        query = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True))
+    except ValueError:
+        raise SinkConfigError(f"cannot read the parameters {parts.query!r}") from None
+    return brokers, topic, query
+
+
+def _broker(text: str) -> str:
+    host, sep, port_text = text.rpartition(":") if not text.endswith("]") else ("", "", "")
+    if not sep:
+        host, port_text = text, str(DEFAULT_PORT)
+    if not host or not _HOST.fullmatch(host):
+        raise SinkConfigError(f"broker {text!r}: not HOST[:PORT]")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SinkConfigError(f"broker {text!r}: port {port_text!r} is not 1-65535")
+    return f"{host}:{int(port_text)}"
+
+
+__all__ = ["DEFAULT_QUEUE_SIZE", "KafkaSink", "json_bytes"]
