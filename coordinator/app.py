@@ -15,8 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
+from coordinator.http import HttpServer, Readiness, create_app, store_probe
 from coordinator.observability.events import EventHub
+from coordinator.observability.metrics import PrometheusSink, TaskCollector, TimedStore
 from coordinator.observability.sinks import SinkConfigError, open_sinks
 from coordinator.observability.store_sink import StoreSink
 from coordinator.rounds.clock import SystemClock
@@ -30,6 +33,7 @@ from coordinator.transport.admin_auth import AdminAuthInterceptor
 from coordinator.transport.admin_servicer import AdminServicer
 from coordinator.transport.device_auth import DeviceAuthInterceptor
 from coordinator.transport.device_servicer import DeviceServicer
+from coordinator.transport.health import Health
 from coordinator.transport.tls import is_loopback, server_credentials
 
 log = logging.getLogger(__name__)
@@ -70,8 +74,21 @@ class Coordinator:
             self.events.resume(task.task_id, event_log.last_event_seq(task.task_id))
         self.event_store = StoreSink(event_log)
         self.events.add_sink(self.event_store)
-        self.service = CoordinatorService(self.store, self.blobs, SystemClock(), rng=rng,
-                                          settings=config, events=self.events)
+        clock = SystemClock()
+        #: This coordinator's Prometheus registry (``/metrics`` on the HTTP side port).
+        self.metrics = CollectorRegistry()
+        self.service = CoordinatorService(TimedStore(self.store, self.metrics), self.blobs,
+                                          clock, rng=rng, settings=config, events=self.events)
+        self.events.add_sink(PrometheusSink(self.metrics, now=clock.now))
+        self.metrics.register(TaskCollector(self.service, self.store, self.events))
+        self.readiness = Readiness(store_probe(self.store))
+        #: The HTTP side port's app (None: ``http_port`` off); routes may be added to it
+        #: (``add_route``, ``mount``) before or after the start.
+        self.http_app = (create_app(registry=self.metrics, readiness=self.readiness)
+                         if config.http_port is not None else None)
+        self.http: HttpServer | None = None
+        self.http_port = 0
+        self._health: Health | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._ticker: asyncio.Task[None] | None = None
@@ -98,6 +115,8 @@ class Coordinator:
         handlers.add_admin_servicer(AdminServicer(self.service, self.security, self.event_store),
                                     self.server,
                                     handlers.RequestLimits(self.service, self.config))
+        self._health = Health(self.server)
+        await self._health.not_serving()
         address = f"{self.config.host}:{self.config.port}"
         try:
             if self._credentials is None:
@@ -108,10 +127,17 @@ class Coordinator:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
+        if self.http_app is not None:
+            self.http = HttpServer(self.http_app, self.config.host, self.config.http_port or 0)
+            self.http_port = self.http.bind()
         self.blobs.lock()
         self.service.warm_up()
         self.service.recover()
         await self.server.start()
+        await self._health.serving()
+        if self.http is not None:
+            await self.http.start()
+            log.info("HTTP side port on %s:%d", self.config.host, self.http_port)
         self._ticker = asyncio.create_task(self._tick_forever())
         log.info("coordinator listening on %s:%d (%s)", self.config.host, self.port,
                  self.transport_security)
@@ -133,6 +159,11 @@ class Coordinator:
             await asyncio.sleep(TICK_SECONDS)
 
     async def stop(self, grace: float = 2.0) -> None:
+        self.readiness.shutting_down()
+        if self._health is not None:
+            await self._health.shutting_down()
+        if self.http is not None:
+            await self.http.stop()
         if self._ticker is not None:
             self._ticker.cancel()
         if self.server is not None:
@@ -166,6 +197,9 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
         loop.add_signal_handler(sig, stop.set)
     print(f"fedcoord coordinator listening on {config.host}:{port} "
           f"({coordinator.transport_security})", flush=True)
+    if coordinator.http is not None:
+        print(f"fedcoord HTTP on http://{config.host}:{coordinator.http_port} "
+              "(/healthz /readyz /metrics)", flush=True)
     await stop.wait()
     await coordinator.stop()
 
@@ -176,6 +210,8 @@ class EmbeddedCoordinator:
     def __init__(self, config: CoordinatorSettings) -> None:
         self.config = config
         self.port = 0
+        #: The HTTP side port once started (0: ``config.http_port`` is None).
+        self.http_port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="fedcoord-coordinator")
@@ -189,6 +225,8 @@ class EmbeddedCoordinator:
             return await self._coordinator.start()
 
         self.port = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout=60)
+        assert self._coordinator is not None
+        self.http_port = self._coordinator.http_port
         return self.port
 
     @property

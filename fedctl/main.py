@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import os
 import sys
 import time
@@ -161,6 +160,12 @@ def build_parser() -> FedctlParser:
     serve.add_argument("--events", action="append", default=[], metavar="URL",
                        help="also send every device and round event to URL: "
                             "kafka://BROKER[,BROKER...]/TOPIC; repeatable")
+    serve.add_argument("--http-port", type=int, metavar="PORT",
+                       help="also serve HTTP on this port, same --host: /healthz, /readyz, "
+                            "/metrics (Prometheus); 0 picks a free port; off without it")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="log lines as text, or as JSON objects (time, level, logger, "
+                            "message; task, round, stage when known)")
     serve.set_defaults(func=cmd_serve, settings_table="coordinator")
     parser.settings_parsers["coordinator"] = serve
 
@@ -282,10 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from fedctl.logs import LogFormat, configure
+
+    configure(verbose=args.verbose)
     if not args.verbose:
         # gRPC's C core logs a failed TLS handshake at INFO on stderr, beside the one-line
         # error fedctl prints; it must be set before grpc is first imported.
@@ -296,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = getattr(args, "settings_table", None)
         if table is not None:
             args = _with_settings(parser, table, argv, args)
+        if getattr(args, "log_format", "text") != "text":
+            configure(verbose=args.verbose, log_format=LogFormat(args.log_format))
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except CliError as exc:
@@ -355,7 +361,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  upload_idle_timeout_s=args.upload_idle_timeout,
                                  tls_dir=args.tls, client_ca=args.client_ca,
                                  insecure=args.insecure, security=_security_settings(args),
-                                 event_sinks=tuple(args.events))
+                                 event_sinks=tuple(args.events), http_port=args.http_port)
     try:
         asyncio.run(serve(config, args.port_file, admin_token_file=args.admin_token_file))
     except StorageError as exc:
