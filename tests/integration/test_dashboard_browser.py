@@ -1,6 +1,6 @@
 """The dashboard in a real browser (headless Debian chromium driven by playwright) over a real
-coordinator: its gRPC server and the dashboard's HTTP port on one event loop, a real task run
-by one agent process. The page must follow the rounds live (no reload), its accuracy chart
+coordinator: its gRPC server and the HTTP side port with the dashboard on one event loop, a
+real task run by one agent process. The page must follow the rounds live (no reload), its accuracy chart
 must hold the values the database has, and a task named like a script must stay text.
 
 Screenshots go to ``test-artifacts/dashboard/`` (``$FEDCOORD_TEST_ARTIFACTS`` overrides the
@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -58,12 +57,6 @@ def _browser_or_skip() -> Any:
     return sync_playwright
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Served:
     target: str
@@ -82,8 +75,12 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A coordinator with the dashboard on its event loop, on a free HTTP port."""
-    import uvicorn
+    """A coordinator whose HTTP side port (coordinator.http: create_app on HttpServer, on
+    the coordinator's event loop) has the dashboard mounted at ``/``, as the coordinator
+    mounts it."""
+    from prometheus_client import CollectorRegistry
+
+    from coordinator.http import HttpServer, Readiness, create_app, store_probe
 
     workdir = tmp_path_factory.mktemp("dashboard")
     config = CoordinatorSettings(db_url=f"sqlite:///{workdir}/coordinator.db",
@@ -91,28 +88,24 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="coordinator")
     thread.start()
-    http_port = free_port()
     state: dict[str, Any] = {}
 
-    async def start() -> int:
+    async def start() -> tuple[int, int]:
         coordinator = Coordinator(config)
         coordinator.security.bootstrap_admin_token(ADMIN_TOKEN_FILE)
         port = await coordinator.start()
-        server = uvicorn.Server(uvicorn.Config(
-            dashboard_app(coordinator.service), host="127.0.0.1", port=http_port,
-            lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=1))
-        state.update(coordinator=coordinator, server=server,
-                     serving=asyncio.create_task(server.serve()))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        return port
+        app = create_app(registry=CollectorRegistry(),
+                         readiness=Readiness(store_probe(coordinator.store)))
+        app.mount("/", dashboard_app(coordinator.service))
+        http = HttpServer(app, "127.0.0.1", 0)
+        state.update(coordinator=coordinator, http=http)
+        return port, await http.start()
 
     async def stop() -> None:
-        state["server"].should_exit = True
-        await state["serving"]
+        await state["http"].stop()
         await state["coordinator"].stop(0.5)
 
-    port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=60)
+    port, http_port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=60)
     try:
         yield Served(f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}")
     finally:
@@ -140,6 +133,8 @@ def test_the_task_page_follows_the_rounds_live_and_charts_the_stored_accuracy(
         try:
             # The page's Content-Security-Policy forbids eval, which playwright's waits use.
             page = browser.new_page(viewport={"width": 1280, "height": 1400}, bypass_csp=True)
+            page.goto(served.url + "/healthz")
+            assert page.text_content("body") == "ok\n", "the side port's own routes still answer"
             page.goto(served.url + "/")
             page.get_by_role("link", name="digits live").click()
             page.wait_for_url(f"**/tasks/{task_id}")

@@ -192,3 +192,22 @@ def test_a_private_task_charts_epsilon_against_its_budget(tmp_path: Path) -> Non
         [r.round_number, r.metrics["dp_epsilon"]] for r in committed] != []
     assert 'class="limit"' in page and f"budget {view.privacy.budget:.4g}" in page
     assert '<span data-field="epsilon">' in page and f"{view.privacy.epsilon:.4g} of" in page
+
+
+def test_mounted_at_the_root_of_the_http_port_the_ports_own_routes_still_answer(
+        service: CoordinatorService) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from coordinator.http import Readiness, create_app
+
+    app = create_app(registry=CollectorRegistry(), readiness=Readiness(lambda: None))
+    app.mount("/", dashboard_app(service))
+    client = TestClient(app)
+    task_id = service.create_task(spec(name="mounted")).record.task_id
+    assert client.get("/healthz").text == "ok\n"
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+    assert ">mounted</a>" in client.get("/").text
+    assert client.get(f"/tasks/{task_id}").status_code == 200
+    assert client.get("/static/dashboard.js").status_code == 200
+    assert client.get("/tasks/nope").status_code == 404
