@@ -128,7 +128,7 @@ class KafkaSink:
             "error_cb": self._on_error,
             **dict(producer_config or {}),
         })
-        self._thread = threading.Thread(target=self._drain, name="fedcoord-kafka-sink",
+        self._thread = threading.Thread(target=self._run, name="fedcoord-kafka-sink",
                                         daemon=True)
         self._thread.start()
 
@@ -194,6 +194,14 @@ class KafkaSink:
         if lost:
             log.warning("Kafka sink closed with %d event(s) to %s unconfirmed (counted failed)",
                         lost, self.topic)
+
+    def _run(self) -> None:
+        try:
+            self._drain()
+        except Exception:
+            # Not expected; said loudly, since from here on the queue only fills and drops.
+            log.exception("the Kafka sink's delivery thread died; events to %s are dropped "
+                          "from now on", self.topic)
 
     def _drain(self) -> None:
         while not self._abandon.is_set():

@@ -184,7 +184,8 @@ def test_c_a_full_queue_drops_and_counts_and_never_blocks() -> None:
     assert time.monotonic() - started < 1.0 and slowest < 0.05
     time.sleep(0.3)
     assert sink.queued + sink.dropped == 2000
-    # The queue (10), the producer's buffer (5) and the one event in hand: nothing more.
+    # The queue (10), the producer's buffer (5), the event in hand, and a little slack for
+    # librdkafka's own accounting: nothing like the 2000 published.
     assert sink.queued <= 10 + 5 + 1 + 5 and sink.dropped >= 2000 - 21
     assert sink.sent == 0 and hub.sink_failures == 0
     started = time.monotonic()
