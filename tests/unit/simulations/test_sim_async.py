@@ -300,3 +300,13 @@ def test_the_mode_comparison_runs_with_central_dp_too(make_federation) -> None: 
     result = compare_modes(config, 1.0, data=make_federation(SIZES))
     assert result["async"].final_accuracy is not None
     assert result["sync"].final_accuracy is not None
+
+
+def test_async_adaptive_clipping_follows_the_devices_unclipped_bits(
+        make_federation) -> None:  # type: ignore[no-untyped-def]
+    adaptive = _central(clip={"target_quantile": 0.5, "initial": 100.0, "learning_rate": 0.2,
+                              "bit_noise": 1.0})
+    sim = make_simulation(dataclasses.replace(_private(adaptive), rounds=1),
+                          data=make_federation(SIZES))
+    list(sim.rounds())
+    assert sim.privacy is not None and sim.privacy.clip < 100.0

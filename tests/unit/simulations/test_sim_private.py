@@ -156,3 +156,15 @@ def test_a_draw_from_fewer_devices_than_planned_fails_the_round_before_anyone_tr
     everyone = Simulation(dataclasses.replace(private, privacy=budget),
                           data=make_federation(SIZES))
     assert [m.committed for m in everyone.rounds()] == [True]
+
+
+def test_adaptive_clipping_follows_the_devices_unclipped_bits(
+    make_federation,  # type: ignore[no-untyped-def]
+) -> None:
+    # Every update is far below the initial clip of 100: all bits say "unclipped", the
+    # fraction is above the target quantile, and the clip shrinks.
+    adaptive = _central(clip={"target_quantile": 0.5, "initial": 100.0, "learning_rate": 0.2,
+                              "bit_noise": 1.0})
+    sim = Simulation(_config(rounds=1, privacy=adaptive), data=make_federation(SIZES))
+    list(sim.rounds())
+    assert sim.privacy is not None and sim.privacy.clip < 100.0
