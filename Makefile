@@ -19,8 +19,11 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 
 # The example app (examples/custom_app) is installed too: its entry points are what the
 # custom-app tests find without --app.
+# The Kafka-protocol broker of the event-stream tests (scripts/kafka.sh) is fetched here too,
+# not inside a test; a failed fetch only makes those tests fetch again.
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml examples/custom_app/pyproject.toml
 	$(PIP) install -q -e '.[dev]' -e examples/custom_app
+	scripts/kafka.sh fetch >/dev/null || echo "scripts/kafka.sh fetch failed: the Kafka tests will try again"
 	touch $@
 
 install: $(VENV)/.installed
