@@ -632,11 +632,12 @@ def _event_line(e: dict[str, Any]) -> str:
     from fedctl.output import iso_utc
 
     parts = [f"{e['seq']:>5}", iso_utc(int(e["at"] * 1000)) or "-", f"{e['kind']:<24}"]
-    parts += [f"{name}={e[name]}" for name in ("round_number", "device_id", "reason") if e[name]]
+    labels = (("round", "round_number"), ("device", "device_id"), ("reason", "reason"))
+    parts += [f"{label}={e[name]}" for label, name in labels if e[name]]
     parts += [f"{k}={v:g}" for k, v in sorted(e["values"].items())]
     if e["detail"]:
         parts.append(repr(e["detail"]))
-    return " ".join(parts)
+    return " ".join(parts).rstrip()
 
 
 def cmd_model_pull(args: argparse.Namespace) -> int:

@@ -139,6 +139,6 @@ def test_publishing_costs_the_emitter_microseconds() -> None:
     for n in range(events):
         hub.emit(K.UPLOAD_ACCEPTED, "t", 1.0, round_number=1, device_id=f"d{n}")
     per_event_s = (time.perf_counter() - start) / events
-    assert per_event_s < 1e-3  # measured about 5 us; the generous bound is for loaded CI
+    assert per_event_s < 1e-3  # measured 22-25 us on a loaded machine; a generous bound
     sink.close()
     assert log.last_event_seq("t") == events
