@@ -99,7 +99,7 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
         certs = write_local_ca(Path(tmp) / "tls")
         config = CoordinatorSettings(db_url=f"sqlite:///{tmp}/fedcoord.db",
                                      store_dir=Path(tmp) / "store", port=0,
-                                     tls_dir=Path(tmp) / "tls",
+                                     tls_dir=Path(tmp) / "tls", http_port=0,
                                      security=SecuritySettings(enrollment=EnrollmentPolicy.TOKEN))
         coordinator = EmbeddedCoordinator(config)
         port = coordinator.start()
@@ -110,6 +110,8 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
         console.print(f"[bold]coordinator[/] on {target} (TLS, CA {certs.ca_cert}; admin API "
                       f"token of role launcher; devices enroll with a token for {devices}), "
                       f"database {tmp}/fedcoord.db")
+        console.print(f"[bold]metrics[/] on http://{config.host}:{coordinator.http_port}/metrics "
+                      "(also /healthz, /readyz), while the demo runs")
         agents: list[subprocess.Popen[bytes]] = []
         try:
             with AdminClient(target, tls=load_client_tls(certs.ca_cert),
