@@ -12,7 +12,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from harness import CoordinatorProcess, start_agent, stop_all, wait_for_task, write_task
+from harness import (
+    CoordinatorProcess,
+    shared_coordinator,
+    start_agent,
+    stop_all,
+    wait_for_task,
+    write_task,
+)
 from rogue import RogueDevice, status_of
 
 from core.taskspec import load_task_file
@@ -20,6 +27,13 @@ from core.tensors import load_safetensors
 from protos.fedcoord.v1 import common_pb2, device_pb2
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module's tests that take it (each makes and looks at its own
+    tasks and devices)."""
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def test_malformed_late_duplicate_and_unselected_updates_are_rejected(
