@@ -31,7 +31,8 @@ def committed_versions(db: Path, store: Path, task_id: str) -> dict[int, str]:
 def test_a_killed_coordinator_resumes_the_task_without_double_commits(
     coordinator: CoordinatorProcess, tmp_path: Path
 ) -> None:
-    task_file = write_task(tmp_path / "t.yaml", rounds=5, clients_per_round=4, min_reports=4,
+    # Three rounds: the kill comes in round 2 or 3, once round 1 is committed.
+    task_file = write_task(tmp_path / "t.yaml", rounds=3, clients_per_round=4, min_reports=4,
                            selection_window_s=0.5, round_deadline_s=20)
     with coordinator.admin() as admin:
         from core.taskspec import load_task_file
@@ -69,9 +70,9 @@ def test_a_killed_coordinator_resumes_the_task_without_double_commits(
 
     after = committed_versions(db, tmp_path / "store", task_id)
     assert {v: after[v] for v in before} == before, "a committed model version changed"
-    assert sorted(after) == list(range(6))
+    assert sorted(after) == list(range(4))
     committed = [r.round_number for r in rounds if r.state == "committed"]
-    assert sorted(committed) == [1, 2, 3, 4, 5], "each round committed exactly once"
+    assert sorted(committed) == [1, 2, 3], "each round committed exactly once"
     interrupted = [r for r in rounds if r.state == "failed"]
     assert any("restarted" in r.failure_reason for r in interrupted)
     for r in rounds:
