@@ -32,6 +32,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -59,6 +60,10 @@ KEEPALIVE_S = 15.0
 MODEL_CHUNK_BYTES = 1 << 20
 #: Tasks whose last snapshot is kept.
 CACHED_TASKS = 64
+#: At most this share of the loop's time goes to rebuilding one task's snapshot.
+LOOP_SHARE = 0.05
+#: ... but a snapshot is never older than this (seconds) when the task emitted since.
+MAX_THROTTLE_S = 5.0
 
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -73,9 +78,23 @@ SECURITY_HEADERS = {
 }
 
 
+@dataclass
+class _Built:
+    at: float
+    #: Seconds the build took (on the loop).
+    cost_s: float
+    view: TaskView
+    snapshot: TaskSnapshot
+    #: The live message of this snapshot, by ``model_downloads`` (rendered once, sent to
+    #: every stream).
+    messages: dict[bool, str] = field(default_factory=dict)
+
+
 class Snapshots:
-    """Each task's latest snapshot, rebuilt when the feed saw a newer event or the snapshot
-    is older than ``max_age_s`` (only while the task runs). Call on the service's loop."""
+    """Each task's latest snapshot, shared by every page and stream of the task. Rebuilt
+    when the feed saw a newer event, or (while the task runs) when it is older than
+    ``max_age_s``; never more often than :data:`LOOP_SHARE` of the loop's time allows (a
+    build that took 10 ms waits 200 ms before the next). Call on the service's loop."""
 
     def __init__(self, service: CoordinatorService, feed: DashboardFeed, *,
                  max_age_s: float = REFRESH_S,
@@ -84,29 +103,43 @@ class Snapshots:
         self._feed = feed
         self._max_age_s = max_age_s
         self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, TaskView, TaskSnapshot]] = OrderedDict()
+        self._cache: OrderedDict[str, _Built] = OrderedDict()
 
     def get(self, task_id: str) -> TaskSnapshot:
         """Raises NotFound for an unknown task."""
+        return self._built(task_id).snapshot
+
+    def message(self, task_id: str, *, model_downloads: bool = True) -> tuple[TaskSnapshot, str]:
+        """The snapshot and its live message (:func:`render.live_message`)."""
+        built = self._built(task_id)
+        message = built.messages.get(model_downloads)
+        if message is None:
+            message = built.messages[model_downloads] = render.live_message(
+                built.snapshot, model_downloads=model_downloads)
+        return built.snapshot, message
+
+    def _built(self, task_id: str) -> _Built:
         seq = self._feed.last_seq(task_id)
         now = self._clock()
         cached = self._cache.get(task_id)
         if cached is not None:
-            built, view, snap = cached
-            if snap.seq == seq and (snap.is_final or now - built < self._max_age_s):
-                self._cache.move_to_end(task_id)
-                return snap
+            self._cache.move_to_end(task_id)
+            age = now - cached.at
+            fresh = cached.snapshot.seq == seq and (cached.snapshot.is_final
+                                                    or age < self._max_age_s)
+            if fresh or age < min(cached.cost_s / LOOP_SHARE, MAX_THROTTLE_S):
+                return cached
+        started = time.perf_counter()
         # The view carries epsilon (an accountant's computation): taken again only when
         # the task emitted since; an open round's state needs the rounds alone.
-        if cached is None or cached[2].seq != seq:
-            view = self._service.get_task(task_id)
+        view = (cached.view if cached is not None and cached.snapshot.seq == seq
+                else self._service.get_task(task_id))
         rounds = self._service.list_rounds(task_id)
         snap = task_snapshot(view, rounds, self._feed.activity(task_id), seq=seq)
-        self._cache[task_id] = (now, view, snap)
-        self._cache.move_to_end(task_id)
+        built = self._cache[task_id] = _Built(now, time.perf_counter() - started, view, snap)
         while len(self._cache) > CACHED_TASKS:
             self._cache.popitem(last=False)
-        return snap
+        return built
 
 
 def _html(markup: str, status_code: int = 200) -> HTMLResponse:
@@ -148,8 +181,8 @@ def dashboard_app(service: CoordinatorService, *, feed: DashboardFeed | None = N
                 last_sent = time.monotonic()
                 while not feed.closed:
                     changed.clear()
-                    snap = snapshots.get(task_id)
-                    message = render.live_message(snap, model_downloads=model_downloads)
+                    snap, message = snapshots.message(task_id,
+                                                      model_downloads=model_downloads)
                     if message != last:
                         yield f"event: snapshot\nid: {snap.seq}\ndata: {message}\n\n"
                         last, last_sent = message, time.monotonic()

@@ -9,6 +9,7 @@ import html
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from coordinator.rounds.service import CoordinatorService
 from coordinator.storage import InMemoryStore
 from core.types import Evaluation, ModelSpec, RoundState
 from tests.unit.coordinator.test_round_service import (
+    ATTRS,
     admit,
     deltas_like,
     make_service,
@@ -65,6 +67,14 @@ def chart_points(page: str, series: str) -> list[list[float]]:
     assert match is not None, f"no {series} chart"
     points: list[list[float]] = json.loads(html.unescape(match.group(1)))
     return points
+
+
+def last_snapshot(stream: str) -> dict[str, Any]:
+    """The last ``snapshot`` message of an event stream's text (a snapshot may be sent
+    twice: a rebuilt one follows one that was current when the stream opened)."""
+    blocks = [b for b in stream.split("\n\n") if b.startswith("event: snapshot\n")]
+    message: dict[str, Any] = json.loads(blocks[-1].split("data: ", 1)[1])
+    return message
 
 
 def test_the_tasks_page_lists_each_task_with_its_state_and_a_link(
@@ -122,7 +132,7 @@ def test_the_stream_of_a_finished_task_sends_its_snapshot_then_ends(
         body = "".join(response.iter_text())
     blocks = [b for b in body.split("\n\n") if b]
     assert blocks[0].startswith("event: snapshot\n") and blocks[-1].startswith("event: end")
-    message = json.loads(blocks[0].split("data: ", 1)[1])
+    message = last_snapshot(body)
     assert message["final"] is True and message["summary"]["state"] == "cancelled"
     assert set(message["panels"]) >= {"panel-timeline", "panel-funnel", "panel-charts"}
 
@@ -162,7 +172,7 @@ def test_a_task_named_like_a_script_renders_inert(service: CoordinatorService,
     service.cancel_task(task_id)
     with client.stream("GET", f"/tasks/{task_id}/stream") as response:
         body = "".join(response.iter_text())
-    message = json.loads(body.split("data: ", 1)[1].split("\n\n", 1)[0])
+    message = last_snapshot(body)
     assert all(XSS not in markup for markup in message["panels"].values())
     assert message["summary"]["state"] == "cancelled"
 
@@ -211,3 +221,45 @@ def test_mounted_at_the_root_of_the_http_port_the_ports_own_routes_still_answer(
     assert client.get(f"/tasks/{task_id}").status_code == 200
     assert client.get("/static/dashboard.js").status_code == 200
     assert client.get("/tasks/nope").status_code == 404
+
+
+class CountingService:
+    """The two reads Snapshots makes, counted."""
+
+    def __init__(self, service: CoordinatorService) -> None:
+        self.service = service
+        self.views = 0
+        self.round_reads = 0
+
+    def get_task(self, task_id: str) -> object:
+        self.views += 1
+        return self.service.get_task(task_id)
+
+    def list_rounds(self, task_id: str) -> object:
+        self.round_reads += 1
+        return self.service.list_rounds(task_id)
+
+
+def test_snapshots_are_shared_and_rebuilt_on_events_or_age_only(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    from typing import cast
+
+    from coordinator.dashboard.app import Snapshots
+
+    feed = DashboardFeed()
+    service.events.add_sink(feed)
+    counting = CountingService(service)
+    now = [0.0]
+    snapshots = Snapshots(cast(CoordinatorService, counting), feed, max_age_s=1.0,
+                          clock=lambda: now[0])
+    task_id = service.create_task(spec()).record.task_id
+    first = snapshots.get(task_id)
+    assert snapshots.get(task_id) is first and (counting.views, counting.round_reads) == (1, 1)
+    assert snapshots.message(task_id)[1] is snapshots.message(task_id)[1], "rendered once"
+    now[0] = 1.5  # older than max_age: the rounds are read again, the view is reused
+    assert snapshots.get(task_id) is not first
+    assert (counting.views, counting.round_reads) == (1, 2)
+    service.check_in("a", ATTRS, task_id)  # an event: the view is taken again
+    now[0] = 1.6
+    assert snapshots.get(task_id).seq > first.seq
+    assert (counting.views, counting.round_reads) == (2, 3)
