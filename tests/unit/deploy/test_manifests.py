@@ -35,12 +35,6 @@ KINDS = {
     "Secret": ("v1", k8s.V1Secret),
     "Service": ("v1", k8s.V1Service),
 }
-#: Flags the manifests may use before `serve` has them: the HTTP side port (/healthz,
-#: /readyz, /metrics) is being added beside this work. Once the parser lists it, it is
-#: checked like every other flag; then drop it from here.
-PENDING_FLAGS = frozenset({"--http-port"})
-#: The same flag's variable, read once the flag exists (fedctl.config derives it).
-PENDING_ENV = frozenset({"FEDCOORD_HTTP_PORT"})
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -237,11 +231,8 @@ def test_the_args_are_flags_serve_has() -> None:
     known = {s for action in parser._actions for s in action.option_strings}
     flags = [a.split("=", 1)[0] for a in _coordinator()["args"] if a.startswith("-")]
     assert flags
-    unknown = set(flags) - known - PENDING_FLAGS
+    unknown = set(flags) - known
     assert not unknown, f"flags `fedctl coordinator serve` does not have: {sorted(unknown)}"
-    # What argparse makes of them, pending flags added as serve will have them.
-    for flag in PENDING_FLAGS - known:
-        parser.add_argument(flag, type=int)
     parser.parse_args(_coordinator()["args"])
 
 
@@ -249,7 +240,7 @@ def test_the_env_names_settings_serve_reads() -> None:
     readable = {s.env for s in settings_of(_serve_parser()).values()} | {CONFIG_ENV}
     for container in _pod_containers():
         names = {e["name"] for e in container.get("env", []) if e["name"].startswith(ENV_PREFIX)}
-        unknown = names - readable - PENDING_ENV
+        unknown = names - readable
         assert not unknown, f"{container['name']}: serve reads no {sorted(unknown)}"
     env = {e["name"]: e for e in _coordinator()["env"]}
     assert env["FEDCOORD_DB"]["valueFrom"]["secretKeyRef"] == {"name": "fedcoord-database",
@@ -360,7 +351,7 @@ def test_the_image_installs_the_makefiles_cpu_torch_and_runs_serve_as_non_root()
 def test_the_image_env_names_settings_serve_reads() -> None:
     readable = {s.env for s in settings_of(_serve_parser()).values()}
     names = set(re.findall(r"\b(FEDCOORD_[A-Z_]+)=", _dockerfile()))
-    assert names and not names - readable - PENDING_ENV
+    assert names and not names - readable
 
 
 def test_the_build_context_holds_every_package_pyproject_installs() -> None:
