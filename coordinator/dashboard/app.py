@@ -15,11 +15,20 @@ route                                      what
 =========================================  ====================================================
 
 Thread-safety: the service is not thread-safe, so the handlers call it directly and must run
-on the coordinator's event loop (serve this app with uvicorn on that loop). Each call is a
-short read: a task's view and its round records, rebuilt only when the task emitted an event
-or (for an open round's state, which emits none) at most every :data:`REFRESH_S`, and shared by
-every stream watching the task. Model files are read on starlette's thread pool: that touches
+on the coordinator's event loop (serve this app with uvicorn on that loop, as
+:class:`coordinator.http.HttpServer` does). What they call is short reads: a task's view and
+its round records, taken into one :class:`Snapshots` entry per task that every page and
+stream shares, rebuilt when the task emitted an event or (an open round's state changes emit
+none) after :data:`REFRESH_S`, and never so often that rebuilding takes more than
+:data:`LOOP_SHARE` of the loop. Model files are read on starlette's thread pool: that touches
 the blob files only, never the service's state.
+
+Live updates: a stream waits on :class:`~coordinator.dashboard.feed.DashboardFeed` (the event
+sink ``dashboard_app`` adds to ``service.events``), waits :data:`COALESCE_S` more so a burst of
+events is sent once, and sends the task's snapshot when it differs from the last one sent: the
+summary fields as text, each panel's HTML (rendered and escaped here) and the data as JSON. The
+page's script (``static/dashboard.js``) swaps the panels in and sets the fields with
+``textContent``. The stream ends after the snapshot of a finished task, or when the hub closes.
 
 No authentication: everything shown here, models included, is readable by whoever reaches
 the port. Bind it where only operators can (see ``model_downloads``).
@@ -238,4 +247,5 @@ def dashboard_app(service: CoordinatorService, *, feed: DashboardFeed | None = N
     )
 
 
-__all__ = ["COALESCE_S", "REFRESH_S", "SECURITY_HEADERS", "Snapshots", "dashboard_app"]
+__all__ = ["COALESCE_S", "LOOP_SHARE", "REFRESH_S", "SECURITY_HEADERS", "Snapshots",
+           "dashboard_app"]
