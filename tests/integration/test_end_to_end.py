@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from harness import (
     ENV,
     FEDCTL_CMD,
     CoordinatorProcess,
+    shared_coordinator,
     start_agent,
     stop_all,
     wait_for_task,
@@ -21,6 +24,13 @@ from harness import (
 from core.tensors import load_safetensors
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module's tests (each makes and looks at its own tasks and
+    agents)."""
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -103,8 +113,15 @@ def test_cli_errors_name_the_file_and_field_and_do_not_trace(
 
 
 def test_agents_exit_cleanly_on_sigterm(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
     agent = start_agent(coordinator.target, "idle", "synthetic:alpha=1,beta=1,shard=0/4",
-                        devices=2)
+                        devices=2, log=log, verbose=True)
+    # Up and polling first (a SIGTERM during its imports would test Python, not the agent).
+    deadline = time.monotonic() + 60
+    while log.read_text(errors="replace").count("checked in with data") < 2:
+        assert agent.poll() is None, log.read_text(errors="replace")
+        assert time.monotonic() < deadline, "the devices did not check in"
+        time.sleep(0.1)
     try:
         agent.wait(timeout=3)
         pytest.fail("an agent with no task keeps polling")
@@ -123,16 +140,19 @@ def test_an_agent_gives_up_on_an_absent_coordinator_with_a_message(tmp_path: Pat
 def test_a_second_coordinator_on_the_same_port_or_store_is_refused_cleanly(
     coordinator: CoordinatorProcess, tmp_path: Path
 ) -> None:
+    with coordinator.admin() as admin:
+        tasks_before = [t.task_id for t in admin.list_tasks()]
     same_port = fedctl("coordinator", "serve", "--db", f"sqlite:///{tmp_path}/other.db",
                        "--store", str(tmp_path / "other"), "--port", str(coordinator.port))
     assert same_port.returncode == 1 and "cannot listen on" in same_port.stderr
     same_store = fedctl("coordinator", "serve", "--db", coordinator.db_url,
-                        "--store", str(tmp_path / "store"), "--port", "0")
+                        "--store", str(coordinator.workdir / "store"), "--port", "0")
     assert same_store.returncode == 1 and "in use by another coordinator" in same_store.stderr
     for result in (same_port, same_store):
         assert "Traceback" not in result.stderr
     with coordinator.admin() as admin:
-        assert admin.list_tasks() == []  # the running coordinator is untouched
+        # The running coordinator is untouched (the module's other tests may have made tasks).
+        assert [t.task_id for t in admin.list_tasks()] == tasks_before
 
 
 def test_a_bad_database_url_is_a_message(tmp_path: Path) -> None:

@@ -3,12 +3,13 @@ coordinator's memory growing by no more than a few chunks."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
-from harness import CoordinatorProcess, wait_for_task, write_task
+from harness import CoordinatorProcess, shared_coordinator, wait_for_task, write_task
 from rogue import RogueDevice, status_of
 
 from core.taskspec import load_task_file
@@ -16,6 +17,13 @@ from core.taskspec import load_task_file
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CHUNK = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module's tests (each makes and looks at its own task and
+    device; memory growth is measured from a baseline taken in the test)."""
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def rss(coordinator: CoordinatorProcess) -> int:
