@@ -19,7 +19,12 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.http import HttpServer, Readiness, create_app, store_probe
 from coordinator.observability.events import EventHub
-from coordinator.observability.metrics import PrometheusSink, TaskCollector, TimedStore
+from coordinator.observability.metrics import (
+    PrometheusSink,
+    TaskCollector,
+    TimedStore,
+    TransferCollector,
+)
 from coordinator.observability.sinks import SinkConfigError, open_sinks
 from coordinator.observability.store_sink import StoreSink
 from coordinator.rounds.clock import SystemClock
@@ -108,10 +113,11 @@ class Coordinator:
             ]
         )
         # Per-method request limits, checked before parsing (coordinator.transport.handlers).
-        handlers.add_device_servicer(
-            DeviceServicer(self.service, self.security, idle_timeout_s=self.config.upload_idle_timeout_s),
-            self.server, handlers.RequestLimits(self.service, self.config),
-        )
+        devices = DeviceServicer(self.service, self.security,
+                                 idle_timeout_s=self.config.upload_idle_timeout_s)
+        self.metrics.register(TransferCollector(devices))
+        handlers.add_device_servicer(devices, self.server,
+                                     handlers.RequestLimits(self.service, self.config))
         handlers.add_admin_servicer(AdminServicer(self.service, self.security, self.event_store),
                                     self.server,
                                     handlers.RequestLimits(self.service, self.config))

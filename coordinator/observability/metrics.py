@@ -32,6 +32,9 @@ Every name starts with ``fedcoord_``:
 ``fedcoord_tasks_ended_total``              reason (the final task state)
 ``fedcoord_secagg_dropped_total``           task (SecAgg dropouts of committed rounds)
 ``fedcoord_round_duration_seconds``         outcome (committed, failed): histogram
+``fedcoord_commit_seconds``                 (none): release to recorded commit, histogram
+``fedcoord_bytes_received_total``           (none): update bytes devices uploaded
+``fedcoord_bytes_sent_total``               (none): model bytes devices downloaded
 ``fedcoord_active_devices``                 (none): distinct devices that checked in within
                                             ``active_window_s``
 ``fedcoord_store_call_seconds``             op: histogram
@@ -48,7 +51,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -125,6 +128,11 @@ class PrometheusSink:
             "fedcoord_round_duration_seconds",
             "Round attempts from opening to commit or failure (coordinator clock)",
             ("outcome",), buckets=ROUND_BUCKETS, registry=registry)
+        self.commit_seconds = Histogram(
+            "fedcoord_commit_seconds",
+            "Committed rounds from the aggregate's release to the recorded commit (server "
+            "optimizer, model file, server-side evaluation)", buckets=ROUND_BUCKETS,
+            registry=registry)
         Gauge("fedcoord_active_devices",
               f"Distinct devices that checked in within the last {active_window_s:g} s",
               registry=registry).set_function(self.active_devices)
@@ -172,6 +180,9 @@ class PrometheusSink:
         seconds = values.get("seconds")
         if seconds is not None and seconds >= 0:
             self.round_seconds.labels(outcome).observe(seconds)
+        commit = values.get("commit_seconds")
+        if commit is not None and commit >= 0:
+            self.commit_seconds.observe(commit)
 
     def active_devices(self) -> int:
         """Distinct devices whose last check-in is at most ``active_window_s`` old; forgets
@@ -349,3 +360,29 @@ class TimedStore(Store):
 
 
 __all__ = ["PrometheusSink", "TaskCollector", "TimedStore"]
+
+
+class Transfers(Protocol):
+    """What the device transport counts (:class:`~coordinator.transport.device_servicer.
+    DeviceServicer`): bytes of update chunks received and of model chunks sent."""
+
+    bytes_received: int
+    bytes_sent: int
+
+
+class TransferCollector(Collector):
+    """Bytes up and down, read from the transport's counters at scrape time."""
+
+    def __init__(self, transfers: Transfers) -> None:
+        self._transfers = transfers
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("fedcoord_bytes_received",
+                                  "Update bytes received from devices (chunks of uploads)",
+                                  value=self._transfers.bytes_received)
+        yield CounterMetricFamily("fedcoord_bytes_sent",
+                                  "Model bytes sent to devices (chunks of downloads)",
+                                  value=self._transfers.bytes_sent)

@@ -404,6 +404,9 @@ class RoundMachine:
             "reports": float(len(rnd.reported)),
             "admitted": float(len(rnd.seats)),
             "round_seconds": pending.released_at - rnd.started,
+            # Release to recorded commit: the server optimizer, the model file, server-side
+            # evaluation and the wait for the next tick (at most TICK_SECONDS).
+            "commit_seconds": now - pending.released_at,
             **aggregate.metrics,
             **(task.fedbuff.metrics(rnd) if task.fedbuff is not None else {}),
             **outcome.eval_metrics,

@@ -63,6 +63,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self._max_stage_wait_s = max_stage_wait_s
         self._progress = asyncio.Event()
         service.add_progress_listener(self._wake_waiters)
+        #: Bytes of update chunks received and model chunks sent (``/metrics``).
+        self.bytes_received = 0
+        self.bytes_sent = 0
 
     def _wake_waiters(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -167,6 +170,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await abort_for(exc, context)
         for message in model_messages(self._service, record, device_pb2.DownloadModelResponse):
+            self.bytes_sent += len(message.chunk)
             yield message
 
     async def UploadUpdate(
@@ -189,6 +193,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     if msg.HasField("header"):
                         raise convert.WireFormatError("an upload has exactly one UpdateHeader")
                     upload.write(msg.chunk)
+                    self.bytes_received += len(msg.chunk)
                 await asyncio.to_thread(upload.verify)
                 await _still_open(context)
             answer = self._service.finish_upload(upload)

@@ -105,6 +105,10 @@ def test_probes_and_metrics_follow_a_real_task(served: tuple[CoordinatorProcess,
     assert total(after, "fedcoord_tasks", state="completed") == 1
     assert total(after, "fedcoord_active_devices") == 3
     assert total(after, "fedcoord_store_call_seconds_count", op="commit_round") == 2
+    assert total(after, "fedcoord_commit_seconds_count") == 2
+    # Every admitted device downloaded the model and uploaded an update (float32 weights).
+    assert total(after, "fedcoord_bytes_sent_total") >= 4 * 4 * 650
+    assert total(after, "fedcoord_bytes_received_total") >= 4 * 4 * 650
     assert not any("agent0" in v for _, labels in after for _, v in labels)
 
     lines = [line for line in coordinator.log_text().splitlines() if line.startswith("{")]

@@ -94,6 +94,7 @@ def test_the_counters_after_a_round_count_its_events(metered: Metered,
     assert m("fedcoord_rounds_opened_total", task=task_id) == 2  # round 2 opened at commit
     assert m("fedcoord_rounds_committed_total", task=task_id) == 1
     assert m("fedcoord_round_duration_seconds_count", outcome="committed") == 1
+    assert m("fedcoord_commit_seconds_count") == 1
     # Opened at t0, committed after the 1.1 s window and 4 s more.
     assert m("fedcoord_round_duration_seconds_sum", outcome="committed") == pytest.approx(5.1)
     assert m("fedcoord_active_devices") == 3
