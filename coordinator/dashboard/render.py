@@ -20,6 +20,9 @@ from coordinator.rounds.tasks import TaskView
 
 #: Attempts listed in the timeline and funnel tables (charts use every committed round).
 TABLE_ATTEMPTS = 50
+#: Points a chart draws at most: a longer history is thinned evenly, its last point kept
+#: (a page and each live message stay small whatever the task's age).
+CHART_POINTS = 500
 
 
 def esc(value: object) -> str:
@@ -279,6 +282,15 @@ def _scale(points: Sequence[tuple[int, float]], y_min: float | None, y_max: floa
     return x0, x1, lo, hi
 
 
+def thin(points: Sequence[tuple[int, float]], most: int = CHART_POINTS
+         ) -> list[tuple[int, float]]:
+    """At most ``most`` of ``points``, evenly spaced, first and last kept."""
+    if len(points) <= most:
+        return list(points)
+    step = (len(points) - 1) / (most - 1)
+    return [points[round(i * step)] for i in range(most)]
+
+
 def _data_attrs(series: str, points: Sequence[tuple[int, float]]) -> str:
     return (f'data-series="{esc(series)}" '
             f'data-points="{esc(json.dumps([[x, y] for x, y in points]))}"')
@@ -288,7 +300,9 @@ def line_chart(series: str, points: Sequence[tuple[int, float]], *, title: str,
                y_min: float | None = None, y_max: float | None = None,
                limit: float | None = None) -> str:
     """An SVG line chart of (round, value) points. ``data-points`` on the ``svg`` holds the
-    values exactly (JSON); ``limit``: a dashed horizontal line (a budget)."""
+    values exactly (JSON; thinned to :data:`CHART_POINTS` by :func:`thin`); ``limit``: a dashed
+    horizontal line (a budget)."""
+    points = thin(points)
     head = (f'<figure class="chart"><figcaption>{esc(title)}</figcaption>')
     if not points:
         return (f'{head}<svg class="chart empty" {_data_attrs(series, [])} width="{_W}" '
@@ -335,6 +349,7 @@ def line_chart(series: str, points: Sequence[tuple[int, float]], *, title: str,
 
 
 def bar_chart(series: str, points: Sequence[tuple[int, float]], *, title: str) -> str:
+    points = thin(points)
     head = f'<figure class="chart"><figcaption>{esc(title)}</figcaption>'
     if not points:
         return (f'{head}<svg class="chart empty" {_data_attrs(series, [])} width="{_W}" '
@@ -367,9 +382,12 @@ def error_page(status_code: int, message: str) -> str:
 
 def live_message(s: TaskSnapshot, *, model_downloads: bool = True) -> str:
     """The JSON the live feed sends: the summary fields, the panels' HTML and the data."""
+    data = s.to_json()
+    for curve in ("accuracy", "loss", "epsilon", "secagg_dropped"):
+        data[curve] = thin(data[curve])
     payload: Mapping[str, object] = {
         "seq": s.seq, "final": s.is_final, "summary": summary(s),
-        "panels": panels(s, model_downloads=model_downloads), "data": s.to_json()}
+        "panels": panels(s, model_downloads=model_downloads), "data": data}
     return json.dumps(payload, separators=(",", ":"))
 
 
@@ -386,6 +404,7 @@ __all__ = [
     "stream_url",
     "summary",
     "task_page",
+    "thin",
     "task_url",
     "tasks_page",
 ]

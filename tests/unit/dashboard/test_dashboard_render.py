@@ -7,7 +7,15 @@ import html
 import json
 import re
 
-from coordinator.dashboard.render import bar_chart, esc, line_chart, task_page, timeline
+from coordinator.dashboard.render import (
+    CHART_POINTS,
+    bar_chart,
+    esc,
+    line_chart,
+    task_page,
+    thin,
+    timeline,
+)
 from coordinator.dashboard.snapshot import AttemptRow, Funnel, Step, TaskSnapshot
 
 XSS = "<script>alert(1)</script>"
@@ -65,3 +73,13 @@ def test_names_reasons_and_rejection_reasons_are_escaped_everywhere() -> None:
     assert page.count("<script") == 1, "only the page's own script file"
     assert 'src="/static/dashboard.js"' in page
     assert "<img" not in timeline(snapshot(XSS, reason).attempts)
+
+
+def test_a_long_history_is_thinned_evenly_keeping_the_first_and_last_rounds() -> None:
+    points = [(n, float(n)) for n in range(1, 10_001)]
+    kept = thin(points)
+    assert len(kept) == CHART_POINTS and kept[0] == (1, 1.0) and kept[-1] == (10_000, 10_000.0)
+    assert kept == sorted(set(kept))
+    svg = line_chart("accuracy", points, title="accuracy")
+    assert svg.count("<circle") == CHART_POINTS and len(points_of(svg)) == CHART_POINTS
+    assert thin(points[:3]) == points[:3]
