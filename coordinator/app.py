@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
+from coordinator.dashboard import dashboard_app
 from coordinator.http import HttpServer, Readiness, create_app, store_probe
 from coordinator.observability.events import EventHub
 from coordinator.observability.metrics import (
@@ -91,6 +92,10 @@ class Coordinator:
         #: (``add_route``, ``mount``) before or after the start.
         self.http_app = (create_app(registry=self.metrics, readiness=self.readiness)
                          if config.http_port is not None else None)
+        if self.http_app is not None:
+            # Last: it takes every other path. Pages need an admin-API credential.
+            self.http_app.mount("/", dashboard_app(
+                self.service, authenticate=self.security.admin.authenticate))
         self.http: HttpServer | None = None
         self.http_port = 0
         self._health: Health | None = None

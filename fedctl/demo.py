@@ -110,8 +110,13 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
         console.print(f"[bold]coordinator[/] on {target} (TLS, CA {certs.ca_cert}; admin API "
                       f"token of role launcher; devices enroll with a token for {devices}), "
                       f"database {tmp}/fedcoord.db")
-        console.print(f"[bold]metrics[/] on http://{config.host}:{coordinator.http_port}/metrics "
-                      "(also /healthz, /readyz), while the demo runs")
+        # The demo's coordinator and its tokens end with the demo: a viewer token is shown.
+        _, viewer_token = coordinator.security.admin.create_token(Role.VIEWER,
+                                                                  label="demo dashboard")
+        http = f"http://{config.host}:{coordinator.http_port}"
+        console.print(f"[bold]dashboard[/] on {http}/ (log in with the viewer token "
+                      f"{viewer_token}); metrics on {http}/metrics (also /healthz, /readyz), "
+                      "while the demo runs")
         agents: list[subprocess.Popen[bytes]] = []
         try:
             with AdminClient(target, tls=load_client_tls(certs.ca_cert),

@@ -50,8 +50,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from coordinator.dashboard import render
+from coordinator.dashboard.auth import Authenticate, ViewerAuth
 from coordinator.dashboard.feed import DashboardFeed
 from coordinator.dashboard.snapshot import TaskSnapshot, task_snapshot
 from coordinator.rounds.errors import NotFound
@@ -160,10 +162,13 @@ def _filename(task_id: str, version: int) -> str:
 
 
 def dashboard_app(service: CoordinatorService, *, feed: DashboardFeed | None = None,
-                  model_downloads: bool = True) -> Starlette:
+                  model_downloads: bool = True,
+                  authenticate: Authenticate | None = None) -> ASGIApp:
     """The dashboard for ``service``; subscribes its feed to ``service.events``. Mount it
     last (at ``/``) in the HTTP port's app, served on the coordinator's event loop.
-    ``model_downloads=False`` leaves the model links and route out."""
+    ``model_downloads=False`` leaves the model links and route out. ``authenticate``: the
+    admin API's credential check (:mod:`.auth`: every page needs a token); None serves it
+    to anyone (tests of the pages themselves)."""
     if feed is None:
         feed = DashboardFeed()
         service.events.add_sink(feed)
@@ -234,7 +239,7 @@ def dashboard_app(service: CoordinatorService, *, feed: DashboardFeed | None = N
         assert isinstance(exc, HTTPException)
         return _html(render.error_page(exc.status_code, exc.detail), exc.status_code)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", tasks),
             Route("/tasks/{task_id}", task),
@@ -245,6 +250,7 @@ def dashboard_app(service: CoordinatorService, *, feed: DashboardFeed | None = N
         ],
         exception_handlers={NotFound: not_found, HTTPException: http_error},
     )
+    return app if authenticate is None else ViewerAuth(app, authenticate)
 
 
 __all__ = ["COALESCE_S", "LOOP_SHARE", "REFRESH_S", "SECURITY_HEADERS", "Snapshots",

@@ -34,7 +34,6 @@ from harness import (
 )
 
 from coordinator.app import Coordinator
-from coordinator.dashboard import dashboard_app
 from coordinator.settings import CoordinatorSettings
 from fedctl.admin import AdminClient
 
@@ -73,6 +72,15 @@ class Served:
         return out.stdout.strip()
 
 
+def log_in(page: Any, url: str) -> None:
+    """The dashboard needs a token: a page asked for without one goes to the login form."""
+    page.goto(url + "/")
+    page.wait_for_url("**/login?next=/")
+    page.fill("input[name=token]", ADMIN_TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_url(url + "/")
+
+
 def _mounts_root(app: Any) -> bool:
     from starlette.routing import Mount
 
@@ -94,10 +102,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     async def start() -> tuple[int, int]:
         coordinator = state["coordinator"] = Coordinator(config)
         coordinator.security.bootstrap_admin_token(ADMIN_TOKEN_FILE)
-        assert coordinator.http_app is not None
-        if not _mounts_root(coordinator.http_app):
-            # Until coordinator.app mounts the dashboard itself (then this is never reached).
-            coordinator.http_app.mount("/", dashboard_app(coordinator.service))
+        assert coordinator.http_app is not None and _mounts_root(coordinator.http_app)
         port = await coordinator.start()
         return port, coordinator.http_port
 
@@ -131,7 +136,7 @@ def test_the_task_page_follows_the_rounds_live_and_charts_the_stored_accuracy(
             page = browser.new_page(viewport={"width": 1280, "height": 1400}, bypass_csp=True)
             page.goto(served.url + "/healthz")
             assert page.text_content("body") == "ok\n", "the side port's own routes still answer"
-            page.goto(served.url + "/")
+            log_in(page, served.url)
             page.get_by_role("link", name="digits live").click()
             page.wait_for_url(f"**/tasks/{task_id}")
             assert page.text_content('[data-field="rounds_committed"]') == "0"
@@ -206,7 +211,7 @@ def test_a_task_named_like_a_script_renders_as_text(served: Served, tmp_path: Pa
             page = browser.new_page(bypass_csp=True)
             dialogs: list[str] = []
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(served.url + "/")
+            log_in(page, served.url)
             assert page.get_by_role("link", name=XSS).count() == 1
             page.goto(f"{served.url}/tasks/{task_id}")
             page.wait_for_function("document.getElementById('live').textContent === 'live'")
