@@ -26,9 +26,9 @@ failed or still :attr:`~KafkaSink.pending`.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import queue
 import re
 import threading
 import time
@@ -54,11 +54,21 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 #: How long the drain thread waits for an event before serving delivery callbacks again.
 _IDLE_POLL_S = 0.05
+#: Most events the drain thread takes from the queue at once.
+_BATCH = 512
+#: How long the producer gathers records into one request (librdkafka's ``linger.ms``): an
+#: event reaches the broker at most this much later, and the broker sees a request every
+#: 50 ms instead of one every few events.
+LINGER_MS = 50
+
+
+#: One encoder for every record (``json.dumps`` with options builds a new one per call).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def json_bytes(event: Event) -> bytes:
     """The default record value: compact JSON of :meth:`Event.to_json`, UTF-8."""
-    return json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    return _JSON.encode(event.to_json()).encode()
 
 
 class KafkaSink:
@@ -97,7 +107,10 @@ class KafkaSink:
         self.queue_size = queue_size
         self._serialize = serialize
         self._close_timeout_s = close_timeout_s
-        self._queue: queue.Queue[Event] = queue.Queue(maxsize=queue_size)
+        #: Events published and not yet taken by the drain thread (appended under
+        #: ``_counts_lock``, which bounds it; taken from the left by that thread alone).
+        self._queue: collections.deque[Event] = collections.deque()
+        self._wake = threading.Event()
         self._counts_lock = threading.Lock()
         self.queued = 0
         self.dropped = 0
@@ -106,8 +119,8 @@ class KafkaSink:
         self._closing = threading.Event()
         self._abandon = threading.Event()
         self._closed = False
-        #: The event the drain thread has taken but the producer has not yet accepted.
-        self._held: Event | None = None
+        #: Events the drain thread has taken but the producer has not yet accepted, in order.
+        self._held: collections.deque[Event] = collections.deque()
         #: Producer errors since the last delivery (an outage logs a few lines, not one a second).
         self._errors = 0
         self._producer = Producer({
@@ -118,7 +131,7 @@ class KafkaSink:
             "enable.idempotence": True,
             "message.timeout.ms": 0 if delivery_timeout_s is None else int(delivery_timeout_s * 1000),
             "partitioner": "murmur2_random",
-            "linger.ms": 5,
+            "linger.ms": LINGER_MS,
             # Back to a returning broker within a second, not librdkafka's 10 s.
             "reconnect.backoff.ms": 100,
             "reconnect.backoff.max.ms": 1000,
@@ -167,13 +180,17 @@ class KafkaSink:
         if self._closing.is_set():
             self._count_drop(event, "the sink is closed")
             return
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            self._count_drop(event, f"its queue of {self.queue_size} is full")
-            return
         with self._counts_lock:
-            self.queued += 1
+            waiting = len(self._queue)
+            if waiting < self.queue_size:
+                self._queue.append(event)
+                self.queued += 1
+        if waiting >= self.queue_size:
+            self._count_drop(event, f"its queue of {self.queue_size} is full")
+        elif waiting == 0:
+            # The drain thread may be waiting for a first event (later ones find it busy,
+            # or find the queue non-empty when it looks): a wake-up per batch, not per event.
+            self._wake.set()
 
     def close(self) -> None:
         """Delivers what is queued, waiting at most ``close_timeout_s`` for the broker's
@@ -183,6 +200,7 @@ class KafkaSink:
         self._closed = True
         deadline = time.monotonic() + self._close_timeout_s
         self._closing.set()
+        self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():  # the producer's buffer is full and the broker away
             self._abandon.set()
@@ -204,38 +222,56 @@ class KafkaSink:
                           "from now on", self.topic)
 
     def _drain(self) -> None:
+        # Events are taken in batches (up to _BATCH per wake-up) and the producer is served
+        # once per batch: per event only serializing and producing remain, so the sink's
+        # thread holds the GIL, which the event loop needs, as little as it can.
         while not self._abandon.is_set():
-            if self._held is None:
-                try:
-                    self._held = self._queue.get(timeout=_IDLE_POLL_S)
-                except queue.Empty:
+            if not self._held:
+                self._held = self._take_batch()
+                if not self._held:
                     self._producer.poll(0)
                     if self._closing.is_set():
                         return
                     continue
-            event = self._held
-            try:
-                value = self._serialize(event)
-            except Exception:  # noqa: BLE001 - one bad event must not stop the stream
-                log.exception("serializing %s event %d of task %s failed", event.kind.value,
-                              event.seq, event.task_id)
-                self._count_failed()
-                self._held = None
-                continue
-            try:
-                self._producer.produce(self.topic, value=value, key=event.task_id.encode(),
-                                       on_delivery=self._on_delivery)
-            except BufferError:
-                # The producer holds as many unconfirmed records as it may: wait for the
-                # broker, holding this event (the queue behind it drops what overflows).
-                self._producer.poll(0.1)
-                continue
-            except KafkaException as exc:
-                log.error("producing %s event %d of task %s failed: %s", event.kind.value,
-                          event.seq, event.task_id, exc)
-                self._count_failed()
-            self._held = None
+            while self._held and not self._abandon.is_set():
+                event = self._held[0]
+                try:
+                    value = self._serialize(event)
+                except Exception:  # noqa: BLE001 - one bad event must not stop the stream
+                    log.exception("serializing %s event %d of task %s failed",
+                                  event.kind.value, event.seq, event.task_id)
+                    self._count_failed()
+                    self._held.popleft()
+                    continue
+                try:
+                    self._producer.produce(self.topic, value=value, key=event.task_id.encode(),
+                                           on_delivery=self._on_delivery)
+                except BufferError:
+                    # The producer holds as many unconfirmed records as it may: wait for the
+                    # broker, holding these events (the queue behind them drops what
+                    # overflows).
+                    self._producer.poll(0.1)
+                    continue
+                except KafkaException as exc:
+                    log.error("producing %s event %d of task %s failed: %s", event.kind.value,
+                              event.seq, event.task_id, exc)
+                    self._count_failed()
+                self._held.popleft()
             self._producer.poll(0)
+
+    def _take_batch(self) -> collections.deque[Event]:
+        """Up to :data:`_BATCH` queued events, waiting at most :data:`_IDLE_POLL_S` for the
+        first."""
+        if not self._queue:
+            self._wake.wait(_IDLE_POLL_S)
+            self._wake.clear()
+        batch: collections.deque[Event] = collections.deque()
+        try:
+            while len(batch) < _BATCH:
+                batch.append(self._queue.popleft())
+        except IndexError:
+            pass
+        return batch
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
         with self._counts_lock:

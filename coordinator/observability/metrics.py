@@ -208,7 +208,8 @@ class TaskCollector(Collector):
         self._service = service
         self._store = store
         self._events = events
-        #: Finished DP tasks' (epsilon, budget): final, so read once.
+        #: What will not change: finished DP tasks' (epsilon, budget), and None for tasks
+        #: without DP.
         self._final: dict[str, tuple[float, float] | None] = {}
 
     def describe(self) -> list[Metric]:
@@ -244,7 +245,8 @@ class TaskCollector(Collector):
         except NotFound:
             return None
         value = (status.epsilon, status.budget) if status is not None else None
-        if record.state.is_final:
+        # A task's privacy setting never changes: one without DP needs no status again.
+        if record.state.is_final or value is None:
             self._final[record.task_id] = value
         return value
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -39,6 +40,8 @@ events_table = sa.Table(
     sa.PrimaryKeyConstraint("task_id", "seq", name="pk_events"),
 )
 
+_COLUMNS = tuple(c.name for c in events_table.columns)
+
 
 class SqlEventLog(EventLog):
     """Thread-safe: every call runs in its own connection and transaction."""
@@ -46,6 +49,10 @@ class SqlEventLog(EventLog):
     def __init__(self, engine: Engine, url_for_errors: str) -> None:
         self._engine = engine
         self._url = url_for_errors
+        #: The insert in the driver's own parameter style (qmark for sqlite3, pyformat for
+        #: psycopg), compiled once.
+        self._insert_sql = str(events_table.insert().compile(dialect=engine.dialect))
+        self._named_params = engine.dialect.paramstyle in ("named", "pyformat")
         try:
             metadata.create_all(engine)
         except SQLAlchemyError as exc:
@@ -66,12 +73,15 @@ class SqlEventLog(EventLog):
     def append_events(self, events: Sequence[EventRecord]) -> None:
         if not events:
             return
-        rows = [{"task_id": e.task_id, "seq": e.seq, "kind": e.kind, "at": e.at,
-                 "round_number": e.round_number, "device_id": e.device_id, "reason": e.reason,
-                 "detail": e.detail, "values_json": json.dumps(dict(e.values), sort_keys=True),
-                 "schema": e.schema} for e in events]
+        rows: list[Any] = [(e.task_id, e.seq, e.kind, e.at, e.round_number, e.device_id, e.reason,
+                 e.detail, json.dumps(dict(e.values), sort_keys=True), e.schema)
+                for e in events]
+        if self._named_params:
+            rows = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
         with self._tx() as conn:
-            conn.execute(events_table.insert(), rows)
+            # The driver's own executemany: a third of the CPU time of a Core insert per
+            # event (the events of every check-in pass through here).
+            conn.exec_driver_sql(self._insert_sql, rows)
 
     def list_events(self, task_id: str, after_seq: int = 0,
                     limit: int = DEFAULT_EVENT_LIMIT) -> list[EventRecord]:
