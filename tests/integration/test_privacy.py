@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from harness import (
     ENV,
     FEDCTL_CMD,
     CoordinatorProcess,
+    shared_coordinator,
     start_agent,
     stop_all,
     wait_for_task,
@@ -30,6 +32,13 @@ PROCESSES, PER_PROCESS = 2, 4
 DEVICES = PROCESSES * PER_PROCESS
 #: Every device checks in each round and 5 of the 8 are drawn: q = 5 / 8.
 POPULATION, COHORT, Z = DEVICES, 5, 1.0
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module's tests: each runs its own task with its own agents
+    (stopped when it ends), and counts only the devices its agents enrolled."""
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def eps(rounds: int) -> float:
@@ -55,7 +64,9 @@ def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: 
                            selection_window_s=window_s)
     # The agents start first (serving whatever task their population runs) and the task is
     # launched once every device has enrolled: however slowly the processes start on a
-    # loaded machine, every device then checks in within the first selection window.
+    # loaded machine, every device then checks in within the first selection window. (The
+    # module's earlier tests enrolled devices too: only those enrolled from now on count.)
+    started_ms = int(time.time() * 1000)
     agents = [
         start_agent(coordinator.target, f"{name}{i}-",
                     f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
@@ -65,7 +76,8 @@ def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: 
     try:
         with coordinator.admin() as client:
             deadline = time.monotonic() + 180
-            while len(client.list_devices()) < DEVICES:
+            while sum(d.enrolled_unix_ms >= started_ms
+                      for d in client.list_devices()) < DEVICES:
                 assert time.monotonic() < deadline, "the agents' devices never all enrolled"
                 time.sleep(0.2)
             launched = fedctl("task", "launch", str(task_file), "--coordinator",

@@ -41,9 +41,10 @@ pytestmark = pytest.mark.integration
 SECURE = ("secure_aggregation: {protocol: secagg, threshold: 0.6, dropout: 0.001, clip: 0.5, "
           "phase_timeout_s: 8}\n")
 DEVICES = 8
-#: Devices per agent process (each process costs seconds of start-up: torch). The kill test
-#: puts two in the process that dies, so the six left still reach min_reports and threshold.
-EVEN, KILLED_FIRST = (4, 4), (2, 6)
+#: Devices per agent process (each process costs seconds of start-up: torch, so the
+#: plaintext and secure runs host all eight in one). The kill test puts two in the process
+#: that dies, so the six left still reach min_reports and threshold.
+EVEN, KILLED_FIRST = (8,), (2, 6)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +111,14 @@ def test_secure_aggregation_reaches_the_plaintext_model(
 def test_agents_killed_mid_protocol_do_not_stop_the_round(
     coordinator: CoordinatorProcess, tmp_path: Path
 ) -> None:
+    # One round: the kill is in it, and it commits with the survivors. (A second round
+    # proved nothing more and cost a round deadline: its goal of 8 seats, with 6 devices
+    # left, holds the advertisement stage open until the deadline.) The default deadline
+    # leaves the agents all the time they need to start on a loaded machine.
     _, rounds = run_task(coordinator, tmp_path, "killed", SECURE,
-                         crash_at="secagg.masked_input@1", rounds=2, deadline=15,
-                         layout=KILLED_FIRST)
+                         crash_at="secagg.masked_input@1", rounds=1, layout=KILLED_FIRST)
     committed = [r for r in rounds if r.state == "committed"]  # type: ignore[attr-defined]
+    assert len(committed) == 1
     first = committed[0]
     assert first.round_number == 1  # type: ignore[attr-defined]
     m = first.metrics  # type: ignore[attr-defined]
@@ -121,7 +126,7 @@ def test_agents_killed_mid_protocol_do_not_stop_the_round(
     assert 1 <= lost <= KILLED_FIRST[0], "the killed process's devices dropped out"
     assert m["secagg_dropped"] >= 1, "a device died after sharing its keys: its masks removed"
     assert m["secagg_threshold"] <= m["reports"]
-    assert 0 <= committed[-1].metrics["server_eval_accuracy"] <= 1  # type: ignore[attr-defined]
+    assert 0 <= m["server_eval_accuracy"] <= 1
 
 
 class HandDriven:
