@@ -22,16 +22,20 @@ ASYNC = ("aggregation: {mode: async, buffer: 3, max_concurrency: 6, max_stalenes
          "              staleness: {kind: polynomial, exponent: 0.5}}\n")
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CoordinatorProcess]:
-    """A coordinator that loads the test app (it builds and evaluates the model)."""
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """A coordinator that loads the test app (it builds and evaluates the model), one for the
+    module's tests: each makes its own task and agents, and looks only at those."""
     path = os.pathsep.join(p for p in (str(Path(__file__).parent),
                                        harness.ENV.get("PYTHONPATH", "")) if p)
-    monkeypatch.setitem(harness.ENV, "PYTHONPATH", path)
-    c = CoordinatorProcess(tmp_path)
-    c.start(APP)
-    yield c
-    c.stop()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setitem(harness.ENV, "PYTHONPATH", path)
+        c = CoordinatorProcess(tmp_path_factory.mktemp("coordinator"))
+        c.start(APP)
+        try:
+            yield c
+        finally:
+            c.stop()
 
 
 def test_an_async_task_with_fast_and_slow_agents_completes_and_learns(
