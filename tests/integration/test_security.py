@@ -128,28 +128,41 @@ def test_forged_ids_replays_floods_and_extra_keys_are_refused_while_honest_round
         coordinator.stop()
 
 
+@pytest.fixture(scope="module")
+def first_token_coordinator(tmp_path_factory: pytest.TempPathFactory
+                            ) -> Iterator[tuple[CoordinatorProcess, str]]:
+    """A coordinator started on a database whose first admin token ``fedctl tokens create
+    --db`` wrote (returned beside it), under open enrollment limited to 1/s, burst 10, per
+    address. Two tests look at it, each at what the other leaves alone (admin tokens,
+    enrollments): a coordinator process costs seconds of start-up (torch)."""
+    coordinator = CoordinatorProcess(tmp_path_factory.mktemp("first-token"))
+    made = fedctl("tokens", "create", "--role", "admin", "--db", coordinator.db_url)
+    assert made.returncode == 0, made.stderr
+    coordinator.start(["--rate-limit", "peer-enroll=1/10"])
+    try:
+        yield coordinator, made.stdout.strip()
+    finally:
+        coordinator.stop()
+
+
 def test_enrollments_from_one_address_are_rate_limited_under_open_enrollment(
-    tmp_path: Path,
+    first_token_coordinator: tuple[CoordinatorProcess, str],
 ) -> None:
     """The Sybil capture of the outside testing (300 ids from one client) under the open
     policy: one address enrolls at its rate, the rest is told when to come back."""
-    coordinator = CoordinatorProcess(tmp_path)
-    coordinator.start(["--rate-limit", "peer-enroll=1/10"])
-    try:
-        enrolled = refused = 0
-        rogue = RogueDevice(coordinator.target, "sybil", enroll=False)
-        for _ in range(300):
-            rogue.key = DeviceKey.generate()
-            try:
-                rogue.enroll()
-                enrolled += 1
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
-                refused += 1
-        rogue.close()
-        assert 10 <= enrolled <= 20 and enrolled + refused == 300
-    finally:
-        coordinator.stop()
+    coordinator, _ = first_token_coordinator
+    enrolled = refused = 0
+    rogue = RogueDevice(coordinator.target, "sybil", enroll=False)
+    for _ in range(300):
+        rogue.key = DeviceKey.generate()
+        try:
+            rogue.enroll()
+            enrolled += 1
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+            refused += 1
+    rogue.close()
+    assert 10 <= enrolled <= 20 and enrolled + refused == 300
 
 
 def test_a_revoked_device_is_refused_at_its_next_request(
@@ -265,13 +278,9 @@ def test_the_cli_says_in_one_line_what_credentials_are_needed(
     assert viewer not in audit.stdout and ADMIN_TOKEN not in coordinator.log_text()
 
 
-def test_the_first_admin_token_can_be_written_into_the_database(tmp_path: Path) -> None:
-    coordinator = CoordinatorProcess(tmp_path)
-    made = fedctl("tokens", "create", "--role", "admin", "--db", coordinator.db_url)
-    assert made.returncode == 0, made.stderr
-    coordinator.start()
-    try:
-        with AdminClient(coordinator.target, token=made.stdout.strip()) as admin:
-            assert admin.whoami()[1] == "admin"
-    finally:
-        coordinator.stop()
+def test_the_first_admin_token_can_be_written_into_the_database(
+    first_token_coordinator: tuple[CoordinatorProcess, str],
+) -> None:
+    coordinator, token = first_token_coordinator
+    with AdminClient(coordinator.target, token=token) as admin:
+        assert admin.whoami()[1] == "admin"
