@@ -1,0 +1,87 @@
+"""Sample-ratio mismatch (SRM): do the arms hold the shares of devices the split promised?
+
+A chi-square goodness-of-fit test of the devices counted per arm against ``total x weight``
+(:func:`scipy.stats.chisquare`). A tiny p-value means the assignment or the reporting is
+broken (one arm's devices crash, drop reports, or are filtered differently), and every
+comparison between the arms is suspect, whatever its p-value. The default threshold 0.001 is
+the usual one: the check runs every round, so it must rarely fire on a healthy experiment.
+
+Count *devices* (the unit of assignment), not reports: a device that reports ten times is
+one draw from the split. With per-stratum splits, check each stratum on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+DEFAULT_SRM_THRESHOLD = 0.001
+
+
+@dataclass(frozen=True)
+class SrmResult:
+    """``flagged`` is ``p_value < threshold``. ``expected`` is total x weight per arm."""
+
+    observed: tuple[int, ...]
+    expected: tuple[float, ...]
+    statistic: float
+    p_value: float
+    threshold: float
+    flagged: bool
+
+    def describe(self) -> str:
+        shares = ", ".join(
+            f"{o} observed vs {e:.1f} expected"
+            for o, e in zip(self.observed, self.expected, strict=True)
+        )
+        verdict = "sample ratio mismatch" if self.flagged else "no sample ratio mismatch"
+        return f"{verdict}: chi2={self.statistic:.2f}, p={self.p_value:.3g} ({shares})"
+
+
+def srm_check(
+    counts: Sequence[int],
+    weights: Sequence[float],
+    *,
+    threshold: float = DEFAULT_SRM_THRESHOLD,
+) -> SrmResult:
+    """Chi-square test of ``counts`` (devices per arm) against the split ``weights``.
+
+    Arms with weight 0 must have no devices: any device there is a certain mismatch
+    (p = 0). With no devices at all there is nothing to test (p = 1, not flagged).
+    Raises ``ValueError`` for mismatched lengths, negative counts, weights that are not a
+    distribution, or a threshold outside (0, 1).
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    if len(counts) != len(weights):
+        raise ValueError(f"{len(counts)} counts for {len(weights)} weights")
+    observed = np.asarray(counts, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(observed < 0):
+        raise ValueError(f"counts must be >= 0, got {list(counts)}")
+    if np.any(~np.isfinite(w)) or np.any(w < 0) or abs(math.fsum(w.tolist()) - 1.0) > 1e-9:
+        raise ValueError(f"weights must be >= 0 and sum to 1, got {list(weights)}")
+    total = int(observed.sum())
+    expected = total * w
+    positive = w > 0
+    if total == 0:
+        statistic, p_value = 0.0, 1.0
+    elif np.any(observed[~positive] > 0):
+        statistic, p_value = math.inf, 0.0
+    elif int(positive.sum()) < 2:
+        statistic, p_value = 0.0, 1.0
+    else:
+        result = stats.chisquare(observed[positive], f_exp=expected[positive])
+        statistic, p_value = float(result.statistic), float(result.pvalue)
+    return SrmResult(
+        observed=tuple(int(c) for c in observed),
+        expected=tuple(float(e) for e in expected),
+        statistic=statistic,
+        p_value=p_value,
+        threshold=threshold,
+        flagged=p_value < threshold,
+    )
