@@ -38,6 +38,18 @@ def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
+def fedctl_at_once(*commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Each command as :func:`fedctl` runs it, all started together (each fedctl costs a
+    second or two of imports; read-only commands need not wait for each other)."""
+    procs = [subprocess.Popen([*FEDCTL_CMD, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=ENV) for args in commands]
+    done = []
+    for args, p in zip(commands, procs, strict=True):
+        out, err = p.communicate(timeout=120)
+        done.append(subprocess.CompletedProcess([*FEDCTL_CMD, *args], p.returncode, out, err))
+    return done
+
+
 def test_a_task_runs_to_completion_with_agent_processes(
     coordinator: CoordinatorProcess, tmp_path: Path
 ) -> None:
@@ -62,22 +74,21 @@ def test_a_task_runs_to_completion_with_agent_processes(
     assert all(r.reports >= 3 for r in committed)
     assert all(0 <= r.metrics["server_eval_accuracy"] <= 1 for r in committed)
 
-    watched = fedctl("task", "watch", task_id, "--coordinator", coordinator.target)
+    out = tmp_path / "model.safetensors"
+    latest = tmp_path / "latest.safetensors"
+    at = ["--coordinator", coordinator.target]
+    watched, status, listed, pulled, pulled_latest = fedctl_at_once(
+        ["task", "watch", task_id, *at], ["task", "status", task_id, *at], ["task", "list", *at],
+        ["model", "pull", task_id, "--version", "1", "-o", str(out), *at],
+        ["model", "pull", task_id, "-o", str(latest), *at])
     assert watched.returncode == 0 and f"task {task_id}: completed after 2 rounds" in watched.stdout
-    status = fedctl("task", "status", task_id, "--coordinator", coordinator.target)
     assert status.returncode == 0 and "completed" in status.stdout
-    listed = fedctl("task", "list", "--coordinator", coordinator.target)
     assert task_id in listed.stdout
 
-    out = tmp_path / "model.safetensors"
-    pulled = fedctl("model", "pull", task_id, "--version", "1", "-o", str(out),
-                    "--coordinator", coordinator.target)
     assert pulled.returncode == 0, pulled.stderr
     params = load_safetensors(out.read_bytes())
     assert all(np.isfinite(v).all() for v in params.values())
-    latest = tmp_path / "latest.safetensors"
-    assert fedctl("model", "pull", task_id, "-o", str(latest),
-                  "--coordinator", coordinator.target).returncode == 0
+    assert pulled_latest.returncode == 0, pulled_latest.stderr
     assert hashlib.sha256(latest.read_bytes()).hexdigest() != hashlib.sha256(
         out.read_bytes()).hexdigest()
 
