@@ -161,6 +161,25 @@ def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20) -> lis
 
 FEDCTL_CMD = FEDCTL
 
+
+def fedctl_at_once(*commands: list[str], env: dict[str, str] | None = None,
+                   timeout_s: float = 120) -> list[subprocess.CompletedProcess[str]]:
+    """``fedctl ARGS`` for each command, all started together, their results in order (each
+    fedctl costs a second or two of imports; read-only commands need not wait in line)."""
+    procs = [subprocess.Popen([*FEDCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env or ENV) for args in commands]
+    done = []
+    try:
+        for args, p in zip(commands, procs, strict=True):
+            out, err = p.communicate(timeout=timeout_s)
+            done.append(subprocess.CompletedProcess([*FEDCTL, *args], p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
 TASK_TEMPLATE = """\
 name: {name}
 model:

@@ -14,6 +14,7 @@ from harness import (
     ENV,
     FEDCTL_CMD,
     CoordinatorProcess,
+    fedctl_at_once,
     shared_coordinator,
     start_agent,
     stop_all,
@@ -36,18 +37,6 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
 def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*FEDCTL_CMD, *args], capture_output=True, text=True, env=ENV,
                           timeout=120)
-
-
-def fedctl_at_once(*commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    """Each command as :func:`fedctl` runs it, all started together (each fedctl costs a
-    second or two of imports; read-only commands need not wait for each other)."""
-    procs = [subprocess.Popen([*FEDCTL_CMD, *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=ENV) for args in commands]
-    done = []
-    for args, p in zip(commands, procs, strict=True):
-        out, err = p.communicate(timeout=120)
-        done.append(subprocess.CompletedProcess([*FEDCTL_CMD, *args], p.returncode, out, err))
-    return done
 
 
 def test_a_task_runs_to_completion_with_agent_processes(

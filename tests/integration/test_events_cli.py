@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ENV, FEDCTL, CoordinatorProcess, start_agent, write_task
+from harness import ENV, FEDCTL, CoordinatorProcess, fedctl_at_once, start_agent, write_task
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +59,13 @@ def test_events_of_a_two_round_task_listed_and_followed(
     assert _records(followed) == records[: len(_records(followed))]
     assert "task_ended" in [r["kind"] for r in _records(followed)]
 
-    after = _events(coordinator, "--task", task_id, "--after", "3", "--json")
+    at = ["--coordinator", coordinator.target]
+    after, text, unknown = fedctl_at_once(
+        ["events", "--task", task_id, "--after", "3", "--json", *at],
+        ["events", "--task", task_id, *at], ["events", "--task", "no-such-task", *at])
     assert _records(after.stdout) == records[3:]
-    text = _events(coordinator, "--task", task_id)
     assert text.returncode == 0 and len(text.stdout.splitlines()) == len(records)
     assert "round_committed" in text.stdout
 
-    unknown = _events(coordinator, "--task", "no-such-task")
     assert unknown.returncode == 1 and unknown.stdout == ""
     assert unknown.stderr.startswith("fedctl: error: NOT_FOUND: no task"), unknown.stderr
