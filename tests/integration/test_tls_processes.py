@@ -14,6 +14,7 @@ from harness import (
     ENV,
     FEDCTL_CMD,
     CoordinatorProcess,
+    fedctl_at_once,
     start_agent,
     stop_all,
     wait_for_task,
@@ -30,14 +31,11 @@ def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
-def certs_init(out: Path) -> Path:
-    made = fedctl("certs", "init", "--out", str(out))
-    assert made.returncode == 0, made.stderr
-    return out
-
-
 def test_a_task_runs_over_tls_and_clients_without_the_ca_are_refused(tmp_path: Path) -> None:
-    certs = certs_init(tmp_path / "certs")
+    certs, other = tmp_path / "certs", tmp_path / "other"
+    for made in fedctl_at_once(["certs", "init", "--out", str(certs)],
+                               ["certs", "init", "--out", str(other)]):
+        assert made.returncode == 0, made.stderr
     ca = str(certs / "ca.crt")
     coordinator = CoordinatorProcess(tmp_path, tls=load_client_tls(certs / "ca.crt"))
     coordinator.start(["--tls", str(certs)])
@@ -56,18 +54,16 @@ def test_a_task_runs_over_tls_and_clients_without_the_ca_are_refused(tmp_path: P
             task = wait_for_task(client, task_id, timeout_s=180)
         assert task.state == "completed", coordinator.log_text()
         assert agents[0].wait(timeout=60) == 0, (tmp_path / "agent.log").read_text()
-        status = fedctl("task", "status", task_id, "--coordinator", coordinator.target,
-                        "--ca", ca)
+        at = ["--coordinator", coordinator.target]
+        status, plaintext, wrong_ca = fedctl_at_once(
+            ["task", "status", task_id, *at, "--ca", ca], ["task", "status", task_id, *at],
+            ["task", "list", *at, "--ca", str(other / "ca.crt")])
         assert status.returncode == 0 and "completed" in status.stdout, status.stderr
 
-        plaintext = fedctl("task", "status", task_id, "--coordinator", coordinator.target)
         assert plaintext.returncode == 1
         assert "UNAVAILABLE: cannot reach the coordinator" in plaintext.stderr
         assert "if it serves TLS, give --ca FILE" in plaintext.stderr
 
-        other = certs_init(tmp_path / "other")
-        wrong_ca = fedctl("task", "list", "--coordinator", coordinator.target,
-                          "--ca", str(other / "ca.crt"))
         assert wrong_ca.returncode == 1
         assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.stderr and "check --ca" in wrong_ca.stderr
 
@@ -82,45 +78,51 @@ def test_a_task_runs_over_tls_and_clients_without_the_ca_are_refused(tmp_path: P
 def test_mutual_tls_refuses_clients_without_a_certificate_of_the_client_ca(
     tmp_path: Path
 ) -> None:
-    certs = certs_init(tmp_path / "certs")
+    certs, other = tmp_path / "certs", tmp_path / "other"
+    for made in fedctl_at_once(["certs", "init", "--out", str(certs)],
+                               ["certs", "init", "--out", str(other)]):
+        assert made.returncode == 0, made.stderr
     ca = str(certs / "ca.crt")
-    made = fedctl("certs", "client", "device-1", "--ca-dir", str(certs),
-                  "--out", str(tmp_path / "clients"))
-    assert made.returncode == 0, made.stderr
+    # Ours, and one of another CA (no better than none).
+    for made in fedctl_at_once(
+            ["certs", "client", "device-1", "--ca-dir", str(certs),
+             "--out", str(tmp_path / "clients")],
+            ["certs", "client", "intruder", "--ca-dir", str(other),
+             "--out", str(tmp_path / "intruder")]):
+        assert made.returncode == 0, made.stderr
     mine = ["--ca", ca, "--cert", str(tmp_path / "clients" / "device-1.crt"),
             "--key", str(tmp_path / "clients" / "device-1.key")]
     coordinator = CoordinatorProcess(tmp_path)
     coordinator.start(["--tls", str(certs), "--client-ca", ca])
+    agent = None
     try:
         assert "listening on 127.0.0.1" in coordinator.log_text()
         assert "(mutual TLS)" in coordinator.log_text()
-        with_cert = fedctl("task", "list", "--coordinator", coordinator.target, *mine)
+        # Devices too: with its certificate an agent checks in (no task: it exits 0), without
+        # it never gets through. Everything here runs at once (each process costs seconds).
+        agent = start_agent(coordinator.target, "mtls", "digits:shard=0/4",
+                            extra=[*mine, "--exit-when-idle"], log=tmp_path / "agent.log")
+        at = ["--coordinator", coordinator.target]
+        with_cert, without, foreign, refused = fedctl_at_once(
+            ["task", "list", *at, *mine], ["task", "list", *at, "--ca", ca],
+            ["task", "list", *at, "--ca", ca,
+             "--cert", str(tmp_path / "intruder" / "intruder.crt"),
+             "--key", str(tmp_path / "intruder" / "intruder.key")],
+            ["agent", "run", *at, "--device-id", "no-cert", "--data", "digits:shard=0/4",
+             "--give-up-after", "1", "--ca", ca])
         assert with_cert.returncode == 0, with_cert.stderr
 
-        without = fedctl("task", "list", "--coordinator", coordinator.target, "--ca", ca)
         assert without.returncode == 1 and "UNAVAILABLE" in without.stderr
         assert "client --cert/--key" in without.stderr and "Traceback" not in without.stderr
 
-        # A certificate of another CA is no better than none.
-        other = certs_init(tmp_path / "other")
-        assert fedctl("certs", "client", "intruder", "--ca-dir", str(other),
-                      "--out", str(tmp_path / "intruder")).returncode == 0
-        foreign = fedctl("task", "list", "--coordinator", coordinator.target, "--ca", ca,
-                         "--cert", str(tmp_path / "intruder" / "intruder.crt"),
-                         "--key", str(tmp_path / "intruder" / "intruder.key"))
         assert foreign.returncode == 1 and "UNAVAILABLE" in foreign.stderr
 
-        # Devices too: with its certificate an agent checks in (no task: it exits 0), without
-        # it never gets through.
-        agent = start_agent(coordinator.target, "mtls", "digits:shard=0/4",
-                            extra=[*mine, "--exit-when-idle"], log=tmp_path / "agent.log")
         assert agent.wait(timeout=90) == 0, (tmp_path / "agent.log").read_text()
-        refused = fedctl("agent", "run", "--coordinator", coordinator.target, "--device-id",
-                         "no-cert", "--data", "digits:shard=0/4", "--give-up-after", "1",
-                         "--ca", ca)
         assert refused.returncode == 1 and "unreachable" in refused.stderr
         assert "Traceback" not in refused.stderr
     finally:
+        if agent is not None:
+            stop_all([agent])
         coordinator.stop()
 
 
