@@ -8,10 +8,19 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ENV, CoordinatorProcess, start_agent, stop_all, wait_for_task, write_task
+from harness import (
+    ENV,
+    CoordinatorProcess,
+    shared_coordinator,
+    start_agent,
+    stop_all,
+    wait_for_task,
+    write_task,
+)
 
 from core.taskspec import load_task_file
 from fedctl.admin import AdminError
@@ -22,6 +31,14 @@ pytestmark = pytest.mark.integration
 APP_ENV = {"PYTHONPATH": os.pathsep.join(
     p for p in (str(Path(__file__).parent), ENV.get("PYTHONPATH", "")) if p)}
 NARROW_MODEL = "{input_dim: 60, num_classes: 10}"
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    """One coordinator for the module's tests (a process costs seconds of start-up: torch).
+    What a population's devices report is what these tests are about, so each test's task
+    and devices are a population of their own."""
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def wait_for_check_ins(log: Path, devices: int, agent: subprocess.Popen[bytes],
@@ -40,15 +57,16 @@ def test_a_task_whose_model_does_not_fit_the_populations_data_is_refused_at_laun
 ) -> None:
     log = tmp_path / "agent.log"
     agent = start_agent(coordinator.target, "digits", "digits:shard=0/4", devices=2, log=log,
-                        verbose=True)
+                        verbose=True, extra=["--population", "wide"])
     try:
         wait_for_check_ins(log, 2, agent)
-        spec = load_task_file(write_task(tmp_path / "t.yaml", arguments=NARROW_MODEL))
+        spec = load_task_file(write_task(tmp_path / "t.yaml", arguments=NARROW_MODEL,
+                                         extra="population: wide\n"))
         with coordinator.admin() as admin, pytest.raises(AdminError) as refused:
             admin.create_task(spec)
         assert refused.value.code == "FAILED_PRECONDITION"
         assert refused.value.message.startswith(
-            "task 'it': the model does not fit the data population 'default' reported, [64] "
+            "task 'it': the model does not fit the data population 'wide' reported, [64] "
             "-> 10 classes (2 devices): a batch of shape [1, 64] raised RuntimeError")
         assert "takes 60 features" in refused.value.message
         assert agent.poll() is None
@@ -61,13 +79,14 @@ def test_a_device_whose_data_does_not_fit_declines_and_its_agents_other_devices_
 ) -> None:
     # Every device is drawn (4 of 4), so the narrow one takes part, and declines.
     spec = load_task_file(write_task(tmp_path / "t.yaml", rounds=1, clients_per_round=4,
-                                     min_reports=3, round_deadline_s=60))
+                                     min_reports=3, round_deadline_s=60,
+                                     extra="population: uneven\n"))
     with coordinator.admin() as admin:
         task_id = admin.create_task(spec).task_id
     log = tmp_path / "agent.log"
     agent = start_agent(coordinator.target, "uneven", "uneven:shard=0/4,narrow=0", devices=4,
-                        log=log, verbose=True, extra=["--app", "uneven_data_app:app"],
-                        env=APP_ENV)
+                        log=log, verbose=True, env=APP_ENV,
+                        extra=["--app", "uneven_data_app:app", "--population", "uneven"])
     try:
         with coordinator.admin() as admin:
             task = wait_for_task(admin, task_id, timeout_s=45)  # well before the deadline
@@ -87,12 +106,13 @@ def test_a_task_no_device_can_run_fails_with_the_reason_instead_of_hanging(
 ) -> None:
     # Launched before any device reported its data, so nothing can be checked at launch.
     spec = load_task_file(write_task(tmp_path / "t.yaml", arguments=NARROW_MODEL, rounds=1,
-                                     clients_per_round=3, min_reports=2, round_deadline_s=60))
+                                     clients_per_round=3, min_reports=2, round_deadline_s=60,
+                                     extra="population: unfit\n"))
     with coordinator.admin() as admin:
         task_id = admin.create_task(spec).task_id
     log = tmp_path / "agent.log"
     agent = start_agent(coordinator.target, "digits", "digits:shard=0/4", devices=3, log=log,
-                        verbose=True)
+                        verbose=True, extra=["--population", "unfit"])
     try:
         with coordinator.admin() as admin:
             task = wait_for_task(admin, task_id, timeout_s=45)  # well before the deadline
