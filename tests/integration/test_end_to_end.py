@@ -87,27 +87,28 @@ def test_cli_errors_name_the_file_and_field_and_do_not_trace(
 ) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(write_task(tmp_path / "ok.yaml").read_text().replace("rounds: 2", "rounds: -1"))
-    result = fedctl("task", "launch", str(bad), "--coordinator", coordinator.target)
+    unknown_model = tmp_path / "model.yaml"
+    unknown_model.write_text(
+        write_task(tmp_path / "ok2.yaml").read_text().replace("logistic_regression", "resnet9000"))
+    at = ["--coordinator", coordinator.target]
+    # Independent commands, each refused: all started at once.
+    result, unknown, missing, down, bad_data = fedctl_at_once(
+        ["task", "launch", str(bad), *at], ["task", "launch", str(unknown_model), *at],
+        ["task", "status", "no-such-task", *at],
+        ["task", "list", "--coordinator", "127.0.0.1:1"],
+        ["agent", "run", *at, "--device-id", "x", "--data", "digits:shard=7/4"])
     assert result.returncode == 2
     assert f"{bad}: field 'rounds': must be between 1 and 1000000" in result.stderr
     assert "Traceback" not in result.stderr
 
-    unknown_model = tmp_path / "model.yaml"
-    unknown_model.write_text(
-        write_task(tmp_path / "ok2.yaml").read_text().replace("logistic_regression", "resnet9000"))
-    result = fedctl("task", "launch", str(unknown_model), "--coordinator", coordinator.target)
-    assert result.returncode == 1 and "INVALID_ARGUMENT" in result.stderr
-    assert "resnet9000" in result.stderr and "Traceback" not in result.stderr
+    assert unknown.returncode == 1 and "INVALID_ARGUMENT" in unknown.stderr
+    assert "resnet9000" in unknown.stderr and "Traceback" not in unknown.stderr
 
-    missing = fedctl("task", "status", "no-such-task", "--coordinator", coordinator.target)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
-    down = fedctl("task", "list", "--coordinator", "127.0.0.1:1")
     assert down.returncode == 1 and "cannot reach the coordinator" in down.stderr
     assert "Traceback" not in down.stderr
 
-    bad_data = fedctl("agent", "run", "--coordinator", coordinator.target, "--device-id", "x",
-                      "--data", "digits:shard=7/4")
     assert bad_data.returncode == 1 and "shard" in bad_data.stderr
     assert "Traceback" not in bad_data.stderr
 
@@ -142,11 +143,13 @@ def test_a_second_coordinator_on_the_same_port_or_store_is_refused_cleanly(
 ) -> None:
     with coordinator.admin() as admin:
         tasks_before = [t.task_id for t in admin.list_tasks()]
-    same_port = fedctl("coordinator", "serve", "--db", f"sqlite:///{tmp_path}/other.db",
-                       "--store", str(tmp_path / "other"), "--port", str(coordinator.port))
+    # Two refusals that share nothing but the running coordinator: started at once.
+    same_port, same_store = fedctl_at_once(
+        ["coordinator", "serve", "--db", f"sqlite:///{tmp_path}/other.db",
+         "--store", str(tmp_path / "other"), "--port", str(coordinator.port)],
+        ["coordinator", "serve", "--db", coordinator.db_url,
+         "--store", str(coordinator.workdir / "store"), "--port", "0"])
     assert same_port.returncode == 1 and "cannot listen on" in same_port.stderr
-    same_store = fedctl("coordinator", "serve", "--db", coordinator.db_url,
-                        "--store", str(coordinator.workdir / "store"), "--port", "0")
     assert same_store.returncode == 1 and "in use by another coordinator" in same_store.stderr
     for result in (same_port, same_store):
         assert "Traceback" not in result.stderr
