@@ -9,6 +9,10 @@ the coordinator's task states: ``completed``, ``failed`` or, under central DP,
 ``budget_exhausted`` (the next round would have passed ``privacy.max_epsilon``), with the
 epsilon spent and the budget.
 
+A file with a ``simulation.experiment`` section runs an A/B experiment of model variants
+on the simulated devices instead (:mod:`simulations.experiment`): a per-round table, then
+the decision and its reason (``--json``: one JSON object).
+
 A bad task file or ``--app`` exits with code 2 and one line naming the file and the field.
 """
 
@@ -63,6 +67,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 1:
         raise CliError(f"--rounds must be at least 1, got {args.rounds}", exit_code=2)
     apps = tuple(args.app)
+    from simulations.experiment import has_experiment
+
+    if has_experiment(args.file):
+        return _experiment(args, apps)
     with _stdout_to_stderr(args.json):
         try:
             load_apps(apps)
@@ -126,6 +134,49 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(summary), flush=True)
     else:
         print(_human(summary), flush=True)
+    return 0
+
+
+def _experiment(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
+    """A file with a ``simulation.experiment`` section: an A/B test of model variants evaluated on
+    the simulated devices (:mod:`simulations.experiment`); prints the per-round table and
+    the decision with its reason (``--json``: one JSON object)."""
+    from core.errors import AppError
+    from fedctl.errors import CliError
+    from simulations.config import load_apps
+    from simulations.errors import SimulationConfigError, SimulationError
+    from simulations.experiment import (
+        format_table,
+        load_experiment_file,
+        run_experiment,
+        summary,
+    )
+
+    for flag, value in (("--ray", args.ray), ("--rounds", args.rounds), ("--out", args.out)):
+        if value is not None:
+            raise CliError(f"{flag} does not apply to an experiment file ({args.file}): its "
+                           "rounds are simulation.experiment.horizon_rounds", exit_code=2)
+    with _stdout_to_stderr(args.json):
+        try:
+            load_apps(apps)
+        except AppError as exc:
+            raise CliError(str(exc), exit_code=2) from None
+        try:
+            config, experiment = load_experiment_file(args.file, population=args.population,
+                                                      devices=args.devices, apps=apps)
+            history = run_experiment(config, experiment)
+        except SimulationConfigError as exc:
+            raise CliError(str(exc), exit_code=2) from None
+        except (SimulationError, ValueError) as exc:
+            raise CliError(f"{args.file}: {exc}") from None
+    result = summary(config, experiment, history)
+    if args.json:
+        print(json.dumps(result), flush=True)
+        return 0
+    decision = result["decision"]
+    print(format_table(experiment.spec, history))
+    print(f"{config.name}: {decision['action']} after {decision['round']} rounds: "
+          f"{decision['reason']}", flush=True)
     return 0
 
 

@@ -37,6 +37,7 @@ to the coordinator) with a ``simulation:`` section the coordinator ignores::
         trace: devices.csv                                # per-device overrides, devices.py
       evaluation: {every: 1, train_loss_samples: 20000}
       engine: {kind: auto, workers: 2, processes: 1, threads: 1}   # auto | bmm | vmap | loop
+      experiment: ...               # an A/B test of model variants: simulations/experiment.py
 
 The task part is built and checked by :func:`core.taskspec.spec_from_dict` (so a file that
 simulates also launches), the ``simulation`` section by the same field builder
@@ -342,6 +343,9 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<simulation>",
         task = spec_from_dict({**data, "simulation": raw_section}, source=source)
     except TaskSpecError as exc:
         raise SimulationConfigError(source, exc.field, exc.message) from None
+    # simulation.experiment (an A/B test of model variants) is read by
+    # simulations.experiment; the training it evaluates is this section's.
+    raw_section = {k: v for k, v in raw_section.items() if k != "experiment"}
     try:
         section = fields.build(SimulationSection, raw_section, "simulation")
     except fields.FieldError as exc:

@@ -26,13 +26,17 @@ from simulations.errors import SimulationConfigError
 @dataclass(frozen=True, eq=False)
 class FederatedData:
     """``x_train[k]`` float32 ``[n_k, *feature_shape]`` and ``y_train[k]`` int64 ``[n_k]``
-    for device k (every ``n_k >= 1``); ``x_test``/``y_test`` the global test set."""
+    for device k (every ``n_k >= 1``); ``x_test``/``y_test`` the global test set.
+    ``x_device_test[k]``/``y_device_test[k]``: device k's own held-out split (what an agent
+    with its spec evaluates on; may be empty), or empty sequences when not loaded."""
 
     x_train: Sequence[np.ndarray]
     y_train: Sequence[np.ndarray]
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    x_device_test: Sequence[np.ndarray] = ()
+    y_device_test: Sequence[np.ndarray] = ()
 
     @property
     def num_devices(self) -> int:
@@ -149,7 +153,9 @@ def load_federated_data(config: DataConfig, *, source: str = "<simulation>") -> 
         x_train=[np.ascontiguousarray(s.x_train, dtype=np.float32) for s in shards],
         y_train=[np.ascontiguousarray(s.y_train, dtype=np.int64) for s in shards],
         x_test=np.ascontiguousarray(x_test, dtype=np.float32),
-        y_test=np.ascontiguousarray(y_test, dtype=np.int64), num_classes=classes)
+        y_test=np.ascontiguousarray(y_test, dtype=np.int64), num_classes=classes,
+        x_device_test=[np.ascontiguousarray(s.x_test, dtype=np.float32) for s in shards],
+        y_device_test=[np.ascontiguousarray(s.y_test, dtype=np.int64) for s in shards])
 
 
 def _feature_shape(x: np.ndarray) -> tuple[int, ...]:

@@ -1,0 +1,403 @@
+"""A/B experiments of model variants on simulated devices, with the statistics of
+:mod:`core.experiments` (the same code the coordinator's experiments use).
+
+A task file whose ``simulation:`` section has an ``experiment:`` section (``fedctl simulate``
+runs it with :func:`run_experiment`; the coordinator ignores the ``simulation:`` section, so
+the file still launches as the training task)::
+
+    simulation:
+      population: ...
+      experiment:                    # core.experiments.spec's fields, and per arm:
+        arms:                        # the task's global model after 3 and after 30 rounds
+          - {name: short, weight: 0.5, trained_rounds: 3}
+          - {name: long, weight: 0.5, trained_rounds: 30}
+        primary_metric: {name: accuracy, direction: increase}   # accuracy | loss
+        guardrails: [{metric: loss, max_increase: 0.05}]
+        mde: 0.05
+        alpha: 0.05
+        horizon_rounds: 20
+        salt: ab-digits-1
+        devices_per_round: 20        # optional; default: clients_per_round
+
+**The arms' models (the design, and why it is honest).** The file's task is trained once, as
+``fedctl simulate`` would train it, for ``max(trained_rounds)`` rounds; arm ``i`` evaluates
+the global model as it stood after its ``trained_rounds`` rounds (0: the initial model). Both
+arms come from one run with one seed, so the only difference between them is the training
+they received; an A/A test is two arms with the same ``trained_rounds`` (the same model).
+
+**An experiment round.** ``devices_per_round`` devices are drawn uniformly (seeded by the
+task's seed and the round) among the devices that hold held-out data; each gets its arm from
+:func:`core.experiments.assignment.assign_arms` (HMAC of ``device-K`` under the salt:
+sticky, nothing stored) and evaluates its arm's model on its own held-out split (the test
+split an agent with the same data spec holds; never its training data), without training.
+Per the statistics' unit (:mod:`core.experiments.sequential`), each device contributes one
+value per metric per arm: the mean of its reports so far. Then SRM is checked on the
+distinct devices seen per arm, each treatment is compared with the control by an
+always-valid look (``alpha = spec.comparison_alpha``; ``tau = spec.tau`` for the primary
+metric, a guardrail's own limit, or ``tau`` for a zero limit, for guardrails), and
+:func:`core.experiments.decision.decide` runs. The run stops on success, harm, invalid or
+the horizon.
+
+What is refused (naming ``simulation.experiment.FIELD``): ``strata`` (simulated devices have no
+attributes), a primary ``covariate`` (no pre-period is simulated), metrics other than
+``accuracy`` and ``loss``, ``trained_rounds`` beyond the task's ``rounds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from core.experiments import (
+    Action,
+    AlwaysValidResult,
+    ArmStats,
+    Decision,
+    ExperimentSpec,
+    ExperimentSpecError,
+    SrmResult,
+    always_valid_look,
+    assign_arms,
+    decide,
+    difference_in_means,
+    parse_experiment_spec,
+    srm_check,
+)
+from simulations.config import SimulationConfig, config_from_dict
+from simulations.errors import SimulationConfigError
+
+#: Metrics a simulated device reports for the model it evaluates.
+METRICS = ("accuracy", "loss")
+_FIELD = "simulation.experiment"
+_SIM_ARM_KEY = "trained_rounds"
+_SIM_TOP_KEYS = ("devices_per_round",)
+
+
+@dataclass(frozen=True)
+class SimulatedExperiment:
+    """The ``experiment:`` section: the spec, and per arm (in ``spec.arms`` order) the
+    training rounds of the model it evaluates."""
+
+    spec: ExperimentSpec
+    trained_rounds: tuple[int, ...]
+    devices_per_round: int
+
+
+@dataclass(frozen=True)
+class ExperimentRound:
+    """One experiment round. ``devices``: drawn this round; ``seen``: distinct devices per
+    arm so far (SRM counts these); ``means``: per arm, the mean over its devices of each
+    metric; ``primary``: per treatment, the always-valid comparison (None before each arm
+    has two devices)."""
+
+    round: int
+    devices: int
+    seen: Mapping[str, int]
+    means: Mapping[str, Mapping[str, float]]
+    primary: Mapping[str, AlwaysValidResult]
+    srm: SrmResult
+    decision: Decision
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round, "devices": self.devices, "seen": dict(self.seen),
+            "means": {a: dict(m) for a, m in self.means.items()},
+            "primary": {a: dataclasses.asdict(r) for a, r in self.primary.items()},
+            "srm_p_value": self.srm.p_value,
+            "action": self.decision.action.value, "reason": self.decision.reason,
+        }
+
+
+def load_experiment_file(path: str | Path, *, population: str | None = None,
+                         devices: int | None = None, apps: tuple[str, ...] = ()
+                         ) -> tuple[SimulationConfig, SimulatedExperiment]:
+    """Reads a task file with a ``simulation.experiment`` section (``population`` and
+    ``devices`` as in :func:`simulations.config.load_simulation_file`).
+
+    Raises:
+        SimulationConfigError: the file, a task field or an experiment field is wrong;
+            names the file and the field (``simulation.experiment.arms[1].weight``).
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SimulationConfigError(source, "", f"cannot read the file: {exc.strerror or exc}"
+                                    ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise SimulationConfigError(source, "", "not valid YAML") from None
+    raw = _experiment_section(data)
+    if raw is None:
+        raise SimulationConfigError(source, _FIELD, "is required for an experiment")
+    config = config_from_dict(data, source=source, base_dir=str(Path(path).parent),
+                              population=population, devices=devices, apps=apps)
+    return config, parse_simulated_experiment(raw, config, source=source)
+
+
+def _experiment_section(data: Any) -> Any:
+    """``simulation.experiment`` of parsed YAML, or None."""
+    if not isinstance(data, Mapping):
+        return None
+    section = data.get("simulation")
+    return section.get("experiment") if isinstance(section, Mapping) else None
+
+
+def has_experiment(path: str | Path) -> bool:
+    """Whether the file (read as YAML) has a ``simulation.experiment`` section; False when it
+    cannot be read (the normal loader then reports why)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return _experiment_section(data) is not None
+
+
+def parse_simulated_experiment(raw: Any, config: SimulationConfig, *,
+                               source: str = "<simulation>") -> SimulatedExperiment:
+    """Validates the ``simulation.experiment`` section against ``config``.
+
+    Raises:
+        SimulationConfigError: naming ``source`` and ``simulation.experiment.FIELD``.
+    """
+
+    def fail(field: str, message: str) -> SimulationConfigError:
+        return SimulationConfigError(source, f"{_FIELD}.{field}" if field else _FIELD, message)
+
+    if not isinstance(raw, Mapping):
+        raise fail("", f"must be a mapping, got {type(raw).__name__}")
+    core_raw = {k: v for k, v in raw.items() if k not in _SIM_TOP_KEYS}
+    arms = raw.get("arms")
+    rounds: list[int] = []
+    if isinstance(arms, list):
+        stripped = []
+        for i, arm in enumerate(arms):
+            if isinstance(arm, Mapping):
+                if _SIM_ARM_KEY not in arm:
+                    raise fail(f"arms[{i}].{_SIM_ARM_KEY}", "is required: the training rounds "
+                               "of the model this arm evaluates (0: the initial model)")
+                n = arm[_SIM_ARM_KEY]
+                if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= config.rounds:
+                    raise fail(f"arms[{i}].{_SIM_ARM_KEY}", f"must be an integer between 0 and "
+                               f"the task's rounds ({config.rounds}), got {n!r}")
+                rounds.append(n)
+                arm = {k: v for k, v in arm.items() if k != _SIM_ARM_KEY}
+            stripped.append(arm)
+        core_raw["arms"] = stripped
+    try:
+        spec = parse_experiment_spec(core_raw)
+    except ExperimentSpecError as exc:
+        raise fail(exc.field, exc.message) from None
+    if spec.strata:
+        raise fail("strata", "is not simulated: simulated devices have no attributes")
+    if spec.primary.covariate is not None:
+        raise fail("primary_metric.covariate", "is not simulated: there is no pre-period")
+    if spec.primary.name not in METRICS:
+        raise fail("primary_metric.name", f"must be one of {', '.join(METRICS)} (what a "
+                   f"simulated device reports), got {spec.primary.name!r}")
+    for i, rail in enumerate(spec.guardrails):
+        if rail.metric not in METRICS:
+            raise fail(f"guardrails[{i}].metric", f"must be one of {', '.join(METRICS)}, got "
+                       f"{rail.metric!r}")
+    per_round = raw.get("devices_per_round", config.selection.clients_per_round)
+    if isinstance(per_round, bool) or not isinstance(per_round, int) or not (
+            2 <= per_round <= config.data.num_devices):
+        raise fail("devices_per_round", f"must be an integer between 2 and "
+                   f"simulation.population.devices ({config.data.num_devices}), "
+                   f"got {per_round!r}")
+    return SimulatedExperiment(spec, tuple(rounds), per_round)
+
+
+def device_id(device: int) -> str:
+    """The id a simulated device is assigned by (the unit of the HMAC)."""
+    return f"device-{device}"
+
+
+class ExperimentRunner:
+    """Trains the arms' models once, then runs experiment rounds (:meth:`rounds`). Not
+    thread-safe. Deterministic in the config's seed and the experiment's salt."""
+
+    def __init__(self, config: SimulationConfig, experiment: SimulatedExperiment) -> None:
+        from simulations.engine import Simulation
+
+        self.config = config
+        self.experiment = experiment
+        sim = Simulation(config)
+        self.data = sim.data
+        wanted = set(experiment.trained_rounds)
+        snapshots: dict[int, dict[str, np.ndarray]] = {}
+        if 0 in wanted:
+            snapshots[0] = {k: v.copy() for k, v in sim.params.items()}
+        last = max(experiment.trained_rounds)
+        if last:
+            for metrics in sim.rounds(last):
+                if metrics.round in wanted:
+                    snapshots[metrics.round] = {k: v.copy() for k, v in sim.params.items()}
+        missing = wanted - snapshots.keys()
+        if missing:
+            raise SimulationConfigError(
+                config.source, f"{_FIELD}.arms",
+                f"training stopped ({sim.outcome.state.value}: {sim.outcome.reason}) before "
+                f"round {min(missing)}")
+        self._models = [snapshots[n] for n in experiment.trained_rounds]
+        sizes = np.array([len(y) for y in self.data.y_device_test], dtype=np.int64)
+        #: Devices with held-out data: the ones that can evaluate.
+        self.eligible = np.flatnonzero(sizes > 0)
+        if len(self.eligible) < experiment.devices_per_round:
+            raise SimulationConfigError(
+                config.source, f"{_FIELD}.devices_per_round",
+                f"only {len(self.eligible)} devices hold held-out data, fewer than "
+                f"{experiment.devices_per_round}")
+        spec = experiment.spec
+        self._split = spec.split()
+        self._arm_of_device: dict[int, int] = {}
+        self._cache: dict[tuple[int, int], tuple[float, float]] = {}
+        self._build_model()
+
+    def _build_model(self) -> None:
+        from core.models import build_model, model_hooks
+
+        self._model = build_model(self.config.model)
+        self._loss = model_hooks(self.config.model.architecture).loss
+
+    @property
+    def assigned(self) -> Mapping[int, int]:
+        """The arm index of each device that has evaluated so far."""
+        return dict(self._arm_of_device)
+
+    def assign(self, devices: np.ndarray) -> np.ndarray:
+        """The arm index of each device (:func:`core.experiments.assignment.assign_arms`)."""
+        return assign_arms([device_id(int(d)) for d in devices],
+                           salt=self.experiment.spec.salt, split=self._split)
+
+    def evaluate(self, arm: int, device: int) -> tuple[float, float]:
+        """(accuracy, loss) of arm ``arm``'s model on ``device``'s held-out data."""
+        key = (arm, device)
+        if key not in self._cache:
+            from core.models import load_numpy_state
+            from core.training import evaluate
+
+            load_numpy_state(self._model, self._models[arm])
+            loss, accuracy = evaluate(self._model, self.data.x_device_test[device],
+                                      self.data.y_device_test[device], loss=self._loss)
+            self._cache[key] = (accuracy, loss)
+        return self._cache[key]
+
+    def rounds(self) -> Iterator[ExperimentRound]:
+        """Experiment rounds until a stop rule fires (the last yielded round's decision
+        stops) or the horizon."""
+        spec = self.experiment.spec
+        names = spec.arm_names
+        control = names.index(spec.control)
+        sums: dict[int, np.ndarray] = {}  # device -> per-metric sums of its reports
+        counts: dict[int, int] = {}
+        primary: dict[str, AlwaysValidResult] = {}
+        rails: dict[str, dict[str, AlwaysValidResult]] = {}
+        for r in range(1, spec.horizon_rounds + 1):
+            rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, r, 0xAB7E]))
+            drawn = np.sort(rng.choice(self.eligible, size=self.experiment.devices_per_round,
+                                       replace=False))
+            for device, arm in zip(drawn.tolist(), self.assign(drawn).tolist(), strict=True):
+                if self._arm_of_device.setdefault(device, arm) != arm:
+                    raise AssertionError(f"device {device} changed arm")  # sticky by design
+                sums[device] = sums.get(device, np.zeros(len(METRICS))) + np.array(
+                    self.evaluate(arm, device))
+                counts[device] = counts.get(device, 0) + 1
+            stats = self._arm_stats(sums, counts, len(names))
+            seen = [stats[a][METRICS[0]].count for a in range(len(names))]
+            srm = srm_check(seen, [a.weight for a in spec.arms],
+                            threshold=spec.srm_threshold)
+            for t, name in enumerate(names):
+                if t == control or min(seen[t], seen[control]) < 2:
+                    continue
+                primary[name] = self._look(stats, control, t, spec.primary.name, spec.tau,
+                                           primary.get(name))
+                for rail in spec.guardrails:
+                    tau = rail.limit if rail.limit > 0 else spec.tau
+                    per_arm = rails.setdefault(rail.metric, {})
+                    per_arm[name] = self._look(stats, control, t, rail.metric, tau,
+                                               per_arm.get(name))
+            decision = decide(spec, round_number=r, primary=primary, guardrails=rails,
+                              srm=srm)
+            yield ExperimentRound(
+                round=r, devices=len(drawn),
+                seen={n: seen[a] for a, n in enumerate(names)},
+                means={n: {m: s.mean for m, s in stats[a].items()}
+                       for a, n in enumerate(names)},
+                primary=dict(primary), srm=srm, decision=decision)
+            if decision.stops:
+                return
+
+    def _arm_stats(self, sums: Mapping[int, np.ndarray], counts: Mapping[int, int],
+                   arms: int) -> list[dict[str, ArmStats]]:
+        """Per arm, per metric: the stats of its devices' cumulative means."""
+        out: list[dict[str, ArmStats]] = []
+        for a in range(arms):
+            devices = [d for d in sums if self._arm_of_device[d] == a]
+            values = (np.array([sums[d] / counts[d] for d in devices]) if devices
+                      else np.zeros((0, len(METRICS))))
+            out.append({m: ArmStats.from_values(values[:, i]) for i, m in enumerate(METRICS)})
+        return out
+
+    def _look(self, stats: list[dict[str, ArmStats]], control: int, treatment: int,
+              metric: str, tau: float, previous: AlwaysValidResult | None
+              ) -> AlwaysValidResult:
+        diff = difference_in_means(stats[control][metric], stats[treatment][metric])
+        return always_valid_look(diff, tau=tau, alpha=self.experiment.spec.comparison_alpha,
+                                 previous=previous)
+
+
+def run_experiment(config: SimulationConfig, experiment: SimulatedExperiment
+                   ) -> list[ExperimentRound]:
+    """Every round of the experiment, the last one's decision the final one."""
+    return list(ExperimentRunner(config, experiment).rounds())
+
+
+def format_table(spec: ExperimentSpec, history: list[ExperimentRound]) -> str:
+    """The per-round table: devices seen per arm, the primary metric's arm means, and each
+    treatment's estimate, confidence sequence and always-valid p-value."""
+    names = spec.arm_names
+    metric = spec.primary.name
+    head = (["round", "devices"] + [f"n[{n}]" for n in names]
+            + [f"{metric}[{n}]" for n in names])
+    for t in spec.treatments:
+        head += [f"diff[{t}]", "confidence sequence", "p"]
+    head += ["srm p", "action"]
+    rows = [head]
+    for h in history:
+        row = [str(h.round), str(h.devices)] + [str(h.seen[n]) for n in names]
+        row += [f"{h.means[n][metric]:.4f}" if h.seen[n] else "-" for n in names]
+        for t in spec.treatments:
+            res = h.primary.get(t)
+            row += (["-", "-", "-"] if res is None else
+                    [f"{res.estimate:+.4f}", f"[{res.lower:+.4f}, {res.upper:+.4f}]",
+                     f"{res.p_value:.3g}"])
+        row += [f"{h.srm.p_value:.3g}", h.decision.action.value]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
+                     for r in rows)
+
+
+def summary(config: SimulationConfig, experiment: SimulatedExperiment,
+            history: list[ExperimentRound]) -> dict[str, Any]:
+    """The run as one JSON-ready object."""
+    last = history[-1].decision
+    return {
+        "name": config.name,
+        "arms": {a.name: {"weight": a.weight, "trained_rounds": n}
+                 for a, n in zip(experiment.spec.arms, experiment.trained_rounds, strict=True)},
+        "control": experiment.spec.control,
+        "primary_metric": experiment.spec.primary.name,
+        "decision": {"action": last.action.value, "reason": last.reason,
+                     "round": last.round_number, "arm": last.arm, "metric": last.metric},
+        "stopped": last.action is not Action.CONTINUE,
+        "rounds": [h.as_dict() for h in history],
+    }
