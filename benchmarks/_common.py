@@ -61,10 +61,14 @@ class CoordinatorSubprocess:
         if lift_limits:
             self._args += LIFTED_LIMITS
 
+    def _launcher(self) -> list[str]:
+        """What runs ``fedctl`` here; the arguments from ``coordinator serve`` on follow."""
+        return [sys.executable, "-m", "fedctl"]
+
     def __enter__(self) -> CoordinatorSubprocess:
         port_file = self.dir / "port"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedctl", "coordinator", "serve",
+            [*self._launcher(), "coordinator", "serve",
              "--db", f"sqlite:///{self.dir}/bench.db", "--store", str(self.dir / "store"),
              "--port", "0", "--port-file", str(port_file), *self._args],
             stdout=open(self.dir / "coordinator.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115

@@ -50,9 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
-    ENV,
     LIFTED_LIMITS_NOTE,
-    ROOT,
     BareServer,
     CoordinatorSubprocess,
 )
@@ -341,22 +339,11 @@ class ObservedCoordinator(CoordinatorSubprocess):
         if mode in ("on", "kafka"):
             self._args += ["--events", f"kafka://{kafka}/{topic}"]
 
+    def _launcher(self) -> list[str]:
+        return [sys.executable, "-c", SERVE_WRAPPER, str(self.dir), self.mode]
+
     def __enter__(self) -> ObservedCoordinator:
-        port_file = self.dir / "port"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE_WRAPPER, str(self.dir), self.mode,
-             "coordinator", "serve",
-             "--db", f"sqlite:///{self.dir}/bench.db", "--store", str(self.dir / "store"),
-             "--port", "0", "--port-file", str(port_file), *self._args],
-            stdout=open(self.dir / "coordinator.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            env=ENV, cwd=ROOT,
-        )
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((self.dir / "coordinator.log").read_text())
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        super().__enter__()
         if self.mode in ("on", "metrics"):
             http_port = int((self.dir / "http_port").read_text())
             self.scraper = Scraper(f"http://127.0.0.1:{http_port}/metrics").__enter__()
@@ -391,6 +378,16 @@ def kafka_totals(coords: list[ObservedCoordinator]) -> dict[str, int]:
         total["hub_sink_failures"] += int(str(c.sinks.get("hub_sink_failures", 0)))
         total["store_events_lost"] += int(store.get("events_lost", 0))
     return total
+
+
+def add_broker_and_mode_args(parser: argparse.ArgumentParser) -> None:
+    """``--broker-storage`` and ``--modes``, as both observability benchmarks take them."""
+    parser.add_argument("--broker-storage", choices=["memory", "s3"], default="memory",
+                        help="where the local broker keeps its log (memory: no store process "
+                             "on the machine's cores; s3: moto's S3 server, as the tests run it)")
+    parser.add_argument("--modes", default=DEFAULT_MODES,
+                        help="with --observability both: comma-separated modes of OBS_MODES "
+                             f"(off and on among them; default {DEFAULT_MODES})")
 
 
 def parse_modes(text: str) -> list[str]:
@@ -442,12 +439,7 @@ def main() -> None:
                              "(nosinks, off, on) of --variant, their passes interleaved")
     parser.add_argument("--variant", choices=[v.name for v in VARIANTS], default="plaintext",
                         help="with --observability both: the variant the modes run")
-    parser.add_argument("--broker-storage", choices=["memory", "s3"], default="memory",
-                        help="where the local broker keeps its log (memory: no store process "
-                             "on the machine's cores; s3: moto's S3 server, as the tests run it)")
-    parser.add_argument("--modes", default=DEFAULT_MODES,
-                        help="with --observability both: comma-separated modes of OBS_MODES "
-                             f"(off and on among them; default {DEFAULT_MODES})")
+    add_broker_and_mode_args(parser)
     args = parser.parse_args()
     spec = TaskSpec(name="bench-checkin",
                     model=ModelSpec("logistic_regression", {"input_dim": 64, "num_classes": 10}),

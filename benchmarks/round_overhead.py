@@ -45,10 +45,10 @@ from benchmarks._common import (  # noqa: E402
     CoordinatorSubprocess,
 )
 from benchmarks.checkin import (  # noqa: E402
-    DEFAULT_MODES,
     OBS_MODES,
     KafkaBroker,
     ObservedCoordinator,
+    add_broker_and_mode_args,
     cpu_seconds,
     kafka_totals,
     machine_load,
@@ -193,12 +193,7 @@ def main() -> None:
                              "off, on) of --variant, interleaved")
     parser.add_argument("--variant", choices=list(VARIANTS), default="plaintext",
                         help="with --observability both: the variant the modes run")
-    parser.add_argument("--broker-storage", choices=["memory", "s3"], default="memory",
-                        help="where the local broker keeps its log (memory: no store process "
-                             "on the machine's cores; s3: moto's S3 server, as the tests run it)")
-    parser.add_argument("--modes", default=DEFAULT_MODES,
-                        help="with --observability both: comma-separated modes of OBS_MODES "
-                             f"(off and on among them; default {DEFAULT_MODES})")
+    add_broker_and_mode_args(parser)
     args = parser.parse_args()
     if args.observability == "both":
         main_both(args)
