@@ -282,6 +282,15 @@ def load_apps(apps: tuple[str, ...]) -> None:
             load_app(app)
 
 
+def read_task_file(path: str | Path) -> str:
+    """The file's text. Raises SimulationConfigError (naming the file) where it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SimulationConfigError(str(path), "", f"cannot read the file: "
+                                    f"{exc.strerror or exc}") from None
+
+
 def load_simulation_file(path: str | Path, *, population: str | None = None,
                          devices: int | None = None, apps: tuple[str, ...] = ()
                          ) -> SimulationConfig:
@@ -295,11 +304,7 @@ def load_simulation_file(path: str | Path, *, population: str | None = None,
             message names the file and the field as written in the file.
     """
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SimulationConfigError(source, "", f"cannot read the file: {exc.strerror or exc}"
-                                    ) from None
+    text = read_task_file(path)
     return parse_simulation_yaml(text, source=source, base_dir=str(Path(path).parent),
                                  population=population, devices=devices, apps=apps)
 

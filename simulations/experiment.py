@@ -69,7 +69,7 @@ from core.experiments import (
     parse_experiment_spec,
     srm_check,
 )
-from simulations.config import SimulationConfig, config_from_dict
+from simulations.config import SimulationConfig, config_from_dict, read_task_file
 from simulations.errors import SimulationConfigError
 
 #: Metrics a simulated device reports for the model it evaluates.
@@ -125,11 +125,7 @@ def load_experiment_file(path: str | Path, *, population: str | None = None,
             names the file and the field (``simulation.experiment.arms[1].weight``).
     """
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SimulationConfigError(source, "", f"cannot read the file: {exc.strerror or exc}"
-                                    ) from None
+    text = read_task_file(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
