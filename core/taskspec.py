@@ -39,7 +39,15 @@ from core.privacy.spec import (
     privacy_from_dict,
     privacy_to_dict,
 )
-from core.types import TaskSpec
+from core.types import (
+    Aggregation,
+    Evaluation,
+    FederatedEvaluation,
+    HistogramBins,
+    MetricRange,
+    TaskKind,
+    TaskSpec,
+)
 
 
 class TaskSpecError(CoreError):
@@ -155,6 +163,7 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
         fail("seed", f"must be >= 0, got {spec.seed}")
     _validate_robustness(spec, fail)
     _validate_aggregation(spec, fail)
+    _validate_evaluate(spec, fail)
     if spec.data_schema is not None:
         schema = spec.data_schema
         if not 1 <= len(schema.feature_shape) <= 8 or not all(
@@ -226,6 +235,55 @@ def _validate_aggregation(spec: TaskSpec, fail: typing.Callable[[str, str], typi
                                                    f"{r.norm_multiplier}")
 
 
+def _validate_evaluate(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """A task of kind ``evaluate``: its ``evaluate`` section, and the sections that do not
+    apply to it (or that it does not support: see each message)."""
+    from core.evaluation.plan import BUILT_IN_METRICS, MAX_BINS, plan_for, plan_problem
+    from core.privacy.spec import AdaptiveClip
+
+    section = spec.evaluate
+    if spec.kind is not TaskKind.EVALUATE:
+        if section != FederatedEvaluation():
+            fail("evaluate", "only a task of kind 'evaluate' has this section (add "
+                             "'kind: evaluate', or remove it)")
+        return
+    if spec.evaluation != Evaluation():
+        fail("evaluation", "is the side evaluation of a training task; a task of kind "
+                           "'evaluate' reports through its 'evaluate' section")
+    if spec.aggregation != Aggregation():
+        fail("aggregation", "a task of kind 'evaluate' sums its devices' reports in "
+                            "synchronous rounds; remove the section")
+    if not section.source_task and section.versions not in ((), (0,)):
+        fail("evaluate.versions", f"without evaluate.source_task only version 0 (this task's "
+                                  f"initial model) exists, got {list(section.versions)}")
+    if section.source_task and not 0 < len(section.source_task) <= 128:
+        fail("evaluate.source_task", "must be a task id (at most 128 characters)")
+    for i, q in enumerate(section.quantiles):
+        if not 0 <= q <= 1:
+            fail(f"evaluate.quantiles[{i}]", f"must be in [0, 1], got {q}")
+    if len(section.quantiles) > 16:
+        fail("evaluate.quantiles", f"at most 16, got {len(section.quantiles)}")
+    known = {*BUILT_IN_METRICS, *section.metrics}
+    for name, bins in section.histograms.items():
+        if name not in known:
+            fail(f"evaluate.histograms.{name}", f"is not a metric of the task (known: "
+                                                f"{', '.join(sorted(known))})")
+        if not 1 <= bins.bins <= MAX_BINS:
+            fail(f"evaluate.histograms.{name}.bins", f"must be between 1 and {MAX_BINS}, got "
+                                                     f"{bins.bins}")
+    problem = plan_problem(plan_for(section, section.versions or (0,)))
+    if problem is not None:
+        fail(*problem)
+    privacy = spec.privacy
+    if privacy is not None:
+        if privacy.mode not in (PrivacyMode.CENTRAL,):
+            fail("privacy.mode", f"a task of kind 'evaluate' supports central DP (noise on "
+                                 f"the summed reports), not {privacy.mode.value!r}")
+        if isinstance(privacy.clip, AdaptiveClip):
+            fail("privacy.clip", "a task of kind 'evaluate' needs a fixed clip: its reports "
+                                 "are bounded by construction (the clip only scales them)")
+
+
 def _validate_privacy(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
     """Relations between the privacy section and the rest (the section itself was checked by
     :func:`core.privacy.spec.privacy_from_dict`)."""
@@ -275,10 +333,33 @@ def privacy_field(value: Any, path: str) -> PrivacySpec | None:
     return None if privacy.mode is PrivacyMode.OFF else privacy
 
 
+def _named(tp: type) -> typing.Callable[[Any, str], dict[str, Any]]:
+    """A hook for a ``Mapping[str, tp]`` section: each value built as a ``tp``."""
+
+    def build(value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise fields.FieldError(path, f"expected a mapping, got {fields.describe(value)}")
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise fields.FieldError(path, f"keys must be strings, got {key!r}")
+            out[key] = fields.build(tp, {} if item is None else item, fields.join(path, key))
+        return out
+
+    return build
+
+
+_HOOKS: fields.Hooks = {
+    PrivacySpec: privacy_field,
+    Mapping[str, MetricRange]: _named(MetricRange),
+    Mapping[str, HistogramBins]: _named(HistogramBins),
+}
+
+
 def _build(tp: Any, value: Any, source: str, path: str) -> Any:
     """Converts plain data to ``tp``, raising TaskSpecError at the field on a mismatch."""
     try:
-        return fields.build(tp, value, path, hooks={PrivacySpec: privacy_field})
+        return fields.build(tp, value, path, hooks=_HOOKS)
     except fields.FieldError as exc:
         raise TaskSpecError(source, exc.path, exc.message) from None
 

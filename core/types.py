@@ -131,6 +131,64 @@ class Evaluation:
     server_data: str = ""
 
 
+class TaskKind(enum.Enum):
+    """What a task does each round: train the model, or only evaluate model versions."""
+
+    TRAIN = "train"
+    #: Selected devices evaluate the task's model versions on their local data, without
+    #: training, and report sums (:mod:`core.evaluation`); no model version is trained.
+    EVALUATE = "evaluate"
+
+
+class EvaluationSplit(enum.Enum):
+    """Which of a device's local examples an evaluation task uses."""
+
+    TEST = "test"
+    TRAIN = "train"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class MetricRange:
+    """A device's value of a metric is clamped to [low, high] before it is summed: the bound
+    on one device's influence, and the range secure aggregation and central DP scale by."""
+
+    low: float = 0.0
+    high: float = 1.0
+
+
+@dataclass(frozen=True)
+class HistogramBins:
+    """Equal-width bins over [low, high] (None: the metric's range) of the devices' values of
+    one metric; values outside fall in the end bins. Quantiles are read from it, within one
+    bin width."""
+
+    bins: int = 20
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class FederatedEvaluation:
+    """The ``evaluate`` section of a task of kind ``evaluate``.
+
+    ``source_task``: the task whose committed model versions are evaluated (empty: this
+    task's own initial model, version 0, built from ``model`` and ``seed``); ``versions``:
+    which of them (empty: the latest at launch). ``metrics``: the metrics the model's metrics
+    hook declares, each with its range (``loss`` [0, 20] and ``accuracy`` [0, 1] are always
+    reported; naming them here changes their range). ``histograms``: per metric, the bins of
+    the device-level distribution. ``max_examples``: a device's example count is capped at
+    this (its weight in example-weighted means)."""
+
+    source_task: str = ""
+    versions: tuple[int, ...] = ()
+    split: EvaluationSplit = EvaluationSplit.TEST
+    max_examples: int = 1024
+    metrics: Mapping[str, MetricRange] = field(default_factory=dict)
+    histograms: Mapping[str, HistogramBins] = field(default_factory=dict)
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+
+
 class SecAggProtocol(enum.Enum):
     SECAGG_PLUS = "secagg+"  # Bell et al. 2020: k neighbours on a random graph
     SECAGG = "secagg"  # Bonawitz et al. 2017: the complete graph
@@ -277,6 +335,8 @@ class TaskSpec:
     rounds: int
     clients_per_round: int
     min_reports: int
+    #: ``train`` (the default) or ``evaluate`` (then the ``evaluate`` section applies).
+    kind: TaskKind = TaskKind.TRAIN
     population: str = "default"
     eligibility: Eligibility = field(default_factory=Eligibility)
     over_selection: float = 1.3
@@ -299,6 +359,8 @@ class TaskSpec:
     aggregation: Aggregation = field(default_factory=Aggregation)
     #: The data the model expects (None: derived from the population's reports, unchecked).
     data_schema: DataSchema | None = None
+    #: Kind ``evaluate``: what is evaluated and reported (:class:`FederatedEvaluation`).
+    evaluate: FederatedEvaluation = field(default_factory=FederatedEvaluation)
     #: The ``simulation:`` section of a task file (population, heterogeneity, availability,
     #: engine): read by ``fedctl simulate`` (:mod:`simulations.config`), ignored and never
     #: sent to devices by the coordinator. Kept raw here: core does not know simulations.

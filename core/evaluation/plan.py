@@ -1,0 +1,163 @@
+"""What a federated evaluation asks of every device: the model versions, the metrics with the
+range each is clamped to, the histograms (fixed bins) and the cap on a device's examples.
+
+The coordinator resolves a task's ``evaluate`` section (:class:`core.types.FederatedEvaluation`)
+into an :class:`EvaluationPlan` at launch and ships it to devices as JSON inside the evaluation
+bundle (:mod:`core.evaluation.bundle`), so the plan is covered by the bundle's sha256 that
+the device plan carries (and that secure aggregation's configuration hash compares between
+devices). Both sides derive the report's vector layout from it
+(:class:`core.evaluation.layout.EvaluationLayout`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from core.types import EvaluationSplit, FederatedEvaluation
+
+#: Metrics every evaluation reports, with their default ranges: the model's loss (mean per
+#: example, clamped to [0, 20] nats unless the task sets another range) and accuracy.
+BUILT_IN_METRICS: Mapping[str, tuple[float, float]] = {"loss": (0.0, 20.0),
+                                                         "accuracy": (0.0, 1.0)}
+METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")
+MAX_METRICS = 16
+MAX_BINS = 256
+MAX_VERSIONS = 8
+#: Largest magnitude of a metric range: n^2 m^2 sums stay far inside float64.
+MAX_RANGE = 1e6
+
+
+@dataclass(frozen=True)
+class MetricPlan:
+    """One metric: device values are clamped to [low, high]; ``bins`` > 0 also sums a
+    histogram of the device values over [hist_low, hist_high] (values outside fall in the end
+    bins)."""
+
+    name: str
+    low: float
+    high: float
+    bins: int = 0
+    hist_low: float = 0.0
+    hist_high: float = 0.0
+
+    @property
+    def magnitude(self) -> float:
+        """The largest |value| after clamping."""
+        return max(abs(self.low), abs(self.high))
+
+    @property
+    def bin_width(self) -> float:
+        return (self.hist_high - self.hist_low) / self.bins if self.bins else math.nan
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """``versions``: the model versions evaluated, in report order (version numbers of the
+    source task, or 0 for the task's own initial model); ``split``: which local examples."""
+
+    versions: tuple[int, ...]
+    metrics: tuple[MetricPlan, ...]
+    max_examples: int
+    split: EvaluationSplit = EvaluationSplit.TEST
+
+    def metric(self, name: str) -> MetricPlan:
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def declared(self) -> tuple[str, ...]:
+        """The metrics the model's metrics hook must supply (not built in)."""
+        return tuple(m.name for m in self.metrics if m.name not in BUILT_IN_METRICS)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "versions": list(self.versions), "max_examples": self.max_examples,
+            "split": self.split.value,
+            "metrics": [[m.name, m.low, m.high, m.bins, m.hist_low, m.hist_high]
+                        for m in self.metrics],
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvaluationPlan:
+        """Raises ValueError (saying what) for a plan that is not one this code writes."""
+        try:
+            data = json.loads(text)
+            plan = cls(
+                versions=tuple(int(v) for v in data["versions"]),
+                metrics=tuple(MetricPlan(str(n), float(lo), float(hi), int(b), float(hl),
+                                         float(hh))
+                              for n, lo, hi, b, hl, hh in data["metrics"]),
+                max_examples=int(data["max_examples"]),
+                split=EvaluationSplit(data["split"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not an evaluation plan: {exc!r}") from None
+        problem = plan_problem(plan)
+        if problem is not None:
+            raise ValueError(f"not a valid evaluation plan: {problem[0]}: {problem[1]}")
+        return plan
+
+
+def plan_for(evaluation: FederatedEvaluation, versions: Sequence[int]) -> EvaluationPlan:
+    """The plan of a task's ``evaluate`` section once its versions are resolved. Metrics:
+    loss and accuracy, then the declared ones by name (an order that survives storage);
+    a declared ``loss`` or ``accuracy`` only changes that metric's range."""
+    ranges = dict(BUILT_IN_METRICS)
+    for name in sorted(evaluation.metrics):
+        r = evaluation.metrics[name]
+        ranges[name] = (r.low, r.high)
+    metrics = []
+    for name, (low, high) in ranges.items():
+        hist = evaluation.histograms.get(name)
+        if hist is None:
+            metrics.append(MetricPlan(name, low, high))
+        else:
+            metrics.append(MetricPlan(
+                name, low, high, hist.bins,
+                low if hist.low is None else hist.low, high if hist.high is None else hist.high))
+    return EvaluationPlan(tuple(versions), tuple(metrics), evaluation.max_examples,
+                          evaluation.split)
+
+
+def plan_problem(plan: EvaluationPlan) -> tuple[str, str] | None:
+    """(the field as a task file spells it, what is wrong) when ``plan`` is not valid."""
+    if not 1 <= len(plan.versions) <= MAX_VERSIONS:
+        return "evaluate.versions", f"1 to {MAX_VERSIONS} versions, got {len(plan.versions)}"
+    if len(set(plan.versions)) != len(plan.versions) or min(plan.versions) < 0:
+        return "evaluate.versions", f"distinct versions >= 0, got {list(plan.versions)}"
+    if not 1 <= plan.max_examples <= 1 << 20:
+        return ("evaluate.max_examples", f"must be between 1 and {1 << 20}, got "
+                                         f"{plan.max_examples}")
+    if len(plan.metrics) > MAX_METRICS:
+        return "evaluate.metrics", f"at most {MAX_METRICS} metrics, got {len(plan.metrics)}"
+    names = [m.name for m in plan.metrics]
+    if len(set(names)) != len(names):
+        return "evaluate.metrics", "a metric is named twice"
+    for m in plan.metrics:
+        if not METRIC_NAME.fullmatch(m.name):
+            return "evaluate.metrics", (f"{m.name[:60]!r} is not a metric name (a letter, then "
+                                        f"up to 39 letters, digits or _)")
+        if not -MAX_RANGE <= m.low < m.high <= MAX_RANGE:
+            return (f"evaluate.metrics.{m.name}", f"needs low < high within +-{MAX_RANGE:g}, "
+                                                  f"got [{m.low:g}, {m.high:g}]")
+        if m.bins:
+            if not 1 <= m.bins <= MAX_BINS:
+                return f"evaluate.histograms.{m.name}.bins", f"1 to {MAX_BINS}, got {m.bins}"
+            if not m.hist_low < m.hist_high:
+                return (f"evaluate.histograms.{m.name}", f"needs low < high, got "
+                                                         f"[{m.hist_low:g}, {m.hist_high:g}]")
+    return None
+
+
+def describe(plan: EvaluationPlan) -> dict[str, Any]:
+    """Plain data for logs and launch lines."""
+    return {"versions": list(plan.versions), "metrics": [m.name for m in plan.metrics],
+            "histograms": [m.name for m in plan.metrics if m.bins],
+            "max_examples": plan.max_examples, "split": plan.split.value}

@@ -1,0 +1,108 @@
+"""One device's evaluation report: its results per model version -> the layout's vector
+(:mod:`core.evaluation.layout`), and the coordinator's check of a clear report.
+
+A device's value of each metric is clamped to the metric's range and its example count to
+``max_examples`` *before* anything is summed: those are the bounds on one device's influence
+(and the sensitivity of the DP release). The coordinator refuses a clear report that breaks
+them or is not internally consistent (``wsum`` must be ``examples x sum``, a histogram must be
+the one-hot bin of the value, ...), so a device can move a sum only as far as an honest
+device with other data could.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from core.evaluation.layout import EvaluationLayout
+from core.evaluation.sketch import one_hot
+
+#: Relative tolerance of the consistency checks (reports travel as float32).
+_REL_TOL = 1e-5
+
+
+@dataclass(frozen=True)
+class DeviceResult:
+    """A device's evaluation of one model version: examples evaluated and the value of every
+    metric of the plan (mean per example for loss, the fraction correct for accuracy)."""
+
+    examples: int
+    values: Mapping[str, float]
+
+
+def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
+                  ) -> npt.NDArray[np.float64]:
+    """The report of a device with ``results`` for every version of the plan.
+
+    Raises:
+        ValueError: a version or a metric of the plan is missing, a value is not finite,
+            or no example was evaluated (the message names which).
+    """
+    plan = layout.plan
+    out = np.zeros(layout.length, dtype=np.float64)
+    for version in plan.versions:
+        result = results.get(version)
+        if result is None:
+            raise ValueError(f"no result for model version {version}")
+        if result.examples < 1:
+            raise ValueError(f"model version {version} was evaluated on no example")
+        n = float(min(result.examples, plan.max_examples))
+        out[layout.index(version, "", "devices")] = 1.0
+        out[layout.index(version, "", "examples")] = n
+        out[layout.index(version, "", "examples_sq")] = n * n
+        for m in plan.metrics:
+            if m.name not in result.values:
+                raise ValueError(f"model version {version}: no value of metric {m.name!r}")
+            raw = float(result.values[m.name])
+            if not np.isfinite(raw):
+                raise ValueError(f"model version {version}: metric {m.name!r} is {raw}")
+            x = min(max(raw, m.low), m.high)
+            for field, value in (("wsum", n * x), ("w2sum", n * n * x), ("w2sq", n * n * x * x),
+                                 ("sum", x), ("sq", x * x)):
+                out[layout.index(version, m.name, field)] = value
+            if m.bins:
+                out[layout.histogram_slice(version, m)] = one_hot(
+                    x, low=m.hist_low, high=m.hist_high, bins=m.bins)
+    return out
+
+
+def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating]) -> str | None:
+    """Why a clear report must be refused (a message for the device), or None.
+
+    The report is rebuilt from its own ``examples`` and ``sum`` coordinates with
+    :func:`device_vector` and must equal it, within float32 rounding: so every bound and
+    every relation between the coordinates holds."""
+    v = np.asarray(vector, dtype=np.float64)
+    if v.shape != (layout.length,):
+        return f"the report has {v.size} values; this task's layout has {layout.length}"
+    if not np.isfinite(v).all():
+        return "the report holds NaN or infinite values"
+    plan = layout.plan
+    results = {}
+    for version in plan.versions:
+        if v[layout.index(version, "", "devices")] != 1.0:
+            return f"model version {version}: the 'devices' value must be 1"
+        n = v[layout.index(version, "", "examples")]
+        if not (1 <= n <= plan.max_examples and float(n).is_integer()):
+            return (f"model version {version}: 'examples' must be a whole number between 1 "
+                    f"and max_examples ({plan.max_examples}), got {n:g}")
+        values = {}
+        for m in plan.metrics:
+            x = v[layout.index(version, m.name, "sum")]
+            if not m.low <= x <= m.high:
+                return (f"model version {version}: metric {m.name!r} is {x:g}, outside its "
+                        f"range [{m.low:g}, {m.high:g}]")
+            values[m.name] = float(x)
+        results[version] = DeviceResult(int(n), values)
+    expected = device_vector(layout, results)
+    tolerance = _REL_TOL * layout.bounds + 1e-12
+    bad = np.flatnonzero(np.abs(v - expected) > tolerance)
+    if bad.size:
+        c = layout.coordinates[int(bad[0])]
+        what = f"{c.metric}.{c.field}" if c.metric else c.field
+        return (f"model version {c.version}: '{what}' is {v[bad[0]]:.6g}, but the report's "
+                f"own examples and values make it {expected[bad[0]]:.6g}")
+    return None
