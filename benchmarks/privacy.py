@@ -1,5 +1,15 @@
 """Cost of differential privacy. Prints one JSON line per setting:
 
+- ``local_dp_deployed`` (``--only deployed``, run first): local DP-SGD as device agents run
+  it (the ``fused`` mode, noise from the secure source, ``local_dp_secure_noise=True``, drawn
+  by the agent's noise worker process when it pays) against a non-private epoch, on the 54k
+  and 199k MLPs at batch 10 and 64. Per setting: wall seconds per epoch and CPU seconds of the
+  whole process tree (this process's threads, ``time.process_time``, plus the helper
+  processes it started, from ``/proc/<pid>/task/*/schedstat``, and any reaped children,
+  ``RUSAGE_CHILDREN``), median, min and max over ``--runs`` runs with the non-private and the
+  private epoch interleaved, the ratios of the medians, and the load average before and
+  after. One JSON line per setting on stdout, appended to
+  ``benchmarks/results/privacy-<date>.jsonl`` (``--out``).
 - ``local_dp``: one epoch of DP-SGD (our ``fused`` Opacus mode, one-pass clipping, and
   each of Opacus's own grad-sample modes) against one epoch of non-private training
   (core.training.train_local), on scikit-learn's digits (1797 examples), for MLPs of ~5k,
@@ -16,6 +26,7 @@
   DP, DP, plain); the coordinator process's CPU seconds per round and the rounds' wall time. This is "a round's
   coordinator time": checking, spooling and folding 100 uploads, the database, the commit.
 
+    python benchmarks/privacy.py --only deployed [--runs 5] [--out FILE]
     python benchmarks/privacy.py [--repeats 3] [--only local|central|round]
         [--models mlp-54k,cnn] [--modes fused,hooks]   (local: a subset of the rows)
 """
@@ -23,8 +34,12 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
+import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +56,8 @@ from core.privacy import ClippedSum, NoiseSource, epsilon  # noqa: E402
 from core.training import train_local  # noqa: E402
 from core.types import LocalTraining, ModelSpec  # noqa: E402
 from device_agent.training.local_dp import GradSampleMode, train_local_dp  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 MODELS = {
     "mlp-64-64-10": ModelSpec("mlp", {"input_dim": 64, "hidden": [64], "num_classes": 10}),
@@ -145,6 +162,130 @@ def local_dp(repeats: int, models: list[str] | None = None,
                     "cpu_ratio": round(dp_cpu / base_cpu, 2)}), flush=True)
 
 
+#: The models and batch sizes of issue 19's target for local DP as deployed.
+DEPLOYED_MODELS = ("mlp-54k", "mlp-199k")
+DEPLOYED_BATCHES = (10, 64)
+
+
+def _helper_pids() -> list[int]:
+    """Live processes this process started (the noise worker), read from /proc."""
+    import psutil
+
+    return [child.pid for child in psutil.Process().children(recursive=True)]
+
+
+def _task_cpu_s(pid: int) -> float:
+    """CPU seconds of every thread of ``pid`` (``schedstat``: nanoseconds, unlike ``stat``'s
+    10 ms ticks, which are coarser than a 30 ms epoch); 0 once it is gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds so far of this process (all its threads), its live helper processes and
+    its reaped children: every process and thread a training call can use."""
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (time.process_time() + sum(_task_cpu_s(pid) for pid in _helper_pids())
+            + reaped.ru_utime + reaped.ru_stime)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 5), "min": round(min(values), 5),
+            "max": round(max(values), 5)}
+
+
+def local_dp_deployed(runs: int, out: Path | None) -> None:
+    """Local DP-SGD as agents run it against non-private training: see the module
+    docstring. Each run times one non-private and one private epoch, alternating which goes
+    first, after one warm-up of each."""
+    from sklearn.datasets import load_digits
+
+    # Agents keep their noise worker process between rounds: start it before timing.
+    from device_agent.training.noise_worker import NoiseWorker
+
+    worker = NoiseWorker.claim(wait=60.0)
+    if worker is not None:
+        worker.finish()
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    for name in DEPLOYED_MODELS:
+        spec = MODELS[name]
+        params = sum(p.numel() for p in build_model(spec).parameters())
+        for batch in DEPLOYED_BATCHES:
+            config = LocalTraining(epochs=1, batch_size=batch, learning_rate=0.05)
+
+            def plain() -> None:
+                train_local(build_model(spec), x, y, config, seed=0)  # noqa: B023
+
+            def private() -> None:
+                # The agent's call (device_agent/runtime/device.py) with its defaults.
+                train_local_dp(build_model(spec), x, y, config, noise_multiplier=1.0,  # noqa: B023
+                               max_grad_norm=1.0, delta=1e-5, seed=0, secure_mode=True)
+
+            load_before = os.getloadavg()
+            plain()
+            private()
+            times: dict[str, list[tuple[float, float]]] = {"plain": [], "private": []}
+            for index in range(runs):
+                order = (("plain", plain), ("private", private))
+                for side, run in order if index % 2 == 0 else order[::-1]:
+                    start, cpu = time.perf_counter(), tree_cpu_s()
+                    run()
+                    times[side].append((time.perf_counter() - start, tree_cpu_s() - cpu))
+            load_after = os.getloadavg()
+            wall = {side: [w for w, _ in pairs] for side, pairs in times.items()}
+            cpu = {side: [c for _, c in pairs] for side, pairs in times.items()}
+            line = {
+                "bench": "local_dp_deployed", "date": datetime.date.today().isoformat(),
+                "model": name, "params": params, "batch": batch,
+                "mode": "fused, secure noise (local_dp_secure_noise=True)", "runs": runs,
+                "plain_wall_s": _summary(wall["plain"]),
+                "private_wall_s": _summary(wall["private"]),
+                "plain_cpu_s": _summary(cpu["plain"]),
+                "private_cpu_s": _summary(cpu["private"]),
+                "wall_ratio": round(statistics.median(wall["private"])
+                                    / statistics.median(wall["plain"]), 3),
+                "cpu_ratio": round(statistics.median(cpu["private"])
+                                   / statistics.median(cpu["plain"]), 3),
+                "wall_ratio_per_run": _summary([p / q for p, q in zip(
+                    wall["private"], wall["plain"], strict=True)]),
+                "cpu_ratio_per_run": _summary([p / q for p, q in zip(
+                    cpu["private"], cpu["plain"], strict=True)]),
+                "loadavg_1m_before": round(load_before[0], 2),
+                "loadavg_1m_after": round(load_after[0], 2),
+                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "git": _git_head(),
+            }
+            text = json.dumps(line)
+            print(text, flush=True)
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with out.open("a") as results:
+                    results.write(text + "\n")
+
+
+def _git_head() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def central_dp(repeats: int, devices: int = 100, size: int = 100_000) -> None:
     rng = np.random.default_rng(0)
     updates = [rng.normal(scale=0.01, size=size).astype(np.float32) for _ in range(devices)]
@@ -195,7 +336,11 @@ def central_dp(repeats: int, devices: int = 100, size: int = 100_000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["local", "central", "round"])
+    parser.add_argument("--only", choices=["deployed", "local", "central", "round"])
+    parser.add_argument("--runs", type=int, default=5,
+                        help="deployed: interleaved runs per setting (at least 3)")
+    parser.add_argument("--out", type=Path, default=RESULTS / f"privacy-{datetime.date.today()}"
+                        ".jsonl", help="deployed: JSON lines appended here ('-': none)")
     parser.add_argument("--models", help="local: comma-separated, of " + ",".join(MODELS))
     parser.add_argument("--modes", help="local: comma-separated, of " + ",".join(
         label for label, _, _ in LOCAL_VARIANTS))
@@ -206,7 +351,11 @@ def main() -> None:
         unknown = sorted(set(given) - set(known))
         if unknown:
             parser.error(f"unknown {', '.join(unknown)}; known: {', '.join(known)}")
-    torch.set_num_threads(1)
+    if args.runs < 3:
+        parser.error("--runs must be at least 3 (medians of interleaved runs)")
+    torch.set_num_threads(1)  # as device agents train (AgentConfig.torch_threads)
+    if args.only in (None, "deployed"):
+        local_dp_deployed(args.runs, None if str(args.out) == "-" else args.out)
     if args.only in (None, "central"):
         central_dp(args.repeats)
     if args.only in (None, "round"):
