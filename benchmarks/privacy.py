@@ -240,9 +240,10 @@ def local_dp_deployed(runs: int, out: Path | None) -> None:
             for index in range(runs):
                 order = (("plain", plain), ("private", private))
                 for side, run in order if index % 2 == 0 else order[::-1]:
-                    start, cpu = time.perf_counter(), tree_cpu_s()
+                    start, cpu_start = time.perf_counter(), tree_cpu_s()
                     run()
-                    times[side].append((time.perf_counter() - start, tree_cpu_s() - cpu))
+                    times[side].append((time.perf_counter() - start,
+                                        tree_cpu_s() - cpu_start))
             load_after = os.getloadavg()
             wall = {side: [w for w, _ in pairs] for side, pairs in times.items()}
             cpu = {side: [c for _, c in pairs] for side, pairs in times.items()}
