@@ -204,7 +204,7 @@ def _summary(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 5)}
 
 
-def local_dp_deployed(runs: int, out: Path | None) -> None:
+def local_dp_deployed(runs: int, out: Path | None, label: str = "") -> None:
     """Local DP-SGD as agents run it against non-private training: see the module
     docstring. Each run times one non-private and one private epoch, alternating which goes
     first, after one warm-up of each."""
@@ -266,7 +266,7 @@ def local_dp_deployed(runs: int, out: Path | None) -> None:
                 "loadavg_1m_before": round(load_before[0], 2),
                 "loadavg_1m_after": round(load_after[0], 2),
                 "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "git": _git_head(),
+                "git": _git_head(), "label": label,
             }
             text = json.dumps(line)
             print(text, flush=True)
@@ -342,6 +342,8 @@ def main() -> None:
                         help="deployed: interleaved runs per setting (at least 3)")
     parser.add_argument("--out", type=Path, default=RESULTS / f"privacy-{datetime.date.today()}"
                         ".jsonl", help="deployed: JSON lines appended here ('-': none)")
+    parser.add_argument("--label", default="", help="deployed: a tag kept in each line "
+                        "(e.g. before / after a change)")
     parser.add_argument("--models", help="local: comma-separated, of " + ",".join(MODELS))
     parser.add_argument("--modes", help="local: comma-separated, of " + ",".join(
         label for label, _, _ in LOCAL_VARIANTS))
@@ -356,7 +358,7 @@ def main() -> None:
         parser.error("--runs must be at least 3 (medians of interleaved runs)")
     torch.set_num_threads(1)  # as device agents train (AgentConfig.torch_threads)
     if args.only in (None, "deployed"):
-        local_dp_deployed(args.runs, None if str(args.out) == "-" else args.out)
+        local_dp_deployed(args.runs, None if str(args.out) == "-" else args.out, args.label)
     if args.only in (None, "central"):
         central_dp(args.repeats)
     if args.only in (None, "round"):
