@@ -26,6 +26,7 @@ from core.types import (
     LocalOptimizerKind,
     LocalTraining,
     ModelSpec,
+    TaskKind,
     TaskSpec,
 )
 from protos.fedcoord.v1 import admin_pb2, common_pb2, device_pb2
@@ -153,6 +154,9 @@ def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:
         data_schema=(None if d["data_schema"] is None
                      else common_pb2.DataSchema(**d["data_schema"])),
         aggregation_json=json.dumps(d["aggregation"], sort_keys=True),
+        kind=d["kind"],
+        evaluate_json=("" if spec.kind is TaskKind.TRAIN
+                       else json.dumps(d["evaluate"], sort_keys=True)),
     )
 
 
@@ -245,6 +249,13 @@ def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
             data["aggregation"] = json.loads(msg.aggregation_json)
         except json.JSONDecodeError as exc:
             raise WireFormatError(f"spec.aggregation_json: not valid JSON ({exc.msg})") from None
+    if msg.kind:
+        data["kind"] = msg.kind
+    if msg.evaluate_json:
+        try:
+            data["evaluate"] = json.loads(msg.evaluate_json)
+        except json.JSONDecodeError as exc:
+            raise WireFormatError(f"spec.evaluate_json: not valid JSON ({exc.msg})") from None
     if msg.HasField("data_schema"):
         data["data_schema"] = {"feature_shape": list(msg.data_schema.feature_shape),
                                "num_classes": msg.data_schema.num_classes}

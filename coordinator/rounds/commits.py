@@ -87,6 +87,14 @@ def run_commit(job: CommitJob, models: ModelRepository,
     return CommitOutcome(model, eval_metrics=metrics)
 
 
+def run_evaluation_commit(job: CommitJob, models: ModelRepository,
+                          evaluator: ServerEvaluator) -> CommitOutcome:
+    """An evaluation round's commit: nothing is trained or written; the next version is a
+    record of the same bundle file (the store counts a committed round by its version), and
+    the round's results are the release's metrics. Same signature as :func:`run_commit`."""
+    return CommitOutcome(models.same_file(job.base, job.round_number, job.now))
+
+
 class CommitWorker(Protocol):
     def submit(self, work: Callable[[], CommitOutcome]) -> Future[CommitOutcome]: ...
 

@@ -6,7 +6,8 @@ event loop; everything that reads or writes the database runs on the loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -25,11 +26,13 @@ class ModelRepository:
 
     def write(self, task_id: str, version: int, round_number: int,
               params: dict[str, np.ndarray], opt_state: dict[str, np.ndarray] | None,
-              now: float) -> ModelVersionRecord:
+              now: float, metadata: Mapping[str, str] | None = None) -> ModelVersionRecord:
         """Writes the files of a version (atomically each) and returns its record; the
-        caller commits the record. Thread-safe (files only)."""
+        caller commits the record. ``metadata``: more entries of the safetensors header (an
+        evaluation task's plan). Thread-safe (files only)."""
         base = f"tasks/{task_id}/model-v{version:06d}"
-        data = save_safetensors(params, {"task_id": task_id, "version": str(version)})
+        data = save_safetensors(params, {**(metadata or {}), "task_id": task_id,
+                                         "version": str(version)})
         sha, size = self._blobs.write(f"{base}.safetensors", data)
         opt_path = None
         if opt_state:
@@ -57,12 +60,21 @@ class ModelRepository:
         return LoadedModel(record.version, params, infos, sum(i.nbytes for i in infos), record,
                            opt)
 
-    def initial(self, task_id: str, params: dict[str, np.ndarray], now: float
+    def initial(self, task_id: str, params: dict[str, np.ndarray], now: float,
+                metadata: Mapping[str, str] | None = None
                 ) -> tuple[ModelVersionRecord, LoadedModel]:
         """Writes version 0 and returns its record and the loaded model."""
-        record = self.write(task_id, 0, 0, params, None, now)
+        record = self.write(task_id, 0, 0, params, None, now, metadata)
         infos = tensor_infos(params)
         return record, LoadedModel(0, params, infos, sum(i.nbytes for i in infos), record, None)
+
+    @staticmethod
+    def same_file(base: LoadedModel, round_number: int, now: float) -> LoadedModel:
+        """The next version of a task whose round changed no parameter (an evaluation
+        round): a record of ``base``'s file, nothing written. Thread-safe."""
+        record = replace(base.record, version=base.version + 1, round_number=round_number,
+                         created_at=now)
+        return replace(base, version=record.version, record=record)
 
     def version(self, task_id: str, version: int | None) -> ModelVersionRecord:
         """The record of ``version`` (None: the latest committed one)."""

@@ -15,6 +15,9 @@ import random
 import re
 import secrets
 from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
 
 from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.clock import Clock
@@ -27,6 +30,7 @@ from coordinator.rounds.errors import (
     TooLarge,
     shown,
 )
+from coordinator.rounds.evaluation_tasks import EvaluationSetup
 from coordinator.rounds.round_machine import RoundMachine
 from coordinator.rounds.schemas import ReportedSchemas
 from coordinator.rounds.secure import SecureRound
@@ -38,6 +42,7 @@ from coordinator.rounds.uploads import Receipt, SpooledUpload, Upload
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, Store
 from coordinator.storage.records import ModelVersionRecord
+from core.evaluation import report_problem
 from core.protocol import (
     CheckInOutcome,
     CheckInResult,
@@ -192,7 +197,7 @@ class Participants:
             deadline=min(rnd.deadline, seat.deadline),
             max_update_bytes=_max_update_bytes(task),
             max_chunk_bytes=self._settings.max_chunk_bytes,
-            update_tensors=list(task.model.infos),
+            update_tensors=list(task.upload_tensors),
             seed=spec.seed,
             secure_aggregation=rnd.secure.plan if rnd.secure is not None else None,
             privacy=plan_privacy(spec, task.privacy),
@@ -256,13 +261,13 @@ class Participants:
                 f"update of {header.total_bytes} bytes exceeds the task's limit of {limit} "
                 "bytes (max_update_bytes)"
             )
-        expected = task.model.infos
+        expected = task.upload_tensors
         if list(header.tensors) != expected:
             raise InvalidRequest(_describe_mismatch(header.tensors, expected))
-        if header.total_bytes != task.model.nbytes:
+        if header.total_bytes != task.upload_nbytes:
             raise InvalidRequest(
                 f"header declares {header.total_bytes} bytes but the update of this model is "
-                f"{task.model.nbytes} bytes"
+                f"{task.upload_nbytes} bytes"
             )
         max_examples = self._settings.max_num_examples
         if not 1 <= header.num_examples <= max_examples:
@@ -324,7 +329,11 @@ class Participants:
             if device in rnd.reported:
                 raise Duplicate(f"device {shown(device)} already reported for round "
                                 f"{rnd.round_number}")
-            refusal = _refusal(norm, task.spec.robustness.max_update_l2_norm)
+            if task.evaluation is None:
+                refusal = _refusal(norm, task.spec.robustness.max_update_l2_norm)
+            else:
+                assert upload.spool is not None
+                refusal = _report_refusal(task.evaluation, upload.spool.path)
             if refusal is not None:
                 self._store.set_participant_state(
                     rnd.round_id, device, ParticipantState.REJECTED, now=self._clock.now()
@@ -475,7 +484,7 @@ class Participants:
         largest = 0
         for task in self._running.values():
             if task.secagg is not None:
-                values = task.model.size + 1 + len(MASKED_METRICS) + 1
+                values = task.upload_nbytes // 4 + 1 + len(MASKED_METRICS) + 1
                 largest = max(largest, values * (task.secagg.ring_bits // 8))
         return largest
 
@@ -545,7 +554,17 @@ def _refusal(norm: float, max_norm: float) -> InvalidRequest | None:
     return None
 
 
+def _report_refusal(setup: EvaluationSetup, path: Path) -> InvalidRequest | None:
+    """Why an evaluation report must not count (bounds, consistency); None if it may."""
+    problem = report_problem(setup.layout, np.fromfile(path, dtype="<f4"))
+    if problem is None:
+        return None
+    return InvalidRequest(f"evaluation report refused: {problem}")
+
+
 def _max_update_bytes(task: RunningTask) -> int:
+    if task.evaluation is not None:
+        return task.upload_nbytes
     return task.spec.max_update_bytes or task.model.nbytes
 
 

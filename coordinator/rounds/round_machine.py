@@ -42,8 +42,15 @@ from functools import partial
 
 from coordinator.rounds.aggregators import Aggregate, ReleaseRefused, begin_aggregation
 from coordinator.rounds.asynchronous import FedBuff
-from coordinator.rounds.commits import CommitJob, CommitOutcome, CommitWorker, run_commit
+from coordinator.rounds.commits import (
+    CommitJob,
+    CommitOutcome,
+    CommitWorker,
+    run_commit,
+    run_evaluation_commit,
+)
 from coordinator.rounds.evaluation import ServerEvaluator
+from coordinator.rounds.evaluation_aggregators import begin_evaluation
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Selector
@@ -181,9 +188,12 @@ class RoundMachine:
             selector=Selector(selection_policy(spec), opened=now,
                               window_s=spec.selection_window_s, last_close=deadline,
                               rng=self._rng),
-            aggregator=begin_aggregation(
+            aggregator=(begin_aggregation(
                 spec, task.model.size, privacy=task.privacy, secure=secure, noise=self._noise,
-                require_secure_noise=not self._settings.allow_seeded_noise),
+                require_secure_noise=not self._settings.allow_seeded_noise)
+                if task.evaluation is None else begin_evaluation(
+                task.evaluation, privacy=task.privacy, secure=secure, noise=self._noise,
+                require_secure_noise=not self._settings.allow_seeded_noise)),
             goal=spec.clients_per_round,
             secure=secure,
         )
@@ -372,7 +382,8 @@ class RoundMachine:
         task.committing = True
         job = CommitJob(task.task_id, task.spec, task.model, aggregate.mean, rnd.round_number,
                         now)
-        future = self._commits.submit(partial(run_commit, job, self._models, self._evaluator))
+        commit = run_commit if task.evaluation is None else run_evaluation_commit
+        future = self._commits.submit(partial(commit, job, self._models, self._evaluator))
         self._pending.append(_PendingCommit(task, rnd, aggregate, now, future))
         self.collect_commits(now)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from core.privacy.task import TaskPrivacy
 from core.secagg.params import SecAggParams
 from core.tensors import TensorInfo
 from core.types import RoundState, TaskSpec
+
+if TYPE_CHECKING:
+    from coordinator.rounds.evaluation_tasks import EvaluationSetup
 
 
 def hash_token(token: str) -> str:
@@ -112,3 +116,14 @@ class RunningTask:
     #: An update of the task was accepted at some point (a committed round counts): then
     #: declines never fail it (:meth:`Declines.verdict`).
     any_accepted: bool = False
+    #: Kind ``evaluate``: the report layout devices upload; None for a training task.
+    evaluation: EvaluationSetup | None = None
+
+    @property
+    def upload_tensors(self) -> list[TensorInfo]:
+        """What a device uploads: an update of the model, or an evaluation report."""
+        return self.evaluation.tensors if self.evaluation is not None else self.model.infos
+
+    @property
+    def upload_nbytes(self) -> int:
+        return self.evaluation.nbytes if self.evaluation is not None else self.model.nbytes

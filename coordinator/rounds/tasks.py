@@ -19,6 +19,7 @@ from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.declines import Declines
 from coordinator.rounds.errors import Late, NotFound, Unavailable, shown
 from coordinator.rounds.evaluation import ServerEvaluator
+from coordinator.rounds.evaluation_tasks import bundle_versions, evaluation_setup, resolve_bundle
 from coordinator.rounds.launch import check_launch, initial_params
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.round_machine import RoundMachine
@@ -32,7 +33,7 @@ from core.errors import CoreError
 from core.privacy.task import PrivacyStatus, status_of_records
 from core.protocol import MetricsPolicy
 from core.taskspec import spec_from_dict, spec_to_dict
-from core.types import RoundState, TaskSpec, TaskState
+from core.types import RoundState, TaskKind, TaskSpec, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,29 @@ class Tasks:
             DataMismatch: the model or declared data does not fit the data the task's
                 population reported.
         """
-        params = initial_params(spec)
-        if spec.evaluation.server_data:
-            self._evaluator.check(spec)
+        metadata: dict[str, str] = {}
+        lines: list[str] = []
+        if spec.kind is TaskKind.EVALUATE:
+            bundle = resolve_bundle(spec, self._store, self._models)
+            spec, params, metadata, lines = (bundle.spec, bundle.params, bundle.metadata,
+                                             [bundle.line])
+            checked_params = bundle_versions(bundle)
+        else:
+            params = checked_params = initial_params(spec)
+            if spec.evaluation.server_data:
+                self._evaluator.check(spec)
         check_supported(spec)
-        checks = check_launch(spec, params, self._schemas.of(spec.population, now),
-                              window_s=self._schemas.window_s)
+        checks = [*check_launch(spec, checked_params, self._schemas.of(spec.population, now),
+                                window_s=self._schemas.window_s), *lines]
         privacy = task_privacy(spec, [])
         secagg = secagg_params(spec, privacy)
         task_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
-        record, model = self._models.initial(task_id, params, now)
+        record, model = self._models.initial(task_id, params, now, metadata)
         self._store.create_task(task_id, json.dumps(spec_to_dict(spec), sort_keys=True),
                                 record, now)
         task = RunningTask(task_id, spec, model, secagg=secagg, privacy=privacy,
                            declines=self._new_declines(task_id, spec),
-                           fedbuff=FedBuff.for_spec(spec))
+                           fedbuff=FedBuff.for_spec(spec), evaluation=evaluation_setup(spec))
         self._running[task_id] = task
         self._machine.open_next_round(task, now)
         log.info("created task %s (%s); checked: %s", task_id, spec.name, "; ".join(checks))
@@ -124,7 +133,8 @@ class Tasks:
                                privacy=privacy,
                                declines=self._new_declines(record.task_id, spec),
                                any_accepted=record.rounds_committed > 0,
-                               fedbuff=FedBuff.for_spec(spec))
+                               fedbuff=FedBuff.for_spec(spec),
+                               evaluation=evaluation_setup(spec))
             if record.task_id in interrupted:
                 rec = interrupted[record.task_id]
                 log.warning("round %d of task %s was open at restart; redoing it",

@@ -14,7 +14,13 @@ from core.evaluation.bounds import mean_error_bounds, ratio_error_bound, sum_err
 from core.evaluation.bundle import bundle_metadata, bundle_tensors, read_plan, split_bundle
 from core.evaluation.layout import TENSOR_NAME, EvaluationLayout
 from core.evaluation.plan import EvaluationPlan, MetricPlan, plan_for, plan_problem
-from core.evaluation.report import DeviceResult, device_vector, report_problem
+from core.evaluation.report import (
+    DeviceResult,
+    device_vector,
+    encode_masked_report,
+    report_problem,
+    report_scale,
+)
 from core.evaluation.summary import (
     MetricSummary,
     VersionSummary,
@@ -34,12 +40,14 @@ __all__ = [
     "bundle_metadata",
     "bundle_tensors",
     "device_vector",
+    "encode_masked_report",
     "mean_error_bounds",
     "plan_for",
     "plan_problem",
     "ratio_error_bound",
     "read_plan",
     "report_problem",
+    "report_scale",
     "results_table",
     "round_metrics",
     "split_bundle",

@@ -11,6 +11,7 @@ device with other data could.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ import numpy.typing as npt
 
 from core.evaluation.layout import EvaluationLayout
 from core.evaluation.sketch import one_hot
+from core.secagg.encoding import Encoded, encode_update
+from core.secagg.params import SecAggParams
 
 #: Relative tolerance of the consistency checks (reports travel as float32).
 _REL_TOL = 1e-5
@@ -106,3 +109,28 @@ def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating]) -
         return (f"model version {c.version}: '{what}' is {v[bad[0]]:.6g}, but the report's "
                 f"own examples and values make it {expected[bad[0]]:.6g}")
     return None
+
+
+def report_scale(layout: EvaluationLayout, *, secagg_clip: float | None,
+                 dp_l2_clip_norm: float | None) -> float:
+    """The factor a unit report (:meth:`EvaluationLayout.to_unit`) is multiplied by before it
+    is summed under secure aggregation and/or central DP, the same on devices and the
+    coordinator: inside the quantizer's [-clip, clip] (secure aggregation), and to an L2 norm
+    of at most the DP clip norm (so the DP sum's sensitivity is the clip norm, and nothing is
+    ever clipped). 1 when neither applies."""
+    scale = math.inf
+    if secagg_clip is not None:
+        scale = secagg_clip
+    if dp_l2_clip_norm is not None:
+        scale = min(scale, dp_l2_clip_norm / layout.unit_l2_bound)
+    return 1.0 if math.isinf(scale) else scale
+
+
+def encode_masked_report(layout: EvaluationLayout, vector: npt.NDArray[np.floating],
+                         params: SecAggParams, *, dp_l2_clip_norm: float | None,
+                         rng: np.random.Generator) -> Encoded:
+    """A device's report as its secure-aggregation input: unit-scaled, times
+    :func:`report_scale`, quantized, with the weight cap as its weight (every report weighs
+    the same; the coordinator's sum is the plain sum)."""
+    scale = report_scale(layout, secagg_clip=params.clip, dp_l2_clip_norm=dp_l2_clip_norm)
+    return encode_update(layout.to_unit(vector) * scale, params.weight_cap, params, rng)

@@ -40,6 +40,16 @@ import numpy as np
 
 from core.data.dataset import LocalDataset
 from core.errors import CoreError
+from core.evaluation import (
+    TENSOR_NAME,
+    DeviceResult,
+    EvaluationLayout,
+    EvaluationPlan,
+    device_vector,
+    encode_masked_report,
+    read_plan,
+    split_bundle,
+)
 from core.privacy.accounting import MechanismSteps, epsilon_of_history
 from core.privacy.adaptive_clipping import clipped_bit
 from core.privacy.clipping import clip_to_l2_norm
@@ -67,8 +77,8 @@ from core.secagg.messages import (
     UnmaskResponse,
 )
 from core.security.identity import DeviceKey
-from core.tensors import load_safetensors, sha256_hex, to_raw_bytes
-from core.types import DataSchema, DeviceAttributes
+from core.tensors import TensorInfo, load_safetensors, sha256_hex, to_raw_bytes
+from core.types import DataSchema, DeviceAttributes, EvaluationSplit
 from device_agent.errors import (
     AgentError,
     BadPayload,
@@ -175,6 +185,23 @@ class LocalTrainer(Protocol):
 
     def fit(self, p: Participation, plan: Plan, received: Mapping[str, np.ndarray], *,
             seed: int) -> LocalFit: ...
+
+
+@runtime_checkable
+class LocalEvaluator(Protocol):
+    """A trainer that can also run evaluation tasks: evaluates each model version of an
+    evaluation bundle on the device's own data, without training (called from the device's
+    thread only).
+
+    Raises (from ``evaluate_versions``):
+        Declined: the model does not build or fit here, the split holds no example, or a
+            metric the plan declares is missing.
+        Exception: whatever user code raises; the device declines the task with it.
+    """
+
+    def evaluate_versions(self, plan: Plan, evaluation: EvaluationPlan,
+                          versions: Mapping[int, Mapping[str, np.ndarray]]
+                          ) -> dict[int, DeviceResult]: ...
 
 
 @dataclass
@@ -306,11 +333,14 @@ class Device:
         try:
             plan = self.coordinator.get_plan(p)
             model_bytes = self.coordinator.download_model(p, plan)
-            header, payload, unclipped = self._train(p, plan, model_bytes)
-            if plan.secure_aggregation is not None:
-                self._secure_upload(p, plan, header, payload, unclipped)
+            if is_evaluation(plan):
+                self._evaluate_and_report(p, plan, model_bytes)
             else:
-                self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
+                header, payload, unclipped = self._train(p, plan, model_bytes)
+                if plan.secure_aggregation is not None:
+                    self._secure_upload(p, plan, header, payload, unclipped)
+                else:
+                    self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
             self.stats.updates_accepted += 1
             self.stats.history.append(f"round {p.round_number}: accepted")
         except RoundOver as exc:
@@ -365,7 +395,6 @@ class Device:
         """The four SecAgg+ stages; the update only ever leaves masked."""
         sa = plan.secure_aggregation
         assert sa is not None
-        client = SecAggClient(sa.params, sa.context, config_hash(plan))
         values = np.frombuffer(payload, dtype="<f4")
         if unclipped is not None:
             # Adaptive clipping's bit rides as one more masked value, scaled to the
@@ -393,6 +422,14 @@ class Device:
             except ValueError as exc:
                 raise SecAggRefused(f"cannot add this round's noise share: {exc}") from None
             vector = add_noise_share(vector, share)
+        self._secure_stages(p, plan, vector, encoded.clipped)
+
+    def _secure_stages(self, p: Participation, plan: Plan, vector: RingVector,
+                       clipped: int) -> None:
+        """The four SecAgg+ stages for an encoded ``vector``; it only ever leaves masked."""
+        sa = plan.secure_aggregation
+        assert sa is not None
+        client = SecAggClient(sa.params, sa.context, config_hash(plan))
         step = sa.phase_timeout_s + 10.0
         first = max(plan.deadline - time.time(), 0.0) + step
         crash_point("secagg.advertise", p.round_number)
@@ -406,13 +443,65 @@ class Device:
                  p.round_number)
         crash_point("secagg.masked_input", p.round_number)
         unmask_req = self.coordinator.secagg_masked_input(
-            p, client.mask(mask_req, vector), {}, encoded.clipped, wait_s=step)
+            p, client.mask(mask_req, vector), {}, clipped, wait_s=step)
         log.info("%s: round %d: secure aggregation: masked input sent", self.device_id,
                  p.round_number)
         crash_point("secagg.unmask", p.round_number)
         self.coordinator.secagg_unmask(p, client.unmask(unmask_req), wait_s=step)
         log.info("%s: round %d: secure aggregation: unmasking shares sent", self.device_id,
                  p.round_number)
+
+    def _evaluate_and_report(self, p: Participation, plan: Plan, model_bytes: bytes) -> None:
+        """An evaluation round (:mod:`core.evaluation`): evaluates every model version of the
+        bundle on this device's data, without training, and sends the report vector: in the
+        clear, or masked (secure aggregation; scaled for central DP as the plan says).
+
+        Raises:
+            BadPayload: the plan's report layout is not the bundle's.
+            Declined: the trainer cannot evaluate, the model does not build or fit, or a
+                metric the task declares is missing.
+        """
+        try:
+            evaluation = read_plan(model_bytes)
+            if evaluation is None:
+                raise BadPayload("the plan asks for an evaluation report, but the model file "
+                                 "is not an evaluation bundle")
+            layout = EvaluationLayout(evaluation)
+            versions = split_bundle(load_safetensors(model_bytes), evaluation)
+        except CoreError as exc:
+            raise BadPayload(f"the evaluation bundle: {exc}") from None
+        expected = [TensorInfo(TENSOR_NAME, "float32", (layout.length,))]
+        if list(plan.update_tensors) != expected:
+            raise BadPayload(f"the plan's report tensors {plan.update_tensors} are not the "
+                             f"bundle's layout ({layout.length} values)")
+        if not isinstance(self.trainer, LocalEvaluator):
+            raise Declined(f"this device's trainer ({type(self.trainer).__name__}) cannot run "
+                           f"an evaluation task")
+        results = self.trainer.evaluate_versions(plan, evaluation, versions)
+        try:
+            report = device_vector(layout, results)
+        except ValueError as exc:
+            raise Declined(f"cannot report the evaluation: {exc}") from None
+        log.info("%s: round %d: evaluated model version(s) %s", self.device_id,
+                 p.round_number, ", ".join(map(str, evaluation.versions)))
+        sa = plan.secure_aggregation
+        if sa is not None:
+            clip = plan.privacy.l2_clip_norm if plan.privacy is not None else None
+            try:
+                encoded = encode_masked_report(layout, report, sa.params, dp_l2_clip_norm=clip,
+                                               rng=np.random.default_rng())
+            except CoreError as exc:
+                raise SecAggRefused(f"cannot encode the report: {exc}") from None
+            self._secure_stages(p, plan, encoded.vector, encoded.clipped)
+            return
+        payload = report.astype("<f4").tobytes()
+        first = evaluation.versions[0]
+        header = UpdateHeader(
+            participation=p,
+            num_examples=int(report[layout.index(first, "", "examples")]),
+            tensors=expected, total_bytes=len(payload), sha256=sha256_hex(payload),
+            metrics={}, upload_id=secrets.token_urlsafe(24))
+        self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
 
     def _report_error(self, p: Participation, error: str, *, decline: bool = False) -> None:
         try:
@@ -522,6 +611,57 @@ class TorchTrainer:
         metrics["train_loss"] = result.loss
         return LocalFit(state_to_numpy(model), result.num_examples, metrics)
 
+    def evaluate_versions(self, plan: Plan, evaluation: EvaluationPlan,
+                          versions: Mapping[int, Mapping[str, np.ndarray]]
+                          ) -> dict[int, DeviceResult]:
+        """Each version's loss (the app's loss when it has one), accuracy and the metrics
+        the plan declares (the app's metrics hook), on the plan's split of the local data."""
+        from core.model_fit import fit_problem
+        from core.models import build_model, load_numpy_state, model_hooks
+        from core.training import evaluate, evaluate_metrics
+
+        x, y = self._split(evaluation.split)
+        if len(y) == 0:
+            raise Declined(f"this device holds no {evaluation.split.value} examples to "
+                           f"evaluate on")
+        hooks = model_hooks(plan.model.architecture)
+        declared = evaluation.declared
+        if declared and hooks.metrics is None:
+            raise Declined(f"the task declares metrics {', '.join(declared)}, but model "
+                           f"{plan.model.architecture!r} has no metrics hook")
+        out = {}
+        for version, params in versions.items():
+            try:
+                model = build_model(plan.model)
+                load_numpy_state(model, params)
+            except CoreError as exc:
+                raise Declined(f"model version {version} does not build on this device: "
+                               f"{exc}") from None
+            problem = fit_problem(model, self.data.schema)
+            if problem is not None:
+                raise Declined(f"the model does not fit this device's data: {problem}")
+            loss, accuracy = evaluate(model, x, y, loss=hooks.loss)
+            values = {"loss": loss, "accuracy": accuracy}
+            if declared:
+                assert hooks.metrics is not None
+                app = evaluate_metrics(model, x, y, hooks.metrics)
+                missing = [name for name in declared if name not in app]
+                if missing:
+                    raise Declined(f"the model's metrics hook returned no {missing[0]!r}, "
+                                   f"which the task declares")
+                values.update({name: app[name] for name in declared})
+            out[version] = DeviceResult(len(y), values)
+        return out
+
+    def _split(self, split: EvaluationSplit) -> tuple[np.ndarray, np.ndarray]:
+        data = self.data
+        if split is EvaluationSplit.TEST:
+            return data.x_test, data.y_test
+        if split is EvaluationSplit.TRAIN:
+            return data.x_train, data.y_train
+        return (np.concatenate([data.x_train, data.x_test]),
+                np.concatenate([data.y_train, data.y_test]))
+
     def _train_local_dp(self, p: Participation, plan: Plan, model: nn.Module, seed: int,
                         metrics: dict[str, float]) -> TrainResult:
         from device_agent.training.local_dp import train_local_dp
@@ -546,6 +686,11 @@ class TorchTrainer:
                  self.device_id, p.round_number, metrics["local_dp_epsilon"], dp.epsilon,
                  local.delta)
         return dp.train
+
+
+def is_evaluation(plan: Plan) -> bool:
+    """Whether the plan asks for an evaluation report rather than an update."""
+    return len(plan.update_tensors) == 1 and plan.update_tensors[0].name == TENSOR_NAME
 
 
 def app_metrics(values: Mapping[str, float]) -> dict[str, float]:

@@ -113,7 +113,7 @@ class Evaluation(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., server_data: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "model", "rounds", "clients_per_round", "min_reports", "population", "eligibility", "over_selection", "round_deadline_s", "selection_window_s", "local", "server", "evaluation", "max_update_bytes", "seed", "secure_aggregation", "privacy_json", "robustness", "data_schema", "aggregation_json")
+    __slots__ = ("name", "model", "rounds", "clients_per_round", "min_reports", "population", "eligibility", "over_selection", "round_deadline_s", "selection_window_s", "local", "server", "evaluation", "max_update_bytes", "seed", "secure_aggregation", "privacy_json", "robustness", "data_schema", "aggregation_json", "kind", "evaluate_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,8 @@ class TaskSpec(_message.Message):
     ROBUSTNESS_FIELD_NUMBER: _ClassVar[int]
     DATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_JSON_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     rounds: int
@@ -154,7 +156,9 @@ class TaskSpec(_message.Message):
     robustness: Robustness
     data_schema: DataSchema
     aggregation_json: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_reports: _Optional[int] = ..., population: _Optional[str] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., over_selection: _Optional[float] = ..., round_deadline_s: _Optional[float] = ..., selection_window_s: _Optional[float] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., privacy_json: _Optional[str] = ..., robustness: _Optional[_Union[Robustness, _Mapping]] = ..., data_schema: _Optional[_Union[DataSchema, _Mapping]] = ..., aggregation_json: _Optional[str] = ...) -> None: ...
+    kind: str
+    evaluate_json: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_reports: _Optional[int] = ..., population: _Optional[str] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., over_selection: _Optional[float] = ..., round_deadline_s: _Optional[float] = ..., selection_window_s: _Optional[float] = ..., local: _Optional[_Union[LocalTraining, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., privacy_json: _Optional[str] = ..., robustness: _Optional[_Union[Robustness, _Mapping]] = ..., data_schema: _Optional[_Union[DataSchema, _Mapping]] = ..., aggregation_json: _Optional[str] = ..., kind: _Optional[str] = ..., evaluate_json: _Optional[str] = ...) -> None: ...
 
 class DataSchema(_message.Message):
     __slots__ = ("feature_shape", "num_classes")

@@ -1,0 +1,146 @@
+"""Tasks of kind ``evaluate`` (:mod:`core.evaluation`): what their launch resolves (the model
+versions under evaluation, packed with the plan into the evaluation bundle, the task's model
+file) and what their rounds need at run time (the report layout devices upload).
+
+An evaluation round flows through the training rounds' machinery: selection, the upload
+stream or the SecAgg+ stages, central DP and its accountant. Only three things differ: the
+"update" is the report vector of the layout (one float32 tensor, :data:`~core.evaluation.
+layout.TENSOR_NAME`), the aggregator sums reports instead of averaging updates
+(:mod:`coordinator.rounds.evaluation_aggregators`), and the commit trains nothing: it records
+the round's results as its metrics and the same bundle as the next version
+(:func:`coordinator.rounds.commits.run_evaluation_commit`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from coordinator.rounds.errors import CoordinatorError, InvalidRequest, shown
+from coordinator.rounds.launch import initial_params
+from coordinator.rounds.models import ModelRepository
+from coordinator.storage import Store
+from coordinator.storage import errors as storage_errors
+from core.errors import CoreError
+from core.evaluation import (
+    TENSOR_NAME,
+    EvaluationLayout,
+    EvaluationPlan,
+    bundle_metadata,
+    bundle_tensors,
+    plan_for,
+    split_bundle,
+)
+from core.taskspec import spec_from_dict
+from core.tensors import TensorInfo
+from core.types import TaskKind, TaskSpec
+
+
+@dataclass(frozen=True)
+class EvaluationSetup:
+    """A running evaluation task's report layout and the quantiles it releases."""
+
+    layout: EvaluationLayout
+    quantiles: tuple[float, ...]
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        """What a device uploads: the report, one float32 vector."""
+        return [TensorInfo(TENSOR_NAME, "float32", (self.layout.length,))]
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.length * 4
+
+
+def evaluation_setup(spec: TaskSpec) -> EvaluationSetup | None:
+    """The setup of a launched evaluation task (its versions resolved at launch); None for a
+    training task."""
+    if spec.kind is not TaskKind.EVALUATE:
+        return None
+    plan = plan_for(spec.evaluate, spec.evaluate.versions or (0,))
+    return EvaluationSetup(EvaluationLayout(plan), spec.evaluate.quantiles)
+
+
+@dataclass(frozen=True)
+class EvaluationBundle:
+    """What the launch of an evaluation task writes as its model version 0."""
+
+    spec: TaskSpec  # with evaluate.versions resolved
+    plan: EvaluationPlan
+    params: dict[str, np.ndarray]
+    metadata: dict[str, str]
+    #: One line for the launch checks.
+    line: str
+
+
+def resolve_bundle(spec: TaskSpec, store: Store, models: ModelRepository) -> EvaluationBundle:
+    """Resolves an evaluation task's versions (the source task's latest when none are named)
+    and packs them into the bundle.
+
+    Raises:
+        InvalidRequest: naming ``spec.evaluate.source_task``, ``spec.evaluate.versions`` or
+            ``spec.model`` when the source task does not exist, is not a training task, has
+            another model, or lacks a version.
+    """
+    section = spec.evaluate
+    if not section.source_task:
+        versions: dict[int, Mapping[str, np.ndarray]] = {0: initial_params(spec)}
+        source = f"its own initial model (seed {spec.seed})"
+    else:
+        versions = _source_versions(spec, store, models)
+        source = f"task {section.source_task}"
+    resolved = replace(spec, evaluate=replace(section, versions=tuple(versions)))
+    plan = plan_for(resolved.evaluate, resolved.evaluate.versions)
+    layout = EvaluationLayout(plan)
+    line = (f"evaluates model version(s) {', '.join(map(str, versions))} of {source}: "
+            f"metrics {', '.join(m.name for m in plan.metrics)}; reports of "
+            f"{layout.length} values")
+    return EvaluationBundle(resolved, plan, bundle_tensors(versions), bundle_metadata(plan),
+                            line)
+
+
+def bundle_versions(bundle: EvaluationBundle) -> dict[str, np.ndarray]:
+    """The first version's own tensors (unprefixed), for the launch's model checks."""
+    first = split_bundle(bundle.params, bundle.plan)[bundle.plan.versions[0]]
+    return first
+
+
+def _source_versions(spec: TaskSpec, store: Store, models: ModelRepository
+                     ) -> dict[int, Mapping[str, np.ndarray]]:
+    source_id = spec.evaluate.source_task
+    try:
+        record = store.get_task(source_id)
+    except storage_errors.NotFound:
+        raise InvalidRequest(f"spec.evaluate.source_task: no task with id "
+                             f"{shown(source_id)}") from None
+    try:
+        source = spec_from_dict(json.loads(record.spec_json), source=f"task {source_id}")
+    except CoreError as exc:
+        raise InvalidRequest(f"spec.evaluate.source_task: the spec of task {source_id} does "
+                             f"not validate: {exc}") from None
+    if source.kind is not TaskKind.TRAIN:
+        raise InvalidRequest(f"spec.evaluate.source_task: task {source_id} is an evaluation "
+                             f"task; name the training task whose versions it evaluated")
+    if source.model != spec.model:
+        raise InvalidRequest(
+            f"spec.model: task {source_id} trains {source.model.architecture} with arguments "
+            f"{dict(source.model.arguments)}, this task names {spec.model.architecture} with "
+            f"{dict(spec.model.arguments)}; they must be the same")
+    wanted = spec.evaluate.versions
+    if not wanted:
+        latest = store.latest_model_version(source_id).version
+        wanted = (latest,)
+    out: dict[int, Mapping[str, np.ndarray]] = {}
+    for version in wanted:
+        try:
+            out[version] = models.load(models.version(source_id, version)).params
+        except CoordinatorError as exc:  # NotFound, or Unavailable (a corrupted file)
+            latest = store.latest_model_version(source_id).version
+            raise InvalidRequest(f"spec.evaluate.versions: task {source_id} has no usable "
+                                 f"model version {version} (its versions are 0 to {latest}): "
+                                 f"{exc}") from None
+    return out

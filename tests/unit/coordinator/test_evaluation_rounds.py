@@ -1,0 +1,335 @@
+"""Evaluation tasks in the coordinator's rounds, driven with a manual clock and real devices'
+code (the TorchTrainer's evaluation, the Device's report path) over the service API: the
+released results are the statistics of the devices' reports, exactly in the clear, within
+the quantization bound under secure aggregation; central DP charges epsilon and stops the
+task at its budget; bad reports and bad launches are refused with the field named."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.rounds.clock import ManualClock
+from coordinator.rounds.errors import InvalidRequest
+from coordinator.rounds.service import CoordinatorService
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import FileBlobStore, InMemoryStore
+from core.data.dataset import LocalDataset
+from core.evaluation import (
+    DeviceResult,
+    EvaluationLayout,
+    device_vector,
+    encode_masked_report,
+    read_plan,
+    round_metrics,
+    split_bundle,
+    summarize,
+)
+from core.privacy import NoiseSource, Sampling
+from core.privacy.spec import FixedClip, PrivacyMode, PrivacySpec
+from core.privacy.task import EPSILON_METRIC, TaskPrivacy, planned_draw
+from core.protocol import (
+    CheckInOutcome,
+    CheckInResult,
+    MetricsPolicy,
+    Participation,
+    Plan,
+    UpdateHeader,
+    config_hash,
+)
+from core.secagg.client import SecAggClient
+from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
+from core.security.identity import DeviceKey
+from core.tensors import load_safetensors, sha256_hex
+from core.types import (
+    DeviceAttributes,
+    FederatedEvaluation,
+    HistogramBins,
+    ModelSpec,
+    RoundState,
+    SecAggProtocol,
+    SecureAggregation,
+    TaskKind,
+    TaskSpec,
+    TaskState,
+)
+from device_agent.runtime.device import Device, TorchTrainer
+
+ATTRS = DeviceAttributes()
+MODEL = ModelSpec("logistic_regression", {"input_dim": 4, "num_classes": 3})
+N = 5
+
+
+def spec(**kw: object) -> TaskSpec:
+    base: dict[str, object] = dict(
+        name="eval", kind=TaskKind.EVALUATE, model=MODEL, rounds=1, clients_per_round=N,
+        min_reports=3, over_selection=1.0, round_deadline_s=30.0, selection_window_s=1.0,
+        evaluate=FederatedEvaluation(histograms={"loss": HistogramBins(bins=20, high=4.0),
+                                                 "accuracy": HistogramBins(bins=5)},
+                                     max_examples=64, quantiles=(0.5,)))
+    base.update(kw)
+    return TaskSpec(**base)  # type: ignore[arg-type]
+
+
+def make_service(tmp_path: Path, clock: ManualClock) -> CoordinatorService:
+    return CoordinatorService(InMemoryStore(), FileBlobStore(tmp_path / "blobs"), clock,
+                              rng=random.Random(0), noise=NoiseSource.seeded(0),
+                              settings=CoordinatorSettings(allow_seeded_noise=True))
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def service(clock: ManualClock, tmp_path: Path) -> CoordinatorService:
+    return make_service(tmp_path, clock)
+
+
+def dataset(seed: int) -> LocalDataset:
+    rng = np.random.default_rng(seed)
+    n = 10 + 7 * seed
+    x = rng.normal(size=(n + 40, 4)).astype(np.float32) * 3
+    y = rng.integers(0, 3, n + 40)
+    return LocalDataset(x_train=x[n:], y_train=y[n:], x_test=x[:n], y_test=y[:n], classes=3)
+
+
+def admit(service: CoordinatorService, clock: ManualClock, task_id: str, count: int = N
+          ) -> dict[str, Participation]:
+    names = [f"d{i}" for i in range(count)]
+    for d in names:
+        service.check_in(d, ATTRS, task_id)
+    clock.advance(1.1)
+    seats = {}
+    for d in names:
+        r = service.check_in(d, ATTRS, task_id)
+        assert r.outcome is CheckInOutcome.ACCEPTED, r.message
+        seats[d] = Participation(d, task_id, r.round_number, r.token)
+    return seats
+
+
+def bundle(service: CoordinatorService, p: Participation) -> tuple[Plan, bytes]:
+    plan = service.get_plan(p)
+    record = service.model_for_participant(p, plan.model_version)
+    return plan, b"".join(service.model_chunks(record, 1 << 20))
+
+
+def device_report(service: CoordinatorService, p: Participation, seed: int
+                  ) -> tuple[EvaluationLayout, dict[int, DeviceResult]]:
+    """What device ``seed`` evaluates, with the agent's own trainer."""
+    plan, data = bundle(service, p)
+    evaluation = read_plan(data)
+    assert evaluation is not None
+    versions = split_bundle(load_safetensors(data), evaluation)
+    results = TorchTrainer(dataset(seed), p.device_id).evaluate_versions(plan, evaluation,
+                                                                         versions)
+    return EvaluationLayout(evaluation), results
+
+
+def upload(service: CoordinatorService, p: Participation, report: np.ndarray) -> str:
+    plan = service.get_plan(p)
+    payload = report.astype("<f4").tobytes()
+    up = service.begin_upload(UpdateHeader(p, 1, list(plan.update_tensors), len(payload),
+                                           sha256_hex(payload), {}))
+    up.write(payload)
+    return service.finish_upload(up)
+
+
+class InProcess:
+    """The Device's coordinator, answered by the service for one seat (clear uploads only;
+    the Device's own id stands for the seat's)."""
+
+    def __init__(self, service: CoordinatorService, seat: Participation) -> None:
+        self.service, self.seat, self.errors = service, seat, list[str]()
+        self.offered = False
+
+    def _as_seat(self, p: Participation) -> Participation:
+        return dataclasses.replace(p, device_id=self.seat.device_id)
+
+    def enroll(self, key: DeviceKey, enrollment_token: str = "", attestation: bytes = b""
+               ) -> str:
+        return key.device_id
+
+    def check_in(self, *args: object, **kw: object) -> CheckInResult:
+        if self.offered:
+            return CheckInResult(CheckInOutcome.FINISHED, message="done")
+        self.offered = True
+        s = self.seat
+        return CheckInResult(CheckInOutcome.ACCEPTED, s.task_id, s.round_number, s.token)
+
+    def get_plan(self, p: Participation) -> Plan:
+        return self.service.get_plan(self._as_seat(p))
+
+    def download_model(self, p: Participation, plan: Plan) -> bytes:
+        return bundle(self.service, self._as_seat(p))[1]
+
+    def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int) -> str:
+        up = self.service.begin_upload(dataclasses.replace(
+            header, participation=self._as_seat(header.participation)))
+        up.write(payload)
+        return self.service.finish_upload(up)
+
+    def report_status(self, p: Participation, *, metrics: dict[str, float] | None = None,
+                      error: str = "", decline: bool = False) -> None:
+        self.errors.append(error)
+
+
+def plaintext(layout: EvaluationLayout, results: Mapping[str, dict[int, DeviceResult]],
+              quantiles: tuple[float, ...] = (0.5,)) -> dict[str, float]:
+    sums = np.sum([device_vector(layout, r) for r in results.values()], axis=0)
+    return round_metrics(summarize(layout, sums, quantiles))
+
+
+def test_an_evaluation_round_releases_the_statistics_of_the_devices_reports(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    task = service.create_task(spec())
+    tid = task.record.task_id
+    assert any("evaluates model version(s) 0 of its own initial model" in line
+               for line in task.launch_checks)
+    seats = admit(service, clock, tid)
+    plan = service.get_plan(seats["d0"])
+    assert plan.metrics is MetricsPolicy.CLEAR and plan.update_tensors[0].name == \
+        "evaluation_report"
+    results = {}
+    for i, (d, p) in enumerate(seats.items()):
+        layout, results[d] = device_report(service, p, i)
+        if d == "d0":  # the Device's own report path
+            coordinator = InProcess(service, p)
+            stats = Device(DeviceKey.generate(), dataset(i), coordinator, task_id=tid).run()
+            assert coordinator.errors == [] and stats.updates_accepted == 1
+        else:
+            upload(service, p, device_vector(layout, results[d]))
+    service.tick()
+    (rnd,) = service.list_rounds(tid)
+    assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
+    expected = plaintext(layout, results)
+    released = {k: v for k, v in rnd.metrics.items() if k.startswith("eval.")}
+    assert released.keys() == expected.keys()
+    for name, value in expected.items():
+        assert released[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert released["eval.v0.devices"] == N
+    assert released["eval.v0.examples"] == sum(10 + 7 * i for i in range(N))
+    assert service.get_task(tid).record.state is TaskState.COMPLETED
+    v0, v1 = service.model_version(tid, 0), service.model_version(tid, 1)
+    assert v1.sha256 == v0.sha256  # nothing was trained
+
+
+def test_a_report_that_breaks_its_bounds_is_refused_and_its_device_is_out(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    tid = service.create_task(spec()).record.task_id
+    p = admit(service, clock, tid)["d1"]
+    layout, results = device_report(service, p, 1)
+    report = device_vector(layout, results)
+    report[layout.index(0, "accuracy", "sum")] = 3.0
+    with pytest.raises(InvalidRequest, match="'accuracy' is 3, outside its range"):
+        upload(service, p, report)
+    with pytest.raises(InvalidRequest, match="carried metrics"):
+        plan = service.get_plan(p)
+        service.begin_upload(UpdateHeader(p, 1, list(plan.update_tensors), 4 * layout.length,
+                                          "0" * 64, {"eval_loss": 1.0}))
+
+
+def test_an_evaluation_of_a_training_tasks_versions_checks_them_at_launch(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    source = service.create_task(TaskSpec("train", MODEL, rounds=1, clients_per_round=3,
+                                          min_reports=2)).record.task_id
+    evaluation = FederatedEvaluation(source_task=source)
+    task = service.create_task(spec(evaluate=evaluation))
+    assert task.spec.evaluate.versions == (0,)  # the latest, resolved and stored
+    with pytest.raises(InvalidRequest, match="spec.evaluate.versions: task .* no usable "
+                                             "model version 4"):
+        service.create_task(spec(evaluate=dataclasses.replace(evaluation, versions=(4,))))
+    with pytest.raises(InvalidRequest, match="spec.model: task .* must be the same"):
+        service.create_task(spec(model=ModelSpec("mlp", {"input_dim": 4, "hidden": [3],
+                                                          "num_classes": 3}),
+                                 evaluate=evaluation))
+    with pytest.raises(InvalidRequest, match="spec.evaluate.source_task: no task"):
+        service.create_task(spec(evaluate=FederatedEvaluation(source_task="nope")))
+    with pytest.raises(InvalidRequest, match="is an evaluation task"):
+        service.create_task(spec(evaluate=FederatedEvaluation(
+            source_task=task.record.task_id)))
+
+
+def test_under_secure_aggregation_the_results_are_the_plaintext_ones_within_the_bound(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    secure = SecureAggregation(protocol=SecAggProtocol.SECAGG, threshold=0.6, dropout=0.001,
+                               clip=0.5, phase_timeout_s=5.0)
+    tid = service.create_task(spec(secure_aggregation=secure)).record.task_id
+    seats = admit(service, clock, tid)
+    plan = service.get_plan(seats["d0"])
+    sa = plan.secure_aggregation
+    assert sa is not None and plan.metrics is MetricsPolicy.MASKED
+    clients = {d: SecAggClient(sa.params, sa.context, config_hash(plan)) for d in seats}
+    results = {}
+    for d in seats:
+        service.secagg_advertise(seats[d], clients[d].advertise())
+    for d in seats:
+        req = service.secagg_reply(seats[d], Stage.ADVERTISE)
+        assert isinstance(req, ShareKeysRequest)
+        service.secagg_share_keys(seats[d], clients[d].share_keys(req))
+    for i, d in enumerate(seats):
+        layout, results[d] = device_report(service, seats[d], i)
+        encoded = encode_masked_report(layout, device_vector(layout, results[d]), sa.params,
+                                       dp_l2_clip_norm=None, rng=np.random.default_rng(i))
+        req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
+        assert isinstance(req, MaskedInputRequest)
+        service.secagg_masked_input(seats[d], clients[d].mask(req, encoded.vector), {},
+                                    encoded.clipped)
+    for d in seats:
+        req = service.secagg_reply(seats[d], Stage.MASKED_INPUT)
+        assert isinstance(req, UnmaskRequest)
+        service.secagg_unmask(seats[d], clients[d].unmask(req))
+    (rnd,) = service.list_rounds(tid)
+    assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
+    expected = plaintext(layout, results)
+    bounded = [k for k in rnd.metrics if k.endswith("_bound")]
+    assert len(bounded) == 2 * len(layout.plan.metrics)
+    for name in bounded:
+        stat = name.removesuffix("_bound")
+        assert abs(rnd.metrics[stat] - expected[stat]) <= rnd.metrics[name], stat
+        assert rnd.metrics[name] < 0.01  # the bound is useful, not only true
+    assert rnd.metrics["eval.v0.devices"] == pytest.approx(N, abs=1e-3)
+    assert rnd.metrics["secagg_clipped_values"] == 0
+
+
+def central(budget: float) -> PrivacySpec:
+    return PrivacySpec(mode=PrivacyMode.CENTRAL, noise_multiplier=2.0, delta=1e-5,
+                       clip=FixedClip(1.0), sampling=Sampling.FIXED_SIZE, population=N,
+                       max_epsilon=budget)
+
+
+def test_a_dp_evaluation_charges_epsilon_each_round_and_stops_at_the_budget(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    probe = spec(rounds=5, privacy=central(1e9))
+    accountant = TaskPrivacy.for_task(probe)
+    assert accountant is not None
+    draw = planned_draw(probe)
+    two, three = (accountant.epsilon([(2.0, draw)] * k) for k in (2, 3))
+    tid = service.create_task(spec(rounds=5, privacy=central((two + three) / 2))).record.task_id
+    for _ in range(3):
+        if service.get_task(tid).record.state is not TaskState.RUNNING:
+            break
+        seats = admit(service, clock, tid)
+        assert service.get_plan(seats["d0"]).metrics is MetricsPolicy.WITHHELD
+        for i, p in seats.items():
+            layout, results = device_report(service, p, int(i[1:]))
+            upload(service, p, device_vector(layout, results))
+        service.tick()
+    view = service.get_task(tid)
+    assert view.record.state is TaskState.BUDGET_EXHAUSTED, view.record.reason
+    committed = [r for r in service.list_rounds(tid) if r.state is RoundState.COMMITTED]
+    assert len(committed) == 2
+    assert [r.metrics[EPSILON_METRIC] for r in committed] == pytest.approx(
+        [accountant.epsilon([(2.0, draw)]), two])
+    assert view.privacy is not None and view.privacy.epsilon == pytest.approx(two)
+    # Released: noisy sums' summaries; nothing per device was stored.
+    noisy_devices = committed[0].metrics["eval.v0.devices"]
+    assert abs(noisy_devices - N) < 6 * 2.0 * layout.unit_l2_bound
+    assert math.isfinite(committed[0].metrics["eval.v0.loss.mean"])
