@@ -10,6 +10,7 @@ take) and a search space over its fields::
     trials: 12
     parallel: 2                   # trials run at once (processes; coordinator: tasks)
     seed: 0                       # the sampler's; every trial keeps the task's own seed
+    baseline: true                # trial 0 runs the task's own values (each inside its range)
     objective: {metric: accuracy, direction: maximize}   # accuracy | loss | an app's metric
     sampler: {kind: tpe, startup_trials: 4}              # tpe | random
     pruner: {kind: median, startup_trials: 3, warmup_rounds: 2}   # median | none
@@ -137,6 +138,8 @@ class StudySpec:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     source: str = "<study>"
+    #: Trial 0 runs the base task's own values (``baseline: true``): path -> value.
+    baseline: Mapping[str, Choice] | None = None
 
     def trial_task(self, params: Mapping[str, Any], *, name: str | None = None
                    ) -> dict[str, Any]:
@@ -164,6 +167,7 @@ class _Top:
     rounds: int | None = None
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,9 +254,31 @@ def study_from_dict(data: Any, *, source: str = "<study>", base_dir: str = ".",
         name=top.name, task=task, task_source=task_source, base_dir=task_dir, space=space,
         objective=Objective(metric, direction), trials=top.trials, parallel=top.parallel,
         seed=top.seed, rounds=top.rounds, sampler=top.sampler, pruner=top.pruner,
-        source=source)
+        source=source, baseline=_baseline(task, space, fail) if top.baseline else None)
     _check_tasks(spec, check, fail)
     return spec
+
+
+def _baseline(task: Mapping[str, Any], space: tuple[Param, ...],
+              fail: Callable[[str, str], SimulationConfigError]) -> dict[str, Choice]:
+    """The base task's value of each searched field, each inside its range."""
+    values: dict[str, Choice] = {}
+    for param in space:
+        where = f"space.{param.path}"
+        value = get_path(task, param.path)
+        if value is None:
+            raise fail(where, "baseline: true needs the task's own value of this field, and "
+                              "the task has none; write it in the task")
+        if param.kind is ParamKind.CATEGORICAL:
+            if value not in param.choices:
+                raise fail(f"{where}.choices", f"baseline: true needs the task's value "
+                                               f"{value!r} among the choices")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not (
+                param.low <= value <= param.high):
+            raise fail(where, f"baseline: true needs the task's value {value!r} inside "
+                              f"[{param.low:g}, {param.high:g}]")
+        values[param.path] = value
+    return values
 
 
 def _check_top(top: _Top, fail: Callable[[str, str], SimulationConfigError]) -> None:
@@ -382,6 +408,16 @@ def _check_tasks(spec: StudySpec, check: TaskCheck,
                 what = "" if exc.field == param.path else f"{exc.field}: "
                 raise fail(f"space.{param.path}", f"{value!r} makes the task invalid: "
                                                   f"{what}{exc.message}") from None
+
+
+def get_path(data: Mapping[str, Any], path: str) -> Any:
+    """The value at the dotted ``path`` of ``data``; None where there is none."""
+    node: Any = data
+    for key in path.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> None:

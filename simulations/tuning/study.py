@@ -140,6 +140,8 @@ def run_study(spec: StudySpec, backend: TrialBackend, *,
         study_name=spec.name,
         direction="maximize" if spec.objective.direction is Direction.MAXIMIZE else "minimize",
         sampler=_sampler(optuna, spec), pruner=_pruner(optuna, spec))
+    if spec.baseline is not None:
+        study.enqueue_trial(dict(spec.baseline))
     start = time.perf_counter()
     records: list[TrialRecord] = []
     while len(records) < spec.trials:

@@ -132,6 +132,15 @@ def test_parallel_trials_in_processes_give_the_same_study_as_in_process(tmp_path
                                                             TrialState.PRUNED}
 
 
+def test_a_baseline_study_runs_the_task_as_written_first() -> None:
+    space = {**STUDY["space"], "local.batch_size": {"type": "categorical",
+                                                    "choices": [5, 10, 20]}}
+    spec = study_from_dict({**STUDY, "baseline": True, "trials": 1, "space": space},
+                           source="study.yaml")
+    (trial,) = run(spec).trials
+    assert dict(trial.params) == {"local.learning_rate": 0.05, "local.batch_size": 10}
+
+
 def test_loss_is_minimized_by_default() -> None:
     spec = study_from_dict({**STUDY, "objective": {"metric": "loss"}}, source="s.yaml")
     assert spec.objective.direction is Direction.MINIMIZE
@@ -220,6 +229,9 @@ def _space(**entries: Any) -> dict[str, Any]:
      "space.simulation.algorithm.mu", "only fedprox uses mu"),
     ({**STUDY, "task": {**TASK, "local": {**TASK["local"], "epochs": 0}}},
      "local.epochs", "at least 1"),
+    ({**STUDY, "baseline": True}, "space.local.batch_size.choices", "among the choices"),
+    ({**_space(**{"local.learning_rate": {"type": "float", "low": 0.1, "high": 1}}),
+      "baseline": True}, "space.local.learning_rate", "inside [0.1, 1]"),
 ])
 def test_a_bad_study_file_is_refused_naming_the_file_and_the_field(
         tmp_path: Path, study: dict[str, Any], field: str, message: str) -> None:
