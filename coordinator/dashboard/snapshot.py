@@ -176,8 +176,9 @@ class ActivityCounter:
         if kind is EventKind.DEVICE_CHECKED_IN:
             if ids:
                 tally.checked_in.add(device)
-        elif kind is EventKind.DEVICE_TOLD_TO_COME_BACK:
+        elif kind is EventKind.DEVICE_TOLD_TO_COME_BACK:  # a check-in, answered "come back"
             if ids:
+                tally.checked_in.add(device)
                 tally.told.add(device)
         elif kind is EventKind.DEVICE_SELECTED:
             if not tally.selected and ids:

@@ -47,9 +47,14 @@ class EventKind(enum.Enum):
     ROUND_COMMITTED = "round_committed"
     ROUND_FAILED = "round_failed"
     MODEL_VERSION_CREATED = "model_version_created"
+    #: Every check-in is one event, whose kind is its answer: this one, unless the device was
+    #: told to come back (``reason``: the answer, ``accepted``, ``no_task`` or ``finished``;
+    #: an admission follows as DEVICE_SELECTED). Devices that checked in = DEVICE_CHECKED_IN +
+    #: DEVICE_TOLD_TO_COME_BACK.
     DEVICE_CHECKED_IN = "device_checked_in"
     DEVICE_SELECTED = "device_selected"
-    #: Answered "retry later" (selection window open, no free seat, round in progress).
+    #: A check-in answered "retry later" (selection window open, no free seat, round in
+    #: progress): ``reason`` ``retry_later``, ``values["retry_after_s"]`` the wait asked for.
     DEVICE_TOLD_TO_COME_BACK = "device_told_to_come_back"
     UPLOAD_ACCEPTED = "upload_accepted"
     #: An update or SecAgg message refused; ``reason`` is its category.

@@ -140,13 +140,17 @@ class PrometheusSink:
     def publish(self, event: Event) -> None:
         task = event.task_id
         kind = event.kind
-        if kind is EventKind.DEVICE_CHECKED_IN:
-            self.checkins.labels(task, _bounded(event.reason, _CHECKIN_OUTCOMES)).inc()
+        if kind is EventKind.DEVICE_CHECKED_IN or kind is EventKind.DEVICE_TOLD_TO_COME_BACK:
+            # A check-in is one event, of either kind (its answer).
+            if kind is EventKind.DEVICE_TOLD_TO_COME_BACK:
+                self.come_back.labels(task).inc()
+                outcome = CheckInOutcome.RETRY_LATER.value
+            else:
+                outcome = _bounded(event.reason, _CHECKIN_OUTCOMES)
+            self.checkins.labels(task, outcome).inc()
             if event.device_id:
                 with self._seen_lock:
                     self._seen[event.device_id] = event.at
-        elif kind is EventKind.DEVICE_TOLD_TO_COME_BACK:
-            self.come_back.labels(task).inc()
         elif kind is EventKind.DEVICE_SELECTED:
             self.selected.labels(task).inc()
         elif kind is EventKind.UPLOAD_ACCEPTED:

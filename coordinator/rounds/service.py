@@ -193,14 +193,18 @@ class CoordinatorService:
         result = self._participants.check_in(device_id, attrs, task_id, schema=schema,
                                              declined=declined)
         if result.task_id:
-            now = self._clock.now()
-            self.events.emit(EventKind.DEVICE_CHECKED_IN, result.task_id, now,
-                             device_id=device_id, reason=result.outcome.value)
+            # One event per check-in, its kind the answer (a check-in is the hottest path:
+            # every event costs each sink, Kafka's included).
             if result.outcome is CheckInOutcome.RETRY_LATER:
-                self.events.emit(EventKind.DEVICE_TOLD_TO_COME_BACK, result.task_id, now,
-                                 round_number=result.round_number, device_id=device_id,
+                self.events.emit(EventKind.DEVICE_TOLD_TO_COME_BACK, result.task_id,
+                                 self._clock.now(), round_number=result.round_number,
+                                 device_id=device_id, reason=result.outcome.value,
                                  detail=result.message,
                                  values={"retry_after_s": result.retry_after_s})
+            else:
+                self.events.emit(EventKind.DEVICE_CHECKED_IN, result.task_id,
+                                 self._clock.now(), device_id=device_id,
+                                 reason=result.outcome.value)
         return result
 
     def get_plan(self, p: Participation) -> Plan:

@@ -64,9 +64,14 @@ def test_a_round_reads_as_its_events_in_order(service: CoordinatorService, clock
     run_round(service, clock, task_id)
     kinds = sink.kinds(task_id)
     assert kinds[:2] == [K.TASK_CREATED, K.ROUND_OPENED]
-    # In the window each device is told to come back; then it is selected.
-    assert kinds.count(K.DEVICE_CHECKED_IN) == 6
+    # In the window each device is told to come back; then it is selected. Each check-in
+    # is one event, its kind the answer.
     assert kinds.count(K.DEVICE_TOLD_TO_COME_BACK) == 3
+    assert kinds.count(K.DEVICE_CHECKED_IN) == 3
+    told = [e for e in sink.events if e.kind is K.DEVICE_TOLD_TO_COME_BACK]
+    assert {e.reason for e in told} == {"retry_later"}
+    assert all(e.values["retry_after_s"] > 0 for e in told)
+    assert {e.reason for e in sink.events if e.kind is K.DEVICE_CHECKED_IN} == {"accepted"}
     assert kinds.count(K.DEVICE_SELECTED) == 3 and kinds.count(K.UPLOAD_ACCEPTED) == 3
     assert kinds[-3:] == [K.MODEL_VERSION_CREATED, K.ROUND_COMMITTED, K.TASK_ENDED]
     events = [e for e in sink.events if e.task_id == task_id]

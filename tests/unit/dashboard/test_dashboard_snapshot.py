@@ -37,7 +37,7 @@ def events(*specs: tuple[EventKind, int, str] | tuple[EventKind, int, str, dict[
 
 ROUND_1_FAILS_THEN_REDONE = list(events(
     (K.ROUND_OPENED, 1, "", {"attempt": 1, "goal": 3}),
-    (K.DEVICE_CHECKED_IN, 0, "a"), (K.DEVICE_CHECKED_IN, 0, "b"),
+    # a check-in is one event: told to come back, or checked in (then selected)
     (K.DEVICE_TOLD_TO_COME_BACK, 0, "a"), (K.DEVICE_TOLD_TO_COME_BACK, 0, "b"),
     (K.DEVICE_CHECKED_IN, 0, "a"), (K.DEVICE_SELECTED, 1, "a"),
     (K.DEVICE_CHECKED_IN, 0, "b"), (K.DEVICE_SELECTED, 1, "b"),
