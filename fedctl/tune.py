@@ -18,7 +18,9 @@ the coordinator does not run them. Ctrl-C or a lost coordinator cancels the stud
 tasks.
 
 A bad study file, task file or ``--app`` exits with code 2 and one line naming the file
-and the field.
+and the field (so does a fault of the base task found only when a trial loads its data:
+every trial would fail alike, so the study stops). A study in which no trial completed
+exits with code 1 (``trials.csv`` says why each failed).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         except SimulationConfigError as exc:
             raise CliError(str(exc), exit_code=2) from None
         out: Path = args.out or Path("runs") / spec.name
+        if args.coordinator is None:
+            _warn_oversubscribed(spec)
         progress = _progress(spec)
         try:
             if args.coordinator is None:
@@ -173,6 +177,24 @@ def _check_for_coordinator(spec: StudySpec) -> None:
             f"trials' {spec.objective.metric} is the coordinator's evaluation of each "
             "committed model on that data (round metric server_eval_"
             f"{spec.objective.metric})")
+
+
+def _warn_oversubscribed(spec: StudySpec) -> None:
+    """A note on stderr when ``parallel`` trials of ``simulation.engine.threads`` torch threads
+    each ask for more cores than this machine has (they would slow each other down)."""
+    import os
+
+    from simulations.tuning.spec import get_path
+
+    searched = {p.path: p for p in spec.space}
+    threads_param = searched.get("simulation.engine.threads")
+    threads = int(threads_param.high) if threads_param is not None else int(
+        get_path(spec.trial_task({}), "simulation.engine.threads") or 1)
+    cores = os.cpu_count() or 1
+    if spec.parallel * threads > cores:
+        print(f"note: {spec.parallel} parallel trials x {threads} torch thread(s) each on "
+              f"{cores} cores: trials will wait for each other (lower parallel: or "
+              "simulation.engine.threads)", file=sys.stderr)
 
 
 def coordinator_metric(name: str) -> str:

@@ -194,10 +194,16 @@ MAX_PARALLEL = 256
 
 
 def simulation_check(apps: tuple[str, ...] = ()) -> TaskCheck:
-    """The default check: the task builds as a simulation (:func:`config_from_dict`)."""
+    """The default check: the task builds as a simulation (:func:`config_from_dict`) that
+    trains in one process (``simulation.engine.processes`` 1)."""
 
     def check(task: Mapping[str, Any], source: str, base_dir: str) -> SimulationConfig:
-        return config_from_dict(task, source=source, base_dir=base_dir, apps=apps)
+        config = config_from_dict(task, source=source, base_dir=base_dir, apps=apps)
+        if config.engine.processes > 1:
+            raise SimulationConfigError(
+                source, "simulation.engine.processes", "must be 1 in a study: each trial "
+                "trains in one process; the study's parallel: runs trials side by side")
+        return config
 
     return check
 

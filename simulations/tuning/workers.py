@@ -36,8 +36,13 @@ from simulations.tuning.study import (
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, context: TrialContext) -> None:
+    import torch
+
     from simulations.config import load_apps
 
+    # Loading data and building models between trials: one thread, as the trials train
+    # with their task's simulation.engine.threads (set by the simulation itself).
+    torch.set_num_threads(1)
     load_apps(context.apps)
     while True:
         message = conn.recv()

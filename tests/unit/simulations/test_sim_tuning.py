@@ -319,3 +319,11 @@ def test_the_example_study_loads() -> None:
     assert {p.path for p in spec.space} == {
         "local.learning_rate", "local.epochs", "local.batch_size", "server.learning_rate",
         "simulation.algorithm.mu"}
+
+
+def test_a_study_refuses_a_task_that_trains_in_several_processes(tmp_path: Path) -> None:
+    task = {**TASK, "simulation": {**TASK["simulation"], "engine": {"processes": 2}}}
+    path = write_study(tmp_path, {**STUDY, "task": task})
+    with pytest.raises(SimulationConfigError, match="field 'simulation.engine.processes': "
+                                                    "must be 1 in a study"):
+        load_study_file(path)
