@@ -61,8 +61,11 @@ class TaskSpecError(CoreError):
         super().__init__(f"{source}: {where}: {message}")
 
 
-def load_task_file(path: str | Path) -> TaskSpec:
-    """Reads and validates a YAML task file.
+def load_task_file(path: str | Path, *, overrides: Mapping[str, Any] | None = None
+                   ) -> TaskSpec:
+    """Reads and validates a YAML task file; ``overrides`` (dotted field -> value, e.g.
+    ``{"evaluate.source_task": "t-1"}``: a command line's options) replace the file's
+    values before it is validated.
 
     Raises:
         TaskSpecError: the file is missing, is not YAML, or a field is wrong; the message
@@ -73,10 +76,11 @@ def load_task_file(path: str | Path) -> TaskSpec:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise TaskSpecError(source, "", f"cannot read the file: {exc.strerror or exc}") from None
-    return parse_task_yaml(text, source=source)
+    return parse_task_yaml(text, source=source, overrides=overrides)
 
 
-def parse_task_yaml(text: str, *, source: str = "<task>") -> TaskSpec:
+def parse_task_yaml(text: str, *, source: str = "<task>",
+                    overrides: Mapping[str, Any] | None = None) -> TaskSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -85,7 +89,23 @@ def parse_task_yaml(text: str, *, source: str = "<task>") -> TaskSpec:
         raise TaskSpecError(source, "", f"not valid YAML{where}") from None
     if not isinstance(data, Mapping):
         raise TaskSpecError(source, "", "expected a mapping of task fields")
+    for dotted, value in (overrides or {}).items():
+        data = _overridden(data, dotted.split("."), value, source, dotted)
     return spec_from_dict(data, source=source)
+
+
+def _overridden(data: Mapping[str, Any], path: list[str], value: Any, source: str,
+                dotted: str) -> dict[str, Any]:
+    out = dict(data)
+    head, rest = path[0], path[1:]
+    if not rest:
+        out[head] = value
+        return out
+    inner = out.get(head) or {}
+    if not isinstance(inner, Mapping):
+        raise TaskSpecError(source, dotted.rsplit(".", len(rest))[0], "expected a mapping")
+    out[head] = _overridden(inner, rest, value, source, dotted)
+    return out
 
 
 def spec_from_dict(data: Mapping[str, Any], *, source: str = "<task>") -> TaskSpec:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -24,9 +25,12 @@ from fedctl.security import register as register_security
 from fedctl.simulate import register as register_simulate
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from coordinator.settings import SecuritySettings
     from core.tls import ClientTls
     from fedctl.admin import AdminClient
+    from protos.fedcoord.v1 import admin_pb2
 
 T = TypeVar("T")
 
@@ -211,6 +215,9 @@ def build_parser() -> FedctlParser:
         dest="action", required=True)
     launch = task.add_parser("launch", help="create a task from a YAML file")
     launch.add_argument("file", type=Path, help="the task file")
+    launch.add_argument("--source-task", metavar="TASK_ID",
+                        help="kind evaluate: evaluate this training task's model versions "
+                             "(sets evaluate.source_task)")
     _add_coordinator(launch)
     _add_json(launch, "the created task")
     launch.set_defaults(func=cmd_task_launch)
@@ -509,7 +516,10 @@ def cmd_task_launch(args: argparse.Namespace) -> int:
     from fedctl.errors import CliError
 
     try:
-        spec = load_task_file(args.file)
+        overrides = ({} if args.source_task is None
+                     else {"evaluate.source_task": args.source_task})
+        # A training task's file refuses it: "field 'evaluate': only a task of kind ...".
+        spec = load_task_file(args.file, overrides=overrides)
     except TaskSpecError as exc:
         raise CliError(str(exc), exit_code=2) from None
     with _admin(args) as client:
@@ -532,16 +542,97 @@ def cmd_task_status(args: argparse.Namespace) -> int:
     with _admin(args) as client:
         task, rounds = _guard(lambda: (client.get_task(args.task_id),
                                        client.list_rounds(args.task_id)))
+    evaluation = task.spec.kind == "evaluate"
     if args.json:
         from fedctl.output import print_json, status_document
 
-        print_json(status_document(task, rounds))
+        document = status_document(task, rounds)
+        if evaluation:
+            document["evaluation"] = _evaluation_results(rounds)
+        print_json(document)
         return 0
     from fedctl.output import table_console
     from fedctl.watch import status_table
 
-    table_console().print(status_table(task, rounds))
+    console = table_console()
+    if not evaluation:
+        console.print(status_table(task, rounds))
+        return 0
+    # The results get a table of their own; the rounds' table keeps the other metrics.
+    console.print(status_table(task, [_without_results(r) for r in rounds]))
+    console.print(_evaluation_table(rounds))
     return 0
+
+
+def _without_results(r: admin_pb2.Round) -> admin_pb2.Round:
+    from core.evaluation.summary import PREFIX
+
+    out = type(r)()
+    out.CopyFrom(r)
+    for name in [n for n in out.metrics if n.startswith(PREFIX + ".")]:
+        del out.metrics[name]
+    return out
+
+
+def _evaluation_results(rounds: Sequence[admin_pb2.Round]) -> dict[str, Any]:
+    """``{round: {version: {metric or "": {stat: value}}}}`` of the committed rounds."""
+    from core.evaluation import results_table
+
+    return {str(r.round_number): {str(v): stats for v, stats in
+                                  results_table(dict(r.metrics)).items()}
+            for r in rounds if r.state == "committed"}
+
+
+_SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def _evaluation_table(rounds: Sequence[admin_pb2.Round]) -> Table:
+    """Per committed round, model version and metric: devices and examples, the
+    example-weighted and device-weighted means +- their standard errors, the quantiles and
+    the histogram of device values (a sparkline); under secure aggregation the bound on
+    each mean's quantization error."""
+    from rich.table import Table
+
+    from core.evaluation import results_table
+
+    table = Table(title="evaluation results (mean +- standard error; devices as the "
+                        "sampled units)")
+    for col in ("round", "version", "metric", "devices", "examples", "mean (examples)",
+                "mean (devices)", "quantiles", "histogram of device values"):
+        table.add_column(col, overflow="fold")
+
+    def pm(stats: dict[str, float], mean: str, se: str) -> str:
+        if mean not in stats:
+            return "-"
+        text = f"{stats[mean]:.4g}"
+        if se in stats:
+            text += f" ± {stats[se]:.2g}"
+        if f"{mean}_bound" in stats:
+            text += f" (quantization ≤ {stats[f'{mean}_bound']:.1g})"
+        return text
+
+    for r in rounds:
+        if r.state != "committed":
+            continue
+        for version, metrics in sorted(results_table(dict(r.metrics)).items()):
+            head = metrics.get("", {})
+            for name, stats in metrics.items():
+                if not name:
+                    continue
+                qs = sorted(((k, v) for k, v in stats.items() if k.startswith("q")),
+                            key=lambda kv: float(kv[0][1:]))
+                bins = [stats[f"bin{j}"] for j in range(len(stats))
+                        if f"bin{j}" in stats]
+                top = max(bins, default=0.0)
+                spark = "".join(_SPARK[min(8, max(0, round(8 * b / top)))] if top > 0
+                                else " " for b in bins)
+                table.add_row(str(r.round_number), str(version), name,
+                              f"{head.get('devices', math.nan):.4g}",
+                              f"{head.get('examples', math.nan):.6g}",
+                              pm(stats, "mean", "se"), pm(stats, "device_mean", "device_se"),
+                              "  ".join(f"{k[1:]}%: {v:.3g}" for k, v in qs) or "-",
+                              spark or "-")
+    return table
 
 
 def cmd_task_watch(args: argparse.Namespace) -> int:
