@@ -2,15 +2,24 @@
 
 Delivery is at least once and never holds up a round:
 
-* :meth:`KafkaSink.publish` only puts the event into a bounded queue of the sink's own and
-  returns; where the queue is full the event is dropped and counted (:attr:`~KafkaSink.dropped`),
-  never silently, never blocking;
-* one background thread drains the queue into an idempotent producer (``acks=all``, retries
-  without end by default): a broker that goes away holds events in the queue and the producer's
-  buffer, and delivery resumes where it stopped once the broker is back;
-* an event counts as :attr:`~KafkaSink.sent` only when the broker's acknowledgement arrives
-  through the delivery callback; one that the broker refused, or that was still unconfirmed
-  when :meth:`~KafkaSink.close` ran out of time, counts as :attr:`~KafkaSink.failed`.
+* :meth:`KafkaSink.publish` serializes the event and hands it to an idempotent producer
+  (``acks=all``, retries without end by default) on the caller's thread: librdkafka's
+  ``produce`` only appends to the producer's own buffer and returns (about 5 us), and its C
+  threads do the sending. A broker that goes away holds events in that buffer; once it is full,
+  in a bounded overflow queue of the sink's own, behind which every later event waits its turn
+  (order is kept). What the overflow cannot take is dropped and counted
+  (:attr:`~KafkaSink.dropped`), never silently, never blocking. Delivery resumes where it
+  stopped once the broker is back;
+* one background thread serves the producer (failed deliveries, errors) and moves the overflow
+  into the producer as room comes back. It sleeps inside librdkafka, without the GIL, and
+  runs Python only on a failure or an overflow: there is no per-event hand-over between
+  threads (measured, such a hand-over cost the event loop more than the event's own work);
+* an event counts as :attr:`~KafkaSink.sent` only once the broker has acknowledged it: the
+  producer reports failures only (``delivery.report.only.error``), and ``sent`` is what it
+  accepted minus what it still holds (``len(producer)``: unacknowledged records and unserved
+  reports) minus what it reported failed, read in an order that can only undercount. One that
+  the broker refused, or that was still unconfirmed when :meth:`~KafkaSink.close` ran out of
+  time, counts as :attr:`~KafkaSink.failed`.
 
 Records are keyed by task id (all of a task's events go to one partition, where the idempotent
 producer keeps them in ``seq`` order, retries included) and partitioned as Java clients do
@@ -18,10 +27,10 @@ producer keeps them in ``seq`` order, retries included) and partitioned as Java 
 is ``serialize(event)``: compact JSON of :meth:`Event.to_json` (UTF-8) unless a serializer (say,
 protobuf) is given. The topic must exist, or the brokers must create topics on first use.
 
-Counters (plain ints, read them from any thread; each only grows): ``queued`` (accepted by
-``publish``), ``dropped`` (refused by ``publish``: queue full, or the sink closed),
-``sent``, ``failed``. Every publish is queued or dropped; every queued event is in time sent,
-failed or still :attr:`~KafkaSink.pending`.
+Counters (read them from any thread; each only grows): ``queued`` (accepted by ``publish``),
+``dropped`` (refused by ``publish``: overflow full, or the sink closed), ``sent``, ``failed``.
+Every publish is queued or dropped; every queued event is in time sent, failed or still
+:attr:`~KafkaSink.pending`.
 """
 
 from __future__ import annotations
@@ -53,12 +62,8 @@ DEFAULT_PORT = 9092
 #: Kafka's own rule for topic names.
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
-#: How long the drain thread sleeps between batches (unless :data:`_BATCH` events wait
-#: sooner): events are taken by the timer, not one wake-up per event, which under load cost the
-#: coordinator a thread switch (and a GIL hand-over) per event. The producer lingers as long.
-_IDLE_POLL_S = 0.05
-#: Most events the drain thread takes from the queue at once.
-_BATCH = 512
+#: How long the serving thread waits inside librdkafka between looks at the overflow.
+_SERVE_POLL_S = 0.1
 #: How long the producer gathers records into one request (librdkafka's ``linger.ms``): an
 #: event reaches the broker at most this much later, and the broker sees a request every
 #: 50 ms instead of one every few events.
@@ -137,22 +142,26 @@ class KafkaSink:
         self.queue_size = queue_size
         self._serialize = serialize
         self._close_timeout_s = close_timeout_s
-        #: Events published and not yet taken by the drain thread (appended under
-        #: ``_counts_lock``, which bounds it; taken from the left by that thread alone).
-        self._queue: collections.deque[Event] = collections.deque()
-        self._wake = threading.Event()
+        #: Held around producing and the overflow: events reach the producer in publish order.
+        self._lock = threading.Lock()
+        #: Events the producer's buffer had no room for, oldest first (at most ``queue_size``).
+        self._overflow: collections.deque[Event] = collections.deque()
         self._counts_lock = threading.Lock()
         self.queued = 0
         self.dropped = 0
-        self.sent = 0
         self.failed = 0
+        #: Records the producer accepted, and of those the ones it reported failed.
+        self._produced = 0
+        self._delivery_failed = 0
+        #: The highest ``sent`` read so far (reads never go back), and its final value once
+        #: closed (the producer may still deliver what close counted failed).
+        self._sent_floor = 0
+        self._final_sent: int | None = None
         self._closing = threading.Event()
-        self._abandon = threading.Event()
         self._closed = False
-        #: Events the drain thread has taken but the producer has not yet accepted, in order.
-        self._held: collections.deque[Event] = collections.deque()
-        #: Producer errors since the last delivery (an outage logs a few lines, not one a second).
+        #: Producer errors since the last acknowledgement (an outage logs a few lines).
         self._errors = 0
+        self._sent_at_last_error = 0
         self._producer = Producer({
             "bootstrap.servers": ",".join(self.brokers),
             # At least once, in order: the broker acknowledges only once every in-sync
@@ -162,6 +171,9 @@ class KafkaSink:
             "message.timeout.ms": 0 if delivery_timeout_s is None else int(delivery_timeout_s * 1000),
             "partitioner": "murmur2_random",
             "linger.ms": LINGER_MS,
+            # Successes are counted from the producer's length, not one callback each.
+            "delivery.report.only.error": True,
+            "on_delivery": self._on_delivery,
             # Back to a returning broker within a second, not librdkafka's 10 s.
             "reconnect.backoff.ms": 100,
             "reconnect.backoff.max.ms": 1000,
@@ -198,28 +210,52 @@ class KafkaSink:
             raise SinkConfigError(f"--events {url}: {exc}") from None
 
     @property
-    def pending(self) -> int:
-        """Events queued but neither sent nor failed yet (in the queue, or awaiting the
-        broker's acknowledgement)."""
+    def sent(self) -> int:
+        """Events the broker acknowledged (never more; briefly fewer while reports wait)."""
         with self._counts_lock:
-            return self.queued - self.sent - self.failed
+            if self._final_sent is not None:
+                return self._final_sent
+            produced = self._produced
+        # Read in this order, each change between the reads can only lower the result:
+        # records produced after the first read are in the length but not in ``produced``,
+        # and a failure served after the length was read is in both.
+        holding = len(self._producer)
+        with self._counts_lock:
+            self._sent_floor = max(self._sent_floor, produced - holding - self._delivery_failed)
+            return self._sent_floor
+
+    @property
+    def pending(self) -> int:
+        """Events queued but neither sent nor failed yet (in the overflow, or awaiting the
+        broker's acknowledgement)."""
+        sent = self.sent
+        with self._counts_lock:
+            return self.queued - sent - self.failed
 
     def publish(self, event: Event) -> None:
-        """Queues ``event``; where the queue is full (or the sink closed) drops and counts it.
-        Never blocks, never raises."""
+        """Hands ``event`` to the producer, or queues it behind the ones waiting for room;
+        where the overflow is full (or the sink closed) drops and counts it. Never blocks,
+        never raises."""
         if self._closing.is_set():
             self._count_drop(event, "the sink is closed")
             return
-        with self._counts_lock:
-            waiting = len(self._queue)
-            if waiting < self.queue_size:
-                self._queue.append(event)
-                self.queued += 1
-        if waiting >= self.queue_size:
-            self._count_drop(event, f"its queue of {self.queue_size} is full")
-        elif waiting + 1 == _BATCH:
-            # A full batch waits: take it now rather than at the next tick.
-            self._wake.set()
+        with self._lock:
+            if self._overflow:  # behind the ones already waiting: order is kept
+                if len(self._overflow) >= self.queue_size:
+                    full = True
+                else:
+                    full = False
+                    self._overflow.append(event)
+            else:
+                full = False
+                if self._produce(event) is False:
+                    self._overflow.append(event)
+            if not full:
+                with self._counts_lock:
+                    self.queued += 1
+        if full:
+            self._count_drop(event, f"the producer's buffer and the overflow of "
+                                    f"{self.queue_size} are full")
 
     def close(self) -> None:
         """Delivers what is queued, waiting at most ``close_timeout_s`` for the broker's
@@ -229,85 +265,76 @@ class KafkaSink:
         self._closed = True
         deadline = time.monotonic() + self._close_timeout_s
         self._closing.set()
-        self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():  # the producer's buffer is full and the broker away
-            self._abandon.set()
-            self._thread.join(1.0)
         self._producer.flush(max(0.0, deadline - time.monotonic()))
-        with self._counts_lock:
-            lost = self.queued - self.sent - self.failed
+        sent = self.sent
+        with self._lock, self._counts_lock:
+            self._overflow.clear()
+            self._final_sent = sent
+            lost = self.queued - sent - self.failed
             self.failed += lost
         if lost:
             log.warning("Kafka sink closed with %d event(s) to %s unconfirmed (counted failed)",
                         lost, self.topic)
 
+    def _produce(self, event: Event) -> bool | None:
+        """Serializes and produces ``event`` (called holding ``_lock``): True when the producer
+        took it, False when its buffer is full (the caller keeps the event), None when the
+        event failed for good (counted)."""
+        try:
+            value = self._serialize(event)
+        except Exception:  # noqa: BLE001 - one bad event must not stop the stream
+            log.exception("serializing %s event %d of task %s failed", event.kind.value,
+                          event.seq, event.task_id)
+            self._count_failed()
+            return None
+        try:
+            self._producer.produce(self.topic, value, event.task_id.encode())
+        except BufferError:
+            return False
+        except KafkaException as exc:
+            log.error("producing %s event %d of task %s failed: %s", event.kind.value,
+                      event.seq, event.task_id, exc)
+            self._count_failed()
+            return None
+        with self._counts_lock:
+            self._produced += 1
+        return True
+
     def _run(self) -> None:
         try:
-            self._drain()
+            self._serve()
         except Exception:
-            # Not expected; said loudly, since from here on the queue only fills and drops.
-            log.exception("the Kafka sink's delivery thread died; events to %s are dropped "
+            # Not expected; said loudly: from here on the overflow only fills and drops.
+            log.exception("the Kafka sink's serving thread died; events to %s may be dropped "
                           "from now on", self.topic)
 
-    def _drain(self) -> None:
-        # Events are taken in batches (up to _BATCH per wake-up) and the producer is served
-        # once per batch: per event only serializing and producing remain, so the sink's
-        # thread holds the GIL, which the event loop needs, as little as it can.
-        while not self._abandon.is_set():
-            if not self._held:
-                self._held = self._take_batch()
-                if not self._held:
-                    self._producer.poll(0)
-                    if self._closing.is_set():
-                        return
-                    continue
-            while self._held and not self._abandon.is_set():
-                event = self._held[0]
-                try:
-                    value = self._serialize(event)
-                except Exception:  # noqa: BLE001 - one bad event must not stop the stream
-                    log.exception("serializing %s event %d of task %s failed",
-                                  event.kind.value, event.seq, event.task_id)
-                    self._count_failed()
-                    self._held.popleft()
-                    continue
-                try:
-                    self._producer.produce(self.topic, value=value, key=event.task_id.encode(),
-                                           on_delivery=self._on_delivery)
-                except BufferError:
-                    # The producer holds as many unconfirmed records as it may: wait for the
-                    # broker, holding these events (the queue behind them drops what
-                    # overflows).
-                    self._producer.poll(0.1)
-                    continue
-                except KafkaException as exc:
-                    log.error("producing %s event %d of task %s failed: %s", event.kind.value,
-                              event.seq, event.task_id, exc)
-                    self._count_failed()
-                self._held.popleft()
-            self._producer.poll(0)
-
-    def _take_batch(self) -> collections.deque[Event]:
-        """Up to :data:`_BATCH` queued events, after the next tick of :data:`_IDLE_POLL_S`
-        unless a full batch (or the close) is waiting."""
-        if len(self._queue) < _BATCH and not self._closing.is_set():
-            self._wake.wait(_IDLE_POLL_S)
-            self._wake.clear()
-        batch: collections.deque[Event] = collections.deque()
-        try:
-            while len(batch) < _BATCH:
-                batch.append(self._queue.popleft())
-        except IndexError:
-            pass
-        return batch
+    def _serve(self) -> None:
+        # Sleeps in librdkafka (GIL released) until a failure report or an error arrives, or
+        # the interval ends; then moves what waits in the overflow while the producer has room.
+        deadline: float | None = None
+        while True:
+            self._producer.poll(_SERVE_POLL_S)
+            with self._lock:
+                while self._overflow:
+                    taken = self._produce(self._overflow[0])
+                    if taken is False:
+                        break
+                    self._overflow.popleft()
+                waiting = bool(self._overflow)
+            if self._closing.is_set():
+                # Closing: the overflow still gets its chance until close's time is up.
+                if deadline is None:
+                    deadline = time.monotonic() + self._close_timeout_s
+                if not waiting or time.monotonic() >= deadline:
+                    return
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        # Failures only (``delivery.report.only.error``).
+        if error is None:
+            return
         with self._counts_lock:
-            if error is None:
-                self.sent += 1
-                self._errors = 0
-                return
+            self._delivery_failed += 1
             self.failed += 1
             failed = self.failed
         if _worth_logging(failed):
@@ -316,7 +343,11 @@ class KafkaSink:
 
     def _on_error(self, error: KafkaError) -> None:
         # Brokers unreachable and the like: librdkafka retries by itself.
+        sent = self.sent
         with self._counts_lock:
+            if sent > self._sent_at_last_error:  # deliveries since: a new outage
+                self._errors = 0
+                self._sent_at_last_error = sent
             self._errors += 1
             errors = self._errors
         if _worth_logging(errors):
