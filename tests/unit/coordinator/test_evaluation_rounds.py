@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +44,20 @@ from core.protocol import (
     config_hash,
 )
 from core.secagg.client import SecAggClient
-from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
+from core.secagg.messages import (
+    KeyAdvertisement,
+    MaskedInputRequest,
+    RingVector,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    Stage,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from core.security.identity import DeviceKey
 from core.tensors import load_safetensors, sha256_hex
 from core.types import (
+    DataSchema,
     DeviceAttributes,
     FederatedEvaluation,
     HistogramBins,
@@ -157,7 +167,9 @@ class InProcess:
                ) -> str:
         return key.device_id
 
-    def check_in(self, *args: object, **kw: object) -> CheckInResult:
+    def check_in(self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None, *,
+                 schema: DataSchema | None = None, declined: Sequence[str] = ()
+                 ) -> CheckInResult:
         if self.offered:
             return CheckInResult(CheckInOutcome.FINISHED, message="done")
         self.offered = True
@@ -179,6 +191,23 @@ class InProcess:
     def report_status(self, p: Participation, *, metrics: dict[str, float] | None = None,
                       error: str = "", decline: bool = False) -> None:
         self.errors.append(error)
+
+    def secagg_advertise(self, p: Participation, message: KeyAdvertisement, *,
+                         wait_s: float) -> ShareKeysRequest:
+        raise AssertionError("clear uploads only")
+
+    def secagg_share_keys(self, p: Participation, message: ShareKeysResponse, *,
+                          wait_s: float) -> MaskedInputRequest:
+        raise AssertionError("clear uploads only")
+
+    def secagg_masked_input(self, p: Participation, vector: RingVector,
+                            metrics: Mapping[str, float], clipped: int, *,
+                            wait_s: float) -> UnmaskRequest:
+        raise AssertionError("clear uploads only")
+
+    def secagg_unmask(self, p: Participation, message: UnmaskResponse, *,
+                      wait_s: float) -> None:
+        raise AssertionError("clear uploads only")
 
 
 def plaintext(layout: EvaluationLayout, results: Mapping[str, dict[int, DeviceResult]],
@@ -257,15 +286,18 @@ def test_an_evaluation_of_a_training_tasks_versions_checks_them_at_launch(
             source_task=task.record.task_id)))
 
 
-def test_under_secure_aggregation_the_results_are_the_plaintext_ones_within_the_bound(
-        service: CoordinatorService, clock: ManualClock) -> None:
-    secure = SecureAggregation(protocol=SecAggProtocol.SECAGG, threshold=0.6, dropout=0.001,
-                               clip=0.5, phase_timeout_s=5.0)
-    tid = service.create_task(spec(secure_aggregation=secure)).record.task_id
-    seats = admit(service, clock, tid)
-    plan = service.get_plan(seats["d0"])
+SECURE = SecureAggregation(protocol=SecAggProtocol.SECAGG, threshold=0.6, dropout=0.001,
+                           clip=0.5, phase_timeout_s=5.0)
+
+
+def run_secure_round(service: CoordinatorService, seats: dict[str, Participation]
+                     ) -> tuple[EvaluationLayout, dict[str, dict[int, DeviceResult]]]:
+    """Every seated device evaluates and reports through the four SecAgg stages, encoding
+    its report as the agent does (scaled for DP when the plan says so)."""
+    plan = service.get_plan(next(iter(seats.values())))
     sa = plan.secure_aggregation
-    assert sa is not None and plan.metrics is MetricsPolicy.MASKED
+    assert sa is not None
+    clip = plan.privacy.l2_clip_norm if plan.privacy is not None else None
     clients = {d: SecAggClient(sa.params, sa.context, config_hash(plan)) for d in seats}
     results = {}
     for d in seats:
@@ -277,7 +309,7 @@ def test_under_secure_aggregation_the_results_are_the_plaintext_ones_within_the_
     for i, d in enumerate(seats):
         layout, results[d] = device_report(service, seats[d], i)
         encoded = encode_masked_report(layout, device_vector(layout, results[d]), sa.params,
-                                       dp_l2_clip_norm=None, rng=np.random.default_rng(i))
+                                       dp_l2_clip_norm=clip, rng=np.random.default_rng(i))
         req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
         assert isinstance(req, MaskedInputRequest)
         service.secagg_masked_input(seats[d], clients[d].mask(req, encoded.vector), {},
@@ -286,6 +318,15 @@ def test_under_secure_aggregation_the_results_are_the_plaintext_ones_within_the_
         req = service.secagg_reply(seats[d], Stage.MASKED_INPUT)
         assert isinstance(req, UnmaskRequest)
         service.secagg_unmask(seats[d], clients[d].unmask(req))
+    return layout, results
+
+
+def test_under_secure_aggregation_the_results_are_the_plaintext_ones_within_the_bound(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    tid = service.create_task(spec(secure_aggregation=SECURE)).record.task_id
+    seats = admit(service, clock, tid)
+    assert service.get_plan(seats["d0"]).metrics is MetricsPolicy.MASKED
+    layout, results = run_secure_round(service, seats)
     (rnd,) = service.list_rounds(tid)
     assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
     expected = plaintext(layout, results)
@@ -333,3 +374,44 @@ def test_a_dp_evaluation_charges_epsilon_each_round_and_stops_at_the_budget(
     noisy_devices = committed[0].metrics["eval.v0.devices"]
     assert abs(noisy_devices - N) < 6 * 2.0 * layout.unit_l2_bound
     assert math.isfinite(committed[0].metrics["eval.v0.loss.mean"])
+
+
+def test_secure_aggregation_with_central_dp_noises_the_unmasked_sums_and_charges_epsilon(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    tid = service.create_task(spec(secure_aggregation=SECURE, privacy=central(1e6))
+                              ).record.task_id
+    seats = admit(service, clock, tid)
+    assert service.get_plan(seats["d0"]).metrics is MetricsPolicy.WITHHELD
+    layout, _ = run_secure_round(service, seats)
+    (rnd,) = service.list_rounds(tid)
+    assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
+    assert rnd.metrics[EPSILON_METRIC] > 0 and rnd.metrics["secagg_dropped"] == 0
+    assert not any(k.endswith("_bound") for k in rnd.metrics)  # the noise dominates
+    assert abs(rnd.metrics["eval.v0.devices"] - N) < 6 * 2.0 * layout.unit_l2_bound
+
+
+def test_a_restarted_coordinator_goes_on_with_an_evaluation_task(
+        clock: ManualClock, tmp_path: Path) -> None:
+    store = InMemoryStore()
+    first = CoordinatorService(store, FileBlobStore(tmp_path / "blobs"), clock,
+                               rng=random.Random(0), settings=CoordinatorSettings())
+    tid = first.create_task(spec(rounds=2)).record.task_id
+    seats = admit(first, clock, tid)
+    for i, p in enumerate(seats.values()):
+        layout, results = device_report(first, p, i)
+        upload(first, p, device_vector(layout, results))
+    first.tick()
+    first.close()
+    again = CoordinatorService(store, FileBlobStore(tmp_path / "blobs"), clock,
+                               rng=random.Random(1), settings=CoordinatorSettings())
+    again.recover()
+    seats = admit(again, clock, tid)
+    plan, data = bundle(again, seats["d0"])
+    assert plan.update_tensors[0].numel == layout.length and read_plan(data) == layout.plan
+    for i, p in enumerate(seats.values()):
+        upload(again, p, device_vector(layout, device_report(again, p, i)[1]))
+    again.tick()
+    assert again.get_task(tid).record.state is TaskState.COMPLETED
+    committed = [r for r in again.list_rounds(tid) if r.state is RoundState.COMMITTED]
+    assert [(r.round_number, r.metrics["eval.v0.devices"]) for r in committed] == [(1, N),
+                                                                                    (2, N)]
