@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,8 @@ def test_a_task_runs_over_tls_and_clients_without_the_ca_are_refused(tmp_path: P
     coordinator.start(["--tls", str(certs)])
     agents: list[subprocess.Popen[bytes]] = []
     try:
-        task_file = write_task(tmp_path / "task.yaml", rounds=2, clients_per_round=3,
+        # One round: its check-ins, plan, model download and uploads all cross TLS.
+        task_file = write_task(tmp_path / "task.yaml", rounds=1, clients_per_round=3,
                                min_reports=2)
         launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target,
                           "--ca", ca)
@@ -127,24 +127,30 @@ def test_mutual_tls_refuses_clients_without_a_certificate_of_the_client_ca(
 
 
 def test_plaintext_on_a_network_address_is_refused_unless_insecure(tmp_path: Path) -> None:
-    serve = [*FEDCTL_CMD, "coordinator", "serve", "--db", f"sqlite:///{tmp_path}/c.db",
-             "--store", str(tmp_path / "store"), "--host", "0.0.0.0", "--port", "0"]
-    refused = subprocess.run(serve, capture_output=True, text=True, env=ENV, timeout=120)
-    assert refused.returncode == 1
-    assert refused.stderr.startswith("fedctl: error: coordinator: refusing to serve plaintext "
-                                     "on 0.0.0.0, which is not a loopback address")
-    assert "--tls DIR" in refused.stderr and "--insecure" in refused.stderr
-    assert "Traceback" not in refused.stderr
-    assert not (tmp_path / "c.db").exists(), "refused before the database was opened"
+    def serve(name: str) -> list[str]:
+        return [*FEDCTL_CMD, "coordinator", "serve", "--db", f"sqlite:///{tmp_path}/{name}.db",
+                "--store", str(tmp_path / f"{name}-store"), "--host", "0.0.0.0", "--port", "0"]
 
-    port_file = tmp_path / "port"
-    insecure = subprocess.Popen([*serve, "--insecure", "--port-file", str(port_file)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=ENV)
-    deadline = time.monotonic() + 60
-    while not port_file.exists() and insecure.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    insecure.send_signal(signal.SIGTERM)
-    out, err = insecure.communicate(timeout=30)
-    assert "listening on 0.0.0.0" in out and "(plaintext)" in out, err
+    # Both coordinators start at once (each costs seconds of imports), on databases of
+    # their own: the refused one must not have opened its own.
+    insecure = subprocess.Popen([*serve("insecure"), "--insecure"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        refused = subprocess.run(serve("refused"), capture_output=True, text=True, env=ENV,
+                                 timeout=120)
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("fedctl: error: coordinator: refusing to serve "
+                                         "plaintext on 0.0.0.0, which is not a loopback address")
+        assert "--tls DIR" in refused.stderr and "--insecure" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert not (tmp_path / "refused.db").exists(), "refused before the database was opened"
+
+        # The line comes once the server is up; SIGTERM only then (sent earlier, it would
+        # stop the process before it could say anything).
+        assert insecure.stdout is not None
+        listening = insecure.stdout.readline()
+    finally:
+        insecure.send_signal(signal.SIGTERM)
+        out, err = insecure.communicate(timeout=30)
+    assert "listening on 0.0.0.0" in listening and "(plaintext)" in listening, err + out
     assert "WARNING" in err and "serving WITHOUT TLS on 0.0.0.0 (--insecure)" in err
