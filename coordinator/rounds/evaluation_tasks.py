@@ -95,6 +95,14 @@ def resolve_bundle(spec: TaskSpec, store: Store, models: ModelRepository) -> Eva
         source = f"task {section.source_task}"
     resolved = replace(spec, evaluate=replace(section, versions=tuple(versions)))
     plan = plan_for(resolved.evaluate, resolved.evaluate.versions)
+    if plan.declared:
+        from core.models import model_hooks  # torch: the launch builds the model anyway
+
+        if model_hooks(spec.model.architecture).metrics is None:
+            raise InvalidRequest(
+                f"spec.evaluate.metrics: declares {', '.join(plan.declared)}, but model "
+                f"{shown(spec.model.architecture)} has no metrics hook to compute them "
+                f"(core.models.register_model(..., metrics=...))")
     layout = EvaluationLayout(plan)
     line = (f"evaluates model version(s) {', '.join(map(str, versions))} of {source}: "
             f"metrics {', '.join(m.name for m in plan.metrics)}; reports of "

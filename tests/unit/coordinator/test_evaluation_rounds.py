@@ -14,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
+from core import models
 from core.data.dataset import LocalDataset
 from core.evaluation import (
     DeviceResult,
@@ -61,6 +64,7 @@ from core.types import (
     DeviceAttributes,
     FederatedEvaluation,
     HistogramBins,
+    MetricRange,
     ModelSpec,
     RoundState,
     SecAggProtocol,
@@ -279,6 +283,10 @@ def test_an_evaluation_of_a_training_tasks_versions_checks_them_at_launch(
         service.create_task(spec(model=ModelSpec("mlp", {"input_dim": 4, "hidden": [3],
                                                           "num_classes": 3}),
                                  evaluate=evaluation))
+    with pytest.raises(InvalidRequest, match="spec.evaluate.metrics: declares f1, but model "
+                                             "'logistic_regression' has no metrics hook"):
+        service.create_task(spec(evaluate=FederatedEvaluation(
+            metrics={"f1": MetricRange(0, 1)})))
     with pytest.raises(InvalidRequest, match="spec.evaluate.source_task: no task"):
         service.create_task(spec(evaluate=FederatedEvaluation(source_task="nope")))
     with pytest.raises(InvalidRequest, match="is an evaluation task"):
@@ -415,3 +423,35 @@ def test_a_restarted_coordinator_goes_on_with_an_evaluation_task(
     committed = [r for r in again.list_rounds(tid) if r.state is RoundState.COMMITTED]
     assert [(r.round_number, r.metrics["eval.v0.devices"]) for r in committed] == [(1, N),
                                                                                     (2, N)]
+
+
+def test_a_metric_the_model_declares_is_evaluated_on_devices_and_released(
+        service: CoordinatorService, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+
+    def confident(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        top = torch.softmax(model(x), dim=1).max(dim=1).values
+        return {"confidence": float(top.mean()), "other": 7.0}
+
+    @models.register_model("test_confident", metrics=confident)
+    def _confident(input_dim: int, num_classes: int) -> nn.Module:
+        return nn.Linear(input_dim, num_classes)
+
+    model = ModelSpec("test_confident", {"input_dim": 4, "num_classes": 3})
+    evaluation = FederatedEvaluation(metrics={"confidence": MetricRange(0, 1)},
+                                     histograms={"confidence": HistogramBins(bins=10)})
+    tid = service.create_task(spec(model=model, evaluate=evaluation)).record.task_id
+    seats = admit(service, clock, tid)
+    results = {}
+    for i, (d, p) in enumerate(seats.items()):
+        layout, results[d] = device_report(service, p, i)
+        assert set(results[d][0].values) == {"loss", "accuracy", "confidence"}
+        upload(service, p, device_vector(layout, results[d]))
+    service.tick()
+    (rnd,) = service.list_rounds(tid)
+    assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
+    values = [r[0].values["confidence"] for r in results.values()]
+    assert rnd.metrics["eval.v0.confidence.device_mean"] == pytest.approx(np.mean(values))
+    assert 1 / 3 <= rnd.metrics["eval.v0.confidence.q50"] <= 1
+    assert not any("other" in name for name in rnd.metrics)  # undeclared: not reported
