@@ -41,8 +41,8 @@ def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
     """The report of a device with ``results`` for every version of the plan.
 
     Raises:
-        ValueError: a version or a metric of the plan is missing, a value is not finite,
-            or no example was evaluated (the message names which).
+        ValueError: a version or a metric of the plan is missing, a value is NaN, or no
+            example was evaluated (the message names which).
     """
     plan = layout.plan
     out = np.zeros(layout.length, dtype=np.float64)
@@ -60,8 +60,8 @@ def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
             if m.name not in result.values:
                 raise ValueError(f"model version {version}: no value of metric {m.name!r}")
             raw = float(result.values[m.name])
-            if not np.isfinite(raw):
-                raise ValueError(f"model version {version}: metric {m.name!r} is {raw}")
+            if math.isnan(raw):  # an infinite loss is clamped like any value out of range
+                raise ValueError(f"model version {version}: metric {m.name!r} is NaN")
             x = min(max(raw, m.low), m.high)
             for field, value in (("wsum", n * x), ("w2sum", n * n * x), ("w2sq", n * n * x * x),
                                  ("sum", x), ("sq", x * x)):

@@ -80,6 +80,14 @@ def test_a_device_value_outside_its_range_is_clamped_and_its_examples_capped() -
     assert np.abs(unit).max() <= 1.0 and np.linalg.norm(unit) <= LAYOUT.unit_l2_bound
 
 
+def test_an_infinite_value_is_clamped_and_a_nan_is_refused() -> None:
+    ok = {"loss": 1.0, "accuracy": 0.5, "f1": 0.5}
+    v = device_vector(LAYOUT, {3: DeviceResult(5, {**ok, "loss": math.inf}), 5: DeviceResult(5, ok)})
+    assert v[LAYOUT.index(3, "loss", "sum")] == 20.0 and report_problem(LAYOUT, v) is None
+    with pytest.raises(ValueError, match="metric 'f1' is NaN"):
+        device_vector(LAYOUT, {3: DeviceResult(5, {**ok, "f1": math.nan}), 5: DeviceResult(5, ok)})
+
+
 def test_a_missing_metric_is_named() -> None:
     with pytest.raises(ValueError, match="metric 'f1'"):
         device_vector(LAYOUT, {3: DeviceResult(5, {"loss": 1, "accuracy": 1}),
