@@ -128,6 +128,18 @@ class EventSink(Protocol):
     def close(self) -> None: ...
 
 
+class CountingSink(Protocol):
+    """A sink that says what became of its events (``/metrics`` exports them as
+    ``fedcoord_event_sink_events_total{sink, outcome}``)."""
+
+    #: Short and fixed (a metrics label): ``kafka``, ``store``.
+    name: str
+
+    def counts(self) -> Mapping[str, int]:
+        """Totals by outcome since the start; each only grows."""
+        ...
+
+
 class EventHub:
     """Numbers each task's events and hands them to every sink. Thread-safe (a lock around
     numbering and fan-out: sinks see each task's events in ``seq`` order)."""
@@ -142,6 +154,11 @@ class EventHub:
     def add_sink(self, sink: EventSink) -> None:
         with self._lock:
             self._sinks.append(sink)
+
+    @property
+    def sinks(self) -> tuple[EventSink, ...]:
+        with self._lock:
+            return tuple(self._sinks)
 
     def resume(self, task_id: str, last_seq: int) -> None:
         """Continues ``task_id``'s numbering after ``last_seq`` (after a restart, from what
@@ -206,6 +223,7 @@ def rejection_reason(error: BaseException) -> str:
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
+    "CountingSink",
     "Event",
     "EventHub",
     "EventKind",

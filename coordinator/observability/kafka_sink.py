@@ -209,6 +209,16 @@ class KafkaSink:
         except SinkConfigError as exc:
             raise SinkConfigError(f"--events {url}: {exc}") from None
 
+    name = "kafka"
+
+    def counts(self) -> dict[str, int]:
+        """``queued``, ``sent``, ``dropped``, ``failed``, and ``pending`` (not a total: what
+        waits now)."""
+        sent = self.sent
+        with self._counts_lock:
+            return {"queued": self.queued, "sent": sent, "dropped": self.dropped,
+                    "failed": self.failed, "pending": self.queued - sent - self.failed}
+
     @property
     def sent(self) -> int:
         """Events the broker acknowledged (never more; briefly fewer while reports wait)."""

@@ -42,6 +42,9 @@ Every name starts with ``fedcoord_``:
 ``fedcoord_epsilon_spent``                  task: gauge, at scrape time (DP tasks)
 ``fedcoord_epsilon_budget``                 task: gauge, at scrape time (DP tasks)
 ``fedcoord_event_sink_failures_total``      (none): at scrape time
+``fedcoord_event_sink_events_total``        sink (kafka, store), outcome (queued, sent,
+                                            dropped, failed; store: lost): at scrape time
+``fedcoord_event_sink_pending``             sink: gauge, events held, at scrape time
 ==========================================  =========================================
 """
 
@@ -240,6 +243,24 @@ class TaskCollector(Collector):
         yield CounterMetricFamily("fedcoord_event_sink_failures",
                                   "Event sink publishes that raised (the round went on)",
                                   value=self._events.sink_failures)
+        events = CounterMetricFamily(
+            "fedcoord_event_sink_events",
+            "What became of the events each sink was given (kafka: queued, sent, dropped, "
+            "failed; store: lost)", labels=["sink", "outcome"])
+        pending = GaugeMetricFamily("fedcoord_event_sink_pending",
+                                    "Events a sink holds, not yet delivered", labels=["sink"])
+        for sink in self._events.sinks:
+            counts = getattr(sink, "counts", None)
+            name = getattr(sink, "name", None)
+            if counts is None or not isinstance(name, str):
+                continue
+            for outcome, value in counts().items():
+                if outcome == "pending":
+                    pending.add_metric([name], value)
+                else:
+                    events.add_metric([name, outcome], value)
+        yield events
+        yield pending
 
     def _privacy(self, record: TaskRecord) -> tuple[float, float] | None:
         if record.task_id in self._final:

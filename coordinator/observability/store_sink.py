@@ -80,6 +80,12 @@ class StoreSink:
                                         name="fedcoord-event-writer")
         self._writer.start()
 
+    name = "store"
+
+    def counts(self) -> dict[str, int]:
+        """``lost``: events never stored (refused batches, arrivals over ``max_buffered``)."""
+        return {"lost": self.events_lost}
+
     def publish(self, event: Event) -> None:
         record = event_to_record(event)
         with self._buffer_lock:
