@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fedctl.certs import register as register_certs
 from fedctl.security import register as register_security
 from fedctl.simulate import register as register_simulate
+from fedctl.tune import register as register_tune
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -278,6 +279,7 @@ def build_parser() -> FedctlParser:
     demo.set_defaults(func=cmd_demo)
 
     register_simulate(sub)
+    register_tune(sub)
     register_certs(sub)
     register_security(sub, _add_coordinator, _admin)
 
