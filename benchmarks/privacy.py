@@ -10,6 +10,9 @@
   private epoch interleaved, the ratios of the medians, and the load average before and
   after. One JSON line per setting on stdout, appended to
   ``benchmarks/results/privacy-<date>.jsonl`` (``--out``).
+- ``noise_fill`` (``--only noise``): CPU nanoseconds per coordinate of a DP-SGD step's noise
+  from the secure source (hardened as devices draw it, and not), of its AES-CTR keystream
+  alone, and of torch's (non-cryptographic) ``normal_`` for reference; same output.
 - ``local_dp``: one epoch of DP-SGD (our ``fused`` Opacus mode, one-pass clipping, and
   each of Opacus's own grad-sample modes) against one epoch of non-private training
   (core.training.train_local), on scikit-learn's digits (1797 examples), for MLPs of ~5k,
@@ -26,7 +29,8 @@
   DP, DP, plain); the coordinator process's CPU seconds per round and the rounds' wall time. This is "a round's
   coordinator time": checking, spooling and folding 100 uploads, the database, the commit.
 
-    python benchmarks/privacy.py --only deployed [--runs 5] [--out FILE]
+    python benchmarks/privacy.py --only deployed [--runs 5] [--out FILE] [--label TEXT]
+    python benchmarks/privacy.py --only noise [--runs 5] [--out FILE] [--label TEXT]
     python benchmarks/privacy.py [--repeats 3] [--only local|central|round]
         [--models mlp-54k,cnn] [--modes fused,hooks]   (local: a subset of the rows)
 """
@@ -268,12 +272,7 @@ def local_dp_deployed(runs: int, out: Path | None, label: str = "") -> None:
                 "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                 "git": _git_head(), "label": label,
             }
-            text = json.dumps(line)
-            print(text, flush=True)
-            if out is not None:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with out.open("a") as results:
-                    results.write(text + "\n")
+            _emit(line, out)
 
 
 def _git_head() -> str:
@@ -285,6 +284,62 @@ def _git_head() -> str:
                               cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
+    """CPU nanoseconds per coordinate of a step's noise (``--only noise``), for a 54k and a
+    199k vector, 20 steps a draw as the agent's blocks: the secure fill as devices draw it
+    (hardened), unhardened, its AES-256-CTR keystream alone (12 bytes a coordinate) and
+    AES-128's for comparison, and torch's own ``normal_`` (Mersenne Twister: not a CSPRNG)
+    as a reference. Median and min over ``runs`` interleaved runs."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from core.privacy.noise import fill_gaussian_
+
+    for name, numel in (("mlp-54k", 54_210), ("mlp-199k", 198_794)):
+        block = torch.empty(20 * numel)
+        raw = bytearray(12 * block.numel() + 16)
+        zeros = bytes(12 * block.numel())
+
+        def keystream(key_bytes: int) -> None:
+            encryptor = Cipher(algorithms.AES(os.urandom(key_bytes)),  # noqa: B023
+                               modes.CTR(bytes(16))).encryptor()
+            encryptor.update_into(zeros, raw)  # noqa: B023
+
+        variants: dict[str, Callable[[], object]] = {
+            "secure_hardened": lambda: fill_gaussian_(  # noqa: B023
+                block, stddev=1.0, source=NoiseSource.secure()),  # noqa: B023
+            "secure_unhardened": lambda: fill_gaussian_(  # noqa: B023
+                block, stddev=1.0, source=NoiseSource.secure(), hardened=False),  # noqa: B023
+            "aes256_ctr_12_bytes": lambda: keystream(32),
+            "aes128_ctr_12_bytes": lambda: keystream(16),
+            "torch_normal_mt19937": lambda: block.normal_(),  # noqa: B023
+        }
+        times: dict[str, list[float]] = {key: [] for key in variants}
+        for run in variants.values():
+            run()
+        load_before = os.getloadavg()
+        for _ in range(runs):
+            for key, run in variants.items():
+                cpu = time.process_time()
+                run()
+                times[key].append((time.process_time() - cpu) / block.numel() * 1e9)
+        line = {"bench": "noise_fill", "date": datetime.date.today().isoformat(),
+                "model": name, "coordinates": numel, "runs": runs,
+                "ns_per_coordinate": {key: _summary(values) for key, values in times.items()},
+                "loadavg_1m_before": round(load_before[0], 2),
+                "loadavg_1m_after": round(os.getloadavg()[0], 2), "git": _git_head(),
+                "label": label}
+        _emit(line, out)
+
+
+def _emit(line: dict[str, object], out: Path | None) -> None:
+    text = json.dumps(line)
+    print(text, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as results:
+            results.write(text + "\n")
 
 
 def central_dp(repeats: int, devices: int = 100, size: int = 100_000) -> None:
@@ -337,7 +392,7 @@ def central_dp(repeats: int, devices: int = 100, size: int = 100_000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["deployed", "local", "central", "round"])
+    parser.add_argument("--only", choices=["deployed", "noise", "local", "central", "round"])
     parser.add_argument("--runs", type=int, default=5,
                         help="deployed: interleaved runs per setting (at least 3)")
     parser.add_argument("--out", type=Path, default=RESULTS / f"privacy-{datetime.date.today()}"
@@ -359,6 +414,8 @@ def main() -> None:
     torch.set_num_threads(1)  # as device agents train (AgentConfig.torch_threads)
     if args.only in (None, "deployed"):
         local_dp_deployed(args.runs, None if str(args.out) == "-" else args.out, args.label)
+    if args.only in (None, "noise"):
+        noise_fill(args.runs, None if str(args.out) == "-" else args.out, args.label)
     if args.only in (None, "central"):
         central_dp(args.repeats)
     if args.only in (None, "round"):
