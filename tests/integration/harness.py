@@ -87,6 +87,7 @@ class CoordinatorProcess:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()  # reaped: no zombie left behind
 
     def admin(self) -> AdminClient:
         return AdminClient(self.target, tls=self.tls, token=ADMIN_TOKEN)
@@ -155,6 +156,7 @@ def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20) -> lis
             codes.append(p.wait(timeout=timeout_s))
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()  # reaped: no zombie left behind
             codes.append(-9)
     return codes
 
