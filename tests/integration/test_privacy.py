@@ -27,18 +27,42 @@ from protos.fedcoord.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
 
-#: Two processes of four devices: each agent process costs seconds of start-up (torch).
-PROCESSES, PER_PROCESS = 2, 4
-DEVICES = PROCESSES * PER_PROCESS
+#: The module's devices: one agent process hosts all eight (each process costs seconds of
+#: start-up: torch) and serves every test's task in turn.
+DEVICES = 8
 #: Every device checks in each round and 5 of the 8 are drawn: q = 5 / 8.
 POPULATION, COHORT, Z = DEVICES, 5, 1.0
 
 
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
-    """One coordinator for the module's tests: each runs its own task with its own agents
-    (stopped when it ends), and counts only the devices its agents enrolled."""
+    """One coordinator for the module's tests: each runs its own task, one after the other,
+    on the module's devices."""
     yield from shared_coordinator(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def agent_log(coordinator: CoordinatorProcess,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The log of one agent process hosting the module's eight devices, each of which has
+    checked in once before any test launches its task: however slowly the process starts on
+    a loaded machine, the devices then come back at most ~6 s apart (told so while no task
+    runs), and every one checks in within each task's first selection window. The devices
+    serve whatever task their population runs, so the tests take turns (each waits for its
+    task to end); the log is verbose (the local DP test reads the devices' epsilons from
+    it, and this fixture their first check-ins)."""
+    log = tmp_path_factory.mktemp("agents") / "agent.log"
+    agent = start_agent(coordinator.target, "dp-", f"digits:shard=0/{DEVICES},dirichlet=0.5",
+                        devices=DEVICES, log=log, verbose=True)
+    try:
+        deadline = time.monotonic() + 180
+        while log.read_text(errors="replace").count("checked in with data") < DEVICES:
+            assert agent.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the agent's devices never all checked in"
+            time.sleep(0.2)
+        yield log
+    finally:
+        stop_all([agent])
 
 
 def eps(rounds: int) -> float:
@@ -52,48 +76,28 @@ def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: str,
-             rounds: int, cohort: int = COHORT, verbose: bool = False,
-             window_s: float = 7.0) -> tuple[str, admin_pb2.Task, list[admin_pb2.Round]]:
-    """Launches a task through the CLI, runs it with agent processes until it ends."""
+             rounds: int, cohort: int = COHORT, window_s: float = 7.0
+             ) -> tuple[str, admin_pb2.Task, list[admin_pb2.Round]]:
+    """Launches a task through the CLI and waits until it ends (the module's devices run it)."""
     task_file = write_task(tmp_path / f"{name}.yaml", name=name, rounds=rounds,
                            clients_per_round=cohort, over_selection=1.0,
                            min_reports=min(cohort, 3), extra=extra,
-                           # Central DP: long enough for every agent (told to come back
+                           # Central DP: long enough for every device (told to come back
                            # within ~6 s) to check in, as q is computed from what a window
                            # sees. Local DP's devices account for themselves.
                            selection_window_s=window_s)
-    # The agents start first (serving whatever task their population runs) and the task is
-    # launched once every device has enrolled: however slowly the processes start on a
-    # loaded machine, every device then checks in within the first selection window. (The
-    # module's earlier tests enrolled devices too: only those enrolled from now on count.)
-    started_ms = int(time.time() * 1000)
-    agents = [
-        start_agent(coordinator.target, f"{name}{i}-",
-                    f"digits:shard={PER_PROCESS * i}/{DEVICES},dirichlet=0.5",
-                    devices=PER_PROCESS, log=tmp_path / f"{name}{i}.log", verbose=verbose)
-        for i in range(PROCESSES)
-    ]
-    try:
-        with coordinator.admin() as client:
-            deadline = time.monotonic() + 180
-            while sum(d.enrolled_unix_ms >= started_ms
-                      for d in client.list_devices()) < DEVICES:
-                assert time.monotonic() < deadline, "the agents' devices never all enrolled"
-                time.sleep(0.2)
-            launched = fedctl("task", "launch", str(task_file), "--coordinator",
-                              coordinator.target)
-            assert launched.returncode == 0, launched.stderr
-            task_id = launched.stdout.strip()
-            task = wait_for_task(client, task_id, until=("completed", "failed", "cancelled",
-                                                          "budget_exhausted"))
-            rounds_seen = list(client.list_rounds(task_id))
-    finally:
-        stop_all(agents)
+    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
+    assert launched.returncode == 0, launched.stderr
+    task_id = launched.stdout.strip()
+    with coordinator.admin() as client:
+        task = wait_for_task(client, task_id, until=("completed", "failed", "cancelled",
+                                                      "budget_exhausted"))
+        rounds_seen = list(client.list_rounds(task_id))
     return task_id, task, rounds_seen
 
 
 def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
-    coordinator: CoordinatorProcess, tmp_path: Path
+    coordinator: CoordinatorProcess, agent_log: Path, tmp_path: Path
 ) -> None:
     budget = (eps(2) + eps(3)) / 2  # two rounds fit, a third would not
     extra = (
@@ -122,7 +126,7 @@ def test_a_dp_task_with_secure_aggregation_stops_at_its_budget(
 
 
 def test_distributed_dp_noise_is_added_by_the_agents_and_accounted_as_received(
-    coordinator: CoordinatorProcess, tmp_path: Path
+    coordinator: CoordinatorProcess, agent_log: Path, tmp_path: Path
 ) -> None:
     extra = (
         "secure_aggregation: {protocol: secagg, threshold: 0.6, dropout: 0.001, "
@@ -142,12 +146,12 @@ def test_distributed_dp_noise_is_added_by_the_agents_and_accounted_as_received(
 
 
 def test_local_dp_agents_train_with_dp_sgd_and_report_their_epsilon(
-    coordinator: CoordinatorProcess, tmp_path: Path
+    coordinator: CoordinatorProcess, agent_log: Path, tmp_path: Path
 ) -> None:
     extra = "privacy: {mode: local, local: {noise_multiplier: 1.0, max_grad_norm: 1.0, " \
             "delta: 1.0e-5, max_epsilon: 100.0}}\n"
     task_id, task, rounds = run_task(coordinator, tmp_path, "ldp", extra, rounds=2,
-                                     cohort=DEVICES, verbose=True, window_s=1.0)
+                                     cohort=DEVICES, window_s=1.0)
     assert task.state == "completed", coordinator.log_text()
     committed = [r for r in rounds if r.state == "committed"]
     assert len(committed) == 2
@@ -156,7 +160,7 @@ def test_local_dp_agents_train_with_dp_sgd_and_report_their_epsilon(
     assert not any(k.startswith(("local_dp", "train_", "eval_")) or k == "examples"
                    for r in committed for k in r.metrics)
     assert task.metrics_release == "withheld"
-    logs = "".join((tmp_path / f"ldp{i}.log").read_text() for i in range(PROCESSES))
-    assert "local DP epsilon" in logs
+    # Only this module's local DP task has devices logging a local DP epsilon.
+    assert "local DP epsilon" in agent_log.read_text(errors="replace")
     watched = fedctl("task", "watch", task_id, "--coordinator", coordinator.target)
     assert watched.returncode == 0 and "completed after 2 rounds" in watched.stdout
