@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,18 +38,22 @@ def wait_for_check_ins(logs: list[Path], devices: int, timeout_s: float = 60) ->
         time.sleep(0.1)
 
 
-@pytest.fixture
-def rows(tmp_path: Path) -> Path:
-    """The example's data, written where the task file's relative ``path=rows.csv`` finds it."""
-    made = subprocess.run([sys.executable, "-m", "custom_app.make_data", "rows.csv"],
-                          cwd=tmp_path, env=APP_ENV, capture_output=True, text=True, timeout=60)
-    assert made.returncode == 0, made.stderr
-    return tmp_path / "rows.csv"
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example's data (its ``make_data``, called here rather than in a process of its
+    own: that costs seconds of imports), written once for the module where the task file's
+    relative ``path=rows.csv`` (and the server evaluation's ``holdout.csv``) find it: the
+    folder the tests run fedctl and the coordinator in."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.syspath_prepend(str(APP_DIR))
+        from custom_app.make_data import write
+
+        return write(tmp_path_factory.mktemp("data") / "rows.csv")
 
 
 def test_the_task_file_trains_the_custom_app_in_simulation(rows: Path, tmp_path: Path) -> None:
     result = fedctl("simulate", str(TASK_FILE), "--app", "custom_app:app", "--json",
-                    "--out", str(tmp_path / "run"), cwd=tmp_path)
+                    "--out", str(tmp_path / "run"), cwd=rows.parent)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["committed"] == 8
@@ -61,7 +64,7 @@ def test_the_task_file_trains_the_custom_app_in_simulation(rows: Path, tmp_path:
 def test_the_same_task_file_trains_it_on_agent_processes_and_the_pulled_model_loads(
         rows: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Run where holdout.csv is: the task's server evaluation reads it with the app's source.
-    coordinator = CoordinatorProcess(tmp_path, cwd=tmp_path)
+    coordinator = CoordinatorProcess(tmp_path, cwd=rows.parent)
     coordinator.start(["--app", "custom_app:app"])
     agents = []
     try:
@@ -76,12 +79,12 @@ def test_the_same_task_file_trains_it_on_agent_processes_and_the_pulled_model_lo
                                                        "[13]").replace("input_dim: 12",
                                                                        "input_dim: 13"))
         refused = fedctl("task", "launch", str(wrong), "--coordinator", coordinator.target,
-                         cwd=tmp_path)
+                         cwd=rows.parent)
         assert refused.returncode != 0
         assert ("declares data [13] -> 4 classes, but population 'default' reported [12] -> 4 "
                 "classes (8 devices)") in refused.stderr, refused.stderr
         launched = fedctl("task", "launch", str(TASK_FILE), "--coordinator",
-                          coordinator.target, cwd=tmp_path)
+                          coordinator.target, cwd=rows.parent)
         assert launched.returncode == 0, launched.stderr + coordinator.log_text()
         task_id = launched.stdout.strip().splitlines()[-1].split()[-1]
         with coordinator.admin() as client:
@@ -97,7 +100,7 @@ def test_the_same_task_file_trains_it_on_agent_processes_and_the_pulled_model_lo
 
         out = tmp_path / "model.safetensors"
         pulled = fedctl("model", "pull", task_id, "-o", str(out), "--coordinator",
-                        coordinator.target, cwd=tmp_path)
+                        coordinator.target, cwd=rows.parent)
         assert pulled.returncode == 0, pulled.stderr
     finally:
         stop_all(agents)
