@@ -18,7 +18,9 @@ held by the aggregators that need it.
                             distributed noise floor check); under DP no metric is released
 
 What each variant releases per round is in its ``release`` docstring; what devices send is
-the plan's :class:`core.protocol.MetricsPolicy` (:attr:`Aggregator.metrics_policy`).
+the plan's :class:`core.protocol.MetricsPolicy` (:attr:`Aggregator.metrics_policy`). Rounds of
+evaluation tasks sum report vectors instead, with the same protocol: plain, central DP and
+secure variants in :mod:`coordinator.rounds.evaluation_aggregators`.
 """
 
 from __future__ import annotations
