@@ -70,6 +70,7 @@ from core.types import (
     ModelSpec,
     SecureAggregation,
     ServerOptimizer,
+    TaskKind,
 )
 from simulations.errors import SimulationConfigError
 
@@ -348,6 +349,10 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<simulation>",
         task = spec_from_dict({**data, "simulation": raw_section}, source=source)
     except TaskSpecError as exc:
         raise SimulationConfigError(source, exc.field, exc.message) from None
+    if task.kind is TaskKind.EVALUATE:
+        # Simulating it as written would train: refused rather than silently different.
+        raise SimulationConfigError(source, "kind", "'evaluate' is not simulated yet: launch "
+                                    "it on a coordinator (fedctl task launch)")
     # simulation.experiment (an A/B test of model variants) is read by
     # simulations.experiment; the training it evaluates is this section's.
     raw_section = {k: v for k, v in raw_section.items() if k != "experiment"}

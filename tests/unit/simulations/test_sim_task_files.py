@@ -18,6 +18,7 @@ from torch import nn
 from core.data.dataset import LocalDataset
 from core.data.params import DataParams
 from core.taskspec import load_task_file
+from core.types import TaskKind
 from simulations.config import DataConfig, EngineKind, load_simulation_file, parse_simulation_yaml
 from simulations.data import load_federated_data
 from simulations.engine import Simulation
@@ -43,6 +44,10 @@ local: {epochs: 1, batch_size: 10, learning_rate: 0.01}
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_example_is_a_task_file_and_a_simulation(path: Path) -> None:
     spec = load_task_file(path)
+    if spec.kind is TaskKind.EVALUATE:  # evaluation tasks run on a coordinator only, so far
+        with pytest.raises(SimulationConfigError, match="'evaluate' is not simulated"):
+            load_simulation_file(path)
+        return
     assert spec.simulation, "each example says how to simulate it"
     if path.name in NOT_SIMULATED:
         with pytest.raises(SimulationConfigError, match=f"'{NOT_SIMULATED[path.name]}' is not "
