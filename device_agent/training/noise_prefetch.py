@@ -1,8 +1,9 @@
 """DP-SGD noise for many steps per draw, optionally drawn ahead by a worker.
 
 Each step of DP-SGD adds a fresh N(0, std^2) vector as long as the model. Drawing it costs
-about half a non-private step of a 54k-parameter MLP at batch 10 (torch's Mersenne-Twister
-Gaussian is ~3.3 ns a coordinate on this machine, our AES-CTR one ~12 ns hardened).
+about as much as a non-private step of a 54k-parameter MLP at batch 10, and more on the 199k
+one (torch's Mersenne-Twister Gaussian is ~5 ns a coordinate on this 2-core machine, our
+secure AES-CTR one ~12 ns hardened: ``benchmarks/privacy.py --only noise``).
 :class:`StepNoise` draws the vectors of several steps in one call, in blocks that double in
 size (1 step, 2, 4, ...) up to 4 MiB, and with ``background=True`` a worker draws the next
 block while training uses the current one: the noise worker process
