@@ -58,33 +58,40 @@ def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
-def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: str,
-             *, crash_at: str | None = None, rounds: int = 2, deadline: int = 60,
-             layout: tuple[int, ...] = EVEN) -> tuple[str, list[object]]:
+def start_agents(coordinator: CoordinatorProcess, tmp_path: Path, name: str, *,
+                 task_id: str | None = None, crash_at: str | None = None,
+                 layout: tuple[int, ...] = EVEN) -> list[subprocess.Popen[bytes]]:
+    """The module's devices in ``layout``'s processes; with ``task_id`` they exit when that
+    task ends, without it they serve whatever task their population runs."""
     assert sum(layout) == DEVICES
+    return [
+        start_agent(coordinator.target, f"a{i}-",  # same ids: same local shuffles
+                    f"digits:shard={sum(layout[:i])}/{DEVICES},dirichlet=0.5",
+                    devices=n, task_id=task_id, log=tmp_path / f"{name}-agent{i}.log",
+                    verbose=True,
+                    # The first process SIGKILLs itself when a device reaches crash_at.
+                    env={FAULT_ENV: crash_at} if crash_at and i == 0 else None)
+        for i, n in enumerate(layout)
+    ]
+
+
+def launch(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: str, *,
+           rounds: int = 2, deadline: int = 60) -> str:
     task_file = write_task(tmp_path / f"{name}.yaml", name=name, rounds=rounds,
                            clients_per_round=DEVICES, min_reports=5,
                            round_deadline_s=deadline, extra=extra)
     launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
     assert launched.returncode == 0, launched.stderr
-    task_id = launched.stdout.strip()
-    logs = [tmp_path / f"{name}-agent{i}.log" for i in range(len(layout))]
-    agents = [
-        start_agent(coordinator.target, f"a{i}-",  # same ids: same local shuffles
-                    f"digits:shard={sum(layout[:i])}/{DEVICES},dirichlet=0.5",
-                    devices=n, task_id=task_id, log=logs[i], verbose=True,
-                    # The first process SIGKILLs itself when a device reaches crash_at.
-                    env={FAULT_ENV: crash_at} if crash_at and i == 0 else None)
-        for i, n in enumerate(layout)
-    ]
-    try:
-        with coordinator.admin() as client:
-            task = wait_for_task(client, task_id)
-            rounds_seen = list(client.list_rounds(task_id))
-        assert task.state == "completed", coordinator.log_text()
-    finally:
-        stop_all(agents)
-    return task_id, rounds_seen
+    return launched.stdout.strip()
+
+
+def completed_rounds(coordinator: CoordinatorProcess, task_id: str) -> list[object]:
+    """Waits until the task ends; its rounds, once it has completed."""
+    with coordinator.admin() as client:
+        task = wait_for_task(client, task_id)
+        rounds_seen = list(client.list_rounds(task_id))
+    assert task.state == "completed", coordinator.log_text()
+    return rounds_seen
 
 
 def pull(coordinator: CoordinatorProcess, task_id: str, out: Path) -> dict[str, np.ndarray]:
@@ -97,8 +104,16 @@ def pull(coordinator: CoordinatorProcess, task_id: str, out: Path) -> dict[str, 
 def test_secure_aggregation_reaches_the_plaintext_model(
     coordinator: CoordinatorProcess, tmp_path: Path
 ) -> None:
-    plain_id, _ = run_task(coordinator, tmp_path, "plain", "")
-    secure_id, rounds = run_task(coordinator, tmp_path, "secure", SECURE)
+    # One agent process runs both tasks, one after the other (a process costs seconds of
+    # start-up: torch): the same devices, so the same local shuffles.
+    plain_id = launch(coordinator, tmp_path, "plain", "")
+    agents = start_agents(coordinator, tmp_path, "both")
+    try:
+        completed_rounds(coordinator, plain_id)
+        secure_id = launch(coordinator, tmp_path, "secure", SECURE)
+        rounds = completed_rounds(coordinator, secure_id)
+    finally:
+        stop_all(agents)
     committed = [r for r in rounds if r.state == "committed"]  # type: ignore[attr-defined]
     assert len(committed) == 2
     assert all(r.metrics["reports"] == DEVICES for r in committed)  # type: ignore[attr-defined]
@@ -115,8 +130,13 @@ def test_agents_killed_mid_protocol_do_not_stop_the_round(
     # proved nothing more and cost a round deadline: its goal of 8 seats, with 6 devices
     # left, holds the advertisement stage open until the deadline.) The default deadline
     # leaves the agents all the time they need to start on a loaded machine.
-    _, rounds = run_task(coordinator, tmp_path, "killed", SECURE,
-                         crash_at="secagg.masked_input@1", rounds=1, layout=KILLED_FIRST)
+    task_id = launch(coordinator, tmp_path, "killed", SECURE, rounds=1)
+    agents = start_agents(coordinator, tmp_path, "killed", task_id=task_id,
+                          crash_at="secagg.masked_input@1", layout=KILLED_FIRST)
+    try:
+        rounds = completed_rounds(coordinator, task_id)
+    finally:
+        stop_all(agents)
     committed = [r for r in rounds if r.state == "committed"]  # type: ignore[attr-defined]
     assert len(committed) == 1
     first = committed[0]
