@@ -64,8 +64,9 @@ def test_forged_ids_replays_floods_and_extra_keys_are_refused_while_honest_round
         with coordinator.admin() as admin:
             honest = admin.create_enrollment_token(4, 600, "fleet").secret
             attacker = admin.create_enrollment_token(2, 600, "attacker").secret
+            # One round: the attacks below all come while it selects and trains.
             task_id = admin.create_task(load_task_file(write_task(
-                tmp_path / "t.yaml", rounds=2, clients_per_round=4, min_reports=3,
+                tmp_path / "t.yaml", rounds=1, clients_per_round=4, min_reports=3,
                 selection_window_s=2.0))).task_id
         agent = start_agent(coordinator.target, "honest", "digits:shard=0/4,dirichlet=0.5",
                             devices=4, task_id=task_id, log=tmp_path / "agent.log",
