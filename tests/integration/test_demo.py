@@ -12,8 +12,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_prints_one_json_line_with_per_round_accuracy() -> None:
+    # One agent process (each costs seconds of start-up: torch); the secure demo below
+    # spreads its devices over two.
     result = subprocess.run([*FEDCTL_CMD, "demo", "--devices", "6", "--rounds", "2",
-                             "--processes", "2", "--json"],
+                             "--processes", "1", "--json"],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
