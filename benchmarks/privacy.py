@@ -6,9 +6,10 @@
   and 199k MLPs at batch 10 and 64. Per setting: wall seconds per epoch and CPU seconds of the
   whole process tree (this process's threads, ``time.process_time``, plus the helper
   processes it started, from ``/proc/<pid>/task/*/schedstat``, and any reaped children,
-  ``RUSAGE_CHILDREN``), median, min and max over ``--runs`` runs with the non-private and the
-  private epoch interleaved, the ratios of the medians, and the load average before and
-  after. One JSON line per setting on stdout, appended to
+  ``RUSAGE_CHILDREN``; the helpers' share of the private CPU apart), median, min and max over
+  ``--runs`` runs with the non-private and the private epoch interleaved, the ratios of the
+  medians, and the load average before and after. One JSON line per setting on stdout,
+  appended to
   ``benchmarks/results/privacy-<date>.jsonl`` (``--out``).
 - ``noise_fill`` (``--only noise``): CPU nanoseconds per coordinate of a DP-SGD step's noise
   from the secure source (hardened as devices draw it, and not), of its AES-CTR keystream
@@ -195,11 +196,11 @@ def _task_cpu_s(pid: int) -> float:
     return total / 1e9
 
 
-def tree_cpu_s() -> float:
-    """CPU seconds so far of this process (all its threads), its live helper processes and
-    its reaped children: every process and thread a training call can use."""
+def tree_cpu_s() -> tuple[float, float]:
+    """CPU seconds so far of (this process, all its threads; its live helper processes and
+    its reaped children): every process and thread a training call can use."""
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (time.process_time() + sum(_task_cpu_s(pid) for pid in _helper_pids())
+    return (time.process_time(), sum(_task_cpu_s(pid) for pid in _helper_pids())
             + reaped.ru_utime + reaped.ru_stime)
 
 
@@ -240,17 +241,19 @@ def local_dp_deployed(runs: int, out: Path | None, label: str = "") -> None:
             load_before = os.getloadavg()
             plain()
             private()
-            times: dict[str, list[tuple[float, float]]] = {"plain": [], "private": []}
+            times: dict[str, list[tuple[float, float, float]]] = {"plain": [], "private": []}
             for index in range(runs):
                 order = (("plain", plain), ("private", private))
                 for side, run in order if index % 2 == 0 else order[::-1]:
-                    start, cpu_start = time.perf_counter(), tree_cpu_s()
+                    start, (own, helpers) = time.perf_counter(), tree_cpu_s()
                     run()
-                    times[side].append((time.perf_counter() - start,
-                                        tree_cpu_s() - cpu_start))
+                    own_end, helpers_end = tree_cpu_s()
+                    times[side].append((time.perf_counter() - start, own_end - own,
+                                        helpers_end - helpers))
             load_after = os.getloadavg()
-            wall = {side: [w for w, _ in pairs] for side, pairs in times.items()}
-            cpu = {side: [c for _, c in pairs] for side, pairs in times.items()}
+            wall = {side: [w for w, _, _ in runs_] for side, runs_ in times.items()}
+            cpu = {side: [o + h for _, o, h in runs_] for side, runs_ in times.items()}
+            helper_cpu = [h for _, _, h in times["private"]]
             line = {
                 "bench": "local_dp_deployed", "date": datetime.date.today().isoformat(),
                 "model": name, "params": params, "batch": batch,
@@ -259,6 +262,8 @@ def local_dp_deployed(runs: int, out: Path | None, label: str = "") -> None:
                 "private_wall_s": _summary(wall["private"]),
                 "plain_cpu_s": _summary(cpu["plain"]),
                 "private_cpu_s": _summary(cpu["private"]),
+                # Of which the noise worker process (and any other helper): drawing noise.
+                "private_helper_cpu_s": _summary(helper_cpu),
                 "wall_ratio": round(statistics.median(wall["private"])
                                     / statistics.median(wall["plain"]), 3),
                 "cpu_ratio": round(statistics.median(cpu["private"])
