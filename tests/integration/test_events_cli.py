@@ -15,11 +15,6 @@ from harness import ENV, FEDCTL, CoordinatorProcess, fedctl_at_once, start_agent
 pytestmark = pytest.mark.integration
 
 
-def _events(coordinator: CoordinatorProcess, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FEDCTL, "events", *argv, "--coordinator", coordinator.target],
-                          capture_output=True, text=True, env=ENV, timeout=120)
-
-
 def _records(stdout: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines()]
 
@@ -45,7 +40,11 @@ def test_events_of_a_two_round_task_listed_and_followed(
         agent.wait(timeout=60)
     assert follow.returncode == 0, err + coordinator.log_text()
 
-    listed = _events(coordinator, "--task", task_id, "--json")
+    at = ["--coordinator", coordinator.target]
+    listed, after, text, unknown = fedctl_at_once(
+        ["events", "--task", task_id, "--json", *at],
+        ["events", "--task", task_id, "--after", "3", "--json", *at],
+        ["events", "--task", task_id, *at], ["events", "--task", "no-such-task", *at])
     assert listed.returncode == 0, listed.stderr
     records = _records(listed.stdout)
     kinds = [r["kind"] for r in records]
@@ -59,10 +58,6 @@ def test_events_of_a_two_round_task_listed_and_followed(
     assert _records(followed) == records[: len(_records(followed))]
     assert "task_ended" in [r["kind"] for r in _records(followed)]
 
-    at = ["--coordinator", coordinator.target]
-    after, text, unknown = fedctl_at_once(
-        ["events", "--task", task_id, "--after", "3", "--json", *at],
-        ["events", "--task", task_id, *at], ["events", "--task", "no-such-task", *at])
     assert _records(after.stdout) == records[3:]
     assert text.returncode == 0 and len(text.stdout.splitlines()) == len(records)
     assert "round_committed" in text.stdout
