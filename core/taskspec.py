@@ -31,6 +31,8 @@ import yaml
 
 from core import fields
 from core.errors import CoreError
+from core.experiments.errors import ExperimentSpecError
+from core.experiments.spec import ExperimentSpec, experiment_spec_to_dict, parse_experiment_spec
 from core.privacy.errors import PrivacySpecError
 from core.privacy.spec import (
     FixedClip,
@@ -291,7 +293,12 @@ def _validate_evaluate(spec: TaskSpec, fail: typing.Callable[[str, str], typing.
         if not 1 <= bins.bins <= MAX_BINS:
             fail(f"evaluate.histograms.{name}.bins", f"must be between 1 and {MAX_BINS}, got "
                                                      f"{bins.bins}")
-    problem = plan_problem(plan_for(section, section.versions or (0,)))
+    if section.experiment is not None:
+        _validate_experiment(spec, section.experiment, {*BUILT_IN_METRICS, *section.metrics},
+                             fail)
+    arm_versions = tuple(a.version for a in section.experiment.arms
+                         if a.version is not None) if section.experiment else ()
+    problem = plan_problem(plan_for(section, section.versions or arm_versions or (0,)))
     if problem is not None:
         fail(*problem)
     privacy = spec.privacy
@@ -302,6 +309,42 @@ def _validate_evaluate(spec: TaskSpec, fail: typing.Callable[[str, str], typing.
         if isinstance(privacy.clip, AdaptiveClip):
             fail("privacy.clip", "a task of kind 'evaluate' needs a fixed clip: its reports "
                                  "are bounded by construction (the clip only scales them)")
+
+
+def _validate_experiment(spec: TaskSpec, experiment: ExperimentSpec, known: set[str],
+                         fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """An experiment between model versions, as the coordinator runs it (the section itself
+    was checked by :func:`core.experiments.spec.parse_experiment_spec`). The source task
+    may be left for the launch to name (``--source-task``): the coordinator requires it."""
+    path = "evaluate.experiment"
+    section = spec.evaluate
+    for i, arm in enumerate(experiment.arms):
+        if arm.version is None:
+            fail(f"{path}.arms[{i}].version", "is required: the model version of "
+                                              "evaluate.source_task this arm's devices evaluate")
+    versions = tuple(a.version for a in experiment.arms if a.version is not None)
+    if section.versions and section.versions != versions:
+        fail("evaluate.versions", f"an experiment evaluates its arms' versions {list(versions)}"
+                                  f"; leave evaluate.versions out (it is {list(section.versions)})")
+    if experiment.primary.name not in known:
+        fail(f"{path}.primary_metric.name", f"{experiment.primary.name!r} is not a metric of "
+                                            f"the task (known: {', '.join(sorted(known))})")
+    if experiment.primary.covariate is not None:
+        fail(f"{path}.primary_metric.covariate", "CUPED needs each device's pre-period value; "
+                                                 "an evaluation task does not collect one yet")
+    for i, rail in enumerate(experiment.guardrails):
+        if rail.metric not in known:
+            fail(f"{path}.guardrails[{i}].metric", f"{rail.metric!r} is not a metric of the "
+                                                   f"task (known: {', '.join(sorted(known))})")
+    if experiment.strata:
+        fail(f"{path}.strata", "per-stratum splits need device attributes the coordinator "
+                               "does not have yet; remove the section")
+    if spec.privacy is not None:
+        fail("privacy", "an experiment's sample-ratio check and statistics need exact device "
+                        "counts per arm; central DP noises them (not supported yet)")
+    if spec.rounds < experiment.horizon_rounds:
+        fail(f"{path}.horizon_rounds", f"is {experiment.horizon_rounds}, but the task runs "
+                                       f"only {spec.rounds} rounds: set rounds >= the horizon")
 
 
 def _validate_privacy(spec: TaskSpec, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
@@ -353,6 +396,21 @@ def privacy_field(value: Any, path: str) -> PrivacySpec | None:
     return None if privacy.mode is PrivacyMode.OFF else privacy
 
 
+def experiment_field(value: Any, path: str) -> ExperimentSpec:
+    """The ``evaluate.experiment`` section. Without a ``salt`` a fresh one is drawn
+    (:func:`core.experiments.new_salt`) when the file is read; the launched task stores it,
+    so the assignment stays the same for the task's life, restarts included."""
+    from core.experiments.assignment import new_salt
+
+    if isinstance(value, Mapping) and "salt" not in value:
+        value = {**value, "salt": new_salt()}
+    try:
+        return parse_experiment_spec(value)
+    except ExperimentSpecError as exc:
+        raise fields.FieldError(fields.join(path, exc.field) if exc.field else path,
+                                exc.message) from None
+
+
 def _named(tp: type) -> typing.Callable[[Any, str], dict[str, Any]]:
     """A hook for a ``Mapping[str, tp]`` section: each value built as a ``tp``."""
 
@@ -371,6 +429,7 @@ def _named(tp: type) -> typing.Callable[[Any, str], dict[str, Any]]:
 
 _HOOKS: fields.Hooks = {
     PrivacySpec: privacy_field,
+    ExperimentSpec: experiment_field,
     Mapping[str, MetricRange]: _named(MetricRange),
     Mapping[str, HistogramBins]: _named(HistogramBins),
 }
@@ -385,4 +444,5 @@ def _build(tp: Any, value: Any, source: str, path: str) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    return fields.plain(value, hooks={PrivacySpec: privacy_to_dict})
+    return fields.plain(value, hooks={PrivacySpec: privacy_to_dict,
+                                      ExperimentSpec: experiment_spec_to_dict})

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.experiments.spec import ExperimentSpec
 from core.privacy.spec import PrivacySpec
 
 #: Version of the device/admin wire API. Bumped on any incompatible change; a peer that
@@ -178,7 +179,10 @@ class FederatedEvaluation:
     hook declares, each with its range (``loss`` [0, 20] and ``accuracy`` [0, 1] are always
     reported; naming them here changes their range). ``histograms``: per metric, the bins of
     the device-level distribution. ``max_examples``: a device's example count is capped at
-    this (its weight in example-weighted means)."""
+    this (its weight in example-weighted means). ``experiment``: an A/B experiment between
+    the versions (each arm names its ``version``; a device evaluates only its arm's, chosen
+    by :func:`core.experiments.assign_arm` with the experiment's salt), with its stop
+    rules; the versions evaluated are then the arms'."""
 
     source_task: str = ""
     versions: tuple[int, ...] = ()
@@ -187,6 +191,7 @@ class FederatedEvaluation:
     metrics: Mapping[str, MetricRange] = field(default_factory=dict)
     histograms: Mapping[str, HistogramBins] = field(default_factory=dict)
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    experiment: ExperimentSpec | None = None
 
 
 class SecAggProtocol(enum.Enum):

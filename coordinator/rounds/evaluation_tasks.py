@@ -14,7 +14,7 @@ the round's results as its metrics and the same bundle as the next version
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,6 +34,8 @@ from core.evaluation import (
     plan_for,
     split_bundle,
 )
+from core.experiments.decision import Decision
+from core.experiments.versions import analyze, state_metrics
 from core.taskspec import spec_from_dict
 from core.tensors import TensorInfo
 from core.types import TaskKind, TaskSpec
@@ -87,6 +89,14 @@ def resolve_bundle(spec: TaskSpec, store: Store, models: ModelRepository) -> Eva
             another model, or lacks a version.
     """
     section = spec.evaluate
+    if section.experiment is not None and not section.versions:
+        arm_versions = tuple(a.version for a in section.experiment.arms if a.version is not None)
+        section = replace(section, versions=arm_versions)
+        spec = replace(spec, evaluate=section)
+    if section.experiment is not None and not section.source_task:
+        raise InvalidRequest("spec.evaluate.source_task: an experiment compares model versions "
+                             "of a training task; name that task (fedctl experiment launch "
+                             "FILE --source-task ID)")
     if not section.source_task:
         versions: dict[int, Mapping[str, np.ndarray]] = {0: initial_params(spec)}
         source = f"its own initial model (seed {spec.seed})"
@@ -107,8 +117,34 @@ def resolve_bundle(spec: TaskSpec, store: Store, models: ModelRepository) -> Eva
     line = (f"evaluates model version(s) {', '.join(map(str, versions))} of {source}: "
             f"metrics {', '.join(m.name for m in plan.metrics)}; reports of "
             f"{layout.length} values")
+    if section.experiment is not None:
+        arms = ", ".join(f"{a.name} = v{a.version} ({a.weight:.0%})"
+                         for a in section.experiment.arms)
+        line += (f"; experiment: arms {arms}, each device evaluates its arm's version only, "
+                 f"primary metric {section.experiment.primary.name}")
     return EvaluationBundle(resolved, plan, bundle_tensors(versions), bundle_metadata(plan),
                             line)
+
+
+@dataclass(frozen=True)
+class ExperimentLook:
+    """An experiment after a committed round: its round metrics (``experiment.*``) and the
+    decision (:mod:`core.experiments.versions`)."""
+
+    metrics: dict[str, float]
+    decision: Decision
+
+
+def experiment_look(spec: TaskSpec, committed: Sequence[Mapping[str, float]],
+                    this_round: Mapping[str, float]) -> ExperimentLook | None:
+    """The look after a round whose metrics are ``this_round``, the task's earlier committed
+    rounds' being ``committed`` (in order); None for a task that is not an experiment. Pure:
+    recomputed from the stored rounds each time, so a restart changes nothing."""
+    experiment = spec.evaluate.experiment
+    if spec.kind is not TaskKind.EVALUATE or experiment is None:
+        return None
+    state = analyze(experiment, [*committed, this_round])
+    return ExperimentLook(state_metrics(state), state.decision)
 
 
 def bundle_versions(bundle: EvaluationBundle) -> dict[str, np.ndarray]:

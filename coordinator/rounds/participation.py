@@ -333,7 +333,7 @@ class Participants:
                 refusal = _refusal(norm, task.spec.robustness.max_update_l2_norm)
             else:
                 assert upload.spool is not None
-                refusal = _report_refusal(task.evaluation, upload.spool.path)
+                refusal = _report_refusal(task.evaluation, upload.spool.path, device)
             if refusal is not None:
                 self._store.set_participant_state(
                     rnd.round_id, device, ParticipantState.REJECTED, now=self._clock.now()
@@ -554,9 +554,10 @@ def _refusal(norm: float, max_norm: float) -> InvalidRequest | None:
     return None
 
 
-def _report_refusal(setup: EvaluationSetup, path: Path) -> InvalidRequest | None:
-    """Why an evaluation report must not count (bounds, consistency); None if it may."""
-    problem = report_problem(setup.layout, np.fromfile(path, dtype="<f4"))
+def _report_refusal(setup: EvaluationSetup, path: Path, device: str) -> InvalidRequest | None:
+    """Why an evaluation report must not count (bounds, consistency, in an experiment the
+    device's arm); None if it may."""
+    problem = report_problem(setup.layout, np.fromfile(path, dtype="<f4"), device_id=device)
     if problem is None:
         return None
     return InvalidRequest(f"evaluation report refused: {problem}")

@@ -51,6 +51,7 @@ from coordinator.rounds.commits import (
 )
 from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.evaluation_aggregators import begin_evaluation
+from coordinator.rounds.evaluation_tasks import experiment_look
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Selector
@@ -58,6 +59,7 @@ from coordinator.rounds.state import OpenRound, RunningTask, Seat, hash_token
 from coordinator.rounds.task_setup import selection_policy
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import Store
+from core.experiments.versions import stop_reason
 from core.privacy.noise import NoiseSource
 from core.protocol import SecAggPlan
 from core.sampling import CohortDraw
@@ -422,6 +424,12 @@ class RoundMachine:
             **(task.fedbuff.metrics(rnd) if task.fedbuff is not None else {}),
             **outcome.eval_metrics,
         })
+        look = experiment_look(task.spec, [
+            r.metrics for r in sorted(self._store.list_rounds(task.task_id),
+                                      key=lambda r: r.round_number)
+            if r.state is RoundState.COMMITTED and r.round_number < rnd.round_number], metrics)
+        if look is not None:
+            metrics.update(look.metrics)
         self._store.commit_round(rnd.round_id, outcome.model.record, metrics,
                                  pending.released_at)
         if aggregate.release is not None:
@@ -435,6 +443,13 @@ class RoundMachine:
         self._progress()
         log.info("task %s committed round %d (model v%d, %d reports)",
                  task.task_id, rnd.round_number, outcome.model.version, len(rnd.reported))
+        if look is not None and look.decision.stops:
+            # The decision and its reason are the task's end: stored before anything else.
+            reason = stop_reason(look.decision)
+            self._store.set_task_state(task.task_id, TaskState.COMPLETED, reason)
+            self._running.pop(task.task_id, None)
+            log.info("task %s: %s", task.task_id, reason)
+            return
         self.open_next_round(task, now, carried=rnd)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core.experiments.assignment import TrafficSplit, assign_arm
 from core.types import EvaluationSplit, FederatedEvaluation
 
 #: Metrics every evaluation reports, with their default ranges: the model's loss (mean per
@@ -56,14 +57,37 @@ class MetricPlan:
 
 
 @dataclass(frozen=True)
+class ArmAssignment:
+    """An experiment's assignment: a device evaluates only the version of its arm,
+    ``versions[assign_arm(device_id, salt, split(weights))]`` (``weights`` in the plan's
+    version order). Every device's plan carries the same assignment, so under secure
+    aggregation the devices' configuration hashes agree; the coordinator checks each clear
+    report against the arm of the device that sent it, so a device cannot pick its arm."""
+
+    salt: str
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class EvaluationPlan:
     """``versions``: the model versions evaluated, in report order (version numbers of the
-    source task, or 0 for the task's own initial model); ``split``: which local examples."""
+    source task, or 0 for the task's own initial model); ``split``: which local examples;
+    ``assignment``: set in an A/B experiment, where each device evaluates one version."""
 
     versions: tuple[int, ...]
     metrics: tuple[MetricPlan, ...]
     max_examples: int
     split: EvaluationSplit = EvaluationSplit.TEST
+    assignment: ArmAssignment | None = None
+
+    def version_for(self, device_id: str) -> int | None:
+        """The one version ``device_id`` evaluates in an experiment; None otherwise (it
+        evaluates them all). Raises ``ValueError`` for an empty device id."""
+        if self.assignment is None:
+            return None
+        arm = assign_arm(device_id, salt=self.assignment.salt,
+                         split=TrafficSplit(self.assignment.weights))
+        return self.versions[arm]
 
     def metric(self, name: str) -> MetricPlan:
         for m in self.metrics:
@@ -77,12 +101,16 @@ class EvaluationPlan:
         return tuple(m.name for m in self.metrics if m.name not in BUILT_IN_METRICS)
 
     def to_json(self) -> str:
-        return json.dumps({
+        data: dict[str, Any] = {
             "versions": list(self.versions), "max_examples": self.max_examples,
             "split": self.split.value,
             "metrics": [[m.name, m.low, m.high, m.bins, m.hist_low, m.hist_high]
                         for m in self.metrics],
-        }, sort_keys=True)
+        }
+        if self.assignment is not None:
+            data["assignment"] = {"salt": self.assignment.salt,
+                                  "weights": list(self.assignment.weights)}
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> EvaluationPlan:
@@ -96,6 +124,9 @@ class EvaluationPlan:
                               for n, lo, hi, b, hl, hh in data["metrics"]),
                 max_examples=int(data["max_examples"]),
                 split=EvaluationSplit(data["split"]),
+                assignment=(None if "assignment" not in data else ArmAssignment(
+                    str(data["assignment"]["salt"]),
+                    tuple(float(w) for w in data["assignment"]["weights"]))),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not an evaluation plan: {exc!r}") from None
@@ -122,8 +153,13 @@ def plan_for(evaluation: FederatedEvaluation, versions: Sequence[int]) -> Evalua
             metrics.append(MetricPlan(
                 name, low, high, hist.bins,
                 low if hist.low is None else hist.low, high if hist.high is None else hist.high))
+    assignment = None
+    experiment = evaluation.experiment
+    if experiment is not None:
+        weight = {a.version: a.weight for a in experiment.arms}
+        assignment = ArmAssignment(experiment.salt, tuple(weight.get(v, 0.0) for v in versions))
     return EvaluationPlan(tuple(versions), tuple(metrics), evaluation.max_examples,
-                          evaluation.split)
+                          evaluation.split, assignment)
 
 
 def plan_problem(plan: EvaluationPlan) -> tuple[str, str] | None:
@@ -132,6 +168,15 @@ def plan_problem(plan: EvaluationPlan) -> tuple[str, str] | None:
         return "evaluate.versions", f"1 to {MAX_VERSIONS} versions, got {len(plan.versions)}"
     if len(set(plan.versions)) != len(plan.versions) or min(plan.versions) < 0:
         return "evaluate.versions", f"distinct versions >= 0, got {list(plan.versions)}"
+    if plan.assignment is not None:
+        weights = plan.assignment.weights
+        if (len(weights) != len(plan.versions) or len(weights) < 2
+                or not all(math.isfinite(w) and w >= 0 for w in weights)
+                or abs(math.fsum(weights) - 1.0) > 1e-9):
+            return ("evaluate.experiment.arms", f"one weight >= 0 per version, summing to 1, "
+                                                f"got {list(weights)} for {list(plan.versions)}")
+        if not plan.assignment.salt:
+            return "evaluate.experiment.salt", "must not be empty"
     if not 1 <= plan.max_examples <= 1 << 20:
         return ("evaluate.max_examples", f"must be between 1 and {1 << 20}, got "
                                          f"{plan.max_examples}")
@@ -160,4 +205,5 @@ def describe(plan: EvaluationPlan) -> dict[str, Any]:
     """Plain data for logs and launch lines."""
     return {"versions": list(plan.versions), "metrics": [m.name for m in plan.metrics],
             "histograms": [m.name for m in plan.metrics if m.bins],
-            "max_examples": plan.max_examples, "split": plan.split.value}
+            "max_examples": plan.max_examples, "split": plan.split.value,
+            "experiment": plan.assignment is not None}

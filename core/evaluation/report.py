@@ -38,7 +38,9 @@ class DeviceResult:
 
 def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
                   ) -> npt.NDArray[np.float64]:
-    """The report of a device with ``results`` for every version of the plan.
+    """The report of a device with ``results`` for every version of the plan; in an
+    experiment (``plan.assignment``), for exactly one version (its arm's), the blocks of the
+    others left zero: the summed reports then count each arm's devices apart.
 
     Raises:
         ValueError: a version or a metric of the plan is missing, a value is NaN, or no
@@ -46,7 +48,13 @@ def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
     """
     plan = layout.plan
     out = np.zeros(layout.length, dtype=np.float64)
-    for version in plan.versions:
+    versions = plan.versions
+    if plan.assignment is not None:
+        versions = tuple(v for v in plan.versions if v in results)
+        if len(versions) != 1 or len(results) != 1:
+            raise ValueError(f"in an experiment a device evaluates one version of "
+                             f"{list(plan.versions)}, got results for {sorted(results)}")
+    for version in versions:
         result = results.get(version)
         if result is None:
             raise ValueError(f"no result for model version {version}")
@@ -72,20 +80,33 @@ def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
     return out
 
 
-def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating]) -> str | None:
+def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating], *,
+                   device_id: str | None = None) -> str | None:
     """Why a clear report must be refused (a message for the device), or None.
 
     The report is rebuilt from its own ``examples`` and ``sum`` coordinates with
     :func:`device_vector` and must equal it, within float32 rounding: so every bound and
-    every relation between the coordinates holds."""
+    every relation between the coordinates holds. In an experiment exactly one version's
+    block is filled, and with ``device_id`` it must be that device's arm's version (a device
+    cannot choose its arm)."""
     v = np.asarray(vector, dtype=np.float64)
     if v.shape != (layout.length,):
         return f"the report has {v.size} values; this task's layout has {layout.length}"
     if not np.isfinite(v).all():
         return "the report holds NaN or infinite values"
     plan = layout.plan
+    versions = plan.versions
+    if plan.assignment is not None:
+        versions = tuple(ver for ver in plan.versions
+                         if v[layout.index(ver, "", "devices")] != 0.0)
+        if len(versions) != 1:
+            return (f"in this experiment a device reports exactly one model version (its "
+                    f"arm's); this report fills {len(versions)} of {list(plan.versions)}")
+        if device_id is not None and versions[0] != plan.version_for(device_id):
+            return (f"device {device_id[:64]!r} is assigned model version "
+                    f"{plan.version_for(device_id)} in this experiment, not {versions[0]}")
     results = {}
-    for version in plan.versions:
+    for version in versions:
         if v[layout.index(version, "", "devices")] != 1.0:
             return f"model version {version}: the 'devices' value must be 1"
         n = v[layout.index(version, "", "examples")]

@@ -4,7 +4,8 @@
 
     arms:                        # two or more; the first is the control unless `control` says
       - {name: control, weight: 0.5}
-      - {name: new_model, weight: 0.5}
+      - {name: new_model, weight: 0.5}   # version: N (optional): the model version this
+                                         # arm evaluates, in a coordinator experiment
     control: control             # optional
     primary_metric:
       name: accuracy
@@ -38,7 +39,10 @@ from typing import Any
 
 from core.experiments.assignment import StratifiedSplit, TrafficSplit
 from core.experiments.errors import ExperimentSpecError
-from core.experiments.srm import DEFAULT_SRM_THRESHOLD
+
+#: The sample-ratio check's default threshold (:mod:`core.experiments.srm`); defined here so
+#: that reading a spec does not import scipy.
+DEFAULT_SRM_THRESHOLD = 0.001
 
 _TOP_KEYS = (
     "arms", "control", "primary_metric", "guardrails", "mde", "alpha", "horizon_rounds",
@@ -56,8 +60,12 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True)
 class Arm:
+    """``version``: the model version the arm's devices evaluate (an experiment that runs
+    as a coordinator evaluation task); None where arms differ otherwise (simulations)."""
+
     name: str
     weight: float
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,32 @@ def parse_experiment_spec(raw: Any) -> ExperimentSpec:
     )
 
 
+def experiment_spec_to_dict(spec: ExperimentSpec) -> dict[str, Any]:
+    """Plain data that :func:`parse_experiment_spec` reads back to ``spec``."""
+    arms: list[dict[str, Any]] = []
+    for a in spec.arms:
+        arm: dict[str, Any] = {"name": a.name, "weight": a.weight}
+        if a.version is not None:
+            arm["version"] = a.version
+        arms.append(arm)
+    primary: dict[str, Any] = {"name": spec.primary.name,
+                               "direction": spec.primary.direction.value}
+    if spec.primary.covariate is not None:
+        primary["covariate"] = spec.primary.covariate
+    out: dict[str, Any] = {
+        "arms": arms, "control": spec.control, "primary_metric": primary,
+        "guardrails": [{"metric": g.metric, ("max_increase" if g.harmful is Direction.INCREASE
+                                              else "max_decrease"): g.limit}
+                       for g in spec.guardrails],
+        "mde": spec.mde, "alpha": spec.alpha, "horizon_rounds": spec.horizon_rounds,
+        "salt": spec.salt, "tau": spec.tau, "srm_threshold": spec.srm_threshold,
+    }
+    if spec.strata:
+        out["strata"] = {k: dict(zip(spec.arm_names, w, strict=True))
+                         for k, w in spec.strata.items()}
+    return out
+
+
 def _arms(value: Any) -> tuple[Arm, ...]:
     if not isinstance(value, list) or len(value) < 2:
         raise ExperimentSpecError(
@@ -171,7 +205,7 @@ def _arms(value: Any) -> tuple[Arm, ...]:
             raise ExperimentSpecError(
                 path, f"must be a mapping with name and weight, got {_describe(item)}"
             )
-        _no_unknown_keys(item, ("name", "weight"), path)
+        _no_unknown_keys(item, ("name", "weight", "version"), path)
         name = _required(item, "name", path)
         if not isinstance(name, str) or not name.strip():
             raise ExperimentSpecError(
@@ -182,7 +216,15 @@ def _arms(value: Any) -> tuple[Arm, ...]:
         weight = _number(_required(item, "weight", path), f"{path}.weight")
         if not weight > 0.0:
             raise ExperimentSpecError(f"{path}.weight", f"must be > 0, got {weight!r}")
-        arms.append(Arm(name, weight))
+        version = item.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                    or version < 0):
+            raise ExperimentSpecError(
+                f"{path}.version", f"must be a model version (an integer >= 0), got "
+                                   f"{_describe(version)}")
+        if version is not None and any(a.version == version for a in arms):
+            raise ExperimentSpecError(f"{path}.version", f"version {version} is another arm's")
+        arms.append(Arm(name, weight, version))
     total = math.fsum(a.weight for a in arms)
     if abs(total - 1.0) > _WEIGHT_SUM_TOLERANCE:
         raise ExperimentSpecError("arms", f"weights must sum to 1, they sum to {total!r}")

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-DEFAULT_SRM_THRESHOLD = 0.001
+from core.experiments.spec import DEFAULT_SRM_THRESHOLD
+
+__all__ = ["DEFAULT_SRM_THRESHOLD", "SrmResult", "srm_check"]
 
 
 @dataclass(frozen=True)

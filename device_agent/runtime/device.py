@@ -477,13 +477,18 @@ class Device:
         if not isinstance(self.trainer, LocalEvaluator):
             raise Declined(f"this device's trainer ({type(self.trainer).__name__}) cannot run "
                            f"an evaluation task")
+        # In an experiment this device evaluates only its arm's version (the same keyed hash
+        # the coordinator checks the report against); the other blocks stay zero.
+        mine = evaluation.version_for(self.device_id)
+        if mine is not None:
+            versions = {mine: versions[mine]}
         results = self.trainer.evaluate_versions(plan, evaluation, versions)
         try:
             report = device_vector(layout, results)
         except ValueError as exc:
             raise Declined(f"cannot report the evaluation: {exc}") from None
         log.info("%s: round %d: evaluated model version(s) %s", self.device_id,
-                 p.round_number, ", ".join(map(str, evaluation.versions)))
+                 p.round_number, ", ".join(map(str, versions)))
         sa = plan.secure_aggregation
         if sa is not None:
             clip = plan.privacy.l2_clip_norm if plan.privacy is not None else None
@@ -495,7 +500,7 @@ class Device:
             self._secure_stages(p, plan, encoded.vector, encoded.clipped)
             return
         payload = report.astype("<f4").tobytes()
-        first = evaluation.versions[0]
+        first = next(iter(results))
         header = UpdateHeader(
             participation=p,
             num_examples=int(report[layout.index(first, "", "examples")]),

@@ -1,0 +1,254 @@
+"""A/B experiments between model versions in the coordinator's rounds, driven over the service
+API with a manual clock: each device evaluates only its arm's version, the arm is a keyed hash
+of the device id and the salt stored with the task (the same in every round and after a
+restart; a report for another arm is refused), and after every committed round the arms'
+statistics and the decision are stored with the round; a stop decision ends the task with
+its reason (a guardrail breach, a sample-ratio mismatch, the horizon)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.rounds.clock import ManualClock
+from coordinator.rounds.errors import InvalidRequest
+from coordinator.rounds.service import CoordinatorService
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import FileBlobStore, InMemoryStore
+from core.evaluation import DeviceResult, EvaluationLayout, device_vector, read_plan
+from core.experiments import Action, TrafficSplit, assign_arm
+from core.experiments.spec import parse_experiment_spec
+from core.experiments.versions import ACTIONS
+from core.privacy import NoiseSource
+from core.protocol import CheckInOutcome, Participation, UpdateHeader
+from core.tensors import sha256_hex
+from core.types import (
+    DeviceAttributes,
+    FederatedEvaluation,
+    ModelSpec,
+    RoundState,
+    TaskKind,
+    TaskSpec,
+    TaskState,
+)
+
+ATTRS = DeviceAttributes()
+MODEL = ModelSpec("logistic_regression", {"input_dim": 4, "num_classes": 3})
+
+
+def experiment(**kw: object) -> dict[str, object]:
+    raw: dict[str, object] = {
+        "arms": [{"name": "control", "weight": 0.5, "version": 0},
+                 {"name": "candidate", "weight": 0.5, "version": 1}],
+        "primary_metric": {"name": "accuracy", "direction": "increase"},
+        "guardrails": [{"metric": "loss", "max_increase": 0.05}],
+        "mde": 0.05, "alpha": 0.05, "horizon_rounds": 3, "salt": "a-fixed-test-salt",
+    }
+    raw.update(kw)
+    return raw
+
+
+def spec(source: str, devices: int, rounds: int = 3, **kw: object) -> TaskSpec:
+    return TaskSpec(
+        name="ab", kind=TaskKind.EVALUATE, model=MODEL, rounds=rounds,
+        clients_per_round=devices, min_reports=2, over_selection=1.0, round_deadline_s=30.0,
+        selection_window_s=1.0,
+        evaluate=FederatedEvaluation(source_task=source, max_examples=64,
+                                     experiment=parse_experiment_spec(experiment(**kw))))
+
+
+def make_service(store: InMemoryStore, tmp_path: Path, clock: ManualClock,
+                 seed: int = 0) -> CoordinatorService:
+    return CoordinatorService(store, FileBlobStore(tmp_path / "blobs"), clock,
+                              rng=random.Random(seed), noise=NoiseSource.seeded(0),
+                              settings=CoordinatorSettings(allow_seeded_noise=True))
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def admit(service: CoordinatorService, clock: ManualClock, task_id: str, names: list[str]
+          ) -> dict[str, Participation]:
+    for d in names:
+        service.check_in(d, ATTRS, task_id)
+    clock.advance(1.1)
+    seats = {}
+    for d in names:
+        r = service.check_in(d, ATTRS, task_id)
+        assert r.outcome is CheckInOutcome.ACCEPTED, r.message
+        seats[d] = Participation(d, task_id, r.round_number, r.token)
+    return seats
+
+
+def upload(service: CoordinatorService, p: Participation, payload: bytes,
+           examples: int = 1) -> str:
+    plan = service.get_plan(p)
+    up = service.begin_upload(UpdateHeader(p, examples, list(plan.update_tensors),
+                                           len(payload), sha256_hex(payload), {}))
+    up.write(payload)
+    return service.finish_upload(up)
+
+
+def trained_source(service: CoordinatorService, clock: ManualClock) -> str:
+    """A training task with versions 0 and 1 (one round of zero updates)."""
+    tid = service.create_task(TaskSpec("train", MODEL, rounds=1, clients_per_round=2,
+                                       min_reports=2, over_selection=1.0,
+                                       selection_window_s=1.0)).record.task_id
+    for p in admit(service, clock, tid, ["t0", "t1"]).values():
+        nbytes = sum(t.numel for t in service.get_plan(p).update_tensors) * 4
+        upload(service, p, bytes(nbytes), examples=10)
+    service.tick()
+    assert service.get_task(tid).record.state is TaskState.COMPLETED
+    return tid
+
+
+def layout_of(service: CoordinatorService, p: Participation) -> EvaluationLayout:
+    plan = service.get_plan(p)
+    record = service.model_for_participant(p, plan.model_version)
+    evaluation = read_plan(b"".join(service.model_chunks(record, 1 << 20)))
+    assert evaluation is not None
+    return EvaluationLayout(evaluation)
+
+
+def report(layout: EvaluationLayout, version: int, accuracy: float, loss: float) -> bytes:
+    vector = device_vector(layout, {version: DeviceResult(20, {"accuracy": accuracy,
+                                                               "loss": loss})})
+    return vector.astype("<f4").tobytes()
+
+
+def run_round(service: CoordinatorService, clock: ManualClock, task_id: str,
+              names: list[str], values: dict[int, tuple[float, float]],
+              rng: np.random.Generator, reporting: set[int] | None = None) -> dict[str, int]:
+    """One round: every device evaluates its arm's version (accuracy, loss: the arm's value
+    plus a little noise); only versions in ``reporting`` report. Returns each device's
+    version as its plan said."""
+    seats = admit(service, clock, task_id, names)
+    versions = {}
+    for d, p in seats.items():
+        layout = layout_of(service, p)
+        version = layout.plan.version_for(d)
+        assert version is not None
+        versions[d] = version
+        if reporting is not None and version not in reporting:
+            continue
+        accuracy, loss = values[version]
+        upload(service, p, report(layout, version, float(np.clip(
+            accuracy + rng.normal(0, 0.02), 0, 1)), float(loss + rng.normal(0, 0.02))))
+    if reporting is not None:
+        clock.advance(31.0)  # the rest never report: the deadline releases the round
+    service.tick()
+    return versions
+
+
+DEVICES = [f"device-{i}" for i in range(24)]
+
+
+def test_each_device_evaluates_its_arm_in_every_round_and_after_a_restart(
+        clock: ManualClock, tmp_path: Path) -> None:
+    store = InMemoryStore()
+    first = make_service(store, tmp_path, clock)
+    source = trained_source(first, clock)
+    created = first.create_task(spec(source, len(DEVICES)))
+    tid = created.record.task_id
+    assert any("experiment: arms control = v0 (50%), candidate = v1 (50%)" in line
+               for line in created.launch_checks)
+    assert created.spec.evaluate.versions == (0, 1)
+    expected = {d: (0, 1)[assign_arm(d, salt="a-fixed-test-salt",
+                                     split=TrafficSplit([0.5, 0.5]))] for d in DEVICES}
+    assert set(expected.values()) == {0, 1}
+    same = {0: (0.7, 1.0), 1: (0.7, 1.0)}
+    rng = np.random.default_rng(0)
+    assert run_round(first, clock, tid, DEVICES, same, rng) == expected
+    first.close()
+
+    again = make_service(store, tmp_path, clock, seed=1)
+    again.recover()
+    assert run_round(again, clock, tid, DEVICES, same, rng) == expected
+    committed = [r for r in again.list_rounds(tid) if r.state is RoundState.COMMITTED]
+    assert [r.round_number for r in committed] == [1, 2]
+    in_control = sum(1 for v in expected.values() if v == 0)
+    for r in committed:
+        assert r.metrics["eval.v0.devices"] == in_control
+        assert r.metrics["eval.v1.devices"] == len(DEVICES) - in_control
+        assert r.metrics["experiment.action"] == ACTIONS.index(Action.CONTINUE)
+    # Cumulative: two rounds of every device.
+    assert committed[1].metrics["experiment.control.devices"] == 2 * in_control
+    assert committed[1].metrics["experiment.srm_p"] > 0.001
+
+    # A device cannot choose its arm: a report for the other version is refused.
+    seats = admit(again, clock, tid, DEVICES[:2])
+    d, p = next(iter(seats.items()))
+    layout = layout_of(again, p)
+    other = 1 - expected[d]
+    with pytest.raises(InvalidRequest, match=f"is assigned model version {expected[d]} in "
+                                             f"this experiment, not {other}"):
+        upload(again, p, report(layout, other, 0.9, 0.1))
+
+
+def test_a_guardrail_breach_stops_the_experiment_and_says_why(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(InMemoryStore(), tmp_path, clock)
+    source = trained_source(service, clock)
+    tid = service.create_task(spec(source, len(DEVICES), rounds=5, horizon_rounds=5)
+                              ).record.task_id
+    # The candidate is as accurate, but its loss is 0.5 higher than the control's: the
+    # guardrail allows 0.05.
+    rng = np.random.default_rng(1)
+    run_round(service, clock, tid, DEVICES, {0: (0.7, 1.0), 1: (0.7, 1.5)}, rng)
+    record = service.get_task(tid).record
+    assert record.state is TaskState.COMPLETED
+    assert "experiment decision stop_harm after round 1" in record.reason
+    assert "guardrail loss breached by candidate" in record.reason
+    (rnd,) = [r for r in service.list_rounds(tid) if r.state is RoundState.COMMITTED]
+    assert rnd.metrics["experiment.action"] == ACTIONS.index(Action.STOP_HARM)
+    assert rnd.metrics["experiment.candidate.loss.cs_lower"] > 0.05
+    assert rnd.metrics["experiment.candidate.loss.diff"] == pytest.approx(0.5, abs=0.05)
+    assert service.list_rounds(tid)[-1].round_number == 1  # no round opened after it
+
+
+def test_a_sample_ratio_mismatch_stops_the_experiment_as_invalid(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(InMemoryStore(), tmp_path, clock)
+    source = trained_source(service, clock)
+    names = [f"device-{i}" for i in range(40)]
+    tid = service.create_task(spec(source, len(names))).record.task_id
+    # Only the control's devices report (the candidate's crash, say): the arms' device
+    # counts no longer match the 50/50 split.
+    run_round(service, clock, tid, names, {0: (0.7, 1.0), 1: (0.9, 1.0)},
+              np.random.default_rng(2), reporting={0})
+    record = service.get_task(tid).record
+    assert record.state is TaskState.COMPLETED
+    assert "stop_invalid" in record.reason and "sample ratio mismatch" in record.reason
+
+
+def test_a_better_candidate_wins_and_the_decision_is_stored(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(InMemoryStore(), tmp_path, clock)
+    source = trained_source(service, clock)
+    tid = service.create_task(spec(source, len(DEVICES))).record.task_id
+    run_round(service, clock, tid, DEVICES, {0: (0.6, 1.0), 1: (0.9, 1.0)},
+              np.random.default_rng(3))
+    record = service.get_task(tid).record
+    assert record.state is TaskState.COMPLETED
+    assert "stop_success" in record.reason and "candidate beats control on accuracy" in \
+        record.reason
+
+
+def test_without_a_difference_the_experiment_ends_at_its_horizon(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(InMemoryStore(), tmp_path, clock)
+    source = trained_source(service, clock)
+    tid = service.create_task(spec(source, len(DEVICES), rounds=4, horizon_rounds=2)
+                              ).record.task_id
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        run_round(service, clock, tid, DEVICES, {0: (0.7, 1.0), 1: (0.7, 1.0)}, rng)
+    record = service.get_task(tid).record
+    assert record.state is TaskState.COMPLETED
+    assert "stop_horizon after round 2" in record.reason
+    assert len([r for r in service.list_rounds(tid) if r.state is RoundState.COMMITTED]) == 2
