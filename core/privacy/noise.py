@@ -10,6 +10,11 @@ indistinguishable from uniform bits for anyone without the key, and the key neve
 call, so the source keeps no state between calls (safe across threads and ``fork``).
 ``numpy.random.Generator`` (PCG64) seeded from ``os.urandom`` would *not* do: PCG64 is
 predictable from a few outputs, so whoever sees part of the noise could strip the rest.
+Neither would torch's ``normal_`` under a generator seeded from ``os.urandom`` each step
+(faster: ~4.6 ns a coordinate against ~12 hardened here, ``benchmarks/privacy.py --only
+noise``): torch's CPU generator is MT19937, predictable from 624 outputs, and its
+``manual_seed`` keeps only the seed's low 32 bits (seeds ``s`` and ``s + 2**32`` give the
+same stream), a key space small enough to search.
 
 :meth:`NoiseSource.seeded` is a reproducible PCG64 stream for simulations and tests only;
 its ``is_secure`` is False, and production code calls :meth:`NoiseSource.require_secure`,
