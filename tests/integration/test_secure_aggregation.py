@@ -29,6 +29,7 @@ from core.protocol import Participation, config_hash
 from core.secagg.client import SecAggClient
 from core.secagg.encoding import encode_update, masked_metric_values
 from core.secagg.messages import MaskedInputRequest
+from core.taskspec import load_task_file
 from core.tensors import load_safetensors
 from core.types import API_VERSION
 from device_agent.runtime.faults import FAULT_ENV
@@ -80,9 +81,10 @@ def launch(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: st
     task_file = write_task(tmp_path / f"{name}.yaml", name=name, rounds=rounds,
                            clients_per_round=DEVICES, min_reports=5,
                            round_deadline_s=deadline, extra=extra)
-    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
-    assert launched.returncode == 0, launched.stderr
-    return launched.stdout.strip()
+    # In this process: the CLI's launch is tested elsewhere; a fedctl process costs a second
+    # or two of imports.
+    with coordinator.admin() as admin:
+        return admin.create_task(load_task_file(task_file)).task_id
 
 
 def completed_rounds(coordinator: CoordinatorProcess, task_id: str) -> list[object]:
@@ -217,9 +219,8 @@ def test_out_of_order_replayed_and_forged_messages_get_clear_statuses_over_grpc(
     task_file = write_task(tmp_path / "rogue.yaml", name="rogue", rounds=1, clients_per_round=3,
                            min_reports=3, extra="secure_aggregation: {protocol: secagg, "
                            "dropout: 0.0001, phase_timeout_s: 20}\n")
-    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
-    assert launched.returncode == 0, launched.stderr
-    task_id = launched.stdout.strip()
+    with coordinator.admin() as admin:
+        task_id = admin.create_task(load_task_file(task_file)).task_id
     devices: list[HandDriven] = []
     in_parallel(*(lambda i=i: devices.append(HandDriven(coordinator.target, f"r{i}", task_id))
                   for i in range(3)))
