@@ -1,0 +1,145 @@
+"""An A/B experiment end to end over gRPC: a coordinator process, one agent process of 16
+devices and the engineer's ``fedctl experiment`` commands. A training task commits version 1;
+an experiment of the initial model (control) against it (candidate) runs as an evaluation
+task where each device evaluates only its arm's version, stops with a decision and its
+reason, and ``fedctl experiment status`` prints the table and writes the results JSON; a bad
+experiment file is refused naming file and field; ``stop`` ends a running experiment.
+
+The commands run in this process, through a parser built with
+:func:`fedctl.experiment.register` and fedctl's own coordinator options and admin client
+(the same code the ``fedctl`` executable runs once it registers the command)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import (
+    ADMIN_TOKEN,
+    CoordinatorProcess,
+    shared_coordinator,
+    start_agent,
+    stop_all,
+    wait_for_task,
+    write_task,
+)
+
+from fedctl import experiment as experiment_cli
+from fedctl.errors import CliError
+from fedctl.main import _add_coordinator, _admin
+
+pytestmark = pytest.mark.integration
+
+DEVICES = 16
+EXPERIMENT = """\
+name: it-ab
+kind: evaluate
+model:
+  architecture: logistic_regression
+  arguments: {{input_dim: 64, num_classes: 10}}
+rounds: {rounds}
+clients_per_round: {devices}
+min_reports: 8
+over_selection: 1.0
+round_deadline_s: 60
+selection_window_s: 1.0
+evaluate:
+  max_examples: 256
+  experiment:
+    arms:
+      - {{name: control, weight: 0.5, version: 0}}
+      - {{name: candidate, weight: 0.5, version: 1}}
+    primary_metric: {{name: accuracy, direction: increase}}
+    guardrails: [{{metric: loss, max_increase: 0.1}}]
+    mde: 0.05
+    alpha: 0.05
+    horizon_rounds: {rounds}
+"""
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    yield from shared_coordinator(tmp_path_factory)
+
+
+def fedctl_experiment(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    parser = argparse.ArgumentParser(prog="fedctl")
+    experiment_cli.register(parser.add_subparsers(dest="command", required=True),
+                            _add_coordinator, _admin)
+    parsed = parser.parse_args(["experiment", *args])
+    capsys.readouterr()
+    assert parsed.func(parsed) == 0
+    return capsys.readouterr().out
+
+
+def test_an_experiment_between_model_versions_decides_with_agent_processes(
+    coordinator: CoordinatorProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    at = ["--coordinator", coordinator.target, "--token", ADMIN_TOKEN]
+    train = write_task(tmp_path / "train.yaml", name="it-ab-train", rounds=1,
+                       clients_per_round=DEVICES, min_reports=12)
+    with coordinator.admin() as client:
+        from core.taskspec import load_task_file
+
+        train_id = client.create_task(load_task_file(train)).task_id
+    agents = [start_agent(coordinator.target, "ab-agent", f"digits:shard=0/{DEVICES}",
+                          devices=DEVICES, log=tmp_path / "agent.log")]
+    try:
+        with coordinator.admin() as client:
+            assert wait_for_task(client, train_id).state == "completed", coordinator.log_text()
+
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(EXPERIMENT.format(rounds=3, devices=DEVICES)
+                       .replace("direction: increase", "direction: up"))
+        with pytest.raises(CliError) as refused:
+            fedctl_experiment(capsys, "launch", str(bad), "--source-task", train_id, *at)
+        assert refused.value.exit_code == 2
+        assert str(refused.value).startswith(
+            f"{bad}: field 'evaluate.experiment.primary_metric.direction'")
+
+        path = tmp_path / "ab.yaml"
+        path.write_text(EXPERIMENT.format(rounds=3, devices=DEVICES))
+        ab_id = fedctl_experiment(capsys, "launch", str(path), "--source-task", train_id,
+                                  *at).strip()
+        with coordinator.admin() as client:
+            task = wait_for_task(client, ab_id)
+            rounds = [r for r in client.list_rounds(ab_id) if r.state == "committed"]
+        # The trained version beats the initial one at once: success, stored with its reason.
+        assert task.state == "completed", coordinator.log_text()
+        assert task.reason.startswith("experiment decision stop_success after round 1: "
+                                      "candidate beats control on accuracy"), task.reason
+        m = rounds[-1].metrics
+        # Each device evaluated one version: the arms' devices add up to the reports.
+        assert m["eval.v0.devices"] + m["eval.v1.devices"] == pytest.approx(rounds[-1].reports)
+        assert m["eval.v0.devices"] >= 2 and m["eval.v1.devices"] >= 2
+        assert m["experiment.srm_p"] > 0.001
+
+        out = tmp_path / "results.json"
+        table = fedctl_experiment(capsys, "status", ab_id, "--out", str(out), *at)
+        assert "candidate beats control on accuracy" in table
+        assert "accuracy (primary)" in table and "p (fixed horizon)" in table
+        results = json.loads(out.read_text())
+        assert results["decision"]["action"] == "stop_success"
+        assert results["state"] == "completed"
+        (primary,) = [c for c in results["comparisons"] if c["metric"] == "accuracy"]
+        assert primary["always_valid"]["lower"] > 0 and primary["always_valid"]["p_value"] < 0.05
+        assert [a["devices"] for a in results["arms"]] == [m["eval.v0.devices"],
+                                                           m["eval.v1.devices"]]
+        as_json = json.loads(fedctl_experiment(capsys, "status", ab_id, "--json", *at))
+        assert as_json == results
+
+        # A running experiment is stopped by the engineer, and says so.
+        long = tmp_path / "long.yaml"
+        long.write_text(EXPERIMENT.format(rounds=50, devices=DEVICES + 4))  # never fills
+        long_id = fedctl_experiment(capsys, "launch", str(long), "--source-task", train_id,
+                                    *at).strip()
+        stopped = fedctl_experiment(capsys, "stop", long_id, *at)
+        assert f"{long_id}: cancelled" in stopped
+        status = json.loads(fedctl_experiment(capsys, "status", long_id, "--json", *at))
+        assert status["decision"]["action"] == "ended_cancelled"
+    finally:
+        codes = stop_all(agents)
+    assert codes == [0]
