@@ -65,12 +65,14 @@ class CoordinatorProcess:
              *(extra or [])],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=self.cwd,  # noqa: SIM115
         )
-        deadline = time.monotonic() + 60
+        # Seconds of imports (torch) on an idle machine, but a minute was seen to be too
+        # little on a loaded one.
+        deadline = time.monotonic() + 180
         while not port_file.exists():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"coordinator exited: {log.read_text()}")
             if time.monotonic() > deadline:
-                raise TimeoutError("coordinator did not start in 60 s")
+                raise TimeoutError("coordinator did not start in 180 s")
             time.sleep(0.05)
         self.port = int(port_file.read_text())
         self.restarts += 1
