@@ -124,9 +124,11 @@ class AdminClient:
         assert isinstance(resp, admin_pb2.ListRoundsResponse)
         return list(resp.rounds)
 
-    def cancel_task(self, task_id: str) -> admin_pb2.Task:
-        resp = self._call("CancelTask", admin_pb2.CancelTaskRequest(api_version=API_VERSION,
-                                                                    task_id=task_id))
+    def cancel_task(self, task_id: str, reason: str = "") -> admin_pb2.Task:
+        """Cancels the task; ``reason`` is stored with it (after "cancelled by an
+        operator: ")."""
+        resp = self._call("CancelTask", admin_pb2.CancelTaskRequest(
+            api_version=API_VERSION, task_id=task_id, reason=reason))
         assert isinstance(resp, admin_pb2.CancelTaskResponse)
         return resp.task
 

@@ -66,6 +66,8 @@ def register(sub: Any, add_coordinator: Callable[[argparse.ArgumentParser], None
     stop = experiment.add_parser("stop", help="stop an experiment now (its task is cancelled; "
                                               "the rounds so far stay)")
     stop.add_argument("task_id")
+    stop.add_argument("--reason", default="", metavar="TEXT",
+                      help="why, stored with the task (at most 500 characters)")
     add_coordinator(stop)
     stop.set_defaults(func=cmd_stop)
 
@@ -141,7 +143,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     with _admin(args) as client:
         try:
-            task = client.cancel_task(args.task_id)
+            task = client.cancel_task(args.task_id, args.reason)
         except AdminError as exc:
             raise CliError(str(exc)) from None
     print(f"{task.task_id}: {task.state}: {task.reason}")

@@ -172,8 +172,8 @@ class CoordinatorService:
     def list_rounds(self, task_id: str) -> list[RoundRecord]:
         return self._tasks.rounds(task_id)
 
-    def cancel_task(self, task_id: str) -> TaskView:
-        return self._tasks.cancel(task_id, self._clock.now())
+    def cancel_task(self, task_id: str, reason: str = "") -> TaskView:
+        return self._tasks.cancel(task_id, self._clock.now(), reason)
 
     def model_version(self, task_id: str, version: int | None) -> ModelVersionRecord:
         """The record of ``version`` (None: the latest committed one)."""

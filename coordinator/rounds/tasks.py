@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from coordinator.rounds.aggregators import metrics_policy_for
 from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.declines import Declines
-from coordinator.rounds.errors import Late, NotFound, Unavailable, shown
+from coordinator.rounds.errors import InvalidRequest, Late, NotFound, Unavailable, shown
 from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.evaluation_tasks import bundle_versions, evaluation_setup, resolve_bundle
 from coordinator.rounds.launch import check_launch, initial_params
@@ -36,6 +36,8 @@ from core.taskspec import spec_from_dict, spec_to_dict
 from core.types import RoundState, TaskKind, TaskSpec, TaskState
 
 log = logging.getLogger(__name__)
+#: The longest reason an operator may give when cancelling a task.
+MAX_CANCEL_REASON = 500
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,17 @@ class Tasks:
         self.record(task_id)
         return self._store.list_rounds(task_id)
 
-    def cancel(self, task_id: str, now: float) -> TaskView:
+    def cancel(self, task_id: str, now: float, reason: str = "") -> TaskView:
+        """Ends the task as CANCELLED; ``reason`` (at most 500 printable characters; empty:
+        "cancelled by an operator") is stored as the task's reason.
+
+        Raises:
+            InvalidRequest: a reason that is too long or not printable.
+            NotFound, Late: no such task, or it already ended.
+        """
+        if len(reason) > MAX_CANCEL_REASON or not reason.isprintable():
+            raise InvalidRequest(f"reason: at most {MAX_CANCEL_REASON} printable characters, "
+                                 f"got {len(reason)}")
         record = self.record(task_id)
         if record.state.is_final:
             raise Late(f"task {task_id} is already {record.state.value}; nothing to cancel")
@@ -170,7 +182,9 @@ class Tasks:
         if task is not None and task.round is not None:
             self._store.set_round_state(task.round.round_id, RoundState.FAILED, now=now,
                                         failure_reason="task cancelled")
-        self._store.set_task_state(task_id, TaskState.CANCELLED, "cancelled by an operator")
+        self._store.set_task_state(
+            task_id, TaskState.CANCELLED,
+            f"cancelled by an operator: {reason}" if reason else "cancelled by an operator")
         return self.view(task_id)
 
     def record(self, task_id: str) -> TaskRecord:

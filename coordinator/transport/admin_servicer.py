@@ -135,7 +135,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.CancelTaskResponse:
         check_api_version(request.api_version)
         return admin_pb2.CancelTaskResponse(
-            task=task_to_proto(self._service.cancel_task(request.task_id))
+            task=task_to_proto(self._service.cancel_task(request.task_id, request.reason))
         )
 
     @maps_errors

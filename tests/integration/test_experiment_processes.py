@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,10 +108,11 @@ def test_an_experiment_between_model_versions_decides_with_agent_processes(
         with coordinator.admin() as client:
             task = wait_for_task(client, ab_id)
             rounds = [r for r in client.list_rounds(ab_id) if r.state == "committed"]
-        # The trained version beats the initial one at once: success, stored with its reason.
+        # The trained version beats the initial one within a round or two (as soon as each
+        # arm has enough devices): success, stored with its reason.
         assert task.state == "completed", coordinator.log_text()
-        assert task.reason.startswith("experiment decision stop_success after round 1: "
-                                      "candidate beats control on accuracy"), task.reason
+        assert re.match(r"experiment decision stop_success after round [12]: candidate beats "
+                        r"control on accuracy", task.reason), task.reason
         m = rounds[-1].metrics
         # Each device evaluated one version: the arms' devices add up to the reports.
         assert m["eval.v0.devices"] + m["eval.v1.devices"] == pytest.approx(rounds[-1].reports)
@@ -136,10 +138,11 @@ def test_an_experiment_between_model_versions_decides_with_agent_processes(
         long.write_text(EXPERIMENT.format(rounds=50, devices=DEVICES + 4))  # never fills
         long_id = fedctl_experiment(capsys, "launch", str(long), "--source-task", train_id,
                                     *at).strip()
-        stopped = fedctl_experiment(capsys, "stop", long_id, *at)
-        assert f"{long_id}: cancelled" in stopped
+        stopped = fedctl_experiment(capsys, "stop", long_id, "--reason", "a bug in v1", *at)
+        assert f"{long_id}: cancelled: cancelled by an operator: a bug in v1" in stopped
         status = json.loads(fedctl_experiment(capsys, "status", long_id, "--json", *at))
-        assert status["decision"]["action"] == "ended_cancelled"
+        assert status["decision"] == {"action": "ended_cancelled",
+                                      "reason": "cancelled by an operator: a bug in v1"}
     finally:
         codes = stop_all(agents)
     assert codes == [0]

@@ -155,12 +155,14 @@ class ListRoundsResponse(_message.Message):
     def __init__(self, rounds: _Optional[_Iterable[_Union[Round, _Mapping]]] = ...) -> None: ...
 
 class CancelTaskRequest(_message.Message):
-    __slots__ = ("api_version", "task_id")
+    __slots__ = ("api_version", "task_id", "reason")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     task_id: str
-    def __init__(self, api_version: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, api_version: _Optional[int] = ..., task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CancelTaskResponse(_message.Message):
     __slots__ = ("task",)

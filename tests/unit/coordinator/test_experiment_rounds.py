@@ -252,3 +252,16 @@ def test_without_a_difference_the_experiment_ends_at_its_horizon(
     assert record.state is TaskState.COMPLETED
     assert "stop_horizon after round 2" in record.reason
     assert len([r for r in service.list_rounds(tid) if r.state is RoundState.COMMITTED]) == 2
+
+
+def test_an_experiment_stopped_by_an_operator_keeps_the_reason_given(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(InMemoryStore(), tmp_path, clock)
+    source = trained_source(service, clock)
+    tid = service.create_task(spec(source, len(DEVICES))).record.task_id
+    with pytest.raises(InvalidRequest, match="reason: at most 500 printable characters"):
+        service.cancel_task(tid, "x" * 501)
+    service.cancel_task(tid, "v1 ships a known bug")
+    record = service.get_task(tid).record
+    assert record.state is TaskState.CANCELLED
+    assert record.reason == "cancelled by an operator: v1 ships a known bug"
