@@ -7,6 +7,7 @@ its reason (a guardrail breach, a sample-ratio mismatch, the horizon)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -18,18 +19,28 @@ from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
-from core.evaluation import DeviceResult, EvaluationLayout, device_vector, read_plan
+from core.evaluation import (
+    DeviceResult,
+    EvaluationLayout,
+    device_vector,
+    encode_masked_report,
+    read_plan,
+)
 from core.experiments import Action, TrafficSplit, assign_arm
 from core.experiments.spec import parse_experiment_spec
 from core.experiments.versions import ACTIONS
 from core.privacy import NoiseSource
-from core.protocol import CheckInOutcome, Participation, UpdateHeader
+from core.protocol import CheckInOutcome, Participation, UpdateHeader, config_hash
+from core.secagg.client import SecAggClient
+from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
 from core.tensors import sha256_hex
 from core.types import (
     DeviceAttributes,
     FederatedEvaluation,
     ModelSpec,
     RoundState,
+    SecAggProtocol,
+    SecureAggregation,
     TaskKind,
     TaskSpec,
     TaskState,
@@ -265,3 +276,52 @@ def test_an_experiment_stopped_by_an_operator_keeps_the_reason_given(
     record = service.get_task(tid).record
     assert record.state is TaskState.CANCELLED
     assert record.reason == "cancelled by an operator: v1 ships a known bug"
+
+
+def test_under_secure_aggregation_the_arms_are_counted_from_the_unmasked_sums(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(InMemoryStore(), tmp_path, clock)
+    source = trained_source(service, clock)
+    names = DEVICES[:12]
+    secure = SecureAggregation(protocol=SecAggProtocol.SECAGG, threshold=0.6, dropout=0.001,
+                               clip=0.5, phase_timeout_s=5.0)
+    tid = service.create_task(dataclasses.replace(
+        spec(source, len(names)), secure_aggregation=secure)).record.task_id
+    seats = admit(service, clock, tid, names)
+    plan = service.get_plan(seats[names[0]])
+    sa = plan.secure_aggregation
+    assert sa is not None
+    clients = {d: SecAggClient(sa.params, sa.context, config_hash(plan)) for d in seats}
+    for d in seats:
+        service.secagg_advertise(seats[d], clients[d].advertise())
+    for d in seats:
+        req = service.secagg_reply(seats[d], Stage.ADVERTISE)
+        assert isinstance(req, ShareKeysRequest)
+        service.secagg_share_keys(seats[d], clients[d].share_keys(req))
+    arms = {}
+    rng = np.random.default_rng(5)
+    for i, d in enumerate(seats):
+        layout = layout_of(service, seats[d])
+        version = arms[d] = layout.plan.version_for(d)
+        assert version is not None
+        accuracy = (0.5 if version == 0 else 0.9) + rng.normal(0, 0.02)
+        vector = device_vector(layout, {version: DeviceResult(20, {"accuracy": accuracy,
+                                                                   "loss": 1.0})})
+        encoded = encode_masked_report(layout, vector, sa.params, dp_l2_clip_norm=None,
+                                       rng=np.random.default_rng(i))
+        req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
+        assert isinstance(req, MaskedInputRequest)
+        service.secagg_masked_input(seats[d], clients[d].mask(req, encoded.vector), {},
+                                    encoded.clipped)
+    for d in seats:
+        req = service.secagg_reply(seats[d], Stage.MASKED_INPUT)
+        assert isinstance(req, UnmaskRequest)
+        service.secagg_unmask(seats[d], clients[d].unmask(req))
+    service.tick()
+    (rnd,) = [r for r in service.list_rounds(tid) if r.state is RoundState.COMMITTED]
+    in_control = sum(1 for v in arms.values() if v == 0)
+    assert rnd.metrics["eval.v0.devices"] == pytest.approx(in_control, abs=1e-3)
+    assert rnd.metrics["experiment.control.devices"] == in_control
+    assert rnd.metrics["experiment.candidate.devices"] == len(names) - in_control
+    record = service.get_task(tid).record
+    assert "stop_success" in record.reason, record.reason
