@@ -8,6 +8,9 @@ simulations feed these functions per-device metrics and act on the decision.
 - :mod:`.spec`        the experiment spec -> :class:`ExperimentSpec` (errors name the field)
 - :mod:`.decision`    stop rules: invalid, harm, success, horizon; with the reason
 - :mod:`.errors`      the error tree
+- :mod:`.versions`    an experiment between model versions run as an evaluation task: the
+                      arms' statistics and the decision from released round metrics
+                      (imported from there; not re-exported here)
 
 Importing the package is cheap (numpy only): the names are loaded on first use, so that
 ``core.types`` can name :class:`ExperimentSpec` without importing scipy (``fedctl --help``
