@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from harness import ENV, FEDCTL_CMD, CoordinatorProcess, stop_all, wait_for_task
 
+from core.taskspec import load_task_file
+
 pytest.importorskip("flwr", reason="flwr is not installed: pip install 'fedcoord[flower]'")
 
 pytestmark = pytest.mark.integration
@@ -134,11 +136,8 @@ def test_a_flower_numpy_client_trains_digits_through_the_coordinator(
 ) -> None:
     (tmp_path / "digits_client.py").write_text(textwrap.dedent(CLIENT))
     (tmp_path / "task.yaml").write_text(TASK)
-    launched = subprocess.run(
-        [*FEDCTL_CMD, "task", "launch", str(tmp_path / "task.yaml"), "--coordinator",
-         coordinator.target], capture_output=True, text=True, env=ENV, timeout=120)
-    assert launched.returncode == 0, launched.stderr
-    task_id = launched.stdout.strip()
+    with coordinator.admin() as client:  # in this process: a fedctl costs seconds of imports
+        task_id = client.create_task(load_task_file(tmp_path / "task.yaml")).task_id
 
     # One agent process hosts the 4 devices (a process costs seconds of start-up: torch and
     # flwr); each device gets its own partition-id (0..3) from the node config.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -18,8 +17,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import (
-    ENV,
-    FEDCTL_CMD,
     CoordinatorProcess,
     start_agent,
     stop_all,
@@ -27,6 +24,8 @@ from harness import (
     write_task,
 )
 from prometheus_client.parser import text_string_to_metric_families
+
+from core.taskspec import load_task_file
 
 pytestmark = pytest.mark.integration
 
@@ -79,11 +78,8 @@ def test_probes_and_metrics_follow_a_real_task(served: tuple[CoordinatorProcess,
 
     task_file = write_task(tmp_path / "task.yaml", rounds=2, clients_per_round=3,
                            min_reports=2)
-    launched = subprocess.run([*FEDCTL_CMD, "task", "launch", str(task_file),
-                               "--coordinator", coordinator.target],
-                              capture_output=True, text=True, env=ENV, timeout=120)
-    assert launched.returncode == 0, launched.stderr
-    task_id = launched.stdout.strip()
+    with coordinator.admin() as client:  # in this process: a fedctl costs seconds of imports
+        task_id = client.create_task(load_task_file(task_file)).task_id
     agent = start_agent(coordinator.target, "agent0", "digits:shard=0/3", devices=3,
                         task_id=task_id, log=tmp_path / "agent.log")
     try:

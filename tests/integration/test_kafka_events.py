@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from harness import ENV, FEDCTL_CMD, CoordinatorProcess, start_agent, wait_for_task, write_task
+from harness import CoordinatorProcess, start_agent, wait_for_task, write_task
 
 from coordinator.observability.events import Event, EventHub, EventKind
 from coordinator.observability.kafka_sink import KafkaSink
 from coordinator.observability.sinks import SinkConfigError, open_sinks
+from core.taskspec import load_task_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -106,11 +107,8 @@ def test_a_coordinators_task_streams_its_events_in_order(broker: Broker, tmp_pat
     try:
         task_file = write_task(tmp_path / "task.yaml", rounds=2, clients_per_round=2,
                                min_reports=2, selection_window_s=0.5)
-        launched = subprocess.run([*FEDCTL_CMD, "task", "launch", str(task_file),
-                                   "--coordinator", coordinator.target],
-                                  capture_output=True, text=True, env=ENV, timeout=60)
-        assert launched.returncode == 0, launched.stderr
-        task_id = launched.stdout.strip()
+        with coordinator.admin() as client:  # in this process: fedctl costs seconds of imports
+            task_id = client.create_task(load_task_file(task_file)).task_id
         agent = start_agent(coordinator.target, "kafka-agent", "digits:shard=0/2", devices=2,
                             task_id=task_id, log=tmp_path / "agent.log")
         with coordinator.admin() as client:
