@@ -4,7 +4,8 @@
 
     Synthetic(1,1), 1000 devices (seed 0); 100 devices a round from a fixed seeded schedule
     that every engine trains; 1 local epoch, batch 10, SGD lr 0.01; 20 rounds; FedAvg.
-    models: logistic regression 60->10, MLP 60-200-200-10
+    models: logistic regression 60->10 (lr), MLP 60-200-200-10 (mlp, 54k parameters),
+    MLP 60-1000-1000-10 (mlp1m, 1.07M parameters)
 
 Rows are grouped by the number of cores (``--cores 1,2``). A group's engines run one after the
 other, each in a child process group pinned to the same first ``cores`` CPUs
@@ -27,15 +28,22 @@ runs out), so memory is measured per engine and a hang cannot block the benchmar
 
 Prints one JSON line per run: ``engine`` and its version, ``cores`` (CPUs the run was pinned
 to), ``processes`` (worker processes that train), steady-state devices/s over rounds 2-R,
-round 1's seconds apart (start-up: for Flower this includes starting Ray), peak RSS of the
-run's whole process tree (psutil, sampled every 50 ms), final test accuracy and its
+round 1's seconds apart (start-up: for Flower this includes starting Ray; ``setup_s``: from
+loading the data to the clock's start), peak RSS of the run's process tree from the clock's
+start (``peak_rss_mb``, psutil, sampled every 50 ms), and from the child's start the tree's
+peak PSS (``peak_pss_mb``, /proc/PID/smaps_rollup: shared pages counted once) and summed RSS
+(``peak_rss_sum_mb``), final test accuracy and its
 difference from the sequential loop's, the achieved GFLOP/s (forward + backward FLOPs per
 sample x samples/s) against a single-thread 2048x2048 float32 matmul on this machine, and, on
 our engine's line, ``speedup``: its devices/s over each other engine's in the same group
-(same cores, same repeat), the only ratios to quote.
+(same cores, same repeat), the only ratios to quote, and ``per_core_vs_sequential``: its
+devices/s per core over the plain loop's most recent one-core run of the same model
+(``--cores 1,2`` runs that first).
 
     python benchmarks/simulation.py [--engines sequential,flower,pfl,ours] [--models lr,mlp]
                                     [--cores 1,2] [--repeat 1] [--rounds 20] [--timeout 900]
+                                    [--devices 1000] [--per-round 100]
+    python benchmarks/simulation.py --floor --models lr,mlp,mlp1m   # one core's ceiling
 
 Engines plug in through :data:`ENGINES`: a function ``(Workload, model key, cores) ->
 (Measurement, final accuracy)`` that trains the same schedule (``workload.schedule``, seeds
@@ -82,11 +90,14 @@ from simulations.engine import device_seed  # noqa: E402
 MODELS = {
     "lr": ModelSpec("logistic_regression", {"input_dim": 60, "num_classes": 10}),
     "mlp": ModelSpec("mlp", {"input_dim": 60, "hidden": [200, 200], "num_classes": 10}),
+    "mlp1m": ModelSpec("mlp", {"input_dim": 60, "hidden": [1000, 1000], "num_classes": 10}),
 }
-LAYERS = {"lr": [60, 10], "mlp": [60, 200, 200, 10]}
+LAYERS = {"lr": [60, 10], "mlp": [60, 200, 200, 10], "mlp1m": [60, 1000, 1000, 10]}
 LOCAL = LocalTraining(epochs=1, batch_size=10, learning_rate=0.01)
 DEFAULT_ENGINES = "sequential,flower,pfl,ours"
 DEFAULT_TIMEOUT_S = 900.0
+#: perf_counter when the child began its workload (setup_s: from here to the clock's start).
+_CHILD_STARTED = 0.0
 
 
 class EngineSkipped(Exception):
@@ -115,6 +126,61 @@ def make_workload(*, devices: int = 1000, per_round: int = 100, rounds: int = 20
     schedule = [sorted(rng.choice(devices, size=per_round, replace=False).tolist())
                 for _ in range(rounds)]
     return Workload(data, schedule, seed=seed)
+
+
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (``Pss`` of /proc/PID/smaps_rollup): its private
+    pages plus its share of every page it shares, so summing it over a process tree counts
+    each page once (the sum of RSS counts shared pages, e.g. the data table the workers map,
+    once per process)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory:
+    """Peak PSS and peak summed RSS of this process and all its descendants, sampled every
+    ``interval_s`` seconds in a daemon thread from :meth:`start` on."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.peak_pss = 0
+        self.peak_rss = 0
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+
+    def start(self) -> TreeMemory:
+        import psutil
+
+        me = psutil.Process(os.getpid())
+
+        def sample() -> None:
+            while not self._stop.wait(self._interval_s):
+                try:
+                    tree = [me, *me.children(recursive=True)]
+                except psutil.Error:
+                    continue
+                pss = rss = 0
+                for p in tree:
+                    pss += _pss_bytes(p.pid)
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak_pss = max(self.peak_pss, pss)
+                self.peak_rss = max(self.peak_rss, rss)
+
+        threading.Thread(target=sample, daemon=True).start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        return {"peak_pss_mb": round(self.peak_pss / 2**20, 1),
+                "peak_rss_sum_mb": round(self.peak_rss / 2**20, 1)}
 
 
 @dataclass
@@ -167,6 +233,7 @@ class Measurement:
                                "peak_rss_mb": round(self.peak_rss / 2**20, 1), **self.extra}
         if rounds >= 1:
             out["round1_s"] = round(ends[1] - ends[0], 3)
+            out["setup_s"] = round(self._start - _CHILD_STARTED, 3)
         if rounds >= 2:
             steady = ends[-1] - ends[1]
             sizes = workload.data.sizes()
@@ -315,12 +382,77 @@ def matmul_gflops(threads: int, size: int = 2048, repeat: int = 8) -> float:
         torch.set_num_threads(before)
 
 
+def _hand_step_s(dims: list[int], devices: int, batch: int, repeat: int) -> float:
+    """Seconds per device-step of the least work one SGD step of the MLP ``dims`` can be:
+    forward, backward and the update fused into the weight-gradient product (``baddbmm_``),
+    on ``devices`` devices' stacked weights at once (1: a plain per-device step)."""
+    ws = [torch.randn(devices, o, i) * 0.01 for i, o in zip(dims, dims[1:], strict=False)]
+    bs = [torch.zeros(devices, 1, o) for o in dims[1:]]
+    x = torch.randn(devices, batch, dims[0])
+    target = torch.zeros(devices, batch, dims[-1])
+    target[:, :, 0] = -1.0 / batch
+    ones = torch.ones(devices, 1, batch)
+
+    def step() -> None:
+        h, inputs = x, [x]
+        for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+            h = torch.baddbmm(b, h, w.transpose(1, 2))
+            if i < len(ws) - 1:
+                h = h.relu_()
+                inputs.append(h)
+        g = torch.softmax(h, dim=2).div_(batch).add_(target)
+        for i in range(len(ws) - 1, -1, -1):
+            back = torch.bmm(g, ws[i]) if i > 0 else None
+            ws[i].baddbmm_(g.transpose(1, 2), inputs[i], alpha=-0.01)
+            bs[i].baddbmm_(ones, g, alpha=-0.01)
+            if back is not None:
+                g = torch.ops.aten.threshold_backward(back, inputs[i], 0.0)
+
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            step()
+        return (time.perf_counter() - t0) / repeat / devices
+
+
+def floor(model: str, devices: int = 1000) -> dict[str, Any]:
+    """What one core can do at most on ``model``: the workload's FLOPs per device, torch's
+    one-thread matmul rate (2048 x 2048 and the step's own shapes), and the devices/s per
+    core those rates allow, with stacked weights of 1, 4 and 16 devices per batched product
+    (batching over devices cannot raise a step's arithmetic intensity: every device has its
+    own weights, each used ``batch_size`` times per product)."""
+    workload = make_workload(devices=devices, rounds=1)
+    dims, batch = LAYERS[model], workload.local.batch_size
+    sizes = workload.data.sizes()
+    mean_examples = float(sizes.mean())
+    mean_steps = float(np.ceil(sizes / batch).mean())
+    per_device = train_flops_per_sample(model) * mean_examples
+    out: dict[str, Any] = {"benchmark": "simulation_floor", "model": model, "batch": batch,
+                           "parameters": sum(a * b + b for a, b in zip(dims, dims[1:],
+                                                                        strict=False)),
+                           "mean_examples_per_device": round(mean_examples, 1),
+                           "mean_steps_per_device": round(mean_steps, 1),
+                           "train_gflop_per_device": round(per_device / 1e9, 3),
+                           "matmul_gflops_1_thread_2048": round(matmul_gflops(1), 1)}
+    step_flops = train_flops_per_sample(model) * batch
+    for stacked in (1, 4, 16):
+        t = _hand_step_s(dims, stacked, batch, repeat=max(3, 2000 // (stacked * len(dims))))
+        out[f"hand_step_ms_{stacked}_stacked"] = round(t * 1e3, 4)
+        out[f"hand_step_gflops_{stacked}_stacked"] = round(step_flops / t / 1e9, 1)
+        out[f"ceiling_devices_per_s_per_core_{stacked}_stacked"] = round(
+            1.0 / (t * mean_steps), 1)
+    return out
+
+
 # -- parent: one child process group per (engine, model, cores) -------------------------------
 
 
 def _run_child(engine: str, model: str, cores: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--engines", engine,
-           "--models", model, "--rounds", str(args.rounds), "--cores", str(cores)]
+           "--models", model, "--rounds", str(args.rounds), "--cores", str(cores),
+           "--devices", str(args.devices), "--per-round", str(args.per_round)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     log_path = Path(args.log_dir) / f"simulation-{engine}-{model}-{cores}cores.log"
@@ -370,6 +502,8 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _child(args: argparse.Namespace) -> None:
+    global _CHILD_STARTED
+    memory = TreeMemory().start()  # from the start: data loading and workers' start-up count
     engine, model, cores = args.engines, args.models, args.cores
     head: dict[str, Any] = {"benchmark": "simulation", "engine": engine,
                             "engine_version": engine_version(engine), "model": model,
@@ -382,7 +516,8 @@ def _child(args: argparse.Namespace) -> None:
     # worker processes inherit the mask, so "cores" is what the whole run may use.
     os.sched_setaffinity(0, allowed[:cores])
     head["cpus"] = allowed[:cores]
-    workload = make_workload(rounds=args.rounds)
+    _CHILD_STARTED = time.perf_counter()
+    workload = make_workload(devices=args.devices, per_round=args.per_round, rounds=args.rounds)
     torch.set_num_threads(1)
     head.update(devices=workload.data.num_devices, per_round=len(workload.schedule[0]),
                 rounds=len(workload.schedule), torch_threads_per_process=1)
@@ -391,12 +526,12 @@ def _child(args: argparse.Namespace) -> None:
     except EngineSkipped as e:
         print(json.dumps({**head, "skipped": str(e)}), flush=True)
         return
-    print(json.dumps({**head, **measure.summary(workload),
+    print(json.dumps({**head, **measure.summary(workload), **memory.stop(),
                       "final_accuracy": round(accuracy, 4)}), flush=True)
 
 
 def _compare(rows: list[dict[str, Any]], model: str, base_accuracy: float | None,
-             ceiling: float) -> None:
+             ceiling: float, base_rate: float | None = None) -> None:
     """Adds FLOP rates, the accuracy check and, on our line, the speed-ups within a group."""
     for row in rows:
         if "samples_per_s" in row:
@@ -409,24 +544,39 @@ def _compare(rows: list[dict[str, Any]], model: str, base_accuracy: float | None
     if ours is not None:
         ours["speedup"] = {r["engine"]: round(ours["devices_per_s"] / r["devices_per_s"], 2)
                            for r in rows if r is not ours and r.get("devices_per_s")}
+        if base_rate:
+            # Per core against the plain loop's most recent one-core run of this model.
+            ours["per_core_vs_sequential"] = round(
+                ours["devices_per_s"] / ours["cores"] / base_rate, 2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default=DEFAULT_ENGINES,
                         help=f"comma list of {', '.join(ENGINES)}")
-    parser.add_argument("--models", default="lr,mlp", help="comma list of lr, mlp")
+    parser.add_argument("--models", default="lr,mlp",
+                        help=f"comma list of {', '.join(MODELS)}")
     parser.add_argument("--cores", default="1,2",
                         help="comma list: each group pins every engine to this many cores")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each group; the engine order flips every other run")
     parser.add_argument("--rounds", type=int, default=20, help="round 1 is timed apart")
+    parser.add_argument("--devices", type=int, default=1000, help="devices in the federation")
+    parser.add_argument("--per-round", type=int, default=100, help="devices trained a round")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="hard limit in seconds for each (engine, model, cores) child")
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp"),
                         help="where each child's stderr goes")
+    parser.add_argument("--floor", action="store_true",
+                        help="print each model's one-core ceiling (simulation_floor) and exit")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor:
+        torch.set_num_threads(1)
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+        for model in args.models.split(","):
+            print(json.dumps(floor(model, args.devices)), flush=True)
+        return
     if args.child:
         args.cores = int(args.cores)
         _child(args)
@@ -439,6 +589,7 @@ def main() -> None:
     torch.set_num_threads(1)
     ceiling = round(matmul_gflops(1), 1)
     base_accuracy: dict[str, float] = {}
+    base_rate: dict[str, float] = {}
     for model in args.models.split(","):
         for cores in (int(c) for c in args.cores.split(",")):
             for repeat in range(args.repeat):
@@ -450,8 +601,10 @@ def main() -> None:
                     row["repeat"] = repeat
                     if engine == "sequential" and "final_accuracy" in row:
                         base_accuracy.setdefault(model, row["final_accuracy"])
+                    if engine == "sequential" and row.get("devices_per_s"):
+                        base_rate[model] = row["devices_per_s"]
                     rows.append(row)
-                _compare(rows, model, base_accuracy.get(model), ceiling)
+                _compare(rows, model, base_accuracy.get(model), ceiling, base_rate.get(model))
                 for row in rows:  # in run order; ours carries the group's speed-ups
                     print(json.dumps(row), flush=True)
 

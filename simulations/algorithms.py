@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from core.aggregation.fedavg import weighted_mean
+from core.aggregation.fedavg import StreamingWeightedMean, weighted_mean
 from core.aggregation.server_optimizers import apply_server_optimizer
 from core.types import ServerOptimizer
 from simulations.aggregation import CohortAggregator
@@ -125,10 +125,21 @@ def make_algorithm(config: AlgorithmConfig, server: ServerOptimizer, *, num_devi
 
 def mean_deltas(global_params: Mapping[str, np.ndarray], result: CohortResult) -> State:
     """Example-weighted mean of ``trained - global`` per tensor, through the coordinator's
-    :func:`~core.aggregation.fedavg.weighted_mean`."""
+    accumulator (:class:`~core.aggregation.fedavg.StreamingWeightedMean`, what
+    :func:`~core.aggregation.fedavg.weighted_mean` runs)."""
     weights = [float(n) for n in result.num_examples]
     out: State = {}
     for name, x in global_params.items():
-        deltas = result.params[name].numpy() - x
-        out[name] = weighted_mean(list(deltas), weights)
+        # weighted_mean's accumulator fed one device's delta at a time: a stacked
+        # [devices, ...] delta would double the cohort's memory for large models (a
+        # 1.07M-parameter MLP: 430 MB for 100 devices). Same arithmetic, same order.
+        trained = result.params[name].numpy()
+        if len(trained) != len(weights) or not weights:
+            raise ValueError(f"need one weight per update and at least one update, got "
+                             f"{len(trained)} updates and {len(weights)} weights")
+        accumulator = StreamingWeightedMean(x.size)
+        for device, weight in zip(trained, weights, strict=True):
+            accumulator.add_chunk(0, device - x, weight)
+            accumulator.finish_update(weight)
+        out[name] = accumulator.mean().reshape(x.shape)
     return out

@@ -44,7 +44,7 @@ from core.models import build_model, model_hooks
 from core.training import train_local
 from core.types import LocalOptimizerKind, LocalTraining, ModelSpec
 from simulations.config import EngineKind
-from simulations.data import FederatedData
+from simulations.data import FederatedData, PackedRows
 
 Params = dict[str, torch.Tensor]
 
@@ -95,20 +95,52 @@ def full_steps(num_examples: int, local: LocalTraining) -> int:
 
 class DeviceTable:
     """All devices' training data as one float32 table ``[total + 1, *feature_shape]`` (the
-    last row is zero padding) and int64 labels, with each device's row offset."""
+    last row is zero padding) and int64 labels, with each device's row offset.
+
+    Data loaded by :func:`simulations.data.load_federated_data` is already laid out so
+    (:class:`~simulations.data.PackedRows`): the table is that memory, not a copy."""
 
     def __init__(self, data: FederatedData) -> None:
         self.sizes = data.sizes()
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.pad_row = int(self.offsets[-1])
-        x = np.concatenate([*data.x_train, np.zeros((1, *data.feature_shape), np.float32)])
-        y = np.concatenate([*data.y_train, np.zeros(1, np.int64)])
+        self._packed: list[PackedRows] = []
+        if _is_table(data.x_train, self.offsets, np.float32) and _is_table(
+                data.y_train, self.offsets, np.int64):
+            assert isinstance(data.x_train, PackedRows) and isinstance(data.y_train, PackedRows)
+            self._packed = [data.x_train, data.y_train]
+            x, y = data.x_train.table, data.y_train.table
+        else:
+            x = np.concatenate([*data.x_train, np.zeros((1, *data.feature_shape), np.float32)])
+            y = np.concatenate([*data.y_train, np.zeros(1, np.int64)])
         self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+    def share_memory(self) -> None:
+        """Moves the table into shared memory (for worker processes to map) and points the
+        data it was built from at it, so the data are still held once.
+
+        Raises:
+            RuntimeError, OSError: no room in shared memory (``/dev/shm``).
+        """
+        self.x.share_memory_()  # type: ignore[no-untyped-call]
+        self.y.share_memory_()  # type: ignore[no-untyped-call]
+        for rows, tensor in zip(self._packed, (self.x, self.y), strict=False):
+            rows.rebase(tensor.numpy())
 
     def device_arrays(self, device: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = int(self.offsets[device]), int(self.offsets[device + 1])
         return self.x[lo:hi].numpy(), self.y[lo:hi].numpy()
+
+
+def _is_table(rows: object, offsets: np.ndarray, dtype: type) -> bool:
+    """``rows`` are PackedRows over a contiguous ``dtype`` table with exactly one zero
+    padding row after ``offsets``' rows."""
+    if not isinstance(rows, PackedRows):
+        return False
+    table = rows.table
+    return (table.dtype == dtype and table.flags.c_contiguous and len(table) == offsets[-1] + 1
+            and np.array_equal(rows.offsets, offsets) and not table[-1].any())
 
 
 def make_trainer(kind: EngineKind, spec: ModelSpec, table: DeviceTable, local: LocalTraining,

@@ -12,9 +12,10 @@ helpers for writing a data source over one central dataset (e.g. a torch ``Datas
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, overload
 
 import numpy as np
 
@@ -149,13 +150,79 @@ def load_federated_data(config: DataConfig, *, source: str = "<simulation>") -> 
     if _feature_shape(x_test) != shape:
         fail(test_field, f"test features of shape {list(_feature_shape(x_test))} do not fit "
                          f"the devices' {list(shape)}")
+    x_train, y_train = _pack_training_data(shards, shape)
     return FederatedData(
-        x_train=[np.ascontiguousarray(s.x_train, dtype=np.float32) for s in shards],
-        y_train=[np.ascontiguousarray(s.y_train, dtype=np.int64) for s in shards],
+        x_train=x_train, y_train=y_train,
         x_test=np.ascontiguousarray(x_test, dtype=np.float32),
         y_test=np.ascontiguousarray(y_test, dtype=np.int64), num_classes=classes,
         x_device_test=[np.ascontiguousarray(s.x_test, dtype=np.float32) for s in shards],
         y_device_test=[np.ascontiguousarray(s.y_test, dtype=np.int64) for s in shards])
+
+
+def _pack_training_data(shards: list[LocalDataset], shape: tuple[int, ...]
+                        ) -> tuple[PackedRows, PackedRows]:
+    """Every device's training split copied into one table (plus a zero padding row, the
+    layout :class:`simulations.cohort.DeviceTable` trains from), each shard's own arrays
+    released as soon as they are copied: a federation's training data is held once."""
+    sizes = [len(s.y_train) for s in shards]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    x = np.zeros((int(offsets[-1]) + 1, *shape), dtype=np.float32)
+    y = np.zeros(int(offsets[-1]) + 1, dtype=np.int64)
+    for k in range(len(shards)):
+        lo, hi = int(offsets[k]), int(offsets[k + 1])
+        x[lo:hi] = shards[k].x_train
+        y[lo:hi] = shards[k].y_train
+        # Keep the shard's test split, drop its training arrays (this copy replaces them).
+        shards[k] = dataclasses.replace(shards[k], x_train=x[lo:hi], y_train=y[lo:hi])
+    return PackedRows(x, offsets), PackedRows(y, offsets)
+
+
+class PackedRows(Sequence[np.ndarray]):
+    """Per-device arrays that are consecutive row ranges of one ``table``: item ``k`` is
+    the view ``table[offsets[k]:offsets[k + 1]]``; rows past ``offsets[-1]`` are padding.
+    Not thread-safe with :meth:`rebase`."""
+
+    def __init__(self, table: np.ndarray, offsets: np.ndarray) -> None:
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[-1] > len(table):
+            raise ValueError(f"offsets must end within the table's {len(table)} rows")
+        self._table, self._offsets = table, offsets
+
+    @property
+    def table(self) -> np.ndarray:
+        """The whole table, padding rows included."""
+        return self._table
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self._offsets
+
+    def rebase(self, table: np.ndarray) -> None:
+        """Reads from ``table`` from now on: the same rows elsewhere (e.g. moved to shared
+        memory), so the old table is released once nothing else holds it.
+
+        Raises:
+            ValueError: ``table`` has another shape or dtype.
+        """
+        if table.shape != self._table.shape or table.dtype != self._table.dtype:
+            raise ValueError(f"a {table.dtype} table of shape {table.shape} cannot replace "
+                             f"the {self._table.dtype} {self._table.shape}")
+        self._table = table
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @overload
+    def __getitem__(self, k: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, k: slice) -> Sequence[np.ndarray]: ...
+
+    def __getitem__(self, k: int | slice) -> np.ndarray | Sequence[np.ndarray]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"device {k} of {len(self)}")
+        k %= len(self)
+        return self._table[int(self._offsets[k]):int(self._offsets[k + 1])]
 
 
 def _feature_shape(x: np.ndarray) -> tuple[int, ...]:

@@ -9,15 +9,25 @@ processes each kept one thread's speed). Processes also train models too large t
 (the ``loop`` trainer), one device per process at a time.
 
 The data table is placed in shared memory once and mapped by every worker (no copy per
-worker); per round, a worker receives the global weights and its jobs and returns its
-devices' weights (pickled: this stays inside the simulation, the production wire never
-pickles). Workers are started with ``spawn`` (no fork of a process that has torch threads).
+worker); per round, a worker receives the global weights and its jobs and writes its
+devices' weights into shared rows (or, for a cohort larger than the shared room, returns
+them pickled: this stays inside the simulation, the production wire never pickles). Workers
+are started with ``spawn`` (no fork of a process that has torch threads), all of them when
+the trainer is built, and each trains one step before it reports ready, so the first round
+pays neither the start-up (torch's import, ~1-3 s) nor the first call's allocations.
+
+Memory: a worker trains its share in slices of at most :data:`_SLICE_BYTES` of weights
+(sorted by steps, so the lock-step groups stay whole for small models) and copies each into
+the shared rows, so a large model's cohort is never held twice in a worker; the trained
+weights the parent returns are views of the shared rows, not a copy.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import multiprocessing.synchronize
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,17 +55,39 @@ class _Setup:
     apps: tuple[str, ...] = ()
 
 
+#: Weight bytes a worker trains at once before copying them into the shared rows: bounds a
+#: worker's own copy of its devices' weights (a 1.07M-parameter MLP: 15 devices, 64 MiB)
+#: while keeping small models' cohorts whole (a 54k-parameter MLP: 300 devices).
+_SLICE_BYTES = 64 << 20
+
 _trainer: CohortTrainer | None = None  # the worker process's trainer (set by _start)
 _out: dict[str, torch.Tensor] = {}  # shared [capacity, ...] weights the workers write
+_sizes: np.ndarray = np.zeros(0, dtype=np.int64)
+_local: LocalTraining | None = None
+_ready: multiprocessing.synchronize.Barrier | None = None
 
 
-def _start(setup: _Setup, table: DeviceTable, out: dict[str, torch.Tensor]) -> None:
-    global _trainer, _out
-    _out = out
+def _start(setup: _Setup, table: DeviceTable, out: dict[str, torch.Tensor],
+           ready: multiprocessing.synchronize.Barrier) -> None:
+    global _trainer, _out, _sizes, _local, _ready
+    _out, _sizes, _local, _ready = out, table.sizes, setup.local, ready
     torch.set_num_threads(setup.threads)
     load_apps(setup.apps)
     _trainer = make_cohort_trainer(setup.kind, setup.model, table, setup.local,
                                    local_objective(setup.algorithm))
+
+
+def _warm(global_params: dict[str, np.ndarray], timeout_s: float) -> int:
+    """Trains one step of device 0 (first calls allocate and pick kernels), then waits
+    until every worker has done so: run once per worker, the barrier makes each call land on
+    a different process. Returns this worker's pid."""
+    import os
+
+    assert _trainer is not None and _ready is not None, "worker not started"
+    _trainer.train({n: torch.from_numpy(v) for n, v in global_params.items()},
+                   [DeviceJob(0, 0, max_steps=1)])
+    _ready.wait(timeout_s)
+    return os.getpid()
 
 
 def _train(global_params: dict[str, np.ndarray], jobs: list[DeviceJob],
@@ -64,17 +96,32 @@ def _train(global_params: dict[str, np.ndarray], jobs: list[DeviceJob],
     """Trains ``jobs``; writes job ``i``'s weights into row ``positions[i]`` of the shared
     tensors (the result then carries no weights), or with ``positions=None`` returns the
     weights (pickled back)."""
-    assert _trainer is not None, "worker not started"
-    result = _trainer.train(
-        {n: torch.from_numpy(v) for n, v in global_params.items()}, jobs,
-        None if corrections is None else {n: torch.from_numpy(v)
-                                          for n, v in corrections.items()})
+    assert _trainer is not None and _local is not None, "worker not started"
+    params = {n: torch.from_numpy(v) for n, v in global_params.items()}
+    corr = None if corrections is None else {n: torch.from_numpy(v)
+                                             for n, v in corrections.items()}
     if positions is not None:
-        rows = torch.tensor(positions, dtype=torch.int64)
-        for name, weights in result.params.items():
-            _out[name].index_copy_(0, rows, weights)
-        return CohortResult(params={}, steps=result.steps, num_examples=result.num_examples,
-                            loss=result.loss)
+        per_device = sum(v.nbytes for v in global_params.values())
+        size = max(1, _SLICE_BYTES // max(per_device, 1))
+        full = [full_steps(int(_sizes[j.device]), _local) for j in jobs]
+        costs = np.array([f if j.max_steps is None else min(f, j.max_steps)
+                          for j, f in zip(jobs, full, strict=True)])
+        order = np.argsort(-costs, kind="stable")
+        steps = np.zeros(len(jobs), dtype=np.int64)
+        examples = np.zeros(len(jobs), dtype=np.int64)
+        loss = np.zeros(len(jobs), dtype=np.float64)
+        for lo in range(0, len(jobs), size):
+            part = order[lo:lo + size]
+            result = _trainer.train(
+                params, [jobs[i] for i in part],
+                None if corr is None else {n: c[part] for n, c in corr.items()})
+            rows = torch.tensor([positions[i] for i in part], dtype=torch.int64)
+            for name, weights in result.params.items():
+                _out[name].index_copy_(0, rows, weights)
+            steps[part], examples[part], loss[part] = (result.steps, result.num_examples,
+                                                       result.loss)
+        return CohortResult(params={}, steps=steps, num_examples=examples, loss=loss)
+    result = _trainer.train(params, jobs, corr)
     return CohortResult(params={n: p.numpy() for n, p in result.params.items()},  # type: ignore[misc]
                         steps=result.steps, num_examples=result.num_examples,
                         loss=result.loss)
@@ -89,7 +136,12 @@ class ProcessCohortTrainer:
 
     Devices' weights come back through shared memory for cohorts of up to ``capacity``
     devices (pickling them back cost ~100 ms a round for 100 devices of 54k parameters on
-    the development machine); larger cohorts are pickled.
+    the development machine); larger cohorts are pickled. The returned ``params`` are then
+    views of the shared rows, valid until the next :meth:`train` (every caller aggregates
+    a round before training the next); copy them to keep them longer.
+
+    The constructor returns once every worker has started and trained one step (within
+    ``start_timeout_s`` seconds).
 
     Raises:
         ValueError: ``processes`` below 2.
@@ -97,16 +149,17 @@ class ProcessCohortTrainer:
 
     def __init__(self, table: DeviceTable, processes: int, *, kind: EngineKind,
                  model: ModelSpec, local: LocalTraining, algorithm: AlgorithmConfig,
-                 threads: int = 1, capacity: int = 0, apps: tuple[str, ...] = ()) -> None:
+                 threads: int = 1, capacity: int = 0, apps: tuple[str, ...] = (),
+                 start_timeout_s: float = 300.0) -> None:
         if processes < 2:
             raise ValueError(f"processes must be at least 2, got {processes}")
         import torch.multiprocessing as tmp
 
         try:
-            table.x.share_memory_()  # type: ignore[no-untyped-call]
-            table.y.share_memory_()  # type: ignore[no-untyped-call]
+            table.share_memory()
             self._out: dict[str, torch.Tensor] = {
-                n: torch.zeros((capacity, *v.shape), dtype=torch.from_numpy(v).dtype
+                # empty: untouched pages cost nothing until the workers write their rows
+                n: torch.empty((capacity, *v.shape), dtype=torch.from_numpy(v).dtype
                                ).share_memory_()  # type: ignore[no-untyped-call]
                 for n, v in initial_state(model, 0).items()} if capacity else {}
         except (RuntimeError, OSError) as exc:
@@ -118,9 +171,22 @@ class ProcessCohortTrainer:
         self._overhead = 0.0 if kind is EngineKind.LOOP else LOCK_STEP_OVERHEAD
         self._capacity = capacity
         setup = _Setup(kind, model, local, algorithm, threads, apps)
+        context = tmp.get_context("spawn")
         self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=processes, mp_context=tmp.get_context("spawn"),
-            initializer=_start, initargs=(setup, table, self._out))
+            max_workers=processes, mp_context=context,
+            initializer=_start, initargs=(setup, table, self._out,
+                                          context.Barrier(processes)))
+        initial = initial_state(model, 0)
+        try:
+            warm = [self._pool.submit(_warm, initial, start_timeout_s)
+                    for _ in range(processes)]
+            pids = {f.result(timeout=start_timeout_s) for f in warm}
+        except (concurrent.futures.process.BrokenProcessPool, threading.BrokenBarrierError,
+                TimeoutError) as exc:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise SimulationError(f"the {processes} simulation worker processes did not "
+                                  f"start within {start_timeout_s:.0f} s: {exc!r}") from exc
+        assert len(pids) == processes, pids
 
     @classmethod
     def from_config(cls, config: SimulationConfig, table: DeviceTable) -> ProcessCohortTrainer:
@@ -160,7 +226,7 @@ class ProcessCohortTrainer:
         order = np.argsort(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]),
                            kind="stable")
         return CohortResult(
-            params={n: self._out[n][:len(jobs)].clone() for n in global_params},
+            params={n: self._out[n][:len(jobs)] for n in global_params},
             steps=np.concatenate([p.steps for p in parts])[order],
             num_examples=np.concatenate([p.num_examples for p in parts])[order],
             loss=np.concatenate([p.loss for p in parts])[order])
