@@ -29,7 +29,8 @@ def test_demo_prints_one_json_line_with_per_round_accuracy() -> None:
 
 
 def test_demo_with_secure_aggregation_reports_the_protocol_it_ran() -> None:
-    result = subprocess.run([*FEDCTL_CMD, "demo", "--devices", "10", "--rounds", "2",
+    # One round runs the whole protocol (and reaches ~0.7 accuracy: 0.73 in a run here).
+    result = subprocess.run([*FEDCTL_CMD, "demo", "--devices", "10", "--rounds", "1",
                              "--processes", "2", "--json", "--secagg"],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr
