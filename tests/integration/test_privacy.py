@@ -23,6 +23,7 @@ from harness import (
 )
 
 from core.privacy import Sampling, epsilon
+from core.taskspec import load_task_file
 from protos.fedcoord.v1 import admin_pb2
 
 pytestmark = pytest.mark.integration
@@ -78,7 +79,9 @@ def fedctl(*args: str) -> subprocess.CompletedProcess[str]:
 def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: str,
              rounds: int, cohort: int = COHORT, window_s: float = 7.0
              ) -> tuple[str, admin_pb2.Task, list[admin_pb2.Round]]:
-    """Launches a task through the CLI and waits until it ends (the module's devices run it)."""
+    """Launches a task (in this process: the CLI's launch is tested elsewhere, and a fedctl
+    process costs a second or two of imports) and waits until it ends (the module's devices
+    run it)."""
     task_file = write_task(tmp_path / f"{name}.yaml", name=name, rounds=rounds,
                            clients_per_round=cohort, over_selection=1.0,
                            min_reports=min(cohort, 3), extra=extra,
@@ -86,10 +89,8 @@ def run_task(coordinator: CoordinatorProcess, tmp_path: Path, name: str, extra: 
                            # within ~6 s) to check in, as q is computed from what a window
                            # sees. Local DP's devices account for themselves.
                            selection_window_s=window_s)
-    launched = fedctl("task", "launch", str(task_file), "--coordinator", coordinator.target)
-    assert launched.returncode == 0, launched.stderr
-    task_id = launched.stdout.strip()
     with coordinator.admin() as client:
+        task_id = client.create_task(load_task_file(task_file)).task_id
         task = wait_for_task(client, task_id, until=("completed", "failed", "cancelled",
                                                       "budget_exhausted"))
         rounds_seen = list(client.list_rounds(task_id))
