@@ -16,7 +16,7 @@ are started with ``spawn`` (no fork of a process that has torch threads), all of
 the trainer is built, and each trains one step before it reports ready, so the first round
 pays neither the start-up (torch's import, ~1-3 s) nor the first call's allocations.
 
-Memory: a worker trains its share in slices of at most :data:`_SLICE_BYTES` of weights
+Memory: a worker trains its share in slices of at most ``slice_bytes`` of weights
 (sorted by steps, so the lock-step groups stay whole for small models) and copies each into
 the shared rows, so a large model's cohort is never held twice in a worker; the trained
 weights the parent returns are views of the shared rows, not a copy.
@@ -53,24 +53,21 @@ class _Setup:
     threads: int
     #: Apps (``module:attribute``) whose models and data sources the worker registers first.
     apps: tuple[str, ...] = ()
+    #: Weight bytes a worker trains at once (ProcessCohortTrainer: slice_bytes).
+    slice_bytes: int = 64 << 20
 
-
-#: Weight bytes a worker trains at once before copying them into the shared rows: bounds a
-#: worker's own copy of its devices' weights (a 1.07M-parameter MLP: 15 devices, 64 MiB)
-#: while keeping small models' cohorts whole (a 54k-parameter MLP: 300 devices).
-_SLICE_BYTES = 64 << 20
 
 _trainer: CohortTrainer | None = None  # the worker process's trainer (set by _start)
 _out: dict[str, torch.Tensor] = {}  # shared [capacity, ...] weights the workers write
 _sizes: np.ndarray = np.zeros(0, dtype=np.int64)
-_local: LocalTraining | None = None
+_setup: _Setup | None = None
 _ready: multiprocessing.synchronize.Barrier | None = None
 
 
 def _start(setup: _Setup, table: DeviceTable, out: dict[str, torch.Tensor],
            ready: multiprocessing.synchronize.Barrier) -> None:
-    global _trainer, _out, _sizes, _local, _ready
-    _out, _sizes, _local, _ready = out, table.sizes, setup.local, ready
+    global _trainer, _out, _sizes, _setup, _ready
+    _out, _sizes, _setup, _ready = out, table.sizes, setup, ready
     torch.set_num_threads(setup.threads)
     load_apps(setup.apps)
     _trainer = make_cohort_trainer(setup.kind, setup.model, table, setup.local,
@@ -96,14 +93,14 @@ def _train(global_params: dict[str, np.ndarray], jobs: list[DeviceJob],
     """Trains ``jobs``; writes job ``i``'s weights into row ``positions[i]`` of the shared
     tensors (the result then carries no weights), or with ``positions=None`` returns the
     weights (pickled back)."""
-    assert _trainer is not None and _local is not None, "worker not started"
+    assert _trainer is not None and _setup is not None, "worker not started"
     params = {n: torch.from_numpy(v) for n, v in global_params.items()}
     corr = None if corrections is None else {n: torch.from_numpy(v)
                                              for n, v in corrections.items()}
     if positions is not None:
         per_device = sum(v.nbytes for v in global_params.values())
-        size = max(1, _SLICE_BYTES // max(per_device, 1))
-        full = [full_steps(int(_sizes[j.device]), _local) for j in jobs]
+        size = max(1, _setup.slice_bytes // max(per_device, 1))
+        full = [full_steps(int(_sizes[j.device]), _setup.local) for j in jobs]
         costs = np.array([f if j.max_steps is None else min(f, j.max_steps)
                           for j, f in zip(jobs, full, strict=True)])
         order = np.argsort(-costs, kind="stable")
@@ -141,7 +138,10 @@ class ProcessCohortTrainer:
     a round before training the next); copy them to keep them longer.
 
     The constructor returns once every worker has started and trained one step (within
-    ``start_timeout_s`` seconds).
+    ``start_timeout_s`` seconds). A worker trains at most ``slice_bytes`` of its devices'
+    weights at once (the default bounds a worker's own copy of a 1.07M-parameter MLP's
+    cohort at 15 devices while a 54k-parameter MLP's share, 300 devices, stays whole, so
+    its lock-step groups do too).
 
     Raises:
         ValueError: ``processes`` below 2.
@@ -150,7 +150,7 @@ class ProcessCohortTrainer:
     def __init__(self, table: DeviceTable, processes: int, *, kind: EngineKind,
                  model: ModelSpec, local: LocalTraining, algorithm: AlgorithmConfig,
                  threads: int = 1, capacity: int = 0, apps: tuple[str, ...] = (),
-                 start_timeout_s: float = 300.0) -> None:
+                 start_timeout_s: float = 300.0, slice_bytes: int = 64 << 20) -> None:
         if processes < 2:
             raise ValueError(f"processes must be at least 2, got {processes}")
         import torch.multiprocessing as tmp
@@ -170,7 +170,7 @@ class ProcessCohortTrainer:
         self._processes = processes
         self._overhead = 0.0 if kind is EngineKind.LOOP else LOCK_STEP_OVERHEAD
         self._capacity = capacity
-        setup = _Setup(kind, model, local, algorithm, threads, apps)
+        setup = _Setup(kind, model, local, algorithm, threads, apps, slice_bytes)
         context = tmp.get_context("spawn")
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=processes, mp_context=context,
@@ -187,6 +187,12 @@ class ProcessCohortTrainer:
             raise SimulationError(f"the {processes} simulation worker processes did not "
                                   f"start within {start_timeout_s:.0f} s: {exc!r}") from exc
         assert len(pids) == processes, pids
+        self._pids = sorted(pids)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids (all started by the constructor)."""
+        return list(self._pids)
 
     @classmethod
     def from_config(cls, config: SimulationConfig, table: DeviceTable) -> ProcessCohortTrainer:
