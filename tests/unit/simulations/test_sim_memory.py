@@ -44,7 +44,7 @@ def test_moving_the_table_to_shared_memory_moves_the_data_with_it() -> None:
     before = [x.copy() for x in data.x_train]
     table = DeviceTable(data)
     table.share_memory()
-    assert table.x.is_shared()
+    assert table.x.is_shared()  # type: ignore[no-untyped-call]
     for k, x in enumerate(data.x_train):
         assert np.shares_memory(x, table.x.numpy()), f"device {k} still reads the old table"
         np.testing.assert_array_equal(x, before[k])
