@@ -42,7 +42,7 @@ devices/s per core over the plain loop's most recent one-core run of the same mo
 
     python benchmarks/simulation.py [--engines sequential,flower,pfl,ours] [--models lr,mlp]
                                     [--cores 1,2] [--repeat 1] [--rounds 20] [--timeout 900]
-                                    [--devices 1000] [--per-round 100]
+                                    [--devices 1000] [--per-round 100] [--skip ours:1]
     python benchmarks/simulation.py --floor --models lr,mlp,mlp1m   # one core's ceiling
 
 Engines plug in through :data:`ENGINES`: a function ``(Workload, model key, cores) ->
@@ -567,6 +567,8 @@ def main() -> None:
                         help="hard limit in seconds for each (engine, model, cores) child")
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp"),
                         help="where each child's stderr goes")
+    parser.add_argument("--skip", default="",
+                        help="comma list of engine:cores runs to leave out, e.g. ours:1")
     parser.add_argument("--floor", action="store_true",
                         help="print each model's one-core ceiling (simulation_floor) and exit")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -594,7 +596,8 @@ def main() -> None:
         for cores in (int(c) for c in args.cores.split(",")):
             for repeat in range(args.repeat):
                 order = engines if repeat % 2 == 0 else engines[::-1]
-                order = [e for e in order if not (e == "sequential" and cores != 1)]
+                order = [e for e in order if not (e == "sequential" and cores != 1)
+                         and f"{e}:{cores}" not in args.skip.split(",")]
                 rows = []
                 for engine in order:
                     row = _run_child(engine, model, cores, args)
