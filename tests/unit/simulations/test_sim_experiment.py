@@ -140,7 +140,7 @@ def test_the_cli_prints_the_decision_and_json_gives_one_object(
 
 
 def test_the_example_file_is_a_valid_experiment() -> None:
-    example = Path(__file__).resolve().parents[3] / "simulations" / "examples" / "ab_digits.yaml"
+    example = Path(__file__).resolve().parents[3] / "simulations" / "examples" / "ab_test.yaml"
     config, experiment = load_experiment_file(example)
     assert experiment.trained_rounds == (5, 30) and config.rounds == 30
     assert experiment.spec.treatments == ("long",)
