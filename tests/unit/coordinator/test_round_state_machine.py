@@ -400,7 +400,8 @@ RoundsUnderFire.TestCase.settings = settings(
     max_examples=10, stateful_step_count=45, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-test_round_state_machine = RoundsUnderFire.TestCase
+# Tens of seconds: marked slow, so a worker starts it among the first (tests/conftest.py).
+test_round_state_machine = pytest.mark.slow(RoundsUnderFire.TestCase)
 
 
 def test_an_error_after_an_accepted_upload_changes_nothing() -> None:

@@ -208,4 +208,5 @@ SecuredRounds.TestCase.settings = settings(
     max_examples=6, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-test_secured_rounds = SecuredRounds.TestCase
+# Tens of seconds: marked slow, so a worker starts it among the first (tests/conftest.py).
+test_secured_rounds = pytest.mark.slow(SecuredRounds.TestCase)
