@@ -198,10 +198,6 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
             coordinator.store.close()
             raise OSError(str(exc)) from None
     port = await coordinator.start()
-    if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(port_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -211,6 +207,12 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
     if coordinator.http is not None:
         print(f"fedcoord HTTP on http://{config.host}:{coordinator.http_port} "
               "(/healthz /readyz /metrics)", flush=True)
+    # Last: whoever waits for the port file may signal at once, and must find the handlers
+    # installed and the lines printed (a SIGTERM between the two killed it silently).
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)
     await stop.wait()
     await coordinator.stop()
 
