@@ -1,7 +1,7 @@
-"""An A/B experiment end to end over gRPC: a coordinator process, one agent process of 16
-devices and the engineer's ``fedctl experiment`` commands. A training task commits version 1;
-an experiment of the initial model (control) against it (candidate) runs as an evaluation
-task where each device evaluates only its arm's version, stops with a decision and its
+"""An A/B experiment end to end over gRPC: a coordinator process, one agent process of 32
+devices and the engineer's ``fedctl experiment`` commands. A training task commits versions
+1 to 3; an experiment of the initial model (control) against version 3 (candidate) runs as an
+evaluation task where each device evaluates only its arm's version, stops with a decision and its
 reason, and ``fedctl experiment status`` prints the table and writes the results JSON; a bad
 experiment file is refused naming file and field; ``stop`` ends a running experiment.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from fedctl.main import _add_coordinator, _admin
 
 pytestmark = pytest.mark.integration
 
-DEVICES = 16
+DEVICES = 32
 EXPERIMENT = """\
 name: it-ab
 kind: evaluate
@@ -52,7 +51,7 @@ evaluate:
   experiment:
     arms:
       - {{name: control, weight: 0.5, version: 0}}
-      - {{name: candidate, weight: 0.5, version: 1}}
+      - {{name: candidate, weight: 0.5, version: 3}}
     primary_metric: {{name: accuracy, direction: increase}}
     guardrails: [{{metric: loss, max_increase: 0.1}}]
     mde: 0.05
@@ -80,7 +79,7 @@ def test_an_experiment_between_model_versions_decides_with_agent_processes(
     coordinator: CoordinatorProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     at = ["--coordinator", coordinator.target, "--token", ADMIN_TOKEN]
-    train = write_task(tmp_path / "train.yaml", name="it-ab-train", rounds=1,
+    train = write_task(tmp_path / "train.yaml", name="it-ab-train", rounds=3,
                        clients_per_round=DEVICES, min_reports=12)
     with coordinator.admin() as client:
         from core.taskspec import load_task_file
@@ -108,15 +107,19 @@ def test_an_experiment_between_model_versions_decides_with_agent_processes(
         with coordinator.admin() as client:
             task = wait_for_task(client, ab_id)
             rounds = [r for r in client.list_rounds(ab_id) if r.state == "committed"]
-        # The trained version beats the initial one within a round or two (as soon as each
-        # arm has enough devices): success, stored with its reason.
+        # The trained version (accuracy ~0.6) beats the initial one (~0.1) at once: success,
+        # stored with its reason (p ~ 1e-13 with 32 devices; the arms' sizes are random, but an
+        # arm of fewer than two devices, where no look is possible, has odds ~1e-8).
         assert task.state == "completed", coordinator.log_text()
-        assert re.match(r"experiment decision stop_success after round [12]: candidate beats "
-                        r"control on accuracy", task.reason), task.reason
-        m = rounds[-1].metrics
+        assert task.reason.startswith("experiment decision stop_success after round 1: "
+                                      "candidate beats control on accuracy"), task.reason
         # Each device evaluated one version: the arms' devices add up to the reports.
-        assert m["eval.v0.devices"] + m["eval.v1.devices"] == pytest.approx(rounds[-1].reports)
-        assert m["eval.v0.devices"] >= 2 and m["eval.v1.devices"] >= 2
+        for r in rounds:
+            assert r.metrics["eval.v0.devices"] + r.metrics["eval.v3.devices"] == \
+                pytest.approx(r.reports)
+        m = rounds[-1].metrics  # the experiment's look: cumulative over the rounds
+        assert m["experiment.control.devices"] == sum(r.metrics["eval.v0.devices"]
+                                                      for r in rounds)
         assert m["experiment.srm_p"] > 0.001
 
         out = tmp_path / "results.json"
@@ -128,8 +131,8 @@ def test_an_experiment_between_model_versions_decides_with_agent_processes(
         assert results["state"] == "completed"
         (primary,) = [c for c in results["comparisons"] if c["metric"] == "accuracy"]
         assert primary["always_valid"]["lower"] > 0 and primary["always_valid"]["p_value"] < 0.05
-        assert [a["devices"] for a in results["arms"]] == [m["eval.v0.devices"],
-                                                           m["eval.v1.devices"]]
+        assert [a["devices"] for a in results["arms"]] == [m["experiment.control.devices"],
+                                                           m["experiment.candidate.devices"]]
         as_json = json.loads(fedctl_experiment(capsys, "status", ab_id, "--json", *at))
         assert as_json == results
 
@@ -138,11 +141,11 @@ def test_an_experiment_between_model_versions_decides_with_agent_processes(
         long.write_text(EXPERIMENT.format(rounds=50, devices=DEVICES + 4))  # never fills
         long_id = fedctl_experiment(capsys, "launch", str(long), "--source-task", train_id,
                                     *at).strip()
-        stopped = fedctl_experiment(capsys, "stop", long_id, "--reason", "a bug in v1", *at)
-        assert f"{long_id}: cancelled: cancelled by an operator: a bug in v1" in stopped
+        stopped = fedctl_experiment(capsys, "stop", long_id, "--reason", "a bug in v3", *at)
+        assert f"{long_id}: cancelled: cancelled by an operator: a bug in v3" in stopped
         status = json.loads(fedctl_experiment(capsys, "status", long_id, "--json", *at))
         assert status["decision"] == {"action": "ended_cancelled",
-                                      "reason": "cancelled by an operator: a bug in v1"}
+                                      "reason": "cancelled by an operator: a bug in v3"}
     finally:
         codes = stop_all(agents)
     assert codes == [0]
