@@ -145,6 +145,13 @@ class Participants:
         if task.fedbuff is not None:
             return self._check_in_async(task, rnd, task.fedbuff, device_id, seat, now)
         if seat is not None:
+            if rnd.secure is None and device_id in rnd.reported:
+                # Its update counts already: accepted again it would download, train and
+                # upload once more, only to be refused as a duplicate.
+                return self._retry(
+                    CheckInOutcome.RETRY_LATER, rnd.deadline - now,
+                    f"this device's update for round {rnd.round_number} is in; come back for "
+                    "the next round", task.task_id)
             return self._accepted(task, rnd, seat)
         if rnd.state is RoundState.SELECTING:
             admission = rnd.selector.check_in(device_id, now, len(rnd.seats))

@@ -156,6 +156,21 @@ def test_fedavg_commits_the_weighted_mean_of_the_updates(
     assert rounds[1].state is RoundState.SELECTING and rounds[1].round_number == 2
 
 
+def test_a_device_that_reported_is_told_to_come_back_while_the_round_waits_for_others(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    task_id = service.create_task(spec(rounds=2)).record.task_id
+    seats = admit(service, clock, task_id, ["a", "b", "c"])
+    assert set(seats) == {"a", "b", "c"}
+    upload(service, seats["a"], deltas_like(model_params(service, task_id), 0.1))
+
+    again = service.check_in("a", ATTRS, task_id)
+    assert again.outcome is CheckInOutcome.RETRY_LATER
+    assert "update for round 1 is in" in again.message and again.retry_after_s > 0
+    # A device seated and not yet reported still gets its seat back (a retry after a
+    # dropped connection, say).
+    assert service.check_in("b", ATTRS, task_id).outcome is CheckInOutcome.ACCEPTED
+
+
 def test_bad_updates_are_rejected_and_never_touch_the_aggregate(
     service: CoordinatorService, clock: ManualClock
 ) -> None:
