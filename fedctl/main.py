@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedctl.certs import register as register_certs
+from fedctl.experiment import register as register_experiment
 from fedctl.security import register as register_security
 from fedctl.simulate import register as register_simulate
 from fedctl.tune import register as register_tune
@@ -282,6 +283,7 @@ def build_parser() -> FedctlParser:
     register_tune(sub)
     register_certs(sub)
     register_security(sub, _add_coordinator, _admin)
+    register_experiment(sub, _add_coordinator, _admin)
 
     completion = sub.add_parser("completion", help="print a shell completion script",
                                 description="print a shell completion script, e.g. "
