@@ -129,6 +129,7 @@ class Participants:
                 t for t in self._running.values()
                 if is_eligible(attrs, t.spec.eligibility, t.spec.population)
                 and t.task_id not in declined
+                and not (t.counts_devices_once and device_id in t.counted_devices)
             ]
             if not candidates:
                 return self._retry(
@@ -136,6 +137,11 @@ class Participants:
                     "no running task for this device",
                 )
             task = self._rng.choice(candidates)
+        if task.counts_devices_once and device_id in task.counted_devices:
+            return self._retry(
+                CheckInOutcome.NO_TASK, limits.retry_after_max_s,
+                f"this device's report already counts in experiment {task.task_id}; each "
+                "device counts once", task.task_id)
         self._machine.advance(task, now)
         rnd = task.round
         if rnd is None or rnd.state is RoundState.AGGREGATING:

@@ -437,6 +437,8 @@ class RoundMachine:
             task.privacy.committed(aggregate.release)
         task.model = outcome.model
         task.round = None
+        if task.counts_devices_once:
+            task.counted_devices |= rnd.reported
         task.closed_seats = rnd.seats
         task.failed_attempts = 0
         task.any_accepted = True

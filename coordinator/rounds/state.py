@@ -118,6 +118,14 @@ class RunningTask:
     any_accepted: bool = False
     #: Kind ``evaluate``: the report layout devices upload; None for a training task.
     evaluation: EvaluationSetup | None = None
+    #: Experiments: devices whose report is in a committed round. Each device counts once
+    #: per experiment (the statistics take every report for a new device), so these are not
+    #: offered the task again; rebuilt from the store at a restart.
+    counted_devices: set[str] = field(default_factory=set)
+
+    @property
+    def counts_devices_once(self) -> bool:
+        return self.evaluation is not None and self.spec.evaluate.experiment is not None
 
     @property
     def upload_tensors(self) -> list[TensorInfo]:

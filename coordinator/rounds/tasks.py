@@ -33,7 +33,7 @@ from core.errors import CoreError
 from core.privacy.task import PrivacyStatus, status_of_records
 from core.protocol import MetricsPolicy
 from core.taskspec import spec_from_dict, spec_to_dict
-from core.types import RoundState, TaskKind, TaskSpec, TaskState
+from core.types import ParticipantState, RoundState, TaskKind, TaskSpec, TaskState
 
 log = logging.getLogger(__name__)
 #: The longest reason an operator may give when cancelling a task.
@@ -137,6 +137,8 @@ class Tasks:
                                any_accepted=record.rounds_committed > 0,
                                fedbuff=FedBuff.for_spec(spec),
                                evaluation=evaluation_setup(spec))
+            if task.counts_devices_once:
+                task.counted_devices = self._counted_devices(record.task_id)
             if record.task_id in interrupted:
                 rec = interrupted[record.task_id]
                 log.warning("round %d of task %s was open at restart; redoing it",
@@ -147,6 +149,13 @@ class Tasks:
                 }
             self._running[record.task_id] = task
             self._machine.open_next_round(task, now)
+
+    def _counted_devices(self, task_id: str) -> set[str]:
+        """The devices whose reports are in the task's committed rounds."""
+        return {p.device_id
+                for r in self._store.list_rounds(task_id) if r.state is RoundState.COMMITTED
+                for p in self._store.list_participants(r.round_id)
+                if p.state is ParticipantState.REPORTED}
 
     def view(self, task_id: str) -> TaskView:
         record = self.record(task_id)

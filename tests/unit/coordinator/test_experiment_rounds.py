@@ -159,12 +159,13 @@ def run_round(service: CoordinatorService, clock: ManualClock, task_id: str,
 DEVICES = [f"device-{i}" for i in range(24)]
 
 
-def test_each_device_evaluates_its_arm_in_every_round_and_after_a_restart(
+def test_each_device_keeps_its_arm_across_rounds_and_a_restart_and_counts_once(
         clock: ManualClock, tmp_path: Path) -> None:
     store = InMemoryStore()
     first = make_service(store, tmp_path, clock)
     source = trained_source(first, clock)
-    created = first.create_task(spec(source, len(DEVICES)))
+    half = len(DEVICES) // 2
+    created = first.create_task(spec(source, half))
     tid = created.record.task_id
     assert any("experiment: arms control = v0 (50%), candidate = v1 (50%)" in line
                for line in created.launch_checks)
@@ -174,29 +175,40 @@ def test_each_device_evaluates_its_arm_in_every_round_and_after_a_restart(
     assert set(expected.values()) == {0, 1}
     same = {0: (0.7, 1.0), 1: (0.7, 1.0)}
     rng = np.random.default_rng(0)
-    assert run_round(first, clock, tid, DEVICES, same, rng) == expected
+    assert run_round(first, clock, tid, DEVICES[:half], same, rng) == {
+        d: expected[d] for d in DEVICES[:half]}
     first.close()
 
     again = make_service(store, tmp_path, clock, seed=1)
     again.recover()
-    assert run_round(again, clock, tid, DEVICES, same, rng) == expected
+    # Each device counts once per experiment, after a restart too: the statistics take every
+    # report for a new device.
+    for d in DEVICES[:half]:
+        refused = again.check_in(d, ATTRS, tid)
+        assert refused.outcome is CheckInOutcome.NO_TASK
+        assert "already counts in experiment" in refused.message
+    assert run_round(again, clock, tid, DEVICES[half:], same, rng) == {
+        d: expected[d] for d in DEVICES[half:]}
     committed = [r for r in again.list_rounds(tid) if r.state is RoundState.COMMITTED]
     assert [r.round_number for r in committed] == [1, 2]
-    in_control = sum(1 for v in expected.values() if v == 0)
-    for r in committed:
+    for r, names in zip(committed, (DEVICES[:half], DEVICES[half:]), strict=True):
+        in_control = sum(1 for d in names if expected[d] == 0)
         assert r.metrics["eval.v0.devices"] == in_control
-        assert r.metrics["eval.v1.devices"] == len(DEVICES) - in_control
+        assert r.metrics["eval.v1.devices"] == half - in_control
         assert r.metrics["experiment.action"] == ACTIONS.index(Action.CONTINUE)
-    # Cumulative: two rounds of every device.
-    assert committed[1].metrics["experiment.control.devices"] == 2 * in_control
+    # Cumulative: every device once.
+    assert committed[1].metrics["experiment.control.devices"] == sum(
+        1 for v in expected.values() if v == 0)
     assert committed[1].metrics["experiment.srm_p"] > 0.001
 
     # A device cannot choose its arm: a report for the other version is refused.
-    seats = admit(again, clock, tid, DEVICES[:2])
+    newcomers = [f"newcomer-{i}" for i in range(2)]
+    seats = admit(again, clock, tid, newcomers)
     d, p = next(iter(seats.items()))
     layout = layout_of(again, p)
-    other = 1 - expected[d]
-    with pytest.raises(InvalidRequest, match=f"is assigned model version {expected[d]} in "
+    arm = (0, 1)[assign_arm(d, salt="a-fixed-test-salt", split=TrafficSplit([0.5, 0.5]))]
+    other = 1 - arm
+    with pytest.raises(InvalidRequest, match=f"is assigned model version {arm} in "
                                              f"this experiment, not {other}"):
         upload(again, p, report(layout, other, 0.9, 0.1))
 
@@ -254,11 +266,11 @@ def test_without_a_difference_the_experiment_ends_at_its_horizon(
         clock: ManualClock, tmp_path: Path) -> None:
     service = make_service(InMemoryStore(), tmp_path, clock)
     source = trained_source(service, clock)
-    tid = service.create_task(spec(source, len(DEVICES), rounds=4, horizon_rounds=2)
-                              ).record.task_id
+    half = len(DEVICES) // 2
+    tid = service.create_task(spec(source, half, rounds=4, horizon_rounds=2)).record.task_id
     rng = np.random.default_rng(4)
-    for _ in range(2):
-        run_round(service, clock, tid, DEVICES, {0: (0.7, 1.0), 1: (0.7, 1.0)}, rng)
+    for names in (DEVICES[:half], DEVICES[half:]):  # each device counts once
+        run_round(service, clock, tid, names, {0: (0.7, 1.0), 1: (0.7, 1.0)}, rng)
     record = service.get_task(tid).record
     assert record.state is TaskState.COMPLETED
     assert "stop_horizon after round 2" in record.reason
