@@ -116,6 +116,11 @@ class DeviceTable:
         self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
 
+    def __getstate__(self) -> dict[str, object]:
+        # A worker process gets the table (shared tensors: mapped, not copied), never the
+        # data it came from: numpy arrays would be pickled by value, a copy per worker.
+        return {**self.__dict__, "_packed": []}
+
     def share_memory(self) -> None:
         """Moves the table into shared memory (for worker processes to map) and points the
         data it was built from at it, so the data are still held once.
