@@ -174,7 +174,25 @@ def _pack_training_data(shards: list[LocalDataset], shape: tuple[int, ...]
         y[lo:hi] = shards[k].y_train
         # Keep the shard's test split, drop its training arrays (this copy replaces them).
         shards[k] = dataclasses.replace(shards[k], x_train=x[lo:hi], y_train=y[lo:hi])
+    _return_freed_heap()
     return PackedRows(x, offsets), PackedRows(y, offsets)
+
+
+def _return_freed_heap() -> None:
+    """Hands freed heap pages back to the OS where the C library is glibc: a device's
+    arrays (~90 KB for Synthetic) sit below glibc's mmap threshold, so once copied into the
+    table their freed chunks would stay in the process (measured: +90 MB for 1000 devices)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+    except OSError:
+        pass
 
 
 class PackedRows(Sequence[np.ndarray]):
