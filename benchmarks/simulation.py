@@ -44,6 +44,7 @@ devices/s per core over the plain loop's most recent one-core run of the same mo
                                     [--cores 1,2] [--repeat 1] [--rounds 20] [--timeout 900]
                                     [--devices 1000] [--per-round 100] [--skip ours:1]
     python benchmarks/simulation.py --floor --models lr,mlp,mlp1m   # one core's ceiling
+    python benchmarks/simulation.py --summarize results.jsonl ...   # medians, ranges
 
 Engines plug in through :data:`ENGINES`: a function ``(Workload, model key, cores) ->
 (Measurement, final accuracy)`` that trains the same schedule (``workload.schedule``, seeds
@@ -550,6 +551,46 @@ def _compare(rows: list[dict[str, Any]], model: str, base_accuracy: float | None
                 ours["devices_per_s"] / ours["cores"] / base_rate, 2)
 
 
+def summarize(paths: list[str]) -> list[dict[str, Any]]:
+    """Per (tree, engine, model, cores, devices) in JSON-lines files of this benchmark's
+    rows (``tree``: a label added to each row, e.g. before/after a change): the run count
+    and the median and min-max of devices/s, of round 1's extra seconds over the median
+    steady round (``startup_s``: what the first round costs beyond training), of
+    ``setup_s``, of the tree's peak PSS and of ``per_core_vs_sequential``; with the load
+    averages of lines ``{"load": "1m 5m 15m"}`` found among them."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    loads: list[float] = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            row = json.loads(line)
+            if "load" in row:
+                loads.append(float(row["load"].split()[0]))
+            if row.get("benchmark") != "simulation" or "round_s" not in row:
+                continue
+            steady = row["round_s"][1:]
+            row["startup_s"] = round(row["round1_s"] - float(np.median(steady)), 3)
+            key = (row.get("tree", ""), row["engine"], row["model"], row["cores"],
+                   row["devices"])
+            groups.setdefault(key, []).append(row)
+    out = []
+    for (tree, engine, model, cores, devices), rows in groups.items():
+        line: dict[str, Any] = {"benchmark": "simulation_summary", "tree": tree,
+                                "engine": engine, "model": model, "cores": cores,
+                                "devices": devices, "runs": len(rows)}
+        for name in ("devices_per_s", "startup_s", "setup_s", "peak_pss_mb",
+                     "peak_rss_sum_mb", "per_core_vs_sequential"):
+            values = [r[name] for r in rows if r.get(name) is not None]
+            if values:
+                line[name] = {"median": round(float(np.median(values)), 3),
+                              "min": min(values), "max": max(values)}
+        if loads:
+            line["load_1m"] = {"min": min(loads), "max": max(loads)}
+        out.append(line)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default=DEFAULT_ENGINES,
@@ -571,8 +612,14 @@ def main() -> None:
                         help="comma list of engine:cores runs to leave out, e.g. ours:1")
     parser.add_argument("--floor", action="store_true",
                         help="print each model's one-core ceiling (simulation_floor) and exit")
+    parser.add_argument("--summarize", nargs="+", metavar="JSONL",
+                        help="print medians and ranges of these result files' rows and exit")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.summarize:
+        for line in summarize(args.summarize):
+            print(json.dumps(line))
+        return
     if args.floor:
         torch.set_num_threads(1)
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
