@@ -121,8 +121,10 @@ class Workload:
 
 def make_workload(*, devices: int = 1000, per_round: int = 100, rounds: int = 20,
                   seed: int = 0) -> Workload:
+    # In shared memory from the start: our worker processes map it (the other engines
+    # copy what they need, whatever memory it is in).
     data = load_federated_data(DataConfig(f"synthetic:alpha=1,beta=1,seed={seed}",
-                                          num_devices=devices))
+                                          num_devices=devices), shared_memory=True)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5C4E]))
     schedule = [sorted(rng.choice(devices, size=per_round, replace=False).tolist())
                 for _ in range(rounds)]
@@ -561,10 +563,10 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     loads: list[float] = []
     for path in paths:
-        for line in Path(path).read_text().splitlines():
-            if not line.startswith("{"):
+        for text in Path(path).read_text().splitlines():
+            if not text.startswith("{"):
                 continue
-            row = json.loads(line)
+            row = json.loads(text)
             if "load" in row:
                 loads.append(float(row["load"].split()[0]))
             if row.get("benchmark") != "simulation" or "round_s" not in row:

@@ -113,8 +113,8 @@ class DeviceTable:
         else:
             x = np.concatenate([*data.x_train, np.zeros((1, *data.feature_shape), np.float32)])
             y = np.concatenate([*data.y_train, np.zeros(1, np.int64)])
-        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+        self.x = _tensor(np.ascontiguousarray(x, dtype=np.float32))
+        self.y = _tensor(np.ascontiguousarray(y, dtype=np.int64))
 
     def __getstate__(self) -> dict[str, object]:
         # A worker process gets the table (shared tensors: mapped, not copied), never the
@@ -136,6 +136,16 @@ class DeviceTable:
     def device_arrays(self, device: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = int(self.offsets[device]), int(self.offsets[device + 1])
         return self.x[lo:hi].numpy(), self.y[lo:hi].numpy()
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a tensor on the same memory; the shared-memory tensor it views, if it
+    is one (``torch.from_numpy`` would hide that it is shared, and sharing would copy it)."""
+    base = array.base
+    if (isinstance(base, torch.Tensor) and base.is_shared()
+            and base.data_ptr() == array.ctypes.data and tuple(base.shape) == array.shape):
+        return base
+    return torch.from_numpy(array)
 
 
 def _is_table(rows: object, offsets: np.ndarray, dtype: type) -> bool:

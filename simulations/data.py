@@ -97,12 +97,15 @@ def dirichlet_partition(labels: np.ndarray, num_devices: int, alpha: float,
     return [np.flatnonzero(owner == d) for d in range(num_devices)]
 
 
-def load_federated_data(config: DataConfig, *, source: str = "<simulation>") -> FederatedData:
+def load_federated_data(config: DataConfig, *, source: str = "<simulation>",
+                        shared_memory: bool = False) -> FederatedData:
     """Loads every device's data through the data-spec registry (:mod:`core.data.spec`):
     device ``k`` gets ``load_dataset(with_shard(spec, k, num_devices))``, the data an agent
     started with that spec trains on, whatever the source (built-in or an app's). The test
     set is ``test_data``'s test split, or the union of the devices' test splits.
-    Deterministic in ``config`` (as deterministic as the sources).
+    Deterministic in ``config`` (as deterministic as the sources). ``shared_memory``: the
+    training table is allocated in shared memory (for worker processes to map: moving it
+    there later holds it twice for a moment).
 
     Raises:
         SimulationConfigError: a spec is refused, a source fails, or the devices' data do
@@ -150,7 +153,7 @@ def load_federated_data(config: DataConfig, *, source: str = "<simulation>") -> 
     if _feature_shape(x_test) != shape:
         fail(test_field, f"test features of shape {list(_feature_shape(x_test))} do not fit "
                          f"the devices' {list(shape)}")
-    x_train, y_train = _pack_training_data(shards, shape)
+    x_train, y_train = _pack_training_data(shards, shape, shared_memory)
     return FederatedData(
         x_train=x_train, y_train=y_train,
         x_test=np.ascontiguousarray(x_test, dtype=np.float32),
@@ -159,16 +162,19 @@ def load_federated_data(config: DataConfig, *, source: str = "<simulation>") -> 
         y_device_test=[np.ascontiguousarray(s.y_test, dtype=np.int64) for s in shards])
 
 
-def _pack_training_data(shards: list[LocalDataset], shape: tuple[int, ...]
-                        ) -> tuple[PackedRows, PackedRows]:
+def _pack_training_data(shards: list[LocalDataset], shape: tuple[int, ...],
+                        shared_memory: bool = False) -> tuple[PackedRows, PackedRows]:
     """Every device's training split copied into one table (plus a zero padding row, the
     layout :class:`simulations.cohort.DeviceTable` trains from), each shard's own arrays
     released as soon as they are copied: a federation's training data is held once."""
     sizes = [len(s.y_train) for s in shards]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    x = np.zeros((int(offsets[-1]) + 1, *shape), dtype=np.float32)
-    y = np.zeros(int(offsets[-1]) + 1, dtype=np.int64)
+    x, y = _table((int(offsets[-1]) + 1, *shape), np.float32, shared_memory), _table(
+        (int(offsets[-1]) + 1,), np.int64, shared_memory)
+    x[-1], y[-1] = 0, 0
     for k in range(len(shards)):
+        if k % 512 == 511:
+            _return_freed_heap()  # as it goes: the copied shards and the table never both
         lo, hi = int(offsets[k]), int(offsets[k + 1])
         x[lo:hi] = shards[k].x_train
         y[lo:hi] = shards[k].y_train
@@ -176,6 +182,20 @@ def _pack_training_data(shards: list[LocalDataset], shape: tuple[int, ...]
         shards[k] = dataclasses.replace(shards[k], x_train=x[lo:hi], y_train=y[lo:hi])
     _return_freed_heap()
     return PackedRows(x, offsets), PackedRows(y, offsets)
+
+
+def _table(shape: tuple[int, ...], dtype: type, shared_memory: bool) -> np.ndarray:
+    """An uninitialised array, in shared memory (torch's, which worker processes map
+    when the tensor is sent to them) if asked."""
+    if not shared_memory:
+        return np.empty(shape, dtype=dtype)
+    import torch
+
+    # Untouched pages of an empty tensor cost nothing to move; the copy fills only shm.
+    shared = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+                         ).share_memory_()  # type: ignore[no-untyped-call]
+    array: np.ndarray = shared.numpy()
+    return array
 
 
 def _return_freed_heap() -> None:

@@ -95,3 +95,14 @@ def test_the_streamed_mean_is_the_coordinators_weighted_mean_of_the_deltas() -> 
                           num_examples=examples, loss=np.zeros(5))
     expected = weighted_mean(list(trained.numpy() - start["w"]), [float(n) for n in examples])
     np.testing.assert_array_equal(mean_deltas(start, result)["w"], expected)
+
+
+def test_data_loaded_into_shared_memory_is_shared_without_a_copy() -> None:
+    data = load_federated_data(synthetic(6), shared_memory=True)
+    table = DeviceTable(data)
+    assert table.x.is_shared() and table.y.is_shared()  # type: ignore[no-untyped-call]
+    pointer = table.x.data_ptr()
+    table.share_memory()
+    assert table.x.data_ptr() == pointer, "already shared: nothing to move"
+    assert np.shares_memory(table.x.numpy(), data.x_train[3])
+    assert not table.x[table.pad_row].any() and int(table.y[table.pad_row]) == 0
