@@ -226,7 +226,8 @@ def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None
         from simulations.data import load_federated_data
         from simulations.process_backend import ProcessCohortTrainer
 
-        data = load_federated_data(config.data, source=config.source)
+        # Straight into shared memory: the workers map it, and it is never held twice.
+        data = load_federated_data(config.data, source=config.source, shared_memory=True)
         pool = ProcessCohortTrainer.from_config(config, DeviceTable(data))
         try:
             return make_simulation(config, data=data, trainer=pool), pool.shutdown
