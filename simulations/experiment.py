@@ -1,5 +1,7 @@
 """A/B experiments of model variants on simulated devices, with the statistics of
-:mod:`core.experiments` (the same code the coordinator's experiments use).
+:mod:`core.experiments` (the same code the coordinator's experiments use). The section is
+read by :func:`core.experiments.training.parse_training_arms`, as ``fedctl experiment
+launch`` reads it for a coordinator, so the same file means the same experiment in both.
 
 A task file whose ``simulation:`` section has an ``experiment:`` section (``fedctl simulate``
 runs it with :func:`run_experiment`; the coordinator ignores the ``simulation:`` section, so
@@ -18,12 +20,17 @@ the file still launches as the training task)::
         horizon_rounds: 20
         salt: ab-digits-1
         devices_per_round: 20        # optional; default: clients_per_round
+    # or arms that differ by training configuration (core.experiments.training):
+    #     - {name: control, weight: 0.5}                 # the task as written
+    #     - {name: fast, weight: 0.5, training: {local.learning_rate: 0.2}}
 
-**The arms' models (the design, and why it is honest).** The file's task is trained once, as
-``fedctl simulate`` would train it, for ``max(trained_rounds)`` rounds; arm ``i`` evaluates
-the global model as it stood after its ``trained_rounds`` rounds (0: the initial model). Both
-arms come from one run with one seed, so the only difference between them is the training
-they received; an A/A test is two arms with the same ``trained_rounds`` (the same model).
+**The arms' models (the design, and why it is honest).** Arms with the same ``training``
+(none: the task as written) share one training run of the file's task, as ``fedctl
+simulate`` would train it, for the largest ``trained_rounds`` among them; arm ``i``
+evaluates that run's global model as it stood after its ``trained_rounds`` rounds (0: the
+initial model; default with ``training``: the task's rounds). Runs share the seed, so arms
+of one run differ only by the training they received, arms of different runs only by their
+configuration; an A/A test is two arms with the same ``trained_rounds`` and ``training``.
 
 **An experiment round.** ``devices_per_round`` devices are drawn uniformly (seeded by the
 task's seed and the round) among the devices that hold held-out data; each gets its arm from
@@ -40,7 +47,9 @@ the horizon.
 
 What is refused (naming ``simulation.experiment.FIELD``): ``strata`` (simulated devices have no
 attributes), a primary ``covariate`` (no pre-period is simulated), metrics other than
-``accuracy`` and ``loss``, ``trained_rounds`` beyond the task's ``rounds``.
+``accuracy`` and ``loss``, ``trained_rounds`` beyond the task's ``rounds``, a ``training``
+field an arm may not change (:data:`core.experiments.training.TRAINING_FIELDS`) or a value
+that makes the task invalid.
 """
 
 from __future__ import annotations
@@ -66,8 +75,14 @@ from core.experiments import (
     assign_arms,
     decide,
     difference_in_means,
-    parse_experiment_spec,
     srm_check,
+)
+from core.experiments.training import (
+    Overrides,
+    TrainingArms,
+    apply_training,
+    parse_training_arms,
+    training_groups,
 )
 from simulations.config import SimulationConfig, config_from_dict, read_task_file
 from simulations.errors import SimulationConfigError
@@ -75,18 +90,25 @@ from simulations.errors import SimulationConfigError
 #: Metrics a simulated device reports for the model it evaluates.
 METRICS = ("accuracy", "loss")
 _FIELD = "simulation.experiment"
-_SIM_ARM_KEY = "trained_rounds"
-_SIM_TOP_KEYS = ("devices_per_round",)
 
 
 @dataclass(frozen=True)
 class SimulatedExperiment:
     """The ``experiment:`` section: the spec, and per arm (in ``spec.arms`` order) the
-    training rounds of the model it evaluates."""
+    training rounds of the model it evaluates and the configuration it is trained under
+    (``configs[i]``: the task with arm ``i``'s ``training`` applied; the task's own config
+    for an arm without)."""
 
     spec: ExperimentSpec
     trained_rounds: tuple[int, ...]
     devices_per_round: int
+    training: tuple[Overrides, ...] = ()
+    configs: tuple[SimulationConfig, ...] = ()
+
+    @property
+    def arms(self) -> TrainingArms:
+        return TrainingArms(self.spec, self.training or ((),) * len(self.spec.arms),
+                            self.trained_rounds, self.devices_per_round)
 
 
 @dataclass(frozen=True)
@@ -133,9 +155,29 @@ def load_experiment_file(path: str | Path, *, population: str | None = None,
     raw = _experiment_section(data)
     if raw is None:
         raise SimulationConfigError(source, _FIELD, "is required for an experiment")
-    config = config_from_dict(data, source=source, base_dir=str(Path(path).parent),
+    base_dir = str(Path(path).parent)
+    config = config_from_dict(data, source=source, base_dir=base_dir,
                               population=population, devices=devices, apps=apps)
-    return config, parse_simulated_experiment(raw, config, source=source)
+    experiment = parse_simulated_experiment(raw, config, source=source)
+
+    def arm_config(i: int, overrides: Overrides) -> SimulationConfig:
+        if not overrides:
+            return config
+        try:
+            arm_data = apply_training(data, overrides)
+        except ExperimentSpecError as exc:
+            raise SimulationConfigError(source, f"{_FIELD}.arms[{i}].training.{exc.field}",
+                                        exc.message) from None
+        try:
+            return config_from_dict(arm_data, source=source, base_dir=base_dir,
+                                    population=population, devices=devices, apps=apps)
+        except SimulationConfigError as exc:
+            raise SimulationConfigError(
+                source, f"{_FIELD}.arms[{i}].training",
+                f"makes the task invalid: {exc.field}: {exc.message}") from None
+
+    configs = tuple(arm_config(i, o) for i, o in enumerate(experiment.training))
+    return config, dataclasses.replace(experiment, configs=configs)
 
 
 def _experiment_section(data: Any) -> Any:
@@ -167,30 +209,13 @@ def parse_simulated_experiment(raw: Any, config: SimulationConfig, *,
     def fail(field: str, message: str) -> SimulationConfigError:
         return SimulationConfigError(source, f"{_FIELD}.{field}" if field else _FIELD, message)
 
-    if not isinstance(raw, Mapping):
-        raise fail("", f"must be a mapping, got {type(raw).__name__}")
-    core_raw = {k: v for k, v in raw.items() if k not in _SIM_TOP_KEYS}
-    arms = raw.get("arms")
-    rounds: list[int] = []
-    if isinstance(arms, list):
-        stripped = []
-        for i, arm in enumerate(arms):
-            if isinstance(arm, Mapping):
-                if _SIM_ARM_KEY not in arm:
-                    raise fail(f"arms[{i}].{_SIM_ARM_KEY}", "is required: the training rounds "
-                               "of the model this arm evaluates (0: the initial model)")
-                n = arm[_SIM_ARM_KEY]
-                if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= config.rounds:
-                    raise fail(f"arms[{i}].{_SIM_ARM_KEY}", f"must be an integer between 0 and "
-                               f"the task's rounds ({config.rounds}), got {n!r}")
-                rounds.append(n)
-                arm = {k: v for k, v in arm.items() if k != _SIM_ARM_KEY}
-            stripped.append(arm)
-        core_raw["arms"] = stripped
     try:
-        spec = parse_experiment_spec(core_raw)
+        arms = parse_training_arms(raw, task_rounds=config.rounds,
+                                   default_devices_per_round=config.selection.clients_per_round,
+                                   max_devices=config.data.num_devices)
     except ExperimentSpecError as exc:
         raise fail(exc.field, exc.message) from None
+    spec = arms.spec
     if spec.strata:
         raise fail("strata", "is not simulated: simulated devices have no attributes")
     if spec.primary.covariate is not None:
@@ -202,13 +227,8 @@ def parse_simulated_experiment(raw: Any, config: SimulationConfig, *,
         if rail.metric not in METRICS:
             raise fail(f"guardrails[{i}].metric", f"must be one of {', '.join(METRICS)}, got "
                        f"{rail.metric!r}")
-    per_round = raw.get("devices_per_round", config.selection.clients_per_round)
-    if isinstance(per_round, bool) or not isinstance(per_round, int) or not (
-            2 <= per_round <= config.data.num_devices):
-        raise fail("devices_per_round", f"must be an integer between 2 and "
-                   f"simulation.population.devices ({config.data.num_devices}), "
-                   f"got {per_round!r}")
-    return SimulatedExperiment(spec, tuple(rounds), per_round)
+    return SimulatedExperiment(spec, arms.trained_rounds, arms.devices_per_round,
+                               arms.training, (config,) * len(spec.arms))
 
 
 def device_id(device: int) -> str:
@@ -225,24 +245,32 @@ class ExperimentRunner:
 
         self.config = config
         self.experiment = experiment
-        sim = Simulation(config)
-        self.data = sim.data
-        wanted = set(experiment.trained_rounds)
-        snapshots: dict[int, dict[str, np.ndarray]] = {}
-        if 0 in wanted:
-            snapshots[0] = {k: v.copy() for k, v in sim.params.items()}
-        last = max(experiment.trained_rounds)
-        if last:
-            for metrics in sim.rounds(last):
-                if metrics.round in wanted:
-                    snapshots[metrics.round] = {k: v.copy() for k, v in sim.params.items()}
-        missing = wanted - snapshots.keys()
-        if missing:
-            raise SimulationConfigError(
-                config.source, f"{_FIELD}.arms",
-                f"training stopped ({sim.outcome.state.value}: {sim.outcome.reason}) before "
-                f"round {min(missing)}")
-        self._models = [snapshots[n] for n in experiment.trained_rounds]
+        models: dict[int, dict[str, np.ndarray]] = {}
+        configs = experiment.configs or (config,) * len(experiment.spec.arms)
+        data = None
+        for group in training_groups(experiment.arms):
+            sim = Simulation(configs[group.arms[0]])
+            data = sim.data if data is None else data
+            wanted = {experiment.trained_rounds[i] for i in group.arms}
+            snapshots: dict[int, dict[str, np.ndarray]] = {}
+            if 0 in wanted:
+                snapshots[0] = {k: v.copy() for k, v in sim.params.items()}
+            if group.rounds:
+                for metrics in sim.rounds(group.rounds):
+                    if metrics.round in wanted:
+                        snapshots[metrics.round] = {k: v.copy() for k, v in sim.params.items()}
+            missing = wanted - snapshots.keys()
+            if missing:
+                raise SimulationConfigError(
+                    config.source, f"{_FIELD}.arms[{group.arms[0]}]",
+                    f"training stopped ({sim.outcome.state.value}: {sim.outcome.reason}) "
+                    f"before round {min(missing)}")
+            for i in group.arms:
+                models[i] = snapshots[experiment.trained_rounds[i]]
+        assert data is not None
+        #: The devices' data (the same for every run: one population spec and seed).
+        self.data = data
+        self._models = [models[i] for i in range(len(experiment.spec.arms))]
         sizes = np.array([len(y) for y in self.data.y_device_test], dtype=np.int64)
         #: Devices with held-out data: the ones that can evaluate.
         self.eligible = np.flatnonzero(sizes > 0)
@@ -388,8 +416,10 @@ def summary(config: SimulationConfig, experiment: SimulatedExperiment,
     last = history[-1].decision
     return {
         "name": config.name,
-        "arms": {a.name: {"weight": a.weight, "trained_rounds": n}
-                 for a, n in zip(experiment.spec.arms, experiment.trained_rounds, strict=True)},
+        "arms": {a.name: {"weight": a.weight, "trained_rounds": n,
+                          **({"training": dict(t)} if t else {})}
+                 for a, n, t in zip(experiment.spec.arms, experiment.trained_rounds,
+                                    experiment.arms.training, strict=True)},
         "control": experiment.spec.control,
         "primary_metric": experiment.spec.primary.name,
         "decision": {"action": last.action.value, "reason": last.reason,

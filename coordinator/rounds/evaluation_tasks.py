@@ -35,10 +35,11 @@ from core.evaluation import (
     split_bundle,
 )
 from core.experiments.decision import Decision
+from core.experiments.spec import Arm, ExperimentSpec
 from core.experiments.versions import analyze, state_metrics
 from core.taskspec import spec_from_dict
 from core.tensors import TensorInfo
-from core.types import TaskKind, TaskSpec
+from core.types import FederatedEvaluation, TaskKind, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,20 @@ def evaluation_setup(spec: TaskSpec) -> EvaluationSetup | None:
     training task."""
     if spec.kind is not TaskKind.EVALUATE:
         return None
-    plan = plan_for(spec.evaluate, spec.evaluate.versions or (0,))
+    plan = plan_for(spec.evaluate, evaluated_versions(spec.evaluate))
     return EvaluationSetup(EvaluationLayout(plan), spec.evaluate.quantiles)
+
+
+def evaluated_versions(section: FederatedEvaluation) -> tuple[int, ...]:
+    """The version labels a launched evaluation task's reports are laid out by: its
+    resolved versions; in an experiment whose arms name their own training tasks, the arms'
+    labels (the stored spec leaves ``versions`` empty there: task files name versions of
+    ``evaluate.source_task`` in it, and these are no task's versions)."""
+    if section.versions:
+        return section.versions
+    if section.experiment is not None and section.experiment.arms[0].task is not None:
+        return tuple(a.version for a in section.experiment.arms if a.version is not None)
+    return (0,)
 
 
 @dataclass(frozen=True)
@@ -81,30 +94,42 @@ class EvaluationBundle:
 
 def resolve_bundle(spec: TaskSpec, store: Store, models: ModelRepository) -> EvaluationBundle:
     """Resolves an evaluation task's versions (the source task's latest when none are named)
-    and packs them into the bundle.
+    and packs them into the bundle. An experiment whose arms name their own training tasks
+    (:mod:`core.experiments.training`) takes each arm's model from its task (that task's
+    latest version when the arm names none, written into the resolved spec).
 
     Raises:
-        InvalidRequest: naming ``spec.evaluate.source_task``, ``spec.evaluate.versions`` or
-            ``spec.model`` when the source task does not exist, is not a training task, has
-            another model, or lacks a version.
+        InvalidRequest: naming ``spec.evaluate.source_task``, ``spec.evaluate.versions``,
+            ``spec.evaluate.experiment.arms[i].task`` / ``.task_version`` or ``spec.model``
+            when a task does not exist, is not a training task, has another model, or lacks
+            a version.
     """
     section = spec.evaluate
-    if section.experiment is not None and not section.versions:
-        arm_versions = tuple(a.version for a in section.experiment.arms if a.version is not None)
+    experiment = section.experiment
+    if experiment is not None and not section.versions:
+        arm_versions = tuple(a.version for a in experiment.arms if a.version is not None)
         section = replace(section, versions=arm_versions)
         spec = replace(spec, evaluate=section)
-    if section.experiment is not None and not section.source_task:
+    versions: dict[int, Mapping[str, np.ndarray]]
+    if experiment is not None and experiment.arms[0].task is not None:
+        versions, experiment = _arm_task_versions(spec, experiment, store, models)
+        section = replace(section, experiment=experiment, versions=())
+        resolved = replace(spec, evaluate=section)
+        source = "the arms' training tasks (" + ", ".join(
+            f"{a.name}: task {a.task} v{a.task_version}" for a in experiment.arms) + ")"
+    elif experiment is not None and not section.source_task:
         raise InvalidRequest("spec.evaluate.source_task: an experiment compares model versions "
                              "of a training task; name that task (fedctl experiment launch "
                              "FILE --source-task ID)")
-    if not section.source_task:
-        versions: dict[int, Mapping[str, np.ndarray]] = {0: initial_params(spec)}
+    elif not section.source_task:
+        versions = {0: initial_params(spec)}
         source = f"its own initial model (seed {spec.seed})"
     else:
         versions = _source_versions(spec, store, models)
         source = f"task {section.source_task}"
-    resolved = replace(spec, evaluate=replace(section, versions=tuple(versions)))
-    plan = plan_for(resolved.evaluate, resolved.evaluate.versions)
+    if experiment is None or experiment.arms[0].task is None:
+        resolved = replace(spec, evaluate=replace(section, versions=tuple(versions)))
+    plan = plan_for(resolved.evaluate, evaluated_versions(resolved.evaluate))
     if plan.declared:
         from core.models import model_hooks  # torch: the launch builds the model anyway
 
@@ -117,11 +142,10 @@ def resolve_bundle(spec: TaskSpec, store: Store, models: ModelRepository) -> Eva
     line = (f"evaluates model version(s) {', '.join(map(str, versions))} of {source}: "
             f"metrics {', '.join(m.name for m in plan.metrics)}; reports of "
             f"{layout.length} values")
-    if section.experiment is not None:
-        arms = ", ".join(f"{a.name} = v{a.version} ({a.weight:.0%})"
-                         for a in section.experiment.arms)
+    if experiment is not None:
+        arms = ", ".join(f"{a.name} = v{a.version} ({a.weight:.0%})" for a in experiment.arms)
         line += (f"; experiment: arms {arms}, each device evaluates its arm's version only, "
-                 f"primary metric {section.experiment.primary.name}")
+                 f"primary metric {experiment.primary.name}")
     return EvaluationBundle(resolved, plan, bundle_tensors(versions), bundle_metadata(plan),
                             line)
 
@@ -156,35 +180,63 @@ def bundle_versions(bundle: EvaluationBundle) -> dict[str, np.ndarray]:
 def _source_versions(spec: TaskSpec, store: Store, models: ModelRepository
                      ) -> dict[int, Mapping[str, np.ndarray]]:
     source_id = spec.evaluate.source_task
-    try:
-        record = store.get_task(source_id)
-    except storage_errors.NotFound:
-        raise InvalidRequest(f"spec.evaluate.source_task: no task with id "
-                             f"{shown(source_id)}") from None
-    try:
-        source = spec_from_dict(json.loads(record.spec_json), source=f"task {source_id}")
-    except CoreError as exc:
-        raise InvalidRequest(f"spec.evaluate.source_task: the spec of task {source_id} does "
-                             f"not validate: {exc}") from None
-    if source.kind is not TaskKind.TRAIN:
-        raise InvalidRequest(f"spec.evaluate.source_task: task {source_id} is an evaluation "
-                             f"task; name the training task whose versions it evaluated")
-    if source.model != spec.model:
-        raise InvalidRequest(
-            f"spec.model: task {source_id} trains {source.model.architecture} with arguments "
-            f"{dict(source.model.arguments)}, this task names {spec.model.architecture} with "
-            f"{dict(spec.model.arguments)}; they must be the same")
+    _check_training_task(spec, source_id, "spec.evaluate.source_task", store)
     wanted = spec.evaluate.versions
     if not wanted:
         latest = store.latest_model_version(source_id).version
         wanted = (latest,)
+    return {version: _load_version(source_id, version, "spec.evaluate.versions", store, models)
+            for version in wanted}
+
+
+def _arm_task_versions(spec: TaskSpec, experiment: ExperimentSpec, store: Store,
+                       models: ModelRepository
+                       ) -> tuple[dict[int, Mapping[str, np.ndarray]], ExperimentSpec]:
+    """Each arm's model from its own training task (the version it names, or that task's
+    latest, which the returned spec then names, so the stored task says what was compared),
+    keyed by the arm's ``version`` (its label in the bundle)."""
     out: dict[int, Mapping[str, np.ndarray]] = {}
-    for version in wanted:
-        try:
-            out[version] = models.load(models.version(source_id, version)).params
-        except CoordinatorError as exc:  # NotFound, or Unavailable (a corrupted file)
-            latest = store.latest_model_version(source_id).version
-            raise InvalidRequest(f"spec.evaluate.versions: task {source_id} has no usable "
-                                 f"model version {version} (its versions are 0 to {latest}): "
-                                 f"{exc}") from None
-    return out
+    arms: list[Arm] = []
+    for i, arm in enumerate(experiment.arms):
+        assert arm.task is not None and arm.version is not None  # parse_experiment_spec
+        path = f"spec.evaluate.experiment.arms[{i}]"
+        _check_training_task(spec, arm.task, f"{path}.task", store)
+        version = arm.task_version
+        if version is None:
+            version = store.latest_model_version(arm.task).version
+        out[arm.version] = _load_version(arm.task, version, f"{path}.task_version", store,
+                                         models)
+        arms.append(replace(arm, task_version=version))
+    return out, replace(experiment, arms=tuple(arms))
+
+
+def _check_training_task(spec: TaskSpec, task_id: str, field: str, store: Store) -> None:
+    """Raises InvalidRequest naming ``field`` unless ``task_id`` is a training task of
+    ``spec``'s model."""
+    try:
+        record = store.get_task(task_id)
+    except storage_errors.NotFound:
+        raise InvalidRequest(f"{field}: no task with id {shown(task_id)}") from None
+    try:
+        source = spec_from_dict(json.loads(record.spec_json), source=f"task {task_id}")
+    except CoreError as exc:
+        raise InvalidRequest(f"{field}: the spec of task {task_id} does not validate: "
+                             f"{exc}") from None
+    if source.kind is not TaskKind.TRAIN:
+        raise InvalidRequest(f"{field}: task {task_id} is an evaluation task; name the "
+                             f"training task whose versions it evaluated")
+    if source.model != spec.model:
+        raise InvalidRequest(
+            f"spec.model: task {task_id} trains {source.model.architecture} with arguments "
+            f"{dict(source.model.arguments)}, this task names {spec.model.architecture} with "
+            f"{dict(spec.model.arguments)}; they must be the same")
+
+
+def _load_version(task_id: str, version: int, field: str, store: Store,
+                  models: ModelRepository) -> Mapping[str, np.ndarray]:
+    try:
+        return models.load(models.version(task_id, version)).params
+    except CoordinatorError as exc:  # NotFound, or Unavailable (a corrupted file)
+        latest = store.latest_model_version(task_id).version
+        raise InvalidRequest(f"{field}: task {task_id} has no usable model version {version} "
+                             f"(its versions are 0 to {latest}): {exc}") from None

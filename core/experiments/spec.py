@@ -6,6 +6,10 @@
       - {name: control, weight: 0.5}
       - {name: new_model, weight: 0.5}   # version: N (optional): the model version this
                                          # arm evaluates, in a coordinator experiment
+    # or, arms whose models come from different training tasks (training-configuration
+    # experiments, core.experiments.training): every arm names its task and that task's
+    # version; `version` is then the arm's slot in the evaluation (default: its index)
+    #   - {name: fast, weight: 0.5, task: TASK_ID, task_version: 20}
     control: control             # optional
     primary_metric:
       name: accuracy
@@ -61,11 +65,16 @@ class Direction(enum.Enum):
 @dataclass(frozen=True)
 class Arm:
     """``version``: the model version the arm's devices evaluate (an experiment that runs
-    as a coordinator evaluation task); None where arms differ otherwise (simulations)."""
+    as a coordinator evaluation task); None where arms differ otherwise (simulations).
+    ``task``: the training task the arm's model comes from, when arms come from different
+    tasks (then ``task_version`` is that task's version, None until the launch resolves the
+    latest, and ``version`` only labels the arm's model in the evaluation)."""
 
     name: str
     weight: float
     version: int | None = None
+    task: str | None = None
+    task_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,10 @@ def experiment_spec_to_dict(spec: ExperimentSpec) -> dict[str, Any]:
         arm: dict[str, Any] = {"name": a.name, "weight": a.weight}
         if a.version is not None:
             arm["version"] = a.version
+        if a.task is not None:
+            arm["task"] = a.task
+        if a.task_version is not None:
+            arm["task_version"] = a.task_version
         arms.append(arm)
     primary: dict[str, Any] = {"name": spec.primary.name,
                                "direction": spec.primary.direction.value}
@@ -205,7 +218,7 @@ def _arms(value: Any) -> tuple[Arm, ...]:
             raise ExperimentSpecError(
                 path, f"must be a mapping with name and weight, got {_describe(item)}"
             )
-        _no_unknown_keys(item, ("name", "weight", "version"), path)
+        _no_unknown_keys(item, ("name", "weight", "version", "task", "task_version"), path)
         name = _required(item, "name", path)
         if not isinstance(name, str) or not name.strip():
             raise ExperimentSpecError(
@@ -216,19 +229,45 @@ def _arms(value: Any) -> tuple[Arm, ...]:
         weight = _number(_required(item, "weight", path), f"{path}.weight")
         if not weight > 0.0:
             raise ExperimentSpecError(f"{path}.weight", f"must be > 0, got {weight!r}")
-        version = item.get("version")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                    or version < 0):
-            raise ExperimentSpecError(
-                f"{path}.version", f"must be a model version (an integer >= 0), got "
-                                   f"{_describe(version)}")
+        task, task_version = _arm_task(item, path, value)
+        version = item.get("version", i if task is not None else None)
+        _check_version(version, f"{path}.version")
         if version is not None and any(a.version == version for a in arms):
             raise ExperimentSpecError(f"{path}.version", f"version {version} is another arm's")
-        arms.append(Arm(name, weight, version))
+        arms.append(Arm(name, weight, version, task, task_version))
     total = math.fsum(a.weight for a in arms)
     if abs(total - 1.0) > _WEIGHT_SUM_TOLERANCE:
         raise ExperimentSpecError("arms", f"weights must sum to 1, they sum to {total!r}")
     return tuple(arms)
+
+
+def _arm_task(item: Mapping[Any, Any], path: str, arms: list[Any]
+              ) -> tuple[str | None, int | None]:
+    """The arm's ``task`` and ``task_version``; every arm names a task or none does."""
+    task = item.get("task")
+    first_names = isinstance(arms[0], Mapping) and "task" in arms[0]
+    if (task is not None) != first_names:
+        raise ExperimentSpecError(f"{path}.task", "every arm names its training task, or none "
+                                                  "does (then arms name versions of "
+                                                  "evaluate.source_task)")
+    if task is None:
+        if "task_version" in item:
+            raise ExperimentSpecError(f"{path}.task_version", "needs task: (the training task "
+                                                              "whose version it is)")
+        return None, None
+    if not isinstance(task, str) or not 0 < len(task) <= 128:
+        raise ExperimentSpecError(f"{path}.task", f"must be a task id (1 to 128 characters), "
+                                                  f"got {_describe(task)}")
+    task_version = item.get("task_version")
+    _check_version(task_version, f"{path}.task_version")
+    return task, task_version
+
+
+def _check_version(version: Any, path: str) -> None:
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or version < 0):
+        raise ExperimentSpecError(path, f"must be a model version (an integer >= 0), got "
+                                        f"{_describe(version)}")
 
 
 def _primary(value: Any) -> PrimaryMetric:

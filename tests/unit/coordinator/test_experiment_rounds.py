@@ -28,11 +28,13 @@ from core.evaluation import (
 )
 from core.experiments import Action, TrafficSplit, assign_arm
 from core.experiments.spec import parse_experiment_spec
+from core.experiments.training import apply_training, comparison_task, parse_training_arms
 from core.experiments.versions import ACTIONS
 from core.privacy import NoiseSource
 from core.protocol import CheckInOutcome, Participation, UpdateHeader, config_hash
 from core.secagg.client import SecAggClient
 from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
+from core.taskspec import spec_from_dict, spec_to_dict
 from core.tensors import sha256_hex
 from core.types import (
     DeviceAttributes,
@@ -337,3 +339,85 @@ def test_under_secure_aggregation_the_arms_are_counted_from_the_unmasked_sums(
     assert rnd.metrics["experiment.candidate.devices"] == len(names) - in_control
     record = service.get_task(tid).record
     assert "stop_success" in record.reason, record.reason
+
+
+def trained_task(service: CoordinatorService, clock: ManualClock, *, seed: int,
+                 learning_rate: float, devices: tuple[str, str]) -> str:
+    """A one-round training task (zero updates) under its own configuration and seed, so
+    its models differ from another such task's."""
+    data = apply_training(spec_to_dict(TaskSpec(
+        "train", MODEL, rounds=1, clients_per_round=2, min_reports=2, over_selection=1.0,
+        selection_window_s=1.0, seed=seed)), (("local.learning_rate", learning_rate),))
+    tid = service.create_task(spec_from_dict(data)).record.task_id
+    for p in admit(service, clock, tid, list(devices)).values():
+        nbytes = sum(t.numel for t in service.get_plan(p).update_tensors) * 4
+        upload(service, p, bytes(nbytes), examples=10)
+    service.tick()
+    assert service.get_task(tid).record.state is TaskState.COMPLETED
+    return tid
+
+
+def test_arms_trained_under_their_own_configurations_are_compared_on_their_devices(
+        clock: ManualClock, tmp_path: Path) -> None:
+    """A training-configuration experiment on the coordinator: each arm's model comes from
+    its own training task (arm ``fast``: the latest version, resolved and stored at launch),
+    each device evaluates only its arm's model, and the better configuration wins."""
+    from core.evaluation import split_bundle
+    from core.tensors import load_safetensors
+
+    service = make_service(InMemoryStore(), tmp_path, clock)
+    slow = trained_task(service, clock, seed=1, learning_rate=1e-4, devices=("t0", "t1"))
+    fast = trained_task(service, clock, seed=2, learning_rate=0.5, devices=("t2", "t3"))
+    arms = parse_training_arms({**experiment(), "arms": [
+        {"name": "slow", "weight": 0.5, "training": {"local.learning_rate": 1e-4}},
+        {"name": "fast", "weight": 0.5, "training": {"local.learning_rate": 0.5}}]},
+        task_rounds=1, default_devices_per_round=len(DEVICES))
+    data = comparison_task({**spec_to_dict(spec("", 2)), "rounds": 3}, arms, [slow, fast])
+    del data["evaluate"]["experiment"]["arms"][1]["task_version"]  # the latest, at launch
+    created = service.create_task(spec_from_dict(data))
+    tid = created.record.task_id
+    stored = created.spec.evaluate.experiment
+    assert stored is not None
+    assert [(a.task, a.task_version, a.version) for a in stored.arms] == [
+        (slow, 1, 0), (fast, 1, 1)]
+    # The bundle's slot of each arm holds its own task's model.
+    seats = admit(service, clock, tid, DEVICES)
+    some = next(iter(seats.values()))
+    record = service.model_for_participant(some, service.get_plan(some).model_version)
+    raw = b"".join(service.model_chunks(record, 1 << 20))
+    plan = read_plan(raw)
+    assert plan is not None
+    slots = split_bundle(load_safetensors(raw), plan)
+    for label, source in ((0, slow), (1, fast)):
+        source_record = service.get_task(source).record
+        assert source_record.state is TaskState.COMPLETED
+        source_model = load_safetensors(b"".join(service.model_chunks(
+            service.model_version(source, 1), 1 << 20)))
+        assert all(np.array_equal(slots[label][k], v) for k, v in source_model.items())
+    rng = np.random.default_rng(6)
+    for d, p in seats.items():
+        layout = layout_of(service, p)
+        version = layout.plan.version_for(d)
+        assert version is not None
+        accuracy = (0.5 if version == 0 else 0.9) + rng.normal(0, 0.02)
+        upload(service, p, report(layout, version, float(accuracy), 1.0))
+    service.tick()
+    final = service.get_task(tid).record
+    assert final.state is TaskState.COMPLETED
+    assert "stop_success" in final.reason and "fast beats slow on accuracy" in final.reason
+
+
+def test_an_arm_naming_a_missing_or_foreign_task_is_refused_naming_the_arm(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(InMemoryStore(), tmp_path, clock)
+    source = trained_source(service, clock)
+    arms = [{"name": "a", "weight": 0.5, "task": source, "task_version": 1},
+            {"name": "b", "weight": 0.5, "task": "no-such-task", "task_version": 1}]
+    with pytest.raises(InvalidRequest, match=r"spec.evaluate.experiment.arms\[1\].task: no "
+                                             r"task with id 'no-such-task'"):
+        service.create_task(spec("", 2, arms=arms))
+    arms[1]["task"] = source
+    arms[1]["task_version"] = 7
+    with pytest.raises(InvalidRequest, match=r"arms\[1\].task_version: task .* has no usable "
+                                             r"model version 7"):
+        service.create_task(spec("", 2, arms=arms))

@@ -1,0 +1,312 @@
+"""Experiments whose arms differ by training configuration (or by training rounds): the
+``simulation.experiment`` section of a *training* task file, read the same way by
+``fedctl simulate`` (:mod:`simulations.experiment`) and by ``fedctl experiment launch`` on a
+coordinator (:mod:`fedctl.experiment`)::
+
+    simulation:
+      experiment:                     # core.experiments.spec's fields, and per arm:
+        arms:
+          - {name: control, weight: 0.5}                     # the task as written
+          - name: fast
+            weight: 0.5
+            training: {local.learning_rate: 0.1, local.epochs: 2}   # dotted task fields
+            trained_rounds: 20        # optional where an arm has training: (default: the
+                                      # task's rounds); required otherwise
+        devices_per_round: 10         # optional: devices per comparison round
+
+**What an arm is.** Arm ``i`` is the model the file's task produces after
+``trained_rounds[i]`` rounds when trained under the task's configuration with
+``training[i]`` applied (:data:`TRAINING_FIELDS` lists what an arm may change). Arms with
+the same ``training`` share one training run (:func:`training_groups`): the arms of
+``simulations/examples/ab_test.yaml`` (5 and 30 rounds of the same task) are two versions
+of one run, arms with different configurations are separate runs with the same seed (the
+same initial model, the same cohorts where the configuration leaves them alone).
+
+**How arms are compared.** After training, each device is assigned an arm by
+:func:`core.experiments.assignment.assign_arm` (HMAC of its id under the experiment's salt:
+sticky, nothing to store but the salt) and evaluates *only its arm's model* on its held-out
+data; the always-valid comparisons and :func:`core.experiments.decision.decide` run after
+each round. On a coordinator the training runs are training tasks (one per group) and the
+comparison is an evaluation task whose arms name their training task and version
+(:func:`comparison_experiment`), so a restart changes nothing.
+
+**What the comparison is about** (say it when reporting): one trained model per arm, so the
+test is of *these* models on the population's devices, conditional on the training runs; it
+does not average over training randomness (seeds), as one run per arm cannot.
+
+**Training devices are not partitioned by arm** (in simulation and on a coordinator alike):
+each arm's model is trained by the task's population, as the task alone would be. Training
+partitioned by arm (each device trains only its arm's model) needs the coordinator's
+check-in to route a device to its arm's task; :func:`arm_admits` is the predicate it would
+call. The comparison is sound without it: the arms are evaluated on disjoint, randomly
+assigned devices' held-out data, and every arm's model saw the same kind of training data.
+
+Pure functions over plain data; errors are :class:`ExperimentSpecError` naming the field
+below ``simulation.experiment`` (``arms[1].training.local.epochs``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from core.experiments.assignment import TrafficSplit, assign_arm
+from core.experiments.errors import ExperimentSpecError
+from core.experiments.spec import ExperimentSpec, experiment_spec_to_dict, parse_experiment_spec
+
+#: What an arm's ``training`` may change, dotted as in task files, with a check of the value
+#: (the task's own validation runs on each arm's task afterwards).
+TRAINING_FIELDS: Mapping[str, str] = {
+    "local.learning_rate": "number > 0",
+    "local.epochs": "integer >= 1",
+    "local.batch_size": "integer >= 1",
+    "local.optimizer": "optimizer name",
+    "local.momentum": "number >= 0",
+    "server.kind": "server optimizer name",
+    "server.learning_rate": "number > 0",
+    "server.momentum": "number >= 0",
+    "simulation.algorithm.kind": "fedavg | fedprox | scaffold (simulation only)",
+    "simulation.algorithm.mu": "number >= 0 (FedProx's mu; simulation only)",
+}
+#: Fields only ``fedctl simulate`` runs: a coordinator's devices train plain local SGD/Adam,
+#: so an arm that changes these cannot run there (refused rather than silently ignored).
+SIMULATION_ONLY_PREFIX = "simulation."
+#: Keys of the section that :func:`parse_experiment_spec` does not know.
+ARM_KEYS = ("training", "trained_rounds")
+TOP_KEYS = ("devices_per_round",)
+
+Overrides = tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class TrainingArms:
+    """The section, read: the spec (arms without their training keys) and per arm (in
+    ``spec.arms`` order) its overrides (sorted by field) and its training rounds."""
+
+    spec: ExperimentSpec
+    training: tuple[Overrides, ...]
+    trained_rounds: tuple[int, ...]
+    devices_per_round: int
+
+
+@dataclass(frozen=True)
+class TrainingGroup:
+    """One training run: the overrides it applies and the rounds it runs (the most any of
+    its arms needs); ``arms``: indices of the arms whose models it produces."""
+
+    training: Overrides
+    rounds: int
+    arms: tuple[int, ...]
+
+
+def parse_training_arms(raw: Any, *, task_rounds: int, default_devices_per_round: int,
+                        max_devices: int | None = None) -> TrainingArms:
+    """Validates the ``simulation.experiment`` section of a training task whose ``rounds``
+    is ``task_rounds``. Each arm needs ``trained_rounds`` (0 to ``task_rounds``) unless some
+    arm has ``training`` (then it defaults to ``task_rounds``: an arm without ``training``
+    is the task as written). ``devices_per_round`` defaults
+    to ``default_devices_per_round`` and is between 2 and ``max_devices`` when given.
+
+    Raises:
+        ExperimentSpecError: naming the field below the section.
+    """
+    if not isinstance(raw, Mapping):
+        raise ExperimentSpecError("", f"must be a mapping, got {type(raw).__name__}")
+    core_raw = {k: v for k, v in raw.items() if k not in TOP_KEYS}
+    arms = raw.get("arms")
+    training: list[Overrides] = []
+    rounds: list[int] = []
+    if isinstance(arms, list):
+        configured = any(isinstance(a, Mapping) and "training" in a for a in arms)
+        stripped: list[Any] = []
+        for i, arm in enumerate(arms):
+            if isinstance(arm, Mapping):
+                overrides = (_overrides(arm["training"], f"arms[{i}].training")
+                             if "training" in arm else ())
+                training.append(overrides)
+                rounds.append(_trained_rounds(arm, i, task_rounds, configured))
+                arm = {k: v for k, v in arm.items() if k not in ARM_KEYS}
+            stripped.append(arm)
+        core_raw["arms"] = stripped
+    spec = parse_experiment_spec(core_raw)
+    per_round = raw.get("devices_per_round", default_devices_per_round)
+    high = max_devices if max_devices is not None else math.inf
+    if isinstance(per_round, bool) or not isinstance(per_round, int) or not (
+            2 <= per_round <= high):
+        bound = "" if max_devices is None else f" and simulation.population.devices " \
+                                               f"({max_devices})"
+        raise ExperimentSpecError("devices_per_round", f"must be an integer between 2{bound}"
+                                                       f", got {per_round!r}")
+    return TrainingArms(spec, tuple(training), tuple(rounds), per_round)
+
+
+def _trained_rounds(arm: Mapping[str, Any], i: int, task_rounds: int, configured: bool
+                    ) -> int:
+    path = f"arms[{i}].trained_rounds"
+    if "trained_rounds" not in arm:
+        if configured:
+            return task_rounds
+        raise ExperimentSpecError(path, "is required: the training rounds of the model this "
+                                        "arm evaluates (0: the initial model), unless arms "
+                                        "name training configurations (training:), where it "
+                                        "defaults to the task's rounds")
+    n = arm["trained_rounds"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= task_rounds:
+        raise ExperimentSpecError(path, f"must be an integer between 0 and the task's rounds "
+                                        f"({task_rounds}), got {n!r}")
+    return n
+
+
+def _overrides(value: Any, path: str) -> Overrides:
+    if not isinstance(value, Mapping) or not value:
+        raise ExperimentSpecError(path, "must be a non-empty mapping of task fields to values "
+                                        f"(e.g. {{local.learning_rate: 0.1}}), got {value!r}")
+    flat: dict[str, Any] = {}
+    _flatten(value, "", flat, path)
+    for key, v in flat.items():
+        if key not in TRAINING_FIELDS:
+            raise ExperimentSpecError(f"{path}.{key}", f"an arm may change only "
+                                                       f"{', '.join(TRAINING_FIELDS)}")
+        problem = _value_problem(key, v)
+        if problem is not None:
+            raise ExperimentSpecError(f"{path}.{key}", f"must be a {TRAINING_FIELDS[key]}, "
+                                                       f"got {v!r}{problem}")
+    return tuple(sorted(flat.items()))
+
+
+def _flatten(value: Mapping[Any, Any], prefix: str, out: dict[str, Any], path: str) -> None:
+    for key, v in value.items():
+        if not isinstance(key, str) or not key:
+            raise ExperimentSpecError(path, f"keys must be task fields, got {key!r}")
+        dotted = f"{prefix}{key}"
+        if isinstance(v, Mapping):
+            _flatten(v, dotted + ".", out, path)
+        elif dotted in out:
+            raise ExperimentSpecError(f"{path}.{dotted}", "is set twice")
+        else:
+            out[dotted] = v
+
+
+def _value_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be ``key``'s; None if it may (names are checked by the task)."""
+    spec = TRAINING_FIELDS[key]
+    if spec.startswith("integer"):
+        ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
+    elif spec.startswith("number"):
+        ok = (not isinstance(value, bool) and isinstance(value, int | float)
+              and math.isfinite(value) and (value > 0 if "> 0" in spec else value >= 0))
+    else:
+        ok = isinstance(value, str) and bool(value)
+    return None if ok else ""
+
+
+def training_groups(arms: TrainingArms) -> tuple[TrainingGroup, ...]:
+    """The training runs the arms need: one per distinct ``training`` (in the order of
+    each's first arm), running as many rounds as its arms' largest ``trained_rounds``."""
+    order: list[Overrides] = []
+    members: dict[Overrides, list[int]] = {}
+    for i, overrides in enumerate(arms.training):
+        if overrides not in members:
+            order.append(overrides)
+            members[overrides] = []
+        members[overrides].append(i)
+    return tuple(TrainingGroup(o, max(arms.trained_rounds[i] for i in members[o]),
+                               tuple(members[o])) for o in order)
+
+
+def apply_training(task: Mapping[str, Any], overrides: Overrides) -> dict[str, Any]:
+    """A deep copy of the task data with ``overrides`` written at their dotted fields.
+
+    Raises:
+        ExperimentSpecError: a section on a field's path is not a mapping in the task.
+    """
+    out: dict[str, Any] = copy.deepcopy(dict(task))
+    for dotted, value in overrides:
+        keys = dotted.split(".")
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = {}
+            if not isinstance(child, Mapping):
+                raise ExperimentSpecError(dotted, f"{'.'.join(keys[:i + 1])} is not a section "
+                                                  f"in the task")
+            node[key] = child = dict(child)
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def simulation_only(arms: TrainingArms) -> tuple[int, str] | None:
+    """(arm index, field) of the first override only a simulation runs; None if none."""
+    for i, overrides in enumerate(arms.training):
+        for key, _ in overrides:
+            if key.startswith(SIMULATION_ONLY_PREFIX):
+                return i, key
+    return None
+
+
+def group_task(task: Mapping[str, Any], group: TrainingGroup, *, name: str) -> dict[str, Any]:
+    """The coordinator training task of ``group``: the file's task without its
+    ``simulation`` section, the group's overrides applied, ``rounds`` the group's, named
+    ``name``."""
+    data = apply_training({k: v for k, v in task.items() if k != "simulation"},
+                          group.training)
+    data["name"] = name
+    data["rounds"] = group.rounds
+    return data
+
+
+def group_name(task_name: str, arms: TrainingArms, group: TrainingGroup) -> str:
+    """``<task>-<first arm>`` (``<task>-<arm>+<arm>`` when the run serves several arms)."""
+    names = "+".join(arms.spec.arms[i].name for i in group.arms)
+    return f"{task_name}-{names}"[:120]
+
+
+def comparison_experiment(arms: TrainingArms, arm_tasks: Sequence[str]) -> dict[str, Any]:
+    """The ``evaluate.experiment`` section of the comparison task: the spec's fields, each
+    arm naming its training task (``arm_tasks[i]``) and that task's version (its
+    ``trained_rounds``). Raises ``ValueError`` for a task list of the wrong length."""
+    if len(arm_tasks) != len(arms.spec.arms):
+        raise ValueError(f"{len(arms.spec.arms)} arms need as many task ids, got "
+                         f"{len(arm_tasks)}")
+    out = experiment_spec_to_dict(arms.spec)
+    out["arms"] = [{"name": a.name, "weight": a.weight, "task": arm_tasks[i],
+                    "task_version": arms.trained_rounds[i]}
+                   for i, a in enumerate(arms.spec.arms)]
+    return out
+
+
+def comparison_task(task: Mapping[str, Any], arms: TrainingArms, arm_tasks: Sequence[str],
+                    *, max_examples: int = 1024) -> dict[str, Any]:
+    """The evaluation task that compares the arms' models on the devices (each evaluates its
+    arm's model only, on its held-out split): the file's model, seed, population,
+    eligibility and deadlines, ``horizon_rounds`` rounds of ``devices_per_round`` devices.
+    Central DP and secure aggregation of the training task are not carried over (an
+    experiment needs exact device counts per arm)."""
+    data: dict[str, Any] = {
+        "name": f"{task.get('name', 'experiment')}-comparison"[:120],
+        "kind": "evaluate",
+        "model": copy.deepcopy(task.get("model")),
+        "rounds": arms.spec.horizon_rounds,
+        "clients_per_round": arms.devices_per_round,
+        "min_reports": min(2, arms.devices_per_round),
+        "over_selection": 1.0,
+        "evaluate": {"split": "test", "max_examples": max_examples,
+                     "experiment": comparison_experiment(arms, arm_tasks)},
+    }
+    for key in ("seed", "population", "eligibility", "round_deadline_s",
+                "selection_window_s"):
+        if key in task:
+            data[key] = copy.deepcopy(task[key])
+    return data
+
+
+def arm_admits(device_id: str, *, salt: str, weights: Sequence[float], arm: int) -> bool:
+    """Whether ``device_id`` belongs to arm ``arm`` (the assignment the comparison uses):
+    the check a coordinator's check-in would make to train each arm's task only on its
+    arm's devices. Raises ``ValueError`` for an empty device id or bad weights."""
+    return assign_arm(device_id, salt=salt, split=TrafficSplit(list(weights))) == arm
