@@ -15,8 +15,9 @@ admits later check-ins as they come; TRAINING ends when ``clients_per_round`` up
 accepted (over-selected stragglers are then late). Under DP the goal is every drawn device
 (no cut by report order). Either way a deadline with at least ``min_reports`` reports
 aggregates, and a round whose admitted devices have all reported or errored ends early.
-AGGREGATING: the aggregator's one release call, then the commit runs off the event loop
-(:mod:`coordinator.rounds.commits`) and lands on the next :meth:`RoundMachine.collect_commits`.
+AGGREGATING: the aggregator's one release call and the commit run off the event loop
+(:mod:`coordinator.rounds.commits`; clear uploads were folded in there too, as they came) and
+land on the next :meth:`RoundMachine.collect_commits`; a refused release fails the round.
 A failed round is redone as a new attempt of the same round number. After a crash, open
 rounds are failed at start and redone: an aggregate never mixes two attempts, because the
 aggregator lives only in memory and only one attempt per round is ever open.
@@ -40,14 +41,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
-from coordinator.rounds.aggregators import Aggregate, ReleaseRefused, begin_aggregation
+from coordinator.rounds.aggregators import begin_aggregation
 from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.commits import (
-    CommitJob,
+    BackgroundAggregator,
     CommitOutcome,
     CommitWorker,
-    run_commit,
-    run_evaluation_commit,
+    ReleaseJob,
+    aggregation_executor,
+    run_release,
 )
 from coordinator.rounds.evaluation import ServerEvaluator
 from coordinator.rounds.evaluation_aggregators import begin_evaluation
@@ -74,7 +76,6 @@ log = logging.getLogger(__name__)
 class _PendingCommit:
     task: RunningTask
     round: OpenRound
-    aggregate: Aggregate
     released_at: float
     future: Future[CommitOutcome]
 
@@ -97,6 +98,8 @@ class RoundMachine:
         self._commits = commits
         self._progress = progress
         self._pending: list[_PendingCommit] = []
+        # Folds clear uploads into their round's aggregate, off the loop in a server.
+        self._aggregation = aggregation_executor(background=settings.commit_in_background)
 
     # ------------------------------------------------------------------ driving
 
@@ -190,12 +193,13 @@ class RoundMachine:
             selector=Selector(selection_policy(spec), opened=now,
                               window_s=spec.selection_window_s, last_close=deadline,
                               rng=self._rng),
-            aggregator=(begin_aggregation(
+            aggregator=BackgroundAggregator(begin_aggregation(
                 spec, task.model.size, privacy=task.privacy, secure=secure, noise=self._noise,
                 require_secure_noise=not self._settings.allow_seeded_noise)
                 if task.evaluation is None else begin_evaluation(
                 task.evaluation, privacy=task.privacy, secure=secure, noise=self._noise,
-                require_secure_noise=not self._settings.allow_seeded_noise)),
+                require_secure_noise=not self._settings.allow_seeded_noise),
+                self._aggregation),
             goal=spec.clients_per_round,
             secure=secure,
         )
@@ -365,28 +369,18 @@ class RoundMachine:
     # ------------------------------------------------------------------ release and commit
 
     def _release(self, task: RunningTask, rnd: OpenRound, now: float) -> None:
-        """The round's one release call, then its commit is handed to the worker; a refused
-        release fails the round (nothing committed, nothing accounted)."""
-        try:
-            aggregate = rnd.aggregator.release(_accounted_draw(task, rnd))
-        except ReleaseRefused as exc:
-            self.fail_round(task, rnd, now, str(exc))
-            return
-        except Exception as exc:  # a round must never stay open half-done
-            log.exception("releasing round %d of task %s failed", rnd.round_number,
-                          task.task_id)
-            self.fail_round(task, rnd, now,
-                            f"aggregation failed: {type(exc).__name__}: {exc}")
-            return
+        """Closes the round to uploads (AGGREGATING) and hands its release and commit to the
+        worker (:func:`~coordinator.rounds.commits.run_release`); a refused release fails
+        the round when it is collected (nothing committed, nothing accounted)."""
         self.start_training(rnd, now)
         self._store.set_round_state(rnd.round_id, RoundState.AGGREGATING, now=now)
         rnd.state = RoundState.AGGREGATING
         task.committing = True
-        job = CommitJob(task.task_id, task.spec, task.model, aggregate.mean, rnd.round_number,
-                        now)
-        commit = run_commit if task.evaluation is None else run_evaluation_commit
-        future = self._commits.submit(partial(commit, job, self._models, self._evaluator))
-        self._pending.append(_PendingCommit(task, rnd, aggregate, now, future))
+        job = ReleaseJob(task.task_id, task.spec, task.model, rnd.aggregator,
+                         _accounted_draw(task, rnd), rnd.round_number, now,
+                         evaluation=task.evaluation is not None)
+        future = self._commits.submit(partial(run_release, job, self._models, self._evaluator))
+        self._pending.append(_PendingCommit(task, rnd, now, future))
         self.collect_commits(now)
 
     def collect_commits(self, now: float) -> None:
@@ -400,7 +394,7 @@ class RoundMachine:
             self._finish_commit(pending, now)
 
     def _finish_commit(self, pending: _PendingCommit, now: float) -> None:
-        task, rnd, aggregate = pending.task, pending.round, pending.aggregate
+        task, rnd = pending.task, pending.round
         task.committing = False
         if self._running.get(task.task_id) is not task or task.round is not rnd:
             return  # cancelled meanwhile: the round was failed, nothing is recorded
@@ -410,15 +404,17 @@ class RoundMachine:
             log.exception("committing round %d of task %s failed", rnd.round_number,
                           task.task_id)
             outcome = CommitOutcome(None, f"commit failed: {type(exc).__name__}: {exc}")
-        if outcome.model is None:
+        aggregate = outcome.aggregate
+        if outcome.model is None or aggregate is None:
             self.fail_round(task, rnd, now, outcome.error)
             return
         metrics = _finite(task.task_id, {
             "reports": float(len(rnd.reported)),
             "admitted": float(len(rnd.seats)),
             "round_seconds": pending.released_at - rnd.started,
-            # Release to recorded commit: the server optimizer, the model file, server-side
-            # evaluation and the wait for the next tick (at most TICK_SECONDS).
+            # Release to recorded commit: the last uploads' folding, the release, the server
+            # optimizer, the model file, server-side evaluation and the wait for the next
+            # tick (at most TICK_SECONDS).
             "commit_seconds": now - pending.released_at,
             **aggregate.metrics,
             **(task.fedbuff.metrics(rnd) if task.fedbuff is not None else {}),
@@ -456,6 +452,7 @@ class RoundMachine:
 
     def close(self) -> None:
         self._commits.close()
+        self._aggregation.shutdown(wait=True)
 
 
 def _accounted_draw(task: RunningTask, rnd: OpenRound) -> CohortDraw | None:
