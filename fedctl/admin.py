@@ -10,7 +10,7 @@ import grpc
 
 from core.tls import ClientTls
 from core.types import API_VERSION, TaskSpec
-from fedctl.errors import cannot_reach
+from fedctl.errors import CliError, cannot_reach
 from protos import convert
 from protos.fedcoord.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 
@@ -221,3 +221,53 @@ class AdminClient:
         resp = self._call("WhoAmI", admin_pb2.WhoAmIRequest(api_version=API_VERSION))
         assert isinstance(resp, admin_pb2.WhoAmIResponse)
         return resp.actor, resp.role
+
+
+# ---------------------------------------------------------------- launching from a task file
+# `fedctl task launch` and `fedctl experiment launch` read a task file, create the task and
+# print it the same way; the refusals name the file (and, from the file's own checks, the
+# field).
+
+
+def load_launch_file(path: Path, *, source_task: str | None = None) -> TaskSpec:
+    """The task file at ``path``, ``source_task`` (``--source-task``) applied as
+    ``evaluate.source_task`` before it is validated.
+
+    Raises:
+        CliError: exit code 2, naming the file and the field.
+    """
+    from core.taskspec import TaskSpecError, load_task_file
+
+    overrides = {} if source_task is None else {"evaluate.source_task": source_task}
+    try:
+        # A training task's file refuses the override: "field 'evaluate': only a task of kind
+        # 'evaluate' has this section".
+        return load_task_file(path, overrides=overrides)
+    except TaskSpecError as exc:
+        raise CliError(str(exc), exit_code=2) from None
+
+
+def launch_task(client: AdminClient, spec: TaskSpec, *, source: Path | str,
+                what: str = "task") -> admin_pb2.Task:
+    """Creates the task; ``source`` (the file) and ``what`` ("task", "experiment") word the
+    refusal.
+
+    Raises:
+        CliError: the coordinator cannot be reached, or it refused the task (with its reason).
+    """
+    try:
+        return client.create_task(spec)
+    except AdminError as exc:
+        if exc.unreachable:
+            raise CliError(str(exc)) from None
+        raise CliError(f"{source}: coordinator refused the {what}: {exc}") from None
+
+
+def print_launched(task: admin_pb2.Task, *, as_json: bool) -> None:
+    """The created task's id on stdout, or (``as_json``) its JSON document and nothing else."""
+    if as_json:
+        from fedctl.output import print_json, task_document
+
+        print_json(task_document(task))
+    else:
+        print(task.task_id)

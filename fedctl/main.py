@@ -128,6 +128,10 @@ def build_parser() -> FedctlParser:
                        help="largest upload message accepted (bytes)")
     serve.add_argument("--upload-idle-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="seconds an upload may stay silent before it is dropped")
+    serve.add_argument("--retry-after-max", type=float, default=5.0, metavar="SECONDS",
+                       help="the longest \"come back after\" a device is told (no task for it, "
+                            "its round full or its update in); shorter wakes devices sooner "
+                            "for more check-ins")
     serve.add_argument("--tls", type=Path, metavar="DIR",
                        help="serve TLS with DIR/server.crt and DIR/server.key "
                             "(see `fedctl certs init`)")
@@ -359,20 +363,26 @@ def _load_apps(apps: list[str]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from coordinator.app import serve
     from coordinator.observability.sinks import SinkConfigError
     from coordinator.settings import CoordinatorSettings
     from coordinator.storage.errors import StorageError
     from core.tls import TlsError
     from fedctl.errors import CliError, database_hint
 
+    retry_min_s = CoordinatorSettings.retry_after_min_s
+    if not retry_min_s <= args.retry_after_max <= 3600:
+        raise CliError(f"--retry-after-max {args.retry_after_max:g}: expected seconds from "
+                       f"{retry_min_s:g} to 3600", exit_code=2)
     _load_apps(args.app)
     config = CoordinatorSettings(db_url=args.db, store_dir=args.store, host=args.host,
                                  port=args.port, max_chunk_bytes=args.max_chunk_bytes,
                                  upload_idle_timeout_s=args.upload_idle_timeout,
                                  tls_dir=args.tls, client_ca=args.client_ca,
                                  insecure=args.insecure, security=_security_settings(args),
-                                 event_sinks=tuple(args.events), http_port=args.http_port)
+                                 event_sinks=tuple(args.events), http_port=args.http_port,
+                                 retry_after_max_s=args.retry_after_max)
+    from coordinator.app import serve  # the coordinator's imports (torch) once flags are good
+
     try:
         asyncio.run(serve(config, args.port_file, admin_token_file=args.admin_token_file))
     except StorageError as exc:
@@ -515,30 +525,12 @@ def _admin(args: argparse.Namespace) -> AdminClient:
 
 
 def cmd_task_launch(args: argparse.Namespace) -> int:
-    from core.taskspec import TaskSpecError, load_task_file
-    from fedctl.admin import AdminError
-    from fedctl.errors import CliError
+    from fedctl.admin import launch_task, load_launch_file, print_launched
 
-    try:
-        overrides = ({} if args.source_task is None
-                     else {"evaluate.source_task": args.source_task})
-        # A training task's file refuses it: "field 'evaluate': only a task of kind ...".
-        spec = load_task_file(args.file, overrides=overrides)
-    except TaskSpecError as exc:
-        raise CliError(str(exc), exit_code=2) from None
+    spec = load_launch_file(args.file, source_task=args.source_task)
     with _admin(args) as client:
-        try:
-            task = client.create_task(spec)
-        except AdminError as exc:
-            if exc.unreachable:
-                raise CliError(str(exc)) from None
-            raise CliError(f"{args.file}: coordinator refused the task: {exc}") from None
-    if args.json:
-        from fedctl.output import print_json, task_document
-
-        print_json(task_document(task))
-    else:
-        print(task.task_id)
+        task = launch_task(client, spec, source=args.file)
+    print_launched(task, as_json=args.json)
     return 0
 
 

@@ -305,6 +305,29 @@ def comparison_task(task: Mapping[str, Any], arms: TrainingArms, arm_tasks: Sequ
     return data
 
 
+def training_mismatch(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """Where the task data ``actual`` trains otherwise than ``expected`` (both as
+    :func:`core.taskspec.spec_to_dict` writes them), over the fields an arm may change that a
+    coordinator runs: ``"local.learning_rate is 0.05, the arm needs 0.2"`` each."""
+    out = []
+    for key in TRAINING_FIELDS:
+        if key.startswith(SIMULATION_ONLY_PREFIX):
+            continue
+        want, got = _get(expected, key), _get(actual, key)
+        if want != got:
+            out.append(f"{key} is {got!r}, the arm needs {want!r}")
+    return out
+
+
+def _get(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
 def arm_admits(device_id: str, *, salt: str, weights: Sequence[float], arm: int) -> bool:
     """Whether ``device_id`` belongs to arm ``arm`` (the assignment the comparison uses):
     the check a coordinator's check-in would make to train each arm's task only on its

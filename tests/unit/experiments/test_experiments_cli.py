@@ -91,3 +91,159 @@ def test_the_results_say_how_a_task_ended_that_no_decision_stopped(tmp_path: Pat
     running = admin_pb2.Task(task_id="ab-1", state="running")
     assert results_document(running, spec.evaluate.experiment, None)["decision"][
         "reason"] == "no committed round yet"
+
+
+# ------------------------------------------- a training task file's simulation.experiment
+
+TRAINING = """\
+name: ab-train
+model: {architecture: logistic_regression, arguments: {input_dim: 4, num_classes: 3}}
+rounds: 6
+clients_per_round: 8
+min_reports: 2
+local: {epochs: 1, batch_size: 10, optimizer: sgd, learning_rate: 0.05}
+simulation:
+  population: {devices: 30, data: "digits:dirichlet=0.5"}
+  experiment:
+    arms:
+      - {name: control, weight: 0.4}
+      - {name: fast, weight: 0.3, training: {local.learning_rate: 0.2}}
+      - {name: early, weight: 0.3, trained_rounds: 2}
+    primary_metric: {name: accuracy, direction: increase}
+    mde: 0.02
+    alpha: 0.05
+    horizon_rounds: 3
+    salt: ab-salt
+    devices_per_round: 6
+"""
+
+
+class FakeAdmin:
+    """Stands in for the coordinator's admin API: records the created tasks (each running
+    until ``finish`` completes it)."""
+
+    def __init__(self) -> None:
+        from core.types import TaskSpec
+
+        self.created: list[tuple[str, TaskSpec]] = []
+        self.states: dict[str, str] = {}
+
+    def __enter__(self) -> FakeAdmin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def create_task(self, spec: object) -> admin_pb2.Task:
+        from core.types import TaskSpec
+        from protos.convert import task_spec_to_proto
+
+        assert isinstance(spec, TaskSpec)
+        task_id = f"t{len(self.created)}"
+        self.created.append((task_id, spec))
+        self.states[task_id] = "completed"  # trains instantly
+        return admin_pb2.Task(task_id=task_id, state="running",
+                              spec=task_spec_to_proto(spec))
+
+    def get_task(self, task_id: str) -> admin_pb2.Task:
+        from protos.convert import task_spec_to_proto
+
+        spec = dict(self.created)[task_id]
+        return admin_pb2.Task(task_id=task_id, state=self.states[task_id],
+                              spec=task_spec_to_proto(spec), rounds_committed=spec.rounds)
+
+
+def training_parser(admin: FakeAdmin) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedctl")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_coordinator(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--coordinator", default="127.0.0.1:1")
+
+    register(sub, add_coordinator, lambda args: admin)  # type: ignore[arg-type,return-value]
+    return p
+
+
+def run(admin: FakeAdmin, *argv: str) -> int:
+    args = training_parser(admin).parse_args(["experiment", "launch", *argv, "--poll-s", "0"])
+    result = args.func(args)
+    assert isinstance(result, int)
+    return result
+
+
+def test_a_training_file_launches_one_task_per_configuration_then_the_comparison(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ab.yaml"
+    path.write_text(TRAINING)
+    admin = FakeAdmin()
+    assert run(admin, str(path)) == 0
+    (control_id, control), (fast_id, fast), (cmp_id, comparison) = admin.created
+    # control and early share the task as written (6 rounds); fast runs its own lr.
+    assert (control.name, control.rounds, control.local.learning_rate) == (
+        "ab-train-control+early", 6, 0.05)
+    assert (fast.name, fast.rounds, fast.local.learning_rate) == ("ab-train-fast", 6, 0.2)
+    experiment = comparison.evaluate.experiment
+    assert experiment is not None and experiment.salt == "ab-salt"
+    assert [(a.name, a.task, a.task_version) for a in experiment.arms] == [
+        ("control", control_id, 6), ("fast", fast_id, 6), ("early", control_id, 2)]
+    assert comparison.clients_per_round == 6 and comparison.rounds == 3
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == cmp_id  # the experiment's id, last
+    assert f"arm(s) fast: training task {fast_id} (6 rounds)" in out
+
+
+def test_no_wait_launches_the_training_and_arm_tasks_launches_the_comparison_later(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ab.yaml"
+    path.write_text(TRAINING)
+    admin = FakeAdmin()
+    assert run(admin, str(path), "--no-wait") == 0
+    assert [t for t, _ in admin.created] == ["t0", "t1"]
+    assert f"fedctl experiment launch {path} --arm-tasks t0,t1" in capsys.readouterr().out
+    assert run(admin, str(path), "--arm-tasks", "t0,t1") == 0
+    assert len(admin.created) == 3 and admin.created[2][1].evaluate.experiment is not None
+    with pytest.raises(CliError, match=r"task t1 is not the training of arm\(s\) control, "
+                                       r"early: local.learning_rate is 0.2, the arm needs "
+                                       r"0.05"):
+        run(admin, str(path), "--arm-tasks", "t1,t0")
+    with pytest.raises(CliError, match=r"--arm-tasks: .* trains 2 run\(s\)"):
+        run(admin, str(path), "--arm-tasks", "t0")
+
+
+def test_a_training_task_that_fails_launches_no_comparison(tmp_path: Path) -> None:
+    path = tmp_path / "ab.yaml"
+    path.write_text(TRAINING)
+    admin = FakeAdmin()
+    real_create = admin.create_task
+
+    def failing(spec: object) -> admin_pb2.Task:
+        task = real_create(spec)
+        admin.states[task.task_id] = "failed"
+        return task
+
+    admin.create_task = failing  # type: ignore[method-assign]
+    with pytest.raises(CliError, match="training task t0 of arm.s. control, early ended "
+                                       "failed: .*the comparison was not launched"):
+        run(admin, str(path))
+    assert len(admin.created) == 2
+
+
+@pytest.mark.parametrize(("good", "bad", "field"), [
+    ("training: {local.learning_rate: 0.2}", "training: {local.learning_rate: 0}",
+     "simulation.experiment.arms[1].training.local.learning_rate"),
+    ("training: {local.learning_rate: 0.2}", "training: {simulation.algorithm.mu: 0.1}",
+     "simulation.experiment.arms[1].training.simulation.algorithm.mu"),
+    ("training: {local.learning_rate: 0.2}", "training: {local.optimizer: lbfgs}",
+     "simulation.experiment.arms[1].training"),
+    ("trained_rounds: 2", "trained_rounds: 7", "simulation.experiment.arms[2].trained_rounds"),
+    ("weight: 0.4", "weight: 0.5", "simulation.experiment.arms"),
+    ("horizon_rounds: 3", "horizon_rounds: 0", "simulation.experiment.horizon_rounds"),
+    ("min_reports: 2", "min_reports: 20", "min_reports"),
+])
+def test_a_bad_training_experiment_file_launches_nothing_and_names_the_field(
+        tmp_path: Path, good: str, bad: str, field: str) -> None:
+    path = tmp_path / "ab.yaml"
+    path.write_text(TRAINING.replace(good, bad, 1))
+    error = launch(path)
+    assert error.exit_code == 2
+    assert str(error).startswith(f"{path}: field '{field}'"), str(error)

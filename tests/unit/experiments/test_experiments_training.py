@@ -22,6 +22,7 @@ from core.experiments.training import (
     parse_training_arms,
     simulation_only,
     training_groups,
+    training_mismatch,
 )
 from core.taskspec import spec_from_dict
 from core.types import TaskKind
@@ -194,3 +195,14 @@ def test_a_simulated_arm_whose_configuration_breaks_the_task_names_the_field(
         load_experiment_file(path)
     assert info.value.field == "simulation.experiment.arms[1].training"
     assert "local.optimizer" in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_task_trained_otherwise_than_its_arm_is_told_apart() -> None:
+    from core.taskspec import spec_to_dict
+
+    arms = parse(CONFIG_ARMS)
+    control, fast = (spec_to_dict(spec_from_dict(group_task(TASK, g, name="t")))
+                     for g in training_groups(arms))
+    assert training_mismatch(fast, fast) == []
+    assert training_mismatch(fast, control) == [
+        "local.learning_rate is 0.05, the arm needs 0.2", "local.epochs is 1, the arm needs 2"]
