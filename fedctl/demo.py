@@ -100,6 +100,8 @@ def run_demo(*, devices: int, rounds: int, processes: int, json_only: bool, seed
         config = CoordinatorSettings(db_url=f"sqlite:///{tmp}/fedcoord.db",
                                      store_dir=Path(tmp) / "store", port=0,
                                      tls_dir=Path(tmp) / "tls", http_port=0,
+                                     # a few local devices: back for the next round at once
+                                     retry_after_max_s=1.0,
                                      security=SecuritySettings(enrollment=EnrollmentPolicy.TOKEN))
         coordinator = EmbeddedCoordinator(config)
         port = coordinator.start()

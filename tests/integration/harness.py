@@ -30,6 +30,9 @@ ADMIN_TOKEN_FILE = _SESSION / "admin.token"
 write_secret_file(ADMIN_TOKEN_FILE, ADMIN_TOKEN)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
            FEDCOORD_TOKEN=ADMIN_TOKEN, FEDCOORD_AGENT_STATE=str(_SESSION / "agents"))
+#: Devices told to come back (no task yet, round full, update in) wait at most this long:
+#: the 5 s default would make each round of a test wait seconds for nothing.
+RETRY_AFTER_MAX_S = 1.0
 
 
 @dataclass
@@ -62,7 +65,7 @@ class CoordinatorProcess:
             [*FEDCTL, "coordinator", "serve", "--db", self.db_url,
              "--store", str(self.workdir / "store"), "--port", str(self.port),
              "--port-file", str(port_file), "--admin-token-file", str(ADMIN_TOKEN_FILE),
-             *(extra or [])],
+             "--retry-after-max", str(RETRY_AFTER_MAX_S), *(extra or [])],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=self.cwd,  # noqa: SIM115
         )
         # Seconds of imports (torch) on an idle machine, but a minute was seen to be too

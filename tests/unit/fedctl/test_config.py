@@ -223,3 +223,13 @@ def test_demo_agents_ignore_this_shells_agent_settings() -> None:
     env = _without_agent_settings({"FEDCOORD_CONFIG": "/etc/fedcoord.toml", "FEDCOORD_DATA": "x",
                                    "FEDCOORD_TASK": "t", "FEDCOORD_TOKEN": "tok", "PATH": "/bin"})
     assert env == {"FEDCOORD_TOKEN": "tok", "PATH": "/bin"}
+
+
+@pytest.mark.parametrize("value", ["0", "0.1", "nan", "7200"])
+def test_a_retry_after_cap_out_of_range_is_refused_before_anything_starts(
+        value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDCOORD_CONFIG", raising=False)
+    monkeypatch.delenv("FEDCOORD_RETRY_AFTER_MAX", raising=False)
+    assert main(["coordinator", "serve", "--retry-after-max", value]) == 2
+    assert f"--retry-after-max {float(value):g}: expected seconds from 0.2 to 3600" in \
+        capsys.readouterr().err
