@@ -427,18 +427,21 @@ def results_table(spec: ExperimentSpec, state: ExperimentState) -> Table:
     table = Table(title=f"experiment after {state.rounds} round(s): device means ± standard "
                         f"error; differences vs {spec.control} with "
                         f"{1 - spec.comparison_alpha:.1%} always-valid confidence sequences")
-    for col in ("arm", "version", "devices", "metric", "mean ± se", f"diff vs {spec.control}",
+    for col in ("arm", "model version", "devices", "metric", "mean ± se", f"diff vs {spec.control}",
                 "always-valid CI", "p (always valid)", "p (fixed horizon)", "limit"):
         table.add_column(col, overflow="fold")
     limits = {g.metric: f"{'+' if g.harmful.value == 'increase' else '-'}{g.limit:g} max"
               for g in spec.guardrails}
     comparisons = {(c.arm, c.metric): c for c in state.comparisons}
+    # An arm's model: a version of the source task, or its own training task's version.
+    models = {a.name: str(a.version) if a.task is None else f"{a.task} v{a.task_version}"
+              for a in spec.arms}
     for arm in state.arms:
         for name, stats in arm.metrics.items():
             se = (math.sqrt(stats.variance / stats.count) if stats.count > 1 else math.nan)
             mean = f"{stats.mean:.4g} ± {se:.2g}" if stats.count else "-"
             c = comparisons.get((arm.name, name))
-            row = [arm.name, str(arm.version), str(arm.devices),
+            row = [arm.name, models[arm.name], str(arm.devices),
                    name + (" (primary)" if name == spec.primary.name else ""), mean]
             if c is None:
                 row += ["-", "-", "-", "-"]

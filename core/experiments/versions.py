@@ -234,7 +234,8 @@ def state_to_json(spec: ExperimentSpec, state: ExperimentState) -> dict[str, Any
                      "metric": state.decision.metric},
         "srm": {"observed": list(state.srm.observed), "expected": list(state.srm.expected),
                 "p_value": state.srm.p_value, "flagged": state.srm.flagged},
-        "arms": [{"name": a.name, "version": a.version, "devices": a.devices,
+        "arms": [{"name": a.name, "version": a.version, **_source(spec, a.name),
+                  "devices": a.devices,
                   "metrics": {name: {"mean": number(s.mean),
                                      "se": number(math.sqrt(s.variance / s.count))
                                      if s.count > 1 else None}
@@ -254,3 +255,11 @@ def state_to_json(spec: ExperimentSpec, state: ExperimentState) -> dict[str, Any
         "guardrails": [{"metric": g.metric, "harmful": g.harmful.value, "limit": g.limit}
                        for g in spec.guardrails],
     }
+
+
+def _source(spec: ExperimentSpec, arm: str) -> dict[str, Any]:
+    """Where an arm's model comes from, for an experiment whose arms name training tasks."""
+    (found,) = [a for a in spec.arms if a.name == arm]
+    if found.task is None:
+        return {}
+    return {"task": found.task, "task_version": found.task_version}

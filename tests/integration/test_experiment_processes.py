@@ -2,7 +2,9 @@
 devices and the engineer's ``fedctl experiment`` commands. A training task commits versions
 1 to 3; an experiment of the initial model (control) against version 3 (candidate) runs as an
 evaluation task where each device evaluates only its arm's version, stops with a decision and its
-reason, and ``fedctl experiment status`` prints the table and writes the results JSON; a bad
+reason, and ``fedctl experiment status`` prints the table and writes the results JSON; the
+same comparison launched from a training task file's ``simulation.experiment`` section (arms
+by training rounds of the task trained here, ``--arm-tasks``) decides the same way; a bad
 experiment file is refused naming file and field; ``stop`` ends a running experiment.
 
 The commands run in this process, through a parser built with
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from harness import (
     ADMIN_TOKEN,
     CoordinatorProcess,
@@ -30,6 +33,7 @@ from harness import (
 from fedctl import experiment as experiment_cli
 from fedctl.errors import CliError
 from fedctl.main import _add_coordinator, _admin
+from protos.convert import task_spec_from_proto
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +139,33 @@ def test_an_experiment_between_model_versions_decides_with_agent_processes(
                                                            m["experiment.candidate.devices"]]
         as_json = json.loads(fedctl_experiment(capsys, "status", ab_id, "--json", *at))
         assert as_json == results
+
+        # The same comparison from a training task file's simulation.experiment section
+        # (what fedctl simulate runs): its arms are the file's task after 0 and 3 rounds,
+        # one training run, so --arm-tasks names the task trained above; the comparison's
+        # arms name that task and their versions.
+        data = yaml.safe_load(train.read_text())
+        data["simulation"] = {"experiment": {
+            "arms": [{"name": "control", "weight": 0.5, "trained_rounds": 0},
+                     {"name": "candidate", "weight": 0.5, "trained_rounds": 3}],
+            "primary_metric": {"name": "accuracy", "direction": "increase"},
+            "mde": 0.05, "alpha": 0.05, "horizon_rounds": 3, "salt": "it-ab-train-salt",
+            "devices_per_round": DEVICES}}
+        by_training = tmp_path / "ab_train.yaml"
+        by_training.write_text(yaml.safe_dump(data))
+        cmp_id = fedctl_experiment(capsys, "launch", str(by_training), "--arm-tasks",
+                                   train_id, *at).strip().splitlines()[-1]
+        with coordinator.admin() as client:
+            task = wait_for_task(client, cmp_id)
+        assert task.reason.startswith("experiment decision stop_success after round 1: "
+                                      "candidate beats control on accuracy"), task.reason
+        stored = task_spec_from_proto(task.spec).evaluate.experiment
+        assert stored is not None
+        assert [(a.task, a.task_version) for a in stored.arms] == [(train_id, 0),
+                                                                   (train_id, 3)]
+        by_arm = json.loads(fedctl_experiment(capsys, "status", cmp_id, "--json", *at))["arms"]
+        assert [(a["task"], a["task_version"]) for a in by_arm] == [(train_id, 0),
+                                                                    (train_id, 3)]
 
         # A running experiment is stopped by the engineer, and says so.
         long = tmp_path / "long.yaml"
