@@ -36,7 +36,7 @@ test: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -n 3 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 3 --durations=30 $(PYTEST_ARGS)
 
 # Regenerates protos/fedcoord/v1/*_pb2*.py from the .proto files (committed; a test checks they are fresh).
 protos: install-dev
