@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.rounds.errors import InvalidRequest
-from coordinator.rounds.secure import SecureRound
+from coordinator.rounds.secure import SecureRound, decode_sum
 from coordinator.rounds.uploads import accumulate
 from core.aggregation.bounds import capped_weight
 from core.aggregation.fedavg import StreamingWeightedMean
@@ -363,21 +363,16 @@ class SecureAggregator:
         device) and the masked metrics' means. With DP: the privacy release (no weight
         total, no metric). Both: the protocol's public facts (reports, dropouts, the
         parameters, the clipping count and the quantization error bound)."""
-        result = self.secure.result
-        assert result is not None
-        params = self.secure.plan.params
-        survivors = len(result.survivors)
         try:
-            decoded, weight = encoding.decode_mean(result.total, survivors, params)
+            decoded_sum = decode_sum(self.secure)
         except ValueError as exc:
             raise ReleaseRefused(f"the unmasked sum cannot be decoded: {exc}") from None
-        public = {
-            "secagg_dropped": float(len(result.dropped)),
-            "secagg_clipped_values": float(self.secure.clipped_values),
-            "secagg_neighbours": float(params.neighbours),
-            "secagg_threshold": float(params.threshold),
-            "secagg_max_error": encoding.max_mean_error(survivors, weight, params),
-        }
+        decoded, weight, survivors = decoded_sum.mean, decoded_sum.weight, decoded_sum.survivors
+        params = decoded_sum.params
+        result = self.secure.result
+        assert result is not None
+        public = {**decoded_sum.public,
+                  "secagg_max_error": encoding.max_mean_error(survivors, weight, params)}
         privacy = self._privacy
         if privacy is None:
             metrics = encoding.masked_metric_means(decoded[self._size:], params.clip)

@@ -30,7 +30,7 @@ import numpy as np
 from coordinator.rounds.aggregators import Aggregate, Aggregator, ReleaseRefused
 from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.evaluation_tasks import EvaluationSetup
-from coordinator.rounds.secure import SecureRound
+from coordinator.rounds.secure import SecureRound, decode_sum
 from core.evaluation import (
     mean_error_bounds,
     report_problem,
@@ -45,7 +45,6 @@ from core.privacy.noise import NoiseSource
 from core.privacy.task import TaskPrivacy
 from core.protocol import MetricsPolicy
 from core.sampling import CohortDraw
-from core.secagg import encoding
 from core.secagg.messages import RingVector
 
 _NO_UPDATE = np.zeros(0, dtype=np.float32)
@@ -176,21 +175,13 @@ class SecureEvaluation:
         """Without DP: the summaries of the decoded sums, each mean's quantization error
         bound and the protocol's public facts. With DP: the noised release as in
         :class:`CentralDpEvaluation`, and the public facts."""
-        result = self.secure.result
-        assert result is not None
-        params = self.secure.plan.params
-        survivors = len(result.survivors)
         try:
-            mean, weight = encoding.decode_mean(result.total, survivors, params)
+            decoded = decode_sum(self.secure)
         except ValueError as exc:
             raise ReleaseRefused(f"the unmasked sum cannot be decoded: {exc}") from None
-        scaled_sum = mean * (weight / params.weight_cap)  # every device encoded weight = cap
-        public = {
-            "secagg_dropped": float(len(result.dropped)),
-            "secagg_clipped_values": float(self.secure.clipped_values),
-            "secagg_neighbours": float(params.neighbours),
-            "secagg_threshold": float(params.threshold),
-        }
+        params, survivors, public = decoded.params, decoded.survivors, decoded.public
+        # Every device encoded weight = cap.
+        scaled_sum = decoded.mean * (decoded.weight / params.weight_cap)
         layout = self._setup.layout
         if self._privacy is None:
             sums = layout.from_unit(scaled_sum / self._scale)

@@ -17,8 +17,12 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from coordinator.rounds.errors import CoordinatorError, Duplicate, InvalidRequest, Late
 from core.protocol import SecAggPlan
+from core.secagg import encoding
 from core.secagg.errors import (
     SecAggDuplicate,
     SecAggRejected,
@@ -35,6 +39,7 @@ from core.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from core.secagg.params import SecAggParams
 from core.secagg.server import SecAggResult, SecAggServer
 
 
@@ -160,3 +165,37 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskResponse",
 ]
+
+
+@dataclass(frozen=True)
+class DecodedSum:
+    """A finished secure round's unmasked sum, decoded (:func:`core.secagg.encoding.
+    decode_mean`): ``mean`` is the survivors' weighted mean of every encoded coordinate,
+    ``weight`` their weight total; ``public`` the protocol's facts every release carries
+    (dropouts, clipped coordinates, neighbours, threshold)."""
+
+    mean: npt.NDArray[np.float64]
+    weight: int
+    survivors: int
+    params: SecAggParams
+    public: Mapping[str, float]
+
+
+def decode_sum(secure: SecureRound) -> DecodedSum:
+    """The decoded sum of a secure round whose unmask stage finished (the training and the
+    evaluation aggregators both release from it).
+
+    Raises:
+        ValueError: the sum cannot be decoded (the caller refuses the release with it).
+    """
+    result = secure.result
+    assert result is not None, "decode_sum needs the unmasked result"
+    params = secure.plan.params
+    survivors = len(result.survivors)
+    mean, weight = encoding.decode_mean(result.total, survivors, params)
+    return DecodedSum(mean, weight, survivors, params, {
+        "secagg_dropped": float(len(result.dropped)),
+        "secagg_clipped_values": float(secure.clipped_values),
+        "secagg_neighbours": float(params.neighbours),
+        "secagg_threshold": float(params.threshold),
+    })

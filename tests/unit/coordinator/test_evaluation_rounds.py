@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from evaluation_rounds_support import MODEL, admit, bundle, make_service, upload
 from torch import nn
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.service import CoordinatorService
-from coordinator.settings import CoordinatorSettings
-from coordinator.storage import FileBlobStore, InMemoryStore
+from coordinator.storage import InMemoryStore
 from core import models
 from core.data.dataset import LocalDataset
 from core.evaluation import (
@@ -34,7 +33,7 @@ from core.evaluation import (
     split_bundle,
     summarize,
 )
-from core.privacy import NoiseSource, Sampling
+from core.privacy import Sampling
 from core.privacy.spec import FixedClip, PrivacyMode, PrivacySpec
 from core.privacy.task import EPSILON_METRIC, TaskPrivacy, planned_draw
 from core.protocol import (
@@ -58,7 +57,7 @@ from core.secagg.messages import (
     UnmaskResponse,
 )
 from core.security.identity import DeviceKey
-from core.tensors import load_safetensors, sha256_hex
+from core.tensors import load_safetensors
 from core.types import (
     DataSchema,
     DeviceAttributes,
@@ -75,9 +74,8 @@ from core.types import (
 )
 from device_agent.runtime.device import Device, TorchTrainer
 
-ATTRS = DeviceAttributes()
-MODEL = ModelSpec("logistic_regression", {"input_dim": 4, "num_classes": 3})
 N = 5
+DEVICES = [f"d{i}" for i in range(N)]
 
 
 def spec(**kw: object) -> TaskSpec:
@@ -89,12 +87,6 @@ def spec(**kw: object) -> TaskSpec:
                                      max_examples=64, quantiles=(0.5,)))
     base.update(kw)
     return TaskSpec(**base)  # type: ignore[arg-type]
-
-
-def make_service(tmp_path: Path, clock: ManualClock) -> CoordinatorService:
-    return CoordinatorService(InMemoryStore(), FileBlobStore(tmp_path / "blobs"), clock,
-                              rng=random.Random(0), noise=NoiseSource.seeded(0),
-                              settings=CoordinatorSettings(allow_seeded_noise=True))
 
 
 @pytest.fixture
@@ -115,26 +107,6 @@ def dataset(seed: int) -> LocalDataset:
     return LocalDataset(x_train=x[n:], y_train=y[n:], x_test=x[:n], y_test=y[:n], classes=3)
 
 
-def admit(service: CoordinatorService, clock: ManualClock, task_id: str, count: int = N
-          ) -> dict[str, Participation]:
-    names = [f"d{i}" for i in range(count)]
-    for d in names:
-        service.check_in(d, ATTRS, task_id)
-    clock.advance(1.1)
-    seats = {}
-    for d in names:
-        r = service.check_in(d, ATTRS, task_id)
-        assert r.outcome is CheckInOutcome.ACCEPTED, r.message
-        seats[d] = Participation(d, task_id, r.round_number, r.token)
-    return seats
-
-
-def bundle(service: CoordinatorService, p: Participation) -> tuple[Plan, bytes]:
-    plan = service.get_plan(p)
-    record = service.model_for_participant(p, plan.model_version)
-    return plan, b"".join(service.model_chunks(record, 1 << 20))
-
-
 def device_report(service: CoordinatorService, p: Participation, seed: int
                   ) -> tuple[EvaluationLayout, dict[int, DeviceResult]]:
     """What device ``seed`` evaluates, with the agent's own trainer."""
@@ -147,13 +119,8 @@ def device_report(service: CoordinatorService, p: Participation, seed: int
     return EvaluationLayout(evaluation), results
 
 
-def upload(service: CoordinatorService, p: Participation, report: np.ndarray) -> str:
-    plan = service.get_plan(p)
-    payload = report.astype("<f4").tobytes()
-    up = service.begin_upload(UpdateHeader(p, 1, list(plan.update_tensors), len(payload),
-                                           sha256_hex(payload), {}))
-    up.write(payload)
-    return service.finish_upload(up)
+def upload_report(service: CoordinatorService, p: Participation, report: np.ndarray) -> str:
+    return upload(service, p, report.astype("<f4").tobytes())
 
 
 class InProcess:
@@ -226,7 +193,7 @@ def test_an_evaluation_round_releases_the_statistics_of_the_devices_reports(
     tid = task.record.task_id
     assert any("evaluates model version(s) 0 of its own initial model" in line
                for line in task.launch_checks)
-    seats = admit(service, clock, tid)
+    seats = admit(service, clock, tid, DEVICES)
     plan = service.get_plan(seats["d0"])
     assert plan.metrics is MetricsPolicy.CLEAR and plan.update_tensors[0].name == \
         "evaluation_report"
@@ -238,7 +205,7 @@ def test_an_evaluation_round_releases_the_statistics_of_the_devices_reports(
             stats = Device(DeviceKey.generate(), dataset(i), coordinator, task_id=tid).run()
             assert coordinator.errors == [] and stats.updates_accepted == 1
         else:
-            upload(service, p, device_vector(layout, results[d]))
+            upload_report(service, p, device_vector(layout, results[d]))
     service.tick()
     (rnd,) = service.list_rounds(tid)
     assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
@@ -257,12 +224,12 @@ def test_an_evaluation_round_releases_the_statistics_of_the_devices_reports(
 def test_a_report_that_breaks_its_bounds_is_refused_and_its_device_is_out(
         service: CoordinatorService, clock: ManualClock) -> None:
     tid = service.create_task(spec()).record.task_id
-    p = admit(service, clock, tid)["d1"]
+    p = admit(service, clock, tid, DEVICES)["d1"]
     layout, results = device_report(service, p, 1)
     report = device_vector(layout, results)
     report[layout.index(0, "accuracy", "sum")] = 3.0
     with pytest.raises(InvalidRequest, match="'accuracy' is 3, outside its range"):
-        upload(service, p, report)
+        upload_report(service, p, report)
     with pytest.raises(InvalidRequest, match="carried metrics"):
         plan = service.get_plan(p)
         service.begin_upload(UpdateHeader(p, 1, list(plan.update_tensors), 4 * layout.length,
@@ -332,7 +299,7 @@ def run_secure_round(service: CoordinatorService, seats: dict[str, Participation
 def test_under_secure_aggregation_the_results_are_the_plaintext_ones_within_the_bound(
         service: CoordinatorService, clock: ManualClock) -> None:
     tid = service.create_task(spec(secure_aggregation=SECURE)).record.task_id
-    seats = admit(service, clock, tid)
+    seats = admit(service, clock, tid, DEVICES)
     assert service.get_plan(seats["d0"]).metrics is MetricsPolicy.MASKED
     layout, results = run_secure_round(service, seats)
     (rnd,) = service.list_rounds(tid)
@@ -365,11 +332,11 @@ def test_a_dp_evaluation_charges_epsilon_each_round_and_stops_at_the_budget(
     for _ in range(3):
         if service.get_task(tid).record.state is not TaskState.RUNNING:
             break
-        seats = admit(service, clock, tid)
+        seats = admit(service, clock, tid, DEVICES)
         assert service.get_plan(seats["d0"]).metrics is MetricsPolicy.WITHHELD
         for i, p in seats.items():
             layout, results = device_report(service, p, int(i[1:]))
-            upload(service, p, device_vector(layout, results))
+            upload_report(service, p, device_vector(layout, results))
         service.tick()
     view = service.get_task(tid)
     assert view.record.state is TaskState.BUDGET_EXHAUSTED, view.record.reason
@@ -388,7 +355,7 @@ def test_secure_aggregation_with_central_dp_noises_the_unmasked_sums_and_charges
         service: CoordinatorService, clock: ManualClock) -> None:
     tid = service.create_task(spec(secure_aggregation=SECURE, privacy=central(1e6))
                               ).record.task_id
-    seats = admit(service, clock, tid)
+    seats = admit(service, clock, tid, DEVICES)
     assert service.get_plan(seats["d0"]).metrics is MetricsPolicy.WITHHELD
     layout, _ = run_secure_round(service, seats)
     (rnd,) = service.list_rounds(tid)
@@ -401,23 +368,21 @@ def test_secure_aggregation_with_central_dp_noises_the_unmasked_sums_and_charges
 def test_a_restarted_coordinator_goes_on_with_an_evaluation_task(
         clock: ManualClock, tmp_path: Path) -> None:
     store = InMemoryStore()
-    first = CoordinatorService(store, FileBlobStore(tmp_path / "blobs"), clock,
-                               rng=random.Random(0), settings=CoordinatorSettings())
+    first = make_service(tmp_path, clock, store=store)
     tid = first.create_task(spec(rounds=2)).record.task_id
-    seats = admit(first, clock, tid)
+    seats = admit(first, clock, tid, DEVICES)
     for i, p in enumerate(seats.values()):
         layout, results = device_report(first, p, i)
-        upload(first, p, device_vector(layout, results))
+        upload_report(first, p, device_vector(layout, results))
     first.tick()
     first.close()
-    again = CoordinatorService(store, FileBlobStore(tmp_path / "blobs"), clock,
-                               rng=random.Random(1), settings=CoordinatorSettings())
+    again = make_service(tmp_path, clock, store=store, seed=1)
     again.recover()
-    seats = admit(again, clock, tid)
+    seats = admit(again, clock, tid, DEVICES)
     plan, data = bundle(again, seats["d0"])
     assert plan.update_tensors[0].numel == layout.length and read_plan(data) == layout.plan
     for i, p in enumerate(seats.values()):
-        upload(again, p, device_vector(layout, device_report(again, p, i)[1]))
+        upload_report(again, p, device_vector(layout, device_report(again, p, i)[1]))
     again.tick()
     assert again.get_task(tid).record.state is TaskState.COMPLETED
     committed = [r for r in again.list_rounds(tid) if r.state is RoundState.COMMITTED]
@@ -442,12 +407,12 @@ def test_a_metric_the_model_declares_is_evaluated_on_devices_and_released(
     evaluation = FederatedEvaluation(metrics={"confidence": MetricRange(0, 1)},
                                      histograms={"confidence": HistogramBins(bins=10)})
     tid = service.create_task(spec(model=model, evaluate=evaluation)).record.task_id
-    seats = admit(service, clock, tid)
+    seats = admit(service, clock, tid, DEVICES)
     results = {}
     for i, (d, p) in enumerate(seats.items()):
         layout, results[d] = device_report(service, p, i)
         assert set(results[d][0].values) == {"loss", "accuracy", "confidence"}
-        upload(service, p, device_vector(layout, results[d]))
+        upload_report(service, p, device_vector(layout, results[d]))
     service.tick()
     (rnd,) = service.list_rounds(tid)
     assert rnd.state is RoundState.COMMITTED, rnd.failure_reason

@@ -8,17 +8,16 @@ its reason (a guardrail breach, a sample-ratio mismatch, the horizon)."""
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from evaluation_rounds_support import ATTRS, MODEL, admit, bundle, layout_of, make_service, upload
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.service import CoordinatorService
-from coordinator.settings import CoordinatorSettings
-from coordinator.storage import FileBlobStore, InMemoryStore
+from coordinator.storage import InMemoryStore
 from core.evaluation import (
     DeviceResult,
     EvaluationLayout,
@@ -30,16 +29,12 @@ from core.experiments import Action, TrafficSplit, assign_arm
 from core.experiments.spec import parse_experiment_spec
 from core.experiments.training import apply_training, comparison_task, parse_training_arms
 from core.experiments.versions import ACTIONS
-from core.privacy import NoiseSource
-from core.protocol import CheckInOutcome, Participation, UpdateHeader, config_hash
+from core.protocol import CheckInOutcome, config_hash
 from core.secagg.client import SecAggClient
 from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
 from core.taskspec import spec_from_dict, spec_to_dict
-from core.tensors import sha256_hex
 from core.types import (
-    DeviceAttributes,
     FederatedEvaluation,
-    ModelSpec,
     RoundState,
     SecAggProtocol,
     SecureAggregation,
@@ -47,9 +42,6 @@ from core.types import (
     TaskSpec,
     TaskState,
 )
-
-ATTRS = DeviceAttributes()
-MODEL = ModelSpec("logistic_regression", {"input_dim": 4, "num_classes": 3})
 
 
 def experiment(**kw: object) -> dict[str, object]:
@@ -73,46 +65,21 @@ def spec(source: str, devices: int, rounds: int = 3, **kw: object) -> TaskSpec:
                                      experiment=parse_experiment_spec(experiment(**kw))))
 
 
-def make_service(store: InMemoryStore, tmp_path: Path, clock: ManualClock,
-                 seed: int = 0) -> CoordinatorService:
-    return CoordinatorService(store, FileBlobStore(tmp_path / "blobs"), clock,
-                              rng=random.Random(seed), noise=NoiseSource.seeded(0),
-                              settings=CoordinatorSettings(allow_seeded_noise=True))
-
-
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
 
 
-def admit(service: CoordinatorService, clock: ManualClock, task_id: str, names: list[str]
-          ) -> dict[str, Participation]:
-    for d in names:
-        service.check_in(d, ATTRS, task_id)
-    clock.advance(1.1)
-    seats = {}
-    for d in names:
-        r = service.check_in(d, ATTRS, task_id)
-        assert r.outcome is CheckInOutcome.ACCEPTED, r.message
-        seats[d] = Participation(d, task_id, r.round_number, r.token)
-    return seats
-
-
-def upload(service: CoordinatorService, p: Participation, payload: bytes,
-           examples: int = 1) -> str:
-    plan = service.get_plan(p)
-    up = service.begin_upload(UpdateHeader(p, examples, list(plan.update_tensors),
-                                           len(payload), sha256_hex(payload), {}))
-    up.write(payload)
-    return service.finish_upload(up)
-
-
-def trained_source(service: CoordinatorService, clock: ManualClock) -> str:
-    """A training task with versions 0 and 1 (one round of zero updates)."""
-    tid = service.create_task(TaskSpec("train", MODEL, rounds=1, clients_per_round=2,
-                                       min_reports=2, over_selection=1.0,
-                                       selection_window_s=1.0)).record.task_id
-    for p in admit(service, clock, tid, ["t0", "t1"]).values():
+def trained_task(service: CoordinatorService, clock: ManualClock, *, seed: int = 0,
+                 learning_rate: float = 0.05, devices: tuple[str, str] = ("t0", "t1")
+                 ) -> str:
+    """A one-round training task (zero updates: versions 0 and 1 are its initial model)
+    under its own configuration and seed, so its models differ from another such task's."""
+    data = apply_training(spec_to_dict(TaskSpec(
+        "train", MODEL, rounds=1, clients_per_round=2, min_reports=2, over_selection=1.0,
+        selection_window_s=1.0, seed=seed)), (("local.learning_rate", learning_rate),))
+    tid = service.create_task(spec_from_dict(data)).record.task_id
+    for p in admit(service, clock, tid, list(devices)).values():
         nbytes = sum(t.numel for t in service.get_plan(p).update_tensors) * 4
         upload(service, p, bytes(nbytes), examples=10)
     service.tick()
@@ -120,12 +87,9 @@ def trained_source(service: CoordinatorService, clock: ManualClock) -> str:
     return tid
 
 
-def layout_of(service: CoordinatorService, p: Participation) -> EvaluationLayout:
-    plan = service.get_plan(p)
-    record = service.model_for_participant(p, plan.model_version)
-    evaluation = read_plan(b"".join(service.model_chunks(record, 1 << 20)))
-    assert evaluation is not None
-    return EvaluationLayout(evaluation)
+def trained_source(service: CoordinatorService, clock: ManualClock) -> str:
+    """A training task with versions 0 and 1 (one round of zero updates)."""
+    return trained_task(service, clock)
 
 
 def report(layout: EvaluationLayout, version: int, accuracy: float, loss: float) -> bytes:
@@ -164,7 +128,7 @@ DEVICES = [f"device-{i}" for i in range(24)]
 def test_each_device_keeps_its_arm_across_rounds_and_a_restart_and_counts_once(
         clock: ManualClock, tmp_path: Path) -> None:
     store = InMemoryStore()
-    first = make_service(store, tmp_path, clock)
+    first = make_service(tmp_path, clock, store=store)
     source = trained_source(first, clock)
     half = len(DEVICES) // 2
     created = first.create_task(spec(source, half))
@@ -181,7 +145,7 @@ def test_each_device_keeps_its_arm_across_rounds_and_a_restart_and_counts_once(
         d: expected[d] for d in DEVICES[:half]}
     first.close()
 
-    again = make_service(store, tmp_path, clock, seed=1)
+    again = make_service(tmp_path, clock, store=store, seed=1)
     again.recover()
     # Each device counts once per experiment, after a restart too: the statistics take every
     # report for a new device.
@@ -217,7 +181,7 @@ def test_each_device_keeps_its_arm_across_rounds_and_a_restart_and_counts_once(
 
 def test_a_guardrail_breach_stops_the_experiment_and_says_why(
         clock: ManualClock, tmp_path: Path) -> None:
-    service = make_service(InMemoryStore(), tmp_path, clock)
+    service = make_service(tmp_path, clock)
     source = trained_source(service, clock)
     tid = service.create_task(spec(source, len(DEVICES), rounds=5, horizon_rounds=5)
                               ).record.task_id
@@ -238,7 +202,7 @@ def test_a_guardrail_breach_stops_the_experiment_and_says_why(
 
 def test_a_sample_ratio_mismatch_stops_the_experiment_as_invalid(
         clock: ManualClock, tmp_path: Path) -> None:
-    service = make_service(InMemoryStore(), tmp_path, clock)
+    service = make_service(tmp_path, clock)
     source = trained_source(service, clock)
     names = [f"device-{i}" for i in range(40)]
     tid = service.create_task(spec(source, len(names))).record.task_id
@@ -253,7 +217,7 @@ def test_a_sample_ratio_mismatch_stops_the_experiment_as_invalid(
 
 def test_a_better_candidate_wins_and_the_decision_is_stored(
         clock: ManualClock, tmp_path: Path) -> None:
-    service = make_service(InMemoryStore(), tmp_path, clock)
+    service = make_service(tmp_path, clock)
     source = trained_source(service, clock)
     tid = service.create_task(spec(source, len(DEVICES))).record.task_id
     run_round(service, clock, tid, DEVICES, {0: (0.6, 1.0), 1: (0.9, 1.0)},
@@ -266,7 +230,7 @@ def test_a_better_candidate_wins_and_the_decision_is_stored(
 
 def test_without_a_difference_the_experiment_ends_at_its_horizon(
         clock: ManualClock, tmp_path: Path) -> None:
-    service = make_service(InMemoryStore(), tmp_path, clock)
+    service = make_service(tmp_path, clock)
     source = trained_source(service, clock)
     half = len(DEVICES) // 2
     tid = service.create_task(spec(source, half, rounds=4, horizon_rounds=2)).record.task_id
@@ -281,7 +245,7 @@ def test_without_a_difference_the_experiment_ends_at_its_horizon(
 
 def test_an_experiment_stopped_by_an_operator_keeps_the_reason_given(
         clock: ManualClock, tmp_path: Path) -> None:
-    service = make_service(InMemoryStore(), tmp_path, clock)
+    service = make_service(tmp_path, clock)
     source = trained_source(service, clock)
     tid = service.create_task(spec(source, len(DEVICES))).record.task_id
     with pytest.raises(InvalidRequest, match="reason: at most 500 printable characters"):
@@ -294,7 +258,7 @@ def test_an_experiment_stopped_by_an_operator_keeps_the_reason_given(
 
 def test_under_secure_aggregation_the_arms_are_counted_from_the_unmasked_sums(
         clock: ManualClock, tmp_path: Path) -> None:
-    service = make_service(InMemoryStore(), tmp_path, clock)
+    service = make_service(tmp_path, clock)
     source = trained_source(service, clock)
     names = DEVICES[:12]
     secure = SecureAggregation(protocol=SecAggProtocol.SECAGG, threshold=0.6, dropout=0.001,
@@ -341,22 +305,6 @@ def test_under_secure_aggregation_the_arms_are_counted_from_the_unmasked_sums(
     assert "stop_success" in record.reason, record.reason
 
 
-def trained_task(service: CoordinatorService, clock: ManualClock, *, seed: int,
-                 learning_rate: float, devices: tuple[str, str]) -> str:
-    """A one-round training task (zero updates) under its own configuration and seed, so
-    its models differ from another such task's."""
-    data = apply_training(spec_to_dict(TaskSpec(
-        "train", MODEL, rounds=1, clients_per_round=2, min_reports=2, over_selection=1.0,
-        selection_window_s=1.0, seed=seed)), (("local.learning_rate", learning_rate),))
-    tid = service.create_task(spec_from_dict(data)).record.task_id
-    for p in admit(service, clock, tid, list(devices)).values():
-        nbytes = sum(t.numel for t in service.get_plan(p).update_tensors) * 4
-        upload(service, p, bytes(nbytes), examples=10)
-    service.tick()
-    assert service.get_task(tid).record.state is TaskState.COMPLETED
-    return tid
-
-
 def test_arms_trained_under_their_own_configurations_are_compared_on_their_devices(
         clock: ManualClock, tmp_path: Path) -> None:
     """A training-configuration experiment on the coordinator: each arm's model comes from
@@ -365,7 +313,7 @@ def test_arms_trained_under_their_own_configurations_are_compared_on_their_devic
     from core.evaluation import split_bundle
     from core.tensors import load_safetensors
 
-    service = make_service(InMemoryStore(), tmp_path, clock)
+    service = make_service(tmp_path, clock)
     slow = trained_task(service, clock, seed=1, learning_rate=1e-4, devices=("t0", "t1"))
     fast = trained_task(service, clock, seed=2, learning_rate=0.5, devices=("t2", "t3"))
     arms = parse_training_arms({**experiment(), "arms": [
@@ -383,8 +331,7 @@ def test_arms_trained_under_their_own_configurations_are_compared_on_their_devic
     # The bundle's slot of each arm holds its own task's model.
     seats = admit(service, clock, tid, DEVICES)
     some = next(iter(seats.values()))
-    record = service.model_for_participant(some, service.get_plan(some).model_version)
-    raw = b"".join(service.model_chunks(record, 1 << 20))
+    raw = bundle(service, some)[1]
     plan = read_plan(raw)
     assert plan is not None
     slots = split_bundle(load_safetensors(raw), plan)
@@ -409,7 +356,7 @@ def test_arms_trained_under_their_own_configurations_are_compared_on_their_devic
 
 def test_an_arm_naming_a_missing_or_foreign_task_is_refused_naming_the_arm(
         clock: ManualClock, tmp_path: Path) -> None:
-    service = make_service(InMemoryStore(), tmp_path, clock)
+    service = make_service(tmp_path, clock)
     source = trained_source(service, clock)
     arms = [{"name": "a", "weight": 0.5, "task": source, "task_version": 1},
             {"name": "b", "weight": 0.5, "task": "no-such-task", "task_version": 1}]

@@ -6,6 +6,7 @@ a task ended that no decision stopped."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,15 @@ def no_admin(args: argparse.Namespace) -> object:
     raise AssertionError("a refused file must not reach the coordinator")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(admin: Callable[[argparse.Namespace], object] = no_admin
+           ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedctl")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_coordinator(q: argparse.ArgumentParser) -> None:
         q.add_argument("--coordinator", default="127.0.0.1:1")
 
-    register(sub, add_coordinator, no_admin)  # type: ignore[arg-type]
+    register(sub, add_coordinator, admin)  # type: ignore[arg-type]
     return p
 
 
@@ -153,19 +155,8 @@ class FakeAdmin:
                               spec=task_spec_to_proto(spec), rounds_committed=spec.rounds)
 
 
-def training_parser(admin: FakeAdmin) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedctl")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def add_coordinator(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--coordinator", default="127.0.0.1:1")
-
-    register(sub, add_coordinator, lambda args: admin)  # type: ignore[arg-type,return-value]
-    return p
-
-
 def run(admin: FakeAdmin, *argv: str) -> int:
-    args = training_parser(admin).parse_args(["experiment", "launch", *argv, "--poll-s", "0"])
+    args = parser(lambda _: admin).parse_args(["experiment", "launch", *argv, "--poll-s", "0"])
     result = args.func(args)
     assert isinstance(result, int)
     return result
