@@ -377,3 +377,70 @@ def cuped_arms(ys: Sequence[npt.ArrayLike], xs: Sequence[npt.ArrayLike]) -> Cupe
         cuped_adjust(y, x, theta=theta, x_mean=x_mean) for y, x in zip(ys, xs, strict=True)
     )
     return CupedArms(theta, x_mean, adjusted)
+
+
+@dataclass(frozen=True)
+class PairedSums:
+    """One arm's devices' sums of a metric ``y`` and its covariate ``x``: the count, sum(y),
+    sum(y^2), sum(x), sum(x^2) and sum(x y). What a federated evaluation can release (sums
+    add up across devices, under secure aggregation too), and all CUPED needs."""
+
+    count: int
+    y: float
+    yy: float
+    x: float
+    xx: float
+    xy: float
+
+    def __add__(self, other: PairedSums) -> PairedSums:
+        return PairedSums(self.count + other.count, self.y + other.y, self.yy + other.yy,
+                          self.x + other.x, self.xx + other.xx, self.xy + other.xy)
+
+    @classmethod
+    def from_values(cls, y: npt.ArrayLike, x: npt.ArrayLike) -> PairedSums:
+        ya = np.asarray(y, dtype=np.float64).ravel()
+        xa = np.asarray(x, dtype=np.float64).ravel()
+        if ya.shape != xa.shape:
+            raise ValueError(f"y and x need equal lengths, got {ya.size} and {xa.size}")
+        return cls(int(ya.size), float(ya.sum()), float(ya @ ya), float(xa.sum()),
+                   float(xa @ xa), float(xa @ ya))
+
+
+@dataclass(frozen=True)
+class CupedSums:
+    """CUPED from sums: the pooled ``theta`` and ``x_mean``, and per arm the statistics of
+    its adjusted values (equal to :func:`cuped_arms` on the devices' values)."""
+
+    theta: float
+    x_mean: float
+    arms: tuple[ArmStats, ...]
+
+
+def cuped_from_sums(arms: Sequence[PairedSums]) -> CupedSums:
+    """:func:`cuped_arms` computed from each arm's :class:`PairedSums` instead of its
+    devices' values: theta = cov(y, x) / var(x) and mean(x) over the arms pooled (0 and the
+    mean when x is constant), then per arm, with a = y - theta (x - x_mean),
+
+        sum(a)   = sum(y) - theta (sum(x) - n x_mean)
+        sum(a^2) = sum(y^2) - 2 theta (sum(xy) - x_mean sum(y))
+                   + theta^2 (sum(x^2) - 2 x_mean sum(x) + n x_mean^2)
+
+    Raises ``ValueError`` with fewer than two devices in all."""
+    total = PairedSums(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    for arm in arms:
+        total = total + arm
+    n = total.count
+    if n < 2:
+        raise ValueError(f"CUPED needs at least two devices, got {n}")
+    x_mean = total.x / n
+    sxx = total.xx - n * x_mean * x_mean
+    sxy = total.xy - x_mean * total.y
+    theta = sxy / sxx if sxx > 1e-12 * max(1.0, abs(total.xx)) else 0.0
+    out = []
+    for arm in arms:
+        k = arm.count
+        adj_sum = arm.y - theta * (arm.x - k * x_mean)
+        adj_squares = (arm.yy - 2 * theta * (arm.xy - x_mean * arm.y)
+                       + theta * theta * (arm.xx - 2 * x_mean * arm.x + k * x_mean * x_mean))
+        out.append(ArmStats.from_sums(k, adj_sum, adj_squares))
+    return CupedSums(theta, x_mean, tuple(out))

@@ -12,16 +12,20 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import integrate, stats
 
 from core.experiments.sequential import (
     AlwaysValidResult,
     ArmStats,
     Difference,
+    PairedSums,
     always_valid_look,
     confidence_sequence_radius,
     cuped_adjust,
     cuped_arms,
+    cuped_from_sums,
     cuped_theta,
     difference_in_means,
     msprt_log_likelihood_ratio,
@@ -233,3 +237,36 @@ def test_cuped_keeps_the_effect_unbiased_and_cuts_the_variance_by_one_minus_rho_
     # The variance ratio of 2,000 runs has a relative sd of about sqrt(2 / 2000) * sqrt(2) =
     # 0.045 against 1 - rho^2 = 0.36; allow 15% (more than 3 sd).
     assert ratio == pytest.approx(1 - rho2, rel=0.15)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 40), st.integers(2, 40),
+       st.floats(-2.0, 2.0), st.floats(0.0, 3.0))
+def test_cuped_from_sums_equals_cuped_on_the_devices_values(
+        seed: int, n_control: int, n_treatment: int, slope: float, offset: float) -> None:
+    """What an evaluation can release (per arm: count, sum y, y^2, x, x^2, xy) gives the same
+    theta, x_mean and adjusted arm statistics as CUPED on every device's values."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=n) for n in (n_control, n_treatment)]
+    ys = [slope * x + rng.normal(scale=0.5, size=x.size) + offset * i
+          for i, x in enumerate(xs)]
+    direct = cuped_arms(ys, xs)
+    from_sums = cuped_from_sums([PairedSums.from_values(y, x) for y, x in zip(ys, xs,
+                                                                            strict=True)])
+    assert from_sums.theta == pytest.approx(direct.theta, rel=1e-9, abs=1e-9)
+    assert from_sums.x_mean == pytest.approx(direct.x_mean, rel=1e-9, abs=1e-12)
+    for stats_, values in zip(from_sums.arms, direct.adjusted, strict=True):
+        expected = ArmStats.from_values(values)
+        assert stats_.count == expected.count
+        assert stats_.mean == pytest.approx(expected.mean, rel=1e-9, abs=1e-9)
+        assert stats_.variance == pytest.approx(expected.variance, rel=1e-6, abs=1e-9)
+
+
+def test_cuped_from_sums_with_a_constant_covariate_changes_nothing() -> None:
+    y = [np.array([1.0, 2.0, 4.0]), np.array([3.0, 5.0])]
+    x = [np.full(3, 7.0), np.full(2, 7.0)]
+    result = cuped_from_sums([PairedSums.from_values(a, b) for a, b in zip(y, x, strict=True)])
+    assert result.theta == 0.0
+    assert [s.mean for s in result.arms] == pytest.approx([7 / 3, 4.0])
+    with pytest.raises(ValueError, match="at least two devices"):
+        cuped_from_sums([PairedSums.from_values([1.0], [2.0])])
