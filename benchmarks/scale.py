@@ -94,6 +94,7 @@ class Worker:
         self.answered: set[int] = set()
         self.last_answer: dict[int, float] = {}
         self.errors: Counter[str] = Counter()
+        self.error_details: dict[str, str] = {}
         self.outcomes: Counter[str] = Counter()
         self.downloaded_bytes = 0
         self._update: tuple[list[device_pb2.UploadUpdateRequest], str, int] | None = None
@@ -124,7 +125,7 @@ class Worker:
             try:
                 resp = await stub.CheckIn(request, timeout=60)
             except grpc.aio.AioRpcError as exc:
-                self.errors[f"CheckIn {exc.code().name}"] += 1
+                self.error(f"CheckIn {exc.code().name}", exc)
                 await asyncio.sleep(1.0)
                 continue
             self.sent.append(sent)
@@ -139,6 +140,10 @@ class Worker:
                 continue
             await asyncio.sleep(max(resp.retry_after_ms, 100) / 1000)
 
+    def error(self, kind: str, exc: grpc.aio.AioRpcError) -> None:
+        self.errors[kind] += 1
+        self.error_details.setdefault(kind, (exc.details() or "")[:200])
+
     async def participate(self, stub: device_pb2_grpc.DeviceServiceStub, device_id: str,
                           resp: device_pb2.CheckInResponse) -> None:
         p = device_pb2.Participation(device_id=device_id, task_id=resp.task_id,
@@ -151,7 +156,7 @@ class Worker:
                     api_version=API_VERSION, participation=p), timeout=300):
                 self.downloaded_bytes += len(msg.chunk)
         except grpc.aio.AioRpcError as exc:
-            self.errors[f"plan/download {exc.code().name}"] += 1
+            self.error(f"plan/download {exc.code().name}", exc)
             return
         await asyncio.sleep(self.rng.uniform(*self.train_s))
         chunks, sha256, total = self.update_for(plan)
@@ -170,7 +175,7 @@ class Worker:
             await stub.UploadUpdate(messages(), timeout=300)
             ok = 1
         except grpc.aio.AioRpcError as exc:
-            self.errors[f"UploadUpdate {exc.code().name}"] += 1
+            self.error(f"UploadUpdate {exc.code().name}", exc)
             ok = 0
         self.uploads.append((int(resp.round_number), start, time.time(), ok))
 
@@ -196,6 +201,7 @@ class Worker:
                  last_answer=np.array(list(self.last_answer.values())))
         out.with_suffix(".json").write_text(json.dumps({
             "answered": len(self.answered), "errors": dict(self.errors),
+            "error_details": self.error_details, "cpu_s": time.process_time(),
             "outcomes": dict(self.outcomes), "downloaded_bytes": self.downloaded_bytes}))
 
 
@@ -274,7 +280,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = task_spec(args)
     load_before = machine_load()
     out_dir = Path(tempfile.mkdtemp(prefix="fedcoord-scale-"))
-    with CoordinatorSubprocess(device_auth=False) as coord:
+    coordinator = CoordinatorSubprocess(device_auth=False)
+    if args.retry_after_max is not None:
+        coordinator._args += ["--retry-after-max", str(args.retry_after_max)]
+    with coordinator as coord:
         assert coord.proc is not None
         with coord.admin() as admin:
             task_id = admin.create_task(spec).task_id
@@ -302,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 state = admin.get_task(task_id).state
                 if state != "running":
                     break
-                time.sleep(1.0)
+                time.sleep(3.0)  # an admin call costs the loop too
             state = admin.get_task(task_id).state
             rounds = admin.list_rounds(task_id)
         for w in workers:
@@ -353,9 +362,12 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         cpu_per_round, rate, active_last_round = float("nan"), float("nan"), 0
     errors: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()
+    details: dict[str, str] = {}
     for info in infos:
         errors.update(info["errors"])
         outcomes.update(info["outcomes"])
+        for kind, text in info["error_details"].items():
+            details.setdefault(kind, text)
     accepted_uploads = int(uploads[:, 3].sum()) if uploads.size else 0
     return {
         "benchmark": "scale",
@@ -390,6 +402,8 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         "wall_s": round(ended - started, 1),
         "outcomes": dict(outcomes),
         "errors": dict(errors),
+        "error_examples": details,
+        "load_generator_cpu_s": round(sum(i["cpu_s"] for i in infos), 1),
         "downloaded_mib": round(sum(i["downloaded_bytes"] for i in infos) / 2**20, 1),
         "targets": {"connected_devices": 10_000, "checkin_p99_ms_aggregating": 250,
                     "coordinator_rss_mib": 2048},
@@ -397,6 +411,7 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         "load_avg_1_5_15_before": load_before,
         "load_avg_1_5_15_after": machine_load(),
         "cpus": os.cpu_count(),
+        "retry_after_max_s": args.retry_after_max or 5.0,
         "task_id": task_id,
     }
 
@@ -420,6 +435,9 @@ def main() -> None:
     parser.add_argument("--train-s", default="2,5",
                         help="LO,HI: a selected device 'trains' for uniform(LO, HI) seconds")
     parser.add_argument("--timeout-s", type=float, default=900.0)
+    parser.add_argument("--retry-after-max", type=float, default=None,
+                        help="the coordinator's --retry-after-max (longest 'come back after'; "
+                             "default: the coordinator's own, 5 s)")
     parser.add_argument("--profile", default="",
                         help="PATH: py-spy record the coordinator (collapsed stacks) into PATH")
     parser.add_argument("--note", default="", help="added to the JSON line as 'note'")
