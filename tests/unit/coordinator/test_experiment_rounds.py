@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evaluation_rounds_support import ATTRS, MODEL, admit, bundle, layout_of, make_service, upload
+from evaluation_rounds_support import ATTRS, MODEL, admit, layout_of, make_service, upload
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import InvalidRequest
@@ -85,6 +85,10 @@ def trained_task(service: CoordinatorService, clock: ManualClock, *, seed: int =
     service.tick()
     assert service.get_task(tid).record.state is TaskState.COMPLETED
     return tid
+
+
+def model_file(service: CoordinatorService, task_id: str, version: int) -> bytes:
+    return b"".join(service.model_chunks(service.model_version(task_id, version), 1 << 20))
 
 
 def trained_source(service: CoordinatorService, clock: ManualClock) -> str:
@@ -328,27 +332,16 @@ def test_arms_trained_under_their_own_configurations_are_compared_on_their_devic
     assert stored is not None
     assert [(a.task, a.task_version, a.version) for a in stored.arms] == [
         (slow, 1, 0), (fast, 1, 1)]
-    # The bundle's slot of each arm holds its own task's model.
-    seats = admit(service, clock, tid, DEVICES)
-    some = next(iter(seats.values()))
-    raw = bundle(service, some)[1]
+    # The bundle (the comparison's version 0) holds each arm's own task's model in its slot.
+    raw = model_file(service, tid, 0)
     plan = read_plan(raw)
     assert plan is not None
     slots = split_bundle(load_safetensors(raw), plan)
     for label, source in ((0, slow), (1, fast)):
-        source_record = service.get_task(source).record
-        assert source_record.state is TaskState.COMPLETED
-        source_model = load_safetensors(b"".join(service.model_chunks(
-            service.model_version(source, 1), 1 << 20)))
-        assert all(np.array_equal(slots[label][k], v) for k, v in source_model.items())
-    rng = np.random.default_rng(6)
-    for d, p in seats.items():
-        layout = layout_of(service, p)
-        version = layout.plan.version_for(d)
-        assert version is not None
-        accuracy = (0.5 if version == 0 else 0.9) + rng.normal(0, 0.02)
-        upload(service, p, report(layout, version, float(accuracy), 1.0))
-    service.tick()
+        trained = load_safetensors(model_file(service, source, 1))
+        assert all(np.array_equal(slots[label][k], v) for k, v in trained.items())
+    run_round(service, clock, tid, DEVICES, {0: (0.5, 1.0), 1: (0.9, 1.0)},
+              np.random.default_rng(6))
     final = service.get_task(tid).record
     assert final.state is TaskState.COMPLETED
     assert "stop_success" in final.reason and "fast beats slow on accuracy" in final.reason

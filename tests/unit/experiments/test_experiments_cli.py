@@ -66,9 +66,15 @@ def launch(path: Path, *extra: str) -> CliError:
 ])
 def test_a_bad_experiment_file_is_refused_naming_the_file_and_field(
         tmp_path: Path, good: str, bad: str, field: str) -> None:
+    refused_naming(tmp_path, GOOD.replace(good, bad, 1), field, "--source-task", "train-1")
+
+
+def refused_naming(tmp_path: Path, text: str, field: str, *extra: str) -> None:
+    """The file ``text`` is refused before any coordinator is called, naming it and
+    ``field``."""
     path = tmp_path / "ab.yaml"
-    path.write_text(GOOD.replace(good, bad, 1))
-    error = launch(path, "--source-task", "train-1")
+    path.write_text(text)
+    error = launch(path, *extra)
     assert error.exit_code == 2
     assert str(error).startswith(f"{path}: field '{field}'"), str(error)
 
@@ -233,8 +239,4 @@ def test_a_training_task_that_fails_launches_no_comparison(tmp_path: Path) -> No
 ])
 def test_a_bad_training_experiment_file_launches_nothing_and_names_the_field(
         tmp_path: Path, good: str, bad: str, field: str) -> None:
-    path = tmp_path / "ab.yaml"
-    path.write_text(TRAINING.replace(good, bad, 1))
-    error = launch(path)
-    assert error.exit_code == 2
-    assert str(error).startswith(f"{path}: field '{field}'"), str(error)
+    refused_naming(tmp_path, TRAINING.replace(good, bad, 1), field)
