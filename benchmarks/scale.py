@@ -12,7 +12,10 @@ carry (and which measures training, not the coordinator). Each virtual device he
 the device protocol over gRPC as the agent does (CheckIn, GetPlan, DownloadModel,
 UploadUpdate with a header, 1 MiB chunks, the sha256 and an upload id), follows the
 coordinator's ``retry_after_ms``, and "trains" by sleeping ``--train-s``; its update is
-precomputed (small random values, the same for every device of a worker). The coordinator
+precomputed (small random values, the same for every device of a worker). Check-ins share
+``--channels`` connections per worker; a selected device opens one of its own for its plan,
+download and upload (as a real device has its own), so a large transfer never queues other
+devices' check-ins behind it on a shared connection. The coordinator
 path is the real one; devices are unauthenticated (``--no-device-auth``: enrolling 10,000
 keys measures enrollment, which benchmarks/checkin.py covers) and every device calls from
 127.0.0.1, so the per-address limits are lifted (``limits`` in the output).
@@ -38,6 +41,7 @@ import os
 import random
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +61,7 @@ from benchmarks._common import (  # noqa: E402
     LIFTED_LIMITS_NOTE,
     CoordinatorSubprocess,
 )
+from coordinator.rounds.aggregators import PlainAggregator  # noqa: E402
 from core.types import API_VERSION, ModelSpec, TaskSpec  # noqa: E402
 from protos.fedcoord.v1 import common_pb2, device_pb2, device_pb2_grpc  # noqa: E402
 
@@ -95,6 +100,8 @@ class Worker:
         self.last_answer: dict[int, float] = {}
         self.errors: Counter[str] = Counter()
         self.error_details: dict[str, str] = {}
+        #: How long each failed check-in took to fail (ms).
+        self.failed_after_ms: list[float] = []
         self.outcomes: Counter[str] = Counter()
         self.downloaded_bytes = 0
         self._update: tuple[list[device_pb2.UploadUpdateRequest], str, int] | None = None
@@ -126,6 +133,7 @@ class Worker:
                 resp = await stub.CheckIn(request, timeout=60)
             except grpc.aio.AioRpcError as exc:
                 self.error(f"CheckIn {exc.code().name}", exc)
+                self.failed_after_ms.append((time.perf_counter() - start) * 1000)
                 await asyncio.sleep(1.0)
                 continue
             self.sent.append(sent)
@@ -136,7 +144,11 @@ class Worker:
             if resp.outcome == Outcome.FINISHED:
                 return
             if resp.outcome == Outcome.ACCEPTED:
-                await self.participate(stub, device_id, resp)
+                # A device has a connection of its own: its 40 MB transfers never hold up
+                # other devices' check-ins on a shared one.
+                async with self.channel() as own:
+                    await self.participate(device_pb2_grpc.DeviceServiceStub(own), device_id,
+                                           resp)
                 continue
             await asyncio.sleep(max(resp.retry_after_ms, 100) / 1000)
 
@@ -179,10 +191,13 @@ class Worker:
             ok = 0
         self.uploads.append((int(resp.round_number), start, time.time(), ok))
 
-    async def run(self, out: Path) -> None:
-        self.channels = [grpc.aio.insecure_channel(self.target, options=[
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.target, options=[
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", MESSAGE_LIMIT)]) for _ in range(self.channel_count)]
+            ("grpc.max_send_message_length", MESSAGE_LIMIT)])
+
+    async def run(self, out: Path) -> None:
+        self.channels = [self.channel() for _ in range(self.channel_count)]
         self.stubs = [device_pb2_grpc.DeviceServiceStub(c) for c in self.channels]
         self.stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stop.set)
@@ -197,6 +212,7 @@ class Worker:
         for c in self.channels:
             await c.close(None)
         np.savez(out, sent=np.array(self.sent), latency_ms=np.array(self.latency_ms),
+                 failed_after_ms=np.array(self.failed_after_ms),
                  uploads=np.array(self.uploads, dtype=np.float64).reshape(-1, 4),
                  last_answer=np.array(list(self.last_answer.values())))
         out.with_suffix(".json").write_text(json.dumps({
@@ -263,6 +279,25 @@ def percentiles(values: np.ndarray) -> dict[str, float]:
     p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
     return {"n": int(values.size), "p50": round(float(p50), 2), "p99": round(float(p99), 2),
             "p99_9": round(float(p999), 2), "max": round(float(values.max()), 2)}
+
+
+def fold_costs_ms(params: int, repeats: int = 3) -> dict[str, float]:
+    """What one update's fold into FedAvg's aggregate and one release cost, in this process
+    (median ms of ``repeats``): the work the aggregation worker takes off the event loop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "update"
+        np.random.default_rng(0).normal(0, 1e-4, params).astype("<f4").tofile(path)
+        aggregator = PlainAggregator(params, weight_cap=10_000)
+        folds, releases = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            aggregator.add_upload(path, 100, {})
+            folds.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            aggregator.release(None)
+            releases.append((time.perf_counter() - start) * 1000)
+    return {"fold_ms": round(statistics.median(folds), 1),
+            "release_ms": round(statistics.median(releases), 1)}
 
 
 def task_spec(args: argparse.Namespace) -> TaskSpec:
@@ -377,6 +412,7 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         "over_selection": args.over_selection,
         "selection_target": spec.selection_target,
         "model_params": (spec.model.arguments["input_dim"] + 1) * 10,
+        "in_process": fold_costs_ms((spec.model.arguments["input_dim"] + 1) * 10),
         "rounds_asked": args.rounds,
         "task_state": state,
         "rounds_committed": len(committed),
@@ -403,6 +439,8 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         "outcomes": dict(outcomes),
         "errors": dict(errors),
         "error_examples": details,
+        "checkin_failed_after_ms": percentiles(
+            np.concatenate([p["failed_after_ms"] for p in parts])),
         "load_generator_cpu_s": round(sum(i["cpu_s"] for i in infos), 1),
         "downloaded_mib": round(sum(i["downloaded_bytes"] for i in infos) / 2**20, 1),
         "targets": {"connected_devices": 10_000, "checkin_p99_ms_aggregating": 250,
