@@ -42,6 +42,7 @@ from coordinator.rounds.tasks import Tasks, TaskView
 from coordinator.rounds.uploads import Upload
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, Store
+from coordinator.storage.deferred import DeferredParticipantWrites
 from coordinator.storage.records import ModelVersionRecord, RoundRecord
 from core.aggregation.server_optimizers import apply_server_optimizer
 from core.privacy.errors import InsecureNoiseError
@@ -108,7 +109,10 @@ class CoordinatorService:
         self._clock = clock
         self._blobs = blobs
         self.events = events if events is not None else EventHub()
-        store = ObservedStore(store, self.events, clock.now)
+        # Events are emitted as the round logic calls (outside); the participant writes are
+        # grouped inside, once the transport asks for it (defer_participant_writes).
+        self._writes = DeferredParticipantWrites(store)
+        store = ObservedStore(self._writes, self.events, clock.now)
         self._progress_listeners: list[Callable[[], None]] = []
         running: dict[str, RunningTask] = {}
         evaluator = ServerEvaluator()
@@ -148,13 +152,40 @@ class CoordinatorService:
 
     def tick(self) -> None:
         """Lands finished commits and drives deadlines and selection windows; call it
-        periodically (e.g. every 50 ms)."""
+        periodically (e.g. every 50 ms). Writes the participant writes that were queued at
+        the previous tick already and still are."""
         self._machine.tick(self._clock.now())
+        self._writes.flush_stale()
 
     def close(self) -> None:
         """Waits for commits in flight (their files are written; unrecorded rounds are redone
-        at the next start)."""
+        at the next start) and writes the queued participant writes."""
         self._machine.close()
+        self._writes.flush()
+
+    # ------------------------------------------------------------------ group commit
+
+    def defer_participant_writes(self) -> None:
+        """From now on admissions, reports and errors of devices are queued and written
+        together (:class:`~coordinator.storage.deferred.DeferredParticipantWrites`): the
+        caller that answers a device must first see :meth:`participant_writes_durable` of
+        :meth:`participant_writes_queued` (read after the service call) come true, calling
+        :meth:`flush_participant_writes` (blocking I/O, thread-safe) as needed. Without this
+        call every write is its own transaction, done before the service call returns."""
+        self._writes.defer()
+
+    def participant_writes_queued(self) -> int:
+        """Sequence number of the last participant write queued."""
+        return self._writes.queued_seq
+
+    def participant_writes_durable(self, seq: int) -> bool:
+        """True once every participant write up to ``seq`` is in the database."""
+        return self._writes.flushed_through(seq)
+
+    def flush_participant_writes(self) -> None:
+        """Writes the queued participant writes in one transaction (blocking I/O; safe off
+        the event loop). Raises StorageError if the database fails (they stay queued)."""
+        self._writes.flush()
 
     # ------------------------------------------------------------------ admin
 

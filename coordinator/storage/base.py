@@ -12,7 +12,9 @@ from types import MappingProxyType
 from coordinator.storage.errors import Conflict
 from coordinator.storage.records import (
     ModelVersionRecord,
+    NewParticipants,
     ParticipantRecord,
+    ParticipantWrite,
     RoundRecord,
     TaskRecord,
 )
@@ -185,6 +187,28 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_participants(self, round_id: int) -> list[ParticipantRecord]:
         """The round's participants, by device id. NotFound if there is no such round."""
+
+    def write_participants(self, writes: Sequence[ParticipantWrite]) -> None:
+        """Applies ``writes`` in order, each as :meth:`add_participants`
+        (:class:`~coordinator.storage.records.NewParticipants`) or
+        :meth:`set_participant_state` would, raising what they raise.
+
+        :class:`~coordinator.storage.SqlStore` and :class:`~coordinator.storage.InMemoryStore`
+        apply the whole batch atomically (SqlStore in one transaction: one commit instead of
+        one per write); this default applies them one call at a time. A store that wraps
+        another in its ``inner`` attribute (metrics, events) hands the batch to it whole.
+        """
+        inner = getattr(self, "inner", None)
+        if isinstance(inner, Store):
+            inner.write_participants(writes)
+            return
+        for write in writes:
+            if isinstance(write, NewParticipants):
+                self.add_participants(write.round_id, write.participants, write.now)
+            else:
+                self.set_participant_state(write.round_id, write.device_id, write.state,
+                                           now=write.now, num_examples=write.num_examples,
+                                           metrics=write.metrics)
 
     # -- commits and model versions ----------------------------------------------------
 

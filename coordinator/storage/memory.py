@@ -19,6 +19,7 @@ from coordinator.storage.errors import Conflict, NotFound
 from coordinator.storage.records import (
     ModelVersionRecord,
     ParticipantRecord,
+    ParticipantWrite,
     RoundRecord,
     TaskRecord,
 )
@@ -186,6 +187,16 @@ class InMemoryStore(Store):
                 rnd, reports=rnd.reports + (1 if is_reported else -1)
             )
         return new
+
+    def write_participants(self, writes: Sequence[ParticipantWrite]) -> None:
+        """All or nothing: the rounds and participants as they were are put back when a
+        write raises."""
+        rounds, participants = dict(self._rounds), dict(self._participants)
+        try:
+            super().write_participants(writes)
+        except BaseException:
+            self._rounds, self._participants = rounds, participants
+            raise
 
     def list_participants(self, round_id: int) -> list[ParticipantRecord]:
         self.get_round(round_id)

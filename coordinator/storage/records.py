@@ -90,6 +90,36 @@ class ParticipantRecord:
 
 
 @dataclass(frozen=True)
+class NewParticipants:
+    """A write of :meth:`Store.write_participants <coordinator.storage.base.Store.
+    write_participants>`: what :meth:`~coordinator.storage.base.Store.add_participants`
+    takes."""
+
+    round_id: int
+    #: (device id, token hash) pairs.
+    participants: tuple[tuple[str, str], ...]
+    now: float
+
+
+@dataclass(frozen=True)
+class ParticipantUpdate:
+    """A write of :meth:`Store.write_participants <coordinator.storage.base.Store.
+    write_participants>`: what :meth:`~coordinator.storage.base.Store.set_participant_state`
+    takes (``num_examples`` 0 and ``metrics`` None keep the stored ones)."""
+
+    round_id: int
+    device_id: str
+    state: ParticipantState
+    now: float
+    num_examples: int = 0
+    metrics: Mapping[str, float] | None = None
+
+
+#: One write of a batch of participant writes.
+ParticipantWrite = NewParticipants | ParticipantUpdate
+
+
+@dataclass(frozen=True)
 class EventRecord:
     """One stored event (:class:`coordinator.observability.events.Event`, its kind by its
     value: the store knows no kinds). ``(task_id, seq)`` is its key."""

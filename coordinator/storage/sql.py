@@ -17,6 +17,7 @@ transaction (version 1 -> 2: the tasks table's state check gains ``budget_exhaus
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import sqlite3
@@ -40,7 +41,10 @@ from coordinator.storage.errors import Conflict, NotFound, StorageError
 from coordinator.storage.event_log_sql import SqlEventLog
 from coordinator.storage.records import (
     ModelVersionRecord,
+    NewParticipants,
     ParticipantRecord,
+    ParticipantUpdate,
+    ParticipantWrite,
     RoundRecord,
     TaskRecord,
 )
@@ -392,41 +396,8 @@ class SqlStore(Store):
     def add_participants(
         self, round_id: int, participants: Sequence[tuple[str, str]], now: float
     ) -> None:
-        devices = [device_id for device_id, _ in participants]
         with self._tx() as s:
-            rnd = _round(s, round_id, lock=True)
-            if rnd.state.is_final:
-                raise Conflict(f"round {round_id} is {rnd.state.value}; no one can join it")
-            if not participants:
-                return
-            repeated = _first_repeated(devices)
-            if repeated is None:
-                repeated = s.execute(
-                    sa.select(participants_table.c.device_id)
-                    .where(
-                        participants_table.c.round_id == round_id,
-                        participants_table.c.device_id.in_(devices),
-                    )
-                    .limit(1)
-                ).scalar()
-            if repeated is not None:
-                raise Conflict(f"device {repeated!r} is already a participant of round {round_id}")
-            s.execute(
-                participants_table.insert(),
-                [
-                    {
-                        "round_id": round_id, "device_id": device_id, "token_hash": token_hash,
-                        "state": ParticipantState.SELECTED.value, "num_examples": 0,
-                        "metrics_json": "{}", "updated_at": now,
-                    }
-                    for device_id, token_hash in participants
-                ],
-            )
-            s.execute(
-                rounds_table.update()
-                .where(rounds_table.c.round_id == round_id)
-                .values(selected=rounds_table.c.selected + len(participants))
-            )
+            _add_participants(s, round_id, participants, now)
 
     def get_participant(self, round_id: int, device_id: str) -> ParticipantRecord:
         with self._tx() as s:
@@ -443,31 +414,23 @@ class SqlStore(Store):
         metrics: Mapping[str, float] | None = None,
     ) -> ParticipantRecord:
         with self._tx() as s:
-            old = _participant(s, round_id, device_id, lock=True)
-            was_reported = old.state is ParticipantState.REPORTED
-            is_reported = state is ParticipantState.REPORTED
-            if was_reported and is_reported:
-                raise Conflict(f"device {device_id!r} already reported in round {round_id}")
-            values: dict[str, Any] = {"state": state.value, "updated_at": now}
-            if num_examples:
-                values["num_examples"] = num_examples
-            if metrics is not None:
-                values["metrics_json"] = _dump(metrics_dict(metrics))
-            s.execute(
-                participants_table.update()
-                .where(
-                    participants_table.c.round_id == round_id,
-                    participants_table.c.device_id == device_id,
-                )
-                .values(**values)
-            )
-            if was_reported != is_reported:
-                s.execute(
-                    rounds_table.update()
-                    .where(rounds_table.c.round_id == round_id)
-                    .values(reports=rounds_table.c.reports + (1 if is_reported else -1))
-                )
+            _set_participant_state(s, ParticipantUpdate(round_id, device_id, state, now,
+                                                        num_examples, metrics))
             return _participant(s, round_id, device_id)
+
+    def write_participants(self, writes: Sequence[ParticipantWrite]) -> None:
+        """All ``writes`` in one transaction (one commit, one fsync), or none of them."""
+        if not writes:
+            return
+        with self._tx() as s:
+            # Consecutive writes of one kind go together: a few statements per run and
+            # round, whatever the number of devices, with the rules checked as one by one.
+            for adds, run in itertools.groupby(writes, key=lambda w: isinstance(w, NewParticipants)):
+                if adds:
+                    _add_participant_runs(s, [w for w in run if isinstance(w, NewParticipants)])
+                else:
+                    _update_participant_runs(
+                        s, [w for w in run if isinstance(w, ParticipantUpdate)])
 
     def list_participants(self, round_id: int) -> list[ParticipantRecord]:
         with self._tx() as s:
@@ -613,6 +576,150 @@ class SqlStore(Store):
             raise Conflict(f"the database refused the write: {_reason(exc.orig)}") from exc
         except SQLAlchemyError as exc:
             raise StorageError(f"database {self._url} failed: {_reason(exc)}") from exc
+
+
+def _add_participants(
+    s: Session, round_id: int, participants: Sequence[tuple[str, str]], now: float
+) -> None:
+    devices = [device_id for device_id, _ in participants]
+    rnd = _round(s, round_id, lock=True)
+    if rnd.state.is_final:
+        raise Conflict(f"round {round_id} is {rnd.state.value}; no one can join it")
+    if not participants:
+        return
+    repeated = _first_repeated(devices)
+    if repeated is None:
+        repeated = s.execute(
+            sa.select(participants_table.c.device_id)
+            .where(
+                participants_table.c.round_id == round_id,
+                participants_table.c.device_id.in_(devices),
+            )
+            .limit(1)
+        ).scalar()
+    if repeated is not None:
+        raise Conflict(f"device {repeated!r} is already a participant of round {round_id}")
+    s.execute(
+        participants_table.insert(),
+        [
+            {
+                "round_id": round_id, "device_id": device_id, "token_hash": token_hash,
+                "state": ParticipantState.SELECTED.value, "num_examples": 0,
+                "metrics_json": "{}", "updated_at": now,
+            }
+            for device_id, token_hash in participants
+        ],
+    )
+    s.execute(
+        rounds_table.update()
+        .where(rounds_table.c.round_id == round_id)
+        .values(selected=rounds_table.c.selected + len(participants))
+    )
+
+
+def _set_participant_state(s: Session, u: ParticipantUpdate) -> None:
+    old = _participant(s, u.round_id, u.device_id, lock=True)
+    was_reported = old.state is ParticipantState.REPORTED
+    is_reported = u.state is ParticipantState.REPORTED
+    if was_reported and is_reported:
+        raise Conflict(f"device {u.device_id!r} already reported in round {u.round_id}")
+    values: dict[str, Any] = {"state": u.state.value, "updated_at": u.now}
+    if u.num_examples:
+        values["num_examples"] = u.num_examples
+    if u.metrics is not None:
+        values["metrics_json"] = _dump(metrics_dict(u.metrics))
+    s.execute(
+        participants_table.update()
+        .where(
+            participants_table.c.round_id == u.round_id,
+            participants_table.c.device_id == u.device_id,
+        )
+        .values(**values)
+    )
+    if was_reported != is_reported:
+        s.execute(
+            rounds_table.update()
+            .where(rounds_table.c.round_id == u.round_id)
+            .values(reports=rounds_table.c.reports + (1 if is_reported else -1))
+        )
+
+
+def _add_participant_runs(s: Session, writes: Sequence[NewParticipants]) -> None:
+    by_round: dict[int, list[NewParticipants]] = {}
+    for w in writes:
+        by_round.setdefault(w.round_id, []).append(w)
+    for round_id, adds in by_round.items():
+        rows = [(device_id, token_hash, w.now) for w in adds
+                for device_id, token_hash in w.participants]
+        rnd = _round(s, round_id, lock=True)
+        if rnd.state.is_final:
+            raise Conflict(f"round {round_id} is {rnd.state.value}; no one can join it")
+        if not rows:
+            continue
+        devices = [device_id for device_id, _, _ in rows]
+        repeated = _first_repeated(devices)
+        if repeated is None:
+            repeated = s.execute(
+                sa.select(participants_table.c.device_id)
+                .where(participants_table.c.round_id == round_id,
+                       participants_table.c.device_id.in_(devices))
+                .limit(1)
+            ).scalar()
+        if repeated is not None:
+            raise Conflict(f"device {repeated!r} is already a participant of round {round_id}")
+        s.execute(participants_table.insert(), [
+            {"round_id": round_id, "device_id": device_id, "token_hash": token_hash,
+             "state": ParticipantState.SELECTED.value, "num_examples": 0,
+             "metrics_json": "{}", "updated_at": now}
+            for device_id, token_hash, now in rows])
+        s.execute(rounds_table.update().where(rounds_table.c.round_id == round_id)
+                  .values(selected=rounds_table.c.selected + len(rows)))
+
+
+def _update_participant_runs(s: Session, writes: Sequence[ParticipantUpdate]) -> None:
+    devices_of: dict[int, set[str]] = {}
+    for w in writes:
+        devices_of.setdefault(w.round_id, set()).add(w.device_id)
+    current: dict[tuple[int, str], dict[str, Any]] = {}
+    for round_id, devices in devices_of.items():
+        query = sa.select(participants_table).where(
+            participants_table.c.round_id == round_id,
+            participants_table.c.device_id.in_(sorted(devices)))
+        for found in s.execute(query.with_for_update()):
+            current[(round_id, found.device_id)] = dict(found._mapping)
+    reports: dict[int, int] = {}
+    for w in writes:
+        row = current.get((w.round_id, w.device_id))
+        if row is None:
+            raise NotFound(f"device {w.device_id!r} is not a participant of round {w.round_id}")
+        was_reported = row["state"] == ParticipantState.REPORTED.value
+        is_reported = w.state is ParticipantState.REPORTED
+        if was_reported and is_reported:
+            raise Conflict(f"device {w.device_id!r} already reported in round {w.round_id}")
+        row["state"] = w.state.value
+        row["updated_at"] = w.now
+        if w.num_examples:
+            row["num_examples"] = w.num_examples
+        if w.metrics is not None:
+            row["metrics_json"] = _dump(metrics_dict(w.metrics))
+        if was_reported != is_reported:
+            reports[w.round_id] = reports.get(w.round_id, 0) + (1 if is_reported else -1)
+    changed = {(w.round_id, w.device_id) for w in writes}
+    s.execute(
+        participants_table.update()
+        .where(participants_table.c.round_id == sa.bindparam("b_round_id"),
+               participants_table.c.device_id == sa.bindparam("b_device_id"))
+        .values(state=sa.bindparam("b_state"), updated_at=sa.bindparam("b_updated_at"),
+                num_examples=sa.bindparam("b_num_examples"),
+                metrics_json=sa.bindparam("b_metrics_json")),
+        [{f"b_{k}": current[key][k] for k in ("round_id", "device_id", "state", "updated_at",
+                                                "num_examples", "metrics_json")}
+         for key in sorted(changed)],
+    )
+    for round_id, delta in reports.items():
+        if delta:
+            s.execute(rounds_table.update().where(rounds_table.c.round_id == round_id)
+                      .values(reports=rounds_table.c.reports + delta))
 
 
 def _first_repeated(items: Sequence[str]) -> str | None:

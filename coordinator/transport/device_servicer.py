@@ -47,6 +47,26 @@ _OUTCOMES = {
 
 
 
+class _GroupCommit:
+    """Holds a device's answer until the participant writes its call made are in the
+    database; the writes queued while one flush runs (off the event loop) share the next,
+    so many devices' admissions and reports cost one commit."""
+
+    def __init__(self, service: CoordinatorService) -> None:
+        self._service = service
+        self._flushing: asyncio.Future[None] | None = None
+        service.defer_participant_writes()
+
+    async def durable(self) -> None:
+        seq = self._service.participant_writes_queued()
+        while not self._service.participant_writes_durable(seq):
+            flushing = self._flushing
+            if flushing is None or flushing.done():
+                flushing = self._flushing = asyncio.ensure_future(
+                    asyncio.to_thread(self._service.flush_participant_writes))
+            await asyncio.shield(flushing)
+
+
 def _participation(msg: device_pb2.Participation) -> Participation:
     return Participation(msg.device_id, msg.task_id, msg.round_number, msg.token)
 
@@ -62,6 +82,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self._idle_timeout_s = idle_timeout_s
         self._max_stage_wait_s = max_stage_wait_s
         self._progress = asyncio.Event()
+        self._written = _GroupCommit(service)
         service.add_progress_listener(self._wake_waiters)
         #: Bytes of update chunks received and model chunks sent (``/metrics``).
         self.bytes_received = 0
@@ -123,6 +144,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             request.task_id or None, schema=convert.check_in_schema_from_proto(request),
             declined=convert.declined_task_ids_from_proto(request.declined_task_ids),
         )
+        await self._written.durable()  # a seat is recorded before its device hears of it
         return device_pb2.CheckInResponse(
             outcome=_OUTCOMES[result.outcome],
             task_id=result.task_id,
@@ -197,6 +219,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 await asyncio.to_thread(upload.verify)
                 await _still_open(context)
             answer = self._service.finish_upload(upload)
+            await self._written.durable()
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await abort_for(exc, context)
         finally:  # also when the call is cancelled: the upload never stays open
@@ -213,6 +236,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             _participation(request.participation), dict(request.metrics), request.error,
             decline=request.decline,
         )
+        await self._written.durable()
         return device_pb2.ReportStatusResponse()
 
 
@@ -247,6 +271,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         check_api_version(request.api_version)
         p = _participation(request.participation)
         rpc.deliver(self._service, p, rpc.decode(self._service, p, request))
+        await self._written.durable()
         reply = None if rpc.after is None else await self._reply_after(p, rpc.after)
         if not isinstance(reply, rpc.reply):  # a bug in the service, reported as INTERNAL
             raise TypeError(f"expected a {rpc.reply.__name__} after {rpc.after!r}, got a "
