@@ -1,10 +1,10 @@
 """Streaming update uploads: spooled to disk, checked, then folded into the aggregate.
 
-Memory stays at about one chunk per upload in flight plus the O(model) accumulator: bytes
-go to a spool file as they arrive, and the file is read back in fixed-size chunks twice,
-once to measure its L2 norm (which is finite exactly when every value is), once to add it
-to the running weighted sum. An update therefore touches the aggregate only after it has
-been checked whole.
+Memory stays at about one chunk per upload in flight plus the O(model) accumulator. Each
+chunk is handled once as it arrives: written to the spool file, hashed and added to the
+update's L2 norm (which is finite exactly when every value is), so checking the update
+needs no pass over the file. The aggregator reads the file back once, to add the update to
+the running weighted sum, and only after the whole update was checked.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class SpooledUpload:
         self.max_chunk_bytes = max_chunk_bytes
         self.received = 0
         self._hash = hashlib.sha256()
+        self._norm = StreamingL2Norm()
+        #: The bytes of a float32 value split across two chunks (a sender may cut anywhere).
+        self._partial = b""
         self._closing = threading.Lock()
         self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()/discard()
 
@@ -57,6 +60,16 @@ class SpooledUpload:
         self._file.write(chunk)
         self._hash.update(chunk)
         self.received += len(chunk)
+        data = self._partial + chunk if self._partial else chunk
+        whole = len(data) - len(data) % 4
+        self._norm.add(np.frombuffer(data, dtype="<f4", count=whole // 4))
+        self._partial = bytes(data[whole:])
+
+    @property
+    def l2_norm(self) -> float:
+        """The L2 norm of the float32 values received so far (NaN or inf when one is not
+        finite); of the whole update once :meth:`finish` returned."""
+        return self._norm.norm
 
     def finish(self) -> Path:
         """Closes the file; raises InvalidRequest if size or hash disagree with the header."""
@@ -125,12 +138,14 @@ class Upload:
 
     def verify(self) -> float:
         """Ends the data: checks its size and hash against the header and returns the
-        update's L2 norm (NaN or inf when a value is not finite). Raises InvalidRequest on a
-        size or hash mismatch. Touches only this upload's spool file, so the transport runs
-        it off the event loop (it reads the whole update)."""
+        update's L2 norm (NaN or inf when a value is not finite), both computed as the chunks
+        arrived. Raises InvalidRequest on a size or hash mismatch. Touches only this upload's
+        spool file (it closes it, which may block on the disk), so the transport runs it off
+        the event loop."""
         if self._norm is None:
             assert self.spool is not None, "a replay has nothing to verify"
-            self._norm = update_l2_norm(self.spool.finish())
+            self.spool.finish()
+            self._norm = self.spool.l2_norm
         return self._norm
 
     def discard(self) -> None:
