@@ -25,13 +25,16 @@ raised (``limits`` in the output).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
     LIFTED_LIMITS_NOTE,
+    ROOT,
     BareServer,
     CoordinatorSubprocess,
 )
@@ -92,11 +96,27 @@ def run_devices(n: int, body) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - start
 
 
+class TreeCoordinator(CoordinatorSubprocess):
+    """A coordinator served from the source tree at ``tree`` (e.g. a ``git worktree`` of an
+    earlier commit), so that two versions are measured in one run; the clients stay this
+    tree's."""
+
+    def __init__(self, tree: Path, **kwargs: bool) -> None:
+        super().__init__(**kwargs)
+        self.tree = tree.resolve()
+
+    def _launcher(self) -> list[str]:
+        return [sys.executable, "-c",
+                f"import runpy, sys; sys.path.insert(0, {str(self.tree)!r}); "
+                "runpy.run_module('fedctl', run_name='__main__', alter_sys=True)"]
+
+
 def ours(n: int, *, tls: bool = False, device_auth: bool = False, mode: str = "",
-         kafka: str = "", observed: list[ObservedCoordinator] | None = None
-         ) -> dict[str, float]:
+         kafka: str = "", observed: list[ObservedCoordinator] | None = None,
+         tree: Path | None = None) -> dict[str, float]:
     """One round on a fresh coordinator: as today without ``mode``, else an
-    :class:`ObservedCoordinator` in ``mode`` (appended to ``observed``, for its counters)."""
+    :class:`ObservedCoordinator` in ``mode`` (appended to ``observed``, for its counters);
+    ``tree``: served from that source tree instead (see :class:`TreeCoordinator`)."""
     spec = TaskSpec(name="bench-round", model=MODEL, rounds=1, clients_per_round=n,
                     min_reports=n, over_selection=1.0, round_deadline_s=600,
                     selection_window_s=0.0)
@@ -105,6 +125,8 @@ def ours(n: int, *, tls: bool = False, device_auth: bool = False, mode: str = ""
         if observed is not None:
             observed.append(obs)
         coordinator: CoordinatorSubprocess = obs
+    elif tree is not None:
+        coordinator = TreeCoordinator(tree, tls=tls, device_auth=device_auth)
     else:
         coordinator = CoordinatorSubprocess(tls=tls, device_auth=device_auth)
     with coordinator as coord:
@@ -181,6 +203,109 @@ def bare(n: int, down_bytes: int, up_bytes: int) -> float:
     return wall
 
 
+async def _aio_stream(target: str, total_bytes: int, streams: int) -> float:
+    options = [("grpc.max_receive_message_length", 2 * CHUNK),
+               ("grpc.max_send_message_length", 2 * CHUNK)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        ident = lambda b: b  # noqa: E731
+        download = channel.unary_stream("/bare.Bare/Download", ident, ident)
+        upload = channel.stream_unary("/bare.Bare/Upload", ident, ident)
+        await upload(iter([b"connect"]))  # the connection is made before the clock starts
+        block = bytes(CHUNK)
+        per_stream = total_bytes // 2 // streams
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, per_stream, CHUNK):
+                yield block[:min(CHUNK, per_stream - start)]
+
+        async def one() -> None:
+            got = 0
+            async for chunk in download(per_stream.to_bytes(8, "little")
+                                        + CHUNK.to_bytes(8, "little")):
+                got += len(chunk)
+            assert got == per_stream
+            await upload(chunks())
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(streams)))
+        return time.perf_counter() - started
+
+
+def aio_stream_floor(total_bytes: int, streams: int = 4) -> float:
+    """The machine's floor: seconds a plain grpc.aio client takes to move ``total_bytes``
+    through a grpc.aio server with no logic (:class:`BareServer`), half down and half up,
+    in 1 MiB messages on ``streams`` concurrent streams of one channel."""
+    with BareServer() as server:
+        return asyncio.run(_aio_stream(server.target, total_bytes, streams))
+
+
+def git_commit(tree: Path) -> str:
+    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--",
+                            "coordinator", "core", "protos", "fedctl"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def main_round_path(args: argparse.Namespace) -> None:
+    """``--round-path``: the plaintext round against the machine's floor (the same bytes
+    over a plain grpc.aio stream in 1 MiB messages), measured in the same run, each repeat
+    alternating the trees (``--before-tree``: an earlier version, served the same way)."""
+    trees: dict[str, Path | None] = {"after": None}
+    if args.before_tree is not None:
+        trees = {"before": args.before_tree, "after": None}
+    load_before = machine_load()
+    walls: dict[str, list[float]] = {name: [] for name in trees}
+    cpus: dict[str, list[float]] = {name: [] for name in trees}
+    floors: list[float] = []
+    threads: list[float] = []
+    order: list[str] = []
+    first: dict[str, float] = {}
+    for r in range(args.repeats):
+        names = list(trees) if r % 2 == 0 else list(reversed(trees))
+        for name in names:
+            result = ours(args.devices, tree=trees[name])
+            first = first or result
+            walls[name].append(result["wall_s"])
+            cpus[name].append(result["coordinator_cpu_s"])
+            order.append(name)
+        moved = int(first["bytes"])
+        floors.append(aio_stream_floor(moved))
+        threads.append(bare(args.devices, int(first["model_bytes"]), int(first["params"]) * 4))
+    floor = statistics.median(floors)
+    moved = int(first["bytes"])
+    print(json.dumps({
+        "benchmark": "round_overhead",
+        "mode": "round_path",
+        "devices": args.devices,
+        "repeats": args.repeats,
+        "column": "plaintext: no TLS, --no-device-auth",
+        "model_params": int(first["params"]),
+        "bytes_moved": moved,
+        "trees": {name: git_commit(tree if tree is not None else ROOT)
+                  for name, tree in trees.items()},
+        "order": order,
+        "round_wall_s": {name: spread(ws) for name, ws in walls.items()},
+        "round_wall_s_runs": {name: [round(w, 3) for w in ws] for name, ws in walls.items()},
+        "coordinator_cpu_s": {name: spread(cs) for name, cs in cpus.items()},
+        "floor": "plain grpc.aio stream, 1 MiB messages, 4 streams on one channel, half the "
+                 "bytes down and half up",
+        "floor_wall_s": spread(floors),
+        "floor_mb_per_s": round(moved / floor / 1e6, 1),
+        "ratio_to_floor": {name: round(statistics.median(ws) / floor, 2)
+                           for name, ws in walls.items()},
+        "target_ratio_to_floor": 1.5,
+        "bare_threads": "the round's client pattern with no logic: 100 grpcio threads on 4 "
+                        "channels, one download and one upload stream each",
+        "bare_threads_wall_s": spread(threads),
+        "limits": LIFTED_LIMITS_NOTE,
+        "load_avg_1_5_15_before": load_before,
+        "load_avg_1_5_15_after": machine_load(),
+        "cpus": os.cpu_count(),
+    }))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=100)
@@ -193,8 +318,18 @@ def main() -> None:
                              "off, on) of --variant, interleaved")
     parser.add_argument("--variant", choices=list(VARIANTS), default="plaintext",
                         help="with --observability both: the variant the modes run")
+    parser.add_argument("--round-path", action="store_true",
+                        help="the plaintext round only, against the machine's floor (a plain "
+                             "grpc.aio stream of the same bytes in 1 MiB messages) measured "
+                             "in the same run")
+    parser.add_argument("--before-tree", type=Path, default=None,
+                        help="with --round-path: also serve rounds from this source tree "
+                             "(e.g. a git worktree of an earlier commit), alternating")
     add_broker_and_mode_args(parser)
     args = parser.parse_args()
+    if args.round_path:
+        main_round_path(args)
+        return
     if args.observability == "both":
         main_both(args)
         return
