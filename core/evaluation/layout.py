@@ -14,6 +14,9 @@ Per model version of the plan, one block::
       sum           x          -> device-weighted mean  sum(x) / K
       sq            x^2        -> its standard error
       bin0..binB-1  one-hot bin of x (metrics with a histogram) -> quantiles
+      cov_sum       c          (an experiment with a CUPED covariate only: c is the
+      cov_sq        c^2         device's value of the metric under the covariate version,
+      cov_cross     c x         filled in its arm's block) -> CUPED from sums
 
 Every coordinate has a bound on its magnitude (:attr:`EvaluationLayout.bounds`), so a
 device's vector divided by the bounds (:meth:`to_unit`) has values in [-1, 1] and an L2 norm
@@ -35,6 +38,8 @@ from core.evaluation.plan import EvaluationPlan, MetricPlan
 #: The per-version fields before the metrics, and the per-metric scalar fields.
 BLOCK_FIELDS = ("devices", "examples", "examples_sq")
 METRIC_FIELDS = ("wsum", "w2sum", "w2sq", "sum", "sq")
+#: Per metric, after the histogram, where the plan has a covariate version.
+COVARIATE_FIELDS = ("cov_sum", "cov_sq", "cov_cross")
 #: The upload's one tensor (float32) in an evaluation task.
 TENSOR_NAME = "evaluation_report"
 
@@ -55,6 +60,9 @@ class EvaluationLayout:
         coords: list[Coordinate] = []
         bounds: list[float] = []
         histograms = 0
+        covariate = plan.assignment is not None and plan.assignment.covariate is not None
+        #: Whether blocks carry the :data:`COVARIATE_FIELDS`.
+        self.has_covariate = covariate
         for version in plan.versions:
             for name, bound in zip(BLOCK_FIELDS, (1.0, cap, cap * cap), strict=True):
                 coords.append(Coordinate(version, "", name))
@@ -70,6 +78,10 @@ class EvaluationLayout:
                     coords.append(Coordinate(version, m.name, f"bin{j}"))
                     bounds.append(1.0)
                 histograms += 1 if m.bins else 0
+                if covariate:
+                    for name, bound in zip(COVARIATE_FIELDS, (x, x * x, x * x), strict=True):
+                        coords.append(Coordinate(version, m.name, name))
+                        bounds.append(bound)
         self.coordinates: tuple[Coordinate, ...] = tuple(coords)
         self.bounds: npt.NDArray[np.float64] = np.asarray(bounds, dtype=np.float64)
         self._index = {c: i for i, c in enumerate(coords)}

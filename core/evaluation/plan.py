@@ -62,10 +62,16 @@ class ArmAssignment:
     ``versions[assign_arm(device_id, salt, split(weights))]`` (``weights`` in the plan's
     version order). Every device's plan carries the same assignment, so under secure
     aggregation the devices' configuration hashes agree; the coordinator checks each clear
-    report against the arm of the device that sent it, so a device cannot pick its arm."""
+    report against the arm of the device that sent it, so a device cannot pick its arm.
+
+    ``covariate``: CUPED's covariate version (an experiment whose primary metric has a
+    ``<metric>@<arm>`` covariate): every device also evaluates this version, and its
+    metrics there fill the ``cov_*`` fields of its arm's block (:mod:`core.evaluation.
+    layout`); None: no covariate (and the plan's JSON is what it was before covariates)."""
 
     salt: str
     weights: tuple[float, ...]
+    covariate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,17 @@ class EvaluationPlan:
                          split=TrafficSplit(self.assignment.weights))
         return self.versions[arm]
 
+    def versions_for(self, device_id: str) -> tuple[int, ...] | None:
+        """The versions ``device_id`` evaluates in an experiment: its arm's, then the
+        covariate version if there is one and it is another; None outside an experiment
+        (it evaluates them all). Raises ``ValueError`` for an empty device id."""
+        mine = self.version_for(device_id)
+        if mine is None:
+            return None
+        assert self.assignment is not None
+        covariate = self.assignment.covariate
+        return (mine,) if covariate is None or covariate == mine else (mine, covariate)
+
     def metric(self, name: str) -> MetricPlan:
         for m in self.metrics:
             if m.name == name:
@@ -110,6 +127,8 @@ class EvaluationPlan:
         if self.assignment is not None:
             data["assignment"] = {"salt": self.assignment.salt,
                                   "weights": list(self.assignment.weights)}
+            if self.assignment.covariate is not None:
+                data["assignment"]["covariate"] = self.assignment.covariate
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -126,7 +145,9 @@ class EvaluationPlan:
                 split=EvaluationSplit(data["split"]),
                 assignment=(None if "assignment" not in data else ArmAssignment(
                     str(data["assignment"]["salt"]),
-                    tuple(float(w) for w in data["assignment"]["weights"]))),
+                    tuple(float(w) for w in data["assignment"]["weights"]),
+                    (None if data["assignment"].get("covariate") is None
+                     else int(data["assignment"]["covariate"])))),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not an evaluation plan: {exc!r}") from None
@@ -157,7 +178,10 @@ def plan_for(evaluation: FederatedEvaluation, versions: Sequence[int]) -> Evalua
     experiment = evaluation.experiment
     if experiment is not None:
         weight = {a.version: a.weight for a in experiment.arms}
-        assignment = ArmAssignment(experiment.salt, tuple(weight.get(v, 0.0) for v in versions))
+        by_name = {a.name: a.version for a in experiment.arms}
+        covariate_arm = experiment.primary.covariate_arm
+        assignment = ArmAssignment(experiment.salt, tuple(weight.get(v, 0.0) for v in versions),
+                                   None if covariate_arm is None else by_name.get(covariate_arm))
     return EvaluationPlan(tuple(versions), tuple(metrics), evaluation.max_examples,
                           evaluation.split, assignment)
 
@@ -177,6 +201,10 @@ def plan_problem(plan: EvaluationPlan) -> tuple[str, str] | None:
                                                 f"got {list(weights)} for {list(plan.versions)}")
         if not plan.assignment.salt:
             return "evaluate.experiment.salt", "must not be empty"
+        covariate = plan.assignment.covariate
+        if covariate is not None and covariate not in plan.versions:
+            return ("evaluate.experiment.primary_metric.covariate",
+                    f"the covariate's version {covariate} is not one of {list(plan.versions)}")
     if not 1 <= plan.max_examples <= 1 << 20:
         return ("evaluate.max_examples", f"must be between 1 and {1 << 20}, got "
                                          f"{plan.max_examples}")

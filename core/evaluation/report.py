@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from core.evaluation.layout import EvaluationLayout
+from core.evaluation.layout import COVARIATE_FIELDS, EvaluationLayout
+from core.evaluation.plan import MetricPlan
 from core.evaluation.sketch import one_hot
 from core.secagg.encoding import Encoded, encode_update
 from core.secagg.params import SecAggParams
@@ -40,7 +41,10 @@ def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
                   ) -> npt.NDArray[np.float64]:
     """The report of a device with ``results`` for every version of the plan; in an
     experiment (``plan.assignment``), for exactly one version (its arm's), the blocks of the
-    others left zero: the summed reports then count each arm's devices apart.
+    others left zero: the summed reports then count each arm's devices apart. With a
+    covariate version (``plan.assignment.covariate``) the device also has its result for
+    that version (the same one, in its arm), which fills the ``cov_*`` fields of its arm's
+    block.
 
     Raises:
         ValueError: a version or a metric of the plan is missing, a value is NaN, or no
@@ -49,11 +53,19 @@ def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
     plan = layout.plan
     out = np.zeros(layout.length, dtype=np.float64)
     versions = plan.versions
+    covariate = plan.assignment.covariate if plan.assignment is not None else None
     if plan.assignment is not None:
-        versions = tuple(v for v in plan.versions if v in results)
-        if len(versions) != 1 or len(results) != 1:
+        # Its arm's version; a device in the covariate's own arm has only that one.
+        own = [v for v in plan.versions if v in results and v != covariate] or [
+            v for v in plan.versions if v in results]
+        if len(own) != 1 or set(results) != {own[0]} | (
+                set() if covariate is None else {covariate}):
             raise ValueError(f"in an experiment a device evaluates one version of "
-                             f"{list(plan.versions)}, got results for {sorted(results)}")
+                             f"{list(plan.versions)}"
+                             + ("" if covariate is None else
+                                f" and the covariate version {covariate}")
+                             + f", got results for {sorted(results)}")
+        versions = (own[0],)
     for version in versions:
         result = results.get(version)
         if result is None:
@@ -65,19 +77,27 @@ def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
         out[layout.index(version, "", "examples")] = n
         out[layout.index(version, "", "examples_sq")] = n * n
         for m in plan.metrics:
-            if m.name not in result.values:
-                raise ValueError(f"model version {version}: no value of metric {m.name!r}")
-            raw = float(result.values[m.name])
-            if math.isnan(raw):  # an infinite loss is clamped like any value out of range
-                raise ValueError(f"model version {version}: metric {m.name!r} is NaN")
-            x = min(max(raw, m.low), m.high)
+            x = _clamped(result, version, m)
             for field, value in (("wsum", n * x), ("w2sum", n * n * x), ("w2sq", n * n * x * x),
                                  ("sum", x), ("sq", x * x)):
                 out[layout.index(version, m.name, field)] = value
             if m.bins:
                 out[layout.histogram_slice(version, m)] = one_hot(
                     x, low=m.hist_low, high=m.hist_high, bins=m.bins)
+            if covariate is not None:
+                c = _clamped(results[covariate], covariate, m)
+                for field, value in zip(COVARIATE_FIELDS, (c, c * c, c * x), strict=True):
+                    out[layout.index(version, m.name, field)] = value
     return out
+
+
+def _clamped(result: DeviceResult, version: int, m: MetricPlan) -> float:
+    if m.name not in result.values:
+        raise ValueError(f"model version {version}: no value of metric {m.name!r}")
+    raw = float(result.values[m.name])
+    if math.isnan(raw):  # an infinite loss is clamped like any value out of range
+        raise ValueError(f"model version {version}: metric {m.name!r} is NaN")
+    return min(max(raw, m.low), m.high)
 
 
 def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating], *,
@@ -121,6 +141,16 @@ def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating], *
                         f"range [{m.low:g}, {m.high:g}]")
             values[m.name] = float(x)
         results[version] = DeviceResult(int(n), values)
+        covariate = plan.assignment.covariate if plan.assignment is not None else None
+        if covariate is not None and covariate != version:
+            cov_values = {}
+            for m in plan.metrics:
+                c = v[layout.index(version, m.name, "cov_sum")]
+                if not m.low <= c <= m.high:
+                    return (f"model version {version}: the covariate of metric {m.name!r} is "
+                            f"{c:g}, outside its range [{m.low:g}, {m.high:g}]")
+                cov_values[m.name] = float(c)
+            results[covariate] = DeviceResult(int(n), cov_values)
     expected = device_vector(layout, results)
     tolerance = _REL_TOL * layout.bounds + 1e-12
     bad = np.flatnonzero(np.abs(v - expected) > tolerance)

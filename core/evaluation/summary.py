@@ -46,10 +46,14 @@ class MetricSummary:
 
 @dataclass(frozen=True)
 class VersionSummary:
+    """``covariate``: per metric, the sums of the arm's devices' covariate values c:
+    (sum(c), sum(c^2), sum(c x)) (an experiment with a CUPED covariate only)."""
+
     version: int
     devices: float
     examples: float
     metrics: Mapping[str, MetricSummary]
+    covariate: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def summarize(layout: EvaluationLayout, sums: npt.NDArray[np.floating],
@@ -83,7 +87,10 @@ def summarize(layout: EvaluationLayout, sums: npt.NDArray[np.floating],
                 qs = dict(zip(quantiles, histogram_quantiles(
                     counts, quantiles, low=m.hist_low, high=m.hist_high), strict=True))
             metrics[m.name] = MetricSummary(a, example_se, d, device_se, qs, hist)
-        out.append(VersionSummary(version, k, n, metrics))
+        covariate = ({m.name: (get(m.name, "cov_sum"), get(m.name, "cov_sq"),
+                               get(m.name, "cov_cross")) for m in layout.plan.metrics}
+                     if layout.has_covariate else {})
+        out.append(VersionSummary(version, k, n, metrics, covariate))
     return out
 
 
@@ -109,6 +116,9 @@ def round_metrics(summaries: Sequence[VersionSummary]) -> dict[str, float]:
                      "device_mean": m.device_mean, "device_se": m.device_se}
             stats.update({quantile_key(q): value for q, value in m.quantiles.items()})
             stats.update({f"bin{j}": c for j, c in enumerate(m.histogram)})
+            if name in v.covariate:
+                stats.update(zip(("cov_sum", "cov_sq", "cov_cross"), v.covariate[name],
+                                 strict=True))
             for stat, value in stats.items():
                 if math.isfinite(value):
                     out[f"{base}.{name}.{stat}"] = value

@@ -14,7 +14,10 @@
     primary_metric:
       name: accuracy
       direction: increase        # increase | decrease: which way is better
-      covariate: accuracy_pre    # optional: a pre-period metric for CUPED
+      covariate: accuracy_pre    # optional: a pre-period metric for CUPED, or, in a
+                                 # coordinator experiment, accuracy@control: the primary
+                                 # metric under arm control's model, evaluated by every
+                                 # device in the same report (see covariate_arm)
     guardrails:                  # optional
       - {metric: loss, max_increase: 0.02}      # harm: loss rises by more than 0.02
       - {metric: latency_ms, max_increase: 5}
@@ -79,9 +82,22 @@ class Arm:
 
 @dataclass(frozen=True)
 class PrimaryMetric:
+    """``covariate``: CUPED's covariate: a pre-period metric's name, or ``<name>@<arm>``
+    (:attr:`covariate_arm`)."""
+
     name: str
     direction: Direction
     covariate: str | None = None
+
+    @property
+    def covariate_arm(self) -> str | None:
+        """The arm named by a ``<name>@<arm>`` covariate: every device also evaluates that
+        arm's model, and its value of the primary metric there is its covariate. Sound for
+        CUPED because it is a function of the device's data alone (every device computes it
+        whatever its arm), so it is independent of the assignment. None otherwise."""
+        if self.covariate is None or "@" not in self.covariate:
+            return None
+        return self.covariate.split("@", 1)[1]
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,10 @@ def parse_experiment_spec(raw: Any) -> ExperimentSpec:
     if control not in names:
         raise ExperimentSpecError("control", f"{control!r} is not an arm (arms: {list(names)})")
     primary = _primary(_required(raw, "primary_metric", ""))
+    if primary.covariate_arm is not None and primary.covariate_arm not in names:
+        raise ExperimentSpecError("primary_metric.covariate", f"{primary.covariate_arm!r} is "
+                                                              f"not an arm (arms: "
+                                                              f"{list(names)})")
     guardrails = _guardrails(raw.get("guardrails", []))
     mde = _positive(_required(raw, "mde", ""), "mde")
     alpha = _number(_required(raw, "alpha", ""), "alpha")
@@ -282,6 +302,11 @@ def _primary(value: Any) -> PrimaryMetric:
     covariate = value.get("covariate")
     if covariate is not None:
         covariate = _metric_name(covariate, f"{path}.covariate")
+        if "@" in covariate and covariate.split("@", 1)[0] != name:
+            raise ExperimentSpecError(f"{path}.covariate", f"a covariate under an arm's "
+                                                           f"model is the primary metric "
+                                                           f"there: {name}@ARM, got "
+                                                           f"{covariate!r}")
     return PrimaryMetric(name, direction, covariate)
 
 

@@ -17,6 +17,20 @@ look (one per round) compares the cumulative arms:
   and Welch's fixed-horizon test alongside (for reference: valid at the horizon only);
 * :func:`~core.experiments.decision.decide`; the first look that stops is final.
 
+**CUPED** (an experiment whose primary metric has a ``<metric>@<arm>`` covariate,
+:attr:`~core.experiments.spec.PrimaryMetric.covariate_arm`): every device also evaluates
+that arm's model, and its primary metric there, c, is its covariate; the released
+``cov_sum``, ``cov_sq`` and ``cov_cross`` (sums of c, c^2 and c x per arm) give each arm's
+:class:`~core.experiments.sequential.PairedSums`, and the primary comparison is made on the
+CUPED-adjusted values (:func:`~core.experiments.sequential.cuped_from_sums`, theta and the
+covariate's mean pooled over the arms at each look). Why it is sound: c is a function of the
+device's own data (every device computes it, whatever its arm), so it is independent of the
+assignment and the adjusted difference stays unbiased; it is strongly correlated with x (the
+same data under a related model), which is what cuts the variance (by 1 - corr^2). theta is
+re-estimated at each look from all devices so far: the usual plug-in, whose error vanishes
+as the arms grow (the always-valid guarantee is asymptotic in it, as it is in the plug-in
+variances). Guardrails are compared unadjusted.
+
 **Assumption**: every round's reports are new draws of devices. A device that reports in
 several rounds counts once per round (the sums cannot tell devices apart: under secure
 aggregation no one can), which understates the standard errors when the same devices come
@@ -39,7 +53,9 @@ from core.experiments.sequential import (
     AlwaysValidResult,
     ArmStats,
     FixedHorizonResult,
+    PairedSums,
     always_valid_look,
+    cuped_from_sums,
     difference_in_means,
     welch_test,
 )
@@ -88,13 +104,16 @@ class ArmSummary:
 
 @dataclass(frozen=True)
 class ExperimentState:
-    """The experiment after ``rounds`` looks (or at the look that stopped it)."""
+    """The experiment after ``rounds`` looks (or at the look that stopped it);
+    ``cuped_theta``: the CUPED slope the primary comparisons used (NaN without a
+    covariate)."""
 
     rounds: int
     arms: tuple[ArmSummary, ...]
     comparisons: tuple[Comparison, ...]
     srm: SrmResult
     decision: Decision
+    cuped_theta: float = math.nan
 
 
 def metric_names(spec: ExperimentSpec) -> tuple[str, ...]:
@@ -126,6 +145,27 @@ def round_sums(spec: ExperimentSpec, metrics: Mapping[str, float]
     return out
 
 
+def round_covariates(spec: ExperimentSpec, metrics: Mapping[str, float]
+                     ) -> dict[str, PairedSums]:
+    """Per arm, the primary metric's :class:`PairedSums` of one round (its covariate's sums
+    released as ``cov_*``); empty without a ``<metric>@<arm>`` covariate."""
+    if spec.primary.covariate_arm is None:
+        return {}
+    name = spec.primary.name
+    out = {}
+    for arm, per_metric in round_sums(spec, metrics).items():
+        y = per_metric[name]
+        base = f"eval.v{_arm_version(spec, arm)}.{name}"
+        x, xx, xy = (metrics.get(f"{base}.{f}", 0.0) if y.count else 0.0
+                     for f in ("cov_sum", "cov_sq", "cov_cross"))
+        out[arm] = PairedSums(y.count, y.total, y.squares, x, xx, xy)
+    return out
+
+
+def _arm_version(spec: ExperimentSpec, name: str) -> int | None:
+    return next(a.version for a in spec.arms if a.name == name)
+
+
 def analyze(spec: ExperimentSpec, rounds: Sequence[Mapping[str, float]]) -> ExperimentState:
     """The state after the committed ``rounds`` (their metrics, in order; at least one): the
     looks are folded round by round, and the first stopping decision is kept (the rounds
@@ -136,12 +176,16 @@ def analyze(spec: ExperimentSpec, rounds: Sequence[Mapping[str, float]]) -> Expe
     zero = {name: Sums(0, 0.0, 0.0) for name in names}
     cumulative = {arm.name: dict(zero) for arm in spec.arms}
     looks: dict[tuple[str, str], AlwaysValidResult] = {}
+    paired = {arm.name: PairedSums(0, 0.0, 0.0, 0.0, 0.0, 0.0) for arm in spec.arms}
     state: ExperimentState | None = None
     for number, metrics in enumerate(rounds, start=1):
         for arm, per_metric in round_sums(spec, metrics).items():
             for name, sums in per_metric.items():
                 cumulative[arm][name] = cumulative[arm][name] + sums
-        state = _look(spec, number, cumulative, looks)
+        for arm, pair in round_covariates(spec, metrics).items():
+            paired[arm] = paired[arm] + pair
+        state = _look(spec, number, cumulative, looks,
+                      paired if spec.primary.covariate_arm is not None else None)
         if state.decision.stops:
             return state
     assert state is not None
@@ -156,8 +200,15 @@ def _tau(spec: ExperimentSpec, metric: str) -> float:
 
 
 def _look(spec: ExperimentSpec, number: int, cumulative: Mapping[str, Mapping[str, Sums]],
-          looks: dict[tuple[str, str], AlwaysValidResult]) -> ExperimentState:
+          looks: dict[tuple[str, str], AlwaysValidResult],
+          paired: Mapping[str, PairedSums] | None = None) -> ExperimentState:
     primary_name = spec.primary.name
+    adjusted: dict[str, ArmStats] = {}
+    theta = math.nan
+    if paired is not None and sum(p.count for p in paired.values()) >= 2:
+        cuped = cuped_from_sums([paired[a.name] for a in spec.arms])
+        theta = cuped.theta
+        adjusted = {a.name: s for a, s in zip(spec.arms, cuped.arms, strict=True)}
     devices = [cumulative[a.name][primary_name].count for a in spec.arms]
     srm = srm_check(devices, [a.weight for a in spec.arms], threshold=spec.srm_threshold)
     comparisons: list[Comparison] = []
@@ -165,8 +216,12 @@ def _look(spec: ExperimentSpec, number: int, cumulative: Mapping[str, Mapping[st
     rails: dict[str, dict[str, AlwaysValidResult]] = {}
     for name in metric_names(spec):
         control = cumulative[spec.control][name].stats()
+        if name == primary_name and adjusted:
+            control = adjusted[spec.control]
         for arm in spec.treatments:
             treatment = cumulative[arm][name].stats()
+            if name == primary_name and adjusted:
+                treatment = adjusted[arm]
             if control.count < 2 or treatment.count < 2:
                 continue  # no variance yet: no look
             diff = difference_in_means(control, treatment)
@@ -186,7 +241,7 @@ def _look(spec: ExperimentSpec, number: int, cumulative: Mapping[str, Mapping[st
                    cumulative[a.name][primary_name].count,
                    {name: sums.stats() for name, sums in cumulative[a.name].items()})
         for a in spec.arms)
-    return ExperimentState(number, arms, tuple(comparisons), srm, decision)
+    return ExperimentState(number, arms, tuple(comparisons), srm, decision, theta)
 
 
 def state_metrics(state: ExperimentState) -> dict[str, float]:
@@ -196,6 +251,7 @@ def state_metrics(state: ExperimentState) -> dict[str, float]:
     out: dict[str, float] = {
         f"{PREFIX}.action": float(ACTIONS.index(state.decision.action)),
         f"{PREFIX}.srm_p": state.srm.p_value,
+        f"{PREFIX}.cuped_theta": state.cuped_theta,
     }
     for arm in state.arms:
         out[f"{PREFIX}.{arm.name}.devices"] = float(arm.devices)
@@ -232,6 +288,7 @@ def state_to_json(spec: ExperimentSpec, state: ExperimentState) -> dict[str, Any
         "decision": {"action": state.decision.action.value, "reason": state.decision.reason,
                      "round": state.decision.round_number, "arm": state.decision.arm,
                      "metric": state.decision.metric},
+        "cuped_theta": number(state.cuped_theta),
         "srm": {"observed": list(state.srm.observed), "expected": list(state.srm.expected),
                 "p_value": state.srm.p_value, "flagged": state.srm.flagged},
         "arms": [{"name": a.name, "version": a.version, **_source(spec, a.name),
