@@ -80,10 +80,21 @@ class DeferredParticipantWrites(Store):
         """Flushes the writes that were queued already at the previous call and are still
         not written (nobody awaited them: e.g. seats the round machine expired), so that a
         periodic caller bounds how long any write stays queued without adding a commit to
-        the writes a transport is about to flush."""
+        the writes a transport is about to flush. Returns at once while another thread
+        flushes."""
         stale, self._stale_seq = self._stale_seq, self._queued_seq
-        if self._written_seq < stale:
+        if self._written_seq >= stale:
+            return
+        # A flush under way (off the caller's thread) is left to finish: the stale writes
+        # go with the next call or the next flush, and the caller (the event loop) never
+        # waits for the disk here.
+        if not self._io.acquire(blocking=False):
+            self._stale_seq = stale
+            return
+        try:
             self.flush()
+        finally:
+            self._io.release()
 
     def flush(self) -> None:
         """Writes the queued writes with one :meth:`Store.write_participants` call. On a

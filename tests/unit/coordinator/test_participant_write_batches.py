@@ -5,6 +5,7 @@ at once) and writes them together, before anything else touches the store."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -200,4 +201,31 @@ def test_writes_nobody_flushed_are_flushed_at_the_second_periodic_call(
     deferred.flush_stale()  # queued since this tick: a transport may be about to flush it
     assert inner.list_participants(round_id) == []
     deferred.flush_stale()
+    assert [p.device_id for p in inner.list_participants(round_id)] == ["a"]
+
+
+def test_the_periodic_flush_never_waits_for_a_flush_under_way(
+        make_store: Callable[[], Store]) -> None:
+    inner = make_store()
+    round_id = open_round(inner)
+    deferred = DeferredParticipantWrites(inner)
+    deferred.defer()
+    deferred.add_participants(round_id, [("a", "ha")], T0 + 1)
+    deferred.flush_stale()
+    held = threading.Event()
+    release = threading.Event()
+
+    def flushing_elsewhere() -> None:
+        with deferred._io:  # another thread's flush, stuck on the disk
+            held.set()
+            release.wait(10)
+
+    other = threading.Thread(target=flushing_elsewhere)
+    other.start()
+    held.wait(10)
+    deferred.flush_stale()  # returns at once
+    release.set()
+    other.join()
+    assert inner.list_participants(round_id) == []
+    deferred.flush_stale()  # still stale: written now
     assert [p.device_id for p in inner.list_participants(round_id)] == ["a"]
