@@ -45,8 +45,13 @@ metric, a guardrail's own limit, or ``tau`` for a zero limit, for guardrails), a
 :func:`core.experiments.decision.decide` runs. The run stops on success, harm, invalid or
 the horizon.
 
+**CUPED** with a ``<metric>@<arm>`` covariate, as on a coordinator
+(:mod:`core.experiments.versions`): every drawn device also evaluates that arm's model, its
+cumulative mean there is its covariate, and the primary comparison is made on the
+:func:`~core.experiments.sequential.cuped_arms`-adjusted device values.
+
 What is refused (naming ``simulation.experiment.FIELD``): ``strata`` (simulated devices have no
-attributes), a primary ``covariate`` (no pre-period is simulated), metrics other than
+attributes), a pre-period ``covariate`` (no pre-period is simulated), metrics other than
 ``accuracy`` and ``loss``, ``trained_rounds`` beyond the task's ``rounds``, a ``training``
 field an arm may not change (:data:`core.experiments.training.TRAINING_FIELDS`) or a value
 that makes the task invalid.
@@ -73,6 +78,7 @@ from core.experiments import (
     SrmResult,
     always_valid_look,
     assign_arms,
+    cuped_arms,
     decide,
     difference_in_means,
     srm_check,
@@ -218,8 +224,9 @@ def parse_simulated_experiment(raw: Any, config: SimulationConfig, *,
     spec = arms.spec
     if spec.strata:
         raise fail("strata", "is not simulated: simulated devices have no attributes")
-    if spec.primary.covariate is not None:
-        raise fail("primary_metric.covariate", "is not simulated: there is no pre-period")
+    if spec.primary.covariate is not None and spec.primary.covariate_arm is None:
+        raise fail("primary_metric.covariate", "is not simulated: there is no pre-period "
+                   f"(a covariate under an arm's model, {spec.primary.name}@ARM, is)")
     if spec.primary.name not in METRICS:
         raise fail("primary_metric.name", f"must be one of {', '.join(METRICS)} (what a "
                    f"simulated device reports), got {spec.primary.name!r}")
@@ -322,6 +329,10 @@ class ExperimentRunner:
         control = names.index(spec.control)
         sums: dict[int, np.ndarray] = {}  # device -> per-metric sums of its reports
         counts: dict[int, int] = {}
+        covariate_arm = spec.primary.covariate_arm
+        covariate = None if covariate_arm is None else names.index(covariate_arm)
+        primary_index = METRICS.index(spec.primary.name)
+        cov_sums: dict[int, float] = {}  # device -> sum of its covariate values
         primary: dict[str, AlwaysValidResult] = {}
         rails: dict[str, dict[str, AlwaysValidResult]] = {}
         for r in range(1, spec.horizon_rounds + 1):
@@ -334,14 +345,21 @@ class ExperimentRunner:
                 sums[device] = sums.get(device, np.zeros(len(METRICS))) + np.array(
                     self.evaluate(arm, device))
                 counts[device] = counts.get(device, 0) + 1
+                if covariate is not None:
+                    cov_sums[device] = cov_sums.get(device, 0.0) + self.evaluate(
+                        covariate, device)[primary_index]
             stats = self._arm_stats(sums, counts, len(names))
+            if covariate is not None:
+                stats = self._cuped(stats, sums, counts, cov_sums, primary_index)
             seen = [stats[a][METRICS[0]].count for a in range(len(names))]
             srm = srm_check(seen, [a.weight for a in spec.arms],
                             threshold=spec.srm_threshold)
             for t, name in enumerate(names):
                 if t == control or min(seen[t], seen[control]) < 2:
                     continue
-                primary[name] = self._look(stats, control, t, spec.primary.name, spec.tau,
+                compared = (spec.primary.name if covariate is None
+                            else f"{spec.primary.name}@cuped")
+                primary[name] = self._look(stats, control, t, compared, spec.tau,
                                            primary.get(name))
                 for rail in spec.guardrails:
                     tau = rail.limit if rail.limit > 0 else spec.tau
@@ -353,7 +371,7 @@ class ExperimentRunner:
             yield ExperimentRound(
                 round=r, devices=len(drawn),
                 seen={n: seen[a] for a, n in enumerate(names)},
-                means={n: {m: s.mean for m, s in stats[a].items()}
+                means={n: {m: s.mean for m, s in stats[a].items() if "@" not in m}
                        for a, n in enumerate(names)},
                 primary=dict(primary), srm=srm, decision=decision)
             if decision.stops:
@@ -369,6 +387,23 @@ class ExperimentRunner:
                       else np.zeros((0, len(METRICS))))
             out.append({m: ArmStats.from_values(values[:, i]) for i, m in enumerate(METRICS)})
         return out
+
+    def _cuped(self, stats: list[dict[str, ArmStats]], sums: Mapping[int, np.ndarray],
+               counts: Mapping[int, int], cov_sums: Mapping[int, float], primary: int
+               ) -> list[dict[str, ArmStats]]:
+        """``stats`` with the primary metric's replaced by the CUPED-adjusted device values'
+        (key ``"<metric>@cuped"``; the unadjusted stay for the table)."""
+        name = METRICS[primary]
+        ys, xs = [], []
+        for a in range(len(stats)):
+            devices = [d for d in sums if self._arm_of_device[d] == a]
+            ys.append(np.array([sums[d][primary] / counts[d] for d in devices]))
+            xs.append(np.array([cov_sums[d] / counts[d] for d in devices]))
+        if sum(y.size for y in ys) < 2:
+            return stats
+        adjusted = cuped_arms(ys, xs).adjusted
+        return [{**arm, f"{name}@cuped": ArmStats.from_values(adj)}
+                for arm, adj in zip(stats, adjusted, strict=True)]
 
     def _look(self, stats: list[dict[str, ArmStats]], control: int, treatment: int,
               metric: str, tau: float, previous: AlwaysValidResult | None
