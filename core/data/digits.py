@@ -11,6 +11,8 @@ each device few classes; large alpha approaches an IID split.
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 
@@ -26,17 +28,49 @@ MIN_SHARD_SIZE = 2
 MAX_SHARDS = POOL_SIZE // MIN_SHARD_SIZE
 
 
+#: The held-out split, stored: the first POOL_SIZE entries are the pool's image indices in
+#: the order ``train_test_split(..., test_size=0.2, stratify=y, random_state=0)`` gives them,
+#: the rest the test set's. scikit-learn computed it (a unit test recomputes and compares);
+#: stored, a process that loads digits neither imports scikit-learn (a second or two of a
+#: device agent's start-up) nor splits.
+SPLIT_FILE = Path(__file__).with_name("digits_split.npy")
+
+
+def digits_csv() -> Path | None:
+    """scikit-learn's bundled ``digits.csv.gz`` (what ``load_digits`` reads), found without
+    importing scikit-learn; None where that file is not where it has always been."""
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    """``load_digits(return_X_y=True)``: pixel values 0-16 (float64) and labels."""
+    path = digits_csv()
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        return x, y
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 @functools.cache
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(pool x, pool y, test x, test y), loaded once per process. Read-only arrays."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
+    x, y = _raw_digits()
     x = (x / 16.0).astype(np.float32)
     y = y.astype(np.int64)
-    parts = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    x_pool, x_test, y_pool, y_test = (np.ascontiguousarray(a) for a in parts)
+    order = np.load(SPLIT_FILE).astype(np.int64)
+    if len(order) != len(y) or not np.array_equal(np.sort(order), np.arange(len(y))):
+        raise RuntimeError(f"{SPLIT_FILE} does not split the {len(y)} digits images")
+    pool, test = order[:POOL_SIZE], order[POOL_SIZE:]
+    x_pool, x_test, y_pool, y_test = (np.ascontiguousarray(a) for a in (x[pool], x[test],
+                                                                         y[pool], y[test]))
     for array in (x_pool, x_test, y_pool, y_test):
         array.setflags(write=False)  # shared by every caller through the cache
     return x_pool, y_pool, x_test, y_test

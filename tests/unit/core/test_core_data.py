@@ -98,6 +98,27 @@ def test_the_digits_pool_and_test_set_sizes() -> None:
     assert 0.0 <= x_pool.min() and x_pool.max() <= 1.0
 
 
+def test_the_stored_split_is_scikit_learns_stratified_split_of_its_digits() -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    x_pool, x_test, y_pool, y_test = train_test_split(x, y, test_size=0.2, stratify=y,
+                                                      random_state=0)
+    for ours, theirs in zip(_digits(), (x_pool, y_pool, x_test, y_test), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_digits_load_without_importing_scikit_learn() -> None:
+    """A device agent's start-up: the bundled file is read, scikit-learn is not imported."""
+    code = ("import sys; from core.data.digits import digits_shard; "
+            "digits_shard(shard=0, num_shards=4); print('sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_the_digits_test_set_is_held_out_and_stratified() -> None:
     test = digits_test_set()
     assert test.x_train.shape == (0, 64) and test.y_train.shape == (0,)
