@@ -170,10 +170,9 @@ def _overrides(value: Any, path: str) -> Overrides:
         if key not in TRAINING_FIELDS:
             raise ExperimentSpecError(f"{path}.{key}", f"an arm may change only "
                                                        f"{', '.join(TRAINING_FIELDS)}")
-        problem = _value_problem(key, v)
-        if problem is not None:
+        if not _valid_value(key, v):
             raise ExperimentSpecError(f"{path}.{key}", f"must be a {TRAINING_FIELDS[key]}, "
-                                                       f"got {v!r}{problem}")
+                                                       f"got {v!r}")
     return tuple(sorted(flat.items()))
 
 
@@ -190,17 +189,16 @@ def _flatten(value: Mapping[Any, Any], prefix: str, out: dict[str, Any], path: s
             out[dotted] = v
 
 
-def _value_problem(key: str, value: Any) -> str | None:
-    """Why ``value`` cannot be ``key``'s; None if it may (names are checked by the task)."""
-    spec = TRAINING_FIELDS[key]
-    if spec.startswith("integer"):
-        ok = not isinstance(value, bool) and isinstance(value, int) and value >= 1
-    elif spec.startswith("number"):
-        ok = (not isinstance(value, bool) and isinstance(value, int | float)
-              and math.isfinite(value) and (value > 0 if "> 0" in spec else value >= 0))
-    else:
-        ok = isinstance(value, str) and bool(value)
-    return None if ok else ""
+def _valid_value(key: str, value: Any) -> bool:
+    """Whether ``value`` is of ``key``'s kind (names are checked by the task's own
+    validation, on each arm's task)."""
+    kind = TRAINING_FIELDS[key]
+    if kind.startswith("integer"):
+        return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+    if kind.startswith("number"):
+        return (not isinstance(value, bool) and isinstance(value, int | float)
+                and math.isfinite(value) and (value > 0 if "> 0" in kind else value >= 0))
+    return isinstance(value, str) and bool(value)
 
 
 def training_groups(arms: TrainingArms) -> tuple[TrainingGroup, ...]:
