@@ -74,8 +74,7 @@ def register(sub: Any, add_coordinator: Callable[[argparse.ArgumentParser], None
                              "print the command that launches the comparison once they "
                              "completed")
     launch.add_argument("--poll-s", type=float, default=5.0, metavar="S",
-                        help="how often to look at the training tasks while waiting "
-                             "(default 5)")
+                        help="seconds between looks at the training tasks while waiting")
     launch.add_argument("--json", action="store_true",
                         help="print the created task as JSON on stdout, and nothing else there")
     add_coordinator(launch)
@@ -229,6 +228,9 @@ def _launch_training_experiment(args: argparse.Namespace, data: dict[str, Any]) 
         raise CliError(f"{args.file}: --source-task applies to an evaluate.experiment file; "
                        f"a simulation.experiment file's arms are trained by its own tasks "
                        f"(--arm-tasks names tasks already launched)", exit_code=2)
+    if not 0 <= args.poll_s <= 3600:
+        raise CliError(f"--poll-s {args.poll_s:g}: expected seconds from 0 to 3600",
+                       exit_code=2)
     plan = training_experiment_plan(args.file, data)
     with _admin(args) as client:
         if args.arm_tasks is not None:
