@@ -329,9 +329,12 @@ def _validate_experiment(spec: TaskSpec, experiment: ExperimentSpec, known: set[
     if experiment.primary.name not in known:
         fail(f"{path}.primary_metric.name", f"{experiment.primary.name!r} is not a metric of "
                                             f"the task (known: {', '.join(sorted(known))})")
-    if experiment.primary.covariate is not None:
-        fail(f"{path}.primary_metric.covariate", "CUPED needs each device's pre-period value; "
-                                                 "an evaluation task does not collect one yet")
+    if experiment.primary.covariate is not None and experiment.primary.covariate_arm is None:
+        fail(f"{path}.primary_metric.covariate", "a coordinator experiment's CUPED covariate "
+                                                 "is the primary metric under an arm's model, "
+                                                 f"'{experiment.primary.name}@ARM' (every "
+                                                 "device evaluates that model too); no "
+                                                 "pre-period value is collected")
     for i, rail in enumerate(experiment.guardrails):
         if rail.metric not in known:
             fail(f"{path}.guardrails[{i}].metric", f"{rail.metric!r} is not a metric of the "

@@ -478,10 +478,11 @@ class Device:
             raise Declined(f"this device's trainer ({type(self.trainer).__name__}) cannot run "
                            f"an evaluation task")
         # In an experiment this device evaluates only its arm's version (the same keyed hash
-        # the coordinator checks the report against); the other blocks stay zero.
-        mine = evaluation.version_for(self.device_id)
+        # the coordinator checks the report against), and the CUPED covariate's version if
+        # the experiment has one; the other blocks stay zero.
+        mine = evaluation.versions_for(self.device_id)
         if mine is not None:
-            versions = {mine: versions[mine]}
+            versions = {v: versions[v] for v in mine}
         results = self.trainer.evaluate_versions(plan, evaluation, versions)
         try:
             report = device_vector(layout, results)
