@@ -300,6 +300,39 @@ def fold_costs_ms(params: int, repeats: int = 3) -> dict[str, float]:
             "release_ms": round(statistics.median(releases), 1)}
 
 
+#: What the event loop's samples in a profile were doing: (name, a frame that marks it), the
+#: first match counts.
+LOOP_WORK = (
+    ("fold: PlainAggregator.add_upload", "PlainAggregator.add_upload"),
+    ("release: PlainAggregator.release", "PlainAggregator.release"),
+    ("late admission: RoundMachine.admit", "RoundMachine.admit"),
+    ("upload chunk write+sha256: SpooledUpload.write", "SpooledUpload.write"),
+    ("model download chunks: ModelRepository.chunks", "ModelRepository.chunks"),
+    ("other SQLite commits and executes", "DefaultDialect.do_commit"),
+    ("other SQLite commits and executes", "DefaultDialect.do_execute"),
+    ("check-in (other than late admission)", "CoordinatorService.check_in"),
+)
+
+
+def loop_work(profile: Path, rate_hz: float = 50.0) -> dict[str, float]:
+    """Seconds of the coordinator's main thread (its event loop) in a py-spy raw profile
+    (``--profile``), in total and by :data:`LOOP_WORK`."""
+    total = 0
+    seconds: Counter[str] = Counter()
+    for line in profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if "MainThread" not in frames[0]:
+            continue
+        total += int(count)
+        for name, marker in LOOP_WORK:
+            if any(marker in f for f in frames):
+                seconds[name] += int(count)
+                break
+    return {"main_thread_s": round(total / rate_hz, 1),
+            **{name: round(n / rate_hz, 1) for name, n in seconds.most_common()}}
+
+
 def task_spec(args: argparse.Namespace) -> TaskSpec:
     # logistic regression, 10 classes: (input_dim + 1) x 10 parameters.
     input_dim = max(1, args.model_params // 10 - 1)
@@ -478,6 +511,9 @@ def main() -> None:
                              "default: the coordinator's own, 5 s)")
     parser.add_argument("--profile", default="",
                         help="PATH: py-spy record the coordinator (collapsed stacks) into PATH")
+    parser.add_argument("--summarize-profile", default="", metavar="PATH",
+                        help="print the event loop's seconds by activity of a --profile file "
+                             "and exit")
     parser.add_argument("--note", default="", help="added to the JSON line as 'note'")
     # A load generator process (started by the run).
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
@@ -491,7 +527,14 @@ def main() -> None:
         return
     if args.devices < 1 or args.per_round < 1 or args.workers < 1:
         raise SystemExit("--devices, --per-round and --workers must be at least 1")
+    if args.summarize_profile:
+        print(json.dumps({"benchmark": "scale-profile", "profile": args.summarize_profile,
+                          "event_loop_s": loop_work(Path(args.summarize_profile)),
+                          **({"note": args.note} if args.note else {})}))
+        return
     result = run(args)
+    if args.profile:
+        result["event_loop_s"] = loop_work(Path(args.profile))
     if args.note:
         result["note"] = args.note
     print(json.dumps(result))
