@@ -51,7 +51,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -285,6 +284,7 @@ def welch_p_values(
     treatment_count: npt.ArrayLike,
 ) -> FloatArray:
     """Two-sided Welch p-values from summary statistics (variances with ddof 1). Vectorized."""
+    from scipy import stats  # here: seconds of import a coordinator need not pay at start-up
     result = stats.ttest_ind_from_stats(
         np.asarray(treatment_mean, dtype=np.float64),
         np.sqrt(np.asarray(treatment_variance, dtype=np.float64)),
@@ -302,6 +302,7 @@ def welch_test(
 ) -> FixedHorizonResult:
     """Welch's t-test of treatment - control. Raises ``ValueError`` below two devices per arm
     or for an alpha outside (0, 1)."""
+    from scipy import stats  # here: seconds of import a coordinator need not pay at start-up
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     diff = difference_in_means(control, treatment)

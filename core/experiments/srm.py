@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from core.experiments.spec import DEFAULT_SRM_THRESHOLD
 
@@ -57,6 +56,7 @@ def srm_check(
     Raises ``ValueError`` for mismatched lengths, negative counts, weights that are not a
     distribution, or a threshold outside (0, 1).
     """
+    from scipy import stats  # here: seconds of import a coordinator need not pay at start-up
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
     if len(counts) != len(weights):
