@@ -126,6 +126,7 @@ class Worker:
                                             task_id=self.task_id, attributes=ATTRIBUTES)
         await asyncio.sleep(self.rng.uniform(0, self.ramp_s))
         assert self.stop is not None
+        failures = 0
         while not self.stop.is_set():
             sent = time.time()
             start = time.perf_counter()
@@ -134,8 +135,11 @@ class Worker:
             except grpc.aio.AioRpcError as exc:
                 self.error(f"CheckIn {exc.code().name}", exc)
                 self.failed_after_ms.append((time.perf_counter() - start) * 1000)
-                await asyncio.sleep(1.0)
+                # The agent's backoff (RetryPolicy: full jitter, 0.2 s doubling to 10 s).
+                await asyncio.sleep(self.rng.uniform(0, min(10.0, 0.2 * 2 ** failures)))
+                failures += 1
                 continue
+            failures = 0
             self.sent.append(sent)
             self.latency_ms.append((time.perf_counter() - start) * 1000)
             self.answered.add(i)
