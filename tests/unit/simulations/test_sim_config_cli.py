@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedctl.main import main as fedctl_main
 from simulations.config import AlgorithmKind, parse_simulation_yaml
 from simulations.data import dataset_arrays, dirichlet_partition, iid_partition
 from simulations.devices import device_profiles
@@ -185,17 +186,17 @@ def test_cli_splits_the_cohort_across_worker_processes(tmp_path: Path) -> None:
     assert done.stdout.startswith("tiny: 3/3 rounds committed, test accuracy ")
 
 
-def test_cli_reports_a_bad_file_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
+def test_cli_reports_a_bad_file_in_one_line_with_exit_code_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.replace("epochs: 1", "epochs: -3"))
-    done = _fedctl(str(bad), cwd=ROOT)
-    assert done.returncode == 2
-    assert done.stderr.strip() == (f"fedctl: error: {bad}: field 'local.epochs': "
-                                   f"must be at least 1, got -3")
+    assert fedctl_main(["simulate", str(bad)]) == 2  # in this process: refused before it runs
+    assert capsys.readouterr().err.strip() == (f"fedctl: error: {bad}: field 'local.epochs': "
+                                               f"must be at least 1, got -3")
 
 
-def test_cli_reports_a_bad_app_with_exit_code_2(tmp_path: Path) -> None:
-    done = _fedctl(str(EXAMPLES / "digits_fedavg.yaml"), "--app", "no_such_module_xyz:app",
-                   cwd=ROOT)
-    assert done.returncode == 2
-    assert "no_such_module_xyz" in done.stderr and "Traceback" not in done.stderr
+def test_cli_reports_a_bad_app_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    # In this process: an exception main() did not turn into its one-line error would raise.
+    assert fedctl_main(["simulate", str(EXAMPLES / "digits_fedavg.yaml"),
+                        "--app", "no_such_module_xyz:app"]) == 2
+    assert "no_such_module_xyz" in capsys.readouterr().err
