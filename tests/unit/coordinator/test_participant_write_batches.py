@@ -5,11 +5,14 @@ at once) and writes them together, before anything else touches the store."""
 from __future__ import annotations
 
 import json
+import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from coordinator.storage import Conflict, InMemoryStore, NotFound, SqlStore, Store
 from coordinator.storage.deferred import DeferredParticipantWrites
@@ -33,22 +36,39 @@ def version(task_id: str, v: int) -> ModelVersionRecord:
                               created_at=T0 + v)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+#: A PostgreSQL server to run these on too (scripts/test-postgres.sh starts one).
+POSTGRES_URL = os.environ.get("FEDCOORD_TEST_POSTGRES_URL", "")
+_POSTGRES = pytest.param("postgres", marks=pytest.mark.skipif(
+    not POSTGRES_URL, reason="FEDCOORD_TEST_POSTGRES_URL is not set"))
+
+
+@pytest.fixture(params=["memory", "sqlite", _POSTGRES])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
     """A factory of stores on one database (so that a second one sees what the first
-    wrote, as a restarted coordinator does)."""
+    wrote, as a restarted coordinator does); on PostgreSQL in a schema of the test's own."""
     opened: list[Store] = []
     memory = InMemoryStore()
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    schema = f"batches_{uuid.uuid4().hex[:12]}"
+    if request.param == "postgres":
+        admin = sa.create_engine(POSTGRES_URL)
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        url = sa.make_url(POSTGRES_URL).update_query_dict(
+            {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
 
     def make() -> Store:
-        store: Store = (memory if request.param == "memory"
-                        else SqlStore(f"sqlite:///{tmp_path}/db.sqlite"))
+        store: Store = memory if request.param == "memory" else SqlStore(url)
         opened.append(store)
         return store
 
     yield make
     for store in opened:
         store.close()
+    if request.param == "postgres":
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def open_round(store: Store, task_id: str = "t1") -> int:
