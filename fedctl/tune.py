@@ -9,9 +9,14 @@ file), ``study.json`` and ``trials.png`` to the output directory (default
 ``runs/STUDY-NAME``); a summary to stdout (with ``--json``, one JSON line and nothing else).
 
 **On a coordinator** each trial is a task launched over the admin API (the base task with
-the trial's values; name ``TASK-trial-N``). Its committed rounds' server evaluation
-(``server_eval_METRIC``: the task needs ``evaluation.server_data``) is the curve the pruner
-reads, polled every ``--poll-s`` seconds; a pruned trial's task is cancelled. ``parallel``
+the trial's values; name ``TASK-trial-N``). The curve the pruner reads, polled every
+``--poll-s`` seconds, is each committed round's federated evaluation where the task has one
+(``evaluation.fraction`` > 0: the selected devices evaluate the round's starting model on
+their own held-out data before training; round metric ``eval_METRIC``, weighted by their
+examples), else the coordinator's evaluation of the committed model on
+``evaluation.server_data`` (``server_eval_METRIC``); a task with neither is refused. The
+federated curve trails the model by one round: round r evaluates version r-1. A pruned
+trial's task is cancelled. ``parallel``
 tasks run at once: the population's devices must be able to serve that many (a device runs
 one task at a time). Parameters under ``simulation.`` (FedProx's ``mu``) are refused there:
 the coordinator does not run them. Ctrl-C or a lost coordinator cancels the study's running
@@ -170,13 +175,10 @@ def _check_for_coordinator(spec: StudySpec) -> None:
                 spec.source, f"space.{param.path}", "is a simulation setting: a coordinator "
                 "ignores the simulation: section (FedProx's mu is simulated only); tune it "
                 "without --coordinator, or remove it")
-    evaluation = spec.trial_task({}).get("evaluation")
-    if not isinstance(evaluation, Mapping) or not evaluation.get("server_data"):
-        raise SimulationConfigError(
-            spec.task_source, "evaluation.server_data", "is required with --coordinator: the "
-            f"trials' {spec.objective.metric} is the coordinator's evaluation of each "
-            "committed model on that data (round metric server_eval_"
-            f"{spec.objective.metric})")
+    try:
+        curve_metric(spec.trial_task({}), spec.objective.metric)
+    except ValueError as exc:
+        raise SimulationConfigError(spec.task_source, "evaluation", str(exc)) from None
 
 
 def _warn_oversubscribed(spec: StudySpec) -> None:
@@ -197,10 +199,25 @@ def _warn_oversubscribed(spec: StudySpec) -> None:
               "simulation.engine.threads)", file=sys.stderr)
 
 
-def coordinator_metric(name: str) -> str:
-    """The round metric a coordinator reports for the objective ``name``
-    (:meth:`coordinator.rounds.evaluation.ServerEvaluator.evaluate`)."""
-    return f"server_eval_{name}"
+def curve_metric(task: Mapping[str, Any], name: str) -> str:
+    """The round metric a trial's task reports for the objective ``name`` on a coordinator:
+    its devices' federated evaluation (``eval_NAME``) where ``evaluation.fraction`` > 0, else
+    the coordinator's own on ``evaluation.server_data`` (``server_eval_NAME``,
+    :meth:`coordinator.rounds.evaluation.ServerEvaluator.evaluate`).
+
+    Raises:
+        ValueError: the task evaluates neither way.
+    """
+    evaluation = task.get("evaluation")
+    evaluation = evaluation if isinstance(evaluation, Mapping) else {}
+    fraction = evaluation.get("fraction", 0)
+    if isinstance(fraction, int | float) and fraction > 0:
+        return f"eval_{name}"
+    if evaluation.get("server_data"):
+        return f"server_eval_{name}"
+    raise ValueError(f"a trial on a coordinator needs an evaluation curve for {name}: "
+                     "evaluation.fraction > 0 (the devices' federated evaluation) or "
+                     "evaluation.server_data (the coordinator's)")
 
 
 def _run_on_coordinator(args: argparse.Namespace, spec: StudySpec,
@@ -235,6 +252,8 @@ def _run_on_coordinator(args: argparse.Namespace, spec: StudySpec,
 class _Running:
     task_id: str
     started: float
+    #: The round metric that is this trial's curve (:func:`curve_metric`).
+    key: str
     seen_round: int = 0
     curve: list[tuple[int, float]] = field(default_factory=list)
 
@@ -242,7 +261,7 @@ class _Running:
 class CoordinatorTrials:
     """Runs a wave of trials as tasks on a coordinator (a
     :class:`simulations.tuning.TrialBackend`): launches them, reads each committed round's
-    ``server_eval_METRIC`` every ``poll_s`` seconds, cancels a pruned trial's task, waits
+    curve (:func:`curve_metric`) every ``poll_s`` seconds, cancels a pruned trial's task, waits
     for the others to end. ``sleep`` is injectable for tests. Not thread-safe.
 
     Raises (from :meth:`run_wave`):
@@ -265,14 +284,14 @@ class CoordinatorTrials:
         from fedctl.admin import AdminError
         from simulations.tuning import TrialOutcome, TrialState
 
-        key = coordinator_metric(metric)
         outcomes: list[TrialOutcome] = []
         self._running = {}
         try:
             for job in jobs:
                 try:
+                    key = curve_metric(job.task, metric)
                     task = self.client.create_task(spec_from_dict(job.task, source=self.source))
-                except TaskSpecError as exc:
+                except (TaskSpecError, ValueError) as exc:
                     outcomes.append(TrialOutcome(job.number, TrialState.FAILED, None, 0,
                                                  reason=str(exc)))
                     continue
@@ -283,10 +302,10 @@ class CoordinatorTrials:
                                                  reason=f"the coordinator refused the task: "
                                                         f"{exc}"))
                     continue
-                self._running[job.number] = _Running(task.task_id, time.perf_counter())
+                self._running[job.number] = _Running(task.task_id, time.perf_counter(), key)
             while self._running:
                 for number in sorted(self._running):
-                    outcome = self._poll(number, key, metric, report)
+                    outcome = self._poll(number, metric, report)
                     if outcome is not None:
                         outcomes.append(outcome)
                         del self._running[number]
@@ -297,13 +316,14 @@ class CoordinatorTrials:
             raise
         return outcomes
 
-    def _poll(self, number: int, key: str, metric: str, report: RoundReport
+    def _poll(self, number: int, metric: str, report: RoundReport
               ) -> TrialOutcome | None:
         """Reads the trial's task and rounds; its outcome once it has ended (or was stopped
         here), else None."""
         from simulations.tuning import TrialOutcome, TrialState
 
         run = self._running[number]
+        key = run.key
         # The task before its rounds: a task seen ended has no round left to see.
         task = self.client.get_task(run.task_id)
         rounds = sorted((r for r in self.client.list_rounds(run.task_id)

@@ -1,6 +1,6 @@
 """fedctl tune --coordinator: each trial a task on a real coordinator, served by a real agent
-process; the pruner reads the committed rounds' server evaluation, a pruned trial's task is
-cancelled."""
+process; the pruner reads the committed rounds' federated evaluation (the devices evaluate
+each round's starting model), a pruned trial's task is cancelled."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ TASK: dict[str, Any] = {
     "selection_window_s": 0.5,
     "local": {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "learning_rate": 0.1},
     "server": {"kind": "fedavg", "learning_rate": 1.0},
-    "evaluation": {"server_data": "digits:split=test"},
+    # Both: the federated evaluation (every selected device) is the curve.
+    "evaluation": {"fraction": 1.0, "server_data": "digits:split=test"},
 }
 
 
-def test_trials_are_tasks_whose_server_evaluation_is_the_curve_and_pruning_cancels(
+def test_trials_are_tasks_whose_federated_evaluation_is_the_curve_and_pruning_cancels(
         coordinator: CoordinatorProcess, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     study = {
@@ -63,7 +64,7 @@ def test_trials_are_tasks_whose_server_evaluation_is_the_curve_and_pruning_cance
                 assert task.state == "completed"
                 rounds = [r for r in client.list_rounds(task.task_id) if r.state == "committed"]
                 assert curves[str(number)] == [
-                    [r.round_number, r.metrics["server_eval_accuracy"]] for r in rounds]
+                    [r.round_number, r.metrics["eval_accuracy"]] for r in rounds]
             assert summary["best"]["value"] == max(c[-1][1] for c in curves.values())
 
             # A trial the pruner stops at its first evaluated round: its task is cancelled.

@@ -302,15 +302,28 @@ def test_fedctl_tune_refuses_bad_flags_with_exit_code_2(tmp_path: Path, argv: li
     assert info.value.exit_code == 2
 
 
-def test_fedctl_tune_on_a_coordinator_needs_server_evaluation(tmp_path: Path) -> None:
+def test_fedctl_tune_on_a_coordinator_needs_an_evaluation_curve(tmp_path: Path) -> None:
     from fedctl.errors import CliError
 
-    path = write_study(tmp_path, STUDY)
+    path = write_study(tmp_path, {**STUDY, "task": {**TASK, "evaluation": {"fraction": 0}}})
     args = fedctl_tune(str(path), "--coordinator", "localhost:1")
-    with pytest.raises(CliError, match=r"field 'evaluation.server_data': is required with "
-                                       r"--coordinator") as info:
+    with pytest.raises(CliError, match=r"field 'evaluation': a trial on a coordinator needs "
+                                       r"an evaluation curve for accuracy") as info:
         args.func(args)
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(("evaluation", "curve"), [
+    ({"fraction": 0.5}, "eval_accuracy"),
+    ({"fraction": 0.5, "server_data": "digits:split=test"}, "eval_accuracy"),
+    ({"fraction": 0, "server_data": "digits:split=test"}, "server_eval_accuracy"),
+    ({"server_data": "digits:split=test"}, "server_eval_accuracy"),
+])
+def test_on_a_coordinator_the_curve_is_the_federated_evaluation_where_the_task_has_one(
+        evaluation: dict[str, object], curve: str) -> None:
+    from fedctl.tune import curve_metric
+
+    assert curve_metric({**TASK, "evaluation": evaluation}, "accuracy") == curve
 
 
 def test_the_example_study_loads() -> None:
