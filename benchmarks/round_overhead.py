@@ -20,6 +20,15 @@ All devices call from one address, so the coordinator's per-address and per-devi
 raised (``limits`` in the output).
 
     python benchmarks/round_overhead.py [--devices 100] [--repeats 3]
+
+``--round-path`` measures the plaintext round alone against the machine's floor, taken in
+the same run after each repeat: the same bytes over a plain grpc.aio stream in 1 MiB
+messages (:func:`aio_stream_floor`), beside the old floor (the round's own client pattern
+against a server with no logic, ``bare_threads``). ``--before-tree DIR`` alternates its
+rounds with rounds served from another source tree, for before/after figures from one run:
+
+    git worktree add --detach /tmp/wt-before <commit>
+    python benchmarks/round_overhead.py --round-path --before-tree /tmp/wt-before --repeats 5
 """
 
 from __future__ import annotations
