@@ -66,6 +66,7 @@ from coordinator.storage.errors import NotFound
 from coordinator.storage.records import (
     ModelVersionRecord,
     ParticipantRecord,
+    ParticipantWrite,
     RoundRecord,
     TaskRecord,
 )
@@ -352,6 +353,12 @@ class TimedStore(Store):
         with self._timed("set_participant_state"):
             return self.inner.set_participant_state(round_id, device_id, state, now=now,
                                                     num_examples=num_examples, metrics=metrics)
+
+    def write_participants(self, writes: Sequence[ParticipantWrite]) -> None:
+        """A group commit of admissions and reports (op ``write_participants``: one call per
+        batch; the batch's size is not observed)."""
+        with self._timed("write_participants"):
+            self.inner.write_participants(writes)
 
     def list_participants(self, round_id: int) -> list[ParticipantRecord]:
         with self._timed("list_participants"):

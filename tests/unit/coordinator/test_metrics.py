@@ -103,6 +103,17 @@ def test_the_counters_after_a_round_count_its_events(metered: Metered,
     assert m("fedcoord_store_call_seconds_count", op="add_participants") >= 1
 
 
+def test_grouped_participant_writes_are_timed_as_one_call_per_group(
+        metered: Metered, clock: ManualClock) -> None:
+    service = metered.service
+    service.defer_participant_writes()  # as the device transport runs it
+    task_id = service.create_task(spec(rounds=2)).record.task_id
+    admit(service, clock, task_id, DEVICES)
+    service.flush_participant_writes()
+    assert metered.value("fedcoord_store_call_seconds_count", op="write_participants") >= 1
+    assert metered.value("fedcoord_store_call_seconds_count", op="add_participants") == 0
+
+
 def test_refusals_late_updates_failed_rounds_and_drops_are_counted_by_bounded_reason(
         metered: Metered, clock: ManualClock) -> None:
     service = metered.service
