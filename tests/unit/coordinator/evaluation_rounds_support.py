@@ -6,16 +6,20 @@ evaluation bundle and upload of its report."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
-from core.evaluation import EvaluationLayout, read_plan
+from core.evaluation import EvaluationLayout, encode_masked_report, read_plan
 from core.privacy import NoiseSource
-from core.protocol import CheckInOutcome, Participation, Plan, UpdateHeader
+from core.protocol import CheckInOutcome, Participation, Plan, UpdateHeader, config_hash
+from core.secagg.client import SecAggClient
+from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
 from core.tensors import sha256_hex
 from core.types import DeviceAttributes, ModelSpec
 
@@ -69,3 +73,36 @@ def upload(service: CoordinatorService, p: Participation, payload: bytes,
                                            len(payload), sha256_hex(payload), {}))
     up.write(payload)
     return service.finish_upload(up)
+
+
+#: One device's report: (its seat's index, its id, its seat) -> (the layout, its vector).
+Report = Callable[[int, str, Participation], tuple[EvaluationLayout, np.ndarray]]
+
+
+def run_secure_round(service: CoordinatorService, seats: dict[str, Participation],
+                     report: Report) -> None:
+    """Every seated device goes through the four SecAgg stages, its ``report`` encoded as the
+    agent encodes it (scaled for DP when the plan says so)."""
+    plan = service.get_plan(next(iter(seats.values())))
+    sa = plan.secure_aggregation
+    assert sa is not None
+    clip = plan.privacy.l2_clip_norm if plan.privacy is not None else None
+    clients = {d: SecAggClient(sa.params, sa.context, config_hash(plan)) for d in seats}
+    for d in seats:
+        service.secagg_advertise(seats[d], clients[d].advertise())
+    for d in seats:
+        req = service.secagg_reply(seats[d], Stage.ADVERTISE)
+        assert isinstance(req, ShareKeysRequest)
+        service.secagg_share_keys(seats[d], clients[d].share_keys(req))
+    for i, d in enumerate(seats):
+        layout, vector = report(i, d, seats[d])
+        encoded = encode_masked_report(layout, vector, sa.params, dp_l2_clip_norm=clip,
+                                       rng=np.random.default_rng(i))
+        req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
+        assert isinstance(req, MaskedInputRequest)
+        service.secagg_masked_input(seats[d], clients[d].mask(req, encoded.vector), {},
+                                    encoded.clipped)
+    for d in seats:
+        req = service.secagg_reply(seats[d], Stage.MASKED_INPUT)
+        assert isinstance(req, UnmaskRequest)
+        service.secagg_unmask(seats[d], clients[d].unmask(req))

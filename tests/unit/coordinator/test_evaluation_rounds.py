@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import evaluation_rounds_support as support
 import numpy as np
 import pytest
 import torch
@@ -27,7 +28,6 @@ from core.evaluation import (
     DeviceResult,
     EvaluationLayout,
     device_vector,
-    encode_masked_report,
     read_plan,
     round_metrics,
     split_bundle,
@@ -43,16 +43,13 @@ from core.protocol import (
     Participation,
     Plan,
     UpdateHeader,
-    config_hash,
 )
-from core.secagg.client import SecAggClient
 from core.secagg.messages import (
     KeyAdvertisement,
     MaskedInputRequest,
     RingVector,
     ShareKeysRequest,
     ShareKeysResponse,
-    Stage,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -267,33 +264,17 @@ SECURE = SecureAggregation(protocol=SecAggProtocol.SECAGG, threshold=0.6, dropou
 
 def run_secure_round(service: CoordinatorService, seats: dict[str, Participation]
                      ) -> tuple[EvaluationLayout, dict[str, dict[int, DeviceResult]]]:
-    """Every seated device evaluates and reports through the four SecAgg stages, encoding
-    its report as the agent does (scaled for DP when the plan says so)."""
-    plan = service.get_plan(next(iter(seats.values())))
-    sa = plan.secure_aggregation
-    assert sa is not None
-    clip = plan.privacy.l2_clip_norm if plan.privacy is not None else None
-    clients = {d: SecAggClient(sa.params, sa.context, config_hash(plan)) for d in seats}
-    results = {}
-    for d in seats:
-        service.secagg_advertise(seats[d], clients[d].advertise())
-    for d in seats:
-        req = service.secagg_reply(seats[d], Stage.ADVERTISE)
-        assert isinstance(req, ShareKeysRequest)
-        service.secagg_share_keys(seats[d], clients[d].share_keys(req))
-    for i, d in enumerate(seats):
-        layout, results[d] = device_report(service, seats[d], i)
-        encoded = encode_masked_report(layout, device_vector(layout, results[d]), sa.params,
-                                       dp_l2_clip_norm=clip, rng=np.random.default_rng(i))
-        req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
-        assert isinstance(req, MaskedInputRequest)
-        service.secagg_masked_input(seats[d], clients[d].mask(req, encoded.vector), {},
-                                    encoded.clipped)
-    for d in seats:
-        req = service.secagg_reply(seats[d], Stage.MASKED_INPUT)
-        assert isinstance(req, UnmaskRequest)
-        service.secagg_unmask(seats[d], clients[d].unmask(req))
-    return layout, results
+    """Every seated device evaluates and reports through the four SecAgg stages."""
+    results: dict[str, dict[int, DeviceResult]] = {}
+    layouts: list[EvaluationLayout] = []
+
+    def report(i: int, d: str, p: Participation) -> tuple[EvaluationLayout, np.ndarray]:
+        layout, results[d] = device_report(service, p, i)
+        layouts.append(layout)
+        return layout, device_vector(layout, results[d])
+
+    support.run_secure_round(service, seats, report)
+    return layouts[-1], results
 
 
 def test_under_secure_aggregation_the_results_are_the_plaintext_ones_within_the_bound(

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evaluation_rounds_support import ATTRS, MODEL, admit, layout_of, make_service, upload
+from evaluation_rounds_support import (
+    ATTRS,
+    MODEL,
+    admit,
+    layout_of,
+    make_service,
+    run_secure_round,
+    upload,
+)
 
 from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import InvalidRequest
@@ -22,16 +30,13 @@ from core.evaluation import (
     DeviceResult,
     EvaluationLayout,
     device_vector,
-    encode_masked_report,
     read_plan,
 )
 from core.experiments import Action, TrafficSplit, assign_arm
 from core.experiments.spec import parse_experiment_spec
 from core.experiments.training import apply_training, comparison_task, parse_training_arms
 from core.experiments.versions import ACTIONS
-from core.protocol import CheckInOutcome, config_hash
-from core.secagg.client import SecAggClient
-from core.secagg.messages import MaskedInputRequest, ShareKeysRequest, Stage, UnmaskRequest
+from core.protocol import CheckInOutcome, Participation
 from core.taskspec import spec_from_dict, spec_to_dict
 from core.types import (
     FederatedEvaluation,
@@ -270,35 +275,18 @@ def test_under_secure_aggregation_the_arms_are_counted_from_the_unmasked_sums(
     tid = service.create_task(dataclasses.replace(
         spec(source, len(names)), secure_aggregation=secure)).record.task_id
     seats = admit(service, clock, tid, names)
-    plan = service.get_plan(seats[names[0]])
-    sa = plan.secure_aggregation
-    assert sa is not None
-    clients = {d: SecAggClient(sa.params, sa.context, config_hash(plan)) for d in seats}
-    for d in seats:
-        service.secagg_advertise(seats[d], clients[d].advertise())
-    for d in seats:
-        req = service.secagg_reply(seats[d], Stage.ADVERTISE)
-        assert isinstance(req, ShareKeysRequest)
-        service.secagg_share_keys(seats[d], clients[d].share_keys(req))
     arms = {}
     rng = np.random.default_rng(5)
-    for i, d in enumerate(seats):
-        layout = layout_of(service, seats[d])
+
+    def device(i: int, d: str, p: Participation) -> tuple[EvaluationLayout, np.ndarray]:
+        layout = layout_of(service, p)
         version = arms[d] = layout.plan.version_for(d)
         assert version is not None
         accuracy = (0.5 if version == 0 else 0.9) + rng.normal(0, 0.02)
-        vector = device_vector(layout, {version: DeviceResult(20, {"accuracy": accuracy,
-                                                                   "loss": 1.0})})
-        encoded = encode_masked_report(layout, vector, sa.params, dp_l2_clip_norm=None,
-                                       rng=np.random.default_rng(i))
-        req = service.secagg_reply(seats[d], Stage.SHARE_KEYS)
-        assert isinstance(req, MaskedInputRequest)
-        service.secagg_masked_input(seats[d], clients[d].mask(req, encoded.vector), {},
-                                    encoded.clipped)
-    for d in seats:
-        req = service.secagg_reply(seats[d], Stage.MASKED_INPUT)
-        assert isinstance(req, UnmaskRequest)
-        service.secagg_unmask(seats[d], clients[d].unmask(req))
+        return layout, device_vector(layout, {version: DeviceResult(20, {"accuracy": accuracy,
+                                                                         "loss": 1.0})})
+
+    run_secure_round(service, seats, device)
     service.tick()
     (rnd,) = [r for r in service.list_rounds(tid) if r.state is RoundState.COMMITTED]
     in_control = sum(1 for v in arms.values() if v == 0)
