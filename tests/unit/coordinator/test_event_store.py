@@ -130,15 +130,17 @@ def test_a_restarted_coordinator_numbers_events_on_without_reusing_a_seq(
     assert again.event_store.write_failures == 0
 
 
-def test_publishing_costs_the_emitter_microseconds() -> None:
+def test_publishing_never_writes_on_the_emitters_thread() -> None:
+    """What publishing costs the round path is a buffer append (22-25 us per event measured
+    on a loaded machine; a timed bound here failed once in CI at 1.1 ms under load, so the
+    property is checked instead of the clock): no database write until the writer runs."""
     events = 1000
     log = FailingLog(0)
     sink = StoreSink(log, flush_interval_s=60, batch_events=10**6)
     hub = EventHub([sink])
-    start = time.perf_counter()
     for n in range(events):
         hub.emit(K.UPLOAD_ACCEPTED, "t", 1.0, round_number=1, device_id=f"d{n}")
-    per_event_s = (time.perf_counter() - start) / events
-    assert per_event_s < 1e-3  # measured 22-25 us on a loaded machine; a generous bound
+    assert log.batches == []
     sink.close()
+    assert log.batches == [events]
     assert log.last_event_seq("t") == events
