@@ -57,6 +57,9 @@ class DeferredParticipantWrites(Store):
         self._queued_seq = 0
         self._written_seq = 0
         self._stale_seq = 0
+        #: Sequence ranges (first, last) of batches the database refused and that were
+        #: dropped, with the reason: their callers must hear of it, not of a later success.
+        self._lost: list[tuple[int, int, str]] = []
 
     def defer(self) -> None:
         """Queue participant writes from now on; whoever answers a device must then await
@@ -74,6 +77,17 @@ class DeferredParticipantWrites(Store):
         return self._written_seq
 
     def flushed_through(self, seq: int) -> bool:
+        """True once the write numbered ``seq`` (and every one before it) was flushed.
+
+        Raises:
+            StorageError: that write was in a batch the database refused, whichever thread
+                flushed it (it will never be written: the caller must not answer as if it
+                had been).
+        """
+        with self._lock:
+            for first, last, reason in self._lost:
+                if first <= seq <= last:
+                    raise StorageError(f"the write was refused and dropped: {reason}")
         return self._written_seq >= seq
 
     def flush_stale(self) -> None:
@@ -107,20 +121,19 @@ class DeferredParticipantWrites(Store):
                 seq = self._queued_seq
             if not batch:
                 return
+            first = seq - len(batch) + 1
             try:
                 self.inner.write_participants(batch)
             except StorageError as exc:
                 with self._lock:
                     if isinstance(exc, Conflict | NotFound):
-                        for write in batch:
-                            self._rounds.pop(write.round_id, None)
+                        self._drop(batch, first, seq, exc)
                     else:
                         self._pending[:0] = batch
                 raise
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:
-                    for write in batch:
-                        self._rounds.pop(write.round_id, None)
+                    self._drop(batch, first, seq, exc)
                 raise
             self._written_seq = max(self._written_seq, seq)
 
@@ -197,6 +210,16 @@ class DeferredParticipantWrites(Store):
         with self._io:
             self.flush()
             return self.inner.list_participants(round_id)
+
+    def _drop(self, batch: list[ParticipantWrite], first: int, last: int,
+              exc: BaseException) -> None:
+        """Forgets a refused batch (under the lock): the copies of its rounds are loaded
+        again when next needed, and its sequence numbers are remembered as lost (the last
+        few hundred batches: a waiting caller asks within moments)."""
+        for write in batch:
+            self._rounds.pop(write.round_id, None)
+        self._lost.append((first, last, f"{type(exc).__name__}: {exc}"))
+        del self._lost[:-256]
 
     def _queue(self, write: ParticipantWrite) -> None:
         self._pending.append(write)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from coordinator.storage import Conflict, InMemoryStore, NotFound, SqlStore, Store
+from coordinator.storage import Conflict, InMemoryStore, NotFound, SqlStore, StorageError, Store
 from coordinator.storage.deferred import DeferredParticipantWrites
 from coordinator.storage.records import (
     ModelVersionRecord,
@@ -249,3 +249,25 @@ def test_the_periodic_flush_never_waits_for_a_flush_under_way(
     assert inner.list_participants(round_id) == []
     deferred.flush_stale()  # still stale: written now
     assert [p.device_id for p in inner.list_participants(round_id)] == ["a"]
+
+
+def test_a_write_in_a_refused_batch_is_never_reported_flushed_whoever_flushed_it(
+        make_store: Callable[[], Store]) -> None:
+    """A batch the database refuses is dropped; a device waiting for its write hears of the
+    refusal, even when another caller's flush ran it and later writes went in after it."""
+    inner = make_store()
+    round_id = open_round(inner)
+    deferred = DeferredParticipantWrites(inner)
+    deferred.defer()
+    deferred.add_participants(round_id, [("a", "ha")], T0 + 1)  # the round's copy is loaded
+    inner.add_participants(round_id, [("b", "hb")], T0 + 1)  # behind the copy's back
+    deferred.add_participants(round_id, [("b", "again")], T0 + 2)
+    refused = deferred.queued_seq
+    with pytest.raises(Conflict):
+        deferred.list_participants(round_id)  # another caller's flush runs the batch
+    deferred.add_participants(round_id, [("c", "hc")], T0 + 3)
+    deferred.flush()
+    assert deferred.flushed_through(deferred.queued_seq)
+    with pytest.raises(StorageError, match="refused and dropped: Conflict"):
+        deferred.flushed_through(refused)
+    assert sorted(states(inner, round_id)) == ["b", "c"]
