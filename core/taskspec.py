@@ -18,6 +18,11 @@ A task file looks like::
     server: {kind: fedavg, learning_rate: 1.0}
     evaluation: {fraction: 0.2, server_data: "digits:split=test"}
     robustness: {weight_cap: 1024, max_update_l2_norm: 1000, max_abs_parameter: 1.0e6}
+    eligibility:                  # optional; every field defaults to "any device"
+      require_charging: true
+      arm: {salt: 3f9c..., weights: [0.5, 0.5], index: 1}   # only experiment arm 1's
+          # devices (core.types.ArmFilter); fedctl experiment launch writes it per arm
+          # for partition_training: true
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import yaml
 
 from core import fields
 from core.errors import CoreError
+from core.experiments.assignment import TrafficSplit
 from core.experiments.errors import ExperimentSpecError
 from core.experiments.spec import ExperimentSpec, experiment_spec_to_dict, parse_experiment_spec
 from core.privacy.errors import PrivacySpecError
@@ -43,6 +49,7 @@ from core.privacy.spec import (
 )
 from core.types import (
     Aggregation,
+    ArmFilter,
     Evaluation,
     FederatedEvaluation,
     HistogramBins,
@@ -183,6 +190,8 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
         fail("max_update_bytes", f"must be >= 0 (0 = the model's size), got {spec.max_update_bytes}")
     if spec.seed < 0:
         fail("seed", f"must be >= 0, got {spec.seed}")
+    if spec.eligibility.arm is not None:
+        _validate_arm_filter(spec.eligibility.arm, fail)
     _validate_robustness(spec, fail)
     _validate_aggregation(spec, fail)
     _validate_evaluate(spec, fail)
@@ -199,6 +208,34 @@ def validate_task_spec(spec: TaskSpec, *, source: str = "<task>") -> None:
         _validate_secure_aggregation(spec, fail)
     if spec.privacy is not None:
         _validate_privacy(spec, fail)
+
+
+#: Most arms an ``eligibility.arm`` filter's split may have (the weights travel in every
+#: stored spec; an experiment with more arms than this has nothing to compare well).
+MAX_FILTER_ARMS = 64
+
+
+def _validate_arm_filter(arm: ArmFilter, fail: typing.Callable[[str, str], typing.NoReturn]
+                         ) -> None:
+    """``eligibility.arm``: written by ``fedctl experiment launch`` (``partition_training``)
+    on each arm's training task, and accepted by hand too: a spec read back from storage or
+    the wire goes through this parser, and engineers who launch an arm's task themselves
+    (``--arm-tasks``) writes it. Either way it must name a real arm of a real split."""
+    if not arm.salt.strip():
+        fail("eligibility.arm.salt", "must be a non-empty string: the experiment's salt")
+    if not 2 <= len(arm.weights) <= MAX_FILTER_ARMS:
+        fail("eligibility.arm.weights", f"must list 2 to {MAX_FILTER_ARMS} arm weights (the "
+                                        f"experiment's traffic split), got {len(arm.weights)}")
+    try:
+        TrafficSplit(arm.weights)
+    except ValueError as exc:
+        fail("eligibility.arm.weights", str(exc))
+    if not 0 <= arm.index < len(arm.weights):
+        fail("eligibility.arm.index", f"must be an arm of the split, 0 to "
+                                      f"{len(arm.weights) - 1}, got {arm.index}")
+    if arm.weights[arm.index] <= 0:
+        fail("eligibility.arm.index", f"arm {arm.index} has weight 0: no device would be "
+                                      f"admitted")
 
 
 #: Bounds on the robustness section: beyond them the section protects nothing (a float32

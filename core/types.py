@@ -10,8 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+from core.experiments.assignment import TrafficSplit, assignment_unit
 from core.experiments.spec import ExperimentSpec
 from core.privacy.spec import PrivacySpec
 
@@ -80,12 +82,42 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class ArmFilter:
+    """Admits only the devices an A/B experiment assigns to arm ``index``: those whose
+    :func:`core.experiments.assignment.assign_arm` under ``salt`` and the traffic split
+    ``weights`` (in the experiment's arm order) is ``index``. It is the assignment the
+    experiment's comparison evaluates by, so a device trains and evaluates the same arm.
+    ``fedctl experiment launch`` sets it on each arm's training task when the experiment
+    says ``partition_training: true`` (:mod:`core.experiments.training`).
+
+    The arm is a keyed hash of the device id alone: the devices admitted are a fixed
+    sub-population (the same in every round, in any process, after a restart), not a
+    per-round draw, so selection's sampling within them stays what the privacy accountant
+    analyses. The salt is left out of ``repr`` (it lands in check-in messages and logs)."""
+
+    salt: str = field(repr=False)
+    weights: tuple[float, ...]
+    index: int
+
+    @cached_property
+    def _split(self) -> TrafficSplit:
+        return TrafficSplit(self.weights)
+
+    def admits(self, device_id: str) -> bool:
+        """Whether ``device_id`` is in arm ``index``. Raises ``ValueError`` for an empty id
+        or salt, or weights that are no traffic split."""
+        return self._split.arm_of(assignment_unit(device_id, self.salt)) == self.index
+
+
+@dataclass(frozen=True)
 class Eligibility:
-    """Device attributes a device must have to be admitted to a round."""
+    """What a device must be to be admitted to a round: device attributes it must have,
+    and (``arm``, None: any) the experiment arm it must be in."""
 
     require_charging: bool = False
     require_unmetered: bool = False
     require_idle: bool = False
+    arm: ArmFilter | None = None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ coordinator as evaluation tasks with an ``evaluate.experiment`` section
   training task per distinct configuration is launched, then (once they completed) the
   comparison, an evaluation task whose arms name their training task and version; its id is
   the experiment's. ``--no-wait`` launches the training tasks only and prints the command
-  that launches the comparison later (``--arm-tasks``, one task id per training run).
+  that launches the comparison later (``--arm-tasks``, one task id per training run). With
+  ``partition_training: true`` there is one training task per arm, each admitting only its
+  arm's devices (``eligibility.arm``, the comparison's assignment), so a device trains and
+  evaluates the same arm.
 
 ``status`` recomputes the arms' statistics from the committed rounds' released metrics with
 the coordinator's own code (so the table is what the coordinator decided on), and prints
@@ -186,6 +189,11 @@ def training_experiment_plan(path: Path, data: dict[str, Any]) -> TrainingExperi
         raise CliError(f"{path}: field '{field}': an experiment by training configuration is "
                        f"a training task's section (this task is of kind "
                        f"'{base.kind.value}')", exit_code=2)
+    if base.eligibility.arm is not None:
+        raise CliError(f"{path}: field 'eligibility.arm': the training tasks of a "
+                       f"simulation.experiment get their arm filter from the experiment "
+                       f"({field}.partition_training: true); remove it from the task",
+                       exit_code=2)
     try:
         arms = parse_training_arms(data["simulation"]["experiment"], task_rounds=base.rounds,
                                    default_devices_per_round=base.clients_per_round)
@@ -245,8 +253,9 @@ def _launch_training_experiment(args: argparse.Namespace, data: dict[str, Any]) 
             for group, spec in zip(plan.groups, plan.group_specs, strict=True):
                 task = launch_task(client, spec, source=args.file, what="arm's training task")
                 group_tasks.append(task.task_id)
+                only = "" if group.arm_filter is None else ", on its arm's devices only"
                 _say(args, f"arm(s) {_arm_names(plan, group)}: training task {task.task_id} "
-                           f"({spec.rounds} rounds)")
+                           f"({spec.rounds} rounds{only})")
             if args.no_wait:
                 _say(args, f"when they completed: fedctl experiment launch {args.file} "
                            f"--arm-tasks {','.join(group_tasks)}")

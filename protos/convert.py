@@ -138,7 +138,7 @@ def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:
         clients_per_round=d["clients_per_round"],
         min_reports=d["min_reports"],
         population=d["population"],
-        eligibility=common_pb2.Eligibility(**d["eligibility"]),
+        eligibility=_eligibility_to_proto(d["eligibility"]),
         over_selection=d["over_selection"],
         round_deadline_s=d["round_deadline_s"],
         selection_window_s=d["selection_window_s"],
@@ -158,6 +158,29 @@ def task_spec_to_proto(spec: TaskSpec) -> common_pb2.TaskSpec:
         evaluate_json=("" if spec.kind is TaskKind.TRAIN
                        else json.dumps(d["evaluate"], sort_keys=True)),
     )
+
+
+def _eligibility_to_proto(d: dict[str, Any]) -> common_pb2.Eligibility:
+    arm = d["arm"]
+    return common_pb2.Eligibility(
+        require_charging=d["require_charging"], require_unmetered=d["require_unmetered"],
+        require_idle=d["require_idle"],
+        arm=(None if arm is None else common_pb2.ArmFilter(
+            salt=arm["salt"], weights=arm["weights"], index=arm["index"])),
+    )
+
+
+def _eligibility_from_proto(msg: common_pb2.Eligibility) -> dict[str, Any]:
+    """An absent ``arm`` (an older client, or no filter) is None: any arm's devices."""
+    out: dict[str, Any] = {
+        "require_charging": msg.require_charging,
+        "require_unmetered": msg.require_unmetered,
+        "require_idle": msg.require_idle,
+    }
+    if msg.HasField("arm"):
+        out["arm"] = {"salt": msg.arm.salt, "weights": list(msg.arm.weights),
+                      "index": msg.arm.index}
+    return out
 
 
 def _secure_aggregation_to_proto(d: dict[str, Any] | None) -> common_pb2.SecureAggregation | None:
@@ -207,11 +230,7 @@ def task_spec_from_proto(msg: common_pb2.TaskSpec) -> TaskSpec:
         "clients_per_round": msg.clients_per_round,
         "min_reports": msg.min_reports,
         "population": msg.population or "default",
-        "eligibility": {
-            "require_charging": msg.eligibility.require_charging,
-            "require_unmetered": msg.eligibility.require_unmetered,
-            "require_idle": msg.eligibility.require_idle,
-        },
+        "eligibility": _eligibility_from_proto(msg.eligibility),
         "over_selection": msg.over_selection,
         "round_deadline_s": msg.round_deadline_s,
         "selection_window_s": msg.selection_window_s,

@@ -20,6 +20,8 @@ the file still launches as the training task)::
         horizon_rounds: 20
         salt: ab-digits-1
         devices_per_round: 20        # optional; default: clients_per_round
+        partition_training: false    # optional: true trains each arm's model on its
+                                     # arm's devices only (core.experiments.training)
     # or arms that differ by training configuration (core.experiments.training):
     #     - {name: control, weight: 0.5}                 # the task as written
     #     - {name: fast, weight: 0.5, training: {local.learning_rate: 0.2}}
@@ -31,6 +33,14 @@ evaluates that run's global model as it stood after its ``trained_rounds`` round
 initial model; default with ``training``: the task's rounds). Runs share the seed, so arms
 of one run differ only by the training they received, arms of different runs only by their
 configuration; an A/A test is two arms with the same ``trained_rounds`` and ``training``.
+
+**Partitioned training** (``partition_training: true``): every arm has a run of its own, and
+in it only the arm's devices are ever online (the others' availability is 0, so the round's
+draw, its central-DP accounting of the eligible devices and its stragglers see the arm's
+devices only): :func:`core.experiments.training.arm_members` under the experiment's salt
+and weights, the filter a coordinator's check-in applies to the arm's training task, and
+the assignment the experiment rounds below evaluate by, so a device trains and evaluates
+the same arm.
 
 **An experiment round.** ``devices_per_round`` devices are drawn uniformly (seeded by the
 task's seed and the round) among the devices that hold held-out data; each gets its arm from
@@ -63,7 +73,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -87,11 +97,16 @@ from core.experiments.training import (
     Overrides,
     TrainingArms,
     apply_training,
+    arm_members,
     parse_training_arms,
     training_groups,
 )
+from core.types import ArmFilter
 from simulations.config import SimulationConfig, config_from_dict, read_task_file
 from simulations.errors import SimulationConfigError
+
+if TYPE_CHECKING:
+    from simulations.engine import Simulation
 
 #: Metrics a simulated device reports for the model it evaluates.
 METRICS = ("accuracy", "loss")
@@ -110,11 +125,13 @@ class SimulatedExperiment:
     devices_per_round: int
     training: tuple[Overrides, ...] = ()
     configs: tuple[SimulationConfig, ...] = ()
+    partition_training: bool = False
 
     @property
     def arms(self) -> TrainingArms:
         return TrainingArms(self.spec, self.training or ((),) * len(self.spec.arms),
-                            self.trained_rounds, self.devices_per_round)
+                            self.trained_rounds, self.devices_per_round,
+                            self.partition_training)
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,13 @@ def load_experiment_file(path: str | Path, *, population: str | None = None,
     raw = _experiment_section(data)
     if raw is None:
         raise SimulationConfigError(source, _FIELD, "is required for an experiment")
+    eligibility = data.get("eligibility")
+    if isinstance(eligibility, Mapping) and eligibility.get("arm") is not None:
+        # As fedctl experiment launch refuses it: the arms' runs get theirs from the section.
+        raise SimulationConfigError(source, "eligibility.arm", "the training runs of an "
+                                    f"experiment get their arm filter from the experiment "
+                                    f"({_FIELD}.partition_training: true); remove it from "
+                                    f"the task")
     base_dir = str(Path(path).parent)
     config = config_from_dict(data, source=source, base_dir=base_dir,
                               population=population, devices=devices, apps=apps)
@@ -235,12 +259,24 @@ def parse_simulated_experiment(raw: Any, config: SimulationConfig, *,
             raise fail(f"guardrails[{i}].metric", f"must be one of {', '.join(METRICS)}, got "
                        f"{rail.metric!r}")
     return SimulatedExperiment(spec, arms.trained_rounds, arms.devices_per_round,
-                               arms.training, (config,) * len(spec.arms))
+                               arms.training, (config,) * len(spec.arms),
+                               arms.partition_training)
 
 
 def device_id(device: int) -> str:
     """The id a simulated device is assigned by (the unit of the HMAC)."""
     return f"device-{device}"
+
+
+def train_only(sim: Simulation, arm_filter: ArmFilter) -> np.ndarray:
+    """Restricts ``sim``'s training to the devices ``arm_filter`` admits: the others are
+    never online (availability 0), as a coordinator's check-in never offers them the arm's
+    task. Returns the admitted devices' indices."""
+    members = arm_members(arm_filter, [device_id(d) for d in range(sim.data.num_devices)])
+    profiles = sim.profiles
+    sim.profiles = dataclasses.replace(
+        profiles, availability=np.where(members, profiles.availability, 0.0))
+    return np.flatnonzero(members)
 
 
 class ExperimentRunner:
@@ -255,9 +291,15 @@ class ExperimentRunner:
         models: dict[int, dict[str, np.ndarray]] = {}
         configs = experiment.configs or (config,) * len(experiment.spec.arms)
         data = None
+        #: Per arm, the devices its model was trained on (None: every device).
+        self.trained_on: list[np.ndarray | None] = [None] * len(experiment.spec.arms)
         for group in training_groups(experiment.arms):
             sim = Simulation(configs[group.arms[0]])
             data = sim.data if data is None else data
+            if group.arm_filter is not None:
+                members = train_only(sim, group.arm_filter)
+                for i in group.arms:
+                    self.trained_on[i] = members
             wanted = {experiment.trained_rounds[i] for i in group.arms}
             snapshots: dict[int, dict[str, np.ndarray]] = {}
             if 0 in wanted:
@@ -456,6 +498,7 @@ def summary(config: SimulationConfig, experiment: SimulatedExperiment,
                  for a, n, t in zip(experiment.spec.arms, experiment.trained_rounds,
                                     experiment.arms.training, strict=True)},
         "control": experiment.spec.control,
+        "partition_training": experiment.partition_training,
         "primary_metric": experiment.spec.primary.name,
         "decision": {"action": last.action.value, "reason": last.reason,
                      "round": last.round_number, "arm": last.arm, "metric": last.metric},

@@ -118,16 +118,16 @@ class Participants:
                         message=f"task {task_id} is {record.state.value}",
                     )
                 return self._retry(CheckInOutcome.NO_TASK, 1.0, f"task {task_id} is not loaded")
-            if not is_eligible(attrs, task.spec.eligibility, task.spec.population):
+            if not is_eligible(attrs, task.spec.eligibility, task.spec.population,
+                               device_id=device_id):
                 return self._retry(
                     CheckInOutcome.NO_TASK, limits.retry_after_max_s,
-                    f"device is not eligible for task {task_id} "
-                    f"(population {task.spec.population!r}, {task.spec.eligibility})",
-                )
+                    _not_eligible(task_id, task, device_id))
         else:
             candidates = [
                 t for t in self._running.values()
-                if is_eligible(attrs, t.spec.eligibility, t.spec.population)
+                if is_eligible(attrs, t.spec.eligibility, t.spec.population,
+                               device_id=device_id)
                 and t.task_id not in declined
                 and not (t.counts_devices_once and device_id in t.counted_devices)
             ]
@@ -596,6 +596,19 @@ def _describe_tensor(t: TensorInfo) -> str:
     """A tensor as an error shows it (its name and shape may come from a client)."""
     shape = str(list(t.shape)) if len(t.shape) <= 8 else f"[{len(t.shape)} dimensions]"
     return f"{shown(t.name)} ({t.dtype}{shape})"
+
+
+def _not_eligible(task_id: str, task: RunningTask, device_id: str) -> str:
+    """Why a device may not join ``task``: another experiment arm's devices train this
+    task (it always will be: the arm is a hash of its id; checking in without a task id
+    offers it its own arm's task), or its population or attributes do not match."""
+    eligibility = task.spec.eligibility
+    if eligibility.arm is not None and not eligibility.arm.admits(device_id):
+        return (f"device is not eligible for task {task_id}: the task trains only the "
+                f"devices of experiment arm {eligibility.arm.index} (eligibility.arm), and "
+                f"this device is in another arm")
+    return (f"device is not eligible for task {task_id} "
+            f"(population {task.spec.population!r}, {eligibility})")
 
 
 def _check_device_id(device_id: str) -> None:

@@ -31,12 +31,26 @@ from core.types import DeviceAttributes, Eligibility
 __all__ = ["Admission", "SelectionPolicy", "Selector", "is_eligible"]
 
 
-def is_eligible(attrs: DeviceAttributes, eligibility: Eligibility, population: str) -> bool:
+def is_eligible(attrs: DeviceAttributes, eligibility: Eligibility, population: str, *,
+                device_id: str) -> bool:
+    """Whether ``device_id``, reporting ``attrs``, may be offered to the task's selection.
+
+    Eligibility is decided before a device reaches the :class:`Selector`, so it narrows the
+    population selection samples from and changes nothing in how it samples: every device
+    the window sees is offered to the same uniform draw (fixed size, recorded with the
+    eligible devices seen) or kept with the same probability p (Poisson). An ``arm`` filter
+    (:class:`core.types.ArmFilter`) is a keyed hash of the device id alone: a fixed
+    sub-population, chosen before and independently of any round and of any device's data,
+    so the accountant's analysis holds for the task as it does for any population: a device
+    outside the arm is included with probability 0, inside it with the analysed q (fixed
+    size: q = cohort / min(configured population, eligible seen), and the seen are the arm's
+    devices; Poisson: p). It never depends on what a device reports about itself."""
     return (
         attrs.population == population
         and (attrs.charging or not eligibility.require_charging)
         and (attrs.unmetered or not eligibility.require_unmetered)
         and (attrs.idle or not eligibility.require_idle)
+        and (eligibility.arm is None or eligibility.arm.admits(device_id))
     )
 
 

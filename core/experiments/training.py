@@ -13,6 +13,8 @@ coordinator (:mod:`fedctl.experiment`)::
             trained_rounds: 20        # optional where an arm has training: (default: the
                                       # task's rounds); required otherwise
         devices_per_round: 10         # optional: devices per comparison round
+        partition_training: true      # optional (default false): each arm's model is
+                                      # trained by its own arm's devices only
 
 **What an arm is.** Arm ``i`` is the model the file's task produces after
 ``trained_rounds[i]`` rounds when trained under the task's configuration with
@@ -34,12 +36,39 @@ comparison is an evaluation task whose arms name their training task and version
 test is of *these* models on the population's devices, conditional on the training runs; it
 does not average over training randomness (seeds), as one run per arm cannot.
 
-**Training devices are not partitioned by arm** (in simulation and on a coordinator alike):
-each arm's model is trained by the task's population, as the task alone would be. Training
-partitioned by arm (each device trains only its arm's model) needs the coordinator's
-check-in to route a device to its arm's task; :func:`arm_admits` is the predicate it would
-call. The comparison is sound without it: the arms are evaluated on disjoint, randomly
-assigned devices' held-out data, and every arm's model saw the same kind of training data.
+**Who trains an arm's model.** By default (``partition_training: false``) each arm's model
+is trained by the task's whole population, as the task alone would be: the comparison is
+sound without a partition (the arms are evaluated on disjoint, randomly assigned devices'
+held-out data, and every arm's model saw the same kind of training data).
+
+With ``partition_training: true`` each arm's model is trained by *its arm's devices only*
+and evaluated by them: the arm's training run gets :func:`arm_filter` (the experiment's
+salt, its weights in arm order, the arm's index: :class:`core.types.ArmFilter`), the very
+assignment the comparison evaluates by, so a device trains and evaluates the same arm. Every
+arm then has a run of its own (:func:`training_groups`; arms with the same ``training`` no
+longer share one, since they train on different devices). The same filter decides in both
+places:
+
+- on a coordinator, ``fedctl experiment launch`` writes it as ``eligibility.arm`` of each
+  arm's training task (:func:`group_task`); the check-in
+  (:func:`coordinator.rounds.selection.is_eligible`) does not offer the task to a device of
+  another arm: with the task named it is told there is no task for it (``NO_TASK``), without
+  it is offered another running task it is eligible for, its own arm's;
+- in ``fedctl simulate`` (:mod:`simulations.experiment`) the arm's run sees only its arm's
+  devices online (:func:`arm_members`, the vectorized :meth:`~core.types.ArmFilter.admits`).
+
+What it means: each arm is a federation of its own over a random ``weight`` share of the
+population, and the comparison asks which configuration does better *when it trains and
+serves its own devices* (the deployment an A/B rollout of a training configuration would
+be). Two consequences to report: an arm's model trains on ``weight`` of the devices (rounds
+fill more slowly and may fail where few devices are online; a DP task's fixed-size ``q`` is
+computed from the eligible devices seen, so the arm's; a Poisson task's ``p`` stays
+``target / privacy.population``, so write the arm's expected size there if cohorts must
+stay full), and the devices that evaluate an arm's model are those it was trained on
+(their training split; they evaluate on the held-out split), the same for every arm, so
+the comparison stays fair. Selection within an arm stays unbiased: the filter is a keyed hash of the
+device id alone, a fixed sub-population chosen independently of rounds and data, and
+sampling within it is what the accountant analyses.
 
 Pure functions over plain data; errors are :class:`ExperimentSpecError` naming the field
 below ``simulation.experiment`` (``arms[1].training.local.epochs``).
@@ -53,9 +82,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core.experiments.assignment import TrafficSplit, assign_arm
+import numpy as np
+import numpy.typing as npt
+
+from core.experiments.assignment import TrafficSplit, assign_arms
 from core.experiments.errors import ExperimentSpecError
 from core.experiments.spec import ExperimentSpec, experiment_spec_to_dict, parse_experiment_spec
+from core.types import ArmFilter
 
 #: What an arm's ``training`` may change, dotted as in task files, with a check of the value
 #: (the task's own validation runs on each arm's task afterwards).
@@ -76,7 +109,7 @@ TRAINING_FIELDS: Mapping[str, str] = {
 SIMULATION_ONLY_PREFIX = "simulation."
 #: Keys of the section that :func:`parse_experiment_spec` does not know.
 ARM_KEYS = ("training", "trained_rounds")
-TOP_KEYS = ("devices_per_round",)
+TOP_KEYS = ("devices_per_round", "partition_training")
 
 Overrides = tuple[tuple[str, Any], ...]
 
@@ -84,22 +117,26 @@ Overrides = tuple[tuple[str, Any], ...]
 @dataclass(frozen=True)
 class TrainingArms:
     """The section, read: the spec (arms without their training keys) and per arm (in
-    ``spec.arms`` order) its overrides (sorted by field) and its training rounds."""
+    ``spec.arms`` order) its overrides (sorted by field) and its training rounds.
+    ``partition_training``: each arm's model is trained by its arm's devices only."""
 
     spec: ExperimentSpec
     training: tuple[Overrides, ...]
     trained_rounds: tuple[int, ...]
     devices_per_round: int
+    partition_training: bool = False
 
 
 @dataclass(frozen=True)
 class TrainingGroup:
     """One training run: the overrides it applies and the rounds it runs (the most any of
-    its arms needs); ``arms``: indices of the arms whose models it produces."""
+    its arms needs); ``arms``: indices of the arms whose models it produces;
+    ``arm_filter``: under ``partition_training``, the devices it trains on (its one arm's)."""
 
     training: Overrides
     rounds: int
     arms: tuple[int, ...]
+    arm_filter: ArmFilter | None = None
 
 
 def parse_training_arms(raw: Any, *, task_rounds: int, default_devices_per_round: int,
@@ -109,6 +146,8 @@ def parse_training_arms(raw: Any, *, task_rounds: int, default_devices_per_round
     arm has ``training`` (then it defaults to ``task_rounds``: an arm without ``training``
     is the task as written). ``devices_per_round`` defaults
     to ``default_devices_per_round`` and is between 2 and ``max_devices`` when given.
+    ``partition_training`` (default false) is a boolean; with it every arm has a weight
+    above 0 (an arm without devices could not be trained).
 
     Raises:
         ExperimentSpecError: naming the field below the section.
@@ -140,7 +179,17 @@ def parse_training_arms(raw: Any, *, task_rounds: int, default_devices_per_round
                                                f"({max_devices})"
         raise ExperimentSpecError("devices_per_round", f"must be an integer between 2{bound}"
                                                        f", got {per_round!r}")
-    return TrainingArms(spec, tuple(training), tuple(rounds), per_round)
+    partition = raw.get("partition_training", False)
+    if not isinstance(partition, bool):
+        raise ExperimentSpecError("partition_training", f"must be true or false, got "
+                                                        f"{partition!r}")
+    if partition:
+        for i, arm in enumerate(spec.arms):
+            if arm.weight <= 0:
+                raise ExperimentSpecError(f"arms[{i}].weight", "is 0: with partition_training "
+                                                               "the arm's model is trained by "
+                                                               "its own devices, and it has none")
+    return TrainingArms(spec, tuple(training), tuple(rounds), per_round, partition)
 
 
 def _trained_rounds(arm: Mapping[str, Any], i: int, task_rounds: int, configured: bool
@@ -203,7 +252,12 @@ def _valid_value(key: str, value: Any) -> bool:
 
 def training_groups(arms: TrainingArms) -> tuple[TrainingGroup, ...]:
     """The training runs the arms need: one per distinct ``training`` (in the order of
-    each's first arm), running as many rounds as its arms' largest ``trained_rounds``."""
+    each's first arm), running as many rounds as its arms' largest ``trained_rounds``.
+    Under ``partition_training`` one per arm, in arm order, each with its arm's filter
+    (arms with the same ``training`` train on different devices, so share no run)."""
+    if arms.partition_training:
+        return tuple(TrainingGroup(o, arms.trained_rounds[i], (i,), arm_filter(arms, i))
+                     for i, o in enumerate(arms.training))
     order: list[Overrides] = []
     members: dict[Overrides, list[int]] = {}
     for i, overrides in enumerate(arms.training):
@@ -250,11 +304,15 @@ def simulation_only(arms: TrainingArms) -> tuple[int, str] | None:
 def group_task(task: Mapping[str, Any], group: TrainingGroup, *, name: str) -> dict[str, Any]:
     """The coordinator training task of ``group``: the file's task without its
     ``simulation`` section, the group's overrides applied, ``rounds`` the group's, named
-    ``name``."""
+    ``name``, and (under ``partition_training``) ``eligibility.arm`` the group's filter."""
     data = apply_training({k: v for k, v in task.items() if k != "simulation"},
                           group.training)
     data["name"] = name
     data["rounds"] = group.rounds
+    if group.arm_filter is not None:
+        eligibility = data.get("eligibility")
+        data["eligibility"] = {**(eligibility if isinstance(eligibility, Mapping) else {}),
+                               "arm": arm_filter_to_dict(group.arm_filter)}
     return data
 
 
@@ -314,7 +372,18 @@ def training_mismatch(expected: Mapping[str, Any], actual: Mapping[str, Any]) ->
         want, got = _get(expected, key), _get(actual, key)
         if want != got:
             out.append(f"{key} is {got!r}, the arm needs {want!r}")
+    want, got = _get(expected, "eligibility.arm"), _get(actual, "eligibility.arm")
+    if want != got:  # described without the salt: it is no business of a terminal's
+        out.append(f"eligibility.arm {_describe_filter(got)}, the arm needs it to "
+                   f"{_describe_filter(want)}")
     return out
+
+
+def _describe_filter(data: Any) -> str:
+    if not isinstance(data, Mapping):
+        return "admit every arm's devices"
+    return (f"admit arm {data.get('index')}'s devices of the split {data.get('weights')} "
+            f"under the experiment's salt")
 
 
 def _get(data: Mapping[str, Any], dotted: str) -> Any:
@@ -326,8 +395,31 @@ def _get(data: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def arm_filter(arms: TrainingArms, arm: int) -> ArmFilter:
+    """The filter that admits arm ``arm``'s devices: the experiment's salt and traffic split
+    (weights in ``spec.arms`` order), the very assignment the comparison evaluates by
+    (:func:`comparison_experiment` keeps the salt, the arm order and the weights), so a
+    device trains and evaluates the same arm."""
+    return ArmFilter(arms.spec.salt, tuple(a.weight for a in arms.spec.arms), arm)
+
+
+def arm_filter_to_dict(arm_filter: ArmFilter) -> dict[str, Any]:
+    """``eligibility.arm`` as a task file writes it."""
+    return {"salt": arm_filter.salt, "weights": list(arm_filter.weights),
+            "index": arm_filter.index}
+
+
 def arm_admits(device_id: str, *, salt: str, weights: Sequence[float], arm: int) -> bool:
     """Whether ``device_id`` belongs to arm ``arm`` (the assignment the comparison uses):
-    the check a coordinator's check-in would make to train each arm's task only on its
-    arm's devices. Raises ``ValueError`` for an empty device id or bad weights."""
-    return assign_arm(device_id, salt=salt, split=TrafficSplit(list(weights))) == arm
+    :meth:`core.types.ArmFilter.admits`, the check a coordinator's check-in makes for a
+    task with ``eligibility.arm``. Raises ``ValueError`` for an empty device id or bad
+    weights."""
+    return ArmFilter(salt, tuple(float(w) for w in weights), arm).admits(device_id)
+
+
+def arm_members(arm_filter: ArmFilter, device_ids: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """:meth:`core.types.ArmFilter.admits` of each id, vectorized (a simulation's devices):
+    a boolean array in the ids' order."""
+    arms = assign_arms(device_ids, salt=arm_filter.salt,
+                       split=TrafficSplit(arm_filter.weights))
+    return np.asarray(arms == arm_filter.index, dtype=np.bool_)

@@ -53,14 +53,26 @@ class ModelSpec(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., arguments_json: _Optional[str] = ...) -> None: ...
 
 class Eligibility(_message.Message):
-    __slots__ = ("require_charging", "require_unmetered", "require_idle")
+    __slots__ = ("require_charging", "require_unmetered", "require_idle", "arm")
     REQUIRE_CHARGING_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_UNMETERED_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_IDLE_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     require_charging: bool
     require_unmetered: bool
     require_idle: bool
-    def __init__(self, require_charging: bool = ..., require_unmetered: bool = ..., require_idle: bool = ...) -> None: ...
+    arm: ArmFilter
+    def __init__(self, require_charging: bool = ..., require_unmetered: bool = ..., require_idle: bool = ..., arm: _Optional[_Union[ArmFilter, _Mapping]] = ...) -> None: ...
+
+class ArmFilter(_message.Message):
+    __slots__ = ("salt", "weights", "index")
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    salt: str
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    index: int
+    def __init__(self, salt: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class DeviceAttributes(_message.Message):
     __slots__ = ("charging", "unmetered", "idle", "population")

@@ -34,7 +34,13 @@ from core.evaluation import (
 )
 from core.experiments import Action, TrafficSplit, assign_arm
 from core.experiments.spec import parse_experiment_spec
-from core.experiments.training import apply_training, comparison_task, parse_training_arms
+from core.experiments.training import (
+    apply_training,
+    comparison_task,
+    group_task,
+    parse_training_arms,
+    training_groups,
+)
 from core.experiments.versions import ACTIONS
 from core.protocol import CheckInOutcome, Participation
 from core.taskspec import spec_from_dict, spec_to_dict
@@ -349,3 +355,53 @@ def test_an_arm_naming_a_missing_or_foreign_task_is_refused_naming_the_arm(
     with pytest.raises(InvalidRequest, match=r"arms\[1\].task_version: task .* has no usable "
                                              r"model version 7"):
         service.create_task(spec("", 2, arms=arms))
+
+
+def test_a_partitioned_arms_training_task_admits_only_its_arms_devices(
+        clock: ManualClock, tmp_path: Path) -> None:
+    """``partition_training: true`` on a coordinator: each arm's training task carries the
+    arm's filter (``eligibility.arm``); a device of the other arm is never admitted to it
+    (named, it is told there is no task for it; unnamed, it is offered its own arm's task),
+    and in the comparison every device evaluates the model of the arm it trained."""
+    service = make_service(tmp_path, clock)
+    arms = parse_training_arms({**experiment(), "partition_training": True, "arms": [
+        {"name": "slow", "weight": 0.5, "training": {"local.learning_rate": 1e-4}},
+        {"name": "fast", "weight": 0.5, "training": {"local.learning_rate": 0.5}}]},
+        task_rounds=1, default_devices_per_round=len(DEVICES))
+    base = spec_to_dict(TaskSpec("train", MODEL, rounds=1, clients_per_round=len(DEVICES),
+                                 min_reports=2, over_selection=1.0, round_deadline_s=30.0,
+                                 selection_window_s=1.0))
+    tasks = [service.create_task(spec_from_dict(group_task(base, g, name=f"train-{i}")))
+             .record.task_id for i, g in enumerate(training_groups(arms))]
+    arm_of = {d: assign_arm(d, salt="a-fixed-test-salt", split=TrafficSplit([0.5, 0.5]))
+              for d in DEVICES}
+    members = [[d for d in DEVICES if arm_of[d] == a] for a in (0, 1)]
+    assert all(len(m) >= 2 for m in members)
+
+    # Unnamed, a device is only ever offered its own arm's task.
+    for d in DEVICES:
+        offered = service.check_in(d, ATTRS, None)
+        assert offered.task_id == tasks[arm_of[d]], (d, offered)
+    # Named, the other arm's devices are turned away: in the window and after it closed.
+    for d in members[1]:
+        refused = service.check_in(d, ATTRS, tasks[0])
+        assert refused.outcome is CheckInOutcome.NO_TASK
+        assert "only the devices of experiment arm 0" in refused.message
+    seats = {a: admit(service, clock, tasks[a], members[a]) for a in (0, 1)}
+    for d in members[1]:
+        assert service.check_in(d, ATTRS, tasks[0]).outcome is CheckInOutcome.NO_TASK
+    for a in (0, 1):
+        assert set(seats[a]) == set(members[a])
+        for p in seats[a].values():
+            nbytes = sum(t.numel for t in service.get_plan(p).update_tensors) * 4
+            upload(service, p, bytes(nbytes), examples=10)
+    clock.advance(31.0)  # a cohort of half the devices: the deadline releases the rounds
+    service.tick()
+    assert [service.get_task(t).record.state for t in tasks] == [TaskState.COMPLETED] * 2
+
+    # The comparison assigns by the same salt and split: a device evaluates its own arm.
+    data = comparison_task({**spec_to_dict(spec("", 2)), "rounds": 3}, arms, tasks)
+    tid = service.create_task(spec_from_dict(data)).record.task_id
+    versions = run_round(service, clock, tid, DEVICES, {0: (0.5, 1.0), 1: (0.5, 1.0)},
+                         np.random.default_rng(7))
+    assert versions == arm_of

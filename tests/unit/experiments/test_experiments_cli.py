@@ -240,3 +240,63 @@ def test_a_training_task_that_fails_launches_no_comparison(tmp_path: Path) -> No
 def test_a_bad_training_experiment_file_launches_nothing_and_names_the_field(
         tmp_path: Path, good: str, bad: str, field: str) -> None:
     refused_naming(tmp_path, TRAINING.replace(good, bad, 1), field)
+
+
+PARTITIONED = TRAINING.replace("    devices_per_round: 6\n",
+                               "    devices_per_round: 6\n    partition_training: true\n")
+
+
+def test_a_partitioned_experiment_trains_each_arm_in_its_own_task_on_its_arms_devices(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``partition_training: true``: one training task per arm (control and early no longer
+    share one: they train on different devices), each admitting only its arm's devices
+    under the experiment's salt and split, which the comparison assigns by."""
+    from core.types import ArmFilter
+
+    path = tmp_path / "ab.yaml"
+    path.write_text(PARTITIONED)
+    admin = FakeAdmin()
+    assert run(admin, str(path)) == 0
+    *training, (_, comparison) = admin.created
+    assert [(s.name, s.rounds) for _, s in training] == [
+        ("ab-train-control", 6), ("ab-train-fast", 6), ("ab-train-early", 2)]
+    assert [s.eligibility.arm for _, s in training] == [
+        ArmFilter("ab-salt", (0.4, 0.3, 0.3), i) for i in range(3)]
+    experiment = comparison.evaluate.experiment
+    assert experiment is not None and experiment.salt == "ab-salt"
+    assert [(a.task, a.weight) for a in experiment.arms] == [
+        (task_id, w) for (task_id, _), w in zip(training, (0.4, 0.3, 0.3), strict=True)]
+    assert comparison.eligibility.arm is None  # every device evaluates (its own arm)
+    assert "arm(s) fast: training task t1 (6 rounds, on its arm's devices only)" in (
+        capsys.readouterr().out)
+
+
+def test_arm_tasks_of_a_partitioned_experiment_must_admit_only_their_arms_devices(
+        tmp_path: Path) -> None:
+    path = tmp_path / "ab.yaml"
+    path.write_text(TRAINING)
+    admin = FakeAdmin()
+    assert run(admin, str(path), "--no-wait") == 0  # t0: control+early, t1: fast; no filter
+    path.write_text(PARTITIONED)
+    with pytest.raises(CliError, match=r"task t0 is not the training of arm\(s\) control: "
+                                       r"eligibility.arm admit every arm's devices, the arm "
+                                       r"needs it to admit arm 0's devices"):
+        run(admin, str(path), "--arm-tasks", "t0,t1,t0")
+
+
+@pytest.mark.parametrize(("good", "bad", "field"), [
+    ("partition_training: true", "partition_training: sometimes",
+     "simulation.experiment.partition_training"),
+    ("weight: 0.4}", "weight: 0.7}", "simulation.experiment.arms"),
+    ("rounds: 6\n", "rounds: 6\neligibility: {arm: {salt: s, weights: [0.5, 0.5], "
+                    "index: 0}}\n", "eligibility.arm"),
+])
+def test_a_bad_partitioned_experiment_file_launches_nothing_and_names_the_field(
+        tmp_path: Path, good: str, bad: str, field: str) -> None:
+    refused_naming(tmp_path, PARTITIONED.replace(good, bad, 1), field)
+
+
+def test_an_arm_without_devices_cannot_be_trained_by_its_devices(tmp_path: Path) -> None:
+    text = (PARTITIONED.replace("weight: 0.4}", "weight: 0.7}", 1)
+            .replace("name: early, weight: 0.3", "name: early, weight: 0.0", 1))
+    refused_naming(tmp_path, text, "simulation.experiment.arms[2].weight")
