@@ -62,7 +62,7 @@ from core.types import Aggregation, TaskState
 from simulations.aggregation import unflatten
 from simulations.central_dp import release_buffer, task_privacy
 from simulations.cohort import CohortTrainer, DeviceJob, full_steps
-from simulations.config import SimulationConfig
+from simulations.config import PopulationLoad, SimulationConfig
 from simulations.data import FederatedData
 from simulations.engine import Outcome, RoundMetrics, Simulation, device_seed
 
@@ -101,6 +101,9 @@ class AsyncSimulation(Simulation):
 
     def __init__(self, config: SimulationConfig, *, trainer: CohortTrainer | None = None,
                  data: FederatedData | None = None) -> None:
+        if config.data.load is PopulationLoad.PER_ROUND:
+            raise ValueError("simulation.population.load per_round runs synchronous rounds "
+                             "only")
         super().__init__(config, trainer=trainer, data=data)
         #: Most devices training at once over the run (the ``max_concurrency`` bound).
         self.peak_concurrency = 0

@@ -22,6 +22,8 @@ to the coordinator) with a ``simulation:`` section the coordinator ignores::
       population:                   # device i of N loads shard=i/N of `data`, as an agent
         devices: 30                 # started with --data "synthetic:alpha=1,beta=1,shard=i/30"
         data: "synthetic:alpha=1,beta=1"   # any data source, an app's included (no shard=)
+        load: all                   # all | per_round: a device's data when a round admits
+                                    # it (100,000 devices: simulations/population.py)
       test_data: ""                 # default: evaluation.server_data, else the union of the
                                     # devices' own test splits
       algorithm: {kind: fedprox, mu: 1.0}               # fedavg | fedprox | scaffold
@@ -79,6 +81,13 @@ class AlgorithmKind(enum.Enum):
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"      # proximal term mu/2 ||w - w_global||^2 in the local objective
     SCAFFOLD = "scaffold"    # control variates (Karimireddy et al., 2020), option II
+
+
+class PopulationLoad(enum.Enum):
+    """When the devices' data are generated (``simulation.population.load``)."""
+
+    ALL = "all"              # every device's data once, before the first round
+    PER_ROUND = "per_round"  # a device's data when a round admits it, dropped after the round
 
 
 class DistributionKind(enum.Enum):
@@ -180,20 +189,25 @@ class DataConfig:
     ``with_shard(spec, i, num_devices)`` (:mod:`core.data.spec`), exactly as an agent started
     with ``--data SPEC,shard=i/N`` does, and trains on its train split. ``test_data``: a data
     spec whose test split is the global test set; empty: the union of the devices' test
-    splits."""
+    splits (with ``load: per_round``, of the evaluation sample's devices:
+    :mod:`simulations.population`)."""
 
     spec: str
     num_devices: int
     test_data: str = ""
+    load: PopulationLoad = PopulationLoad.ALL
 
 
 @dataclass(frozen=True)
 class PopulationSection:
     """``simulation.population``: how many devices, holding which data (a data spec without
-    ``shard``)."""
+    ``shard``), and when their data are generated: ``all`` before the first round (memory
+    O(population's data)), ``per_round`` when a round admits a device (memory O(devices per
+    round); :mod:`simulations.population`)."""
 
     devices: int
     data: str
+    load: PopulationLoad = PopulationLoad.ALL
 
 
 @dataclass(frozen=True)
@@ -369,7 +383,8 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<simulation>",
     config = SimulationConfig(
         name=task.name, model=task.model,
         data=DataConfig(spec=section.population.data, num_devices=section.population.devices,
-                        test_data=section.test_data or task.evaluation.server_data),
+                        test_data=section.test_data or task.evaluation.server_data,
+                        load=section.population.load),
         rounds=task.rounds,
         selection=SelectionConfig(
             clients_per_round=task.clients_per_round, over_selection=task.over_selection,
@@ -468,6 +483,7 @@ def validate_simulation_config(config: SimulationConfig, *, source: str = "<simu
     data = config.data
     at_least("simulation.population.devices", data.num_devices, 1)
     _check_data_specs(data, fail, test_data_field)
+    _check_per_round_load(config, fail)
     at_least("clients_per_round", sel.clients_per_round, 1)
     if sel.clients_per_round > data.num_devices:
         fail("clients_per_round", f"must be at most simulation.population.devices "
@@ -581,6 +597,24 @@ def _check_async_privacy(config: SimulationConfig,
              "aggregation.mode async: nobody is sampled, every version is accounted as if "
              "every device of the population took part (no amplification, replace-one); "
              "use sampling: fixed")
+
+
+def _check_per_round_load(config: SimulationConfig,
+                          fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """What a population whose data are generated round by round does not run (yet)."""
+    from core.types import AggregationMode
+
+    if config.data.load is not PopulationLoad.PER_ROUND:
+        return
+    field_name = "simulation.population.load"
+    if config.aggregation.mode is AggregationMode.ASYNC or config.compare is not None:
+        fail(field_name, "per_round runs synchronous rounds only (aggregation.mode sync, no "
+             "simulation.compare): FedBuff's devices start and finish at any time; use "
+             "load: all")
+    if config.engine.processes > 1:
+        fail(field_name, f"per_round trains in this process or on Ray (--ray), not in "
+             f"simulation.engine.processes ({config.engine.processes}) worker processes: "
+             "set processes: 1, or load: all")
 
 
 def _check_data_specs(data: DataConfig, fail: typing.Callable[[str, str], typing.NoReturn],

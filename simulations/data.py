@@ -153,11 +153,23 @@ def load_federated_data(config: DataConfig, *, source: str = "<simulation>",
     if _feature_shape(x_test) != shape:
         fail(test_field, f"test features of shape {list(_feature_shape(x_test))} do not fit "
                          f"the devices' {list(shape)}")
+    return pack_shards(shards, x_test=x_test, y_test=y_test, num_classes=classes,
+                       shared_memory=shared_memory)
+
+
+def pack_shards(shards: list[LocalDataset], *, x_test: np.ndarray, y_test: np.ndarray,
+                num_classes: int, shared_memory: bool = False) -> FederatedData:
+    """The federation of ``shards`` (device k holds ``shards[k]``, whose features all have
+    one shape; every one has a training example): their training splits copied into one
+    table (:class:`PackedRows`, the layout :class:`simulations.cohort.DeviceTable` trains
+    from), each shard's own training arrays released as they are copied (``shards`` is
+    changed in place), and ``x_test``/``y_test`` as the global test set."""
+    shape = _feature_shape(shards[0].x_train)
     x_train, y_train = _pack_training_data(shards, shape, shared_memory)
     return FederatedData(
         x_train=x_train, y_train=y_train,
         x_test=np.ascontiguousarray(x_test, dtype=np.float32),
-        y_test=np.ascontiguousarray(y_test, dtype=np.int64), num_classes=classes,
+        y_test=np.ascontiguousarray(y_test, dtype=np.int64), num_classes=num_classes,
         x_device_test=[np.ascontiguousarray(s.x_test, dtype=np.float32) for s in shards],
         y_device_test=[np.ascontiguousarray(s.y_test, dtype=np.int64) for s in shards])
 

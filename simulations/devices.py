@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,12 +144,13 @@ class RoundPlan:
         return sum(not w.complete for w in self.used)
 
 
-def plan_round(round_index: int, *, profiles: DeviceProfiles, sizes: np.ndarray,
+def plan_round(round_index: int, *, profiles: DeviceProfiles, sizes: np.ndarray | Sequence[int],
                selection: SelectionConfig, local: LocalTraining, straggler_fraction: float,
                seed: int, attempt: int = 1) -> RoundPlan:
     """Decides attempt ``attempt`` of round ``round_index`` as the module docstring says.
     Deterministic in its arguments (each attempt draws afresh); no training happens here,
-    so the work of devices whose reports would be thrown away is never computed."""
+    so the work of devices whose reports would be thrown away is never computed. ``sizes``
+    (training examples per device) is read for the admitted devices only."""
     entropy = [seed, round_index, 0xC10C] + ([attempt] if attempt > 1 else [])
     rng = np.random.default_rng(np.random.SeedSequence(entropy))
     online = np.flatnonzero(rng.random(len(sizes)) < profiles.availability)

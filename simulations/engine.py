@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +33,11 @@ from simulations.aggregation import CohortAggregator
 from simulations.algorithms import FederatedAlgorithm, make_algorithm
 from simulations.central_dp import budget_exhausted, draw_refusal, selection_draw
 from simulations.cohort import CohortTrainer, DeviceJob, DeviceTable, make_trainer
-from simulations.config import SimulationConfig
+from simulations.config import PopulationLoad, SimulationConfig
 from simulations.data import FederatedData, load_federated_data
 from simulations.devices import DeviceProfiles, RoundPlan, device_profiles, plan_round
 from simulations.errors import SimulationConfigError
+from simulations.population import OnDemandCohortTrainer, OnDemandPopulation
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,39 @@ class Simulation:
     """
 
     def __init__(self, config: SimulationConfig, *, trainer: CohortTrainer | None = None,
-                 data: FederatedData | None = None) -> None:
+                 data: FederatedData | None = None,
+                 population: OnDemandPopulation | None = None) -> None:
         self.config = config
-        self.data = data if data is not None else load_federated_data(config.data,
-                                                                      source=config.source)
+        #: ``load: per_round``: the devices whose data are generated when admitted (built
+        #: here unless given, e.g. shared with a Ray trainer); None with ``load: all``.
+        self.population = population
+        if config.data.load is PopulationLoad.PER_ROUND:
+            if data is not None:
+                raise ValueError("a per_round population generates its data: pass "
+                                 "population=, not data=")
+            if population is None:
+                population = self.population = OnDemandPopulation(
+                    config.data, source=config.source, seed=config.seed,
+                    evaluation_examples=config.evaluation.train_loss_samples)
+            #: The data held for the whole run: every device's (``load: all``), or the
+            #: evaluation sample's (``per_round``).
+            self.data = population.evaluation
+            self._sizes: np.ndarray | Sequence[int] = population.sizes
+        elif population is not None:
+            raise ValueError("population= is for simulation.population.load per_round")
+        else:
+            self.data = data if data is not None else load_federated_data(
+                config.data, source=config.source)
         check_data_schema(config, self.data)
         self.table = DeviceTable(self.data)
+        #: Devices in the population (``data.num_devices`` with ``load: all``).
+        self.num_devices = self.data.num_devices
+        if population is None:
+            self._sizes = self.table.sizes
+        else:
+            self.num_devices = population.num_devices
         self.profiles: DeviceProfiles = device_profiles(
-            config.heterogeneity, self.data.num_devices, seed=config.seed,
+            config.heterogeneity, self.num_devices, seed=config.seed,
             base_dir=config.base_dir)
         aggregator = None
         robust = config.aggregation.robust
@@ -129,11 +155,18 @@ class Simulation:
         self.outcome = Outcome(TaskState.RUNNING)
         self._failure = ""  # why the last round's last attempt failed, when it is known
         self.algorithm: FederatedAlgorithm = make_algorithm(
-            config.algorithm, config.server, num_devices=self.data.num_devices,
+            config.algorithm, config.server, num_devices=self.num_devices,
             learning_rate=config.local.learning_rate, aggregator=aggregator)
-        self.trainer = trainer if trainer is not None else make_trainer(
-            config.engine.kind, config.model, self.table, config.local,
-            self.algorithm.local_objective(), threads=config.engine.threads)
+        if trainer is not None:
+            self.trainer = trainer
+        elif population is not None:
+            self.trainer = OnDemandCohortTrainer(
+                population, config.engine.kind, config.model, config.local,
+                self.algorithm.local_objective(), threads=config.engine.threads)
+        else:
+            self.trainer = make_trainer(
+                config.engine.kind, config.model, self.table, config.local,
+                self.algorithm.local_objective(), threads=config.engine.threads)
         self.params = initial_state(config.model, config.seed)
         self._eval_model = build_model(config.model)
         self._hooks = model_hooks(config.model.architecture)
@@ -193,7 +226,7 @@ class Simulation:
         round_time = 0.0
         self._failure = ""
         for attempt in range(1, config.selection.max_failed_attempts + 1):
-            plan = plan_round(round_index, profiles=self.profiles, sizes=self.table.sizes,
+            plan = plan_round(round_index, profiles=self.profiles, sizes=self._sizes,
                               selection=config.selection, local=config.local,
                               straggler_fraction=config.heterogeneity.straggler_fraction,
                               seed=config.seed, attempt=attempt)
@@ -210,6 +243,8 @@ class Simulation:
         if plan.committed and self.aggregator is not None:
             self.aggregator.begin_round(available=plan.available, admitted=len(plan.admitted))
         local_loss = self._train(round_index, plan) if plan.committed else None
+        if self.population is not None:
+            self.population.end_round()
         self.sim_time_s += round_time
         scores: tuple[float | None, ...] = (None, None, None)
         metrics: dict[str, float] = {}

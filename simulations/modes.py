@@ -6,25 +6,71 @@ same population (``simulation: {compare: ...}``, ``benchmarks/async.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from core.types import AggregationMode
 from simulations.asynchronous import AsyncSimulation
 from simulations.cohort import CohortTrainer
-from simulations.config import SimulationConfig
-from simulations.data import FederatedData
+from simulations.config import PopulationLoad, SimulationConfig
+from simulations.data import FederatedData, load_federated_data
 from simulations.engine import RoundMetrics, Simulation
+from simulations.population import OnDemandPopulation
 
 
 def make_simulation(config: SimulationConfig, *, trainer: CohortTrainer | None = None,
-                    data: FederatedData | None = None) -> Simulation:
+                    data: FederatedData | None = None,
+                    population: OnDemandPopulation | None = None) -> Simulation:
     """The engine for ``config``'s ``aggregation.mode``: synchronous rounds
     (:class:`Simulation`) or FedBuff (:class:`simulations.asynchronous.AsyncSimulation`)."""
     if config.aggregation.mode is AggregationMode.ASYNC:
         return AsyncSimulation(config, trainer=trainer, data=data)
-    return Simulation(config, trainer=trainer, data=data)
+    return Simulation(config, trainer=trainer, data=data, population=population)
+
+
+def build_simulation(config: SimulationConfig, *, ray_address: str | None = None
+                     ) -> tuple[Simulation, Callable[[], None]]:
+    """The simulation ``fedctl simulate`` runs, with the function that releases its
+    workers: in this process, in ``engine.processes`` local worker processes, or (with
+    ``ray_address``, :mod:`simulations.ray_backend`) on a Ray cluster; a ``per_round``
+    population's data are generated round by round on every backend.
+
+    Raises:
+        SimulationConfigError: the data are refused (naming the field).
+        SimulationError: the worker processes do not start; ``BackendUnavailable``: Ray
+            is missing or unreachable.
+    """
+    per_round = config.data.load is PopulationLoad.PER_ROUND
+    if ray_address is None and config.engine.processes > 1:
+        from simulations.cohort import DeviceTable
+        from simulations.process_backend import ProcessCohortTrainer
+
+        # Straight into shared memory: the workers map it, and it is never held twice.
+        shared = load_federated_data(config.data, source=config.source, shared_memory=True)
+        pool = ProcessCohortTrainer.from_config(config, DeviceTable(shared))
+        try:
+            return make_simulation(config, data=shared, trainer=pool), pool.shutdown
+        except BaseException:
+            pool.shutdown()
+            raise
+    if ray_address is None:
+        return make_simulation(config), lambda: None
+    from simulations.ray_backend import RayCohortTrainer
+
+    population = OnDemandPopulation(
+        config.data, source=config.source, seed=config.seed,
+        evaluation_examples=config.evaluation.train_loss_samples) if per_round else None
+    resident = None if per_round else load_federated_data(config.data, source=config.source)
+    held = population if population is not None else resident
+    assert held is not None
+    trainer = RayCohortTrainer(ray_address, config, held)
+    try:
+        sim = make_simulation(config, data=resident, trainer=trainer, population=population)
+    except BaseException:
+        trainer.shutdown()
+        raise
+    return sim, trainer.shutdown
 
 
 @dataclass(frozen=True)
@@ -82,8 +128,6 @@ def compare_modes(config: SimulationConfig, target: float, *, data: FederatedDat
                   rounds: int | None = None) -> dict[str, Any]:
     """Runs ``config`` asynchronously and synchronously on the same population and returns
     each mode's :class:`ToTarget` and the speed-ups (sync / async; None if either missed)."""
-    from simulations.data import load_federated_data
-
     data = data if data is not None else load_federated_data(config.data, source=config.source)
     async_config = replace(config, aggregation=replace(config.aggregation,
                                                        mode=AggregationMode.ASYNC))
