@@ -45,7 +45,10 @@ from core.experiments.versions import ACTIONS
 from core.protocol import CheckInOutcome, Participation
 from core.taskspec import spec_from_dict, spec_to_dict
 from core.types import (
+    ArmFilter,
+    Eligibility,
     FederatedEvaluation,
+    ModelSpec,
     RoundState,
     SecAggProtocol,
     SecureAggregation,
@@ -405,3 +408,46 @@ def test_a_partitioned_arms_training_task_admits_only_its_arms_devices(
     versions = run_round(service, clock, tid, DEVICES, {0: (0.5, 1.0), 1: (0.5, 1.0)},
                          np.random.default_rng(7))
     assert versions == arm_of
+
+
+def test_under_dp_an_arms_task_samples_its_arm_at_the_rate_the_accountant_charges(
+        clock: ManualClock, tmp_path: Path) -> None:
+    """The filter is a fixed sub-population, applied before selection: a central-DP arm task
+    (fixed-size sampling, the whole population of 24 configured) sees only its arm's devices
+    in the window, so the accountant's q is the cohort over the arm's devices, and each of
+    them is included at that rate; no other device ever is."""
+    from core.privacy.accounting import Sampling
+    from core.privacy.spec import FixedClip, PrivacyMode, PrivacySpec
+
+    population, goal, rounds = 24, 4, 30
+    devices = [f"dp-{i}" for i in range(population)]
+    arm = ArmFilter("a-fixed-test-salt", (0.5, 0.5), 1)
+    members = [d for d in devices if arm.admits(d)]
+    service = make_service(tmp_path, clock, seed=3)
+    tid = service.create_task(TaskSpec(
+        "dp-arm", ModelSpec("logistic_regression", {"input_dim": 2, "num_classes": 2}),
+        rounds=rounds, clients_per_round=goal, min_reports=goal, over_selection=1.0,
+        round_deadline_s=30.0, selection_window_s=1.0, eligibility=Eligibility(arm=arm),
+        privacy=PrivacySpec(mode=PrivacyMode.CENTRAL, noise_multiplier=1.0, delta=1e-5,
+                            clip=FixedClip(0.5), sampling=Sampling.FIXED_SIZE,
+                            population=population, max_epsilon=1e6))).record.task_id
+    included = dict.fromkeys(devices, 0)
+    for _ in range(rounds):
+        for d in devices:
+            service.check_in(d, ATTRS, tid)
+        clock.advance(1.1)
+        for d in devices:
+            r = service.check_in(d, ATTRS, tid)
+            if r.outcome is CheckInOutcome.ACCEPTED:
+                included[d] += 1
+                p = Participation(d, tid, r.round_number, r.token)
+                nbytes = sum(t.numel for t in service.get_plan(p).update_tensors) * 4
+                upload(service, p, bytes(nbytes), examples=10)
+    committed = service.list_rounds(tid)
+    assert len(committed) == rounds
+    q = goal / len(members)
+    assert {r.metrics["dp_sampling_rate"] for r in committed} == {q}
+    assert all(included[d] == 0 for d in devices if d not in members)
+    rates = np.array([included[d] for d in members]) / rounds
+    assert rates.mean() == pytest.approx(q)
+    assert np.all(np.abs(rates - q) < 4.5 * np.sqrt(q * (1 - q) / rounds))
