@@ -7,10 +7,17 @@ import pytest
 from harness import (
     CoordinatorProcess,
     coordinator,  # noqa: F401 - the fixture, for every integration test
+    stop_shared_coordinator,
 )
 
 #: How much of each log a failed test shows: its end, where a hang or a crash is.
 _LOG_TAIL_CHARS = 6000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_shared_coordinator_stops_with_the_session() -> Iterator[None]:
+    yield
+    stop_shared_coordinator()
 
 
 def _tail(path: Path) -> str:

@@ -3,6 +3,7 @@ processes, all started through the `fedctl` entry point as a user would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from coordinator.security.service import write_secret_file
 from core.security.bearer import new_secret
 from core.tls import ClientTls
-from fedctl.admin import AdminClient
+from fedctl.admin import AdminClient, AdminError
 from protos.fedcoord.v1 import admin_pb2
 
 FEDCTL = [sys.executable, "-m", "fedctl"]
@@ -109,20 +110,42 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
     c.stop()
 
 
+#: The coordinator every module of this worker process shares (see shared_coordinator).
+_SHARED: CoordinatorProcess | None = None
+
+
 def shared_coordinator(tmp_path_factory: pytest.TempPathFactory
                        ) -> Iterator[CoordinatorProcess]:
     """The body of a module-scoped ``coordinator`` fixture, for a module whose tests each make
     their own tasks, devices and tokens and look only at those: one coordinator process (its
-    start-up costs seconds: torch) serves them all, in the order a worker runs them.
+    start-up costs seconds of CPU: torch) serves every such module this pytest worker runs,
+    one test after the other. At the module's end the tasks it left running are cancelled, so
+    the next module's devices are not offered them; a coordinator that died is started again
+    for the next module (the test that killed it has failed already).
 
         @pytest.fixture(scope="module")
         def coordinator(tmp_path_factory):
             yield from shared_coordinator(tmp_path_factory)
     """
-    c = CoordinatorProcess(tmp_path_factory.mktemp("coordinator"))
-    c.start()
-    yield c
-    c.stop()
+    global _SHARED
+    if _SHARED is None or _SHARED.proc is None or _SHARED.proc.poll() is not None:
+        _SHARED = CoordinatorProcess(tmp_path_factory.mktemp("coordinator"))
+        _SHARED.start()
+    yield _SHARED
+    if _SHARED.proc is not None and _SHARED.proc.poll() is None:
+        with _SHARED.admin() as admin:
+            for task in admin.list_tasks():
+                if task.state == "running":
+                    with contextlib.suppress(AdminError):  # it ended meanwhile
+                        admin.cancel_task(task.task_id, "the test module that made it ended")
+
+
+def stop_shared_coordinator() -> None:
+    """Stops the worker's shared coordinator (at the end of the session)."""
+    global _SHARED
+    if _SHARED is not None:
+        _SHARED.stop()
+        _SHARED = None
 
 
 def start_agent(target: str, device_id: str, data: str, *, devices: int = 1,

@@ -6,13 +6,27 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ENV, FEDCTL, CoordinatorProcess, fedctl_at_once, start_agent, write_task
+from harness import (
+    ENV,
+    FEDCTL,
+    CoordinatorProcess,
+    fedctl_at_once,
+    shared_coordinator,
+    start_agent,
+    write_task,
+)
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    yield from shared_coordinator(tmp_path_factory)
 
 
 def _records(stdout: str) -> list[dict[str, Any]]:

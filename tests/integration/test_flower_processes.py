@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ENV, FEDCTL_CMD, CoordinatorProcess, stop_all, wait_for_task
+from harness import ENV, FEDCTL_CMD, CoordinatorProcess, shared_coordinator, stop_all, wait_for_task
 
 from core.taskspec import load_task_file
 
 pytest.importorskip("flwr", reason="flwr is not installed: pip install 'fedcoord[flower]'")
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    yield from shared_coordinator(tmp_path_factory)
+
 
 #: A Flower client as its quickstart documents it (Net, train, test, get_weights/set_weights
 #: through the state_dict, a NumPyClient, client_fn(context) reading the node config), on

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from harness import ADMIN_TOKEN, CoordinatorProcess, start_agent, stop_all
+from harness import ADMIN_TOKEN, CoordinatorProcess, shared_coordinator, start_agent, stop_all
 
 from fedctl.tune import CoordinatorTrials, register
 from simulations.tuning import TrialJob, TrialState
 
 pytest.importorskip("optuna")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    yield from shared_coordinator(tmp_path_factory)
+
 
 TASK: dict[str, Any] = {
     "name": "tune-it", "seed": 0,

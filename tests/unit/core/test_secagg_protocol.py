@@ -101,7 +101,7 @@ def test_the_unmasked_sum_is_exact_or_the_round_aborts(
     assert np.array_equal(out.total, plain_sum(xs, out.survivors))
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))
 def test_n100_t70_survives_30_dropouts_across_stages_and_aborts_at_31(seed: int) -> None:
     p = derive(SecAggConfig(neighbours=99, threshold=0.7, dropout=0.05), 100)
     assert (p.neighbours, p.threshold) == (99, 70)
