@@ -6,7 +6,10 @@ vectors (:mod:`core.evaluation.layout`) and releasing the summaries of the sum
 ::
 
     PlainEvaluation      clear reports, each checked (bounds and internal consistency,
-                         :func:`core.evaluation.report.report_problem`), summed exactly
+                         :func:`core.evaluation.report.report_problem`), summed exactly;
+                         where the plan sketches per-example values (``plan.sketch``), the
+                         devices' KLL sketches are merged per version and metric and
+                         released as ``example_q<p>`` with ``example_rank_error``
     CentralDpEvaluation  clear reports, checked, unit-scaled to an L2 norm <= C (by
                          construction; clipped again anyway), summed, noised by TaskPrivacy
                          (N(0, (z C)^2) per coordinate) and accounted; sums rescaled
@@ -15,6 +18,9 @@ vectors (:mod:`core.evaluation.layout`) and releasing the summaries of the sum
                          error bound of each mean (``...mean_bound``); with DP noised and
                          accounted as above
 
+Only PlainEvaluation sees sketches: a KLL merge is not a sum, so it can be neither masked nor
+noised, and plans under secure aggregation or DP have none (:func:`coordinator.rounds.
+evaluation_tasks.sketches_examples`); their quantiles come from the summed histograms.
 Under DP the released sums carry the noise: the means are ratios of noisy sums, the SEs do not
 include the noise, and histogram counts may be negative (quantiles count them as 0). The
 Aggregate's ``mean`` is empty: an evaluation round has no model update.
@@ -32,6 +38,8 @@ from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.evaluation_tasks import EvaluationSetup
 from coordinator.rounds.secure import SecureRound, decode_sum
 from core.evaluation import (
+    KllSketch,
+    kll,
     mean_error_bounds,
     report_problem,
     report_scale,
@@ -65,36 +73,57 @@ def _checked_report(setup: EvaluationSetup, path: Path) -> np.ndarray:
     return vector
 
 
-def _results(setup: EvaluationSetup, sums: np.ndarray) -> dict[str, float]:
-    return round_metrics(summarize(setup.layout, sums, setup.quantiles))
+def _results(setup: EvaluationSetup, sums: np.ndarray,
+             sketches: Mapping[tuple[int, str], KllSketch] | None = None) -> dict[str, float]:
+    return round_metrics(summarize(setup.layout, sums, setup.quantiles, sketches=sketches))
 
 
 class PlainEvaluation:
-    """Exact sums of checked clear reports."""
+    """Exact sums of checked clear reports, and the merge of their sketches (memory: one
+    sketch per version and sketched metric, a few thousand items each at most). ``rng``:
+    the merges' coins (fresh from the OS when None)."""
 
     metrics_policy = MetricsPolicy.CLEAR
 
-    def __init__(self, setup: EvaluationSetup) -> None:
+    def __init__(self, setup: EvaluationSetup, *, rng: np.random.Generator | None = None
+                 ) -> None:
         self._setup = setup
         self._sum = np.zeros(setup.layout.length, dtype=np.float64)
         self._count = 0
+        self._rng = np.random.default_rng() if rng is None else rng
+        self._sketches: dict[tuple[int, str], KllSketch] = {}
 
     def check_upload(self, metrics: Mapping[str, float]) -> dict[str, float]:
         return _no_metrics(metrics)
 
     def add_upload(self, path: Path, num_examples: int, metrics: Mapping[str, float], *,
                    scale: float = 1.0) -> None:
-        self._sum += _checked_report(self._setup, path)
+        report = _checked_report(self._setup, path)
+        layout = self._setup.layout
+        plan = layout.plan
+        for version in plan.versions:
+            n = int(report[layout.index(version, "", "examples")])
+            if n == 0:  # a block this device did not fill
+                continue
+            for m in layout.sketched:
+                assert plan.sketch is not None
+                sketch = kll.parse_items(report[layout.sketch_slice(version, m)], n,
+                                         k=plan.sketch.k)
+                key = (version, m.name)
+                held = self._sketches.get(key)
+                self._sketches[key] = (sketch if held is None
+                                       else kll.merge([held, sketch], rng=self._rng))
+        self._sum += np.where(layout.sketch_mask, 0.0, report)
         self._count += 1
 
     def add_masked(self, device: str, vector: RingVector, clipped: int) -> None:
         raise InvalidRequest("this task does not use secure aggregation")
 
     def release(self, draw: CohortDraw | None) -> Aggregate:
-        """The summaries of the exact sums."""
+        """The summaries of the exact sums, and the quantiles of the merged sketches."""
         if not self._count:
             raise ReleaseRefused("no evaluation report arrived")
-        return Aggregate(_NO_UPDATE, _results(self._setup, self._sum))
+        return Aggregate(_NO_UPDATE, _results(self._setup, self._sum, self._sketches))
 
 
 class CentralDpEvaluation:
@@ -215,7 +244,14 @@ def _dp_release(setup: EvaluationSetup, privacy: TaskPrivacy, scaled_sum: np.nda
 def begin_evaluation(setup: EvaluationSetup, *, privacy: TaskPrivacy | None,
                      secure: SecureRound | None, noise: NoiseSource,
                      require_secure_noise: bool) -> Aggregator:
-    """The aggregator of a new evaluation round."""
+    """The aggregator of a new evaluation round.
+
+    Raises:
+        ValueError: a plan with sketches under secure aggregation or DP (never made by
+            :func:`~coordinator.rounds.evaluation_tasks.evaluation_setup`).
+    """
+    if setup.layout.plan.sketch is not None and (secure is not None or privacy is not None):
+        raise ValueError("per-example sketches travel only in clear reports, without DP")
     if secure is not None:
         return SecureEvaluation(setup, secure, privacy, noise,
                                 require_secure_noise=require_secure_noise)

@@ -64,8 +64,20 @@ def evaluation_setup(spec: TaskSpec) -> EvaluationSetup | None:
     training task."""
     if spec.kind is not TaskKind.EVALUATE:
         return None
-    plan = plan_for(spec.evaluate, evaluated_versions(spec.evaluate))
+    plan = plan_for(spec.evaluate, evaluated_versions(spec.evaluate),
+                    sketches=sketches_examples(spec))
     return EvaluationSetup(EvaluationLayout(plan), spec.evaluate.quantiles)
+
+
+def sketches_examples(spec: TaskSpec) -> bool:
+    """Whether the task's reports carry KLL sketches of per-example values
+    (:class:`core.evaluation.plan.SketchPlan`): only when they reach the coordinator in the
+    clear, one by one (neither secure aggregation nor DP: a sketch's merge is not a sum, so
+    it can be neither masked nor noised; those tasks keep the histograms' summed
+    quantiles), and not in an experiment, whose statistics take one value per device and
+    metric (:mod:`core.experiments.versions`): there a sketch would be sent for nothing."""
+    return (spec.secure_aggregation is None and spec.privacy is None
+            and spec.evaluate.experiment is None)
 
 
 def evaluated_versions(section: FederatedEvaluation) -> tuple[int, ...]:
@@ -129,7 +141,8 @@ def resolve_bundle(spec: TaskSpec, store: Store, models: ModelRepository) -> Eva
         source = f"task {section.source_task}"
     if experiment is None or experiment.arms[0].task is None:
         resolved = replace(spec, evaluate=replace(section, versions=tuple(versions)))
-    plan = plan_for(resolved.evaluate, evaluated_versions(resolved.evaluate))
+    plan = plan_for(resolved.evaluate, evaluated_versions(resolved.evaluate),
+                    sketches=sketches_examples(resolved))
     if plan.declared:
         from core.models import model_hooks  # torch: the launch builds the model anyway
 
@@ -142,6 +155,9 @@ def resolve_bundle(spec: TaskSpec, store: Store, models: ModelRepository) -> Eva
     line = (f"evaluates model version(s) {', '.join(map(str, versions))} of {source}: "
             f"metrics {', '.join(m.name for m in plan.metrics)}; reports of "
             f"{layout.length} values")
+    if plan.sketch is not None:
+        line += (f"; per-example quantiles of {', '.join(plan.sketch.metrics)} from KLL "
+                 f"sketches (k = {plan.sketch.k})")
     if experiment is not None:
         arms = ", ".join(f"{a.name} = v{a.version} ({a.weight:.0%})" for a in experiment.arms)
         line += (f"; experiment: arms {arms}, each device evaluates its arm's version only, "

@@ -1,21 +1,26 @@
 """Federated evaluation as pure math: what devices report (a fixed-layout vector of sums),
 what the coordinator releases from the summed reports (means, standard errors, quantiles
-from fixed-bin histograms) and how far secure aggregation can move them. No network, no
-torch.
+from fixed-bin histograms; in the clear, quantiles of per-example values from merged KLL
+sketches) and how far secure aggregation can move them. No network; torch only in
+:mod:`~core.evaluation.per_example`, imported where it is used.
 
 Modules: :mod:`~core.evaluation.plan` (what devices are asked), :mod:`~core.evaluation.
 layout` (the vector), :mod:`~core.evaluation.report` (a device's vector, the check of a
 clear one), :mod:`~core.evaluation.summary` (sums -> results), :mod:`~core.evaluation.
-sketch` (histogram quantiles), :mod:`~core.evaluation.bounds` (quantization error bounds),
-:mod:`~core.evaluation.bundle` (the evaluation task's model file).
+sketch` (histogram quantiles), :mod:`~core.evaluation.kll` (the KLL quantile sketch),
+:mod:`~core.evaluation.per_example` (a model's per-example values, torch),
+:mod:`~core.evaluation.bounds` (quantization error bounds), :mod:`~core.evaluation.bundle`
+(the evaluation task's model file).
 """
 
 from core.evaluation.bounds import mean_error_bounds, ratio_error_bound, sum_error_bounds
 from core.evaluation.bundle import bundle_metadata, bundle_tensors, read_plan, split_bundle
+from core.evaluation.kll import KllSketch
 from core.evaluation.layout import TENSOR_NAME, EvaluationLayout
-from core.evaluation.plan import EvaluationPlan, MetricPlan, plan_for, plan_problem
+from core.evaluation.plan import EvaluationPlan, MetricPlan, SketchPlan, plan_for, plan_problem
 from core.evaluation.report import (
     DeviceResult,
+    capped_values,
     device_vector,
     encode_masked_report,
     report_problem,
@@ -34,11 +39,14 @@ __all__ = [
     "DeviceResult",
     "EvaluationLayout",
     "EvaluationPlan",
+    "KllSketch",
     "MetricPlan",
     "MetricSummary",
+    "SketchPlan",
     "VersionSummary",
     "bundle_metadata",
     "bundle_tensors",
+    "capped_values",
     "device_vector",
     "encode_masked_report",
     "mean_error_bounds",

@@ -17,12 +17,15 @@ Per model version of the plan, one block::
       cov_sum       c          (an experiment with a CUPED covariate only: c is the
       cov_sq        c^2         device's value of the metric under the covariate version,
       cov_cross     c x         filled in its arm's block) -> CUPED from sums
+      kll0..kllR-1  (reports in the clear only, metrics the plan sketches: ``plan.sketch``)
+                    the items of a KLL sketch of the device's per-example values, zero-
+                    padded (:mod:`core.evaluation.kll`); never summed: merged as sketches
 
 Every coordinate has a bound on its magnitude (:attr:`EvaluationLayout.bounds`), so a
 device's vector divided by the bounds (:meth:`to_unit`) has values in [-1, 1] and an L2 norm
 at most :attr:`unit_l2_bound` (each histogram is one-hot: it adds at most 1 to the squared
 norm, not its bin count): the sensitivity secure aggregation's quantizer and central DP's
-noise are scaled to.
+noise are scaled to. (Plans with sketches are never scaled: their reports go in the clear.)
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from core.evaluation.kll import max_items
 from core.evaluation.plan import EvaluationPlan, MetricPlan
 
 #: The per-version fields before the metrics, and the per-metric scalar fields.
@@ -48,7 +52,7 @@ TENSOR_NAME = "evaluation_report"
 class Coordinate:
     version: int
     metric: str  # "" for the block fields
-    field: str   # one of BLOCK_FIELDS, METRIC_FIELDS or "bin<j>"
+    field: str   # one of BLOCK_FIELDS, METRIC_FIELDS, COVARIATE_FIELDS, "bin<j>", "kll<j>"
 
 
 class EvaluationLayout:
@@ -63,6 +67,9 @@ class EvaluationLayout:
         covariate = plan.assignment is not None and plan.assignment.covariate is not None
         #: Whether blocks carry the :data:`COVARIATE_FIELDS`.
         self.has_covariate = covariate
+        #: The length of each sketch region (0 without sketches).
+        self.sketch_length = (max_items(plan.max_examples, plan.sketch.k)
+                              if plan.sketch is not None else 0)
         for version in plan.versions:
             for name, bound in zip(BLOCK_FIELDS, (1.0, cap, cap * cap), strict=True):
                 coords.append(Coordinate(version, "", name))
@@ -82,10 +89,16 @@ class EvaluationLayout:
                     for name, bound in zip(COVARIATE_FIELDS, (x, x * x, x * x), strict=True):
                         coords.append(Coordinate(version, m.name, name))
                         bounds.append(bound)
+                if plan.sketched(m.name):
+                    for j in range(self.sketch_length):
+                        coords.append(Coordinate(version, m.name, f"kll{j}"))
+                        bounds.append(x)
         self.coordinates: tuple[Coordinate, ...] = tuple(coords)
         self.bounds: npt.NDArray[np.float64] = np.asarray(bounds, dtype=np.float64)
         self._index = {c: i for i, c in enumerate(coords)}
-        scalars = sum(1 for c in coords if not c.field.startswith("bin"))
+        #: True at the coordinates of sketch items (not sums: summaries never read them).
+        self.sketch_mask = np.array([c.field.startswith("kll") for c in coords], dtype=bool)
+        scalars = sum(1 for c in coords if not c.field.startswith(("bin", "kll")))
         #: The L2 norm of any device's :meth:`to_unit` vector is at most this.
         self.unit_l2_bound = math.sqrt(scalars + histograms)
 
@@ -99,6 +112,17 @@ class EvaluationLayout:
     def histogram_slice(self, version: int, metric: MetricPlan) -> slice:
         start = self.index(version, metric.name, "bin0")
         return slice(start, start + metric.bins)
+
+    def sketch_slice(self, version: int, metric: MetricPlan) -> slice:
+        """The sketch region of ``metric`` in ``version``'s block (a metric the plan
+        sketches). Raises KeyError for one it does not."""
+        start = self.index(version, metric.name, "kll0")
+        return slice(start, start + self.sketch_length)
+
+    @property
+    def sketched(self) -> tuple[MetricPlan, ...]:
+        """The metrics whose per-example values the reports sketch."""
+        return tuple(m for m in self.plan.metrics if self.plan.sketched(m.name))
 
     def to_unit(self, vector: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
         """``vector`` / bounds: values in [-1, 1] for a checked report."""

@@ -1,5 +1,6 @@
 """What a federated evaluation asks of every device: the model versions, the metrics with the
-range each is clamped to, the histograms (fixed bins) and the cap on a device's examples.
+range each is clamped to, the histograms (fixed bins), the cap on a device's examples and,
+for reports in the clear, which metrics' per-example values go in a KLL sketch.
 
 The coordinator resolves a task's ``evaluate`` section (:class:`core.types.FederatedEvaluation`)
 into an :class:`EvaluationPlan` at launch and ships it to devices as JSON inside the evaluation
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core.evaluation.kll import DEFAULT_K, MAX_K, MIN_K
 from core.experiments.assignment import TrafficSplit, assign_arm
 from core.types import EvaluationSplit, FederatedEvaluation
 
@@ -31,6 +33,9 @@ MAX_BINS = 256
 MAX_VERSIONS = 8
 #: Largest magnitude of a metric range: n^2 m^2 sums stay far inside float64.
 MAX_RANGE = 1e6
+#: Metrics that have a value per example (a device can sketch their distribution); a declared
+#: metric has one value per device (the model's metrics hook sees all its examples at once).
+PER_EXAMPLE_METRICS = ("loss", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,18 @@ class MetricPlan:
     @property
     def bin_width(self) -> float:
         return (self.hist_high - self.hist_low) / self.bins if self.bins else math.nan
+
+
+@dataclass(frozen=True)
+class SketchPlan:
+    """Reports in the clear only (no secure aggregation, no DP: a KLL merge is not a sum):
+    each device adds a KLL sketch (:mod:`core.evaluation.kll`) of its per-example values of
+    each of ``metrics`` (clamped to the metric's range, at most ``max_examples`` of them) to
+    every version's block it fills, and the coordinator releases quantiles of the pooled
+    examples from the merged sketches."""
+
+    k: int = DEFAULT_K
+    metrics: tuple[str, ...] = ("loss",)
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,11 @@ class EvaluationPlan:
     max_examples: int
     split: EvaluationSplit = EvaluationSplit.TEST
     assignment: ArmAssignment | None = None
+    sketch: SketchPlan | None = None
+
+    def sketched(self, name: str) -> bool:
+        """Whether devices sketch the per-example values of metric ``name``."""
+        return self.sketch is not None and name in self.sketch.metrics
 
     def version_for(self, device_id: str) -> int | None:
         """The one version ``device_id`` evaluates in an experiment; None otherwise (it
@@ -129,6 +151,8 @@ class EvaluationPlan:
                                   "weights": list(self.assignment.weights)}
             if self.assignment.covariate is not None:
                 data["assignment"]["covariate"] = self.assignment.covariate
+        if self.sketch is not None:  # absent otherwise: such plans read as they did before
+            data["sketch"] = {"k": self.sketch.k, "metrics": list(self.sketch.metrics)}
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -148,6 +172,9 @@ class EvaluationPlan:
                     tuple(float(w) for w in data["assignment"]["weights"]),
                     (None if data["assignment"].get("covariate") is None
                      else int(data["assignment"]["covariate"])))),
+                sketch=(None if "sketch" not in data else SketchPlan(
+                    int(data["sketch"]["k"]),
+                    tuple(str(m) for m in data["sketch"]["metrics"]))),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not an evaluation plan: {exc!r}") from None
@@ -157,10 +184,16 @@ class EvaluationPlan:
         return plan
 
 
-def plan_for(evaluation: FederatedEvaluation, versions: Sequence[int]) -> EvaluationPlan:
+def plan_for(evaluation: FederatedEvaluation, versions: Sequence[int], *,
+             sketches: bool = False) -> EvaluationPlan:
     """The plan of a task's ``evaluate`` section once its versions are resolved. Metrics:
     loss and accuracy, then the declared ones by name (an order that survives storage);
-    a declared ``loss`` or ``accuracy`` only changes that metric's range."""
+    a declared ``loss`` or ``accuracy`` only changes that metric's range.
+
+    ``sketches``: devices also sketch per-example values (:class:`SketchPlan`; only for
+    reports in the clear, never under secure aggregation or DP): of the loss always, and of
+    accuracy when it has a histogram (its examples' values are 0 or 1, so its quantiles say
+    little)."""
     ranges = dict(BUILT_IN_METRICS)
     for name in sorted(evaluation.metrics):
         r = evaluation.metrics[name]
@@ -182,8 +215,13 @@ def plan_for(evaluation: FederatedEvaluation, versions: Sequence[int]) -> Evalua
         covariate_arm = experiment.primary.covariate_arm
         assignment = ArmAssignment(experiment.salt, tuple(weight.get(v, 0.0) for v in versions),
                                    None if covariate_arm is None else by_name.get(covariate_arm))
+    sketch = None
+    if sketches:
+        sketch = SketchPlan(DEFAULT_K, tuple(
+            m.name for m in metrics if m.name == "loss" or (
+                m.name in PER_EXAMPLE_METRICS and m.bins)))
     return EvaluationPlan(tuple(versions), tuple(metrics), evaluation.max_examples,
-                          evaluation.split, assignment)
+                          evaluation.split, assignment, sketch)
 
 
 def plan_problem(plan: EvaluationPlan) -> tuple[str, str] | None:
@@ -226,6 +264,15 @@ def plan_problem(plan: EvaluationPlan) -> tuple[str, str] | None:
             if not m.hist_low < m.hist_high:
                 return (f"evaluate.histograms.{m.name}", f"needs low < high, got "
                                                          f"[{m.hist_low:g}, {m.hist_high:g}]")
+    if plan.sketch is not None:
+        if not MIN_K <= plan.sketch.k <= MAX_K:
+            return "evaluate.sketch.k", f"{MIN_K} to {MAX_K}, got {plan.sketch.k}"
+        for name in plan.sketch.metrics:
+            if name not in names or name not in PER_EXAMPLE_METRICS:
+                return ("evaluate.sketch.metrics", f"{name[:60]!r} is not a metric of the plan "
+                        f"with per-example values ({', '.join(PER_EXAMPLE_METRICS)})")
+        if len(set(plan.sketch.metrics)) != len(plan.sketch.metrics):
+            return "evaluate.sketch.metrics", "a metric is named twice"
     return None
 
 
@@ -234,4 +281,5 @@ def describe(plan: EvaluationPlan) -> dict[str, Any]:
     return {"versions": list(plan.versions), "metrics": [m.name for m in plan.metrics],
             "histograms": [m.name for m in plan.metrics if m.bins],
             "max_examples": plan.max_examples, "split": plan.split.value,
-            "experiment": plan.assignment is not None}
+            "experiment": plan.assignment is not None,
+            "sketched": list(plan.sketch.metrics) if plan.sketch is not None else []}

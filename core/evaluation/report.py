@@ -7,6 +7,14 @@ A device's value of each metric is clamped to the metric's range and its example
 them or is not internally consistent (``wsum`` must be ``examples x sum``, a histogram must be
 the one-hot bin of the value, ...), so a device can move a sum only as far as an honest
 device with other data could.
+
+Where the plan sketches per-example values (``plan.sketch``: clear reports only), a device
+clamps each example's value to the metric's range, keeps ``n`` of them (all when it has at
+most ``max_examples``; else the values at evenly spaced ranks, so each device weighs
+``n`` examples in the pooled distribution, as in the example-weighted mean) and writes the
+KLL sketch of those into its block. The coordinator checks that sketch's structure for
+``n`` values, the order of each level and the range of every item
+(:func:`core.evaluation.kll.items_problem`).
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as data_field
 
 import numpy as np
 import numpy.typing as npt
 
+from core.evaluation import kll
 from core.evaluation.layout import COVARIATE_FIELDS, EvaluationLayout
 from core.evaluation.plan import MetricPlan
 from core.evaluation.sketch import one_hot
@@ -31,25 +41,71 @@ _REL_TOL = 1e-5
 @dataclass(frozen=True)
 class DeviceResult:
     """A device's evaluation of one model version: examples evaluated and the value of every
-    metric of the plan (mean per example for loss, the fraction correct for accuracy)."""
+    metric of the plan (mean per example for loss, the fraction correct for accuracy);
+    ``per_example``: each example's value of the metrics the plan sketches."""
 
     examples: int
     values: Mapping[str, float]
+    per_example: Mapping[str, npt.NDArray[np.floating]] = data_field(default_factory=dict)
 
 
-def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
-                  ) -> npt.NDArray[np.float64]:
+def capped_values(values: npt.ArrayLike, n: int) -> npt.NDArray[np.float64]:
+    """``values`` when there are at most ``n``; else the ``n`` at ranks ``(i + 1/2) N / n``
+    of the sorted values (a quantile-preserving subsample: each is within ``1/n`` of the
+    rank it stands for). Raises ValueError for n < 1."""
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if v.size <= n:
+        return v
+    return v[((np.arange(n) + 0.5) * v.size / n).astype(np.int64)]
+
+
+def device_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult], *,
+                  rng: np.random.Generator | None = None) -> npt.NDArray[np.float64]:
     """The report of a device with ``results`` for every version of the plan; in an
     experiment (``plan.assignment``), for exactly one version (its arm's), the blocks of the
     others left zero: the summed reports then count each arm's devices apart. With a
     covariate version (``plan.assignment.covariate``) the device also has its result for
     that version (the same one, in its arm), which fills the ``cov_*`` fields of its arm's
-    block.
+    block. Where the plan sketches a metric, each filled block also holds the sketch of
+    the version's ``per_example`` values (``rng``: the sketch's coins; fresh when None).
 
     Raises:
         ValueError: a version or a metric of the plan is missing, a value is NaN, or no
             example was evaluated (the message names which).
     """
+    out = _scalar_vector(layout, results)
+    rng = np.random.default_rng() if rng is None else rng
+    for version in layout.plan.versions:
+        if out[layout.index(version, "", "devices")] == 0.0:
+            continue
+        n = int(out[layout.index(version, "", "examples")])
+        for m in layout.sketched:
+            raw = results[version].per_example.get(m.name)
+            if raw is None or np.size(raw) == 0:
+                raise ValueError(f"model version {version}: no per-example values of metric "
+                                 f"{m.name!r} to sketch")
+            values = np.asarray(raw, dtype=np.float64)
+            if np.isnan(values).any():
+                raise ValueError(f"model version {version}: a per-example value of metric "
+                                 f"{m.name!r} is NaN")
+            # Clamped, then rounded as the report will be (float32), so the coordinator sees
+            # exactly these items, sorted and in range.
+            clamped = np.clip(capped_values(values, n), m.low, m.high).astype(np.float32)
+            sketch = kll.build(clamped, k=_sketch_k(layout), rng=rng)
+            out[layout.sketch_slice(version, m)] = kll.to_items(sketch, layout.sketch_length)
+    return out
+
+
+def _sketch_k(layout: EvaluationLayout) -> int:
+    assert layout.plan.sketch is not None
+    return layout.plan.sketch.k
+
+
+def _scalar_vector(layout: EvaluationLayout, results: Mapping[int, DeviceResult]
+                   ) -> npt.NDArray[np.float64]:
+    """:func:`device_vector` without the sketch regions (left zero)."""
     plan = layout.plan
     out = np.zeros(layout.length, dtype=np.float64)
     versions = plan.versions
@@ -108,7 +164,8 @@ def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating], *
     :func:`device_vector` and must equal it, within float32 rounding: so every bound and
     every relation between the coordinates holds. In an experiment exactly one version's
     block is filled, and with ``device_id`` it must be that device's arm's version (a device
-    cannot choose its arm)."""
+    cannot choose its arm). Each sketch region must hold a sketch of the block's ``n``
+    values (all zero in a block not filled)."""
     v = np.asarray(vector, dtype=np.float64)
     if v.shape != (layout.length,):
         return f"the report has {v.size} values; this task's layout has {layout.length}"
@@ -151,9 +208,18 @@ def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating], *
                             f"{c:g}, outside its range [{m.low:g}, {m.high:g}]")
                 cov_values[m.name] = float(c)
             results[covariate] = DeviceResult(int(n), cov_values)
-    expected = device_vector(layout, results)
+    for version in plan.versions:
+        # Filled blocks' counts were checked above; others must hold empty sketches.
+        n = int(v[layout.index(version, "", "examples")]) if version in versions else 0
+        for m in layout.sketched:
+            problem = kll.items_problem(
+                v[layout.sketch_slice(version, m)], n, k=_sketch_k(layout),
+                low=float(np.float32(m.low)), high=float(np.float32(m.high)))
+            if problem is not None:
+                return f"model version {version}: the sketch of metric {m.name!r}: {problem}"
+    expected = _scalar_vector(layout, results)
     tolerance = _REL_TOL * layout.bounds + 1e-12
-    bad = np.flatnonzero(np.abs(v - expected) > tolerance)
+    bad = np.flatnonzero((np.abs(v - expected) > tolerance) & ~layout.sketch_mask)
     if bad.size:
         c = layout.coordinates[int(bad[0])]
         what = f"{c.metric}.{c.field}" if c.metric else c.field

@@ -1,6 +1,8 @@
 """From a round's summed reports to what an evaluation releases: per model version the
 device count, the example count, and per metric the example-weighted and device-weighted
-means with standard errors, and (metrics with a histogram) quantiles and the histogram.
+means with standard errors, (metrics with a histogram) quantiles of the devices' values and
+the histogram, and (metrics the plan sketches, clear reports only) quantiles of the pooled
+per-example values from the merged KLL sketches, with their rank-error bound.
 
 Standard errors treat devices as the sampled units (examples on one device are not
 independent draws):
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from core.evaluation import kll
 from core.evaluation.layout import EvaluationLayout
 from core.evaluation.sketch import quantiles as histogram_quantiles
 
@@ -42,6 +45,10 @@ class MetricSummary:
     #: q -> value (metrics with a histogram); within one bin width for exact counts.
     quantiles: Mapping[float, float] = field(default_factory=dict)
     histogram: tuple[float, ...] = ()
+    #: q -> value of the pooled per-example values (metrics the plan sketches): the true
+    #: normalized rank of each is within ``example_rank_error`` of q, with 99% confidence.
+    example_quantiles: Mapping[float, float] = field(default_factory=dict)
+    example_rank_error: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,12 @@ class VersionSummary:
 
 
 def summarize(layout: EvaluationLayout, sums: npt.NDArray[np.floating],
-              quantiles: Sequence[float]) -> list[VersionSummary]:
-    """The summaries of every version from the summed report vectors."""
+              quantiles: Sequence[float], *,
+              sketches: Mapping[tuple[int, str], kll.KllSketch] | None = None
+              ) -> list[VersionSummary]:
+    """The summaries of every version from the summed report vectors (their sketch regions
+    are not read) and, keyed by (version, metric), the merged sketches of the devices'
+    per-example values (clear reports of a plan with sketches)."""
     s = np.asarray(sums, dtype=np.float64)
     if s.shape != (layout.length,):
         raise ValueError(f"sums have {s.size} values, the layout {layout.length}")
@@ -86,7 +97,14 @@ def summarize(layout: EvaluationLayout, sums: npt.NDArray[np.floating],
                 hist = tuple(float(c) for c in counts)
                 qs = dict(zip(quantiles, histogram_quantiles(
                     counts, quantiles, low=m.hist_low, high=m.hist_high), strict=True))
-            metrics[m.name] = MetricSummary(a, example_se, d, device_se, qs, hist)
+            sketch = (sketches or {}).get((version, m.name))
+            example_qs: dict[float, float] = {}
+            rank_error = math.nan
+            if sketch is not None and sketch.n > 0:
+                example_qs = dict(zip(quantiles, kll.quantiles(sketch, quantiles), strict=True))
+                rank_error = kll.rank_error_bound(sketch)
+            metrics[m.name] = MetricSummary(a, example_se, d, device_se, qs, hist, example_qs,
+                                            rank_error)
         covariate = ({m.name: (get(m.name, "cov_sum"), get(m.name, "cov_sq"),
                                get(m.name, "cov_cross")) for m in layout.plan.metrics}
                      if layout.has_covariate else {})
@@ -105,7 +123,10 @@ def quantile_key(q: float) -> str:
 
 def round_metrics(summaries: Sequence[VersionSummary]) -> dict[str, float]:
     """The summaries as flat round metrics, ``eval.v<version>.<metric>.<stat>``; NaN values
-    (an SE of fewer than two devices) are left out."""
+    (an SE of fewer than two devices) are left out. Stats: ``mean``, ``se``, ``device_mean``,
+    ``device_se``, ``q<p>`` and ``bin<j>`` (the histogram of device values),
+    ``example_q<p>`` and ``example_rank_error`` (the sketch of per-example values),
+    ``cov_*`` (CUPED sums)."""
     out: dict[str, float] = {}
     for v in summaries:
         base = f"{PREFIX}.v{v.version}"
@@ -116,6 +137,10 @@ def round_metrics(summaries: Sequence[VersionSummary]) -> dict[str, float]:
                      "device_mean": m.device_mean, "device_se": m.device_se}
             stats.update({quantile_key(q): value for q, value in m.quantiles.items()})
             stats.update({f"bin{j}": c for j, c in enumerate(m.histogram)})
+            stats.update({f"example_{quantile_key(q)}": value
+                          for q, value in m.example_quantiles.items()})
+            if m.example_quantiles:
+                stats["example_rank_error"] = m.example_rank_error
             if name in v.covariate:
                 stats.update(zip(("cov_sum", "cov_sq", "cov_cross"), v.covariate[name],
                                  strict=True))

@@ -454,7 +454,8 @@ class Device:
     def _evaluate_and_report(self, p: Participation, plan: Plan, model_bytes: bytes) -> None:
         """An evaluation round (:mod:`core.evaluation`): evaluates every model version of the
         bundle on this device's data, without training, and sends the report vector: in the
-        clear, or masked (secure aggregation; scaled for central DP as the plan says).
+        clear (with KLL sketches of per-example values where the plan asks for them), or
+        masked (secure aggregation; scaled for central DP as the plan says; never sketches).
 
         Raises:
             BadPayload: the plan's report layout is not the bundle's.
@@ -491,6 +492,10 @@ class Device:
         log.info("%s: round %d: evaluated model version(s) %s", self.device_id,
                  p.round_number, ", ".join(map(str, versions)))
         sa = plan.secure_aggregation
+        if evaluation.sketch is not None and (sa is not None or plan.privacy is not None):
+            # Sketch items are per-example values: they leave the device only in the clear.
+            raise BadPayload("the evaluation plan asks for per-example sketches in a round "
+                             "under secure aggregation or DP")
         if sa is not None:
             clip = plan.privacy.l2_clip_norm if plan.privacy is not None else None
             try:
@@ -621,7 +626,10 @@ class TorchTrainer:
                           versions: Mapping[int, Mapping[str, np.ndarray]]
                           ) -> dict[int, DeviceResult]:
         """Each version's loss (the app's loss when it has one), accuracy and the metrics
-        the plan declares (the app's metrics hook), on the plan's split of the local data."""
+        the plan declares (the app's metrics hook), on the plan's split of the local data;
+        with each example's values of the metrics the plan sketches (reports in the clear,
+        :class:`core.evaluation.plan.SketchPlan`)."""
+        from core.evaluation.per_example import per_example_values
         from core.model_fit import fit_problem
         from core.models import build_model, load_numpy_state, model_hooks
         from core.training import evaluate, evaluate_metrics
@@ -656,7 +664,10 @@ class TorchTrainer:
                     raise Declined(f"the model's metrics hook returned no {missing[0]!r}, "
                                    f"which the task declares")
                 values.update({name: app[name] for name in declared})
-            out[version] = DeviceResult(len(y), values)
+            per_example = (per_example_values(model, x, y, evaluation.sketch.metrics,
+                                              loss=hooks.loss)
+                           if evaluation.sketch is not None else {})
+            out[version] = DeviceResult(len(y), values, per_example)
         return out
 
     def _split(self, split: EvaluationSplit) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,8 @@ from evaluation_rounds_support import MODEL, admit, bundle, make_service, upload
 from torch import nn
 
 from coordinator.rounds.clock import ManualClock
-from coordinator.rounds.errors import InvalidRequest
+from coordinator.rounds.errors import InvalidRequest, Late
+from coordinator.rounds.evaluation_tasks import evaluation_setup
 from coordinator.rounds.service import CoordinatorService
 from coordinator.storage import InMemoryStore
 from core import models
@@ -27,12 +28,14 @@ from core.data.dataset import LocalDataset
 from core.evaluation import (
     DeviceResult,
     EvaluationLayout,
+    capped_values,
     device_vector,
     read_plan,
     round_metrics,
     split_bundle,
     summarize,
 )
+from core.evaluation.summary import quantile_key
 from core.privacy import Sampling
 from core.privacy.spec import FixedClip, PrivacyMode, PrivacySpec
 from core.privacy.task import EPSILON_METRIC, TaskPrivacy, planned_draw
@@ -180,8 +183,32 @@ class InProcess:
 
 def plaintext(layout: EvaluationLayout, results: Mapping[str, dict[int, DeviceResult]],
               quantiles: tuple[float, ...] = (0.5,)) -> dict[str, float]:
+    """The released statistics of the sums (those of the sketches aside: their merge
+    flips coins; :func:`assert_example_quantiles` checks them)."""
     sums = np.sum([device_vector(layout, r) for r in results.values()], axis=0)
+    sums[layout.sketch_mask] = 0.0
     return round_metrics(summarize(layout, sums, quantiles))
+
+
+def assert_example_quantiles(layout: EvaluationLayout, released: Mapping[str, float],
+                             results: Mapping[str, dict[int, DeviceResult]],
+                             quantiles: Sequence[float]) -> None:
+    """Each released ``example_q<p>`` has a true rank among the devices' pooled per-example
+    values (clamped, capped at max_examples) within ``example_rank_error`` of q."""
+    plan = layout.plan
+    for m in layout.sketched:
+        for version in plan.versions:
+            pooled = np.sort(np.concatenate([
+                np.clip(capped_values(r[version].per_example[m.name],
+                                      min(r[version].examples, plan.max_examples)),
+                        m.low, m.high).astype(np.float32) for r in results.values()]))
+            base = f"eval.v{version}.{m.name}"
+            bound = released[f"{base}.example_rank_error"]
+            for q in quantiles:
+                value = released[f"{base}.example_{quantile_key(q)}"]
+                low = np.searchsorted(pooled, value, side="left") / pooled.size
+                high = np.searchsorted(pooled, value, side="right") / pooled.size
+                assert low - bound <= q <= high + bound, (base, q, value, low, high, bound)
 
 
 def test_an_evaluation_round_releases_the_statistics_of_the_devices_reports(
@@ -208,9 +235,14 @@ def test_an_evaluation_round_releases_the_statistics_of_the_devices_reports(
     assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
     expected = plaintext(layout, results)
     released = {k: v for k, v in rnd.metrics.items() if k.startswith("eval.")}
-    assert released.keys() == expected.keys()
+    sketched = {f"eval.v0.{m}.{stat}" for m in ("loss", "accuracy")
+                for stat in ("example_q50", "example_rank_error")}
+    assert released.keys() == expected.keys() | sketched
     for name, value in expected.items():
         assert released[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    # The devices' 120 examples fit in one sketch level: no compaction, exact quantiles.
+    assert released["eval.v0.loss.example_rank_error"] == 0.0
+    assert_example_quantiles(layout, released, results, (0.5,))
     assert released["eval.v0.devices"] == N
     assert released["eval.v0.examples"] == sum(10 + 7 * i for i in range(N))
     assert service.get_task(tid).record.state is TaskState.COMPLETED
@@ -401,3 +433,69 @@ def test_a_metric_the_model_declares_is_evaluated_on_devices_and_released(
     assert rnd.metrics["eval.v0.confidence.device_mean"] == pytest.approx(np.mean(values))
     assert 1 / 3 <= rnd.metrics["eval.v0.confidence.q50"] <= 1
     assert not any("other" in name for name in rnd.metrics)  # undeclared: not reported
+
+
+def big_dataset(seed: int) -> LocalDataset:
+    """A device with 300 to 700 test examples: with max_examples 400, some are capped, and
+    every sketch compacts."""
+    rng = np.random.default_rng(1000 + seed)
+    n = 300 + 100 * seed
+    x = rng.normal(size=(n + 10, 4)).astype(np.float32) * 3
+    y = rng.integers(0, 3, n + 10)
+    return LocalDataset(x_train=x[n:], y_train=y[n:], x_test=x[:n], y_test=y[:n], classes=3)
+
+
+def test_clear_reports_release_per_example_quantiles_of_the_pooled_examples_within_the_bound(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    evaluation = FederatedEvaluation(max_examples=400, quantiles=(0.1, 0.5, 0.9))
+    task = service.create_task(spec(evaluate=evaluation))
+    tid = task.record.task_id
+    assert any("per-example quantiles of loss from KLL sketches (k = 200)" in line
+               for line in task.launch_checks)
+    seats = admit(service, clock, tid, DEVICES)
+    results = {}
+    for i, (d, p) in enumerate(seats.items()):
+        plan, data = bundle(service, p)
+        evaluation_plan = read_plan(data)
+        assert evaluation_plan is not None and evaluation_plan.sketch is not None
+        layout = EvaluationLayout(evaluation_plan)
+        results[d] = TorchTrainer(big_dataset(i), d).evaluate_versions(
+            plan, evaluation_plan, split_bundle(load_safetensors(data), evaluation_plan))
+        upload_report(service, p, device_vector(layout, results[d]))
+    service.tick()
+    (rnd,) = service.list_rounds(tid)
+    assert rnd.state is RoundState.COMMITTED, rnd.failure_reason
+    bound = rnd.metrics["eval.v0.loss.example_rank_error"]
+    assert 0.0 < bound < 0.02  # compacted, and still a useful bound
+    assert not any(k.startswith("eval.v0.accuracy.example_") for k in rnd.metrics)
+    assert_example_quantiles(layout, rnd.metrics, results, (0.1, 0.5, 0.9))
+    assert rnd.metrics["eval.v0.examples"] == 300 + 400 * 4  # capped at max_examples
+
+
+def test_a_malformed_sketch_is_refused_naming_it_and_its_device_is_out(
+        service: CoordinatorService, clock: ManualClock) -> None:
+    tid = service.create_task(spec()).record.task_id
+    seats = admit(service, clock, tid, DEVICES)
+    layout, results = device_report(service, seats["d2"], 2)
+    report = device_vector(layout, results)
+    region = layout.sketch_slice(0, layout.plan.metric("loss"))
+    report[region.start] = 25.0  # past the loss's range [0, 20]
+    with pytest.raises(InvalidRequest, match="evaluation report refused: model version 0: "
+                                             "the sketch of metric 'loss': a sketch item is "
+                                             "outside the metric's range"):
+        upload_report(service, seats["d2"], report)
+    with pytest.raises(Late, match="is out of round 1"):  # no second try this round
+        upload_report(service, seats["d2"], device_vector(layout, results))
+    layout, results = device_report(service, seats["d3"], 3)
+    report = device_vector(layout, results)
+    report[layout.sketch_slice(0, layout.plan.metric("loss")).stop - 1] = 1.0
+    with pytest.raises(InvalidRequest, match="the rest of its region must be 0"):
+        upload_report(service, seats["d3"], report)
+
+
+def test_under_secure_aggregation_or_dp_reports_carry_no_sketch() -> None:
+    assert evaluation_setup(spec()).layout.plan.sketch is not None  # type: ignore[union-attr]
+    for kw in ({"secure_aggregation": SECURE}, {"privacy": central(1e6)}):
+        setup = evaluation_setup(spec(**kw))
+        assert setup is not None and setup.layout.plan.sketch is None
+        assert setup.layout.sketch_length == 0
