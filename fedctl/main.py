@@ -584,9 +584,10 @@ _SPARK = " ▁▂▃▄▅▆▇█"
 
 def _evaluation_table(rounds: Sequence[admin_pb2.Round]) -> Table:
     """Per committed round, model version and metric: devices and examples, the
-    example-weighted and device-weighted means +- their standard errors, the quantiles and
-    the histogram of device values (a sparkline); under secure aggregation the bound on
-    each mean's quantization error."""
+    example-weighted and device-weighted means +- their standard errors, the quantiles of
+    the examples' values (KLL sketches, clear reports only) with their rank-error bound,
+    the quantiles and the histogram of device values (a sparkline); under secure
+    aggregation the bound on each mean's quantization error."""
     from rich.table import Table
 
     from core.evaluation import results_table
@@ -594,7 +595,8 @@ def _evaluation_table(rounds: Sequence[admin_pb2.Round]) -> Table:
     table = Table(title="evaluation results (mean +- standard error; devices as the "
                         "sampled units)")
     for col in ("round", "version", "metric", "devices", "examples", "mean (examples)",
-                "mean (devices)", "quantiles", "histogram of device values"):
+                "mean (devices)", "quantiles of examples (rank error)",
+                "quantiles of device values", "histogram of device values"):
         table.add_column(col, overflow="fold")
 
     def pm(stats: dict[str, float], mean: str, se: str) -> str:
@@ -617,6 +619,12 @@ def _evaluation_table(rounds: Sequence[admin_pb2.Round]) -> Table:
                     continue
                 qs = sorted(((k, v) for k, v in stats.items() if k.startswith("q")),
                             key=lambda kv: float(kv[0][1:]))
+                example_qs = sorted(
+                    ((k.removeprefix("example_"), v) for k, v in stats.items()
+                     if k.startswith("example_q")), key=lambda kv: float(kv[0][1:]))
+                examples = "  ".join(f"{k[1:]}%: {v:.3g}" for k, v in example_qs) or "-"
+                if example_qs and "example_rank_error" in stats:
+                    examples += f" (±{stats['example_rank_error']:.1%})"
                 bins = [stats[f"bin{j}"] for j in range(len(stats))
                         if f"bin{j}" in stats]
                 top = max(bins, default=0.0)
@@ -626,6 +634,7 @@ def _evaluation_table(rounds: Sequence[admin_pb2.Round]) -> Table:
                               f"{head.get('devices', math.nan):.4g}",
                               f"{head.get('examples', math.nan):.6g}",
                               pm(stats, "mean", "se"), pm(stats, "device_mean", "device_se"),
+                              examples,
                               "  ".join(f"{k[1:]}%: {v:.3g}" for k, v in qs) or "-",
                               spark or "-")
     return table
