@@ -66,9 +66,9 @@ computed from the eligible devices seen, so the arm's; a Poisson task's ``p`` st
 ``target / privacy.population``, so write the arm's expected size there if cohorts must
 stay full), and the devices that evaluate an arm's model are those it was trained on
 (their training split; they evaluate on the held-out split), the same for every arm, so
-the comparison stays fair. Selection within an arm stays unbiased: the filter is a keyed hash of the
-device id alone, a fixed sub-population chosen independently of rounds and data, and
-sampling within it is what the accountant analyses.
+the comparison stays fair. Selection within an arm stays unbiased: the filter is a keyed
+hash of the device id alone, a fixed sub-population chosen independently of rounds and
+data, and sampling within it is what the accountant analyses.
 
 Pure functions over plain data; errors are :class:`ExperimentSpecError` naming the field
 below ``simulation.experiment`` (``arms[1].training.local.epochs``).
@@ -373,7 +373,7 @@ def training_mismatch(expected: Mapping[str, Any], actual: Mapping[str, Any]) ->
         if want != got:
             out.append(f"{key} is {got!r}, the arm needs {want!r}")
     want, got = _get(expected, "eligibility.arm"), _get(actual, "eligibility.arm")
-    if want != got:  # described without the salt: it is no business of a terminal's
+    if want != got:  # described without the salt, which need not reach a terminal
         out.append(f"eligibility.arm {_describe_filter(got)}, the arm needs it to "
                    f"{_describe_filter(want)}")
     return out
