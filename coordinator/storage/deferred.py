@@ -111,10 +111,14 @@ class DeferredParticipantWrites(Store):
             self._io.release()
 
     def flush(self) -> None:
-        """Writes the queued writes with one :meth:`Store.write_participants` call. On a
-        StorageError they stay queued (the next flush tries again); on any other error
-        (a write the database refuses) they are dropped with the copies of their rounds,
-        which are loaded again from the database when next needed."""
+        """Writes the queued writes with one :meth:`Store.write_participants` call.
+
+        On a StorageError of the database itself they stay queued (the next flush tries
+        again) and it is raised. If the database refuses the batch (Conflict or NotFound:
+        a write that raced its round's end, say), each write is tried again on its own, so
+        one device's refused write costs only that device: the refused ones are dropped
+        with the copies of their rounds (loaded again from the database when next needed)
+        and :meth:`flushed_through` raises for them, whoever flushed."""
         with self._io:
             with self._lock:
                 batch, self._pending = self._pending, []
@@ -124,18 +128,27 @@ class DeferredParticipantWrites(Store):
             first = seq - len(batch) + 1
             try:
                 self.inner.write_participants(batch)
-            except StorageError as exc:
+            except (Conflict, NotFound):
+                self._write_one_by_one(batch, first)
+            except StorageError:
                 with self._lock:
-                    if isinstance(exc, Conflict | NotFound):
-                        self._drop(batch, first, seq, exc)
-                    else:
-                        self._pending[:0] = batch
+                    self._pending[:0] = batch
                 raise
             except BaseException as exc:
                 with self._lock:
                     self._drop(batch, first, seq, exc)
                 raise
             self._written_seq = max(self._written_seq, seq)
+
+    def _write_one_by_one(self, batch: list[ParticipantWrite], first: int) -> None:
+        """The writes of a refused batch, each in its own transaction (under the I/O lock);
+        a refused one is dropped, the others are written."""
+        for offset, write in enumerate(batch):
+            try:
+                self.inner.write_participants([write])
+            except (Conflict, NotFound) as exc:
+                with self._lock:
+                    self._drop([write], first + offset, first + offset, exc)
 
     # -- participants ------------------------------------------------------------------
 
