@@ -365,8 +365,10 @@ def test_a_partitioned_arms_training_task_admits_only_its_arms_devices(
     """``partition_training: true`` on a coordinator: each arm's training task carries the
     arm's filter (``eligibility.arm``); a device of the other arm is never admitted to it
     (named, it is told there is no task for it; unnamed, it is offered its own arm's task),
-    and in the comparison every device evaluates the model of the arm it trained."""
-    service = make_service(tmp_path, clock)
+    after a restart too (the filter is stored with the task), and in the comparison every
+    device evaluates the model of the arm it trained."""
+    store = InMemoryStore()
+    first = make_service(tmp_path, clock, store=store)
     arms = parse_training_arms({**experiment(), "partition_training": True, "arms": [
         {"name": "slow", "weight": 0.5, "training": {"local.learning_rate": 1e-4}},
         {"name": "fast", "weight": 0.5, "training": {"local.learning_rate": 0.5}}]},
@@ -374,8 +376,11 @@ def test_a_partitioned_arms_training_task_admits_only_its_arms_devices(
     base = spec_to_dict(TaskSpec("train", MODEL, rounds=1, clients_per_round=len(DEVICES),
                                  min_reports=2, over_selection=1.0, round_deadline_s=30.0,
                                  selection_window_s=1.0))
-    tasks = [service.create_task(spec_from_dict(group_task(base, g, name=f"train-{i}")))
+    tasks = [first.create_task(spec_from_dict(group_task(base, g, name=f"train-{i}")))
              .record.task_id for i, g in enumerate(training_groups(arms))]
+    first.close()
+    service = make_service(tmp_path, clock, store=store, seed=1)
+    service.recover()
     arm_of = {d: assign_arm(d, salt="a-fixed-test-salt", split=TrafficSplit([0.5, 0.5]))
               for d in DEVICES}
     members = [[d for d in DEVICES if arm_of[d] == a] for a in (0, 1)]
