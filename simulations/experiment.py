@@ -78,6 +78,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from core.evaluation import kll
+from core.evaluation.summary import quantile_key
 from core.experiments import (
     Action,
     AlwaysValidResult,
@@ -110,6 +112,8 @@ if TYPE_CHECKING:
 
 #: Metrics a simulated device reports for the model it evaluates.
 METRICS = ("accuracy", "loss")
+#: Quantiles of the examples' losses released per arm, from merged KLL sketches.
+EXAMPLE_QUANTILES = (0.1, 0.5, 0.9)
 _FIELD = "simulation.experiment"
 
 
@@ -139,7 +143,10 @@ class ExperimentRound:
     """One experiment round. ``devices``: drawn this round; ``seen``: distinct devices per
     arm so far (SRM counts these); ``means``: per arm, the mean over its devices of each
     metric; ``primary``: per treatment, the always-valid comparison (None before each arm
-    has two devices)."""
+    has two devices); ``example_quantiles``: per arm, the quantiles of the losses of its
+    devices' examples so far (``example_q10``, ...) and their ``example_rank_error``, from
+    the devices' KLL sketches merged as a coordinator merges clear reports'
+    (:mod:`core.evaluation.kll`)."""
 
     round: int
     devices: int
@@ -148,6 +155,8 @@ class ExperimentRound:
     primary: Mapping[str, AlwaysValidResult]
     srm: SrmResult
     decision: Decision
+    example_quantiles: Mapping[str, Mapping[str, float]] = dataclasses.field(
+        default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +165,8 @@ class ExperimentRound:
             "primary": {a: dataclasses.asdict(r) for a, r in self.primary.items()},
             "srm_p_value": self.srm.p_value,
             "action": self.decision.action.value, "reason": self.decision.reason,
+            "example_quantiles": {"loss": {a: dict(q)
+                                           for a, q in self.example_quantiles.items()}},
         }
 
 
@@ -332,6 +343,7 @@ class ExperimentRunner:
         self._split = spec.split()
         self._arm_of_device: dict[int, int] = {}
         self._cache: dict[tuple[int, int], tuple[float, float]] = {}
+        self._sketches: dict[tuple[int, int], kll.KllSketch] = {}
         self._build_model()
 
     def _build_model(self) -> None:
@@ -363,6 +375,23 @@ class ExperimentRunner:
             self._cache[key] = (accuracy, loss)
         return self._cache[key]
 
+    def example_sketch(self, arm: int, device: int) -> kll.KllSketch:
+        """The KLL sketch of the losses of ``device``'s held-out examples under arm
+        ``arm``'s model, as a device builds it for a clear report (coins seeded by the
+        config's seed, the arm and the device)."""
+        key = (arm, device)
+        if key not in self._sketches:
+            from core.evaluation.per_example import per_example_values
+            from core.models import load_numpy_state
+
+            load_numpy_state(self._model, self._models[arm])
+            losses = per_example_values(self._model, self.data.x_device_test[device],
+                                        self.data.y_device_test[device], ["loss"],
+                                        loss=self._loss)["loss"]
+            self._sketches[key] = kll.build(losses, rng=np.random.default_rng(
+                np.random.SeedSequence([self.config.seed, arm, device, 0x5E7C])))
+        return self._sketches[key]
+
     def rounds(self) -> Iterator[ExperimentRound]:
         """Experiment rounds until a stop rule fires (the last yielded round's decision
         stops) or the horizon."""
@@ -377,6 +406,8 @@ class ExperimentRunner:
         cov_sums: dict[int, float] = {}  # device -> sum of its covariate values
         primary: dict[str, AlwaysValidResult] = {}
         rails: dict[str, dict[str, AlwaysValidResult]] = {}
+        pooled: dict[int, kll.KllSketch] = {}  # arm -> its devices' examples' losses
+        merge_rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 0x5E7D]))
         for r in range(1, spec.horizon_rounds + 1):
             rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, r, 0xAB7E]))
             drawn = np.sort(rng.choice(self.eligible, size=self.experiment.devices_per_round,
@@ -384,6 +415,10 @@ class ExperimentRunner:
             for device, arm in zip(drawn.tolist(), self.assign(drawn).tolist(), strict=True):
                 if self._arm_of_device.setdefault(device, arm) != arm:
                     raise AssertionError(f"device {device} changed arm")  # sticky by design
+                if device not in counts:  # each device's examples count once
+                    sketch = self.example_sketch(arm, device)
+                    pooled[arm] = (sketch if arm not in pooled
+                                   else kll.merge([pooled[arm], sketch], rng=merge_rng))
                 sums[device] = sums.get(device, np.zeros(len(METRICS))) + np.array(
                     self.evaluate(arm, device))
                 counts[device] = counts.get(device, 0) + 1
@@ -415,7 +450,9 @@ class ExperimentRunner:
                 seen={n: seen[a] for a, n in enumerate(names)},
                 means={n: {m: s.mean for m, s in stats[a].items() if "@" not in m}
                        for a, n in enumerate(names)},
-                primary=dict(primary), srm=srm, decision=decision)
+                primary=dict(primary), srm=srm, decision=decision,
+                example_quantiles={names[a]: _example_quantiles(sketch)
+                                   for a, sketch in sorted(pooled.items())})
             if decision.stops:
                 return
 
@@ -453,6 +490,14 @@ class ExperimentRunner:
         diff = difference_in_means(stats[control][metric], stats[treatment][metric])
         return always_valid_look(diff, tau=tau, alpha=self.experiment.spec.comparison_alpha,
                                  previous=previous)
+
+
+def _example_quantiles(sketch: kll.KllSketch) -> dict[str, float]:
+    values = kll.quantiles(sketch, EXAMPLE_QUANTILES)
+    out = {f"example_{quantile_key(q)}": v for q, v in zip(EXAMPLE_QUANTILES, values,
+                                                           strict=True)}
+    out["example_rank_error"] = kll.rank_error_bound(sketch)
+    return out
 
 
 def run_experiment(config: SimulationConfig, experiment: SimulatedExperiment
