@@ -59,13 +59,28 @@ class EvaluationSetup:
         return self.layout.length * 4
 
 
-def evaluation_setup(spec: TaskSpec) -> EvaluationSetup | None:
+def evaluation_setup(spec: TaskSpec, *, bundle_plan: EvaluationPlan | None = None
+                     ) -> EvaluationSetup | None:
     """The setup of a launched evaluation task (its versions resolved at launch); None for a
-    training task."""
+    training task. ``bundle_plan``: the plan in the task's stored bundle
+    (:func:`core.evaluation.read_plan`), which devices read: when given, it is the layout,
+    so a task launched by an older coordinator (a plan without sketches, say) keeps the
+    reports its devices were told to send. Without it the plan is derived from ``spec``
+    as the launch derived it.
+
+    Raises:
+        ValueError: ``bundle_plan`` evaluates other versions than ``spec`` (not this
+            task's bundle).
+    """
     if spec.kind is not TaskKind.EVALUATE:
         return None
     plan = plan_for(spec.evaluate, evaluated_versions(spec.evaluate),
                     sketches=sketches_examples(spec))
+    if bundle_plan is not None:
+        if bundle_plan.versions != plan.versions:
+            raise ValueError(f"the stored bundle evaluates versions "
+                             f"{list(bundle_plan.versions)}, the task {list(plan.versions)}")
+        plan = bundle_plan
     return EvaluationSetup(EvaluationLayout(plan), spec.evaluate.quantiles)
 
 

@@ -499,3 +499,15 @@ def test_under_secure_aggregation_or_dp_reports_carry_no_sketch() -> None:
         setup = evaluation_setup(spec(**kw))
         assert setup is not None and setup.layout.plan.sketch is None
         assert setup.layout.sketch_length == 0
+
+
+def test_a_task_whose_bundle_predates_sketches_keeps_its_bundles_layout() -> None:
+    task = spec()
+    derived = evaluation_setup(task)
+    assert derived is not None and derived.layout.plan.sketch is not None
+    older = dataclasses.replace(derived.layout.plan, sketch=None)
+    kept = evaluation_setup(task, bundle_plan=older)
+    assert kept is not None and kept.layout.plan == older
+    assert kept.layout.length < derived.layout.length
+    with pytest.raises(ValueError, match="the stored bundle evaluates versions"):
+        evaluation_setup(task, bundle_plan=dataclasses.replace(older, versions=(3,)))
