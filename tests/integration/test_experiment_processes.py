@@ -4,7 +4,8 @@ devices and the engineer's ``fedctl experiment`` commands. A training task commi
 evaluation task where each device evaluates only its arm's version, stops with a decision and its
 reason, and ``fedctl experiment status`` prints the table and writes the results JSON; the
 same comparison launched from a training task file's ``simulation.experiment`` section (arms
-by training rounds of the task trained here, ``--arm-tasks``) decides the same way; a bad
+by training rounds of the task trained here, ``--arm-tasks``) decides the same way; with
+``partition_training`` each arm's training task selects only its arm's devices; a bad
 experiment file is refused naming file and field; ``stop`` ends a running experiment.
 
 The commands run in this process, through a parser built with
@@ -30,6 +31,7 @@ from harness import (
     write_task,
 )
 
+from core.experiments import TrafficSplit, assign_arm
 from fedctl import experiment as experiment_cli
 from fedctl.errors import CliError
 from fedctl.main import _add_coordinator, _admin
@@ -166,6 +168,33 @@ def test_an_experiment_between_model_versions_decides_with_agent_processes(
         by_arm = json.loads(fedctl_experiment(capsys, "status", cmp_id, "--json", *at))["arms"]
         assert [(a["task"], a["task_version"]) for a in by_arm] == [(train_id, 0),
                                                                     (train_id, 3)]
+
+        # Training partitioned by arm: one training task per arm, each admitting only its
+        # arm's devices (eligibility.arm), the assignment the comparison evaluates by.
+        partitioned = dict(data, name="it-part", rounds=1, clients_per_round=8, min_reports=4)
+        partitioned["simulation"] = {"experiment": {
+            "arms": [{"name": "control", "weight": 0.5},
+                     {"name": "fast", "weight": 0.5,
+                      "training": {"local.learning_rate": 0.2}}],
+            "primary_metric": {"name": "accuracy", "direction": "increase"},
+            "mde": 0.05, "alpha": 0.05, "horizon_rounds": 1, "salt": "it-part-salt",
+            "devices_per_round": DEVICES, "partition_training": True}}
+        part_file = tmp_path / "part.yaml"
+        part_file.write_text(yaml.safe_dump(partitioned))
+        part_id = fedctl_experiment(capsys, "launch", str(part_file), "--poll-s", "0.5",
+                                    *at).strip().splitlines()[-1]
+        with coordinator.admin() as client:
+            stored = task_spec_from_proto(wait_for_task(client, part_id).spec
+                                          ).evaluate.experiment
+            assert stored is not None
+            for index, tid in enumerate(a.task for a in stored.arms):
+                arm = task_spec_from_proto(client.get_task(tid).spec).eligibility.arm
+                assert arm is not None and arm.index == index
+                selected = {e.device_id for e in client.list_events(tid).events
+                            if e.kind == "device_selected"}
+                assert selected and {assign_arm(d, salt="it-part-salt",
+                                                split=TrafficSplit([0.5, 0.5]))
+                                     for d in selected} == {index}, (tid, selected)
 
         # A running experiment is stopped by the engineer, and says so.
         long = tmp_path / "long.yaml"
