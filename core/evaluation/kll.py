@@ -16,11 +16,12 @@ parsed from a byte format at all: its level sizes follow from its item count and
 
 **Structure.** Level ``h`` holds sorted items of weight ``2**h``; the weights sum to ``n``
 exactly. Level ``h`` of ``H`` levels has a capacity of ``max(8, ceil(k (2/3)**(H-1-h)))``
-items; while the sketch holds more items than all capacities together, its lowest level over
-capacity is *compacted*: sorted, one item left behind when the count is odd, and of the
-rest every other item (from a random offset, 0 or 1) is promoted with twice the weight. A compaction of weight-``w`` items moves the estimated rank of any
-one value by ``-w``, 0 or ``+w``, with mean 0 whatever happened before (the offset is a fair
-coin), so the errors of all compactions form a martingale and, by Azuma-Hoeffding,
+items; while the sketch holds more items than all capacities together, its lowest level
+over capacity is *compacted*: sorted, one item left behind when the count is odd, and of
+the rest every other item (from a random offset, 0 or 1) is promoted with twice the weight.
+A compaction of weight-``w`` items moves the estimated rank of any one value by ``-w``, 0
+or ``+w``, with mean 0 whatever happened before (the offset is a fair coin), so the errors
+of all compactions form a martingale and, by Azuma-Hoeffding,
 
     P(|estimated rank - true rank| >= t) <= 2 exp(-t^2 / (2 V)),   V = sum of w^2
 
@@ -40,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-#: The default accuracy parameter: about 600 items retained at most, a rank error around
-#: 1% of n.
+#: The default accuracy parameter: at most 684 items retained for up to 2**20 values
+#: (:func:`max_items`); rank-error bounds of 1-2% of n in the tests.
 DEFAULT_K = 200
 MIN_K, MAX_K = 8, 4096
 #: The smallest capacity of a level.
@@ -72,7 +73,8 @@ class KllSketch:
 
 
 def capacity(h: int, height: int, k: int) -> int:
-    """How many items level ``h`` of ``height`` levels holds before it is compacted."""
+    """The capacity of level ``h`` of ``height`` levels: beyond it, the level is the one
+    compacted when the sketch as a whole is over its total capacity."""
     return max(_MIN_WIDTH, math.ceil(k * _DECAY ** (height - 1 - h)))
 
 
@@ -120,9 +122,9 @@ def merge(sketches: Sequence[KllSketch], *, rng: np.random.Generator) -> KllSket
 
 def _compacted(levels: list[npt.NDArray[np.float64]], k: int, rng: np.random.Generator
                ) -> tuple[tuple[npt.NDArray[np.float64], ...], float]:
-    """``levels`` (each sorted) with every level within its capacity, and the variance the
-    compactions added. Each compaction removes at least 4 items, so this ends; it leaves at
-    most the capacities' total."""
+    """``levels`` (each sorted) compacted until they hold at most their capacities' total,
+    and the variance the compactions added. Each compaction removes at least 4 items (a
+    level over a capacity of at least 8), so this ends."""
     levels = list(levels)
     variance = 0.0
     while True:

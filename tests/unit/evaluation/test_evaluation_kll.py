@@ -158,3 +158,25 @@ def test_the_estimated_rank_of_a_value_is_within_the_bound() -> None:
         low, high = rank_interval(data, value)
         estimate = kll.rank(sketch, float(value))
         assert low - bound <= estimate <= high + bound
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 3000),
+       values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                       min_size=0, max_size=700),
+       sort=st.booleans())
+def test_any_region_is_either_refused_with_a_reason_or_a_sketch_within_range(
+        n: int, values: list[float], sort: bool) -> None:
+    """What a device may send: whatever the floats, the check answers (never raises), and
+    what it accepts parses into a sketch of n values within the range."""
+    region = np.zeros(kll.max_items(3000, 200), dtype=np.float32)
+    head = np.asarray(values, dtype=np.float32)
+    region[:head.size] = np.sort(head) if sort else head
+    problem = kll.items_problem(region, n, k=200, low=-1.0, high=1.0)
+    if problem is None:
+        sketch = kll.parse_items(region, n, k=200)
+        assert sketch.n == n
+        if n:
+            assert all(-1.0 <= q <= 1.0 for q in kll.quantiles(sketch, QS))
+    else:
+        assert isinstance(problem, str) and problem
