@@ -191,7 +191,9 @@ class LocalTrainer(Protocol):
 class LocalEvaluator(Protocol):
     """A trainer that can also run evaluation tasks: evaluates each model version of an
     evaluation bundle on the device's own data, without training (called from the device's
-    thread only).
+    thread only). Where ``evaluation.sketch`` is set, each result also carries every
+    example's values of the sketched metrics (``DeviceResult.per_example``); a result
+    without them makes the device decline the task.
 
     Raises (from ``evaluate_versions``):
         Declined: the model does not build or fit here, the split holds no example, or a
