@@ -51,6 +51,11 @@ class _Worker:
         self._objective = local_objective(config.algorithm)
         self._trainer = None if data is None else make_trainer(
             config.engine.kind, config.model, DeviceTable(data), config.local, self._objective)
+        self._jobs_trained = 0
+
+    def jobs_trained(self) -> int:
+        """Jobs (devices) this actor has trained."""
+        return self._jobs_trained
 
     def node_id(self) -> str:
         """The Ray node this actor runs on."""
@@ -66,6 +71,7 @@ class _Worker:
         params = {n: torch.from_numpy(v) for n, v in global_params.items()}
         corr = None if corrections is None else {n: torch.from_numpy(v)
                                                  for n, v in corrections.items()}
+        self._jobs_trained += len(jobs)
         if table is not None:
             config = self._config
             return train_on_table(table, jobs, params, corr, kind=config.engine.kind,
@@ -120,6 +126,14 @@ class RayCohortTrainer:
     def worker_nodes(self) -> list[str]:
         """The Ray node id of each actor (waits until they have started)."""
         return list(self._ray.get([w.node_id.remote() for w in self._workers]))
+
+    def jobs_by_node(self) -> dict[str, int]:
+        """Jobs trained so far on each node that runs an actor."""
+        counts = self._ray.get([w.jobs_trained.remote() for w in self._workers])
+        out: dict[str, int] = {}
+        for node, count in zip(self.worker_nodes(), counts, strict=True):
+            out[node] = out.get(node, 0) + int(count)
+        return out
 
     def train(self, global_params: Mapping[str, torch.Tensor], jobs: Sequence[DeviceJob],
               corrections: Mapping[str, torch.Tensor] | None = None) -> CohortResult:
