@@ -117,8 +117,10 @@ def test_cli_errors_name_the_file_and_field_and_do_not_trace(
 
 def test_agents_exit_cleanly_on_sigterm(coordinator: CoordinatorProcess, tmp_path: Path) -> None:
     log = tmp_path / "agent.log"
+    # A population of its own: its synthetic data ([60] features) must not become what the
+    # default population reported for the next tests' launch checks on this coordinator.
     agent = start_agent(coordinator.target, "idle", "synthetic:alpha=1,beta=1,shard=0/4",
-                        devices=2, log=log, verbose=True)
+                        devices=2, log=log, verbose=True, extra=["--population", "idle"])
     # Up and polling first (a SIGTERM during its imports would test Python, not the agent).
     deadline = time.monotonic() + 60
     while log.read_text(errors="replace").count("checked in with data") < 2:
