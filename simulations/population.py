@@ -27,6 +27,7 @@ Not thread-safe.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import NoReturn, overload
 
@@ -79,6 +80,8 @@ class OnDemandPopulation:
         #: Device shards generated so far (evaluation sample included): the work spent on
         #: data, and what a test checks to see that only admitted devices are generated.
         self.generated = 0
+        #: Seconds spent generating them (wall clock).
+        self.generate_s = 0.0
         #: Training examples per device, read as ``sizes[device]`` (generates the device's
         #: data unless this round already did): what selection reads.
         self.sizes: Sequence[int] = _Sizes(self)
@@ -121,10 +124,13 @@ class OnDemandPopulation:
         n = self.num_devices
         if not 0 <= device < n:
             raise IndexError(f"device {device} of {n}")
+        began = time.perf_counter()
         try:
             shard = load_dataset(with_shard(self._spec, device, n))
         except (CoreError, ValueError) as exc:
             self._fail(_FIELD, f"{exc} (device {device} of {n})")
+        finally:
+            self.generate_s += time.perf_counter() - began
         shape = tuple(int(d) for d in shard.x_train.shape[1:])
         if len(shard.y_train) == 0:
             self._fail(_FIELD, f"device {device} of {n} has no training examples")
