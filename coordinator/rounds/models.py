@@ -16,6 +16,7 @@ from coordinator.rounds.state import LoadedModel
 from coordinator.storage import FileBlobStore, Store
 from coordinator.storage import errors as storage_errors
 from coordinator.storage.records import ModelVersionRecord
+from core.evaluation import EvaluationPlan, read_plan
 from core.tensors import load_safetensors, save_safetensors, sha256_hex, tensor_infos
 
 
@@ -43,6 +44,15 @@ class ModelRepository:
             path=f"{base}.safetensors", sha256=sha, size_bytes=size,
             optimizer_state_path=opt_path, created_at=now,
         )
+
+    def stored_plan(self, record: ModelVersionRecord) -> EvaluationPlan | None:
+        """The evaluation plan in a version's file (an evaluation task's bundle); None when
+        the file carries none.
+
+        Raises:
+            TensorFormatError: the file's header or the plan in it is unreadable.
+        """
+        return read_plan(self._blobs.read_bytes(record.path))
 
     def load(self, record: ModelVersionRecord) -> LoadedModel:
         """Reads a version back. Raises Unavailable when its file does not match its hash."""

@@ -29,7 +29,7 @@ from coordinator.rounds.task_setup import check_supported, secagg_params, task_p
 from coordinator.storage import Store
 from coordinator.storage import errors as storage_errors
 from coordinator.storage.records import RoundRecord, TaskRecord
-from core.errors import CoreError
+from core.errors import CoreError, TensorFormatError
 from core.privacy.task import PrivacyStatus, status_of_records
 from core.protocol import MetricsPolicy
 from core.taskspec import spec_from_dict, spec_to_dict
@@ -129,14 +129,25 @@ class Tasks:
                 self._store.set_task_state(record.task_id, TaskState.FAILED,
                                            f"its task file no longer validates: {exc}")
                 continue
-            model = self._models.load(self._store.latest_model_version(record.task_id))
+            latest = self._store.latest_model_version(record.task_id)
+            model = self._models.load(latest)
+            try:
+                # An evaluation task's devices read the plan in its stored bundle: that is
+                # the report layout, whatever today's code would derive from the spec.
+                evaluation = evaluation_setup(spec, bundle_plan=self._models.stored_plan(
+                    latest) if spec.kind is TaskKind.EVALUATE else None)
+            except (TensorFormatError, ValueError) as exc:
+                log.error("task %s cannot continue: %s", record.task_id, exc)
+                self._store.set_task_state(record.task_id, TaskState.FAILED,
+                                           f"its stored evaluation bundle is unusable: {exc}")
+                continue
             privacy = task_privacy(spec, self._committed_metrics(record.task_id))
             task = RunningTask(record.task_id, spec, model, secagg=secagg_params(spec, privacy),
                                privacy=privacy,
                                declines=self._new_declines(record.task_id, spec),
                                any_accepted=record.rounds_committed > 0,
                                fedbuff=FedBuff.for_spec(spec),
-                               evaluation=evaluation_setup(spec))
+                               evaluation=evaluation)
             if task.counts_devices_once:
                 task.counted_devices = self._counted_devices(record.task_id)
             if record.task_id in interrupted:

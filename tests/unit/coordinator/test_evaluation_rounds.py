@@ -511,3 +511,30 @@ def test_a_task_whose_bundle_predates_sketches_keeps_its_bundles_layout() -> Non
     assert kept.layout.length < derived.layout.length
     with pytest.raises(ValueError, match="the stored bundle evaluates versions"):
         evaluation_setup(task, bundle_plan=dataclasses.replace(older, versions=(3,)))
+
+
+def test_a_task_launched_before_sketches_keeps_its_bundles_layout_after_a_restart(
+        clock: ManualClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator that did not sketch launched the task (its bundle's plan has no sketch);
+    the restarted one reads that plan, so its devices' reports still fit."""
+    store = InMemoryStore()
+    with monkeypatch.context() as older:
+        older.setattr("coordinator.rounds.evaluation_tasks.sketches_examples",
+                      lambda spec: False)
+        first = make_service(tmp_path, clock, store=store)
+        tid = first.create_task(spec(rounds=1)).record.task_id
+        first.close()
+    again = make_service(tmp_path, clock, store=store, seed=1)
+    again.recover()
+    seats = admit(again, clock, tid, DEVICES)
+    plan, data = bundle(again, seats["d0"])
+    stored = read_plan(data)
+    assert stored is not None and stored.sketch is None
+    derived = evaluation_setup(spec(rounds=1))
+    assert derived is not None and plan.update_tensors[0].numel < derived.layout.length
+    for i, p in enumerate(seats.values()):
+        layout_i, results = device_report(again, p, i)
+        assert layout_i.plan == stored
+        upload_report(again, p, device_vector(layout_i, results))
+    again.tick()
+    assert again.get_task(tid).record.state is TaskState.COMPLETED
