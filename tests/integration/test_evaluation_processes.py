@@ -106,6 +106,10 @@ def test_an_evaluation_task_compares_model_versions_with_agent_processes(
             assert 0 <= m[f"eval.v{v}.accuracy.mean"] <= 1
             assert m[f"eval.v{v}.accuracy.se"] > 0
             assert m[f"eval.v{v}.loss.q10"] <= m[f"eval.v{v}.loss.q50"] <= m[f"eval.v{v}.loss.q90"]
+            # Per-example quantiles from the devices' merged KLL sketches (clear reports).
+            assert (m[f"eval.v{v}.loss.example_q10"] <= m[f"eval.v{v}.loss.example_q50"]
+                    <= m[f"eval.v{v}.loss.example_q90"])
+            assert 0 <= m[f"eval.v{v}.loss.example_rank_error"] < 0.05
         # The trained version beats the initial one on the devices' own test data.
         assert m["eval.v1.accuracy.mean"] > m["eval.v0.accuracy.mean"] + 0.2
         assert m["eval.v1.loss.mean"] < m["eval.v0.loss.mean"]
@@ -120,11 +124,13 @@ def test_an_evaluation_task_compares_model_versions_with_agent_processes(
         s = srnd.metrics
         assert s["eval.v1.accuracy.mean_bound"] < 0.01
         assert s["eval.v0.devices"] == pytest.approx(srnd.reports, abs=0.01)
+        assert not any(".example_" in k for k in s)  # a sketch cannot be masked-summed
 
         status, status_json = fedctl_at_once(["task", "status", eval_id, *at],
                                              ["task", "status", eval_id, "--json", *at])
         assert status.returncode == 0, status.stderr
         assert "evaluation results" in status.stdout and "accuracy" in status.stdout
+        assert "quantiles of examples" in status.stdout
         assert "eval.v0" not in status.stdout  # the results are a table, not metric columns
         results = json.loads(status_json.stdout)["evaluation"]
         assert results["1"]["1"]["accuracy"]["mean"] == pytest.approx(
