@@ -111,8 +111,9 @@ class Simulation:
         self.population = population
         if config.data.load is PopulationLoad.PER_ROUND:
             if data is not None:
-                raise ValueError("a per_round population generates its data: pass "
-                                 "population=, not data=")
+                raise ValueError("simulation.population.load per_round: the devices' data "
+                                 "are generated round by round, not passed in (build the "
+                                 "simulation with simulations.modes.build_simulation)")
             if population is None:
                 population = self.population = OnDemandPopulation(
                     config.data, source=config.source, seed=config.seed,

@@ -84,6 +84,17 @@ def test_the_evaluation_sample_is_seeded_and_sized_by_train_loss_samples() -> No
     assert few.evaluation.num_devices == 7
 
 
+def test_fedctl_simulates_a_per_round_population_in_process() -> None:
+    from simulations.modes import build_simulation
+
+    sim, close = build_simulation(_config(500, 5, load=PopulationLoad.PER_ROUND, rounds=1))
+    try:
+        assert sim.population is not None and sim.num_devices == 500
+        assert [m.committed for m in sim.rounds()] == [True]
+    finally:
+        close()
+
+
 def test_a_cohort_table_holds_the_devices_rows_in_job_order() -> None:
     population = OnDemandPopulation(DataConfig(SYNTHETIC, num_devices=50,
                                                load=PopulationLoad.PER_ROUND))
