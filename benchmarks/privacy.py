@@ -13,7 +13,8 @@
   ``benchmarks/results/privacy-<date>.jsonl`` (``--out``).
 - ``noise_fill`` (``--only noise``): CPU nanoseconds per coordinate of a DP-SGD step's noise
   from the secure source (hardened as devices draw it, and not), of its AES-CTR keystream
-  alone, and of torch's (non-cryptographic) ``normal_`` for reference; same output.
+  alone, of the float32 log, sin and cos a hardened coordinate needs (the transform's
+  floor), and of torch's (non-cryptographic) ``normal_`` for reference; same output.
 - ``local_dp``: one epoch of DP-SGD (our ``fused`` Opacus mode, one-pass clipping, and
   each of Opacus's own grad-sample modes) against one epoch of non-private training
   (core.training.train_local), on scikit-learn's digits (1797 examples), for MLPs of ~5k,
@@ -295,12 +296,16 @@ def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
     """CPU nanoseconds per coordinate of a step's noise (``--only noise``), for a 54k and a
     199k vector, 20 steps a draw as the agent's blocks: the secure fill as devices draw it
     (hardened), unhardened, its AES-256-CTR keystream alone (12 bytes a coordinate) and
-    AES-128's for comparison, and torch's own ``normal_`` (Mersenne Twister: not a CSPRNG)
-    as a reference. Median and min over ``runs`` interleaved runs."""
+    AES-128's for comparison, one float32 log, sin and cos a coordinate (what any
+    Box-Muller fill computes: with the AES bytes, the floor of the secure fill in torch ops),
+    and torch's own ``normal_`` (Mersenne Twister: not a CSPRNG) as a reference. Median and
+    min over ``runs`` interleaved runs."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     from core.privacy.noise import fill_gaussian_
 
+    chunk_in = torch.rand(1 << 16) + 0.5
+    chunk_out = torch.empty(1 << 16)
     for name, numel in (("mlp-54k", 54_210), ("mlp-199k", 198_794)):
         block = torch.empty(20 * numel)
         raw = bytearray(12 * block.numel() + 16)
@@ -311,6 +316,14 @@ def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
                                modes.CTR(bytes(16))).encryptor()
             encryptor.update_into(zeros, raw)  # noqa: B023
 
+        def transcendentals() -> None:
+            # The floor of any Box-Muller fill: one float32 log, sin and cos a coordinate
+            # (hardened: one pair a coordinate), 2^16 at a time as the fill does.
+            for _ in range(0, block.numel(), chunk_in.numel()):  # noqa: B023
+                torch.log(chunk_in, out=chunk_out)
+                torch.sin(chunk_in, out=chunk_out)
+                torch.cos(chunk_in, out=chunk_out)
+
         variants: dict[str, Callable[[], object]] = {
             "secure_hardened": lambda: fill_gaussian_(  # noqa: B023
                 block, stddev=1.0, source=NoiseSource.secure()),  # noqa: B023
@@ -318,6 +331,7 @@ def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
                 block, stddev=1.0, source=NoiseSource.secure(), hardened=False),  # noqa: B023
             "aes256_ctr_12_bytes": lambda: keystream(32),
             "aes128_ctr_12_bytes": lambda: keystream(16),
+            "float32_log_sin_cos": transcendentals,
             "torch_normal_mt19937": lambda: block.normal_(),  # noqa: B023
         }
         times: dict[str, list[float]] = {key: [] for key in variants}

@@ -187,16 +187,19 @@ def _aes_ctr_bytes(count: int, key: bytes | None = None) -> memoryview:
     return memoryview(buffer)[:written]
 
 
-#: Coordinates :func:`fill_gaussian_` transforms per pass (its scratch: ~24 bytes a
-#: coordinate, 1.5 MiB). Each pass costs ~15 torch ops, whose fixed cost dominated at
+#: Coordinates :func:`fill_gaussian_` transforms per pass (its scratch: ~16 bytes a
+#: coordinate, 1 MiB). Each pass costs ~15 torch ops, whose fixed cost dominated at
 #: 2^12-2^14 coordinates on the 2-core machine (52 and 23 ns a coordinate, against 17 at
 #: 2^16 and 2^17, ad-hoc runs); whole 1M-coordinate blocks in float64 per pass, as before,
 #: spilled to memory and faulted fresh pages in on every call.
 _CHUNK = 1 << 16
 #: Random bytes per Box-Muller pair: 64 bits for the radius, 32 for the angle.
 _PAIR_BYTES = 12
+#: Bytes of a pass's keystream written at a time: the radius words (the angle words follow
+#: into the same buffer once the radii are taken).
+_RADIUS_BYTES = 8
 #: Zero bytes that AES-CTR encrypts into its keystream (immutable, shared by all threads).
-_ZEROS = memoryview(bytes(_PAIR_BYTES * _CHUNK))
+_ZEROS = memoryview(bytes(_RADIUS_BYTES * _CHUNK))
 
 
 def _zeros(count: int) -> memoryview:
@@ -263,7 +266,11 @@ def fill_gaussian_(out: torch.Tensor, *, stddev: float, source: NoiseSource,
         return out
     write = source._byte_stream()
     chunk = min(count, _CHUNK)
-    raw = bytearray(_PAIR_BYTES * chunk + 16)
+    # The keystream of a pass goes through one buffer in two writes, radius words then angle
+    # words: the same bytes in the same order as one write of 12 a pair, but each word is
+    # read while it is still in cache (12 bytes a coordinate for a whole pass do not fit
+    # in a core's L2 beside the float scratch).
+    raw = bytearray(_RADIUS_BYTES * chunk + 16)
     radius = torch.empty(chunk, dtype=torch.float32)
     angle = torch.empty(chunk, dtype=torch.float32)
     sines = torch.empty(chunk, dtype=torch.float32)
@@ -271,9 +278,11 @@ def fill_gaussian_(out: torch.Tensor, *, stddev: float, source: NoiseSource,
     for first in range(0, count, chunk if hardened else 2 * chunk):
         size = min(count - first, chunk if hardened else 2 * chunk)
         pairs = size if hardened else (size + 1) // 2
-        write(raw, _PAIR_BYTES * pairs)
-        _radius_and_angle(raw, pairs, radius[:pairs], angle[:pairs], scale)
         r, t = radius[:pairs], angle[:pairs]
+        write(raw, _RADIUS_BYTES * pairs)
+        _radius(raw, pairs, r, scale)
+        write(raw, (_PAIR_BYTES - _RADIUS_BYTES) * pairs)
+        _angle(raw, pairs, t)
         if hardened:
             dest = flat[first:first + size]
             torch.cos(t, out=dest).mul_(r)
@@ -290,7 +299,15 @@ def fill_gaussian_(out: torch.Tensor, *, stddev: float, source: NoiseSource,
 def _radius_and_angle(raw: bytearray, pairs: int, radius: torch.Tensor, angle: torch.Tensor,
                       scale: float) -> None:
     """``scale * sqrt(-2 ln u)`` into ``radius`` and ``T`` into ``angle`` from the first
-    ``12 * pairs`` bytes of ``raw``: ``pairs`` 64-bit words then ``pairs`` 32-bit words."""
+    ``12 * pairs`` bytes of ``raw``: ``pairs`` 64-bit words then ``pairs`` 32-bit words (a
+    pass's keystream, as :func:`fill_gaussian_` reads it in two writes)."""
+    _radius(raw, pairs, radius, scale)
+    _angle(raw, pairs, angle, offset=_RADIUS_BYTES * pairs)
+
+
+def _radius(raw: bytearray, pairs: int, radius: torch.Tensor, scale: float) -> None:
+    """``scale * sqrt(-2 ln u)`` into ``radius`` from the first ``pairs`` 64-bit words of
+    ``raw``."""
     import torch
 
     words = torch.frombuffer(raw, dtype=torch.int64, count=pairs)
@@ -298,7 +315,14 @@ def _radius_and_angle(raw: bytearray, pairs: int, radius: torch.Tensor, angle: t
     # every magnitude, so u = (|w| + 1/2) 2^-63 is never 0 and resolves the far tail.
     radius.copy_(words).abs_().add_(0.5).mul_(2.0**-63).log_().mul_(-2.0 * scale * scale)
     radius.sqrt_()
-    angles = torch.frombuffer(raw, dtype=torch.int32, count=pairs, offset=8 * pairs)
+
+
+def _angle(raw: bytearray, pairs: int, angle: torch.Tensor, offset: int = 0) -> None:
+    """``T``, uniform in [-pi, pi) to 2^-31, into ``angle`` from ``pairs`` 32-bit words of
+    ``raw`` from byte ``offset``."""
+    import torch
+
+    angles = torch.frombuffer(raw, dtype=torch.int32, count=pairs, offset=offset)
     angle.copy_(angles).mul_(math.pi * 2.0**-31)
 
 
