@@ -2,9 +2,9 @@
 (``simulation.population.load: per_round``) and dropped when the round is over.
 
 With ``load: all`` (:func:`simulations.data.load_federated_data`) every device's training
-data sit in one table for the whole run: 100,000 FedProx Synthetic devices would be
-~10 GB, and generating them ~6 minutes before the first round. Here memory is
-O(devices per round + per-device metadata):
+data sit in one table for the whole run: 10,000 FedProx Synthetic devices took 1.63 GB and
+19-29 s before the first round (``benchmarks/sim_population.py``), so 100,000 would need
+~11 GB. Here memory is O(devices per round + per-device metadata):
 
 - **per round**: the shards of the admitted devices (a device's data, as an agent started
   with ``SPEC,shard=i/N`` loads it: :func:`core.data.spec.load_dataset`), packed into a
