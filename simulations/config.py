@@ -369,6 +369,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<simulation>",
                                     "it on a coordinator (fedctl task launch)")
     # simulation.experiment (an A/B test of model variants) is read by
     # simulations.experiment; the training it evaluates is this section's.
+    has_experiment = "experiment" in raw_section
     raw_section = {k: v for k, v in raw_section.items() if k != "experiment"}
     try:
         section = fields.build(SimulationSection, raw_section, "simulation")
@@ -380,6 +381,11 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<simulation>",
             source, "simulation.population",
             "is required to simulate: add `simulation: {population: {devices: N, data: SPEC}}` "
             "or pass --population SPEC --devices N")
+    if has_experiment and section.population.load is PopulationLoad.PER_ROUND:
+        raise SimulationConfigError(
+            source, "simulation.population.load", "per_round does not run "
+            "simulation.experiment: its drawn devices evaluate on their own held-out data, "
+            "held for every device of the population; use load: all")
     config = SimulationConfig(
         name=task.name, model=task.model,
         data=DataConfig(spec=section.population.data, num_devices=section.population.devices,

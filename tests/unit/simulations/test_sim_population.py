@@ -123,6 +123,10 @@ simulation:
     with pytest.raises(SimulationConfigError,
                        match=r"t.yaml: field 'simulation.population.load'"):
         parse_simulation_yaml(text.replace("load: per_round", "load: lazy"), source="t.yaml")
+    with pytest.raises(SimulationConfigError,
+                       match=r"'simulation.population.load': per_round does not run "
+                             r"simulation.experiment"):
+        parse_simulation_yaml(text + "  experiment: {arms: []}\n", source="t.yaml")
 
 
 @pytest.mark.parametrize(("change", "message"), [
