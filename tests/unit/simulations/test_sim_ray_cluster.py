@@ -75,9 +75,13 @@ def two_node_cluster() -> Iterator[tuple[str, dict[str, str]]]:
 
     try:
         began = time.monotonic()
+        # Ports Ray would otherwise take at fixed defaults (the client server's 10001, the
+        # dashboard agent's 52365), which another Ray on this machine may hold.
         start("head", ["--head", f"--port={port}", f"--temp-dir={temp}",
-                       "--include-dashboard=false"])
-        start("second", [f"--address={address}"])
+                       "--include-dashboard=false", f"--ray-client-server-port={_free_port()}",
+                       f"--dashboard-agent-listen-port={_free_port()}"])
+        start("second", [f"--address={address}",
+                         f"--dashboard-agent-listen-port={_free_port()}"])
         print(f"two Ray nodes started in {time.monotonic() - began:.1f} s")
         yield address, env
     finally:
