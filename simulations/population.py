@@ -19,8 +19,10 @@ data sit in one table for the whole run: 10,000 FedProx Synthetic devices took 1
 
 Training gives exactly what ``load: all`` gives for the same devices: a job's shuffling
 seed is its device's, and the cohort table holds the same rows (a test checks it).
-Selection still draws availability for every device each round: one vectorized numpy draw,
-about a millisecond for 100,000 devices.
+Every admitted device is generated, those whose reports are then not used too (dropouts,
+stragglers, late reports): selection needs its size for its steps and arrival time, as the
+coordinator learns it from the device. Selection still draws availability for every device
+each round: one vectorized numpy draw over the population's profile arrays.
 
 Not thread-safe.
 """
