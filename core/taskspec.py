@@ -376,9 +376,10 @@ def _validate_experiment(spec: TaskSpec, experiment: ExperimentSpec, known: set[
         if rail.metric not in known:
             fail(f"{path}.guardrails[{i}].metric", f"{rail.metric!r} is not a metric of the "
                                                    f"task (known: {', '.join(sorted(known))})")
-    if experiment.strata:
-        fail(f"{path}.strata", "per-stratum splits need device attributes the coordinator "
-                               "does not have yet; remove the section")
+    if experiment.strata and spec.secure_aggregation is not None:
+        fail(f"{path}.strata", "per-stratum splits need each stratum's devices counted per "
+                               "arm (the sample-ratio check), which only clear reports "
+                               "give; remove secure_aggregation or the strata")
     if spec.privacy is not None:
         fail("privacy", "an experiment's sample-ratio check and statistics need exact device "
                         "counts per arm; central DP noises them (not supported yet)")

@@ -66,6 +66,9 @@ class AgentConfig:
     #: and the ``node_config`` its client function receives (``key=value ...``).
     flower_client: str | None = None
     flower_node_config: str = ""
+    #: The stratum every hosted device declares at check-in (experiments with per-stratum
+    #: splits, :mod:`core.experiments.assignment`); None: none (the default split).
+    stratum: str | None = None
 
 
 def device_shards(config: AgentConfig) -> list[tuple[str, str]]:
@@ -118,6 +121,7 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> list[
             client, trainer=trainer, attributes=config.attributes, task_id=config.task_id,
             exit_when_idle=config.exit_when_idle, stop=stop,
             enrollment_token=config.enrollment_token, attestation=config.attestation,
+            stratum=config.stratum,
         )
         for name, data, trainer in hosted
     ]

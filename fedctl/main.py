@@ -207,6 +207,9 @@ def build_parser() -> FedctlParser:
     run.add_argument("--task", metavar="TASK_ID", help="only take part in this task; exit when it ends")
     run.add_argument("--population", default="default",
                      help="the population whose tasks the devices serve")
+    run.add_argument("--stratum", metavar="NAME",
+                     help="the stratum every device declares at check-in (experiments with "
+                          "per-stratum splits; 1-32 letters, digits, _ or -)")
     run.add_argument("--not-charging", action="store_true", help="device is not charging")
     run.add_argument("--metered", action="store_true", help="device is on a metered network")
     run.add_argument("--busy", action="store_true", help="device is not idle")
@@ -434,6 +437,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     import threading
 
     from core.errors import CoreError
+    from core.experiments.assignment import stratum_problem
     from core.security.identity import KeyFileError
     from core.types import DeviceAttributes
     from device_agent.app import (
@@ -457,6 +461,8 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         raise CliError("--flower-node-config needs --flower-client", exit_code=2)
     if args.devices < 1:
         raise CliError("--devices must be at least 1", exit_code=2)
+    if args.stratum is not None and stratum_problem(args.stratum) is not None:
+        raise CliError(f"--stratum {stratum_problem(args.stratum)}", exit_code=2)
     attestation = b""
     if args.attestation is not None:
         try:
@@ -473,7 +479,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
                                     idle=not args.busy, population=args.population),
         exit_when_idle=args.exit_when_idle, give_up_after_s=args.give_up_after,
         tls=tls, flower_client=args.flower_client,
-        flower_node_config=args.flower_node_config,
+        flower_node_config=args.flower_node_config, stratum=args.stratum,
     )
     stop = threading.Event()
     install_signal_handlers(stop)

@@ -116,6 +116,12 @@ def check_in_schema_from_proto(msg: device_pb2.CheckInRequest) -> DataSchema | N
     return data_schema_from_proto(msg.data_schema) if msg.HasField("data_schema") else None
 
 
+def check_in_stratum_from_proto(msg: device_pb2.CheckInRequest) -> str | None:
+    """The stratum the device declared (None: none, an older agent's ""); the coordinator
+    checks the name (:func:`core.experiments.assignment.stratum_problem`)."""
+    return msg.stratum or None
+
+
 def declined_task_ids_from_proto(ids: Sequence[str]) -> frozenset[str]:
     """Raises WireFormatError for more than 32 ids or one longer than 128 characters."""
     if len(ids) > MAX_DECLINED_TASKS:

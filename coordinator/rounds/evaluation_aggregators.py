@@ -7,6 +7,9 @@ vectors (:mod:`core.evaluation.layout`) and releasing the summaries of the sum
 
     PlainEvaluation      clear reports, each checked (bounds and internal consistency,
                          :func:`core.evaluation.report.report_problem`), summed exactly;
+                         in an experiment with per-stratum splits also the devices per
+                         stratum and arm (:class:`~coordinator.rounds.evaluation_tasks.
+                         StrataTally`, counted by participation);
                          where the plan sketches per-example values (``plan.sketch``), the
                          devices' KLL sketches are merged per version and metric and
                          released as ``example_q<p>`` with ``example_rank_error``
@@ -92,6 +95,7 @@ class PlainEvaluation:
         self._count = 0
         self._rng = np.random.default_rng() if rng is None else rng
         self._sketches: dict[tuple[int, str], KllSketch] = {}
+        self._strata = setup.strata.begin_round() if setup.strata is not None else None
 
     def check_upload(self, metrics: Mapping[str, float]) -> dict[str, float]:
         return _no_metrics(metrics)
@@ -123,7 +127,10 @@ class PlainEvaluation:
         """The summaries of the exact sums, and the quantiles of the merged sketches."""
         if not self._count:
             raise ReleaseRefused("no evaluation report arrived")
-        return Aggregate(_NO_UPDATE, _results(self._setup, self._sum, self._sketches))
+        metrics = _results(self._setup, self._sum, self._sketches)
+        if self._setup.strata is not None and self._strata is not None:
+            metrics.update(self._setup.strata.metrics(self._strata))
+        return Aggregate(_NO_UPDATE, metrics)
 
 
 class CentralDpEvaluation:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -36,18 +36,60 @@ from core.evaluation import (
 )
 from core.experiments.decision import Decision
 from core.experiments.spec import Arm, ExperimentSpec
-from core.experiments.versions import analyze, state_metrics
+from core.experiments.versions import (
+    DEFAULT_STRATUM,
+    analyze,
+    state_metrics,
+    strata_key,
+    stratum_label,
+)
 from core.taskspec import spec_from_dict
 from core.tensors import TensorInfo
 from core.types import FederatedEvaluation, TaskKind, TaskSpec
 
 
+class StrataTally:
+    """An experiment with per-stratum splits: per round, the reporting devices per stratum
+    label and evaluated version, for the stratified sample-ratio check
+    (:func:`core.experiments.versions.strata_key`). Only counts leave it, never which
+    device declared what.
+
+    The round's evaluation aggregator takes a fresh count when it is made
+    (:meth:`begin_round`, one per round attempt) and releases it; participation adds each
+    accepted report to the open round's (:meth:`count`). Thread-safety: :meth:`count` and
+    :meth:`begin_round` run on the event loop; the released count is read on the commit
+    thread once the round takes no more reports."""
+
+    def __init__(self, experiment: ExperimentSpec) -> None:
+        self.experiment = experiment
+        self._current: dict[tuple[str, int], int] = {}
+
+    def begin_round(self) -> dict[tuple[str, int], int]:
+        self._current = {}
+        return self._current
+
+    def count(self, stratum: str | None, version: int) -> None:
+        """One accepted report of a device that declared ``stratum`` and evaluated
+        ``version``."""
+        key = (stratum_label(self.experiment, stratum), version)
+        self._current[key] = self._current.get(key, 0) + 1
+
+    def metrics(self, counts: Mapping[tuple[str, int], int]) -> dict[str, float]:
+        """``counts`` as round metrics: every label and arm version, zeros included."""
+        labels = (DEFAULT_STRATUM, *sorted(self.experiment.strata))
+        return {strata_key(label, arm.version): float(counts.get((label, arm.version), 0))
+                for label in labels for arm in self.experiment.arms
+                if arm.version is not None}
+
+
 @dataclass(frozen=True)
 class EvaluationSetup:
-    """A running evaluation task's report layout and the quantiles it releases."""
+    """A running evaluation task's report layout and the quantiles it releases;
+    ``strata``: an experiment with per-stratum splits counts its devices per stratum."""
 
     layout: EvaluationLayout
     quantiles: tuple[float, ...]
+    strata: StrataTally | None = field(default=None, compare=False)
 
     @property
     def tensors(self) -> list[TensorInfo]:
@@ -81,7 +123,9 @@ def evaluation_setup(spec: TaskSpec, *, bundle_plan: EvaluationPlan | None = Non
             raise ValueError(f"the stored bundle evaluates versions "
                              f"{list(bundle_plan.versions)}, the task {list(plan.versions)}")
         plan = bundle_plan
-    return EvaluationSetup(EvaluationLayout(plan), spec.evaluate.quantiles)
+    experiment = spec.evaluate.experiment
+    strata = StrataTally(experiment) if experiment is not None and experiment.strata else None
+    return EvaluationSetup(EvaluationLayout(plan), spec.evaluate.quantiles, strata)
 
 
 def sketches_examples(spec: TaskSpec) -> bool:

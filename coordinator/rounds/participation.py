@@ -43,6 +43,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, Store
 from coordinator.storage.records import ModelVersionRecord
 from core.evaluation import report_problem
+from core.experiments.assignment import stratum_problem
 from core.protocol import (
     CheckInOutcome,
     CheckInResult,
@@ -91,15 +92,54 @@ class Participants:
         # Retry jitter needs no CSPRNG, and is on the check-in hot path.
         self._jitter = random.Random(rng.getrandbits(64))
         self._settings = settings
+        #: Per open round (by round id), the strata its seated devices declared
+        #: (:meth:`_keep_stratum`); only experiments with per-stratum splits keep any.
+        self._strata: dict[int, dict[str, str]] = {}
 
     # ------------------------------------------------------------------ check-in and plan
 
     def check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None, *,
-                 schema: DataSchema | None = None, declined: frozenset[str] = frozenset()
-                 ) -> CheckInResult:
+                 schema: DataSchema | None = None, declined: frozenset[str] = frozenset(),
+                 stratum: str | None = None) -> CheckInResult:
         """Answers a check-in; records the device's data ``schema`` for its population's
-        launch checks, and never offers it a task it ``declined``."""
+        launch checks, and never offers it a task it ``declined``. ``stratum``: the device's
+        declared stratum; kept with its seat in an experiment with per-stratum splits (the
+        split its report is checked against and counted under), in memory only and for
+        the round only. Raises InvalidRequest for a bad device id or stratum."""
         _check_device_id(device_id)
+        if stratum is not None:
+            problem = stratum_problem(stratum)
+            if problem is not None:
+                raise InvalidRequest(f"stratum: {problem}")
+        result = self._check_in(device_id, attrs, task_id, schema=schema, declined=declined)
+        if result.outcome is CheckInOutcome.ACCEPTED and stratum is not None:
+            self._keep_stratum(result.task_id, device_id, stratum)
+        return result
+
+    def _keep_stratum(self, task_id: str, device_id: str, stratum: str) -> None:
+        """Keeps the stratum of a device seated in ``task_id``'s open round, when the task
+        is an experiment with per-stratum splits. The first declaration in a round binds
+        (a device cannot switch splits once it knows its arm). Strata of rounds no longer
+        open are dropped when a new round's first is kept."""
+        task = self._running.get(task_id)
+        if task is None or task.round is None or task.evaluation is None \
+                or task.evaluation.strata is None:
+            return
+        round_id = task.round.round_id
+        if round_id not in self._strata:
+            open_rounds = {t.round.round_id for t in self._running.values()
+                           if t.round is not None}
+            for stale in [r for r in self._strata if r not in open_rounds]:
+                del self._strata[stale]
+            self._strata[round_id] = {}
+        self._strata[round_id].setdefault(device_id, stratum)
+
+    def _stratum(self, rnd: OpenRound, device_id: str) -> str | None:
+        """The stratum ``device_id`` declared when seated in ``rnd``; None: none."""
+        return self._strata.get(rnd.round_id, {}).get(device_id)
+
+    def _check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None, *,
+                  schema: DataSchema | None, declined: frozenset[str]) -> CheckInResult:
         now = self._clock.now()
         limits = self._settings
         if schema is not None:
@@ -346,7 +386,8 @@ class Participants:
                 refusal = _refusal(norm, task.spec.robustness.max_update_l2_norm)
             else:
                 assert upload.spool is not None
-                refusal = _report_refusal(task.evaluation, upload.spool.path, device)
+                refusal = _report_refusal(task.evaluation, upload.spool.path, device,
+                                          self._stratum(rnd, device))
             if refusal is not None:
                 self._store.set_participant_state(
                     rnd.round_id, device, ParticipantState.REJECTED, now=self._clock.now()
@@ -375,6 +416,11 @@ class Participants:
             )
             rnd.aggregator.add_upload(upload.spool.path, upload.header.num_examples,
                                       upload.header.metrics, scale=scale)
+            if task.evaluation is not None and task.evaluation.strata is not None:
+                stratum = self._stratum(rnd, device)
+                version = task.evaluation.layout.plan.version_for(device, stratum)
+                assert version is not None  # an experiment's plan assigns every device
+                task.evaluation.strata.count(stratum, version)
             rnd.reported.add(device)
             task.any_accepted = True
             self._remember(seat, upload, None)
@@ -567,10 +613,12 @@ def _refusal(norm: float, max_norm: float) -> InvalidRequest | None:
     return None
 
 
-def _report_refusal(setup: EvaluationSetup, path: Path, device: str) -> InvalidRequest | None:
+def _report_refusal(setup: EvaluationSetup, path: Path, device: str, stratum: str | None
+                   ) -> InvalidRequest | None:
     """Why an evaluation report must not count (bounds, consistency, in an experiment the
-    device's arm); None if it may."""
-    problem = report_problem(setup.layout, np.fromfile(path, dtype="<f4"), device_id=device)
+    device's arm under its stratum's split); None if it may."""
+    problem = report_problem(setup.layout, np.fromfile(path, dtype="<f4"), device_id=device,
+                             stratum=stratum)
     if problem is None:
         return None
     return InvalidRequest(f"evaluation report refused: {problem}")

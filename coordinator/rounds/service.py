@@ -218,11 +218,13 @@ class CoordinatorService:
 
     def check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None = None,
                  *, schema: DataSchema | None = None,
-                 declined: frozenset[str] = frozenset()) -> CheckInResult:
+                 declined: frozenset[str] = frozenset(),
+                 stratum: str | None = None) -> CheckInResult:
         """``schema``: the device's data, remembered for launch checks; ``declined``: tasks
-        the device declined, never offered to it again."""
+        the device declined, never offered to it again; ``stratum``: the device's declared
+        stratum (experiments with per-stratum splits), kept with its seat, never in events."""
         result = self._participants.check_in(device_id, attrs, task_id, schema=schema,
-                                             declined=declined)
+                                             declined=declined, stratum=stratum)
         if result.task_id:
             # One event per check-in, its kind the answer (a check-in is the hottest path:
             # every event costs each sink, Kafka's included).

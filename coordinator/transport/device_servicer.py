@@ -143,6 +143,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             request.device_id, convert.attributes_from_proto(request.attributes),
             request.task_id or None, schema=convert.check_in_schema_from_proto(request),
             declined=convert.declined_task_ids_from_proto(request.declined_task_ids),
+            stratum=convert.check_in_stratum_from_proto(request),
         )
         await self._written.durable()  # a seat is recorded before its device hears of it
         return device_pb2.CheckInResponse(

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.evaluation.kll import DEFAULT_K, MAX_K, MIN_K
-from core.experiments.assignment import TrafficSplit, assign_arm
+from core.experiments.assignment import (
+    StratifiedSplit,
+    TrafficSplit,
+    assign_arm,
+    stratum_problem,
+)
 from core.types import EvaluationSplit, FederatedEvaluation
 
 #: Metrics every evaluation reports, with their default ranges: the model's loss (mean per
@@ -84,11 +89,23 @@ class ArmAssignment:
     ``covariate``: CUPED's covariate version (an experiment whose primary metric has a
     ``<metric>@<arm>`` covariate): every device also evaluates this version, and its
     metrics there fill the ``cov_*`` fields of its arm's block (:mod:`core.evaluation.
-    layout`); None: no covariate (and the plan's JSON is what it was before covariates)."""
+    layout`); None: no covariate (and the plan's JSON is what it was before covariates).
+
+    ``strata``: per-stratum splits (stratum name, weights in the plan's version order): a
+    device that declares one of these strata at check-in is assigned by that split, any
+    other device by ``weights`` (:class:`core.experiments.assignment.StratifiedSplit`);
+    empty: no strata (the plan's JSON is what it was before strata)."""
 
     salt: str
     weights: tuple[float, ...]
     covariate: int | None = None
+    strata: tuple[tuple[str, tuple[float, ...]], ...] = ()
+
+    def split(self) -> TrafficSplit | StratifiedSplit:
+        default = TrafficSplit(self.weights)
+        if not self.strata:
+            return default
+        return StratifiedSplit(default, {name: TrafficSplit(w) for name, w in self.strata})
 
 
 @dataclass(frozen=True)
@@ -108,20 +125,23 @@ class EvaluationPlan:
         """Whether devices sketch the per-example values of metric ``name``."""
         return self.sketch is not None and name in self.sketch.metrics
 
-    def version_for(self, device_id: str) -> int | None:
-        """The one version ``device_id`` evaluates in an experiment; None otherwise (it
-        evaluates them all). Raises ``ValueError`` for an empty device id."""
+    def version_for(self, device_id: str, stratum: str | None = None) -> int | None:
+        """The one version ``device_id`` (declaring ``stratum``, None: none) evaluates in an
+        experiment; None otherwise (it evaluates them all). Raises ``ValueError`` for an
+        empty device id."""
         if self.assignment is None:
             return None
         arm = assign_arm(device_id, salt=self.assignment.salt,
-                         split=TrafficSplit(self.assignment.weights))
+                         split=self.assignment.split(), stratum=stratum)
         return self.versions[arm]
 
-    def versions_for(self, device_id: str) -> tuple[int, ...] | None:
-        """The versions ``device_id`` evaluates in an experiment: its arm's, then the
-        covariate version if there is one and it is another; None outside an experiment
-        (it evaluates them all). Raises ``ValueError`` for an empty device id."""
-        mine = self.version_for(device_id)
+    def versions_for(self, device_id: str, stratum: str | None = None
+                     ) -> tuple[int, ...] | None:
+        """The versions ``device_id`` (declaring ``stratum``) evaluates in an experiment:
+        its arm's, then the covariate version if there is one and it is another; None
+        outside an experiment (it evaluates them all). Raises ``ValueError`` for an empty
+        device id."""
+        mine = self.version_for(device_id, stratum)
         if mine is None:
             return None
         assert self.assignment is not None
@@ -151,6 +171,9 @@ class EvaluationPlan:
                                   "weights": list(self.assignment.weights)}
             if self.assignment.covariate is not None:
                 data["assignment"]["covariate"] = self.assignment.covariate
+            if self.assignment.strata:
+                data["assignment"]["strata"] = {name: list(w)
+                                                for name, w in self.assignment.strata}
         if self.sketch is not None:  # absent otherwise: such plans read as they did before
             data["sketch"] = {"k": self.sketch.k, "metrics": list(self.sketch.metrics)}
         return json.dumps(data, sort_keys=True)
@@ -171,7 +194,10 @@ class EvaluationPlan:
                     str(data["assignment"]["salt"]),
                     tuple(float(w) for w in data["assignment"]["weights"]),
                     (None if data["assignment"].get("covariate") is None
-                     else int(data["assignment"]["covariate"])))),
+                     else int(data["assignment"]["covariate"])),
+                    tuple((str(name), tuple(float(w) for w in weights))
+                          for name, weights in sorted(
+                              data["assignment"].get("strata", {}).items())))),
                 sketch=(None if "sketch" not in data else SketchPlan(
                     int(data["sketch"]["k"]),
                     tuple(str(m) for m in data["sketch"]["metrics"]))),
@@ -213,8 +239,13 @@ def plan_for(evaluation: FederatedEvaluation, versions: Sequence[int], *,
         weight = {a.version: a.weight for a in experiment.arms}
         by_name = {a.name: a.version for a in experiment.arms}
         covariate_arm = experiment.primary.covariate_arm
+        index = {a.version: i for i, a in enumerate(experiment.arms)}
+        strata = tuple(
+            (name, tuple(weights[index[v]] if v in index else 0.0 for v in versions))
+            for name, weights in sorted(experiment.strata.items()))
         assignment = ArmAssignment(experiment.salt, tuple(weight.get(v, 0.0) for v in versions),
-                                   None if covariate_arm is None else by_name.get(covariate_arm))
+                                   None if covariate_arm is None else by_name.get(covariate_arm),
+                                   strata)
     sketch = None
     if sketches:
         sketch = SketchPlan(DEFAULT_K, tuple(
@@ -237,6 +268,15 @@ def plan_problem(plan: EvaluationPlan) -> tuple[str, str] | None:
                 or abs(math.fsum(weights) - 1.0) > 1e-9):
             return ("evaluate.experiment.arms", f"one weight >= 0 per version, summing to 1, "
                                                 f"got {list(weights)} for {list(plan.versions)}")
+        for name, split in plan.assignment.strata:
+            if stratum_problem(name) is not None:
+                return "evaluate.experiment.strata", f"stratum {name[:40]!r}: " \
+                                                     f"{stratum_problem(name)}"
+            if (len(split) != len(weights)
+                    or not all(math.isfinite(w) and w >= 0 for w in split)
+                    or abs(math.fsum(split) - 1.0) > 1e-9):
+                return (f"evaluate.experiment.strata.{name}", f"one weight >= 0 per version, "
+                                                              f"summing to 1, got {list(split)}")
         if not plan.assignment.salt:
             return "evaluate.experiment.salt", "must not be empty"
         covariate = plan.assignment.covariate

@@ -157,14 +157,14 @@ def _clamped(result: DeviceResult, version: int, m: MetricPlan) -> float:
 
 
 def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating], *,
-                   device_id: str | None = None) -> str | None:
+                   device_id: str | None = None, stratum: str | None = None) -> str | None:
     """Why a clear report must be refused (a message for the device), or None.
 
     The report is rebuilt from its own ``examples`` and ``sum`` coordinates with
     :func:`device_vector` and must equal it, within float32 rounding: so every bound and
     every relation between the coordinates holds. In an experiment exactly one version's
-    block is filled, and with ``device_id`` it must be that device's arm's version (a device
-    cannot choose its arm). Each sketch region must hold a sketch of the block's ``n``
+    block is filled, and with ``device_id`` it must be that device's arm's version (under
+    the split of the ``stratum`` it declared at check-in: a device cannot choose its arm). Each sketch region must hold a sketch of the block's ``n``
     values (all zero in a block not filled)."""
     v = np.asarray(vector, dtype=np.float64)
     if v.shape != (layout.length,):
@@ -179,9 +179,10 @@ def report_problem(layout: EvaluationLayout, vector: npt.NDArray[np.floating], *
         if len(versions) != 1:
             return (f"in this experiment a device reports exactly one model version (its "
                     f"arm's); this report fills {len(versions)} of {list(plan.versions)}")
-        if device_id is not None and versions[0] != plan.version_for(device_id):
+        if device_id is not None and versions[0] != plan.version_for(device_id, stratum):
             return (f"device {device_id[:64]!r} is assigned model version "
-                    f"{plan.version_for(device_id)} in this experiment, not {versions[0]}")
+                    f"{plan.version_for(device_id, stratum)} in this experiment, not "
+                    f"{versions[0]}")
     results = {}
     for version in versions:
         if v[layout.index(version, "", "devices")] != 1.0:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         assignment_unit,
         assignment_units,
         new_salt,
+        stratum_problem,
     )
     from core.experiments.decision import Action, Decision, decide
     from core.experiments.errors import ExperimentError, ExperimentSpecError
@@ -59,7 +60,12 @@ if TYPE_CHECKING:
         PrimaryMetric,
         parse_experiment_spec,
     )
-    from core.experiments.srm import DEFAULT_SRM_THRESHOLD, SrmResult, srm_check
+    from core.experiments.srm import (
+        DEFAULT_SRM_THRESHOLD,
+        SrmResult,
+        srm_check,
+        stratified_srm_check,
+    )
 
 _HOME = {
     "Action": "core.experiments.decision",
@@ -96,6 +102,8 @@ _HOME = {
     "new_salt": "core.experiments.assignment",
     "parse_experiment_spec": "core.experiments.spec",
     "srm_check": "core.experiments.srm",
+    "stratified_srm_check": "core.experiments.srm",
+    "stratum_problem": "core.experiments.assignment",
     "welch_p_values": "core.experiments.sequential",
     "welch_test": "core.experiments.sequential",
 }
@@ -145,6 +153,8 @@ __all__ = [
     "new_salt",
     "parse_experiment_spec",
     "srm_check",
+    "stratified_srm_check",
+    "stratum_problem",
     "welch_p_values",
     "welch_test",
 ]

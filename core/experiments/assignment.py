@@ -32,7 +32,14 @@ the caller derives) chooses *which traffic split* applies to that ``u``
 
 Consequence for analysis: when splits differ between strata and the metric differs between
 strata, a pooled difference in means is confounded; compare within strata (and check the
-sample ratio per stratum with :func:`core.experiments.srm.srm_check`).
+sample ratio per stratum: :func:`core.experiments.srm.stratified_srm_check`).
+
+**Where a stratum comes from**: the device declares it (``fedctl agent run --stratum NAME``,
+sent in its check-in); it is a name of at most :data:`MAX_STRATUM_LENGTH` characters of
+letters, digits, ``_`` and ``-`` (:func:`stratum_problem`). A device with no stratum, or one
+the experiment does not name, uses the default split. The declaration is self-reported: a
+device that lies about its stratum picks which split applies to its fixed ``u``, not its arm
+within that split.
 
 All functions are pure and thread-safe.
 """
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +58,22 @@ import numpy.typing as npt
 
 _DOMAIN = b"fedcoord/experiment-assignment/v1\x00"
 _WEIGHT_SUM_TOLERANCE = 1e-9
+
+#: Longest stratum name a device may declare (and an experiment may name).
+MAX_STRATUM_LENGTH = 32
+_STRATUM = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def stratum_problem(name: str) -> str | None:
+    """Why ``name`` is not a stratum name (1 to :data:`MAX_STRATUM_LENGTH` letters, digits,
+    ``_`` or ``-``), or None. The message never echoes more than 40 characters of it."""
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_STRATUM_LENGTH:
+        return f"must be at most {MAX_STRATUM_LENGTH} characters, got {len(name)}"
+    if not _STRATUM.fullmatch(name):
+        return f"must be letters, digits, _ or - only, got {name[:40]!r}"
+    return None
 
 
 def new_salt() -> str:

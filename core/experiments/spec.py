@@ -28,8 +28,9 @@
     salt: 3f9c...                # the assignment key; new_salt() makes one
     tau: 0.01                    # optional: the mSPRT mixing scale (default: mde)
     srm_threshold: 0.001         # optional
-    strata:                      # optional: per-stratum traffic splits (see assignment.py)
-      low_end: {control: 0.9, new_model: 0.1}
+    strata:                      # optional: per-stratum traffic splits (see assignment.py);
+      low_end: {control: 0.9, new_model: 0.1}   # a name: up to 32 letters, digits, _ or -;
+                                                # arms left out get weight 0
 
 Unknown keys are errors. Every error is an :class:`ExperimentSpecError` (a ``ValueError``)
 naming the field by its path (``arms[1].weight``); the caller that read the file adds the
@@ -44,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from core.experiments.assignment import StratifiedSplit, TrafficSplit
+from core.experiments.assignment import StratifiedSplit, TrafficSplit, stratum_problem
 from core.experiments.errors import ExperimentSpecError
 
 #: The sample-ratio check's default threshold (:mod:`core.experiments.srm`); defined here so
@@ -342,9 +343,12 @@ def _strata(value: Any, names: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
     out: dict[str, tuple[float, ...]] = {}
     for stratum, split in value.items():
         path = f"strata.{stratum}"
-        if not isinstance(stratum, str) or not stratum:
+        if not isinstance(stratum, str) or stratum_problem(stratum) is not None:
+            problem = (stratum_problem(stratum) if isinstance(stratum, str)
+                       else "must be a string")
             raise ExperimentSpecError(
-                "strata", f"stratum names must be non-empty strings, got {stratum!r}"
+                "strata", f"stratum name {str(stratum)[:40]!r} {problem} (what a device "
+                          f"declares with fedctl agent run --stratum)"
             )
         if not isinstance(split, Mapping):
             raise ExperimentSpecError(

@@ -7,20 +7,21 @@ comparison between the arms is suspect, whatever its p-value. The default thresh
 the usual one: the check runs every round, so it must rarely fire on a healthy experiment.
 
 Count *devices* (the unit of assignment), not reports: a device that reports ten times is
-one draw from the split. With per-stratum splits, check each stratum on its own.
+one draw from the split. With per-stratum splits, check each stratum on its own and combine
+them (:func:`stratified_srm_check`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from core.experiments.spec import DEFAULT_SRM_THRESHOLD
 
-__all__ = ["DEFAULT_SRM_THRESHOLD", "SrmResult", "srm_check"]
+__all__ = ["DEFAULT_SRM_THRESHOLD", "SrmResult", "srm_check", "stratified_srm_check"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,66 @@ def srm_check(
     else:
         result = stats.chisquare(observed[positive], f_exp=expected[positive])
         statistic, p_value = float(result.statistic), float(result.pvalue)
+    return SrmResult(
+        observed=tuple(int(c) for c in observed),
+        expected=tuple(float(e) for e in expected),
+        statistic=statistic,
+        p_value=p_value,
+        threshold=threshold,
+        flagged=p_value < threshold,
+    )
+
+
+def stratified_srm_check(
+    counts: Mapping[str, Sequence[int]],
+    weights: Mapping[str, Sequence[float]],
+    *,
+    threshold: float = DEFAULT_SRM_THRESHOLD,
+) -> SrmResult:
+    """The sample-ratio check of an experiment whose split differs between strata.
+
+    ``counts[s]``: devices per arm seen in stratum ``s``; ``weights[s]``: that stratum's
+    split. Each stratum's devices are an independent multinomial draw from its own split, so
+    the per-stratum chi-square statistics add up, and so do their degrees of freedom (the
+    arms of positive weight, less one, per stratum): one test of all strata at once, which
+    also catches a mismatch that pooled counts would hide (two strata skewed in opposite
+    directions). A device in an arm of weight 0 of its stratum is a certain mismatch
+    (p = 0). The result's ``observed`` and ``expected`` are pooled over the strata
+    (expected: the sum of each stratum's count x its weights), for display.
+
+    Raises ``ValueError`` for a stratum without weights, mismatched lengths, negative counts,
+    weights that are not a distribution, or a threshold outside (0, 1).
+    """
+    from scipy import stats
+
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    arms = len(next(iter(weights.values()))) if weights else 0
+    observed = np.zeros(arms, dtype=np.int64)
+    expected = np.zeros(arms, dtype=np.float64)
+    statistic, dof, certain = 0.0, 0, False
+    for name, stratum_counts in counts.items():
+        if name not in weights:
+            raise ValueError(f"stratum {name!r} has counts but no split")
+        if len(stratum_counts) != arms or len(weights[name]) != arms:
+            raise ValueError(f"stratum {name!r}: {len(stratum_counts)} counts for "
+                             f"{len(weights[name])} weights ({arms} arms)")
+        one = srm_check(stratum_counts, weights[name], threshold=threshold)
+        observed += np.asarray(one.observed, dtype=np.int64)
+        expected += np.asarray(one.expected, dtype=np.float64)
+        if one.p_value == 0.0 and math.isinf(one.statistic):
+            certain = True
+            continue
+        positive = sum(1 for w in weights[name] if w > 0)
+        if sum(one.observed) and positive >= 2:
+            statistic += one.statistic
+            dof += positive - 1
+    if certain:
+        statistic, p_value = math.inf, 0.0
+    elif dof == 0:
+        p_value = 1.0
+    else:
+        p_value = float(stats.chi2.sf(statistic, dof))
     return SrmResult(
         observed=tuple(int(c) for c in observed),
         expected=tuple(float(e) for e in expected),

@@ -183,6 +183,11 @@ def parse_training_arms(raw: Any, *, task_rounds: int, default_devices_per_round
     if not isinstance(partition, bool):
         raise ExperimentSpecError("partition_training", f"must be true or false, got "
                                                         f"{partition!r}")
+    if partition and spec.strata:
+        raise ExperimentSpecError("strata", "is not supported with partition_training: an "
+                                            "arm's training task admits devices by the "
+                                            "default split alone (eligibility.arm); remove "
+                                            "one of them")
     if partition:
         for i, arm in enumerate(spec.arms):
             if arm.weight <= 0:

@@ -10,6 +10,10 @@ mean^2``; one device: ``sum(x^2) = mean^2``) and added up over the committed rou
 look (one per round) compares the cumulative arms:
 
 * the sample-ratio check (:func:`~core.experiments.srm.srm_check`) on the devices per arm;
+  with per-stratum splits (``strata``), :func:`~core.experiments.srm.stratified_srm_check`
+  on the devices per stratum and arm, which the evaluation releases as counts
+  (:func:`strata_key`; the coordinator knows each reporting device's declared stratum and
+  its arm), so the expected shares follow the strata actually seen;
 * per treatment and metric (the primary one, each guardrail) the difference of device means,
   folded into an always-valid result (:func:`~core.experiments.sequential.
   always_valid_look`; ``alpha = spec.comparison_alpha``, ``tau = spec.tau`` for the primary
@@ -30,6 +34,16 @@ same data under a related model), which is what cuts the variance (by 1 - corr^2
 re-estimated at each look from all devices so far: the usual plug-in, whose error vanishes
 as the arms grow (the always-valid guarantee is asymptotic in it, as it is in the plug-in
 variances). Guardrails are compared unadjusted.
+
+**Strata and the pooled comparison**: with per-stratum splits the arms' means are pooled
+over strata in different proportions (a stratum at 10% treatment weighs less in the
+treatment arm than in the control). Where the metric differs between strata, the pooled
+difference then mixes the treatment effect with the strata's difference: it estimates the
+effect only when the metric's stratum means are equal, or the splits are. The comparisons
+here are pooled (the released sums are per arm, not per stratum and arm); read them with
+that in mind, or give every stratum the same split and use strata only to exclude
+(weight 0), which changes the population, not the mix. The sample-ratio check is per
+stratum and valid either way.
 
 **Assumption**: every round's reports are new draws of devices. A device that reports in
 several rounds counts once per round (the sums cannot tell devices apart: under secure
@@ -60,12 +74,41 @@ from core.experiments.sequential import (
     welch_test,
 )
 from core.experiments.spec import ExperimentSpec
-from core.experiments.srm import SrmResult, srm_check
+from core.experiments.srm import SrmResult, srm_check, stratified_srm_check
 
 #: Round metrics an experiment adds, ``experiment.<...>``; ``experiment.action`` is the index
 #: of the decision's :class:`Action` in :data:`ACTIONS`.
 PREFIX = "experiment"
 ACTIONS = tuple(Action)
+#: The stratum label of the devices on the default split (no stratum, or one the spec does
+#: not name); not a stratum name a device can declare.
+DEFAULT_STRATUM = "*"
+
+
+def strata_key(label: str, version: int) -> str:
+    """The round metric counting the reporting devices of stratum ``label`` (a name of
+    ``spec.strata``, or :data:`DEFAULT_STRATUM`) that evaluated ``version`` (their arm's)."""
+    return f"eval.strata.{label}.v{version}.devices"
+
+
+def stratum_label(spec: ExperimentSpec, stratum: str | None) -> str:
+    """The label a device declaring ``stratum`` is counted under: the stratum's name when
+    the spec gives it a split, otherwise :data:`DEFAULT_STRATUM`."""
+    return stratum if stratum is not None and stratum in spec.strata else DEFAULT_STRATUM
+
+
+def _split_weights(spec: ExperimentSpec) -> dict[str, tuple[float, ...]]:
+    return {DEFAULT_STRATUM: tuple(a.weight for a in spec.arms), **spec.strata}
+
+
+def round_strata(spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, list[int]]:
+    """Per stratum label, the devices per arm of one round (:func:`strata_key`); empty for
+    a spec without strata."""
+    if not spec.strata:
+        return {}
+    return {label: [max(0, round(metrics.get(strata_key(label, a.version or 0), 0.0)))
+                    for a in spec.arms]
+            for label in _split_weights(spec)}
 
 
 @dataclass(frozen=True)
@@ -177,15 +220,19 @@ def analyze(spec: ExperimentSpec, rounds: Sequence[Mapping[str, float]]) -> Expe
     cumulative = {arm.name: dict(zero) for arm in spec.arms}
     looks: dict[tuple[str, str], AlwaysValidResult] = {}
     paired = {arm.name: PairedSums(0, 0.0, 0.0, 0.0, 0.0, 0.0) for arm in spec.arms}
+    strata = {label: [0] * len(spec.arms) for label in _split_weights(spec)} if spec.strata \
+        else {}
     state: ExperimentState | None = None
     for number, metrics in enumerate(rounds, start=1):
+        for label, counts in round_strata(spec, metrics).items():
+            strata[label] = [a + b for a, b in zip(strata[label], counts, strict=True)]
         for arm, per_metric in round_sums(spec, metrics).items():
             for name, sums in per_metric.items():
                 cumulative[arm][name] = cumulative[arm][name] + sums
         for arm, pair in round_covariates(spec, metrics).items():
             paired[arm] = paired[arm] + pair
         state = _look(spec, number, cumulative, looks,
-                      paired if spec.primary.covariate_arm is not None else None)
+                      paired if spec.primary.covariate_arm is not None else None, strata)
         if state.decision.stops:
             return state
     assert state is not None
@@ -201,7 +248,8 @@ def _tau(spec: ExperimentSpec, metric: str) -> float:
 
 def _look(spec: ExperimentSpec, number: int, cumulative: Mapping[str, Mapping[str, Sums]],
           looks: dict[tuple[str, str], AlwaysValidResult],
-          paired: Mapping[str, PairedSums] | None = None) -> ExperimentState:
+          paired: Mapping[str, PairedSums] | None = None,
+          strata: Mapping[str, Sequence[int]] | None = None) -> ExperimentState:
     primary_name = spec.primary.name
     adjusted: dict[str, ArmStats] = {}
     theta = math.nan
@@ -210,7 +258,10 @@ def _look(spec: ExperimentSpec, number: int, cumulative: Mapping[str, Mapping[st
         theta = cuped.theta
         adjusted = {a.name: s for a, s in zip(spec.arms, cuped.arms, strict=True)}
     devices = [cumulative[a.name][primary_name].count for a in spec.arms]
-    srm = srm_check(devices, [a.weight for a in spec.arms], threshold=spec.srm_threshold)
+    if strata:
+        srm = stratified_srm_check(strata, _split_weights(spec), threshold=spec.srm_threshold)
+    else:
+        srm = srm_check(devices, [a.weight for a in spec.arms], threshold=spec.srm_threshold)
     comparisons: list[Comparison] = []
     primary: dict[str, AlwaysValidResult] = {}
     rails: dict[str, dict[str, AlwaysValidResult]] = {}

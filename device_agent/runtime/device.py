@@ -50,6 +50,7 @@ from core.evaluation import (
     read_plan,
     split_bundle,
 )
+from core.experiments.assignment import stratum_problem
 from core.privacy.accounting import MechanismSteps, epsilon_of_history
 from core.privacy.adaptive_clipping import clipped_bit
 from core.privacy.clipping import clip_to_l2_norm
@@ -122,7 +123,8 @@ class Coordinator(Protocol):
 
     def check_in(
         self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None, *,
-        schema: DataSchema | None = None, declined: Sequence[str] = ()
+        schema: DataSchema | None = None, declined: Sequence[str] = (),
+        stratum: str | None = None
     ) -> CheckInResult: ...
 
     def get_plan(self, p: Participation) -> Plan: ...
@@ -240,13 +242,20 @@ class Device:
         local_dp_secure_noise: bool = True,
         enrollment_token: str = "",
         attestation: bytes = b"",
+        stratum: str | None = None,
     ) -> None:
         """``key``: the device's identity (its id is derived from the public key);
-        ``enrollment_token`` and ``attestation`` are sent when it enrolls.
+        ``enrollment_token`` and ``attestation`` are sent when it enrolls. ``stratum``:
+        declared at every check-in; in an experiment with per-stratum splits it picks the
+        split this device's arm comes from (:mod:`core.experiments.assignment`); raises
+        ValueError for a name that is not a stratum name.
         ``local_dp_secure_noise=False`` lets local-DP training use seeded (insecure)
         noise: tests and simulations only; production draws it from the OS-keyed CSPRNG.
         ``trainer``: how the device trains (default: :class:`TorchTrainer` on ``data``; one
         of the two is required)."""
+        if stratum is not None and stratum_problem(stratum) is not None:
+            raise ValueError(f"stratum: {stratum_problem(stratum)}")
+        self.stratum = stratum
         if trainer is None:
             if data is None:
                 raise ValueError("a device needs its data or a trainer")
@@ -269,6 +278,14 @@ class Device:
         #: Tasks this device declined, oldest first (sent at every check-in).
         self._declined: OrderedDict[str, str] = OrderedDict()
 
+    def _check_in(self, schema: DataSchema | None) -> CheckInResult:
+        if self.stratum is None:  # no stratum: the call any Coordinator takes
+            return self.coordinator.check_in(self.key, self.attributes, self.task_id,
+                                             schema=schema, declined=list(self._declined))
+        return self.coordinator.check_in(self.key, self.attributes, self.task_id,
+                                         schema=schema, declined=list(self._declined),
+                                         stratum=self.stratum)
+
     def run(self) -> DeviceStats:
         """Takes part until the task ends (or, without one, until ``stop``); never raises for
         a task's sake (see the module docstring). ``stats.failure`` says whether it ended
@@ -286,8 +303,7 @@ class Device:
         first = True
         while not self.stop.is_set():
             try:
-                result = self.coordinator.check_in(self.key, self.attributes, self.task_id,
-                                                   schema=schema, declined=list(self._declined))
+                result = self._check_in(schema)
             except Unreachable as exc:
                 self._unreachable(exc)
                 break
@@ -483,7 +499,7 @@ class Device:
         # In an experiment this device evaluates only its arm's version (the same keyed hash
         # the coordinator checks the report against), and the CUPED covariate's version if
         # the experiment has one; the other blocks stay zero.
-        mine = evaluation.versions_for(self.device_id)
+        mine = evaluation.versions_for(self.device_id, self.stratum)
         if mine is not None:
             versions = {v: versions[v] for v in mine}
         results = self.trainer.evaluate_versions(plan, evaluation, versions)

@@ -117,11 +117,12 @@ class DeviceClient:
 
     def check_in(
         self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None, *,
-        schema: DataSchema | None = None, declined: Sequence[str] = ()
+        schema: DataSchema | None = None, declined: Sequence[str] = (),
+        stratum: str | None = None
     ) -> CheckInResult:
-        """A signed check-in (a fresh proof per attempt), with the device's data ``schema``
-        and the tasks it ``declined`` (at most the newest 32 are sent). Over the
-        coordinator's rate limit, the answer is RETRY_LATER after the time it asks for."""
+        """A signed check-in (a fresh proof per attempt), with the device's data ``schema``,
+        the tasks it ``declined`` (at most the newest 32 are sent) and its ``stratum``. Over
+        the coordinator's rate limit, the answer is RETRY_LATER after the time it asks for."""
         declined_ids = list(declined)[-convert.MAX_DECLINED_TASKS:]
 
         def call() -> device_pb2.CheckInResponse:
@@ -131,7 +132,7 @@ class DeviceClient:
                 proof=convert.device_proof_to_proto(key.prove("check-in", task_id or "")),
                 data_schema=(convert.data_schema_to_proto(schema) if schema is not None
                              else None),
-                declined_task_ids=declined_ids,
+                declined_task_ids=declined_ids, stratum=stratum or "",
             )
             resp: device_pb2.CheckInResponse = self._stub.CheckIn(
                 req, timeout=self.policy.call_timeout_s)

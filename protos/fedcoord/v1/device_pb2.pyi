@@ -50,7 +50,7 @@ class EnrollResponse(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class CheckInRequest(_message.Message):
-    __slots__ = ("api_version", "device_id", "attributes", "task_id", "proof", "data_schema", "declined_task_ids")
+    __slots__ = ("api_version", "device_id", "attributes", "task_id", "proof", "data_schema", "declined_task_ids", "stratum")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class CheckInRequest(_message.Message):
     PROOF_FIELD_NUMBER: _ClassVar[int]
     DATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     DECLINED_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    STRATUM_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     device_id: str
     attributes: _common_pb2.DeviceAttributes
@@ -65,7 +66,8 @@ class CheckInRequest(_message.Message):
     proof: DeviceProof
     data_schema: _common_pb2.DataSchema
     declined_task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ..., attributes: _Optional[_Union[_common_pb2.DeviceAttributes, _Mapping]] = ..., task_id: _Optional[str] = ..., proof: _Optional[_Union[DeviceProof, _Mapping]] = ..., data_schema: _Optional[_Union[_common_pb2.DataSchema, _Mapping]] = ..., declined_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    stratum: str
+    def __init__(self, api_version: _Optional[int] = ..., device_id: _Optional[str] = ..., attributes: _Optional[_Union[_common_pb2.DeviceAttributes, _Mapping]] = ..., task_id: _Optional[str] = ..., proof: _Optional[_Union[DeviceProof, _Mapping]] = ..., data_schema: _Optional[_Union[_common_pb2.DataSchema, _Mapping]] = ..., declined_task_ids: _Optional[_Iterable[str]] = ..., stratum: _Optional[str] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
     __slots__ = ("outcome", "task_id", "round_number", "participation_token", "retry_after_ms", "message")

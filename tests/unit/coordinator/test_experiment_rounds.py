@@ -32,7 +32,7 @@ from core.evaluation import (
     device_vector,
     read_plan,
 )
-from core.experiments import Action, TrafficSplit, assign_arm
+from core.experiments import Action, TrafficSplit, assign_arm, srm_check
 from core.experiments.spec import parse_experiment_spec
 from core.experiments.training import (
     apply_training,
@@ -456,3 +456,93 @@ def test_under_dp_an_arms_task_samples_its_arm_at_the_rate_the_accountant_charge
     rates = np.array([included[d] for d in members]) / rounds
     assert rates.mean() == pytest.approx(q)
     assert np.all(np.abs(rates - q) < 4.5 * np.sqrt(q * (1 - q) / rounds))
+
+
+# ---------------------------------------------------------------- per-stratum splits
+
+#: Low-end devices never get the candidate (weight 0); high-end ones get it at 90%.
+STRATA = {"low_end": {"control": 1.0}, "high_end": {"control": 0.1, "candidate": 0.9}}
+
+
+def admit_declaring(service: CoordinatorService, clock: ManualClock, task_id: str,
+                    strata: dict[str, str | None]) -> dict[str, Participation]:
+    """:func:`admit`, each device declaring its stratum at both check-ins."""
+    for d, s in strata.items():
+        service.check_in(d, ATTRS, task_id, stratum=s)
+    clock.advance(1.1)
+    seats = {}
+    for d, s in strata.items():
+        r = service.check_in(d, ATTRS, task_id, stratum=s)
+        assert r.outcome is CheckInOutcome.ACCEPTED, r.message
+        seats[d] = Participation(d, task_id, r.round_number, r.token)
+    return seats
+
+
+def test_devices_of_two_strata_evaluate_the_arms_their_strata_split_gives(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(tmp_path, clock)
+    source = trained_source(service, clock)
+    declared: dict[str, str | None] = {f"low-{i}": "low_end" for i in range(24)}
+    declared |= {f"high-{i}": "high_end" for i in range(8)}
+    declared |= {"plain-0": None, "other-0": "tablet"}  # the default split, both
+    tid = service.create_task(spec(source, len(declared), strata=STRATA)).record.task_id
+    split = parse_experiment_spec(experiment(strata=STRATA)).split()
+    seats = admit_declaring(service, clock, tid, declared)
+    versions = {}
+    for d, p in seats.items():
+        layout = layout_of(service, p)
+        version = layout.plan.version_for(d, declared[d])
+        # The plan a device gets gives the arm of its stratum's split (the stratum never
+        # enters the hash: the same u, another split).
+        assert version == (0, 1)[assign_arm(d, salt="a-fixed-test-salt", split=split,
+                                            stratum=declared[d])]
+        versions[d] = version
+        upload(service, p, report(layout, version, 0.7, 1.0))
+    assert {versions[d] for d in declared if d.startswith("low-")} == {0}  # weight 0: none
+    high_candidates = sum(1 for d in declared if d.startswith("high-") and versions[d] == 1)
+    assert high_candidates >= 6  # 90% of 8 (binomial; fixed salt)
+    service.tick()
+    (rnd,) = [r for r in service.list_rounds(tid) if r.state is RoundState.COMMITTED]
+    m = rnd.metrics
+    assert m["eval.strata.low_end.v0.devices"] == 24
+    assert m["eval.strata.low_end.v1.devices"] == 0
+    assert m["eval.strata.high_end.v1.devices"] == high_candidates
+    assert m["eval.strata.high_end.v0.devices"] == 8 - high_candidates
+    assert m["eval.strata.*.v0.devices"] + m["eval.strata.*.v1.devices"] == 2
+    # Checked against the strata seen, the arms hold the shares they should; the pooled
+    # counts against the default 50/50 split look skewed (p < 0.01).
+    assert m["experiment.srm_p"] > 0.001
+    assert m["experiment.action"] == ACTIONS.index(Action.CONTINUE)
+    pooled = [int(m["eval.v0.devices"]), int(m["eval.v1.devices"])]
+    assert srm_check(pooled, [0.5, 0.5]).p_value < 0.01 < m["experiment.srm_p"]
+
+
+def test_a_report_for_another_arm_than_the_strata_split_gives_is_refused(
+        clock: ManualClock, tmp_path: Path) -> None:
+    service = make_service(tmp_path, clock)
+    source = trained_source(service, clock)
+    tid = service.create_task(spec(source, 4, strata=STRATA)).record.task_id
+    # A low-end device whose default-split arm is the candidate: its stratum excludes it.
+    default = TrafficSplit([0.5, 0.5])
+    low = next(f"dev-{i}" for i in range(100)
+               if assign_arm(f"dev-{i}", salt="a-fixed-test-salt", split=default) == 1)
+    seats = admit_declaring(service, clock, tid, {low: "low_end", "x-1": None,
+                                                  "x-2": None, "x-3": None})
+    layout = layout_of(service, seats[low])
+    with pytest.raises(InvalidRequest, match="is assigned model version 0 in this "
+                                             "experiment, not 1"):
+        upload(service, seats[low], report(layout, 1, 0.9, 0.1))
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "semi;colon", "x" * 33, "é"])
+def test_a_bad_stratum_is_refused_naming_the_field(
+        clock: ManualClock, tmp_path: Path, bad: str) -> None:
+    service = make_service(tmp_path, clock)
+    source = trained_source(service, clock)
+    tid = service.create_task(spec(source, 2, strata=STRATA)).record.task_id
+    if bad == "":  # the wire's "" is no stratum (convert maps it to None): not an error
+        with pytest.raises(InvalidRequest, match="stratum: must not be empty"):
+            service.check_in("dev-0", ATTRS, tid, stratum=bad)
+        return
+    with pytest.raises(InvalidRequest, match="^stratum: must "):
+        service.check_in("dev-0", ATTRS, tid, stratum=bad)

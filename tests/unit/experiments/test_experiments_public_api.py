@@ -12,8 +12,8 @@ PUBLIC = {
     "StratifiedSplit", "TrafficSplit", "always_valid_look", "assign_arm", "assign_arms",
     "assignment_unit", "assignment_units", "confidence_sequence_radius", "cuped_adjust",
     "cuped_arms", "cuped_theta", "decide", "difference_in_means", "msprt_log_likelihood_ratio",
-    "msprt_p_values", "new_salt", "parse_experiment_spec", "srm_check", "welch_p_values",
-    "welch_test",
+    "msprt_p_values", "new_salt", "parse_experiment_spec", "srm_check", "stratified_srm_check",
+    "stratum_problem", "welch_p_values", "welch_test",
 }  # fmt: skip
 
 
