@@ -11,7 +11,7 @@ call, so the source keeps no state between calls (safe across threads and ``fork
 ``numpy.random.Generator`` (PCG64) seeded from ``os.urandom`` would *not* do: PCG64 is
 predictable from a few outputs, so whoever sees part of the noise could strip the rest.
 Neither would torch's ``normal_`` under a generator seeded from ``os.urandom`` each step
-(faster: ~4.6 ns a coordinate against ~12 hardened here, ``benchmarks/privacy.py --only
+(faster: ~4.6-7 ns a coordinate against ~12-15 hardened here, ``benchmarks/privacy.py --only
 noise``): torch's CPU generator is MT19937, predictable from 624 outputs, and its
 ``manual_seed`` keeps only the seed's low 32 bits (seeds ``s`` and ``s + 2**32`` give the
 same stream), a key space small enough to search.
@@ -187,19 +187,16 @@ def _aes_ctr_bytes(count: int, key: bytes | None = None) -> memoryview:
     return memoryview(buffer)[:written]
 
 
-#: Coordinates :func:`fill_gaussian_` transforms per pass (its scratch: ~16 bytes a
-#: coordinate, 1 MiB). Each pass costs ~15 torch ops, whose fixed cost dominated at
+#: Coordinates :func:`fill_gaussian_` transforms per pass (its scratch: ~24 bytes a
+#: coordinate, 1.5 MiB). Each pass costs ~15 torch ops, whose fixed cost dominated at
 #: 2^12-2^14 coordinates on the 2-core machine (52 and 23 ns a coordinate, against 17 at
 #: 2^16 and 2^17, ad-hoc runs); whole 1M-coordinate blocks in float64 per pass, as before,
 #: spilled to memory and faulted fresh pages in on every call.
 _CHUNK = 1 << 16
 #: Random bytes per Box-Muller pair: 64 bits for the radius, 32 for the angle.
 _PAIR_BYTES = 12
-#: Bytes of a pass's keystream written at a time: the radius words (the angle words follow
-#: into the same buffer once the radii are taken).
-_RADIUS_BYTES = 8
 #: Zero bytes that AES-CTR encrypts into its keystream (immutable, shared by all threads).
-_ZEROS = memoryview(bytes(_RADIUS_BYTES * _CHUNK))
+_ZEROS = memoryview(bytes(_PAIR_BYTES * _CHUNK))
 
 
 def _zeros(count: int) -> memoryview:
@@ -247,9 +244,18 @@ def fill_gaussian_(out: torch.Tensor, *, stddev: float, source: NoiseSource,
     coordinate ``k`` of a pass is ``(R_k cos T_k + R_{k+1} sin T_{k+1}) / sqrt(2)`` (indices
     mod the pass's length): every normal is used once and the two of a coordinate come from
     different pairs, i.e. from independent random words, as two separate draws would (a pass
-    of one coordinate adds the two normals of one pair: independent too). That is 12 random
-    bytes and one pair's transform a coordinate, ~12 ns of CPU on the 2-core machine, of
-    which ~2 ns is AES (``benchmarks/privacy.py --only noise``); unhardened, half.
+    of one coordinate adds the two normals of one pair: independent too). A pass's keystream
+    is its pairs' radius words, then their angle words.
+
+    Cost: 12 random bytes and one pair's transform a coordinate, ~15 ns of CPU (medians of
+    12 passes: 11-23) on the shared 2-core machine at load 4-11, of which ~2.5 ns is AES and
+    ~6.5 ns the float32 log, sin and cos that every Box-Muller fill computes; the rest is ~10
+    cheap passes and the fixed cost of ~15 torch ops a pass (``benchmarks/privacy.py --only
+    noise``, ``benchmarks/results/privacy-2026-12-07b.jsonl``); unhardened, half. Writing a
+    pass's keystream in two parts (8 bytes of scratch a pair, not 12) changed nothing
+    measurable there; Marsaglia's polar method (no sin or cos, but a compaction of the
+    accepted pairs) and the half-angle tangent (one tan for both) were slower in torch ops
+    (ad-hoc runs).
 
     Raises:
         ValueError: ``stddev`` negative or not finite, or ``out`` not float32 contiguous.
@@ -266,11 +272,7 @@ def fill_gaussian_(out: torch.Tensor, *, stddev: float, source: NoiseSource,
         return out
     write = source._byte_stream()
     chunk = min(count, _CHUNK)
-    # The keystream of a pass goes through one buffer in two writes, radius words then angle
-    # words: the same bytes in the same order as one write of 12 a pair, but each word is
-    # read while it is still in cache (12 bytes a coordinate for a whole pass do not fit
-    # in a core's L2 beside the float scratch).
-    raw = bytearray(_RADIUS_BYTES * chunk + 16)
+    raw = bytearray(_PAIR_BYTES * chunk + 16)
     radius = torch.empty(chunk, dtype=torch.float32)
     angle = torch.empty(chunk, dtype=torch.float32)
     sines = torch.empty(chunk, dtype=torch.float32)
@@ -278,11 +280,9 @@ def fill_gaussian_(out: torch.Tensor, *, stddev: float, source: NoiseSource,
     for first in range(0, count, chunk if hardened else 2 * chunk):
         size = min(count - first, chunk if hardened else 2 * chunk)
         pairs = size if hardened else (size + 1) // 2
+        write(raw, _PAIR_BYTES * pairs)
+        _radius_and_angle(raw, pairs, radius[:pairs], angle[:pairs], scale)
         r, t = radius[:pairs], angle[:pairs]
-        write(raw, _RADIUS_BYTES * pairs)
-        _radius(raw, pairs, r, scale)
-        write(raw, (_PAIR_BYTES - _RADIUS_BYTES) * pairs)
-        _angle(raw, pairs, t)
         if hardened:
             dest = flat[first:first + size]
             torch.cos(t, out=dest).mul_(r)
@@ -299,15 +299,7 @@ def fill_gaussian_(out: torch.Tensor, *, stddev: float, source: NoiseSource,
 def _radius_and_angle(raw: bytearray, pairs: int, radius: torch.Tensor, angle: torch.Tensor,
                       scale: float) -> None:
     """``scale * sqrt(-2 ln u)`` into ``radius`` and ``T`` into ``angle`` from the first
-    ``12 * pairs`` bytes of ``raw``: ``pairs`` 64-bit words then ``pairs`` 32-bit words (a
-    pass's keystream, as :func:`fill_gaussian_` reads it in two writes)."""
-    _radius(raw, pairs, radius, scale)
-    _angle(raw, pairs, angle, offset=_RADIUS_BYTES * pairs)
-
-
-def _radius(raw: bytearray, pairs: int, radius: torch.Tensor, scale: float) -> None:
-    """``scale * sqrt(-2 ln u)`` into ``radius`` from the first ``pairs`` 64-bit words of
-    ``raw``."""
+    ``12 * pairs`` bytes of ``raw``: ``pairs`` 64-bit words then ``pairs`` 32-bit words."""
     import torch
 
     words = torch.frombuffer(raw, dtype=torch.int64, count=pairs)
@@ -315,14 +307,7 @@ def _radius(raw: bytearray, pairs: int, radius: torch.Tensor, scale: float) -> N
     # every magnitude, so u = (|w| + 1/2) 2^-63 is never 0 and resolves the far tail.
     radius.copy_(words).abs_().add_(0.5).mul_(2.0**-63).log_().mul_(-2.0 * scale * scale)
     radius.sqrt_()
-
-
-def _angle(raw: bytearray, pairs: int, angle: torch.Tensor, offset: int = 0) -> None:
-    """``T``, uniform in [-pi, pi) to 2^-31, into ``angle`` from ``pairs`` 32-bit words of
-    ``raw`` from byte ``offset``."""
-    import torch
-
-    angles = torch.frombuffer(raw, dtype=torch.int32, count=pairs, offset=offset)
+    angles = torch.frombuffer(raw, dtype=torch.int32, count=pairs, offset=8 * pairs)
     angle.copy_(angles).mul_(math.pi * 2.0**-31)
 
 
