@@ -219,26 +219,6 @@ def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
 
 
 def _build(config: Any, ray_address: str | None) -> tuple[Any, Callable[[], None]]:
-    from simulations.modes import make_simulation
+    from simulations.modes import build_simulation
 
-    if ray_address is None and config.engine.processes > 1:
-        from simulations.cohort import DeviceTable
-        from simulations.data import load_federated_data
-        from simulations.process_backend import ProcessCohortTrainer
-
-        # Straight into shared memory: the workers map it, and it is never held twice.
-        data = load_federated_data(config.data, source=config.source, shared_memory=True)
-        pool = ProcessCohortTrainer.from_config(config, DeviceTable(data))
-        try:
-            return make_simulation(config, data=data, trainer=pool), pool.shutdown
-        except BaseException:
-            pool.shutdown()
-            raise
-    if ray_address is None:
-        return make_simulation(config), lambda: None
-    from simulations.data import load_federated_data
-    from simulations.ray_backend import RayCohortTrainer
-
-    data = load_federated_data(config.data, source=config.source)
-    trainer = RayCohortTrainer(ray_address, config, data)
-    return make_simulation(config, data=data, trainer=trainer), trainer.shutdown
+    return build_simulation(config, ray_address=ray_address)
