@@ -33,6 +33,7 @@
 
     python benchmarks/privacy.py --only deployed [--runs 5] [--out FILE] [--label TEXT]
     python benchmarks/privacy.py --only noise [--runs 5] [--out FILE] [--label TEXT]
+    python benchmarks/privacy.py --summarize benchmarks/results/privacy-2026-12-07b.jsonl
     python benchmarks/privacy.py [--repeats 3] [--only local|central|round]
         [--models mlp-54k,cnn] [--modes fused,hooks]   (local: a subset of the rows)
 """
@@ -50,6 +51,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -352,6 +354,55 @@ def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
         _emit(line, out)
 
 
+#: Examples in scikit-learn's digits, which ``local_dp_deployed`` trains on (one epoch).
+DIGITS_EXAMPLES = 1797
+#: The issue-19 targets for local DP as deployed: private / non-private epoch.
+TARGET_WALL_RATIO, TARGET_CPU_RATIO = 1.5, 1.6
+
+
+def summarize(path: Path) -> None:
+    """``--summarize FILE``: one JSON line per setting of a results file, pooling its passes
+    (every label): for ``local_dp_deployed``, the passes' wall and CPU ratios (min, max,
+    median), the trainer's and the noise worker's CPU over the non-private epoch's, and the
+    CPU a coordinate of one step that all of DP may add within the CPU target
+    (``(TARGET_CPU_RATIO - 1)`` x the non-private epoch's CPU / steps / parameters); for
+    ``noise_fill``, each variant's per-pass medians. What the README's tables quote."""
+    deployed: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    noise: dict[str, list[dict[str, Any]]] = {}
+    for text in path.read_text().splitlines():
+        line = json.loads(text)
+        if line["bench"] == "local_dp_deployed":
+            deployed.setdefault((line["model"], line["batch"]), []).append(line)
+        elif line["bench"] == "noise_fill":
+            noise.setdefault(line["model"], []).append(line)
+    for (model, batch), passes in deployed.items():
+        plain = [p["plain_cpu_s"]["median"] for p in passes]
+        helper = [p["private_helper_cpu_s"]["median"] for p in passes]
+        trainer = [p["private_cpu_s"]["median"] - h for p, h in zip(passes, helper, strict=True)]
+        steps = math.ceil(DIGITS_EXAMPLES / batch)
+        print(json.dumps({
+            "summary": "local_dp_deployed", "file": path.name, "model": model, "batch": batch,
+            "passes": len(passes), "labels": sorted({p["label"].split(", pass")[0] for p in passes}),
+            "wall_ratio": _summary([p["wall_ratio"] for p in passes]),
+            "cpu_ratio": _summary([p["cpu_ratio"] for p in passes]),
+            "trainer_cpu_ratio": _summary([t / q for t, q in zip(trainer, plain, strict=True)]),
+            "noise_worker_cpu_ratio": _summary([h / q for h, q in zip(helper, plain,
+                                                                       strict=True)]),
+            "dp_budget_ns_per_coordinate_step": _summary(
+                [(TARGET_CPU_RATIO - 1) * q / steps / passes[0]["params"] * 1e9 for q in plain]),
+            "loadavg_1m": _summary([p[key] for p in passes
+                                    for key in ("loadavg_1m_before", "loadavg_1m_after")]),
+        }), flush=True)
+    for model, passes in noise.items():
+        variants = {key for p in passes for key in p["ns_per_coordinate"]}
+        print(json.dumps({
+            "summary": "noise_fill", "file": path.name, "model": model, "passes": len(passes),
+            "ns_per_coordinate": {key: _summary([p["ns_per_coordinate"][key]["median"]
+                                                 for p in passes if key in p["ns_per_coordinate"]])
+                                  for key in sorted(variants)},
+        }), flush=True)
+
+
 def _emit(line: dict[str, object], out: Path | None) -> None:
     text = json.dumps(line)
     print(text, flush=True)
@@ -421,7 +472,15 @@ def main() -> None:
     parser.add_argument("--models", help="local: comma-separated, of " + ",".join(MODELS))
     parser.add_argument("--modes", help="local: comma-separated, of " + ",".join(
         label for label, _, _ in LOCAL_VARIANTS))
+    parser.add_argument("--summarize", type=Path, metavar="FILE",
+                        help="print the pooled passes of a results file (deployed, noise) "
+                        "and exit")
     args = parser.parse_args()
+    if args.summarize is not None:
+        if not args.summarize.is_file():
+            parser.error(f"--summarize: no such file: {args.summarize}")
+        summarize(args.summarize)
+        return
     models = args.models.split(",") if args.models else None
     modes = args.modes.split(",") if args.modes else None
     for given, known in ((models or [], MODELS), (modes or [], [v[0] for v in LOCAL_VARIANTS])):
