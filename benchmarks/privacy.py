@@ -14,7 +14,9 @@
 - ``noise_fill`` (``--only noise``): CPU nanoseconds per coordinate of a DP-SGD step's noise
   from the secure source (hardened as devices draw it, and not), of its AES-CTR keystream
   alone, of the float32 log, sin and cos a hardened coordinate needs (the transform's
-  floor), and of torch's (non-cryptographic) ``normal_`` for reference; same output.
+  floor), of the same transform as one C function compiled here with gcc (what a native
+  kernel would cost), and of torch's (non-cryptographic) ``normal_`` for reference; same
+  output.
 - ``local_dp``: one epoch of DP-SGD (our ``fused`` Opacus mode, one-pass clipping, and
   each of Opacus's own grad-sample modes) against one epoch of non-private training
   (core.training.train_local), on scikit-learn's digits (1797 examples), for MLPs of ~5k,
@@ -294,13 +296,84 @@ def _git_head() -> str:
         return "unknown"
 
 
+#: The hardened transform of ``core.privacy.noise.fill_gaussian_`` (same keystream layout,
+#: pairing and float32 arithmetic) as one C function, for ``--only noise`` only: what a fused
+#: native kernel would cost. Built with ``-ffast-math`` so that gcc calls glibc's vectorized
+#: ``logf``, ``sinf`` and ``cosf`` (libmvec, AVX2); the int64 conversion has its own loop, as
+#: AVX2 has no vector form of it.
+_NATIVE_FILL_C = r"""
+#include <math.h>
+#include <stdint.h>
+#define STRIP 4096
+void fill(const unsigned char *raw, long pairs, float *dest, float *sines, float scale2) {
+    const int64_t *w = (const int64_t *)raw;
+    const int32_t *a = (const int32_t *)(raw + 8 * pairs);
+    float u[STRIP], r[STRIP], t[STRIP];
+    for (long b = 0; b < pairs; b += STRIP) {
+        int n = pairs - b < STRIP ? (int)(pairs - b) : STRIP;
+        for (int i = 0; i < n; i++) u[i] = fabsf((float)w[b + i]);
+        for (int i = 0; i < n; i++)
+            r[i] = sqrtf(-2.0f * scale2 * logf((u[i] + 0.5f) * 0x1p-63f));
+        for (int i = 0; i < n; i++) t[i] = (float)a[b + i] * (float)(M_PI * 0x1p-31);
+        for (int i = 0; i < n; i++) dest[b + i] = r[i] * cosf(t[i]);
+        for (int i = 0; i < n; i++) sines[b + i] = r[i] * sinf(t[i]);
+    }
+    for (long i = 0; i + 1 < pairs; i++) dest[i] += sines[i + 1];
+    dest[pairs - 1] += sines[0];
+}
+"""
+
+
+def _native_fill() -> Callable[[torch.Tensor, float, bytes | None], None] | None:
+    """``fill(block, std, key)``: the C transform over AES-256-CTR keystream (a fresh key when
+    ``key`` is None), 2^16 coordinates a pass as ``fill_gaussian_``; None without gcc or
+    AVX2. Compiled into a private temporary directory."""
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+
+    from core.privacy.noise import _CHUNK, _aes_ctr
+
+    gcc = shutil.which("gcc")
+    if gcc is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    directory = Path(tempfile.mkdtemp(prefix="fedcoord-native-noise-"))
+    (directory / "fill.c").write_text(_NATIVE_FILL_C)
+    try:
+        subprocess.run([gcc, "-O3", "-mavx2", "-mfma", "-ffast-math", "-fPIC", "-shared",
+                        str(directory / "fill.c"), "-o", str(directory / "fill.so"), "-lm"],
+                       check=True, capture_output=True)
+    except subprocess.CalledProcessError:
+        return None
+    kernel = ctypes.CDLL(str(directory / "fill.so")).fill
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_float]
+    raw = bytearray(12 * _CHUNK)
+    address = ctypes.addressof((ctypes.c_char * len(raw)).from_buffer(raw))
+    zeros = memoryview(bytes(12 * _CHUNK))
+    sines = torch.empty(_CHUNK)
+
+    def fill(block: torch.Tensor, std: float, key: bytes | None) -> None:
+        flat = block.view(-1)
+        encryptor = _aes_ctr(key)
+        for first in range(0, flat.numel(), _CHUNK):
+            pairs = min(flat.numel() - first, _CHUNK)
+            encryptor.update_into(zeros[:12 * pairs], raw)
+            kernel(address, pairs, flat[first:].data_ptr(), sines.data_ptr(), std * std / 2)
+
+    return fill
+
+
 def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
     """CPU nanoseconds per coordinate of a step's noise (``--only noise``), for a 54k and a
     199k vector, 20 steps a draw as the agent's blocks: the secure fill as devices draw it
     (hardened), unhardened, its AES-256-CTR keystream alone (12 bytes a coordinate) and
     AES-128's for comparison, one float32 log, sin and cos a coordinate (what any
     Box-Muller fill computes: with the AES bytes, the floor of the secure fill in torch ops),
-    and torch's own ``normal_`` (Mersenne Twister: not a CSPRNG) as a reference. Median and
+    the same hardened transform as one C function (``native_c_hardened``, where gcc and AVX2
+    are there; its largest difference from the fill under one fixed key beside it), and
+    torch's own ``normal_`` (Mersenne Twister: not a CSPRNG) as a reference. Median and
     min over ``runs`` interleaved runs."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -308,6 +381,7 @@ def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
 
     chunk_in = torch.rand(1 << 16) + 0.5
     chunk_out = torch.empty(1 << 16)
+    native = _native_fill()
     for name, numel in (("mlp-54k", 54_210), ("mlp-199k", 198_794)):
         block = torch.empty(20 * numel)
         raw = bytearray(12 * block.numel() + 16)
@@ -336,6 +410,15 @@ def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
             "float32_log_sin_cos": transcendentals,
             "torch_normal_mt19937": lambda: block.normal_(),  # noqa: B023
         }
+        native_error = None
+        if native is not None:
+            variants["native_c_hardened"] = lambda: native(block, 1.0, None)  # noqa: B023
+            # The same transform: under one fixed key it must give fill_gaussian_'s noise.
+            key = bytes(range(32))
+            fill_gaussian_(block, stddev=1.0, source=NoiseSource._fixed_key_for_tests(key))
+            expected = block.clone()
+            native(block, 1.0, key)
+            native_error = (block - expected).abs().max().item()
         times: dict[str, list[float]] = {key: [] for key in variants}
         for run in variants.values():
             run()
@@ -348,6 +431,7 @@ def noise_fill(runs: int, out: Path | None, label: str = "") -> None:
         line = {"bench": "noise_fill", "date": datetime.date.today().isoformat(),
                 "model": name, "coordinates": numel, "runs": runs,
                 "ns_per_coordinate": {key: _summary(values) for key, values in times.items()},
+                "native_c_max_abs_difference": native_error,
                 "loadavg_1m_before": round(load_before[0], 2),
                 "loadavg_1m_after": round(os.getloadavg()[0], 2), "git": _git_head(),
                 "label": label}
