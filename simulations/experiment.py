@@ -22,6 +22,11 @@ the file still launches as the training task)::
         devices_per_round: 20        # optional; default: clients_per_round
         partition_training: false    # optional: true trains each arm's model on its
                                      # arm's devices only (core.experiments.training)
+        strata:                      # optional: per-stratum splits (core.experiments.spec)
+          low_end: {short: 1.0}
+        device_strata:               # with strata: the share of the simulated devices in
+          low_end: 0.3               # each stratum (drawn per device with the task's seed;
+                                     # the rest declare none: the default split)
     # or arms that differ by training configuration (core.experiments.training):
     #     - {name: control, weight: 0.5}                 # the task as written
     #     - {name: fast, weight: 0.5, training: {local.learning_rate: 0.2}}
@@ -60,8 +65,18 @@ the horizon.
 cumulative mean there is its covariate, and the primary comparison is made on the
 :func:`~core.experiments.sequential.cuped_arms`-adjusted device values.
 
-What is refused (naming ``simulation.experiment.FIELD``): ``strata`` (simulated devices have no
-attributes), a pre-period ``covariate`` (no pre-period is simulated), metrics other than
+**Strata** (``strata`` with ``device_strata``): each simulated device declares a stratum, as
+an agent does with ``fedctl agent run --stratum``: device K's is drawn once from the shares
+``device_strata`` gives (a uniform seeded by the task's seed and K; a device outside every
+share declares none). Its arm is its stratum's split's (:func:`core.experiments.assignment.
+assign_arms` with the strata), and the SRM is the stratified check
+(:func:`core.experiments.srm.stratified_srm_check`) on the distinct devices seen per stratum
+and arm, as a coordinator runs it. The comparisons are pooled over strata: see
+:mod:`core.experiments.versions` for what that means when the splits differ.
+
+What is refused (naming ``simulation.experiment.FIELD``): ``strata`` without
+``device_strata`` (a simulated device declares a stratum only when told which), a
+pre-period ``covariate`` (no pre-period is simulated), metrics other than
 ``accuracy`` and ``loss``, ``trained_rounds`` beyond the task's ``rounds``, a ``training``
 field an arm may not change (:data:`core.experiments.training.TRAINING_FIELDS`) or a value
 that makes the task invalid.
@@ -94,6 +109,7 @@ from core.experiments import (
     decide,
     difference_in_means,
     srm_check,
+    stratified_srm_check,
 )
 from core.experiments.training import (
     Overrides,
@@ -103,6 +119,7 @@ from core.experiments.training import (
     parse_training_arms,
     training_groups,
 )
+from core.experiments.versions import DEFAULT_STRATUM, stratum_label
 from core.types import ArmFilter
 from simulations.config import SimulationConfig, config_from_dict, read_task_file
 from simulations.errors import SimulationConfigError
@@ -130,6 +147,8 @@ class SimulatedExperiment:
     training: tuple[Overrides, ...] = ()
     configs: tuple[SimulationConfig, ...] = ()
     partition_training: bool = False
+    #: The share of the devices declaring each stratum (``device_strata``), in file order.
+    device_strata: tuple[tuple[str, float], ...] = ()
 
     @property
     def arms(self) -> TrainingArms:
@@ -257,8 +276,9 @@ def parse_simulated_experiment(raw: Any, config: SimulationConfig, *,
     except ExperimentSpecError as exc:
         raise fail(exc.field, exc.message) from None
     spec = arms.spec
-    if spec.strata:
-        raise fail("strata", "is not simulated: simulated devices have no attributes")
+    if spec.strata and not arms.device_strata:
+        raise fail("strata", "needs device_strata: the share of the simulated devices in "
+                             "each stratum (they declare none otherwise)")
     if spec.primary.covariate is not None and spec.primary.covariate_arm is None:
         raise fail("primary_metric.covariate", "is not simulated: there is no pre-period "
                    f"(a covariate under an arm's model, {spec.primary.name}@ARM, is)")
@@ -271,7 +291,23 @@ def parse_simulated_experiment(raw: Any, config: SimulationConfig, *,
                        f"{rail.metric!r}")
     return SimulatedExperiment(spec, arms.trained_rounds, arms.devices_per_round,
                                arms.training, (config,) * len(spec.arms),
-                               arms.partition_training)
+                               arms.partition_training, arms.device_strata)
+
+
+def draw_strata(shares: tuple[tuple[str, float], ...], devices: int, seed: int
+                ) -> list[str | None]:
+    """Each simulated device's declared stratum: device K's is the stratum whose slice of
+    the cumulative ``shares`` holds a uniform drawn for it from ``seed``; None past the
+    last slice (no stratum). Deterministic in ``seed``; one draw per device, so a device's
+    stratum does not depend on the population's size."""
+    if not shares:
+        return [None] * devices
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x57A7]))
+    u = rng.random(devices)
+    edges = np.cumsum([share for _, share in shares])
+    index = np.searchsorted(edges, u, side="right")
+    names = [name for name, _ in shares]
+    return [names[i] if i < len(names) else None for i in index.tolist()]
 
 
 def device_id(device: int) -> str:
@@ -341,6 +377,8 @@ class ExperimentRunner:
                 f"{experiment.devices_per_round}")
         spec = experiment.spec
         self._split = spec.split()
+        #: Each device's declared stratum (None: none), :func:`draw_strata`.
+        self.strata = draw_strata(experiment.device_strata, len(sizes), config.seed)
         self._arm_of_device: dict[int, int] = {}
         self._cache: dict[tuple[int, int], tuple[float, float]] = {}
         self._sketches: dict[tuple[int, int], kll.KllSketch] = {}
@@ -360,7 +398,8 @@ class ExperimentRunner:
     def assign(self, devices: np.ndarray) -> np.ndarray:
         """The arm index of each device (:func:`core.experiments.assignment.assign_arms`)."""
         return assign_arms([device_id(int(d)) for d in devices],
-                           salt=self.experiment.spec.salt, split=self._split)
+                           salt=self.experiment.spec.salt, split=self._split,
+                           strata=[self.strata[int(d)] for d in devices])
 
     def evaluate(self, arm: int, device: int) -> tuple[float, float]:
         """(accuracy, loss) of arm ``arm``'s model on ``device``'s held-out data."""
@@ -429,8 +468,7 @@ class ExperimentRunner:
             if covariate is not None:
                 stats = self._cuped(stats, sums, counts, cov_sums, primary_index)
             seen = [stats[a][METRICS[0]].count for a in range(len(names))]
-            srm = srm_check(seen, [a.weight for a in spec.arms],
-                            threshold=spec.srm_threshold)
+            srm = self._srm(seen)
             for t, name in enumerate(names):
                 if t == control or min(seen[t], seen[control]) < 2:
                     continue
@@ -455,6 +493,19 @@ class ExperimentRunner:
                                    for a, sketch in sorted(pooled.items())})
             if decision.stops:
                 return
+
+    def _srm(self, seen: list[int]) -> SrmResult:
+        """The sample-ratio check of the distinct devices seen so far: per stratum and arm
+        when the experiment has strata, else per arm."""
+        spec = self.experiment.spec
+        if not spec.strata:
+            return srm_check(seen, [a.weight for a in spec.arms],
+                             threshold=spec.srm_threshold)
+        weights = {DEFAULT_STRATUM: tuple(a.weight for a in spec.arms), **spec.strata}
+        counts = {label: [0] * len(spec.arms) for label in weights}
+        for device, arm in self._arm_of_device.items():
+            counts[stratum_label(spec, self.strata[device])][arm] += 1
+        return stratified_srm_check(counts, weights, threshold=spec.srm_threshold)
 
     def _arm_stats(self, sums: Mapping[int, np.ndarray], counts: Mapping[int, int],
                    arms: int) -> list[dict[str, ArmStats]]:

@@ -15,6 +15,9 @@ coordinator (:mod:`fedctl.experiment`)::
         devices_per_round: 10         # optional: devices per comparison round
         partition_training: true      # optional (default false): each arm's model is
                                       # trained by its own arm's devices only
+        device_strata: {low_end: 0.3} # optional, with strata: the share of the simulated
+                                      # devices declaring each stratum (simulation only: a
+                                      # coordinator's devices declare their own)
 
 **What an arm is.** Arm ``i`` is the model the file's task produces after
 ``trained_rounds[i]`` rounds when trained under the task's configuration with
@@ -85,7 +88,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from core.experiments.assignment import TrafficSplit, assign_arms
+from core.experiments.assignment import TrafficSplit, assign_arms, stratum_problem
 from core.experiments.errors import ExperimentSpecError
 from core.experiments.spec import ExperimentSpec, experiment_spec_to_dict, parse_experiment_spec
 from core.types import ArmFilter
@@ -109,7 +112,7 @@ TRAINING_FIELDS: Mapping[str, str] = {
 SIMULATION_ONLY_PREFIX = "simulation."
 #: Keys of the section that :func:`parse_experiment_spec` does not know.
 ARM_KEYS = ("training", "trained_rounds")
-TOP_KEYS = ("devices_per_round", "partition_training")
+TOP_KEYS = ("devices_per_round", "partition_training", "device_strata")
 
 Overrides = tuple[tuple[str, Any], ...]
 
@@ -125,6 +128,8 @@ class TrainingArms:
     trained_rounds: tuple[int, ...]
     devices_per_round: int
     partition_training: bool = False
+    #: ``device_strata``: (stratum, share of the simulated devices), in file order.
+    device_strata: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,37 @@ def parse_training_arms(raw: Any, *, task_rounds: int, default_devices_per_round
                 raise ExperimentSpecError(f"arms[{i}].weight", "is 0: with partition_training "
                                                                "the arm's model is trained by "
                                                                "its own devices, and it has none")
-    return TrainingArms(spec, tuple(training), tuple(rounds), per_round, partition)
+    device_strata = _device_strata(raw.get("device_strata"))
+    if device_strata and not spec.strata:
+        raise ExperimentSpecError("device_strata", "needs strata: the per-stratum splits the "
+                                                   "devices' strata choose")
+    return TrainingArms(spec, tuple(training), tuple(rounds), per_round, partition,
+                        device_strata)
+
+
+def _device_strata(value: Any) -> tuple[tuple[str, float], ...]:
+    """``device_strata``: stratum names, each a share in (0, 1], summing to at most 1."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or not value:
+        raise ExperimentSpecError("device_strata", "must map stratum names to the share of "
+                                                   "the devices in each, got "
+                                                   f"{type(value).__name__}")
+    out: list[tuple[str, float]] = []
+    for name, share in value.items():
+        problem = stratum_problem(name) if isinstance(name, str) else "must be a string"
+        if problem is not None:
+            raise ExperimentSpecError("device_strata", f"stratum name {str(name)[:40]!r}: "
+                                                       f"{problem}")
+        if isinstance(share, bool) or not isinstance(share, int | float) \
+                or not 0.0 < float(share) <= 1.0:
+            raise ExperimentSpecError(f"device_strata.{name}", f"must be a share in (0, 1], "
+                                                               f"got {share!r}")
+        out.append((name, float(share)))
+    total = math.fsum(share for _, share in out)
+    if total > 1.0 + 1e-9:
+        raise ExperimentSpecError("device_strata", f"the shares sum to {total:g}, more than 1")
+    return tuple(out)
 
 
 def _trained_rounds(arm: Mapping[str, Any], i: int, task_rounds: int, configured: bool

@@ -250,3 +250,16 @@ def test_fedctl_agent_run_refuses_a_bad_stratum_before_starting(
                "synthetic:shard=0/1", "--state-dir", str(tmp_path), "--stratum", "bad name"])
     assert rc == 2
     assert "--stratum must be letters, digits, _ or - only" in capsys.readouterr().err
+
+
+def test_a_training_experiment_reads_device_strata_for_simulations_only() -> None:
+    raw = experiment(device_strata={"low_end": 0.3, "high_end": 0.5})
+    raw["arms"] = [{"name": "control", "weight": 0.5, "training": {"local.epochs": 1}},
+                   {"name": "candidate", "weight": 0.5, "training": {"local.epochs": 2}}]
+    arms = parse_training_arms(raw, task_rounds=4, default_devices_per_round=10)
+    assert arms.device_strata == (("low_end", 0.3), ("high_end", 0.5))
+    assert arms.spec.strata["high_end"] == (0.2, 0.8)
+    del raw["strata"]
+    with pytest.raises(ExperimentSpecError, match="needs strata") as info:
+        parse_training_arms(raw, task_rounds=4, default_devices_per_round=10)
+    assert info.value.field == "device_strata"
