@@ -26,6 +26,7 @@ from coordinator.rounds.clock import ManualClock
 from coordinator.rounds.errors import InvalidRequest
 from coordinator.rounds.service import CoordinatorService
 from coordinator.storage import InMemoryStore
+from core.data.dataset import LocalDataset
 from core.evaluation import (
     DeviceResult,
     EvaluationLayout,
@@ -42,10 +43,12 @@ from core.experiments.training import (
     training_groups,
 )
 from core.experiments.versions import ACTIONS
-from core.protocol import CheckInOutcome, Participation
+from core.protocol import CheckInOutcome, CheckInResult, Participation, Plan, UpdateHeader
+from core.security.identity import DeviceKey
 from core.taskspec import spec_from_dict, spec_to_dict
 from core.types import (
     ArmFilter,
+    DeviceAttributes,
     Eligibility,
     FederatedEvaluation,
     ModelSpec,
@@ -56,6 +59,7 @@ from core.types import (
     TaskSpec,
     TaskState,
 )
+from device_agent.runtime.device import Device
 
 
 def experiment(**kw: object) -> dict[str, object]:
@@ -546,3 +550,73 @@ def test_a_bad_stratum_is_refused_naming_the_field(
         return
     with pytest.raises(InvalidRequest, match="^stratum: must "):
         service.check_in("dev-0", ATTRS, tid, stratum=bad)
+
+
+class DeclaringDevice:
+    """A Device's coordinator, answered by the service in process (clear uploads only): it
+    forwards the check-in with the stratum the Device declares, once."""
+
+    def __init__(self, service: CoordinatorService) -> None:
+        self.service = service
+        self.declared: list[str | None] = []
+        self.errors: list[str] = []
+
+    def enroll(self, key: DeviceKey, enrollment_token: str = "", attestation: bytes = b""
+               ) -> str:
+        return key.device_id
+
+    def check_in(self, key: DeviceKey, attrs: DeviceAttributes, task_id: str | None, *,
+                 schema: object = None, declined: object = (), stratum: str | None = None
+                 ) -> CheckInResult:
+        if self.declared:
+            return CheckInResult(CheckInOutcome.FINISHED, message="done")
+        self.declared.append(stratum)
+        return self.service.check_in(key.device_id, attrs, task_id, stratum=stratum)
+
+    def get_plan(self, p: Participation) -> Plan:
+        return self.service.get_plan(p)
+
+    def download_model(self, p: Participation, plan: Plan) -> bytes:
+        record = self.service.model_for_participant(p, plan.model_version)
+        return b"".join(self.service.model_chunks(record, 1 << 20))
+
+    def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int) -> str:
+        up = self.service.begin_upload(header)
+        up.write(payload)
+        return self.service.finish_upload(up)
+
+    def report_status(self, p: Participation, *, metrics: dict[str, float] | None = None,
+                      error: str = "", decline: bool = False) -> None:
+        self.errors.append(error)
+
+
+def test_the_agents_device_evaluates_its_strata_arm_and_is_accepted(
+        clock: ManualClock, tmp_path: Path) -> None:
+    """The Device runtime declares its stratum and evaluates the arm its stratum's split
+    gives: a low-end device whose default-split arm is the candidate evaluates the control
+    (the candidate has weight 0 there), and the coordinator takes its report."""
+    service = make_service(tmp_path, clock)
+    source = trained_source(service, clock)
+    tid = service.create_task(spec(source, 3, strata=STRATA)).record.task_id
+    key = next(k for k in (DeviceKey.generate() for _ in range(200))
+               if assign_arm(k.device_id, salt="a-fixed-test-salt",
+                             split=TrafficSplit([0.5, 0.5])) == 1)
+    seats = admit_declaring(service, clock, tid, {key.device_id: "low_end", "x-1": None,
+                                                  "x-2": None})
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 60)
+    data = LocalDataset(x_train=x[20:], y_train=y[20:], x_test=x[:20], y_test=y[:20],
+                        classes=3)
+    coordinator = DeclaringDevice(service)
+    stats = Device(key, data, coordinator, task_id=tid, stratum="low_end").run()  # type: ignore[arg-type]
+    assert coordinator.declared == ["low_end"]
+    assert coordinator.errors == [] and stats.updates_accepted == 1
+    for d in ("x-1", "x-2"):
+        layout = layout_of(service, seats[d])
+        version = layout.plan.version_for(d)
+        assert version is not None
+        upload(service, seats[d], report(layout, version, 0.7, 1.0))
+    service.tick()
+    (rnd,) = [r for r in service.list_rounds(tid) if r.state is RoundState.COMMITTED]
+    assert rnd.metrics["eval.strata.low_end.v0.devices"] == 1
