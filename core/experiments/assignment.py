@@ -37,9 +37,14 @@ sample ratio per stratum: :func:`core.experiments.srm.stratified_srm_check`).
 **Where a stratum comes from**: the device declares it (``fedctl agent run --stratum NAME``,
 sent in its check-in); it is a name of at most :data:`MAX_STRATUM_LENGTH` characters of
 letters, digits, ``_`` and ``-`` (:func:`stratum_problem`). A device with no stratum, or one
-the experiment does not name, uses the default split. The declaration is self-reported: a
-device that lies about its stratum picks which split applies to its fixed ``u``, not its arm
-within that split.
+the experiment does not name, uses the default split. The declaration is self-reported,
+and the salt travels in the plan, so a device can compute its ``u``: one that lies about its
+stratum chooses which split applies to it, and where the splits differ enough (a weight 0
+in one) thereby its arm. The coordinator binds the first stratum a device declares in a
+round, and an experiment counts each device once, so a device gets one choice; that choice
+biases the comparison only where it correlates with the device's outcome. Where devices are
+not trusted, derive strata from attested attributes, or use strata only where the splits
+are close.
 
 All functions are pure and thread-safe.
 """
