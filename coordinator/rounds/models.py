@@ -6,6 +6,8 @@ event loop; everything that reads or writes the database runs on the loop.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
@@ -20,10 +22,50 @@ from core.evaluation import EvaluationPlan, read_plan
 from core.tensors import load_safetensors, save_safetensors, sha256_hex, tensor_infos
 
 
+class RecentModelBytes:
+    """The bytes of the model files most recently written or read, up to ``max_bytes`` in
+    all (least recently used first out; a file over ``max_item_bytes`` is never kept): every
+    device of a round downloads the same version, and serving it from memory takes the
+    file reads off the event loop. Keyed by path and sha256, so a rewritten file is not
+    served stale. Thread-safe."""
+
+    def __init__(self, *, max_bytes: int = 256 << 20, max_item_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.max_item_bytes = max_item_bytes
+        self._items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: str, sha256: str) -> bytes | None:
+        with self._lock:
+            data = self._items.get((path, sha256))
+            if data is not None:
+                self._items.move_to_end((path, sha256))
+            return data
+
+    def put(self, path: str, sha256: str, data: bytes) -> None:
+        if len(data) > self.max_item_bytes:
+            return
+        with self._lock:
+            old = self._items.pop((path, sha256), None)
+            self._size -= len(old) if old is not None else 0
+            self._items[(path, sha256)] = data
+            self._size += len(data)
+            while self._size > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._size -= len(evicted)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+
 class ModelRepository:
-    def __init__(self, store: Store, blobs: FileBlobStore) -> None:
+    def __init__(self, store: Store, blobs: FileBlobStore,
+                 recent: RecentModelBytes | None = None) -> None:
         self._store = store
         self._blobs = blobs
+        self.recent = recent if recent is not None else RecentModelBytes()
 
     def write(self, task_id: str, version: int, round_number: int,
               params: dict[str, np.ndarray], opt_state: dict[str, np.ndarray] | None,
@@ -35,6 +77,7 @@ class ModelRepository:
         data = save_safetensors(params, {**(metadata or {}), "task_id": task_id,
                                          "version": str(version)})
         sha, size = self._blobs.write(f"{base}.safetensors", data)
+        self.recent.put(f"{base}.safetensors", sha, data)  # the next download of a round
         opt_path = None
         if opt_state:
             opt_path = f"{base}.optimizer.safetensors"
@@ -96,6 +139,18 @@ class ModelRepository:
             raise NotFound(f"task {task_id} has no model version {version}") from None
 
     def chunks(self, record: ModelVersionRecord, chunk_bytes: int) -> Iterator[bytes]:
+        """The version's file in chunks: from memory when it is one of the recent ones (a
+        file small enough is read once and kept), else streamed from disk."""
+        data = self.recent.get(record.path, record.sha256)
+        if data is None and record.size_bytes <= self.recent.max_item_bytes:
+            data = self._blobs.read_bytes(record.path)
+            if sha256_hex(data) == record.sha256:  # a damaged file is served, never kept
+                self.recent.put(record.path, record.sha256, data)
+        if data is not None:
+            view = memoryview(data)
+            for start in range(0, len(data), chunk_bytes):
+                yield bytes(view[start:start + chunk_bytes])
+            return
         with self._blobs.open_read(record.path) as f:
             while chunk := f.read(chunk_bytes):
                 yield chunk
