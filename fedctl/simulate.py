@@ -11,7 +11,10 @@ epsilon spent and the budget.
 
 A file with a ``simulation.experiment`` section runs an A/B experiment of model variants
 on the simulated devices instead (:mod:`simulations.experiment`): a per-round table, then
-the decision and its reason (``--json``: one JSON object).
+the decision and its reason (``--json``: one JSON object). A task file of kind
+``evaluate`` runs a federated evaluation of the task's model after N simulated training
+rounds (:mod:`simulations.evaluation`): a per-round table of the released metrics
+(``--json``: one JSON object).
 
 A bad task file or ``--app`` exits with code 2 and one line naming the file and the field.
 """
@@ -67,8 +70,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 1:
         raise CliError(f"--rounds must be at least 1, got {args.rounds}", exit_code=2)
     apps = tuple(args.app)
+    from simulations.evaluation import is_evaluation_file
     from simulations.experiment import has_experiment
 
+    if is_evaluation_file(args.file):
+        return _evaluation(args, apps)
     if has_experiment(args.file):
         return _experiment(args, apps)
     with _stdout_to_stderr(args.json):
@@ -177,6 +183,55 @@ def _experiment(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
     print(format_table(experiment.spec, history))
     print(f"{config.name}: {decision['action']} after {decision['round']} rounds: "
           f"{decision['reason']}", flush=True)
+    return 0
+
+
+def _evaluation(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
+    """A task file of kind ``evaluate``: its versions (the task's model after N simulated
+    training rounds) evaluated by simulated devices round by round, released as the
+    coordinator releases them (:mod:`simulations.evaluation`); prints the per-round table
+    (``--json``: one JSON object). ``--rounds`` replaces the evaluation rounds."""
+    import dataclasses
+
+    from core.errors import AppError
+    from fedctl.errors import CliError
+    from simulations.config import load_apps
+    from simulations.errors import SimulationConfigError, SimulationError
+    from simulations.evaluation import (
+        format_table,
+        load_evaluation_file,
+        run_evaluation,
+        summary,
+    )
+
+    for flag, value in (("--ray", args.ray), ("--out", args.out)):
+        if value is not None:
+            raise CliError(f"{flag} does not apply to an evaluation file ({args.file}): it "
+                           "runs in this process and prints its results", exit_code=2)
+    with _stdout_to_stderr(args.json):
+        try:
+            load_apps(apps)
+        except AppError as exc:
+            raise CliError(str(exc), exit_code=2) from None
+        try:
+            config, evaluation = load_evaluation_file(args.file, population=args.population,
+                                                      devices=args.devices, apps=apps)
+            if args.rounds is not None:
+                evaluation = dataclasses.replace(evaluation, rounds=args.rounds)
+            runner, history = run_evaluation(config, evaluation)
+        except SimulationConfigError as exc:
+            raise CliError(str(exc), exit_code=2) from None
+        except (SimulationError, ValueError) as exc:
+            raise CliError(f"{args.file}: {exc}") from None
+    result = summary(config, evaluation, runner, history)
+    if args.json:
+        print(json.dumps(result), flush=True)
+        return 0
+    print(format_table(history))
+    ended = f"{result['state']}" + (f" ({result['stop_reason']})" if result["stop_reason"]
+                                    else "")
+    print(f"{config.name}: versions {', '.join(map(str, result['versions']))} evaluated in "
+          f"{len(history)} rounds, {ended}, {result['wall_s']:.1f} s", flush=True)
     return 0
 
 

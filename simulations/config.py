@@ -364,9 +364,11 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "<simulation>",
     except TaskSpecError as exc:
         raise SimulationConfigError(source, exc.field, exc.message) from None
     if task.kind is TaskKind.EVALUATE:
-        # Simulating it as written would train: refused rather than silently different.
-        raise SimulationConfigError(source, "kind", "'evaluate' is not simulated yet: launch "
-                                    "it on a coordinator (fedctl task launch)")
+        # Simulating it as written would train: refused rather than silently different
+        # (simulations.evaluation reads it, with its training config from this loader).
+        raise SimulationConfigError(source, "kind", "'evaluate' is not simulated as a "
+                                    "training task: fedctl simulate runs it as an evaluation "
+                                    "(simulations.evaluation.load_evaluation_file)")
     # simulation.experiment (an A/B test of model variants) is read by
     # simulations.experiment; the training it evaluates is this section's.
     has_experiment = "experiment" in raw_section
