@@ -141,3 +141,30 @@ def test_a_bad_or_unsimulated_file_is_refused_in_one_line_naming_file_and_field(
     assert fedctl_main(["simulate", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"fedctl: error: {bad}: field '{field}': ")
+
+
+def test_cli_prints_the_per_round_table(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.replace("versions: [0, 6]", "versions: [0, 1]"))
+    assert fedctl_main(["simulate", str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:4] == ["round", "version", "metric", "devices"]
+    assert len(lines) == 1 + 2 * 2 * 2 + 1  # rounds x versions x metrics, then the end
+    assert lines[-1].startswith("tiny-eval: versions 0, 1 evaluated in 2 rounds, completed")
+
+
+def test_a_round_without_min_reports_fails_the_evaluation_as_a_coordinator_would(
+        tmp_path: Path) -> None:
+    path = tmp_path / "offline.yaml"
+    path.write_text(TINY.replace("versions: [0, 6]", "versions: [0]").replace(
+        "simulation:\n", "simulation:\n  max_failed_attempts: 2\n  heterogeneity: "
+                         "{availability: {kind: constant, value: 0.2}}\n").replace(
+        "min_reports: 3", "min_reports: 6"))
+    config, evaluation = load_evaluation_file(path)
+    runner = EvaluationRunner(config, evaluation)
+    history = list(runner.rounds())
+    assert [(h.round, h.committed, h.attempts, h.metrics) for h in history] == [
+        (1, False, 2, {})]
+    assert runner.state.value == "failed"
+    assert "2 attempts had fewer than min_reports (6)" in runner.stop_reason
