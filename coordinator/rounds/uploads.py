@@ -30,8 +30,8 @@ READ_CHUNK_BYTES = 4 << 20
 
 class SpooledUpload:
     """Receives the chunks of one update into ``path``. Not thread-safe, except that
-    :meth:`discard` may run while :meth:`write` or :meth:`finish` runs on another thread (a
-    call cancelled while a chunk of its upload is written or the upload verified)."""
+    :meth:`discard` may run while :meth:`finish` runs on another thread (a call cancelled
+    while its upload is verified)."""
 
     def __init__(self, path: Path, *, declared_bytes: int, sha256: str, max_chunk_bytes: int) -> None:
         self.path = path
@@ -57,10 +57,7 @@ class SpooledUpload:
                 f"update sent more than its declared {self.declared_bytes} bytes; "
                 "the upload was dropped"
             )
-        with self._closing:
-            if self._file.closed:
-                raise InvalidRequest("the upload was closed while a chunk was written")
-            self._file.write(chunk)
+        self._file.write(chunk)
         self._hash.update(chunk)
         self.received += len(chunk)
         data = self._partial + chunk if self._partial else chunk

@@ -38,10 +38,6 @@ from coordinator.transport.status import (
 from protos import convert
 from protos.fedcoord.v1 import device_pb2, device_pb2_grpc
 
-#: An upload chunk at least this large is written (spooled, hashed, its squares summed) on a
-#: worker thread; a smaller one costs less on the loop than the hand-off would.
-OFF_LOOP_CHUNK_BYTES = 64 << 10
-
 _OUTCOMES = {
     CheckInOutcome.ACCEPTED: device_pb2.CheckInResponse.ACCEPTED,
     CheckInOutcome.RETRY_LATER: device_pb2.CheckInResponse.RETRY_LATER,
@@ -219,12 +215,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 while (msg := await self._next(messages)) is not None:
                     if msg.HasField("header"):
                         raise convert.WireFormatError("an upload has exactly one UpdateHeader")
-                    if len(msg.chunk) >= OFF_LOOP_CHUNK_BYTES:
-                        # Writing, hashing and summing a large chunk takes milliseconds:
-                        # off the event loop, so check-ins are not kept waiting behind it.
-                        await asyncio.to_thread(upload.write, msg.chunk)
-                    else:
-                        upload.write(msg.chunk)
+                    upload.write(msg.chunk)
                     self.bytes_received += len(msg.chunk)
                 await asyncio.to_thread(upload.verify)
                 await _still_open(context)
