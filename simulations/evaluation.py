@@ -221,11 +221,22 @@ def trained_versions(config: SimulationConfig, versions: tuple[int, ...]
     from simulations.engine import Simulation
 
     sim = Simulation(config)
-    wanted = set(versions)
+    return sim, snapshot_rounds(sim, set(versions), source=config.source,
+                                field="evaluate.versions")
+
+
+def snapshot_rounds(sim: Any, wanted: set[int], *, source: str, field: str
+                    ) -> dict[int, dict[str, np.ndarray]]:
+    """Runs ``sim`` to the largest round in ``wanted`` and returns a copy of its global
+    model after each round in ``wanted`` (0: before the first round).
+
+    Raises:
+        SimulationConfigError: training stopped before one of them (naming ``field``).
+    """
     models: dict[int, dict[str, np.ndarray]] = {}
     if 0 in wanted:
         models[0] = {k: v.copy() for k, v in sim.params.items()}
-    last = max(versions)
+    last = max(wanted, default=0)
     if last:
         for metrics in sim.rounds(last):
             if metrics.round in wanted:
@@ -233,10 +244,10 @@ def trained_versions(config: SimulationConfig, versions: tuple[int, ...]
     missing = wanted - models.keys()
     if missing:
         raise SimulationConfigError(
-            config.source, "evaluate.versions",
+            source, field,
             f"training stopped ({sim.outcome.state.value}: {sim.outcome.reason}) before "
             f"round {min(missing)}")
-    return sim, models
+    return models
 
 
 class EvaluationRunner:

@@ -332,6 +332,7 @@ class ExperimentRunner:
 
     def __init__(self, config: SimulationConfig, experiment: SimulatedExperiment) -> None:
         from simulations.engine import Simulation
+        from simulations.evaluation import snapshot_rounds
 
         self.config = config
         self.experiment = experiment
@@ -347,20 +348,9 @@ class ExperimentRunner:
                 members = train_only(sim, group.arm_filter)
                 for i in group.arms:
                     self.trained_on[i] = members
-            wanted = {experiment.trained_rounds[i] for i in group.arms}
-            snapshots: dict[int, dict[str, np.ndarray]] = {}
-            if 0 in wanted:
-                snapshots[0] = {k: v.copy() for k, v in sim.params.items()}
-            if group.rounds:
-                for metrics in sim.rounds(group.rounds):
-                    if metrics.round in wanted:
-                        snapshots[metrics.round] = {k: v.copy() for k, v in sim.params.items()}
-            missing = wanted - snapshots.keys()
-            if missing:
-                raise SimulationConfigError(
-                    config.source, f"{_FIELD}.arms[{group.arms[0]}]",
-                    f"training stopped ({sim.outcome.state.value}: {sim.outcome.reason}) "
-                    f"before round {min(missing)}")
+            snapshots = snapshot_rounds(
+                sim, {experiment.trained_rounds[i] for i in group.arms},
+                source=config.source, field=f"{_FIELD}.arms[{group.arms[0]}]")
             for i in group.arms:
                 models[i] = snapshots[experiment.trained_rounds[i]]
         assert data is not None
