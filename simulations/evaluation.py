@@ -297,22 +297,16 @@ class EvaluationRunner:
         per-example values of the sketched metrics."""
         key = (device, version)
         if key not in self._results:
-            from core.evaluation.per_example import per_example_values
-            from core.training import evaluate, evaluate_metrics
+            from core.evaluation.per_example import device_result
 
-            plan = self.evaluation.plan
-            model = self._models[version]
             x, y = self._split(device)
-            loss, accuracy = evaluate(model, x, y, loss=self._hooks.loss)
-            values = {"loss": loss, "accuracy": accuracy}
-            if plan.declared:
-                assert self._hooks.metrics is not None
-                app = evaluate_metrics(model, x, y, self._hooks.metrics)
-                values.update({name: app[name] for name in plan.declared if name in app})
-            per_example = (per_example_values(model, x, y, plan.sketch.metrics,
-                                              loss=self._hooks.loss)
-                           if plan.sketch is not None else {})
-            self._results[key] = DeviceResult(len(y), values, per_example)
+            try:
+                self._results[key] = device_result(
+                    self._models[version], x, y, self.evaluation.plan,
+                    loss=self._hooks.loss, metrics=self._hooks.metrics)
+            except ValueError as exc:
+                raise SimulationError(f"device {device} cannot evaluate version {version}: "
+                                      f"{exc}") from None
         return self._results[key]
 
     def report(self, device: int, round_index: int) -> np.ndarray:

@@ -17,7 +17,9 @@ from core.evaluation.plan import PER_EXAMPLE_METRICS
 if TYPE_CHECKING:
     from torch import nn
 
-    from core.app_types import LossFn
+    from core.app_types import LossFn, MetricsFn
+    from core.evaluation.plan import EvaluationPlan
+    from core.evaluation.report import DeviceResult
 
 
 def per_example_values(model: nn.Module, x: np.ndarray, y: np.ndarray,
@@ -70,3 +72,35 @@ def per_example_values(model: nn.Module, x: np.ndarray, y: np.ndarray,
     if "accuracy" in metrics:
         out["accuracy"] = torch.cat(correct).double().numpy()
     return out
+
+
+def device_result(model: nn.Module, x: np.ndarray, y: np.ndarray, plan: EvaluationPlan, *,
+                  loss: LossFn | None = None, metrics: MetricsFn | None = None
+                  ) -> DeviceResult:
+    """One model version's evaluation on a device's examples, as a device reports it: the
+    loss (``loss``: the app's hook, else cross-entropy) and accuracy, the metrics ``plan``
+    declares (the app's ``metrics`` hook), and each example's values of the metrics the
+    plan sketches. The device agent and the simulations both call this.
+
+    Raises:
+        ValueError: the plan declares a metric the hook does not return (or there is no
+            hook).
+    """
+    from core.evaluation.report import DeviceResult
+    from core.training import evaluate, evaluate_metrics
+
+    mean_loss, accuracy = evaluate(model, x, y, loss=loss)
+    values = {"loss": mean_loss, "accuracy": accuracy}
+    if plan.declared:
+        if metrics is None:
+            raise ValueError(f"the task declares metrics {', '.join(plan.declared)}, but the "
+                             f"model has no metrics hook")
+        app = evaluate_metrics(model, x, y, metrics)
+        missing = [name for name in plan.declared if name not in app]
+        if missing:
+            raise ValueError(f"the model's metrics hook returned no {missing[0]!r}, which the "
+                             f"task declares")
+        values.update({name: app[name] for name in plan.declared})
+    per_example = (per_example_values(model, x, y, plan.sketch.metrics, loss=loss)
+                   if plan.sketch is not None else {})
+    return DeviceResult(len(y), values, per_example)

@@ -647,10 +647,9 @@ class TorchTrainer:
         the plan declares (the app's metrics hook), on the plan's split of the local data;
         with each example's values of the metrics the plan sketches (reports in the clear,
         :class:`core.evaluation.plan.SketchPlan`)."""
-        from core.evaluation.per_example import per_example_values
+        from core.evaluation.per_example import device_result
         from core.model_fit import fit_problem
         from core.models import build_model, load_numpy_state, model_hooks
-        from core.training import evaluate, evaluate_metrics
 
         x, y = self._split(evaluation.split)
         if len(y) == 0:
@@ -672,20 +671,11 @@ class TorchTrainer:
             problem = fit_problem(model, self.data.schema)
             if problem is not None:
                 raise Declined(f"the model does not fit this device's data: {problem}")
-            loss, accuracy = evaluate(model, x, y, loss=hooks.loss)
-            values = {"loss": loss, "accuracy": accuracy}
-            if declared:
-                assert hooks.metrics is not None
-                app = evaluate_metrics(model, x, y, hooks.metrics)
-                missing = [name for name in declared if name not in app]
-                if missing:
-                    raise Declined(f"the model's metrics hook returned no {missing[0]!r}, "
-                                   f"which the task declares")
-                values.update({name: app[name] for name in declared})
-            per_example = (per_example_values(model, x, y, evaluation.sketch.metrics,
-                                              loss=hooks.loss)
-                           if evaluation.sketch is not None else {})
-            out[version] = DeviceResult(len(y), values, per_example)
+            try:
+                out[version] = device_result(model, x, y, evaluation, loss=hooks.loss,
+                                             metrics=hooks.metrics)
+            except ValueError as exc:  # a declared metric the hook does not return
+                raise Declined(str(exc)) from None
         return out
 
     def _split(self, split: EvaluationSplit) -> tuple[np.ndarray, np.ndarray]:
