@@ -147,10 +147,7 @@ def _experiment(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
     """A file with a ``simulation.experiment`` section: an A/B test of model variants evaluated on
     the simulated devices (:mod:`simulations.experiment`); prints the per-round table and
     the decision with its reason (``--json``: one JSON object)."""
-    from core.errors import AppError
     from fedctl.errors import CliError
-    from simulations.config import load_apps
-    from simulations.errors import SimulationConfigError, SimulationError
     from simulations.experiment import (
         format_table,
         load_experiment_file,
@@ -162,19 +159,10 @@ def _experiment(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
         if value is not None:
             raise CliError(f"{flag} does not apply to an experiment file ({args.file}): its "
                            "rounds are simulation.experiment.horizon_rounds", exit_code=2)
-    with _stdout_to_stderr(args.json):
-        try:
-            load_apps(apps)
-        except AppError as exc:
-            raise CliError(str(exc), exit_code=2) from None
-        try:
-            config, experiment = load_experiment_file(args.file, population=args.population,
-                                                      devices=args.devices, apps=apps)
-            history = run_experiment(config, experiment)
-        except SimulationConfigError as exc:
-            raise CliError(str(exc), exit_code=2) from None
-        except (SimulationError, ValueError) as exc:
-            raise CliError(f"{args.file}: {exc}") from None
+    with _stdout_to_stderr(args.json), _run_errors(args.file, apps):
+        config, experiment = load_experiment_file(args.file, population=args.population,
+                                                  devices=args.devices, apps=apps)
+        history = run_experiment(config, experiment)
     result = summary(config, experiment, history)
     if args.json:
         print(json.dumps(result), flush=True)
@@ -193,10 +181,7 @@ def _evaluation(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
     (``--json``: one JSON object). ``--rounds`` replaces the evaluation rounds."""
     import dataclasses
 
-    from core.errors import AppError
     from fedctl.errors import CliError
-    from simulations.config import load_apps
-    from simulations.errors import SimulationConfigError, SimulationError
     from simulations.evaluation import (
         format_table,
         load_evaluation_file,
@@ -208,21 +193,12 @@ def _evaluation(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
         if value is not None:
             raise CliError(f"{flag} does not apply to an evaluation file ({args.file}): it "
                            "runs in this process and prints its results", exit_code=2)
-    with _stdout_to_stderr(args.json):
-        try:
-            load_apps(apps)
-        except AppError as exc:
-            raise CliError(str(exc), exit_code=2) from None
-        try:
-            config, evaluation = load_evaluation_file(args.file, population=args.population,
-                                                      devices=args.devices, apps=apps)
-            if args.rounds is not None:
-                evaluation = dataclasses.replace(evaluation, rounds=args.rounds)
-            runner, history = run_evaluation(config, evaluation)
-        except SimulationConfigError as exc:
-            raise CliError(str(exc), exit_code=2) from None
-        except (SimulationError, ValueError) as exc:
-            raise CliError(f"{args.file}: {exc}") from None
+    with _stdout_to_stderr(args.json), _run_errors(args.file, apps):
+        config, evaluation = load_evaluation_file(args.file, population=args.population,
+                                                  devices=args.devices, apps=apps)
+        if args.rounds is not None:
+            evaluation = dataclasses.replace(evaluation, rounds=args.rounds)
+        runner, history = run_evaluation(config, evaluation)
     result = summary(config, evaluation, runner, history)
     if args.json:
         print(json.dumps(result), flush=True)
@@ -233,6 +209,28 @@ def _evaluation(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
     print(f"{config.name}: versions {', '.join(map(str, result['versions']))} evaluated in "
           f"{len(history)} rounds, {ended}, {result['wall_s']:.1f} s", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _run_errors(file: str, apps: tuple[str, ...]) -> Iterator[None]:
+    """Loads ``apps``, then runs the block with what a simulated run refuses turned into
+    fedctl's one-line errors: a bad app or file, exit code 2 (the field named); a run that
+    failed, exit code 1, naming ``file``."""
+    from core.errors import AppError
+    from fedctl.errors import CliError
+    from simulations.config import load_apps
+    from simulations.errors import SimulationConfigError, SimulationError
+
+    try:
+        load_apps(apps)
+    except AppError as exc:
+        raise CliError(str(exc), exit_code=2) from None
+    try:
+        yield
+    except SimulationConfigError as exc:
+        raise CliError(str(exc), exit_code=2) from None
+    except (SimulationError, ValueError) as exc:
+        raise CliError(f"{file}: {exc}") from None
 
 
 def _compare(config: Any, rounds: int, quiet: bool) -> dict[str, Any]:
