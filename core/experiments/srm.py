@@ -80,14 +80,7 @@ def srm_check(
     else:
         result = stats.chisquare(observed[positive], f_exp=expected[positive])
         statistic, p_value = float(result.statistic), float(result.pvalue)
-    return SrmResult(
-        observed=tuple(int(c) for c in observed),
-        expected=tuple(float(e) for e in expected),
-        statistic=statistic,
-        p_value=p_value,
-        threshold=threshold,
-        flagged=p_value < threshold,
-    )
+    return _result(observed, expected, statistic, p_value, threshold)
 
 
 def stratified_srm_check(
@@ -140,6 +133,11 @@ def stratified_srm_check(
         p_value = 1.0
     else:
         p_value = float(stats.chi2.sf(statistic, dof))
+    return _result(observed, expected, statistic, p_value, threshold)
+
+
+def _result(observed: np.ndarray, expected: np.ndarray, statistic: float, p_value: float,
+            threshold: float) -> SrmResult:
     return SrmResult(
         observed=tuple(int(c) for c in observed),
         expected=tuple(float(e) for e in expected),
