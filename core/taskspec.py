@@ -338,6 +338,11 @@ def _validate_evaluate(spec: TaskSpec, fail: typing.Callable[[str, str], typing.
     problem = plan_problem(plan_for(section, section.versions or arm_versions or (0,)))
     if problem is not None:
         fail(*problem)
+    if section.sketch and (spec.secure_aggregation is not None or spec.privacy is not None
+                           or section.experiment is not None):
+        fail("evaluate.sketch", "per-example sketches are sent in the clear, one device at a "
+                                "time: a task with secure_aggregation, privacy or an "
+                                "experiment cannot ask for them (remove 'sketch: true')")
     privacy = spec.privacy
     if privacy is not None:
         if privacy.mode not in (PrivacyMode.CENTRAL,):

@@ -214,7 +214,12 @@ class FederatedEvaluation:
     this (its weight in example-weighted means). ``experiment``: an A/B experiment between
     the versions (each arm names its ``version``; a device evaluates only its arm's, chosen
     by :func:`core.experiments.assign_arm` with the experiment's salt), with its stop
-    rules; the versions evaluated are then the arms'."""
+    rules; the versions evaluated are then the arms'. ``sketch``: each device also sends a KLL
+    sketch of its examples' loss (and of accuracy where it has a histogram), from which the
+    coordinator reads per-example quantiles. Off unless asked for: a sketch holds up to about
+    600 of a device's per-example values (every one for a device of few examples), in the
+    clear; only a task whose reports are clear anyway (no secure aggregation, no DP, not an
+    experiment) may ask."""
 
     source_task: str = ""
     versions: tuple[int, ...] = ()
@@ -224,6 +229,7 @@ class FederatedEvaluation:
     histograms: Mapping[str, HistogramBins] = field(default_factory=dict)
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     experiment: ExperimentSpec | None = None
+    sketch: bool = False
 
 
 class SecAggProtocol(enum.Enum):

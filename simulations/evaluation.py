@@ -204,7 +204,8 @@ def _evaluation(data: Mapping[str, Any], source: str) -> SimulatedEvaluation:
         raise SimulationConfigError(source, "evaluate.versions", "is required to simulate: "
                                     "version N is the task's model after N simulated "
                                     "training rounds, e.g. [0, 20]")
-    plan = plan_for(task.evaluate, task.evaluate.versions, sketches=True)
+    plan = plan_for(task.evaluate, task.evaluate.versions,
+                    sketches=task.evaluate.sketch)
     return SimulatedEvaluation(plan, task.evaluate.quantiles, task.rounds)
 
 

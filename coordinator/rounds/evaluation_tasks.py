@@ -130,12 +130,14 @@ def evaluation_setup(spec: TaskSpec, *, bundle_plan: EvaluationPlan | None = Non
 
 def sketches_examples(spec: TaskSpec) -> bool:
     """Whether the task's reports carry KLL sketches of per-example values
-    (:class:`core.evaluation.plan.SketchPlan`): only when they reach the coordinator in the
-    clear, one by one (neither secure aggregation nor DP: a sketch's merge is not a sum, so
-    it can be neither masked nor noised; those tasks keep the histograms' summed
-    quantiles), and not in an experiment, whose statistics take one value per device and
-    metric (:mod:`core.experiments.versions`): there a sketch would be sent for nothing."""
-    return (spec.secure_aggregation is None and spec.privacy is None
+    (:class:`core.evaluation.plan.SketchPlan`): only where the task asks for them
+    (``evaluate.sketch``: a sketch releases many of a device's per-example values), and only
+    when reports reach the coordinator in the clear, one by one (neither secure aggregation
+    nor DP: a sketch's merge is not a sum, so it can be neither masked nor noised; those
+    tasks keep the histograms' summed quantiles), and not in an experiment, whose statistics
+    take one value per device and metric (:mod:`core.experiments.versions`). The task file's
+    check refuses ``sketch`` with those; a stored spec is checked again here."""
+    return (spec.evaluate.sketch and spec.secure_aggregation is None and spec.privacy is None
             and spec.evaluate.experiment is None)
 
 

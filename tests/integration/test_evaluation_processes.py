@@ -43,6 +43,7 @@ evaluate:
   max_examples: 256
   histograms: {{loss: {{bins: 16, low: 0, high: 4}}, accuracy: {{bins: 10}}}}
   quantiles: [0.1, 0.5, 0.9]
+  sketch: {sketch}
 {extra}"""
 SECURE = ("secure_aggregation: {protocol: secagg, threshold: 0.6, dropout: 0.001, clip: 0.5, "
           "phase_timeout_s: 20}\n")
@@ -76,14 +77,16 @@ def test_an_evaluation_task_compares_model_versions_with_agent_processes(
             assert wait_for_task(client, train_id).state == "completed", coordinator.log_text()
 
         plain = tmp_path / "evaluate.yaml"
-        plain.write_text(EVALUATE.format(extra=""))
+        # The plain task asks for per-example sketches (opt-in: clear reports only).
+        plain.write_text(EVALUATE.format(extra="", sketch="true"))
         secure = tmp_path / "evaluate_secure.yaml"
         # Every one of the six devices: SecAgg+'s parameters need more than four.
-        secure.write_text(EVALUATE.format(extra=SECURE).replace("it-eval", "it-eval-secure")
+        secure.write_text(EVALUATE.format(extra=SECURE, sketch="false")
+                          .replace("it-eval", "it-eval-secure")
                           .replace("clients_per_round: 4", "clients_per_round: 6")
                           .replace("min_reports: 3", "min_reports: 4"))
         bad = tmp_path / "bad.yaml"
-        bad.write_text(EVALUATE.format(extra="").replace("bins: 10", "bins: 0"))
+        bad.write_text(EVALUATE.format(extra="", sketch="false").replace("bins: 10", "bins: 0"))
         ok, refused, missing = fedctl_at_once(
             ["task", "launch", str(plain), "--source-task", train_id, "--json", *at],
             ["task", "launch", str(bad), "--source-task", train_id, *at],

@@ -57,6 +57,7 @@ from core.secagg.messages import (
     UnmaskResponse,
 )
 from core.security.identity import DeviceKey
+from core.taskspec import TaskSpecError, validate_task_spec
 from core.tensors import load_safetensors
 from core.types import (
     DataSchema,
@@ -79,12 +80,14 @@ DEVICES = [f"d{i}" for i in range(N)]
 
 
 def spec(**kw: object) -> TaskSpec:
+    """An evaluation task; its reports carry sketches where they may (clear reports)."""
+    clear = "secure_aggregation" not in kw and "privacy" not in kw
     base: dict[str, object] = dict(
         name="eval", kind=TaskKind.EVALUATE, model=MODEL, rounds=1, clients_per_round=N,
         min_reports=3, over_selection=1.0, round_deadline_s=30.0, selection_window_s=1.0,
         evaluate=FederatedEvaluation(histograms={"loss": HistogramBins(bins=20, high=4.0),
                                                  "accuracy": HistogramBins(bins=5)},
-                                     max_examples=64, quantiles=(0.5,)))
+                                     max_examples=64, quantiles=(0.5,), sketch=clear))
     base.update(kw)
     return TaskSpec(**base)  # type: ignore[arg-type]
 
@@ -447,7 +450,7 @@ def big_dataset(seed: int) -> LocalDataset:
 
 def test_clear_reports_release_per_example_quantiles_of_the_pooled_examples_within_the_bound(
         service: CoordinatorService, clock: ManualClock) -> None:
-    evaluation = FederatedEvaluation(max_examples=400, quantiles=(0.1, 0.5, 0.9))
+    evaluation = FederatedEvaluation(max_examples=400, quantiles=(0.1, 0.5, 0.9), sketch=True)
     task = service.create_task(spec(evaluate=evaluation))
     tid = task.record.task_id
     assert any("per-example quantiles of loss from KLL sketches (k = 200)" in line
@@ -499,6 +502,20 @@ def test_under_secure_aggregation_or_dp_reports_carry_no_sketch() -> None:
         setup = evaluation_setup(spec(**kw))
         assert setup is not None and setup.layout.plan.sketch is None
         assert setup.layout.sketch_length == 0
+
+
+def test_reports_carry_sketches_only_where_the_task_asks_for_them() -> None:
+    """A sketch sends many of a device's per-example values in the clear: off by default,
+    and refused, naming the field, where the reports are protected."""
+    plain = spec(evaluate=dataclasses.replace(spec().evaluate, sketch=False))
+    setup = evaluation_setup(plain)
+    assert setup is not None and setup.layout.plan.sketch is None
+    assert setup.layout.sketch_length == 0
+    asks = dataclasses.replace(spec().evaluate, sketch=True)
+    for kw in ({"secure_aggregation": SECURE}, {"privacy": central(1e6)}):
+        with pytest.raises(TaskSpecError, match="'evaluate.sketch': per-example sketches are "
+                                                "sent in the clear"):
+            validate_task_spec(spec(evaluate=asks, **kw))
 
 
 def test_a_task_whose_bundle_predates_sketches_keeps_its_bundles_layout() -> None:

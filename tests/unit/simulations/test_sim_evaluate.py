@@ -42,6 +42,7 @@ evaluate:
   max_examples: 64
   histograms: {loss: {bins: 8, low: 0, high: 4}}
   quantiles: [0.1, 0.5, 0.9]
+  sketch: true
 simulation:
   population: {devices: 12, data: "digits:dirichlet=1.0"}
 """
