@@ -8,6 +8,7 @@ cannot be right, such as the model version record of another task::
      +-- Conflict         the write breaks a rule: a round transition not allowed, a round
      |                    number committed twice, a second open round, a duplicate
      |                    participant, task or model version
+     |    +-- Fenced      a deposed leader's write: the leader lease has a newer epoch
      +-- BlobError        a blob path escapes the store root, or a file cannot be read/written
 """
 
@@ -24,6 +25,11 @@ class NotFound(StorageError):
 
 class Conflict(StorageError):
     """The write was refused because it breaks a rule of the store; nothing was written."""
+
+
+class Fenced(Conflict):
+    """The store is fenced with a leader lease's epoch, and the lease has moved on to
+    another replica (:mod:`coordinator.storage.leases`): this process leads no more."""
 
 
 class BlobError(StorageError):

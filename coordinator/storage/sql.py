@@ -21,7 +21,8 @@ import itertools
 import json
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from coordinator.storage.base import (
 )
 from coordinator.storage.errors import Conflict, NotFound, StorageError
 from coordinator.storage.event_log_sql import SqlEventLog
+from coordinator.storage.leases import Fence, SqlLeases, check_fence
 from coordinator.storage.records import (
     ModelVersionRecord,
     NewParticipants,
@@ -187,6 +189,7 @@ class SqlStore(Store):
             sa.event.listen(engine, "begin", _sqlite_on_begin)
         self._engine: Engine = engine
         self._sessions = sessionmaker(engine)
+        self._fence: Fence | None = None
         try:
             self._prepare_schema()
         except SQLAlchemyError as exc:
@@ -206,6 +209,19 @@ class SqlStore(Store):
     def event_log(self) -> SqlEventLog:
         """The event log in the same database."""
         return SqlEventLog(self._engine, self._url)
+
+    def leases(self, *, clock: Callable[[], float] = time.time) -> SqlLeases:
+        """The leader leases (coordinator replicas) in the same database; ``clock`` judges
+        their expiry on SQLite (PostgreSQL uses its server's clock)."""
+        return SqlLeases(self._engine, self._url, clock=clock)
+
+    def fence(self, fence: Fence | None) -> None:
+        """From now on every write that changes tasks, rounds or model versions first checks
+        that lease ``fence.name`` still has ``fence.epoch``, and raises
+        :class:`~coordinator.storage.errors.Fenced` (nothing written) once it has not; None
+        turns the check off. Participant writes are not checked: they only ever touch rounds
+        that a fenced write opened."""
+        self._fence = fence
 
     def _prepare_schema(self) -> None:
         with self._engine.begin() as conn:
@@ -277,6 +293,7 @@ class SqlStore(Store):
     ) -> TaskRecord:
         check_version_of(initial_version, task_id)
         with self._tx() as s:
+            self._check_fence(s)
             if _exists(s, tasks_table, tasks_table.c.task_id == task_id):
                 raise Conflict(f"task {task_id!r} already exists")
             s.execute(
@@ -302,6 +319,7 @@ class SqlStore(Store):
 
     def set_task_state(self, task_id: str, state: TaskState, reason: str = "") -> TaskRecord:
         with self._tx() as s:
+            self._check_fence(s)
             _task(s, task_id, lock=True)
             s.execute(
                 tasks_table.update()
@@ -316,6 +334,7 @@ class SqlStore(Store):
         self, task_id: str, round_number: int, goal: int, started_at: float, deadline: float
     ) -> RoundRecord:
         with self._tx() as s:
+            self._check_fence(s)
             # Locking the task row serializes the round openings of a task.
             task = _task(s, task_id, lock=True)
             if task.state is not TaskState.RUNNING:
@@ -377,6 +396,7 @@ class SqlStore(Store):
         deadline: float | None = None,
     ) -> RoundRecord:
         with self._tx() as s:
+            self._check_fence(s)
             rnd = _round(s, round_id, lock=True)
             check_round_transition(rnd.state, state)
             values: dict[str, Any] = {"state": state.value}
@@ -449,6 +469,7 @@ class SqlStore(Store):
     ) -> RoundRecord:
         values = metrics_dict(metrics)
         with self._tx() as s:
+            self._check_fence(s)
             rnd = _round(s, round_id, lock=True)
             check_version_of(version, rnd.task_id, rnd.round_number)
             if rnd.state is not RoundState.AGGREGATING:
@@ -543,6 +564,7 @@ class SqlStore(Store):
 
     def fail_open_rounds(self, reason: str, now: float) -> list[RoundRecord]:
         with self._tx() as s:
+            self._check_fence(s)
             ids = list(
                 s.execute(
                     sa.select(rounds_table.c.round_id)
@@ -564,6 +586,10 @@ class SqlStore(Store):
         self._engine.dispose()
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _check_fence(self, s: Session) -> None:
+        if self._fence is not None:
+            check_fence(s.connection(), self._fence)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Session]:

@@ -1,0 +1,7 @@
+"""Coordinator replicas on one database: a leader lease decides which replica runs the
+rounds; the others stand by, serve reads, and take over when the leader's lease expires
+(:mod:`.leadership`; the lease and its fencing: :mod:`coordinator.storage.leases`)."""
+
+from coordinator.replication.leadership import LEASE_NAME, Leadership, Role, new_holder_id
+
+__all__ = ["LEASE_NAME", "Leadership", "Role", "new_holder_id"]
