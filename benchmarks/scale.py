@@ -62,6 +62,7 @@ from benchmarks._common import (  # noqa: E402
     CoordinatorSubprocess,
 )
 from coordinator.rounds.aggregators import PlainAggregator  # noqa: E402
+from coordinator.settings import CoordinatorSettings  # noqa: E402
 from core.types import API_VERSION, ModelSpec, TaskSpec  # noqa: E402
 from protos.fedcoord.v1 import common_pb2, device_pb2, device_pb2_grpc  # noqa: E402
 
@@ -70,6 +71,9 @@ ATTRIBUTES = common_pb2.DeviceAttributes(charging=True, unmetered=True, idle=Tru
 Outcome = device_pb2.CheckInResponse
 #: Largest gRPC message either side sends (a 1 MiB chunk and its header).
 MESSAGE_LIMIT = 8 << 20
+#: The device agent's bounds on a "come back after" (device_agent.runtime.device MIN_WAIT_S
+#: and MAX_WAIT_S): a virtual device waits as long as a real one would, no less, no more.
+MIN_WAIT_S, MAX_WAIT_S = 0.05, 60.0
 
 
 # ---------------------------------------------------------------------- load generator
@@ -102,6 +106,8 @@ class Worker:
         self.error_details: dict[str, str] = {}
         #: How long each failed check-in took to fail (ms).
         self.failed_after_ms: list[float] = []
+        #: Every "come back after" a check-in was told (ms).
+        self.retry_after_ms: list[int] = []
         self.outcomes: Counter[str] = Counter()
         self.downloaded_bytes = 0
         self._update: tuple[list[device_pb2.UploadUpdateRequest], str, int] | None = None
@@ -154,7 +160,8 @@ class Worker:
                     await self.participate(device_pb2_grpc.DeviceServiceStub(own), device_id,
                                            resp)
                 continue
-            await asyncio.sleep(max(resp.retry_after_ms, 100) / 1000)
+            self.retry_after_ms.append(resp.retry_after_ms)
+            await asyncio.sleep(min(max(resp.retry_after_ms / 1000, MIN_WAIT_S), MAX_WAIT_S))
 
     def error(self, kind: str, exc: grpc.aio.AioRpcError) -> None:
         self.errors[kind] += 1
@@ -217,6 +224,7 @@ class Worker:
             await c.close(None)
         np.savez(out, sent=np.array(self.sent), latency_ms=np.array(self.latency_ms),
                  failed_after_ms=np.array(self.failed_after_ms),
+                 retry_after_ms=np.array(self.retry_after_ms, dtype=np.float64),
                  uploads=np.array(self.uploads, dtype=np.float64).reshape(-1, 4),
                  last_answer=np.array(list(self.last_answer.values())))
         out.with_suffix(".json").write_text(json.dumps({
@@ -314,6 +322,8 @@ LOOP_WORK = (
     ("model download chunks: ModelRepository.chunks", "ModelRepository.chunks"),
     ("other SQLite commits and executes", "DefaultDialect.do_commit"),
     ("other SQLite commits and executes", "DefaultDialect.do_execute"),
+    ("group commit flush: DeferredParticipantWrites.flush", "DeferredParticipantWrites.flush"),
+    ("check-in events: EventHub.emit", "EventHub.emit"),
     ("check-in (other than late admission)", "CoordinatorService.check_in"),
 )
 
@@ -432,6 +442,9 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
             ((p["last_answer"] >= last.started_unix_ms / 1000)).sum() for p in parts))
     else:
         cpu_per_round, rate, active_last_round = float("nan"), float("nan"), 0
+    # Devices answered within the agent's longest wait before the end: the ones still
+    # checking in then, however far apart their check-ins are paced.
+    active_at_end = int(sum((p["last_answer"] >= ended - MAX_WAIT_S).sum() for p in parts))
     errors: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()
     details: dict[str, str] = {}
@@ -457,6 +470,7 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
                                   if r.state == "failed"],
         "connected_devices": sum(i["answered"] for i in infos),
         "devices_answered_in_last_round": active_last_round,
+        "devices_answered_in_last_60s": active_at_end,
         "checkins": int(sent.size),
         "checkins_per_s_during_rounds": round(rate, 1),
         "checkin_ms": percentiles(latency),
@@ -476,6 +490,8 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         "outcomes": dict(outcomes),
         "errors": dict(errors),
         "error_examples": details,
+        "retry_after_ms": percentiles(np.concatenate(
+            [p["retry_after_ms"] for p in parts if "retry_after_ms" in p])),
         "checkin_failed_after_ms": percentiles(
             np.concatenate([p["failed_after_ms"] for p in parts])),
         "load_generator_cpu_s": round(sum(i["cpu_s"] for i in infos), 1),
@@ -487,6 +503,7 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         "load_avg_1_5_15_after": machine_load(),
         "cpus": os.cpu_count(),
         "retry_after_max_s": args.retry_after_max or 5.0,
+        "checkin_pace_per_s": getattr(CoordinatorSettings(), "checkin_pace_per_s", None),
         "task_id": task_id,
     }
 

@@ -31,6 +31,7 @@ from coordinator.rounds.errors import (
     shown,
 )
 from coordinator.rounds.evaluation_tasks import EvaluationSetup
+from coordinator.rounds.pacing import PACE_MAX_S, CheckInPacer
 from coordinator.rounds.round_machine import RoundMachine
 from coordinator.rounds.schemas import ReportedSchemas
 from coordinator.rounds.secure import SecureRound
@@ -92,6 +93,10 @@ class Participants:
         # Retry jitter needs no CSPRNG, and is on the check-in hot path.
         self._jitter = random.Random(rng.getrandbits(64))
         self._settings = settings
+        #: Spreads the "come back after" answers over time (pace steering).
+        self._pacer = CheckInPacer(settings.checkin_pace_per_s,
+                                   free_s=settings.retry_after_max_s,
+                                   max_s=max(PACE_MAX_S, settings.retry_after_max_s))
         #: Per open round (by round id), the strata its seated devices declared
         #: (:meth:`_keep_stratum`); only experiments with per-stratum splits keep any.
         self._strata: dict[int, dict[str, str]] = {}
@@ -202,10 +207,7 @@ class Participants:
         if rnd.state is RoundState.SELECTING:
             admission = rnd.selector.check_in(device_id, now, len(rnd.seats))
             if admission is Admission.CANDIDATE:
-                return self._retry(
-                    CheckInOutcome.RETRY_LATER, rnd.selector.window_closes - now + 0.05,
-                    "selection window open; check in again when it closes", task.task_id,
-                )
+                return self._come_back_at_close(task, rnd, now)
             if admission is Admission.ADMIT and (rnd.secure is None
                                                  or rnd.secure.stage is Stage.ADVERTISE):
                 seat = self._machine.admit(task, rnd, [device_id], now)[0]
@@ -596,10 +598,35 @@ class Participants:
             token=seat.token, message=f"selected for round {rnd.round_number}",
         )
 
+    def _come_back_at_close(self, task: RunningTask, rnd: OpenRound, now: float
+                            ) -> CheckInResult:
+        """A candidate of the selection window comes back once it closed, to hear whether
+        it was drawn. Never paced (it may be drawn). Without pacing it is told as every
+        answer is (within the bounds, jittered). With pacing it is told the close itself
+        (one check-in per window, not one per ``retry_after_max_s``), plus a spread that
+        grows with the devices the window saw (at most ``retry_after_max_s``), so a window
+        of thousands does not return in one instant and queue everyone's calls."""
+        message = "selection window open; check in again when it closes"
+        after = rnd.selector.window_closes - now + 0.05
+        pace = self._pacer.rate_per_s
+        if pace <= 0:
+            return self._retry(CheckInOutcome.RETRY_LATER, after, message, task.task_id,
+                               paced=False)
+        spread = min(self._settings.retry_after_max_s, rnd.selector.seen / pace)
+        after = max(after, self._settings.retry_after_min_s) + self._jitter.uniform(0, spread)
+        return CheckInResult(CheckInOutcome.RETRY_LATER, task_id=task.task_id,
+                             retry_after_s=after, message=message)
+
     def _retry(self, outcome: CheckInOutcome, after_s: float, message: str,
-               task_id: str = "") -> CheckInResult:
+               task_id: str = "", *, paced: bool = True) -> CheckInResult:
+        """A "come back after" answer: ``after_s`` within the settings' bounds, jittered,
+        and (``paced``) moved later while the connected population would otherwise return
+        faster than the coordinator's pace (:mod:`coordinator.rounds.pacing`)."""
         lo, hi = self._settings.retry_after_min_s, self._settings.retry_after_max_s
         after = min(max(after_s, lo), hi) * self._jitter.uniform(1.0, 1.2)
+        if paced:
+            now = self._clock.now()
+            after = max(after, self._pacer.come_back_at(now, now + after) - now)
         return CheckInResult(outcome, task_id=task_id, retry_after_s=after, message=message)
 
 

@@ -57,8 +57,15 @@ class _GroupCommit:
         self._flushing: asyncio.Future[None] | None = None
         service.defer_participant_writes()
 
-    async def durable(self) -> None:
-        seq = self._service.participant_writes_queued()
+    def queued(self) -> int:
+        """The sequence number of the last participant write queued so far."""
+        return self._service.participant_writes_queued()
+
+    async def durable(self, seq: int | None = None) -> None:
+        """Returns once every participant write queued up to ``seq`` (None: up to now)
+        is in the database."""
+        if seq is None:
+            seq = self._service.participant_writes_queued()
         while not self._service.participant_writes_durable(seq):
             flushing = self._flushing
             if flushing is None or flushing.done():
@@ -139,13 +146,18 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self, request: device_pb2.CheckInRequest, context: Context
     ) -> device_pb2.CheckInResponse:
         check_api_version(request.api_version)
+        before = self._written.queued()
         result = self._service.check_in(
             request.device_id, convert.attributes_from_proto(request.attributes),
             request.task_id or None, schema=convert.check_in_schema_from_proto(request),
             declined=convert.declined_task_ids_from_proto(request.declined_task_ids),
             stratum=convert.check_in_stratum_from_proto(request),
         )
-        await self._written.durable()  # a seat is recorded before its device hears of it
+        # A seat is recorded before its device hears of it (its own admission, or one
+        # queued by an earlier call of the same device). A "come back later" that queued
+        # nothing promises nothing, and is answered without waiting for others' writes.
+        if result.outcome is CheckInOutcome.ACCEPTED or self._written.queued() != before:
+            await self._written.durable()
         return device_pb2.CheckInResponse(
             outcome=_OUTCOMES[result.outcome],
             task_id=result.task_id,
