@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -45,14 +46,39 @@ class FileBlobStore:
     def write(self, relpath: str, data: bytes) -> tuple[str, int]:
         """Stores ``data`` at ``relpath`` atomically, replacing any previous file, and returns
         its (sha256 hex digest, size in bytes)."""
+        def fill(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        self._replace(relpath, fill)
+        return hashlib.sha256(data).hexdigest(), len(data)
+
+    def write_file(self, relpath: str, fill: Callable[[Path], None]) -> tuple[str, int]:
+        """Stores at ``relpath``, as atomically as :meth:`write`, the file that ``fill(tmp)``
+        writes at a temporary path (a file too large to build in memory first), and returns
+        its (sha256 hex digest, size in bytes), read back in 1 MiB chunks. When ``fill``
+        raises, the old file (or none) stays and the exception propagates (an OSError as
+        BlobError)."""
+        digest: list[tuple[str, int]] = []
+
+        def fill_and_hash(tmp: Path) -> None:
+            fill(tmp)
+            digest.append(_sha256_and_size(tmp))
+
+        self._replace(relpath, fill_and_hash)
+        return digest[0]
+
+    def _replace(self, relpath: str, fill: Callable[[Path], None]) -> None:
+        """A temporary file in the destination's directory, written by ``fill``, flushed to
+        disk, renamed over the destination; then the directory is flushed."""
         path = self._path(relpath)
         try:
             _make_dirs(path.parent, self.root)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+            os.close(fd)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
+                fill(Path(tmp))
+                with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
@@ -61,7 +87,6 @@ class FileBlobStore:
             _fsync_dir(path.parent)
         except OSError as exc:
             raise BlobError(f"cannot write blob {relpath}: {exc}") from exc
-        return hashlib.sha256(data).hexdigest(), len(data)
 
     def open_read(self, relpath: str) -> BinaryIO:
         """The file opened for binary reading; the caller closes it."""
@@ -172,6 +197,16 @@ def _make_dirs(directory: Path, root: Path) -> None:
     for d in reversed(missing):
         d.mkdir(exist_ok=True)
         _fsync_dir(d.parent)
+
+
+def _sha256_and_size(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -147,6 +147,63 @@ def test_the_data_is_on_disk_before_the_rename_and_the_rename_after_it(
     assert events == ["fsync-file", "rename", "fsync-dir"]
 
 
+def write_large(path: Path) -> None:
+    """A ``fill`` of write_file: writes the file itself, as a serializer that streams does."""
+    with open(path, "wb") as f:
+        for i in range(3):
+            f.write(bytes([i]) * (1 << 20))
+
+
+def test_write_file_stores_what_fill_wrote_and_returns_its_sha256_and_size(
+    blobs: FileBlobStore,
+) -> None:
+    digest, size = blobs.write_file(MODEL, write_large)
+
+    data = blobs.read_bytes(MODEL)
+    assert size == len(data) == 3 << 20
+    assert digest == hashlib.sha256(data).hexdigest() == blobs.sha256(MODEL)
+    assert files_under(blobs.root) == [MODEL]
+
+
+def test_a_fill_that_fails_keeps_the_old_file_and_leaves_no_stray_file(
+    blobs: FileBlobStore,
+) -> None:
+    blobs.write(MODEL, b"version 1")
+
+    def half_written(path: Path) -> None:
+        path.write_bytes(b"version 2, half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(BlobError, match="No space left"):
+        blobs.write_file(MODEL, half_written)
+
+    assert blobs.read_bytes(MODEL) == b"version 1"
+    assert files_under(blobs.root) == [MODEL]
+
+
+def test_write_file_flushes_the_data_before_the_rename_and_the_rename_after_it(
+    blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    blobs.write("tasks/existing-dir-marker", b"")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    blobs.write_file("tasks/m.bin", write_large)
+
+    assert events == ["fsync-file", "rename", "fsync-dir"]
+
+
 # -- paths ---------------------------------------------------------------------------------
 
 
