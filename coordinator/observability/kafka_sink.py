@@ -3,9 +3,9 @@
 Delivery is at least once and never holds up a round:
 
 * :meth:`KafkaSink.publish` serializes the event and hands it to an idempotent producer
-  (``acks=all``, retries without end by default) on the caller's thread: librdkafka's
-  ``produce`` only appends to the producer's own buffer and returns (about 5 us), and its C
-  threads do the sending. A broker that goes away holds events in that buffer; once it is full,
+  (``acks=all``, retries without end by default; for brokers older than 0.11, see below) on
+  the caller's thread: librdkafka's ``produce`` only appends to the producer's own buffer and
+  returns (about 5 us), and its C threads do the sending. A broker that goes away holds events in that buffer; once it is full,
   in a bounded overflow queue of the sink's own, behind which every later event waits its turn
   (order is kept). What the overflow cannot take is dropped and counted
   (:attr:`~KafkaSink.dropped`), never silently, never blocking. Delivery resumes where it
@@ -21,11 +21,18 @@ Delivery is at least once and never holds up a round:
   the broker refused, or that was still unconfirmed when :meth:`~KafkaSink.close` ran out of
   time, counts as :attr:`~KafkaSink.failed`.
 
-Records are keyed by task id (all of a task's events go to one partition, where the idempotent
-producer keeps them in ``seq`` order, retries included) and partitioned as Java clients do
+Records are keyed by task id (all of a task's events go to one partition, where the producer
+keeps them in ``seq`` order, retries included) and partitioned as Java clients do
 (murmur2), so consumers in any language find a task's events where they expect them. The value
 is ``serialize(event)``: compact JSON of :meth:`Event.to_json` (UTF-8) unless a serializer (say,
 protobuf) is given. The topic must exist, or the brokers must create topics on first use.
+
+Brokers older than Apache Kafka 0.11 have no idempotent producer, and those older than 0.10 do
+not say which requests they speak: name their version (``broker_version``, in the URL
+``?broker_version=0.9.0.1``) and the sink produces as :func:`delivery_settings` says, still at
+least once and in order (one request in flight, retries without end), at the cost of a
+duplicate where a broker fails between keeping a batch and acknowledging it. Without it (or for
+0.11 and later) the producer is idempotent, as above.
 
 Counters (read them from any thread; each only grows): ``queued`` (accepted by ``publish``),
 ``dropped`` (refused by ``publish``: overflow full, or the sink closed), ``sent``, ``failed``.
@@ -59,6 +66,15 @@ DEFAULT_QUEUE_SIZE = 100_000
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
 DEFAULT_PORT = 9092
 
+#: The first Apache Kafka versions with the idempotent producer, and with ApiVersionRequest
+#: (before it, librdkafka must be told the broker's version); the oldest librdkafka speaks to.
+IDEMPOTENT_SINCE = (0, 11)
+API_VERSIONS_SINCE = (0, 10)
+OLDEST_BROKER = (0, 8)
+#: librdkafka's value for "retry without end" (its default; said explicitly where it matters).
+_RETRIES_WITHOUT_END = 2**31 - 1
+_VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:\.(\d+))?")
+
 #: Kafka's own rule for topic names.
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
@@ -75,6 +91,41 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 #: JSON of one string (quotes and escapes), the encoder's own C routine.
 _string: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring", None) \
     or json.encoder.encode_basestring
+
+
+def delivery_settings(broker_version: str | None = None) -> dict[str, Any]:
+    """The producer settings that make delivery at least once and in order per key, for brokers
+    of ``broker_version`` and later (None: 0.11 or later, which answer ApiVersionRequest).
+
+    * 0.11 and later: ``acks=all`` and the idempotent producer (librdkafka then keeps at most 5
+      requests in flight and retries without end; retries neither duplicate nor reorder);
+    * 0.10: no idempotence there: ``acks=all``, one request in flight (a retry cannot overtake
+      the batch after it), retries without end (a retry may duplicate, never lose);
+    * 0.8 and 0.9: the same, and librdkafka is told the version (``broker.version.fallback``)
+      instead of asking with ApiVersionRequest, which these brokers do not answer.
+
+    Raises:
+        SinkConfigError: not a version (``0.9.0.1``, ``2.8.0``), or older than 0.8.
+    """
+    settings: dict[str, Any] = {"acks": "all", "enable.idempotence": True}
+    if broker_version is None:
+        return settings
+    match = _VERSION.fullmatch(broker_version)
+    if match is None:
+        raise SinkConfigError(f"broker_version {broker_version!r} is not a Kafka version "
+                              "(like 0.9.0.1 or 3.7.0)")
+    version = (int(match[1]), int(match[2]))
+    if version < OLDEST_BROKER:
+        raise SinkConfigError(f"broker_version {broker_version}: the Kafka client speaks to "
+                              "brokers from 0.8.0 on")
+    if version < IDEMPOTENT_SINCE:
+        settings.update({"enable.idempotence": False,
+                         "max.in.flight.requests.per.connection": 1,
+                         "retries": _RETRIES_WITHOUT_END})
+    if version < API_VERSIONS_SINCE:
+        settings.update({"api.version.request": False,
+                         "broker.version.fallback": broker_version})
+    return settings
 
 
 def json_bytes(event: Event) -> bytes:
@@ -112,12 +163,16 @@ class KafkaSink:
     ``publish`` is thread-safe and returns at once. ``serialize`` runs on the sink's thread;
     one that raises counts that event as failed. ``delivery_timeout_s``: how long the producer
     keeps retrying one event before counting it failed (None: until the broker takes it; the
-    queues bound what waits meanwhile). ``producer_config``: extra librdkafka settings (TLS,
-    SASL, ...), which may not weaken delivery (``acks``, ``enable.idempotence``).
+    queues bound what waits meanwhile). ``broker_version``: where the brokers predate Apache
+    Kafka 0.11, their version (see :func:`delivery_settings`). ``producer_config``: extra
+    librdkafka settings (TLS, SASL, ...), which may not touch delivery (``acks``,
+    ``enable.idempotence``, ``retries``, ``max.in.flight.requests.per.connection``) nor the
+    broker version (``api.version.request``, ``broker.version.fallback``): ``broker_version``
+    sets both, each consistent with the other.
 
     Raises:
-        SinkConfigError: no brokers, a bad topic or queue size, or a delivery setting
-            overridden.
+        SinkConfigError: no brokers, a bad topic, queue size or broker version, or a delivery
+            setting overridden.
     """
 
     def __init__(self, brokers: Sequence[str], topic: str, *,
@@ -125,6 +180,7 @@ class KafkaSink:
                  queue_size: int = DEFAULT_QUEUE_SIZE,
                  delivery_timeout_s: float | None = None,
                  close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+                 broker_version: str | None = None,
                  producer_config: Mapping[str, Any] | None = None) -> None:
         if not brokers:
             raise SinkConfigError("the Kafka sink needs at least one broker")
@@ -137,8 +193,17 @@ class KafkaSink:
         if overridden:
             raise SinkConfigError(f"the Kafka sink sets {', '.join(overridden)} itself "
                                   "(at-least-once, in-order delivery)")
+        versioned = sorted({"api.version.request", "broker.version.fallback"}
+                           & set(producer_config or {}))
+        if versioned:
+            raise SinkConfigError(f"the Kafka sink sets {', '.join(versioned)} itself: name an "
+                                  "old broker's version with broker_version")
+        delivery = delivery_settings(broker_version)
         self.brokers = tuple(brokers)
         self.topic = topic
+        self.broker_version = broker_version
+        #: Whether retries are free of duplicates (False for brokers older than 0.11).
+        self.idempotent: bool = delivery["enable.idempotence"]
         self.queue_size = queue_size
         self._serialize = serialize
         self._close_timeout_s = close_timeout_s
@@ -165,9 +230,9 @@ class KafkaSink:
         self._producer = Producer({
             "bootstrap.servers": ",".join(self.brokers),
             # At least once, in order: the broker acknowledges only once every in-sync
-            # replica has the record; idempotence makes retries neither duplicate nor reorder.
-            "acks": "all",
-            "enable.idempotence": True,
+            # replica has the record; idempotence makes retries neither duplicate nor reorder
+            # (before 0.11: one request in flight, so that a retry cannot reorder).
+            **delivery,
             "message.timeout.ms": 0 if delivery_timeout_s is None else int(delivery_timeout_s * 1000),
             "partitioner": "murmur2_random",
             "linger.ms": LINGER_MS,
@@ -189,8 +254,9 @@ class KafkaSink:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> KafkaSink:
-        """A sink for ``kafka://HOST[:PORT][,HOST[:PORT]...]/TOPIC[?queue_size=N]`` (port 9092
-        where none is given); ``options`` go to the constructor.
+        """A sink for ``kafka://HOST[:PORT][,HOST[:PORT]...]/TOPIC[?queue_size=N]
+        [&broker_version=V]`` (port 9092 where none is given; ``broker_version`` only for
+        brokers older than 0.11); ``options`` go to the constructor.
 
         Raises:
             SinkConfigError: naming the URL and what is wrong in it.
@@ -202,9 +268,11 @@ class KafkaSink:
                     options.setdefault("queue_size", int(query.pop("queue_size")))
                 except ValueError:
                     raise SinkConfigError("queue_size must be an integer") from None
+            if "broker_version" in query:
+                options.setdefault("broker_version", query.pop("broker_version"))
             if query:
                 raise SinkConfigError(f"unknown parameter(s) {', '.join(sorted(query))} "
-                                      "(known: queue_size)")
+                                      "(known: queue_size, broker_version)")
             return cls(brokers, topic, **options)
         except SinkConfigError as exc:
             raise SinkConfigError(f"--events {url}: {exc}") from None
@@ -416,4 +484,4 @@ def _broker(text: str) -> str:
     return f"{host}:{int(port_text)}"
 
 
-__all__ = ["DEFAULT_QUEUE_SIZE", "KafkaSink", "json_bytes"]
+__all__ = ["DEFAULT_QUEUE_SIZE", "KafkaSink", "delivery_settings", "json_bytes"]

