@@ -2,6 +2,13 @@
 
 ``serve()`` runs until SIGINT/SIGTERM; ``EmbeddedCoordinator`` runs the same server on a
 background thread for `fedctl demo` and tests.
+
+With ``settings.replica`` the coordinator is one replica of several on one database
+(:mod:`coordinator.replication`): it starts as a standby (admin reads served, devices and
+task changes refused UNAVAILABLE, the model store untouched) and, once it holds the leader
+lease, takes the model store, fences its writes with the lease's epoch, recovers the
+running tasks and runs their rounds. Losing the lease ends the process
+(:class:`LeadershipLost` out of :func:`serve`): a supervisor starts it again as a standby.
 """
 
 from __future__ import annotations
@@ -28,24 +35,36 @@ from coordinator.observability.metrics import (
 )
 from coordinator.observability.sinks import SinkConfigError, open_sinks
 from coordinator.observability.store_sink import StoreSink
+from coordinator.replication import Leadership, Role
 from coordinator.rounds.clock import SystemClock
 from coordinator.rounds.service import CoordinatorService
 from coordinator.security.service import Security
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import FileBlobStore, open_security_store, open_store
-from coordinator.storage.event_log import open_event_log
+from coordinator.storage import FileBlobStore, SqlStore, open_security_store, open_store
+from coordinator.storage.errors import BlobError
+from coordinator.storage.event_log import EventLog, open_event_log
+from coordinator.storage.leases import LeaseRecord
 from coordinator.transport import handlers
 from coordinator.transport.admin_auth import AdminAuthInterceptor
 from coordinator.transport.admin_servicer import AdminServicer
 from coordinator.transport.device_auth import DeviceAuthInterceptor
 from coordinator.transport.device_servicer import DeviceServicer
 from coordinator.transport.health import Health
+from coordinator.transport.standby import StandbyGate
 from coordinator.transport.tls import is_loopback, server_credentials
 
 log = logging.getLogger(__name__)
 
 #: How often deadlines and selection windows are checked.
 TICK_SECONDS = 0.05
+#: How long a newly elected replica waits for the model store's lock (held by a deposed
+#: leader on this machine that has not stopped yet) before it gives up leading.
+STORE_LOCK_WAIT_S = 15.0
+
+
+class LeadershipLost(Exception):
+    """This replica held the leader lease and lost it (another replica leads now): it
+    stopped serving; the message says why."""
 
 
 class Coordinator:
@@ -65,6 +84,10 @@ class Coordinator:
         config = replace(config, commit_in_background=True)
         self.config = config
         self.store = open_store(config.db_url)
+        if config.replica is not None and not isinstance(self.store, SqlStore):
+            self.store.close()
+            raise OSError("replicas share one database: a replica needs --db sqlite:///FILE "
+                          "or postgresql://..., not memory://")
         self.blobs = FileBlobStore(Path(config.store_dir))
         self.security = Security(open_security_store(self.store), config.security)
         rng = random.Random(config.seed) if config.seed is not None else random.SystemRandom()
@@ -75,9 +98,8 @@ class Coordinator:
             raise
         # Every event also goes to the database (`fedctl events`); each task's numbering
         # goes on after what is stored there, before recovery emits anything.
-        event_log = open_event_log(self.store)
-        for task in self.store.list_tasks():
-            self.events.resume(task.task_id, event_log.last_event_seq(task.task_id))
+        event_log = self._event_log = open_event_log(self.store)
+        self._resume_event_numbering(event_log)
         self.event_store = StoreSink(event_log)
         self.events.add_sink(self.event_store)
         clock = SystemClock()
@@ -87,7 +109,7 @@ class Coordinator:
                                           clock, rng=rng, settings=config, events=self.events)
         self.events.add_sink(PrometheusSink(self.metrics, now=clock.now))
         self.metrics.register(TaskCollector(self.service, self.store, self.events))
-        self.readiness = Readiness(store_probe(self.store))
+        self.readiness = Readiness(store_probe(self.store), standby=self.standby_reason)
         #: The HTTP side port's app (None: ``http_port`` off); routes may be added to it
         #: (``add_route``, ``mount``) before or after the start.
         self.http_app = (create_app(registry=self.metrics, readiness=self.readiness)
@@ -102,14 +124,46 @@ class Coordinator:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._ticker: asyncio.Task[None] | None = None
+        #: Replicas: the campaign for the leader lease (None: the only coordinator).
+        self.leadership: Leadership | None = None
+        #: Whether this process runs the rounds (from the start without replicas).
+        self.leading = config.replica is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lost: asyncio.Event | None = None
+        self._promotion: asyncio.Task[None] | None = None
+        self.lost_reason = ""
+        self._stopping = False
+
+    def _resume_event_numbering(self, event_log: EventLog) -> None:
+        # Every task's event numbering goes on after what is stored, before recovery emits
+        # anything (a new leader: after what the previous one stored).
+        for task in self.store.list_tasks():
+            self.events.resume(task.task_id, event_log.last_event_seq(task.task_id))
+
+    def standby_reason(self) -> str | None:
+        """None while this coordinator runs the rounds, else what a refused device or
+        operator is told (a replica standing by, naming the leader if one is known)."""
+        if self.leading:
+            return None
+        if self._stopping:
+            return "this coordinator replica is stopping"
+        leader = self.leadership.leader_address if self.leadership is not None else None
+        if leader is None:
+            return ("this coordinator is a standby replica and no leader is known yet "
+                    "(an election is under way): try another coordinator address")
+        return (f"this coordinator is a standby replica; the leader is at {leader}: "
+                "try that address")
 
     async def start(self) -> int:
         """Binds the port first: a coordinator that cannot serve must not touch the rounds of
         the database (recovery fails every open round)."""
         # Masked inputs of secure aggregation arrive whole: room for 8M ring elements.
         limit = max(self.config.max_chunk_bytes + (256 << 10), 64 << 20)
+        self._loop = asyncio.get_running_loop()
+        self._lost = asyncio.Event()
         self.server = grpc.aio.server(
-            interceptors=[AdminAuthInterceptor(self.security),
+            interceptors=[StandbyGate(self.standby_reason),
+                          AdminAuthInterceptor(self.security),
                           DeviceAuthInterceptor(self.security)],
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -141,18 +195,119 @@ class Coordinator:
         if self.http_app is not None:
             self.http = HttpServer(self.http_app, self.config.host, self.config.http_port or 0)
             self.http_port = self.http.bind()
-        self.blobs.lock()
+        if self.config.replica is None:
+            self.blobs.lock()
         self.service.warm_up()
-        self.service.recover()
+        if self.config.replica is None:
+            self.service.recover()
         await self.server.start()
         await self._health.serving()
         if self.http is not None:
             await self.http.start()
             log.info("HTTP side port on %s:%d", self.config.host, self.http_port)
-        self._ticker = asyncio.create_task(self._tick_forever())
+        if self.config.replica is None:
+            self._ticker = asyncio.create_task(self._tick_forever())
+        else:
+            self._campaign()
         log.info("coordinator listening on %s:%d (%s)", self.config.host, self.port,
                  self.transport_security)
         return self.port
+
+    # -- replicas ----------------------------------------------------------------------
+
+    def _campaign(self) -> None:
+        replica = self.config.replica
+        assert replica is not None and isinstance(self.store, SqlStore)
+        loop = self._loop
+        assert loop is not None
+        address = replica.advertise_address or f"{self.config.host}:{self.port}"
+
+        def elected(lease: LeaseRecord) -> None:
+            def promote() -> None:
+                self._promotion = loop.create_task(self._promote(lease))
+
+            loop.call_soon_threadsafe(promote)
+
+        def lost(reason: str) -> None:
+            loop.call_soon_threadsafe(self._leadership_lost, reason)
+
+        self.leadership = Leadership(self.store.leases(), address=address,
+                                     on_elected=elected, on_lost=lost,
+                                     ttl_s=replica.lease_ttl_s)
+        log.info("coordinator replica %s: standing by for the leader lease (ttl %.1f s)",
+                 address, replica.lease_ttl_s)
+        self.leadership.start()
+
+    async def _promote(self, lease: LeaseRecord) -> None:
+        """Takes over the rounds once elected: the model store (whose lock a deposed leader
+        on this machine may still hold for a moment), fenced writes, then recovery."""
+        assert isinstance(self.store, SqlStore) and self.leadership is not None
+        deadline = asyncio.get_running_loop().time() + STORE_LOCK_WAIT_S
+        while True:
+            if self.leadership.role is not Role.LEADER:
+                return  # lost or stopped meanwhile
+            try:
+                self.blobs.lock()
+                break
+            except BlobError as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    self._leadership_lost(f"elected, but the model store stayed locked for "
+                                          f"{STORE_LOCK_WAIT_S:g} s: {exc}")
+                    return
+                await asyncio.sleep(0.1)
+        fence = self.leadership.fence
+        if fence is None:
+            return
+        self.store.fence(fence)
+        try:
+            self._resume_event_numbering(self._event_log)
+            self.service.recover()
+        except Exception as exc:  # noqa: BLE001 - a replica that cannot recover must not lead
+            log.exception("recovery after the election failed")
+            self._leadership_lost(f"elected, but recovering the tasks failed: {exc}")
+            return
+        self.leading = True
+        self._ticker = asyncio.create_task(self._tick_forever())
+        print(f"fedcoord coordinator leads (lease epoch {lease.epoch}) on "
+              f"{self.leadership.address}", flush=True)
+        log.warning("leading: lease epoch %d; tasks recovered", lease.epoch)
+
+    def _leadership_lost(self, reason: str) -> None:
+        """On the event loop: stop running rounds at once; :func:`serve` ends the process."""
+        if self._stopping:
+            return
+        self.leading = False
+        self.lost_reason = reason
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._lost is not None:
+            self._lost.set()
+
+    async def wait_lost(self) -> str:
+        """Returns (the reason) once this replica has lost its leadership; never without
+        replicas."""
+        assert self._lost is not None, "start() first"
+        await self._lost.wait()
+        return self.lost_reason
+
+    async def abandon(self) -> None:
+        """Stops serving at once, without the writes a graceful stop makes (this replica
+        leads no more: the new leader owns the rounds)."""
+        self._stopping = True
+        self.readiness.shutting_down()
+        if self.leadership is not None:
+            self.leadership.stop(release=False)
+        if self._health is not None:
+            await self._health.shutting_down()
+        if self.http is not None:
+            await self.http.stop()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.server is not None:
+            await self.server.stop(0)
+        self.events.close()
+        self.store.close()
+        self.blobs.unlock()
 
     @property
     def transport_security(self) -> str:
@@ -170,6 +325,7 @@ class Coordinator:
             await asyncio.sleep(TICK_SECONDS)
 
     async def stop(self, grace: float = 2.0) -> None:
+        self._stopping = True
         self.readiness.shutting_down()
         if self._health is not None:
             await self._health.shutting_down()
@@ -179,10 +335,14 @@ class Coordinator:
             self._ticker.cancel()
         if self.server is not None:
             await self.server.stop(grace)
-        self.service.close()
+        if self.leading:
+            self.service.close()
         self.events.close()
-        self.store.close()
+        # A leader hands over at once: the model store first, then the lease.
         self.blobs.unlock()
+        if self.leadership is not None:
+            self.leadership.stop(release=True)
+        self.store.close()
 
 
 async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
@@ -202,7 +362,8 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"fedcoord coordinator listening on {config.host}:{port} "
+    role = " as a standby replica" if config.replica is not None else ""
+    print(f"fedcoord coordinator listening on {config.host}:{port}{role} "
           f"({coordinator.transport_security})", flush=True)
     if coordinator.http is not None:
         print(f"fedcoord HTTP on http://{config.host}:{coordinator.http_port} "
@@ -213,7 +374,17 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(str(port))
         tmp.replace(port_file)
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    if coordinator.config.replica is None:
+        await stopped
+    else:
+        lost = asyncio.create_task(coordinator.wait_lost())
+        await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if lost.done():
+            stopped.cancel()
+            await coordinator.abandon()
+            raise LeadershipLost(f"this replica stopped leading: {lost.result()}")
+        lost.cancel()
     await coordinator.stop()
 
 

@@ -57,6 +57,20 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
+class ReplicaSettings:
+    """One replica of several coordinator processes on one database
+    (:mod:`coordinator.replication`): it serves as a standby until it holds the leader lease.
+    """
+
+    #: A leader's lease outlives its last renewal by this long: a killed leader is replaced
+    #: after at most about this much (renewals come every third of it).
+    lease_ttl_s: float = 3.0
+    #: The address devices and operators are told to use for this replica when it leads
+    #: (``HOST:PORT``); None: the bound host and port.
+    advertise_address: str | None = None
+
+
+@dataclass(frozen=True)
 class CoordinatorSettings:
     #: SQLAlchemy URL of the round store (``sqlite:///file.db`` or ``postgresql://...``).
     db_url: str = "sqlite:///fedcoord.db"
@@ -77,7 +91,7 @@ class CoordinatorSettings:
     #: back after" answers aim at once the connected population outgrows
     #: ``retry_after_max_s`` (then each device waits about population / rate, at most 60 s);
     #: 0: off. Set it to what one process serves with room to spare for its rounds.
-    checkin_pace_per_s: float = 300.0
+    checkin_pace_per_s: float = 200.0
     #: A task fails after this many failed attempts in a row.
     max_failed_attempts: int = 20
     #: Launch checks compare a task with the data schemas its population reported at
@@ -104,3 +118,6 @@ class CoordinatorSettings:
     event_sinks: tuple[str, ...] = ()
     #: The HTTP side port (metrics, health, dashboard); None: off.
     http_port: int | None = None
+    #: Run as one replica of several on one database (None: the only coordinator of its
+    #: database, leading from the start).
+    replica: ReplicaSettings | None = None

@@ -78,9 +78,12 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _add_coordinator(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default=DEFAULT_COORDINATOR, metavar="HOST:PORT",
-                   help="the coordinator's address")
+def _add_coordinator(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+    p.add_argument("--coordinator", default=DEFAULT_COORDINATOR,
+                   metavar="HOST:PORT[,HOST:PORT...]" if several else "HOST:PORT",
+                   help="the coordinator's address; replicas (serve --replica): every "
+                        "replica's address, comma-separated (tried in turn)" if several
+                   else "the coordinator's address")
     p.add_argument("--ca", type=Path, metavar="FILE",
                    help="TLS: the CA certificate the coordinator's certificate must chain to "
                         "(without it: plaintext)")
@@ -173,6 +176,16 @@ def build_parser() -> FedctlParser:
     serve.add_argument("--http-port", type=int, metavar="PORT",
                        help="also serve HTTP on this port, same --host: /healthz, /readyz, "
                             "/metrics (Prometheus); 0 picks a free port; off without it")
+    serve.add_argument("--replica", action="store_true",
+                       help="one replica of several coordinators on one database (and one "
+                            "--store folder): stand by until this one holds the leader lease, "
+                            "then run the rounds; a standby serves admin reads and refuses "
+                            "devices with UNAVAILABLE (give agents every address)")
+    serve.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
+                       help="--replica: a killed leader is replaced after about this long")
+    serve.add_argument("--advertise", metavar="HOST:PORT",
+                       help="--replica: the address a standby names for this replica when it "
+                            "leads (default: --host and the bound port)")
     serve.add_argument("--log-format", choices=["text", "json"], default="text",
                        help="log lines as text, or as JSON objects (time, level, logger, "
                             "message; task, round, stage when known)")
@@ -183,7 +196,7 @@ def build_parser() -> FedctlParser:
         dest="action", required=True)
     run = agent.add_parser("run", help="run one (or --devices M) devices")
     _add_settings_file(run, "agent")
-    _add_coordinator(run)
+    _add_coordinator(run, several=True)
     run.add_argument("--name", "--device-id", dest="name", default="device",
                      help="names the devices (NAME or NAME-i) and their key files; device ids "
                           "derive from the keys")
@@ -367,7 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from coordinator.observability.sinks import SinkConfigError
-    from coordinator.settings import CoordinatorSettings
+    from coordinator.settings import CoordinatorSettings, ReplicaSettings
     from coordinator.storage.errors import StorageError
     from core.tls import TlsError
     from fedctl.errors import CliError, database_hint
@@ -376,6 +389,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not retry_min_s <= args.retry_after_max <= 3600:
         raise CliError(f"--retry-after-max {args.retry_after_max:g}: expected seconds from "
                        f"{retry_min_s:g} to 3600", exit_code=2)
+    if not args.replica and (args.advertise is not None or args.lease_ttl != 3.0):
+        raise CliError("--lease-ttl and --advertise are settings of --replica", exit_code=2)
+    if not 0.5 <= args.lease_ttl <= 600:
+        raise CliError(f"--lease-ttl {args.lease_ttl:g}: expected seconds from 0.5 to 600",
+                       exit_code=2)
+    replica = (ReplicaSettings(lease_ttl_s=args.lease_ttl, advertise_address=args.advertise)
+               if args.replica else None)
     _load_apps(args.app)
     config = CoordinatorSettings(db_url=args.db, store_dir=args.store, host=args.host,
                                  port=args.port, max_chunk_bytes=args.max_chunk_bytes,
@@ -383,11 +403,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  tls_dir=args.tls, client_ca=args.client_ca,
                                  insecure=args.insecure, security=_security_settings(args),
                                  event_sinks=tuple(args.events), http_port=args.http_port,
-                                 retry_after_max_s=args.retry_after_max)
-    from coordinator.app import serve  # the coordinator's imports (torch) once flags are good
+                                 retry_after_max_s=args.retry_after_max, replica=replica)
+    # the coordinator's imports (torch) once flags are good
+    from coordinator.app import LeadershipLost, serve
 
     try:
         asyncio.run(serve(config, args.port_file, admin_token_file=args.admin_token_file))
+    except LeadershipLost as exc:
+        raise CliError(f"coordinator: {exc}") from None
     except StorageError as exc:
         hint = database_hint(args.db) if isinstance(exc.__cause__, ImportError) else ""
         raise CliError(f"coordinator: {exc}{hint}") from None

@@ -3,6 +3,8 @@
 Ready means both:
 
 * the coordinator is not shutting down (:meth:`Readiness.shutting_down` was not called);
+* it leads, when it is one replica of several (a standby serves reads but refuses devices,
+  so a load balancer should not send it their traffic; the reason names the leader);
 * the round store answered a cheap read (one primary-key lookup) within ``timeout_s``.
 
 The read runs on a worker thread, so a stuck database never stalls the event loop that
@@ -47,8 +49,12 @@ def store_probe(store: Store) -> Callable[[], None]:
 class Readiness:
     """Decides ``/readyz``. Call :meth:`check` on the event loop."""
 
-    def __init__(self, probe: Callable[[], None], *, timeout_s: float = 2.0) -> None:
+    def __init__(self, probe: Callable[[], None], *, timeout_s: float = 2.0,
+                 standby: Callable[[], str | None] | None = None) -> None:
+        """``standby()``: None while this coordinator leads (or has no replicas), else why
+        it does not (a replica standing by)."""
         self._probe = probe
+        self._standby = standby
         self.timeout_s = timeout_s
         self._stopping = False
         self._in_flight: asyncio.Future[None] | None = None
@@ -60,6 +66,8 @@ class Readiness:
     async def check(self) -> Verdict:
         if self._stopping:
             return Verdict(False, "shutting down")
+        if self._standby is not None and (reason := self._standby()) is not None:
+            return Verdict(False, reason)
         if self._in_flight is not None and not self._in_flight.done():
             return Verdict(False, "the store has not answered an earlier probe yet")
         loop = asyncio.get_running_loop()

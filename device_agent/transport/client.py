@@ -1,6 +1,11 @@
 """The device's stub wrapper: deadlines on every call, retries with jittered exponential
 backoff while the coordinator is unreachable, and translation to plain values.
 
+Several coordinator addresses (replicas on one database, ``"HOST:PORT,HOST:PORT"``): calls
+go to one of them until it fails with a retryable status (UNAVAILABLE: down, or a standby
+replica that does not lead), then to the next; the backoff grows once per pass over every
+address, so a standby's refusal costs no wait.
+
 Thread-safety: one ``DeviceClient`` may be shared by many device threads (gRPC channels are
 thread-safe).
 """
@@ -43,6 +48,9 @@ T = TypeVar("T")
 #: retried here is idempotent (an upload carries its upload id).
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.CANCELLED}
+#: With several addresses, these move the calls on to the next one: the coordinator is down,
+#: a standby replica, or hung. (CANCELLED is a busy coordinator shedding load: stay.)
+_MOVE_ON = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _ROUND_OVER = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
                grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED}
 _OUTCOMES = {
@@ -65,20 +73,32 @@ class RetryPolicy:
     transfer_timeout_s: float = 600.0
 
 
+def parse_targets(target: str | Sequence[str]) -> list[str]:
+    """The coordinator addresses of ``"A"``, ``"A,B"`` or a sequence of them (blanks
+    dropped); ValueError when none is left."""
+    items = [target] if isinstance(target, str) else list(target)
+    targets = [t.strip() for item in items for t in item.split(",") if t.strip()]
+    if not targets:
+        raise ValueError("no coordinator address given")
+    return targets
+
+
 class DeviceClient:
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         policy: RetryPolicy | None = None,
         stop: threading.Event | None = None,
         max_message_bytes: int = 64 << 20,
         tls: ClientTls | None = None,
     ) -> None:
-        """``tls``: verify the coordinator against its CA (and present a client certificate
-        when it holds one); None: plaintext. One channel, so one handshake per connection,
-        shared by every device of the process."""
-        self.target = target
+        """``target``: the coordinator's address, or several (comma-separated or a
+        sequence: replicas, tried in turn; see the module docstring). ``tls``: verify the
+        coordinator against its CA (and present a client certificate when it holds one);
+        None: plaintext. One channel per address, so one handshake per connection, shared
+        by every device of the process."""
+        self.targets = parse_targets(target)
         self.policy = policy or RetryPolicy()
         self._stop = stop or threading.Event()
         options = [
@@ -86,17 +106,38 @@ class DeviceClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 0),
         ]
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
-                root_certificates=tls.ca_pem, private_key=tls.key_pem,
-                certificate_chain=tls.cert_chain_pem), options=options)
-        self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+        credentials = None if tls is None else grpc.ssl_channel_credentials(
+            root_certificates=tls.ca_pem, private_key=tls.key_pem,
+            certificate_chain=tls.cert_chain_pem)
+        self._channels = [
+            grpc.insecure_channel(t, options=options) if credentials is None
+            else grpc.secure_channel(t, credentials, options=options)
+            for t in self.targets]
+        self._stubs = [device_pb2_grpc.DeviceServiceStub(c) for c in self._channels]
+        #: Index of the address calls go to now; moved on by :meth:`_move_on`.
+        self._current = 0
+        self._lock = threading.Lock()
         self._rng = random.Random()
 
+    @property
+    def target(self) -> str:
+        """The address calls go to now."""
+        return self.targets[self._current]
+
+    @property
+    def _stub(self) -> device_pb2_grpc.DeviceServiceStub:
+        return self._stubs[self._current]
+
+    def _move_on(self, failed: int) -> None:
+        """The address at ``failed`` did not serve: the next one gets the calls (unless
+        another thread moved on already)."""
+        with self._lock:
+            if self._current == failed:
+                self._current = (failed + 1) % len(self._stubs)
+
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     # -- calls ---------------------------------------------------------------
 
@@ -293,6 +334,7 @@ class DeviceClient:
     def _once(self, call: Callable[[], T]) -> T:
         """A protocol step is not idempotent: it is sent once; failure ends this device's part
         (the protocol tolerates dropouts), mapped like any other error."""
+        used = self._current
         try:
             return call()
         except grpc.RpcError as exc:
@@ -301,6 +343,7 @@ class DeviceClient:
             if code in _ROUND_OVER or code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise RoundOver(code.name, details) from None
             if code == grpc.StatusCode.UNAVAILABLE:
+                self._move_on(used)  # the next check-in goes to the next address
                 raise RoundOver(code.name, f"coordinator unavailable during secure "
                                 f"aggregation: {details}") from None
             raise Rejected(code.name, details) from None
@@ -310,8 +353,10 @@ class DeviceClient:
         asks to come back later: RESOURCE_EXHAUSTED with ``retry-after-ms``)."""
         started = time.monotonic()
         attempt = 0
+        tried = 0
         while True:
             delay = None
+            used = self._current
             try:
                 return call()
             except grpc.RpcError as exc:
@@ -324,10 +369,15 @@ class DeviceClient:
                     raise Rejected(code.name, details, retry_after_s=retry_after) from None
                 if time.monotonic() - started > self.policy.give_up_after_s:
                     raise Unreachable(
-                        f"coordinator {self.target} unreachable for "
+                        f"coordinator {', '.join(self.targets)} unreachable for "
                         f"{self.policy.give_up_after_s:.0f} s: {code.name} {details}"
                     ) from None
                 delay = retry_after
+                if code in _MOVE_ON and len(self._stubs) > 1:
+                    self._move_on(used)
+                    tried += 1
+                    if tried % len(self._stubs):
+                        continue  # the next address at once; back off after a full pass
             if delay is None:
                 delay = self._rng.uniform(0, min(self.policy.cap_s,
                                                  self.policy.base_s * 2**attempt))
