@@ -147,7 +147,6 @@ def _experiment(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
     """A file with a ``simulation.experiment`` section: an A/B test of model variants evaluated on
     the simulated devices (:mod:`simulations.experiment`); prints the per-round table and
     the decision with its reason (``--json``: one JSON object)."""
-    from fedctl.errors import CliError
     from simulations.experiment import (
         format_table,
         load_experiment_file,
@@ -155,10 +154,8 @@ def _experiment(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
         summary,
     )
 
-    for flag, value in (("--ray", args.ray), ("--rounds", args.rounds), ("--out", args.out)):
-        if value is not None:
-            raise CliError(f"{flag} does not apply to an experiment file ({args.file}): its "
-                           "rounds are simulation.experiment.horizon_rounds", exit_code=2)
+    _refuse_flags(args, ("ray", "rounds", "out"), "an experiment file",
+                  "its rounds are simulation.experiment.horizon_rounds")
     with _stdout_to_stderr(args.json), _run_errors(args.file, apps):
         config, experiment = load_experiment_file(args.file, population=args.population,
                                                   devices=args.devices, apps=apps)
@@ -181,7 +178,6 @@ def _evaluation(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
     (``--json``: one JSON object). ``--rounds`` replaces the evaluation rounds."""
     import dataclasses
 
-    from fedctl.errors import CliError
     from simulations.evaluation import (
         format_table,
         load_evaluation_file,
@@ -189,10 +185,8 @@ def _evaluation(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
         summary,
     )
 
-    for flag, value in (("--ray", args.ray), ("--out", args.out)):
-        if value is not None:
-            raise CliError(f"{flag} does not apply to an evaluation file ({args.file}): it "
-                           "runs in this process and prints its results", exit_code=2)
+    _refuse_flags(args, ("ray", "out"), "an evaluation file",
+                  "it runs in this process and prints its results")
     with _stdout_to_stderr(args.json), _run_errors(args.file, apps):
         config, evaluation = load_evaluation_file(args.file, population=args.population,
                                                   devices=args.devices, apps=apps)
@@ -209,6 +203,17 @@ def _evaluation(args: argparse.Namespace, apps: tuple[str, ...]) -> int:
     print(f"{config.name}: versions {', '.join(map(str, result['versions']))} evaluated in "
           f"{len(history)} rounds, {ended}, {result['wall_s']:.1f} s", flush=True)
     return 0
+
+
+def _refuse_flags(args: argparse.Namespace, names: tuple[str, ...], kind: str, why: str) -> None:
+    """Refuses (exit 2) the first of the ``--NAME`` flags given that a file of ``kind`` has
+    no use for, saying ``why``."""
+    from fedctl.errors import CliError
+
+    for name in names:
+        if getattr(args, name) is not None:
+            raise CliError(f"--{name} does not apply to {kind} ({args.file}): {why}",
+                           exit_code=2)
 
 
 @contextlib.contextmanager

@@ -169,3 +169,14 @@ def test_a_round_without_min_reports_fails_the_evaluation_as_a_coordinator_would
         (1, False, 2, {})]
     assert runner.state.value == "failed"
     assert "2 attempts had fewer than min_reports (6)" in runner.stop_reason
+
+
+@pytest.mark.parametrize("flag", [["--out", "x.json"], ["--ray", "local"]])
+def test_a_flag_an_evaluation_file_has_no_use_for_is_refused_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str]) -> None:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    assert fedctl_main(["simulate", str(path), *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedctl: error: {flag[0]} does not apply to an evaluation file ({path}): "
+                   "it runs in this process and prints its results")
