@@ -32,7 +32,11 @@ not say which requests they speak: name their version (``broker_version``, in th
 ``?broker_version=0.9.0.1``) and the sink produces as :func:`delivery_settings` says, still at
 least once and in order (one request in flight, retries without end), at the cost of a
 duplicate where a broker fails between keeping a batch and acknowledging it. Without it (or for
-0.11 and later) the producer is idempotent, as above.
+0.11 and later) the producer is idempotent, as above; pointed at a 0.9 broker without it, the
+producer waits on a version request that broker never answers, so events stay pending (never
+counted sent) until the overflow drops them. The tests run both ways: on Apache Kafka 0.9.0.1
+with ``broker_version`` and on an idempotent Kafka-protocol broker without
+(tests/integration/test_kafka_events.py).
 
 Counters (read them from any thread; each only grows): ``queued`` (accepted by ``publish``),
 ``dropped`` (refused by ``publish``: overflow full, or the sink closed), ``sent``, ``failed``.
