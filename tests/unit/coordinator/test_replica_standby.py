@@ -1,0 +1,128 @@
+"""Two coordinator replicas on one database (real gRPC servers on port 0, one SQLite file, one
+model store): the first leads; the standby serves admin reads, refuses devices and task
+changes with UNAVAILABLE naming the leader, says so on /readyz, and leaves the model store
+alone; an agent client given both addresses reaches the leader; when the leader stops, it
+hands the lease over at once."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coordinator.app import EmbeddedCoordinator
+from coordinator.security.roles import Role
+from coordinator.settings import CoordinatorSettings, ReplicaSettings
+from core.protocol import CheckInOutcome
+from core.security.identity import DeviceKey
+from core.types import API_VERSION, DeviceAttributes
+from device_agent.transport.client import DeviceClient, RetryPolicy
+from fedctl.admin import AdminClient, AdminError
+from protos.fedcoord.v1 import device_pb2, device_pb2_grpc
+
+#: Long, so that a take-over well within it shows the stopping leader released the lease.
+TTL_S = 10.0
+
+
+def replica(tmp_path: Path) -> EmbeddedCoordinator:
+    return EmbeddedCoordinator(CoordinatorSettings(
+        host="127.0.0.1", port=0, http_port=0, db_url=f"sqlite:///{tmp_path}/c.db",
+        store_dir=tmp_path / "store", replica=ReplicaSettings(lease_ttl_s=TTL_S)))
+
+
+def leads(c: EmbeddedCoordinator) -> bool:
+    return c._coordinator is not None and c._coordinator.leading
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, "condition not met in time"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def readyz(c: EmbeddedCoordinator) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{c.http_port}/readyz") as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[EmbeddedCoordinator, EmbeddedCoordinator]]:
+    leader = replica(tmp_path)
+    leader.start()
+    standby = replica(tmp_path)
+    try:
+        wait_until(lambda: leads(leader), 30)
+        standby.start()
+        yield leader, standby
+    finally:
+        for c in (standby, leader):
+            if c._thread.is_alive():  # not stopped by the test
+                c.stop()
+
+
+def test_a_standby_serves_reads_and_sends_devices_and_changes_to_the_leader(
+        pair: tuple[EmbeddedCoordinator, EmbeddedCoordinator]) -> None:
+    leader, standby = pair
+    leader_at, standby_at = f"127.0.0.1:{leader.port}", f"127.0.0.1:{standby.port}"
+    _, token = leader.security.admin.create_token(Role.ADMIN)
+    assert not leads(standby)
+
+    with AdminClient(standby_at, token=token) as admin:
+        assert admin.list_tasks() == []  # reads: served from the database
+        with pytest.raises(AdminError) as refused:
+            admin.cancel_task("no-such-task")
+    assert refused.value.code == "UNAVAILABLE"
+    assert f"standby replica; the leader is at {leader_at}" in refused.value.message
+
+    with grpc.insecure_channel(standby_at) as channel:
+        with pytest.raises(grpc.RpcError) as device_refused:
+            device_pb2_grpc.DeviceServiceStub(channel).CheckIn(
+                device_pb2.CheckInRequest(api_version=API_VERSION, device_id="d"), timeout=5)
+    assert device_refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert leader_at in (device_refused.value.details() or "")
+
+    status, body = readyz(standby)
+    assert status == 503 and leader_at in body
+    assert readyz(leader)[0] == 200
+    assert standby._coordinator is not None
+    assert getattr(standby._coordinator.blobs, "_lock_fd", None) is None, \
+        "a standby must not take the model store"
+
+
+def test_an_agent_given_both_addresses_reaches_the_leader_through_the_standby(
+        pair: tuple[EmbeddedCoordinator, EmbeddedCoordinator]) -> None:
+    leader, standby = pair
+    # A backoff this long would show: moving on to the next address costs no wait.
+    client = DeviceClient(f"127.0.0.1:{standby.port},127.0.0.1:{leader.port}",
+                          policy=RetryPolicy(base_s=30.0, give_up_after_s=20))
+    try:
+        key = DeviceKey.generate()
+        started = time.monotonic()
+        client.enroll(key)
+        answer = client.check_in(key, DeviceAttributes(), None)
+        assert time.monotonic() - started < 10
+        assert answer.outcome is CheckInOutcome.NO_TASK
+        assert client.target == f"127.0.0.1:{leader.port}"
+    finally:
+        client.close()
+
+
+def test_a_stopping_leader_hands_the_lease_over_at_once(
+        pair: tuple[EmbeddedCoordinator, EmbeddedCoordinator]) -> None:
+    leader, standby = pair
+
+    leader.stop()
+    took_s = wait_until(lambda: leads(standby), TTL_S)
+
+    assert took_s < TTL_S / 2, f"the standby waited {took_s:.1f} s: the lease was not released"
+    assert readyz(standby)[0] == 200
