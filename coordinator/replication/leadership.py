@@ -21,6 +21,7 @@ The callbacks run on the lease thread: ``on_elected(lease)`` once, when the leas
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -124,9 +125,10 @@ class Leadership:
         self._thread.start()
 
     def stop(self, *, release: bool) -> None:
-        """Ends the campaign; ``release``: a leader lets its lease expire now, so a standby
-        takes over without waiting for the expiry (call it once this process has stopped
-        writing). Leadership ends either way; ``on_lost`` is not called."""
+        """Ends the campaign and closes the leases; ``release``: a leader lets its lease
+        expire now, so a standby takes over without waiting for the expiry (call it once
+        this process has stopped writing). Leadership ends either way; ``on_lost`` is not
+        called."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
@@ -139,6 +141,7 @@ class Leadership:
             except StorageError as exc:
                 log.warning("could not release the leader lease (it expires in at most "
                             "%.1f s): %s", self.ttl_s, exc)
+        self._leases.close()
 
     def _run(self) -> None:
         delay = 0.0
@@ -180,7 +183,8 @@ class Leadership:
                 self._lease = lease
                 self._renewed_at = self._monotonic()
         if self.role is Role.ENDED:
-            self._leases.release(self.name, self.holder, lease.epoch)
+            with contextlib.suppress(StorageError):  # else it expires after the ttl
+                self._leases.release(self.name, self.holder, lease.epoch)
             return self.poll_s
         log.warning("this replica (%s) now holds the leader lease, epoch %d", self.address,
                     lease.epoch)

@@ -82,14 +82,17 @@ class SqlLeases:
     """
 
     def __init__(self, engine: Engine, url_for_errors: str, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, owns_engine: bool = False) -> None:
+        """``owns_engine``: :meth:`close` disposes of ``engine``."""
         self._engine = engine
+        self._owns_engine = owns_engine
         self._url = url_for_errors
         self._clock = clock
         self._server_clock = engine.dialect.name == "postgresql"
         try:
             metadata.create_all(engine)
         except SQLAlchemyError as exc:
+            self.close()
             raise StorageError(f"cannot create the leases table in {self._url}: "
                                f"{type(exc).__name__}") from exc
 
@@ -142,6 +145,11 @@ class SqlLeases:
         """The lease as it stands, None if nobody ever took it."""
         with self._tx() as conn:
             return self._row(conn, name, lock=False)
+
+    def close(self) -> None:
+        """Releases the connections (of an engine of its own; else nothing)."""
+        if self._owns_engine:
+            self._engine.dispose()
 
     # -- helpers -----------------------------------------------------------------------
 

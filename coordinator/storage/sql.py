@@ -211,9 +211,22 @@ class SqlStore(Store):
         return SqlEventLog(self._engine, self._url)
 
     def leases(self, *, clock: Callable[[], float] = time.time) -> SqlLeases:
-        """The leader leases (coordinator replicas) in the same database; ``clock`` judges
-        their expiry on SQLite (PostgreSQL uses its server's clock)."""
-        return SqlLeases(self._engine, self._url, clock=clock)
+        """The leader leases (coordinator replicas) in the same database, on connections of
+        their own (a renewal never waits for a connection the round store's callers hold;
+        on PostgreSQL a connection attempt gives up after 2 s); ``clock`` judges their
+        expiry on SQLite (PostgreSQL uses its server's clock). Close them when done."""
+        url = self._engine.url
+        try:
+            if self._engine.dialect.name == "sqlite":
+                engine = sa.create_engine(url)
+                sa.event.listen(engine, "connect", _sqlite_on_connect)
+                sa.event.listen(engine, "begin", _sqlite_on_begin)
+            else:
+                engine = sa.create_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True,
+                                          connect_args={"connect_timeout": 2})
+        except (SQLAlchemyError, ImportError) as exc:
+            raise StorageError(f"cannot open database {self._url}: {_reason(exc)}") from exc
+        return SqlLeases(engine, self._url, clock=clock, owns_engine=True)
 
     def fence(self, fence: Fence | None) -> None:
         """From now on every write that changes tasks, rounds or model versions first checks

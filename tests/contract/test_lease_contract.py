@@ -45,10 +45,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
             else _fresh_postgres())
 
 
+_OPENED: list[SqlLeases] = []
+
+
 @pytest.fixture
 def stores(backend: str) -> Iterator[tuple[SqlStore, SqlStore]]:
     a, b = SqlStore(backend), SqlStore(backend)
     yield a, b
+    while _OPENED:
+        _OPENED.pop().close()
     a.close()
     b.close()
 
@@ -59,7 +64,9 @@ def clock() -> Clock:
 
 
 def leases_of(store: SqlStore, clock: Clock) -> SqlLeases:
-    return store.leases(clock=clock)
+    leases = store.leases(clock=clock)
+    _OPENED.append(leases)
+    return leases
 
 
 def expire(clock: Clock, leases: SqlLeases) -> None:
@@ -168,7 +175,7 @@ class Replica:
         self.lost: list[str] = []
         self.monotonic = 0.0
         self.leadership = Leadership(
-            store.leases(clock=clock), address=address, ttl_s=TTL_S,
+            leases_of(store, clock), address=address, ttl_s=TTL_S,
             on_elected=self.elected.append, on_lost=self.lost.append,
             monotonic=lambda: self.monotonic)
 
@@ -230,6 +237,7 @@ def test_lease_errors_are_storage_errors(tmp_path: Path, clock: Clock) -> None:
     store = SqlStore(f"sqlite:///{tmp_path / 'c.db'}")
     leases = leases_of(store, clock)
     store.close()
+    leases.close()  # no connection kept: the next call opens the file again
     (tmp_path / "c.db").unlink()
     (tmp_path / "c.db").mkdir()  # the file is now a folder: every access fails
 

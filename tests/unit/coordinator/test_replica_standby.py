@@ -2,10 +2,11 @@
 model store): the first leads; the standby serves admin reads, refuses devices and task
 changes with UNAVAILABLE naming the leader, says so on /readyz, and leaves the model store
 alone; an agent client given both addresses reaches the leader; when the leader stops, it
-hands the lease over at once."""
+hands the lease over at once; a leader whose lease was taken stops leading and is fenced."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ import pytest
 from coordinator.app import EmbeddedCoordinator
 from coordinator.security.roles import Role
 from coordinator.settings import CoordinatorSettings, ReplicaSettings
+from coordinator.storage.errors import Fenced
 from core.protocol import CheckInOutcome
 from core.security.identity import DeviceKey
 from core.types import API_VERSION, DeviceAttributes
@@ -126,3 +128,23 @@ def test_a_stopping_leader_hands_the_lease_over_at_once(
 
     assert took_s < TTL_S / 2, f"the standby waited {took_s:.1f} s: the lease was not released"
     assert readyz(standby)[0] == 200
+
+
+def test_a_leader_whose_lease_was_taken_stops_leading_and_cannot_write(tmp_path: Path) -> None:
+    leader = EmbeddedCoordinator(CoordinatorSettings(
+        host="127.0.0.1", port=0, db_url=f"sqlite:///{tmp_path}/c.db",
+        store_dir=tmp_path / "store", replica=ReplicaSettings(lease_ttl_s=1.0)))
+    with leader:
+        wait_until(lambda: leads(leader), 30)
+        coordinator = leader._coordinator
+        assert coordinator is not None
+        # Another replica took the lease while this one stalled (a newer epoch).
+        with sqlite3.connect(tmp_path / "c.db") as db:
+            db.execute("UPDATE coordinator_leases SET epoch = epoch + 1, holder = 'other', "
+                       "address = 'elsewhere:7070'")
+
+        wait_until(lambda: not leads(leader), 5)
+
+        assert "passed to another replica" in coordinator.lost_reason
+        with pytest.raises(Fenced, match="elsewhere:7070"):
+            coordinator.store.fail_open_rounds("a deposed leader's recovery", 0.0)
