@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,35 @@ def save_safetensors(state: Mapping[str, np.ndarray], metadata: Mapping[str, str
     from safetensors import SafetensorError
     from safetensors.numpy import save
 
+    arrays, meta = _safetensors_input(state, metadata)
+    try:
+        return bytes(save(arrays, metadata=meta))
+    except (SafetensorError, ValueError, TypeError, KeyError) as exc:
+        raise TensorFormatError(f"cannot write a safetensors file: {exc}") from None
+
+
+def write_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike[str],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes the file :func:`save_safetensors` makes straight to ``path`` (replaced if it
+    exists), from the arrays' own memory: no copy of the data is made (``save_safetensors``
+    holds two, 800 MB for a 100M-parameter float32 model). No flush to disk.
+
+    Raises:
+        TensorFormatError: safetensors refuses an array.
+        OSError: the file cannot be written.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    arrays, meta = _safetensors_input(state, metadata)
+    try:
+        save_file(arrays, path, metadata=meta)
+    except (SafetensorError, ValueError, TypeError, KeyError) as exc:
+        raise TensorFormatError(f"cannot write a safetensors file: {exc}") from None
+
+
+def _safetensors_input(state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta[ORDER_METADATA_KEY] = json.dumps(list(state))
     arrays = {}
@@ -161,10 +191,7 @@ def save_safetensors(state: Mapping[str, np.ndarray], metadata: Mapping[str, str
         array = np.asarray(value)
         # astype keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
         arrays[name] = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
-    try:
-        return bytes(save(arrays, metadata=meta))
-    except (SafetensorError, ValueError, TypeError, KeyError) as exc:
-        raise TensorFormatError(f"cannot write a safetensors file: {exc}") from None
+    return arrays, meta
 
 
 def load_safetensors(data: bytes) -> dict[str, np.ndarray]:

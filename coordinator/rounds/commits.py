@@ -121,7 +121,9 @@ def run_commit(job: CommitJob, models: ModelRepository,
     try:
         if not np.isfinite(job.mean).all():
             raise ValueError("the round's mean update holds non-finite values")
-        delta = from_raw_bytes(job.mean.astype("<f4").tobytes(), base.infos)
+        # One copy of the mean (from_raw_bytes copies), not three: 400 MB each for a
+        # 100M-parameter model.
+        delta = from_raw_bytes(np.ascontiguousarray(job.mean, dtype="<f4").data, base.infos)
         params, opt_state = apply_server_optimizer(
             base.params, delta, job.spec.server, base.optimizer_state)
         if not all(np.isfinite(v).all() for v in opt_state.values()):

@@ -19,7 +19,13 @@ from coordinator.storage import FileBlobStore, Store
 from coordinator.storage import errors as storage_errors
 from coordinator.storage.records import ModelVersionRecord
 from core.evaluation import EvaluationPlan, read_plan
-from core.tensors import load_safetensors, save_safetensors, sha256_hex, tensor_infos
+from core.tensors import (
+    load_safetensors,
+    save_safetensors,
+    sha256_hex,
+    tensor_infos,
+    write_safetensors,
+)
 
 
 class RecentModelBytes:
@@ -74,19 +80,33 @@ class ModelRepository:
         caller commits the record. ``metadata``: more entries of the safetensors header (an
         evaluation task's plan). Thread-safe (files only)."""
         base = f"tasks/{task_id}/model-v{version:06d}"
-        data = save_safetensors(params, {**(metadata or {}), "task_id": task_id,
-                                         "version": str(version)})
-        sha, size = self._blobs.write(f"{base}.safetensors", data)
-        self.recent.put(f"{base}.safetensors", sha, data)  # the next download of a round
+        sha, size = self._write_tensors(
+            f"{base}.safetensors", params,
+            {**(metadata or {}), "task_id": task_id, "version": str(version)},
+            keep=True)  # the next download of a round
         opt_path = None
         if opt_state:
             opt_path = f"{base}.optimizer.safetensors"
-            self._blobs.write(opt_path, save_safetensors(opt_state))
+            self._write_tensors(opt_path, opt_state, None, keep=False)
         return ModelVersionRecord(
             task_id=task_id, version=version, round_number=round_number,
             path=f"{base}.safetensors", sha256=sha, size_bytes=size,
             optimizer_state_path=opt_path, created_at=now,
         )
+
+    def _write_tensors(self, path: str, state: Mapping[str, np.ndarray],
+                       metadata: Mapping[str, str] | None, *, keep: bool) -> tuple[str, int]:
+        """Writes a safetensors file and returns its (sha256, size). A file small enough for
+        :attr:`recent` is built in memory (and kept there when ``keep``); a larger one is
+        written straight from the arrays, so that no copy of a large model is ever made
+        (building a 400 MB file in memory holds two)."""
+        if sum(int(np.asarray(v).nbytes) for v in state.values()) <= self.recent.max_item_bytes:
+            data = save_safetensors(state, metadata)
+            sha, size = self._blobs.write(path, data)
+            if keep:
+                self.recent.put(path, sha, data)
+            return sha, size
+        return self._blobs.write_file(path, lambda tmp: write_safetensors(state, tmp, metadata))
 
     def stored_plan(self, record: ModelVersionRecord) -> EvaluationPlan | None:
         """The evaluation plan in a version's file (an evaluation task's bundle); None when

@@ -152,8 +152,9 @@ def apply_server_optimizer(
     if state:
         _load_flat_state(optimizer, dict(zip(names, tensors, strict=True)), state, kind)
     optimizer.step()
-    new_params = {name: t.detach().numpy().astype(np.float32, copy=True)
-                  for name, t in zip(names, tensors, strict=True)}
+    # The tensors are this call's own float32 copies: their memory becomes the result's
+    # (no third copy of the model; 400 MB at 100M parameters).
+    new_params = {name: t.detach().numpy() for name, t in zip(names, tensors, strict=True)}
     return new_params, _flat_state(optimizer, names, tensors)
 
 

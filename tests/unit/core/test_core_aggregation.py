@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from core.aggregation import fedavg
 from core.aggregation.fedavg import StreamingWeightedMean, is_finite, weighted_mean
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -128,3 +130,34 @@ def test_weighted_mean_needs_one_weight_per_update() -> None:
 ])
 def test_is_finite_detects_nan_and_infinity(values: np.ndarray, expected: bool) -> None:
     assert is_finite(values) is expected
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 6, 7, 13])
+def test_the_mean_divided_block_by_block_equals_the_whole_division(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fedavg, "MEAN_BLOCK", 3)  # many blocks and a partial last one
+    rng = np.random.default_rng(size)
+    acc = StreamingWeightedMean(size)
+    for weight in (3.0, 7.5):
+        acc.add_chunk(0, rng.standard_normal(size).astype(np.float32), weight)
+        acc.finish_update(weight)
+    whole = (acc._sum / acc.total_weight).astype(np.float32)
+    np.testing.assert_array_equal(acc.mean(), whole)
+
+
+def test_the_mean_needs_no_float64_copy_of_the_sum() -> None:
+    # A 100M-parameter model's sum is 800 MB of float64: dividing it whole would add that
+    # much again (and the float32 result) at every release.
+    size = 4 << 20
+    acc = StreamingWeightedMean(size)
+    acc.add_chunk(0, np.ones(size, np.float32), 2.0)
+    acc.finish_update(2.0)
+    tracemalloc.start()
+    try:
+        mean = acc.mean()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert mean[0] == 1.0 and mean[-1] == 1.0
+    assert peak < size * 4 + 2 * fedavg.MEAN_BLOCK * 8, f"peak {peak >> 20} MiB"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from core.tensors import (
     sha256_hex,
     tensor_infos,
     to_raw_bytes,
+    write_safetensors,
 )
 
 DTYPES = ["float32", "float64", "float16", "int32", "int64"]
@@ -55,6 +58,28 @@ def test_raw_bytes_round_trip_exactly_in_mapping_order(state: dict[str, np.ndarr
 @given(states)
 def test_safetensors_round_trip_exactly_in_the_saved_order(state: dict[str, np.ndarray]) -> None:
     assert_same_state(load_safetensors(save_safetensors(state)), state)
+
+
+@settings(max_examples=40, deadline=None)
+@given(states)
+def test_write_safetensors_writes_the_file_save_safetensors_makes(
+    state: dict[str, np.ndarray],
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        path.write_bytes(b"an older file, longer than the new one" * 100)
+        write_safetensors(state, path, {"task_id": "t"})
+        written, made = path.read_bytes(), save_safetensors(state, {"task_id": "t"})
+    # The same header (safetensors writes the metadata's entries in no fixed order) and
+    # the same data after it.
+    assert len(written) == len(made)
+    assert split_safetensors(written) == split_safetensors(made)
+    assert_same_state(load_safetensors(written), state)
+
+
+def split_safetensors(data: bytes) -> tuple[dict[str, object], bytes]:
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]), data[8 + size:]
 
 
 @settings(max_examples=30, deadline=None)
