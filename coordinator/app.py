@@ -169,6 +169,12 @@ class Coordinator:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                # Calls the event loop has not taken yet wait in gRPC's queue instead of
+                # being cancelled (gRPC's default: at random past 1,000, all past 3,000): a device
+                # then waits for its answer (a paced "come back after") instead of retrying in a
+                # storm that never ends (issue 17: 170,000 such at 10,000 devices).
+                ("grpc.server.max_pending_requests", 1 << 16),
+                ("grpc.server.max_pending_requests_hard_limit", 1 << 16),
             ]
         )
         # Per-method request limits, checked before parsing (coordinator.transport.handlers).
@@ -244,8 +250,8 @@ class Coordinator:
         assert isinstance(self.store, SqlStore) and self.leadership is not None
         deadline = asyncio.get_running_loop().time() + STORE_LOCK_WAIT_S
         while True:
-            if self.leadership.role is not Role.LEADER:
-                return  # lost or stopped meanwhile
+            if self.leadership.role is not Role.LEADER or self._stopping:
+                return  # lost or stopping meanwhile
             try:
                 self.blobs.lock()
                 break
@@ -256,7 +262,8 @@ class Coordinator:
                     return
                 await asyncio.sleep(0.1)
         fence = self.leadership.fence
-        if fence is None:
+        if fence is None or self._stopping:
+            self.blobs.unlock()
             return
         self.store.fence(fence)
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedctl.certs import register as register_certs
+from fedctl.cluster import register as register_cluster
 from fedctl.experiment import register as register_experiment
 from fedctl.security import register as register_security
 from fedctl.simulate import register as register_simulate
@@ -302,6 +303,7 @@ def build_parser() -> FedctlParser:
     register_simulate(sub)
     register_tune(sub)
     register_certs(sub)
+    register_cluster(sub)
     register_security(sub, _add_coordinator, _admin)
     register_experiment(sub, _add_coordinator, _admin)
 

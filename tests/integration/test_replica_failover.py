@@ -227,3 +227,59 @@ def test_the_standby_takes_over_a_killed_leader_without_losing_or_repeating_a_ve
     assert sorted(after) == list(range(rounds + 1)), "versions are consecutive, none repeated"
     committed = sorted(r.round_number for r in listed if r.state == "committed")
     assert committed == list(range(1, rounds + 1)), "each round committed exactly once"
+
+
+def _consecutive_free_ports(count: int) -> int:
+    import random
+    import socket
+
+    for _ in range(50):
+        first = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no consecutive free ports")
+
+
+def test_cluster_up_runs_replicas_and_restarts_a_killed_leader_as_a_standby(
+        tmp_path: Path) -> None:
+    """`fedctl cluster up --replicas 2` (SQLite: one machine): one replica leads; kill -9 it
+    and the other leads while the killed one comes back as a standby; Ctrl-C stops all."""
+    port = _consecutive_free_ports(2)
+    out = tmp_path / "cluster.out"
+    cluster = subprocess.Popen(
+        [*FEDCTL, "cluster", "up", "--replicas", "2", "--dir", str(tmp_path / "c"),
+         "--port", str(port), "--lease-ttl", "1"],
+        stdout=open(out, "wb"), stderr=subprocess.STDOUT, env=ENV)  # noqa: SIM115
+
+    def wait_line(pattern: str, timeout_s: float = 180) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = out.read_text(errors="replace")
+            if (found := re.search(pattern, text)) is not None:
+                return found
+            assert cluster.poll() is None, text
+            assert time.monotonic() < deadline, f"no {pattern!r} in: {text}"
+            time.sleep(0.05)
+
+    try:
+        first = wait_line(r"replica (\d) leads \(lease epoch 1\)").group(1)
+        pid = int(wait_line(rf"replica {first}: \S+ pid (\d+)").group(1))
+        os.kill(pid, signal.SIGKILL)
+        second = wait_line(r"replica (\d) leads \(lease epoch 2\)", timeout_s=30).group(1)
+        assert second != first
+        wait_line(rf"replica {first} \(pid {pid}\) exited with -9; starting it again")
+    finally:
+        cluster.send_signal(signal.SIGINT)
+        code = cluster.wait(timeout=60)
+    assert code == 0, out.read_text()
+    assert "stopping the cluster" in out.read_text()

@@ -1,0 +1,174 @@
+"""``fedctl cluster up --replicas M``: a local cluster to try coordinator replicas with: M
+``fedctl coordinator serve --replica`` processes on one database and one model store, on
+consecutive ports, supervised until Ctrl-C (or SIGTERM).
+
+It prints each replica's address, pid and log, the agent and admin command lines, and a line
+whenever a replica starts to lead. A replica that exits (``kill -9`` its pid to see a
+standby take over; a deposed leader exits by itself) is started again as a standby. Without
+``--db`` the database is a SQLite file in ``--dir`` (one machine); give a PostgreSQL URL to
+try what production runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_LEADS = re.compile(r"fedcoord coordinator leads \(lease epoch (\d+)\)")
+#: A replica that exits this soon after starting, before serving, stops the cluster (a bad
+#: setting would otherwise be restarted for ever).
+_START_TIMEOUT_S = 300.0
+
+
+def register(subparsers: Any) -> None:
+    """Adds ``cluster up`` to ``fedctl``'s subparsers (imports nothing heavy)."""
+    cluster = subparsers.add_parser("cluster", help="a local cluster of coordinator replicas")
+    actions = cluster.add_subparsers(dest="action", required=True)
+    up = actions.add_parser(
+        "up", help="start M coordinator replicas on one database and supervise them until "
+                   "Ctrl-C",
+        description="Starts M `fedctl coordinator serve --replica` processes on one database "
+                    "and one model store, on consecutive ports, and supervises them until "
+                    "Ctrl-C: a replica that exits (kill -9 the leader to watch a standby take "
+                    "over) is started again as a standby.")
+    up.add_argument("--replicas", type=int, default=2, metavar="M",
+                    help="coordinator processes (one leads, the others stand by)")
+    up.add_argument("--dir", type=Path, default=Path("fedcoord-cluster"), metavar="DIR",
+                    help="where the model store, the logs, the admin token and (without --db) "
+                         "the SQLite database go")
+    up.add_argument("--db", metavar="URL",
+                    help="the shared database (default: sqlite:///DIR/coordinator.db)")
+    up.add_argument("--host", default="127.0.0.1", help="address every replica binds")
+    up.add_argument("--port", type=int, default=7070,
+                    help="the first replica's port; the others take the next ones")
+    up.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
+                    help="a killed leader is replaced after about this long")
+    up.set_defaults(func=cmd_cluster_up)
+
+
+@dataclass
+class _Replica:
+    index: int
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    #: Restarts in a row that exited before serving.
+    failed_starts: int = 0
+    seen_leading: set[str] = field(default_factory=set)
+
+    @property
+    def port_file(self) -> Path:
+        return self.log.with_suffix(".port")
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from fedctl.errors import CliError
+
+    if not 1 <= args.replicas <= 16:
+        raise CliError(f"--replicas {args.replicas}: expected 1 to 16", exit_code=2)
+    if not 0 < args.port <= 65535 - args.replicas + 1:
+        raise CliError(f"--port {args.port}: the {args.replicas} replicas need ports up to "
+                       f"{args.port + args.replicas - 1}, at most 65535", exit_code=2)
+    directory: Path = args.dir.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    db = args.db or f"sqlite:///{directory / 'coordinator.db'}"
+    token_file = directory / "admin.token"
+    replicas = [_Replica(i, args.port + i, directory / f"replica-{i}.log")
+                for i in range(args.replicas)]
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def start(r: _Replica, *, bootstrap: bool) -> None:
+        r.port_file.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "fedctl", "coordinator", "serve", "--replica",
+                   "--db", db, "--store", str(directory / "store"), "--host", args.host,
+                   "--port", str(r.port), "--port-file", str(r.port_file),
+                   "--lease-ttl", str(args.lease_ttl)]
+        if bootstrap:  # one replica registers the first admin token: two would race
+            command += ["--admin-token-file", str(token_file)]
+        with open(r.log, "ab") as log:
+            r.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        r.started = time.monotonic()
+
+    def wait_serving(r: _Replica) -> None:
+        assert r.proc is not None
+        while not r.port_file.exists():
+            if r.proc.poll() is not None or time.monotonic() - r.started > _START_TIMEOUT_S:
+                tail = r.log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise CliError(f"replica {r.index} did not start (log {r.log}): "
+                               + " | ".join(tail))
+            if stop.wait(0.05):
+                return
+
+    try:
+        start(replicas[0], bootstrap=True)
+        wait_serving(replicas[0])
+        for r in replicas[1:]:
+            start(r, bootstrap=False)
+        for r in replicas[1:]:
+            wait_serving(r)
+        if stop.is_set():
+            return 130
+        addresses = ",".join(f"{args.host}:{r.port}" for r in replicas)
+        for r in replicas:
+            assert r.proc is not None
+            print(f"replica {r.index}: {args.host}:{r.port} pid {r.proc.pid} log {r.log}",
+                  flush=True)
+        print(f"database {db}, model store {directory / 'store'}\n"
+              f"agents: fedctl agent run --coordinator {addresses} --data ...\n"
+              f"admin:  FEDCOORD_TOKEN=$(cat {token_file}) fedctl task list "
+              f"--coordinator {args.host}:{args.port}\n"
+              "kill -9 the leader's pid to watch a standby take over; Ctrl-C stops the "
+              "cluster", flush=True)
+        while not stop.wait(0.2):
+            for r in replicas:
+                _report_leading(r)
+                assert r.proc is not None
+                if r.proc.poll() is not None:
+                    served = r.port_file.exists()
+                    r.failed_starts = 0 if served else r.failed_starts + 1
+                    if r.failed_starts >= 3:
+                        tail = r.log.read_text(errors="replace").strip().splitlines()[-3:]
+                        raise CliError(f"replica {r.index} exits before serving, 3 times "
+                                       f"(log {r.log}): " + " | ".join(tail))
+                    print(f"replica {r.index} (pid {r.proc.pid}) exited with "
+                          f"{r.proc.returncode}; starting it again as a standby", flush=True)
+                    start(r, bootstrap=False)
+                    print(f"replica {r.index}: pid {r.proc.pid}", flush=True)
+        print("stopping the cluster", flush=True)
+        return 0
+    finally:
+        _stop_all(replicas)
+
+
+def _report_leading(r: _Replica) -> None:
+    try:
+        text = r.log.read_text(errors="replace")
+    except OSError:
+        return
+    for match in _LEADS.finditer(text):
+        if match.group(0) not in r.seen_leading:
+            r.seen_leading.add(match.group(0))
+            print(f"replica {r.index} leads (lease epoch {match.group(1)})", flush=True)
+
+
+def _stop_all(replicas: list[_Replica]) -> None:
+    running = [r.proc for r in replicas if r.proc is not None and r.proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
