@@ -13,9 +13,12 @@ restarted loses nothing the sink counted sent; a full queue drops and counts, ne
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -61,6 +64,10 @@ class Broker:
 
     def stop(self) -> None:
         _script(self.script, "stop", str(self.dir))
+
+    def freeze(self) -> None:
+        """Stops the broker's process (SIGSTOP): connections stay open, nothing is answered."""
+        os.kill(int((self.dir / "broker.pid").read_text()), signal.SIGSTOP)
 
 
 def _run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -260,6 +267,58 @@ def test_b_a_broker_killed_and_restarted_loses_nothing_counted_sent(broker: Brok
     assert (sink.queued, sink.sent, sink.failed, sink.dropped) == (500, 500, 0, 0)
     seqs = [e.seq for _, e in read_topic(broker, topic)]
     assert sorted(set(seqs)) == list(range(1, 501)), "everything counted sent is on the topic"
+    first_seen = list(dict.fromkeys(seqs))
+    assert first_seen == sorted(first_seen), "in order, retries included"
+
+
+# Apache Kafka only: Tansu, killed with requests in flight, answers the idempotent producer's
+# retries "duplicate" for batches it did not keep (seen here: 120 of 3,980 events lost, all
+# counted sent), the bug scripts/kafka.sh describes.
+@pytest.mark.parametrize("broker", ["apache"], indirect=True)
+def test_b2_a_broker_killed_mid_stream_loses_nothing_counted_sent(broker: Broker) -> None:
+    """Killed while events stream in, with requests in flight (frozen first, so that some
+    are), and restarted while they still come: everything counted sent is on the topic, each
+    first copy in order (a batch sent again after the kill comes after the ones before it)."""
+    topic = f"midstream-{uuid.uuid4().hex[:8]}"
+    sink = KafkaSink.from_url(broker.url(topic))
+    hub = EventHub([sink])
+    streaming = threading.Event()
+    streaming.set()
+    emitted = 0
+
+    def stream() -> None:  # about 2,000 events a second, as a busy coordinator's check-ins
+        nonlocal emitted
+        while streaming.is_set():
+            for _ in range(20):
+                hub.emit(EventKind.DEVICE_CHECKED_IN, "task-b2", time.time(), device_id="d")
+            emitted += 20
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while sink.sent < 500 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.sent >= 500, f"only {sink.sent} sent before the kill"
+        broker.freeze()
+        time.sleep(0.3)
+        assert sink.pending > 0
+        broker.stop()
+        broker.start()
+        time.sleep(0.5)
+        streaming.clear()
+        thread.join()
+        wait_drained(sink, 30)
+    finally:
+        streaming.clear()
+        thread.join()
+        hub.close()
+
+    assert (sink.queued, sink.sent, sink.failed, sink.dropped) == (emitted, emitted, 0, 0)
+    seqs = [e.seq for _, e in read_topic(broker, topic)]
+    assert sorted(set(seqs)) == list(range(1, emitted + 1)), \
+        "everything counted sent is on the topic"
     first_seen = list(dict.fromkeys(seqs))
     assert first_seen == sorted(first_seen), "in order, retries included"
 
