@@ -429,8 +429,10 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         first = float(mine[:, 1].min()) if mine.size else r.ended_unix_ms / 1000
         windows.append((first, r.ended_unix_ms / 1000))
     in_agg = np.zeros(sent.shape, dtype=bool)
+    by_round = []  # each round's own window: the first one also holds the devices' ramp
     for a, b in windows:
         in_agg |= (sent >= a) & (sent <= b)
+        by_round.append(percentiles(latency[(sent >= a) & (sent <= b)]))
     if committed:
         first_start = min(r.started_unix_ms for r in committed) / 1000
         last_end = max(r.ended_unix_ms for r in committed) / 1000
@@ -475,6 +477,7 @@ def summarize(args: argparse.Namespace, spec: TaskSpec, task_id: str, state: str
         "checkins_per_s_during_rounds": round(rate, 1),
         "checkin_ms": percentiles(latency),
         "checkin_ms_aggregating": percentiles(latency[in_agg]),
+        "checkin_ms_aggregating_by_round": by_round,
         "checkin_ms_idle": percentiles(latency[~in_agg]),
         "round_wall_s": [round((r.ended_unix_ms - r.started_unix_ms) / 1000, 2)
                          for r in committed],

@@ -87,10 +87,10 @@ class CoordinatorSettings:
     #: Bounds of every "come back after" the devices are told.
     retry_after_min_s: float = 0.2
     retry_after_max_s: float = 5.0
-    #: Pace steering (:mod:`coordinator.rounds.pacing`): the check-ins per second the "come
-    #: back after" answers aim at once the connected population outgrows
-    #: ``retry_after_max_s`` (then each device waits about population / rate, at most 60 s);
-    #: 0: off. Set it to what one process serves with room to spare for its rounds.
+    #: Pace steering (:mod:`coordinator.rounds.pacing`): the most "come back after" returns
+    #: promised per second; a larger population waits about population / rate, at most 60 s
+    #: (so rate x 60 should exceed the population); 0: off. Set it to well under what one
+    #: process answers: devices in a selection window come back on top of it.
     checkin_pace_per_s: float = 200.0
     #: A task fails after this many failed attempts in a row.
     max_failed_attempts: int = 20

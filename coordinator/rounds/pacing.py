@@ -9,22 +9,24 @@ process on two cores answers. The calls then wait in gRPC's queue of calls not y
 (where gRPC cancels them after 30 s), and the round's own calls (plans, uploads) wait behind
 them (issue 17: p50 12-22 s, p99 30 s at 10,000 devices).
 
-How: a schedule of return slots ``1 / rate_per_s`` apart. Every paced answer takes the next
-slot, and the device is told to come back at its slot or at the time its answer asks for
-(``earliest``: the round's rules, e.g. "after the round's deadline"), whichever is later.
-The first ``rate_per_s * free_s`` answers of a burst keep their ``earliest``: a population
-that returns at less than the rate is never delayed (the schedule stays within ``free_s`` of
-now), so small deployments and the tests see the rules' answers unchanged. A population of
-N devices settles at one check-in each every ~N / rate_per_s seconds: the connected
-population over the rate the coordinator serves. No answer waits more than ``max_s`` (the
-device agent's longest wait, ``device_agent.runtime.device.MAX_WAIT_S``, 60 s); beyond
-``rate_per_s * max_s`` devices the rate grows as N / max_s.
+How: a calendar of the returns promised, per second over the next ``max_s`` seconds. A
+paced answer books the first second at or after the time its rules ask for (``earliest``,
+e.g. "after the round's deadline") that holds fewer than ``rate_per_s`` returns, and the
+device is told a moment in it (the rules' own time when that second has room, so a
+population that returns at less than the rate hears the rules' answers unchanged: small
+deployments and the tests see no difference). A population of N devices settles at one
+check-in each every ~N / rate_per_s seconds: the connected population over the rate the
+coordinator serves. When every second up to ``max_s`` (the device agent's longest wait,
+``device_agent.runtime.device.MAX_WAIT_S``, 60 s) is full, the answer is a moment spread
+over the last half of that horizon: beyond ``rate_per_s * max_s`` devices the rate grows as
+N / max_s, without a herd at ``max_s``.
 
 What it does not touch: selection. A device in a selection window is told to come back when
-the window closes, unpaced (it may be drawn), and the draw is uniform over the distinct
-devices the window saw, as before; pacing only decides how many devices a window sees (about
-``rate_per_s * selection_window_s`` once the population is large), which the draw records
-(:class:`core.sampling.CohortDraw`) and the DP accountant reads.
+the window closes, unpaced (it may be drawn), and only its return is booked
+(:meth:`CheckInPacer.book`), so the answers after it leave room for it; the draw is uniform
+over the distinct devices the window saw, as before. Pacing only decides how many devices a
+window sees (about ``rate_per_s * selection_window_s`` once the population is large), which
+the draw records (:class:`core.sampling.CohortDraw`) and the DP accountant reads.
 
 Not thread-safe (the service's event loop). Time is passed in.
 """
@@ -32,6 +34,7 @@ Not thread-safe (the service's event loop). Time is passed in.
 from __future__ import annotations
 
 import math
+import random
 
 __all__ = ["PACE_MAX_S", "CheckInPacer"]
 
@@ -41,36 +44,61 @@ PACE_MAX_S = 60.0
 
 
 class CheckInPacer:
-    """Return slots for "come back after" answers, ``1 / rate_per_s`` apart.
+    """A calendar of promised returns, at most ``rate_per_s`` per second of it.
 
     ``rate_per_s``: check-ins per second the answers aim at (0: no pacing, every answer
-    keeps its ``earliest``). ``free_s``: how far ahead of now the schedule may run before
-    any answer is moved past its ``earliest``. ``max_s``: the longest wait ever asked.
+    keeps its ``earliest``). ``max_s``: the longest wait ever asked. ``rng``: where a
+    moment within a booked second comes from (jitter; no CSPRNG needed).
     """
 
-    def __init__(self, rate_per_s: float, *, free_s: float, max_s: float = PACE_MAX_S) -> None:
+    def __init__(self, rate_per_s: float, *, max_s: float = PACE_MAX_S,
+                 rng: random.Random | None = None) -> None:
         if not (rate_per_s >= 0 and math.isfinite(rate_per_s)):
             raise ValueError(f"rate_per_s must be a finite number >= 0, got {rate_per_s!r}")
-        if not (free_s >= 0 and max_s > 0):
-            raise ValueError(f"free_s must be >= 0 and max_s > 0, got {free_s!r}, {max_s!r}")
+        if not max_s >= 1:
+            raise ValueError(f"max_s must be at least 1 second, got {max_s!r}")
         self.rate_per_s = rate_per_s
-        self._interval = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
-        self._free_s = free_s
         self._max_s = max_s
-        #: The last slot handed out (seconds since the epoch).
-        self._cursor = -math.inf
+        self._rng = rng if rng is not None else random.Random()
+        #: Returns booked, by whole second since the epoch.
+        self._booked: dict[int, float] = {}
+        self._pruned = 0
 
     def come_back_at(self, now: float, earliest: float) -> float:
-        """When a device answered at ``now`` should check in again: ``earliest`` or later,
-        never later than ``max(earliest, now + max_s)``. Takes one slot."""
-        if self._interval == 0.0:
+        """When a device answered at ``now`` should check in again: ``earliest`` when its
+        second has room, else a moment in the first second after it that has; never later
+        than ``max(earliest, now + max_s)``. Books that return."""
+        if self.rate_per_s <= 0:
             return earliest
-        slot = max(self._cursor, now) + self._interval
-        # Past max_s the slots stop growing: every answer asks for max_s.
-        self._cursor = min(slot, now + self._free_s + self._max_s)
-        return max(earliest, min(slot - self._free_s, now + self._max_s))
+        self._prune(now)
+        first = math.floor(earliest)
+        last = math.floor(now + self._max_s)
+        for second in range(first, last + 1):
+            if self._booked.get(second, 0.0) < self.rate_per_s:
+                self._booked[second] = self._booked.get(second, 0.0) + 1
+                if second == first:
+                    return earliest
+                return min(second + self._rng.random(), now + self._max_s)
+        # Every second up to max_s is full: spread over the horizon's last half.
+        at = max(earliest, now + self._max_s * self._rng.uniform(0.5, 1.0))
+        self._booked[math.floor(at)] = self._booked.get(math.floor(at), 0.0) + 1
+        return at
 
-    def ahead_s(self, now: float) -> float:
-        """How far the schedule runs ahead of ``now``, past the free part (0: no answer is
-        being moved): about the connected population over ``rate_per_s``."""
-        return max(0.0, self._cursor - self._free_s - now)
+    def book(self, at: float) -> None:
+        """Books a return the rules fixed (a selection window's close), room or not."""
+        if self.rate_per_s > 0:
+            self._booked[math.floor(at)] = self._booked.get(math.floor(at), 0.0) + 1
+
+    def booked(self, now: float, seconds: float) -> float:
+        """Returns booked from ``now`` over the next ``seconds``."""
+        start = math.floor(now)
+        return sum(self._booked.get(s, 0.0) for s in range(start, start + math.ceil(seconds)))
+
+    def _prune(self, now: float) -> None:
+        """Forgets the seconds gone by (every few seconds, not every call)."""
+        second = math.floor(now)
+        if second - self._pruned < 8:
+            return
+        self._pruned = second
+        for old in [s for s in self._booked if s < second]:
+            del self._booked[old]

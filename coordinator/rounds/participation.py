@@ -95,8 +95,8 @@ class Participants:
         self._settings = settings
         #: Spreads the "come back after" answers over time (pace steering).
         self._pacer = CheckInPacer(settings.checkin_pace_per_s,
-                                   free_s=settings.retry_after_max_s,
-                                   max_s=max(PACE_MAX_S, settings.retry_after_max_s))
+                                   max_s=max(PACE_MAX_S, settings.retry_after_max_s),
+                                   rng=self._jitter)
         #: Per open round (by round id), the strata its seated devices declared
         #: (:meth:`_keep_stratum`); only experiments with per-stratum splits keep any.
         self._strata: dict[int, dict[str, str]] = {}
@@ -603,17 +603,25 @@ class Participants:
         """A candidate of the selection window comes back once it closed, to hear whether
         it was drawn. Never paced (it may be drawn). Without pacing it is told as every
         answer is (within the bounds, jittered). With pacing it is told the close itself
-        (one check-in per window, not one per ``retry_after_max_s``), plus a spread that
-        grows with the devices the window saw (at most ``retry_after_max_s``), so a window
-        of thousands does not return in one instant and queue everyone's calls."""
+        (one check-in per window, not one per ``retry_after_max_s``) plus a uniform spread
+        of (the devices the window will have seen, extrapolated from those so far) / pace:
+        the candidates come back at about the pace they came in, instead of all at the
+        close, where they would queue everyone's calls (and then upload at once). The drawn
+        ones learn of their seat up to that much later, at most a quarter of the time from
+        the close to the round's deadline (the rest is left for training)."""
         message = "selection window open; check in again when it closes"
         after = rnd.selector.window_closes - now + 0.05
         pace = self._pacer.rate_per_s
         if pace <= 0:
             return self._retry(CheckInOutcome.RETRY_LATER, after, message, task.task_id,
                                paced=False)
-        spread = min(self._settings.retry_after_max_s, rnd.selector.seen / pace)
+        selector = rnd.selector
+        closes = selector.window_closes
+        elapsed = now - (closes - selector.window_s)
+        expected = selector.seen * selector.window_s / max(elapsed, 1.0, selector.window_s / 10)
+        spread = max(0.0, min(expected / pace, (rnd.deadline - closes) / 4))
         after = max(after, self._settings.retry_after_min_s) + self._jitter.uniform(0, spread)
+        self._pacer.book(now + after)
         return CheckInResult(CheckInOutcome.RETRY_LATER, task_id=task.task_id,
                              retry_after_s=after, message=message)
 
