@@ -40,7 +40,9 @@ from coordinator.storage.base import (
 )
 from coordinator.storage.errors import Conflict, NotFound, StorageError
 from coordinator.storage.event_log_sql import SqlEventLog
+from coordinator.storage.event_log_sql import metadata as event_log_metadata
 from coordinator.storage.leases import Fence, SqlLeases, check_fence
+from coordinator.storage.leases import metadata as leases_metadata
 from coordinator.storage.records import (
     ModelVersionRecord,
     NewParticipants,
@@ -51,11 +53,15 @@ from coordinator.storage.records import (
     TaskRecord,
 )
 from coordinator.storage.security_sql import SqlSecurityStore
+from coordinator.storage.security_sql import metadata as security_metadata
 from core.types import ParticipantState, RoundState, TaskState
 
 #: Version of the schema below; bump it (and add a migration) on any change to it.
 #: 2: the tasks' state check admits ``budget_exhausted`` (differential privacy).
 SCHEMA_VERSION = 2
+
+#: The PostgreSQL advisory lock that openers preparing the schema take in turn.
+_SCHEMA_LOCK_KEY = 0x66656463  # "fedc"
 
 _OPEN_ROUND_STATES = [s.value for s in RoundState if not s.is_final]
 
@@ -238,6 +244,11 @@ class SqlStore(Store):
 
     def _prepare_schema(self) -> None:
         with self._engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Openers at once (replicas starting together) take turns: two CREATE TABLEs
+                # of one name would fail the second opener. (SQLite: BEGIN IMMEDIATE.)
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": _SCHEMA_LOCK_KEY})
             found: int | None = None
             if sa.inspect(conn).has_table(schema_version_table.name):
                 newest = sa.select(sa.func.max(schema_version_table.c.version))
@@ -252,6 +263,10 @@ class SqlStore(Store):
                 _migrate_state_check(conn)
                 conn.execute(schema_version_table.insert().values(version=SCHEMA_VERSION))
             metadata.create_all(conn)
+            # The tables beside the round store's, under the same turn (their own classes
+            # find them there when they open).
+            for other in (event_log_metadata, security_metadata, leases_metadata):
+                other.create_all(conn)
             if found is None:
                 conn.execute(schema_version_table.insert().values(version=SCHEMA_VERSION))
         if found is not None and found < SCHEMA_VERSION and self._engine.dialect.name == "sqlite":

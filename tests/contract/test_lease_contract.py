@@ -243,3 +243,33 @@ def test_lease_errors_are_storage_errors(tmp_path: Path, clock: Clock) -> None:
 
     with pytest.raises(StorageError):
         leases.acquire("coordinator", "A", "a:1", TTL_S)
+
+
+def test_replicas_opening_an_empty_database_at_once_all_open_it(backend: str) -> None:
+    """Replicas started together each prepare the schema (tables of the rounds, security,
+    events and leases): they take turns, and none fails on a table another just made."""
+    import threading
+
+    opened: list[SqlStore] = []
+    errors: list[Exception] = []
+
+    def open_store() -> None:
+        try:
+            store = SqlStore(backend)
+            store.security_store()
+            store.event_log()
+            store.leases().close()
+            opened.append(store)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for store in opened:
+        store.close()
+
+    assert errors == []
+    assert len(opened) == 4
