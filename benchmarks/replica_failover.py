@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -79,6 +80,7 @@ def database(url: str | None) -> Iterator[str]:
         if cluster is not None:
             subprocess.run([str(REPO / "scripts" / "test-postgres.sh"), "stop", str(cluster)],
                            capture_output=True)
+            shutil.rmtree(cluster.parent, ignore_errors=True)
 
 
 class Replica:

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -84,6 +85,7 @@ def postgres_url() -> Iterator[str]:
     if cluster is not None:
         subprocess.run([str(REPO / "scripts" / "test-postgres.sh"), "stop", str(cluster)],
                        capture_output=True, timeout=60)
+        shutil.rmtree(cluster.parent, ignore_errors=True)
 
 
 @dataclass
