@@ -262,9 +262,11 @@ def _run_in_process(workload: Workload, model: str, kind: EngineKind, threads: i
     if processes > 1:
         from simulations.process_backend import ProcessCohortTrainer
 
+        # Plain FedAvg: the workers sum the deltas, as fedctl simulate's from_config does
+        # for such a task (simulations.process_backend.sums_suffice).
         pool = ProcessCohortTrainer(table, processes, kind=kind, model=spec,
                                     local=workload.local, algorithm=AlgorithmConfig(),
-                                    capacity=max(len(s) for s in workload.schedule))
+                                    sum_deltas=True)
         try:
             return _rounds(workload, spec, pool)
         finally:

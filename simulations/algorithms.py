@@ -16,6 +16,7 @@ The server step is always the coordinator's: the example-weighted mean of the de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -55,6 +56,7 @@ class FederatedAlgorithm:
                       ) -> State:
         """The next global model from the cohort's trained models (job order = ``devices``)."""
         if self.aggregator is not None:
+            _need_each_device(result, "secure aggregation, central DP and robust rules")
             mean_delta = self.aggregator.mean_delta(
                 global_params, {n: t.numpy() for n, t in result.params.items()},
                 [int(n) for n in result.num_examples])
@@ -89,6 +91,7 @@ class Scaffold(FederatedAlgorithm):
 
     def server_update(self, global_params: State, devices: Sequence[int], result: CohortResult,
                       ) -> State:
+        _need_each_device(result, "SCAFFOLD's control variates")
         deltas_c: dict[str, list[np.ndarray]] = {name: [] for name in global_params}
         for i, device in enumerate(devices):
             steps = int(result.steps[i])
@@ -123,11 +126,25 @@ def make_algorithm(config: AlgorithmConfig, server: ServerOptimizer, *, num_devi
     return FederatedAlgorithm(config, server, aggregator)
 
 
+def _need_each_device(result: CohortResult, what: str) -> None:
+    if result.delta_sum is not None:
+        raise ValueError(f"{what} need each device's model; the trainer returned only the "
+                         "cohort's summed deltas (build it without sum_deltas)")
+
+
 def mean_deltas(global_params: Mapping[str, np.ndarray], result: CohortResult) -> State:
     """Example-weighted mean of ``trained - global`` per tensor, through the coordinator's
     accumulator (:class:`~core.aggregation.fedavg.StreamingWeightedMean`, what
-    :func:`~core.aggregation.fedavg.weighted_mean` runs)."""
+    :func:`~core.aggregation.fedavg.weighted_mean` runs); from ``result.delta_sum`` when
+    the trainer summed the deltas itself (the same sum and division, the devices' terms
+    added in another order)."""
     weights = [float(n) for n in result.num_examples]
+    if result.delta_sum is not None:
+        if not weights:
+            raise ValueError("need at least one update, got none")
+        total = math.fsum(weights)
+        return {name: (result.delta_sum[name] / total).astype(np.float32).reshape(x.shape)
+                for name, x in global_params.items()}
     out: State = {}
     for name, x in global_params.items():
         # weighted_mean's accumulator fed one device's delta at a time: a stacked

@@ -72,12 +72,19 @@ class DeviceJob:
 class CohortResult:
     """In job order: trained parameters stacked ``[jobs, ...]``, steps taken, training
     examples (the FedAvg weight), and the mean cross-entropy over the last epoch as
-    ``train_local`` reports it (NaN for a device cut short)."""
+    ``train_local`` reports it (NaN for a device cut short).
+
+    ``delta_sum``: instead of ``params`` (then empty), the cohort's example-weighted sum
+    of deltas ``sum_i num_examples[i] * (trained_i - global)`` per tensor, flat float64,
+    each device's term formed as the coordinator's mean forms it: what a trainer that sums
+    in its workers returns (:class:`simulations.process_backend.ProcessCohortTrainer` with
+    ``sum_deltas``), all that FedAvg's mean needs."""
 
     params: Params
     steps: np.ndarray
     num_examples: np.ndarray
     loss: np.ndarray
+    delta_sum: dict[str, np.ndarray] | None = None
 
 
 class CohortTrainer(Protocol):

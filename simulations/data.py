@@ -22,6 +22,7 @@ import numpy as np
 from core.data.dataset import LocalDataset
 from simulations.config import DataConfig
 from simulations.errors import SimulationConfigError
+from simulations.memory import return_freed_heap
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,13 +187,13 @@ def _pack_training_data(shards: list[LocalDataset], shape: tuple[int, ...],
     x[-1], y[-1] = 0, 0
     for k in range(len(shards)):
         if k % 512 == 511:
-            _return_freed_heap()  # as it goes: the copied shards and the table never both
+            return_freed_heap()  # as it goes: the copied shards and the table never both
         lo, hi = int(offsets[k]), int(offsets[k + 1])
         x[lo:hi] = shards[k].x_train
         y[lo:hi] = shards[k].y_train
         # Keep the shard's test split, drop its training arrays (this copy replaces them).
         shards[k] = dataclasses.replace(shards[k], x_train=x[lo:hi], y_train=y[lo:hi])
-    _return_freed_heap()
+    return_freed_heap()
     return PackedRows(x, offsets), PackedRows(y, offsets)
 
 
@@ -208,23 +209,6 @@ def _table(shape: tuple[int, ...], dtype: type, shared_memory: bool) -> np.ndarr
                          ).share_memory_()  # type: ignore[no-untyped-call]
     array: np.ndarray = shared.numpy()
     return array
-
-
-def _return_freed_heap() -> None:
-    """Hands freed heap pages back to the OS where the C library is glibc: a device's
-    arrays (~90 KB for Synthetic) sit below glibc's mmap threshold, so once copied into the
-    table their freed chunks would stay in the process (measured: +90 MB for 1000 devices)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-        if trim is not None:
-            trim(0)
-    except OSError:
-        pass
 
 
 class PackedRows(Sequence[np.ndarray]):

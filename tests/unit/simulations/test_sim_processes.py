@@ -4,17 +4,36 @@ weights back through shared memory or, past its capacity, pickled."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from core.models import initial_state
-from core.types import LocalTraining, ModelSpec
-from simulations.algorithms import local_objective
-from simulations.cohort import DeviceJob, DeviceTable, full_steps, make_trainer
+from core.privacy.spec import PrivacyMode, PrivacySpec
+from core.types import (
+    Aggregation,
+    AggregationMode,
+    LocalTraining,
+    ModelSpec,
+    RobustAggregation,
+    RobustKind,
+    SecureAggregation,
+    ServerOptimizer,
+)
+from simulations.algorithms import local_objective, make_algorithm, mean_deltas
+from simulations.cohort import CohortResult, DeviceJob, DeviceTable, full_steps, make_trainer
 from simulations.cohort_split import split_jobs
-from simulations.config import AlgorithmConfig, AlgorithmKind, EngineKind
-from simulations.process_backend import ProcessCohortTrainer
+from simulations.config import (
+    AlgorithmConfig,
+    AlgorithmKind,
+    DataConfig,
+    EngineKind,
+    SelectionConfig,
+    SimulationConfig,
+)
+from simulations.process_backend import ProcessCohortTrainer, sums_suffice
 
 MLP = ModelSpec("mlp", {"input_dim": 6, "hidden": [8], "num_classes": 3})
 LOCAL = LocalTraining(epochs=2, batch_size=4, learning_rate=0.1, momentum=0.5)
@@ -87,3 +106,59 @@ def test_a_dead_worker_is_a_simulation_error_naming_the_likely_cause(make_federa
         worker.join(timeout=10)
         with pytest.raises(SimulationError, match="worker process died"):
             pool.train(params, jobs(4))
+
+
+@pytest.mark.slow  # spawns worker processes
+def test_workers_that_sum_the_deltas_give_the_mean_of_the_devices_models(make_federation) -> None:  # type: ignore[no-untyped-def]
+    """Plain FedAvg needs only sum_i n_i (w_i - w): each worker returns its devices' sum,
+    no device's weights, and the mean is the one the devices' own models give (the same
+    float64 terms, added in another order)."""
+    table = DeviceTable(make_federation(SIZES))
+    algorithm = AlgorithmConfig(kind=AlgorithmKind.FEDPROX, mu=0.1)
+    params = {n: torch.from_numpy(v) for n, v in initial_state(MLP, 0).items()}
+    start = {n: p.numpy() for n, p in params.items()}
+    here = make_trainer(EngineKind.BMM, MLP, table, LOCAL, local_objective(algorithm))
+    with ProcessCohortTrainer(table, 2, kind=EngineKind.BMM, model=MLP, local=LOCAL,
+                              algorithm=algorithm, capacity=6, sum_deltas=True,
+                              slice_bytes=1) as pool:  # one device at a time: many slices
+        for count in (1, 9):
+            cohort = jobs(count)
+            expected = here.train(params, cohort)
+            got = pool.train(params, cohort)
+            assert got.params == {} and got.delta_sum is not None
+            want = mean_deltas(start, expected)
+            for name, mean in mean_deltas(start, got).items():
+                np.testing.assert_allclose(mean, want[name], rtol=1e-6, atol=1e-9)
+            np.testing.assert_array_equal(got.steps, expected.steps)
+            np.testing.assert_array_equal(got.num_examples, expected.num_examples)
+            np.testing.assert_array_equal(got.loss, expected.loss)
+
+
+def test_only_rounds_that_need_just_the_mean_are_summed_in_the_workers() -> None:
+    plain = SimulationConfig(name="t", model=MLP, rounds=1,
+                             data=DataConfig("synthetic:alpha=1,beta=1", num_devices=4),
+                             selection=SelectionConfig(clients_per_round=2))
+    assert sums_suffice(plain)
+    assert sums_suffice(dataclasses.replace(
+        plain, algorithm=AlgorithmConfig(kind=AlgorithmKind.FEDPROX, mu=0.1)))
+    need_each_device = [
+        dataclasses.replace(plain, algorithm=AlgorithmConfig(kind=AlgorithmKind.SCAFFOLD)),
+        dataclasses.replace(plain, secure_aggregation=SecureAggregation()),
+        dataclasses.replace(plain, privacy=PrivacySpec(mode=PrivacyMode.CENTRAL)),
+        dataclasses.replace(plain, aggregation=Aggregation(
+            robust=RobustAggregation(kind=RobustKind.MEDIAN))),
+        dataclasses.replace(plain, aggregation=Aggregation(mode=AggregationMode.ASYNC)),
+    ]
+    assert not any(sums_suffice(c) for c in need_each_device)
+
+
+def test_a_summed_result_is_refused_where_each_devices_model_is_needed() -> None:
+    start = {"w": np.zeros(3, np.float32)}
+    summed = CohortResult(params={}, steps=np.ones(2, np.int64),
+                          num_examples=np.array([1, 3]), loss=np.zeros(2),
+                          delta_sum={"w": np.array([4.0, 0.0, -8.0])})
+    np.testing.assert_array_equal(mean_deltas(start, summed)["w"], [1.0, 0.0, -2.0])
+    scaffold = make_algorithm(AlgorithmConfig(kind=AlgorithmKind.SCAFFOLD), ServerOptimizer(),
+                              num_devices=4, learning_rate=0.1)
+    with pytest.raises(ValueError, match="SCAFFOLD's control variates need each device"):
+        scaffold.server_update(start, [0, 1], summed)
