@@ -106,10 +106,13 @@ def to_raw_bytes(state: Mapping[str, np.ndarray]) -> bytes:
     return b"".join(parts)
 
 
-def from_raw_bytes(data: bytes | memoryview, infos: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+def from_raw_bytes(data: bytes | memoryview, infos: Sequence[TensorInfo], *,
+                   copy: bool = True) -> dict[str, np.ndarray]:
     """Inverse of :func:`to_raw_bytes`: arrays in the order of ``infos``.
 
-    The arrays are writable copies in native byte order, independent of ``data``.
+    The arrays are writable copies in native byte order, independent of ``data``; with
+    ``copy=False`` they are little-endian views of ``data`` instead (no memory: a large
+    model's update read in place; writable only if ``data`` is).
 
     Raises:
         TensorFormatError: an info has an unknown dtype, a negative dimension or a repeated
@@ -125,7 +128,9 @@ def from_raw_bytes(data: bytes | memoryview, infos: Sequence[TensorInfo]) -> dic
     for info in infos:
         dtype = numpy_dtype(info.dtype)
         flat = np.frombuffer(buffer, dtype=dtype, count=info.numel, offset=offset)
-        out[info.name] = flat.astype(dtype.newbyteorder("="), copy=True).reshape(info.shape)
+        if copy:
+            flat = flat.astype(dtype.newbyteorder("="), copy=True)
+        out[info.name] = flat.reshape(info.shape)
         offset += info.nbytes
     return out
 

@@ -121,9 +121,10 @@ def run_commit(job: CommitJob, models: ModelRepository,
     try:
         if not np.isfinite(job.mean).all():
             raise ValueError("the round's mean update holds non-finite values")
-        # One copy of the mean (from_raw_bytes copies), not three: 400 MB each for a
-        # 100M-parameter model.
-        delta = from_raw_bytes(np.ascontiguousarray(job.mean, dtype="<f4").data, base.infos)
+        # Views of the mean, which is this commit's own: no copy (there were three, via
+        # bytes: 400 MB each for a 100M-parameter model).
+        delta = from_raw_bytes(np.ascontiguousarray(job.mean, dtype="<f4").data, base.infos,
+                               copy=False)
         params, opt_state = apply_server_optimizer(
             base.params, delta, job.spec.server, base.optimizer_state)
         if not all(np.isfinite(v).all() for v in opt_state.values()):

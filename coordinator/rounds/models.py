@@ -21,7 +21,6 @@ from coordinator.storage.records import ModelVersionRecord
 from core.evaluation import EvaluationPlan, read_plan
 from core.tensors import (
     load_safetensors,
-    save_safetensors,
     sha256_hex,
     tensor_infos,
     write_safetensors,
@@ -96,17 +95,16 @@ class ModelRepository:
 
     def _write_tensors(self, path: str, state: Mapping[str, np.ndarray],
                        metadata: Mapping[str, str] | None, *, keep: bool) -> tuple[str, int]:
-        """Writes a safetensors file and returns its (sha256, size). A file small enough for
-        :attr:`recent` is built in memory (and kept there when ``keep``); a larger one is
-        written straight from the arrays, so that no copy of a large model is ever made
-        (building a 400 MB file in memory holds two)."""
-        if sum(int(np.asarray(v).nbytes) for v in state.values()) <= self.recent.max_item_bytes:
-            data = save_safetensors(state, metadata)
-            sha, size = self._blobs.write(path, data)
-            if keep:
-                self.recent.put(path, sha, data)
-            return sha, size
-        return self._blobs.write_file(path, lambda tmp: write_safetensors(state, tmp, metadata))
+        """Writes a safetensors file straight from the arrays and returns its (sha256,
+        size); a file small enough for :attr:`recent` is read back into it when ``keep``.
+        Building the file in memory instead (:func:`~core.tensors.save_safetensors`) held
+        two copies of the model and the GIL while it serialized (half a second per 200 MB:
+        the event loop stood still during a commit off the loop)."""
+        sha, size = self._blobs.write_file(
+            path, lambda tmp: write_safetensors(state, tmp, metadata))
+        if keep and size <= self.recent.max_item_bytes:
+            self.recent.put(path, sha, self._blobs.read_bytes(path))
+        return sha, size
 
     def stored_plan(self, record: ModelVersionRecord) -> EvaluationPlan | None:
         """The evaluation plan in a version's file (an evaluation task's bundle); None when

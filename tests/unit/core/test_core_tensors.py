@@ -163,6 +163,14 @@ def test_from_raw_bytes_reads_a_memoryview_and_returns_writable_copies() -> None
     decoded["a"][0] = 7.0  # writable
 
 
+def test_from_raw_bytes_without_copy_gives_views_of_the_buffer() -> None:
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.arange(2, dtype=np.int64)}
+    buffer = np.frombuffer(bytearray(to_raw_bytes(state)), dtype=np.uint8)
+    decoded = from_raw_bytes(buffer.data, tensor_infos(state), copy=False)
+    assert_same_state(decoded, state)
+    assert all(np.shares_memory(value, buffer) for value in decoded.values())
+
+
 def test_from_raw_bytes_counts_bytes_of_a_typed_memoryview() -> None:
     values = np.arange(3, dtype=np.float32)
     view = memoryview(values)  # type: ignore[arg-type]  # numpy arrays are buffers
