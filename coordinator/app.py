@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import threading
@@ -60,6 +61,8 @@ TICK_SECONDS = 0.05
 #: How long a newly elected replica waits for the model store's lock (held by a deposed
 #: leader on this machine that has not stopped yet) before it gives up leading.
 STORE_LOCK_WAIT_S = 15.0
+#: A replica that lost its leadership exits within this long, whatever its threads do.
+ABANDON_EXIT_S = 10.0
 
 
 class LeadershipLost(Exception):
@@ -299,11 +302,12 @@ class Coordinator:
 
     async def abandon(self) -> None:
         """Stops serving at once, without the writes a graceful stop makes (this replica
-        leads no more: the new leader owns the rounds)."""
+        leads no more: the new leader owns the rounds). The model store stays locked until
+        the process exits: a commit still running on the worker thread may be writing a
+        model file, which must land before the next leader writes that path (its own
+        record of the commit is fenced)."""
         self._stopping = True
         self.readiness.shutting_down()
-        if self.leadership is not None:
-            self.leadership.stop(release=False)
         if self._health is not None:
             await self._health.shutting_down()
         if self.http is not None:
@@ -313,8 +317,11 @@ class Coordinator:
         if self.server is not None:
             await self.server.stop(0)
         self.events.close()
+        if self.leadership is not None:
+            # A no-op when another replica holds the lease; else (this one gave up, e.g.
+            # the store stayed locked) the next replica need not wait for the expiry.
+            self.leadership.stop(release=True)
         self.store.close()
-        self.blobs.unlock()
 
     @property
     def transport_security(self) -> str:
@@ -390,6 +397,11 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
         if lost.done():
             stopped.cancel()
             await coordinator.abandon()
+            # The process must end for the model store's lock to pass on: a worker thread
+            # stuck past this would keep the next leader from the store.
+            watchdog = threading.Timer(ABANDON_EXIT_S, os._exit, args=(1,))
+            watchdog.daemon = True
+            watchdog.start()
             raise LeadershipLost(f"this replica stopped leading: {lost.result()}")
         lost.cancel()
     await coordinator.stop()

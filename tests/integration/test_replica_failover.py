@@ -285,3 +285,30 @@ def test_cluster_up_runs_replicas_and_restarts_a_killed_leader_as_a_standby(
         code = cluster.wait(timeout=60)
     assert code == 0, out.read_text()
     assert "stopping the cluster" in out.read_text()
+
+
+def test_a_leader_that_lost_its_lease_exits_saying_why(tmp_path: Path) -> None:
+    """Another replica took the lease while this one stalled: the deposed leader stops at
+    once, exit code 1, naming the reason (a supervisor starts it again as a standby)."""
+    import sqlite3
+
+    db = tmp_path / "c.db"
+    replica = start_replica("r", tmp_path, f"sqlite:///{db}", bootstrap=False)
+    try:
+        wait_started(replica)
+        deadline = time.monotonic() + 30
+        while not replica.leads():
+            assert time.monotonic() < deadline, replica.log.read_text()
+            time.sleep(0.05)
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE coordinator_leases SET epoch = epoch + 1, holder = 'other', "
+                         "address = 'elsewhere:7070'")
+
+        code = replica.proc.wait(timeout=30)
+    finally:
+        if replica.proc.poll() is None:
+            replica.proc.kill()
+            replica.proc.wait()
+    assert code == 1
+    assert ("coordinator: this replica stopped leading: the leader lease (epoch 1) has passed "
+            "to another replica") in replica.log.read_text()
