@@ -111,11 +111,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
                 return
 
     try:
-        start(replicas[0], bootstrap=True)
-        wait_serving(replicas[0])
-        for r in replicas[1:]:
-            start(r, bootstrap=False)
-        for r in replicas[1:]:
+        for r in replicas:
+            start(r, bootstrap=r.index == 0)
+        for r in replicas:
             wait_serving(r)
         if stop.is_set():
             return 130
