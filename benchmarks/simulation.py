@@ -29,7 +29,8 @@ runs out), so memory is measured per engine and a hang cannot block the benchmar
 Prints one JSON line per run: ``engine`` and its version, ``cores`` (CPUs the run was pinned
 to), ``processes`` (worker processes that train), steady-state devices/s over rounds 2-R,
 round 1's seconds apart (start-up: for Flower this includes starting Ray; ``setup_s``: from
-loading the data to the clock's start), peak RSS of the run's process tree from the clock's
+loading the data to the clock's start), each round's CPU seconds of the process tree
+(``round_cpu_s``; in-process engines and ours), peak RSS of the run's process tree from the clock's
 start (``peak_rss_mb``, psutil, sampled every 50 ms), and from the child's start the tree's
 peak PSS (``peak_pss_mb``, /proc/PID/smaps_rollup: shared pages counted once) and summed RSS
 (``peak_rss_sum_mb``), final test accuracy and its
@@ -191,6 +192,10 @@ class Measurement:
     """Round end times; peak RSS of this process and its children, sampled in a thread."""
 
     round_ends: list[float] = field(default_factory=list)
+    #: CPU seconds (user + system) of this process and its live descendants at the clock's
+    #: start and at each round's end: a round's cost that a loaded machine stretches less
+    #: than its wall time.
+    cpu_marks: list[float] = field(default_factory=list)
     peak_rss: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # engine notes for the JSON line
     _start: float = 0.0
@@ -200,6 +205,7 @@ class Measurement:
         import psutil
 
         self._start = time.perf_counter()
+        self.cpu_marks = [tree_cpu_s()]
         me = psutil.Process(os.getpid())
 
         def sample() -> None:
@@ -220,6 +226,8 @@ class Measurement:
 
     def round_done(self) -> None:
         self.round_ends.append(time.perf_counter())
+        if self.cpu_marks:
+            self.cpu_marks.append(tree_cpu_s())
 
     def stop(self) -> None:
         self._stop.set()
@@ -245,7 +253,26 @@ class Measurement:
             out.update(devices_per_s=round(devices / steady, 1),
                        samples_per_s=round(samples / steady), steady_rounds=rounds - 1,
                        round_s=[round(b - a, 3) for a, b in zip(ends, ends[1:], strict=False)])
+        if len(self.cpu_marks) == rounds + 1 and rounds >= 1:
+            marks = self.cpu_marks
+            out["round_cpu_s"] = [round(b - a, 3) for a, b in zip(marks, marks[1:],
+                                                                   strict=False)]
         return out
+
+
+def tree_cpu_s() -> float:
+    """User + system CPU seconds of this process and its live descendants."""
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def _final_accuracy(workload: Workload, spec: ModelSpec, params: dict[str, np.ndarray]) -> float:
@@ -422,6 +449,56 @@ def _hand_step_s(dims: list[int], devices: int, batch: int, repeat: int) -> floa
         return (time.perf_counter() - t0) / repeat / devices
 
 
+def _plain_step_s(model: str, batch: int, repeat: int) -> float:
+    """Seconds of one step of the plain loop (``core.training.train_local``'s inner loop:
+    zero_grad, the model, cross-entropy, backward, SGD's step) on one device."""
+    net = build_model(MODELS[model])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    features = torch.randn(4 * batch, LAYERS[model][0])
+    labels = torch.randint(0, LAYERS[model][-1], (4 * batch,))
+    batches = torch.split(torch.randperm(4 * batch), batch)
+
+    def step(index: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(features[index]), labels[index])
+        torch.autograd.backward(loss)
+        optimizer.step()
+
+    for index in batches:
+        step(index)
+    t0 = time.perf_counter()
+    for i in range(repeat):
+        step(batches[i % len(batches)])
+    return (time.perf_counter() - t0) / repeat
+
+
+def _gemm_s(dims: list[int], batch: int, repeat: int) -> float:
+    """Seconds of only the matrix products one SGD step of the MLP ``dims`` needs on one
+    device (forward ``h W^T``, weight gradient ``g^T h``, input gradient ``g W`` but for
+    the first layer), into preallocated outputs: what is left of a step without any
+    other op, dispatch or Python."""
+    ws = [torch.randn(o, i) * 0.01 for i, o in zip(dims, dims[1:], strict=False)]
+    hs = [torch.randn(batch, d) for d in dims]
+    outs_f = [torch.empty(batch, w.shape[0]) for w in ws]
+    outs_w = [torch.empty_like(w) for w in ws]
+    outs_i = [torch.empty(batch, w.shape[1]) for w in ws]
+
+    def products() -> None:
+        for i, w in enumerate(ws):
+            torch.mm(hs[i], w.t(), out=outs_f[i])
+        for i in range(len(ws) - 1, -1, -1):
+            torch.mm(hs[i + 1].t(), hs[i], out=outs_w[i])
+            if i > 0:
+                torch.mm(hs[i + 1], ws[i], out=outs_i[i])
+
+    for _ in range(3):
+        products()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        products()
+    return (time.perf_counter() - t0) / repeat
+
+
 def floor(model: str, devices: int = 1000) -> dict[str, Any]:
     """What one core can do at most on ``model``: the workload's FLOPs per device, torch's
     one-thread matmul rate (2048 x 2048 and the step's own shapes), and the devices/s per
@@ -442,12 +519,25 @@ def floor(model: str, devices: int = 1000) -> dict[str, Any]:
                            "train_gflop_per_device": round(per_device / 1e9, 3),
                            "matmul_gflops_1_thread_2048": round(matmul_gflops(1), 1)}
     step_flops = train_flops_per_sample(model) * batch
+    # How much of the plain loop's step is overhead (dispatch, Python, autograd, the
+    # optimizer) that batching devices could remove: the step against its products alone.
+    repeat = max(20, 4000 // len(dims) // max(1, out["parameters"] // 50_000))
+    plain = _plain_step_s(model, batch, repeat)
+    gemm = _gemm_s(dims, batch, repeat)
+    out.update(plain_step_ms=round(plain * 1e3, 4), gemm_only_ms=round(gemm * 1e3, 4),
+               plain_step_gflops=round(step_flops / plain / 1e9, 1),
+               plain_step_overhead_share=round(1.0 - gemm / plain, 3),
+               plain_step_over_gemm_only=round(plain / gemm, 2))
+    best = float("inf")
     for stacked in (1, 4, 16):
         t = _hand_step_s(dims, stacked, batch, repeat=max(3, 2000 // (stacked * len(dims))))
         out[f"hand_step_ms_{stacked}_stacked"] = round(t * 1e3, 4)
         out[f"hand_step_gflops_{stacked}_stacked"] = round(step_flops / t / 1e9, 1)
         out[f"ceiling_devices_per_s_per_core_{stacked}_stacked"] = round(
             1.0 / (t * mean_steps), 1)
+        best = min(best, t)
+    # The most a trainer of this kind could gain per core over the plain loop.
+    out["plain_step_over_best_hand_step"] = round(plain / best, 2)
     return out
 
 
@@ -559,8 +649,10 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
     """Per (tree, engine, model, cores, devices) in JSON-lines files of this benchmark's
     rows (``tree``: a label added to each row, e.g. before/after a change): the run count
     and the median and min-max of devices/s, of round 1's extra seconds over the median
-    steady round (``startup_s``: what the first round costs beyond training), of
-    ``setup_s``, of the tree's peak PSS and of ``per_core_vs_sequential``; with the load
+    steady round (``startup_s``: what the first round costs beyond training), of the same
+    in CPU seconds of the process tree (``startup_cpu_s``, from ``round_cpu_s``: less
+    stretched by a loaded machine than wall time), of ``setup_s``, of the tree's peak PSS
+    and of ``per_core_vs_sequential``; with the load
     averages of lines ``{"load": "1m 5m 15m"}`` found among them."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     loads: list[float] = []
@@ -575,6 +667,9 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
                 continue
             steady = row["round_s"][1:]
             row["startup_s"] = round(row["round1_s"] - float(np.median(steady)), 3)
+            if len(row.get("round_cpu_s", [])) >= 2:
+                cpu = row["round_cpu_s"]
+                row["startup_cpu_s"] = round(cpu[0] - float(np.median(cpu[1:])), 3)
             key = (row.get("tree", ""), row["engine"], row["model"], row["cores"],
                    row["devices"])
             groups.setdefault(key, []).append(row)
@@ -583,7 +678,7 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
         line: dict[str, Any] = {"benchmark": "simulation_summary", "tree": tree,
                                 "engine": engine, "model": model, "cores": cores,
                                 "devices": devices, "runs": len(rows)}
-        for name in ("devices_per_s", "startup_s", "setup_s", "peak_pss_mb",
+        for name in ("devices_per_s", "startup_s", "startup_cpu_s", "setup_s", "peak_pss_mb",
                      "peak_rss_sum_mb", "per_core_vs_sequential"):
             values = [r[name] for r in rows if r.get(name) is not None]
             if values:

@@ -43,6 +43,10 @@ class FederatedAlgorithm:
         self.server_state: State = {}
         #: Secure aggregation and central DP, as the coordinator does them; None: plain mean.
         self.aggregator = aggregator
+        # The server step's first call imports what torch.optim needs (torch._dynamo: 1-2 s
+        # and ~70 MB): paid here, with the set-up, not by the first round.
+        one = {"w": np.zeros(1, dtype=np.float32)}
+        apply_server_optimizer(one, one, server, None)
 
     def local_objective(self) -> LocalObjective:
         return local_objective(self.config)
