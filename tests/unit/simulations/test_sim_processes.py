@@ -162,3 +162,26 @@ def test_a_summed_result_is_refused_where_each_devices_model_is_needed() -> None
                               num_devices=4, learning_rate=0.1)
     with pytest.raises(ValueError, match="SCAFFOLD's control variates need each device"):
         scaffold.server_update(start, [0, 1], summed)
+
+
+@pytest.mark.slow  # forks worker processes
+def test_workers_forked_after_this_process_ran_threaded_torch_ops_train(make_federation) -> None:  # type: ignore[no-untyped-def]
+    """The workers are forked from this process (they share its pages): a parent whose
+    torch used several threads (OpenMP's pool is not fork-safe) still gets workers that
+    start and train, each with its own one thread."""
+    table = DeviceTable(make_federation(SIZES))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(512, 512) @ torch.randn(512, 512)  # a parallel region in this process
+        params = {n: torch.from_numpy(v) for n, v in initial_state(MLP, 0).items()}
+        here = make_trainer(EngineKind.BMM, MLP, table, LOCAL, local_objective(AlgorithmConfig()))
+        with ProcessCohortTrainer(table, 2, kind=EngineKind.BMM, model=MLP, local=LOCAL,
+                                  algorithm=AlgorithmConfig(), capacity=6,
+                                  start_timeout_s=60) as pool:
+            got = pool.train(params, jobs(6))
+        expected = here.train(params, jobs(6))
+    finally:
+        torch.set_num_threads(before)
+    for name in params:
+        torch.testing.assert_close(got.params[name], expected.params[name], rtol=0, atol=0)
