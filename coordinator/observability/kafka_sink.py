@@ -97,6 +97,17 @@ _string: Callable[[str], str] = getattr(json.encoder, "c_encode_basestring", Non
     or json.encoder.encode_basestring
 
 
+#: librdkafka settings the sink owns, under every name librdkafka accepts for them: delivery
+#: (acks, idempotence, retries, requests in flight, how long an event may wait), keyed
+#: partitioning (per-task order), the delivery reports it counts from, and the broker version.
+DELIVERY_KEYS = frozenset({
+    "acks", "request.required.acks", "enable.idempotence", "enable.gapless.guarantee",
+    "retries", "message.send.max.retries", "max.in.flight.requests.per.connection",
+    "max.in.flight", "message.timeout.ms", "delivery.timeout.ms", "partitioner",
+    "partitioner_cb", "delivery.report.only.error", "on_delivery", "dr_cb", "dr_msg_cb",
+})
+
+
 def delivery_settings(broker_version: str | None = None) -> dict[str, Any]:
     """The producer settings that make delivery at least once and in order per key, for brokers
     of ``broker_version`` and later (None: 0.11 or later, which answer ApiVersionRequest).
@@ -192,17 +203,25 @@ class KafkaSink:
             raise SinkConfigError(f"{topic!r} is not a Kafka topic name (1-249 of A-Z a-z 0-9 . _ -)")
         if queue_size < 1:
             raise SinkConfigError(f"queue size {queue_size} must be at least 1")
-        fixed = {"acks", "enable.idempotence", "retries", "max.in.flight.requests.per.connection"}
-        overridden = sorted(fixed & set(producer_config or {}))
+        overridden = sorted(DELIVERY_KEYS & set(producer_config or {}))
         if overridden:
             raise SinkConfigError(f"the Kafka sink sets {', '.join(overridden)} itself "
-                                  "(at-least-once, in-order delivery)")
+                                  "(at-least-once, in-order delivery, counted)")
         versioned = sorted({"api.version.request", "broker.version.fallback"}
                            & set(producer_config or {}))
         if versioned:
             raise SinkConfigError(f"the Kafka sink sets {', '.join(versioned)} itself: name an "
                                   "old broker's version with broker_version")
         delivery = delivery_settings(broker_version)
+        if not delivery["enable.idempotence"]:
+            # Said once at start: an operator who named a version older than the brokers
+            # really run gives up idempotence (and, before 0.10, the modern produce protocol).
+            log.warning("Kafka sink to %s: broker_version %s, so the producer is not "
+                        "idempotent (acks=all, one request in flight, retries without end: "
+                        "a retry may duplicate an event, never lose or reorder one)%s",
+                        ",".join(brokers), broker_version,
+                        "" if "broker.version.fallback" not in delivery else
+                        "; the brokers are not asked their version (pre-0.10 protocol)")
         self.brokers = tuple(brokers)
         self.topic = topic
         self.broker_version = broker_version

@@ -80,6 +80,15 @@ def test_the_url_names_the_broker_version() -> None:
     {"retries": 3},
     {"api.version.request": False},
     {"broker.version.fallback": "0.9.0"},
+    # librdkafka's other names for the same settings, and what else the sink relies on:
+    {"request.required.acks": 1},
+    {"max.in.flight": 5},
+    {"message.send.max.retries": 2},
+    {"enable.gapless.guarantee": True},
+    {"message.timeout.ms": 1000},
+    {"delivery.timeout.ms": 1000},
+    {"partitioner": "random"},
+    {"delivery.report.only.error": False},
 ])
 @pytest.mark.parametrize("version", [None, "0.9.0.1"])
 def test_producer_config_cannot_weaken_delivery_nor_name_the_version(
@@ -87,3 +96,19 @@ def test_producer_config_cannot_weaken_delivery_nor_name_the_version(
     with pytest.raises(SinkConfigError, match="sets .* itself"):
         KafkaSink([a_port_with_no_broker()], "events", broker_version=version,
                   producer_config=setting)
+
+
+def test_a_sink_without_idempotence_says_so_once_at_start(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "idempotent" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="coordinator.observability.kafka_sink"):
+        with opened(f"kafka://{a_port_with_no_broker()}/events"):
+            pass
+        assert said() == []
+        with opened(f"kafka://{a_port_with_no_broker()}/events?broker_version=0.9.0.1"):
+            pass
+    (message,) = said()
+    assert "broker_version 0.9.0.1, so the producer is not idempotent" in message
+    assert "pre-0.10 protocol" in message
