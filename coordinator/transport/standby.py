@@ -1,8 +1,13 @@
 """A standby replica's gate (:mod:`coordinator.replication`): while the replica does not
-lead, every device call and every admin call that changes a task is answered UNAVAILABLE,
-naming the leader's address when one is known. A device agent given several coordinator
-addresses moves on to its next one on UNAVAILABLE; admin reads are served from the
-database as on the leader.
+lead, it serves only the admin reads (from the database, as on the leader, behind the same
+authentication) and answers every other call of ours UNAVAILABLE, naming the leader's address
+when one is known: every device call, and every admin call that changes anything (tasks,
+tokens, devices). A device agent given several coordinator addresses moves on to its next one
+on UNAVAILABLE.
+
+An allow-list, not a deny-list: a change served by a standby would reach the database but not
+the leader's caches (a device revoked there would still be admitted by the leader), and a
+method added later is refused until it is known to be a read.
 
 It stands first among the interceptors: a refused call costs no authentication work (a
 check-in's proof is not spent on a replica that cannot take it).
@@ -15,15 +20,17 @@ from typing import Any
 
 import grpc
 
-_DEVICE_PREFIX = "/fedcoord.v1.DeviceService/"
-#: Admin calls that only the leader may serve: they change the rounds' state.
-_LEADER_ONLY_ADMIN = frozenset({"/fedcoord.v1.AdminService/CreateTask",
-                                "/fedcoord.v1.AdminService/CancelTask"})
+_OURS = "/fedcoord.v1."
+#: The admin calls a standby serves: reads of the database, which change nothing.
+STANDBY_READS = frozenset(f"/fedcoord.v1.AdminService/{name}" for name in (
+    "GetTask", "ListTasks", "ListRounds", "DownloadModel", "ListEvents", "ListTokens",
+    "ListDevices", "ListAudit", "WhoAmI"))
 
 
 def leader_only(method: str) -> bool:
-    """Whether a standby refuses ``method`` (a full gRPC method name)."""
-    return method.startswith(_DEVICE_PREFIX) or method in _LEADER_ONLY_ADMIN
+    """Whether a standby refuses ``method`` (a full gRPC method name): every call of ours but
+    the admin reads; health checking and reflection are not ours and stay served."""
+    return method.startswith(_OURS) and method not in STANDBY_READS
 
 
 class StandbyGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -20,6 +20,7 @@ from coordinator.app import EmbeddedCoordinator
 from coordinator.security.roles import Role
 from coordinator.settings import CoordinatorSettings, ReplicaSettings
 from coordinator.storage.errors import Fenced
+from coordinator.transport.standby import leader_only
 from core.protocol import CheckInOutcome
 from core.security.identity import DeviceKey
 from core.types import API_VERSION, DeviceAttributes
@@ -99,6 +100,33 @@ def test_a_standby_serves_reads_and_sends_devices_and_changes_to_the_leader(
     assert standby._coordinator is not None
     assert getattr(standby._coordinator.blobs, "_lock_fd", None) is None, \
         "a standby must not take the model store"
+
+
+def test_a_standby_refuses_every_change_of_tokens_and_devices(
+        pair: tuple[EmbeddedCoordinator, EmbeddedCoordinator]) -> None:
+    """A change served by a standby would reach the database but not the leader's caches (a
+    device revoked there stayed admitted by the leader): a standby serves reads only."""
+    leader, standby = pair
+    _, token = leader.security.admin.create_token(Role.ADMIN)
+    with AdminClient(f"127.0.0.1:{standby.port}", token=token) as admin:
+        assert admin.list_devices() == [] and admin.whoami()
+        changes: list[Callable[[], object]] = [
+            lambda: admin.revoke_device("d-1"), lambda: admin.create_token("viewer"),
+            lambda: admin.revoke_token("t-1"), lambda: admin.create_enrollment_token(5)]
+        for change in changes:
+            with pytest.raises(AdminError) as refused:
+                change()
+            assert refused.value.code == "UNAVAILABLE", refused.value.message
+
+
+def test_the_standby_gate_serves_the_admin_reads_only() -> None:
+    admin, device = "/fedcoord.v1.AdminService/", "/fedcoord.v1.DeviceService/"
+    assert not any(leader_only(admin + m) for m in ("GetTask", "ListTasks", "ListRounds",
+                                                    "DownloadModel", "ListAudit", "WhoAmI"))
+    assert all(leader_only(admin + m) for m in ("CreateTask", "CancelTask", "RevokeDevice",
+                                                "CreateToken", "RevokeToken", "NewChange"))
+    assert all(leader_only(device + m) for m in ("CheckIn", "Enroll", "UploadUpdate"))
+    assert not leader_only("/grpc.health.v1.Health/Check")
 
 
 def test_an_agent_given_both_addresses_reaches_the_leader_through_the_standby(
