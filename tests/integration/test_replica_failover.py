@@ -162,7 +162,7 @@ def committed_versions(db_url: str, store: Path, task_id: str) -> dict[int, str]
 
 def test_the_standby_takes_over_a_killed_leader_without_losing_or_repeating_a_version(
         postgres_url: str, tmp_path: Path) -> None:
-    rounds = 5
+    rounds = 4
     replicas = [start_replica("r1", tmp_path, postgres_url, bootstrap=True),
                 start_replica("r2", tmp_path, postgres_url, bootstrap=False)]
     agents: list[subprocess.Popen[bytes]] = []
