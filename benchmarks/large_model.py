@@ -22,7 +22,8 @@ its recorded end, to its commit ``commit_seconds`` later: the last folds, the re
 server optimizer step and the model file, off the event loop), ``uploading`` (else from the
 first upload's start to the last upload's answer: chunks are hashed and spooled on the event
 loop and folded on the aggregation worker) and ``idle`` (the rest: downloads, and after the
-commit). ``round_wall_s``: the round's start to its commit.
+commit); ``task_creation``: probes of another task id while the admin call creates the task
+(the model is built, checked and written). ``round_wall_s``: the round's start to its commit.
 
     python benchmarks/large_model.py --devices 2,4,8
     python benchmarks/large_model.py --devices 2 --model-params 10000000   # a quick check
@@ -262,11 +263,24 @@ def one_run(args: argparse.Namespace, devices: int, update: SyntheticUpdate) -> 
         sampler = MemorySampler(pid, args.sample_s)
         sampler.start()
         rss_started = status_bytes(pid, "VmRSS")
+        creation_out = Path(coord.dir) / "probes-creation.json"
+        # Probes of a task that does not exist while the task is created (NOT_FOUND answers):
+        # what creating a large model's task costs every other call.
+        creation_prober = subprocess.Popen(
+            [sys.executable, __file__, "--probe", "--target", coord.target,
+             "--task-id", "no-such-task", "--probes", str(args.probes),
+             "--probe-interval-s", str(args.probe_interval_s), "--out", str(creation_out)],
+            env=ENV)
+        time.sleep(3.0)  # the probes connect and answer before the task is created
         created = time.time()
         with coord.admin() as admin:
             admin.timeout_s = 600.0
             task_id = admin.create_task(spec).task_id
         create_s = time.time() - created
+        creation_prober.send_signal(signal.SIGTERM)
+        creation_prober.wait(timeout=60)
+        creation_rows = [row for row in json.loads(creation_out.read_text())
+                         if created <= row[0] <= created + create_s]
         time.sleep(1.0)
         rss_task = status_bytes(pid, "VmRSS")
         hwm_task = status_bytes(pid, "VmHWM")
@@ -308,9 +322,11 @@ def one_run(args: argparse.Namespace, devices: int, update: SyntheticUpdate) -> 
         sampler.done.set()
         sampler.join()
         peak_rss = status_bytes(pid, "VmHWM")
-    return summarize(args, devices, params, task_id, state, rounds, results, probe_rows,
-                     sampler, peak_rss, rss_started, rss_task, hwm_task, create_s, cpu_s,
-                     started, ended, load_before)
+    result = summarize(args, devices, params, task_id, state, rounds, results, probe_rows,
+                       sampler, peak_rss, rss_started, rss_task, hwm_task, create_s, cpu_s,
+                       started, ended, load_before)
+    result["checkin_ms"]["task_creation"] = percentiles([row[1] for row in creation_rows])
+    return result
 
 
 def summarize(args: argparse.Namespace, devices: int, params: int, task_id: str, state: str,
