@@ -14,6 +14,7 @@ running tasks and runs their rounds. Losing the lease ends the process
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -372,6 +373,13 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
             coordinator.store.close()
             raise OSError(str(exc)) from None
     port = await coordinator.start()
+    # A serving process: every object of the start-up (torch's few hundred thousand among
+    # them) leaves the cyclic collector's sight, and collections come less often; each full
+    # one scanned them all on the event loop, again and again while thousands of calls
+    # waited (0.1-0.9 s each at 10,000 devices, issue 17). Not in start(): tests embed it.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
