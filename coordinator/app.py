@@ -37,7 +37,7 @@ from coordinator.observability.metrics import (
 )
 from coordinator.observability.sinks import SinkConfigError, open_sinks
 from coordinator.observability.store_sink import StoreSink
-from coordinator.replication import Leadership, Role
+from coordinator.replication import LEASE_NAME, Leadership, Role
 from coordinator.rounds.clock import SystemClock
 from coordinator.rounds.service import CoordinatorService
 from coordinator.security.service import Security
@@ -45,7 +45,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, SqlStore, open_security_store, open_store
 from coordinator.storage.errors import BlobError
 from coordinator.storage.event_log import EventLog, open_event_log
-from coordinator.storage.leases import LeaseRecord
+from coordinator.storage.leases import Fence, LeaseRecord
 from coordinator.transport import handlers
 from coordinator.transport.admin_auth import AdminAuthInterceptor
 from coordinator.transport.admin_servicer import AdminServicer
@@ -88,10 +88,14 @@ class Coordinator:
         config = replace(config, commit_in_background=True)
         self.config = config
         self.store = open_store(config.db_url)
-        if config.replica is not None and not isinstance(self.store, SqlStore):
-            self.store.close()
-            raise OSError("replicas share one database: a replica needs --db sqlite:///FILE "
-                          "or postgresql://..., not memory://")
+        if config.replica is not None:
+            if not isinstance(self.store, SqlStore):
+                self.store.close()
+                raise OSError("replicas share one database: a replica needs --db "
+                              "sqlite:///FILE or postgresql://..., not memory://")
+            # Until elected, no write of tasks, rounds or versions can pass (no lease has
+            # epoch 0): a standby's bug cannot touch the leader's rounds.
+            self.store.fence(Fence(LEASE_NAME, 0))
         self.blobs = FileBlobStore(Path(config.store_dir))
         self.security = Security(open_security_store(self.store), config.security)
         rng = random.Random(config.seed) if config.seed is not None else random.SystemRandom()

@@ -100,6 +100,8 @@ def test_a_standby_serves_reads_and_sends_devices_and_changes_to_the_leader(
     assert standby._coordinator is not None
     assert getattr(standby._coordinator.blobs, "_lock_fd", None) is None, \
         "a standby must not take the model store"
+    with pytest.raises(Fenced):  # and cannot write the rounds, whatever calls it
+        standby._coordinator.store.fail_open_rounds("a standby's bug", 0.0)
 
 
 def test_a_standby_refuses_every_change_of_tokens_and_devices(
