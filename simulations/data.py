@@ -22,7 +22,7 @@ import numpy as np
 from core.data.dataset import LocalDataset
 from simulations.config import DataConfig
 from simulations.errors import SimulationConfigError
-from simulations.memory import return_freed_heap
+from simulations.memory import return_freed_heap, shared_empty
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,10 +204,9 @@ def _table(shape: tuple[int, ...], dtype: type, shared_memory: bool) -> np.ndarr
         return np.empty(shape, dtype=dtype)
     import torch
 
-    # Untouched pages of an empty tensor cost nothing to move; the copy fills only shm.
-    shared = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-                         ).share_memory_()  # type: ignore[no-untyped-call]
-    array: np.ndarray = shared.numpy()
+    # Pages are taken as the rows are copied in, while the devices' arrays are released.
+    array: np.ndarray = shared_empty(
+        shape, torch.from_numpy(np.empty(0, dtype=dtype)).dtype).numpy()
     return array
 
 

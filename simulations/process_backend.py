@@ -33,7 +33,6 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import gc
-import math
 import multiprocessing.context
 import multiprocessing.synchronize
 import threading
@@ -57,7 +56,7 @@ from simulations.config import (
     load_apps,
 )
 from simulations.errors import SimulationError
-from simulations.memory import return_freed_heap
+from simulations.memory import return_freed_heap, shared_empty
 
 
 @dataclass(frozen=True)
@@ -197,15 +196,6 @@ def sums_suffice(config: SimulationConfig) -> bool:
             and config.aggregation.robust.kind is RobustKind.MEAN)
 
 
-def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized tensor in shared memory whose pages are not touched until written
-    (``empty().share_memory_()`` would copy, i.e. touch, every page)."""
-    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    storage: torch.UntypedStorage = torch.UntypedStorage._new_shared(size)  # type: ignore[no-untyped-call]
-    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
-
-
 def _worker_context() -> multiprocessing.context.BaseContext:
     """Workers are forked from this process (``fork``), so they share its pages, torch's
     import and the data included, instead of importing torch again each (``spawn``: ~110
@@ -263,12 +253,12 @@ class ProcessCohortTrainer:
         try:
             table.share_memory()
             self._shared = _Shared(
-                global_params={n: _shared_empty(v.shape, torch.from_numpy(v).dtype)
+                global_params={n: shared_empty(v.shape, torch.from_numpy(v).dtype)
                                for n, v in initial.items()},
                 # untouched pages cost nothing until the workers write their rows
-                out={n: _shared_empty((capacity, *v.shape), torch.from_numpy(v).dtype)
+                out={n: shared_empty((capacity, *v.shape), torch.from_numpy(v).dtype)
                      for n, v in initial.items()} if capacity else {},
-                sums=[{n: _shared_empty((v.size,), torch.float64) for n, v in initial.items()}
+                sums=[{n: shared_empty((v.size,), torch.float64) for n, v in initial.items()}
                       for _ in range(processes)] if sum_deltas else [])
         except (RuntimeError, OSError) as exc:
             raise SimulationError(f"cannot place the data and the cohort's weights in shared "
