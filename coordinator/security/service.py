@@ -14,6 +14,7 @@ from coordinator.security.oidc import OidcVerifier
 from coordinator.security.roles import Role
 from coordinator.settings import SecuritySettings
 from coordinator.storage import SecurityStore
+from coordinator.storage.errors import Conflict
 
 
 class Security:
@@ -29,7 +30,8 @@ class Security:
         """The first admin token, when no admin token is usable: the one in ``path`` if that
         file exists (it must be readable by its owner only; only its hash is stored), else a
         new one written there (mode 0600) for the operator to read once, e.g.
-        ``FEDCOORD_TOKEN=$(cat PATH)``. True if a token was registered."""
+        ``FEDCOORD_TOKEN=$(cat PATH)``. True if a token was registered; False also when
+        another replica registered the same file's token at the same moment."""
         if self.admin.has_admin_token():
             return False
         if path.exists():
@@ -37,8 +39,15 @@ class Security:
             if mode & 0o077:
                 raise ValueError(f"{path}: an admin token file must be readable by its owner "
                                  f"only (mode {mode:o}; chmod 600 it)")
-            record = self.admin.register_token(path.read_text().strip(), Role.ADMIN,
-                                               label="bootstrap")
+            try:
+                record = self.admin.register_token(path.read_text().strip(), Role.ADMIN,
+                                                   label="bootstrap")
+            except Conflict:
+                # Replicas started together from one token file: another registered it
+                # between the check above and this write.
+                if self.admin.has_admin_token():
+                    return False
+                raise
             how = f"read from {path}"
         else:
             record, secret = self.admin.create_token(Role.ADMIN, label="bootstrap")

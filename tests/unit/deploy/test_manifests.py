@@ -363,3 +363,76 @@ def test_the_build_context_holds_every_package_pyproject_installs() -> None:
     copied = set(re.findall(r"^COPY (\w+) \./\1$", _dockerfile(), re.M))
     assert packages <= allowed and packages == copied
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= allowed
+
+
+# -- the replicas overlay (deploy/kubernetes/replicas) ----------------------------------------
+
+REPLICAS = KUBERNETES / "replicas"
+
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """What ``kubectl apply -k`` makes of ``patch`` over ``base``, for the shapes deploy/ uses:
+    mappings merge key by key, lists of named mappings (containers, env, ports, volumes)
+    merge by name, other lists and scalars are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            out[key] = strategic_merge(base[key], value) if key in base else value
+        return out
+    if (isinstance(base, list) and isinstance(patch, list) and patch
+            and all(isinstance(x, dict) and "name" in x for x in [*base, *patch])):
+        merged = {x["name"]: x for x in base}
+        for x in patch:
+            merged[x["name"]] = strategic_merge(merged[x["name"]], x) if x["name"] in merged \
+                else x
+        return list(merged.values())
+    return patch
+
+
+def _replicas_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    kustomization = yaml.safe_load((REPLICAS / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in _manifests()}
+    for entry in kustomization["patches"]:
+        (patch,) = [d for d in yaml.safe_load_all((REPLICAS / entry["path"]).read_text()) if d]
+        key = (patch["kind"], patch["metadata"]["name"])
+        assert key in objects, f"{entry['path']} patches {key}, which the base does not hold"
+        objects[key] = strategic_merge(objects[key], patch)
+    for (kind, name), document in objects.items():
+        validate(document, f"replicas: {kind} {name}")
+    return objects
+
+
+def test_the_replicas_overlay_runs_serve_as_leader_and_standbys() -> None:
+    objects = _replicas_objects()
+    deployment = objects[("Deployment", "fedcoord-coordinator")]
+    assert deployment["spec"]["replicas"] >= 2
+    # A new pod starts as a standby; the old leader hands its lease over when stopped.
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == "coordinator"]
+    args = container["args"]
+    parsed = _serve_parser().parse_args(args)
+    assert parsed.replica is True
+    # The advertised address is the pod's own, from an env var Kubernetes expands.
+    advertise = args[args.index("--advertise") + 1]
+    assert advertise == "$(POD_IP):7070"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert {"FEDCOORD_CONFIG", "FEDCOORD_DB"} <= env.keys()  # the base's env is kept
+    # Only the leader is ready (a standby's /readyz is 503): the Service reaches it alone.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert int(args[args.index("--http-port") + 1]) == _container_port(container, "http")
+    # Every replica mounts the one model store.
+    pvc = objects[("PersistentVolumeClaim", "fedcoord-store")]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"] == _objects("PersistentVolumeClaim")["fedcoord-store"][
+        "spec"]["resources"]
+
+
+def test_the_strategic_merge_of_the_test_merges_named_lists_by_name() -> None:
+    base = {"containers": [{"name": "a", "args": ["x"], "env": [{"name": "E", "value": "1"}]}]}
+    patch = {"containers": [{"name": "a", "args": ["y"], "env": [{"name": "F", "value": "2"}]}]}
+    assert strategic_merge(base, patch) == {"containers": [{
+        "name": "a", "args": ["y"], "env": [{"name": "E", "value": "1"},
+                                             {"name": "F", "value": "2"}]}]}

@@ -239,6 +239,23 @@ def test_the_bootstrap_admin_token_is_written_0600_once(tmp_path: Path) -> None:
     assert not sec.bootstrap_admin_token(tmp_path / "again.token")
 
 
+def test_replicas_registering_one_token_file_at_once_all_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas read the same file while no admin token exists; the second's write
+    conflicts with the first's: it starts anyway, with the token registered once."""
+    store = InMemorySecurityStore()
+    first, second = (Security(store, SecuritySettings(), clock=Clock()) for _ in range(2))
+    path = tmp_path / "admin.token"
+    assert first.bootstrap_admin_token(path)  # writes the file
+    other = tmp_path / "other.token"
+    other.write_text(path.read_text())
+    other.chmod(0o600)
+    checks = iter([False, True])  # no admin token at its check; one after its write
+    monkeypatch.setattr(second.admin, "has_admin_token", lambda: next(checks))
+    assert not second.bootstrap_admin_token(other)
+    assert [t.label for t in store.list_api_tokens()] == ["bootstrap"]
+
+
 def test_oidc_jwts_of_the_configured_issuer_carry_their_role(tmp_path: Path) -> None:
     private = ec.generate_private_key(ec.SECP256R1())
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key()))
