@@ -58,6 +58,7 @@ A runner that cannot run here raises :class:`EngineSkipped`; its line then carri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -645,11 +646,21 @@ def _compare(rows: list[dict[str, Any]], model: str, base_accuracy: float | None
                 ours["devices_per_s"] / ours["cores"] / base_rate, 2)
 
 
+@functools.cache
+def round_samples(devices: int, per_round: int, rounds: int) -> list[int]:
+    """Training examples of each round of the workload (its schedule's devices' sizes)."""
+    workload = make_workload(devices=devices, per_round=per_round, rounds=rounds)
+    sizes = workload.data.sizes()
+    return [int(sizes[s].sum()) for s in workload.schedule]
+
+
 def summarize(paths: list[str]) -> list[dict[str, Any]]:
     """Per (tree, engine, model, cores, devices) in JSON-lines files of this benchmark's
     rows (``tree``: a label added to each row, e.g. before/after a change): the run count
     and the median and min-max of devices/s, of round 1's extra seconds over the median
-    steady round (``startup_s``: what the first round costs beyond training), of the same
+    steady round (``startup_s``), of round 1's seconds beyond its own examples trained at
+    the steady rounds' seconds per example (``startup_adj_s``: what the first round costs
+    beyond training; each round trains other devices, ~2x apart in examples), of the same
     in CPU seconds of the process tree (``startup_cpu_s``, from ``round_cpu_s``: less
     stretched by a loaded machine than wall time), of ``setup_s``, of the tree's peak PSS
     and of ``per_core_vs_sequential``; with the load
@@ -667,9 +678,14 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
                 continue
             steady = row["round_s"][1:]
             row["startup_s"] = round(row["round1_s"] - float(np.median(steady)), 3)
+            # Rounds train different devices: round 1's own work at the steady rate.
+            samples = round_samples(row["devices"], row["per_round"], len(row["round_s"]))
+            per_sample = sum(steady) / sum(samples[1:])
+            row["startup_adj_s"] = round(row["round1_s"] - samples[0] * per_sample, 3)
             if len(row.get("round_cpu_s", [])) >= 2:
                 cpu = row["round_cpu_s"]
-                row["startup_cpu_s"] = round(cpu[0] - float(np.median(cpu[1:])), 3)
+                row["startup_cpu_s"] = round(
+                    cpu[0] - samples[0] * sum(cpu[1:]) / sum(samples[1:]), 3)
             key = (row.get("tree", ""), row["engine"], row["model"], row["cores"],
                    row["devices"])
             groups.setdefault(key, []).append(row)
@@ -678,7 +694,8 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
         line: dict[str, Any] = {"benchmark": "simulation_summary", "tree": tree,
                                 "engine": engine, "model": model, "cores": cores,
                                 "devices": devices, "runs": len(rows)}
-        for name in ("devices_per_s", "startup_s", "startup_cpu_s", "setup_s", "peak_pss_mb",
+        for name in ("devices_per_s", "startup_s", "startup_adj_s", "startup_cpu_s", "setup_s",
+                     "peak_pss_mb",
                      "peak_rss_sum_mb", "per_core_vs_sequential"):
             values = [r[name] for r in rows if r.get(name) is not None]
             if values:
