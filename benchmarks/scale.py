@@ -10,8 +10,9 @@ The load generator is not ``fedctl agent run --devices N``: the agent runs a thr
 shard and a torch trainer per device, which 2,500 per process on this 2-core machine cannot
 carry (and which measures training, not the coordinator). Each virtual device here speaks
 the device protocol over gRPC as the agent does (CheckIn, GetPlan, DownloadModel,
-UploadUpdate with a header, 1 MiB chunks, the sha256 and an upload id), follows the
-coordinator's ``retry_after_ms``, and "trains" by sleeping ``--train-s``; its update is
+UploadUpdate with a header, 1 MiB chunks, the sha256 and an upload id), waits the
+coordinator's ``retry_after_ms`` within the agent's bounds (0.05-60 s), backs off failed
+calls as the agent does, and "trains" by sleeping ``--train-s``; its update is
 precomputed (small random values, the same for every device of a worker). Check-ins share
 ``--channels`` connections per worker; a selected device opens one of its own for its plan,
 download and upload (as a real device has its own), so a large transfer never queues other
