@@ -162,9 +162,11 @@ class Coordinator:
         return (f"this coordinator is a standby replica; the leader is at {leader}: "
                 "try that address")
 
-    async def start(self) -> int:
+    async def start(self, *, campaign: bool = True) -> int:
         """Binds the port first: a coordinator that cannot serve must not touch the rounds of
-        the database (recovery fails every open round)."""
+        the database (recovery fails every open round). ``campaign=False``: a replica
+        campaigns for the lease only once :meth:`campaign` is called (after work that would
+        stall the process, which the lease's clock does not forgive)."""
         # Masked inputs of secure aggregation arrive whole: room for 8M ring elements.
         limit = max(self.config.max_chunk_bytes + (256 << 10), 64 << 20)
         self._loop = asyncio.get_running_loop()
@@ -221,15 +223,17 @@ class Coordinator:
             log.info("HTTP side port on %s:%d", self.config.host, self.http_port)
         if self.config.replica is None:
             self._ticker = asyncio.create_task(self._tick_forever())
-        else:
-            self._campaign()
+        elif campaign:
+            self.campaign()
         log.info("coordinator listening on %s:%d (%s)", self.config.host, self.port,
                  self.transport_security)
         return self.port
 
     # -- replicas ----------------------------------------------------------------------
 
-    def _campaign(self) -> None:
+    def campaign(self) -> None:
+        """A replica campaigns for the leader lease from now on (:meth:`start` calls it
+        unless told not to)."""
         replica = self.config.replica
         assert replica is not None and isinstance(self.store, SqlStore)
         loop = self._loop
@@ -245,7 +249,8 @@ class Coordinator:
         def lost(reason: str) -> None:
             loop.call_soon_threadsafe(self._leadership_lost, reason)
 
-        self.leadership = Leadership(self.store.leases(), address=address,
+        self.leadership = Leadership(self.store.leases(wait_s=replica.lease_ttl_s / 3),
+                                     address=address,
                                      on_elected=elected, on_lost=lost,
                                      ttl_s=replica.lease_ttl_s)
         log.info("coordinator replica %s: standing by for the leader lease (ttl %.1f s)",
@@ -376,7 +381,7 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
         except ValueError as exc:
             coordinator.store.close()
             raise OSError(str(exc)) from None
-    port = await coordinator.start()
+    port = await coordinator.start(campaign=False)
     # A serving process: every object of the start-up (torch's few hundred thousand among
     # them) leaves the cyclic collector's sight, and collections come less often; each full
     # one scanned them all on the event loop, again and again while thousands of calls
@@ -384,6 +389,10 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    if config.replica is not None:
+        # After the collection: it holds the GIL long enough to cost a fresh leader the
+        # lease it just took (its clock runs from the moment it asked for it).
+        coordinator.campaign()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

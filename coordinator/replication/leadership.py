@@ -12,11 +12,17 @@ thread of its own, so a busy event loop never delays a renewal:
   once. Its writes are fenced anyway (the store checks the epoch in each write's
   transaction), so a deposed leader that has not noticed yet can commit nothing.
 
+A second thread (the watch) judges the ``ttl_s`` without renewal by the clock alone, so a
+renewal that blocks (a database that stopped answering) cannot keep a leader leading past
+its lease; the lease calls' own waits are bounded too (:meth:`SqlStore.leases
+<coordinator.storage.sql.SqlStore.leases>`).
+
 Timing: a killed leader's lease expires at most ``ttl_s`` after its last renewal, and a
 standby takes it within ``poll_s`` after that.
 
 The callbacks run on the lease thread: ``on_elected(lease)`` once, when the lease is taken;
-``on_lost(reason)`` once, when it is lost. Thread-safe properties report the state.
+``on_lost(reason)`` once, when it is lost (on the lease thread or the watch).
+Thread-safe properties report the state.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class Leadership:
         self._failing_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watch: threading.Thread | None = None
 
     # -- state (thread-safe) ------------------------------------------------------------
 
@@ -104,7 +111,7 @@ class Leadership:
         with self._lock:
             if self._role is not Role.LEADER or self._lease is None:
                 return None
-            return Fence(self.name, self._lease.epoch)
+            return Fence(self.name, self._lease.epoch, ttl_s=self.ttl_s)
 
     @property
     def leader_address(self) -> str | None:
@@ -122,7 +129,10 @@ class Leadership:
     def start(self) -> None:
         """Campaigns on a daemon thread until :meth:`stop` or the leadership is lost."""
         self._thread = threading.Thread(target=self._run, name="fedcoord-lease", daemon=True)
+        self._watch = threading.Thread(target=self._watch_expiry, name="fedcoord-lease-watch",
+                                       daemon=True)
         self._thread.start()
+        self._watch.start()
 
     def stop(self, *, release: bool) -> None:
         """Ends the campaign and closes the leases; ``release``: a leader lets its lease
@@ -130,8 +140,10 @@ class Leadership:
         this process has stopped writing). Leadership ends either way; ``on_lost`` is not
         called."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+        for thread in (self._thread, self._watch):
+            if thread is not None and thread is not threading.current_thread():
+                # A lease call waits about ttl/3 at most (the lease's connections).
+                thread.join(timeout=self.ttl_s)
         with self._lock:
             lease = self._lease if self._role is Role.LEADER else None
             self._role = Role.ENDED
@@ -154,6 +166,27 @@ class Leadership:
             if self.role is Role.ENDED:
                 return
 
+    def _watch_expiry(self) -> None:
+        while not self._stop.wait(min(self.poll_s, self.ttl_s / 10)):
+            self.check_expiry()
+            if self.role is Role.ENDED:
+                return
+
+    def check_expiry(self) -> bool:
+        """Loses the leadership when no renewal has succeeded for ``ttl_s``, whatever the
+        lease thread is doing (what the watch runs; tests call it directly). Returns whether
+        this replica still leads."""
+        with self._lock:
+            if self._role is not Role.LEADER:
+                return False
+            silent = self._monotonic() - self._renewed_at
+        if silent < self.ttl_s:
+            return True
+        self._lose(f"the leader lease was not renewed for {silent:.1f} s (ttl "
+                   f"{self.ttl_s:g} s; the database does not answer in time): another "
+                   "replica may hold it now")
+        return False
+
     def step(self) -> float:
         """One campaign step (what the thread runs; tests call it directly): returns the
         seconds until the next one."""
@@ -165,6 +198,7 @@ class Leadership:
         return self.poll_s
 
     def _campaign(self) -> float:
+        started = self._monotonic()  # the lease expires a ttl after a time past this
         try:
             lease = self._leases.acquire(self.name, self.holder, self.address, self.ttl_s)
         except StorageError as exc:
@@ -181,7 +215,7 @@ class Leadership:
             else:
                 self._role = Role.LEADER
                 self._lease = lease
-                self._renewed_at = self._monotonic()
+                self._renewed_at = started
         if self.role is Role.ENDED:
             with contextlib.suppress(StorageError):  # else it expires after the ttl
                 self._leases.release(self.name, self.holder, lease.epoch)
@@ -194,33 +228,41 @@ class Leadership:
     def _renew(self) -> float:
         with self._lock:
             lease = self._lease
+            renewed_at = self._renewed_at
         assert lease is not None
         started = self._monotonic()
         try:
             kept = self._leases.renew(self.name, self.holder, lease.epoch, self.ttl_s)
         except StorageError as exc:
-            if self._monotonic() - self._renewed_at >= self.ttl_s:
+            if self._monotonic() - renewed_at >= self.ttl_s:
                 self._lose(f"the leader lease could not be renewed for {self.ttl_s:g} s "
                            f"(another replica may hold it now): {exc}")
                 return self.poll_s
             log.warning("leader lease renewal failed (retrying): %s", exc)
             return min(self.poll_s, self.renew_s)
+        if self.role is not Role.LEADER:  # the watch gave up while the renewal waited
+            return self.poll_s
         if not kept:
             self._lose(f"the leader lease (epoch {lease.epoch}) has passed to another "
                        "replica")
             return self.poll_s
-        if started - self._renewed_at >= self.ttl_s:
+        if started - renewed_at >= self.ttl_s:
             # Renewed, but only after the lease may have expired: another replica may have
             # led meanwhile (it would have bumped the epoch, and renew() said no), so this
             # is safe; it says the process stalls.
             log.warning("the leader lease was renewed %.1f s after the previous renewal "
-                        "(ttl %.1f s): this process stalls", started - self._renewed_at,
+                        "(ttl %.1f s): this process stalls", started - renewed_at,
                         self.ttl_s)
-        self._renewed_at = started
+        with self._lock:
+            self._renewed_at = started
         return self.renew_s
 
     def _lose(self, reason: str) -> None:
+        """Ends the leadership and calls ``on_lost``, once (the lease thread and the watch
+        may both get here)."""
         with self._lock:
+            if self._role is not Role.LEADER:
+                return
             self._role = Role.ENDED
         log.error("leadership lost: %s", reason)
         self._on_lost(reason)

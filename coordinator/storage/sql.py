@@ -216,20 +216,29 @@ class SqlStore(Store):
         """The event log in the same database."""
         return SqlEventLog(self._engine, self._url)
 
-    def leases(self, *, clock: Callable[[], float] = time.time) -> SqlLeases:
+    def leases(self, *, clock: Callable[[], float] = time.time,
+               wait_s: float = 1.0) -> SqlLeases:
         """The leader leases (coordinator replicas) in the same database, on connections of
-        their own (a renewal never waits for a connection the round store's callers hold;
-        on PostgreSQL a connection attempt gives up after 2 s); ``clock`` judges their
-        expiry on SQLite (PostgreSQL uses its server's clock). Close them when done."""
+        their own (a renewal never waits for a connection the round store's callers hold);
+        no lease call waits much more than ``wait_s`` for a lock or the database (on
+        PostgreSQL: connecting, ``lock_timeout`` and ``statement_timeout``, each statement
+        committed by itself; on SQLite: the busy timeout) and then raises StorageError.
+        ``clock`` judges their expiry on SQLite (PostgreSQL uses its server's clock). Close
+        them when done."""
         url = self._engine.url
+        wait_ms = max(1, round(wait_s * 1000))
         try:
             if self._engine.dialect.name == "sqlite":
                 engine = sa.create_engine(url)
                 sa.event.listen(engine, "connect", _sqlite_on_connect)
+                sa.event.listen(engine, "connect", _busy_timeout(wait_ms))
                 sa.event.listen(engine, "begin", _sqlite_on_begin)
             else:
-                engine = sa.create_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True,
-                                          connect_args={"connect_timeout": 2})
+                engine = sa.create_engine(
+                    url, pool_size=1, max_overflow=1, pool_pre_ping=True,
+                    isolation_level="AUTOCOMMIT",
+                    connect_args={"connect_timeout": max(1, round(wait_s))})
+                sa.event.listen(engine, "connect", _postgres_waits(wait_ms))
         except (SQLAlchemyError, ImportError) as exc:
             raise StorageError(f"cannot open database {self._url}: {_reason(exc)}") from exc
         return SqlLeases(engine, self._url, clock=clock, owns_engine=True)
@@ -899,6 +908,23 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
         cursor.execute("PRAGMA busy_timeout=10000")
     finally:
         cursor.close()
+
+
+def _busy_timeout(wait_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
+
+    return on_connect
+
+
+def _postgres_waits(wait_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = {int(wait_ms)}")
+            cursor.execute(f"SET statement_timeout = {int(wait_ms)}")
+        dbapi_conn.commit()
+
+    return on_connect
 
 
 def _sqlite_on_begin(conn: sa.Connection) -> None:

@@ -8,20 +8,24 @@ PostgreSQL (there the tests use short leases and real time).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from coordinator.replication import Leadership, Role
 from coordinator.storage import SqlStore
 from coordinator.storage.errors import Fenced, StorageError
-from coordinator.storage.leases import Fence, LeaseRecord, SqlLeases
+from coordinator.storage.leases import Fence, LeaseRecord, SqlLeases, check_fence
 from core.types import RoundState
 from tests.contract.test_store_contract import (
     _POSTGRES,
     T0,
+    _engine,
     _fresh_postgres,
     new_task,
     open_in,
@@ -189,7 +193,8 @@ def test_a_standby_takes_over_when_the_leader_stops_renewing(
     assert (a.leadership.role, b.leadership.role) == (Role.LEADER, Role.STANDBY)
     assert [e.epoch for e in a.elected] == [1] and not b.elected
     assert b.leadership.leader_address == "host-a:1"
-    assert a.leadership.fence == Fence("coordinator", 1) and b.leadership.fence is None
+    assert a.leadership.fence == Fence("coordinator", 1, ttl_s=TTL_S)
+    assert b.leadership.fence is None
 
     expire(clock, a.leadership._leases)  # a hangs: no renewal within the ttl
     b.leadership.step()
@@ -248,8 +253,6 @@ def test_lease_errors_are_storage_errors(tmp_path: Path, clock: Clock) -> None:
 def test_replicas_opening_an_empty_database_at_once_all_open_it(backend: str) -> None:
     """Replicas started together each prepare the schema (tables of the rounds, security,
     events and leases): they take turns, and none fails on a table another just made."""
-    import threading
-
     opened: list[SqlStore] = []
     errors: list[Exception] = []
 
@@ -273,3 +276,132 @@ def test_replicas_opening_an_empty_database_at_once_all_open_it(backend: str) ->
 
     assert errors == []
     assert len(opened) == 4
+
+
+# -- nothing waits without bound --------------------------------------------------------------
+
+
+def _in_thread(call: Callable[[], object], timeout_s: float) -> list[object]:
+    """Runs ``call`` on a daemon thread; returns ``[result or exception]``, or ``[]`` if it
+    was still waiting after ``timeout_s`` (a call blocked without bound)."""
+    done: list[object] = []
+
+    def run() -> None:
+        try:
+            done.append(call())
+        except Exception as exc:  # noqa: BLE001 - handed to the assertion
+            done.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return done
+
+
+def test_a_leader_whose_renewal_blocks_loses_its_leadership_after_a_ttl(
+        stores: tuple[SqlStore, SqlStore], clock: Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a = Replica(stores[0], clock, "host-a:1")
+    a.leadership.step()
+    database_stalls = threading.Event()
+
+    def blocks(*args: object) -> bool:
+        database_stalls.wait(10)
+        return True
+
+    monkeypatch.setattr(a.leadership._leases, "renew", blocks)
+    renewing = threading.Thread(target=a.leadership.step, daemon=True)
+    renewing.start()
+    try:
+        assert a.leadership.check_expiry(), "within the ttl it still leads"
+        a.monotonic += TTL_S
+
+        assert not a.leadership.check_expiry()
+        assert a.leadership.role is Role.ENDED and a.leadership.fence is None
+        assert len(a.lost) == 1 and "not renewed" in a.lost[0]
+    finally:
+        database_stalls.set()
+        renewing.join(5)
+    assert len(a.lost) == 1, "the renewal that returned late loses nothing twice"
+    assert a.leadership.role is Role.ENDED
+
+
+def _postgres_only(backend: str) -> None:
+    if not backend.startswith("postgresql"):
+        pytest.skip("row locks and server-side timeouts: PostgreSQL")
+
+
+def test_lease_calls_wait_a_bounded_time_for_a_lease_row_locked_by_a_stalled_replica(
+        backend: str, stores: tuple[SqlStore, SqlStore], clock: Clock) -> None:
+    _postgres_only(backend)
+    leases = stores[0].leases(wait_s=0.2)
+    _OPENED.append(leases)
+    leases.acquire("coordinator", "A", "host-a:1", 60.0)
+    with _engine(backend).connect() as stalled:  # e.g. a replica frozen holding the row
+        stalled.execute(sa.text(
+            "SELECT 1 FROM coordinator_leases WHERE name = 'coordinator' FOR UPDATE"))
+
+        renewal = _in_thread(lambda: leases.renew("coordinator", "A", 1, 60.0), 5.0)
+
+        assert renewal, "the renewal waited without bound"
+        assert isinstance(renewal[0], StorageError)
+        stalled.rollback()
+    assert leases.renew("coordinator", "A", 1, 60.0)
+
+
+def test_a_leader_stalled_inside_a_fenced_write_cannot_keep_the_lease_from_a_standby(
+        backend: str, stores: tuple[SqlStore, SqlStore], clock: Clock) -> None:
+    _postgres_only(backend)
+    old, new = stores
+    old_leases, new_leases = leases_of(old, clock), leases_of(new, clock)
+    old_leases.acquire("coordinator", "A", "host-a:1", TTL_S)
+    stalled = old._engine.connect()
+    try:
+        stalled.begin()
+        check_fence(stalled, Fence("coordinator", 1, ttl_s=TTL_S))  # then it freezes
+
+        def take_over() -> LeaseRecord:
+            deadline = time.monotonic() + 4.0
+            while True:
+                try:
+                    lease = new_leases.acquire("coordinator", "B", "host-b:2", TTL_S)
+                except StorageError:  # the row is still locked: poll again
+                    lease = None
+                if lease is not None and lease.holder == "B" or time.monotonic() > deadline:
+                    assert lease is not None
+                    return lease
+                time.sleep(0.05)
+
+        taken = _in_thread(take_over, 6.0)
+
+        assert taken and isinstance(taken[0], LeaseRecord), taken
+        assert (taken[0].holder, taken[0].epoch) == ("B", 2)
+    finally:
+        with contextlib.suppress(Exception):  # the server ended its session
+            stalled.close()
+
+
+def test_a_lease_taken_after_waiting_for_its_row_is_not_born_expired(
+        backend: str, stores: tuple[SqlStore, SqlStore], clock: Clock) -> None:
+    _postgres_only(backend)
+    first, second = stores
+    first_leases = leases_of(first, clock)
+    second_leases = second.leases(wait_s=3.0)
+    _OPENED.append(second_leases)
+    first_leases.acquire("coordinator", "A", "host-a:1", TTL_S)
+    expire(clock, first_leases)
+    with _engine(backend).connect() as other:  # e.g. a take-over under way elsewhere
+        other.execute(sa.text(
+            "SELECT 1 FROM coordinator_leases WHERE name = 'coordinator' FOR UPDATE"))
+        waiting = threading.Thread(target=lambda: taken.append(
+            second_leases.acquire("coordinator", "B", "host-b:2", TTL_S)), daemon=True)
+        taken: list[LeaseRecord] = []
+        waiting.start()
+        time.sleep(TTL_S + 0.2)  # longer than the lease it waits to take
+        other.rollback()
+    waiting.join(5)
+
+    assert taken and taken[0].holder == "B"
+    assert not taken[0].expired
+    assert first_leases.acquire("coordinator", "C", "host-c:3", TTL_S).holder == "B", \
+        "a third replica must not take a lease just taken"
