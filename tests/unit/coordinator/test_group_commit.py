@@ -7,7 +7,10 @@ import asyncio
 import threading
 
 from coordinator.storage import StorageError
-from coordinator.transport.device_servicer import _GroupCommit
+from coordinator.transport.device_servicer import DeviceServicer, _GroupCommit
+from core.protocol import CheckInOutcome, CheckInResult
+from core.types import API_VERSION
+from protos.fedcoord.v1 import device_pb2
 
 
 class Writes:
@@ -87,3 +90,59 @@ def test_a_failed_flush_reaches_every_waiting_call_and_the_next_call_flushes_aga
         return writes
 
     assert asyncio.run(scenario()).flushes == [2]
+
+
+class CheckIns(Writes):
+    """A service whose check-ins answer ``outcome``; another device's write is queued and
+    its flush waits for the test (a slow disk)."""
+
+    def __init__(self, outcome: CheckInOutcome, *, queues: bool = False) -> None:
+        super().__init__()
+        self.outcome = outcome
+        self.queues = queues
+        self.queued = 1  # another device's admission, not yet in the database
+
+    def add_progress_listener(self, listener: object) -> None:
+        pass
+
+    def check_in(self, device_id: str, *args: object, **kwargs: object) -> CheckInResult:
+        if self.queues:
+            self.queued += 1
+        return CheckInResult(self.outcome, task_id="t", round_number=1,
+                             token="tok" if self.outcome is CheckInOutcome.ACCEPTED else "",
+                             retry_after_s=2.0)
+
+
+def _check_in(service: CheckIns) -> tuple[bool, device_pb2.CheckInResponse | None]:
+    """Whether the check-in was answered before the queued flush was let through."""
+
+    async def scenario() -> tuple[bool, device_pb2.CheckInResponse | None]:
+        servicer = DeviceServicer(service, security=None)  # type: ignore[arg-type]
+        call = asyncio.create_task(servicer.CheckIn(device_pb2.CheckInRequest(
+            api_version=API_VERSION, device_id="d1", task_id="t"), None))  # type: ignore[arg-type]
+        done, _ = await asyncio.wait({call}, timeout=0.3)
+        answered_first = bool(done)
+        service.go.set()
+        return answered_first, await call
+
+    return asyncio.run(scenario())
+
+
+def test_a_come_back_later_is_not_held_behind_other_devices_writes() -> None:
+    answered_first, response = _check_in(CheckIns(CheckInOutcome.RETRY_LATER))
+    assert answered_first
+    assert response is not None and response.retry_after_ms == 2000
+
+
+def test_a_seat_is_answered_only_once_the_writes_before_it_are_in() -> None:
+    # Its own admission may be the queued write (or an earlier call of the same device's).
+    service = CheckIns(CheckInOutcome.ACCEPTED)
+    answered_first, response = _check_in(service)
+    assert not answered_first and service.flushes == [1]
+    assert response is not None and response.participation_token == "tok"
+
+
+def test_a_check_in_that_queued_a_write_waits_for_it_whatever_its_answer() -> None:
+    service = CheckIns(CheckInOutcome.RETRY_LATER, queues=True)
+    answered_first, _ = _check_in(service)
+    assert not answered_first and service.flushes == [2]
