@@ -139,6 +139,7 @@ class Coordinator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lost: asyncio.Event | None = None
         self._promotion: asyncio.Task[None] | None = None
+        self._health_change: asyncio.Future[None] | None = None
         self.lost_reason = ""
         self._stopping = False
 
@@ -217,7 +218,10 @@ class Coordinator:
         if self.config.replica is None:
             self.service.recover()
         await self.server.start()
-        await self._health.serving()
+        if self.leading:
+            await self._health.serving()
+        else:  # a standby replica: admin reads only, no devices
+            await self._health.standing_by()
         if self.http is not None:
             await self.http.start()
             log.info("HTTP side port on %s:%d", self.config.host, self.http_port)
@@ -288,6 +292,8 @@ class Coordinator:
             return
         self.leading = True
         self._ticker = asyncio.create_task(self._tick_forever())
+        if self._health is not None:
+            await self._health.serving()
         print(f"fedcoord coordinator leads (lease epoch {lease.epoch}) on "
               f"{self.leadership.address}", flush=True)
         log.warning("leading: lease epoch %d; tasks recovered", lease.epoch)
@@ -300,6 +306,8 @@ class Coordinator:
         self.lost_reason = reason
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._health is not None:
+            self._health_change = asyncio.ensure_future(self._health.standing_by())
         if self._lost is not None:
             self._lost.set()
 

@@ -18,16 +18,19 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.fedcoord.v1 import admin_pb2, device_pb2
 
+DEVICE_SERVICE = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 #: The services whose health is reported and whose descriptors reflection serves.
-SERVICES = (
-    device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
-    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-)
+SERVICES = (DEVICE_SERVICE, ADMIN_SERVICE)
 
 
 class Health:
     """The health service of one server: NOT_SERVING until :meth:`serving`, and for good
-    after :meth:`shutting_down`. The empty service name stands for the whole server."""
+    after :meth:`shutting_down`. The empty service name stands for the whole server.
+
+    A standby replica serves the admin reads but no device: :meth:`standing_by` reports
+    the admin service SERVING and the device service and the server NOT_SERVING, so a load
+    balancer that checks either sends no device there."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._servicer = health_aio.HealthServicer()
@@ -45,6 +48,10 @@ class Health:
 
     async def serving(self) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def standing_by(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._servicer.set(ADMIN_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     async def shutting_down(self) -> None:
         """NOT_SERVING for every service, permanently."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.app import EmbeddedCoordinator
 from coordinator.security.roles import Role
@@ -27,6 +28,10 @@ from core.types import API_VERSION, DeviceAttributes
 from device_agent.transport.client import DeviceClient, RetryPolicy
 from fedctl.admin import AdminClient, AdminError
 from protos.fedcoord.v1 import device_pb2, device_pb2_grpc
+
+DEVICES, ADMIN = "fedcoord.v1.DeviceService", "fedcoord.v1.AdminService"
+SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
+                        health_pb2.HealthCheckResponse.NOT_SERVING)
 
 #: Long, so that a take-over well within it shows the stopping leader released the lease.
 TTL_S = 10.0
@@ -56,6 +61,15 @@ def readyz(c: EmbeddedCoordinator) -> tuple[int, str]:
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as refused:
         return refused.code, refused.read().decode()
+
+
+def health(c: EmbeddedCoordinator) -> dict[str, int]:
+    """gRPC health by service name ("" is the whole server), as a load balancer checks it."""
+    with grpc.insecure_channel(f"127.0.0.1:{c.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return {service: stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                    timeout=10).status
+                for service in ("", DEVICES, ADMIN)}
 
 
 @pytest.fixture
@@ -149,6 +163,20 @@ def test_an_agent_given_both_addresses_reaches_the_leader_through_the_standby(
         client.close()
 
 
+def test_grpc_health_sends_devices_to_the_leader_only(
+        pair: tuple[EmbeddedCoordinator, EmbeddedCoordinator]) -> None:
+    leader, standby = pair
+
+    assert health(leader) == {"": SERVING, DEVICES: SERVING, ADMIN: SERVING}
+    assert health(standby) == {"": NOT_SERVING, DEVICES: NOT_SERVING, ADMIN: SERVING}, \
+        "a standby serves the admin reads, but no device"
+
+    leader.stop()
+    wait_until(lambda: leads(standby), TTL_S)
+    wait_until(lambda: health(standby)[DEVICES] == SERVING, 5)
+    assert health(standby) == {"": SERVING, DEVICES: SERVING, ADMIN: SERVING}
+
+
 def test_a_stopping_leader_hands_the_lease_over_at_once(
         pair: tuple[EmbeddedCoordinator, EmbeddedCoordinator]) -> None:
     leader, standby = pair
@@ -176,5 +204,7 @@ def test_a_leader_whose_lease_was_taken_stops_leading_and_cannot_write(tmp_path:
         wait_until(lambda: not leads(leader), 5)
 
         assert "passed to another replica" in coordinator.lost_reason
+        wait_until(lambda: health(leader)[DEVICES] == NOT_SERVING, 5)
+        assert health(leader)[""] == NOT_SERVING
         with pytest.raises(Fenced, match="elsewhere:7070"):
             coordinator.store.fail_open_rounds("a deposed leader's recovery", 0.0)
