@@ -8,7 +8,10 @@ With ``settings.replica`` the coordinator is one replica of several on one datab
 task changes refused UNAVAILABLE, the model store untouched) and, once it holds the leader
 lease, takes the model store, fences its writes with the lease's epoch, recovers the
 running tasks and runs their rounds. Losing the lease ends the process
-(:class:`LeadershipLost` out of :func:`serve`): a supervisor starts it again as a standby.
+(:class:`LeadershipLost` out of :func:`serve`, within ``ABANDON_EXIT_S`` of the loss): a
+supervisor starts it again as a standby. A replica that was elected but could not take over
+(recovery failed, the model store stayed locked) releases the lease and exits with status 3
+(:class:`PromotionFailed`): a supervisor should count it as a failed start.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import logging
 import os
 import random
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +42,7 @@ from coordinator.observability.metrics import (
 )
 from coordinator.observability.sinks import SinkConfigError, open_sinks
 from coordinator.observability.store_sink import StoreSink
-from coordinator.replication import LEASE_NAME, Leadership, Role
+from coordinator.replication import LEASE_NAME, PROMOTION_FAILED_EXIT, Leadership, Role
 from coordinator.rounds.clock import SystemClock
 from coordinator.rounds.service import CoordinatorService
 from coordinator.security.service import Security
@@ -59,16 +64,29 @@ log = logging.getLogger(__name__)
 
 #: How often deadlines and selection windows are checked.
 TICK_SECONDS = 0.05
-#: How long a newly elected replica waits for the model store's lock (held by a deposed
-#: leader on this machine that has not stopped yet) before it gives up leading.
-STORE_LOCK_WAIT_S = 15.0
-#: A replica that lost its leadership exits within this long, whatever its threads do.
+#: A replica that lost its leadership exits within this long, whatever its threads do
+#: (counted from the loss, not from the end of its shutdown).
 ABANDON_EXIT_S = 10.0
+#: How long a newly elected replica waits for the model store's lock (held by a deposed
+#: leader on this machine that has not stopped yet) before it gives up leading: well past
+#: ABANDON_EXIT_S (the deposed leader loses its lease about when this one takes it).
+STORE_LOCK_WAIT_S = 3 * ABANDON_EXIT_S
 
 
 class LeadershipLost(Exception):
     """This replica held the leader lease and lost it (another replica leads now): it
-    stopped serving; the message says why."""
+    stopped serving; the message says why. ``exit_code``: what the process exits with."""
+
+    exit_code = 1
+
+
+class PromotionFailed(LeadershipLost):
+    """This replica was elected but could not take over (the model store stayed locked, or
+    recovering the tasks failed): it stopped and released the lease. Its exit status
+    (:data:`PROMOTION_FAILED_EXIT`) tells a supervisor to count it as a failed start, not to
+    start it again for ever (every replica would take the lease and fail in turn)."""
+
+    exit_code = PROMOTION_FAILED_EXIT
 
 
 class Coordinator:
@@ -141,6 +159,11 @@ class Coordinator:
         self._promotion: asyncio.Task[None] | None = None
         self._health_change: asyncio.Future[None] | None = None
         self.lost_reason = ""
+        #: Whether the leadership ended because this replica could not take over.
+        self.promotion_failed = False
+        self._exit_after: tuple[float, Callable[[int], object]] | None = None
+        self._exit_timer: threading.Timer | None = None
+        self._exit_lock = threading.Lock()
         self._stopping = False
 
     def _resume_event_numbering(self, event_log: EventLog) -> None:
@@ -157,6 +180,9 @@ class Coordinator:
         if self._stopping:
             return "this coordinator replica is stopping"
         leader = self.leadership.leader_address if self.leadership is not None else None
+        if self.leadership is not None and self.leadership.role is Role.LEADER:
+            return ("this coordinator replica was just elected and is taking over the "
+                    "rounds: try again in a moment")
         if leader is None:
             return ("this coordinator is a standby replica and no leader is known yet "
                     "(an election is under way): try another coordinator address")
@@ -251,6 +277,7 @@ class Coordinator:
             loop.call_soon_threadsafe(promote)
 
         def lost(reason: str) -> None:
+            self._arm_exit(reason, code=1)  # now: the event loop may be what stalls
             loop.call_soon_threadsafe(self._leadership_lost, reason)
 
         self.leadership = Leadership(self.store.leases(wait_s=replica.lease_ttl_s / 3),
@@ -275,7 +302,8 @@ class Coordinator:
             except BlobError as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     self._leadership_lost(f"elected, but the model store stayed locked for "
-                                          f"{STORE_LOCK_WAIT_S:g} s: {exc}")
+                                          f"{STORE_LOCK_WAIT_S:g} s: {exc}",
+                                          promotion_failed=True)
                     return
                 await asyncio.sleep(0.1)
         fence = self.leadership.fence
@@ -288,7 +316,8 @@ class Coordinator:
             self.service.recover()
         except Exception as exc:  # noqa: BLE001 - a replica that cannot recover must not lead
             log.exception("recovery after the election failed")
-            self._leadership_lost(f"elected, but recovering the tasks failed: {exc}")
+            self._leadership_lost(f"elected, but recovering the tasks failed: {exc}",
+                                  promotion_failed=True)
             return
         self.leading = True
         self._ticker = asyncio.create_task(self._tick_forever())
@@ -298,12 +327,39 @@ class Coordinator:
               f"{self.leadership.address}", flush=True)
         log.warning("leading: lease epoch %d; tasks recovered", lease.epoch)
 
-    def _leadership_lost(self, reason: str) -> None:
+    def exit_when_lost(self, after_s: float,
+                       exit_process: Callable[[int], object] = os._exit) -> None:
+        """Once this replica loses its leadership (or fails to take over), the process
+        ends within ``after_s`` whatever its threads do (:func:`serve`): the model store's
+        lock passes on only when it exits. ``exit_process`` is called with the exit
+        status."""
+        self._exit_after = (after_s, exit_process)
+
+    def _arm_exit(self, reason: str, *, code: int) -> None:
+        """Starts the exit watchdog of :meth:`exit_when_lost` (once; any thread)."""
+        with self._exit_lock:
+            if self._exit_after is None or self._exit_timer is not None:
+                return
+            after_s, exit_process = self._exit_after
+
+            def exit_now() -> None:
+                print(f"fedctl: error: coordinator: this replica stopped leading: {reason} "
+                      f"(and had not stopped {after_s:g} s later)", file=sys.stderr,
+                      flush=True)
+                exit_process(code)
+
+            self._exit_timer = threading.Timer(after_s, exit_now)
+            self._exit_timer.daemon = True
+            self._exit_timer.start()
+
+    def _leadership_lost(self, reason: str, *, promotion_failed: bool = False) -> None:
         """On the event loop: stop running rounds at once; :func:`serve` ends the process."""
-        if self._stopping:
+        if self._stopping or self.lost_reason:
             return
+        self._arm_exit(reason, code=PROMOTION_FAILED_EXIT if promotion_failed else 1)
         self.leading = False
         self.lost_reason = reason
+        self.promotion_failed = promotion_failed
         if self._ticker is not None:
             self._ticker.cancel()
         if self._health is not None:
@@ -324,16 +380,7 @@ class Coordinator:
         the process exits: a commit still running on the worker thread may be writing a
         model file, which must land before the next leader writes that path (its own
         record of the commit is fenced)."""
-        self._stopping = True
-        self.readiness.shutting_down()
-        if self._health is not None:
-            await self._health.shutting_down()
-        if self.http is not None:
-            await self.http.stop()
-        if self._ticker is not None:
-            self._ticker.cancel()
-        if self.server is not None:
-            await self.server.stop(0)
+        await self._halt(0)
         self.events.close()
         if self.leadership is not None:
             # A no-op when another replica holds the lease; else (this one gave up, e.g.
@@ -356,7 +403,9 @@ class Coordinator:
                 log.exception("round tick failed")
             await asyncio.sleep(TICK_SECONDS)
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def _halt(self, grace: float) -> None:
+        """Stops serving: not ready, NOT_SERVING, no HTTP, no rounds ticking, the gRPC
+        server stopped (``grace``: seconds for the calls in flight)."""
         self._stopping = True
         self.readiness.shutting_down()
         if self._health is not None:
@@ -367,6 +416,9 @@ class Coordinator:
             self._ticker.cancel()
         if self.server is not None:
             await self.server.stop(grace)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self._halt(grace)
         if self.leading:
             self.service.close()
         self.events.close()
@@ -382,6 +434,7 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
     """Runs until SIGINT or SIGTERM, then stops gracefully. ``admin_token_file``: see
     :meth:`coordinator.security.service.Security.bootstrap_admin_token`."""
     coordinator = Coordinator(config)
+    coordinator.exit_when_lost(ABANDON_EXIT_S)
     if admin_token_file is not None:
         try:
             if coordinator.security.bootstrap_admin_token(admin_token_file):
@@ -425,13 +478,11 @@ async def serve(config: CoordinatorSettings, port_file: Path | None = None, *,
         await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
         if lost.done():
             stopped.cancel()
+            # The exit watchdog runs since the loss (exit_when_lost): a worker thread stuck
+            # past it, or a slow shutdown, cannot keep the next leader from the store.
             await coordinator.abandon()
-            # The process must end for the model store's lock to pass on: a worker thread
-            # stuck past this would keep the next leader from the store.
-            watchdog = threading.Timer(ABANDON_EXIT_S, os._exit, args=(1,))
-            watchdog.daemon = True
-            watchdog.start()
-            raise LeadershipLost(f"this replica stopped leading: {lost.result()}")
+            error = PromotionFailed if coordinator.promotion_failed else LeadershipLost
+            raise error(f"this replica stopped leading: {lost.result()}")
         lost.cancel()
     await coordinator.stop()
 

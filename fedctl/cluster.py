@@ -4,7 +4,9 @@ consecutive ports, supervised until Ctrl-C (or SIGTERM).
 
 It prints each replica's address, pid and log, the agent and admin command lines, and a line
 whenever a replica starts to lead. A replica that exits (``kill -9`` its pid to see a
-standby take over; a deposed leader exits by itself) is started again as a standby. Without
+standby take over; a deposed leader exits by itself) is started again as a standby; one that
+exits three times in a row before serving, or because it could not take over once elected
+(exit status 3: its recovery fails, and so would every replica's), stops the cluster. Without
 ``--db`` the database is a SQLite file in ``--dir`` (one machine); give a PostgreSQL URL to
 try what production runs.
 """
@@ -61,7 +63,7 @@ class _Replica:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
-    #: Restarts in a row that exited before serving.
+    #: Restarts in a row that exited before serving or failed to take over once elected.
     failed_starts: int = 0
     seen_leading: set[str] = field(default_factory=set)
 
@@ -71,6 +73,7 @@ class _Replica:
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from coordinator.replication import PROMOTION_FAILED_EXIT
     from fedctl.errors import CliError
 
     if not 1 <= args.replicas <= 16:
@@ -133,14 +136,18 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
                 _report_leading(r)
                 assert r.proc is not None
                 if r.proc.poll() is not None:
-                    served = r.port_file.exists()
+                    took_over = r.proc.returncode != PROMOTION_FAILED_EXIT
+                    served = r.port_file.exists() and took_over
                     r.failed_starts = 0 if served else r.failed_starts + 1
                     if r.failed_starts >= 3:
                         tail = r.log.read_text(errors="replace").strip().splitlines()[-3:]
-                        raise CliError(f"replica {r.index} exits before serving, 3 times "
-                                       f"(log {r.log}): " + " | ".join(tail))
+                        raise CliError(f"replica {r.index} exits before serving or fails to "
+                                       f"take over once elected, 3 times in a row (log "
+                                       f"{r.log}): " + " | ".join(tail))
+                    why = "" if took_over else " (elected, it could not take over)"
                     print(f"replica {r.index} (pid {r.proc.pid}) exited with "
-                          f"{r.proc.returncode}; starting it again as a standby", flush=True)
+                          f"{r.proc.returncode}{why}; starting it again as a standby",
+                          flush=True)
                     start(r, bootstrap=False)
                     print(f"replica {r.index}: pid {r.proc.pid}", flush=True)
         print("stopping the cluster", flush=True)

@@ -411,8 +411,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config, args.port_file, admin_token_file=args.admin_token_file))
-    except LeadershipLost as exc:
-        raise CliError(f"coordinator: {exc}") from None
+    except LeadershipLost as exc:  # exit status 3: elected, but could not take over
+        raise CliError(f"coordinator: {exc}", exit_code=exc.exit_code) from None
     except StorageError as exc:
         hint = database_hint(args.db) if isinstance(exc.__cause__, ImportError) else ""
         raise CliError(f"coordinator: {exc}{hint}") from None

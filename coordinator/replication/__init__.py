@@ -2,6 +2,12 @@
 rounds; the others stand by, serve reads, and take over when the leader's lease expires
 (:mod:`.leadership`; the lease and its fencing: :mod:`coordinator.storage.leases`)."""
 
-from coordinator.replication.leadership import LEASE_NAME, Leadership, Role, new_holder_id
+from coordinator.replication.leadership import (
+    LEASE_NAME,
+    PROMOTION_FAILED_EXIT,
+    Leadership,
+    Role,
+    new_holder_id,
+)
 
-__all__ = ["LEASE_NAME", "Leadership", "Role", "new_holder_id"]
+__all__ = ["LEASE_NAME", "PROMOTION_FAILED_EXIT", "Leadership", "Role", "new_holder_id"]

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: The lease every replica of one database campaigns for.
 LEASE_NAME = "coordinator"
+#: The exit status of a replica that was elected but could not take over (``fedctl
+#: coordinator serve``): a supervisor counts it as a failed start (``fedctl cluster up``).
+PROMOTION_FAILED_EXIT = 3
 
 
 class Role(enum.Enum):

@@ -6,6 +6,7 @@ hands the lease over at once; a leader whose lease was taken stops leading and i
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 import urllib.error
@@ -18,8 +19,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.app import EmbeddedCoordinator
+from coordinator.replication import PROMOTION_FAILED_EXIT
+from coordinator.replication import Role as LeaseRole
 from coordinator.security.roles import Role
 from coordinator.settings import CoordinatorSettings, ReplicaSettings
+from coordinator.storage import FileBlobStore
 from coordinator.storage.errors import Fenced
 from coordinator.transport.standby import leader_only
 from core.protocol import CheckInOutcome
@@ -196,6 +200,8 @@ def test_a_leader_whose_lease_was_taken_stops_leading_and_cannot_write(tmp_path:
         wait_until(lambda: leads(leader), 30)
         coordinator = leader._coordinator
         assert coordinator is not None
+        exits: list[int] = []
+        coordinator.exit_when_lost(0.1, exits.append)
         # Another replica took the lease while this one stalled (a newer epoch).
         with sqlite3.connect(tmp_path / "c.db") as db:
             db.execute("UPDATE coordinator_leases SET epoch = epoch + 1, holder = 'other', "
@@ -206,5 +212,65 @@ def test_a_leader_whose_lease_was_taken_stops_leading_and_cannot_write(tmp_path:
         assert "passed to another replica" in coordinator.lost_reason
         wait_until(lambda: health(leader)[DEVICES] == NOT_SERVING, 5)
         assert health(leader)[""] == NOT_SERVING
+        wait_until(lambda: exits == [1], 5)  # from the loss on: nothing else stops it here
         with pytest.raises(Fenced, match="elsewhere:7070"):
             coordinator.store.fail_open_rounds("a deposed leader's recovery", 0.0)
+
+
+@contextlib.contextmanager
+def elected_but_store_locked(
+        tmp_path: Path) -> Iterator[tuple[EmbeddedCoordinator, FileBlobStore]]:
+    """A replica elected while the model store is still locked (a deposed leader on this
+    machine that has not exited yet): it holds the lease and waits for the store."""
+    held = FileBlobStore(tmp_path / "store")
+    held.lock()
+    elected = replica(tmp_path)
+    elected.start()
+    try:
+        wait_until(lambda: elected._coordinator is not None
+                   and elected._coordinator.leadership is not None
+                   and elected._coordinator.leadership.role is LeaseRole.LEADER, 30)
+        yield elected, held
+    finally:
+        elected.stop()
+        held.unlock()
+
+
+def test_an_elected_replica_waiting_for_the_model_store_names_no_leader(
+        tmp_path: Path) -> None:
+    with elected_but_store_locked(tmp_path) as (elected, held):
+        coordinator = elected._coordinator
+        assert coordinator is not None and not leads(elected)
+
+        refusal = coordinator.standby_reason()
+        assert refusal is not None and "just elected" in refusal, refusal
+        assert f"{elected.port}" not in refusal, "it must not send callers to itself"
+        assert health(elected)[DEVICES] == NOT_SERVING
+
+        held.unlock()
+        wait_until(lambda: leads(elected), 10)
+        assert health(elected)[DEVICES] == SERVING
+
+
+def test_a_replica_that_cannot_take_over_gives_up_with_the_promotion_failed_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery fails (so it would on every replica): the process ends with exit status 3,
+    which `fedctl cluster up` (and a supervisor's restart limit) counts as a failed start,
+    instead of every replica taking the lease and failing in turn for ever."""
+    with elected_but_store_locked(tmp_path) as (elected, held):
+        coordinator = elected._coordinator
+        assert coordinator is not None
+        exits: list[int] = []
+        coordinator.exit_when_lost(0.1, exits.append)
+
+        def fails() -> None:
+            raise RuntimeError("a task's model file is unreadable")
+
+        monkeypatch.setattr(coordinator.service, "recover", fails)
+        held.unlock()
+        wait_until(lambda: exits != [], 10)
+
+        assert exits == [PROMOTION_FAILED_EXIT]
+        assert coordinator.promotion_failed and not leads(elected)
+        assert "recovering the tasks failed: a task's model file is unreadable" in \
+            coordinator.lost_reason
