@@ -288,13 +288,18 @@ def _run_in_process(workload: Workload, model: str, kind: EngineKind, threads: i
     spec = MODELS[model]
     table = DeviceTable(workload.data)
     if processes > 1:
+        import inspect
+
         from simulations.process_backend import ProcessCohortTrainer
 
         # Plain FedAvg: the workers sum the deltas, as fedctl simulate's from_config does
-        # for such a task (simulations.process_backend.sums_suffice).
+        # for such a task (simulations.process_backend.sums_suffice); an engine from before
+        # that option returns every device's weights through shared rows.
+        summed = "sum_deltas" in inspect.signature(ProcessCohortTrainer).parameters
         pool = ProcessCohortTrainer(table, processes, kind=kind, model=spec,
                                     local=workload.local, algorithm=AlgorithmConfig(),
-                                    sum_deltas=True)
+                                    **({"sum_deltas": True} if summed else
+                                       {"capacity": max(len(s) for s in workload.schedule)}))
         try:
             return _rounds(workload, spec, pool)
         finally:
