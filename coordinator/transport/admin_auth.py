@@ -15,6 +15,7 @@ import grpc
 from coordinator.security.errors import SecurityError
 from coordinator.security.roles import AUDITED, Principal
 from coordinator.security.service import Security
+from coordinator.transport.rewrap import rewrap
 from coordinator.transport.status import Context, abort_for, status_for
 
 _PREFIX = "/fedcoord.v1.AdminService/"
@@ -51,16 +52,10 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler is None or not method.startswith(_PREFIX):
             return handler
         name = method[len(_PREFIX):]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(name, handler.unary_unary),  # the aio servicer's coroutine
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:  # the aio servicer's coroutine
+            return rewrap(handler, self._unary(name, handler.unary_unary))
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._unary_stream(name, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            return rewrap(handler, self._unary_stream(name, handler.unary_stream))
         raise TypeError(f"admin RPC {name} has an unexpected shape")  # none exists
 
     async def _admit(self, name: str, context: Context) -> Principal:

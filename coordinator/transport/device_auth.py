@@ -21,6 +21,7 @@ import grpc
 from coordinator.security.errors import RateLimited, Unauthenticated
 from coordinator.security.service import Security
 from coordinator.transport.handlers import Refused
+from coordinator.transport.rewrap import rewrap
 from coordinator.transport.status import Context, abort_for, check_api_version
 from protos import convert
 
@@ -53,18 +54,13 @@ class DeviceAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
         name = method[len(_PREFIX):]
         if name in _UNGATED:
             return handler
-        shape = dict(request_deserializer=handler.request_deserializer,
-                     response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
             gate = self._check_in if name == "CheckIn" else self._participant
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(gate, handler.unary_unary), **shape)
+            return rewrap(handler, self._unary(gate, handler.unary_unary))
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._download(handler.unary_stream), **shape)
+            return rewrap(handler, self._download(handler.unary_stream))
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._upload(handler.stream_unary), **shape)
+            return rewrap(handler, self._upload(handler.stream_unary))
         raise TypeError(f"device RPC {name} has an unexpected shape")  # none exists
 
     # -- gates ------------------------------------------------------------------------------

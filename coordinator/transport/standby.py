@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from coordinator.transport.rewrap import rewrap
+
 _OURS = "/fedcoord.v1."
 #: The admin calls a standby serves: reads of the database, which change nothing.
 STANDBY_READS = frozenset(f"/fedcoord.v1.AdminService/{name}" for name in (
@@ -51,9 +53,6 @@ class StandbyGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         message = self._refusal()
         if message is None:
             return handler
-        shape = dict(request_deserializer=handler.request_deserializer,
-                     response_serializer=handler.response_serializer)
-
         async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
@@ -62,10 +61,5 @@ class StandbyGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await context.abort(grpc.StatusCode.UNAVAILABLE, message)
             yield  # pragma: no cover - abort raises
 
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(refuse, **shape)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(refuse_stream, **shape)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(refuse, **shape)
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, **shape)
+        streams_back = handler.unary_stream is not None or handler.stream_stream is not None
+        return rewrap(handler, refuse_stream if streams_back else refuse)
