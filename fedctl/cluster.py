@@ -28,6 +28,24 @@ _LEADS = re.compile(r"fedcoord coordinator leads \(lease epoch (\d+)\)")
 #: A replica that exits this soon after starting, before serving, stops the cluster (a bad
 #: setting would otherwise be restarted for ever).
 _START_TIMEOUT_S = 300.0
+#: ``--lease-ttl``'s default (``coordinator serve --replica`` and ``cluster up``).
+LEASE_TTL_S = 3.0
+
+
+def add_lease_ttl(parser: Any, *, help_prefix: str = "") -> None:
+    """``--lease-ttl SECONDS``, as ``coordinator serve`` and ``cluster up`` take it; check the
+    value with :func:`check_lease_ttl`."""
+    parser.add_argument("--lease-ttl", type=float, default=LEASE_TTL_S, metavar="SECONDS",
+                        help=f"{help_prefix}a killed leader is replaced after about this long")
+
+
+def check_lease_ttl(seconds: float) -> None:
+    """CliError (exit status 2) unless ``seconds`` is a lease ttl a replica can run with."""
+    from fedctl.errors import CliError
+
+    if not 0.5 <= seconds <= 600:
+        raise CliError(f"--lease-ttl {seconds:g}: expected seconds from 0.5 to 600",
+                       exit_code=2)
 
 
 def register(subparsers: Any) -> None:
@@ -51,8 +69,7 @@ def register(subparsers: Any) -> None:
     up.add_argument("--host", default="127.0.0.1", help="address every replica binds")
     up.add_argument("--port", type=int, default=7070,
                     help="the first replica's port; the others take the next ones")
-    up.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
-                    help="a killed leader is replaced after about this long")
+    add_lease_ttl(up)
     up.set_defaults(func=cmd_cluster_up)
 
 
@@ -78,6 +95,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
     if not 1 <= args.replicas <= 16:
         raise CliError(f"--replicas {args.replicas}: expected 1 to 16", exit_code=2)
+    check_lease_ttl(args.lease_ttl)
     if not 0 < args.port <= 65535 - args.replicas + 1:
         raise CliError(f"--port {args.port}: the {args.replicas} replicas need ports up to "
                        f"{args.port + args.replicas - 1}, at most 65535", exit_code=2)

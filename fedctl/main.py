@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedctl.certs import register as register_certs
+from fedctl.cluster import LEASE_TTL_S, add_lease_ttl, check_lease_ttl
 from fedctl.cluster import register as register_cluster
 from fedctl.experiment import register as register_experiment
 from fedctl.security import register as register_security
@@ -136,6 +137,11 @@ def build_parser() -> FedctlParser:
                        help="the longest \"come back after\" a device is told (no task for it, "
                             "its round full or its update in); shorter wakes devices sooner "
                             "for more check-ins")
+    serve.add_argument("--checkin-pace", type=float, default=200.0, metavar="PER_SECOND",
+                       help="pace steering: the most \"come back after\" returns promised a "
+                            "second; a larger population waits about population / pace "
+                            "(at most 60 s), and a DP task's selection window must last "
+                            "min(population / pace, 60 s); 0 turns it off")
     serve.add_argument("--tls", type=Path, metavar="DIR",
                        help="serve TLS with DIR/server.crt and DIR/server.key "
                             "(see `fedctl certs init`)")
@@ -182,8 +188,7 @@ def build_parser() -> FedctlParser:
                             "--store folder): stand by until this one holds the leader lease, "
                             "then run the rounds; a standby serves admin reads and refuses "
                             "devices with UNAVAILABLE (give agents every address)")
-    serve.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
-                       help="--replica: a killed leader is replaced after about this long")
+    add_lease_ttl(serve, help_prefix="--replica: ")
     serve.add_argument("--advertise", metavar="HOST:PORT",
                        help="--replica: the address a standby names for this replica when it "
                             "leads (default: --host and the bound port)")
@@ -391,11 +396,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not retry_min_s <= args.retry_after_max <= 3600:
         raise CliError(f"--retry-after-max {args.retry_after_max:g}: expected seconds from "
                        f"{retry_min_s:g} to 3600", exit_code=2)
-    if not args.replica and (args.advertise is not None or args.lease_ttl != 3.0):
+    if not (0 <= args.checkin_pace <= 1_000_000):  # also refuses nan
+        raise CliError(f"--checkin-pace {args.checkin_pace:g}: expected check-ins per second "
+                       "from 0 (off) to 1000000", exit_code=2)
+    if not args.replica and (args.advertise is not None or args.lease_ttl != LEASE_TTL_S):
         raise CliError("--lease-ttl and --advertise are settings of --replica", exit_code=2)
-    if not 0.5 <= args.lease_ttl <= 600:
-        raise CliError(f"--lease-ttl {args.lease_ttl:g}: expected seconds from 0.5 to 600",
-                       exit_code=2)
+    check_lease_ttl(args.lease_ttl)
     replica = (ReplicaSettings(lease_ttl_s=args.lease_ttl, advertise_address=args.advertise)
                if args.replica else None)
     _load_apps(args.app)
@@ -405,7 +411,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  tls_dir=args.tls, client_ca=args.client_ca,
                                  insecure=args.insecure, security=_security_settings(args),
                                  event_sinks=tuple(args.events), http_port=args.http_port,
-                                 retry_after_max_s=args.retry_after_max, replica=replica)
+                                 retry_after_max_s=args.retry_after_max,
+                                 checkin_pace_per_s=args.checkin_pace, replica=replica)
     # the coordinator's imports (torch) once flags are good
     from coordinator.app import LeadershipLost, serve
 

@@ -43,6 +43,7 @@ def test_a_replica_needs_a_shared_database(
 @pytest.mark.parametrize(("flags", "message"), [
     (["--replicas", "0"], "--replicas 0: expected 1 to 16"),
     (["--replicas", "3", "--port", "65535"], "--port 65535: the 3 replicas need ports up to"),
+    (["--lease-ttl", "0.1"], "--lease-ttl 0.1: expected seconds from 0.5 to 600"),
 ])
 def test_cluster_up_refuses_what_cannot_start(
         flags: list[str], message: str, tmp_path: Path,
