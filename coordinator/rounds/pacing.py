@@ -26,7 +26,22 @@ the window closes, unpaced (it may be drawn), and only its return is booked
 (:meth:`CheckInPacer.book`), so the answers after it leave room for it; the draw is uniform
 over the distinct devices the window saw, as before. Pacing only decides how many devices a
 window sees (about ``rate_per_s * selection_window_s`` once the population is large), which
-the draw records (:class:`core.sampling.CohortDraw`) and the DP accountant reads.
+the draw records (:class:`core.sampling.CohortDraw`) and the DP accountant reads. So a task
+with privacy sampling must have a window of at least min(population / rate, ``max_s``), in
+which every paced device checks in once: shorter, fixed-size q would rise and Poisson
+cohorts fall short, and the launch refuses it (:func:`coordinator.rounds.launch.check_pace`).
+
+Promises are kept (:meth:`CheckInPacer.promise`): a device that ignores its "come back
+after" and returns early would otherwise be seen in every selection window while the honest
+devices, paced, come back only every ~N / rate seconds (at 10,000 devices a device checking
+in at every window start was drawn ~38 times as often as its share: a poisoning or Sybil
+attacker's gift). So each device's promised return is remembered for as long as it lies in
+the future (at most ``max_s``, the agent's longest wait: it never waits longer, so nothing
+later is ever promised); a device back before it, by more than ``EARLY_TOLERANCE_S``, is
+:meth:`~CheckInPacer.early`, and the caller answers it to come back at that time, without
+offering it to anything. Honest devices (the agent waits what it is told, from the moment
+the answer arrived) are never early. The memory is one entry per device told within the
+horizon, pruned with the calendar.
 
 Not thread-safe (the service's event loop). Time is passed in.
 """
@@ -36,11 +51,16 @@ from __future__ import annotations
 import math
 import random
 
-__all__ = ["PACE_MAX_S", "CheckInPacer"]
+__all__ = ["EARLY_TOLERANCE_S", "PACE_MAX_S", "CheckInPacer"]
 
 #: The longest wait pacing asks of a device: the device agent waits at most this long
 #: before it checks in again, whatever it is told.
 PACE_MAX_S = 60.0
+
+#: A device back this much before its promised return is still on time (the agent's wait
+#: starts when the answer arrives, so an honest device is late, never early; this allows for
+#: the answer's milliseconds being rounded down and a little clock drift).
+EARLY_TOLERANCE_S = 0.5
 
 
 class CheckInPacer:
@@ -55,13 +75,16 @@ class CheckInPacer:
                  rng: random.Random | None = None) -> None:
         if not (rate_per_s >= 0 and math.isfinite(rate_per_s)):
             raise ValueError(f"rate_per_s must be a finite number >= 0, got {rate_per_s!r}")
-        if not max_s >= 1:
-            raise ValueError(f"max_s must be at least 1 second, got {max_s!r}")
+        if not 1 <= max_s <= PACE_MAX_S:
+            raise ValueError(f"max_s must be from 1 to {PACE_MAX_S:g} seconds (the device "
+                             f"agent waits no longer), got {max_s!r}")
         self.rate_per_s = rate_per_s
         self._max_s = max_s
         self._rng = rng if rng is not None else random.Random()
         #: Returns booked, by whole second since the epoch.
         self._booked: dict[int, float] = {}
+        #: Each device's promised return, while it is in the future (pruned with the seconds).
+        self._promised: dict[str, float] = {}
         self._pruned = 0
 
     def come_back_at(self, now: float, earliest: float) -> float:
@@ -74,7 +97,7 @@ class CheckInPacer:
         first = math.floor(earliest)
         last = math.floor(now + self._max_s)
         for second in range(first, last + 1):
-            if self._booked.get(second, 0.0) < self.rate_per_s:
+            if self._booked.get(second, 0.0) < self._room(second):
                 self._booked[second] = self._booked.get(second, 0.0) + 1
                 if second == first:
                     return earliest
@@ -94,11 +117,49 @@ class CheckInPacer:
         start = math.floor(now)
         return sum(self._booked.get(s, 0.0) for s in range(start, start + math.ceil(seconds)))
 
+    def promise(self, device_id: str, now: float, at: float) -> None:
+        """Remembers that ``device_id``, answered at ``now``, was told to come back at ``at``
+        (capped at ``now + max_s``: the agent never waits longer). A later answer replaces
+        it. Only while pacing is on: with a rate of 0 nothing is remembered."""
+        if self.rate_per_s <= 0:
+            return
+        self._prune(now)
+        at = min(at, now + self._max_s)
+        if at > now + EARLY_TOLERANCE_S:
+            self._promised[device_id] = at
+        else:
+            self._promised.pop(device_id, None)
+
+    def forget(self, device_id: str) -> None:
+        """Drops ``device_id``'s promise (it was seated: it is answered at once from then)."""
+        self._promised.pop(device_id, None)
+
+    def early(self, device_id: str, now: float) -> float | None:
+        """The return ``device_id`` was promised, when it is back before it (by more than
+        ``EARLY_TOLERANCE_S``); None when it is on time or was promised nothing."""
+        at = self._promised.get(device_id)
+        if at is None or now >= at - EARLY_TOLERANCE_S:
+            return None
+        return at
+
+    def promises(self) -> int:
+        """Promises remembered (devices told within the horizon, not yet due)."""
+        return len(self._promised)
+
+    def _room(self, second: int) -> int:
+        """Returns second ``second`` may hold: ``rate_per_s`` on average, exactly, for any
+        rate (floor(rate x (s + 1)) - floor(rate x s): 0.5/s is one every other second, 2.5/s
+        is 2, 3, 2, 3, ...; a fractional rate is never rounded up)."""
+        return math.floor(self.rate_per_s * (second + 1)) - math.floor(self.rate_per_s * second)
+
     def _prune(self, now: float) -> None:
-        """Forgets the seconds gone by (every few seconds, not every call)."""
+        """Forgets the seconds gone by and the promises due (every few seconds, not every
+        call)."""
         second = math.floor(now)
         if second - self._pruned < 8:
             return
         self._pruned = second
         for old in [s for s in self._booked if s < second]:
             del self._booked[old]
+        for device in [d for d, at in self._promised.items() if at < now]:
+            del self._promised[device]

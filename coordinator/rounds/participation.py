@@ -8,6 +8,7 @@ Not thread-safe (the service's event loop). Time comes from the injected clock.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import math
@@ -94,9 +95,12 @@ class Participants:
         self._jitter = random.Random(rng.getrandbits(64))
         self._settings = settings
         #: Spreads the "come back after" answers over time (pace steering).
-        self._pacer = CheckInPacer(settings.checkin_pace_per_s,
-                                   max_s=max(PACE_MAX_S, settings.retry_after_max_s),
+        #: Its horizon is the agent's longest wait: a return promised later would be early.
+        self._pacer = CheckInPacer(settings.checkin_pace_per_s, max_s=PACE_MAX_S,
                                    rng=self._jitter)
+        #: When the last :meth:`_retry` was moved later by pacing, the time it was moved to
+        #: (None: it kept the rules' time); :meth:`check_in` reads it as the promise.
+        self._paced_to: float | None = None
         #: Per open round (by round id), the strata its seated devices declared
         #: (:meth:`_keep_stratum`); only experiments with per-stratum splits keep any.
         self._strata: dict[int, dict[str, str]] = {}
@@ -110,15 +114,41 @@ class Participants:
         launch checks, and never offers it a task it ``declined``. ``stratum``: the device's
         declared stratum; kept with its seat in an experiment with per-stratum splits (the
         split its report is checked against and counted under), in memory only and for
-        the round only. Raises InvalidRequest for a bad device id or stratum."""
+        the round only. Raises InvalidRequest for a bad device id or stratum.
+
+        With pacing on, a "come back after" that pacing moved later than the rules asked is
+        remembered as the device's promised return (:meth:`CheckInPacer.promise`; answers
+        the rules gave unchanged promise nothing, so a population under the pace sees no
+        difference). A device back before it
+        (:meth:`CheckInPacer.early`) is offered to nothing (no selection window, late
+        admission or FedBuff seat: it is told to come back at its promised time), any other
+        answer it gets waits at least until then, and it is promised nothing new: a device
+        ignoring its answers is seen no more often than the honest ones, and cannot trade
+        its promise for a shorter one. A device already seated is answered as usual (its
+        seat is its own). The device id is the one the transport authenticated (its key's
+        proof), so no caller can move another device's promise."""
         _check_device_id(device_id)
         if stratum is not None:
             problem = stratum_problem(stratum)
             if problem is not None:
                 raise InvalidRequest(f"stratum: {problem}")
-        result = self._check_in(device_id, attrs, task_id, schema=schema, declined=declined)
+        now = self._clock.now()
+        early = self._pacer.early(device_id, now)
+        self._paced_to = None
+        result = self._check_in(device_id, attrs, task_id, schema=schema, declined=declined,
+                                early=early)
         if result.outcome is CheckInOutcome.ACCEPTED and stratum is not None:
             self._keep_stratum(result.task_id, device_id, stratum)
+        if early is None:
+            if self._paced_to is not None:
+                self._pacer.promise(device_id, now, self._paced_to)
+            else:
+                self._pacer.forget(device_id)
+        elif result.outcome is CheckInOutcome.ACCEPTED:
+            self._pacer.forget(device_id)
+        elif result.outcome in (CheckInOutcome.RETRY_LATER, CheckInOutcome.NO_TASK) \
+                and result.retry_after_s < early - now:
+            result = dataclasses.replace(result, retry_after_s=early - now)
         return result
 
     def _keep_stratum(self, task_id: str, device_id: str, stratum: str) -> None:
@@ -144,7 +174,8 @@ class Participants:
         return self._strata.get(rnd.round_id, {}).get(device_id)
 
     def _check_in(self, device_id: str, attrs: DeviceAttributes, task_id: str | None, *,
-                  schema: DataSchema | None, declined: frozenset[str]) -> CheckInResult:
+                  schema: DataSchema | None, declined: frozenset[str],
+                  early: float | None) -> CheckInResult:
         now = self._clock.now()
         limits = self._settings
         if schema is not None:
@@ -193,6 +224,8 @@ class Participants:
             return self._retry(CheckInOutcome.RETRY_LATER, limits.retry_after_min_s,
                                "no round is open; come back soon", task.task_id)
         seat = rnd.seats.get(device_id)
+        if seat is None and early is not None:
+            return self._early(task, early, now)
         if task.fedbuff is not None:
             return self._check_in_async(task, rnd, task.fedbuff, device_id, seat, now)
         if seat is not None:
@@ -592,6 +625,15 @@ class Participants:
             raise InvalidRequest(f"task {shown(p.task_id)} does not use secure aggregation")
         return task, rnd, rnd.secure
 
+    @staticmethod
+    def _early(task: RunningTask, promised: float, now: float) -> CheckInResult:
+        """The answer to a device back before its promised return: offered to nothing, it
+        is told that time again (pace steering; :meth:`check_in`)."""
+        return CheckInResult(
+            CheckInOutcome.RETRY_LATER, task_id=task.task_id, retry_after_s=promised - now,
+            message=f"this device was told to come back later; it is {promised - now:.1f} s "
+                    "early, and is offered no seat before then")
+
     def _accepted(self, task: RunningTask, rnd: OpenRound, seat: Seat) -> CheckInResult:
         return CheckInResult(
             CheckInOutcome.ACCEPTED, task_id=task.task_id, round_number=rnd.round_number,
@@ -634,7 +676,10 @@ class Participants:
         after = min(max(after_s, lo), hi) * self._jitter.uniform(1.0, 1.2)
         if paced:
             now = self._clock.now()
-            after = max(after, self._pacer.come_back_at(now, now + after) - now)
+            at = self._pacer.come_back_at(now, now + after)
+            if at > now + after:
+                self._paced_to = at
+                after = at - now
         return CheckInResult(outcome, task_id=task_id, retry_after_s=after, message=message)
 
 

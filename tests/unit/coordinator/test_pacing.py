@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from coordinator.rounds.clock import ManualClock
-from coordinator.rounds.pacing import PACE_MAX_S, CheckInPacer
+from coordinator.rounds.pacing import EARLY_TOLERANCE_S, PACE_MAX_S, CheckInPacer
 from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, InMemoryStore
@@ -129,3 +129,44 @@ def test_without_pace_the_answers_stay_within_the_bound(tmp_path: Path) -> None:
     service.tick()
     answers = [service.check_in(d, DeviceAttributes(), task_id) for d in devices]
     assert max(r.retry_after_s for r in answers) <= 5.0 * 1.2
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3, 2.5, 7.25])
+def test_a_fractional_rate_is_kept_exactly_never_rounded_up(rate: float) -> None:
+    pacer = CheckInPacer(rate, rng=random.Random(5))
+    returns = np.array([pacer.come_back_at(NOW, NOW + 1.0) for _ in range(int(rate * 50))])
+    # Over the 50 s they fill, the returns come at the rate, at most one second's rounding
+    # off: 0.5/s is one every other second, not one a second.
+    span = returns.max() - NOW
+    assert 50 - 2 <= span <= 50 + 2
+    per_second = np.bincount((returns - NOW).astype(int))
+    assert per_second.max() <= np.ceil(rate)
+    assert max(per_second[i:i + 10].sum() for i in range(0, 40)) <= rate * 10 + 1
+
+
+def test_the_horizon_is_the_agents_longest_wait() -> None:
+    with pytest.raises(ValueError, match="max_s"):
+        CheckInPacer(10.0, max_s=PACE_MAX_S + 1)
+    pacer = CheckInPacer(10.0, rng=random.Random(6))
+    pacer.promise("d", NOW, NOW + 600.0)
+    # A promise past the agent's longest wait is kept as that wait: it comes back then.
+    assert pacer.early("d", NOW + PACE_MAX_S - EARLY_TOLERANCE_S) is None
+    assert pacer.early("d", NOW + 30.0) == NOW + PACE_MAX_S
+
+
+def test_promises_are_remembered_only_while_they_are_due() -> None:
+    pacer = CheckInPacer(10.0, rng=random.Random(7))
+    for i in range(1000):
+        pacer.promise(f"d{i}", NOW, NOW + 1.0 + i * 0.05)
+    assert pacer.promises() == 1000
+    assert pacer.early("d999", NOW + 40.0) == pytest.approx(NOW + 1.0 + 999 * 0.05)
+    assert pacer.early("d0", NOW + 1.0 - EARLY_TOLERANCE_S) is None
+    pacer.forget("d999")
+    assert pacer.early("d999", NOW + 40.0) is None
+    # Pruned with the calendar's seconds: past ones are forgotten.
+    pacer.come_back_at(NOW + 30.0, NOW + 31.0)
+    assert pacer.promises() == sum(1 for i in range(999) if 1.0 + i * 0.05 >= 30.0)
+    # With pacing off nothing is remembered.
+    off = CheckInPacer(0.0)
+    off.promise("d", NOW, NOW + 10.0)
+    assert off.promises() == 0 and off.early("d", NOW) is None
