@@ -20,6 +20,19 @@ The rules:
 * when no device of the population has reported yet, the launch proceeds unchecked, and the
   lines say so.
 
+Pace steering and privacy sampling (:func:`check_pace`): with check-in pacing on
+(:mod:`coordinator.rounds.pacing`), a device returns about every population / pace seconds
+(at most 60 s), so a selection window of ``selection_window_s`` sees about
+``pace x selection_window_s`` devices. Selection stays what the accountant assumes either
+way (the draw records the devices seen, :class:`core.sampling.CohortDraw`), but a DP task
+whose window sees a fraction of its population is worse off: fixed-size sampling's q =
+cohort / min(population, seen) rises (its budget is spent faster), and Poisson's cohorts are
+p x seen, a fraction of the target (its rounds miss their goal). So a task with privacy
+sampling whose window is shorter than min(population / pace, 60 s) is refused at launch,
+naming the window that works and the pace that would. (The alternative, not pacing its
+devices away from its windows, would herd the whole population into each window: the load
+pacing exists to avoid, and the next window's opening is not known while a round trains.)
+
 torch is imported here only when a check runs (the model is built by the caller's
 :func:`core.models.initial_state` path and again here).
 """
@@ -31,6 +44,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from coordinator.rounds.errors import DataMismatch, InvalidRequest, shown
+from coordinator.rounds.pacing import PACE_MAX_S
 from coordinator.rounds.schemas import SchemaCount, describe_schema
 from core.errors import CoreError
 from core.types import DataSchema, TaskSpec
@@ -121,6 +135,39 @@ def check_launch(spec: TaskSpec, params: Mapping[str, np.ndarray],
             f"those devices will decline the task ({problem})"
         lines.append(f"population {shown(population)} reported {count.describe()}: {verdict}")
     return lines
+
+
+def check_pace(spec: TaskSpec, *, pace_per_s: float) -> str | None:
+    """Checks that ``spec``'s selection window sees its DP population at the coordinator's
+    check-in pace (``pace_per_s``; 0: pacing off): a task with privacy sampling (central or
+    distributed DP: ``privacy.population``) needs ``selection_window_s`` of at least
+    min(population / pace, 60 s), the time in which every paced device checks in once.
+    Returns the launch line saying so; None for a task without privacy sampling or with
+    pacing off.
+
+    Raises:
+        InvalidRequest: the window is shorter; the message names the window and the pace
+            that would do.
+    """
+    privacy = spec.privacy
+    if pace_per_s <= 0 or privacy is None or privacy.population is None:
+        return None
+    population = privacy.population
+    needed_s = min(population / pace_per_s, PACE_MAX_S)
+    window_s = spec.selection_window_s
+    if window_s < needed_s:
+        raise InvalidRequest(
+            f"spec.selection_window_s: task {shown(spec.name)} samples its cohorts from a "
+            f"population of {population:,} devices ({privacy.sampling.value} sampling), but "
+            f"at this coordinator's check-in pace of {pace_per_s:g}/s a {window_s:g} s "
+            f"selection window sees only about {pace_per_s * window_s:,.0f} of them (fixed "
+            f"size: q rises and the privacy budget is spent faster; Poisson: cohorts fall "
+            f"short of the target); set selection_window_s to at least {needed_s:.3g} s, or "
+            f"start the coordinator with --checkin-pace of at least "
+            f"{population / window_s:.3g}")
+    return (f"privacy sampling: a {window_s:g} s selection window sees the population of "
+            f"{population:,} at the check-in pace of {pace_per_s:g}/s (it needs "
+            f"{needed_s:.3g} s)")
 
 
 def describe_params(architecture: str, params: Mapping[str, np.ndarray]) -> str:

@@ -22,6 +22,7 @@ from the injected clock; randomness from the injected ``random.Random``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections.abc import Callable, Iterator, Mapping
 
@@ -33,6 +34,7 @@ from coordinator.rounds.clock import Clock
 from coordinator.rounds.commits import CommitWorker, InlineCommits, ThreadCommits
 from coordinator.rounds.errors import CoordinatorError
 from coordinator.rounds.evaluation import ServerEvaluator
+from coordinator.rounds.launch import check_pace
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.participation import Participants
 from coordinator.rounds.round_machine import RoundMachine
@@ -191,8 +193,14 @@ class CoordinatorService:
 
     def create_task(self, spec: TaskSpec) -> TaskView:
         """Checks and starts a task; the view's ``launch_checks`` say what was checked.
-        Raises InvalidRequest or DataMismatch (see :meth:`Tasks.create`)."""
-        return self._tasks.create(spec, self._clock.now())
+        Raises InvalidRequest or DataMismatch (see :meth:`Tasks.create`), or InvalidRequest
+        for a DP task whose selection window cannot see its population at the check-in
+        pace (:func:`~coordinator.rounds.launch.check_pace`)."""
+        paced = check_pace(spec, pace_per_s=self.settings.checkin_pace_per_s)
+        view = self._tasks.create(spec, self._clock.now())
+        if paced is None:
+            return view
+        return dataclasses.replace(view, launch_checks=(*view.launch_checks, paced))
 
     def get_task(self, task_id: str) -> TaskView:
         return self._tasks.view(task_id)
