@@ -181,12 +181,7 @@ def make_trainer(kind: EngineKind, spec: ModelSpec, table: DeviceTable, local: L
     loss = model_hooks(spec.architecture).loss
     sgd = local.optimizer is LocalOptimizerKind.SGD
     flat = table.x.dim() == 2
-    if kind is EngineKind.AUTO:
-        if not sgd or loss is not None or list(model.buffers()):
-            kind = EngineKind.LOOP
-        else:
-            kind = (EngineKind.BMM if flat and mlp_layers(model) is not None
-                    else EngineKind.VMAP)
+    kind = _resolve(kind, model, spec, table, local)
     if kind is EngineKind.LOOP:
         return LoopTrainer(model, table, local, objective, loss=loss)
     if not sgd:
@@ -202,6 +197,29 @@ def make_trainer(kind: EngineKind, spec: ModelSpec, table: DeviceTable, local: L
                              f"not {spec.architecture!r}")
         return BmmTrainer(layers, table, local, objective, threads=threads)
     return VectorizedTrainer(_vmap_kernel(model), table, local, objective)
+
+
+def resolve_kind(kind: EngineKind, spec: ModelSpec, table: DeviceTable,
+                 local: LocalTraining) -> EngineKind:
+    """The trainer :func:`make_trainer` builds for ``kind`` (``auto`` resolved)."""
+    return _resolve(kind, build_model(spec), spec, table, local)
+
+
+def _resolve(kind: EngineKind, model: nn.Module, spec: ModelSpec, table: DeviceTable,
+             local: LocalTraining) -> EngineKind:
+    if kind is not EngineKind.AUTO:
+        return kind
+    if (local.optimizer is not LocalOptimizerKind.SGD
+            or model_hooks(spec.architecture).loss is not None or list(model.buffers())):
+        return EngineKind.LOOP
+    flat = table.x.dim() == 2
+    return EngineKind.BMM if flat and mlp_layers(model) is not None else EngineKind.VMAP
+
+
+def lock_step_devices(param_bytes: int) -> int:
+    """Devices the ``bmm`` trainer steps together (one thread): as many as keep their
+    ``param_bytes`` of weights each in cache, at least one."""
+    return max(1, _GROUP_PARAM_BYTES // max(param_bytes, 1))
 
 
 def mlp_layers(model: nn.Module) -> list[tuple[str, str]] | None:
@@ -463,7 +481,7 @@ class BmmTrainer:
         """Consecutive runs of ``order``; with several threads, at least ``2 x threads``
         groups so that the long ones (first) overlap with the rest."""
         per_device = sum(p.numel() * p.element_size() for p in global_params.values())
-        size = max(1, _GROUP_PARAM_BYTES // max(per_device, 1))
+        size = lock_step_devices(per_device)
         if self._threads > 1:
             size = min(size, max(1, math.ceil(len(order) / (2 * self._threads))))
         return [order[i:i + size] for i in range(0, len(order), size)]

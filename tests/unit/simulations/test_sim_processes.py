@@ -185,3 +185,21 @@ def test_workers_forked_after_this_process_ran_threaded_torch_ops_train(make_fed
         torch.set_num_threads(before)
     for name in params:
         torch.testing.assert_close(got.params[name], expected.params[name], rtol=0, atol=0)
+
+
+def test_a_model_trained_one_device_at_a_time_is_split_by_its_steps_alone(make_federation) -> None:  # type: ignore[no-untyped-def]
+    """The lock-step term charges a worker its longest device once more; where the bmm
+    trainer's groups hold one device (weights past 4 MiB) there is no lock step, and the
+    term only left the giant's worker idle."""
+    from simulations.cohort import lock_step_devices
+    from simulations.cohort_split import LOCK_STEP_OVERHEAD
+    from simulations.process_backend import _lock_step_overhead
+
+    table = DeviceTable(make_federation(SIZES, features=60, classes=10))
+    big = ModelSpec("mlp", {"input_dim": 60, "hidden": [1000, 1000], "num_classes": 10})
+    small = ModelSpec("mlp", {"input_dim": 60, "hidden": [200, 200], "num_classes": 10})
+    assert lock_step_devices(4_288_040) == 1 and lock_step_devices(217_640) == 19
+    assert _lock_step_overhead(EngineKind.AUTO, big, table, LOCAL) == 0.0
+    assert _lock_step_overhead(EngineKind.AUTO, small, table, LOCAL) == LOCK_STEP_OVERHEAD
+    assert _lock_step_overhead(EngineKind.VMAP, big, table, LOCAL) == LOCK_STEP_OVERHEAD
+    assert _lock_step_overhead(EngineKind.LOOP, small, table, LOCAL) == 0.0
