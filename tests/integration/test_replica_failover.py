@@ -312,3 +312,44 @@ def test_a_leader_that_lost_its_lease_exits_saying_why(tmp_path: Path) -> None:
     assert code == 1
     assert ("coordinator: this replica stopped leading: the leader lease (epoch 1) has passed "
             "to another replica") in replica.log.read_text()
+
+
+def test_replicas_that_cannot_recover_once_elected_stop_the_cluster_instead_of_flapping(
+        tmp_path: Path) -> None:
+    """A running task's model file is gone: every replica elected fails its recovery. Each
+    releases the lease and exits 3 saying why, and `fedctl cluster up` stops after three
+    such exits in a row (before: each took the lease, failed and was restarted, for ever)."""
+    directory = tmp_path / "c"
+    port = _consecutive_free_ports(1)
+    out = tmp_path / "cluster.out"
+    cluster = subprocess.Popen(
+        [*FEDCTL, "cluster", "up", "--replicas", "1", "--dir", str(directory),
+         "--port", str(port), "--lease-ttl", "1"],
+        stdout=open(out, "wb"), stderr=subprocess.STDOUT, env=ENV)  # noqa: SIM115
+    try:
+        deadline = time.monotonic() + 180
+        while "replica 0 leads" not in out.read_text(errors="replace"):
+            assert cluster.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        started = re.search(r"replica 0: \S+ pid (\d+)", out.read_text())
+        assert started is not None
+        pid = int(started.group(1))
+        from core.taskspec import load_task_file
+
+        token = (directory / "admin.token").read_text().strip()
+        with AdminClient(f"127.0.0.1:{port}", token=token) as admin:
+            admin.create_task(load_task_file(write_task(tmp_path / "t.yaml")))
+        os.kill(pid, signal.SIGKILL)
+        for model in (directory / "store").rglob("*.safetensors"):
+            model.unlink()
+
+        code = cluster.wait(timeout=240)
+    finally:
+        if cluster.poll() is None:
+            cluster.send_signal(signal.SIGINT)
+            cluster.wait(timeout=60)
+    text = out.read_text()
+    assert code == 1, text
+    assert "exited with 3 (elected, it could not take over)" in text
+    assert "fails to take over once elected, 3 times in a row" in text
+    assert "recovering the tasks failed" in (directory / "replica-0.log").read_text()
