@@ -150,12 +150,18 @@ def _pss_bytes(pid: int) -> int:
 
 class TreeMemory:
     """Peak PSS and peak summed RSS of this process and all its descendants, sampled every
-    ``interval_s`` seconds in a daemon thread from :meth:`start` on."""
+    ``interval_s`` seconds in a daemon thread from :meth:`start` on, or less often where a
+    sample takes longer than ``max_share`` of the interval: reading smaps_rollup walks a
+    process's page tables, ~5-11 ms a process for forked workers that share a 1 GB parent
+    (2-3 ms spawned), so sampling every 50 ms took up to 40% of a core from the run it
+    measured, on the same pinned cores."""
 
-    def __init__(self, interval_s: float = 0.05) -> None:
+    def __init__(self, interval_s: float = 0.05, max_share: float = 0.05) -> None:
         self.peak_pss = 0
         self.peak_rss = 0
+        self.samples = 0
         self._interval_s = interval_s
+        self._max_share = max_share
         self._stop = threading.Event()
 
     def start(self) -> TreeMemory:
@@ -164,7 +170,9 @@ class TreeMemory:
         me = psutil.Process(os.getpid())
 
         def sample() -> None:
-            while not self._stop.wait(self._interval_s):
+            wait = self._interval_s
+            while not self._stop.wait(wait):
+                began = time.perf_counter()
                 try:
                     tree = [me, *me.children(recursive=True)]
                 except psutil.Error:
@@ -178,6 +186,9 @@ class TreeMemory:
                         pass
                 self.peak_pss = max(self.peak_pss, pss)
                 self.peak_rss = max(self.peak_rss, rss)
+                self.samples += 1
+                took = time.perf_counter() - began
+                wait = max(self._interval_s, took / self._max_share - took)
 
         threading.Thread(target=sample, daemon=True).start()
         return self
@@ -185,7 +196,8 @@ class TreeMemory:
     def stop(self) -> dict[str, float]:
         self._stop.set()
         return {"peak_pss_mb": round(self.peak_pss / 2**20, 1),
-                "peak_rss_sum_mb": round(self.peak_rss / 2**20, 1)}
+                "peak_rss_sum_mb": round(self.peak_rss / 2**20, 1),
+                "memory_samples": self.samples}
 
 
 @dataclass
@@ -671,6 +683,7 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
     and of ``per_core_vs_sequential``; with the load
     averages of lines ``{"load": "1m 5m 15m"}`` found among them."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    floors: dict[str, list[dict[str, Any]]] = {}
     loads: list[float] = []
     for path in paths:
         for text in Path(path).read_text().splitlines():
@@ -679,6 +692,8 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
             row = json.loads(text)
             if "load" in row:
                 loads.append(float(row["load"].split()[0]))
+            if row.get("benchmark") == "simulation_floor":
+                floors.setdefault(row["model"], []).append(row)
             if row.get("benchmark") != "simulation" or "round_s" not in row:
                 continue
             steady = row["round_s"][1:]
@@ -708,6 +723,16 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
                               "min": min(values), "max": max(values)}
         if loads:
             line["load_1m"] = {"min": min(loads), "max": max(loads)}
+        out.append(line)
+    for model, rows in floors.items():
+        line = {"benchmark": "simulation_floor_summary", "model": model, "runs": len(rows)}
+        for name in ("plain_step_ms", "gemm_only_ms", "hand_step_ms_1_stacked",
+                     "hand_step_ms_16_stacked", "plain_step_over_gemm_only",
+                     "plain_step_over_best_hand_step", "matmul_gflops_1_thread_2048"):
+            values = [r[name] for r in rows if r.get(name) is not None]
+            if values:
+                line[name] = {"median": round(float(np.median(values)), 4),
+                              "min": min(values), "max": max(values)}
         out.append(line)
     return out
 
