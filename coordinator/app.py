@@ -210,8 +210,8 @@ class Coordinator:
                 # being cancelled (gRPC's default: at random past 1,000, all past 3,000): a device
                 # then waits for its answer (a paced "come back after") instead of retrying in a
                 # storm that never ends (issue 17: 170,000 such at 10,000 devices).
-                ("grpc.server.max_pending_requests", 1 << 16),
-                ("grpc.server.max_pending_requests_hard_limit", 1 << 16),
+                ("grpc.server.max_pending_requests", 1 << 14),
+                ("grpc.server.max_pending_requests_hard_limit", 1 << 14),
             ]
         )
         # Per-method request limits, checked before parsing (coordinator.transport.handlers).
