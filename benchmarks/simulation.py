@@ -565,7 +565,8 @@ def floor(model: str, devices: int = 1000) -> dict[str, Any]:
 def _run_child(engine: str, model: str, cores: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--engines", engine,
            "--models", model, "--rounds", str(args.rounds), "--cores", str(cores),
-           "--devices", str(args.devices), "--per-round", str(args.per_round)]
+           "--devices", str(args.devices), "--per-round", str(args.per_round),
+           *(["--no-pss"] if args.no_pss else [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     log_path = Path(args.log_dir) / f"simulation-{engine}-{model}-{cores}cores.log"
@@ -616,7 +617,9 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 def _child(args: argparse.Namespace) -> None:
     global _CHILD_STARTED
-    memory = TreeMemory().start()  # from the start: data loading and workers' start-up count
+    # From the start: data loading and workers' start-up count. --no-pss: none (reading
+    # smaps_rollup stalls the process read, the more so the more it shares).
+    memory = TreeMemory() if args.no_pss else TreeMemory().start()
     engine, model, cores = args.engines, args.models, args.cores
     head: dict[str, Any] = {"benchmark": "simulation", "engine": engine,
                             "engine_version": engine_version(engine), "model": model,
@@ -754,6 +757,9 @@ def main() -> None:
                         help="hard limit in seconds for each (engine, model, cores) child")
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp"),
                         help="where each child's stderr goes")
+    parser.add_argument("--no-pss", action="store_true",
+                        help="no PSS sampling (speed runs: a sample stalls the processes it "
+                             "reads, forked ones more than spawned ones)")
     parser.add_argument("--skip", default="",
                         help="comma list of engine:cores runs to leave out, e.g. ours:1")
     parser.add_argument("--floor", action="store_true",
