@@ -642,7 +642,8 @@ def _child(args: argparse.Namespace) -> None:
     except EngineSkipped as e:
         print(json.dumps({**head, "skipped": str(e)}), flush=True)
         return
-    print(json.dumps({**head, **measure.summary(workload), **memory.stop(),
+    sampled = {} if args.no_pss else memory.stop()  # no PSS samples: no PSS figures
+    print(json.dumps({**head, **measure.summary(workload), **sampled,
                       "final_accuracy": round(accuracy, 4)}), flush=True)
 
 
