@@ -179,9 +179,19 @@ def test_the_standby_takes_over_a_killed_leader_without_losing_or_repeating_a_ve
         from core.taskspec import load_task_file
 
         spec = load_task_file(task_file)
-        with standby.admin() as admin, pytest.raises(AdminError) as refused:
-            admin.create_task(spec)
-        assert refused.value.code == "UNAVAILABLE" and leader.target in str(refused.value)
+        # The standby refuses changes; once it has seen the lease (its first poll may come
+        # after the leader's election), its refusal names the leader.
+        deadline = time.monotonic() + 15
+        while True:
+            with standby.admin() as admin, pytest.raises(AdminError) as refused:
+                admin.create_task(spec)
+            assert refused.value.code == "UNAVAILABLE", str(refused.value)
+            if leader.target in str(refused.value):
+                break
+            assert "no leader is known yet" in str(refused.value), str(refused.value)
+            assert time.monotonic() < deadline, f"the standby never named the leader: " \
+                                                f"{refused.value}"
+            time.sleep(0.1)
         with leader.admin() as admin:
             task_id = admin.create_task(spec).task_id
         # The standby first: the agent moves on to the leader when it is refused.

@@ -75,9 +75,12 @@ class Federation:
     def __init__(self, tmp_path: Path, seed: int = 0) -> None:
         self.clock = ManualClock()
         self.store = InMemoryStore()
+        # Check-in pacing off: every device of the population checks in within one window
+        # here (the selection math under test), as at a coordinator whose pace carries them.
         self.service = CoordinatorService(
             self.store, FileBlobStore(tmp_path / "blobs"), self.clock, rng=random.Random(seed),
-            noise=NoiseSource.seeded(seed), settings=CoordinatorSettings(allow_seeded_noise=True))
+            noise=NoiseSource.seeded(seed),
+            settings=CoordinatorSettings(allow_seeded_noise=True, checkin_pace_per_s=0))
 
     def select(self, task_id: str, devices: list[str]) -> dict[str, Participation]:
         """One selection window with ``devices`` checking in in this order; the seats."""
