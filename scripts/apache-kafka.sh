@@ -70,27 +70,7 @@ EOF
   flock -u 9
 }
 
-free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-# wait_port PORT SECONDS PID: until something accepts on PORT, or PID died, or time ran out.
-wait_port() {
-  "$py" - "$1" "$2" "$3" <<'EOF'
-import os, socket, sys, time
-port, limit, pid = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-end = time.monotonic() + limit
-while time.monotonic() < end:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        sys.exit(f"process {pid} exited before listening on {port}")
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.05)
-sys.exit(f"nothing listens on 127.0.0.1:{port} after {limit:.0f} s")
-EOF
-}
+. "$(dirname "${BASH_SOURCE[0]}")/broker-processes.sh"
 
 # wait_registered ZKPORT present|absent SECONDS [PID]: until broker 0's ephemeral registration
 # is in ZooKeeper (or gone), asking with ZooKeeper's `dump` command; PID: the broker, which
@@ -119,27 +99,6 @@ while time.monotonic() < end:
     time.sleep(0.1)
 sys.exit(f"broker 0 still {'absent from' if want else 'registered in'} ZooKeeper after {limit:.0f} s")
 EOF
-}
-
-# running PID: the process exists and is not a zombie (a killed process whose parent has gone
-# stays one until init reaps it, which may take a second or two; it holds no port or file).
-running() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [ "${stat:0:1}" != Z ]
-}
-
-alive() { [ -f "$1" ] && running "$(cat "$1")"; }
-
-kill_pidfile() {
-  if alive "$1"; then
-    local pid
-    pid=$(cat "$1")
-    kill -KILL "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do running "$pid" || break; sleep 0.05; done
-  fi
-  rm -f "$1"
 }
 
 java_run() {  # java_run LOG PIDFILE CLASS ARGS...: in the background, small and quick to start

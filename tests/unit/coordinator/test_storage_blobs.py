@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -124,8 +125,13 @@ def test_a_crash_while_writing_a_new_file_leaves_nothing(
     assert files_under(blobs.root) == []
 
 
+@pytest.mark.parametrize("write", [
+    pytest.param(lambda blobs, path: blobs.write(path, b"data"), id="bytes"),
+    pytest.param(lambda blobs, path: blobs.write_file(path, write_large), id="write_file"),
+])
 def test_the_data_is_on_disk_before_the_rename_and_the_rename_after_it(
-    blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+    blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch,
+    write: Callable[[FileBlobStore, str], object],
 ) -> None:
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -142,7 +148,7 @@ def test_the_data_is_on_disk_before_the_rename_and_the_rename_after_it(
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
 
-    blobs.write("tasks/m.bin", b"data")
+    write(blobs, "tasks/m.bin")
 
     assert events == ["fsync-file", "rename", "fsync-dir"]
 
@@ -179,29 +185,6 @@ def test_a_fill_that_fails_keeps_the_old_file_and_leaves_no_stray_file(
 
     assert blobs.read_bytes(MODEL) == b"version 1"
     assert files_under(blobs.root) == [MODEL]
-
-
-def test_write_file_flushes_the_data_before_the_rename_and_the_rename_after_it(
-    blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
-        real_fsync(fd)
-
-    def replace(src: str, dst: str) -> None:
-        events.append("rename")
-        real_replace(src, dst)
-
-    blobs.write("tasks/existing-dir-marker", b"")
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-
-    blobs.write_file("tasks/m.bin", write_large)
-
-    assert events == ["fsync-file", "rename", "fsync-dir"]
 
 
 # -- paths ---------------------------------------------------------------------------------
