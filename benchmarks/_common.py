@@ -160,3 +160,19 @@ class BareServer:
     def __exit__(self, *exc: object) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process ``pid`` has used so far; 0 where it is
+    gone: a process's own cost, whatever else shares the machine's cores."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # utime and stime: fields 14 and 15 of proc(5), 12 and 13 after the ")".
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_load() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded: beside every figure a benchmark prints."""
+    return [round(x, 2) for x in os.getloadavg()]

@@ -53,6 +53,8 @@ from benchmarks._common import (  # noqa: E402
     LIFTED_LIMITS_NOTE,
     BareServer,
     CoordinatorSubprocess,
+    cpu_seconds,
+    machine_load,
 )
 from core.security.identity import DeviceKey  # noqa: E402
 from core.tls import ClientTls  # noqa: E402
@@ -410,19 +412,8 @@ def spread(values: list[float], digits: int = 3) -> dict[str, float]:
             "min": round(min(values), digits), "max": round(max(values), digits)}
 
 
-def machine_load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) process ``pid`` has used so far; 0 where it is
-    gone. The coordinator's own cost of a pass, whatever else shares the machine's cores."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    # utime and stime: fields 14 and 15 of proc(5), 12 and 13 after the ")".
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

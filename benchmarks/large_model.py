@@ -53,7 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks._common import ENV, LIFTED_LIMITS_NOTE, CoordinatorSubprocess  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    ENV,
+    LIFTED_LIMITS_NOTE,
+    CoordinatorSubprocess,
+    cpu_seconds,
+)
 from core.types import API_VERSION, ModelSpec, TaskSpec  # noqa: E402
 from protos.fedcoord.v1 import common_pb2, device_pb2, device_pb2_grpc  # noqa: E402
 
@@ -86,12 +91,6 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class MemorySampler(threading.Thread):

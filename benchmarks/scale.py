@@ -61,6 +61,8 @@ from benchmarks._common import (  # noqa: E402
     ENV,
     LIFTED_LIMITS_NOTE,
     CoordinatorSubprocess,
+    cpu_seconds,
+    machine_load,
 )
 from coordinator.rounds.aggregators import PlainAggregator  # noqa: E402
 from coordinator.settings import CoordinatorSettings  # noqa: E402
@@ -265,17 +267,8 @@ class Sampler(threading.Thread):
         return at(end) - at(start)
 
 
-def machine_load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system, all threads) process ``pid`` has used; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
