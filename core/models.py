@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -207,6 +208,14 @@ def _discover() -> None:
                 _refused.setdefault(name, f"{found.origin}: {exc}")
 
 
+#: Held while a model is constructed: construction draws its weights from torch's global RNG,
+#: and :func:`initial_state`'s seeded draw must not share that stream with another thread's
+#: (a coordinator builds a launch's model off its event loop while its commit thread may
+#: build one for server-side evaluation). Re-entrant: initial_state holds it around
+#: build_model.
+_CONSTRUCTION = threading.RLock()
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Builds the architecture ``spec`` names with its arguments, in training mode.
 
@@ -231,6 +240,13 @@ def build_model(spec: ModelSpec) -> nn.Module:
             f"--app module:attribute or an installed 'fedcoord.models' entry point)"
         )
     arguments = _checked_arguments(spec, architecture)
+    with _CONSTRUCTION:
+        return _construct(spec, architecture, arguments)
+
+
+def _construct(spec: ModelSpec, architecture: _Architecture, arguments: Mapping[str, Any]
+               ) -> nn.Module:
+    """The factory's call (under :data:`_CONSTRUCTION`) and the check of what it returned."""
     if architecture.origin == "built-in":
         return architecture.factory(**arguments)
     try:
@@ -274,13 +290,14 @@ def _checked_arguments(spec: ModelSpec, architecture: _Architecture) -> dict[str
 def initial_state(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     """The initial weights of ``spec``'s model, as :func:`state_to_numpy` returns them.
 
-    Deterministic in (spec, seed); the global torch RNG is forked, so callers' random
-    streams are untouched.
+    Deterministic in (spec, seed), whatever other threads build meanwhile: the seeded draw
+    holds :data:`_CONSTRUCTION`, which every :func:`build_model` takes; the global torch RNG
+    is forked, so callers' random streams are untouched.
 
     Raises:
         ModelSpecError: as :func:`build_model`.
     """
-    with torch.random.fork_rng(devices=[]):
+    with _CONSTRUCTION, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return state_to_numpy(build_model(spec))
 

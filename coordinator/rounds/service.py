@@ -40,7 +40,7 @@ from coordinator.rounds.participation import Participants
 from coordinator.rounds.round_machine import RoundMachine
 from coordinator.rounds.schemas import ReportedSchemas
 from coordinator.rounds.state import RunningTask
-from coordinator.rounds.tasks import Tasks, TaskView
+from coordinator.rounds.tasks import BuiltTask, TaskLaunch, Tasks, TaskView
 from coordinator.rounds.uploads import Upload
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, Store
@@ -195,12 +195,26 @@ class CoordinatorService:
         """Checks and starts a task; the view's ``launch_checks`` say what was checked.
         Raises InvalidRequest or DataMismatch (see :meth:`Tasks.create`), or InvalidRequest
         for a DP task whose selection window cannot see its population at the check-in
-        pace (:func:`~coordinator.rounds.launch.check_pace`)."""
+        pace (:func:`~coordinator.rounds.launch.check_pace`). The three steps of
+        :meth:`launch_task`, :meth:`build_task` and :meth:`register_task` in one go."""
+        return self.register_task(self.build_task(self.launch_task(spec)))
+
+    def launch_task(self, spec: TaskSpec) -> TaskLaunch:
+        """The first step of :meth:`create_task` (on the event loop); raises as it does."""
         paced = check_pace(spec, pace_per_s=self.settings.checkin_pace_per_s)
-        view = self._tasks.create(spec, self._clock.now())
+        launch = self._tasks.launch(spec, self._clock.now())
         if paced is None:
-            return view
-        return dataclasses.replace(view, launch_checks=(*view.launch_checks, paced))
+            return launch
+        return dataclasses.replace(launch, lines=(*launch.lines, paced))
+
+    def build_task(self, launch: TaskLaunch) -> BuiltTask:
+        """The costly step of :meth:`create_task`: thread-safe, so that the event loop need
+        not wait while a large model is built and written (:meth:`Tasks.build`)."""
+        return self._tasks.build(launch)
+
+    def register_task(self, built: BuiltTask) -> TaskView:
+        """The last step of :meth:`create_task` (on the event loop)."""
+        return self._tasks.register(built, self._clock.now())
 
     def get_task(self, task_id: str) -> TaskView:
         return self._tasks.view(task_id)

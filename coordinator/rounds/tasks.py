@@ -2,7 +2,8 @@
 
 The running tasks live in one dict, shared with the round machine, which removes a task when
 it ends. Everything a task record says is read from the store; queries change nothing.
-Not thread-safe (the service's event loop).
+Not thread-safe (the service's event loop), but for :meth:`Tasks.build`, the costly step
+of a launch, which may run on another thread.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from coordinator.rounds.aggregators import metrics_policy_for
 from coordinator.rounds.asynchronous import FedBuff
@@ -23,15 +26,16 @@ from coordinator.rounds.evaluation_tasks import bundle_versions, evaluation_setu
 from coordinator.rounds.launch import check_launch, initial_params
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.round_machine import RoundMachine
-from coordinator.rounds.schemas import ReportedSchemas
-from coordinator.rounds.state import RunningTask, Seat
+from coordinator.rounds.schemas import ReportedSchemas, SchemaCount
+from coordinator.rounds.state import LoadedModel, RunningTask, Seat
 from coordinator.rounds.task_setup import check_supported, secagg_params, task_privacy
 from coordinator.storage import Store
 from coordinator.storage import errors as storage_errors
-from coordinator.storage.records import RoundRecord, TaskRecord
+from coordinator.storage.records import ModelVersionRecord, RoundRecord, TaskRecord
 from core.errors import CoreError, TensorFormatError
-from core.privacy.task import PrivacyStatus, status_of_records
+from core.privacy.task import PrivacyStatus, TaskPrivacy, status_of_records
 from core.protocol import MetricsPolicy
+from core.secagg.params import SecAggParams
 from core.taskspec import spec_from_dict, spec_to_dict
 from core.types import ParticipantState, RoundState, TaskKind, TaskSpec, TaskState
 
@@ -55,6 +59,38 @@ class TaskView:
     launch_checks: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class TaskLaunch:
+    """A task being launched, as :meth:`Tasks.launch` read it on the event loop: its spec
+    (an evaluation task's resolved), the schemas its population reported, and for an
+    evaluation task its bundle (``params``: the bundle's tensors; ``checked_params``: the
+    versions' parameters its model is checked with), header ``metadata`` and launch
+    ``lines``."""
+
+    spec: TaskSpec
+    schemas: Sequence[SchemaCount]
+    window_s: float
+    now: float
+    params: dict[str, np.ndarray] | None = None
+    checked_params: Mapping[str, np.ndarray] | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    lines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BuiltTask:
+    """A launched task's model built, checked and written (:meth:`Tasks.build`), before the
+    task is stored and running."""
+
+    task_id: str
+    spec: TaskSpec
+    record: ModelVersionRecord
+    model: LoadedModel
+    privacy: TaskPrivacy | None
+    secagg: SecAggParams | None
+    checks: tuple[str, ...]
+
+
 class Tasks:
     def __init__(self, store: Store, models: ModelRepository, evaluator: ServerEvaluator,
                  machine: RoundMachine, running: dict[str, RunningTask],
@@ -70,8 +106,8 @@ class Tasks:
 
     def create(self, spec: TaskSpec, now: float) -> TaskView:
         """Checks the spec and its model (:mod:`coordinator.rounds.launch`), writes model
-        version 0 and the task, and opens round 1. The view's ``launch_checks`` say what was
-        checked.
+        version 0 and the task, and opens round 1: :meth:`launch`, :meth:`build` and
+        :meth:`register` in one go. The view's ``launch_checks`` say what was checked.
 
         Raises:
             InvalidRequest: the model cannot be built, does not fit its declared data, or the
@@ -80,33 +116,58 @@ class Tasks:
             DataMismatch: the model or declared data does not fit the data the task's
                 population reported.
         """
-        metadata: dict[str, str] = {}
-        lines: list[str] = []
-        if spec.kind is TaskKind.EVALUATE:
-            bundle = resolve_bundle(spec, self._store, self._models)
-            spec, params, metadata, lines = (bundle.spec, bundle.params, bundle.metadata,
-                                             [bundle.line])
-            checked_params = bundle_versions(bundle)
-        else:
-            params = checked_params = initial_params(spec)
+        return self.register(self.build(self.launch(spec, now)), now)
+
+    def launch(self, spec: TaskSpec, now: float) -> TaskLaunch:
+        """The first step of :meth:`create`, on the event loop: what a launch reads of the
+        coordinator's state (an evaluation task's versions, packed into its bundle; the
+        schemas the population reported). Raises as :meth:`create`."""
+        if spec.kind is not TaskKind.EVALUATE:
+            return TaskLaunch(spec, self._schemas.of(spec.population, now),
+                              self._schemas.window_s, now)
+        bundle = resolve_bundle(spec, self._store, self._models)
+        return TaskLaunch(bundle.spec, self._schemas.of(bundle.spec.population, now),
+                          self._schemas.window_s, now, bundle.params,
+                          bundle_versions(bundle), bundle.metadata, (bundle.line,))
+
+    def build(self, launch: TaskLaunch) -> BuiltTask:
+        """The second step of :meth:`create`, thread-safe (it reads and writes no shared
+        state but the model store's files): the model built and checked, version 0
+        written. The costly part for a large model (a 100M-parameter model takes seconds to
+        build and write), so the admin servicer runs it off the event loop. Raises as
+        :meth:`create`."""
+        spec = launch.spec
+        params = launch.params
+        checked: Mapping[str, np.ndarray]
+        if params is None:
+            params = checked = initial_params(spec)
             if spec.evaluation.server_data:
                 self._evaluator.check(spec)
+        else:
+            checked = launch.checked_params if launch.checked_params is not None else params
         check_supported(spec)
-        checks = [*check_launch(spec, checked_params, self._schemas.of(spec.population, now),
-                                window_s=self._schemas.window_s), *lines]
+        checks = [*check_launch(spec, checked, launch.schemas, window_s=launch.window_s),
+                  *launch.lines]
         privacy = task_privacy(spec, [])
         secagg = secagg_params(spec, privacy)
         task_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
-        record, model = self._models.initial(task_id, params, now, metadata)
+        record, model = self._models.initial(task_id, params, launch.now, launch.metadata)
+        return BuiltTask(task_id, spec, record, model, privacy, secagg, tuple(checks))
+
+    def register(self, built: BuiltTask, now: float) -> TaskView:
+        """The last step of :meth:`create`, on the event loop: the task stored and running,
+        its first round open."""
+        task_id, spec = built.task_id, built.spec
         self._store.create_task(task_id, json.dumps(spec_to_dict(spec), sort_keys=True),
-                                record, now)
-        task = RunningTask(task_id, spec, model, secagg=secagg, privacy=privacy,
-                           declines=self._new_declines(task_id, spec),
+                                built.record, now)
+        task = RunningTask(task_id, spec, built.model, secagg=built.secagg,
+                           privacy=built.privacy, declines=self._new_declines(task_id, spec),
                            fedbuff=FedBuff.for_spec(spec), evaluation=evaluation_setup(spec))
         self._running[task_id] = task
         self._machine.open_next_round(task, now)
-        log.info("created task %s (%s); checked: %s", task_id, spec.name, "; ".join(checks))
-        return replace(self.view(task_id), launch_checks=tuple(checks))
+        log.info("created task %s (%s); checked: %s", task_id, spec.name,
+                 "; ".join(built.checks))
+        return replace(self.view(task_id), launch_checks=built.checks)
 
     def recover(self, now: float) -> None:
         """Loads running tasks after a (re)start; open rounds from before are failed and

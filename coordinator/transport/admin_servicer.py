@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -101,7 +102,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreateTaskRequest, context: Context
     ) -> admin_pb2.CreateTaskResponse:
         check_api_version(request.api_version)
-        view = self._service.create_task(convert.task_spec_from_proto(request.spec))
+        # The model is built, checked and written off the event loop: at 100M parameters
+        # that takes seconds, which every other call would wait out.
+        launch = self._service.launch_task(convert.task_spec_from_proto(request.spec))
+        built = await asyncio.to_thread(self._service.build_task, launch)
+        view = self._service.register_task(built)
         return admin_pb2.CreateTaskResponse(task=task_to_proto(view),
                                             launch_checks=view.launch_checks)
 
