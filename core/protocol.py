@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from core.privacy.spec import LocalDp
 from core.secagg.params import SecAggParams
+from core.shards import SignedTicket
 from core.tensors import TensorInfo
 from core.types import LocalTraining, ModelSpec
 
@@ -110,6 +111,17 @@ class Plan:
     secure_aggregation: SecAggPlan | None = None
     privacy: PlanPrivacy | None = None
     metrics: MetricsPolicy = MetricsPolicy.CLEAR
+    #: Set in a round of a sharded task: the update goes to this aggregator shard, with
+    #: the ticket (:mod:`core.shards`); None: to the coordinator.
+    shard_upload: ShardUpload | None = None
+
+
+@dataclass(frozen=True)
+class ShardUpload:
+    """Where a device's clear update goes in a round of a sharded task."""
+
+    address: str
+    ticket: SignedTicket
 
 
 def config_hash(plan: Plan) -> bytes:
@@ -149,3 +161,5 @@ class UpdateHeader:
     #: across retries: a retried upload gets its first attempt's answer. Empty: an older
     #: client, no idempotency.
     upload_id: str = ""
+    #: An upload to an aggregator shard carries the plan's ticket; None to the coordinator.
+    ticket: SignedTicket | None = None

@@ -6,6 +6,7 @@ naming the field, which transports map to INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -14,10 +15,11 @@ import numpy as np
 
 from core.privacy.spec import LocalDp
 from core.privacy.task import PrivacyStatus
-from core.protocol import MetricsPolicy, PlanPrivacy, SecAggPlan
+from core.protocol import MetricsPolicy, PlanPrivacy, SecAggPlan, ShardUpload
 from core.secagg import messages as sa
 from core.secagg.params import SecAggParams
 from core.security.identity import DeviceProof
+from core.shards import PartialSum, RoundKey, ShardMode, SignedTicket
 from core.taskspec import TaskSpecError, spec_from_dict, spec_to_dict
 from core.tensors import TensorInfo
 from core.types import (
@@ -29,7 +31,7 @@ from core.types import (
     TaskKind,
     TaskSpec,
 )
-from protos.fedcoord.v1 import admin_pb2, common_pb2, device_pb2
+from protos.fedcoord.v1 import admin_pb2, aggregator_pb2, common_pb2, device_pb2
 
 _DTYPES: dict[str, int] = {
     "float32": common_pb2.DTYPE_FLOAT32,
@@ -330,6 +332,74 @@ def plan_parts_from_proto(
             momentum=local.momentum,
         ),
     )
+
+
+# ---------------------------------------------------------------- aggregator shards
+
+
+def ticket_to_proto(ticket: SignedTicket | None) -> device_pb2.UploadTicket | None:
+    return None if ticket is None else device_pb2.UploadTicket(body=ticket.body, mac=ticket.mac)
+
+
+def ticket_from_proto(msg: device_pb2.UploadTicket) -> SignedTicket | None:
+    """None for an absent (empty) ticket."""
+    if not msg.body and not msg.mac:
+        return None
+    return SignedTicket(bytes(msg.body), bytes(msg.mac))
+
+
+def shard_upload_to_proto(upload: ShardUpload | None) -> device_pb2.ShardUpload | None:
+    if upload is None:
+        return None
+    return device_pb2.ShardUpload(address=upload.address,
+                                  ticket=ticket_to_proto(upload.ticket))
+
+
+def shard_upload_from_proto(msg: device_pb2.GetPlanResponse) -> ShardUpload | None:
+    if not msg.HasField("shard_upload"):
+        return None
+    ticket = ticket_from_proto(msg.shard_upload.ticket)
+    if not msg.shard_upload.address or ticket is None:
+        raise WireFormatError("shard_upload: needs an address and a ticket")
+    return ShardUpload(msg.shard_upload.address, ticket)
+
+
+def round_key_to_proto(key: RoundKey) -> aggregator_pb2.ShardRoundKey:
+    return aggregator_pb2.ShardRoundKey(task_id=key.task_id, round_id=key.round_id)
+
+
+def round_key_from_proto(msg: aggregator_pb2.ShardRoundKey) -> RoundKey:
+    return RoundKey(msg.task_id, msg.round_id)
+
+
+def partial_sum_header_to_proto(key: RoundKey, part: PartialSum) -> aggregator_pb2.PartialSumHeader:
+    """The header of a partial sum; the float64 sum's bytes follow it as chunks."""
+    return aggregator_pb2.PartialSumHeader(
+        round=round_key_to_proto(key), mode=part.mode.value, reported=part.reported,
+        weight=part.weight, unclipped=part.unclipped, metric_sums=part.metric_sums,
+        metric_weights=part.metric_weights, values=part.total.size,
+        sha256=hashlib.sha256(part.total.astype("<f8", copy=False).tobytes()).hexdigest())
+
+
+def partial_sum_from_proto(header: aggregator_pb2.PartialSumHeader, data: bytes) -> PartialSum:
+    """A partial sum from its header and the concatenated chunks.
+
+    Raises:
+        WireFormatError: an unknown mode, or chunks that disagree with the header.
+    """
+    try:
+        mode = ShardMode(header.mode)
+    except ValueError:
+        raise WireFormatError(f"partial sum: unknown mode {header.mode!r}") from None
+    if len(data) != 8 * header.values:
+        raise WireFormatError(f"partial sum: {len(data)} bytes for {header.values} float64 "
+                              "values")
+    if hashlib.sha256(data).hexdigest() != header.sha256:
+        raise WireFormatError("partial sum: the chunks' sha256 does not match the header's")
+    total = np.frombuffer(data, dtype="<f8").astype(np.float64)
+    return PartialSum(mode, total, list(header.reported), weight=header.weight,
+                      unclipped=header.unclipped, metric_sums=dict(header.metric_sums),
+                      metric_weights=dict(header.metric_weights))
 
 
 # ---------------------------------------------------------------- differential privacy

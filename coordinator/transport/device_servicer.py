@@ -378,4 +378,5 @@ def _update_header(msg: device_pb2.UpdateHeader) -> UpdateHeader:
         sha256=msg.sha256,
         metrics=dict(msg.metrics),
         upload_id=msg.upload_id,
+        ticket=convert.ticket_from_proto(msg.ticket),
     )

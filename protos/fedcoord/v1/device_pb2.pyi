@@ -118,7 +118,7 @@ class GetPlanRequest(_message.Message):
     def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ...) -> None: ...
 
 class GetPlanResponse(_message.Message):
-    __slots__ = ("task_id", "round_number", "model", "model_version", "model_sha256", "model_size_bytes", "local", "evaluate", "deadline_unix_ms", "max_update_bytes", "max_chunk_bytes", "update_tensors", "seed", "secure_aggregation", "privacy", "metrics")
+    __slots__ = ("task_id", "round_number", "model", "model_version", "model_sha256", "model_size_bytes", "local", "evaluate", "deadline_unix_ms", "max_update_bytes", "max_chunk_bytes", "update_tensors", "seed", "secure_aggregation", "privacy", "metrics", "shard_upload")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class GetPlanResponse(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round_number: int
     model: _common_pb2.ModelSpec
@@ -151,7 +152,24 @@ class GetPlanResponse(_message.Message):
     secure_aggregation: SecAggPlan
     privacy: DevicePrivacy
     metrics: MetricsPolicy
-    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., privacy: _Optional[_Union[DevicePrivacy, _Mapping]] = ..., metrics: _Optional[_Union[MetricsPolicy, str]] = ...) -> None: ...
+    shard_upload: ShardUpload
+    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_version: _Optional[int] = ..., model_sha256: _Optional[str] = ..., model_size_bytes: _Optional[int] = ..., local: _Optional[_Union[_common_pb2.LocalTraining, _Mapping]] = ..., evaluate: bool = ..., deadline_unix_ms: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., update_tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., privacy: _Optional[_Union[DevicePrivacy, _Mapping]] = ..., metrics: _Optional[_Union[MetricsPolicy, str]] = ..., shard_upload: _Optional[_Union[ShardUpload, _Mapping]] = ...) -> None: ...
+
+class ShardUpload(_message.Message):
+    __slots__ = ("address", "ticket")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    ticket: UploadTicket
+    def __init__(self, address: _Optional[str] = ..., ticket: _Optional[_Union[UploadTicket, _Mapping]] = ...) -> None: ...
+
+class UploadTicket(_message.Message):
+    __slots__ = ("body", "mac")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    mac: bytes
+    def __init__(self, body: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class DevicePrivacy(_message.Message):
     __slots__ = ("l2_clip_norm", "report_unclipped", "local_noise_multiplier", "local_max_grad_norm", "local_delta", "distributed_noise_steps", "devices_planned", "local_max_epsilon")
@@ -327,7 +345,7 @@ class DownloadModelResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[_common_pb2.BlobHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("api_version", "participation", "num_examples", "tensors", "total_bytes", "sha256", "metrics", "upload_id")
+    __slots__ = ("api_version", "participation", "num_examples", "tensors", "total_bytes", "sha256", "metrics", "upload_id", "ticket")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -343,6 +361,7 @@ class UpdateHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     api_version: int
     participation: Participation
     num_examples: int
@@ -351,7 +370,8 @@ class UpdateHeader(_message.Message):
     sha256: str
     metrics: _containers.ScalarMap[str, float]
     upload_id: str
-    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., num_examples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., upload_id: _Optional[str] = ...) -> None: ...
+    ticket: UploadTicket
+    def __init__(self, api_version: _Optional[int] = ..., participation: _Optional[_Union[Participation, _Mapping]] = ..., num_examples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., upload_id: _Optional[str] = ..., ticket: _Optional[_Union[UploadTicket, _Mapping]] = ...) -> None: ...
 
 class UploadUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")
