@@ -121,3 +121,22 @@ class CoordinatorSettings:
     #: Run as one replica of several on one database (None: the only coordinator of its
     #: database, leading from the start).
     replica: ReplicaSettings | None = None
+    #: Aggregator shards (``fedctl aggregator serve``) the uploads of sharded tasks go to
+    #: (:mod:`coordinator.rounds.shards`); empty: every upload comes here.
+    shards: ShardSettings | None = None
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """The aggregator shards of a coordinator (:mod:`coordinator.rounds.shards`)."""
+
+    #: ``HOST:PORT`` of each shard, as devices reach them; a device is assigned one at
+    #: selection, and its upload tickets name the shard by its index here.
+    addresses: tuple[str, ...]
+    #: The key the coordinator signs upload tickets with and authenticates to the shards
+    #: with (:data:`core.shards.KEY_BYTES` bytes; ``--shard-key-file``).
+    key: bytes
+    #: CA the shards' TLS certificates are checked against (None: plaintext, loopback only).
+    tls_ca: Path | None = None
+    #: A shard that answers no call this long is dead: its group of the round is lost.
+    call_timeout_s: float = 10.0

@@ -65,7 +65,7 @@ class UploadTicket:
     weight_cap: int
     #: CLIPPED_SUM's L2 bound (this round's, under adaptive clipping); 0 for FEDAVG.
     clip_norm: float
-    #: The task's robustness.max_update_l2_norm; 0: none.
+    #: The task's robustness.max_update_l2_norm (inf: none).
     max_update_l2_norm: float
     #: Per-device metrics the upload may carry in the clear (FedAvg without local DP); when
     #: False it may carry none, except ``adaptive_clipping``'s bit.

@@ -119,7 +119,7 @@ class Aggregator(Protocol):
 
 
 @dataclass
-class _MetricMeans:
+class MetricMeans:
     """Weighted means of clear metrics: ``eval_*`` weigh by the device's ``eval_examples``,
     all others by its training examples, both at most ``weight_cap``. Metrics are at most
     1e9 in magnitude (checked at the upload), so the sums stay finite."""
@@ -175,7 +175,7 @@ class PlainAggregator:
     def __init__(self, size: int, *, weight_cap: int, withhold_metrics: bool = False) -> None:
         self._mean = StreamingWeightedMean(size)
         self._weight_cap = weight_cap
-        self._metrics = _MetricMeans(float(weight_cap))
+        self._metrics = MetricMeans(float(weight_cap))
         self._examples = 0
         self.metrics_policy = MetricsPolicy.WITHHELD if withhold_metrics else MetricsPolicy.CLEAR
 
@@ -223,7 +223,7 @@ class RobustAggregator:
         self._weight_cap = weight_cap
         self._updates: list[npt.NDArray[np.float32]] = []
         self._weights: list[float] = []
-        self._metrics = _MetricMeans(float(weight_cap))
+        self._metrics = MetricMeans(float(weight_cap))
         self.metrics_policy = MetricsPolicy.WITHHELD if withhold_metrics else MetricsPolicy.CLEAR
 
     def check_upload(self, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -436,6 +436,7 @@ __all__ = [
     "Aggregate",
     "Aggregator",
     "CentralDpAggregator",
+    "MetricMeans",
     "PlainAggregator",
     "MAX_ROBUST_UPDATE_BYTES",
     "ReleaseRefused",

@@ -365,7 +365,7 @@ class Participants:
         if not _SHA256.fullmatch(header.sha256):
             raise InvalidRequest("sha256 must be the 64 hex digits of the update's SHA-256, "
                                  f"got {len(header.sha256)} characters")
-        _check_metrics(header.metrics)
+        check_metrics(header.metrics)
         path = self._blobs.spool_path(f"{task.task_id}-{rnd.round_id}-{secrets.token_hex(8)}.upd")
         spool = SpooledUpload(
             path, declared_bytes=header.total_bytes, sha256=header.sha256,
@@ -418,7 +418,7 @@ class Participants:
                 raise Duplicate(f"device {shown(device)} already reported for round "
                                 f"{rnd.round_number}")
             if task.evaluation is None:
-                refusal = _refusal(norm, task.spec.robustness.max_update_l2_norm)
+                refusal = update_refusal(norm, task.spec.robustness.max_update_l2_norm)
             else:
                 assert upload.spool is not None
                 refusal = _report_refusal(task.evaluation, upload.spool.path, device,
@@ -499,7 +499,7 @@ class Participants:
         with ``decline`` the device cannot run the task at all, and its reason is counted
         (the round machine then fails a task that no device can run)."""
         task, rnd, _ = self._seat(p)
-        _check_metrics(metrics)
+        check_metrics(metrics)
         if decline and not error:
             raise InvalidRequest("a decline needs its reason in error")
         if error:
@@ -683,7 +683,7 @@ class Participants:
         return CheckInResult(outcome, task_id=task_id, retry_after_s=after, message=message)
 
 
-def _refusal(norm: float, max_norm: float) -> InvalidRequest | None:
+def update_refusal(norm: float, max_norm: float) -> InvalidRequest | None:
     """Why an update whose L2 norm is ``norm`` must not count; None if it may."""
     if not math.isfinite(norm):
         return InvalidRequest("update contains NaN or infinite values; it was rejected")
@@ -747,7 +747,7 @@ def _check_device_id(device_id: str) -> None:
         )
 
 
-def _check_metrics(metrics: Mapping[str, float]) -> None:
+def check_metrics(metrics: Mapping[str, float]) -> None:
     if len(metrics) > _MAX_METRICS:
         raise InvalidRequest(f"at most {_MAX_METRICS} metrics per report, got {len(metrics)}")
     for name, value in metrics.items():
