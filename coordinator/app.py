@@ -57,6 +57,7 @@ from coordinator.transport.admin_servicer import AdminServicer
 from coordinator.transport.device_auth import DeviceAuthInterceptor
 from coordinator.transport.device_servicer import DeviceServicer
 from coordinator.transport.health import Health
+from coordinator.transport.shard_client import GrpcShardPool
 from coordinator.transport.standby import StandbyGate
 from coordinator.transport.tls import is_loopback, server_credentials
 
@@ -131,8 +132,10 @@ class Coordinator:
         clock = SystemClock()
         #: This coordinator's Prometheus registry (``/metrics`` on the HTTP side port).
         self.metrics = CollectorRegistry()
+        shards = GrpcShardPool(config.shards) if config.shards is not None else None
         self.service = CoordinatorService(TimedStore(self.store, self.metrics), self.blobs,
-                                          clock, rng=rng, settings=config, events=self.events)
+                                          clock, rng=rng, settings=config, events=self.events,
+                                          shards=shards)
         self.events.add_sink(PrometheusSink(self.metrics, now=clock.now))
         self.metrics.register(TaskCollector(self.service, self.store, self.events))
         self.readiness = Readiness(store_probe(self.store), standby=self.standby_reason)

@@ -101,6 +101,25 @@ class RoundKey:
     round_id: int
 
 
+def parse_key(data: bytes) -> bytes:
+    """A shard key from a key file's content: :data:`KEY_BYTES` raw bytes, or their hex (64
+    characters, surrounding whitespace ignored).
+
+    Raises:
+        ValueError: anything else (the message says what the content was).
+    """
+    if len(data) == KEY_BYTES:
+        return data
+    text = data.strip()
+    if len(text) == 2 * KEY_BYTES:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    raise ValueError(f"a shard key is {KEY_BYTES} bytes or {2 * KEY_BYTES} hex characters; "
+                     f"this holds {len(data)} bytes")
+
+
 def _mac(key: bytes, body: bytes) -> bytes:
     return hmac.new(key, b"fedcoord/v1/upload-ticket\x00" + body, hashlib.sha256).digest()
 
@@ -219,6 +238,7 @@ __all__ = [
     "admin_token",
     "check_admin_token",
     "combine",
+    "parse_key",
     "sign_ticket",
     "verify_ticket",
 ]

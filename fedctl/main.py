@@ -31,7 +31,7 @@ from fedctl.tune import register as register_tune
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from coordinator.settings import SecuritySettings
+    from coordinator.settings import SecuritySettings, ShardSettings
     from core.tls import ClientTls
     from fedctl.admin import AdminClient
     from protos.fedcoord.v1 import admin_pb2
@@ -192,6 +192,16 @@ def build_parser() -> FedctlParser:
     serve.add_argument("--advertise", metavar="HOST:PORT",
                        help="--replica: the address a standby names for this replica when it "
                             "leads (default: --host and the bound port)")
+    serve.add_argument("--aggregator", action="append", default=[], metavar="HOST:PORT",
+                       help="an aggregator shard (fedctl aggregator serve) that takes the "
+                            "uploads of a share of each round's devices, as devices reach it; "
+                            "repeatable or comma-separated, in the shards' --index order")
+    serve.add_argument("--shard-key-file", type=Path, metavar="FILE",
+                       help="--aggregator: the key the shards were started with (fedctl "
+                            "aggregator keygen)")
+    serve.add_argument("--shard-ca", type=Path, metavar="FILE",
+                       help="--aggregator: the CA the shards' TLS certificates are checked "
+                            "against (default: plaintext, loopback shards only)")
     serve.add_argument("--log-format", choices=["text", "json"], default="text",
                        help="log lines as text, or as JSON objects (time, level, logger, "
                             "message; task, round, stage when known)")
@@ -380,6 +390,40 @@ def _load_apps(apps: list[str]) -> None:
             raise CliError(str(exc), exit_code=2) from None
 
 
+def _shard_settings(args: argparse.Namespace) -> ShardSettings | None:
+    """``coordinator serve``'s aggregator shards, or None without ``--aggregator``."""
+    from coordinator.settings import ShardSettings
+    from core.shards import parse_key
+    from fedctl.errors import CliError
+
+    addresses = tuple(a.strip() for item in args.aggregator for a in item.split(",")
+                      if a.strip())
+    if not addresses:
+        if args.shard_key_file is not None or args.shard_ca is not None:
+            raise CliError("--shard-key-file and --shard-ca are settings of --aggregator",
+                           exit_code=2)
+        return None
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise CliError(f"--aggregator {address!r}: expected HOST:PORT", exit_code=2)
+    if len(set(addresses)) != len(addresses):
+        raise CliError("--aggregator: an address is given twice", exit_code=2)
+    if args.shard_key_file is None:
+        raise CliError("--aggregator needs --shard-key-file (the key the shards were "
+                       "started with)", exit_code=2)
+    try:
+        key = parse_key(args.shard_key_file.read_bytes())
+    except OSError as exc:
+        raise CliError(f"--shard-key-file {args.shard_key_file}: {exc.strerror or exc}",
+                       exit_code=2) from None
+    except ValueError as exc:
+        raise CliError(f"--shard-key-file {args.shard_key_file}: {exc}", exit_code=2) from None
+    if args.shard_ca is not None and not args.shard_ca.is_file():
+        raise CliError(f"--shard-ca {args.shard_ca}: no such file", exit_code=2)
+    return ShardSettings(addresses=addresses, key=key, tls_ca=args.shard_ca)
+
+
 # -- commands -----------------------------------------------------------------
 
 
@@ -404,6 +448,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_lease_ttl(args.lease_ttl)
     replica = (ReplicaSettings(lease_ttl_s=args.lease_ttl, advertise_address=args.advertise)
                if args.replica else None)
+    shards = _shard_settings(args)
     _load_apps(args.app)
     config = CoordinatorSettings(db_url=args.db, store_dir=args.store, host=args.host,
                                  port=args.port, max_chunk_bytes=args.max_chunk_bytes,
@@ -412,7 +457,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  insecure=args.insecure, security=_security_settings(args),
                                  event_sinks=tuple(args.events), http_port=args.http_port,
                                  retry_after_max_s=args.retry_after_max,
-                                 checkin_pace_per_s=args.checkin_pace, replica=replica)
+                                 checkin_pace_per_s=args.checkin_pace, replica=replica,
+                                 shards=shards)
     # the coordinator's imports (torch) once flags are good
     from coordinator.app import LeadershipLost, serve
 

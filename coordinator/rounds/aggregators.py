@@ -68,6 +68,10 @@ class Aggregate:
     mean: npt.NDArray[np.float32]
     metrics: Mapping[str, float]
     release: Release | None = None
+    #: The devices whose updates are in the aggregate, where the aggregator learned them
+    #: itself (aggregator shards: uploads the coordinator had not yet heard of count too);
+    #: None: the round's own reports.
+    reported: frozenset[str] | None = None
 
 
 class Aggregator(Protocol):

@@ -37,6 +37,7 @@ from coordinator.rounds.round_machine import RoundMachine
 from coordinator.rounds.schemas import ReportedSchemas
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Admission, is_eligible
+from coordinator.rounds.shards import ShardPool
 from coordinator.rounds.state import OpenRound, RunningTask, Seat, hash_token
 from coordinator.rounds.task_setup import plan_privacy
 from coordinator.rounds.tasks import Tasks
@@ -53,6 +54,7 @@ from core.protocol import (
     Participation,
     Plan,
     SecAggPlan,
+    ShardUpload,
     UpdateHeader,
     config_hash,
 )
@@ -64,6 +66,7 @@ from core.secagg.messages import (
     Stage,
     UnmaskResponse,
 )
+from core.shards import ShardMode, UploadTicket
 from core.tensors import TensorInfo
 from core.types import DataSchema, DeviceAttributes, ParticipantState, RoundState
 
@@ -82,8 +85,9 @@ class Participants:
     def __init__(self, store: Store, blobs: FileBlobStore, clock: Clock, tasks: Tasks,
                  machine: RoundMachine, running: dict[str, RunningTask],
                  schemas: ReportedSchemas, *, rng: random.Random,
-                 settings: CoordinatorSettings) -> None:
+                 settings: CoordinatorSettings, shards: ShardPool | None = None) -> None:
         self._store = store
+        self._shards = shards
         self._schemas = schemas
         self._blobs = blobs
         self._clock = clock
@@ -290,7 +294,31 @@ class Participants:
             secure_aggregation=rnd.secure.plan if rnd.secure is not None else None,
             privacy=plan_privacy(spec, task.privacy),
             metrics=rnd.aggregator.metrics_policy,
+            shard_upload=self._shard_upload(task, rnd, seat, p.device_id),
         )
+
+    def _shard_upload(self, task: RunningTask, rnd: OpenRound, seat: Seat, device: str
+                      ) -> ShardUpload | None:
+        """Where a seat of a sharded round uploads, with its ticket (signed once per seat);
+        None in a round whose uploads come here."""
+        if rnd.shards is None or seat.shard is None:
+            return None
+        assert self._shards is not None
+        if seat.ticket is None:
+            privacy = task.privacy
+            seat.ticket = self._shards.sign(UploadTicket(
+                task_id=task.task_id, round_id=rnd.round_id, round_number=seat.round_number,
+                device_id=device, shard=seat.shard, values=task.model.size,
+                mode=rnd.shards.mode, weight_cap=task.spec.robustness.weight_cap,
+                clip_norm=privacy.clip if rnd.shards.mode is ShardMode.CLIPPED_SUM
+                and privacy is not None else 0.0,
+                max_update_l2_norm=task.spec.robustness.max_update_l2_norm,
+                clear_metrics=rnd.aggregator.metrics_policy is MetricsPolicy.CLEAR,
+                adaptive_clipping=privacy is not None and privacy.adaptive is not None,
+                deadline=min(rnd.deadline, seat.deadline),
+                max_chunk_bytes=self._settings.max_chunk_bytes,
+                max_num_examples=self._settings.max_num_examples))
+        return ShardUpload(self._shards.addresses[seat.shard], seat.ticket)
 
     def model(self, p: Participation, version: int) -> ModelVersionRecord:
         task, _, seat = self._seat(p)
@@ -327,8 +355,12 @@ class Participants:
         replay = self._receipt(header)
         if replay is not None:
             return Upload(header, 0, None, replay=replay)
-        task, rnd, _ = self._seat(header.participation)
+        task, rnd, seat = self._seat(header.participation)
         device = header.participation.device_id
+        if seat.shard is not None and self._shards is not None:
+            raise InvalidRequest(
+                f"round {rnd.round_number}'s updates go to aggregator shard "
+                f"{self._shards.addresses[seat.shard]} (the plan's shard_upload), not here")
         rnd.aggregator.check_upload(header.metrics)
         if device in rnd.reported:
             raise Duplicate(f"device {shown(device)} already reported for round "

@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
-from coordinator.rounds.aggregators import begin_aggregation
+from coordinator.rounds.aggregators import Aggregator, begin_aggregation, metrics_policy_for
 from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.commits import (
     BackgroundAggregator,
@@ -57,16 +57,18 @@ from coordinator.rounds.evaluation_tasks import experiment_look
 from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Selector
+from coordinator.rounds.shards import ShardedAggregator, ShardPool, ShardRound, shard_mode
 from coordinator.rounds.state import OpenRound, RunningTask, Seat, hash_token
 from coordinator.rounds.task_setup import selection_policy
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import Store
 from core.experiments.versions import stop_reason
 from core.privacy.noise import NoiseSource
-from core.protocol import SecAggPlan
+from core.protocol import MetricsPolicy, SecAggPlan
 from core.sampling import CohortDraw
 from core.secagg.messages import Stage
 from core.secagg.server import SecAggAborted
+from core.shards import RoundKey
 from core.types import ParticipantState, RoundState, TaskState
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class RoundMachine:
     def __init__(self, store: Store, models: ModelRepository, evaluator: ServerEvaluator,
                  running: dict[str, RunningTask], *, rng: random.Random,
                  settings: CoordinatorSettings, noise: NoiseSource, commits: CommitWorker,
-                 progress: Callable[[], None]) -> None:
+                 progress: Callable[[], None], shards: ShardPool | None = None) -> None:
         """``running``: the loaded tasks by id (shared with :class:`~coordinator.rounds.
         tasks.Tasks`; a task leaves it when it ends). ``progress()`` is called whenever a
         secure-aggregation stage closes or a round ends."""
@@ -98,6 +100,7 @@ class RoundMachine:
         self._commits = commits
         self._progress = progress
         self._pending: list[_PendingCommit] = []
+        self._shards = shards
         # Folds clear uploads into their round's aggregate, off the loop in a server.
         self._aggregation = aggregation_executor(background=settings.commit_in_background)
 
@@ -122,6 +125,8 @@ class RoundMachine:
         if rnd.secure is not None:
             self._advance_secure(task, rnd, rnd.secure, now)
             return
+        if rnd.shards is not None:
+            self._take_shard_reports(rnd, rnd.shards, now)
         reports = len(rnd.reported)
         pending = len(rnd.seats) - reports - len(rnd.errored)
         if reports >= rnd.goal:
@@ -184,6 +189,23 @@ class RoundMachine:
             plan = SecAggPlan(task.secagg, context.encode(),
                               spec.secure_aggregation.phase_timeout_s)
             secure = SecureRound.open(plan, goal=spec.clients_per_round)
+        require_secure_noise = not self._settings.allow_seeded_noise
+        sharded = self._shard_round(task, rec.round_id)
+        aggregator: Aggregator
+        if sharded is not None:
+            assert self._shards is not None
+            aggregator = ShardedAggregator(
+                self._shards, sharded, min_reports=spec.min_reports, privacy=task.privacy,
+                noise=self._noise, require_secure_noise=require_secure_noise,
+                withhold_metrics=metrics_policy_for(spec) is MetricsPolicy.WITHHELD)
+        elif task.evaluation is None:
+            aggregator = begin_aggregation(
+                spec, task.model.size, privacy=task.privacy, secure=secure, noise=self._noise,
+                require_secure_noise=require_secure_noise)
+        else:
+            aggregator = begin_evaluation(
+                task.evaluation, privacy=task.privacy, secure=secure, noise=self._noise,
+                require_secure_noise=require_secure_noise)
         task.round = OpenRound(
             round_id=rec.round_id,
             round_number=rec.round_number,
@@ -193,16 +215,14 @@ class RoundMachine:
             selector=Selector(selection_policy(spec), opened=now,
                               window_s=spec.selection_window_s, last_close=deadline,
                               rng=self._rng),
-            aggregator=BackgroundAggregator(begin_aggregation(
-                spec, task.model.size, privacy=task.privacy, secure=secure, noise=self._noise,
-                require_secure_noise=not self._settings.allow_seeded_noise)
-                if task.evaluation is None else begin_evaluation(
-                task.evaluation, privacy=task.privacy, secure=secure, noise=self._noise,
-                require_secure_noise=not self._settings.allow_seeded_noise),
-                self._aggregation),
+            aggregator=BackgroundAggregator(aggregator, self._aggregation),
             goal=spec.clients_per_round,
             secure=secure,
+            shards=sharded,
         )
+        if sharded is not None:
+            assert self._shards is not None
+            self._shards.watch(sharded.key)
         if task.fedbuff is not None:
             self._open_async(task, task.round, task.fedbuff, now, carried)
 
@@ -221,7 +241,35 @@ class RoundMachine:
         )
         for d, s in zip(devices, seats, strict=True):
             rnd.seats[d] = s
+        if rnd.shards is not None:
+            assert self._shards is not None
+            healthy = self._shards.healthy()
+            for d, s in zip(devices, seats, strict=True):
+                s.shard = rnd.shards.assign(d, healthy)
         return seats
+
+    def _shard_round(self, task: RunningTask, round_id: int) -> ShardRound | None:
+        """A new attempt's shard assignment, when the coordinator has shards and the task
+        folds its uploads by a sum (:func:`~coordinator.rounds.shards.shard_mode`)."""
+        if self._shards is None:
+            return None
+        mode = shard_mode(task.spec, task.privacy, asynchronous=task.fedbuff is not None,
+                          evaluation=task.evaluation is not None)
+        if mode is None:
+            return None
+        return ShardRound(RoundKey(task.task_id, round_id), mode, task.model.size,
+                          len(self._shards.addresses))
+
+    def _take_shard_reports(self, rnd: OpenRound, shards: ShardRound, now: float) -> None:
+        """Counts the updates the shards accepted (as of their last poll) as the round's
+        reports, each recorded before it counts."""
+        assert self._shards is not None
+        accepted = shards.accepted(self._shards.reported(shards.key)) - rnd.reported
+        for device in sorted(accepted):
+            self._store.set_participant_state(rnd.round_id, device, ParticipantState.REPORTED,
+                                              now=now)
+            rnd.errored.discard(device)  # an error reported after its update changes nothing
+            rnd.reported.add(device)
 
     def start_training(self, rnd: OpenRound, now: float) -> None:
         if rnd.state is RoundState.SELECTING:
@@ -232,6 +280,7 @@ class RoundMachine:
         log.warning("task %s round %d failed: %s", task.task_id, rnd.round_number, reason)
         self._store.set_round_state(rnd.round_id, RoundState.FAILED, now=now,
                                     failure_reason=reason)
+        self._forget_shards(rnd)
         task.round = None
         task.closed_seats = rnd.seats
         task.failed_attempts += 1
@@ -252,11 +301,17 @@ class RoundMachine:
         if rnd is not None:
             self._store.set_round_state(rnd.round_id, RoundState.FAILED, now=now,
                                         failure_reason=reason)
+            self._forget_shards(rnd)
             task.closed_seats = rnd.seats
         task.round = None
         self._store.set_task_state(task.task_id, TaskState.FAILED, reason)
         self._running.pop(task.task_id, None)
         self._progress()
+
+    def _forget_shards(self, rnd: OpenRound) -> None:
+        if rnd.shards is not None:
+            assert self._shards is not None
+            self._shards.forget(rnd.shards.key)
 
     def _fail_if_no_device_can_run(self, task: RunningTask, rnd: OpenRound, now: float
                                    ) -> bool:
@@ -408,6 +463,14 @@ class RoundMachine:
         if outcome.model is None or aggregate is None:
             self.fail_round(task, rnd, now, outcome.error)
             return
+        self._forget_shards(rnd)
+        if aggregate.reported is not None:
+            # Updates a shard took after its last poll are in the aggregate: recorded and
+            # counted as reports (a device counted once under DP stays counted).
+            for device in sorted(aggregate.reported - rnd.reported):
+                self._store.set_participant_state(rnd.round_id, device,
+                                                  ParticipantState.REPORTED, now=now)
+                rnd.reported.add(device)
         metrics = _finite(task.task_id, {
             "reports": float(len(rnd.reported)),
             "admitted": float(len(rnd.seats)),

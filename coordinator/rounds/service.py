@@ -39,6 +39,7 @@ from coordinator.rounds.models import ModelRepository
 from coordinator.rounds.participation import Participants
 from coordinator.rounds.round_machine import RoundMachine
 from coordinator.rounds.schemas import ReportedSchemas
+from coordinator.rounds.shards import ShardPool
 from coordinator.rounds.state import RunningTask
 from coordinator.rounds.tasks import BuiltTask, TaskLaunch, Tasks, TaskView
 from coordinator.rounds.uploads import Upload
@@ -88,12 +89,15 @@ class CoordinatorService:
         noise: NoiseSource | None = None,
         commits: CommitWorker | None = None,
         events: EventHub | None = None,
+        shards: ShardPool | None = None,
     ) -> None:
         """``noise`` is where differential-privacy noise comes from (default: the CSPRNG).
         ``commits`` runs commits (default: a worker thread when
         ``settings.commit_in_background``, else in line). ``events`` receives an event for
         every device and round transition (:mod:`coordinator.observability.events`; default:
-        a hub without sinks, :attr:`events`, to which sinks may be added).
+        a hub without sinks, :attr:`events`, to which sinks may be added). ``shards``: the
+        aggregator shards the uploads of sharded tasks go to (:mod:`coordinator.rounds.
+        shards`); None: every upload comes here.
 
         Raises:
             InsecureNoiseError: a seeded ``noise`` without ``settings.allow_seeded_noise``.
@@ -121,11 +125,13 @@ class CoordinatorService:
         self._models = ModelRepository(store, blobs)
         self._machine = RoundMachine(store, self._models, evaluator, running, rng=rng,
                                      settings=self.settings, noise=noise, commits=commits,
-                                     progress=self._progress)
+                                     progress=self._progress, shards=shards)
         schemas = ReportedSchemas(window_s=self.settings.schema_window_s)
         self._tasks = Tasks(store, self._models, evaluator, self._machine, running, schemas)
         self._participants = Participants(store, blobs, clock, self._tasks, self._machine,
-                                          running, schemas, rng=rng, settings=self.settings)
+                                          running, schemas, rng=rng, settings=self.settings,
+                                          shards=shards)
+        self._shards = shards
 
     def add_progress_listener(self, listener: Callable[[], None]) -> None:
         """``listener()`` is called whenever a secure-aggregation stage closes or a round
@@ -164,6 +170,8 @@ class CoordinatorService:
         at the next start) and writes the queued participant writes."""
         self._machine.close()
         self._writes.flush()
+        if self._shards is not None:
+            self._shards.close()
 
     # ------------------------------------------------------------------ group commit
 

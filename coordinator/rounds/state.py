@@ -20,10 +20,12 @@ from coordinator.rounds.asynchronous import FedBuff
 from coordinator.rounds.declines import Declines
 from coordinator.rounds.secure import SecureRound
 from coordinator.rounds.selection import Selector
+from coordinator.rounds.shards import ShardRound
 from coordinator.rounds.uploads import Receipt, Upload
 from coordinator.storage.records import ModelVersionRecord
 from core.privacy.task import TaskPrivacy
 from core.secagg.params import SecAggParams
+from core.shards import SignedTicket
 from core.tensors import TensorInfo
 from core.types import RoundState, TaskSpec
 
@@ -71,6 +73,10 @@ class Seat:
     #: Asynchronous tasks: when the seat expires if no update came (round_deadline_s after
     #: admission); synchronous seats last as long as their round.
     deadline: float = math.inf
+    #: A sharded round: the index of the aggregator shard the device uploads to, and the
+    #: ticket it carries there (signed when its plan is first asked for).
+    shard: int | None = None
+    ticket: SignedTicket | None = None
 
 
 @dataclass
@@ -94,6 +100,8 @@ class OpenRound:
     #: rejected as too stale, for the version's metrics.
     staleness: list[int] = field(default_factory=list)
     late: int = 0
+    #: A round whose uploads go to aggregator shards (:mod:`coordinator.rounds.shards`).
+    shards: ShardRound | None = None
 
 
 @dataclass

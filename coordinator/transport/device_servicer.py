@@ -192,6 +192,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                                 if plan.secure_aggregation is not None else None),
             privacy=convert.plan_privacy_to_proto(plan.privacy),
             metrics=convert.metrics_policy_to_proto(plan.metrics),
+            shard_upload=convert.shard_upload_to_proto(plan.shard_upload),
         )
 
     async def DownloadModel(

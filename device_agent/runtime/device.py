@@ -26,6 +26,7 @@ policy and upload around it are the same for every trainer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import secrets
@@ -131,7 +132,8 @@ class Coordinator(Protocol):
 
     def download_model(self, p: Participation, plan: Plan) -> bytes: ...
 
-    def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int) -> str: ...
+    def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int, *,
+                      shard_address: str | None = None) -> str: ...
 
     def report_status(
         self, p: Participation, *, metrics: dict[str, float] | None = None, error: str = "",
@@ -357,6 +359,12 @@ class Device:
                 header, payload, unclipped = self._train(p, plan, model_bytes)
                 if plan.secure_aggregation is not None:
                     self._secure_upload(p, plan, header, payload, unclipped)
+                elif plan.shard_upload is not None:
+                    # A sharded round: the update goes to the shard the plan names, with
+                    # the coordinator's ticket.
+                    self.coordinator.upload_update(
+                        dataclasses.replace(header, ticket=plan.shard_upload.ticket), payload,
+                        plan.max_chunk_bytes, shard_address=plan.shard_upload.address)
                 else:
                     self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
             self.stats.updates_accepted += 1

@@ -37,7 +37,7 @@ from core.tls import ClientTls
 from core.types import API_VERSION, DataSchema, DeviceAttributes
 from device_agent.errors import BadPayload, Rejected, RoundOver, Unreachable
 from protos import convert
-from protos.fedcoord.v1 import device_pb2, device_pb2_grpc
+from protos.fedcoord.v1 import aggregator_pb2_grpc, device_pb2, device_pb2_grpc
 
 T = TypeVar("T")
 
@@ -114,6 +114,9 @@ class DeviceClient:
             else grpc.secure_channel(t, credentials, options=options)
             for t in self.targets]
         self._stubs = [device_pb2_grpc.DeviceServiceStub(c) for c in self._channels]
+        self._options = options
+        self._credentials = credentials
+        self._shard_stubs: dict[str, aggregator_pb2_grpc.AggregatorServiceStub] = {}
         #: Index of the address calls go to now; moved on by :meth:`_move_on`.
         self._current = 0
         self._lock = threading.Lock()
@@ -218,6 +221,7 @@ class DeviceClient:
                                 if resp.HasField("secure_aggregation") else None),
             privacy=convert.plan_privacy_from_proto(resp),
             metrics=convert.metrics_policy_from_proto(resp.metrics),
+            shard_upload=convert.shard_upload_from_proto(resp),
         )
 
     def download_model(self, p: Participation, plan: Plan) -> bytes:
@@ -247,10 +251,13 @@ class DeviceClient:
             )
         return data
 
-    def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int) -> str:
+    def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int, *,
+                      shard_address: str | None = None) -> str:
         """Streams ``payload`` (the raw update) after ``header``; returns the server's message.
         Retries resend the same header, upload id included, so a retry of an upload the
-        coordinator already counted gets its first answer, not ALREADY_EXISTS."""
+        coordinator already counted gets its first answer, not ALREADY_EXISTS.
+        ``shard_address``: the aggregator shard the plan names (the header carries its
+        ticket); the upload goes there instead, retried there only."""
         head = device_pb2.UploadUpdateRequest(
             header=device_pb2.UpdateHeader(
                 api_version=API_VERSION,
@@ -261,6 +268,7 @@ class DeviceClient:
                 sha256=header.sha256,
                 metrics=dict(header.metrics),
                 upload_id=header.upload_id,
+                ticket=convert.ticket_to_proto(header.ticket),
             )
         )
         view = memoryview(payload)
@@ -270,10 +278,31 @@ class DeviceClient:
             for start in range(0, len(view), chunk_bytes):
                 yield device_pb2.UploadUpdateRequest(chunk=bytes(view[start:start + chunk_bytes]))
 
-        resp = self._retrying(
-            lambda: self._stub.UploadUpdate(messages(), timeout=self.policy.transfer_timeout_s)
-        )
+        if shard_address is not None:
+            shard = self._shard_stub(shard_address)
+            resp = self._retrying(
+                lambda: shard.UploadUpdate(messages(), timeout=self.policy.transfer_timeout_s),
+                move_on=False, what=f"aggregator shard {shard_address}")
+        else:
+            resp = self._retrying(
+                lambda: self._stub.UploadUpdate(messages(), timeout=self.policy.transfer_timeout_s)
+            )
         return str(resp.message)
+
+    def _shard_stub(self, address: str) -> aggregator_pb2_grpc.AggregatorServiceStub:
+        """A stub for an aggregator shard, on one channel per address (the coordinator's
+        TLS settings: shards present certificates of the same CA)."""
+        with self._lock:
+            stub = self._shard_stubs.get(address)
+            if stub is None:
+                channel = (grpc.insecure_channel(address, options=self._options)
+                           if self._credentials is None else
+                           grpc.secure_channel(address, self._credentials,
+                                               options=self._options))
+                self._channels.append(channel)
+                stub = aggregator_pb2_grpc.AggregatorServiceStub(channel)
+                self._shard_stubs[address] = stub
+        return stub
 
     def report_status(
         self, p: Participation, *, metrics: Mapping[str, float] | None = None, error: str = "",
@@ -348,9 +377,12 @@ class DeviceClient:
                                 f"aggregation: {details}") from None
             raise Rejected(code.name, details) from None
 
-    def _retrying(self, call: Callable[[], T], *, rate_limited: bool = False) -> T:
+    def _retrying(self, call: Callable[[], T], *, rate_limited: bool = False,
+                  move_on: bool = True, what: str = "") -> T:
         """Retries while the coordinator is unreachable (and, with ``rate_limited``, while it
-        asks to come back later: RESOURCE_EXHAUSTED with ``retry-after-ms``)."""
+        asks to come back later: RESOURCE_EXHAUSTED with ``retry-after-ms``). ``move_on``:
+        an unreachable coordinator moves the calls on to the next address (not for a call
+        to an aggregator shard, ``what``)."""
         started = time.monotonic()
         attempt = 0
         tried = 0
@@ -369,11 +401,11 @@ class DeviceClient:
                     raise Rejected(code.name, details, retry_after_s=retry_after) from None
                 if time.monotonic() - started > self.policy.give_up_after_s:
                     raise Unreachable(
-                        f"coordinator {', '.join(self.targets)} unreachable for "
+                        f"{what or 'coordinator ' + ', '.join(self.targets)} unreachable for "
                         f"{self.policy.give_up_after_s:.0f} s: {code.name} {details}"
                     ) from None
                 delay = retry_after
-                if code in _MOVE_ON and len(self._stubs) > 1:
+                if move_on and code in _MOVE_ON and len(self._stubs) > 1:
                     self._move_on(used)
                     tried += 1
                     if tried % len(self._stubs):

@@ -1,0 +1,179 @@
+"""The coordinator's client of its aggregator shards (:class:`coordinator.rounds.shards.
+ShardPool` over gRPC).
+
+One background thread polls every shard for the rounds being watched (``RoundProgress``,
+every :data:`POLL_SECONDS`) and sends the drops the round machine asked for, so the event
+loop never waits on a shard: it reads the last poll's answer. ``collect`` is the one blocking
+call, made by the commit thread. Every call carries the shard key's admin token and a
+deadline (``ShardSettings.call_timeout_s``); a shard whose last poll failed is not healthy,
+and is assigned no new device until it answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+
+import grpc
+
+from coordinator.rounds.shards import ShardUnavailable
+from coordinator.settings import ShardSettings
+from core.shards import (
+    ADMIN_METADATA,
+    PartialSum,
+    RoundKey,
+    SignedTicket,
+    UploadTicket,
+    admin_token,
+    sign_ticket,
+)
+from protos import convert
+from protos.fedcoord.v1 import aggregator_pb2, aggregator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+#: How often the shards are asked for the progress of the watched rounds.
+POLL_SECONDS = 0.25
+#: Largest message on a shard channel (a collected sum streams in chunks of at most 1 MiB).
+_MAX_MESSAGE = 64 << 20
+
+
+class GrpcShardPool:
+    def __init__(self, settings: ShardSettings) -> None:
+        if not settings.addresses:
+            raise ValueError("no aggregator shard address given")
+        self._settings = settings
+        self._key = settings.key
+        self._metadata = ((ADMIN_METADATA, admin_token(settings.key)),)
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE),
+                   ("grpc.max_send_message_length", _MAX_MESSAGE),
+                   ("grpc.enable_retries", 0)]
+        if settings.tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=settings.tls_ca.read_bytes())
+            self._channels = [grpc.secure_channel(a, credentials, options=options)
+                              for a in settings.addresses]
+        else:
+            self._channels = [grpc.insecure_channel(a, options=options)
+                              for a in settings.addresses]
+        self._stubs = [aggregator_pb2_grpc.AggregatorServiceStub(c) for c in self._channels]
+        self._lock = threading.Lock()
+        self._watched: set[RoundKey] = set()
+        self._reported: dict[RoundKey, dict[int, frozenset[str]]] = {}
+        self._healthy = [True] * len(settings.addresses)
+        self._drops: list[RoundKey] = []
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shard-poller", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ ShardPool
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._settings.addresses
+
+    def sign(self, ticket: UploadTicket) -> SignedTicket:
+        return sign_ticket(ticket, self._key)
+
+    def healthy(self) -> list[int]:
+        with self._lock:
+            return [i for i, ok in enumerate(self._healthy) if ok]
+
+    def watch(self, key: RoundKey) -> None:
+        with self._lock:
+            self._watched.add(key)
+            self._reported.setdefault(key, {})
+
+    def reported(self, key: RoundKey) -> Mapping[int, frozenset[str]]:
+        with self._lock:
+            return dict(self._reported.get(key, {}))
+
+    def collect(self, key: RoundKey, shard: int) -> PartialSum | None:
+        request = aggregator_pb2.CollectRoundRequest(round=convert.round_key_to_proto(key))
+        header = None
+        chunks: list[bytes] = []
+        try:
+            for message in self._stubs[shard].CollectRound(
+                    request, timeout=self._settings.call_timeout_s, metadata=self._metadata):
+                if message.HasField("header"):
+                    header = message.header
+                else:
+                    chunks.append(message.chunk)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise ShardUnavailable(f"{exc.code().name}: {exc.details()}") from None
+        if header is None:
+            raise ShardUnavailable("CollectRound sent no header")
+        try:
+            part: PartialSum = convert.partial_sum_from_proto(header, b"".join(chunks))
+        except convert.WireFormatError as exc:
+            raise ShardUnavailable(str(exc)) from None
+        if convert.round_key_from_proto(header.round) != key:
+            raise ShardUnavailable("CollectRound answered for another round")
+        return part
+
+    def forget(self, key: RoundKey) -> None:
+        with self._lock:
+            self._watched.discard(key)
+            self._reported.pop(key, None)
+            self._drops.append(key)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        for channel in self._channels:
+            channel.close()
+
+    # ------------------------------------------------------------------ the poller
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._poll_once()
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
+
+    def _poll_once(self) -> None:
+        with self._lock:
+            watched = sorted(self._watched)
+            drops, self._drops = self._drops, []
+        request = aggregator_pb2.RoundProgressRequest(
+            rounds=[convert.round_key_to_proto(k) for k in watched])
+        timeout = min(self._settings.call_timeout_s, 5.0)
+        for shard, stub in enumerate(self._stubs):
+            for key in drops:
+                try:
+                    stub.DropRound(aggregator_pb2.DropRoundRequest(
+                        round=convert.round_key_to_proto(key)), timeout=timeout,
+                        metadata=self._metadata)
+                except grpc.RpcError:
+                    pass  # a shard forgets unclaimed rounds on its own after their deadline
+            try:
+                answer = stub.RoundProgress(request, timeout=timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                self._set_health(shard, False, f"{exc.code().name}: {exc.details()}")
+                continue
+            self._set_health(shard, True, "")
+            with self._lock:
+                for progress in answer.rounds:
+                    key = convert.round_key_from_proto(progress.round)
+                    if key in self._watched:
+                        self._reported[key][shard] = frozenset(progress.reported)
+
+    def _set_health(self, shard: int, ok: bool, why: str) -> None:
+        with self._lock:
+            was = self._healthy[shard]
+            self._healthy[shard] = ok
+        if was != ok:
+            address = self._settings.addresses[shard]
+            if ok:
+                log.info("aggregator shard %d (%s) answers again", shard, address)
+            else:
+                log.warning("aggregator shard %d (%s) does not answer: %s", shard, address, why)
+
+
+__all__ = ["POLL_SECONDS", "GrpcShardPool"]
