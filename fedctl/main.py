@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fedctl.aggregator import register as register_aggregator
 from fedctl.certs import register as register_certs
 from fedctl.cluster import LEASE_TTL_S, add_lease_ttl, check_lease_ttl
 from fedctl.cluster import register as register_cluster
@@ -319,6 +320,7 @@ def build_parser() -> FedctlParser:
     register_tune(sub)
     register_certs(sub)
     register_cluster(sub)
+    register_aggregator(sub)
     register_security(sub, _add_coordinator, _admin)
     register_experiment(sub, _add_coordinator, _admin)
 

@@ -15,7 +15,14 @@ import numpy as np
 
 from core.privacy.spec import LocalDp
 from core.privacy.task import PrivacyStatus
-from core.protocol import MetricsPolicy, PlanPrivacy, SecAggPlan, ShardUpload
+from core.protocol import (
+    MetricsPolicy,
+    Participation,
+    PlanPrivacy,
+    SecAggPlan,
+    ShardUpload,
+    UpdateHeader,
+)
 from core.secagg import messages as sa
 from core.secagg.params import SecAggParams
 from core.security.identity import DeviceProof
@@ -400,6 +407,17 @@ def partial_sum_from_proto(header: aggregator_pb2.PartialSumHeader, data: bytes)
     return PartialSum(mode, total, list(header.reported), weight=header.weight,
                       unclipped=header.unclipped, metric_sums=dict(header.metric_sums),
                       metric_weights=dict(header.metric_weights))
+
+
+def update_header_from_proto(msg: device_pb2.UpdateHeader) -> UpdateHeader:
+    """An upload's header, as an aggregator shard's UploadUpdate receives it (the ticket
+    None when absent)."""
+    p = msg.participation
+    return UpdateHeader(
+        participation=Participation(p.device_id, p.task_id, p.round_number, p.token),
+        num_examples=msg.num_examples, tensors=tensor_infos_from_proto(msg.tensors),
+        total_bytes=msg.total_bytes, sha256=msg.sha256, metrics=dict(msg.metrics),
+        upload_id=msg.upload_id, ticket=ticket_from_proto(msg.ticket))
 
 
 # ---------------------------------------------------------------- differential privacy

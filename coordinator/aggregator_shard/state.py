@@ -78,6 +78,11 @@ class ShardUpload:
         self.replay = replay
         #: A retry of the same upload began while this one was open: this one cannot count.
         self.superseded = False
+        #: Set (under the state's lock) by abort_upload: it can no longer count.
+        self.aborted = False
+        #: finish_upload runs: an abort_upload meanwhile (the call was cancelled) leaves the
+        #: spool file to it, since the update may be read back right now.
+        self.finishing = False
         self._norm: float | None = None
 
     @property
@@ -243,6 +248,10 @@ class ShardState:
             if first is not None:
                 raise type(first)(*first.args)
             return "update accepted (a retry of an upload that was accepted; counted once)"
+        with self._lock:
+            if upload.aborted:
+                raise Late("this upload was abandoned (its call ended); it does not count")
+            upload.finishing = True
         try:
             norm = upload.verify()
             ticket, device = upload.ticket, upload.device_id
@@ -277,6 +286,8 @@ class ShardState:
                 rnd.reported.append(device)
                 self._remember(rnd, upload, None)
         finally:
+            with self._lock:
+                upload.finishing = False
             self.abort_upload(upload)
         return "update accepted"
 
@@ -298,12 +309,16 @@ class ShardState:
 
     def abort_upload(self, upload: ShardUpload) -> None:
         """Drops an upload's data and its place in the round; idempotent, and harmless after
-        :meth:`finish_upload`."""
-        upload.discard()
+        :meth:`finish_upload`. While :meth:`finish_upload` runs on another thread (the
+        call was cancelled meanwhile) it does nothing: that one cleans up when it ends."""
         with self._lock:
+            upload.aborted = True
+            if upload.finishing:
+                return
             rnd = self._rounds.get(upload.ticket.round_key)
             if rnd is not None and rnd.uploading.get(upload.device_id) is upload:
                 del rnd.uploading[upload.device_id]
+        upload.discard()
 
     # ------------------------------------------------------------------ the coordinator's side
 

@@ -401,3 +401,31 @@ def test_expire_forgets_rounds_retain_s_after_their_latest_deadline(
     assert shard.expire(NOW + 120 + RETAIN_S) == []
     assert shard.expire(NOW + 121 + RETAIN_S) == [KEY_OF_ROUND]
     assert shard.rounds() == []
+
+
+def test_an_upload_abandoned_before_it_finished_does_not_count(shard: ShardState) -> None:
+    u = shard.begin_upload(header(vec(1), ticket()))
+    u.write(vec(1).tobytes())
+    shard.abort_upload(u)  # the call was cancelled
+    with pytest.raises(Late, match="abandoned"):
+        shard.finish_upload(u)
+    upload(shard, vec(1))  # the device may send it again
+    assert shard.collect(KEY_OF_ROUND).reported == ["dev-1"]
+
+
+def test_an_abort_while_the_update_is_added_leaves_its_file_to_the_fold(
+        shard: ShardState, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator.aggregator_shard import accumulator
+
+    real = accumulator.iter_float32
+    u = shard.begin_upload(header(vec(7), ticket()))
+    u.write(vec(7).tobytes())
+
+    def cancelled_meanwhile(path: Path):  # type: ignore[no-untyped-def]
+        shard.abort_upload(u)
+        yield from real(path)
+
+    monkeypatch.setattr(accumulator, "iter_float32", cancelled_meanwhile)
+    assert shard.finish_upload(u) == "update accepted"
+    np.testing.assert_array_equal(shard.collect(KEY_OF_ROUND).total, 10 * vec(7))
+    assert u.spool is not None and not u.spool.path.exists()
