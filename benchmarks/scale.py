@@ -27,8 +27,14 @@ check-ins sent in those windows are ``checkin_ms_aggregating``, the others
 ``checkin_ms_idle``. ``--model-params 10000000`` with a small ``--per-round`` measures what
 aggregating a 10M-parameter model (40 MB per update) does to the check-ins around it.
 
+``--aggregators K`` starts K ``fedctl aggregator serve`` shards and the coordinator with
+them: the selected devices upload to the shard their plan names (with its ticket), and the
+line adds each shard's peak RSS and CPU seconds; the coordinator's figures are then what is
+left for it to do (check-ins, plans, downloads, the polls and the combination).
+
     python benchmarks/scale.py --devices 10000 --per-round 1000 [--workers 4] [--rounds 3]
     python benchmarks/scale.py --devices 2000 --per-round 20 --model-params 10000000
+    python benchmarks/scale.py --devices 5000 --per-round 500 --aggregators 2
 """
 
 from __future__ import annotations
@@ -67,7 +73,12 @@ from benchmarks._common import (  # noqa: E402
 from coordinator.rounds.aggregators import PlainAggregator  # noqa: E402
 from coordinator.settings import CoordinatorSettings  # noqa: E402
 from core.types import API_VERSION, ModelSpec, TaskSpec  # noqa: E402
-from protos.fedcoord.v1 import common_pb2, device_pb2, device_pb2_grpc  # noqa: E402
+from protos.fedcoord.v1 import (  # noqa: E402
+    aggregator_pb2_grpc,
+    common_pb2,
+    device_pb2,
+    device_pb2_grpc,
+)
 
 ATTRIBUTES = common_pb2.DeviceAttributes(charging=True, unmetered=True, idle=True,
                                          population="default")
@@ -186,10 +197,12 @@ class Worker:
             return
         await asyncio.sleep(self.rng.uniform(*self.train_s))
         chunks, sha256, total = self.update_for(plan)
+        sharded = plan.HasField("shard_upload")
         header = device_pb2.UploadUpdateRequest(header=device_pb2.UpdateHeader(
             api_version=API_VERSION, participation=p, num_examples=100,
             tensors=plan.update_tensors, total_bytes=total, sha256=sha256,
-            upload_id=secrets.token_urlsafe(16)))
+            upload_id=secrets.token_urlsafe(16),
+            ticket=plan.shard_upload.ticket if sharded else None))
 
         async def messages() -> Any:
             yield header
@@ -198,15 +211,20 @@ class Worker:
 
         start = time.time()
         try:
-            await stub.UploadUpdate(messages(), timeout=300)
+            if sharded:  # to the shard the plan names, on a connection of its own
+                async with self.channel(plan.shard_upload.address) as to_shard:
+                    await aggregator_pb2_grpc.AggregatorServiceStub(to_shard).UploadUpdate(
+                        messages(), timeout=300)
+            else:
+                await stub.UploadUpdate(messages(), timeout=300)
             ok = 1
         except grpc.aio.AioRpcError as exc:
             self.error(f"UploadUpdate {exc.code().name}", exc)
             ok = 0
         self.uploads.append((int(resp.round_number), start, time.time(), ok))
 
-    def channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.target, options=[
+    def channel(self, target: str | None = None) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(target or self.target, options=[
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
             ("grpc.max_send_message_length", MESSAGE_LIMIT)])
 
@@ -359,6 +377,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     coordinator = CoordinatorSubprocess(device_auth=False)
     if args.retry_after_max is not None:
         coordinator._args += ["--retry-after-max", str(args.retry_after_max)]
+    shards = start_shards(args.aggregators, out_dir)
+    for address in (s.address for s in shards):
+        coordinator._args += ["--aggregator", address]
+    if shards:
+        coordinator._args += ["--shard-key-file", str(out_dir / "shard.key")]
+    shard_samplers = [Sampler(s.proc.pid) for s in shards]
+    for sampler in shard_samplers:
+        sampler.start()
+    try:
+        result = _run_with(args, spec, coordinator, out_dir, load_before)
+    finally:
+        for sampler in shard_samplers:
+            sampler.done.set()
+            sampler.join()
+        shard_rss = [rss_bytes(s.proc.pid, "VmHWM") for s in shards]
+        for s in shards:
+            s.proc.send_signal(signal.SIGTERM)
+        for s in shards:
+            s.proc.wait(timeout=60)
+    result["aggregators"] = len(shards)
+    result["aggregator_peak_rss_mib"] = [round(r / 2**20, 1) for r in shard_rss]
+    result["aggregator_cpu_s_total"] = [
+        round(sm.samples[-1][1] - sm.samples[0][1], 2) if sm.samples else None
+        for sm in shard_samplers]
+    return result
+
+
+class _Shard:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc = proc
+        self.address = f"127.0.0.1:{port}"
+
+
+def start_shards(count: int, out_dir: Path) -> list[_Shard]:
+    """``count`` aggregator shards on free ports, with a new key in ``out_dir``."""
+    if count == 0:
+        return []
+    key = out_dir / "shard.key"
+    key.write_text(secrets.token_bytes(32).hex())
+    shards = []
+    for i in range(count):
+        port_file = out_dir / f"aggregator-{i}.port"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedctl", "aggregator", "serve", "--index", str(i),
+             "--key-file", str(key), "--port", "0", "--port-file", str(port_file),
+             "--spool-dir", str(out_dir / f"spool-{i}")],
+            stdout=open(out_dir / f"aggregator-{i}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, env=ENV)
+        deadline = time.monotonic() + 120
+        while not port_file.exists() or not port_file.read_text().strip():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((out_dir / f"aggregator-{i}.log").read_text())
+            time.sleep(0.05)
+        shards.append(_Shard(proc, int(port_file.read_text())))
+    return shards
+
+
+def _run_with(args: argparse.Namespace, spec: TaskSpec, coordinator: CoordinatorSubprocess,
+              out_dir: Path, load_before: list[float]) -> dict[str, Any]:
     with coordinator as coord:
         assert coord.proc is not None
         with coord.admin() as admin:
@@ -532,6 +609,9 @@ def main() -> None:
     parser.add_argument("--summarize-profile", default="", metavar="PATH",
                         help="print the event loop's seconds by activity of a --profile file "
                              "and exit")
+    parser.add_argument("--aggregators", type=int, default=0, metavar="K",
+                        help="aggregator shards (fedctl aggregator serve) the uploads go to; "
+                             "0: to the coordinator")
     parser.add_argument("--note", default="", help="added to the JSON line as 'note'")
     # A load generator process (started by the run).
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)

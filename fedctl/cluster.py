@@ -1,6 +1,8 @@
-"""``fedctl cluster up --replicas M``: a local cluster to try coordinator replicas with: M
-``fedctl coordinator serve --replica`` processes on one database and one model store, on
-consecutive ports, supervised until Ctrl-C (or SIGTERM).
+"""``fedctl cluster up --replicas M --aggregators N``: a local cluster to try coordinator
+replicas and aggregator shards with: N ``fedctl aggregator serve`` processes and M
+``fedctl coordinator serve --replica`` processes on one database and one model store, every
+replica sending the uploads of sharded tasks to the N shards, on consecutive ports (the
+replicas first), supervised until Ctrl-C (or SIGTERM).
 
 It prints each replica's address, pid and log, the agent and admin command lines, and a line
 whenever a replica starts to lead. A replica that exits (``kill -9`` its pid to see a
@@ -8,7 +10,9 @@ standby take over; a deposed leader exits by itself) is started again as a stand
 exits three times in a row before serving, or because it could not take over once elected
 (exit status 3: its recovery fails, and so would every replica's), stops the cluster. Without
 ``--db`` the database is a SQLite file in ``--dir`` (one machine); give a PostgreSQL URL to
-try what production runs.
+try what production runs. A shard that exits is started again (``kill -9`` one mid-round to
+see its group lost and the round commit from the others, or fail and be redone); the shard key
+is ``DIR/shard.key``, made on the first start.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def check_lease_ttl(seconds: float) -> None:
 
 def register(subparsers: Any) -> None:
     """Adds ``cluster up`` to ``fedctl``'s subparsers (imports nothing heavy)."""
-    cluster = subparsers.add_parser("cluster", help="a local cluster of coordinator replicas")
+    cluster = subparsers.add_parser("cluster", help="a local cluster of coordinator replicas "
+                                                    "and aggregator shards")
     actions = cluster.add_subparsers(dest="action", required=True)
     up = actions.add_parser(
         "up", help="start M coordinator replicas on one database and supervise them until "
@@ -69,6 +74,9 @@ def register(subparsers: Any) -> None:
     up.add_argument("--host", default="127.0.0.1", help="address every replica binds")
     up.add_argument("--port", type=int, default=7070,
                     help="the first replica's port; the others take the next ones")
+    up.add_argument("--aggregators", type=int, default=0, metavar="N",
+                    help="aggregator shards (fedctl aggregator serve) that take the uploads "
+                         "of sharded tasks; 0: uploads go to the leader")
     add_lease_ttl(up)
     up.set_defaults(func=cmd_cluster_up)
 
@@ -96,11 +104,23 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     if not 1 <= args.replicas <= 16:
         raise CliError(f"--replicas {args.replicas}: expected 1 to 16", exit_code=2)
     check_lease_ttl(args.lease_ttl)
-    if not 0 < args.port <= 65535 - args.replicas + 1:
-        raise CliError(f"--port {args.port}: the {args.replicas} replicas need ports up to "
-                       f"{args.port + args.replicas - 1}, at most 65535", exit_code=2)
+    if not 0 <= args.aggregators <= 64:
+        raise CliError(f"--aggregators {args.aggregators}: expected 0 to 64", exit_code=2)
+    processes = args.replicas + args.aggregators
+    if not 0 < args.port <= 65535 - processes + 1:
+        raise CliError(f"--port {args.port}: the {processes} processes need ports up to "
+                       f"{args.port + processes - 1}, at most 65535", exit_code=2)
     directory: Path = args.dir.resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    shards = [_Replica(i, args.port + args.replicas + i, directory / f"aggregator-{i}.log")
+              for i in range(args.aggregators)]
+    key_file = directory / "shard.key"
+    if shards and not key_file.exists():
+        _write_key(key_file)
+    shard_flags = [flag for r in shards
+                   for flag in ("--aggregator", f"{args.host}:{r.port}")]
+    if shards:
+        shard_flags += ["--shard-key-file", str(key_file)]
     db = args.db or f"sqlite:///{directory / 'coordinator.db'}"
     token_file = directory / "admin.token"
     replicas = [_Replica(i, args.port + i, directory / f"replica-{i}.log")
@@ -114,30 +134,48 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "fedctl", "coordinator", "serve", "--replica",
                    "--db", db, "--store", str(directory / "store"), "--host", args.host,
                    "--port", str(r.port), "--port-file", str(r.port_file),
-                   "--lease-ttl", str(args.lease_ttl)]
+                   "--lease-ttl", str(args.lease_ttl), *shard_flags]
         if bootstrap:  # one replica registers the first admin token: two would race
             command += ["--admin-token-file", str(token_file)]
         with open(r.log, "ab") as log:
             r.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         r.started = time.monotonic()
 
-    def wait_serving(r: _Replica) -> None:
+    def start_shard(r: _Replica) -> None:
+        r.port_file.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "fedctl", "aggregator", "serve", "--index",
+                   str(r.index), "--key-file", str(key_file), "--host", args.host,
+                   "--port", str(r.port), "--port-file", str(r.port_file),
+                   "--spool-dir", str(directory / f"aggregator-{r.index}-spool")]
+        with open(r.log, "ab") as log:
+            r.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        r.started = time.monotonic()
+
+    def wait_serving(r: _Replica, what: str = "replica") -> None:
         assert r.proc is not None
         while not r.port_file.exists():
             if r.proc.poll() is not None or time.monotonic() - r.started > _START_TIMEOUT_S:
                 tail = r.log.read_text(errors="replace").strip().splitlines()[-3:]
-                raise CliError(f"replica {r.index} did not start (log {r.log}): "
+                raise CliError(f"{what} {r.index} did not start (log {r.log}): "
                                + " | ".join(tail))
             if stop.wait(0.05):
                 return
 
     try:
+        for r in shards:
+            start_shard(r)
+        for r in shards:
+            wait_serving(r, "aggregator")
         for r in replicas:
             start(r, bootstrap=r.index == 0)
         for r in replicas:
             wait_serving(r)
         if stop.is_set():
             return 130
+        for r in shards:
+            assert r.proc is not None
+            print(f"aggregator {r.index}: {args.host}:{r.port} pid {r.proc.pid} log {r.log}",
+                  flush=True)
         addresses = ",".join(f"{args.host}:{r.port}" for r in replicas)
         for r in replicas:
             assert r.proc is not None
@@ -150,6 +188,20 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
               "kill -9 the leader's pid to watch a standby take over; Ctrl-C stops the "
               "cluster", flush=True)
         while not stop.wait(0.2):
+            for r in shards:
+                assert r.proc is not None
+                if r.proc.poll() is not None:
+                    served = r.port_file.exists()
+                    r.failed_starts = 0 if served else r.failed_starts + 1
+                    if r.failed_starts >= 3:
+                        tail = r.log.read_text(errors="replace").strip().splitlines()[-3:]
+                        raise CliError(f"aggregator {r.index} exits before serving, 3 times in "
+                                       f"a row (log {r.log}): " + " | ".join(tail))
+                    print(f"aggregator {r.index} (pid {r.proc.pid}) exited with "
+                          f"{r.proc.returncode}; starting it again (its rounds in progress "
+                          "are lost)", flush=True)
+                    start_shard(r)
+                    print(f"aggregator {r.index}: pid {r.proc.pid}", flush=True)
             for r in replicas:
                 _report_leading(r)
                 assert r.proc is not None
@@ -171,7 +223,17 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         print("stopping the cluster", flush=True)
         return 0
     finally:
-        _stop_all(replicas)
+        _stop_all(replicas + shards)
+
+
+def _write_key(path: Path) -> None:
+    """A new shard key (32 random bytes, hex), readable by its owner only."""
+    import os
+    import secrets
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_bytes(32).hex() + "\n")
 
 
 def _report_leading(r: _Replica) -> None:

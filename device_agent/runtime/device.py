@@ -133,7 +133,8 @@ class Coordinator(Protocol):
     def download_model(self, p: Participation, plan: Plan) -> bytes: ...
 
     def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int, *,
-                      shard_address: str | None = None) -> str: ...
+                      shard_address: str | None = None, deadline: float | None = None
+                      ) -> str: ...
 
     def report_status(
         self, p: Participation, *, metrics: dict[str, float] | None = None, error: str = "",
@@ -364,7 +365,8 @@ class Device:
                     # the coordinator's ticket.
                     self.coordinator.upload_update(
                         dataclasses.replace(header, ticket=plan.shard_upload.ticket), payload,
-                        plan.max_chunk_bytes, shard_address=plan.shard_upload.address)
+                        plan.max_chunk_bytes, shard_address=plan.shard_upload.address,
+                        deadline=plan.deadline)
                 else:
                     self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
             self.stats.updates_accepted += 1

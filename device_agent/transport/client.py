@@ -13,6 +13,7 @@ thread-safe).
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import threading
 import time
@@ -252,12 +253,13 @@ class DeviceClient:
         return data
 
     def upload_update(self, header: UpdateHeader, payload: bytes, chunk_bytes: int, *,
-                      shard_address: str | None = None) -> str:
+                      shard_address: str | None = None, deadline: float | None = None) -> str:
         """Streams ``payload`` (the raw update) after ``header``; returns the server's message.
         Retries resend the same header, upload id included, so a retry of an upload the
         coordinator already counted gets its first answer, not ALREADY_EXISTS.
         ``shard_address``: the aggregator shard the plan names (the header carries its
-        ticket); the upload goes there instead, retried there only."""
+        ticket); the upload goes there instead, retried there only, and not past
+        ``deadline`` (the plan's, Unix seconds: the round has moved on, RoundOver)."""
         head = device_pb2.UploadUpdateRequest(
             header=device_pb2.UpdateHeader(
                 api_version=API_VERSION,
@@ -280,9 +282,13 @@ class DeviceClient:
 
         if shard_address is not None:
             shard = self._shard_stub(shard_address)
+            def timeout() -> float:  # a hung shard holds the device no later than the round
+                left = math.inf if deadline is None else deadline - time.time()
+                return max(5.0, min(self.policy.transfer_timeout_s, left))
+
             resp = self._retrying(
-                lambda: shard.UploadUpdate(messages(), timeout=self.policy.transfer_timeout_s),
-                move_on=False, what=f"aggregator shard {shard_address}")
+                lambda: shard.UploadUpdate(messages(), timeout=timeout()),
+                move_on=False, what=f"aggregator shard {shard_address}", deadline=deadline)
         else:
             resp = self._retrying(
                 lambda: self._stub.UploadUpdate(messages(), timeout=self.policy.transfer_timeout_s)
@@ -378,7 +384,7 @@ class DeviceClient:
             raise Rejected(code.name, details) from None
 
     def _retrying(self, call: Callable[[], T], *, rate_limited: bool = False,
-                  move_on: bool = True, what: str = "") -> T:
+                  move_on: bool = True, what: str = "", deadline: float | None = None) -> T:
         """Retries while the coordinator is unreachable (and, with ``rate_limited``, while it
         asks to come back later: RESOURCE_EXHAUSTED with ``retry-after-ms``). ``move_on``:
         an unreachable coordinator moves the calls on to the next address (not for a call
@@ -399,6 +405,9 @@ class DeviceClient:
                 retry_after = _retry_after_s(exc) if code == _LIMITED else None
                 if code not in _RETRYABLE and not (rate_limited and retry_after is not None):
                     raise Rejected(code.name, details, retry_after_s=retry_after) from None
+                if deadline is not None and time.time() >= deadline:
+                    raise RoundOver(code.name, f"{what or 'coordinator'} unreachable until the "
+                                    f"round's deadline: {details}") from None
                 if time.monotonic() - started > self.policy.give_up_after_s:
                     raise Unreachable(
                         f"{what or 'coordinator ' + ', '.join(self.targets)} unreachable for "
