@@ -42,7 +42,10 @@ def test_a_replica_needs_a_shared_database(
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--replicas", "0"], "--replicas 0: expected 1 to 16"),
-    (["--replicas", "3", "--port", "65535"], "--port 65535: the 3 replicas need ports up to"),
+    (["--replicas", "3", "--port", "65535"], "--port 65535: the 3 processes need ports up to"),
+    (["--replicas", "2", "--aggregators", "2", "--port", "65533"],
+     "--port 65533: the 4 processes need ports up to 65536"),
+    (["--aggregators", "65"], "--aggregators 65: expected 0 to 64"),
     (["--lease-ttl", "0.1"], "--lease-ttl 0.1: expected seconds from 0.5 to 600"),
 ])
 def test_cluster_up_refuses_what_cannot_start(
