@@ -1,0 +1,180 @@
+"""Aggregator shards with real processes: `fedctl aggregator serve` shards, a coordinator
+that sends each selected device to one of them, and agent processes that upload there.
+A shard killed with kill -9 loses only its group: the task completes on the other."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import harness
+import pytest
+from harness import (
+    ENV,
+    FEDCTL_CMD,
+    CoordinatorProcess,
+    start_agent,
+    stop_all,
+    wait_for_task,
+    write_task,
+)
+from slow_agents_app import STEP_ENV
+
+from core.shards import ADMIN_METADATA, admin_token, parse_key
+from protos.fedcoord.v1 import aggregator_pb2, aggregator_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+#: The test app whose model sleeps per training step (``$FEDCOORD_TEST_STEP_S``), so agent
+#: processes train at speeds the test chooses.
+APP = ["--app", "slow_agents_app:app"]
+
+
+@dataclass
+class Shard:
+    index: int
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_shard(workdir: Path, index: int, key_file: Path) -> Shard:
+    port_file = workdir / f"aggregator-{index}.port"
+    log = workdir / f"aggregator-{index}.log"
+    proc = subprocess.Popen(
+        [*FEDCTL_CMD, "aggregator", "serve", "--index", str(index), "--key-file", str(key_file),
+         "--port", "0", "--port-file", str(port_file),
+         "--spool-dir", str(workdir / f"spool-{index}")],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV)  # noqa: SIM115
+    deadline = time.monotonic() + 120
+    while not port_file.exists() or not port_file.read_text().strip():
+        if proc.poll() is not None:
+            raise RuntimeError(f"aggregator {index} exited: {log.read_text()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"aggregator {index} did not start in 120 s")
+        time.sleep(0.05)
+    return Shard(index, proc, int(port_file.read_text()), log)
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "shard.key"
+    made = subprocess.run([*FEDCTL_CMD, "aggregator", "keygen", "--out", str(path)],
+                          capture_output=True, text=True, env=ENV, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return path
+
+
+@pytest.fixture
+def shards(tmp_path: Path, key_file: Path) -> Iterator[list[Shard]]:
+    started = [start_shard(tmp_path, i, key_file) for i in range(2)]
+    yield started
+    stop_all([s.proc for s in started])
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, shards: list[Shard], key_file: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[CoordinatorProcess]:
+    """A coordinator with the two shards, which loads the test app (agents load it too)."""
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent),
+                                       harness.ENV.get("PYTHONPATH", "")) if p)
+    monkeypatch.setitem(harness.ENV, "PYTHONPATH", path)
+    c = CoordinatorProcess(tmp_path / "coordinator")
+    c.workdir.mkdir()
+    flags = [flag for s in shards for flag in ("--aggregator", s.address)]
+    c.start([*APP, *flags, "--shard-key-file", str(key_file), "--checkin-pace", "0"])
+    yield c
+    c.stop()
+
+
+def launch(coordinator: CoordinatorProcess, task_file: Path) -> str:
+    launched = subprocess.run([*FEDCTL_CMD, "task", "launch", str(task_file),
+                               "--coordinator", coordinator.target],
+                              capture_output=True, text=True, env=ENV, timeout=120)
+    assert launched.returncode == 0, launched.stderr
+    return launched.stdout.strip()
+
+
+def test_a_task_trains_through_two_aggregator_shards(
+        coordinator: CoordinatorProcess, shards: list[Shard], tmp_path: Path) -> None:
+    task_id = launch(coordinator, write_task(tmp_path / "task.yaml", rounds=2,
+                                             clients_per_round=4, min_reports=4))
+    agents = [start_agent(coordinator.target, f"sharded{i}",
+                          f"digits:shard={2 * i}/4,dirichlet=1.0", devices=2, task_id=task_id,
+                          log=tmp_path / f"agent{i}.log") for i in range(2)]
+    try:
+        with coordinator.admin() as admin:
+            task = wait_for_task(admin, task_id, timeout_s=240)
+            rounds = admin.list_rounds(task_id)
+    finally:
+        stop_all(agents)
+    assert task.state == "completed", coordinator.log_text()
+    committed = [r for r in rounds if r.state == "committed"]
+    assert [r.round_number for r in committed] == [1, 2]
+    for r in committed:
+        # Every update went through a shard: two groups of two, none lost.
+        assert r.reports == 4 and r.metrics["reports"] == 4
+        assert r.metrics["shards"] == 2 and r.metrics["shards_lost"] == 0
+        assert r.metrics["examples"] > 0 and 0 <= r.metrics["server_eval_accuracy"] <= 1
+
+
+def shard_reported(shard: Shard, key_file: Path, task_id: str, round_id: int) -> int:
+    """How many uploads ``shard`` has accepted in the round, asked as the coordinator asks."""
+    with grpc.insecure_channel(shard.address) as channel:
+        answer = aggregator_pb2_grpc.AggregatorServiceStub(channel).RoundProgress(
+            aggregator_pb2.RoundProgressRequest(rounds=[aggregator_pb2.ShardRoundKey(
+                task_id=task_id, round_id=round_id)]),
+            timeout=10, metadata=((ADMIN_METADATA, admin_token(parse_key(
+                key_file.read_bytes()))),))
+    return sum(len(r.reported) for r in answer.rounds)
+
+
+def test_a_shard_killed_mid_round_loses_only_its_group(
+        coordinator: CoordinatorProcess, shards: list[Shard], key_file: Path,
+        tmp_path: Path) -> None:
+    """Four devices train at different speeds (seconds apart), two per shard. Shard 1 is
+    killed (kill -9) as soon as it has accepted its first update of round 1, before the
+    round's last update arrives: round 1 commits from shard 0's group alone (its two
+    reports meet min_reports), and round 2 is assigned to shard 0 only."""
+    task_id = launch(coordinator, write_task(
+        tmp_path / "task.yaml", architecture="sleepy_logistic_regression", rounds=2,
+        clients_per_round=4, min_reports=2, round_deadline_s=25))
+    agents = [start_agent(coordinator.target, f"paced{i}", f"digits:shard={i}/4,dirichlet=1.0",
+                          devices=1, task_id=task_id, extra=APP, env={STEP_ENV: str(step)},
+                          log=tmp_path / f"agent{i}.log")
+              for i, step in enumerate((0.0, 0.03, 0.06, 0.09))]
+    try:
+        deadline = time.monotonic() + 180
+        # The first round opened in this coordinator's new database has round id 1.
+        while shard_reported(shards[1], key_file, task_id, 1) == 0:
+            assert time.monotonic() < deadline, coordinator.log_text()
+            time.sleep(0.02)
+        shards[1].proc.send_signal(signal.SIGKILL)
+        shards[1].proc.wait(timeout=10)
+        with coordinator.admin() as admin:
+            task = wait_for_task(admin, task_id, timeout_s=240)
+            rounds = admin.list_rounds(task_id)
+    finally:
+        stop_all(agents)
+    assert task.state == "completed", coordinator.log_text()
+    committed = sorted((r for r in rounds if r.state == "committed"),
+                       key=lambda r: r.round_number)
+    assert [r.round_number for r in committed] == [1, 2]
+    assert [r.model_version for r in committed] == [1, 2]  # each version once
+    first, second = committed
+    assert first.metrics["shards"] == 1 and first.metrics["shards_lost"] == 1, dict(
+        first.metrics)
+    assert first.metrics["reports"] == 2  # shard 0's group: what the model moved by
+    assert second.metrics["shards"] == 1 and second.metrics["shards_lost"] == 0
+    log = coordinator.log_text()
+    assert "aggregator shard 1 (127.0.0.1:" in log and "does not answer" in log
