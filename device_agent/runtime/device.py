@@ -102,6 +102,9 @@ log = logging.getLogger(__name__)
 #: Bounds on the coordinator's "come back after": never spin, never sleep for ever.
 MIN_WAIT_S = 0.05
 MAX_WAIT_S = 60.0
+#: How long a device whose update went to a shard waits before it checks in again, while
+#: the coordinator is still offering it the seat it reported for (its polls are 0.25 s apart).
+REPORTED_WAIT_S = 1.0
 
 #: Tasks a device remembers having declined (the oldest is forgotten first: offered again,
 #: it declines again).
@@ -280,6 +283,10 @@ class Device:
         self._exhausted: set[str] = set()
         #: Tasks this device declined, oldest first (sent at every check-in).
         self._declined: OrderedDict[str, str] = OrderedDict()
+        #: The participation token of this device's last accepted upload: a sharded round's
+        #: coordinator learns of an upload to a shard at its next poll (a fraction of a
+        #: second), and until then answers a check-in with the same seat again.
+        self._reported_token: str | None = None
 
     def _check_in(self, schema: DataSchema | None) -> CheckInResult:
         if self.stratum is None:  # no stratum: the call any Coordinator takes
@@ -329,6 +336,11 @@ class Device:
             if result.outcome is not CheckInOutcome.ACCEPTED:
                 self.stop.wait(min(max(result.retry_after_s, MIN_WAIT_S), MAX_WAIT_S))
                 continue
+            if result.token == self._reported_token:
+                # The seat this device's update already went to (to a shard): nothing to
+                # do in this round; its coordinator has not heard of the update yet.
+                self.stop.wait(REPORTED_WAIT_S)
+                continue
             p = Participation(self.device_id, result.task_id, result.round_number, result.token)
             try:
                 self._participate(p)
@@ -367,6 +379,7 @@ class Device:
                         dataclasses.replace(header, ticket=plan.shard_upload.ticket), payload,
                         plan.max_chunk_bytes, shard_address=plan.shard_upload.address,
                         deadline=plan.deadline)
+                    self._reported_token = p.token
                 else:
                     self.coordinator.upload_update(header, payload, plan.max_chunk_bytes)
             self.stats.updates_accepted += 1
