@@ -26,7 +26,7 @@ from test_manifests import (
 from core.shards import parse_key
 from fedctl.main import build_parser
 
-OVERLAY = KUBERNETES / "aggregators"
+OVERLAY = KUBERNETES.parent / "aggregators"
 SHARD_COMMAND = ["fedctl", "aggregator", "serve"]
 
 
@@ -51,7 +51,7 @@ def _kustomization() -> dict[str, Any]:
 def _objects() -> dict[tuple[str, str], dict[str, Any]]:
     """The overlay's objects: the base's, its own resources, the patches merged in."""
     kustomization = _kustomization()
-    assert kustomization["resources"][0] == "../"
+    assert kustomization["resources"][0] == "../base"
     objects = {(d["kind"], d["metadata"]["name"]): d for d in _manifests()}
     for name in kustomization["resources"][1:]:
         for i, document in enumerate(d for d in yaml.safe_load_all((OVERLAY / name).read_text())

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from fedctl.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
-KUBERNETES = DEPLOY / "kubernetes"
+KUBERNETES = DEPLOY / "kubernetes" / "base"
 
 #: The kinds deploy/ may hold, each with its one apiVersion and client model.
 KINDS = {
@@ -367,7 +369,7 @@ def test_the_build_context_holds_every_package_pyproject_installs() -> None:
 
 # -- the replicas overlay (deploy/kubernetes/replicas) ----------------------------------------
 
-REPLICAS = KUBERNETES / "replicas"
+REPLICAS = DEPLOY / "kubernetes" / "replicas"
 
 
 def strategic_merge(base: Any, patch: Any) -> Any:
@@ -391,7 +393,7 @@ def strategic_merge(base: Any, patch: Any) -> Any:
 
 def _replicas_objects() -> dict[tuple[str, str], dict[str, Any]]:
     kustomization = yaml.safe_load((REPLICAS / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == ["../"]
+    assert kustomization["resources"] == ["../base"]
     objects = {(d["kind"], d["metadata"]["name"]): d for d in _manifests()}
     for entry in kustomization["patches"]:
         (patch,) = [d for d in yaml.safe_load_all((REPLICAS / entry["path"]).read_text()) if d]
@@ -436,3 +438,23 @@ def test_the_strategic_merge_of_the_test_merges_named_lists_by_name() -> None:
     assert strategic_merge(base, patch) == {"containers": [{
         "name": "a", "args": ["y"], "env": [{"name": "E", "value": "1"},
                                              {"name": "F", "value": "2"}]}]}
+
+
+# -- kustomize itself ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", ["base", "replicas", "aggregators"])
+def test_kubectl_renders_every_kustomization(folder: str) -> None:
+    """What `kubectl apply -k` reads: kustomize itself must accept the folder (the tests above
+    merge the patches as it would, but only kustomize knows its own rules: an overlay inside
+    its base's folder was a cycle it refused)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: kustomize's own check is skipped")
+    rendered = subprocess.run([kubectl, "kustomize", str(DEPLOY / "kubernetes" / folder)],
+                              capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(rendered.stdout) if d]
+    assert "Deployment" in kinds and "Service" in kinds
+    if folder == "aggregators":
+        assert "StatefulSet" in kinds
