@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 
 from coordinator.rounds.errors import InvalidRequest, Late, NotSelected, shown
-from coordinator.rounds.participation import check_metrics
+from coordinator.rounds.upload_checks import check_metrics
 from coordinator.security.errors import Unauthenticated
 from core.protocol import UNCLIPPED_METRIC, UpdateHeader
 from core.shards import TicketError, UploadTicket, verify_ticket

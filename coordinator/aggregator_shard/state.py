@@ -53,7 +53,7 @@ from coordinator.rounds.errors import (
     Unavailable,
     shown,
 )
-from coordinator.rounds.participation import update_refusal
+from coordinator.rounds.upload_checks import update_refusal
 from coordinator.rounds.uploads import Receipt, SpooledUpload
 from core.protocol import UpdateHeader
 from core.shards import PartialSum, RoundKey, UploadTicket

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
-import math
 import random
 import re
 import secrets
@@ -41,6 +40,7 @@ from coordinator.rounds.shards import ShardPool
 from coordinator.rounds.state import OpenRound, RunningTask, Seat, hash_token
 from coordinator.rounds.task_setup import plan_privacy
 from coordinator.rounds.tasks import Tasks
+from coordinator.rounds.upload_checks import check_metrics, update_refusal
 from coordinator.rounds.uploads import Receipt, SpooledUpload, Upload
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import FileBlobStore, Store
@@ -73,10 +73,6 @@ from core.types import DataSchema, DeviceAttributes, ParticipantState, RoundStat
 log = logging.getLogger(__name__)
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
-_METRIC_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_MAX_METRICS = 32
-#: Largest magnitude of a reported metric: weighted sums of them stay finite.
-_MAX_METRIC_VALUE = 1e9
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
@@ -715,16 +711,6 @@ class Participants:
         return CheckInResult(outcome, task_id=task_id, retry_after_s=after, message=message)
 
 
-def update_refusal(norm: float, max_norm: float) -> InvalidRequest | None:
-    """Why an update whose L2 norm is ``norm`` must not count; None if it may."""
-    if not math.isfinite(norm):
-        return InvalidRequest("update contains NaN or infinite values; it was rejected")
-    if norm > max_norm:
-        return InvalidRequest(f"update has L2 norm {norm:.4g}, over the task's bound of "
-                              f"{max_norm:g} (robustness.max_update_l2_norm); it was rejected")
-    return None
-
-
 def _report_refusal(setup: EvaluationSetup, path: Path, device: str, stratum: str | None
                    ) -> InvalidRequest | None:
     """Why an evaluation report must not count (bounds, consistency, in an experiment the
@@ -777,16 +763,3 @@ def _check_device_id(device_id: str) -> None:
             "device_id must be 1-128 characters of letters, digits and ._:@/- "
             f"(got {shown(device_id)})"
         )
-
-
-def check_metrics(metrics: Mapping[str, float]) -> None:
-    if len(metrics) > _MAX_METRICS:
-        raise InvalidRequest(f"at most {_MAX_METRICS} metrics per report, got {len(metrics)}")
-    for name, value in metrics.items():
-        if not _METRIC_NAME.match(name):
-            raise InvalidRequest(f"metric name {shown(name)} is not a valid name")
-        if not math.isfinite(value):
-            raise InvalidRequest(f"metric {name!r} is not finite ({value})")
-        if abs(value) > _MAX_METRIC_VALUE:
-            raise InvalidRequest(f"metric {name!r} is {value:.3g}; metrics are at most "
-                                 f"{_MAX_METRIC_VALUE:g} in magnitude")

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 import numpy as np
 
 from coordinator.aggregator_shard import ShardState
 from coordinator.security.errors import Unauthenticated
-from coordinator.transport.handlers import UNARY_BYTES, RequestLimits, method_handlers
+from coordinator.transport.handlers import UNARY_BYTES, register_service
 from coordinator.transport.status import (
-    CallEnded,
     Context,
     UploadStalled,
     abort_for,
     check_api_version,
     maps_errors,
+    still_open,
 )
 from core.shards import ADMIN_METADATA, check_admin_token
 from protos import convert
@@ -69,7 +68,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                         raise convert.WireFormatError("an upload has exactly one UpdateHeader")
                     upload.write(msg.chunk)
                 await asyncio.to_thread(upload.verify)
-                await _still_open(context)
+                await still_open(context)
             answer = await asyncio.to_thread(self._state.finish_upload, upload)
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await abort_for(exc, context)
@@ -138,21 +137,10 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             ) from None
 
 
-async def _still_open(context: Context) -> None:
-    """Raises CallEnded unless the call is still open (as the coordinator's upload checks:
-    a cancelled or timed-out call also ends the client stream, and must not count)."""
-    try:
-        await context.send_initial_metadata(())
-    except Exception:  # noqa: BLE001 - gRPC's own error type for a finished call
-        raise CallEnded("the call ended before the upload did (cancelled, out of time, or "
-                        "a message over the size limit); it was not counted") from None
-
-
-class ShardRequestLimits(RequestLimits):
-    """A shard's per-method request limits (:mod:`coordinator.transport.handlers`):
+class ShardRequestLimits:
+    """A shard's per-method request limits (:class:`coordinator.transport.handlers.Limits`):
     UploadUpdate messages up to ``upload_message_bytes``, the others
-    :data:`~coordinator.transport.handlers.UNARY_BYTES`. A shard has no coordinator service
-    to read plan-derived limits from, hence no call to the base constructor."""
+    :data:`~coordinator.transport.handlers.UNARY_BYTES`."""
 
     def __init__(self, upload_message_bytes: int) -> None:
         self._upload_message_bytes = upload_message_bytes
@@ -166,10 +154,4 @@ class ShardRequestLimits(RequestLimits):
 def add_aggregator_servicer(servicer: AggregatorServicer, server: grpc.aio.Server, *,
                             upload_message_bytes: int) -> None:
     """Registers ``servicer`` with per-method request limits, checked before parsing."""
-    handlers: dict[str, Any] = method_handlers(servicer, _SERVICE,
-                                               ShardRequestLimits(upload_message_bytes))
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
-    register = getattr(server, "add_registered_method_handlers", None)
-    if register is not None:
-        register(_SERVICE.full_name, handlers)
+    register_service(servicer, server, _SERVICE, ShardRequestLimits(upload_message_bytes))

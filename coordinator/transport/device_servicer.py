@@ -28,12 +28,12 @@ from coordinator.security.service import Security
 from coordinator.transport.blobs import model_messages
 from coordinator.transport.device_auth import abort_limited
 from coordinator.transport.status import (
-    CallEnded,
     Context,
     UploadStalled,
     abort_for,
     check_api_version,
     maps_errors,
+    still_open,
 )
 from protos import convert
 from protos.fedcoord.v1 import device_pb2, device_pb2_grpc
@@ -231,7 +231,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     upload.write(msg.chunk)
                     self.bytes_received += len(msg.chunk)
                 await asyncio.to_thread(upload.verify)
-                await _still_open(context)
+                await still_open(context)
             answer = self._service.finish_upload(upload)
             await self._written.durable()
         except Exception as exc:  # noqa: BLE001 - mapped to a status
@@ -356,18 +356,6 @@ _UNMASK = _SecAggRpc(
     response=device_pb2.SecAggUnmaskResponse,
     encode=lambda _: device_pb2.SecAggUnmaskResponse(message="shares accepted"),
 )
-
-
-async def _still_open(context: Context) -> None:
-    """Raises CallEnded unless the call is still open. gRPC ends a client stream the same
-    way when the client half-closes it, cancels the call, runs out of time or sends a
-    message over gRPC's limit; only an operation on the call tells them apart (outside
-    testing, issue 13: such uploads were counted, and their retries were duplicates)."""
-    try:
-        await context.send_initial_metadata(())
-    except Exception:  # noqa: BLE001 - gRPC's own error type for a finished call
-        raise CallEnded("the call ended before the upload did (cancelled, out of time, or "
-                        "a message over the size limit); it was not counted") from None
 
 
 def _update_header(msg: device_pb2.UpdateHeader) -> UpdateHeader:

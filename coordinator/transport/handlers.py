@@ -37,13 +37,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from coordinator.rounds.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.transport.status import (
     Context,
@@ -52,6 +51,9 @@ from coordinator.transport.status import (
     abort_for,
 )
 from protos.fedcoord.v1 import admin_pb2, device_pb2
+
+if TYPE_CHECKING:  # the shard process registers its service here without the coordinator's
+    from coordinator.rounds.service import CoordinatorService
 
 #: Largest request of a unary call: ids, tokens, attributes, a status report, a proof.
 UNARY_BYTES = 64 << 10
@@ -71,8 +73,15 @@ class Refused:
     error: Exception
 
 
+class Limits(Protocol):
+    def of(self, service_name: str, method: str) -> Callable[[], int]:
+        """The largest request message of ``service_name``'s ``method``, in bytes (read when
+        a message arrives)."""
+        ...
+
+
 class RequestLimits:
-    """The largest request message of each method, in bytes. Plan-derived limits are read
+    """The coordinator's largest request message of each method, in bytes. Plan-derived limits are read
     from the service when a message arrives (on the event loop, as every service call)."""
 
     def __init__(self, service: CoordinatorService, settings: CoordinatorSettings) -> None:
@@ -96,19 +105,22 @@ class RequestLimits:
         return lambda: UNARY_BYTES
 
 
-def add_device_servicer(servicer: Any, server: grpc.aio.Server, limits: RequestLimits) -> None:
+def add_device_servicer(servicer: Any, server: grpc.aio.Server, limits: Limits) -> None:
     """Registers ``servicer`` (a DeviceServicer) with per-method request limits."""
-    _register(servicer, server, device_pb2.DESCRIPTOR.services_by_name["DeviceService"],
-              limits)
+    register_service(servicer, server, device_pb2.DESCRIPTOR.services_by_name["DeviceService"],
+                     limits)
 
 
-def add_admin_servicer(servicer: Any, server: grpc.aio.Server, limits: RequestLimits) -> None:
+def add_admin_servicer(servicer: Any, server: grpc.aio.Server, limits: Limits) -> None:
     """Registers ``servicer`` (an AdminServicer) with per-method request limits."""
-    _register(servicer, server, admin_pb2.DESCRIPTOR.services_by_name["AdminService"], limits)
+    register_service(servicer, server, admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+                     limits)
 
 
-def _register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor,
-              limits: RequestLimits) -> None:
+def register_service(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor,
+                     limits: Limits) -> None:
+    """Registers ``servicer``'s implementation of ``service``, each method's requests
+    checked against ``limits`` before they are parsed."""
     handlers = method_handlers(servicer, service, limits)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -118,7 +130,7 @@ def _register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor
         register(service.full_name, handlers)
 
 
-def method_handlers(servicer: Any, service: ServiceDescriptor, limits: RequestLimits
+def method_handlers(servicer: Any, service: ServiceDescriptor, limits: Limits
                     ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """One handler per method ``servicer`` implements (an ``async def`` or async
     generator), each with a deserializer that checks the method's limit first."""

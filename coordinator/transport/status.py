@@ -125,3 +125,15 @@ def bounded_details(message: str) -> str:
     if len(message) <= MAX_DETAILS_CHARS:
         return message
     return message[:MAX_DETAILS_CHARS - 30] + f"... ({len(message)} characters)"
+
+
+async def still_open(context: Context) -> None:
+    """Raises CallEnded unless the call is still open. gRPC ends a client stream the same
+    way when the client half-closes it, cancels the call, runs out of time or sends a
+    message over gRPC's limit; only an operation on the call tells them apart (outside
+    testing, issue 13: such uploads were counted, and their retries were duplicates)."""
+    try:
+        await context.send_initial_metadata(())
+    except Exception:  # noqa: BLE001 - gRPC's own error type for a finished call
+        raise CallEnded("the call ended before the upload did (cancelled, out of time, or "
+                        "a message over the size limit); it was not counted") from None
