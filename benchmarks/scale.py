@@ -88,6 +88,9 @@ MESSAGE_LIMIT = 8 << 20
 #: The device agent's bounds on a "come back after" (device_agent.runtime.device MIN_WAIT_S
 #: and MAX_WAIT_S): a virtual device waits as long as a real one would, no less, no more.
 MIN_WAIT_S, MAX_WAIT_S = 0.05, 60.0
+#: device_agent.runtime.device.REPORTED_WAIT_S: how long a device whose update went to a shard
+#: waits when the coordinator offers it that seat again (before its next poll of the shard).
+REPORTED_WAIT_S = 1.0
 
 
 # ---------------------------------------------------------------------- load generator
@@ -147,6 +150,7 @@ class Worker:
         await asyncio.sleep(self.rng.uniform(0, self.ramp_s))
         assert self.stop is not None
         failures = 0
+        reported = ""  # the token of this device's last accepted upload
         while not self.stop.is_set():
             sent = time.time()
             start = time.perf_counter()
@@ -167,12 +171,18 @@ class Worker:
             self.outcomes[Outcome.Outcome.Name(resp.outcome)] += 1
             if resp.outcome == Outcome.FINISHED:
                 return
+            if resp.outcome == Outcome.ACCEPTED and resp.participation_token == reported:
+                # As the agent (REPORTED_WAIT_S): the seat its update already went to, at
+                # a shard the coordinator has not polled since.
+                await asyncio.sleep(REPORTED_WAIT_S)
+                continue
             if resp.outcome == Outcome.ACCEPTED:
                 # A device has a connection of its own: its 40 MB transfers never hold up
                 # other devices' check-ins on a shared one.
                 async with self.channel() as own:
-                    await self.participate(device_pb2_grpc.DeviceServiceStub(own), device_id,
-                                           resp)
+                    if await self.participate(device_pb2_grpc.DeviceServiceStub(own),
+                                              device_id, resp):
+                        reported = resp.participation_token
                 continue
             self.retry_after_ms.append(resp.retry_after_ms)
             await asyncio.sleep(min(max(resp.retry_after_ms / 1000, MIN_WAIT_S), MAX_WAIT_S))
@@ -182,7 +192,8 @@ class Worker:
         self.error_details.setdefault(kind, (exc.details() or "")[:200])
 
     async def participate(self, stub: device_pb2_grpc.DeviceServiceStub, device_id: str,
-                          resp: device_pb2.CheckInResponse) -> None:
+                          resp: device_pb2.CheckInResponse) -> bool:
+        """Plan, download, "train", upload; True when the update was accepted."""
         p = device_pb2.Participation(device_id=device_id, task_id=resp.task_id,
                                      round_number=resp.round_number,
                                      token=resp.participation_token)
@@ -194,7 +205,7 @@ class Worker:
                 self.downloaded_bytes += len(msg.chunk)
         except grpc.aio.AioRpcError as exc:
             self.error(f"plan/download {exc.code().name}", exc)
-            return
+            return False
         await asyncio.sleep(self.rng.uniform(*self.train_s))
         chunks, sha256, total = self.update_for(plan)
         sharded = plan.HasField("shard_upload")
@@ -222,6 +233,7 @@ class Worker:
             self.error(f"UploadUpdate {exc.code().name}", exc)
             ok = 0
         self.uploads.append((int(resp.round_number), start, time.time(), ok))
+        return bool(ok)
 
     def channel(self, target: str | None = None) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(target or self.target, options=[
