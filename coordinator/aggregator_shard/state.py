@@ -272,19 +272,25 @@ class ShardState:
                              metrics=upload.header.metrics, norm=norm)
             except BaseException as exc:
                 # Part of the update may be in the sum, uncounted: the sum is wrong for good.
-                rnd.broken = f"adding device {shown(device)}'s update failed ({exc!r:.200})"
-                raise
-            finally:
                 with self._lock:
+                    rnd.broken = f"adding device {shown(device)}'s update failed ({exc!r:.200})"
                     rnd.folding.discard(device)
                     self._folded.notify_all()
+                raise
             with self._lock:
-                if self._rounds.get(ticket.round_key) is not rnd:
-                    # Dropped while it was folded: nobody collects the sum it went into.
-                    raise Late(f"round {ticket.round_number} of task {shown(ticket.task_id)} "
-                               "was closed while the update was added; it does not count")
-                rnd.reported.append(device)
-                self._remember(rnd, upload, None)
+                # One step: a collect waiting for the folds in flight sees the device named
+                # in ``reported`` as soon as its update is in the sum, never one without
+                # the other (a device in the sum but not named would escape the accounting).
+                rnd.folding.discard(device)
+                dropped = self._rounds.get(ticket.round_key) is not rnd
+                if not dropped:
+                    rnd.reported.append(device)
+                    self._remember(rnd, upload, None)
+                self._folded.notify_all()
+            if dropped:
+                # Dropped while it was folded: nobody collects the sum it went into.
+                raise Late(f"round {ticket.round_number} of task {shown(ticket.task_id)} "
+                           "was closed while the update was added; it does not count")
         finally:
             with self._lock:
                 upload.finishing = False
