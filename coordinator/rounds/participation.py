@@ -301,6 +301,10 @@ class Participants:
             return None
         assert self._shards is not None
         if seat.ticket is None:
+            healthy = self._shards.healthy()
+            if healthy and seat.shard not in healthy:
+                # Its shard stopped answering since the seat was given: another one.
+                seat.shard = rnd.shards.assign(device, healthy)
             privacy = task.privacy
             seat.ticket = self._shards.sign(UploadTicket(
                 task_id=task.task_id, round_id=rnd.round_id, round_number=seat.round_number,

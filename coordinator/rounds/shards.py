@@ -168,6 +168,41 @@ class ShardedAggregator:
     def add_masked(self, device: str, vector: RingVector, clipped: int) -> None:
         raise InvalidRequest("this task does not use secure aggregation")
 
+    def _problem(self, shard: int, part: PartialSum | None, polled: frozenset[str]
+                 ) -> str | None:
+        """Why a shard's partial sum must not be used (its group is then lost); None if it
+        may. The coordinator checks what it can, so a shard that lost or miscounted its
+        round cannot move the model or the privacy accounting: it must name every device the
+        coordinator saw it accept (a shard restarted mid-round knows none), only devices
+        assigned to it, each once; under central DP its sum must be what clipping allows."""
+        reported = [] if part is None else part.reported
+        missing = polled.difference(reported)
+        if missing:
+            return (f"its partial sum lacks {len(missing)} of the devices it had accepted "
+                    "(restarted mid-round?)")
+        if part is None:
+            return None
+        rnd = self.round
+        if any(rnd.assigned.get(d) != shard for d in part.reported):
+            return "it folded devices assigned to another shard"
+        if len(set(part.reported)) != len(part.reported):
+            return "it named a device twice"
+        if not np.all(np.isfinite(part.total)):
+            return "its partial sum is not finite"
+        if rnd.mode is ShardMode.CLIPPED_SUM:
+            privacy = self._privacy
+            assert privacy is not None
+            count = part.count
+            bound = count * privacy.clip * (1 + 1e-6) + 1e-9
+            if part.weight != count or not 0 <= part.unclipped <= count:
+                return (f"its clipped sum counts {part.weight:g} updates and {part.unclipped:g} "
+                        f"unclipped bits for {count} devices")
+            if float(np.linalg.norm(part.total)) > bound:
+                return "its clipped sum is longer than its devices' clipped updates can make it"
+        elif part.weight <= 0 < part.count:
+            return f"its weight total {part.weight:g} is not positive"
+        return None
+
     def release(self, draw: CohortDraw | None) -> Aggregate:
         """Collects every shard that was assigned devices; releases as the unsharded
         aggregator of the mode would (FedAvg: the weighted mean, the weight total and the
@@ -180,22 +215,19 @@ class ShardedAggregator:
         """
         rnd = self.round
         groups = rnd.groups()
+        polled = self._pool.reported(rnd.key)
         parts: list[PartialSum] = []
         lost: list[str] = []
         for shard in sorted(groups):
             try:
                 part = self._pool.collect(rnd.key, shard)
+                problem = self._problem(shard, part, polled.get(shard, frozenset()))
             except ShardUnavailable as exc:
-                lost.append(f"shard {shard} ({self._pool.addresses[shard]}): {exc}")
-                continue
-            if part is None:
-                continue
-            foreign = [d for d in part.reported if rnd.assigned.get(d) != shard]
-            if foreign:  # tickets name their shard: only a misconfigured shard does this
-                lost.append(f"shard {shard} ({self._pool.addresses[shard]}): it folded "
-                            f"{len(foreign)} devices assigned elsewhere")
-                continue
-            parts.append(part)
+                problem = str(exc)
+            if problem is not None:
+                lost.append(f"shard {shard} ({self._pool.addresses[shard]}): {problem}")
+            elif part is not None:
+                parts.append(part)
         try:
             total = combine(parts, size=rnd.size, mode=rnd.mode)
         except ValueError as exc:
