@@ -140,3 +140,6 @@ class ShardSettings:
     tls_ca: Path | None = None
     #: A shard that answers no call this long is dead: its group of the round is lost.
     call_timeout_s: float = 10.0
+    #: How long collecting one shard's partial sum may take (the adds still in flight
+    #: there, then the sum streamed: 800 MB for a 100M-parameter model).
+    collect_timeout_s: float = 120.0

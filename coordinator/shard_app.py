@@ -36,6 +36,10 @@ from protos.fedcoord.v1 import aggregator_pb2
 
 log = logging.getLogger(__name__)
 
+#: Largest answer a shard sends: the coordinator's limit on what it receives from a shard
+#: (coordinator.transport.shard_client); about a million device ids of 40 characters.
+SEND_LIMIT_BYTES = 64 << 20
+
 AGGREGATOR_SERVICE = aggregator_pb2.DESCRIPTOR.services_by_name["AggregatorService"].full_name
 #: How often rounds past their retention are forgotten.
 EXPIRE_EVERY_S = 30.0
@@ -121,7 +125,9 @@ class AggregatorShard:
         limit = self.settings.max_message_bytes
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
+            # Answers to the coordinator list devices (RoundProgress, CollectRound's
+            # header): a round of a few thousand long ids passes the upload limit.
+            ("grpc.max_send_message_length", SEND_LIMIT_BYTES),
             ("grpc.so_reuseport", 0),
         ])
         servicer = AggregatorServicer(self.state, self.settings.key,

@@ -423,6 +423,15 @@ def _shard_settings(args: argparse.Namespace) -> ShardSettings | None:
         raise CliError(f"--shard-key-file {args.shard_key_file}: {exc}", exit_code=2) from None
     if args.shard_ca is not None and not args.shard_ca.is_file():
         raise CliError(f"--shard-ca {args.shard_ca}: no such file", exit_code=2)
+    if args.shard_ca is None and not args.insecure:
+        from coordinator.transport.tls import is_loopback
+
+        remote = [a for a in addresses if not is_loopback(a.rpartition(":")[0].strip("[]"))]
+        if remote:
+            raise CliError(f"--aggregator {remote[0]}: a shard off this machine needs TLS "
+                           "(--shard-ca; the shards serve with --tls-dir): plaintext would "
+                           "carry the sums and the shard key's token (--insecure allows it "
+                           "on a trusted network)", exit_code=2)
     return ShardSettings(addresses=addresses, key=key, tls_ca=args.shard_ca)
 
 

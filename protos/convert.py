@@ -388,7 +388,8 @@ def partial_sum_header_to_proto(key: RoundKey, part: PartialSum) -> aggregator_p
         sha256=hashlib.sha256(part.total.astype("<f8", copy=False).tobytes()).hexdigest())
 
 
-def partial_sum_from_proto(header: aggregator_pb2.PartialSumHeader, data: bytes) -> PartialSum:
+def partial_sum_from_proto(header: aggregator_pb2.PartialSumHeader,
+                           data: bytes | bytearray) -> PartialSum:
     """A partial sum from its header and the concatenated chunks.
 
     Raises:
@@ -403,7 +404,7 @@ def partial_sum_from_proto(header: aggregator_pb2.PartialSumHeader, data: bytes)
                               "values")
     if hashlib.sha256(data).hexdigest() != header.sha256:
         raise WireFormatError("partial sum: the chunks' sha256 does not match the header's")
-    total = np.frombuffer(data, dtype="<f8").astype(np.float64)
+    total = np.frombuffer(data, dtype="<f8")  # no copy: the float64 sum is the buffer
     return PartialSum(mode, total, list(header.reported), weight=header.weight,
                       unclipped=header.unclipped, metric_sums=dict(header.metric_sums),
                       metric_weights=dict(header.metric_weights))

@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 #: How often the shards are asked for the progress of the watched rounds.
 POLL_SECONDS = 0.25
-#: Largest message on a shard channel (a collected sum streams in chunks of at most 1 MiB).
+#: Largest message on a shard channel (a collected sum streams in chunks of at most 1 MiB;
+#: progress answers list device ids).
 _MAX_MESSAGE = 64 << 20
+#: The most float64 values a collected sum may declare (a 1G-parameter model).
+_MAX_VALUES = 1 << 30
 
 
 class GrpcShardPool:
@@ -93,22 +96,32 @@ class GrpcShardPool:
     def collect(self, key: RoundKey, shard: int) -> PartialSum | None:
         request = aggregator_pb2.CollectRoundRequest(round=convert.round_key_to_proto(key))
         header = None
-        chunks: list[bytes] = []
+        data = bytearray()
+        filled = 0
         try:
             for message in self._stubs[shard].CollectRound(
-                    request, timeout=self._settings.call_timeout_s, metadata=self._metadata):
+                    request, timeout=self._settings.collect_timeout_s,
+                    metadata=self._metadata):
                 if message.HasField("header"):
                     header = message.header
+                    # One buffer of the sum's size, filled in place (no list of chunks).
+                    data = bytearray(8 * min(header.values, _MAX_VALUES))
+                    filled = 0
+                elif header is not None and filled + len(message.chunk) <= len(data):
+                    data[filled:filled + len(message.chunk)] = message.chunk
+                    filled += len(message.chunk)
                 else:
-                    chunks.append(message.chunk)
+                    raise ShardUnavailable("CollectRound sent more than its header declared")
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise ShardUnavailable(f"{exc.code().name}: {exc.details()}") from None
         if header is None:
             raise ShardUnavailable("CollectRound sent no header")
+        if filled != len(data):
+            raise ShardUnavailable(f"CollectRound sent {filled} of {len(data)} bytes")
         try:
-            part: PartialSum = convert.partial_sum_from_proto(header, b"".join(chunks))
+            part: PartialSum = convert.partial_sum_from_proto(header, data)
         except convert.WireFormatError as exc:
             raise ShardUnavailable(str(exc)) from None
         if convert.round_key_from_proto(header.round) != key:
@@ -138,22 +151,20 @@ class GrpcShardPool:
             self._wake.clear()
 
     def _poll_once(self) -> None:
+        """Asks every shard for the watched rounds' progress, all at once (a shard that
+        hangs costs its own call's timeout, not the others' freshness), then sends the
+        drops asked for since the last poll."""
         with self._lock:
             watched = sorted(self._watched)
             drops, self._drops = self._drops, []
         request = aggregator_pb2.RoundProgressRequest(
             rounds=[convert.round_key_to_proto(k) for k in watched])
         timeout = min(self._settings.call_timeout_s, 5.0)
-        for shard, stub in enumerate(self._stubs):
-            for key in drops:
-                try:
-                    stub.DropRound(aggregator_pb2.DropRoundRequest(
-                        round=convert.round_key_to_proto(key)), timeout=timeout,
-                        metadata=self._metadata)
-                except grpc.RpcError:
-                    pass  # a shard forgets unclaimed rounds on its own after their deadline
+        futures = [stub.RoundProgress.future(request, timeout=timeout, metadata=self._metadata)
+                   for stub in self._stubs]
+        for shard, future in enumerate(futures):
             try:
-                answer = stub.RoundProgress(request, timeout=timeout, metadata=self._metadata)
+                answer = future.result()
             except grpc.RpcError as exc:
                 self._set_health(shard, False, f"{exc.code().name}: {exc.details()}")
                 continue
@@ -163,6 +174,17 @@ class GrpcShardPool:
                     key = convert.round_key_from_proto(progress.round)
                     if key in self._watched:
                         self._reported[key][shard] = frozenset(progress.reported)
+        healthy = self.healthy()
+        pending = [stub.DropRound.future(aggregator_pb2.DropRoundRequest(
+                       round=convert.round_key_to_proto(key)), timeout=timeout,
+                       metadata=self._metadata)
+                   for key in drops for shard, stub in enumerate(self._stubs)
+                   if shard in healthy]
+        for future in pending:
+            try:
+                future.result()
+            except grpc.RpcError:
+                pass  # a shard forgets unclaimed rounds on its own after their deadline
 
     def _set_health(self, shard: int, ok: bool, why: str) -> None:
         with self._lock:
