@@ -3,7 +3,7 @@ signs for a device it assigned to a shard, and the partial sum a shard hands bac
 
 A round of a sharded task (:mod:`coordinator.rounds.shards`) sends each selected device's
 clear upload to one ``fedctl aggregator serve`` process instead of the coordinator. The
-device carries an :class:`UploadTicket` it cannot read or alter (HMAC-SHA256 under the key
+device carries an :class:`UploadTicket` it cannot alter (plain JSON under HMAC-SHA256 with the key
 the coordinator and its shards share): it says which task, round and device the upload is
 for, which shard takes it, and how that shard must fold it in (FedAvg weights, or DP
 clipping). The shard needs no other word from the coordinator to take uploads; the
@@ -170,8 +170,8 @@ class PartialSum:
     FEDAVG: ``total`` = sum of weight_i x update_i, ``weight`` = sum of the capped weights,
     ``metric_sums``/``metric_weights`` as the coordinator's clear metric means keep them
     (empty when metrics are withheld). CLIPPED_SUM: ``total`` = sum of the clipped updates,
-    ``weight`` = their number, ``unclipped`` = how many had a norm over the clip (adaptive
-    clipping's bits). ``reported``: the devices folded in, each once."""
+    ``weight`` = their number, ``unclipped`` = the sum of adaptive clipping's bits (1 for an
+    update whose norm fitted under the clip, :data:`core.protocol.UNCLIPPED_METRIC`). ``reported``: the devices folded in, each once."""
 
     mode: ShardMode
     total: npt.NDArray[np.float64]
