@@ -4,7 +4,9 @@ A shard killed with kill -9 loses only its group: the task completes on the othe
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -178,3 +180,87 @@ def test_a_shard_killed_mid_round_loses_only_its_group(
     assert second.metrics["shards"] == 1 and second.metrics["shards_lost"] == 0
     log = coordinator.log_text()
     assert "aggregator shard 1 (127.0.0.1:" in log and "does not answer" in log
+
+
+def _consecutive_free_ports(count: int) -> int:
+    import random
+    import socket
+
+    for _ in range(50):
+        first = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free consecutive ports")
+
+
+def test_cluster_up_runs_shards_beside_the_coordinator_and_restarts_a_killed_one(
+        tmp_path: Path) -> None:
+    """`fedctl cluster up --replicas 1 --aggregators 2`: a task trains through the two
+    shards; a shard killed with kill -9 is started again; Ctrl-C stops everything."""
+    port = _consecutive_free_ports(3)
+    directory = tmp_path / "c"
+    out = tmp_path / "cluster.out"
+    cluster = subprocess.Popen(
+        [*FEDCTL_CMD, "cluster", "up", "--replicas", "1", "--aggregators", "2",
+         "--dir", str(directory), "--port", str(port)],
+        stdout=open(out, "wb"), stderr=subprocess.STDOUT, env=ENV)  # noqa: SIM115
+
+    def wait_line(pattern: str, timeout_s: float = 180) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = out.read_text(errors="replace")
+            if (found := re.search(pattern, text)) is not None:
+                return found
+            assert cluster.poll() is None, text
+            assert time.monotonic() < deadline, f"no {pattern!r} in: {text}"
+            time.sleep(0.05)
+
+    agent = None
+    try:
+        wait_line(r"replica 0 leads")
+        shard_pid = int(wait_line(rf"aggregator 1: 127.0.0.1:{port + 2} pid (\d+)").group(1))
+        assert (directory / "shard.key").stat().st_mode & 0o077 == 0
+        coordinator = f"127.0.0.1:{port}"
+        env = dict(ENV, FEDCOORD_TOKEN=(directory / "admin.token").read_text().strip())
+        launched = subprocess.run(
+            [*FEDCTL_CMD, "task", "launch", str(write_task(tmp_path / "task.yaml", rounds=1,
+                                                           clients_per_round=2, min_reports=2)),
+             "--coordinator", coordinator], capture_output=True, text=True, env=env,
+            timeout=120)
+        assert launched.returncode == 0, launched.stderr
+        task_id = launched.stdout.strip()
+        agent = start_agent(coordinator, "clustered", "digits:shard=0/2,dirichlet=1.0",
+                            devices=2, task_id=task_id, log=tmp_path / "agent.log")
+        deadline = time.monotonic() + 180
+        while True:
+            status = subprocess.run(
+                [*FEDCTL_CMD, "task", "status", task_id, "--coordinator", coordinator,
+                 "--json"], capture_output=True, text=True, env=env, timeout=60)
+            assert status.returncode == 0, status.stderr
+            document = json.loads(status.stdout)
+            if document["task"]["state"] == "completed":
+                break
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.5)
+        (committed,) = [r for r in document["rounds"] if r["state"] == "committed"]
+        assert committed["metrics"]["shards"] == 2, committed
+        os.kill(shard_pid, signal.SIGKILL)
+        wait_line(rf"aggregator 1 \(pid {shard_pid}\) exited with -9; starting it again")
+        wait_line(r"aggregator 1: pid (\d+)")
+    finally:
+        if agent is not None:
+            stop_all([agent])
+        cluster.send_signal(signal.SIGINT)
+        code = cluster.wait(timeout=60)
+    assert code == 0, out.read_text()
+    assert "stopping the cluster" in out.read_text()
