@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from core.tensors import TensorInfo
+
 #: Bytes of a shard key (``fedctl aggregator serve --key-file``): 32 random bytes.
 KEY_BYTES = 32
 #: What the coordinator's calls to a shard carry in the ``x-fedcoord-shard-auth`` metadata:
@@ -75,6 +77,9 @@ class UploadTicket:
     deadline: float
     max_chunk_bytes: int
     max_num_examples: int
+    #: :func:`tensors_digest` of the update's layout (the model's tensors, in order): the
+    #: header's tensors must be these, as the coordinator requires of its own uploads.
+    tensors: str
 
     def encode(self) -> bytes:
         """Canonical bytes (sorted JSON): what the MAC covers."""
@@ -99,6 +104,12 @@ class RoundKey:
 
     task_id: str
     round_id: int
+
+
+def tensors_digest(tensors: Iterable[TensorInfo]) -> str:
+    """SHA-256 (hex) of an update's layout: each tensor's name, dtype and shape, in order."""
+    layout = [[t.name, t.dtype, list(t.shape)] for t in tensors]
+    return hashlib.sha256(json.dumps(layout, separators=(",", ":")).encode()).hexdigest()
 
 
 def parse_key(data: bytes) -> bytes:
@@ -240,5 +251,6 @@ __all__ = [
     "combine",
     "parse_key",
     "sign_ticket",
+    "tensors_digest",
     "verify_ticket",
 ]

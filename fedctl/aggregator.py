@@ -112,23 +112,34 @@ def cmd_aggregator_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_aggregator_keygen(args: argparse.Namespace) -> int:
+def write_new_key(path: Path) -> None:
+    """Writes a new shard key (32 random bytes, hex) to ``path``, readable by its owner only.
+
+    Raises:
+        FileExistsError: ``path`` exists (a key file is never overwritten).
+        OSError: it cannot be created.
+    """
     import secrets
 
     from core.shards import KEY_BYTES
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(KEY_BYTES) + "\n")
+
+
+def cmd_aggregator_keygen(args: argparse.Namespace) -> int:
     from fedctl.errors import CliError
 
     path: Path = args.out
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new_key(path)
     except FileExistsError:
         raise CliError(f"--out {path} exists; a key file is never overwritten (remove it, or "
                        "choose another file)", exit_code=2) from None
     except OSError as exc:
         raise CliError(f"--out {path}: cannot create it ({exc.strerror or exc})",
                        exit_code=2) from None
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(KEY_BYTES) + "\n")
     print(f"wrote a new shard key to {path} (mode 0600)\n"
           f"shards:      fedctl aggregator serve --index I --key-file {path} ...\n"
           f"coordinator: fedctl coordinator serve --aggregator HOST:PORT ... "

@@ -116,7 +116,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
               for i in range(args.aggregators)]
     key_file = directory / "shard.key"
     if shards and not key_file.exists():
-        _write_key(key_file)
+        from fedctl.aggregator import write_new_key
+
+        write_new_key(key_file)
     shard_flags = [flag for r in shards
                    for flag in ("--aggregator", f"{args.host}:{r.port}")]
     if shards:
@@ -224,16 +226,6 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         return 0
     finally:
         _stop_all(replicas + shards)
-
-
-def _write_key(path: Path) -> None:
-    """A new shard key (32 random bytes, hex), readable by its owner only."""
-    import os
-    import secrets
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_bytes(32).hex() + "\n")
 
 
 def _report_leading(r: _Replica) -> None:

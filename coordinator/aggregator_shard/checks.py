@@ -21,7 +21,7 @@ from coordinator.rounds.errors import InvalidRequest, Late, NotSelected, shown
 from coordinator.rounds.upload_checks import check_metrics
 from coordinator.security.errors import Unauthenticated
 from core.protocol import UNCLIPPED_METRIC, UpdateHeader
-from core.shards import TicketError, UploadTicket, verify_ticket
+from core.shards import TicketError, UploadTicket, tensors_digest, verify_ticket
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -71,20 +71,16 @@ def check_upload_id(upload_id: str) -> None:
 
 def check_header(header: UpdateHeader, ticket: UploadTicket) -> None:
     """Raises InvalidRequest unless the header fits its ticket: the update is ``values``
-    float32 (``4 x values`` bytes; its tensors, when listed, float32 and as many), between
+    float32 (``4 x values`` bytes) in the plan's tensors (the ticket's digest), between
     1 and ``max_num_examples`` examples, a sha256 of 64 hex digits, and metrics the ticket
     allows (:func:`check_ticket_metrics`)."""
     expected = 4 * ticket.values
     if header.total_bytes != expected:
         raise InvalidRequest(f"header declares {header.total_bytes} bytes but this round's "
                              f"update is {ticket.values} float32 values ({expected} bytes)")
-    if header.tensors:
-        if any(t.dtype != "float32" for t in header.tensors):
-            raise InvalidRequest("an update's tensors are float32")
-        listed = sum(t.numel for t in header.tensors)
-        if listed != ticket.values:
-            raise InvalidRequest(f"the header's tensors hold {listed} values; this round's "
-                                 f"update is {ticket.values}")
+    if tensors_digest(header.tensors) != ticket.tensors:
+        raise InvalidRequest("the header's tensors are not this round's update layout (the "
+                             "model's tensors: names, dtypes and shapes, in the plan's order)")
     if not 1 <= header.num_examples <= ticket.max_num_examples:
         raise InvalidRequest(f"num_examples must be between 1 and {ticket.max_num_examples}, "
                              f"got {header.num_examples}")

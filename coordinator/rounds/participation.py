@@ -66,7 +66,7 @@ from core.secagg.messages import (
     Stage,
     UnmaskResponse,
 )
-from core.shards import ShardMode, UploadTicket
+from core.shards import ShardMode, UploadTicket, tensors_digest
 from core.tensors import TensorInfo
 from core.types import DataSchema, DeviceAttributes, ParticipantState, RoundState
 
@@ -317,7 +317,8 @@ class Participants:
                 adaptive_clipping=privacy is not None and privacy.adaptive is not None,
                 deadline=min(rnd.deadline, seat.deadline),
                 max_chunk_bytes=self._settings.max_chunk_bytes,
-                max_num_examples=self._settings.max_num_examples))
+                max_num_examples=self._settings.max_num_examples,
+                tensors=tensors_digest(task.upload_tensors)))
         return ShardUpload(self._shards.addresses[seat.shard], seat.ticket)
 
     def model(self, p: Participation, version: int) -> ModelVersionRecord:

@@ -30,6 +30,7 @@ from core.shards import (
     admin_token,
     parse_key,
     sign_ticket,
+    tensors_digest,
 )
 from core.types import API_VERSION
 from protos import convert
@@ -101,7 +102,8 @@ def ticket(key: RoundKey, device: str, **changes: object) -> UploadTicket:
         task_id=key.task_id, round_id=key.round_id, round_number=1, device_id=device,
         shard=SHARD, values=VALUES, mode=ShardMode.FEDAVG, weight_cap=50, clip_norm=0.0,
         max_update_l2_norm=math.inf, clear_metrics=True, adaptive_clipping=False,
-        deadline=time.time() + 120, max_chunk_bytes=1 << 12, max_num_examples=1000)
+        deadline=time.time() + 120, max_chunk_bytes=1 << 12, max_num_examples=1000,
+        tensors=tensors_digest([]))
     fields.update(changes)
     return UploadTicket(**fields)  # type: ignore[arg-type]
 

@@ -22,6 +22,7 @@ from core.shards import (
     combine,
     parse_key,
     sign_ticket,
+    tensors_digest,
     verify_ticket,
 )
 
@@ -33,7 +34,7 @@ def ticket(**kw: object) -> UploadTicket:
         task_id="t1", round_id=7, round_number=3, device_id="dev-1", shard=1, values=10,
         mode=ShardMode.FEDAVG, weight_cap=100, clip_norm=0.0, max_update_l2_norm=math.inf,
         clear_metrics=True, adaptive_clipping=False, deadline=1_700_000_100.0,
-        max_chunk_bytes=1 << 20, max_num_examples=1 << 31)
+        max_chunk_bytes=1 << 20, max_num_examples=1 << 31, tensors=tensors_digest([]))
     base.update(kw)
     return UploadTicket(**base)  # type: ignore[arg-type]
 

@@ -24,6 +24,7 @@ from core.shards import (
     UploadTicket,
     admin_token,
     sign_ticket,
+    tensors_digest,
 )
 from core.tls import TlsError, write_local_ca
 from core.types import API_VERSION
@@ -43,7 +44,8 @@ def ticket(device: str, **changes: object) -> UploadTicket:
         task_id=ROUND.task_id, round_id=ROUND.round_id, round_number=2, device_id=device,
         shard=0, values=VALUES, mode=ShardMode.FEDAVG, weight_cap=100, clip_norm=0.0,
         max_update_l2_norm=math.inf, clear_metrics=True, adaptive_clipping=False,
-        deadline=NOW + 60, max_chunk_bytes=64, max_num_examples=1000)
+        deadline=NOW + 60, max_chunk_bytes=64, max_num_examples=1000,
+        tensors=tensors_digest([]))
     fields.update(changes)
     return UploadTicket(**fields)  # type: ignore[arg-type]
 

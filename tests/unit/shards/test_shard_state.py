@@ -26,7 +26,8 @@ from coordinator.rounds.errors import (
 from coordinator.security.errors import Unauthenticated
 from core.privacy.central import ClippedSum
 from core.protocol import UNCLIPPED_METRIC, Participation, UpdateHeader
-from core.shards import RoundKey, ShardMode, SignedTicket, UploadTicket, sign_ticket
+from core.shards import RoundKey, ShardMode, SignedTicket, UploadTicket, sign_ticket, tensors_digest
+from core.tensors import TensorInfo
 
 KEY = bytes(range(32))
 VALUES = 6
@@ -39,18 +40,19 @@ def ticket(device: str = "dev-1", **changes: object) -> UploadTicket:
         task_id="task-a", round_id=11, round_number=3, device_id=device, shard=0,
         values=VALUES, mode=ShardMode.FEDAVG, weight_cap=100, clip_norm=0.0,
         max_update_l2_norm=math.inf, clear_metrics=True, adaptive_clipping=False,
-        deadline=NOW + 60, max_chunk_bytes=1 << 20, max_num_examples=10_000)
+        deadline=NOW + 60, max_chunk_bytes=1 << 20, max_num_examples=10_000,
+        tensors=tensors_digest([]))
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def header(update: np.ndarray, t: UploadTicket, *, signed: SignedTicket | None = None,
            num_examples: int = 10, metrics: dict[str, float] | None = None,
-           upload_id: str = "", device: str | None = None, sha256: str | None = None
-           ) -> UpdateHeader:
+           upload_id: str = "", device: str | None = None, sha256: str | None = None,
+           tensors: list[TensorInfo] | None = None) -> UpdateHeader:
     data = update.astype("<f4").tobytes()
     return UpdateHeader(
         participation=Participation(device or t.device_id, t.task_id, t.round_number, "tok"),
-        num_examples=num_examples, tensors=[], total_bytes=len(data),
+        num_examples=num_examples, tensors=tensors or [], total_bytes=len(data),
         sha256=sha256 or hashlib.sha256(data).hexdigest(), metrics=metrics or {},
         upload_id=upload_id, ticket=signed if signed is not None else sign_ticket(t, KEY))
 
@@ -158,6 +160,15 @@ def test_the_declared_size_must_be_the_tickets_values(shard: ShardState) -> None
     with pytest.raises(InvalidRequest, match="declares 20 bytes but this round's update is 6 "
                                              "float32 values"):
         shard.begin_upload(header(np.zeros(5, np.float32), ticket()))
+
+
+def test_the_header_must_list_the_plans_tensors_in_order(shard: ShardState) -> None:
+    weight, bias = TensorInfo("w", "float32", (2, 2)), TensorInfo("b", "float32", (2,))
+    t = ticket(tensors=tensors_digest([weight, bias]))
+    swapped = dataclasses.replace(header(vec(1), t), tensors=[bias, weight])
+    with pytest.raises(InvalidRequest, match="not this round's update layout"):
+        shard.begin_upload(swapped)
+    assert upload(shard, vec(1), t, tensors=[weight, bias]) == "update accepted"
 
 
 def test_without_clear_metrics_only_the_adaptive_bit_may_come(shard: ShardState) -> None:
