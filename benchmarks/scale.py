@@ -72,6 +72,7 @@ from benchmarks._common import (  # noqa: E402
 )
 from coordinator.rounds.aggregators import PlainAggregator  # noqa: E402
 from coordinator.settings import CoordinatorSettings  # noqa: E402
+from core.shards import derive_shard_key  # noqa: E402
 from core.types import API_VERSION, ModelSpec, TaskSpec  # noqa: E402
 from protos.fedcoord.v1 import (  # noqa: E402
     aggregator_pb2_grpc,
@@ -426,11 +427,13 @@ def start_shards(count: int, out_dir: Path) -> list[_Shard]:
     """``count`` aggregator shards on free ports, with a new key in ``out_dir``."""
     if count == 0:
         return []
-    key = out_dir / "shard.key"
-    key.write_text(secrets.token_bytes(32).hex())
+    master = secrets.token_bytes(32)
+    (out_dir / "shard.key").write_text(master.hex())
     shards = []
     for i in range(count):
         port_file = out_dir / f"aggregator-{i}.port"
+        key = out_dir / f"aggregator-{i}.key"  # the shard's own key, derived from the master
+        key.write_text(derive_shard_key(master, i).hex())
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedctl", "aggregator", "serve", "--index", str(i),
              "--key-file", str(key), "--port", "0", "--port-file", str(port_file),

@@ -133,8 +133,9 @@ class ShardSettings:
     #: ``HOST:PORT`` of each shard, as devices reach them; a device is assigned one at
     #: selection, and its upload tickets name the shard by its index here.
     addresses: tuple[str, ...]
-    #: The key the coordinator signs upload tickets with and authenticates to the shards
-    #: with (:data:`core.shards.KEY_BYTES` bytes; ``--shard-key-file``).
+    #: The master key (:data:`core.shards.KEY_BYTES` bytes; ``--shard-key-file``): shard
+    #: I's tickets and the calls to it are signed with its key derived from this one
+    #: (:func:`core.shards.derive_shard_key`), which is all that shard holds.
     key: bytes
     #: CA the shards' TLS certificates are checked against (None: plaintext, loopback only).
     tls_ca: Path | None = None

@@ -28,7 +28,8 @@ import numpy.typing as npt
 
 from core.tensors import TensorInfo
 
-#: Bytes of a shard key (``fedctl aggregator serve --key-file``): 32 random bytes.
+#: Bytes of a key: the coordinator's master key (``fedctl aggregator keygen``, 32 random
+#: bytes) and each shard's own key derived from it (:func:`derive_shard_key`).
 KEY_BYTES = 32
 #: What the coordinator's calls to a shard carry in the ``x-fedcoord-shard-auth`` metadata:
 #: HMAC-SHA256(key, this) in hex; only the key's holders can compute it.
@@ -129,6 +130,17 @@ def parse_key(data: bytes) -> bytes:
             pass
     raise ValueError(f"a shard key is {KEY_BYTES} bytes or {2 * KEY_BYTES} hex characters; "
                      f"this holds {len(data)} bytes")
+
+
+def derive_shard_key(master: bytes, index: int) -> bytes:
+    """Shard ``index``'s own key, from the coordinator's master key (HMAC-SHA256 under a label
+    of its own). A shard holds only its key: it verifies the tickets made for it and the
+    coordinator's calls to it, and can neither make tickets another shard accepts nor call
+    another shard (``fedctl aggregator keygen --master FILE --index I``)."""
+    if index < 0:
+        raise ValueError(f"a shard index is >= 0, got {index}")
+    return hmac.new(master, b"fedcoord/v1/shard-key\x00" + str(index).encode(),
+                    hashlib.sha256).digest()
 
 
 def _mac(key: bytes, body: bytes) -> bytes:
@@ -249,6 +261,7 @@ __all__ = [
     "admin_token",
     "check_admin_token",
     "combine",
+    "derive_shard_key",
     "parse_key",
     "sign_ticket",
     "tensors_digest",

@@ -11,8 +11,9 @@ exits three times in a row before serving, or because it could not take over onc
 (exit status 3: its recovery fails, and so would every replica's), stops the cluster. Without
 ``--db`` the database is a SQLite file in ``--dir`` (one machine); give a PostgreSQL URL to
 try what production runs. A shard that exits is started again (``kill -9`` one mid-round to
-see its group lost and the round commit from the others, or fail and be redone); the shard key
-is ``DIR/shard.key``, made on the first start.
+see its group lost and the round commit from the others, or fail and be redone); the master
+key is ``DIR/shard.key``, made on the first start, and shard I's own key
+``DIR/aggregator-I.key``, derived from it at each start.
 """
 
 from __future__ import annotations
@@ -119,6 +120,15 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         from fedctl.aggregator import write_new_key
 
         write_new_key(key_file)
+    if shards:
+        from core.shards import derive_shard_key, parse_key
+        from fedctl.aggregator import write_new_key
+
+        master = parse_key(key_file.read_bytes())
+        for r in shards:  # each shard holds its own key only
+            shard_key = directory / f"aggregator-{r.index}.key"
+            shard_key.unlink(missing_ok=True)
+            write_new_key(shard_key, derive_shard_key(master, r.index))
     shard_flags = [flag for r in shards
                    for flag in ("--aggregator", f"{args.host}:{r.port}")]
     if shards:
@@ -146,7 +156,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     def start_shard(r: _Replica) -> None:
         r.port_file.unlink(missing_ok=True)
         command = [sys.executable, "-m", "fedctl", "aggregator", "serve", "--index",
-                   str(r.index), "--key-file", str(key_file), "--host", args.host,
+                   str(r.index), "--key-file", str(directory / f"aggregator-{r.index}.key"),
+                   "--host", args.host,
                    "--port", str(r.port), "--port-file", str(r.port_file),
                    "--spool-dir", str(directory / f"aggregator-{r.index}-spool")]
         with open(r.log, "ab") as log:

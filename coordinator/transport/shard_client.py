@@ -26,6 +26,7 @@ from core.shards import (
     SignedTicket,
     UploadTicket,
     admin_token,
+    derive_shard_key,
     sign_ticket,
 )
 from protos import convert
@@ -47,8 +48,10 @@ class GrpcShardPool:
         if not settings.addresses:
             raise ValueError("no aggregator shard address given")
         self._settings = settings
-        self._key = settings.key
-        self._metadata = ((ADMIN_METADATA, admin_token(settings.key)),)
+        #: Each shard's own key, derived from the master key: it signs that shard's tickets
+        #: and authenticates the calls to it.
+        self._keys = [derive_shard_key(settings.key, i) for i in range(len(settings.addresses))]
+        self._metadata = [((ADMIN_METADATA, admin_token(key)),) for key in self._keys]
         options = [("grpc.max_receive_message_length", _MAX_MESSAGE),
                    ("grpc.max_send_message_length", _MAX_MESSAGE),
                    ("grpc.enable_retries", 0)]
@@ -78,7 +81,7 @@ class GrpcShardPool:
         return self._settings.addresses
 
     def sign(self, ticket: UploadTicket) -> SignedTicket:
-        return sign_ticket(ticket, self._key)
+        return sign_ticket(ticket, self._keys[ticket.shard])
 
     def healthy(self) -> list[int]:
         with self._lock:
@@ -101,7 +104,7 @@ class GrpcShardPool:
         try:
             for message in self._stubs[shard].CollectRound(
                     request, timeout=self._settings.collect_timeout_s,
-                    metadata=self._metadata):
+                    metadata=self._metadata[shard]):
                 if message.HasField("header"):
                     header = message.header
                     # One buffer of the sum's size, filled in place (no list of chunks).
@@ -160,8 +163,9 @@ class GrpcShardPool:
         request = aggregator_pb2.RoundProgressRequest(
             rounds=[convert.round_key_to_proto(k) for k in watched])
         timeout = min(self._settings.call_timeout_s, 5.0)
-        futures = [stub.RoundProgress.future(request, timeout=timeout, metadata=self._metadata)
-                   for stub in self._stubs]
+        futures = [stub.RoundProgress.future(request, timeout=timeout,
+                                             metadata=self._metadata[shard])
+                   for shard, stub in enumerate(self._stubs)]
         for shard, future in enumerate(futures):
             try:
                 answer = future.result()
@@ -177,7 +181,7 @@ class GrpcShardPool:
         healthy = self.healthy()
         pending = [stub.DropRound.future(aggregator_pb2.DropRoundRequest(
                        round=convert.round_key_to_proto(key)), timeout=timeout,
-                       metadata=self._metadata)
+                       metadata=self._metadata[shard])
                    for key in drops for shard, stub in enumerate(self._stubs)
                    if shard in healthy]
         for future in pending:

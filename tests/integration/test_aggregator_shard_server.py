@@ -28,6 +28,7 @@ from core.shards import (
     ShardMode,
     UploadTicket,
     admin_token,
+    derive_shard_key,
     parse_key,
     sign_ticket,
     tensors_digest,
@@ -48,6 +49,7 @@ class Shard:
     port: int
     key: bytes
     log: Path
+    master: bytes
 
     @property
     def target(self) -> str:
@@ -55,10 +57,14 @@ class Shard:
 
 
 def start_shard(workdir: Path) -> Shard:
-    """``fedctl aggregator serve`` on a free port, with a key from ``aggregator keygen``."""
-    key_file = workdir / "shard.key"
-    subprocess.run([*FEDCTL, "aggregator", "keygen", "--out", str(key_file)], env=ENV,
+    """``fedctl aggregator serve`` on a free port, with its own key derived by ``aggregator
+    keygen --master`` from a new master key."""
+    master_file, key_file = workdir / "master.key", workdir / "shard.key"
+    subprocess.run([*FEDCTL, "aggregator", "keygen", "--out", str(master_file)], env=ENV,
                    check=True, capture_output=True)
+    subprocess.run([*FEDCTL, "aggregator", "keygen", "--master", str(master_file), "--index",
+                    str(SHARD), "--out", str(key_file)], env=ENV, check=True,
+                   capture_output=True)
     port_file, log = workdir / "port", workdir / "shard.log"
     proc = subprocess.Popen(
         [*FEDCTL, "aggregator", "serve", "--port", "0", "--index", str(SHARD),
@@ -71,7 +77,8 @@ def start_shard(workdir: Path) -> Shard:
             raise RuntimeError(f"the shard exited: {log.read_text()}")
         assert time.monotonic() < deadline, "the shard did not start in 180 s"
         time.sleep(0.05)
-    return Shard(proc, int(port_file.read_text()), parse_key(key_file.read_bytes()), log)
+    return Shard(proc, int(port_file.read_text()), parse_key(key_file.read_bytes()), log,
+                 parse_key(master_file.read_bytes()))
 
 
 def stop_shard(shard: Shard) -> None:
@@ -274,6 +281,34 @@ def test_keygen_writes_a_private_key_file_and_never_overwrites_it(tmp_path: Path
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "exists" in again.stderr
     assert parse_key(out.read_bytes()) == key
+
+
+def test_keygen_derives_each_shards_own_key_from_the_master(tmp_path: Path) -> None:
+    master, own = tmp_path / "master.key", tmp_path / "shard-3.key"
+    for args in (["--out", str(master)],
+                 ["--master", str(master), "--index", "3", "--out", str(own)]):
+        made = subprocess.run([*FEDCTL, "aggregator", "keygen", *args], env=ENV,
+                              capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE(own.stat().st_mode) == 0o600
+    assert parse_key(own.read_bytes()) == derive_shard_key(parse_key(master.read_bytes()), 3)
+    assert derive_shard_key(parse_key(master.read_bytes()), 2) != parse_key(own.read_bytes())
+    half = subprocess.run([*FEDCTL, "aggregator", "keygen", "--master", str(master), "--out",
+                           str(tmp_path / "x.key")], env=ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert half.returncode == 2 and "--master and --index go together" in half.stderr
+
+
+def test_a_ticket_signed_for_another_shard_does_not_verify_here(
+        channel: grpc.Channel, shard: Shard) -> None:
+    """A shard holds only its own key: another shard's key (one a compromised shard holds)
+    makes tickets this one refuses, even when they name this shard."""
+    assert shard.key == derive_shard_key(shard.master, SHARD)
+    other = derive_shard_key(shard.master, SHARD + 1)
+    t = ticket(RoundKey("task-other-key", 1), "dev-x")
+    with pytest.raises(grpc.RpcError) as info:
+        upload(channel, t, np.ones(VALUES, np.float32), shard_key=other, num_examples=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_sigterm_stops_the_shard_cleanly(tmp_path: Path) -> None:

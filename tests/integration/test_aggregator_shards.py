@@ -28,7 +28,7 @@ from harness import (
 )
 from slow_agents_app import STEP_ENV
 
-from core.shards import ADMIN_METADATA, admin_token, parse_key
+from core.shards import ADMIN_METADATA, admin_token, derive_shard_key, parse_key
 from protos.fedcoord.v1 import aggregator_pb2, aggregator_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -68,18 +68,32 @@ def start_shard(workdir: Path, index: int, key_file: Path) -> Shard:
     return Shard(index, proc, int(port_file.read_text()), log)
 
 
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "shard.key"
-    made = subprocess.run([*FEDCTL_CMD, "aggregator", "keygen", "--out", str(path)],
+def keygen(*args: str) -> None:
+    made = subprocess.run([*FEDCTL_CMD, "aggregator", "keygen", *args],
                           capture_output=True, text=True, env=ENV, timeout=60)
     assert made.returncode == 0, made.stderr
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    """The coordinator's master key."""
+    path = tmp_path / "shard.key"
+    keygen("--out", str(path))
+    return path
+
+
+def shard_key_file(tmp_path: Path, master: Path, index: int) -> Path:
+    """Shard ``index``'s own key, derived from the master (all a shard holds)."""
+    path = tmp_path / f"aggregator-{index}.key"
+    if not path.exists():
+        keygen("--master", str(master), "--index", str(index), "--out", str(path))
     return path
 
 
 @pytest.fixture
 def shards(tmp_path: Path, key_file: Path) -> Iterator[list[Shard]]:
-    started = [start_shard(tmp_path, i, key_file) for i in range(2)]
+    started = [start_shard(tmp_path, i, shard_key_file(tmp_path, key_file, i))
+               for i in range(2)]
     yield started
     stop_all([s.proc for s in started])
 
@@ -136,8 +150,8 @@ def shard_reported(shard: Shard, key_file: Path, task_id: str, round_id: int) ->
         answer = aggregator_pb2_grpc.AggregatorServiceStub(channel).RoundProgress(
             aggregator_pb2.RoundProgressRequest(rounds=[aggregator_pb2.ShardRoundKey(
                 task_id=task_id, round_id=round_id)]),
-            timeout=10, metadata=((ADMIN_METADATA, admin_token(parse_key(
-                key_file.read_bytes()))),))
+            timeout=10, metadata=((ADMIN_METADATA, admin_token(derive_shard_key(parse_key(
+                key_file.read_bytes()), shard.index))),))
     return sum(len(r.reported) for r in answer.rounds)
 
 

@@ -20,6 +20,7 @@ from core.shards import (
     admin_token,
     check_admin_token,
     combine,
+    derive_shard_key,
     parse_key,
     sign_ticket,
     tensors_digest,
@@ -130,3 +131,16 @@ def test_a_ticket_field_set_is_fixed() -> None:
     # The MAC covers every field: a field added later must be added to verify's check too.
     assert {f.name for f in dataclasses.fields(UploadTicket)} == set(
         __import__("json").loads(ticket().encode()))
+
+
+def test_each_shard_has_a_key_of_its_own_derived_from_the_master() -> None:
+    keys = [derive_shard_key(KEY, i) for i in range(3)]
+    assert len(set(keys)) == 3 and all(len(k) == KEY_BYTES for k in keys)
+    assert derive_shard_key(KEY, 1) == keys[1]  # the coordinator derives what the shard holds
+    assert derive_shard_key(b"m" * KEY_BYTES, 1) != keys[1]
+    # Shard 0's key neither makes tickets shard 1 takes nor calls shard 1.
+    with pytest.raises(TicketError):
+        verify_ticket(sign_ticket(ticket(shard=1), keys[0]), keys[1])
+    assert not check_admin_token(keys[1], admin_token(keys[0]))
+    with pytest.raises(ValueError, match="a shard index is >= 0"):
+        derive_shard_key(KEY, -1)

@@ -159,13 +159,23 @@ def test_the_coordinator_names_every_shard_in_ordinal_order_at_its_port() -> Non
     assert _flag(args, "--http-port") == "8080", "the base's flags are kept"
 
 
-def test_the_coordinator_and_the_shards_mount_the_same_key() -> None:
+def test_the_coordinator_mounts_the_master_key_and_each_shard_its_own() -> None:
     deployment = _objects()[("Deployment", "fedcoord-coordinator")]
     coordinator_key = _secret_item(*_mounted_file(
         deployment, _coordinator(), _flag(_coordinator()["args"], "--shard-key-file")))
-    shard_key = _secret_item(*_mounted_file(
-        _shards(), _container(_shards(), "aggregator"), str(_shard_args().key_file)))
-    assert coordinator_key == shard_key == ("fedcoord-shard-key", "shard.key")
+    assert coordinator_key == ("fedcoord-shard-key", "shard.key")
+    shards = _shards()
+    for index in range(shards["spec"]["replicas"]):
+        shard_key = _secret_item(*_mounted_file(
+            shards, _container(shards, "aggregator"), str(_shard_args(index).key_file)))
+        assert shard_key == ("fedcoord-shard-keys", f"shard-{index}.key")
+    coordinator_volumes = {v["name"]: v for v in
+                           deployment["spec"]["template"]["spec"]["volumes"]}
+    assert all(v.get("secret", {}).get("secretName") != "fedcoord-shard-keys"
+               for v in coordinator_volumes.values()), "the coordinator needs the master only"
+    shard_volumes = shards["spec"]["template"]["spec"]["volumes"]
+    assert all(v.get("secret", {}).get("secretName") != "fedcoord-shard-key"
+               for v in shard_volumes), "no shard holds the master key"
 
 
 def test_the_coordinator_checks_the_shards_against_the_ca_of_their_certificate() -> None:
@@ -223,7 +233,10 @@ def test_the_selectors_pick_the_shards_and_not_the_coordinator() -> None:
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", shards["metadata"]["name"])
 
 
-def test_the_placeholder_is_no_key_so_nothing_starts_with_it() -> None:
-    placeholder = _objects()[("Secret", "fedcoord-shard-key")]["stringData"]["shard.key"]
-    with pytest.raises(ValueError, match="a shard key is 32 bytes or 64 hex characters"):
-        parse_key(placeholder.encode())
+def test_the_placeholders_are_no_keys_so_nothing_starts_with_them() -> None:
+    objects = _objects()
+    placeholders = [objects[("Secret", "fedcoord-shard-key")]["stringData"]["shard.key"],
+                    *objects[("Secret", "fedcoord-shard-keys")]["stringData"].values()]
+    for placeholder in placeholders:
+        with pytest.raises(ValueError, match="a shard key is 32 bytes or 64 hex characters"):
+            parse_key(placeholder.encode())
