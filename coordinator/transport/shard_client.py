@@ -1,8 +1,9 @@
 """The coordinator's client of its aggregator shards (:class:`coordinator.rounds.shards.
 ShardPool` over gRPC).
 
-One background thread polls every shard for the rounds being watched (``RoundProgress``,
-every :data:`POLL_SECONDS`) and sends the drops the round machine asked for, so the event
+One background thread, started with the first round watched (a standby replica starts none),
+polls every shard for the rounds being watched (``RoundProgress``, every
+:data:`POLL_SECONDS`) and sends the drops the round machine asked for, so the event
 loop never waits on a shard: it reads the last poll's answer. ``collect`` is the one blocking
 call, made by the commit thread. Every call carries the shard key's admin token and a
 deadline (``ShardSettings.call_timeout_s``); a shard whose last poll failed is not healthy,
@@ -71,8 +72,8 @@ class GrpcShardPool:
         self._drops: list[RoundKey] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # Started by the first round watched: a standby replica never polls.
         self._thread = threading.Thread(target=self._run, name="shard-poller", daemon=True)
-        self._thread.start()
 
     # ------------------------------------------------------------------ ShardPool
 
@@ -91,6 +92,9 @@ class GrpcShardPool:
         with self._lock:
             self._watched.add(key)
             self._reported.setdefault(key, {})
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread.start()
+        self._wake.set()
 
     def reported(self, key: RoundKey) -> Mapping[int, frozenset[str]]:
         with self._lock:
@@ -139,9 +143,11 @@ class GrpcShardPool:
         self._wake.set()
 
     def close(self) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         for channel in self._channels:
             channel.close()
 
