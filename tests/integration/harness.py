@@ -237,3 +237,26 @@ def write_task(path: Path, **overrides: object) -> Path:
     values.update(overrides)
     path.write_text(TASK_TEMPLATE.format(**values))
     return path
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports free on 127.0.0.1 now (for commands that take
+    one port and use the next ones too: ``fedctl cluster up``)."""
+    import random
+    import socket
+
+    for _ in range(50):
+        first = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free consecutive ports")

@@ -21,6 +21,7 @@ from harness import (
     ENV,
     FEDCTL_CMD,
     CoordinatorProcess,
+    consecutive_free_ports,
     start_agent,
     stop_all,
     wait_for_task,
@@ -196,32 +197,11 @@ def test_a_shard_killed_mid_round_loses_only_its_group(
     assert "aggregator shard 1 (127.0.0.1:" in log and "does not answer" in log
 
 
-def _consecutive_free_ports(count: int) -> int:
-    import random
-    import socket
-
-    for _ in range(50):
-        first = random.randrange(20000, 60000)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free consecutive ports")
-
-
 def test_cluster_up_runs_shards_beside_the_coordinator_and_restarts_a_killed_one(
         tmp_path: Path) -> None:
     """`fedctl cluster up --replicas 1 --aggregators 2`: a task trains through the two
     shards; a shard killed with kill -9 is started again; Ctrl-C stops everything."""
-    port = _consecutive_free_ports(3)
+    port = consecutive_free_ports(3)
     directory = tmp_path / "c"
     out = tmp_path / "cluster.out"
     cluster = subprocess.Popen(

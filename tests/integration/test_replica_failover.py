@@ -33,6 +33,7 @@ from harness import (
     ADMIN_TOKEN_FILE,
     ENV,
     FEDCTL,
+    consecutive_free_ports,
     start_agent,
     stop_all,
     wait_for_task,
@@ -241,32 +242,11 @@ def test_the_standby_takes_over_a_killed_leader_without_losing_or_repeating_a_ve
     assert committed == list(range(1, rounds + 1)), "each round committed exactly once"
 
 
-def _consecutive_free_ports(count: int) -> int:
-    import random
-    import socket
-
-    for _ in range(50):
-        first = random.randrange(20000, 60000)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no consecutive free ports")
-
-
 def test_cluster_up_runs_replicas_and_restarts_a_killed_leader_as_a_standby(
         tmp_path: Path) -> None:
     """`fedctl cluster up --replicas 2` (SQLite: one machine): one replica leads; kill -9 it
     and the other leads while the killed one comes back as a standby; Ctrl-C stops all."""
-    port = _consecutive_free_ports(2)
+    port = consecutive_free_ports(2)
     out = tmp_path / "cluster.out"
     cluster = subprocess.Popen(
         [*FEDCTL, "cluster", "up", "--replicas", "2", "--dir", str(tmp_path / "c"),
@@ -330,7 +310,7 @@ def test_replicas_that_cannot_recover_once_elected_stop_the_cluster_instead_of_f
     releases the lease and exits 3 saying why, and `fedctl cluster up` stops after three
     such exits in a row (before: each took the lease, failed and was restarted, for ever)."""
     directory = tmp_path / "c"
-    port = _consecutive_free_ports(1)
+    port = consecutive_free_ports(1)
     out = tmp_path / "cluster.out"
     cluster = subprocess.Popen(
         [*FEDCTL, "cluster", "up", "--replicas", "1", "--dir", str(directory),
