@@ -145,6 +145,37 @@ def test_a_task_trains_through_two_aggregator_shards(
         assert r.metrics["examples"] > 0 and 0 <= r.metrics["server_eval_accuracy"] <= 1
 
 
+def test_a_central_dp_task_is_clipped_at_the_shards_and_noised_once_by_the_coordinator(
+        coordinator: CoordinatorProcess, shards: list[Shard], tmp_path: Path) -> None:
+    """Agents clip to the plan's C and withhold their metrics; each shard sums its group's
+    clipped updates; the coordinator checks the sums, adds the noise once and accounts the
+    release: no per-device metric and no example count is released."""
+    privacy = ("privacy: {mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0,\n"
+               "          population: 4, sampling: fixed, max_epsilon: 1000.0}\n")
+    task_id = launch(coordinator, write_task(tmp_path / "task.yaml", rounds=2,
+                                             clients_per_round=4, min_reports=4,
+                                             extra=privacy))
+    agents = [start_agent(coordinator.target, f"private{i}",
+                          f"digits:shard={2 * i}/4,dirichlet=1.0", devices=2, task_id=task_id,
+                          log=tmp_path / f"agent{i}.log") for i in range(2)]
+    try:
+        with coordinator.admin() as admin:
+            task = wait_for_task(admin, task_id, timeout_s=240)
+            rounds = admin.list_rounds(task_id)
+    finally:
+        stop_all(agents)
+    assert task.state == "completed", coordinator.log_text()
+    committed = sorted((r for r in rounds if r.state == "committed"),
+                       key=lambda r: r.round_number)
+    assert [r.round_number for r in committed] == [1, 2]
+    epsilons = [r.metrics["dp_epsilon"] for r in committed]
+    assert 0 < epsilons[0] < epsilons[1]  # each release accounted once, in order
+    for r in committed:
+        assert r.metrics["shards"] == 2 and r.metrics["shards_lost"] == 0
+        assert r.metrics["reports"] == 4
+        assert "examples" not in r.metrics and "train_loss" not in r.metrics
+
+
 def shard_reported(shard: Shard, key_file: Path, task_id: str, round_id: int) -> int:
     """How many uploads ``shard`` has accepted in the round, asked as the coordinator asks."""
     with grpc.insecure_channel(shard.address) as channel:
