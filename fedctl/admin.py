@@ -54,24 +54,41 @@ def event_record(msg: events_pb2.Event) -> dict[str, Any]:
 class AdminClient:
     def __init__(self, target: str, *, timeout_s: float = 30.0,
                  tls: ClientTls | None = None, token: str | None = None) -> None:
-        """``tls``: verify the coordinator against its CA (and present a client certificate
-        when it holds one); None: plaintext. ``token``: the API token (or OIDC JWT) every
-        call carries as ``authorization: Bearer``."""
-        self.target = target
+        """``target``: the coordinator's address, or several comma-separated (replicas on one
+        database): a call that one of them answers UNAVAILABLE (a standby replica, which
+        serves reads only and names the leader, or an address nobody answers) goes to the
+        next, and the client stays with the one that served. ``tls``: verify the
+        coordinator against its CA (and present a client certificate when it holds one);
+        None: plaintext. ``token``: the API token (or OIDC JWT) every call carries as
+        ``authorization: Bearer``."""
+        self.targets = [t.strip() for t in target.split(",") if t.strip()] or [target]
+        self._current = 0
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout_s = timeout_s
         self.tls = tls
         options = [("grpc.max_receive_message_length", 8 << 20)]
         if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channels = [grpc.insecure_channel(t, options=options) for t in self.targets]
         else:
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
+            credentials = grpc.ssl_channel_credentials(
                 root_certificates=tls.ca_pem, private_key=tls.key_pem,
-                certificate_chain=tls.cert_chain_pem), options=options)
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+                certificate_chain=tls.cert_chain_pem)
+            self._channels = [grpc.secure_channel(t, credentials, options=options)
+                              for t in self.targets]
+        self._stubs = [admin_pb2_grpc.AdminServiceStub(c) for c in self._channels]
+
+    @property
+    def target(self) -> str:
+        """The address calls go to now."""
+        return self.targets[self._current]
+
+    @property
+    def _stub(self) -> admin_pb2_grpc.AdminServiceStub:
+        return self._stubs[self._current]
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> AdminClient:
         return self
@@ -80,11 +97,23 @@ class AdminClient:
         self.close()
 
     def _call(self, method: str, request: object) -> object:
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s,
-                                               metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+        return self._each_address(lambda: getattr(self._stub, method)(
+            request, timeout=self.timeout_s, metadata=self._metadata))
+
+    def _each_address(self, call: Any) -> Any:
+        """``call()`` at the current address, then (on UNAVAILABLE) at each next one; the
+        last error if none served."""
+        error: AdminError | None = None
+        for _ in self.targets:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                error = self._error(exc)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or len(self.targets) == 1:
+                    raise error from None
+                self._current = (self._current + 1) % len(self.targets)
+        assert error is not None
+        raise error
 
     def _error(self, exc: grpc.RpcError) -> AdminError:
         code = exc.code()
@@ -151,8 +180,11 @@ class AdminClient:
         digest = hashlib.sha256()
         size = 0
         header = None
-        try:
-            with open(tmp, "wb") as f:
+
+        def download() -> None:
+            nonlocal header, size, digest
+            header, size, digest = None, 0, hashlib.sha256()
+            with open(tmp, "wb") as f:  # a retry at another address starts the file again
                 for msg in self._stub.DownloadModel(req, timeout=600, metadata=self._metadata):
                     if msg.HasField("header"):
                         header = msg.header
@@ -160,9 +192,9 @@ class AdminClient:
                         f.write(msg.chunk)
                         digest.update(msg.chunk)
                         size += len(msg.chunk)
-        except grpc.RpcError as exc:
-            tmp.unlink(missing_ok=True)
-            raise self._error(exc) from None
+
+        try:
+            self._each_address(download)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

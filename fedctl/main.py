@@ -81,7 +81,7 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _add_coordinator(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+def _add_coordinator(p: argparse.ArgumentParser, *, several: bool = True) -> None:
     p.add_argument("--coordinator", default=DEFAULT_COORDINATOR,
                    metavar="HOST:PORT[,HOST:PORT...]" if several else "HOST:PORT",
                    help="the coordinator's address; replicas (serve --replica): every "

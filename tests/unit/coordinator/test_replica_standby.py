@@ -139,6 +139,28 @@ def test_a_standby_refuses_every_change_of_tokens_and_devices(
             assert refused.value.code == "UNAVAILABLE", refused.value.message
 
 
+def test_an_admin_client_given_both_addresses_sends_changes_on_to_the_leader(
+        pair: tuple[EmbeddedCoordinator, EmbeddedCoordinator]) -> None:
+    """`fedctl --coordinator STANDBY,LEADER ...`: reads are served where they land, and a
+    change the standby refuses (UNAVAILABLE) goes on to the next address, the leader."""
+    leader, standby = pair
+    _, token = leader.security.admin.create_token(Role.ADMIN)
+    both = f"127.0.0.1:{standby.port},127.0.0.1:{leader.port}"
+    with AdminClient(both, token=token) as admin:
+        assert admin.list_tasks() == [] and admin.target == f"127.0.0.1:{standby.port}"
+        with pytest.raises(AdminError) as answered:
+            admin.cancel_task("no-such-task")
+        assert answered.value.code == "NOT_FOUND", answered.value.message  # the leader's
+        assert admin.target == f"127.0.0.1:{leader.port}"
+    with AdminClient(f"127.0.0.1:1,127.0.0.1:{leader.port}", token=token,
+                     timeout_s=5) as admin:
+        assert admin.list_tasks() == []  # nobody at the first address: the next serves
+    with AdminClient(f"127.0.0.1:{standby.port}", token=token) as admin:
+        with pytest.raises(AdminError) as refused:  # one address: the standby's refusal
+            admin.cancel_task("no-such-task")
+        assert refused.value.code == "UNAVAILABLE"
+
+
 def test_the_standby_gate_serves_the_admin_reads_only() -> None:
     admin, device = "/fedcoord.v1.AdminService/", "/fedcoord.v1.DeviceService/"
     assert not any(leader_only(admin + m) for m in ("GetTask", "ListTasks", "ListRounds",
