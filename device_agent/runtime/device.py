@@ -369,7 +369,9 @@ class Device:
             if is_evaluation(plan):
                 self._evaluate_and_report(p, plan, model_bytes)
             else:
-                header, payload, unclipped = self._train(p, plan, model_bytes)
+                received = load_safetensors(model_bytes)
+                del model_bytes  # the arrays are copies: the file's bytes are not kept
+                header, payload, unclipped = self._train(p, plan, received)
                 if plan.secure_aggregation is not None:
                     self._secure_upload(p, plan, header, payload, unclipped)
                 elif plan.shard_upload is not None:
@@ -565,9 +567,10 @@ class Device:
             pass
 
     def _train(
-        self, p: Participation, plan: Plan, model_bytes: bytes
+        self, p: Participation, plan: Plan, received: dict[str, np.ndarray]
     ) -> tuple[UpdateHeader, bytes, int | None]:
-        """(header, raw update, adaptive clipping's bit for the secure path or None).
+        """(header, raw update, adaptive clipping's bit for the secure path or None), from
+        the plan's model (``received``: its tensors, loaded from the downloaded file).
 
         Raises:
             Declined: the trainer cannot run the task (the model does not build here or does
@@ -575,7 +578,6 @@ class Device:
             Exception: whatever the task's or the trainer's code raises in training or
                 evaluation; the caller declines the task with it.
         """
-        received = load_safetensors(model_bytes)
         seed = int(sha256_hex(f"{plan.seed}/{p.round_number}/{self.device_id}".encode())[:8], 16)
         fit = self.trainer.fit(p, plan, received, seed=seed)
         trained, metrics = fit.trained, dict(fit.metrics)
