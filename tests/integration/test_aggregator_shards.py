@@ -176,6 +176,40 @@ def test_a_central_dp_task_is_clipped_at_the_shards_and_noised_once_by_the_coord
         assert "examples" not in r.metrics and "train_loss" not in r.metrics
 
 
+def test_adaptive_clipping_moves_the_clip_through_the_shards(
+        coordinator: CoordinatorProcess, shards: list[Shard], tmp_path: Path) -> None:
+    """Under adaptive clipping each round's tickets carry that round's clip, devices send the
+    unclipped bit, the shards sum the bits with the clipped updates, and the coordinator's
+    noised count of them moves the clip for the next round."""
+    # Bit noise std 0.3 over 4 devices: the noised fraction of unclipped updates is within
+    # 0.075 x 6 of the true 0, far from the 0.5 that could stop the clip from growing.
+    privacy = ("privacy: {mode: central, noise_multiplier: 0.5, delta: 1.0e-5,\n"
+               "          clip: {target_quantile: 0.5, initial: 0.01, learning_rate: 0.5,\n"
+               "                 bit_noise: 0.3},\n"
+               "          population: 4, sampling: fixed, max_epsilon: 1000.0}\n")
+    task_id = launch(coordinator, write_task(tmp_path / "task.yaml", rounds=3,
+                                             clients_per_round=4, min_reports=4,
+                                             extra=privacy))
+    agents = [start_agent(coordinator.target, f"adaptive{i}",
+                          f"digits:shard={2 * i}/4,dirichlet=1.0", devices=2, task_id=task_id,
+                          log=tmp_path / f"agent{i}.log") for i in range(2)]
+    try:
+        with coordinator.admin() as admin:
+            task = wait_for_task(admin, task_id, timeout_s=240)
+            rounds = admin.list_rounds(task_id)
+    finally:
+        stop_all(agents)
+    assert task.state == "completed", coordinator.log_text()
+    committed = sorted((r for r in rounds if r.state == "committed"),
+                       key=lambda r: r.round_number)
+    assert [r.round_number for r in committed] == [1, 2, 3]
+    assert all(r.metrics["shards"] == 2 and r.metrics["shards_lost"] == 0 for r in committed)
+    clips = [r.metrics["dp_clip"] for r in committed]
+    # A clip of 0.01 is far under every update's norm: every bit says "clipped", the noised
+    # count is far under the target quantile, and the clip grows round after round.
+    assert clips[0] == pytest.approx(0.01) and clips[0] < clips[1] < clips[2], clips
+
+
 def shard_reported(shard: Shard, key_file: Path, task_id: str, round_id: int) -> int:
     """How many uploads ``shard`` has accepted in the round, asked as the coordinator asks."""
     with grpc.insecure_channel(shard.address) as channel:
