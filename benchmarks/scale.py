@@ -74,6 +74,7 @@ from coordinator.rounds.aggregators import PlainAggregator  # noqa: E402
 from coordinator.settings import CoordinatorSettings  # noqa: E402
 from core.shards import derive_shard_key  # noqa: E402
 from core.types import API_VERSION, ModelSpec, TaskSpec  # noqa: E402
+from fedctl.aggregator import write_new_key  # noqa: E402
 from protos.fedcoord.v1 import (  # noqa: E402
     aggregator_pb2_grpc,
     common_pb2,
@@ -428,12 +429,12 @@ def start_shards(count: int, out_dir: Path) -> list[_Shard]:
     if count == 0:
         return []
     master = secrets.token_bytes(32)
-    (out_dir / "shard.key").write_text(master.hex())
+    write_new_key(out_dir / "shard.key", master)
     shards = []
     for i in range(count):
         port_file = out_dir / f"aggregator-{i}.port"
         key = out_dir / f"aggregator-{i}.key"  # the shard's own key, derived from the master
-        key.write_text(derive_shard_key(master, i).hex())
+        write_new_key(key, derive_shard_key(master, i))
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedctl", "aggregator", "serve", "--index", str(i),
              "--key-file", str(key), "--port", "0", "--port-file", str(port_file),

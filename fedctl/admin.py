@@ -36,6 +36,18 @@ _TRANSPORT_MARKERS = ("connect", "resolv", "dns", "socket", "handshake", "ssl", 
                       "broken pipe", "address")
 
 
+#: What a standby replica's refusal says (coordinator.app: the replica's standby reason).
+STANDBY_REFUSAL = "this coordinator is a standby replica"
+#: Words of gRPC's UNAVAILABLE when no connection was made at all (nothing was sent).
+_NEVER_CONNECTED = ("connect", "resolv", "dns", "refused", "handshake", "no route",
+                    "unreachable")
+
+
+def _never_connected(details: str) -> bool:
+    text = details.lower()
+    return not text or any(marker in text for marker in _NEVER_CONNECTED)
+
+
 def is_transport_failure(details: str) -> bool:
     """True when an UNAVAILABLE status came from gRPC on this side (nothing was reached)."""
     text = details.lower()
@@ -101,19 +113,26 @@ class AdminClient:
             request, timeout=self.timeout_s, metadata=self._metadata))
 
     def _each_address(self, call: Any) -> Any:
-        """``call()`` at the current address, then (on UNAVAILABLE) at each next one; the
-        last error if none served."""
-        error: AdminError | None = None
+        """``call()`` at the current address, then at each next one while the answer says
+        the call was not served there: a standby replica's refusal, or no connection at all
+        (a call whose connection broke after it was sent is not repeated elsewhere: a change
+        must not be made twice). If none served: the most telling error (a coordinator's
+        own over a standby's refusal)."""
+        errors: list[tuple[bool, AdminError]] = []
         for _ in self.targets:
             try:
                 return call()
             except grpc.RpcError as exc:
                 error = self._error(exc)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or len(self.targets) == 1:
+                details = exc.details() or ""
+                standby = STANDBY_REFUSAL in details
+                not_served = exc.code() == grpc.StatusCode.UNAVAILABLE and (
+                    standby or _never_connected(details))
+                if not not_served or len(self.targets) == 1:
                     raise error from None
+                errors.append((standby, error))
                 self._current = (self._current + 1) % len(self.targets)
-        assert error is not None
-        raise error
+        raise next((e for standby, e in errors if not standby), errors[0][1])
 
     def _error(self, exc: grpc.RpcError) -> AdminError:
         code = exc.code()

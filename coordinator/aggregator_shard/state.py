@@ -281,12 +281,14 @@ class ShardState:
                 # One step: a collect waiting for the folds in flight sees the device named
                 # in ``reported`` as soon as its update is in the sum, never one without
                 # the other (a device in the sum but not named would escape the accounting).
-                rnd.folding.discard(device)
-                dropped = self._rounds.get(ticket.round_key) is not rnd
-                if not dropped:
-                    rnd.reported.append(device)
-                    self._remember(rnd, upload, None)
-                self._folded.notify_all()
+                try:
+                    rnd.folding.discard(device)
+                    dropped = self._rounds.get(ticket.round_key) is not rnd
+                    if not dropped:
+                        rnd.reported.append(device)
+                        self._remember(rnd, upload, None)
+                finally:
+                    self._folded.notify_all()
             if dropped:
                 # Dropped while it was folded: nobody collects the sum it went into.
                 raise Late(f"round {ticket.round_number} of task {shown(ticket.task_id)} "

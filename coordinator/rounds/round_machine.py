@@ -197,7 +197,8 @@ class RoundMachine:
             aggregator = ShardedAggregator(
                 self._shards, sharded, min_reports=spec.min_reports, privacy=task.privacy,
                 noise=self._noise, require_secure_noise=require_secure_noise,
-                withhold_metrics=metrics_policy_for(spec) is MetricsPolicy.WITHHELD)
+                withhold_metrics=metrics_policy_for(spec) is MetricsPolicy.WITHHELD,
+                weight_cap=spec.robustness.weight_cap)
         elif task.evaluation is None:
             aggregator = begin_aggregation(
                 spec, task.model.size, privacy=task.privacy, secure=secure, noise=self._noise,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -71,12 +72,13 @@ class ShardPool(Protocol):
         """The devices each shard has accepted in this round, as of the last poll."""
         ...
 
-    def collect(self, key: RoundKey, shard: int) -> PartialSum | None:
-        """Closes the round on ``shard`` and returns its partial sum (None: the shard took
-        no upload in it). Blocks (the commit thread calls it).
+    def collect(self, key: RoundKey, shard: int, size: int) -> PartialSum | None:
+        """Closes the round on ``shard`` and returns its partial sum of ``size`` values (None:
+        the shard took no upload in it). Blocks (the commit thread calls it).
 
         Raises:
-            ShardUnavailable: the shard did not answer, or answered with an invalid sum.
+            ShardUnavailable: the shard did not answer, or answered with an invalid sum (of
+                another size: refused before anything is allocated for it).
         """
         ...
 
@@ -145,8 +147,10 @@ class ShardedAggregator:
 
     def __init__(self, pool: ShardPool, rnd: ShardRound, *, min_reports: int,
                  privacy: TaskPrivacy | None, noise: NoiseSource,
-                 require_secure_noise: bool, withhold_metrics: bool) -> None:
+                 require_secure_noise: bool, withhold_metrics: bool,
+                 weight_cap: int) -> None:
         self._pool = pool
+        self._weight_cap = weight_cap
         self.round = rnd
         self._min_reports = min_reports
         self._privacy = privacy
@@ -199,8 +203,9 @@ class ShardedAggregator:
                         f"unclipped bits for {count} devices")
             if float(np.linalg.norm(part.total)) > bound:
                 return "its clipped sum is longer than its devices' clipped updates can make it"
-        elif part.weight <= 0 < part.count:
-            return f"its weight total {part.weight:g} is not positive"
+        elif part.count and not 0 < part.weight <= part.count * self._weight_cap:
+            return (f"its weight total {part.weight:g} is not what {part.count} devices of "
+                    f"weight at most {self._weight_cap} can make")
         return None
 
     def release(self, draw: CohortDraw | None) -> Aggregate:
@@ -216,14 +221,21 @@ class ShardedAggregator:
         rnd = self.round
         groups = rnd.groups()
         polled = self._pool.reported(rnd.key)
+
+        def collect(shard: int) -> tuple[PartialSum | None, str | None]:
+            try:
+                part = self._pool.collect(rnd.key, shard, rnd.size)
+            except ShardUnavailable as exc:
+                return None, str(exc)
+            return part, self._problem(shard, part, polled.get(shard, frozenset()))
+
         parts: list[PartialSum] = []
         lost: list[str] = []
-        for shard in sorted(groups):
-            try:
-                part = self._pool.collect(rnd.key, shard)
-                problem = self._problem(shard, part, polled.get(shard, frozenset()))
-            except ShardUnavailable as exc:
-                problem = str(exc)
+        shards = sorted(groups)
+        # All at once: a shard that hangs costs its own timeout, not the sum of them.
+        with ThreadPoolExecutor(max(1, len(shards)), thread_name_prefix="collect") as pool:
+            collected = list(pool.map(collect, shards))
+        for shard, (part, problem) in zip(shards, collected, strict=True):
             if problem is not None:
                 lost.append(f"shard {shard} ({self._pool.addresses[shard]}): {problem}")
             elif part is not None:

@@ -12,9 +12,11 @@ and is assigned no new device until it answers again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 
@@ -40,8 +42,6 @@ POLL_SECONDS = 0.25
 #: Largest message on a shard channel (a collected sum streams in chunks of at most 1 MiB;
 #: progress answers list device ids).
 _MAX_MESSAGE = 64 << 20
-#: The most float64 values a collected sum may declare (a 1G-parameter model).
-_MAX_VALUES = 1 << 30
 
 
 class GrpcShardPool:
@@ -92,7 +92,7 @@ class GrpcShardPool:
         with self._lock:
             self._watched.add(key)
             self._reported.setdefault(key, {})
-            if not self._thread.is_alive() and not self._stop.is_set():
+            if self._thread.ident is None and not self._stop.is_set():
                 self._thread.start()
         self._wake.set()
 
@@ -100,7 +100,7 @@ class GrpcShardPool:
         with self._lock:
             return dict(self._reported.get(key, {}))
 
-    def collect(self, key: RoundKey, shard: int) -> PartialSum | None:
+    def collect(self, key: RoundKey, shard: int, size: int) -> PartialSum | None:
         request = aggregator_pb2.CollectRoundRequest(round=convert.round_key_to_proto(key))
         header = None
         data = bytearray()
@@ -111,8 +111,11 @@ class GrpcShardPool:
                     metadata=self._metadata[shard]):
                 if message.HasField("header"):
                     header = message.header
+                    if header.values != size:  # checked before anything is allocated
+                        raise ShardUnavailable(f"its partial sum has {header.values} values; "
+                                               f"the model has {size}")
                     # One buffer of the sum's size, filled in place (no list of chunks).
-                    data = bytearray(8 * min(header.values, _MAX_VALUES))
+                    data = bytearray(8 * size)
                     filled = 0
                 elif header is not None and filled + len(message.chunk) <= len(data):
                     data[filled:filled + len(message.chunk)] = message.chunk
@@ -155,35 +158,35 @@ class GrpcShardPool:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._poll_once()
+            try:
+                self._poll_once()
+            except Exception:  # noqa: BLE001 - the poller must outlive any one bad poll
+                log.exception("polling the aggregator shards failed; polling again")
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
 
     def _poll_once(self) -> None:
-        """Asks every shard for the watched rounds' progress, all at once (a shard that
-        hangs costs its own call's timeout, not the others' freshness), then sends the
-        drops asked for since the last poll."""
+        """Asks every shard for the watched rounds' progress, all at once, and takes each
+        answer as it arrives (a shard that hangs delays only its own), then sends the drops
+        asked for since the last poll. What a shard was seen to accept is kept: a shard
+        that restarted and forgot some devices cannot make the coordinator forget them
+        (its partial sum must name them all, :meth:`ShardedAggregator._problem
+        <coordinator.rounds.shards.ShardedAggregator._problem>`)."""
         with self._lock:
             watched = sorted(self._watched)
             drops, self._drops = self._drops, []
         request = aggregator_pb2.RoundProgressRequest(
             rounds=[convert.round_key_to_proto(k) for k in watched])
         timeout = min(self._settings.call_timeout_s, 5.0)
-        futures = [stub.RoundProgress.future(request, timeout=timeout,
-                                             metadata=self._metadata[shard])
-                   for shard, stub in enumerate(self._stubs)]
-        for shard, future in enumerate(futures):
-            try:
-                answer = future.result()
-            except grpc.RpcError as exc:
-                self._set_health(shard, False, f"{exc.code().name}: {exc.details()}")
-                continue
-            self._set_health(shard, True, "")
-            with self._lock:
-                for progress in answer.rounds:
-                    key = convert.round_key_from_proto(progress.round)
-                    if key in self._watched:
-                        self._reported[key][shard] = frozenset(progress.reported)
+        futures = []
+        for shard, stub in enumerate(self._stubs):
+            future = stub.RoundProgress.future(request, timeout=timeout,
+                                               metadata=self._metadata[shard])
+            future.add_done_callback(lambda f, shard=shard: self._take_progress(shard, f))
+            futures.append(future)
+        for future in futures:
+            with contextlib.suppress(grpc.RpcError, grpc.FutureCancelledError):
+                future.result()
         healthy = self.healthy()
         pending = [stub.DropRound.future(aggregator_pb2.DropRoundRequest(
                        round=convert.round_key_to_proto(key)), timeout=timeout,
@@ -195,6 +198,23 @@ class GrpcShardPool:
                 future.result()
             except grpc.RpcError:
                 pass  # a shard forgets unclaimed rounds on its own after their deadline
+
+    def _take_progress(self, shard: int, future: Any) -> None:
+        """One shard's answer to a poll (on gRPC's thread, as soon as it arrives)."""
+        try:
+            answer = future.result()
+        except grpc.RpcError as exc:
+            self._set_health(shard, False, f"{exc.code().name}: {exc.details()}")
+            return
+        except grpc.FutureCancelledError:
+            return
+        self._set_health(shard, True, "")
+        with self._lock:
+            for progress in answer.rounds:
+                key = convert.round_key_from_proto(progress.round)
+                if key in self._watched:
+                    seen = self._reported[key].get(shard, frozenset())
+                    self._reported[key][shard] = seen | frozenset(progress.reported)
 
     def _set_health(self, shard: int, ok: bool, why: str) -> None:
         with self._lock:

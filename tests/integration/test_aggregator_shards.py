@@ -178,13 +178,14 @@ def test_a_central_dp_task_is_clipped_at_the_shards_and_noised_once_by_the_coord
 
 def test_adaptive_clipping_moves_the_clip_through_the_shards(
         coordinator: CoordinatorProcess, shards: list[Shard], tmp_path: Path) -> None:
-    """Under adaptive clipping each round's tickets carry that round's clip, devices send the
-    unclipped bit, the shards sum the bits with the clipped updates, and the coordinator's
-    noised count of them moves the clip for the next round."""
+    """Under adaptive clipping devices send the unclipped bit, the shards sum the bits with
+    the clipped updates, and the coordinator's noised count of them moves the clip for the
+    next round: from 100, far over every update's norm, every bit is 1 and the clip shrinks
+    (a shard that dropped the bits would send 0, and the clip would grow)."""
     # Bit noise std 0.3 over 4 devices: the noised fraction of unclipped updates is within
-    # 0.075 x 6 of the true 0, far from the 0.5 that could stop the clip from growing.
+    # 0.075 x 6 of the true 1, far from the 0.5 that could stop the clip from shrinking.
     privacy = ("privacy: {mode: central, noise_multiplier: 0.5, delta: 1.0e-5,\n"
-               "          clip: {target_quantile: 0.5, initial: 0.01, learning_rate: 0.5,\n"
+               "          clip: {target_quantile: 0.5, initial: 100.0, learning_rate: 0.5,\n"
                "                 bit_noise: 0.3},\n"
                "          population: 4, sampling: fixed, max_epsilon: 1000.0}\n")
     task_id = launch(coordinator, write_task(tmp_path / "task.yaml", rounds=3,
@@ -205,9 +206,7 @@ def test_adaptive_clipping_moves_the_clip_through_the_shards(
     assert [r.round_number for r in committed] == [1, 2, 3]
     assert all(r.metrics["shards"] == 2 and r.metrics["shards_lost"] == 0 for r in committed)
     clips = [r.metrics["dp_clip"] for r in committed]
-    # A clip of 0.01 is far under every update's norm: every bit says "clipped", the noised
-    # count is far under the target quantile, and the clip grows round after round.
-    assert clips[0] == pytest.approx(0.01) and clips[0] < clips[1] < clips[2], clips
+    assert clips[0] == pytest.approx(100.0) and clips[0] > clips[1] > clips[2], clips
 
 
 def shard_reported(shard: Shard, key_file: Path, task_id: str, round_id: int) -> int:

@@ -89,7 +89,7 @@ class FoldingShards:
         for k in [k for k in self.parts if k[1] == shard]:
             self.remembered[k] = set(self.parts.pop(k).reported)
 
-    def collect(self, key: RoundKey, shard: int) -> PartialSum | None:
+    def collect(self, key: RoundKey, shard: int, size: int) -> PartialSum | None:
         self.unpolled.clear()
         if shard in self.dead:
             raise ShardUnavailable("UNAVAILABLE: connection refused")
@@ -377,3 +377,27 @@ def test_a_seat_whose_shard_stopped_answering_is_given_another_with_its_plan(
     shards.unhealthy.add(0)  # after the seats were assigned, before their plans
     assert {verify_ticket(service.get_plan(p).shard_upload.ticket, KEY).shard  # type: ignore[union-attr]
             for p in seats.values()} == {1}
+
+
+def test_a_shard_restarted_mid_round_loses_its_group_even_after_new_uploads(
+        service: CoordinatorService, clock: ManualClock, shards: FoldingShards) -> None:
+    """What the coordinator saw a shard accept is kept across its polls: a shard that
+    restarted, forgot two updates and then took a third cannot pass off the third alone."""
+    task_id = service.create_task(spec(clients_per_round=6, min_reports=3)).record.task_id
+    seats = admit(service, clock, task_id, [f"d{i}" for i in range(6)])
+    plans = {d: service.get_plan(p) for d, p in seats.items()}
+    on_1 = [d for d, plan in plans.items()
+            if verify_ticket(plan.shard_upload.ticket, KEY).shard == 1]  # type: ignore[union-attr]
+    for d in on_1[:2]:
+        shards.upload(plans[d], np.ones(15, dtype=np.float32), 10, {})
+    service.tick()  # the coordinator sees them
+    shards.restart(1)
+    shards.upload(plans[on_1[2]], np.ones(15, dtype=np.float32), 10, {})
+    for d, plan in plans.items():
+        if d not in on_1:
+            shards.upload(plan, np.ones(15, dtype=np.float32), 10, {})
+    service.tick()
+    rnd = service.list_rounds(task_id)[0]
+    assert rnd.state is RoundState.COMMITTED
+    assert rnd.metrics["shards"] == 1 and rnd.metrics["shards_lost"] == 1
+    assert rnd.metrics["reports"] == 3
