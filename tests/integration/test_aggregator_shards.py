@@ -30,6 +30,7 @@ from harness import (
 from slow_agents_app import STEP_ENV
 
 from core.shards import ADMIN_METADATA, admin_token, derive_shard_key, parse_key
+from core.tls import load_client_tls
 from protos.fedcoord.v1 import aggregator_pb2, aggregator_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -51,13 +52,14 @@ class Shard:
         return f"127.0.0.1:{self.port}"
 
 
-def start_shard(workdir: Path, index: int, key_file: Path) -> Shard:
+def start_shard(workdir: Path, index: int, key_file: Path, extra: list[str] | None = None
+                ) -> Shard:
     port_file = workdir / f"aggregator-{index}.port"
     log = workdir / f"aggregator-{index}.log"
     proc = subprocess.Popen(
         [*FEDCTL_CMD, "aggregator", "serve", "--index", str(index), "--key-file", str(key_file),
          "--port", "0", "--port-file", str(port_file),
-         "--spool-dir", str(workdir / f"spool-{index}")],
+         "--spool-dir", str(workdir / f"spool-{index}"), *(extra or [])],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV)  # noqa: SIM115
     deadline = time.monotonic() + 120
     while not port_file.exists() or not port_file.read_text().strip():
@@ -207,6 +209,49 @@ def test_adaptive_clipping_moves_the_clip_through_the_shards(
     assert all(r.metrics["shards"] == 2 and r.metrics["shards_lost"] == 0 for r in committed)
     clips = [r.metrics["dp_clip"] for r in committed]
     assert clips[0] == pytest.approx(100.0) and clips[0] > clips[1] > clips[2], clips
+
+
+def test_a_task_trains_through_shards_over_tls(tmp_path: Path, key_file: Path) -> None:
+    """Everything over TLS: the shards serve the certificate of the coordinator's CA, the
+    coordinator checks them with --shard-ca, and the agents, given only that CA, upload to
+    them as they reach the coordinator."""
+    certs = tmp_path / "certs"
+    made = subprocess.run([*FEDCTL_CMD, "certs", "init", "--out", str(certs)],
+                          capture_output=True, text=True, env=ENV, timeout=60)
+    assert made.returncode == 0, made.stderr
+    shards = [start_shard(tmp_path, i, shard_key_file(tmp_path, key_file, i),
+                          ["--tls-dir", str(certs)]) for i in range(2)]
+    c = CoordinatorProcess(tmp_path / "coordinator", tls=load_client_tls(certs / "ca.crt"))
+    c.workdir.mkdir()
+    agents: list[subprocess.Popen[bytes]] = []
+    try:
+        c.start(["--tls", str(certs), "--checkin-pace", "0", "--shard-key-file",
+                 str(key_file), "--shard-ca", str(certs / "ca.crt"),
+                 *[flag for s in shards for flag in ("--aggregator", s.address)]])
+        launched = subprocess.run(
+            [*FEDCTL_CMD, "task", "launch",
+             str(write_task(tmp_path / "task.yaml", rounds=1, clients_per_round=4,
+                            min_reports=4)),
+             "--coordinator", c.target, "--ca", str(certs / "ca.crt")],
+            capture_output=True, text=True, env=ENV, timeout=120)
+        assert launched.returncode == 0, launched.stderr
+        task_id = launched.stdout.strip()
+        agents = [start_agent(c.target, "tls-sharded", "digits:shard=0/4,dirichlet=1.0",
+                              devices=4, task_id=task_id,
+                              extra=["--ca", str(certs / "ca.crt")],
+                              log=tmp_path / "agent.log")]
+        with c.admin() as admin:
+            task = wait_for_task(admin, task_id, timeout_s=180)
+            rounds = admin.list_rounds(task_id)
+    finally:
+        stop_all(agents)
+        c.stop()
+        stop_all([s.proc for s in shards])
+    assert task.state == "completed", c.log_text()
+    (committed,) = [r for r in rounds if r.state == "committed"]
+    assert committed.metrics["shards"] == 2 and committed.metrics["reports"] == 4
+    for shard in shards:
+        assert "listening on 127.0.0.1" in shard.log.read_text() and "(TLS)" in shard.log.read_text()
 
 
 def shard_reported(shard: Shard, key_file: Path, task_id: str, round_id: int) -> int:
