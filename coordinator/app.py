@@ -59,7 +59,7 @@ from coordinator.transport.device_servicer import DeviceServicer
 from coordinator.transport.health import Health
 from coordinator.transport.shard_client import GrpcShardPool
 from coordinator.transport.standby import StandbyGate
-from coordinator.transport.tls import is_loopback, server_credentials
+from coordinator.transport.tls import bind, is_loopback, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +228,8 @@ class Coordinator:
                                     handlers.RequestLimits(self.service, self.config))
         self._health = Health(self.server)
         await self._health.not_serving()
-        address = f"{self.config.host}:{self.config.port}"
-        try:
-            if self._credentials is None:
-                self.port = self.server.add_insecure_port(address)
-            else:
-                self.port = self.server.add_secure_port(address, self._credentials)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
+        self.port = bind(self.server, f"{self.config.host}:{self.config.port}",
+                         self._credentials)
         if self.http_app is not None:
             self.http = HttpServer(self.http_app, self.config.host, self.config.http_port or 0)
             self.http_port = self.http.bind()

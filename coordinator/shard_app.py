@@ -29,7 +29,7 @@ from coordinator.transport.aggregator_servicer import (
     add_aggregator_servicer,
 )
 from coordinator.transport.handlers import HEADER_BYTES
-from coordinator.transport.tls import is_loopback
+from coordinator.transport.tls import bind, is_loopback
 from core.shards import KEY_BYTES
 from core.tls import TlsError, load_server_tls
 from protos.fedcoord.v1 import aggregator_pb2
@@ -136,16 +136,8 @@ class AggregatorShard:
         add_aggregator_servicer(servicer, self.server, upload_message_bytes=limit)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            if self._credentials is None:
-                self.port = self.server.add_insecure_port(address)
-            else:
-                self.port = self.server.add_secure_port(address, self._credentials)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
+        self.port = bind(self.server, f"{self.settings.host}:{self.settings.port}",
+                         self._credentials)
         await self.server.start()
         for service in ("", AGGREGATOR_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -57,3 +57,20 @@ def server_credentials(settings: CoordinatorSettings) -> grpc.ServerCredentials 
         root_certificates=tls.client_ca_pem,
         require_client_auth=tls.client_ca_pem is not None,
     )
+
+
+def bind(server: grpc.aio.Server, address: str,
+         credentials: grpc.ServerCredentials | None) -> int:
+    """Adds ``address`` (plaintext without ``credentials``) to ``server``; the bound port.
+
+    Raises:
+        OSError: the address cannot be bound (in use, or not an address of this host).
+    """
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
+    return port

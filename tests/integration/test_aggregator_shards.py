@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import harness
@@ -124,22 +125,32 @@ def launch(coordinator: CoordinatorProcess, task_file: Path) -> str:
     return launched.stdout.strip()
 
 
-def test_a_task_trains_through_two_aggregator_shards(
-        coordinator: CoordinatorProcess, shards: list[Shard], tmp_path: Path) -> None:
-    task_id = launch(coordinator, write_task(tmp_path / "task.yaml", rounds=2,
-                                             clients_per_round=4, min_reports=4))
-    agents = [start_agent(coordinator.target, f"sharded{i}",
+def train(coordinator: CoordinatorProcess, tmp_path: Path, name: str, *, extra: str = "",
+          rounds: int) -> list[Any]:
+    """Launches a task of ``rounds`` rounds of 4 devices (min_reports 4), trains it with two
+    agent processes of two devices each until it ends, and returns its committed rounds in
+    order (the task must complete)."""
+    task_id = launch(coordinator, write_task(tmp_path / "task.yaml", rounds=rounds,
+                                             clients_per_round=4, min_reports=4, extra=extra))
+    agents = [start_agent(coordinator.target, f"{name}{i}",
                           f"digits:shard={2 * i}/4,dirichlet=1.0", devices=2, task_id=task_id,
                           log=tmp_path / f"agent{i}.log") for i in range(2)]
     try:
         with coordinator.admin() as admin:
             task = wait_for_task(admin, task_id, timeout_s=240)
-            rounds = admin.list_rounds(task_id)
+            rounds_seen = admin.list_rounds(task_id)
     finally:
         stop_all(agents)
     assert task.state == "completed", coordinator.log_text()
-    committed = [r for r in rounds if r.state == "committed"]
-    assert [r.round_number for r in committed] == [1, 2]
+    committed = sorted((r for r in rounds_seen if r.state == "committed"),
+                       key=lambda r: r.round_number)
+    assert [r.round_number for r in committed] == list(range(1, rounds + 1))
+    return committed
+
+
+def test_a_task_trains_through_two_aggregator_shards(
+        coordinator: CoordinatorProcess, shards: list[Shard], tmp_path: Path) -> None:
+    committed = train(coordinator, tmp_path, "sharded", rounds=2)
     for r in committed:
         # Every update went through a shard: two groups of two, none lost.
         assert r.reports == 4 and r.metrics["reports"] == 4
@@ -154,22 +165,7 @@ def test_a_central_dp_task_is_clipped_at_the_shards_and_noised_once_by_the_coord
     release: no per-device metric and no example count is released."""
     privacy = ("privacy: {mode: central, noise_multiplier: 1.0, delta: 1.0e-5, clip: 1.0,\n"
                "          population: 4, sampling: fixed, max_epsilon: 1000.0}\n")
-    task_id = launch(coordinator, write_task(tmp_path / "task.yaml", rounds=2,
-                                             clients_per_round=4, min_reports=4,
-                                             extra=privacy))
-    agents = [start_agent(coordinator.target, f"private{i}",
-                          f"digits:shard={2 * i}/4,dirichlet=1.0", devices=2, task_id=task_id,
-                          log=tmp_path / f"agent{i}.log") for i in range(2)]
-    try:
-        with coordinator.admin() as admin:
-            task = wait_for_task(admin, task_id, timeout_s=240)
-            rounds = admin.list_rounds(task_id)
-    finally:
-        stop_all(agents)
-    assert task.state == "completed", coordinator.log_text()
-    committed = sorted((r for r in rounds if r.state == "committed"),
-                       key=lambda r: r.round_number)
-    assert [r.round_number for r in committed] == [1, 2]
+    committed = train(coordinator, tmp_path, "private", rounds=2, extra=privacy)
     epsilons = [r.metrics["dp_epsilon"] for r in committed]
     assert 0 < epsilons[0] < epsilons[1]  # each release accounted once, in order
     for r in committed:
@@ -190,22 +186,7 @@ def test_adaptive_clipping_moves_the_clip_through_the_shards(
                "          clip: {target_quantile: 0.5, initial: 100.0, learning_rate: 0.5,\n"
                "                 bit_noise: 0.3},\n"
                "          population: 4, sampling: fixed, max_epsilon: 1000.0}\n")
-    task_id = launch(coordinator, write_task(tmp_path / "task.yaml", rounds=3,
-                                             clients_per_round=4, min_reports=4,
-                                             extra=privacy))
-    agents = [start_agent(coordinator.target, f"adaptive{i}",
-                          f"digits:shard={2 * i}/4,dirichlet=1.0", devices=2, task_id=task_id,
-                          log=tmp_path / f"agent{i}.log") for i in range(2)]
-    try:
-        with coordinator.admin() as admin:
-            task = wait_for_task(admin, task_id, timeout_s=240)
-            rounds = admin.list_rounds(task_id)
-    finally:
-        stop_all(agents)
-    assert task.state == "completed", coordinator.log_text()
-    committed = sorted((r for r in rounds if r.state == "committed"),
-                       key=lambda r: r.round_number)
-    assert [r.round_number for r in committed] == [1, 2, 3]
+    committed = train(coordinator, tmp_path, "adaptive", rounds=3, extra=privacy)
     assert all(r.metrics["shards"] == 2 and r.metrics["shards_lost"] == 0 for r in committed)
     clips = [r.metrics["dp_clip"] for r in committed]
     assert clips[0] == pytest.approx(100.0) and clips[0] > clips[1] > clips[2], clips
